@@ -1,0 +1,377 @@
+"""Data sets as uint8 tensors, and the study's augmentations as batched tensor ops.
+
+Every data set is decoded once into `images` (N x C x H x W, uint8) and `labels` (N, int64). The
+fast path keeps both on the training device and augments whole batches there; the loader path
+(`--pipeline loader`) feeds the same tensors through torchvision's per-sample PIL transforms and a
+DataLoader with workers, the way the study did.
+
+Augmentations (as in the study): MNIST and digits rotate within +-5 degrees; Fashion-MNIST flips
+horizontally and rotates; CIFAR-10 flips and takes a random 32-pixel crop of the image padded by 4
+zeros. Test data is never augmented. Pixels are scaled to [0, 1], with no normalisation.
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import os
+import struct
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "folder")
+ALIASES = {"cifar-10": "cifar10", "fashion_mnist": "fashion-mnist", "fashionmnist": "fashion-mnist"}
+AUGMENTATIONS = {
+    "digits": ("rotate",),
+    "mnist": ("rotate",),
+    "fashion-mnist": ("flip", "rotate"),
+    "cifar10": ("flip", "crop"),
+    "folder": (),
+}
+ROTATION_DEGREES = 5.0
+CROP_PADDING = 4
+FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+DIGIT_CLASSES = [str(d) for d in range(10)]
+# Sub-folders of --data-dir searched for an image-folder tree (<tree>/train/<class>/*, <tree>/test/<class>/*).
+TREE_FOLDERS = {
+    "mnist": ("mnist", "MNIST-jpg", "mnist-jpg"),
+    "fashion-mnist": ("fashion-mnist", "FashionMNIST-jpg", "fashion-mnist-jpg"),
+    "cifar10": ("cifar10", "cifar10-jpg", "cifar-10", "CIFAR10"),
+}
+IDX_FOLDERS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm"}
+
+
+class DataError(Exception):
+    """A data problem to report as one line (what is wrong, which file, what to do); exit code 1."""
+
+
+@dataclass
+class ImageData:
+    images: torch.Tensor  # N x C x H x W, uint8
+    labels: torch.Tensor  # N, int64
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    def to(self, device: torch.device | str) -> ImageData:
+        return ImageData(self.images.to(device), self.labels.to(device))
+
+
+@dataclass
+class Dataset:
+    name: str
+    train: ImageData
+    test: ImageData
+    classes: list[str]
+    augmentations: tuple[str, ...]
+    source: str
+
+    @property
+    def channels(self) -> int:
+        return self.train.images.shape[1]
+
+    @property
+    def image_size(self) -> int:
+        return self.train.images.shape[-1]
+
+
+def canonical_name(name: str) -> str:
+    """Data set name as used in run names ('cifar-10' -> 'cifar10')."""
+    name = name.lower()
+    return ALIASES.get(name, name)
+
+
+def load_dataset(name: str, data_dir: str | Path = "data", download: bool = True) -> Dataset:
+    """Load a data set by CLI name into uint8 tensors.
+
+    Looks, in order, for an image-folder tree (`data_dir` itself or a known sub-folder holding
+    train/ and test/), torchvision's own files (MNIST/raw, FashionMNIST/raw, cifar-10-batches-py),
+    and finally downloads with torchvision when `download` is set.
+    """
+    name = canonical_name(name)
+    data_dir = Path(data_dir)
+    if name not in DATASETS:
+        raise ValueError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
+    if name == "digits":
+        return load_digits()
+    if name == "folder":
+        if not is_tree(data_dir):
+            raise DataError(f"--dataset folder needs {data_dir}/train/<class>/* and {data_dir}/test/<class>/*; neither is there")
+        return load_tree("folder", data_dir, AUGMENTATIONS["folder"], None)
+    names = {"mnist": DIGIT_CLASSES, "fashion-mnist": FASHION_CLASSES, "cifar10": CIFAR10_CLASSES}[name]
+    for folder in (data_dir, *(data_dir / sub for sub in TREE_FOLDERS[name])):
+        if is_tree(folder):
+            return load_tree(name, folder, AUGMENTATIONS[name], names)
+    if name in IDX_FOLDERS:
+        return load_idx_dataset(name, data_dir, names, download)
+    return load_cifar10_batches(data_dir, download)
+
+
+def is_tree(folder: Path) -> bool:
+    return (folder / "train").is_dir() and (folder / "test").is_dir()
+
+
+def load_digits() -> Dataset:
+    """scikit-learn's bundled 8x8 handwritten digits (1,797 images, no download), resized to 28x28.
+
+    Fixed split: every fifth image (index % 5 == 0) is a test image, 360 test and 1,437 train.
+    """
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    bunch = sklearn_digits()
+    pixels = torch.tensor(bunch.images, dtype=torch.float32)[:, None] / 16.0
+    pixels = F.interpolate(pixels, size=(28, 28), mode="bilinear", align_corners=False)
+    images = (pixels.clamp(0, 1) * 255).round().to(torch.uint8)
+    labels = torch.tensor(bunch.target, dtype=torch.int64)
+    is_test = torch.arange(len(labels)) % 5 == 0
+    return Dataset(
+        "digits",
+        ImageData(images[~is_test], labels[~is_test]),
+        ImageData(images[is_test], labels[is_test]),
+        DIGIT_CLASSES,
+        AUGMENTATIONS["digits"],
+        "scikit-learn load_digits",
+    )
+
+
+def read_idx(path: Path) -> torch.Tensor:
+    """Read an IDX file of unsigned bytes (MNIST's format), checking its header and length."""
+    raw = gzip.open(path).read() if path.suffix == ".gz" else path.read_bytes()
+    if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] != 0x08:
+        raise DataError(f"{path}: not an IDX file of unsigned bytes (bad magic number); replace it with the original file")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if ndim == 0 or len(raw) < header:
+        raise DataError(f"{path}: truncated IDX header; replace it with the original file")
+    dims = struct.unpack(f">{ndim}I", raw[4:header])
+    expected = math.prod(dims)
+    if len(raw) - header != expected:
+        raise DataError(
+            f"{path}: truncated or corrupt IDX file: its header promises {expected} bytes of data, "
+            f"it holds {len(raw) - header}; replace it with the original file"
+        )
+    return torch.frombuffer(bytearray(raw[header:]), dtype=torch.uint8).view(*dims)
+
+
+def find_idx(raw_dir: Path, stem: str) -> Path | None:
+    for candidate in (raw_dir / stem, raw_dir / f"{stem}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load_idx_dataset(name: str, data_dir: Path, classes: list[str], download: bool) -> Dataset:
+    """MNIST or Fashion-MNIST from torchvision's layout: <data_dir>/<MNIST|FashionMNIST>/raw/*-idx?-ubyte."""
+    raw_dir = data_dir / IDX_FOLDERS[name] / "raw"
+    stems = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+    if any(find_idx(raw_dir, s) is None for s in stems):
+        torchvision_download(name, data_dir, download)
+    tensors = [read_idx(find_idx(raw_dir, s)) for s in stems]
+    splits = []
+    for images, labels, stem in ((tensors[0], tensors[1], stems[0]), (tensors[2], tensors[3], stems[2])):
+        if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
+            raise DataError(
+                f"{raw_dir / stem}: {images.shape[0]} images but {labels.shape[0]} labels; replace the files with the originals"
+            )
+        if int(labels.max()) >= len(classes):
+            raise DataError(f"{raw_dir}: a label is {int(labels.max())}, expected 0-{len(classes) - 1}")
+        splits.append(ImageData(images[:, None].contiguous(), labels.long()))
+    return Dataset(name, splits[0], splits[1], classes, AUGMENTATIONS[name], str(raw_dir))
+
+
+def torchvision_download(name: str, data_dir: Path, download: bool) -> None:
+    """Fetch a data set with torchvision into data_dir; any failure becomes one DataError line."""
+    import torchvision.datasets as tvd
+
+    cls = {"mnist": tvd.MNIST, "fashion-mnist": tvd.FashionMNIST, "cifar10": tvd.CIFAR10}[name]
+    hint = f"put {name} under {data_dir} (torchvision's layout or a train/ test/ image-folder tree) or point --data-dir at a folder that has it"
+    if not download:
+        raise DataError(f"{name} not found under {data_dir}; {hint}")
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        cls(root=str(data_dir), train=True, download=True)
+        cls(root=str(data_dir), train=False, download=True)
+    except Exception as exc:  # network errors come in many classes; all mean the same to the user
+        raise DataError(f"{name} not found under {data_dir} and the download failed ({type(exc).__name__}); {hint}") from None
+
+
+def load_cifar10_batches(data_dir: Path, download: bool) -> Dataset:
+    """CIFAR-10 from torchvision's python batches (<data_dir>/cifar-10-batches-py)."""
+    import torchvision.datasets as tvd
+
+    if not (data_dir / "cifar-10-batches-py").is_dir():
+        torchvision_download("cifar10", data_dir, download)
+    splits = []
+    for train in (True, False):
+        try:
+            ds = tvd.CIFAR10(root=str(data_dir), train=train, download=False)
+        except Exception as exc:
+            raise DataError(
+                f"{data_dir / 'cifar-10-batches-py'}: cannot read CIFAR-10 ({exc}); delete the folder and download again"
+            ) from None
+        images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+        splits.append(ImageData(images, torch.tensor(ds.targets, dtype=torch.int64)))
+    return Dataset("cifar10", splits[0], splits[1], CIFAR10_CLASSES, AUGMENTATIONS["cifar10"], str(data_dir / "cifar-10-batches-py"))
+
+
+def list_images(split_dir: Path, classes: Sequence[str]) -> tuple[list[Path], list[int]]:
+    paths, labels = [], []
+    for label, cls in enumerate(classes):
+        folder = split_dir / cls
+        files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")) if folder.is_dir() else []
+        if not files:
+            raise DataError(f"{folder}: class folder is empty or missing; every class needs images in train/ and test/")
+        for path in files:
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
+                raise DataError(f"{path}: not an image file (expected one of {', '.join(sorted(IMAGE_SUFFIXES))}); remove it")
+            paths.append(path)
+            labels.append(label)
+    return paths, labels
+
+
+def decode_images(paths: list[Path]) -> torch.Tensor:
+    """Decode image files into one uint8 tensor; grayscale stays 1 channel, colour becomes 3."""
+    from torchvision.io import ImageReadMode, decode_image, read_file
+
+    images = []
+    for path in paths:
+        try:
+            image = decode_image(read_file(str(path)), mode=ImageReadMode.UNCHANGED)
+        except Exception:
+            raise DataError(f"{path}: cannot be decoded as an image; replace or remove it") from None
+        if image.shape[0] in (2, 4):  # drop alpha
+            image = image[: image.shape[0] - 1]
+        images.append(image)
+    first = images[0]
+    channels = max(im.shape[0] for im in images)
+    for path, image in zip(paths, images):
+        if image.shape[1:] != first.shape[1:]:
+            raise DataError(
+                f"{path}: image is {image.shape[2]}x{image.shape[1]} but {paths[0]} is {first.shape[2]}x{first.shape[1]}; "
+                "all images of a data set must have one size"
+            )
+    return torch.stack([im.expand(channels, -1, -1) for im in images])
+
+
+def load_tree(name: str, root: Path, augmentations: tuple[str, ...], classes: list[str] | None) -> Dataset:
+    """An image-folder tree <root>/train/<class>/*, <root>/test/<class>/*; classes from folder names."""
+    train_classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not train_classes:
+        raise DataError(f"{root / 'train'}: no class folders; expected {root}/train/<class>/<image files>")
+    splits = []
+    for split in ("train", "test"):
+        paths, labels = list_images(root / split, train_classes)
+        splits.append(ImageData(decode_images(paths), torch.tensor(labels, dtype=torch.int64)))
+    train, test = splits
+    if train.images.shape[1:] != test.images.shape[1:]:
+        raise DataError(f"{root}: train images are {tuple(train.images.shape[1:])} but test images {tuple(test.images.shape[1:])}")
+    if classes is None or [c.lower() for c in train_classes] != [c.lower() for c in classes]:
+        classes = train_classes
+    return Dataset(name, train, test, classes, augmentations, str(root))
+
+
+def augment_batch(x: torch.Tensor, augmentations: Sequence[str], generator: torch.Generator) -> torch.Tensor:
+    """Apply the study's random augmentations to a whole float batch (N x C x H x W) on its device.
+
+    Parameters are drawn on the CPU from `generator` (so runs are repeatable on any device) from
+    the same distributions as torchvision's per-sample transforms: RandomHorizontalFlip(0.5),
+    RandomRotation(5) (uniform angle, nearest neighbour, zero fill) and RandomCrop(32, padding=4).
+    """
+    n = x.shape[0]
+    for op in augmentations:
+        if op == "flip":
+            flip = (torch.rand(n, generator=generator) < 0.5).to(x.device, non_blocking=True)
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        elif op == "rotate":
+            angle = (torch.rand(n, generator=generator) * 2 - 1) * math.radians(ROTATION_DEGREES)
+            cos, sin, zero = angle.cos(), angle.sin(), torch.zeros(n)
+            theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
+            grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
+            x = F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+        elif op == "crop":
+            h, w = x.shape[-2:]
+            offsets = torch.randint(0, 2 * CROP_PADDING + 1, (2, n), generator=generator).to(x.device)
+            padded = F.pad(x, (CROP_PADDING,) * 4)
+            rows = (offsets[0][:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+            cols = (offsets[1][:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+            batch = torch.arange(n, device=x.device)[:, None, None, None]
+            chans = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+            x = padded[batch, chans, rows, cols]
+        else:
+            raise ValueError(f"unknown augmentation {op!r}")
+    return x
+
+
+def tensor_batches(
+    data: ImageData,
+    order: torch.Tensor,
+    batch_size: int,
+    augmentations: Sequence[str],
+    generator: torch.Generator,
+    start: int = 0,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Fast path: batches of `data` (already on the training device) in `order`, augmented there."""
+    order = order.to(data.images.device)
+    for i in range(start * batch_size, len(order), batch_size):
+        idx = order[i : i + batch_size]
+        x = data.images[idx].float().div_(255)
+        yield augment_batch(x, augmentations, generator), data.labels[idx]
+
+
+class TransformedImages(torch.utils.data.Dataset):
+    """Per-sample view of uint8 tensors through torchvision PIL transforms (the study's pipeline)."""
+
+    def __init__(self, data: ImageData, augmentations: Sequence[str]) -> None:
+        import torchvision.transforms as T
+
+        self.data = data
+        ops = {
+            "flip": T.RandomHorizontalFlip(),
+            "rotate": T.RandomRotation(ROTATION_DEGREES),
+            "crop": T.RandomCrop(data.images.shape[-1], padding=CROP_PADDING),
+        }
+        self.transform = T.Compose([*(ops[a] for a in augmentations), T.ToTensor()])
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        from PIL import Image
+
+        image = self.data.images[i]
+        array = image[0].numpy() if image.shape[0] == 1 else image.permute(1, 2, 0).numpy()
+        return self.transform(Image.fromarray(array)), int(self.data.labels[i])
+
+
+def loader_batches(
+    data: ImageData,
+    order: torch.Tensor,
+    batch_size: int,
+    augmentations: Sequence[str],
+    generator: torch.Generator,
+    workers: int,
+    device: torch.device,
+    start: int = 0,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Loader path: a DataLoader over per-sample transforms, sampling `order` (CPU data)."""
+    loader = torch.utils.data.DataLoader(
+        TransformedImages(data, augmentations),
+        batch_size=batch_size,
+        sampler=order[start * batch_size :].tolist(),
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        generator=generator,
+        persistent_workers=False,
+    )
+    for x, y in loader:
+        yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+def default_workers() -> int:
+    return min(4, os.cpu_count() or 1)

@@ -1,0 +1,535 @@
+"""Train a CNN with softmax (xent), softmax + center loss (cent) or the standalone center loss.
+
+    python main.py                                                   # digits, offline, a few minutes
+    python main.py --loss standalone --dataset mnist --data-dir ../shared/data --feat-dim 2
+
+Each run writes runs/<loss>-<dataset>-feat=<d>/: args.json, metrics.csv (one row per epoch),
+checkpoint.pt (every epoch; an unfinished run resumes from it), frames/ (2-D features) and, once
+finished, summary.json. Exit codes: 0 done, 1 data/checkpoint error or divergence, 2 bad arguments,
+130/143 interrupted by SIGINT/SIGTERM after saving a checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import visualize
+from datasets import (
+    DATASETS,
+    DataError,
+    Dataset,
+    ImageData,
+    canonical_name,
+    default_workers,
+    load_dataset,
+    loader_batches,
+    tensor_batches,
+)
+from losses import LOSSES, Objective
+from models import MODELS, build_model
+from utils import (
+    atomic_torch_save,
+    epoch_generator,
+    nearest,
+    random_states,
+    resolve_device,
+    seed_everything,
+    set_random_states,
+    write_csv,
+    write_json,
+)
+
+# Settings that define a run: a checkpoint made with other values cannot be resumed.
+CONFIG_KEYS = (
+    "loss",
+    "dataset",
+    "model",
+    "feat_dim",
+    "batch_size",
+    "weight_cent",
+    "weight_intra",
+    "weight_inter",
+    "inter_margin",
+    "seed",
+    "pipeline",
+)
+TERMS = ("xent", "intra", "inter")
+COLUMNS = [
+    "epoch", "lr",
+    "train_loss", "train_xent", "train_intra", "train_inter", "train_acc",
+    "test_loss", "test_xent", "test_intra", "test_inter", "test_acc", "ncm_acc", "center_acc",
+    "bad_steps", "seconds",
+]  # fmt: skip
+FRAME_POINTS = 5000  # points per 2-D frame: enough to see the clusters, under a second to draw
+PROJECTION_POINTS = 2000
+LOG_EVERY = 20  # steps between progress-bar updates, the only host syncs besides the guard
+EVAL_BATCH = 1024
+
+
+class TrainingError(Exception):
+    """A run that cannot go on (corrupt checkpoint, divergence); reported as one line, exit code 1."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--loss", choices=LOSSES, default="standalone", help="objective")
+    p.add_argument("--dataset", type=canonical_name, choices=DATASETS, default="digits", help="data set (cifar-10 is accepted for cifar10)")
+    p.add_argument(
+        "--data-dir", default=None, help="folder with the data set (torchvision layout or train/ test/ image folders); default ./data"
+    )
+    p.add_argument("--model", choices=MODELS, default="resnet", help="feature extractor")
+    p.add_argument("--feat-dim", type=int, default=2, help="feature dimension")
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=0.01, help="SGD learning rate of the model")
+    p.add_argument("--lr-cent", type=float, default=None, help="learning rate of the centers (default: --lr)")
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-cent", type=float, default=1.0, help="weight of the center term in cent")
+    p.add_argument("--weight-intra", type=float, default=1.0, help="weight of the intra term in standalone")
+    p.add_argument("--weight-inter", type=float, default=0.1, help="weight of the inter term in standalone")
+    p.add_argument(
+        "--inter-margin", type=float, default=None, help="truncate each pair's squared distance at this margin in the inter term (off)"
+    )
+    p.add_argument("--factor", type=float, default=0.2, help="ReduceLROnPlateau factor (on test accuracy)")
+    p.add_argument("--patience", type=int, default=10, help="ReduceLROnPlateau patience")
+    p.add_argument("--threshold", type=float, default=0.1, help="ReduceLROnPlateau relative threshold")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+    p.add_argument(
+        "--pipeline",
+        choices=("fast", "loader"),
+        default="fast",
+        help="fast: tensors on the device, batched augmentation; loader: torchvision DataLoader",
+    )
+    p.add_argument("--workers", type=int, default=default_workers(), help="DataLoader workers (loader pipeline)")
+    p.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off", help="autocast precision")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="channels_last memory format")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--max-bad-steps", type=int, default=5, help="stop after this many non-finite steps (each one is skipped)")
+    p.add_argument("--out", default="runs", help="folder of run folders")
+    p.add_argument("--name", default=None, help="run folder name (default <loss>-<dataset>-feat=<feat_dim>)")
+    p.add_argument("--resume", action="store_true", help="require a checkpoint to resume from (unfinished runs resume anyway)")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished or unfinished run of the same name")
+    p.add_argument("--no-plots", action="store_true", help="skip the per-epoch 2-D frames and the final projections")
+    p.add_argument("--plot-every", type=int, default=1, help="draw a 2-D frame every N epochs (and the last)")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    checks = [
+        (args.feat_dim >= 1, "--feat-dim must be at least 1"),
+        (args.epochs >= 1, "--epochs must be at least 1"),
+        (args.batch_size >= 2, "--batch-size must be at least 2 (the losses compare samples of a batch)"),
+        (args.lr > 0, "--lr must be positive"),
+        (args.lr_cent is None or args.lr_cent >= 0, "--lr-cent must not be negative"),
+        (0 <= args.momentum < 1, "--momentum must be in [0, 1)"),
+        (min(args.weight_cent, args.weight_intra, args.weight_inter) >= 0, "loss weights must not be negative"),
+        (args.inter_margin is None or args.inter_margin > 0, "--inter-margin must be positive"),
+        (0 < args.factor < 1, "--factor must be in (0, 1)"),
+        (args.patience >= 0 and args.threshold >= 0, "--patience and --threshold must not be negative"),
+        (args.workers >= 0, "--workers must not be negative"),
+        (args.max_bad_steps >= 1, "--max-bad-steps must be at least 1"),
+        (args.plot_every >= 1, "--plot-every must be at least 1"),
+        (args.data_dir is None or Path(args.data_dir).is_dir(), f"--data-dir {args.data_dir} does not exist or is not a folder"),
+        (
+            args.dataset != "folder" or args.data_dir is not None,
+            "--dataset folder needs --data-dir DIR with DIR/train/<class>/* and DIR/test/<class>/*",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            parser.error(message)
+    try:
+        device = resolve_device(args.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            parser.error(f"--device {args.device}: CUDA is not available here; use --device cpu")
+    except RuntimeError:
+        parser.error(f"--device {args.device}: not a device torch knows (try auto, cpu or cuda)")
+    if args.lr_cent is None:
+        args.lr_cent = args.lr
+    if args.name is None:
+        args.name = f"{args.loss}-{args.dataset}-feat={args.feat_dim}"
+    return args
+
+
+def acc_predictions(args: argparse.Namespace, features: torch.Tensor, logits: torch.Tensor, centers: torch.Tensor | None) -> torch.Tensor:
+    """The study's accuracy: nearest center for standalone, argmax of the logits otherwise."""
+    return nearest(features, centers) if args.loss == "standalone" else logits.argmax(1)
+
+
+def nearest_class_mean(features: torch.Tensor, class_sum: torch.Tensor, class_count: torch.Tensor) -> torch.Tensor:
+    distances = torch.cdist(features.float(), class_sum / class_count.clamp_min(1)[:, None]).pow(2)
+    return distances.masked_fill(class_count[None, :] == 0, float("inf")).argmin(1)
+
+
+def new_epoch_state(num_classes: int, feat_dim: int, device: torch.device, aug: torch.Generator) -> dict:
+    """Everything an epoch accumulates, on the device; saved whole when a run is interrupted mid-epoch."""
+    return {
+        "step": 0,
+        "sums": torch.zeros(6, device=device, dtype=torch.float64),  # loss, xent, intra, inter, correct, samples
+        "class_sum": torch.zeros(num_classes, feat_dim, device=device),
+        "class_count": torch.zeros(num_classes, device=device),
+        "frame_features": [],
+        "frame_labels": [],
+        "bad_steps": 0,
+        "aug": aug.get_state(),
+    }
+
+
+def train_epoch(run: dict, epoch: int, state: dict, stop: dict) -> None:
+    """One pass over the shuffled train set, resuming at state['step']; updates `state` in place."""
+    args, model, objective, optimizer, scaler = run["args"], run["net"], run["objective"], run["optimizer"], run["scaler"]
+    data, augmentations = run["train"], run["augmentations"]
+    order = torch.randperm(len(data), generator=epoch_generator(args.seed, epoch))
+    aug = torch.Generator().set_state(state["aug"])
+    if args.pipeline == "fast":
+        batches = tensor_batches(data, order, args.batch_size, augmentations, aug, start=state["step"])
+    else:
+        batches = loader_batches(
+            data, order, args.batch_size, augmentations, epoch_generator(args.seed, epoch), args.workers, run["device"], start=state["step"]
+        )
+    steps = -(-len(data) // args.batch_size)
+    model.train()
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    bar = tqdm(batches, total=steps, initial=state["step"], desc=f"epoch {epoch}", leave=False, disable=not sys.stderr.isatty())
+    for x, y in bar:
+        if run["channels_last"]:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with run["autocast"]():
+            features, logits = model(x)
+        loss, terms = objective(features, logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is None:
+            loss.backward()
+            finite = torch.isfinite(loss) & torch.isfinite(
+                torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
+            )
+        else:
+            scaler.scale(loss).backward()
+            finite = torch.isfinite(loss)
+        # The guard's one host sync per step, as GradScaler makes: a bad update must never be applied.
+        if not bool(finite):
+            state["bad_steps"] += 1
+            run["bad_steps"] += 1
+            if run["bad_steps"] >= args.max_bad_steps:
+                values = ", ".join(f"{k}={float(v):.4g}" for k, v in {"loss": loss, **terms}.items())
+                raise TrainingError(
+                    f"training diverged: {run['bad_steps']} non-finite steps, the last at epoch {epoch} step {state['step'] + 1} ({values}); "
+                    f"no bad update was applied and the last good checkpoint is kept in {run['dir']}; try a lower --lr or --inter-margin"
+                )
+        else:
+            if scaler is None:
+                optimizer.step()
+            else:
+                scaler.step(optimizer)
+                scaler.update()
+            features = features.detach().float()
+            centers = objective.centers.detach() if objective.centers is not None else None
+            correct = (acc_predictions(args, features, logits.detach(), centers) == y).sum()
+            values = [loss.detach()] + [terms[t].detach() if t in terms else loss.new_zeros(()) for t in TERMS]
+            state["sums"] += torch.stack([*values, correct, torch.tensor(len(y), device=y.device)]).double()
+            state["class_sum"].index_add_(0, y, features)
+            state["class_count"].index_add_(0, y, torch.ones_like(y, dtype=torch.float32))
+            if run["collect_frames"] and sum(len(f) for f in state["frame_features"]) < FRAME_POINTS:
+                state["frame_features"].append(features.cpu())
+                state["frame_labels"].append(y.cpu())
+        state["step"] += 1
+        state["aug"] = aug.get_state()
+        if state["step"] % LOG_EVERY == 0 and not bar.disable:
+            s = state["sums"].tolist()
+            bar.set_postfix(loss=f"{s[0] / state['step']:.4f}", acc=f"{s[4] / max(s[5], 1):.4f}")
+        if stop["signal"] is not None:
+            return
+
+
+@torch.no_grad()
+def evaluate(run: dict, data: ImageData) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """Features and logits of `data` (no augmentation, eval mode), and the objective on them in
+    consecutive chunks of --batch-size so that the pairwise terms match the train loss's scale."""
+    model, objective, args, device = run["net"], run["objective"], run["args"], run["device"]
+    model.eval()
+    features, logits = [], []
+    for i in range(0, len(data), EVAL_BATCH):
+        x = data.images[i : i + EVAL_BATCH].to(device, non_blocking=True).float().div_(255)
+        if run["channels_last"]:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with run["autocast"]():
+            f, lg = model(x)
+        features.append(f.float())
+        logits.append(lg.float())
+    model.train()
+    features, logits, labels = torch.cat(features), torch.cat(logits), data.labels.to(device)
+    sums = torch.zeros(4, device=device, dtype=torch.float64)
+    for i in range(0, len(data), args.batch_size):
+        loss, terms = objective(features[i : i + args.batch_size], logits[i : i + args.batch_size], labels[i : i + args.batch_size])
+        n = len(labels[i : i + args.batch_size])
+        sums += torch.stack([loss] + [terms.get(t, loss.new_zeros(())) for t in TERMS]).double() * n
+    sums = (sums / len(data)).tolist()
+    stats = {"test_loss": sums[0], **{f"test_{t}": v for t, v in zip(TERMS, sums[1:])}}
+    return features, logits, stats
+
+
+def epoch_row(run: dict, epoch: int, state: dict, seconds: float) -> tuple[dict, torch.Tensor]:
+    """Evaluate after an epoch and assemble its metrics.csv row; returns the row and test features."""
+    args, objective = run["args"], run["objective"]
+    test = run["test"]
+    features, logits, stats = evaluate(run, test)
+    labels = test.labels.to(features.device)
+    centers = objective.centers.detach() if objective.centers is not None else None
+    s = state["sums"].tolist()
+    steps = max(s[5], 1)
+    used = set(TERMS) if args.loss == "standalone" else {"xent", "intra"} if args.loss == "cent" else {"xent"}
+    used.discard("xent" if args.loss == "standalone" else "inter")
+    batches = max(state["step"] - state["bad_steps"], 1)
+    row = {"epoch": epoch, "lr": run["optimizer"].param_groups[0]["lr"], "train_loss": s[0] / batches}
+    for i, t in enumerate(TERMS, start=1):
+        row[f"train_{t}"] = s[i] / batches if t in used else None
+        row[f"test_{t}"] = stats[f"test_{t}"] if t in used else None
+    row["train_acc"] = s[4] / steps
+    row["test_loss"] = stats["test_loss"]
+    row["test_acc"] = (acc_predictions(args, features, logits, centers) == labels).float().mean().item()
+    row["ncm_acc"] = (nearest_class_mean(features, state["class_sum"], state["class_count"]) == labels).float().mean().item()
+    row["center_acc"] = (nearest(features, centers) == labels).float().mean().item() if centers is not None else None
+    row["bad_steps"] = state["bad_steps"]
+    row["seconds"] = seconds
+    return row, features
+
+
+def checkpoint(run: dict, epoch: int, state: dict | None) -> dict:
+    """Everything needed to continue bit for bit: weights, optimiser, scheduler, metrics, random states.
+    `epoch` is the last finished epoch; `state` the unfinished next epoch's accumulators, if any."""
+    return {
+        "args": {k: v for k, v in vars(run["args"]).items()},
+        "epoch": epoch,
+        "epoch_state": state,
+        "model": run["model"].state_dict(),
+        "objective": run["objective"].state_dict(),
+        "optimizer": run["optimizer"].state_dict(),
+        "scheduler": run["scheduler"].state_dict(),
+        "scaler": run["scaler"].state_dict() if run["scaler"] is not None else None,
+        "history": run["history"],
+        "train_seconds": run["train_seconds"],
+        "samples": run["samples"],
+        "bad_steps": run["bad_steps"],
+        "random": random_states(),
+    }
+
+
+def load_checkpoint(path: Path, run: dict) -> dict:
+    """Load a checkpoint safely (weights_only: it cannot run code) and check it fits this run."""
+    try:
+        ckpt = torch.load(path, map_location=run["device"], weights_only=True)
+        saved = ckpt["args"]
+    except Exception as exc:
+        raise TrainingError(
+            f"{path}: corrupt or unreadable checkpoint ({type(exc).__name__}); delete it or start again with --overwrite"
+        ) from None
+    args = vars(run["args"])
+    for key in CONFIG_KEYS:
+        if saved.get(key) != args[key]:
+            raise TrainingError(
+                f"{path}: checkpoint is of another configuration ({key} {saved.get(key)!r}, this run {args[key]!r}); use --overwrite or another --name"
+            )
+    try:
+        run["model"].load_state_dict(ckpt["model"])
+        run["objective"].load_state_dict(ckpt["objective"])
+        run["optimizer"].load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, KeyError, ValueError) as exc:
+        raise TrainingError(
+            f"{path}: checkpoint does not fit this model ({str(exc).splitlines()[0]}); use --overwrite or another --name"
+        ) from None
+    run["scheduler"].load_state_dict(ckpt["scheduler"])
+    if run["scaler"] is not None and ckpt["scaler"]:
+        run["scaler"].load_state_dict(ckpt["scaler"])
+    for key in ("history", "train_seconds", "samples", "bad_steps"):
+        run[key] = ckpt[key]
+    set_random_states(ckpt["random"])
+    return ckpt
+
+
+def prepare_run_dir(args: argparse.Namespace) -> tuple[Path, bool]:
+    """Create the run folder; returns (folder, resume). Refuses to touch a finished run unless --overwrite."""
+    run_dir = Path(args.out) / args.name
+    has_checkpoint = (run_dir / "checkpoint.pt").is_file()
+    if args.overwrite and run_dir.exists():
+        shutil.rmtree(run_dir)
+    elif (run_dir / "summary.json").is_file():
+        raise SystemExit(usage_error(f"{run_dir} holds a finished run; use --overwrite to replace it or --name for another"))
+    elif args.resume and not has_checkpoint:
+        raise SystemExit(usage_error(f"--resume: {run_dir} holds no checkpoint.pt to resume from"))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir, has_checkpoint and not args.overwrite
+
+
+def usage_error(message: str) -> int:
+    print(f"main.py: error: {message}", file=sys.stderr)
+    return 2
+
+
+def train(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    data = load_dataset(args.dataset, args.data_dir or "data", download=True)
+    run_dir, resume = prepare_run_dir(args)
+    seed_everything(args.seed)
+    model = build_model(args.model, data.channels, len(data.classes), args.feat_dim, data.image_size).to(device)
+    objective = Objective(
+        args.loss, len(data.classes), args.feat_dim, args.weight_cent, args.weight_intra, args.weight_inter, args.inter_margin
+    ).to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(
+        [{"params": model.parameters()}, {"params": objective.parameters(), "lr": args.lr_cent}], lr=args.lr, momentum=args.momentum
+    )
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+    run = {
+        "args": args,
+        "dir": run_dir,
+        "device": device,
+        "model": model,
+        "net": torch.compile(model) if args.compile else model,
+        "objective": objective,
+        "optimizer": optimizer,
+        "scheduler": torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="max", factor=args.factor, patience=args.patience, threshold=args.threshold
+        ),
+        "scaler": torch.amp.GradScaler(device.type) if args.amp == "fp16" else None,
+        "autocast": (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext,
+        "channels_last": args.channels_last,
+        "train": data.train.to(device) if args.pipeline == "fast" else data.train,
+        "test": data.test.to(device) if args.pipeline == "fast" else data.test,
+        "augmentations": data.augmentations,
+        "collect_frames": args.feat_dim == 2 and not args.no_plots,
+        "history": [],
+        "train_seconds": 0.0,
+        "samples": 0,
+        "bad_steps": 0,
+    }
+    start_epoch, state = 1, None
+    if resume:
+        ckpt = load_checkpoint(run_dir / "checkpoint.pt", run)
+        start_epoch, state = ckpt["epoch"] + 1, ckpt["epoch_state"]
+        print(f"resuming {run_dir} after epoch {ckpt['epoch']}" + (f", step {state['step']}" if state else ""))
+    write_json(run_dir / "args.json", vars(args))
+    print(
+        f"{args.loss} on {data.name} ({len(data.train)} train / {len(data.test)} test, {data.source}), {args.model} feat_dim={args.feat_dim}, {device}"
+    )
+
+    stop = {"signal": None}
+    previous = {s: signal.signal(s, lambda signum, frame: stop.update(signal=signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for epoch in range(start_epoch, args.epochs + 1):
+            if state is None:
+                aug = torch.Generator().manual_seed(epoch_generator(args.seed, epoch).initial_seed() + 1)
+                state = new_epoch_state(len(data.classes), args.feat_dim, device, aug)
+            started = time.perf_counter()
+            step_before = state["step"]
+            train_epoch(run, epoch, state, stop)
+            elapsed = time.perf_counter() - started
+            run["train_seconds"] += elapsed
+            run["samples"] += min(state["step"] * args.batch_size, len(data.train)) - step_before * args.batch_size
+            if stop["signal"] is not None:
+                atomic_torch_save(checkpoint(run, epoch - 1, state), run_dir / "checkpoint.pt")
+                print(
+                    f"interrupted at epoch {epoch} step {state['step']}; checkpoint saved, run the same command to resume", file=sys.stderr
+                )
+                return 128 + stop["signal"]
+            row, test_features = epoch_row(run, epoch, state, elapsed)
+            run["scheduler"].step(row["test_acc"])
+            run["history"].append(row)
+            write_csv(run_dir / "metrics.csv", run["history"], COLUMNS)
+            if run["collect_frames"] and (epoch % args.plot_every == 0 or epoch == args.epochs):
+                draw_frames(run, data, epoch, state, test_features, row)
+            atomic_torch_save(checkpoint(run, epoch, None), run_dir / "checkpoint.pt")
+            print(
+                f"epoch {epoch}/{args.epochs}  loss {row['train_loss']:.4f}  train acc {row['train_acc']:.4f}  "
+                f"test acc {row['test_acc']:.4f}  ncm acc {row['ncm_acc']:.4f}  lr {row['lr']:.3g}  {elapsed:.1f}s"
+            )
+            state = None
+            if stop["signal"] is not None:
+                return 128 + stop["signal"]
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    finish(run, data)
+    return 0
+
+
+def draw_frames(run: dict, data: Dataset, epoch: int, state: dict, test_features: torch.Tensor, row: dict) -> None:
+    centers = run["objective"].centers
+    centers = centers.detach().cpu() if centers is not None else None
+    title = f"{run['args'].loss} {data.name} epoch {epoch}"
+    train_points = (torch.cat(state["frame_features"]), torch.cat(state["frame_labels"]))
+    test_points = (test_features[:FRAME_POINTS].cpu(), data.test.labels[:FRAME_POINTS].cpu())
+    for split, (features, labels), acc in (("train", train_points, row["train_acc"]), ("val", test_points, row["test_acc"])):
+        loss = row["train_loss"] if split == "train" else row["test_loss"]
+        visualize.save_frame(run["dir"], split, epoch, features, labels, centers, data.classes, f"{title}  loss {loss:.3f}  acc {acc:.4f}")
+
+
+def finish(run: dict, data: Dataset) -> None:
+    """After the last epoch: final pictures, then summary.json, whose presence marks a finished run."""
+    args, run_dir, history = run["args"], run["dir"], run["history"]
+    if not args.no_plots:
+        if args.feat_dim == 2:
+            visualize.redraw_frames(run_dir, data.classes)
+        else:
+            subset = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(args.seed))[:PROJECTION_POINTS]
+            train_subset = ImageData(data.train.images[subset], data.train.labels[subset])
+            for name, split in (("train", train_subset), ("val", data.test)):
+                features, _, _ = evaluate(run, split)
+                visualize.save_projection(
+                    run_dir / f"{name}.png",
+                    features.cpu(),
+                    split.images.cpu(),
+                    split.labels.cpu(),
+                    data.classes,
+                    f"{args.loss} {data.name} feat_dim={args.feat_dim} ({name})",
+                )
+    last = history[-1]
+    summary = {
+        **vars(args),
+        "num_classes": len(data.classes),
+        "train_size": len(data.train),
+        "test_size": len(data.test),
+        "augmentations": list(data.augmentations),
+        "acc": last["test_acc"],
+        "best_acc": max(r["test_acc"] for r in history),
+        "ncm_acc": last["ncm_acc"],
+        "center_acc": last["center_acc"],
+        "train_acc": last["train_acc"],
+        "epochs": len(history),
+        "train_seconds": run["train_seconds"],
+        "samples_per_second": run["samples"] / max(run["train_seconds"], 1e-9),
+        "bad_steps": run["bad_steps"],
+        "device": str(run["device"]),
+        "torch": torch.__version__,
+    }
+    write_json(run_dir / "summary.json", summary)
+    print(
+        f"done: acc {summary['acc']:.4f} (best {summary['best_acc']:.4f}), ncm acc {summary['ncm_acc']:.4f}, {summary['samples_per_second']:.0f} samples/s -> {run_dir}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return train(args)
+    except (DataError, TrainingError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""Feature extractors of the study. Every model's forward returns (features, logits)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+MODELS = ("resnet", "lenet++")
+
+
+class LeNetPlusPlus(nn.Module):
+    """LeNet++ of Wen et al. (ECCV 2016): three pairs of 5x5 convolutions (32, 64, 128 channels)
+    with PReLU, 2x2 max-pooling after each pair, a linear layer to feat_dim with PReLU (the
+    features) and a linear classifier. Any input of side >= 24 works.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, feat_dim: int, image_size: int = 28) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels = in_channels
+        for width in (32, 64, 128):
+            for _ in range(2):
+                layers += [nn.Conv2d(channels, width, 5, padding=2), nn.PReLU()]
+                channels = width
+            layers.append(nn.MaxPool2d(2))
+        self.body = nn.Sequential(*layers)
+        side = image_size // 8
+        self.embed = nn.Sequential(nn.Flatten(), nn.Linear(128 * side * side, feat_dim), nn.PReLU())
+        self.classifier = nn.Linear(feat_dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.embed(self.body(x))
+        return features, self.classifier(features)
+
+
+class PreActBlock(nn.Module):
+    """Pre-activation basic block: BN-ReLU-conv3x3-BN-ReLU-conv3x3, 1x1 conv shortcut on shape change."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, padding=1, bias=False)
+        self.shortcut = None
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Conv2d(in_channels, out_channels, 1, stride, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(x))
+        shortcut = x if self.shortcut is None else self.shortcut(out)
+        out = self.conv1(out)
+        out = self.conv2(torch.relu(self.bn2(out)))
+        return out + shortcut
+
+
+class ResNet(nn.Module):
+    """The study's small pre-activation ResNet: 3x3 stem conv (no padding) to 16 channels, five
+    one-block groups of widths 32, 32, 64, 64, 128 with strides 1, 2, 1, 2, 1, BN-ReLU, global
+    average pooling, a linear layer to feat_dim (the features) and a linear classifier.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, feat_dim: int, image_size: int = 28) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(in_channels, 16, 3, bias=False)
+        blocks = []
+        channels = 16
+        for width, stride in zip((32, 32, 64, 64, 128), (1, 2, 1, 2, 1)):
+            blocks.append(PreActBlock(channels, width, stride))
+            channels = width
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Sequential(nn.BatchNorm2d(channels), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.embed = nn.Linear(channels, feat_dim)
+        self.classifier = nn.Linear(feat_dim, num_classes)
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.embed(self.head(self.blocks(self.stem(x))))
+        return features, self.classifier(features)
+
+
+def build_model(name: str, in_channels: int, num_classes: int, feat_dim: int, image_size: int) -> nn.Module:
+    """Model by CLI name: 'resnet' (the study's, default) or 'lenet++'."""
+    if name == "resnet":
+        return ResNet(in_channels, num_classes, feat_dim, image_size)
+    if name == "lenet++":
+        return LeNetPlusPlus(in_channels, num_classes, feat_dim, image_size)
+    raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
