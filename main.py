@@ -55,6 +55,7 @@ CONFIG_KEYS = (
     "model",
     "feat_dim",
     "batch_size",
+    "train_samples",
     "weight_cent",
     "weight_intra",
     "weight_inter",
@@ -89,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", choices=MODELS, default="resnet", help="feature extractor")
     p.add_argument("--feat-dim", type=int, default=2, help="feature dimension")
     p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--train-samples", type=int, default=None, help="train on the first N train samples only (quick checks; default all)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.01, help="SGD learning rate of the model")
     p.add_argument("--lr-cent", type=float, default=None, help="learning rate of the centers (default: --lr)")
@@ -130,6 +132,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     checks = [
         (args.feat_dim >= 1, "--feat-dim must be at least 1"),
         (args.epochs >= 1, "--epochs must be at least 1"),
+        (args.train_samples is None or args.train_samples >= 2, "--train-samples must be at least 2"),
         (args.batch_size >= 2, "--batch-size must be at least 2 (the losses compare samples of a batch)"),
         (args.lr > 0, "--lr must be positive"),
         (args.lr_cent is None or args.lr_cent >= 0, "--lr-cent must not be negative"),
@@ -382,6 +385,8 @@ def train(args: argparse.Namespace) -> int:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     data = load_dataset(args.dataset, args.data_dir or "data", download=True)
+    if args.train_samples is not None:
+        data.train = ImageData(data.train.images[: args.train_samples], data.train.labels[: args.train_samples])
     run_dir, resume = prepare_run_dir(args)
     seed_everything(args.seed)
     model = build_model(args.model, data.channels, len(data.classes), args.feat_dim, data.image_size).to(device)

@@ -57,7 +57,7 @@ def draw_frame(
     """One 2-D frame: points coloured by class, centers as black-edged stars, class names in the legend."""
     colors = class_colors(len(classes))
     fig, ax = plt.subplots(figsize=(FRAME_SIZE_INCHES, FRAME_SIZE_INCHES), dpi=FRAME_DPI)
-    ax.scatter(features[:, 0], features[:, 1], c=colors[labels], s=2, linewidths=0, rasterized=True)
+    ax.scatter(features[:, 0], features[:, 1], c=colors[labels], s=2 if len(features) > 2000 else 6, linewidths=0, rasterized=True)
     if centers is not None:
         ax.scatter(centers[:, 0], centers[:, 1], c=colors[: len(centers)], s=120, marker="*", edgecolors="black", linewidths=0.8)
     handles = [plt.Line2D([], [], marker="o", linestyle="", color=colors[k], markersize=5, label=name) for k, name in enumerate(classes)]
