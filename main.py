@@ -89,7 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", choices=MODELS, default="resnet", help="feature extractor")
     p.add_argument("--feat-dim", type=int, default=2, help="feature dimension")
-    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="epochs (default 100, the study's budget; 50 for digits, so the first run takes about two minutes)",
+    )
     p.add_argument("--train-samples", type=int, default=None, help="train on the first N train samples only (quick checks; default all)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.01, help="SGD learning rate of the model")
@@ -129,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.epochs is None:
+        args.epochs = 50 if args.dataset == "digits" else 100
     checks = [
         (args.feat_dim >= 1, "--feat-dim must be at least 1"),
         (args.epochs >= 1, "--epochs must be at least 1"),
@@ -534,6 +541,9 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, TrainingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # before the training loop installs its handlers: nothing to save yet
+        print("interrupted before training started; nothing was saved", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

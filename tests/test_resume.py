@@ -1,0 +1,171 @@
+"""Interruption, exact resume, corrupt checkpoints and the divergence guard (real signals, subprocesses)."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--dataset", "digits", "--train-samples", "384", "--batch-size", "32", "--epochs", "3", "--no-plots", "--model", "lenet++"]
+
+
+def start(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "main.py", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def run(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "main.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def metrics_without_seconds(run_dir: Path) -> list[list[str]]:
+    lines = (run_dir / "metrics.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    keep = [i for i, name in enumerate(header) if name != "seconds"]
+    return [[row.split(",")[i] for i in keep] for row in lines]
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    assert metrics_without_seconds(a) == metrics_without_seconds(b)
+    ca = torch.load(a / "checkpoint.pt", weights_only=True)
+    cb = torch.load(b / "checkpoint.pt", weights_only=True)
+    for part in ("model", "objective"):
+        assert ca[part].keys() == cb[part].keys()
+        for key in ca[part]:
+            assert torch.equal(ca[part][key], cb[part][key]), f"{part}.{key} differs after resume"
+    assert ca["optimizer"]["param_groups"][0]["lr"] == cb["optimizer"]["param_groups"][0]["lr"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ref")
+    result = run([*TINY, "--out", str(out), "--name", "full"])
+    assert result.returncode == 0, result.stderr
+    return out / "full"
+
+
+def interrupt_after_first_epoch(args: list[str], sig: int, delay: float) -> subprocess.Popen:
+    """Start a run, wait for its first epoch line, then send `sig` after `delay` seconds."""
+    proc = start(args)
+    for line in proc.stdout:
+        if line.startswith("epoch 1/"):
+            break
+    time.sleep(delay)
+    proc.send_signal(sig)
+    proc.communicate(timeout=600)
+    return proc
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.3])
+def test_sigterm_then_resume_matches_uninterrupted(tmp_path: Path, reference: Path, delay: float) -> None:
+    args = [*TINY, "--out", str(tmp_path), "--name", "cut"]
+    proc = interrupt_after_first_epoch(args, signal.SIGTERM, delay)
+    run_dir = tmp_path / "cut"
+    if proc.returncode == 143:
+        assert not (run_dir / "summary.json").exists(), "an interrupted run must not look finished"
+        assert (run_dir / "checkpoint.pt").is_file()
+    else:
+        assert proc.returncode == 0  # the signal came after the last step: nothing to resume
+    resumed = run(args)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stdout or proc.returncode == 0
+    assert (run_dir / "summary.json").is_file()
+    assert_same_run(reference, run_dir)
+
+
+def test_sigint_mid_epoch_saves_and_resumes(tmp_path: Path, reference: Path) -> None:
+    args = [*TINY, "--out", str(tmp_path), "--name", "cut"]
+    proc = interrupt_after_first_epoch(args, signal.SIGINT, 0.1)
+    assert proc.returncode == 130
+    ckpt = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] >= 1
+    assert run(args).returncode == 0
+    assert_same_run(reference, tmp_path / "cut")
+
+
+def test_sigkill_at_any_moment_leaves_a_loadable_checkpoint(tmp_path: Path, reference: Path) -> None:
+    """SIGKILL cannot be caught: the atomic write (temp file, fsync, rename) must keep the previous checkpoint whole."""
+    args = [*TINY, "--out", str(tmp_path), "--name", "cut"]
+    for delay in (0.0, 0.05, 0.2):
+        proc = interrupt_after_first_epoch(args, signal.SIGKILL, delay)
+        if proc.returncode == 0:
+            break
+        assert proc.returncode == -signal.SIGKILL
+        torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
+        assert not (tmp_path / "cut" / "summary.json").exists()
+    result = run(args)
+    assert result.returncode in (0, 2), result.stderr  # 2: it had finished before the last kill
+    assert_same_run(reference, tmp_path / "cut")
+
+
+def test_finished_run_is_refused_without_overwrite(reference: Path) -> None:
+    args = [*TINY, "--out", str(reference.parent), "--name", "full"]
+    before = (reference / "checkpoint.pt").read_bytes()
+    result = run(args)
+    assert result.returncode == 2
+    assert "finished run" in result.stderr and "--overwrite" in result.stderr
+    assert (reference / "checkpoint.pt").read_bytes() == before
+
+
+def unfinished_copy(reference: Path, tmp_path: Path) -> Path:
+    run_dir = tmp_path / "unfinished"
+    run_dir.mkdir()
+    for name in ("checkpoint.pt", "metrics.csv", "args.json"):
+        (run_dir / name).write_bytes((reference / name).read_bytes())
+    return run_dir
+
+
+def test_corrupt_checkpoint_is_refused_and_kept(tmp_path: Path, reference: Path) -> None:
+    run_dir = unfinished_copy(reference, tmp_path)
+    data = (run_dir / "checkpoint.pt").read_bytes()
+    corrupt = data[: len(data) // 2]
+    (run_dir / "checkpoint.pt").write_bytes(corrupt)
+    result = run([*TINY, "--out", str(tmp_path), "--name", "unfinished"])
+    assert result.returncode == 1
+    assert "corrupt" in result.stderr and "checkpoint.pt" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert (run_dir / "checkpoint.pt").read_bytes() == corrupt
+    assert not (run_dir / "summary.json").exists()
+
+
+@pytest.mark.parametrize("change", [["--feat-dim", "3"], ["--model", "resnet"], ["--loss", "cent"]])
+def test_checkpoint_of_another_configuration_is_refused(tmp_path: Path, reference: Path, change: list[str]) -> None:
+    run_dir = unfinished_copy(reference, tmp_path)
+    before = (run_dir / "checkpoint.pt").read_bytes()
+    args = [*TINY, "--out", str(tmp_path), "--name", "unfinished", *change]
+    result = run(args)
+    assert result.returncode == 1
+    assert "another configuration" in result.stderr and "Traceback" not in result.stderr
+    assert (run_dir / "checkpoint.pt").read_bytes() == before
+
+
+def test_resume_flag_without_checkpoint_is_an_error(tmp_path: Path) -> None:
+    result = run([*TINY, "--out", str(tmp_path), "--resume"])
+    assert result.returncode == 2
+    assert "no checkpoint" in result.stderr
+
+
+def test_divergence_guard_stops_with_the_loss_terms(tmp_path: Path) -> None:
+    result = run([*TINY, "--out", str(tmp_path), "--name", "boom", "--lr", "1e30", "--max-bad-steps", "2"])
+    assert result.returncode == 1, result.stdout + result.stderr
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith("error: training diverged: 2 non-finite steps")
+    assert "step" in message and "loss=" in message and "intra=" in message and "inter=" in message
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "boom" / "summary.json").exists()
+
+
+def test_inter_margin_bounds_the_push(tmp_path: Path) -> None:
+    """With a margin the inter term per pair is at most log(1 + margin): -inter/m_pairs <= log1p(margin)."""
+    result = run([*TINY, "--epochs", "1", "--out", str(tmp_path), "--inter-margin", "4"])
+    assert result.returncode == 0, result.stderr
+    rows = (tmp_path / "standalone-digits-feat=2" / "metrics.csv").read_text().splitlines()
+    header, values = rows[0].split(","), rows[1].split(",")
+    inter = float(values[header.index("train_inter")])
+    # (1/m) sum over ordered different-class pairs: at most (m - 1) * log(1 + margin) per sample.
+    assert -inter <= 31 * torch.log1p(torch.tensor(4.0)).item() + 1e-4
