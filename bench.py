@@ -1,0 +1,324 @@
+"""Training throughput of the fast path against the study's DataLoader pipeline, in one process.
+
+    python bench.py                                         # resnet, MNIST, standalone, feat-dim 2, batch 128
+    python bench.py --no-channels-last --steps 30 --warmup 5 --rounds 3
+    python bench.py --amp bf16 --json bench-bf16.json
+    python bench.py --dataset cifar10 --loss xent --device cuda --amp bf16 --compile
+    python bench.py --accuracy-epochs 3 --amp bf16          # test accuracy: fast path vs the float32 loader path
+
+Both pipelines train their own copy of main.py's model, objective and SGD optimiser, built from
+the same seed, with main.py's training step (autocast, loss in float32, the one-sync finite guard,
+GradScaler for fp16). The loader path is the study's: torchvision per-sample transforms and a
+DataLoader with --workers processes, float32 (--loader-amp) and contiguous NCHW
+(--loader-channels-last); the fast path keeps the data on the device and augments whole batches
+there, with --amp, --channels-last and --compile.
+
+After --warmup untimed steps of each pipeline, they take turns for --rounds rounds of --steps timed
+steps (the order swaps every round), so machine noise hits both. Every round opens a fresh batch
+stream, as every epoch of main.py does, and takes its first batch untimed: DataLoader workers start
+there, which main.py pays once per epoch; that time is reported on its own (first_step_s).
+Reported: train samples/s of each pipeline (median over rounds), the ratio fast/loader, and peak
+memory: on CUDA torch.cuda.max_memory_allocated per pipeline; on the CPU the peak resident set of
+the whole process (ru_maxrss, both pipelines together) and of the largest finished worker process.
+
+--accuracy-epochs K instead trains K epochs with main.py twice (subprocesses, --no-plots): the
+float32 loader path and the fast path with the settings given here, same seed, and reports both
+test accuracies and their difference in points.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from datasets import DATASETS, ImageData, canonical_name, default_workers, load_dataset, loader_batches, tensor_batches
+from losses import LOSSES, Objective
+from models import MODELS, build_model
+from utils import epoch_generator, resolve_device, seed_everything
+
+REPO = Path(__file__).resolve().parent
+AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def default_data_dir() -> str:
+    shared = REPO.parent / "shared" / "data"
+    return str(shared) if shared.is_dir() else "data"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", choices=MODELS, default="resnet")
+    p.add_argument("--dataset", type=canonical_name, choices=DATASETS, default="mnist")
+    p.add_argument("--data-dir", default=default_data_dir())
+    p.add_argument("--loss", choices=LOSSES, default="standalone")
+    p.add_argument("--feat-dim", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, ...")
+    p.add_argument("--amp", choices=tuple(AMP_DTYPES), default="off", help="autocast precision of the fast path")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="channels_last on the fast path")
+    p.add_argument("--compile", action="store_true", help="torch.compile the fast path's model")
+    p.add_argument("--loader-amp", choices=tuple(AMP_DTYPES), default="off", help="autocast precision of the loader path")
+    p.add_argument("--loader-channels-last", action=argparse.BooleanOptionalAction, default=False, help="channels_last on the loader path")
+    p.add_argument("--workers", type=int, default=default_workers(), help="DataLoader workers of the loader path")
+    p.add_argument("--steps", type=int, default=30, help="timed steps per round and pipeline")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps per pipeline before the first round")
+    p.add_argument("--rounds", type=int, default=3, help="rounds; each pipeline's samples/s is the median over them")
+    p.add_argument("--fast-only", action="store_true", help="time the fast path only")
+    p.add_argument("--json", default="bench.json", help="write the results here")
+    p.add_argument("--accuracy-epochs", type=int, default=0, help="instead of timing: train K epochs with main.py, compare accuracy")
+    p.add_argument("--train-samples", type=int, default=None, help="--accuracy-epochs only: first N train samples (quick checks)")
+    p.add_argument("--out", default="runs-bench", help="--accuracy-epochs only: folder of main.py's run folders")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if min(args.steps, args.rounds, args.batch_size - 1, args.feat_dim) < 1 or min(args.warmup, args.workers, args.accuracy_epochs) < 0:
+        parser.error("--steps, --rounds and --feat-dim must be at least 1, --batch-size at least 2, the others not negative")
+    return args
+
+
+# ------------------------------------------------------------------------------------------- setup
+
+
+def build_trainer(args: argparse.Namespace, data, device: torch.device, amp: str, channels_last: bool, compile: bool) -> dict:
+    """Model, objective, optimiser, scaler and autocast as main.py builds them (same seed, same order)."""
+    seed_everything(args.seed)
+    model = build_model(args.model, data.channels, len(data.classes), args.feat_dim, data.image_size).to(device)
+    objective = Objective(args.loss, len(data.classes), args.feat_dim).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD([{"params": model.parameters()}, {"params": objective.parameters()}], lr=0.01, momentum=0.9)
+    dtype = AMP_DTYPES[amp]
+    return {
+        "net": torch.compile(model) if compile else model,
+        "objective": objective,
+        "optimizer": optimizer,
+        "parameters": [*model.parameters(), *objective.parameters()],
+        "scaler": torch.amp.GradScaler(device.type) if amp == "fp16" else None,
+        "autocast": (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext,
+        "channels_last": channels_last,
+    }
+
+
+def train_step(trainer: dict, x: torch.Tensor, y: torch.Tensor) -> None:
+    """main.train_epoch's step without the metric sums: forward, loss, backward, guard, update."""
+    if trainer["channels_last"]:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with trainer["autocast"]():
+        features, logits = trainer["net"](x)
+    loss, _ = trainer["objective"](features, logits, y)
+    optimizer, scaler = trainer["optimizer"], trainer["scaler"]
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is None:
+        loss.backward()
+        grads = [p.grad for p in trainer["parameters"] if p.grad is not None]
+        finite = torch.isfinite(loss) & torch.isfinite(torch.nn.utils.get_total_norm(grads))
+    else:
+        scaler.scale(loss).backward()
+        finite = torch.isfinite(loss)
+    if bool(finite):  # the host sync main.py makes every step
+        if scaler is None:
+            optimizer.step()
+        else:
+            scaler.step(optimizer)
+            scaler.update()
+
+
+def batch_stream(pipeline: dict, args: argparse.Namespace, device: torch.device, step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches from global step `step` on, over as many epochs as it takes, each in main.py's order."""
+    data: ImageData = pipeline["data"]
+    steps_per_epoch = -(-len(data) // args.batch_size)
+    epoch, start = divmod(step, steps_per_epoch)
+    while True:
+        epoch += 1
+        order = torch.randperm(len(data), generator=epoch_generator(args.seed, epoch))
+        if pipeline["name"] == "fast":
+            yield from tensor_batches(data, order, args.batch_size, pipeline["augmentations"], pipeline["aug"], start=start)
+        else:
+            gen = epoch_generator(args.seed, epoch)
+            yield from loader_batches(data, order, args.batch_size, pipeline["augmentations"], gen, args.workers, device, start=start)
+        start = 0
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_steps(pipeline: dict, args: argparse.Namespace, device: torch.device, steps: int) -> dict:
+    """Train `steps` timed steps on a fresh batch stream after one untimed first batch."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    stream = batch_stream(pipeline, args, device, pipeline["step"])
+    started = time.perf_counter()
+    x, y = next(stream)
+    train_step(pipeline["trainer"], x, y)
+    synchronize(device)
+    first = time.perf_counter() - started
+    samples = 0
+    started = time.perf_counter()
+    for _ in range(steps):
+        x, y = next(stream)
+        train_step(pipeline["trainer"], x, y)
+        samples += len(y)
+    synchronize(device)
+    seconds = time.perf_counter() - started
+    stream.close()  # shuts the DataLoader's workers down before the other pipeline runs
+    pipeline["step"] += steps + 1
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    return {"samples": samples, "seconds": seconds, "samples_per_s": samples / seconds, "first_step_s": first, "peak_mib": peak}
+
+
+def peak_rss_mib() -> dict:
+    """Peak resident set sizes in MiB: this process and its largest finished child (DataLoader worker)."""
+    unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is in bytes on macOS, KiB on Linux
+    return {
+        "process": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit / 2**20,
+        "largest_worker": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * unit / 2**20,
+    }
+
+
+# --------------------------------------------------------------------------------------- benchmark
+
+
+def make_pipeline(name: str, args: argparse.Namespace, data, device: torch.device) -> dict:
+    if name == "fast":
+        settings = {"amp": args.amp, "channels_last": args.channels_last, "compile": args.compile}
+        train = data.train.to(device)
+    else:
+        settings = {"amp": args.loader_amp, "channels_last": args.loader_channels_last, "compile": False, "workers": args.workers}
+        train = data.train
+    return {
+        "name": name,
+        "settings": settings,
+        "data": train,
+        "augmentations": data.augmentations,
+        "aug": torch.Generator().manual_seed(args.seed + 1),
+        "trainer": build_trainer(args, data, device, settings["amp"], settings["channels_last"], settings["compile"]),
+        "step": 0,
+        "rounds": [],
+    }
+
+
+def benchmark(args: argparse.Namespace) -> dict:
+    device = resolve_device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    load_before = os.getloadavg()
+    data = load_dataset(args.dataset, args.data_dir, download=False)
+    names = ("fast",) if args.fast_only else ("loader", "fast")
+    pipelines = [make_pipeline(name, args, data, device) for name in names]
+    print(
+        f"{args.model} {args.loss} feat_dim={args.feat_dim} on {data.name} ({len(data.train)} train, augmentations {list(data.augmentations)}), "
+        f"batch {args.batch_size}, {device}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs"
+    )
+    for p in pipelines:
+        print(f"  {p['name']:6s} {p['settings']}")
+    if args.warmup > 0:
+        for p in pipelines:
+            run_steps(p, args, device, args.warmup - 1)
+    for r in range(args.rounds):
+        for p in pipelines if r % 2 == 0 else pipelines[::-1]:
+            result = run_steps(p, args, device, args.steps)
+            p["rounds"].append(result)
+            print(f"  round {r + 1}/{args.rounds} {p['name']:6s} {result['samples_per_s']:8.1f} samples/s  ({result['seconds']:.1f}s)")
+    results = {}
+    for p in pipelines:
+        rounds = p["rounds"]
+        results[p["name"]] = {
+            **p["settings"],
+            "samples_per_s": statistics.median(r["samples_per_s"] for r in rounds),
+            "rounds_samples_per_s": [r["samples_per_s"] for r in rounds],
+            "first_step_s": statistics.median(r["first_step_s"] for r in rounds),
+            "peak_memory_mib": max(r["peak_mib"] for r in rounds) if device.type == "cuda" else None,
+        }
+    ratio = None if args.fast_only else results["fast"]["samples_per_s"] / results["loader"]["samples_per_s"]
+    if device.type == "cuda":
+        memory = {"kind": "torch.cuda.max_memory_allocated per pipeline (MiB)", **{n: results[n]["peak_memory_mib"] for n in results}}
+    else:
+        memory = {
+            "kind": "CPU peak resident set (ru_maxrss, MiB): whole process, both pipelines; largest finished worker",
+            **peak_rss_mib(),
+        }
+    report = {
+        "config": {k: v for k, v in vars(args).items() if k not in ("accuracy_epochs", "train_samples", "out")},
+        "device": str(device),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "load_average_before_after": [load_before[0], os.getloadavg()[0]],
+        "pipelines": results,
+        "ratio_fast_over_loader": ratio,
+        "peak_memory": memory,
+    }
+    for name, res in results.items():
+        print(f"{name:6s} {res['samples_per_s']:8.1f} samples/s (median of {args.rounds} rounds; first step {res['first_step_s']:.2f}s)")
+    if ratio is not None:
+        print(f"ratio fast/loader {ratio:.2f}x")
+    print("peak memory: " + ", ".join(f"{k} {v:.0f}" if isinstance(v, float) else f"{k}: {v}" for k, v in memory.items()))
+    return report
+
+
+# ---------------------------------------------------------------------------------------- accuracy
+
+
+def accuracy_check(args: argparse.Namespace) -> dict:
+    """Train --accuracy-epochs epochs with main.py: the float32 loader path and the fast path as set here."""
+    out = Path(args.out).resolve()
+    common = [
+        "--dataset", args.dataset, "--data-dir", args.data_dir, "--model", args.model, "--loss", args.loss,
+        "--feat-dim", args.feat_dim, "--batch-size", args.batch_size, "--seed", args.seed, "--device", args.device,
+        "--epochs", args.accuracy_epochs, "--no-plots", "--out", out, "--overwrite",
+    ]  # fmt: skip
+    if args.train_samples is not None:
+        common += ["--train-samples", args.train_samples]
+    runs = {
+        "loader": ["--pipeline", "loader", "--workers", args.workers, "--amp", args.loader_amp, cl_flag(args.loader_channels_last)],
+        "fast": ["--pipeline", "fast", "--amp", args.amp, cl_flag(args.channels_last), *(["--compile"] if args.compile else [])],
+    }
+    results = {}
+    for label, extra in runs.items():
+        name = f"bench-{label}-{args.loss}-{args.dataset}-feat={args.feat_dim}"
+        command = [sys.executable, str(REPO / "main.py"), *map(str, common + extra), "--name", name]
+        print("$ " + " ".join(command[1:]), flush=True)
+        if subprocess.run(command, cwd=REPO).returncode != 0:
+            raise SystemExit(f"bench.py: error: main.py failed for the {label} run (command above)")
+        summary = json.loads((out / name / "summary.json").read_text())
+        keys = ("pipeline", "amp", "channels_last", "compile", "acc", "best_acc", "ncm_acc", "samples_per_second", "train_seconds")
+        results[label] = {k: summary[k] for k in keys} | {"run": str(out / name)}
+    difference = 100 * (results["fast"]["acc"] - results["loader"]["acc"])
+    print(
+        f"test accuracy after {args.accuracy_epochs} epochs: loader {results['loader']['acc']:.4f}, fast {results['fast']['acc']:.4f} "
+        f"({difference:+.2f} points)"
+    )
+    return {"epochs": args.accuracy_epochs, "train_samples": args.train_samples, "runs": results, "difference_points": difference}
+
+
+def cl_flag(on: bool) -> str:
+    return "--channels-last" if on else "--no-channels-last"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    report = accuracy_check(args) if args.accuracy_epochs else benchmark(args)
+    Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"-> {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""The study's results table from run folders, beside the study's own numbers.
+
+    python report.py runs                                  # Markdown table of runs/*/summary.json
+    python report.py results/cpu-3ep --columns ncm_acc,best_acc,train_acc
+    python report.py runs --collect results/cpu-3ep        # copy each summary.json to results/cpu-3ep/<name>.json
+    python report.py results/cpu-3ep --readme README.md --label cpu-3ep   # write between the README markers
+
+Rows follow the study's order (data set, feature size, loss); a row without a run says "missing" and
+is never filled in. `study acc` is the study's reported 100-epoch accuracy (study_table.csv, copied
+from the study's README); `diff` is ours minus the study's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import shutil
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+STUDY_TABLE = ROOT / "study_table.csv"
+STUDY_COLUMNS = ["loss", "dataset", "feat_dim", "acc", "lr", "epochs", "batch_size", "weight_cent", "weight_intra", "weight_inter"]
+
+
+def study_rows() -> list[dict[str, str]]:
+    with open(STUDY_TABLE, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def find_summaries(paths: list[Path]) -> list[Path]:
+    """summary.json files of run folders (<dir>/summary.json, <dir>/*/summary.json) and collected <dir>/*.json."""
+    found = []
+    for path in paths:
+        if path.is_file():
+            found.append(path)
+        elif (path / "summary.json").is_file():
+            found.append(path / "summary.json")
+        else:
+            found += sorted(path.glob("*/summary.json")) + sorted(p for p in path.glob("*.json") if p.name != "args.json")
+    return found
+
+
+def load_runs(paths: list[Path]) -> dict[tuple[str, str, int], dict]:
+    """Summaries keyed by (loss, dataset, feat_dim); a later duplicate replaces an earlier one."""
+    runs = {}
+    for path in find_summaries(paths):
+        summary = json.loads(path.read_text())
+        if {"loss", "dataset", "feat_dim", "acc"} <= summary.keys():
+            runs[(summary["loss"], summary["dataset"], int(summary["feat_dim"]))] = summary
+    return runs
+
+
+def fmt(value, digits: int = 3) -> str:
+    if value is None or value == "":
+        return "/"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}" if abs(value) < 1000 else f"{value:.0f}"
+    return str(value)
+
+
+def weights(loss: str, summary: dict) -> list[str]:
+    """weight_cent, weight_intra, weight_inter as the study prints them: '/' where the loss has none."""
+    return [
+        fmt(summary["weight_cent"], 1) if loss == "cent" else "/",
+        fmt(summary["weight_intra"], 1) if loss == "standalone" else "/",
+        fmt(summary["weight_inter"], 1) if loss == "standalone" else "/",
+    ]
+
+
+def table(runs: dict[tuple[str, str, int], dict], extra: list[str]) -> str:
+    """Markdown table in the study's layout plus study acc, diff and the extra summary columns."""
+    header = STUDY_COLUMNS + ["study acc", "diff"] + extra
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" :---: " for _ in header) + "|"]
+    keys = set()
+    for study in study_rows():
+        key = (study["loss"], study["dataset"], int(study["feat_dim"]))
+        keys.add(key)
+        lines.append(row(key, runs.get(key), float(study["acc"]), extra))
+    for key in sorted(set(runs) - keys):  # runs beyond the study's grid
+        lines.append(row(key, runs[key], None, extra))
+    return "\n".join(lines)
+
+
+def row(key: tuple[str, str, int], summary: dict | None, study_acc: float | None, extra: list[str]) -> str:
+    loss, dataset, feat_dim = key
+    study = fmt(study_acc) if study_acc is not None else "/"
+    if summary is None:
+        cells = [loss, dataset, str(feat_dim), "missing"] + ["missing"] * 6 + [study, "/"] + ["missing"] * len(extra)
+    else:
+        diff = f"{summary['acc'] - study_acc:+.3f}" if study_acc is not None else "/"
+        cells = [loss, dataset, str(feat_dim), fmt(summary["acc"]), fmt(summary["lr"], 2), str(summary["epochs"]), str(summary["batch_size"])]
+        cells += weights(loss, summary) + [study, diff] + [fmt(summary.get(name)) for name in extra]
+    return "| " + " | ".join(cells) + " |"
+
+
+def replace_between(text: str, label: str, body: str) -> str:
+    start, end = f"<!-- {label} -->", f"<!-- /{label} -->"
+    if start not in text or end not in text:
+        raise ValueError(f"markers {start} ... {end} not found")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{start}\n{body}\n{end}{tail}"
+
+
+def gallery(imgs_dir: Path) -> str:
+    """Markdown of the committed pictures: GIFs of 2-D runs, projections of the others."""
+    lines = ["| run | train | val |", "| :---: | :---: | :---: |"]
+    for folder in sorted(p for p in imgs_dir.iterdir() if p.is_dir()):
+        for kind in ("gif", "png"):
+            if (folder / f"train.{kind}").is_file() and (folder / f"val.{kind}").is_file():
+                rel = folder.relative_to(ROOT) if folder.is_relative_to(ROOT) else folder
+                lines.append(f"| {folder.name} | ![]({rel}/train.{kind}) | ![]({rel}/val.{kind}) |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Print the study's results table from run folders.")
+    parser.add_argument("paths", nargs="+", type=Path, help="run folders, folders of run folders, or folders of collected summaries")
+    parser.add_argument("--columns", default="ncm_acc", help="extra summary.json keys as columns, comma-separated")
+    parser.add_argument("--collect", type=Path, help="copy every summary.json to this folder as <run name>.json")
+    parser.add_argument("--readme", type=Path, help="write the table into this file between <!-- table:LABEL --> markers")
+    parser.add_argument("--label", default="results", help="marker label for --readme")
+    parser.add_argument("--gallery", type=Path, help="also write a gallery of this imgs/ folder between <!-- gallery --> markers")
+    args = parser.parse_args(argv)
+    missing = [p for p in args.paths if not p.exists()]
+    if missing:
+        parser.error(f"{missing[0]} does not exist")
+    runs = load_runs(args.paths)
+    extra = [c for c in args.columns.split(",") if c]
+    text = table(runs, extra)
+    print(text)
+    if args.collect:
+        args.collect.mkdir(parents=True, exist_ok=True)
+        for path in find_summaries(args.paths):
+            summary = json.loads(path.read_text())
+            shutil.copyfile(path, args.collect / f"{summary['name']}.json")
+    if args.readme:
+        try:
+            content = replace_between(args.readme.read_text(), f"table:{args.label}", text)
+            if args.gallery:
+                content = replace_between(content, "gallery", gallery(args.gallery))
+        except ValueError as exc:
+            print(f"error: {args.readme}: {exc}; add them where the table belongs", file=sys.stderr)
+            return 1
+        args.readme.write_text(content)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Reproduce the study's table: 3 losses x 3 data sets x 2 feature sizes, one main.py run each.
+#
+#   DATA_DIR=../shared/data EPOCHS=3 OUT=runs ./reproduce.sh              # the whole grid
+#   JOBS=3 ./reproduce.sh --amp bf16                                       # three runs at a time, extra main.py flags
+#   LOSSES="standalone" DATASETS="mnist" FEAT_DIMS="2" ./reproduce.sh      # a slice of the grid
+#
+# A run whose summary.json exists is skipped, so an interrupted sweep continues where it stopped
+# (an unfinished run resumes from its checkpoint). Each run logs to $OUT/<name>.log.
+# Then: python report.py $OUT   prints the table beside the study's numbers.
+set -u
+cd "$(dirname "$0")"
+DATA_DIR=${DATA_DIR:-data}
+EPOCHS=${EPOCHS:-100}
+OUT=${OUT:-runs}
+JOBS=${JOBS:-1}
+LOSSES=${LOSSES:-"xent cent standalone"}
+DATASETS=${DATASETS:-"mnist fashion-mnist cifar10"}
+FEAT_DIMS=${FEAT_DIMS:-"2 128"}
+PYTHON=${PYTHON:-python}
+mkdir -p "$OUT"
+failures=$(mktemp)
+trap 'rm -f "$failures"' EXIT
+
+run_one() {
+    local name=$1; shift
+    if "$PYTHON" main.py "$@" >"$OUT/$name.log" 2>&1; then
+        echo "done $name: $(tail -n 1 "$OUT/$name.log")"
+    else
+        echo "FAILED $name (exit $?): see $OUT/$name.log"
+        echo "$name" >>"$failures"
+    fi
+}
+
+for dataset in $DATASETS; do
+    for feat_dim in $FEAT_DIMS; do
+        for loss in $LOSSES; do
+            name="$loss-$dataset-feat=$feat_dim"
+            if [ -f "$OUT/$name/summary.json" ]; then
+                echo "skip $name (finished)"
+                continue
+            fi
+            args=(--loss "$loss" --dataset "$dataset" --feat-dim "$feat_dim" --epochs "$EPOCHS"
+                  --data-dir "$DATA_DIR" --out "$OUT" --name "$name" "$@")
+            echo "start $name"
+            while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n; done
+            run_one "$name" "${args[@]}" &
+        done
+    done
+done
+wait
+if [ -s "$failures" ]; then
+    echo "$(wc -l <"$failures") run(s) failed: $(tr '\n' ' ' <"$failures")"
+    exit 1
+fi

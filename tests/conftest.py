@@ -1,0 +1,220 @@
+"""Shared fixtures: tiny data sets written on the fly, a subprocess runner for main.py, shared tiny runs.
+
+Everything here is sized for a 2-core machine: the tiny MNIST has 200 train / 100 test images and
+the session-scoped runs train for two or three epochs of a handful of steps.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+torch.set_num_threads(1)  # in-process tests too: oversubscribed threads are far slower here
+
+NUM_CLASSES = 10
+MNIST_TRAIN = 200
+MNIST_TEST = 100
+SUBPROCESS_TIMEOUT = 300
+
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # datasets.decode_images uses torchvision.io, deprecated since torchvision 0.29 (reported, not ours to fix).
+    config.addinivalue_line("filterwarnings", "ignore:The image decoding and encoding capabilities of TorchVision:DeprecationWarning")
+
+
+# --------------------------------------------------------------------------------------------- IDX
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """IDX encoding of a uint8 array: 0x00 0x00 0x08 ndim, big-endian uint32 dims, raw bytes."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    return bytes([0, 0, 8, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
+
+
+def write_idx(path: Path, array: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(idx_bytes(array))
+    return path
+
+
+def class_pattern_images(labels: np.ndarray, rng: np.random.Generator, side: int = 28, channels: int | None = None) -> np.ndarray:
+    """Easily separable images: class k is a bright 7x7 block at the k-th cell of a 4x4 grid
+    (jittered by a pixel), on a background of faint noise."""
+    n = len(labels)
+    shape = (n, side, side) if channels is None else (n, side, side, channels)
+    images = rng.integers(0, 40, size=shape).astype(np.uint8)
+    cell = side // 4
+    for i, k in enumerate(labels):
+        row, col = divmod(int(k) % 16, 4)
+        dy, dx = rng.integers(-1, 2, size=2)
+        y0 = int(np.clip(row * cell + 1 + dy, 0, side - cell))
+        x0 = int(np.clip(col * cell + 1 + dx, 0, side - cell))
+        images[i, y0 : y0 + cell - 1, x0 : x0 + cell - 1] = 255
+    return images
+
+
+def balanced_labels(n: int, num_classes: int, rng: np.random.Generator) -> np.ndarray:
+    labels = np.arange(n) % num_classes
+    rng.shuffle(labels)
+    return labels.astype(np.uint8)
+
+
+def write_tiny_mnist(root: Path, seed: int = 0) -> dict[str, np.ndarray]:
+    """<root>/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte; returns the arrays written."""
+    rng = np.random.default_rng(seed)
+    raw = root / "MNIST" / "raw"
+    arrays = {}
+    for split, n in (("train", MNIST_TRAIN), ("t10k", MNIST_TEST)):
+        labels = balanced_labels(n, NUM_CLASSES, rng)
+        images = class_pattern_images(labels, rng)
+        write_idx(raw / f"{split}-images-idx3-ubyte", images)
+        write_idx(raw / f"{split}-labels-idx1-ubyte", labels)
+        arrays[f"{split}_images"], arrays[f"{split}_labels"] = images, labels
+    return arrays
+
+
+@pytest.fixture
+def tiny_mnist(tmp_path: Path) -> tuple[Path, dict[str, np.ndarray]]:
+    """A fresh tiny MNIST (torchvision layout) under tmp_path/data; returns (data_dir, arrays)."""
+    root = tmp_path / "data"
+    return root, write_tiny_mnist(root)
+
+
+@pytest.fixture(scope="session")
+def session_mnist(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny MNIST shared (read-only) by the session's runs."""
+    root = tmp_path_factory.mktemp("mnist-data")
+    write_tiny_mnist(root)
+    return root
+
+
+# ----------------------------------------------------------------------------------- image folders
+
+TREE_CLASSES = ("ant", "bee", "cat")
+
+
+def write_image_tree(root: Path, mode: str = "L", side: int = 28, per_class: tuple[int, int] = (4, 2), seed: int = 0) -> Path:
+    """<root>/train/<class>/*.png and <root>/test/<class>/*.png, written with PIL ('L' or 'RGB')."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, count in zip(("train", "test"), per_class):
+        for k, cls in enumerate(TREE_CLASSES):
+            folder = root / split / cls
+            folder.mkdir(parents=True, exist_ok=True)
+            labels = np.full(count, k)
+            images = class_pattern_images(labels, rng, side, None if mode == "L" else 3)
+            for i, image in enumerate(images):
+                Image.fromarray(image, mode=mode).save(folder / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture
+def gray_tree(tmp_path: Path) -> Path:
+    return write_image_tree(tmp_path / "gray", "L", 28)
+
+
+@pytest.fixture
+def rgb_tree(tmp_path: Path) -> Path:
+    return write_image_tree(tmp_path / "rgb", "RGB", 32)
+
+
+# --------------------------------------------------------------------------------------- main.py
+
+
+def subprocess_env() -> dict[str, str]:
+    env = dict(os.environ)
+    # One thread: on a small shared machine more threads oversubscribe the cores and run 5-10x slower.
+    env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    env["CUDA_VISIBLE_DEVICES"] = ""  # tests run on the CPU even on a GPU machine
+    env["MPLBACKEND"] = "Agg"
+    return env
+
+
+def run_main(args: list[str], cwd: Path | None = None, timeout: float = SUBPROCESS_TIMEOUT) -> subprocess.CompletedProcess:
+    """Run `python main.py ARGS` in the repository root (or `cwd`) and capture its output."""
+    return subprocess.run(
+        [sys.executable, str(REPO / "main.py"), *map(str, args)],
+        cwd=cwd or REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=subprocess_env(),
+    )
+
+
+def run_script(script: str, args: list[str], cwd: Path | None = None, timeout: float = SUBPROCESS_TIMEOUT) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPO / script), *map(str, args)],
+        cwd=cwd or REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=subprocess_env(),
+    )
+
+
+def check_ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    return proc
+
+
+TINY = ["--dataset", "mnist", "--batch-size", "32"]  # the default model, resnet: the fastest to train here
+
+
+def run_main_parallel(arg_lists: list[list], timeout: float = SUBPROCESS_TIMEOUT) -> list[subprocess.CompletedProcess]:
+    """Run several `python main.py ...` at once (their imports and small steps overlap well)."""
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(REPO / "main.py"), *map(str, args)],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=subprocess_env(),
+        )
+        for args in arg_lists
+    ]
+    results = []
+    for proc in procs:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    return results
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(session_mnist: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One finished tiny 2-D run per loss (resnet, 2 epochs on the tiny MNIST, frames on), shared
+    by test_main and test_visualize. Maps loss -> run folder."""
+    out = tmp_path_factory.mktemp("runs")
+    losses = ("xent", "cent", "standalone")
+    procs = run_main_parallel([["--loss", loss, *TINY, "--data-dir", session_mnist, "--epochs", "2", "--out", out] for loss in losses])
+    for proc in procs:
+        check_ok(proc)
+    return {loss: out / f"{loss}-mnist-feat=2" for loss in losses}
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """The shared real data: $SCL_SHARED_DATA, else <repo>/../shared/data; skip only when absent."""
+    path = Path(os.environ.get("SCL_SHARED_DATA") or REPO.parent / "shared" / "data")
+    if not path.is_dir():
+        pytest.skip(f"shared data folder {path} is absent")
+    return path

@@ -1,0 +1,280 @@
+"""datasets.py: IDX files, torchvision's MNIST layout, image-folder trees, digits, errors."""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import MNIST_TEST, MNIST_TRAIN, TREE_CLASSES, idx_bytes, write_idx
+
+from datasets import CIFAR10_CLASSES, DIGIT_CLASSES, DataError, canonical_name, load_dataset, read_idx
+
+# ------------------------------------------------------------------------------------------- IDX
+
+
+def test_read_idx_good(tmp_path):
+    array = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    t = read_idx(write_idx(tmp_path / "x-idx3-ubyte", array))
+    assert t.dtype == torch.uint8 and t.shape == (2, 3, 4)
+    assert np.array_equal(t.numpy(), array)
+    labels = np.array([3, 1, 4, 1, 5], dtype=np.uint8)
+    assert read_idx(write_idx(tmp_path / "y-idx1-ubyte", labels)).tolist() == [3, 1, 4, 1, 5]
+
+
+def test_read_idx_gzip(tmp_path):
+    array = np.random.default_rng(0).integers(0, 256, size=(3, 5, 5)).astype(np.uint8)
+    path = tmp_path / "z-idx3-ubyte.gz"
+    path.write_bytes(gzip.compress(idx_bytes(array)))
+    assert np.array_equal(read_idx(path).numpy(), array)
+
+
+def test_read_idx_truncated(tmp_path):
+    data = idx_bytes(np.zeros((4, 28, 28), dtype=np.uint8))
+    path = tmp_path / "cut-idx3-ubyte"
+    path.write_bytes(data[:-100])
+    with pytest.raises(DataError, match="truncated") as info:
+        read_idx(path)
+    assert str(path) in str(info.value)
+    # Extra bytes are as wrong as missing ones.
+    path.write_bytes(data + b"\0")
+    with pytest.raises(DataError, match=r"truncated|corrupt"):
+        read_idx(path)
+
+
+def test_read_idx_truncated_header(tmp_path):
+    path = tmp_path / "head-idx3-ubyte"
+    path.write_bytes(bytes([0, 0, 8, 3]) + b"\0\0\0\4")  # promises 3 dims, holds 1
+    with pytest.raises(DataError, match="truncated"):
+        read_idx(path)
+
+
+@pytest.mark.parametrize(
+    "header",
+    [b"\x00\x00\x0d\x03", b"\x50\x4b\x03\x04", b"\x00\x01\x08\x01", b"\x00\x00"],
+    ids=["float-type", "zip", "bad-zero", "short"],
+)
+def test_read_idx_bad_magic(tmp_path, header):
+    path = tmp_path / "bad-idx3-ubyte"
+    path.write_bytes(header + bytes(20))
+    with pytest.raises(DataError, match="magic") as info:
+        read_idx(path)
+    assert str(path) in str(info.value)
+
+
+# ------------------------------------------------------------------------------- MNIST (IDX tree)
+
+
+def test_load_mnist_from_idx_tree(tiny_mnist):
+    root, arrays = tiny_mnist
+    ds = load_dataset("mnist", root, download=False)
+    assert ds.name == "mnist" and ds.classes == DIGIT_CLASSES
+    assert ds.channels == 1 and ds.image_size == 28
+    assert ds.augmentations == ("rotate",)
+    for split, key in ((ds.train, "train"), (ds.test, "t10k")):
+        assert split.images.dtype == torch.uint8 and split.labels.dtype == torch.int64
+        n = MNIST_TRAIN if key == "train" else MNIST_TEST
+        assert split.images.shape == (n, 1, 28, 28) and split.labels.shape == (n,)
+        assert np.array_equal(split.images[:, 0].numpy(), arrays[f"{key}_images"])
+        assert np.array_equal(split.labels.numpy(), arrays[f"{key}_labels"].astype(np.int64))
+
+
+def test_load_mnist_truncated_file(tiny_mnist):
+    root, _ = tiny_mnist
+    path = root / "MNIST" / "raw" / "t10k-images-idx3-ubyte"
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(DataError, match="truncated") as info:
+        load_dataset("mnist", root, download=False)
+    assert str(path) in str(info.value)
+
+
+def test_load_mnist_count_mismatch(tiny_mnist):
+    root, arrays = tiny_mnist
+    write_idx(root / "MNIST" / "raw" / "train-labels-idx1-ubyte", arrays["train_labels"][:-3])
+    with pytest.raises(DataError, match="labels"):
+        load_dataset("mnist", root, download=False)
+
+
+def test_load_mnist_label_out_of_range(tiny_mnist):
+    root, arrays = tiny_mnist
+    labels = arrays["t10k_labels"].copy()
+    labels[5] = 12
+    write_idx(root / "MNIST" / "raw" / "t10k-labels-idx1-ubyte", labels)
+    with pytest.raises(DataError, match="12"):
+        load_dataset("mnist", root, download=False)
+
+
+def test_missing_mnist_without_download(tmp_path):
+    with pytest.raises(DataError, match="not found") as info:
+        load_dataset("mnist", tmp_path, download=False)
+    assert str(tmp_path) in str(info.value)
+    with pytest.raises(DataError, match="not found"):
+        load_dataset("fashion-mnist", tmp_path, download=False)
+    with pytest.raises(DataError, match="not found"):
+        load_dataset("cifar10", tmp_path, download=False)
+
+
+def test_fashion_mnist_idx_and_alias(tmp_path):
+    rng = np.random.default_rng(1)
+    raw = tmp_path / "FashionMNIST" / "raw"
+    for split, n in (("train", 20), ("t10k", 10)):
+        write_idx(raw / f"{split}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)).astype(np.uint8))
+        write_idx(raw / f"{split}-labels-idx1-ubyte", (np.arange(n) % 10).astype(np.uint8))
+    ds = load_dataset("fashion_mnist", tmp_path, download=False)
+    assert ds.name == "fashion-mnist" and len(ds.train) == 20 and len(ds.test) == 10
+    assert ds.classes[0] == "T-shirt/top" and ds.augmentations == ("flip", "rotate")
+
+
+# ------------------------------------------------------------------------------ image-folder trees
+
+
+def test_gray_tree(gray_tree):
+    ds = load_dataset("folder", gray_tree)
+    assert ds.classes == list(TREE_CLASSES)
+    assert ds.train.images.shape == (12, 1, 28, 28) and ds.test.images.shape == (6, 1, 28, 28)
+    assert ds.train.images.dtype == torch.uint8 and ds.train.labels.dtype == torch.int64
+    assert ds.train.labels.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    assert ds.test.labels.tolist() == [0, 0, 1, 1, 2, 2]
+    from PIL import Image
+
+    first = np.array(Image.open(gray_tree / "train" / "bee" / "001.png"))
+    assert np.array_equal(ds.train.images[5, 0].numpy(), first)
+    assert ds.augmentations == ()
+
+
+def test_rgb_tree(rgb_tree):
+    ds = load_dataset("folder", rgb_tree)
+    assert ds.channels == 3 and ds.image_size == 32
+    assert ds.train.images.shape == (12, 3, 32, 32)
+    from PIL import Image
+
+    pixels = np.array(Image.open(rgb_tree / "test" / "cat" / "001.png").convert("RGB"))
+    assert np.array_equal(ds.test.images[5].permute(1, 2, 0).numpy(), pixels)
+
+
+def test_tree_with_alpha_and_mixed_gray_rgb(tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "mixed"
+    for split in ("train", "test"):
+        for k, cls in enumerate(("a", "b")):
+            (root / split / cls).mkdir(parents=True)
+            Image.new("RGBA", (28, 28), (10 * k, 20, 30, 255)).save(root / split / cls / "0.png")
+            Image.new("L", (28, 28), 77).save(root / split / cls / "1.png")
+    ds = load_dataset("folder", root)
+    assert ds.channels == 3
+    assert ds.train.images[0, :, 0, 0].tolist() == [0, 20, 30]  # alpha dropped
+    assert ds.train.images[1, :, 0, 0].tolist() == [77, 77, 77]  # gray expanded
+
+
+def test_cifar10_alias_finds_tree(rgb_tree):
+    for name in ("cifar-10", "cifar10", "CIFAR-10"):
+        ds = load_dataset(name, rgb_tree, download=False)
+        assert ds.name == "cifar10"
+        assert ds.classes == list(TREE_CLASSES)  # folder names, since they are not CIFAR-10's
+        assert ds.augmentations == ("flip", "crop")
+        assert ds.train.images.shape == (12, 3, 32, 32)
+
+
+def test_cifar10_tree_in_known_subfolder(tmp_path):
+    from conftest import write_image_tree
+
+    write_image_tree(tmp_path / "cifar10-jpg", "RGB", 32, per_class=(1, 1))
+    ds = load_dataset("cifar10", tmp_path, download=False)
+    assert ds.name == "cifar10" and len(ds.train) == 3
+    assert canonical_name("cifar-10") == "cifar10"
+    assert len(CIFAR10_CLASSES) == 10
+
+
+def test_tree_image_of_other_size(gray_tree):
+    from PIL import Image
+
+    odd = gray_tree / "train" / "bee" / "zzz.png"
+    Image.new("L", (20, 20)).save(odd)
+    with pytest.raises(DataError) as info:
+        load_dataset("folder", gray_tree)
+    assert str(odd) in str(info.value)
+    assert "20x20" in str(info.value)
+
+
+def test_tree_train_test_sizes_differ(tmp_path):
+    from conftest import write_image_tree
+
+    root = write_image_tree(tmp_path / "t", "L", 28, per_class=(1, 1))
+    shutil.rmtree(root / "test")
+    write_image_tree(tmp_path / "other", "L", 32, per_class=(1, 1))
+    shutil.copytree(tmp_path / "other" / "test", root / "test")
+    with pytest.raises(DataError):
+        load_dataset("folder", root)
+
+
+def test_tree_garbage_png(gray_tree):
+    bad = gray_tree / "test" / "ant" / "x.png"
+    bad.write_bytes(b"this is not a png at all" * 10)
+    with pytest.raises(DataError) as info:
+        load_dataset("folder", gray_tree)
+    assert str(bad) in str(info.value)
+
+
+def test_tree_non_image_suffix(gray_tree):
+    bad = gray_tree / "train" / "cat" / "notes.txt"
+    bad.write_text("hello")
+    with pytest.raises(DataError) as info:
+        load_dataset("folder", gray_tree)
+    assert str(bad) in str(info.value)
+
+
+def test_tree_hidden_files_are_ignored(gray_tree):
+    (gray_tree / "train" / "cat" / ".DS_Store").write_bytes(b"\0\1")
+    assert len(load_dataset("folder", gray_tree).train) == 12
+
+
+def test_tree_empty_class_folder(gray_tree):
+    (gray_tree / "train" / "dog").mkdir()
+    with pytest.raises(DataError, match="empty") as info:
+        load_dataset("folder", gray_tree)
+    assert "dog" in str(info.value)
+
+
+def test_tree_class_missing_in_test(gray_tree):
+    shutil.rmtree(gray_tree / "test" / "bee")
+    with pytest.raises(DataError, match="bee"):
+        load_dataset("folder", gray_tree)
+
+
+def test_folder_without_tree(tmp_path):
+    with pytest.raises(DataError, match="train"):
+        load_dataset("folder", tmp_path)
+
+
+# ------------------------------------------------------------------------------------ digits, names
+
+
+def test_digits():
+    ds = load_dataset("digits")
+    assert ds.name == "digits" and ds.classes == DIGIT_CLASSES
+    assert len(ds.train) == 1437 and len(ds.test) == 360
+    assert ds.train.images.shape == (1437, 1, 28, 28) and ds.test.images.shape == (360, 1, 28, 28)
+    assert ds.train.images.dtype == torch.uint8 and ds.train.labels.dtype == torch.int64
+    assert sorted(ds.train.labels.unique().tolist()) == list(range(10))
+    assert sorted(ds.test.labels.unique().tolist()) == list(range(10))
+    assert ds.train.images.max() > 200  # scaled to the full byte range
+    # Deterministic split.
+    again = load_dataset("digits")
+    assert torch.equal(again.test.images, ds.test.images)
+
+
+@pytest.mark.parametrize("name", ["imagenet", "svhn", ""])
+def test_unknown_dataset(tmp_path, name):
+    with pytest.raises(ValueError, match="unknown data set"):
+        load_dataset(name, tmp_path, download=False)
+
+
+def test_image_data_to_and_len(tiny_mnist):
+    root, _ = tiny_mnist
+    ds = load_dataset("mnist", Path(root), download=False)
+    moved = ds.train.to("cpu")
+    assert len(moved) == MNIST_TRAIN and torch.equal(moved.images, ds.train.images)

@@ -1,0 +1,339 @@
+"""losses.py against plain Python double loops, gradchecks, coincident points, margins, Objective."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from losses import LOSSES, CenterLoss, Objective, StandaloneCenterLoss, inter_loss, intra_loss, squared_distances
+
+# ------------------------------------------------------------------------------------ references
+
+
+def ref_sqdist(u: list[float], v: list[float]) -> float:
+    return sum((a - b) ** 2 for a, b in zip(u, v))
+
+
+def ref_intra(features: torch.Tensor, centers: torch.Tensor, labels: torch.Tensor) -> float:
+    x, c, y = features.double().tolist(), centers.double().tolist(), labels.tolist()
+    return sum(ref_sqdist(x[i], c[y[i]]) for i in range(len(x))) / len(x)
+
+
+def ref_inter(features: torch.Tensor, labels: torch.Tensor, margin: float | None = None) -> float:
+    x, y = features.double().tolist(), labels.tolist()
+    total = 0.0
+    for i in range(len(x)):
+        for j in range(len(x)):
+            if y[i] != y[j]:
+                d = ref_sqdist(x[i], x[j])
+                if margin is not None:
+                    d = min(d, margin)
+                total += math.log1p(d)
+    return -total / len(x)
+
+
+LABEL_PATTERNS = {
+    "balanced": [0, 1, 2, 3, 0, 1, 2, 3],
+    "unbalanced": [0, 0, 0, 0, 0, 1, 2, 2],
+    "all_same": [2] * 8,
+    "all_distinct": [0, 1, 2, 3, 4, 5, 6, 7],
+    "two_classes": [1, 0, 1, 0, 1, 0, 1, 0],
+}
+NUM_CLASSES = 8
+DTYPES = {torch.float64: dict(rel=1e-10, abs=1e-10), torch.float32: dict(rel=1e-4, abs=1e-4)}
+
+
+def sample(dtype: torch.dtype, labels: list[int], dim: int = 3, seed: int = 0, scale: float = 1.5):
+    g = torch.Generator().manual_seed(seed)
+    features = (torch.randn(len(labels), dim, generator=g, dtype=torch.float64) * scale).to(dtype)
+    centers = torch.randn(NUM_CLASSES, dim, generator=g, dtype=torch.float64).to(dtype)
+    return features, centers, torch.tensor(labels, dtype=torch.int64)
+
+
+# ------------------------------------------------------------------------------ values vs loops
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=["f64", "f32"])
+@pytest.mark.parametrize("pattern", list(LABEL_PATTERNS))
+def test_intra_and_inter_match_double_loops(dtype, pattern):
+    labels = LABEL_PATTERNS[pattern]
+    for seed, dim in ((0, 2), (1, 5)):
+        features, centers, y = sample(dtype, labels, dim, seed)
+        intra = intra_loss(features, centers, y)
+        inter = inter_loss(features, y)
+        assert intra.dtype == dtype and inter.dtype == dtype
+        assert intra.shape == () and inter.shape == ()
+        assert intra.item() == pytest.approx(ref_intra(features, centers, y), **DTYPES[dtype])
+        assert inter.item() == pytest.approx(ref_inter(features, y), **DTYPES[dtype])
+        if pattern == "all_same":
+            assert inter.item() == 0.0
+        else:
+            assert inter.item() < 0  # pushes apart: negative log distances
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=["f64", "f32"])
+def test_squared_distances_match_double_loop(dtype):
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(5, 4, generator=g, dtype=torch.float64).to(dtype)
+    b = torch.randn(3, 4, generator=g, dtype=torch.float64).to(dtype)
+    d = squared_distances(a, b)
+    assert d.shape == (5, 3) and d.dtype == dtype
+    for i in range(5):
+        for j in range(3):
+            assert d[i, j].item() == pytest.approx(ref_sqdist(a[i].tolist(), b[j].tolist()), **DTYPES[dtype])
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=["f64", "f32"])
+@pytest.mark.parametrize("pattern", ["balanced", "unbalanced", "all_same"])
+def test_modules_match_double_loops(dtype, pattern):
+    features, _, y = sample(dtype, LABEL_PATTERNS[pattern], 3, seed=7)
+    torch.manual_seed(0)
+    cent = CenterLoss(NUM_CLASSES, 3).to(dtype)
+    assert cent(features, y).item() == pytest.approx(ref_intra(features, cent.centers.detach(), y), **DTYPES[dtype])
+
+    sa = StandaloneCenterLoss(NUM_CLASSES, 3, weight_intra=0.7, weight_inter=0.3).to(dtype)
+    c = sa.centers.detach()
+    expected = 0.7 * ref_intra(features, c, y) + 0.3 * ref_inter(features, y)
+    assert sa(features, y).item() == pytest.approx(expected, **DTYPES[dtype])
+
+
+# ------------------------------------------------------------------------------------- gradients
+
+
+@pytest.mark.parametrize("pattern", ["balanced", "unbalanced", "all_distinct", "all_same"])
+def test_gradcheck_intra_inter(pattern):
+    features, centers, y = sample(torch.float64, LABEL_PATTERNS[pattern], 3, seed=11)
+    features.requires_grad_(True)
+    centers.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda f, c: intra_loss(f, c, y), (features, centers))
+    assert torch.autograd.gradcheck(lambda f: inter_loss(f, y), (features,))
+    assert torch.autograd.gradcheck(lambda f: inter_loss(f, y, margin=3.0), (features,))
+
+
+@pytest.mark.parametrize("module_cls", [CenterLoss, StandaloneCenterLoss])
+def test_gradcheck_module_totals(module_cls):
+    features, _, y = sample(torch.float64, LABEL_PATTERNS["unbalanced"], 3, seed=5)
+    torch.manual_seed(1)
+    module = module_cls(NUM_CLASSES, 3).double()
+    centers = module.centers.detach().clone().requires_grad_(True)
+    features.requires_grad_(True)
+
+    def total(f, c):
+        return functional_call(module, {"centers": c}, (f, y))
+
+    assert torch.autograd.gradcheck(total, (features, centers))
+    # The module's own parameter receives the same gradient as the functional call.
+    module(features.detach(), y).backward()
+    f2, c2 = features.detach().clone().requires_grad_(True), centers.detach().clone().requires_grad_(True)
+    total(f2, c2).backward()
+    torch.testing.assert_close(module.centers.grad, c2.grad)
+
+
+def test_intra_gradient_is_analytic():
+    """d intra / d x_i = 2 (x_i - c_{y_i}) / m, and the centers get the opposite, summed per class."""
+    features, centers, y = sample(torch.float64, LABEL_PATTERNS["unbalanced"], 3, seed=2)
+    features.requires_grad_(True)
+    centers.requires_grad_(True)
+    intra_loss(features, centers, y).backward()
+    m = len(y)
+    expected_f = 2 * (features.detach() - centers.detach()[y]) / m
+    torch.testing.assert_close(features.grad, expected_f)
+    expected_c = torch.zeros_like(centers).index_add_(0, y, -expected_f)
+    torch.testing.assert_close(centers.grad, expected_c)
+
+
+# ----------------------------------------------------------------------------- coincident points
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=["f64", "f32"])
+def test_coincident_features_are_finite(dtype):
+    row = torch.tensor([0.3, -1.7, 2.2], dtype=dtype)
+    features = row.repeat(6, 1).requires_grad_(True)  # all identical, labels differ
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    centers = torch.randn(3, 3, dtype=dtype)
+    inter = inter_loss(features, y)
+    assert torch.isfinite(inter) and abs(inter.item()) < 1e-4
+    inter.backward()
+    assert torch.isfinite(features.grad).all()
+
+    sa = StandaloneCenterLoss(3, 3).to(dtype)
+    f = row.repeat(6, 1).requires_grad_(True)
+    total = sa(f, y)
+    total.backward()
+    assert torch.isfinite(total) and torch.isfinite(f.grad).all() and torch.isfinite(sa.centers.grad).all()
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=["f64", "f32"])
+def test_features_equal_to_centers(dtype):
+    centers = torch.tensor([[1.0, 2.0], [1.0, 2.0], [-3.0, 0.5]], dtype=dtype, requires_grad=True)  # two equal centers
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    features = centers.detach()[y].clone().requires_grad_(True)
+    intra = intra_loss(features, centers, y)
+    assert intra.item() == 0.0
+    inter = inter_loss(features, y)
+    assert torch.isfinite(inter)
+    assert inter.item() == pytest.approx(ref_inter(features.detach(), y), rel=1e-4, abs=1e-5)
+    (intra + inter).backward()
+    assert torch.isfinite(features.grad).all() and torch.isfinite(centers.grad).all()
+    assert (centers.grad == 0).all()  # intra's gradient vanishes; inter does not touch the centers
+
+
+def test_squared_distances_clamp_at_zero():
+    """The expansion a^2 + b^2 - 2ab can round below zero for equal rows; the clamp makes it exactly 0."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(256, 16, generator=g) * 1000 + torch.randn(256, 1, generator=g) * 3000
+    a2 = a.pow(2).sum(1, keepdim=True)
+    raw = a2 + a2.t() - 2.0 * a @ a.t()
+    d = squared_distances(a, a)
+    negative = raw < 0
+    assert negative.any(), "this input is meant to round the expansion below zero"
+    assert (d >= 0).all()
+    assert (torch.diagonal(d) >= 0).all()
+    assert (d[negative] == 0).all()
+    assert torch.equal(d[~negative], raw[~negative])
+
+
+def test_inter_finite_when_expansion_rounds_negative():
+    a = torch.randn(64, 8, generator=torch.Generator().manual_seed(4)) * 1e3
+    features = torch.cat([a, a]).requires_grad_(True)  # each row twice, with different labels
+    y = torch.cat([torch.zeros(64, dtype=torch.long), torch.ones(64, dtype=torch.long)])
+    loss = inter_loss(features, y)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(features.grad).all()
+
+
+# --------------------------------------------------------------------------- standalone weights
+
+
+def test_standalone_forward_is_weighted_sum_of_terms():
+    features, _, y = sample(torch.float64, LABEL_PATTERNS["balanced"], 4, seed=9)
+    torch.manual_seed(3)
+    sa = StandaloneCenterLoss(NUM_CLASSES, 4, weight_intra=2.5, weight_inter=0.25).double()
+    intra, inter = sa.terms(features, y)
+    assert intra.item() == pytest.approx(intra_loss(features, sa.centers, y).item(), rel=1e-12)
+    assert inter.item() == pytest.approx(inter_loss(features, y).item(), rel=1e-12)
+    assert intra.item() == pytest.approx(ref_intra(features, sa.centers.detach(), y), rel=1e-10)
+    assert inter.item() == pytest.approx(ref_inter(features, y), rel=1e-10)
+    assert sa(features, y).item() == pytest.approx(2.5 * intra.item() + 0.25 * inter.item(), rel=1e-12)
+
+
+def test_standalone_defaults_and_centers():
+    sa = StandaloneCenterLoss(10, 2)
+    assert sa.weight_intra == 1.0 and sa.weight_inter == 0.1 and sa.inter_margin is None
+    assert isinstance(sa.centers, nn.Parameter) and sa.centers.shape == (10, 2)
+    assert [n for n, _ in sa.named_parameters()] == ["centers"]
+    assert isinstance(CenterLoss(7, 3).centers, nn.Parameter) and CenterLoss(7, 3).centers.shape == (7, 3)
+
+
+# ---------------------------------------------------------------------------------------- margin
+
+
+def test_inter_margin_truncates_far_pairs():
+    # A and B are close (d = 0.25) with different labels; C is far (d >= 90) from both.
+    features = torch.tensor([[0.0, 0.0], [0.5, 0.0], [10.0, 0.0]], dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 1, 2])
+    margin = 4.0
+    loss = inter_loss(features, y, margin=margin)
+    expected = -(2 * math.log1p(0.25) + 4 * math.log1p(margin)) / 3
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
+    assert loss.item() == pytest.approx(ref_inter(features.detach(), y, margin), rel=1e-12)
+    loss.backward()
+    assert (features.grad[2] == 0).all(), "a pair beyond the margin must get no gradient"
+    assert (features.grad[:2].abs().sum(1) > 0).all()
+    # Moving A and B apart lowers the loss (their push), symmetric gradients.
+    torch.testing.assert_close(features.grad[0], -features.grad[1])
+    assert features.grad[0, 0] > 0  # A is pushed to smaller x (gradient descent goes against it)
+
+
+def test_inter_margin_all_pairs_beyond():
+    features = torch.tensor([[0.0, 0.0], [0.0, 5.0]], requires_grad=True)
+    y = torch.tensor([0, 1])
+    loss = inter_loss(features, y, margin=1.0)
+    assert loss.item() == pytest.approx(-math.log1p(1.0), rel=1e-6)  # -(2 pairs * log 2) / 2
+    loss.backward()
+    assert (features.grad == 0).all()
+
+
+def test_standalone_module_passes_margin():
+    features, _, y = sample(torch.float64, LABEL_PATTERNS["balanced"], 3, seed=12, scale=3.0)
+    sa = StandaloneCenterLoss(NUM_CLASSES, 3, inter_margin=2.0).double()
+    _, inter = sa.terms(features, y)
+    assert inter.item() == pytest.approx(ref_inter(features, y, 2.0), rel=1e-10)
+    assert inter.item() != pytest.approx(ref_inter(features, y), rel=1e-3)
+
+
+# -------------------------------------------------------------------------------------- Objective
+
+
+def objective_inputs(seed=0, n=8, classes=4, dim=3):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, dim, generator=g), torch.randn(n, classes, generator=g), torch.arange(n) % classes
+
+
+def test_objective_xent_is_cross_entropy():
+    features, logits, y = objective_inputs()
+    objective = Objective("xent", 4, 3)
+    total, terms = objective(features, logits, y)
+    expected = F.cross_entropy(logits, y)
+    assert torch.equal(total, expected)
+    assert set(terms) == {"xent"} and torch.equal(terms["xent"], expected)
+    assert objective.centers is None and list(objective.parameters()) == []
+
+
+def test_objective_cent_is_xent_plus_weighted_intra():
+    features, logits, y = objective_inputs(1)
+    torch.manual_seed(0)
+    objective = Objective("cent", 4, 3, weight_cent=0.5)
+    assert isinstance(objective.centers, nn.Parameter) and objective.centers.shape == (4, 3)
+    total, terms = objective(features, logits, y)
+    xent = F.cross_entropy(logits, y).item()
+    intra = ref_intra(features, objective.centers.detach(), y)
+    assert set(terms) == {"xent", "intra"}
+    assert terms["xent"].item() == pytest.approx(xent, rel=1e-6)
+    assert terms["intra"].item() == pytest.approx(intra, rel=1e-5)
+    assert total.item() == pytest.approx(xent + 0.5 * intra, rel=1e-5)
+    # The centers are trainable through the objective's parameters.
+    assert [p is objective.centers for p in objective.parameters()] == [True]
+    total.backward()
+    assert objective.centers.grad is not None and objective.centers.grad.abs().sum() > 0
+
+
+def test_objective_standalone_ignores_logits():
+    features, logits, y = objective_inputs(2)
+    objective = Objective("standalone", 4, 3, weight_intra=1.5, weight_inter=0.2)
+    assert isinstance(objective.centers, nn.Parameter) and objective.centers.shape == (4, 3)
+    nan_logits = torch.full_like(logits, float("nan"))
+    total, terms = objective(features, nan_logits, y)
+    assert set(terms) == {"intra", "inter"}
+    intra, inter = ref_intra(features, objective.centers.detach(), y), ref_inter(features, y)
+    assert terms["intra"].item() == pytest.approx(intra, rel=1e-5)
+    assert terms["inter"].item() == pytest.approx(inter, rel=1e-5)
+    assert total.item() == pytest.approx(1.5 * intra + 0.2 * inter, rel=1e-5)
+
+
+def test_objective_inter_margin_reaches_criterion():
+    objective = Objective("standalone", 4, 3, inter_margin=0.5)
+    assert objective.criterion.inter_margin == 0.5
+    features, logits, y = objective_inputs(3)
+    _, terms = objective(features * 10, logits, y)
+    assert terms["inter"].item() == pytest.approx(ref_inter(features * 10, y, 0.5), rel=1e-5)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_objective_runs_in_float32_under_low_precision_inputs(loss):
+    features, logits, y = objective_inputs(4)
+    objective = Objective(loss, 4, 3)
+    total, terms = objective(features.bfloat16(), logits.bfloat16(), y)
+    assert total.dtype == torch.float32
+    assert all(t.dtype == torch.float32 for t in terms.values())
+
+
+def test_objective_unknown_loss():
+    with pytest.raises(ValueError, match="unknown loss"):
+        Objective("softmax", 4, 3)
+    assert LOSSES == ("xent", "cent", "standalone")

@@ -1,0 +1,285 @@
+"""main.py end to end: tiny runs in subprocesses, their files, accuracy, refusals and bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import MNIST_TEST, MNIST_TRAIN, check_ok, run_main, write_image_tree, write_tiny_mnist
+
+import main
+from datasets import load_dataset
+from models import build_model
+
+LOSS_TERMS = {"xent": {"xent"}, "cent": {"xent", "intra"}, "standalone": {"intra", "inter"}}
+
+
+def read_metrics(run_dir: Path) -> tuple[list[str], list[dict[str, str]]]:
+    with open(run_dir / "metrics.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        return list(reader.fieldnames or []), list(reader)
+
+
+def stderr_error_line(stderr: str) -> str:
+    """The one error line of a failed command (argparse prints its usage block above it)."""
+    assert "Traceback" not in stderr, stderr
+    errors = [line for line in stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1, stderr
+    assert stderr.rstrip().splitlines()[-1] == errors[0], stderr
+    return errors[0]
+
+
+def model_outputs(run_dir: Path, ckpt: dict, args: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Test-set features, logits and labels recomputed from the checkpoint's model (eval mode, no augmentation)."""
+    data = load_dataset(args["dataset"], args["data_dir"], download=False)
+    model = build_model(args["model"], data.channels, len(data.classes), args["feat_dim"], data.image_size)
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    x = data.test.images.float() / 255
+    if args["channels_last"]:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        features, logits = model(x)
+    return features, logits, data.test.labels
+
+
+# ------------------------------------------------------------------------------- the tiny runs
+
+
+@pytest.mark.parametrize("loss", ["xent", "cent", "standalone"])
+def test_tiny_run_files(tiny_runs, session_mnist, loss):
+    run_dir = tiny_runs[loss]
+    assert run_dir.name == f"{loss}-mnist-feat=2"
+    for name in ("args.json", "metrics.csv", "checkpoint.pt", "summary.json"):
+        assert (run_dir / name).is_file(), name
+
+    args = json.loads((run_dir / "args.json").read_text())
+    assert args["loss"] == loss and args["dataset"] == "mnist" and args["feat_dim"] == 2 and args["epochs"] == 2
+    assert args["model"] == "resnet" and args["data_dir"] == str(session_mnist)
+
+    header, rows = read_metrics(run_dir)
+    assert header == main.COLUMNS
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    for row in rows:
+        for split in ("train", "test"):
+            for term in ("xent", "intra", "inter"):
+                value = row[f"{split}_{term}"]
+                if term in LOSS_TERMS[loss]:
+                    assert math.isfinite(float(value)), (split, term, value)
+                else:
+                    assert value == "", (split, term, value)
+        filled = [c for c in main.COLUMNS if row[c] != ""]
+        assert all(math.isfinite(float(row[c])) for c in filled)
+        for acc in ("train_acc", "test_acc", "ncm_acc"):
+            assert 0 <= float(row[acc]) <= 1
+        assert (row["center_acc"] == "") == (loss == "xent")
+        assert float(row["lr"]) == pytest.approx(0.01)
+        assert int(row["bad_steps"]) == 0 and float(row["seconds"]) > 0
+        # The reported loss is the weighted sum of its terms (averaged over the same batches).
+        if loss == "xent":
+            assert float(row["train_loss"]) == pytest.approx(float(row["train_xent"]), rel=1e-4)
+            assert float(row["test_loss"]) == pytest.approx(float(row["test_xent"]), rel=1e-4)
+        elif loss == "cent":
+            assert float(row["test_loss"]) == pytest.approx(float(row["test_xent"]) + float(row["test_intra"]), rel=1e-4)
+        else:
+            assert float(row["test_loss"]) == pytest.approx(float(row["test_intra"]) + 0.1 * float(row["test_inter"]), rel=1e-4, abs=1e-5)
+            assert float(row["test_inter"]) <= 0
+
+    ckpt = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert "model" in ckpt and "objective" in ckpt
+    assert ckpt["epoch"] == 2
+    if loss == "xent":
+        assert "criterion.centers" not in ckpt["objective"]
+    else:
+        assert ckpt["objective"]["criterion.centers"].shape == (10, 2)
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    accs = [float(r["test_acc"]) for r in rows]
+    assert summary["acc"] == pytest.approx(accs[-1], rel=1e-5)
+    assert summary["best_acc"] == pytest.approx(max(accs), rel=1e-5)
+    assert summary["epochs"] == 2
+    assert summary["samples_per_second"] > 0
+    assert summary["train_size"] == MNIST_TRAIN and summary["test_size"] == MNIST_TEST and summary["num_classes"] == 10
+    assert summary["ncm_acc"] == pytest.approx(float(rows[-1]["ncm_acc"]), rel=1e-5)
+    assert summary["loss"] == loss and summary["name"] == run_dir.name
+
+
+def test_standalone_accuracy_is_nearest_center(tiny_runs):
+    """The study's evaluation: each test sample goes to the nearest learned center."""
+    run_dir = tiny_runs["standalone"]
+    ckpt = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
+    args = json.loads((run_dir / "args.json").read_text())
+    summary = json.loads((run_dir / "summary.json").read_text())
+    features, logits, labels = model_outputs(run_dir, ckpt, args)
+    centers = ckpt["objective"]["criterion.centers"]
+    distances = ((features[:, None, :] - centers[None, :, :]) ** 2).sum(-1)  # plain, no expansion
+    predictions = distances.argmin(1)
+    acc = (predictions == labels).float().mean().item()
+    assert summary["acc"] == pytest.approx(acc, abs=1e-6), f"summary acc {summary['acc']}, nearest-center acc {acc}"
+    assert summary["center_acc"] == pytest.approx(acc, abs=1e-6)
+    # And it is not the argmax of the (untrained) classifier.
+    argmax_acc = (logits.argmax(1) == labels).float().mean().item()
+    _, rows = read_metrics(run_dir)
+    assert float(rows[-1]["test_acc"]) == pytest.approx(acc, abs=1e-5)
+    assert argmax_acc != pytest.approx(acc, abs=1e-6) or predictions.tolist() == logits.argmax(1).tolist()
+
+
+@pytest.mark.parametrize("loss", ["xent", "cent"])
+def test_softmax_accuracy_is_argmax(tiny_runs, loss):
+    run_dir = tiny_runs[loss]
+    ckpt = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
+    args = json.loads((run_dir / "args.json").read_text())
+    summary = json.loads((run_dir / "summary.json").read_text())
+    _, logits, labels = model_outputs(run_dir, ckpt, args)
+    acc = (logits.argmax(1) == labels).float().mean().item()
+    assert summary["acc"] == pytest.approx(acc, abs=1e-6)
+
+
+# ------------------------------------------------------------- --name, --out, refusal, --overwrite
+
+LENET = ["--loss", "cent", "--dataset", "mnist", "--model", "lenet++", "--epochs", "1", "--train-samples", "64", "--batch-size", "16"]
+
+
+@pytest.fixture(scope="module")
+def named_run(session_mnist, tmp_path_factory):
+    """A tiny lenet++ run with --name, --out and --no-plots; returns (command, run folder)."""
+    out = tmp_path_factory.mktemp("named") / "custom-out"
+    command = [*LENET, "--data-dir", session_mnist, "--no-plots", "--out", out, "--name", "my run"]
+    check_ok(run_main(command))
+    return command, out / "my run"
+
+
+def test_name_and_out_are_honoured(named_run):
+    _, run_dir = named_run
+    assert sorted(p.name for p in run_dir.parent.iterdir()) == ["my run"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["name"] == "my run" and summary["model"] == "lenet++"
+    assert summary["train_size"] == 64 and summary["epochs"] == 1
+    ckpt = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert ckpt["objective"]["criterion.centers"].shape == (10, 2)
+    assert not (run_dir / "frames").exists()  # --no-plots
+
+
+def test_finished_run_refused_then_overwritten(named_run):
+    command, run_dir = named_run
+    before = (run_dir / "summary.json").read_bytes()
+    proc = run_main(command)
+    assert proc.returncode == 2, proc.stderr
+    line = stderr_error_line(proc.stderr)
+    assert "finished run" in line and "--overwrite" in line
+    assert (run_dir / "summary.json").read_bytes() == before
+
+    marker = run_dir / "stale.txt"
+    marker.write_text("from the old run")
+    check_ok(run_main([*command, "--overwrite"]))
+    assert not marker.exists(), "--overwrite must replace the old run folder"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["epochs"] == 1 and summary["overwrite"] is True
+    _, rows = read_metrics(run_dir)
+    assert len(rows) == 1
+
+
+# ---------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--loss", "softmax"], "invalid choice"),
+        (["--dataset", "imagenet"], "invalid choice"),
+        (["--feat-dim", "0"], "--feat-dim"),
+        (["--batch-size", "1"], "--batch-size"),
+        (["--lr", "-1"], "--lr"),
+        (["--epochs", "0"], "--epochs"),
+        (["--momentum", "1.5"], "--momentum"),
+        (["--weight-inter", "-0.1"], "weights"),
+        (["--plot-every", "0"], "--plot-every"),
+        (["--data-dir", "/nonexistent/scl-data"], "/nonexistent/scl-data"),
+        (["--dataset", "folder"], "--data-dir"),
+    ],
+)
+def test_bad_arguments_exit_2(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main.main([*argv, "--out", str(tmp_path / "out")])
+    assert info.value.code == 2
+    line = stderr_error_line(capsys.readouterr().err)
+    assert message in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_data_dir_subprocess(tmp_path):
+    proc = run_main(["--data-dir", "/nonexistent", "--out", tmp_path / "out"])
+    assert proc.returncode == 2
+    line = stderr_error_line(proc.stderr)
+    assert "--data-dir /nonexistent" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_truncated_idx_subprocess(tmp_path):
+    data = tmp_path / "data"
+    write_tiny_mnist(data)
+    bad = data / "MNIST" / "raw" / "train-labels-idx1-ubyte"
+    bad.write_bytes(bad.read_bytes()[:-7])
+    out = tmp_path / "out"
+    proc = run_main(["--dataset", "mnist", "--data-dir", data, "--epochs", "1", "--out", out])
+    assert proc.returncode == 1, proc.stderr
+    line = stderr_error_line(proc.stderr)
+    assert str(bad) in line and "truncated" in line
+    assert not list(out.glob("*/summary.json")) if out.exists() else True
+
+
+def test_non_image_in_tree(tmp_path, capsys):
+    root = write_image_tree(tmp_path / "tree", "RGB", 32, per_class=(2, 1))
+    bad = root / "train" / "bee" / "x.png"
+    bad.write_bytes(b"\x89PNG but not really" * 4)
+    out = tmp_path / "out"
+    assert main.main(["--dataset", "folder", "--data-dir", str(root), "--epochs", "1", "--out", str(out)]) == 1
+    line = stderr_error_line(capsys.readouterr().err)
+    assert str(bad) in line
+    assert not list(out.glob("*/summary.json")) if out.exists() else True
+
+
+def test_help_lists_every_flag(capsys):
+    with pytest.raises(SystemExit) as info:
+        main.main(["--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    flags = (
+        "--loss --dataset --data-dir --model --feat-dim --epochs --batch-size --lr --lr-cent --momentum --weight-cent "
+        "--weight-intra --weight-inter --factor --patience --threshold --seed --device --out --name --no-plots --plot-every"
+    ).split()
+    missing = [f for f in flags if f not in text.split() and f"{f}" not in text]
+    assert not missing, missing
+    for flag in flags:
+        assert any(tok.startswith(flag) for tok in text.replace("[", " ").replace("]", " ").split()), flag
+
+
+def test_defaults_follow_the_study():
+    args = main.parse_args([])
+    assert (args.loss, args.model, args.feat_dim, args.epochs, args.batch_size) == ("standalone", "resnet", 2, 100, 128)
+    assert (args.lr, args.lr_cent, args.momentum) == (0.01, 0.01, 0.9)
+    assert (args.weight_cent, args.weight_intra, args.weight_inter) == (1.0, 1.0, 0.1)
+    assert args.name == "standalone-digits-feat=2"
+    assert main.parse_args(["--dataset", "cifar-10", "--lr", "0.1"]).name == "standalone-cifar10-feat=2"
+    assert main.parse_args(["--lr", "0.1"]).lr_cent == 0.1
+
+
+# ------------------------------------------------------------------------------------- real data
+
+
+def test_real_mnist_beats_chance(shared_data, tmp_path):
+    """100 steps of the default standalone run on the real MNIST: accuracy well above chance."""
+    out = tmp_path / "out"
+    command = ["--dataset", "mnist", "--data-dir", shared_data, "--train-samples", "6400", "--epochs", "1"]
+    proc = check_ok(run_main([*command, "--feat-dim", "128", "--batch-size", "64", "--no-plots", "--out", out]))
+    run_dir = out / "standalone-mnist-feat=128"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    print(f"real MNIST, 100 steps: acc {summary['acc']:.4f}, ncm acc {summary['ncm_acc']:.4f}, {summary['samples_per_second']:.0f} samples/s")
+    assert summary["train_size"] == 6400 and summary["test_size"] == 10000
+    assert summary["acc"] > 0.5, proc.stdout
+    assert not (run_dir / "frames").exists() and not (run_dir / "train.png").exists()

@@ -1,0 +1,77 @@
+"""models.py: output shapes, initialisation, input sizes."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from models import MODELS, LeNetPlusPlus, ResNet, build_model
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("channels,size", [(1, 28), (3, 32)])
+@pytest.mark.parametrize("feat_dim", [2, 128])
+def test_output_shapes(name, channels, size, feat_dim):
+    torch.manual_seed(0)
+    model = build_model(name, channels, 10, feat_dim, size)
+    features, logits = model(torch.rand(4, channels, size, size))
+    assert features.shape == (4, feat_dim)
+    assert logits.shape == (4, 10)
+    assert torch.isfinite(features).all() and torch.isfinite(logits).all()
+    # The logits are the classifier applied to the features.
+    torch.testing.assert_close(logits, model.classifier(features))
+
+
+def test_build_model_classes_and_unknown():
+    assert isinstance(build_model("resnet", 1, 10, 2, 28), ResNet)
+    assert isinstance(build_model("lenet++", 1, 10, 2, 28), LeNetPlusPlus)
+    with pytest.raises(ValueError, match="unknown model"):
+        build_model("vgg", 1, 10, 2, 28)
+
+
+def test_resnet_kaiming_init_and_zero_biases():
+    torch.manual_seed(0)
+    model = build_model("resnet", 3, 10, 128, 32)
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert len(layers) >= 10
+    for m in layers:
+        if m.bias is not None:
+            assert (m.bias == 0).all(), f"{m} bias is not zero"
+        # kaiming_normal_ (fan_in, gain sqrt(2)): std = sqrt(2 / fan_in); large layers estimate it well.
+        fan_in = m.weight[0].numel()
+        if m.weight.numel() >= 4000:
+            expected = math.sqrt(2.0 / fan_in)
+            assert m.weight.std().item() == pytest.approx(expected, rel=0.1), f"{m}: std {m.weight.std().item()} vs {expected}"
+            assert abs(m.weight.mean().item()) < 0.1 * expected
+    # The biased layers are the two linear ones; both start at zero.
+    assert model.embed.bias is not None and (model.embed.bias == 0).all()
+    assert model.classifier.bias is not None and (model.classifier.bias == 0).all()
+
+
+def test_lenet_accepts_size_24():
+    model = build_model("lenet++", 1, 10, 2, 24)
+    features, logits = model(torch.rand(4, 1, 24, 24))
+    assert features.shape == (4, 2) and logits.shape == (4, 10)
+
+
+def test_models_backpropagate_to_every_parameter():
+    for name in MODELS:
+        torch.manual_seed(0)
+        model = build_model(name, 1, 10, 2, 28)
+        features, logits = model(torch.rand(4, 1, 28, 28))
+        (features.sum() + logits.sum()).backward()
+        missing = [n for n, p in model.named_parameters() if p.grad is None]
+        assert not missing, f"{name}: no gradient for {missing}"
+
+
+def test_eval_mode_is_deterministic_and_batch_independent():
+    torch.manual_seed(0)
+    model = build_model("resnet", 1, 10, 2, 28).eval()
+    x = torch.rand(4, 1, 28, 28)
+    with torch.no_grad():
+        f_all, _ = model(x)
+        f_one, _ = model(x[:1])
+    torch.testing.assert_close(f_all[:1], f_one, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,135 @@
+"""report.py (the study's table beside ours) and reproduce.sh (the sweep that skips finished runs)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import report  # noqa: E402
+
+
+def write_summary(folder: Path, loss: str, dataset: str, feat_dim: int, acc: float, **extra) -> None:
+    name = f"{loss}-{dataset}-feat={feat_dim}"
+    summary = {
+        "name": name,
+        "loss": loss,
+        "dataset": dataset,
+        "feat_dim": feat_dim,
+        "acc": acc,
+        "lr": 0.01,
+        "epochs": 3,
+        "batch_size": 128,
+        "weight_cent": 1.0,
+        "weight_intra": 1.0,
+        "weight_inter": 0.1,
+        "ncm_acc": acc - 0.01,
+        **extra,
+    }
+    (folder / name).mkdir(parents=True)
+    (folder / name / "summary.json").write_text(json.dumps(summary))
+
+
+def table_rows(text: str) -> list[list[str]]:
+    return [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines()[2:]]
+
+
+def test_table_rows_differences_and_missing(tmp_path: Path, capsys) -> None:
+    write_summary(tmp_path, "standalone", "mnist", 2, 0.9812)
+    write_summary(tmp_path, "cent", "cifar10", 128, 0.7, best_acc=0.75)
+    assert report.main([str(tmp_path), "--columns", "ncm_acc,best_acc"]) == 0
+    rows = table_rows(capsys.readouterr().out)
+    assert len(rows) == 18
+    study = report.study_rows()
+    assert [(r[0], r[1], r[2]) for r in rows] == [(s["loss"], s["dataset"], s["feat_dim"]) for s in study]
+    by_key = {(r[0], r[1], int(r[2])): r for r in rows}
+    standalone = by_key[("standalone", "mnist", 2)]
+    # loss dataset feat acc lr epochs batch w_cent w_intra w_inter study diff ncm best
+    assert standalone[3:] == ["0.981", "0.01", "3", "128", "/", "1.0", "0.1", "0.994", "-0.013", "0.971", "/"]
+    cent = by_key[("cent", "cifar10", 128)]
+    assert cent[3] == "0.700" and cent[7] == "1.0" and cent[8:10] == ["/", "/"]
+    assert cent[10:] == ["0.858", "-0.158", "0.690", "0.750"]
+    missing = by_key[("xent", "fashion-mnist", 2)]
+    assert missing[3] == "missing" and missing[10] == "0.913" and missing[11] == "/"
+    assert sum(r[3] == "missing" for r in rows) == 16
+
+
+def test_collect_and_readme_markers(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    write_summary(runs, "xent", "mnist", 2, 0.95)
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- table:cpu -->\nold\n<!-- /table:cpu -->\nend\n")
+    assert report.main([str(runs), "--collect", str(tmp_path / "results"), "--readme", str(readme), "--label", "cpu"]) == 0
+    assert json.loads((tmp_path / "results" / "xent-mnist-feat=2.json").read_text())["acc"] == 0.95
+    text = readme.read_text()
+    assert "old" not in text and text.startswith("intro\n") and text.endswith("end\n")
+    assert "| xent | mnist | 2 | 0.950 |" in text
+    # The collected files alone give the same table.
+    assert report.table(report.load_runs([tmp_path / "results"]), ["ncm_acc"]) == report.table(report.load_runs([runs]), ["ncm_acc"])
+
+
+def test_readme_without_markers_is_an_error(tmp_path: Path, capsys) -> None:
+    write_summary(tmp_path / "runs", "xent", "mnist", 2, 0.95)
+    readme = tmp_path / "README.md"
+    readme.write_text("no markers\n")
+    assert report.main([str(tmp_path / "runs"), "--readme", str(readme), "--label", "x"]) == 1
+    assert "markers" in capsys.readouterr().err
+    assert readme.read_text() == "no markers\n"
+
+
+def write_tree(root: Path, classes: int = 3, per_class: int = 8, size: int = 28) -> None:
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for k in range(classes):
+            folder = root / split / f"c{k}"
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                image = (rng.random((size, size)) * 60).astype(np.uint8)
+                image[:, k * 8 : k * 8 + 6] = 250
+                Image.fromarray(image).save(folder / f"{i}.png")
+
+
+def test_reproduce_runs_each_grid_point_once(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    write_tree(data)
+    out = tmp_path / "runs"
+    env = {
+        **os.environ,
+        "DATA_DIR": str(data),
+        "EPOCHS": "1",
+        "OUT": str(out),
+        "JOBS": "2",
+        "PYTHON": sys.executable,
+        "LOSSES": "xent standalone",
+        "DATASETS": "mnist cifar10",
+        "FEAT_DIMS": "2",
+    }
+    extra = ["--batch-size", "8", "--no-plots", "--model", "lenet++"]
+    first = subprocess.run(["bash", "reproduce.sh", *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stdout + first.stderr
+    names = {"xent-mnist-feat=2", "standalone-mnist-feat=2", "xent-cifar10-feat=2", "standalone-cifar10-feat=2"}
+    assert {p.parent.name for p in out.glob("*/summary.json")} == names
+    for name in names:
+        summary = json.loads((out / name / "summary.json").read_text())
+        assert summary["epochs"] == 1 and summary["batch_size"] == 8 and summary["model"] == "lenet++"
+    stamps = {name: (out / name / "summary.json").stat().st_mtime_ns for name in names}
+    second = subprocess.run(["bash", "reproduce.sh", *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0
+    assert second.stdout.count("skip ") == 4 and "start " not in second.stdout
+    assert stamps == {name: (out / name / "summary.json").stat().st_mtime_ns for name in names}
+
+
+def test_reproduce_reports_failed_runs(tmp_path: Path) -> None:
+    env = {**os.environ, "DATA_DIR": str(tmp_path / "nowhere"), "EPOCHS": "1", "OUT": str(tmp_path / "runs"), "PYTHON": sys.executable}
+    env.update(LOSSES="xent", DATASETS="mnist", FEAT_DIMS="2")
+    result = subprocess.run(["bash", "reproduce.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert "FAILED xent-mnist-feat=2" in result.stdout and "1 run(s) failed" in result.stdout
