@@ -42,8 +42,8 @@ for dataset in $DATASETS; do
             fi
             args=(--loss "$loss" --dataset "$dataset" --feat-dim "$feat_dim" --epochs "$EPOCHS"
                   --data-dir "$DATA_DIR" --out "$OUT" --name "$name" "$@")
-            echo "start $name"
             while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n; done
+            echo "start $name"
             run_one "$name" "${args[@]}" &
         done
     done
