@@ -80,8 +80,15 @@ class TrainingError(Exception):
     """A run that cannot go on (corrupt checkpoint, divergence); reported as one line, exit code 1."""
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except None ones whose help already says what happens."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        return action.help or "" if action.default is None else super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--loss", choices=LOSSES, default="standalone", help="objective")
     p.add_argument("--dataset", type=canonical_name, choices=DATASETS, default="digits", help="data set (cifar-10 is accepted for cifar10)")
     p.add_argument(
@@ -96,10 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="epochs (default 100, the study's budget; 50 for digits, so the first run takes about two minutes)",
     )
     p.add_argument("--train-samples", type=int, default=None, help="train on the first N train samples only (quick checks; default all)")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=128, help="batch size (the pairwise inter term spans a batch)")
     p.add_argument("--lr", type=float, default=0.01, help="SGD learning rate of the model")
     p.add_argument("--lr-cent", type=float, default=None, help="learning rate of the centers (default: --lr)")
-    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (model and centers)")
     p.add_argument("--weight-cent", type=float, default=1.0, help="weight of the center term in cent")
     p.add_argument("--weight-intra", type=float, default=1.0, help="weight of the intra term in standalone")
     p.add_argument("--weight-inter", type=float, default=0.1, help="weight of the inter term in standalone")
@@ -109,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--factor", type=float, default=0.2, help="ReduceLROnPlateau factor (on test accuracy)")
     p.add_argument("--patience", type=int, default=10, help="ReduceLROnPlateau patience")
     p.add_argument("--threshold", type=float, default=0.1, help="ReduceLROnPlateau relative threshold")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of weights, data order and augmentation")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     p.add_argument(
         "--pipeline",
