@@ -315,13 +315,35 @@ def tensor_batches(
     augmentations: Sequence[str],
     generator: torch.Generator,
     start: int = 0,
+    rank: int = 0,
+    world: int = 1,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Fast path: batches of `data` (already on the training device) in `order`, augmented there."""
+    """Fast path: batches of `data` (already on the training device) in `order`, augmented there.
+
+    With `world` processes each global batch is augmented whole (the same random draws as one
+    process) and this rank gets its `rank`-th of `world` equal slices (see shard_order)."""
     order = order.to(data.images.device)
     for i in range(start * batch_size, len(order), batch_size):
         idx = order[i : i + batch_size]
-        x = data.images[idx].float().div_(255)
-        yield augment_batch(x, augmentations, generator), data.labels[idx]
+        x = augment_batch(data.images[idx].float().div_(255), augmentations, generator)
+        share = len(idx) // world
+        rows = slice(rank * share, (rank + 1) * share)
+        yield x[rows], data.labels[idx[rows]]
+
+
+def shard_order(order: torch.Tensor, batch_size: int, rank: int, world: int) -> torch.Tensor:
+    """This rank's indices: the rank-th of `world` equal slices of every global batch of `order`.
+
+    A global batch whose size is not a multiple of `world` (only the last one, when --batch-size is)
+    loses its last len % world samples, so that every rank holds the same number."""
+    if world == 1:
+        return order
+    parts = []
+    for i in range(0, len(order), batch_size):
+        batch = order[i : i + batch_size]
+        share = len(batch) // world
+        parts.append(batch[rank * share : (rank + 1) * share])
+    return torch.cat(parts)
 
 
 class TransformedImages(torch.utils.data.Dataset):

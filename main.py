@@ -12,6 +12,7 @@ finished, summary.json. Exit codes: 0 done, 1 data/checkpoint error or divergenc
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import signal
 import sys
@@ -20,6 +21,8 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.nn as nn
 from tqdm import tqdm
 
 import visualize
@@ -32,6 +35,7 @@ from datasets import (
     default_workers,
     load_dataset,
     loader_batches,
+    shard_order,
     tensor_batches,
 )
 from losses import LOSSES, Objective
@@ -39,6 +43,8 @@ from models import MODELS, build_model
 from utils import (
     atomic_torch_save,
     epoch_generator,
+    gather_batch,
+    init_distributed,
     nearest,
     random_states,
     resolve_device,
@@ -103,7 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="epochs (default 100, the study's budget; 50 for digits, so the first run takes about two minutes)",
     )
     p.add_argument("--train-samples", type=int, default=None, help="train on the first N train samples only (quick checks; default all)")
-    p.add_argument("--batch-size", type=int, default=128, help="batch size (the pairwise inter term spans a batch)")
+    p.add_argument(
+        "--batch-size", type=int, default=128, help="global batch size, split evenly across torchrun processes (the inter term spans it)"
+    )
     p.add_argument("--lr", type=float, default=0.01, help="SGD learning rate of the model")
     p.add_argument("--lr-cent", type=float, default=None, help="learning rate of the centers (default: --lr)")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (model and centers)")
@@ -143,6 +151,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.epochs is None:
         args.epochs = 50 if args.dataset == "digits" else 100
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     checks = [
         (args.feat_dim >= 1, "--feat-dim must be at least 1"),
         (args.epochs >= 1, "--epochs must be at least 1"),
@@ -158,6 +167,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         (args.workers >= 0, "--workers must not be negative"),
         (args.max_bad_steps >= 1, "--max-bad-steps must be at least 1"),
         (args.plot_every >= 1, "--plot-every must be at least 1"),
+        (
+            args.batch_size % world == 0,
+            f"--batch-size {args.batch_size} must be a multiple of the {world} processes (it is the global batch)",
+        ),
         (args.data_dir is None or Path(args.data_dir).is_dir(), f"--data-dir {args.data_dir} does not exist or is not a folder"),
         (
             args.dataset != "folder" or args.data_dir is not None,
@@ -210,21 +223,26 @@ def train_epoch(run: dict, epoch: int, state: dict, stop: dict) -> None:
     data, augmentations = run["train"], run["augmentations"]
     order = torch.randperm(len(data), generator=epoch_generator(args.seed, epoch))
     aug = torch.Generator().set_state(state["aug"])
+    rank, world = run["rank"], run["world"]
     if args.pipeline == "fast":
-        batches = tensor_batches(data, order, args.batch_size, augmentations, aug, start=state["step"])
+        batches = tensor_batches(data, order, args.batch_size, augmentations, aug, state["step"], rank, world)
     else:
+        shard = shard_order(order, args.batch_size, rank, world)
+        generator = epoch_generator(args.seed * world + rank, epoch)
         batches = loader_batches(
-            data, order, args.batch_size, augmentations, epoch_generator(args.seed, epoch), args.workers, run["device"], start=state["step"]
+            data, shard, args.batch_size // world, augmentations, generator, args.workers, run["device"], state["step"]
         )
     steps = -(-len(data) // args.batch_size)
     model.train()
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
-    bar = tqdm(batches, total=steps, initial=state["step"], desc=f"epoch {epoch}", leave=False, disable=not sys.stderr.isatty())
+    show = rank == 0 and sys.stderr.isatty()
+    bar = tqdm(batches, total=steps, initial=state["step"], desc=f"epoch {epoch}", leave=False, disable=not show)
     for x, y in bar:
         if run["channels_last"]:
             x = x.contiguous(memory_format=torch.channels_last)
         with run["autocast"]():
             features, logits = model(x)
+        features, logits, y = gather_batch(features, logits, y)
         loss, terms = objective(features, logits, y)
         optimizer.zero_grad(set_to_none=True)
         if scaler is None:
@@ -266,6 +284,10 @@ def train_epoch(run: dict, epoch: int, state: dict, stop: dict) -> None:
         if state["step"] % LOG_EVERY == 0 and not bar.disable:
             s = state["sums"].tolist()
             bar.set_postfix(loss=f"{s[0] / state['step']:.4f}", acc=f"{s[4] / max(s[5], 1):.4f}")
+        if world > 1:  # every rank must stop at the same step, whichever got the signal
+            flag = torch.tensor(stop["signal"] or 0, device=run["device"])
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stop["signal"] = int(flag) or None
         if stop["signal"] is not None:
             return
 
@@ -274,7 +296,8 @@ def train_epoch(run: dict, epoch: int, state: dict, stop: dict) -> None:
 def evaluate(run: dict, data: ImageData) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
     """Features and logits of `data` (no augmentation, eval mode), and the objective on them in
     consecutive chunks of --batch-size so that the pairwise terms match the train loss's scale."""
-    model, objective, args, device = run["net"], run["objective"], run["args"], run["device"]
+    # The plain module, not the DDP wrapper: every rank evaluates the whole set, with no collectives.
+    model, objective, args, device = run["model"], run["objective"], run["args"], run["device"]
     model.eval()
     features, logits = [], []
     for i in range(0, len(data), EVAL_BATCH):
@@ -375,17 +398,19 @@ def load_checkpoint(path: Path, run: dict) -> dict:
     return ckpt
 
 
-def prepare_run_dir(args: argparse.Namespace) -> tuple[Path, bool]:
-    """Create the run folder; returns (folder, resume). Refuses to touch a finished run unless --overwrite."""
+def prepare_run_dir(args: argparse.Namespace, rank: int = 0) -> tuple[Path, bool]:
+    """Create the run folder (rank 0 only); returns (folder, resume). Refuses to touch a finished run unless --overwrite."""
     run_dir = Path(args.out) / args.name
     has_checkpoint = (run_dir / "checkpoint.pt").is_file()
     if args.overwrite and run_dir.exists():
-        shutil.rmtree(run_dir)
+        if rank == 0:
+            shutil.rmtree(run_dir)
     elif (run_dir / "summary.json").is_file():
         raise SystemExit(usage_error(f"{run_dir} holds a finished run; use --overwrite to replace it or --name for another"))
     elif args.resume and not has_checkpoint:
         raise SystemExit(usage_error(f"--resume: {run_dir} holds no checkpoint.pt to resume from"))
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir, has_checkpoint and not args.overwrite
 
 
@@ -394,16 +419,22 @@ def usage_error(message: str) -> int:
     return 2
 
 
-def train(args: argparse.Namespace) -> int:
+def train(args: argparse.Namespace, rank: int, world: int) -> int:
     device = resolve_device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     data = load_dataset(args.dataset, args.data_dir or "data", download=True)
     if args.train_samples is not None:
         data.train = ImageData(data.train.images[: args.train_samples], data.train.labels[: args.train_samples])
-    run_dir, resume = prepare_run_dir(args)
+    run_dir, resume = prepare_run_dir(args, rank)
+    if world > 1:
+        dist.barrier()
     seed_everything(args.seed)
     model = build_model(args.model, data.channels, len(data.classes), args.feat_dim, data.image_size).to(device)
+    if args.loss == "standalone":  # logits unused: no gradient, and DDP must not wait for one
+        model.classifier.requires_grad_(False)
+    if world > 1 and device.type == "cuda":  # batch statistics over the global batch (SyncBatchNorm needs a GPU)
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     objective = Objective(
         args.loss, len(data.classes), args.feat_dim, args.weight_cent, args.weight_intra, args.weight_inter, args.inter_margin
     ).to(device)
@@ -418,7 +449,9 @@ def train(args: argparse.Namespace) -> int:
         "dir": run_dir,
         "device": device,
         "model": model,
-        "net": torch.compile(model) if args.compile else model,
+        "net": compile_and_wrap(model, args.compile, device, world),
+        "rank": rank,
+        "world": world,
         "objective": objective,
         "optimizer": optimizer,
         "scheduler": torch.optim.lr_scheduler.ReduceLROnPlateau(
@@ -440,10 +473,12 @@ def train(args: argparse.Namespace) -> int:
     if resume:
         ckpt = load_checkpoint(run_dir / "checkpoint.pt", run)
         start_epoch, state = ckpt["epoch"] + 1, ckpt["epoch_state"]
-        print(f"resuming {run_dir} after epoch {ckpt['epoch']}" + (f", step {state['step']}" if state else ""))
-    write_json(run_dir / "args.json", vars(args))
-    print(
-        f"{args.loss} on {data.name} ({len(data.train)} train / {len(data.test)} test, {data.source}), {args.model} feat_dim={args.feat_dim}, {device}"
+        log(rank, f"resuming {run_dir} after epoch {ckpt['epoch']}" + (f", step {state['step']}" if state else ""))
+    if rank == 0:
+        write_json(run_dir / "args.json", {**vars(args), "world_size": world})
+    log(
+        rank,
+        f"{args.loss} on {data.name} ({len(data.train)} train / {len(data.test)} test, {data.source}), {args.model} feat_dim={args.feat_dim}, {device}",
     )
 
     stop = {"signal": None}
@@ -460,21 +495,25 @@ def train(args: argparse.Namespace) -> int:
             run["train_seconds"] += elapsed
             run["samples"] += min(state["step"] * args.batch_size, len(data.train)) - step_before * args.batch_size
             if stop["signal"] is not None:
-                atomic_torch_save(checkpoint(run, epoch - 1, state), run_dir / "checkpoint.pt")
-                print(
-                    f"interrupted at epoch {epoch} step {state['step']}; checkpoint saved, run the same command to resume", file=sys.stderr
-                )
+                if rank == 0:
+                    atomic_torch_save(checkpoint(run, epoch - 1, state), run_dir / "checkpoint.pt")
+                    print(
+                        f"interrupted at epoch {epoch} step {state['step']}; checkpoint saved, run the same command to resume",
+                        file=sys.stderr,
+                    )
                 return 128 + stop["signal"]
             row, test_features = epoch_row(run, epoch, state, elapsed)
             run["scheduler"].step(row["test_acc"])
             run["history"].append(row)
-            write_csv(run_dir / "metrics.csv", run["history"], COLUMNS)
-            if run["collect_frames"] and (epoch % args.plot_every == 0 or epoch == args.epochs):
-                draw_frames(run, data, epoch, state, test_features, row)
-            atomic_torch_save(checkpoint(run, epoch, None), run_dir / "checkpoint.pt")
-            print(
+            if rank == 0:
+                write_csv(run_dir / "metrics.csv", run["history"], COLUMNS)
+                if run["collect_frames"] and (epoch % args.plot_every == 0 or epoch == args.epochs):
+                    draw_frames(run, data, epoch, state, test_features, row)
+                atomic_torch_save(checkpoint(run, epoch, None), run_dir / "checkpoint.pt")
+            log(
+                rank,
                 f"epoch {epoch}/{args.epochs}  loss {row['train_loss']:.4f}  train acc {row['train_acc']:.4f}  "
-                f"test acc {row['test_acc']:.4f}  ncm acc {row['ncm_acc']:.4f}  lr {row['lr']:.3g}  {elapsed:.1f}s"
+                f"test acc {row['test_acc']:.4f}  ncm acc {row['ncm_acc']:.4f}  lr {row['lr']:.3g}  {elapsed:.1f}s",
             )
             state = None
             if stop["signal"] is not None:
@@ -482,8 +521,21 @@ def train(args: argparse.Namespace) -> int:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    finish(run, data)
+    if rank == 0:
+        finish(run, data)
     return 0
+
+
+def log(rank: int, message: str) -> None:
+    if rank == 0:
+        print(message, flush=True)
+
+
+def compile_and_wrap(model: nn.Module, compile_model: bool, device: torch.device, world: int) -> nn.Module:
+    """The module the training step calls: DistributedDataParallel under torchrun, compiled on request."""
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return torch.compile(model) if compile_model else model
 
 
 def draw_frames(run: dict, data: Dataset, epoch: int, state: dict, test_features: torch.Tensor, row: dict) -> None:
@@ -543,14 +595,18 @@ def finish(run: dict, data: Dataset) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    rank, world = init_distributed(resolve_device(args.device))
     try:
-        return train(args)
+        return train(args, rank, world)
     except (DataError, TrainingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # before the training loop installs its handlers: nothing to save yet
         print("interrupted before training started; nothing was saved", file=sys.stderr)
         return 130
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

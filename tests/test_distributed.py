@@ -1,0 +1,143 @@
+"""DistributedDataParallel on the CPU with gloo: the pairwise loss over the global batch.
+
+A 2-process step must equal a 1-process step on the concatenated batch, and torchrun runs of
+main.py must finish, write one run folder, and resume from rank 0's checkpoint.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from losses import Objective  # noqa: E402
+from models import build_model  # noqa: E402
+from utils import gather_batch  # noqa: E402
+
+BATCH = 16
+
+
+def one_step(loss_name: str, x: torch.Tensor, y: torch.Tensor, wrap=None) -> tuple[float, dict[str, torch.Tensor]]:
+    """One SGD step of lenet++ (no batch norm, so the slices' statistics cannot differ) and its loss."""
+    torch.manual_seed(0)
+    model = build_model("lenet++", 1, 10, 2, 28)
+    objective = Objective(loss_name, 10, 2)
+    if loss_name == "standalone":
+        model.classifier.requires_grad_(False)
+    net = wrap(model) if wrap else model
+    optimizer = torch.optim.SGD([*model.parameters(), *objective.parameters()], lr=0.1, momentum=0.9)
+    features, logits = net(x)
+    features, logits, y = gather_batch(features, logits, y)
+    loss, _ = objective(features, logits, y)
+    loss.backward()
+    optimizer.step()
+    params = {f"model.{k}": v.detach().clone() for k, v in model.state_dict().items()}
+    params.update({f"objective.{k}": v.detach().clone() for k, v in objective.state_dict().items()})
+    return loss.item(), params
+
+
+def batch() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.rand(BATCH, 1, 28, 28, generator=g), torch.randint(0, 10, (BATCH,), generator=g)
+
+
+def worker(rank: int, world: int, init_file: str, loss_name: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    x, y = batch()
+    share = BATCH // world
+    rows = slice(rank * share, (rank + 1) * share)
+    loss, params = one_step(loss_name, x[rows], y[rows], wrap=torch.nn.parallel.DistributedDataParallel)
+    torch.save({"loss": loss, "params": params}, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("loss_name", ["standalone", "cent"])
+def test_two_process_step_equals_one_process_on_the_whole_batch(tmp_path: Path, loss_name: str) -> None:
+    out = str(tmp_path / "result")
+    mp.spawn(worker, args=(2, str(tmp_path / "init"), loss_name, out), nprocs=2, join=True)
+    x, y = batch()
+    loss, params = one_step(loss_name, x, y)
+    for rank in range(2):
+        result = torch.load(f"{out}.{rank}", weights_only=True)
+        assert result["loss"] == pytest.approx(loss, rel=1e-5)
+        changed = 0
+        for key, value in params.items():
+            torch.testing.assert_close(result["params"][key], value, rtol=1e-5, atol=1e-6, msg=f"{key} on rank {rank}")
+            changed += int(not torch.equal(value, one_step_initial()[key]))
+        assert changed > 4  # the step did move the parameters, centers included
+        assert "objective.criterion.centers" in result["params"]
+
+
+_INITIAL: dict[str, torch.Tensor] = {}
+
+
+def one_step_initial() -> dict[str, torch.Tensor]:
+    if not _INITIAL:
+        torch.manual_seed(0)
+        model, objective = build_model("lenet++", 1, 10, 2, 28), Objective("standalone", 10, 2)
+        _INITIAL.update({f"model.{k}": v.clone() for k, v in model.state_dict().items()})
+        _INITIAL.update({f"objective.{k}": v.clone() for k, v in objective.state_dict().items()})
+    return _INITIAL
+
+
+TINY = ["--device", "cpu", "--dataset", "digits", "--train-samples", "256", "--batch-size", "32", "--model", "lenet++", "--no-plots"]
+
+
+def torchrun(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "main.py", *args]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+
+
+def metrics(run_dir: Path) -> list[dict[str, str]]:
+    with open(run_dir / "metrics.csv") as f:
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(f)]
+
+
+def test_torchrun_end_to_end_matches_single_process_and_resumes(tmp_path: Path) -> None:
+    result = torchrun([*TINY, "--loss", "cent", "--epochs", "2", "--out", str(tmp_path), "--name", "ddp"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "ddp"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp"]
+    assert json.loads((run_dir / "args.json").read_text())["world_size"] == 2
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["epochs"] == 2 and summary["train_size"] == 256
+    assert result.stdout.count("epoch 1/2") == 1  # only rank 0 prints
+
+    single = subprocess.run(
+        [sys.executable, "main.py", *TINY, "--loss", "cent", "--epochs", "2", "--out", str(tmp_path / "one")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert single.returncode == 0, single.stderr
+    for ours, theirs in zip(metrics(run_dir), metrics(tmp_path / "one" / "cent-digits-feat=2"), strict=True):
+        for key in ("train_loss", "train_xent", "train_intra", "train_acc", "test_loss", "test_acc", "ncm_acc"):
+            assert float(ours[key]) == pytest.approx(float(theirs[key]), rel=2e-3, abs=2e-3), key
+
+    # Resume: a 1-epoch run made unfinished, continued to 2 epochs, ends like the straight 2-epoch run.
+    short = [*TINY, "--loss", "cent", "--out", str(tmp_path), "--name", "resumed"]
+    assert torchrun([*short, "--epochs", "1"]).returncode == 0
+    (tmp_path / "resumed" / "summary.json").unlink()
+    resumed = torchrun([*short, "--epochs", "2"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming" in resumed.stdout
+    assert metrics(tmp_path / "resumed") == metrics(run_dir)
+
+
+def test_batch_size_must_split_across_processes(tmp_path: Path) -> None:
+    result = torchrun([*TINY, "--batch-size", "33", "--epochs", "1", "--out", str(tmp_path)])
+    assert result.returncode != 0
+    assert "multiple of the 2 processes" in result.stderr
