@@ -17,7 +17,9 @@ After --warmup untimed steps of each pipeline, they take turns for --rounds roun
 steps (the order swaps every round), so machine noise hits both. Every round opens a fresh batch
 stream, as every epoch of main.py does, and takes its first batch untimed: DataLoader workers start
 there, which main.py pays once per epoch; that time is reported on its own (first_step_s).
-Reported: train samples/s of each pipeline (median over rounds), the ratio fast/loader, and peak
+Reported: train samples/s of each pipeline (median over rounds), the ratio fast/loader (also per
+round, the two pipelines' rounds being back to back), samples per CPU second (this process and its
+DataLoader workers, start-up included; less sensitive to other load on a shared machine), and peak
 memory: on CUDA torch.cuda.max_memory_allocated per pipeline; on the CPU the peak resident set of
 the whole process (ru_maxrss, both pipelines together) and of the largest finished worker process.
 
@@ -170,6 +172,7 @@ def run_steps(pipeline: dict, args: argparse.Namespace, device: torch.device, st
     synchronize(device)
     first = time.perf_counter() - started
     samples = 0
+    cpu = cpu_seconds()
     started = time.perf_counter()
     for _ in range(steps):
         x, y = next(stream)
@@ -177,10 +180,24 @@ def run_steps(pipeline: dict, args: argparse.Namespace, device: torch.device, st
         samples += len(y)
     synchronize(device)
     seconds = time.perf_counter() - started
-    stream.close()  # shuts the DataLoader's workers down before the other pipeline runs
+    stream.close()  # shuts the DataLoader's workers down (and waits for them) before the other pipeline runs
+    cpu = cpu_seconds() - cpu
     pipeline["step"] += steps + 1
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    return {"samples": samples, "seconds": seconds, "samples_per_s": samples / seconds, "first_step_s": first, "peak_mib": peak}
+    return {
+        "samples": samples,
+        "seconds": seconds,
+        "samples_per_s": samples / seconds,
+        "samples_per_cpu_s": samples / cpu,
+        "first_step_s": first,
+        "peak_mib": peak,
+    }
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and its finished children (the DataLoader workers, once shut down)."""
+    me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
 
 
 def peak_rss_mib() -> dict:
@@ -243,10 +260,16 @@ def benchmark(args: argparse.Namespace) -> dict:
             **p["settings"],
             "samples_per_s": statistics.median(r["samples_per_s"] for r in rounds),
             "rounds_samples_per_s": [r["samples_per_s"] for r in rounds],
+            "samples_per_cpu_s": statistics.median(r["samples_per_cpu_s"] for r in rounds),
             "first_step_s": statistics.median(r["first_step_s"] for r in rounds),
             "peak_memory_mib": max(r["peak_mib"] for r in rounds) if device.type == "cuda" else None,
         }
-    ratio = None if args.fast_only else results["fast"]["samples_per_s"] / results["loader"]["samples_per_s"]
+    ratio = round_ratios = cpu_ratio = None
+    if not args.fast_only:
+        ratio = results["fast"]["samples_per_s"] / results["loader"]["samples_per_s"]
+        fast, loader = (p["rounds"] for p in pipelines[::-1])
+        round_ratios = [f["samples_per_s"] / lo["samples_per_s"] for f, lo in zip(fast, loader)]
+        cpu_ratio = results["fast"]["samples_per_cpu_s"] / results["loader"]["samples_per_cpu_s"]
     if device.type == "cuda":
         memory = {"kind": "torch.cuda.max_memory_allocated per pipeline (MiB)", **{n: results[n]["peak_memory_mib"] for n in results}}
     else:
@@ -263,12 +286,18 @@ def benchmark(args: argparse.Namespace) -> dict:
         "load_average_before_after": [load_before[0], os.getloadavg()[0]],
         "pipelines": results,
         "ratio_fast_over_loader": ratio,
+        "ratio_per_round": round_ratios,
+        "ratio_per_round_median": statistics.median(round_ratios) if round_ratios else None,
+        "ratio_samples_per_cpu_s": cpu_ratio,
         "peak_memory": memory,
     }
     for name, res in results.items():
-        print(f"{name:6s} {res['samples_per_s']:8.1f} samples/s (median of {args.rounds} rounds; first step {res['first_step_s']:.2f}s)")
+        print(
+            f"{name:6s} {res['samples_per_s']:8.1f} samples/s (median of {args.rounds} rounds), "
+            f"{res['samples_per_cpu_s']:6.1f} samples per CPU second, first step {res['first_step_s']:.2f}s"
+        )
     if ratio is not None:
-        print(f"ratio fast/loader {ratio:.2f}x")
+        print(f"ratio fast/loader {ratio:.2f}x (per round: {', '.join(f'{r:.2f}' for r in round_ratios)}; per CPU second {cpu_ratio:.2f}x)")
     print("peak memory: " + ", ".join(f"{k} {v:.0f}" if isinstance(v, float) else f"{k}: {v}" for k, v in memory.items()))
     return report
 

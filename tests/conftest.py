@@ -1,7 +1,8 @@
-"""Shared fixtures: tiny data sets written on the fly, a subprocess runner for main.py, shared tiny runs.
+"""Shared fixtures: tiny data sets written on the fly, a subprocess runner for main.py, and the
+session's main.py runs, started together in the background as soon as the session begins.
 
-Everything here is sized for a 2-core machine: the tiny MNIST has 200 train / 100 test images and
-the session-scoped runs train for two or three epochs of a handful of steps.
+Everything is sized for a small shared 2-core machine: the tiny MNIST has 200 train / 100 test
+images, the tiny runs train two epochs of 7 steps, every process uses one thread.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ NUM_CLASSES = 10
 MNIST_TRAIN = 200
 MNIST_TEST = 100
 SUBPROCESS_TIMEOUT = 300
-
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -90,14 +90,6 @@ def tiny_mnist(tmp_path: Path) -> tuple[Path, dict[str, np.ndarray]]:
     """A fresh tiny MNIST (torchvision layout) under tmp_path/data; returns (data_dir, arrays)."""
     root = tmp_path / "data"
     return root, write_tiny_mnist(root)
-
-
-@pytest.fixture(scope="session")
-def session_mnist(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny MNIST shared (read-only) by the session's runs."""
-    root = tmp_path_factory.mktemp("mnist-data")
-    write_tiny_mnist(root)
-    return root
 
 
 # ----------------------------------------------------------------------------------- image folders
@@ -173,48 +165,149 @@ def check_ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 
 
 TINY = ["--dataset", "mnist", "--batch-size", "32"]  # the default model, resnet: the fastest to train here
+NAMED_RUN = ["--loss", "cent", "--dataset", "mnist", "--model", "lenet++", "--epochs", "1", "--train-samples", "32", "--batch-size", "16"]
+REAL_TRAIN_SAMPLES = 3200  # 50 steps of 64 (6400, the 100 steps first planned, took ~55 s on the loaded 2-core machine)
 
 
-def run_main_parallel(arg_lists: list[list], timeout: float = SUBPROCESS_TIMEOUT) -> list[subprocess.CompletedProcess]:
-    """Run several `python main.py ...` at once (their imports and small steps overlap well)."""
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(REPO / "main.py"), *map(str, args)],
+def shared_data_path() -> Path:
+    return Path(os.environ.get("SCL_SHARED_DATA") or REPO.parent / "shared" / "data")
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """The shared real data: $SCL_SHARED_DATA, else <repo>/../shared/data; skip only when absent."""
+    path = shared_data_path()
+    if not path.is_dir():
+        pytest.skip(f"shared data folder {path} is absent")
+    return path
+
+
+# ------------------------------------------------------------------------------ background runs
+#
+# The suite's main.py runs are started together, as soon as the session begins, and only those
+# that the selected tests use: on a 2-core machine their imports, steps and plots then overlap
+# each other and the in-process unit tests instead of queueing one after another.
+
+
+class Background:
+    """Subprocesses started now and waited for later; each result is kept once collected."""
+
+    def __init__(self) -> None:
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.results: dict[str, subprocess.CompletedProcess] = {}
+        self.paths: dict[str, Path] = {}
+
+    def start(self, key: str, script: str, args: list) -> None:
+        self.procs[key] = subprocess.Popen(
+            [sys.executable, str(REPO / script), *map(str, args)],
             cwd=REPO,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
             env=subprocess_env(),
         )
-        for args in arg_lists
-    ]
-    results = []
-    for proc in procs:
-        try:
-            out, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, err = proc.communicate()
-        results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
-    return results
+
+    def result(self, key: str, timeout: float = SUBPROCESS_TIMEOUT) -> subprocess.CompletedProcess:
+        if key not in self.results:
+            proc = self.procs[key]
+            try:
+                out, err = proc.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                out, err = proc.communicate()
+                err += f"\n[test harness: killed after {timeout} s]"
+            self.results[key] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+        return self.results[key]
+
+    def close(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+
+
+BACKGROUND_FIXTURES = ("tiny_runs", "named_run", "projection_run", "real_run", "truncated_run")
+_needed: set[str] = set()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    _needed.clear()
+    for item in items:
+        _needed.update(set(getattr(item, "fixturenames", ())) & set(BACKGROUND_FIXTURES))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def background(tmp_path_factory: pytest.TempPathFactory) -> Background:
+    """Start every main.py run the selected tests need; kill any left running at the end."""
+    bg = Background()
+    if _needed:
+        base = tmp_path_factory.mktemp("bg")
+        mnist = base / "mnist-data"
+        write_tiny_mnist(mnist)
+        bg.paths["mnist"] = mnist
+        if "real_run" in _needed and shared_data_path().is_dir():
+            out = bg.paths["real"] = base / "real"
+            args = ["--dataset", "mnist", "--data-dir", shared_data_path(), "--train-samples", REAL_TRAIN_SAMPLES, "--epochs", "1"]
+            bg.start("real", "main.py", [*args, "--feat-dim", "128", "--batch-size", "64", "--no-plots", "--out", out])
+        if "tiny_runs" in _needed:
+            out = bg.paths["tiny"] = base / "runs"
+            for loss in ("xent", "cent", "standalone"):
+                bg.start(f"tiny-{loss}", "main.py", ["--loss", loss, *TINY, "--data-dir", mnist, "--epochs", "2", "--out", out])
+        if "projection_run" in _needed:
+            out = bg.paths["projection"] = base / "projection"
+            args = ["--loss", "standalone", *TINY, "--data-dir", mnist, "--feat-dim", "16", "--epochs", "1", "--train-samples", "96"]
+            bg.start("projection", "main.py", [*args, "--out", out])
+        if "named_run" in _needed:
+            out = bg.paths["named"] = base / "custom-out"
+            command = [*NAMED_RUN, "--data-dir", mnist, "--no-plots", "--out", out, "--name", "my run"]
+            bg.paths["named-command"] = command
+            bg.start("named", "main.py", command)
+        if "truncated_run" in _needed:
+            data = base / "truncated-data"
+            write_tiny_mnist(data)
+            bad = bg.paths["truncated-file"] = data / "MNIST" / "raw" / "train-labels-idx1-ubyte"
+            bad.write_bytes(bad.read_bytes()[:-7])
+            out = bg.paths["truncated"] = base / "truncated-out"
+            bg.start("truncated", "main.py", ["--dataset", "mnist", "--data-dir", data, "--epochs", "1", "--out", out])
+    yield bg
+    bg.close()
 
 
 @pytest.fixture(scope="session")
-def tiny_runs(session_mnist: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """One finished tiny 2-D run per loss (resnet, 2 epochs on the tiny MNIST, frames on), shared
-    by test_main and test_visualize. Maps loss -> run folder."""
-    out = tmp_path_factory.mktemp("runs")
-    losses = ("xent", "cent", "standalone")
-    procs = run_main_parallel([["--loss", loss, *TINY, "--data-dir", session_mnist, "--epochs", "2", "--out", out] for loss in losses])
-    for proc in procs:
-        check_ok(proc)
-    return {loss: out / f"{loss}-mnist-feat=2" for loss in losses}
+def tiny_runs(background: Background) -> dict[str, Path]:
+    """One finished tiny 2-D run per loss (resnet, 2 epochs of 7 steps on the tiny MNIST, frames on),
+    shared by test_main and test_visualize (which copy before they change anything). loss -> run folder."""
+    runs = {}
+    for loss in ("xent", "cent", "standalone"):
+        check_ok(background.result(f"tiny-{loss}"))
+        runs[loss] = background.paths["tiny"] / f"{loss}-mnist-feat=2"
+    return runs
 
 
-@pytest.fixture
-def shared_data() -> Path:
-    """The shared real data: $SCL_SHARED_DATA, else <repo>/../shared/data; skip only when absent."""
-    path = Path(os.environ.get("SCL_SHARED_DATA") or REPO.parent / "shared" / "data")
-    if not path.is_dir():
-        pytest.skip(f"shared data folder {path} is absent")
-    return path
+@pytest.fixture(scope="session")
+def named_run(background: Background) -> tuple[list, Path]:
+    """A tiny lenet++ cent run with --name 'my run', --out .../custom-out and --no-plots: (command, run folder)."""
+    check_ok(background.result("named"))
+    return background.paths["named-command"], background.paths["named"] / "my run"
+
+
+@pytest.fixture(scope="session")
+def projection_run(background: Background) -> Path:
+    """A tiny standalone run with --feat-dim 16 (projections instead of frames)."""
+    check_ok(background.result("projection"))
+    return background.paths["projection"] / "standalone-mnist-feat=16"
+
+
+@pytest.fixture(scope="session")
+def truncated_run(background: Background) -> tuple[subprocess.CompletedProcess, Path, Path]:
+    """main.py on a tiny MNIST whose train labels file lost 7 bytes: (process, the bad file, --out)."""
+    return background.result("truncated"), background.paths["truncated-file"], background.paths["truncated"]
+
+
+@pytest.fixture(scope="session")
+def real_run(background: Background) -> tuple[subprocess.CompletedProcess, Path]:
+    """The default standalone resnet for 100 steps on the real MNIST (feat_dim 128): (process, run folder)."""
+    if "real" not in background.procs:
+        pytest.skip(f"shared data folder {shared_data_path()} is absent")
+    return background.result("real"), background.paths["real"] / "standalone-mnist-feat=128"

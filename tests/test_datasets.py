@@ -45,6 +45,21 @@ def test_read_idx_truncated(tmp_path):
         read_idx(path)
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="product bug: datasets.read_idx lets gzip's EOFError / BadGzipFile escape for a truncated or non-gzip "
+    "*.gz IDX file, so main.py dies with a traceback instead of a one-line DataError",
+)
+@pytest.mark.parametrize("kind", ["truncated-gz", "not-gzip"])
+def test_read_idx_bad_gzip(tmp_path, kind):
+    data = gzip.compress(idx_bytes(np.zeros((4, 28, 28), dtype=np.uint8)))
+    path = tmp_path / "images-idx3-ubyte.gz"
+    path.write_bytes(data[: len(data) // 2] if kind == "truncated-gz" else b"plain bytes, no gzip header")
+    with pytest.raises(DataError) as info:
+        read_idx(path)
+    assert str(path) in str(info.value)
+
+
 def test_read_idx_truncated_header(tmp_path):
     path = tmp_path / "head-idx3-ubyte"
     path.write_bytes(bytes([0, 0, 8, 3]) + b"\0\0\0\4")  # promises 3 dims, holds 1
@@ -168,6 +183,51 @@ def test_tree_with_alpha_and_mixed_gray_rgb(tmp_path):
     assert ds.channels == 3
     assert ds.train.images[0, :, 0, 0].tolist() == [0, 20, 30]  # alpha dropped
     assert ds.train.images[1, :, 0, 0].tolist() == [77, 77, 77]  # gray expanded
+
+
+def write_two_class_tree(root: Path, make_image, suffix: str = ".png") -> Path:
+    for split in ("train", "test"):
+        for k, cls in enumerate(("a", "b")):
+            (root / split / cls).mkdir(parents=True)
+            make_image(k).save(root / split / cls / f"0{suffix}")
+    return root
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="product bug: datasets.decode_images decodes with ImageReadMode.UNCHANGED, so a palette ('P') PNG "
+    "loads as one channel of palette indices instead of its RGB colours",
+)
+def test_tree_palette_png_gives_its_colours(tmp_path):
+    from PIL import Image
+
+    def red(k):
+        pixels = np.zeros((28, 28, 3), np.uint8)
+        pixels[..., 0], pixels[..., 2] = 200, 50 * k
+        return Image.fromarray(pixels).convert("P", palette=Image.Palette.ADAPTIVE)
+
+    ds = load_dataset("folder", write_two_class_tree(tmp_path / "p", red))
+    assert ds.channels == 3
+    assert ds.train.images[:, :, 0, 0].tolist() == [[200, 0, 0], [200, 0, 50]]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="product bug: datasets.decode_images returns torchvision's uint16 tensor for a 16-bit PNG, so "
+    "ImageData.images silently stops being uint8 (pixels then scale by /255 to up to 257)",
+)
+def test_tree_16_bit_png_is_uint8_or_refused(tmp_path):
+    from PIL import Image
+
+    def deep(k):
+        return Image.fromarray(np.full((28, 28), 1000 * (k + 1), np.uint16))
+
+    root = write_two_class_tree(tmp_path / "i16", deep)
+    try:
+        ds = load_dataset("folder", root)
+    except DataError:
+        return
+    assert ds.train.images.dtype == torch.uint8
 
 
 def test_cifar10_alias_finds_tree(rgb_tree):

@@ -155,7 +155,6 @@ def test_coincident_features_are_finite(dtype):
     row = torch.tensor([0.3, -1.7, 2.2], dtype=dtype)
     features = row.repeat(6, 1).requires_grad_(True)  # all identical, labels differ
     y = torch.tensor([0, 1, 2, 0, 1, 2])
-    centers = torch.randn(3, 3, dtype=dtype)
     inter = inter_loss(features, y)
     assert torch.isfinite(inter) and abs(inter.item()) < 1e-4
     inter.backward()

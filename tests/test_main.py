@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import MNIST_TEST, MNIST_TRAIN, check_ok, run_main, write_image_tree, write_tiny_mnist
+from conftest import MNIST_TEST, MNIST_TRAIN, REAL_TRAIN_SAMPLES, check_ok, write_image_tree
 
 import main
 from datasets import load_dataset
@@ -52,7 +52,7 @@ def model_outputs(run_dir: Path, ckpt: dict, args: dict) -> tuple[torch.Tensor, 
 
 
 @pytest.mark.parametrize("loss", ["xent", "cent", "standalone"])
-def test_tiny_run_files(tiny_runs, session_mnist, loss):
+def test_tiny_run_files(tiny_runs, background, loss):
     run_dir = tiny_runs[loss]
     assert run_dir.name == f"{loss}-mnist-feat=2"
     for name in ("args.json", "metrics.csv", "checkpoint.pt", "summary.json"):
@@ -60,7 +60,7 @@ def test_tiny_run_files(tiny_runs, session_mnist, loss):
 
     args = json.loads((run_dir / "args.json").read_text())
     assert args["loss"] == loss and args["dataset"] == "mnist" and args["feat_dim"] == 2 and args["epochs"] == 2
-    assert args["model"] == "resnet" and args["data_dir"] == str(session_mnist)
+    assert args["model"] == "resnet" and args["data_dir"] == str(background.paths["mnist"])
 
     header, rows = read_metrics(run_dir)
     assert header == main.COLUMNS
@@ -115,18 +115,17 @@ def test_standalone_accuracy_is_nearest_center(tiny_runs):
     ckpt = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
     args = json.loads((run_dir / "args.json").read_text())
     summary = json.loads((run_dir / "summary.json").read_text())
-    features, logits, labels = model_outputs(run_dir, ckpt, args)
+    features, _, labels = model_outputs(run_dir, ckpt, args)
     centers = ckpt["objective"]["criterion.centers"]
     distances = ((features[:, None, :] - centers[None, :, :]) ** 2).sum(-1)  # plain, no expansion
     predictions = distances.argmin(1)
     acc = (predictions == labels).float().mean().item()
     assert summary["acc"] == pytest.approx(acc, abs=1e-6), f"summary acc {summary['acc']}, nearest-center acc {acc}"
     assert summary["center_acc"] == pytest.approx(acc, abs=1e-6)
-    # And it is not the argmax of the (untrained) classifier.
-    argmax_acc = (logits.argmax(1) == labels).float().mean().item()
     _, rows = read_metrics(run_dir)
     assert float(rows[-1]["test_acc"]) == pytest.approx(acc, abs=1e-5)
-    assert argmax_acc != pytest.approx(acc, abs=1e-6) or predictions.tolist() == logits.argmax(1).tolist()
+    # The standalone classifier layer gets no gradient, so its argmax is not what is reported.
+    assert len(set(predictions.tolist())) > 1, "a collapsed run would make this check vacuous"
 
 
 @pytest.mark.parametrize("loss", ["xent", "cent"])
@@ -142,46 +141,38 @@ def test_softmax_accuracy_is_argmax(tiny_runs, loss):
 
 # ------------------------------------------------------------- --name, --out, refusal, --overwrite
 
-LENET = ["--loss", "cent", "--dataset", "mnist", "--model", "lenet++", "--epochs", "1", "--train-samples", "64", "--batch-size", "16"]
-
-
-@pytest.fixture(scope="module")
-def named_run(session_mnist, tmp_path_factory):
-    """A tiny lenet++ run with --name, --out and --no-plots; returns (command, run folder)."""
-    out = tmp_path_factory.mktemp("named") / "custom-out"
-    command = [*LENET, "--data-dir", session_mnist, "--no-plots", "--out", out, "--name", "my run"]
-    check_ok(run_main(command))
-    return command, out / "my run"
-
 
 def test_name_and_out_are_honoured(named_run):
     _, run_dir = named_run
     assert sorted(p.name for p in run_dir.parent.iterdir()) == ["my run"]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["name"] == "my run" and summary["model"] == "lenet++"
-    assert summary["train_size"] == 64 and summary["epochs"] == 1
+    assert summary["train_size"] == 32 and summary["epochs"] == 1
     ckpt = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
     assert ckpt["objective"]["criterion.centers"].shape == (10, 2)
     assert not (run_dir / "frames").exists()  # --no-plots
 
 
-def test_finished_run_refused_then_overwritten(named_run):
+def test_finished_run_refused_then_overwritten(named_run, capsys):
     command, run_dir = named_run
     before = (run_dir / "summary.json").read_bytes()
-    proc = run_main(command)
-    assert proc.returncode == 2, proc.stderr
-    line = stderr_error_line(proc.stderr)
+    argv = list(map(str, command))
+    with pytest.raises(SystemExit) as info:  # the same command again
+        main.main(argv)
+    assert info.value.code == 2
+    line = stderr_error_line(capsys.readouterr().err)
     assert "finished run" in line and "--overwrite" in line
     assert (run_dir / "summary.json").read_bytes() == before
 
     marker = run_dir / "stale.txt"
     marker.write_text("from the old run")
-    check_ok(run_main([*command, "--overwrite"]))
+    assert main.main([*argv, "--overwrite", "--device", "cpu"]) == 0
     assert not marker.exists(), "--overwrite must replace the old run folder"
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["epochs"] == 1 and summary["overwrite"] is True
     _, rows = read_metrics(run_dir)
     assert len(rows) == 1
+    assert sorted(p.name for p in run_dir.iterdir()) == ["args.json", "checkpoint.pt", "metrics.csv", "summary.json"]
 
 
 # ---------------------------------------------------------------------------------- bad input
@@ -212,25 +203,12 @@ def test_bad_arguments_exit_2(argv, message, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_bad_data_dir_subprocess(tmp_path):
-    proc = run_main(["--data-dir", "/nonexistent", "--out", tmp_path / "out"])
-    assert proc.returncode == 2
-    line = stderr_error_line(proc.stderr)
-    assert "--data-dir /nonexistent" in line
-    assert not (tmp_path / "out").exists()
-
-
-def test_truncated_idx_subprocess(tmp_path):
-    data = tmp_path / "data"
-    write_tiny_mnist(data)
-    bad = data / "MNIST" / "raw" / "train-labels-idx1-ubyte"
-    bad.write_bytes(bad.read_bytes()[:-7])
-    out = tmp_path / "out"
-    proc = run_main(["--dataset", "mnist", "--data-dir", data, "--epochs", "1", "--out", out])
+def test_truncated_idx_subprocess(truncated_run):
+    proc, bad, out = truncated_run
     assert proc.returncode == 1, proc.stderr
     line = stderr_error_line(proc.stderr)
     assert str(bad) in line and "truncated" in line
-    assert not list(out.glob("*/summary.json")) if out.exists() else True
+    assert not list(out.glob("**/summary.json"))
 
 
 def test_non_image_in_tree(tmp_path, capsys):
@@ -241,7 +219,7 @@ def test_non_image_in_tree(tmp_path, capsys):
     assert main.main(["--dataset", "folder", "--data-dir", str(root), "--epochs", "1", "--out", str(out)]) == 1
     line = stderr_error_line(capsys.readouterr().err)
     assert str(bad) in line
-    assert not list(out.glob("*/summary.json")) if out.exists() else True
+    assert not list(out.glob("**/summary.json"))
 
 
 def test_help_lists_every_flag(capsys):
@@ -253,15 +231,17 @@ def test_help_lists_every_flag(capsys):
         "--loss --dataset --data-dir --model --feat-dim --epochs --batch-size --lr --lr-cent --momentum --weight-cent "
         "--weight-intra --weight-inter --factor --patience --threshold --seed --device --out --name --no-plots --plot-every"
     ).split()
-    missing = [f for f in flags if f not in text.split() and f"{f}" not in text]
+    tokens = set(text.replace("[", " ").replace("]", " ").replace(",", " ").split())
+    missing = [flag for flag in flags if flag not in tokens]
     assert not missing, missing
-    for flag in flags:
-        assert any(tok.startswith(flag) for tok in text.replace("[", " ").replace("]", " ").split()), flag
+    assert "--inter-margin" in tokens and "--train-samples" in tokens and "--overwrite" in tokens
 
 
 def test_defaults_follow_the_study():
     args = main.parse_args([])
-    assert (args.loss, args.model, args.feat_dim, args.epochs, args.batch_size) == ("standalone", "resnet", 2, 100, 128)
+    assert (args.loss, args.model, args.feat_dim, args.batch_size) == ("standalone", "resnet", 2, 128)
+    assert args.epochs == 50  # digits; the study's 100 for its data sets
+    assert main.parse_args(["--dataset", "mnist"]).epochs == 100
     assert (args.lr, args.lr_cent, args.momentum) == (0.01, 0.01, 0.9)
     assert (args.weight_cent, args.weight_intra, args.weight_inter) == (1.0, 1.0, 0.1)
     assert args.name == "standalone-digits-feat=2"
@@ -272,14 +252,13 @@ def test_defaults_follow_the_study():
 # ------------------------------------------------------------------------------------- real data
 
 
-def test_real_mnist_beats_chance(shared_data, tmp_path):
-    """100 steps of the default standalone run on the real MNIST: accuracy well above chance."""
-    out = tmp_path / "out"
-    command = ["--dataset", "mnist", "--data-dir", shared_data, "--train-samples", "6400", "--epochs", "1"]
-    proc = check_ok(run_main([*command, "--feat-dim", "128", "--batch-size", "64", "--no-plots", "--out", out]))
-    run_dir = out / "standalone-mnist-feat=128"
+def test_real_mnist_beats_chance(real_run):
+    """50 steps of the default standalone resnet (feat_dim 128) on the real MNIST: well above chance."""
+    proc, run_dir = real_run
+    check_ok(proc)
     summary = json.loads((run_dir / "summary.json").read_text())
-    print(f"real MNIST, 100 steps: acc {summary['acc']:.4f}, ncm acc {summary['ncm_acc']:.4f}, {summary['samples_per_second']:.0f} samples/s")
-    assert summary["train_size"] == 6400 and summary["test_size"] == 10000
+    print(f"real MNIST, {REAL_TRAIN_SAMPLES // 64} steps: acc {summary['acc']:.4f}, ncm acc {summary['ncm_acc']:.4f}")
+    assert summary["train_size"] == REAL_TRAIN_SAMPLES and summary["test_size"] == 10000
+    assert summary["feat_dim"] == 128 and summary["loss"] == "standalone" and summary["model"] == "resnet"
     assert summary["acc"] > 0.5, proc.stdout
-    assert not (run_dir / "frames").exists() and not (run_dir / "train.png").exists()
+    assert not (run_dir / "frames").exists() and not (run_dir / "train.png").exists()  # --no-plots
