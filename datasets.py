@@ -81,6 +81,15 @@ class Dataset:
         return self.train.images.shape[-1]
 
 
+def split_validation(data: ImageData, fraction: float, seed: int) -> tuple[ImageData, ImageData]:
+    """Hold out round(fraction * N) train samples (at least one), chosen by a permutation seeded by
+    `seed`; returns (train, validation), disjoint."""
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed + 7919))
+    held = max(1, round(fraction * len(data)))
+    val, train = order[:held].sort().values, order[held:].sort().values
+    return ImageData(data.images[train], data.labels[train]), ImageData(data.images[val], data.labels[val])
+
+
 def canonical_name(name: str) -> str:
     """Data set name as used in run names ('cifar-10' -> 'cifar10')."""
     name = name.lower()

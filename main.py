@@ -12,6 +12,7 @@ finished, summary.json. Exit codes: 0 done, 1 data/checkpoint error or divergenc
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import shutil
 import signal
@@ -36,9 +37,11 @@ from datasets import (
     load_dataset,
     loader_batches,
     shard_order,
+    split_validation,
     tensor_batches,
 )
-from losses import LOSSES, Objective
+from losses import CENTER_ACC_LOSSES, LOSSES, Objective
+from metrics import feature_metrics
 from models import MODELS, build_model
 from utils import (
     atomic_torch_save,
@@ -66,14 +69,18 @@ CONFIG_KEYS = (
     "weight_intra",
     "weight_inter",
     "inter_margin",
+    "alpha",
+    "val_fraction",
     "seed",
     "pipeline",
 )
 TERMS = ("xent", "intra", "inter")
+FEATURE_METRICS = ("knn1_acc", "knn10_acc", "precision_at_1", "map_at_r", "nmi", "ami", "center_distance_ratio")
 COLUMNS = [
     "epoch", "lr",
     "train_loss", "train_xent", "train_intra", "train_inter", "train_acc",
-    "test_loss", "test_xent", "test_intra", "test_inter", "test_acc", "ncm_acc", "center_acc",
+    "test_loss", "test_xent", "test_intra", "test_inter", "test_acc", "ncm_acc", "center_acc", "val_acc",
+    *FEATURE_METRICS,
     "bad_steps", "seconds",
 ]  # fmt: skip
 FRAME_POINTS = 5000  # points per 2-D frame: enough to see the clusters, under a second to draw
@@ -121,6 +128,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--inter-margin", type=float, default=None, help="truncate each pair's squared distance at this margin in the inter term (off)"
     )
+    p.add_argument("--alpha", type=float, default=0.05, help="centers-apart: scale of the squared distance inside exp()")
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.0,
+        help="hold out this fraction of train for the scheduler and model selection (0: schedule on test accuracy, as the study)",
+    )
+    p.add_argument(
+        "--eval-every",
+        type=int,
+        default=10,
+        help="retrieval and clustering metrics every N epochs (and after the last; 0: only after the last)",
+    )
+    p.add_argument("--tensorboard", action="store_true", help="also log to <run folder>/tensorboard (needs the tensorboard package)")
     p.add_argument("--factor", type=float, default=0.2, help="ReduceLROnPlateau factor (on test accuracy)")
     p.add_argument("--patience", type=int, default=10, help="ReduceLROnPlateau patience")
     p.add_argument("--threshold", type=float, default=0.1, help="ReduceLROnPlateau relative threshold")
@@ -167,6 +188,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         (args.workers >= 0, "--workers must not be negative"),
         (args.max_bad_steps >= 1, "--max-bad-steps must be at least 1"),
         (args.plot_every >= 1, "--plot-every must be at least 1"),
+        (0 <= args.val_fraction < 1, "--val-fraction must be in [0, 1)"),
+        (args.eval_every >= 0, "--eval-every must not be negative"),
+        (args.alpha > 0, "--alpha must be positive"),
         (
             args.batch_size % world == 0,
             f"--batch-size {args.batch_size} must be a multiple of the {world} processes (it is the global batch)",
@@ -186,6 +210,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--device {args.device}: CUDA is not available here; use --device cpu")
     except RuntimeError:
         parser.error(f"--device {args.device}: not a device torch knows (try auto, cpu or cuda)")
+    if args.tensorboard:
+        try:
+            importlib.import_module("torch.utils.tensorboard")
+        except ImportError:
+            parser.error("--tensorboard needs the tensorboard package: pip install tensorboard")
     if args.lr_cent is None:
         args.lr_cent = args.lr
     if args.name is None:
@@ -194,8 +223,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def acc_predictions(args: argparse.Namespace, features: torch.Tensor, logits: torch.Tensor, centers: torch.Tensor | None) -> torch.Tensor:
-    """The study's accuracy: nearest center for standalone, argmax of the logits otherwise."""
-    return nearest(features, centers) if args.loss == "standalone" else logits.argmax(1)
+    """The study's accuracy: nearest center for losses without a softmax on the features
+    (standalone and the two alternatives), argmax of the logits for xent and cent."""
+    return nearest(features, centers) if args.loss in CENTER_ACC_LOSSES else logits.argmax(1)
 
 
 def nearest_class_mean(features: torch.Tensor, class_sum: torch.Tensor, class_count: torch.Tensor) -> torch.Tensor:
@@ -293,11 +323,10 @@ def train_epoch(run: dict, epoch: int, state: dict, stop: dict) -> None:
 
 
 @torch.no_grad()
-def evaluate(run: dict, data: ImageData) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-    """Features and logits of `data` (no augmentation, eval mode), and the objective on them in
-    consecutive chunks of --batch-size so that the pairwise terms match the train loss's scale."""
+def embed(run: dict, data: ImageData) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features and logits of `data` in eval mode, without augmentation, in large batches."""
     # The plain module, not the DDP wrapper: every rank evaluates the whole set, with no collectives.
-    model, objective, args, device = run["model"], run["objective"], run["args"], run["device"]
+    model, device = run["model"], run["device"]
     model.eval()
     features, logits = [], []
     for i in range(0, len(data), EVAL_BATCH):
@@ -309,38 +338,52 @@ def evaluate(run: dict, data: ImageData) -> tuple[torch.Tensor, torch.Tensor, di
         features.append(f.float())
         logits.append(lg.float())
     model.train()
-    features, logits, labels = torch.cat(features), torch.cat(logits), data.labels.to(device)
-    sums = torch.zeros(4, device=device, dtype=torch.float64)
-    for i in range(0, len(data), args.batch_size):
-        loss, terms = objective(features[i : i + args.batch_size], logits[i : i + args.batch_size], labels[i : i + args.batch_size])
-        n = len(labels[i : i + args.batch_size])
-        sums += torch.stack([loss] + [terms.get(t, loss.new_zeros(())) for t in TERMS]).double() * n
-    sums = (sums / len(data)).tolist()
-    stats = {"test_loss": sums[0], **{f"test_{t}": v for t, v in zip(TERMS, sums[1:])}}
-    return features, logits, stats
+    return torch.cat(features), torch.cat(logits)
+
+
+@torch.no_grad()
+def objective_stats(run: dict, features: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """The objective on evaluation features in consecutive chunks of --batch-size, so that the
+    pairwise terms have the train loss's scale."""
+    objective, size = run["objective"], run["args"].batch_size
+    sums = torch.zeros(4, device=features.device, dtype=torch.float64)
+    for i in range(0, len(labels), size):
+        loss, terms = objective(features[i : i + size], logits[i : i + size], labels[i : i + size])
+        sums += torch.stack([loss] + [terms.get(t, loss.new_zeros(())) for t in TERMS]).double() * len(labels[i : i + size])
+    sums = (sums / len(labels)).tolist()
+    return {"test_loss": sums[0], **{f"test_{t}": v for t, v in zip(TERMS, sums[1:])}}
+
+
+def accuracy(run: dict, data: ImageData) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """The study's accuracy on `data`, with its features and logits."""
+    features, logits = embed(run, data)
+    centers = run["objective"].centers
+    predictions = acc_predictions(run["args"], features, logits, centers.detach() if centers is not None else None)
+    return (predictions == data.labels.to(features.device)).float().mean().item(), features, logits
 
 
 def epoch_row(run: dict, epoch: int, state: dict, seconds: float) -> tuple[dict, torch.Tensor]:
     """Evaluate after an epoch and assemble its metrics.csv row; returns the row and test features."""
-    args, objective = run["args"], run["objective"]
-    test = run["test"]
-    features, logits, stats = evaluate(run, test)
+    args, objective, test = run["args"], run["objective"], run["test"]
+    test_acc, features, logits = accuracy(run, test)
     labels = test.labels.to(features.device)
+    stats = objective_stats(run, features, logits, labels)
     centers = objective.centers.detach() if objective.centers is not None else None
     s = state["sums"].tolist()
-    steps = max(s[5], 1)
-    used = set(TERMS) if args.loss == "standalone" else {"xent", "intra"} if args.loss == "cent" else {"xent"}
-    used.discard("xent" if args.loss == "standalone" else "inter")
     batches = max(state["step"] - state["bad_steps"], 1)
     row = {"epoch": epoch, "lr": run["optimizer"].param_groups[0]["lr"], "train_loss": s[0] / batches}
     for i, t in enumerate(TERMS, start=1):
-        row[f"train_{t}"] = s[i] / batches if t in used else None
-        row[f"test_{t}"] = stats[f"test_{t}"] if t in used else None
-    row["train_acc"] = s[4] / steps
+        row[f"train_{t}"] = s[i] / batches if t in objective.terms_used else None
+        row[f"test_{t}"] = stats[f"test_{t}"] if t in objective.terms_used else None
+    row["train_acc"] = s[4] / max(s[5], 1)
     row["test_loss"] = stats["test_loss"]
-    row["test_acc"] = (acc_predictions(args, features, logits, centers) == labels).float().mean().item()
+    row["test_acc"] = test_acc
     row["ncm_acc"] = (nearest_class_mean(features, state["class_sum"], state["class_count"]) == labels).float().mean().item()
     row["center_acc"] = (nearest(features, centers) == labels).float().mean().item() if centers is not None else None
+    row["val_acc"] = accuracy(run, run["val"])[0] if run["val"] is not None else None
+    if epoch == args.epochs or (args.eval_every and epoch % args.eval_every == 0):
+        train_features, _ = embed(run, run["train"])
+        row.update(feature_metrics(features, labels, train_features, run["train"].labels.to(features.device), args.seed))
     row["bad_steps"] = state["bad_steps"]
     row["seconds"] = seconds
     return row, features
@@ -426,17 +469,20 @@ def train(args: argparse.Namespace, rank: int, world: int) -> int:
     data = load_dataset(args.dataset, args.data_dir or "data", download=True)
     if args.train_samples is not None:
         data.train = ImageData(data.train.images[: args.train_samples], data.train.labels[: args.train_samples])
+    val = None
+    if args.val_fraction > 0:
+        data.train, val = split_validation(data.train, args.val_fraction, args.seed)
     run_dir, resume = prepare_run_dir(args, rank)
     if world > 1:
         dist.barrier()
     seed_everything(args.seed)
     model = build_model(args.model, data.channels, len(data.classes), args.feat_dim, data.image_size).to(device)
-    if args.loss == "standalone":  # logits unused: no gradient, and DDP must not wait for one
+    if args.loss in CENTER_ACC_LOSSES:  # logits unused: no gradient, and DDP must not wait for one
         model.classifier.requires_grad_(False)
     if world > 1 and device.type == "cuda":  # batch statistics over the global batch (SyncBatchNorm needs a GPU)
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     objective = Objective(
-        args.loss, len(data.classes), args.feat_dim, args.weight_cent, args.weight_intra, args.weight_inter, args.inter_margin
+        args.loss, len(data.classes), args.feat_dim, args.weight_cent, args.weight_intra, args.weight_inter, args.inter_margin, args.alpha
     ).to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -462,6 +508,7 @@ def train(args: argparse.Namespace, rank: int, world: int) -> int:
         "channels_last": args.channels_last,
         "train": data.train.to(device) if args.pipeline == "fast" else data.train,
         "test": data.test.to(device) if args.pipeline == "fast" else data.test,
+        "val": val.to(device) if val is not None and args.pipeline == "fast" else val,
         "augmentations": data.augmentations,
         "collect_frames": args.feat_dim == 2 and not args.no_plots,
         "history": [],
@@ -481,6 +528,11 @@ def train(args: argparse.Namespace, rank: int, world: int) -> int:
         f"{args.loss} on {data.name} ({len(data.train)} train / {len(data.test)} test, {data.source}), {args.model} feat_dim={args.feat_dim}, {device}",
     )
 
+    writer = None
+    if args.tensorboard and rank == 0:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(run_dir / "tensorboard"))
     stop = {"signal": None}
     previous = {s: signal.signal(s, lambda signum, frame: stop.update(signal=signum)) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -503,13 +555,15 @@ def train(args: argparse.Namespace, rank: int, world: int) -> int:
                     )
                 return 128 + stop["signal"]
             row, test_features = epoch_row(run, epoch, state, elapsed)
-            run["scheduler"].step(row["test_acc"])
+            run["scheduler"].step(row["val_acc"] if run["val"] is not None else row["test_acc"])
             run["history"].append(row)
             if rank == 0:
                 write_csv(run_dir / "metrics.csv", run["history"], COLUMNS)
                 if run["collect_frames"] and (epoch % args.plot_every == 0 or epoch == args.epochs):
                     draw_frames(run, data, epoch, state, test_features, row)
                 atomic_torch_save(checkpoint(run, epoch, None), run_dir / "checkpoint.pt")
+                if writer is not None:
+                    log_tensorboard(writer, run, data, epoch, row, test_features)
             log(
                 rank,
                 f"epoch {epoch}/{args.epochs}  loss {row['train_loss']:.4f}  train acc {row['train_acc']:.4f}  "
@@ -521,9 +575,53 @@ def train(args: argparse.Namespace, rank: int, world: int) -> int:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+        if writer is not None:
+            writer.close()
     if rank == 0:
         finish(run, data)
     return 0
+
+
+def validation_summary(history: list[dict]) -> dict:
+    """Model selection on the held-out split: the epoch of best val_acc and the test accuracy then."""
+    if history[-1]["val_acc"] is None:
+        return {}
+    best = max(history, key=lambda r: r["val_acc"])
+    return {
+        "val_acc": history[-1]["val_acc"],
+        "best_val_acc": best["val_acc"],
+        "best_val_epoch": best["epoch"],
+        "test_acc_at_best_val": best["test_acc"],
+    }
+
+
+def log_tensorboard(writer, run: dict, data: Dataset, epoch: int, row: dict, test_features: torch.Tensor) -> None:
+    """Scalars of the metrics row, center-distance summaries, the 2-D frame and, after the last
+    epoch, the test features as an embedding with image thumbnails."""
+    for key, value in row.items():
+        if isinstance(value, float) and key not in ("epoch", "seconds"):
+            writer.add_scalar(("train/" if key.startswith("train_") else "eval/") + key, value, epoch)
+    centers = run["objective"].centers
+    if centers is not None:
+        distances = torch.cdist(centers.detach(), centers.detach())[~torch.eye(len(centers), dtype=torch.bool, device=centers.device)]
+        for name, value in (("min", distances.min()), ("mean", distances.mean()), ("max", distances.max())):
+            writer.add_scalar(f"centers/{name}_distance", float(value), epoch)
+    frame = run["dir"] / "frames" / "val" / f"epoch_{epoch:03d}.png"
+    if frame.is_file():
+        import imageio.v3 as iio
+
+        writer.add_image("features/val", iio.imread(frame)[..., :3], epoch, dataformats="HWC")
+    if epoch == run["args"].epochs:
+        n = min(len(test_features), 2000)
+        labels = [data.classes[k] for k in data.test.labels[:n].tolist()]
+        writer.add_embedding(
+            test_features[:n].cpu(),
+            metadata=labels,
+            label_img=data.test.images[:n].float().div(255),
+            global_step=epoch,
+            tag="test_features",
+        )
+    writer.flush()
 
 
 def log(rank: int, message: str) -> None:
@@ -559,7 +657,7 @@ def finish(run: dict, data: Dataset) -> None:
             subset = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(args.seed))[:PROJECTION_POINTS]
             train_subset = ImageData(data.train.images[subset], data.train.labels[subset])
             for name, split in (("train", train_subset), ("val", data.test)):
-                features, _, _ = evaluate(run, split)
+                features, _ = embed(run, split)
                 visualize.save_projection(
                     run_dir / f"{name}.png",
                     features.cpu(),
@@ -584,6 +682,8 @@ def finish(run: dict, data: Dataset) -> None:
         "train_seconds": run["train_seconds"],
         "samples_per_second": run["samples"] / max(run["train_seconds"], 1e-9),
         "bad_steps": run["bad_steps"],
+        **{name: last[name] for name in FEATURE_METRICS},
+        **validation_summary(history),
         "device": str(run["device"]),
         "torch": torch.__version__,
     }

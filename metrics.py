@@ -1,0 +1,127 @@
+"""Retrieval and clustering quality of learned features, by exact (brute-force) search in torch.
+
+Definitions follow the metric-learning literature, mainly Musgrave, Belongie and Lim, "A Metric
+Learning Reality Check", ECCV 2020 (precision@1, MAP@R), and Vinh, Epps and Bailey, JMLR 2010
+(NMI, AMI). Distances are squared Euclidean; queries are processed in chunks so that a 10,000 x
+60,000 search fits in a few hundred MB.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from losses import squared_distances
+
+CHUNK = 512  # queries per chunk: 512 x 60,000 float32 distances = 123 MB
+
+
+def knn_accuracy(query: torch.Tensor, query_labels: torch.Tensor, gallery: torch.Tensor, gallery_labels: torch.Tensor, k: int) -> float:
+    """k-nearest-neighbour accuracy: each query takes the majority label of its k nearest gallery
+    points (ties go to the label whose nearest member ranks first)."""
+    num_classes = int(max(query_labels.max(), gallery_labels.max())) + 1
+    correct = 0
+    for start in range(0, len(query), CHUNK):
+        d = squared_distances(query[start : start + CHUNK].float(), gallery.float())
+        idx = d.topk(k, dim=1, largest=False).indices  # sorted, nearest first
+        neighbour_labels = gallery_labels[idx]
+        # votes, plus a tie-break smaller than one vote that favours earlier (nearer) neighbours
+        weights = 1.0 + (k - torch.arange(k, device=idx.device, dtype=torch.float32)) / (k * (k + 1))
+        votes = torch.zeros(len(idx), num_classes, device=idx.device).scatter_add_(1, neighbour_labels, weights.expand_as(idx).contiguous())
+        correct += int((votes.argmax(1) == query_labels[start : start + CHUNK]).sum())
+    return correct / len(query)
+
+
+def leave_one_out_retrieval(features: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """Precision@1 and MAP@R of the set as its own gallery, each query excluded from its results.
+
+    For a query with R other samples of its class, MAP@R = (1/R) sum_{i<=R} P(i) rel(i), where
+    rel(i) says whether the i-th nearest neighbour shares the label and P(i) is the precision of
+    the first i neighbours (Musgrave et al., 2020). Both are averaged over queries; queries alone in
+    their class are skipped.
+    """
+    features = features.float()
+    counts = torch.bincount(labels)
+    relevant = counts[labels] - 1
+    max_r = int(relevant.max())
+    p_at_1, map_at_r, used = 0.0, 0.0, 0
+    for start in range(0, len(features), CHUNK):
+        rows = torch.arange(start, min(start + CHUNK, len(features)), device=features.device)
+        d = squared_distances(features[rows], features)
+        d[torch.arange(len(rows)), rows] = float("inf")  # leave the query out
+        idx = d.topk(max_r, dim=1, largest=False).indices
+        hits = (labels[idx] == labels[rows, None]).float()
+        r = relevant[rows]
+        keep = r > 0
+        ranks = torch.arange(1, max_r + 1, device=features.device, dtype=torch.float32)
+        within_r = ranks[None, :] <= r[:, None]
+        precision = hits.cumsum(1) / ranks
+        ap = (precision * hits * within_r).sum(1) / r.clamp_min(1)
+        p_at_1 += float(hits[keep, 0].sum())
+        map_at_r += float(ap[keep].sum())
+        used += int(keep.sum())
+    return p_at_1 / max(used, 1), map_at_r / max(used, 1)
+
+
+def kmeans(features: torch.Tensor, k: int, seed: int = 0, iterations: int = 100, restarts: int = 3) -> torch.Tensor:
+    """Lloyd's k-means with k-means++ seeding; the restart of lowest inertia wins. Returns assignments."""
+    features = features.float()
+    generator = torch.Generator().manual_seed(seed)
+    best, best_inertia = None, float("inf")
+    for _ in range(restarts):
+        centers = features[torch.randint(len(features), (1,), generator=generator)]
+        for _ in range(1, k):
+            d = squared_distances(features, centers).min(1).values
+            pick = torch.multinomial((d / d.sum().clamp_min(1e-12)).cpu(), 1, generator=generator)
+            centers = torch.cat([centers, features[pick.to(features.device)]])
+        for _ in range(iterations):
+            assign = squared_distances(features, centers).argmin(1)
+            sums = torch.zeros_like(centers).index_add_(0, assign, features)
+            sizes = torch.bincount(assign, minlength=k).float()
+            moved = torch.where(sizes[:, None] > 0, sums / sizes.clamp_min(1)[:, None], centers)
+            if torch.allclose(moved, centers):
+                break
+            centers = moved
+        d = squared_distances(features, centers)
+        inertia = float(d.min(1).values.sum())
+        if inertia < best_inertia:
+            best, best_inertia = d.argmin(1), inertia
+    return best
+
+
+def clustering_scores(features: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> tuple[float, float]:
+    """NMI and AMI (arithmetic normalisation, scikit-learn's defaults) of k-means clusters, k = classes."""
+    from sklearn.metrics import adjusted_mutual_info_score, normalized_mutual_info_score
+
+    clusters = kmeans(features, int(labels.max()) + 1, seed).cpu().numpy()
+    truth = labels.cpu().numpy()
+    return float(normalized_mutual_info_score(truth, clusters)), float(adjusted_mutual_info_score(truth, clusters))
+
+
+def center_distance_ratio(features: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean distance of a feature to its class mean over the mean distance between class means
+    (distinct pairs): below 1 when classes are tighter than they are apart."""
+    features = features.float()
+    num_classes = int(labels.max()) + 1
+    means = torch.zeros(num_classes, features.shape[1], device=features.device).index_add_(0, labels, features)
+    means = means / torch.bincount(labels, minlength=num_classes).clamp_min(1)[:, None].float()
+    intra = (features - means[labels]).norm(dim=1).mean()
+    pair = squared_distances(means, means).sqrt()
+    off_diagonal = ~torch.eye(num_classes, dtype=torch.bool, device=features.device)
+    return float(intra / pair[off_diagonal].mean())
+
+
+def feature_metrics(
+    test: torch.Tensor, test_labels: torch.Tensor, train: torch.Tensor, train_labels: torch.Tensor, seed: int = 0
+) -> dict[str, float]:
+    """All retrieval and clustering metrics of the test features (train features as the k-NN gallery)."""
+    p_at_1, map_at_r = leave_one_out_retrieval(test, test_labels)
+    nmi, ami = clustering_scores(test, test_labels, seed)
+    return {
+        "knn1_acc": knn_accuracy(test, test_labels, train, train_labels, 1),
+        "knn10_acc": knn_accuracy(test, test_labels, train, train_labels, 10),
+        "precision_at_1": p_at_1,
+        "map_at_r": map_at_r,
+        "nmi": nmi,
+        "ami": ami,
+        "center_distance_ratio": center_distance_ratio(test, test_labels),
+    }
