@@ -226,7 +226,7 @@ class Background:
                 proc.communicate()
 
 
-BACKGROUND_FIXTURES = ("tiny_runs", "named_run", "projection_run", "real_run", "truncated_run")
+BACKGROUND_FIXTURES = ("tiny_runs", "named_run", "projection_run", "real_run", "truncated_run", "bad_data_dir_run")
 _needed: set[str] = set()
 
 
@@ -270,6 +270,8 @@ def background(tmp_path_factory: pytest.TempPathFactory) -> Background:
             bad.write_bytes(bad.read_bytes()[:-7])
             out = bg.paths["truncated"] = base / "truncated-out"
             bg.start("truncated", "main.py", ["--dataset", "mnist", "--data-dir", data, "--epochs", "1", "--out", out])
+        if "bad_data_dir_run" in _needed:
+            bg.start("bad-data-dir", "main.py", ["--data-dir", "/nonexistent", "--out", base / "bad-data-dir-out"])
     yield bg
     bg.close()
 
@@ -303,6 +305,12 @@ def projection_run(background: Background) -> Path:
 def truncated_run(background: Background) -> tuple[subprocess.CompletedProcess, Path, Path]:
     """main.py on a tiny MNIST whose train labels file lost 7 bytes: (process, the bad file, --out)."""
     return background.result("truncated"), background.paths["truncated-file"], background.paths["truncated"]
+
+
+@pytest.fixture(scope="session")
+def bad_data_dir_run(background: Background) -> subprocess.CompletedProcess:
+    """main.py --data-dir /nonexistent."""
+    return background.result("bad-data-dir")
 
 
 @pytest.fixture(scope="session")

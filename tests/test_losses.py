@@ -335,4 +335,4 @@ def test_objective_runs_in_float32_under_low_precision_inputs(loss):
 def test_objective_unknown_loss():
     with pytest.raises(ValueError, match="unknown loss"):
         Objective("softmax", 4, 3)
-    assert LOSSES == ("xent", "cent", "standalone")
+    assert {"xent", "cent", "standalone"} <= set(LOSSES)
