@@ -20,6 +20,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -151,7 +152,10 @@ def load_digits() -> Dataset:
 
 def read_idx(path: Path) -> torch.Tensor:
     """Read an IDX file of unsigned bytes (MNIST's format), checking its header and length."""
-    raw = gzip.open(path).read() if path.suffix == ".gz" else path.read_bytes()
+    try:
+        raw = gzip.open(path).read() if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError) as exc:  # BadGzipFile is an OSError; a cut .gz ends in EOFError
+        raise DataError(f"{path}: cannot be read ({exc}); replace it with the original file") from None
     if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] != 0x08:
         raise DataError(f"{path}: not an IDX file of unsigned bytes (bad magic number); replace it with the original file")
     ndim = raw[3]
@@ -245,18 +249,21 @@ def list_images(split_dir: Path, classes: Sequence[str]) -> tuple[list[Path], li
 
 
 def decode_images(paths: list[Path]) -> torch.Tensor:
-    """Decode image files into one uint8 tensor; grayscale stays 1 channel, colour becomes 3."""
-    from torchvision.io import ImageReadMode, decode_image, read_file
+    """Decode image files with PIL into one uint8 tensor: grayscale images stay 1 channel, any
+    colour mode (palette, RGBA, CMYK, ...) becomes RGB; a set mixing both is all RGB."""
+    from PIL import Image, UnidentifiedImageError
 
     images = []
     for path in paths:
         try:
-            image = decode_image(read_file(str(path)), mode=ImageReadMode.UNCHANGED)
-        except Exception:
+            with Image.open(path) as image:
+                if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+                    raise DataError(f"{path}: {image.mode} (16/32-bit) images are not supported; convert the data set to 8-bit")
+                image = image.convert("L" if image.mode in ("1", "L", "LA") else "RGB")
+                array = torch.from_numpy(np.asarray(image).copy())
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError):
             raise DataError(f"{path}: cannot be decoded as an image; replace or remove it") from None
-        if image.shape[0] in (2, 4):  # drop alpha
-            image = image[: image.shape[0] - 1]
-        images.append(image)
+        images.append(array[None] if array.ndim == 2 else array.permute(2, 0, 1))
     first = images[0]
     channels = max(im.shape[0] for im in images)
     for path, image in zip(paths, images):

@@ -45,12 +45,6 @@ def test_read_idx_truncated(tmp_path):
         read_idx(path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=(EOFError, OSError),
-    reason="product bug: datasets.read_idx lets gzip's EOFError / BadGzipFile escape for a truncated or non-gzip "
-    "*.gz IDX file, so main.py dies with a traceback instead of a one-line DataError",
-)
 @pytest.mark.parametrize("kind", ["truncated-gz", "not-gzip"])
 def test_read_idx_bad_gzip(tmp_path, kind):
     data = gzip.compress(idx_bytes(np.zeros((4, 28, 28), dtype=np.uint8)))
@@ -194,12 +188,6 @@ def write_two_class_tree(root: Path, make_image, suffix: str = ".png") -> Path:
     return root
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="product bug: datasets.decode_images decodes with ImageReadMode.UNCHANGED, so a palette ('P') PNG "
-    "loads as one channel of palette indices instead of its RGB colours",
-)
 def test_tree_palette_png_gives_its_colours(tmp_path):
     from PIL import Image
 
@@ -213,12 +201,6 @@ def test_tree_palette_png_gives_its_colours(tmp_path):
     assert ds.train.images[:, :, 0, 0].tolist() == [[200, 0, 0], [200, 0, 50]]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="product bug: datasets.decode_images returns torchvision's uint16 tensor for a 16-bit PNG, so "
-    "ImageData.images silently stops being uint8 (pixels then scale by /255 to up to 257)",
-)
 def test_tree_16_bit_png_is_uint8_or_refused(tmp_path):
     from PIL import Image
 
@@ -231,6 +213,17 @@ def test_tree_16_bit_png_is_uint8_or_refused(tmp_path):
     except DataError:
         return
     assert ds.train.images.dtype == torch.uint8
+
+
+def test_tree_cmyk_jpeg_gives_rgb(tmp_path):
+    from PIL import Image
+
+    def dark(k):
+        return Image.fromarray(np.full((28, 28, 3), 20 * k, np.uint8)).convert("CMYK")
+
+    ds = load_dataset("folder", write_two_class_tree(tmp_path / "cmyk", dark, suffix=".jpg"))
+    assert ds.channels == 3
+    assert ds.train.images.max() < 60  # dark, not the white of a dropped K channel
 
 
 def test_cifar10_alias_finds_tree(rgb_tree):

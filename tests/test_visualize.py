@@ -1,0 +1,184 @@
+"""visualize.py: per-epoch frames of 2-D runs, one axis range per run, GIFs, projections, the CLI."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+from conftest import check_ok, run_script
+
+import visualize
+from datasets import DIGIT_CLASSES
+
+EPOCHS = 2
+
+
+def copy_run(run_dir: Path, tmp_path: Path) -> Path:
+    """A private copy of a shared run, for tests that write into it."""
+    return Path(shutil.copytree(run_dir, tmp_path / run_dir.name))
+
+
+def frame_pngs(run_dir: Path, split: str) -> list[Path]:
+    return sorted((run_dir / "frames" / split).glob("epoch_*.png"))
+
+
+@pytest.mark.parametrize("loss", ["xent", "cent", "standalone"])
+def test_frames_per_epoch(tiny_runs, loss):
+    run_dir = tiny_runs[loss]
+    for split in visualize.SPLITS:
+        names = [p.name for p in frame_pngs(run_dir, split)]
+        assert names == [f"epoch_{e:03d}.png" for e in range(1, EPOCHS + 1)]
+        for name in names:
+            data = np.load(run_dir / "frames" / split / name.replace(".png", ".npz"))
+            assert data["features"].ndim == 2 and data["features"].shape[1] == 2
+            assert len(data["labels"]) == len(data["features"]) > 0
+            assert data["centers"].shape == ((0, 2) if loss == "xent" else (10, 2))
+            assert np.isfinite(data["features"]).all()
+    val = np.load(run_dir / "frames" / "val" / "epoch_001.npz")
+    assert len(val["features"]) == 100  # the whole tiny test set
+    # The run ends with no projections (they are for feat_dim > 2) and no GIF yet.
+    assert not (run_dir / "train.png").exists() and not (run_dir / "train.gif").exists()
+
+
+def test_frames_share_one_axis_range(tiny_runs, tmp_path):
+    run_dir = copy_run(tiny_runs["standalone"], tmp_path)
+    limits = visualize.redraw_frames(run_dir, DIGIT_CLASSES)
+    assert limits is not None and limits.shape == (2, 2)
+    assert (limits[:, 0] < limits[:, 1]).all()
+    # The range is the union of every frame's robust range (train and val, all epochs).
+    ranges = []
+    for npz in sorted((run_dir / "frames").glob("*/epoch_*.npz")):
+        d = np.load(npz)
+        ranges.append(visualize.robust_limits(np.concatenate([d["features"], d["centers"]])))
+    assert len(ranges) == 2 * EPOCHS
+    ranges = np.stack(ranges)
+    np.testing.assert_allclose(limits[:, 0], ranges[:, :, 0].min(0))
+    np.testing.assert_allclose(limits[:, 1], ranges[:, :, 1].max(0))
+    # All frames are images of one size (a GIF needs that).
+    shapes = {iio.imread(p).shape for split in visualize.SPLITS for p in frame_pngs(run_dir, split)}
+    assert len(shapes) == 1
+    (shape,) = shapes
+    side = int(visualize.FRAME_SIZE_INCHES * visualize.FRAME_DPI)
+    assert shape[:2] == (side, side)
+    # The frames main.py left behind are already the redrawn ones: redrawing again changes nothing.
+    original = tiny_runs["standalone"]
+    for split in visualize.SPLITS:
+        for new, old in zip(frame_pngs(run_dir, split), frame_pngs(original, split)):
+            assert np.array_equal(iio.imread(new), iio.imread(old)), new.name
+
+
+def test_redraw_frames_without_frames(tmp_path):
+    assert visualize.redraw_frames(tmp_path, DIGIT_CLASSES) is None
+
+
+def test_robust_limits_ignores_outliers():
+    rng = np.random.default_rng(0)
+    points = rng.normal(size=(2000, 2))
+    points[:5] = [[1e6, -1e6], [-1e6, 1e6], [5e5, 5e5], [-7e5, 0], [0, 9e5]]
+    limits = visualize.robust_limits(points)
+    assert limits.shape == (2, 2)
+    assert (np.abs(limits) < 10).all(), limits  # the five far outliers do not stretch the axes
+    inside = ((points >= limits[:, 0]) & (points <= limits[:, 1])).all(1)
+    assert inside.mean() >= 0.99
+    # Padding: the limits reach past the 0.5% / 99.5% quantiles by 8% of their span.
+    low, high = np.quantile(points, 0.005, axis=0), np.quantile(points, 0.995, axis=0)
+    np.testing.assert_allclose(limits[:, 0], low - 0.08 * (high - low))
+    np.testing.assert_allclose(limits[:, 1], high + 0.08 * (high - low))
+
+
+def test_robust_limits_degenerate_points():
+    limits = visualize.robust_limits(np.ones((10, 2)))
+    assert np.isfinite(limits).all() and (limits[:, 0] < limits[:, 1]).all()
+
+
+def test_cli_makes_gifs_and_copies_to_imgs(tiny_runs, tmp_path):
+    run_dir = copy_run(tiny_runs["cent"], tmp_path)
+    imgs = tmp_path / "imgs"
+    proc = check_ok(run_script("visualize.py", [run_dir, "--to-imgs", "--imgs-dir", imgs]))
+    assert "Traceback" not in proc.stderr
+    png_shape = iio.imread(frame_pngs(run_dir, "train")[0]).shape
+    for split in visualize.SPLITS:
+        gif = run_dir / f"{split}.gif"
+        assert gif.is_file()
+        props = iio.improps(gif, index=None)
+        assert props.shape[0] == EPOCHS, props.shape  # one frame per epoch
+        assert props.shape[1:3] == png_shape[:2]
+        frames = iio.imread(gif, index=None)
+        assert frames.shape[0] == EPOCHS and frames.shape[1:3] == png_shape[:2]
+        copied = imgs / "cent-mnist-feat=2" / f"{split}.gif"
+        assert copied.read_bytes() == gif.read_bytes()
+    assert sorted(p.name for p in (imgs / "cent-mnist-feat=2").iterdir()) == ["train.gif", "val.gif"]
+    assert f"{EPOCHS} frames" in proc.stdout
+
+
+def test_cli_without_to_imgs_copies_nothing(tiny_runs, tmp_path, monkeypatch):
+    run_dir = copy_run(tiny_runs["xent"], tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert visualize.main([str(run_dir)]) == 0
+    assert (run_dir / "train.gif").is_file() and (run_dir / "val.gif").is_file()
+    assert not (tmp_path / "imgs").exists()
+
+
+def test_cli_empty_dir(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert visualize.main([str(empty)]) == 1
+    err = capsys.readouterr().err
+    assert "no frames" in err and str(empty) in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert not list(empty.iterdir())
+
+
+def test_cli_missing_dir(tmp_path, capsys):
+    assert visualize.main([str(tmp_path / "nope")]) == 1
+    assert "no such run folder" in capsys.readouterr().err
+
+
+def test_cli_bad_duration(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        visualize.main([str(tmp_path), "--duration", "0"])
+    assert info.value.code == 2
+
+
+def test_high_dim_run_writes_projections(projection_run, tmp_path):
+    run_dir = projection_run
+    assert (run_dir / "summary.json").is_file()
+    for name in ("train.png", "val.png"):
+        image = iio.imread(run_dir / name)
+        assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+        assert image[..., :3].std() > 0  # not a blank canvas
+    assert not (run_dir / "frames").exists()  # no 2-D frames for feat_dim 16
+    # The CLI copies the projections of such a run.
+    imgs = tmp_path / "imgs"
+    copy = copy_run(run_dir, tmp_path)
+    assert visualize.main([str(copy), "--to-imgs", "--imgs-dir", str(imgs)]) == 0
+    assert sorted(p.name for p in (imgs / "standalone-mnist-feat=16").iterdir()) == ["train.png", "val.png"]
+
+
+def test_no_plots_writes_no_frames(named_run):
+    _, run_dir = named_run
+    assert (run_dir / "summary.json").is_file()
+    assert not (run_dir / "frames").exists()
+    assert not list(run_dir.glob("*.png")) and not list(run_dir.glob("*.gif"))
+
+
+def test_project_2d_pca():
+    rng = np.random.default_rng(0)
+    import torch
+
+    base = torch.tensor(rng.normal(size=(50, 1)) * 10)
+    features = torch.cat([base, 2 * base, torch.tensor(rng.normal(size=(50, 14)) * 0.01)], 1)
+    points = visualize.project_2d(features)
+    assert points.shape == (50, 2)
+    # Nearly all the variance lies on the first component.
+    assert points[:, 0].var() > 100 * points[:, 1].var()
+
+
+def test_class_colors_distinct():
+    for n in (3, 10, 20, 25):
+        colors = visualize.class_colors(n)
+        assert colors.shape == (n, 4)
+        assert len({tuple(np.round(c, 4)) for c in colors}) == n
