@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-import shutil
 import signal
 import sys
 import time
@@ -27,6 +26,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import visualize
+from checkpoints import CheckpointError, checkpoint, load_checkpoint, prepare_run_dir
 from datasets import (
     DATASETS,
     DataError,
@@ -40,42 +40,20 @@ from datasets import (
     split_validation,
     tensor_batches,
 )
+from evaluation import FEATURE_METRICS, TERMS, acc_predictions, embed, epoch_row, validation_summary
 from losses import CENTER_ACC_LOSSES, LOSSES, Objective
-from metrics import feature_metrics
 from models import MODELS, build_model
 from utils import (
     atomic_torch_save,
     epoch_generator,
     gather_batch,
     init_distributed,
-    nearest,
-    random_states,
     resolve_device,
     seed_everything,
-    set_random_states,
     write_csv,
     write_json,
 )
 
-# Settings that define a run: a checkpoint made with other values cannot be resumed.
-CONFIG_KEYS = (
-    "loss",
-    "dataset",
-    "model",
-    "feat_dim",
-    "batch_size",
-    "train_samples",
-    "weight_cent",
-    "weight_intra",
-    "weight_inter",
-    "inter_margin",
-    "alpha",
-    "val_fraction",
-    "seed",
-    "pipeline",
-)
-TERMS = ("xent", "intra", "inter")
-FEATURE_METRICS = ("knn1_acc", "knn10_acc", "precision_at_1", "map_at_r", "nmi", "ami", "center_distance_ratio")
 COLUMNS = [
     "epoch", "lr",
     "train_loss", "train_xent", "train_intra", "train_inter", "train_acc",
@@ -85,8 +63,8 @@ COLUMNS = [
 ]  # fmt: skip
 FRAME_POINTS = 5000  # points per 2-D frame: enough to see the clusters, under a second to draw
 PROJECTION_POINTS = 2000
+EMBEDDING_POINTS = 2000  # TensorBoard projector: test features with their thumbnails
 LOG_EVERY = 20  # steps between progress-bar updates, the only host syncs besides the guard
-EVAL_BATCH = 1024
 
 
 class TrainingError(Exception):
@@ -222,17 +200,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def acc_predictions(args: argparse.Namespace, features: torch.Tensor, logits: torch.Tensor, centers: torch.Tensor | None) -> torch.Tensor:
-    """The study's accuracy: nearest center for losses without a softmax on the features
-    (standalone and the two alternatives), argmax of the logits for xent and cent."""
-    return nearest(features, centers) if args.loss in CENTER_ACC_LOSSES else logits.argmax(1)
-
-
-def nearest_class_mean(features: torch.Tensor, class_sum: torch.Tensor, class_count: torch.Tensor) -> torch.Tensor:
-    distances = torch.cdist(features.float(), class_sum / class_count.clamp_min(1)[:, None]).pow(2)
-    return distances.masked_fill(class_count[None, :] == 0, float("inf")).argmin(1)
-
-
 def new_epoch_state(num_classes: int, feat_dim: int, device: torch.device, aug: torch.Generator) -> dict:
     """Everything an epoch accumulates, on the device; saved whole when a run is interrupted mid-epoch."""
     return {
@@ -320,146 +287,6 @@ def train_epoch(run: dict, epoch: int, state: dict, stop: dict) -> None:
             stop["signal"] = int(flag) or None
         if stop["signal"] is not None:
             return
-
-
-@torch.no_grad()
-def embed(run: dict, data: ImageData) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features and logits of `data` in eval mode, without augmentation, in large batches."""
-    # The plain module, not the DDP wrapper: every rank evaluates the whole set, with no collectives.
-    model, device = run["model"], run["device"]
-    model.eval()
-    features, logits = [], []
-    for i in range(0, len(data), EVAL_BATCH):
-        x = data.images[i : i + EVAL_BATCH].to(device, non_blocking=True).float().div_(255)
-        if run["channels_last"]:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with run["autocast"]():
-            f, lg = model(x)
-        features.append(f.float())
-        logits.append(lg.float())
-    model.train()
-    return torch.cat(features), torch.cat(logits)
-
-
-@torch.no_grad()
-def objective_stats(run: dict, features: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """The objective on evaluation features in consecutive chunks of --batch-size, so that the
-    pairwise terms have the train loss's scale."""
-    objective, size = run["objective"], run["args"].batch_size
-    sums = torch.zeros(4, device=features.device, dtype=torch.float64)
-    for i in range(0, len(labels), size):
-        loss, terms = objective(features[i : i + size], logits[i : i + size], labels[i : i + size])
-        sums += torch.stack([loss] + [terms.get(t, loss.new_zeros(())) for t in TERMS]).double() * len(labels[i : i + size])
-    sums = (sums / len(labels)).tolist()
-    return {"test_loss": sums[0], **{f"test_{t}": v for t, v in zip(TERMS, sums[1:])}}
-
-
-def accuracy(run: dict, data: ImageData) -> tuple[float, torch.Tensor, torch.Tensor]:
-    """The study's accuracy on `data`, with its features and logits."""
-    features, logits = embed(run, data)
-    centers = run["objective"].centers
-    predictions = acc_predictions(run["args"], features, logits, centers.detach() if centers is not None else None)
-    return (predictions == data.labels.to(features.device)).float().mean().item(), features, logits
-
-
-def epoch_row(run: dict, epoch: int, state: dict, seconds: float) -> tuple[dict, torch.Tensor]:
-    """Evaluate after an epoch and assemble its metrics.csv row; returns the row and test features."""
-    args, objective, test = run["args"], run["objective"], run["test"]
-    test_acc, features, logits = accuracy(run, test)
-    labels = test.labels.to(features.device)
-    stats = objective_stats(run, features, logits, labels)
-    centers = objective.centers.detach() if objective.centers is not None else None
-    s = state["sums"].tolist()
-    batches = max(state["step"] - state["bad_steps"], 1)
-    row = {"epoch": epoch, "lr": run["optimizer"].param_groups[0]["lr"], "train_loss": s[0] / batches}
-    for i, t in enumerate(TERMS, start=1):
-        row[f"train_{t}"] = s[i] / batches if t in objective.terms_used else None
-        row[f"test_{t}"] = stats[f"test_{t}"] if t in objective.terms_used else None
-    row["train_acc"] = s[4] / max(s[5], 1)
-    row["test_loss"] = stats["test_loss"]
-    row["test_acc"] = test_acc
-    row["ncm_acc"] = (nearest_class_mean(features, state["class_sum"], state["class_count"]) == labels).float().mean().item()
-    row["center_acc"] = (nearest(features, centers) == labels).float().mean().item() if centers is not None else None
-    row["val_acc"] = accuracy(run, run["val"])[0] if run["val"] is not None else None
-    if epoch == args.epochs or (args.eval_every and epoch % args.eval_every == 0):
-        train_features, _ = embed(run, run["train"])
-        row.update(feature_metrics(features, labels, train_features, run["train"].labels.to(features.device), args.seed))
-    row["bad_steps"] = state["bad_steps"]
-    row["seconds"] = seconds
-    return row, features
-
-
-def checkpoint(run: dict, epoch: int, state: dict | None) -> dict:
-    """Everything needed to continue bit for bit: weights, optimiser, scheduler, metrics, random states.
-    `epoch` is the last finished epoch; `state` the unfinished next epoch's accumulators, if any."""
-    return {
-        "args": {k: v for k, v in vars(run["args"]).items()},
-        "epoch": epoch,
-        "epoch_state": state,
-        "model": run["model"].state_dict(),
-        "objective": run["objective"].state_dict(),
-        "optimizer": run["optimizer"].state_dict(),
-        "scheduler": run["scheduler"].state_dict(),
-        "scaler": run["scaler"].state_dict() if run["scaler"] is not None else None,
-        "history": run["history"],
-        "train_seconds": run["train_seconds"],
-        "samples": run["samples"],
-        "bad_steps": run["bad_steps"],
-        "random": random_states(),
-    }
-
-
-def load_checkpoint(path: Path, run: dict) -> dict:
-    """Load a checkpoint safely (weights_only: it cannot run code) and check it fits this run."""
-    try:
-        ckpt = torch.load(path, map_location=run["device"], weights_only=True)
-        saved = ckpt["args"]
-    except Exception as exc:
-        raise TrainingError(
-            f"{path}: corrupt or unreadable checkpoint ({type(exc).__name__}); delete it or start again with --overwrite"
-        ) from None
-    args = vars(run["args"])
-    for key in CONFIG_KEYS:
-        if saved.get(key) != args[key]:
-            raise TrainingError(
-                f"{path}: checkpoint is of another configuration ({key} {saved.get(key)!r}, this run {args[key]!r}); use --overwrite or another --name"
-            )
-    try:
-        run["model"].load_state_dict(ckpt["model"])
-        run["objective"].load_state_dict(ckpt["objective"])
-        run["optimizer"].load_state_dict(ckpt["optimizer"])
-    except (RuntimeError, KeyError, ValueError) as exc:
-        raise TrainingError(
-            f"{path}: checkpoint does not fit this model ({str(exc).splitlines()[0]}); use --overwrite or another --name"
-        ) from None
-    run["scheduler"].load_state_dict(ckpt["scheduler"])
-    if run["scaler"] is not None and ckpt["scaler"]:
-        run["scaler"].load_state_dict(ckpt["scaler"])
-    for key in ("history", "train_seconds", "samples", "bad_steps"):
-        run[key] = ckpt[key]
-    set_random_states(ckpt["random"])
-    return ckpt
-
-
-def prepare_run_dir(args: argparse.Namespace, rank: int = 0) -> tuple[Path, bool]:
-    """Create the run folder (rank 0 only); returns (folder, resume). Refuses to touch a finished run unless --overwrite."""
-    run_dir = Path(args.out) / args.name
-    has_checkpoint = (run_dir / "checkpoint.pt").is_file()
-    if args.overwrite and run_dir.exists():
-        if rank == 0:
-            shutil.rmtree(run_dir)
-    elif (run_dir / "summary.json").is_file():
-        raise SystemExit(usage_error(f"{run_dir} holds a finished run; use --overwrite to replace it or --name for another"))
-    elif args.resume and not has_checkpoint:
-        raise SystemExit(usage_error(f"--resume: {run_dir} holds no checkpoint.pt to resume from"))
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir, has_checkpoint and not args.overwrite
-
-
-def usage_error(message: str) -> int:
-    print(f"main.py: error: {message}", file=sys.stderr)
-    return 2
 
 
 def train(args: argparse.Namespace, rank: int, world: int) -> int:
@@ -563,7 +390,10 @@ def train(args: argparse.Namespace, rank: int, world: int) -> int:
                     draw_frames(run, data, epoch, state, test_features, row)
                 atomic_torch_save(checkpoint(run, epoch, None), run_dir / "checkpoint.pt")
                 if writer is not None:
-                    log_tensorboard(writer, run, data, epoch, row, test_features)
+                    n = EMBEDDING_POINTS if epoch == args.epochs else 0
+                    embedding = (test_features[:n], data.test.images[:n], [data.classes[k] for k in data.test.labels[:n].tolist()])
+                    frame = run_dir / "frames" / "val" / f"epoch_{epoch:03d}.png"
+                    visualize.log_tensorboard(writer, epoch, row, objective.centers, frame, embedding if n else None)
             log(
                 rank,
                 f"epoch {epoch}/{args.epochs}  loss {row['train_loss']:.4f}  train acc {row['train_acc']:.4f}  "
@@ -580,48 +410,6 @@ def train(args: argparse.Namespace, rank: int, world: int) -> int:
     if rank == 0:
         finish(run, data)
     return 0
-
-
-def validation_summary(history: list[dict]) -> dict:
-    """Model selection on the held-out split: the epoch of best val_acc and the test accuracy then."""
-    if history[-1]["val_acc"] is None:
-        return {}
-    best = max(history, key=lambda r: r["val_acc"])
-    return {
-        "val_acc": history[-1]["val_acc"],
-        "best_val_acc": best["val_acc"],
-        "best_val_epoch": best["epoch"],
-        "test_acc_at_best_val": best["test_acc"],
-    }
-
-
-def log_tensorboard(writer, run: dict, data: Dataset, epoch: int, row: dict, test_features: torch.Tensor) -> None:
-    """Scalars of the metrics row, center-distance summaries, the 2-D frame and, after the last
-    epoch, the test features as an embedding with image thumbnails."""
-    for key, value in row.items():
-        if isinstance(value, float) and key not in ("epoch", "seconds"):
-            writer.add_scalar(("train/" if key.startswith("train_") else "eval/") + key, value, epoch)
-    centers = run["objective"].centers
-    if centers is not None:
-        distances = torch.cdist(centers.detach(), centers.detach())[~torch.eye(len(centers), dtype=torch.bool, device=centers.device)]
-        for name, value in (("min", distances.min()), ("mean", distances.mean()), ("max", distances.max())):
-            writer.add_scalar(f"centers/{name}_distance", float(value), epoch)
-    frame = run["dir"] / "frames" / "val" / f"epoch_{epoch:03d}.png"
-    if frame.is_file():
-        import imageio.v3 as iio
-
-        writer.add_image("features/val", iio.imread(frame)[..., :3], epoch, dataformats="HWC")
-    if epoch == run["args"].epochs:
-        n = min(len(test_features), 2000)
-        labels = [data.classes[k] for k in data.test.labels[:n].tolist()]
-        writer.add_embedding(
-            test_features[:n].cpu(),
-            metadata=labels,
-            label_img=data.test.images[:n].float().div(255),
-            global_step=epoch,
-            tag="test_features",
-        )
-    writer.flush()
 
 
 def log(rank: int, message: str) -> None:
@@ -698,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
     rank, world = init_distributed(resolve_device(args.device))
     try:
         return train(args, rank, world)
-    except (DataError, TrainingError) as exc:
+    except (DataError, CheckpointError, TrainingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # before the training loop installs its handlers: nothing to save yet

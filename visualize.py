@@ -159,6 +159,35 @@ def save_projection(
     plt.close(fig)
 
 
+def log_tensorboard(
+    writer,
+    epoch: int,
+    row: dict,
+    centers: torch.Tensor | None,
+    frame: Path,
+    embedding: tuple[torch.Tensor, torch.Tensor, list[str]] | None = None,
+) -> None:
+    """TensorBoard: every numeric metrics column as a scalar, the min/mean/max distance between
+    centers, the 2-D frame if one was drawn and, when given, (features, images, class names) as an
+    embedding with image thumbnails."""
+    for key, value in row.items():
+        if isinstance(value, float) and key not in ("epoch", "seconds"):
+            writer.add_scalar(("train/" if key.startswith("train_") else "eval/") + key, value, epoch)
+    if centers is not None:
+        centers = centers.detach().float()
+        distances = torch.cdist(centers, centers)[~torch.eye(len(centers), dtype=torch.bool, device=centers.device)]
+        for name, value in (("min", distances.min()), ("mean", distances.mean()), ("max", distances.max())):
+            writer.add_scalar(f"centers/{name}_distance", float(value), epoch)
+    if frame.is_file():
+        import imageio.v3 as iio
+
+        writer.add_image("features/val", iio.imread(frame)[..., :3], epoch, dataformats="HWC")
+    if embedding is not None:
+        features, images, names = embedding
+        writer.add_embedding(features.cpu(), metadata=names, label_img=images.float().div(255), global_step=epoch, tag="test_features")
+    writer.flush()
+
+
 def make_gif(frames: Sequence[Path], path: Path, duration: float = 0.4, last_pause: float = 2.0) -> None:
     """Stitch PNG frames into a looping GIF; the last frame stays `last_pause` seconds."""
     import imageio.v3 as iio

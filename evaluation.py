@@ -1,0 +1,107 @@
+"""Evaluation after an epoch: features in eval mode, the study's accuracy, the metrics.csv row."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from datasets import ImageData
+from losses import CENTER_ACC_LOSSES
+from metrics import feature_metrics
+from utils import nearest
+
+TERMS = ("xent", "intra", "inter")
+FEATURE_METRICS = ("knn1_acc", "knn10_acc", "precision_at_1", "map_at_r", "nmi", "ami", "center_distance_ratio")
+EVAL_BATCH = 1024
+
+
+def acc_predictions(args: argparse.Namespace, features: torch.Tensor, logits: torch.Tensor, centers: torch.Tensor | None) -> torch.Tensor:
+    """The study's accuracy: nearest center for losses without a softmax on the features
+    (standalone and the two alternatives), argmax of the logits for xent and cent."""
+    return nearest(features, centers) if args.loss in CENTER_ACC_LOSSES else logits.argmax(1)
+
+
+def nearest_class_mean(features: torch.Tensor, class_sum: torch.Tensor, class_count: torch.Tensor) -> torch.Tensor:
+    distances = torch.cdist(features.float(), class_sum / class_count.clamp_min(1)[:, None]).pow(2)
+    return distances.masked_fill(class_count[None, :] == 0, float("inf")).argmin(1)
+
+
+@torch.no_grad()
+def embed(run: dict, data: ImageData) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features and logits of `data` in eval mode, without augmentation, in large batches."""
+    # The plain module, not the DDP wrapper: every rank evaluates the whole set, with no collectives.
+    model, device = run["model"], run["device"]
+    model.eval()
+    features, logits = [], []
+    for i in range(0, len(data), EVAL_BATCH):
+        x = data.images[i : i + EVAL_BATCH].to(device, non_blocking=True).float().div_(255)
+        if run["channels_last"]:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with run["autocast"]():
+            f, lg = model(x)
+        features.append(f.float())
+        logits.append(lg.float())
+    model.train()
+    return torch.cat(features), torch.cat(logits)
+
+
+@torch.no_grad()
+def objective_stats(run: dict, features: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """The objective on evaluation features in consecutive chunks of --batch-size, so that the
+    pairwise terms have the train loss's scale."""
+    objective, size = run["objective"], run["args"].batch_size
+    sums = torch.zeros(4, device=features.device, dtype=torch.float64)
+    for i in range(0, len(labels), size):
+        loss, terms = objective(features[i : i + size], logits[i : i + size], labels[i : i + size])
+        sums += torch.stack([loss] + [terms.get(t, loss.new_zeros(())) for t in TERMS]).double() * len(labels[i : i + size])
+    sums = (sums / len(labels)).tolist()
+    return {"test_loss": sums[0], **{f"test_{t}": v for t, v in zip(TERMS, sums[1:])}}
+
+
+def accuracy(run: dict, data: ImageData) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """The study's accuracy on `data`, with its features and logits."""
+    features, logits = embed(run, data)
+    centers = run["objective"].centers
+    predictions = acc_predictions(run["args"], features, logits, centers.detach() if centers is not None else None)
+    return (predictions == data.labels.to(features.device)).float().mean().item(), features, logits
+
+
+def epoch_row(run: dict, epoch: int, state: dict, seconds: float) -> tuple[dict, torch.Tensor]:
+    """Evaluate after an epoch and assemble its metrics.csv row; returns the row and test features."""
+    args, objective, test = run["args"], run["objective"], run["test"]
+    test_acc, features, logits = accuracy(run, test)
+    labels = test.labels.to(features.device)
+    stats = objective_stats(run, features, logits, labels)
+    centers = objective.centers.detach() if objective.centers is not None else None
+    s = state["sums"].tolist()
+    batches = max(state["step"] - state["bad_steps"], 1)
+    row = {"epoch": epoch, "lr": run["optimizer"].param_groups[0]["lr"], "train_loss": s[0] / batches}
+    for i, t in enumerate(TERMS, start=1):
+        row[f"train_{t}"] = s[i] / batches if t in objective.terms_used else None
+        row[f"test_{t}"] = stats[f"test_{t}"] if t in objective.terms_used else None
+    row["train_acc"] = s[4] / max(s[5], 1)
+    row["test_loss"] = stats["test_loss"]
+    row["test_acc"] = test_acc
+    row["ncm_acc"] = (nearest_class_mean(features, state["class_sum"], state["class_count"]) == labels).float().mean().item()
+    row["center_acc"] = (nearest(features, centers) == labels).float().mean().item() if centers is not None else None
+    row["val_acc"] = accuracy(run, run["val"])[0] if run["val"] is not None else None
+    if epoch == args.epochs or (args.eval_every and epoch % args.eval_every == 0):
+        train_features, _ = embed(run, run["train"])
+        row.update(feature_metrics(features, labels, train_features, run["train"].labels.to(features.device), args.seed))
+    row["bad_steps"] = state["bad_steps"]
+    row["seconds"] = seconds
+    return row, features
+
+
+def validation_summary(history: list[dict]) -> dict:
+    """Model selection on the held-out split: the epoch of best val_acc and the test accuracy then."""
+    if history[-1]["val_acc"] is None:
+        return {}
+    best = max(history, key=lambda r: r["val_acc"])
+    return {
+        "val_acc": history[-1]["val_acc"],
+        "best_val_acc": best["val_acc"],
+        "best_val_epoch": best["epoch"],
+        "test_acc_at_best_val": best["test_acc"],
+    }
