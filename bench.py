@@ -172,7 +172,7 @@ def run_steps(pipeline: dict, args: argparse.Namespace, device: torch.device, st
     synchronize(device)
     first = time.perf_counter() - started
     samples = 0
-    cpu = cpu_seconds()
+    cpu_before = cpu_seconds()
     started = time.perf_counter()
     for _ in range(steps):
         x, y = next(stream)
@@ -181,23 +181,25 @@ def run_steps(pipeline: dict, args: argparse.Namespace, device: torch.device, st
     synchronize(device)
     seconds = time.perf_counter() - started
     stream.close()  # shuts the DataLoader's workers down (and waits for them) before the other pipeline runs
-    cpu = cpu_seconds() - cpu
+    cpu_main, cpu_workers = (after - before for after, before in zip(cpu_seconds(), cpu_before))
     pipeline["step"] += steps + 1
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     return {
         "samples": samples,
         "seconds": seconds,
         "samples_per_s": samples / seconds,
-        "samples_per_cpu_s": samples / cpu,
+        "samples_per_cpu_s": samples / (cpu_main + cpu_workers),
+        "cpu_main_s": cpu_main,
+        "cpu_workers_s": cpu_workers,
         "first_step_s": first,
         "peak_mib": peak,
     }
 
 
-def cpu_seconds() -> float:
-    """CPU time of this process and its finished children (the DataLoader workers, once shut down)."""
+def cpu_seconds() -> tuple[float, float]:
+    """CPU time of this process and of its finished children (the DataLoader workers, once shut down)."""
     me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
+    return me.ru_utime + me.ru_stime, children.ru_utime + children.ru_stime
 
 
 def peak_rss_mib() -> dict:
@@ -241,7 +243,8 @@ def benchmark(args: argparse.Namespace) -> dict:
     pipelines = [make_pipeline(name, args, data, device) for name in names]
     print(
         f"{args.model} {args.loss} feat_dim={args.feat_dim} on {data.name} ({len(data.train)} train, augmentations {list(data.augmentations)}), "
-        f"batch {args.batch_size}, {device}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs"
+        f"batch {args.batch_size}, {device}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}"
     )
     for p in pipelines:
         print(f"  {p['name']:6s} {p['settings']}")
@@ -261,6 +264,9 @@ def benchmark(args: argparse.Namespace) -> dict:
             "samples_per_s": statistics.median(r["samples_per_s"] for r in rounds),
             "rounds_samples_per_s": [r["samples_per_s"] for r in rounds],
             "samples_per_cpu_s": statistics.median(r["samples_per_cpu_s"] for r in rounds),
+            "cpu_main_s_per_round": [r["cpu_main_s"] for r in rounds],
+            "cpu_workers_s_per_round": [r["cpu_workers_s"] for r in rounds],
+            "wall_s_per_round": [r["seconds"] for r in rounds],
             "first_step_s": statistics.median(r["first_step_s"] for r in rounds),
             "peak_memory_mib": max(r["peak_mib"] for r in rounds) if device.type == "cuda" else None,
         }
@@ -283,6 +289,7 @@ def benchmark(args: argparse.Namespace) -> dict:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "cpus": os.cpu_count(),
+        "environment": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS")},
         "load_average_before_after": [load_before[0], os.getloadavg()[0]],
         "pipelines": results,
         "ratio_fast_over_loader": ratio,

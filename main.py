@@ -141,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="require a checkpoint to resume from (unfinished runs resume anyway)")
     p.add_argument("--overwrite", action="store_true", help="replace a finished or unfinished run of the same name")
     p.add_argument("--no-plots", action="store_true", help="skip the per-epoch 2-D frames and the final projections")
+    p.add_argument("--projection", choices=("pca", "tsne"), default="pca", help="2-D projection of the final features when feat_dim > 2")
     p.add_argument("--plot-every", type=int, default=1, help="draw a 2-D frame every N epochs (and the last)")
     return p
 
@@ -453,6 +454,7 @@ def finish(run: dict, data: Dataset) -> None:
                     split.labels.cpu(),
                     data.classes,
                     f"{args.loss} {data.name} feat_dim={args.feat_dim} ({name})",
+                    method=args.projection,
                 )
     last = history[-1]
     summary = {

@@ -90,7 +90,15 @@ def row(key: tuple[str, str, int], summary: dict | None, study_acc: float | None
         cells = [loss, dataset, str(feat_dim), "missing"] + ["missing"] * 6 + [study, "/"] + ["missing"] * len(extra)
     else:
         diff = f"{summary['acc'] - study_acc:+.3f}" if study_acc is not None else "/"
-        cells = [loss, dataset, str(feat_dim), fmt(summary["acc"]), fmt(summary["lr"], 2), str(summary["epochs"]), str(summary["batch_size"])]
+        cells = [
+            loss,
+            dataset,
+            str(feat_dim),
+            fmt(summary["acc"]),
+            fmt(summary["lr"], 2),
+            str(summary["epochs"]),
+            str(summary["batch_size"]),
+        ]
         cells += weights(loss, summary) + [study, diff] + [fmt(summary.get(name)) for name in extra]
     return "| " + " | ".join(cells) + " |"
 

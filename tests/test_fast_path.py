@@ -158,6 +158,7 @@ def start_main(out: Path, pipeline: str) -> subprocess.Popen:
     args = ["--dataset", "digits", "--train-samples", "96", "--batch-size", "32", "--epochs", "2", "--no-plots"]
     args += ["--device", "cpu", "--pipeline", pipeline, "--workers", "0", "--out", str(out), "--name", "run"]
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", MPLBACKEND="Agg", PYTHONDONTWRITEBYTECODE="1")
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # two runs side by side on few cores: no spinning OpenMP threads
     return subprocess.Popen(
         [sys.executable, str(REPO / "main.py"), *args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
