@@ -140,7 +140,7 @@ def save_projection(
     fig, ax = plt.subplots(figsize=(9, 9), dpi=100)
     ax.scatter(points[thumbnails:, 0], points[thumbnails:, 1], c=colors[labels[thumbnails:]], s=3, linewidths=0, alpha=0.6)
     limits = robust_limits(points, quantile=0.002)
-    side = 0.03 * (limits[:, 1] - limits[:, 0])
+    side = 0.015 * (limits[:, 1] - limits[:, 0])
     for k in range(min(thumbnails, n)):
         thumb = images[k].float().div(255).permute(1, 2, 0).numpy()
         thumb = np.repeat(thumb, 3, axis=2) if thumb.shape[2] == 1 else thumb
