@@ -21,7 +21,12 @@ Reported: train samples/s of each pipeline (median over rounds), the ratio fast/
 round, the two pipelines' rounds being back to back), samples per CPU second (this process and its
 DataLoader workers, start-up included; less sensitive to other load on a shared machine), and peak
 memory: on CUDA torch.cuda.max_memory_allocated per pipeline; on the CPU the peak resident set of
-the whole process (ru_maxrss, both pipelines together) and of the largest finished worker process.
+the whole process (ru_maxrss, both pipelines together) and of the largest finished child process
+(a DataLoader worker; with --compile also inductor's compile workers).
+
+On a CPU shared with other work, OpenMP's default busy-waiting makes every extra runnable process
+(DataLoader workers included) very costly to the training threads; compare with
+OMP_WAIT_POLICY=PASSIVE, recorded in the JSON's "environment".
 
 --accuracy-epochs K instead trains K epochs with main.py twice (subprocesses, --no-plots): the
 float32 loader path and the fast path with the settings given here, same seed, and reports both
@@ -203,7 +208,7 @@ def cpu_seconds() -> tuple[float, float]:
 
 
 def peak_rss_mib() -> dict:
-    """Peak resident set sizes in MiB: this process and its largest finished child (DataLoader worker)."""
+    """Peak resident set sizes in MiB: this process and its largest finished child (DataLoader or compile worker)."""
     unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is in bytes on macOS, KiB on Linux
     return {
         "process": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit / 2**20,
@@ -280,7 +285,7 @@ def benchmark(args: argparse.Namespace) -> dict:
         memory = {"kind": "torch.cuda.max_memory_allocated per pipeline (MiB)", **{n: results[n]["peak_memory_mib"] for n in results}}
     else:
         memory = {
-            "kind": "CPU peak resident set (ru_maxrss, MiB): whole process, both pipelines; largest finished worker",
+            "kind": "CPU peak resident set (ru_maxrss, MiB): whole process, both pipelines; largest finished child (DataLoader or compile worker)",
             **peak_rss_mib(),
         }
     report = {
