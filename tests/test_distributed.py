@@ -91,7 +91,21 @@ def one_step_initial() -> dict[str, torch.Tensor]:
     return _INITIAL
 
 
-TINY = ["--device", "cpu", "--dataset", "digits", "--train-samples", "256", "--batch-size", "32", "--model", "lenet++", "--no-plots"]
+TINY = [
+    "--device",
+    "cpu",
+    "--dataset",
+    "digits",
+    "--train-samples",
+    "256",
+    "--batch-size",
+    "32",
+    "--model",
+    "lenet++",
+    "--no-plots",
+    "--eval-every",
+    "1",
+]
 
 
 def torchrun(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
