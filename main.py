@@ -275,8 +275,8 @@ def train_epoch(run: dict, epoch: int, state: dict, stop: dict) -> None:
             state["class_sum"].index_add_(0, y, features)
             state["class_count"].index_add_(0, y, torch.ones_like(y, dtype=torch.float32))
             if run["collect_frames"] and sum(len(f) for f in state["frame_features"]) < FRAME_POINTS:
-                state["frame_features"].append(features.cpu())
-                state["frame_labels"].append(y.cpu())
+                state["frame_features"].append(features)  # kept on the device: no sync in the step
+                state["frame_labels"].append(y)
         state["step"] += 1
         state["aug"] = aug.get_state()
         if state["step"] % LOG_EVERY == 0 and not bar.disable:
@@ -429,7 +429,7 @@ def draw_frames(run: dict, data: Dataset, epoch: int, state: dict, test_features
     centers = run["objective"].centers
     centers = centers.detach().cpu() if centers is not None else None
     title = f"{run['args'].loss} {data.name} epoch {epoch}"
-    train_points = (torch.cat(state["frame_features"]), torch.cat(state["frame_labels"]))
+    train_points = (torch.cat(state["frame_features"]).cpu(), torch.cat(state["frame_labels"]).cpu())
     test_points = (test_features[:FRAME_POINTS].cpu(), data.test.labels[:FRAME_POINTS].cpu())
     for split, (features, labels), acc in (("train", train_points, row["train_acc"]), ("val", test_points, row["test_acc"])):
         loss = row["train_loss"] if split == "train" else row["test_loss"]
