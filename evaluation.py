@@ -75,7 +75,7 @@ def epoch_row(run: dict, epoch: int, state: dict, seconds: float) -> tuple[dict,
     stats = objective_stats(run, features, logits, labels)
     centers = objective.centers.detach() if objective.centers is not None else None
     s = state["sums"].tolist()
-    batches = max(state["step"] - state["bad_steps"], 1)
+    batches = max(state["step"] - int(state["bad_steps"]), 1)
     row = {"epoch": epoch, "lr": run["optimizer"].param_groups[0]["lr"], "train_loss": s[0] / batches}
     for i, t in enumerate(TERMS, start=1):
         row[f"train_{t}"] = s[i] / batches if t in objective.terms_used else None
@@ -89,7 +89,7 @@ def epoch_row(run: dict, epoch: int, state: dict, seconds: float) -> tuple[dict,
     if epoch == args.epochs or (args.eval_every and epoch % args.eval_every == 0):
         train_features, _ = embed(run, run["train"])
         row.update(feature_metrics(features, labels, train_features, run["train"].labels.to(features.device), args.seed))
-    row["bad_steps"] = state["bad_steps"]
+    row["bad_steps"] = int(state["bad_steps"])
     row["seconds"] = seconds
     return row, features
 

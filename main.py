@@ -50,6 +50,8 @@ from utils import (
     init_distributed,
     resolve_device,
     seed_everything,
+    step_tensors,
+    undo_unless,
     write_csv,
     write_json,
 )
@@ -64,7 +66,7 @@ COLUMNS = [
 FRAME_POINTS = 5000  # points per 2-D frame: enough to see the clusters, under a second to draw
 PROJECTION_POINTS = 2000
 EMBEDDING_POINTS = 2000  # TensorBoard projector: test features with their thumbnails
-LOG_EVERY = 20  # steps between progress-bar updates, the only host syncs besides the guard
+LOG_EVERY = 20  # steps between host syncs: divergence check, progress bar, torchrun stop agreement
 
 
 class TrainingError(Exception):
@@ -210,13 +212,15 @@ def new_epoch_state(num_classes: int, feat_dim: int, device: torch.device, aug: 
         "class_count": torch.zeros(num_classes, device=device),
         "frame_features": [],
         "frame_labels": [],
-        "bad_steps": 0,
+        "bad_steps": torch.zeros((), dtype=torch.int64, device=device),  # counted on the device: no sync
+        "last_bad": torch.zeros(2 + len(TERMS), dtype=torch.float64, device=device),  # step, loss, terms
         "aug": aug.get_state(),
     }
 
 
-def train_epoch(run: dict, epoch: int, state: dict, stop: dict) -> None:
-    """One pass over the shuffled train set, resuming at state['step']; updates `state` in place."""
+def train_epoch(run: dict, epoch: int, state: dict, stop: dict) -> bool:
+    """One pass over the shuffled train set, resuming at state['step']; updates `state` in place.
+    Returns whether it stopped for a signal."""
     args, model, objective, optimizer, scaler = run["args"], run["net"], run["objective"], run["optimizer"], run["scaler"]
     data, augmentations = run["train"], run["augmentations"]
     order = torch.randperm(len(data), generator=epoch_generator(args.seed, epoch))
@@ -233,11 +237,13 @@ def train_epoch(run: dict, epoch: int, state: dict, stop: dict) -> None:
     steps = -(-len(data) // args.batch_size)
     model.train()
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    modules = [run["model"], objective]
     show = rank == 0 and sys.stderr.isatty()
     bar = tqdm(batches, total=steps, initial=state["step"], desc=f"epoch {epoch}", leave=False, disable=not show)
     for x, y in bar:
         if run["channels_last"]:
             x = x.contiguous(memory_format=torch.channels_last)
+        saved = [t.detach().clone() for t in step_tensors(modules, optimizer)]
         with run["autocast"]():
             features, logits = model(x)
         features, logits, y = gather_batch(features, logits, y)
@@ -248,46 +254,62 @@ def train_epoch(run: dict, epoch: int, state: dict, stop: dict) -> None:
             finite = torch.isfinite(loss) & torch.isfinite(
                 torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
             )
-        else:
+            optimizer.step()
+        else:  # GradScaler skips steps with non-finite gradients itself (with a host sync of its own)
             scaler.scale(loss).backward()
             finite = torch.isfinite(loss)
-        # The guard's one host sync per step, as GradScaler makes: a bad update must never be applied.
-        if not bool(finite):
-            state["bad_steps"] += 1
-            run["bad_steps"] += 1
-            if run["bad_steps"] >= args.max_bad_steps:
-                values = ", ".join(f"{k}={float(v):.4g}" for k, v in {"loss": loss, **terms}.items())
-                raise TrainingError(
-                    f"training diverged: {run['bad_steps']} non-finite steps, the last at epoch {epoch} step {state['step'] + 1} ({values}); "
-                    f"no bad update was applied and the last good checkpoint is kept in {run['dir']}; try a lower --lr or --inter-margin"
-                )
-        else:
-            if scaler is None:
-                optimizer.step()
-            else:
-                scaler.step(optimizer)
-                scaler.update()
-            features = features.detach().float()
-            centers = objective.centers.detach() if objective.centers is not None else None
-            correct = (acc_predictions(args, features, logits.detach(), centers) == y).sum()
-            values = [loss.detach()] + [terms[t].detach() if t in terms else loss.new_zeros(()) for t in TERMS]
-            state["sums"] += torch.stack([*values, correct, torch.tensor(len(y), device=y.device)]).double()
-            state["class_sum"].index_add_(0, y, features)
-            state["class_count"].index_add_(0, y, torch.ones_like(y, dtype=torch.float32))
-            if run["collect_frames"] and sum(len(f) for f in state["frame_features"]) < FRAME_POINTS:
-                state["frame_features"].append(features)  # kept on the device: no sync in the step
-                state["frame_labels"].append(y)
+            scaler.step(optimizer)
+            scaler.update()
+        # The guard: a non-finite step is taken back on the device, counted there, and read every LOG_EVERY steps.
+        undo_unless(finite, step_tensors(modules, optimizer), saved)
+        values = torch.stack([loss.detach()] + [terms[t].detach() if t in terms else loss.new_zeros(()) for t in TERMS]).double()
+        state["bad_steps"] += ~finite
+        state["last_bad"] = torch.where(finite, state["last_bad"], torch.cat([values.new_full((1,), state["step"] + 1), values]))
+        features = torch.where(finite, features.detach().float(), torch.nan)  # NaN points are not drawn
+        centers = objective.centers.detach() if objective.centers is not None else None
+        correct = (acc_predictions(args, features, logits.detach(), centers) == y).sum()
+        counted = torch.stack([*values, correct, torch.tensor(len(y), device=y.device)]).double()
+        state["sums"] += torch.where(finite, counted, 0)
+        state["class_sum"].index_add_(0, y, torch.where(finite, features, 0))
+        state["class_count"].index_add_(0, y, finite.float().expand(len(y)))
+        if run["collect_frames"] and sum(len(f) for f in state["frame_features"]) < FRAME_POINTS:
+            state["frame_features"].append(features)  # kept on the device: no sync in the step
+            state["frame_labels"].append(y)
         state["step"] += 1
         state["aug"] = aug.get_state()
-        if state["step"] % LOG_EVERY == 0 and not bar.disable:
-            s = state["sums"].tolist()
-            bar.set_postfix(loss=f"{s[0] / state['step']:.4f}", acc=f"{s[4] / max(s[5], 1):.4f}")
-        if world > 1:  # every rank must stop at the same step, whichever got the signal
-            flag = torch.tensor(stop["signal"] or 0, device=run["device"])
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            stop["signal"] = int(flag) or None
-        if stop["signal"] is not None:
-            return
+        if state["step"] % LOG_EVERY == 0:
+            check_divergence(run, epoch, state)
+            if not bar.disable:
+                s = state["sums"].tolist()
+                bar.set_postfix(loss=f"{s[0] / max(state['step'] - int(state['bad_steps']), 1):.4f}", acc=f"{s[4] / max(s[5], 1):.4f}")
+        if (world == 1 or state["step"] % LOG_EVERY == 0) and stop_agreed(run, stop):
+            return True
+    check_divergence(run, epoch, state)
+    return stop_agreed(run, stop)
+
+
+def stop_agreed(run: dict, stop: dict) -> bool:
+    """Whether to stop for a signal. Under torchrun every rank must stop at the same step, whichever
+    got the signal, so the ranks agree by an all-reduce (a host sync: the loop asks every LOG_EVERY steps)."""
+    if run["world"] > 1:
+        flag = torch.tensor(stop["signal"] or 0, device=run["device"])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if int(flag) == 0:
+            return False
+        stop["signal"] = int(flag)
+    return stop["signal"] is not None
+
+
+def check_divergence(run: dict, epoch: int, state: dict) -> None:
+    """Stop once --max-bad-steps steps were non-finite (each was taken back: no bad update remains)."""
+    bad = run["bad_steps"] + int(state["bad_steps"])
+    if bad >= run["args"].max_bad_steps:
+        step, *values = state["last_bad"].tolist()
+        named = ", ".join(f"{k}={v:.4g}" for k, v in zip(("loss", *TERMS), values))
+        raise TrainingError(
+            f"training diverged: {bad} non-finite steps, the last at epoch {epoch} step {int(step)} ({named}); "
+            f"no bad update was applied and the last good checkpoint is kept in {run['dir']}; try a lower --lr or --inter-margin"
+        )
 
 
 def train(args: argparse.Namespace, rank: int, world: int) -> int:
@@ -370,11 +392,11 @@ def train(args: argparse.Namespace, rank: int, world: int) -> int:
                 state = new_epoch_state(len(data.classes), args.feat_dim, device, aug)
             started = time.perf_counter()
             step_before = state["step"]
-            train_epoch(run, epoch, state, stop)
+            stopped = train_epoch(run, epoch, state, stop)
             elapsed = time.perf_counter() - started
             run["train_seconds"] += elapsed
             run["samples"] += min(state["step"] * args.batch_size, len(data.train)) - step_before * args.batch_size
-            if stop["signal"] is not None:
+            if stopped:
                 if rank == 0:
                     atomic_torch_save(checkpoint(run, epoch - 1, state), run_dir / "checkpoint.pt")
                     print(
@@ -383,6 +405,7 @@ def train(args: argparse.Namespace, rank: int, world: int) -> int:
                     )
                 return 128 + stop["signal"]
             row, test_features = epoch_row(run, epoch, state, elapsed)
+            run["bad_steps"] += row["bad_steps"]
             run["scheduler"].step(row["val_acc"] if run["val"] is not None else row["test_acc"])
             run["history"].append(row)
             if rank == 0:
@@ -401,7 +424,7 @@ def train(args: argparse.Namespace, rank: int, world: int) -> int:
                 f"test acc {row['test_acc']:.4f}  ncm acc {row['ncm_acc']:.4f}  lr {row['lr']:.3g}  {elapsed:.1f}s",
             )
             state = None
-            if stop["signal"] is not None:
+            if stop_agreed(run, stop):
                 return 128 + stop["signal"]
     finally:
         for s, handler in previous.items():

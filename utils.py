@@ -152,3 +152,20 @@ def format_value(value: Any) -> Any:
 def nearest(features: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
     """Index of the nearest row of `points` (squared Euclidean distance) for every feature."""
     return squared_distances(features.float(), points.float()).argmin(1)
+
+
+def step_tensors(modules: list[torch.nn.Module], optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """Every tensor one training step changes: weights, buffers (BatchNorm statistics), optimizer state."""
+    tensors = [t for m in modules for t in m.state_dict(keep_vars=True).values()]
+    return tensors + [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+
+
+@torch.no_grad()
+def undo_unless(finite: torch.Tensor, tensors: list[torch.Tensor], saved: list[torch.Tensor]) -> None:
+    """t <- where(finite, t, saved): takes back a non-finite step without a host sync.
+
+    Optimizer state that the step created (`tensors` beyond `saved`: SGD's momentum buffers on the
+    first step) goes back to zero, which SGD treats exactly as a missing buffer (dampening 0).
+    """
+    for i, t in enumerate(tensors):
+        torch.where(finite, t, saved[i] if i < len(saved) else t.new_zeros(()), out=t)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
@@ -10,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from utils import step_tensors, undo_unless
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--dataset", "digits", "--train-samples", "384", "--batch-size", "32", "--epochs", "3", "--no-plots", "--model", "lenet++"]
@@ -154,7 +157,9 @@ def test_divergence_guard_stops_with_the_loss_terms(tmp_path: Path) -> None:
     result = run([*TINY, "--out", str(tmp_path), "--name", "boom", "--lr", "1e30", "--max-bad-steps", "2"])
     assert result.returncode == 1, result.stdout + result.stderr
     message = result.stderr.strip().splitlines()[-1]
-    assert message.startswith("error: training diverged: 2 non-finite steps")
+    # The count is read every LOG_EVERY steps and at the epoch's end (12 steps here): all bad steps are counted.
+    match = re.match(r"error: training diverged: (\d+) non-finite steps, the last at epoch 1 step (\d+) ", message)
+    assert match and 2 <= int(match[1]) <= int(match[2]) == 12, message
     assert "step" in message and "loss=" in message and "intra=" in message and "inter=" in message
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "boom" / "summary.json").exists()
@@ -169,3 +174,37 @@ def test_inter_margin_bounds_the_push(tmp_path: Path) -> None:
     inter = float(values[header.index("train_inter")])
     # (1/m) sum over ordered different-class pairs: at most (m - 1) * log(1 + margin) per sample.
     assert -inter <= 31 * torch.log1p(torch.tensor(4.0)).item() + 1e-4
+
+
+def guarded_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, poison: bool) -> None:
+    """One step as main.py takes it: snapshot, forward, backward, step, undo unless finite."""
+    saved = [t.detach().clone() for t in step_tensors([model], optimizer)]
+    loss = model(x).pow(2).mean() * (float("nan") if poison else 1.0)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    undo_unless(torch.isfinite(loss), step_tensors([model], optimizer), saved)
+
+
+def small_net() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 2))
+    return model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+
+@pytest.mark.parametrize("bad_at", [0, 2])
+def test_a_non_finite_step_is_taken_back_exactly(bad_at: int) -> None:
+    """Weights, BatchNorm statistics and momentum after a bad step equal those of never taking it,
+    including a bad first step (whose new momentum buffers go back to zero)."""
+    batches = [torch.randn(16, 4, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    clean, clean_opt = small_net()
+    guarded, guarded_opt = small_net()
+    for i, x in enumerate(batches):
+        if i == bad_at:
+            before = {k: v.clone() for k, v in guarded.state_dict().items()}
+            guarded_step(guarded, guarded_opt, x, poison=True)
+            assert all(torch.equal(before[k], v) for k, v in guarded.state_dict().items())
+        guarded_step(guarded, guarded_opt, x, poison=False)
+        guarded_step(clean, clean_opt, x, poison=False)
+    for a, b in zip(step_tensors([clean], clean_opt), step_tensors([guarded], guarded_opt)):
+        assert torch.equal(a, b)
