@@ -7,7 +7,7 @@
     python bench.py --accuracy-epochs 3 --amp bf16          # test accuracy: fast path vs the float32 loader path
 
 Both pipelines train their own copy of main.py's model, objective and SGD optimiser, built from
-the same seed, with main.py's training step (autocast, loss in float32, the one-sync finite guard,
+the same seed, with main.py's training step (autocast, loss in float32, the sync-free divergence guard,
 GradScaler for fp16). The loader path is the study's: torchvision per-sample transforms and a
 DataLoader with --workers processes, float32 (--loader-amp) and contiguous NCHW
 (--loader-channels-last); the fast path keeps the data on the device and augments whole batches
@@ -49,10 +49,10 @@ from pathlib import Path
 
 import torch
 
-from datasets import DATASETS, ImageData, canonical_name, default_workers, load_dataset, loader_batches, tensor_batches
+from datasets import DATASETS, DataError, ImageData, canonical_name, default_workers, load_dataset, loader_batches, tensor_batches
 from losses import LOSSES, Objective
 from models import MODELS, build_model
-from utils import epoch_generator, resolve_device, seed_everything
+from utils import epoch_generator, resolve_device, seed_everything, step_tensors, undo_unless
 
 REPO = Path(__file__).resolve().parent
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -115,6 +115,7 @@ def build_trainer(args: argparse.Namespace, data, device: torch.device, amp: str
         "objective": objective,
         "optimizer": optimizer,
         "parameters": [*model.parameters(), *objective.parameters()],
+        "modules": [model, objective],
         "scaler": torch.amp.GradScaler(device.type) if amp == "fp16" else None,
         "autocast": (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext,
         "channels_last": channels_last,
@@ -122,27 +123,26 @@ def build_trainer(args: argparse.Namespace, data, device: torch.device, amp: str
 
 
 def train_step(trainer: dict, x: torch.Tensor, y: torch.Tensor) -> None:
-    """main.train_epoch's step without the metric sums: forward, loss, backward, guard, update."""
+    """main.train_epoch's step without the metric sums: snapshot, forward, loss, backward, update, guard."""
     if trainer["channels_last"]:
         x = x.contiguous(memory_format=torch.channels_last)
+    optimizer, scaler = trainer["optimizer"], trainer["scaler"]
+    saved = [t.detach().clone() for t in step_tensors(trainer["modules"], optimizer)]
     with trainer["autocast"]():
         features, logits = trainer["net"](x)
     loss, _ = trainer["objective"](features, logits, y)
-    optimizer, scaler = trainer["optimizer"], trainer["scaler"]
     optimizer.zero_grad(set_to_none=True)
     if scaler is None:
         loss.backward()
         grads = [p.grad for p in trainer["parameters"] if p.grad is not None]
         finite = torch.isfinite(loss) & torch.isfinite(torch.nn.utils.get_total_norm(grads))
+        optimizer.step()
     else:
         scaler.scale(loss).backward()
         finite = torch.isfinite(loss)
-    if bool(finite):  # the host sync main.py makes every step
-        if scaler is None:
-            optimizer.step()
-        else:
-            scaler.step(optimizer)
-            scaler.update()
+        scaler.step(optimizer)
+        scaler.update()
+    undo_unless(finite, step_tensors(trainer["modules"], optimizer), saved)
 
 
 def batch_stream(pipeline: dict, args: argparse.Namespace, device: torch.device, step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -355,7 +355,11 @@ def cl_flag(on: bool) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    report = accuracy_check(args) if args.accuracy_epochs else benchmark(args)
+    try:
+        report = accuracy_check(args) if args.accuracy_epochs else benchmark(args)
+    except DataError as exc:
+        print(f"bench.py: error: {exc}", file=sys.stderr)
+        return 1
     Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     print(f"-> {args.json}")
     return 0
