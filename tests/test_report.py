@@ -133,3 +133,20 @@ def test_reproduce_reports_failed_runs(tmp_path: Path) -> None:
     result = subprocess.run(["bash", "reproduce.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1
     assert "FAILED xent-mnist-feat=2" in result.stdout and "1 run(s) failed" in result.stdout
+
+
+def test_readme_table_matches_committed_results() -> None:
+    """README's cpu-3ep table is exactly what report.py makes of results/cpu-3ep, all 18 rows measured,
+    and imgs/ holds the GIFs of its 2-D rows and the projections of its 128-D rows."""
+    readme = (ROOT / "README.md").read_text()
+    start, end = "<!-- table:cpu-3ep -->\n", "<!-- /table:cpu-3ep -->"
+    in_readme = readme[readme.index(start) + len(start) : readme.index(end)].strip()
+    runs = report.load_runs([ROOT / "results" / "cpu-3ep"])
+    assert in_readme == report.table(runs, ["ncm_acc", "train_acc", "knn1_acc", "map_at_r"]).strip()
+    rows = table_rows(in_readme)
+    assert len(rows) == 18 and not any("missing" in r for r in rows)
+    for (loss, dataset, feat_dim), summary in runs.items():
+        assert summary["epochs"] == 3 and summary["amp"] == "off"
+        names = ("train.gif", "val.gif") if feat_dim == 2 else ("train.png", "val.png")
+        for name in names:
+            assert (ROOT / "imgs" / f"{loss}-{dataset}-feat={feat_dim}" / name).stat().st_size > 0
