@@ -4,7 +4,7 @@
     python bench.py --no-channels-last --steps 30 --warmup 5 --rounds 3
     python bench.py --amp bf16 --json bench-bf16.json
     python bench.py --dataset cifar10 --loss xent --device cuda --amp bf16 --compile
-    python bench.py --accuracy-epochs 3 --amp bf16          # test accuracy: fast path vs the float32 loader path
+    python bench.py --accuracy-epochs 3 --seeds 0,1,2 --amp bf16   # test accuracy: fast path vs the float32 loader path
 
 Both pipelines train their own copy of main.py's model, objective and SGD optimiser, built from
 the same seed, with main.py's training step (autocast, loss in float32, the sync-free divergence guard,
@@ -28,9 +28,12 @@ On a CPU shared with other work, OpenMP's default busy-waiting makes every extra
 (DataLoader workers included) very costly to the training threads; compare with
 OMP_WAIT_POLICY=PASSIVE, recorded in the JSON's "environment".
 
---accuracy-epochs K instead trains K epochs with main.py twice (subprocesses, --no-plots): the
-float32 loader path and the fast path with the settings given here, same seed, and reports both
-test accuracies and their difference in points.
+--accuracy-epochs K instead trains K epochs with main.py (subprocesses, --no-plots) for every seed
+of --seeds: the float32 loader path and the fast path with the settings given here, and reports
+both test accuracies, their difference in points per seed and the mean over the seeds. The two
+pipelines draw different augmentations from the same distributions, so one seed's difference
+mixes the pipelines' effect with augmentation noise; the mean over several seeds separates them.
+Finished runs of the same settings are reused (run once per --amp: the loader runs are shared).
 """
 
 from __future__ import annotations
@@ -85,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fast-only", action="store_true", help="time the fast path only")
     p.add_argument("--json", default="bench.json", help="write the results here")
     p.add_argument("--accuracy-epochs", type=int, default=0, help="instead of timing: train K epochs with main.py, compare accuracy")
+    p.add_argument("--seeds", type=seed_list, default=None, help="--accuracy-epochs only: comma-separated seeds (default: --seed)")
     p.add_argument("--train-samples", type=int, default=None, help="--accuracy-epochs only: first N train samples (quick checks)")
     p.add_argument("--out", default="runs-bench", help="--accuracy-epochs only: folder of main.py's run folders")
     return p
@@ -95,7 +99,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if min(args.steps, args.rounds, args.batch_size - 1, args.feat_dim) < 1 or min(args.warmup, args.workers, args.accuracy_epochs) < 0:
         parser.error("--steps, --rounds and --feat-dim must be at least 1, --batch-size at least 2, the others not negative")
+    args.seeds = args.seeds or [args.seed]
     return args
+
+
+def seed_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 0,1,2, got {text!r}") from None
 
 
 # ------------------------------------------------------------------------------------------- setup
@@ -289,7 +301,7 @@ def benchmark(args: argparse.Namespace) -> dict:
             **peak_rss_mib(),
         }
     report = {
-        "config": {k: v for k, v in vars(args).items() if k not in ("accuracy_epochs", "train_samples", "out")},
+        "config": {k: v for k, v in vars(args).items() if k not in ("accuracy_epochs", "seeds", "train_samples", "out")},
         "device": str(device),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
@@ -318,39 +330,76 @@ def benchmark(args: argparse.Namespace) -> dict:
 
 
 def accuracy_check(args: argparse.Namespace) -> dict:
-    """Train --accuracy-epochs epochs with main.py: the float32 loader path and the fast path as set here."""
+    """Train --accuracy-epochs epochs with main.py for every seed: the loader path and the fast path as set here.
+
+    A finished run whose summary records the same settings is reused, so the loader runs serve
+    several fast-path settings (run the check once per --amp).
+    """
     out = Path(args.out).resolve()
-    common = [
-        "--dataset", args.dataset, "--data-dir", args.data_dir, "--model", args.model, "--loss", args.loss,
-        "--feat-dim", args.feat_dim, "--batch-size", args.batch_size, "--seed", args.seed, "--device", args.device,
-        "--epochs", args.accuracy_epochs, "--no-plots", "--out", out, "--overwrite",
-    ]  # fmt: skip
-    if args.train_samples is not None:
-        common += ["--train-samples", args.train_samples]
-    runs = {
-        "loader": ["--pipeline", "loader", "--workers", args.workers, "--amp", args.loader_amp, cl_flag(args.loader_channels_last)],
-        "fast": ["--pipeline", "fast", "--amp", args.amp, cl_flag(args.channels_last), *(["--compile"] if args.compile else [])],
+    common = {
+        "dataset": args.dataset, "data_dir": args.data_dir, "model": args.model, "loss": args.loss,
+        "feat_dim": args.feat_dim, "batch_size": args.batch_size, "device": args.device,
+        "epochs": args.accuracy_epochs, "train_samples": args.train_samples,
+    }  # fmt: skip
+    settings = {
+        "loader": {"pipeline": "loader", "workers": args.workers, "amp": args.loader_amp, "channels_last": args.loader_channels_last},
+        "fast": {"pipeline": "fast", "amp": args.amp, "channels_last": args.channels_last, "compile": args.compile},
     }
-    results = {}
-    for label, extra in runs.items():
-        name = f"bench-{label}-{args.loss}-{args.dataset}-feat={args.feat_dim}"
-        command = [sys.executable, str(REPO / "main.py"), *map(str, common + extra), "--name", name]
-        print("$ " + " ".join(command[1:]), flush=True)
-        if subprocess.run(command, cwd=REPO).returncode != 0:
-            raise SystemExit(f"bench.py: error: main.py failed for the {label} run (command above)")
-        summary = json.loads((out / name / "summary.json").read_text())
-        keys = ("pipeline", "amp", "channels_last", "compile", "acc", "best_acc", "ncm_acc", "samples_per_second", "train_seconds")
-        results[label] = {k: summary[k] for k in keys} | {"run": str(out / name)}
-    difference = 100 * (results["fast"]["acc"] - results["loader"]["acc"])
+    keys = ("pipeline", "amp", "channels_last", "compile", "seed", "acc", "best_acc", "ncm_acc", "samples_per_second", "train_seconds")
+    per_seed = []
+    for seed in args.seeds:
+        results = {}
+        for label, extra in settings.items():
+            config = common | extra | {"seed": seed}
+            summary = train_or_reuse(out, config)
+            results[label] = {k: summary[k] for k in keys} | {"run": summary["run"]}
+        difference = 100 * (results["fast"]["acc"] - results["loader"]["acc"])
+        per_seed.append({"seed": seed, "runs": results, "difference_points": difference})
+        print(f"seed {seed}: test accuracy after {args.accuracy_epochs} epochs: loader {results['loader']['acc']:.4f}, "
+              f"fast {results['fast']['acc']:.4f} ({difference:+.2f} points)", flush=True)  # fmt: skip
+    means = {label: statistics.mean(s["runs"][label]["acc"] for s in per_seed) for label in settings}
+    mean_difference = 100 * (means["fast"] - means["loader"])
+    spread = statistics.stdev(s["difference_points"] for s in per_seed) if len(per_seed) > 1 else None
     print(
-        f"test accuracy after {args.accuracy_epochs} epochs: loader {results['loader']['acc']:.4f}, fast {results['fast']['acc']:.4f} "
-        f"({difference:+.2f} points)"
+        f"mean over {len(per_seed)} seed(s): loader {means['loader']:.4f}, fast {means['fast']:.4f} ({mean_difference:+.2f} points"
+        + (f"; per-seed differences have a standard deviation of {spread:.2f} points)" if spread is not None else ")")
     )
-    return {"epochs": args.accuracy_epochs, "train_samples": args.train_samples, "runs": results, "difference_points": difference}
+    return {
+        "epochs": args.accuracy_epochs,
+        "train_samples": args.train_samples,
+        "seeds": per_seed,
+        "mean_acc": means,
+        "mean_difference_points": mean_difference,
+        "difference_stdev_points": spread,
+    }
 
 
-def cl_flag(on: bool) -> str:
-    return "--channels-last" if on else "--no-channels-last"
+def train_or_reuse(out: Path, config: dict) -> dict:
+    """The summary of main.py run with these settings: an existing finished one, or a new one (--no-plots)."""
+    name = "bench-" + "-".join(
+        [config["pipeline"], config["amp"], *(["cl"] if config["channels_last"] else []), *(["compiled"] if config.get("compile") else []),
+         config["model"], config["loss"], config["dataset"], f"feat={config['feat_dim']}", f"batch={config['batch_size']}",
+         f"epochs={config['epochs']}", *([f"n={config['train_samples']}"] if config["train_samples"] else []), f"seed={config['seed']}"]
+    )  # fmt: skip
+    summary_path = out / name / "summary.json"
+    if summary_path.is_file():
+        summary = json.loads(summary_path.read_text())
+        if all(summary.get(k) == v for k, v in config.items() if k not in ("data_dir", "device", "workers")):
+            print(f"reusing the finished run {out / name} (delete it to train again)", flush=True)
+            return summary | {"run": str(out / name)}
+    command = [sys.executable, str(REPO / "main.py"), "--name", name, "--out", str(out), "--no-plots", "--overwrite"]
+    for key, value in config.items():
+        flag = "--" + key.replace("_", "-")
+        if key == "channels_last":
+            command.append(flag if value else "--no-channels-last")
+        elif key == "compile":
+            command += [flag] if value else []
+        elif value is not None:
+            command += [flag, str(value)]
+    print("$ " + " ".join(command[1:]), flush=True)
+    if subprocess.run(command, cwd=REPO).returncode != 0:
+        raise SystemExit(f"bench.py: error: main.py failed for {name} (command above)")
+    return json.loads(summary_path.read_text()) | {"run": str(out / name)}
 
 
 def main(argv: list[str] | None = None) -> int:

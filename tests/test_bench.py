@@ -23,19 +23,38 @@ def test_bench_reports_both_pipelines(tiny_mnist, tmp_path: Path) -> None:
     assert "ratio fast/loader" in proc.stdout
 
 
-def test_bench_accuracy_check_compares_two_main_runs(tiny_mnist, tmp_path: Path) -> None:
+def test_bench_accuracy_check_compares_main_runs_per_seed_and_reuses_finished_ones(tiny_mnist, tmp_path: Path) -> None:
     data_dir, _ = tiny_mnist
-    out = tmp_path / "acc.json"
-    args = ["--data-dir", data_dir, "--batch-size", "16", "--workers", "0", "--accuracy-epochs", "1", "--amp", "bf16"]
-    check_ok(run_script("bench.py", [*args, "--train-samples", "64", "--out", tmp_path / "runs", "--json", out]))
-    report = json.loads(out.read_text())
-    runs = report["runs"]
-    assert (runs["loader"]["pipeline"], runs["loader"]["amp"]) == ("loader", "off")
-    assert (runs["fast"]["pipeline"], runs["fast"]["amp"]) == ("fast", "bf16")
-    for run in runs.values():
-        summary = json.loads((Path(run["run"]) / "summary.json").read_text())
-        assert summary["acc"] == run["acc"] and summary["epochs"] == 1
-    assert report["difference_points"] == pytest.approx(100 * (runs["fast"]["acc"] - runs["loader"]["acc"]))
+    common = ["--data-dir", data_dir, "--batch-size", "16", "--workers", "0", "--accuracy-epochs", "1", "--train-samples", "64"]
+    common += ["--out", tmp_path / "runs"]
+    check_ok(run_script("bench.py", [*common, "--seeds", "0,1", "--amp", "bf16", "--json", tmp_path / "bf16.json"]))
+    report = json.loads((tmp_path / "bf16.json").read_text())
+    assert [s["seed"] for s in report["seeds"]] == [0, 1]
+    for per_seed in report["seeds"]:
+        runs = per_seed["runs"]
+        assert (runs["loader"]["pipeline"], runs["loader"]["amp"]) == ("loader", "off")
+        assert (runs["fast"]["pipeline"], runs["fast"]["amp"]) == ("fast", "bf16")
+        for run in runs.values():
+            summary = json.loads((Path(run["run"]) / "summary.json").read_text())
+            assert summary["acc"] == run["acc"] and summary["epochs"] == 1 and summary["seed"] == per_seed["seed"]
+        assert per_seed["difference_points"] == pytest.approx(100 * (runs["fast"]["acc"] - runs["loader"]["acc"]))
+    mean = {label: sum(s["runs"][label]["acc"] for s in report["seeds"]) / 2 for label in ("loader", "fast")}
+    assert report["mean_acc"] == pytest.approx(mean)
+    assert report["mean_difference_points"] == pytest.approx(100 * (mean["fast"] - mean["loader"]))
+
+    loader_run = Path(report["seeds"][1]["runs"]["loader"]["run"])
+    written = (loader_run / "summary.json").stat().st_mtime_ns
+    proc = check_ok(run_script("bench.py", [*common, "--seeds", "1", "--amp", "off", "--json", tmp_path / "off.json"]))
+    again = json.loads((tmp_path / "off.json").read_text())["seeds"][0]["runs"]
+    assert f"reusing the finished run {loader_run}" in proc.stdout
+    assert (loader_run / "summary.json").stat().st_mtime_ns == written
+    assert again["loader"]["acc"] == report["seeds"][1]["runs"]["loader"]["acc"]
+    assert (again["fast"]["amp"], again["fast"]["seed"]) == ("off", 1) and Path(again["fast"]["run"]).is_dir()
+
+
+def test_bench_seeds_must_be_integers(tmp_path: Path) -> None:
+    proc = run_script("bench.py", ["--accuracy-epochs", "1", "--seeds", "0,x"])
+    assert proc.returncode == 2 and "--seeds" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_bench_bad_data_dir_is_one_line(tmp_path: Path) -> None:
