@@ -47,18 +47,18 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
-from datasets import DATASETS, DataError, ImageData, canonical_name, default_workers, load_dataset, loader_batches, tensor_batches
-from losses import LOSSES, Objective
-from models import MODELS, build_model
-from utils import epoch_generator, resolve_device, seed_everything, step_tensors, undo_unless
+from datasets import DATASETS, DataError, Dataset, ImageData, canonical_name, default_workers, load_dataset, loader_batches, tensor_batches
+from losses import LOSSES
+from main import parse_args as parse_main_args
+from models import MODELS
+from training import AMP_DTYPES, build_trainer, guarded_step
+from utils import epoch_generator, resolve_device
 
 REPO = Path(__file__).resolve().parent
-AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def default_data_dir() -> str:
@@ -113,48 +113,13 @@ def seed_list(text: str) -> list[int]:
 # ------------------------------------------------------------------------------------------- setup
 
 
-def build_trainer(args: argparse.Namespace, data, device: torch.device, amp: str, channels_last: bool, compile: bool) -> dict:
-    """Model, objective, optimiser, scaler and autocast as main.py builds them (same seed, same order)."""
-    seed_everything(args.seed)
-    model = build_model(args.model, data.channels, len(data.classes), args.feat_dim, data.image_size).to(device)
-    objective = Objective(args.loss, len(data.classes), args.feat_dim).to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD([{"params": model.parameters()}, {"params": objective.parameters()}], lr=0.01, momentum=0.9)
-    dtype = AMP_DTYPES[amp]
-    return {
-        "net": torch.compile(model) if compile else model,
-        "objective": objective,
-        "optimizer": optimizer,
-        "parameters": [*model.parameters(), *objective.parameters()],
-        "modules": [model, objective],
-        "scaler": torch.amp.GradScaler(device.type) if amp == "fp16" else None,
-        "autocast": (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext,
-        "channels_last": channels_last,
-    }
-
-
-def train_step(trainer: dict, x: torch.Tensor, y: torch.Tensor) -> None:
-    """main.train_epoch's step without the metric sums: snapshot, forward, loss, backward, update, guard."""
-    if trainer["channels_last"]:
-        x = x.contiguous(memory_format=torch.channels_last)
-    optimizer, scaler = trainer["optimizer"], trainer["scaler"]
-    saved = [t.detach().clone() for t in step_tensors(trainer["modules"], optimizer)]
-    with trainer["autocast"]():
-        features, logits = trainer["net"](x)
-    loss, _ = trainer["objective"](features, logits, y)
-    optimizer.zero_grad(set_to_none=True)
-    if scaler is None:
-        loss.backward()
-        grads = [p.grad for p in trainer["parameters"] if p.grad is not None]
-        finite = torch.isfinite(loss) & torch.isfinite(torch.nn.utils.get_total_norm(grads))
-        optimizer.step()
-    else:
-        scaler.scale(loss).backward()
-        finite = torch.isfinite(loss)
-        scaler.step(optimizer)
-        scaler.update()
-    undo_unless(finite, step_tensors(trainer["modules"], optimizer), saved)
+def build_pipeline_trainer(args: argparse.Namespace, data: Dataset, device: torch.device, settings: dict) -> dict:
+    """main.py's trainer for this configuration: main.py's defaults (lr, momentum, loss weights) and
+    the pipeline's amp, channels_last and compile."""
+    flags = ["--model", args.model, "--loss", args.loss, "--feat-dim", str(args.feat_dim), "--seed", str(args.seed)]
+    flags += ["--amp", settings["amp"], "--channels-last" if settings["channels_last"] else "--no-channels-last"]
+    flags += ["--compile"] if settings["compile"] else []
+    return build_trainer(parse_main_args(flags), data, device)
 
 
 def batch_stream(pipeline: dict, args: argparse.Namespace, device: torch.device, step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -185,7 +150,7 @@ def run_steps(pipeline: dict, args: argparse.Namespace, device: torch.device, st
     stream = batch_stream(pipeline, args, device, pipeline["step"])
     started = time.perf_counter()
     x, y = next(stream)
-    train_step(pipeline["trainer"], x, y)
+    guarded_step(pipeline["trainer"], x, y)
     synchronize(device)
     first = time.perf_counter() - started
     samples = 0
@@ -193,7 +158,7 @@ def run_steps(pipeline: dict, args: argparse.Namespace, device: torch.device, st
     started = time.perf_counter()
     for _ in range(steps):
         x, y = next(stream)
-        train_step(pipeline["trainer"], x, y)
+        guarded_step(pipeline["trainer"], x, y)
         samples += len(y)
     synchronize(device)
     seconds = time.perf_counter() - started
@@ -244,7 +209,7 @@ def make_pipeline(name: str, args: argparse.Namespace, data, device: torch.devic
         "data": train,
         "augmentations": data.augmentations,
         "aug": torch.Generator().manual_seed(args.seed + 1),
-        "trainer": build_trainer(args, data, device, settings["amp"], settings["channels_last"], settings["compile"]),
+        "trainer": build_pipeline_trainer(args, data, device, settings),
         "step": 0,
         "rounds": [],
     }

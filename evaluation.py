@@ -6,7 +6,7 @@ import argparse
 
 import torch
 
-from datasets import ImageData
+from datasets import Dataset, ImageData
 from losses import CENTER_ACC_LOSSES
 from metrics import feature_metrics
 from utils import nearest
@@ -92,6 +92,32 @@ def epoch_row(run: dict, epoch: int, state: dict, seconds: float) -> tuple[dict,
     row["bad_steps"] = int(state["bad_steps"])
     row["seconds"] = seconds
     return row, features
+
+
+def run_summary(run: dict, data: Dataset) -> dict:
+    """summary.json: the settings, the last epoch's metrics, the best accuracy, speed and the bad-step count."""
+    args, history = run["args"], run["history"]
+    last = history[-1]
+    return {
+        **vars(args),
+        "num_classes": len(data.classes),
+        "train_size": len(data.train),
+        "test_size": len(data.test),
+        "augmentations": list(data.augmentations),
+        "acc": last["test_acc"],
+        "best_acc": max(r["test_acc"] for r in history),
+        "ncm_acc": last["ncm_acc"],
+        "center_acc": last["center_acc"],
+        "train_acc": last["train_acc"],
+        "epochs": len(history),
+        "train_seconds": run["train_seconds"],
+        "samples_per_second": run["samples"] / max(run["train_seconds"], 1e-9),
+        "bad_steps": run["bad_steps"],
+        **{name: last[name] for name in FEATURE_METRICS},
+        **validation_summary(history),
+        "device": str(run["device"]),
+        "torch": torch.__version__,
+    }
 
 
 def validation_summary(history: list[dict]) -> dict:

@@ -17,12 +17,10 @@ import os
 import signal
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 from tqdm import tqdm
 
 import visualize
@@ -40,18 +38,15 @@ from datasets import (
     split_validation,
     tensor_batches,
 )
-from evaluation import FEATURE_METRICS, TERMS, acc_predictions, embed, epoch_row, validation_summary
-from losses import CENTER_ACC_LOSSES, LOSSES, Objective
-from models import MODELS, build_model
+from evaluation import FEATURE_METRICS, TERMS, acc_predictions, embed, epoch_row, run_summary
+from losses import LOSSES
+from models import MODELS
+from training import AMP_DTYPES, build_trainer, guarded_step
 from utils import (
     atomic_torch_save,
     epoch_generator,
-    gather_batch,
     init_distributed,
     resolve_device,
-    seed_everything,
-    step_tensors,
-    undo_unless,
     write_csv,
     write_json,
 )
@@ -134,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="fast: tensors on the device, batched augmentation; loader: torchvision DataLoader",
     )
     p.add_argument("--workers", type=int, default=default_workers(), help="DataLoader workers (loader pipeline)")
-    p.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off", help="autocast precision")
+    p.add_argument("--amp", choices=tuple(AMP_DTYPES), default="off", help="autocast precision")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="channels_last memory format")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--max-bad-steps", type=int, default=5, help="stop after this many non-finite steps (each one is skipped)")
@@ -221,7 +216,7 @@ def new_epoch_state(num_classes: int, feat_dim: int, device: torch.device, aug: 
 def train_epoch(run: dict, epoch: int, state: dict, stop: dict) -> bool:
     """One pass over the shuffled train set, resuming at state['step']; updates `state` in place.
     Returns whether it stopped for a signal."""
-    args, model, objective, optimizer, scaler = run["args"], run["net"], run["objective"], run["optimizer"], run["scaler"]
+    args, objective = run["args"], run["objective"]
     data, augmentations = run["train"], run["augmentations"]
     order = torch.randperm(len(data), generator=epoch_generator(args.seed, epoch))
     aug = torch.Generator().set_state(state["aug"])
@@ -235,33 +230,11 @@ def train_epoch(run: dict, epoch: int, state: dict, stop: dict) -> bool:
             data, shard, args.batch_size // world, augmentations, generator, args.workers, run["device"], state["step"]
         )
     steps = -(-len(data) // args.batch_size)
-    model.train()
-    parameters = [p for group in optimizer.param_groups for p in group["params"]]
-    modules = [run["model"], objective]
+    run["net"].train()
     show = rank == 0 and sys.stderr.isatty()
     bar = tqdm(batches, total=steps, initial=state["step"], desc=f"epoch {epoch}", leave=False, disable=not show)
     for x, y in bar:
-        if run["channels_last"]:
-            x = x.contiguous(memory_format=torch.channels_last)
-        saved = [t.detach().clone() for t in step_tensors(modules, optimizer)]
-        with run["autocast"]():
-            features, logits = model(x)
-        features, logits, y = gather_batch(features, logits, y)
-        loss, terms = objective(features, logits, y)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is None:
-            loss.backward()
-            finite = torch.isfinite(loss) & torch.isfinite(
-                torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
-            )
-            optimizer.step()
-        else:  # GradScaler skips steps with non-finite gradients itself (with a host sync of its own)
-            scaler.scale(loss).backward()
-            finite = torch.isfinite(loss)
-            scaler.step(optimizer)
-            scaler.update()
-        # The guard: a non-finite step is taken back on the device, counted there, and read every LOG_EVERY steps.
-        undo_unless(finite, step_tensors(modules, optimizer), saved)
+        features, logits, y, loss, terms, finite = guarded_step(run, x, y)
         values = torch.stack([loss.detach()] + [terms[t].detach() if t in terms else loss.new_zeros(()) for t in TERMS]).double()
         state["bad_steps"] += ~finite
         state["last_bad"] = torch.where(finite, state["last_bad"], torch.cat([values.new_full((1,), state["step"] + 1), values]))
@@ -325,37 +298,13 @@ def train(args: argparse.Namespace, rank: int, world: int) -> int:
     run_dir, resume = prepare_run_dir(args, rank)
     if world > 1:
         dist.barrier()
-    seed_everything(args.seed)
-    model = build_model(args.model, data.channels, len(data.classes), args.feat_dim, data.image_size).to(device)
-    if args.loss in CENTER_ACC_LOSSES:  # logits unused: no gradient, and DDP must not wait for one
-        model.classifier.requires_grad_(False)
-    if world > 1 and device.type == "cuda":  # batch statistics over the global batch (SyncBatchNorm needs a GPU)
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    objective = Objective(
-        args.loss, len(data.classes), args.feat_dim, args.weight_cent, args.weight_intra, args.weight_inter, args.inter_margin, args.alpha
-    ).to(device)
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(
-        [{"params": model.parameters()}, {"params": objective.parameters(), "lr": args.lr_cent}], lr=args.lr, momentum=args.momentum
-    )
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
     run = {
         "args": args,
         "dir": run_dir,
         "device": device,
-        "model": model,
-        "net": compile_and_wrap(model, args.compile, device, world),
+        **build_trainer(args, data, device, world),
         "rank": rank,
         "world": world,
-        "objective": objective,
-        "optimizer": optimizer,
-        "scheduler": torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode="max", factor=args.factor, patience=args.patience, threshold=args.threshold
-        ),
-        "scaler": torch.amp.GradScaler(device.type) if args.amp == "fp16" else None,
-        "autocast": (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext,
-        "channels_last": args.channels_last,
         "train": data.train.to(device) if args.pipeline == "fast" else data.train,
         "test": data.test.to(device) if args.pipeline == "fast" else data.test,
         "val": val.to(device) if val is not None and args.pipeline == "fast" else val,
@@ -366,6 +315,9 @@ def train(args: argparse.Namespace, rank: int, world: int) -> int:
         "samples": 0,
         "bad_steps": 0,
     }
+    run["scheduler"] = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        run["optimizer"], mode="max", factor=args.factor, patience=args.patience, threshold=args.threshold
+    )
     start_epoch, state = 1, None
     if resume:
         ckpt = load_checkpoint(run_dir / "checkpoint.pt", run)
@@ -417,7 +369,7 @@ def train(args: argparse.Namespace, rank: int, world: int) -> int:
                     n = EMBEDDING_POINTS if epoch == args.epochs else 0
                     embedding = (test_features[:n], data.test.images[:n], [data.classes[k] for k in data.test.labels[:n].tolist()])
                     frame = run_dir / "frames" / "val" / f"epoch_{epoch:03d}.png"
-                    visualize.log_tensorboard(writer, epoch, row, objective.centers, frame, embedding if n else None)
+                    visualize.log_tensorboard(writer, epoch, row, run["objective"].centers, frame, embedding if n else None)
             log(
                 rank,
                 f"epoch {epoch}/{args.epochs}  loss {row['train_loss']:.4f}  train acc {row['train_acc']:.4f}  "
@@ -441,13 +393,6 @@ def log(rank: int, message: str) -> None:
         print(message, flush=True)
 
 
-def compile_and_wrap(model: nn.Module, compile_model: bool, device: torch.device, world: int) -> nn.Module:
-    """The module the training step calls: DistributedDataParallel under torchrun, compiled on request."""
-    if world > 1:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    return torch.compile(model) if compile_model else model
-
-
 def draw_frames(run: dict, data: Dataset, epoch: int, state: dict, test_features: torch.Tensor, row: dict) -> None:
     centers = run["objective"].centers
     centers = centers.detach().cpu() if centers is not None else None
@@ -461,7 +406,7 @@ def draw_frames(run: dict, data: Dataset, epoch: int, state: dict, test_features
 
 def finish(run: dict, data: Dataset) -> None:
     """After the last epoch: final pictures, then summary.json, whose presence marks a finished run."""
-    args, run_dir, history = run["args"], run["dir"], run["history"]
+    args, run_dir = run["args"], run["dir"]
     if not args.no_plots:
         if args.feat_dim == 2:
             visualize.redraw_frames(run_dir, data.classes)
@@ -479,27 +424,7 @@ def finish(run: dict, data: Dataset) -> None:
                     f"{args.loss} {data.name} feat_dim={args.feat_dim} ({name})",
                     method=args.projection,
                 )
-    last = history[-1]
-    summary = {
-        **vars(args),
-        "num_classes": len(data.classes),
-        "train_size": len(data.train),
-        "test_size": len(data.test),
-        "augmentations": list(data.augmentations),
-        "acc": last["test_acc"],
-        "best_acc": max(r["test_acc"] for r in history),
-        "ncm_acc": last["ncm_acc"],
-        "center_acc": last["center_acc"],
-        "train_acc": last["train_acc"],
-        "epochs": len(history),
-        "train_seconds": run["train_seconds"],
-        "samples_per_second": run["samples"] / max(run["train_seconds"], 1e-9),
-        "bad_steps": run["bad_steps"],
-        **{name: last[name] for name in FEATURE_METRICS},
-        **validation_summary(history),
-        "device": str(run["device"]),
-        "torch": torch.__version__,
-    }
+    summary = run_summary(run, data)
     write_json(run_dir / "summary.json", summary)
     print(
         f"done: acc {summary['acc']:.4f} (best {summary['best_acc']:.4f}), ncm acc {summary['ncm_acc']:.4f}, {summary['samples_per_second']:.0f} samples/s -> {run_dir}"

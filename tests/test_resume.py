@@ -8,11 +8,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from utils import step_tensors, undo_unless
+from main import parse_args
+from training import build_trainer, guarded_step
+from utils import step_tensors
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--dataset", "digits", "--train-samples", "384", "--batch-size", "32", "--epochs", "3", "--no-plots", "--model", "lenet++"]
@@ -176,35 +179,31 @@ def test_inter_margin_bounds_the_push(tmp_path: Path) -> None:
     assert -inter <= 31 * torch.log1p(torch.tensor(4.0)).item() + 1e-4
 
 
-def guarded_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, poison: bool) -> None:
-    """One step as main.py takes it: snapshot, forward, backward, step, undo unless finite."""
-    saved = [t.detach().clone() for t in step_tensors([model], optimizer)]
-    loss = model(x).pow(2).mean() * (float("nan") if poison else 1.0)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    undo_unless(torch.isfinite(loss), step_tensors([model], optimizer), saved)
-
-
-def small_net() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 2))
-    return model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+def trainer(amp: str = "off") -> dict:
+    """main.py's trainer (resnet, standalone loss, 2-D features) for 28x28 grey images, 10 classes."""
+    data = SimpleNamespace(channels=1, classes=list(range(10)), image_size=28)
+    return build_trainer(parse_args(["--seed", "3", "--amp", amp]), data, torch.device("cpu"))
 
 
 @pytest.mark.parametrize("bad_at", [0, 2])
 def test_a_non_finite_step_is_taken_back_exactly(bad_at: int) -> None:
-    """Weights, BatchNorm statistics and momentum after a bad step equal those of never taking it,
-    including a bad first step (whose new momentum buffers go back to zero)."""
-    batches = [torch.randn(16, 4, generator=torch.Generator().manual_seed(i)) for i in range(4)]
-    clean, clean_opt = small_net()
-    guarded, guarded_opt = small_net()
+    """Weights, centers, BatchNorm statistics and momentum after a bad step (a NaN image) equal those
+    of never taking it, including a bad first step (whose new momentum buffers go back to zero)."""
+    batches = [torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    labels = torch.arange(16) % 10
+    clean, guarded = trainer(), trainer()
+    tensors = lambda t: step_tensors([t["model"], t["objective"]], t["optimizer"])  # noqa: E731
     for i, x in enumerate(batches):
         if i == bad_at:
-            before = {k: v.clone() for k, v in guarded.state_dict().items()}
-            guarded_step(guarded, guarded_opt, x, poison=True)
-            assert all(torch.equal(before[k], v) for k, v in guarded.state_dict().items())
-        guarded_step(guarded, guarded_opt, x, poison=False)
-        guarded_step(clean, clean_opt, x, poison=False)
-    for a, b in zip(step_tensors([clean], clean_opt), step_tensors([guarded], guarded_opt)):
-        assert torch.equal(a, b)
+            before = [t.clone() for t in tensors(guarded)]
+            poisoned = x.clone()
+            poisoned[0, 0, 0, 0] = float("nan")
+            *_, finite = guarded_step(guarded, poisoned, labels)
+            assert not finite
+            after = tensors(guarded)  # a bad first step leaves momentum buffers behind: all zero
+            assert all(torch.equal(a, b) for a, b in zip(before, after)) and all(not t.any() for t in after[len(before) :])
+        *_, finite = guarded_step(guarded, x, labels)
+        assert finite
+        guarded_step(clean, x, labels)
+    pairs = list(zip(tensors(clean), tensors(guarded), strict=True))
+    assert len(pairs) > 50 and all(torch.equal(a, b) for a, b in pairs)
