@@ -8,11 +8,10 @@ import torch
 
 from datasets import Dataset, ImageData
 from losses import CENTER_ACC_LOSSES
-from metrics import feature_metrics
+from metrics import FEATURE_METRICS, feature_metrics
 from utils import nearest
 
 TERMS = ("xent", "intra", "inter")
-FEATURE_METRICS = ("knn1_acc", "knn10_acc", "precision_at_1", "map_at_r", "nmi", "ami", "center_distance_ratio")
 EVAL_BATCH = 1024
 
 

@@ -38,8 +38,9 @@ from datasets import (
     split_validation,
     tensor_batches,
 )
-from evaluation import FEATURE_METRICS, TERMS, acc_predictions, embed, epoch_row, run_summary
+from evaluation import TERMS, acc_predictions, embed, epoch_row, run_summary
 from losses import LOSSES
+from metrics import FEATURE_METRICS
 from models import MODELS
 from training import AMP_DTYPES, build_trainer, guarded_step
 from utils import (

@@ -46,6 +46,18 @@ def test_shuffled_labels_score_near_chance() -> None:
     assert metrics.center_distance_ratio(features, shuffled) > 2
 
 
+@pytest.mark.parametrize("where", ["test", "train"])
+def test_non_finite_features_give_nan_metrics_not_an_error(where: str) -> None:
+    """An overflowing model's features (inf) make every metric NaN instead of crashing k-means."""
+    labels = torch.arange(40) % 4
+    features = {"test": torch.randn(40, 2), "train": torch.randn(40, 2)}
+    features[where][3, 1] = float("inf")
+    scores = metrics.feature_metrics(features["test"], labels, features["train"], labels)
+    assert set(scores) == set(metrics.FEATURE_METRICS) and all(math.isnan(v) for v in scores.values())
+    finite = metrics.feature_metrics(torch.randn(40, 2), labels, torch.randn(40, 2), labels)
+    assert not any(math.isnan(v) for v in finite.values())
+
+
 def test_map_at_r_hand_computed() -> None:
     # 1-D points: class 0 at 0, 1, 10; class 1 at 2.5, 11, 12.5 (no ties).
     features = torch.tensor([[0.0], [1.0], [10.0], [2.5], [11.0], [12.5]])
