@@ -42,6 +42,7 @@ def build_trainer(args: argparse.Namespace, data: Dataset, device: torch.device,
         "net": compile_and_wrap(model, args.compile, device, world),
         "objective": objective,
         "optimizer": optimizer,
+        "parameters": [p for group in optimizer.param_groups for p in group["params"]],
         "scaler": torch.amp.GradScaler(device.type) if args.amp == "fp16" else None,
         "autocast": autocast,
         "channels_last": args.channels_last,
@@ -75,7 +76,7 @@ def guarded_step(trainer: dict, x: torch.Tensor, y: torch.Tensor) -> tuple[torch
     optimizer.zero_grad(set_to_none=True)
     if scaler is None:
         loss.backward()
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        grads = [p.grad for p in trainer["parameters"] if p.grad is not None]
         finite = torch.isfinite(loss) & torch.isfinite(torch.nn.utils.get_total_norm(grads))
         optimizer.step()
     else:  # GradScaler skips steps with non-finite gradients itself (with a host sync of its own)
