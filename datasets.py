@@ -292,33 +292,51 @@ def load_tree(name: str, root: Path, augmentations: tuple[str, ...], classes: li
     return Dataset(name, train, test, classes, augmentations, str(root))
 
 
+def flip(x: torch.Tensor, flipped: torch.Tensor) -> torch.Tensor:
+    """Mirror the images whose entry of the boolean `flipped` (N) is set (torchvision's hflip)."""
+    return torch.where(flipped[:, None, None, None], x.flip(-1), x)
+
+
+def rotate(x: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
+    """Rotate each image counter-clockwise by its angle in `degrees` (N) about the image centre,
+    bilinear interpolation, zero fill: torchvision's rotate(img, angle, InterpolationMode.BILINEAR)."""
+    angle = torch.deg2rad(degrees.to(x.dtype))
+    cos, sin, zero = angle.cos(), angle.sin(), torch.zeros_like(angle)
+    # affine_grid maps output to input coordinates (x right, y down): the inverse of a
+    # counter-clockwise turn on screen is [[cos, -sin], [sin, cos]] in these coordinates.
+    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def crop(x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Window of each image's CROP_PADDING-zero-padded copy, of the image's size, at (row, column)
+    offsets (2 x N, each in [0, 2 * CROP_PADDING]): torchvision's RandomCrop(size, padding) for given draws."""
+    n, (h, w) = x.shape[0], x.shape[-2:]
+    padded = F.pad(x, (CROP_PADDING,) * 4)
+    rows = (offsets[0][:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+    cols = (offsets[1][:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+    batch = torch.arange(n, device=x.device)[:, None, None, None]
+    chans = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+    return padded[batch, chans, rows, cols]
+
+
 def augment_batch(x: torch.Tensor, augmentations: Sequence[str], generator: torch.Generator) -> torch.Tensor:
     """Apply the study's random augmentations to a whole float batch (N x C x H x W) on its device.
 
-    Parameters are drawn on the CPU from `generator` (so runs are repeatable on any device) from
-    the same distributions as torchvision's per-sample transforms: RandomHorizontalFlip(0.5),
-    RandomRotation(5) (uniform angle, nearest neighbour, zero fill) and RandomCrop(32, padding=4).
+    Parameters are drawn from `generator`, which lives on the batch's device, so nothing waits for
+    the host or copies from it, from the same distributions as torchvision's per-sample transforms:
+    RandomHorizontalFlip(0.5), RandomRotation(5, BILINEAR) (uniform angle in [-5, 5], zero fill) and
+    RandomCrop(32, padding=4) (uniform offsets).
     """
-    n = x.shape[0]
+    n, device = x.shape[0], generator.device
     for op in augmentations:
         if op == "flip":
-            flip = (torch.rand(n, generator=generator) < 0.5).to(x.device, non_blocking=True)
-            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+            x = flip(x, torch.rand(n, generator=generator, device=device) < 0.5)
         elif op == "rotate":
-            angle = (torch.rand(n, generator=generator) * 2 - 1) * math.radians(ROTATION_DEGREES)
-            cos, sin, zero = angle.cos(), angle.sin(), torch.zeros(n)
-            theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
-            grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
-            x = F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+            x = rotate(x, (torch.rand(n, generator=generator, device=device) * 2 - 1) * ROTATION_DEGREES)
         elif op == "crop":
-            h, w = x.shape[-2:]
-            offsets = torch.randint(0, 2 * CROP_PADDING + 1, (2, n), generator=generator).to(x.device)
-            padded = F.pad(x, (CROP_PADDING,) * 4)
-            rows = (offsets[0][:, None] + torch.arange(h, device=x.device))[:, None, :, None]
-            cols = (offsets[1][:, None] + torch.arange(w, device=x.device))[:, None, None, :]
-            batch = torch.arange(n, device=x.device)[:, None, None, None]
-            chans = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
-            x = padded[batch, chans, rows, cols]
+            x = crop(x, torch.randint(0, 2 * CROP_PADDING + 1, (2, n), generator=generator, device=device))
         else:
             raise ValueError(f"unknown augmentation {op!r}")
     return x
@@ -334,32 +352,31 @@ def tensor_batches(
     rank: int = 0,
     world: int = 1,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Fast path: batches of `data` (already on the training device) in `order`, augmented there.
+    """Fast path: the full batches of `data` (already on the training device) in `order`, augmented
+    there; the last partial batch is dropped, as the study's loader does (drop_last=True).
 
     With `world` processes each global batch is augmented whole (the same random draws as one
     process) and this rank gets its `rank`-th of `world` equal slices (see shard_order)."""
     order = order.to(data.images.device)
-    for i in range(start * batch_size, len(order), batch_size):
+    share = batch_size // world
+    for i in range(start * batch_size, len(order) - batch_size + 1, batch_size):
         idx = order[i : i + batch_size]
         x = augment_batch(data.images[idx].float().div_(255), augmentations, generator)
-        share = len(idx) // world
         rows = slice(rank * share, (rank + 1) * share)
         yield x[rows], data.labels[idx[rows]]
 
 
-def shard_order(order: torch.Tensor, batch_size: int, rank: int, world: int) -> torch.Tensor:
-    """This rank's indices: the rank-th of `world` equal slices of every global batch of `order`.
+def full_batches(num_samples: int, batch_size: int) -> int:
+    """Training steps per epoch: the last partial batch is dropped (the study's drop_last=True)."""
+    return num_samples // batch_size
 
-    A global batch whose size is not a multiple of `world` (only the last one, when --batch-size is)
-    loses its last len % world samples, so that every rank holds the same number."""
-    if world == 1:
-        return order
-    parts = []
-    for i in range(0, len(order), batch_size):
-        batch = order[i : i + batch_size]
-        share = len(batch) // world
-        parts.append(batch[rank * share : (rank + 1) * share])
-    return torch.cat(parts)
+
+def shard_order(order: torch.Tensor, batch_size: int, rank: int, world: int) -> torch.Tensor:
+    """This rank's indices: the rank-th of `world` equal slices of every full global batch of `order`
+    (--batch-size is a multiple of `world`; the last partial batch is dropped)."""
+    share = batch_size // world
+    batches = order[: full_batches(len(order), batch_size) * batch_size].view(-1, batch_size)
+    return batches[:, rank * share : (rank + 1) * share].reshape(-1)
 
 
 class TransformedImages(torch.utils.data.Dataset):
@@ -371,7 +388,7 @@ class TransformedImages(torch.utils.data.Dataset):
         self.data = data
         ops = {
             "flip": T.RandomHorizontalFlip(),
-            "rotate": T.RandomRotation(ROTATION_DEGREES),
+            "rotate": T.RandomRotation(ROTATION_DEGREES, interpolation=T.InterpolationMode.BILINEAR),
             "crop": T.RandomCrop(data.images.shape[-1], padding=CROP_PADDING),
         }
         self.transform = T.Compose([*(ops[a] for a in augmentations), T.ToTensor()])
@@ -397,12 +414,14 @@ def loader_batches(
     device: torch.device,
     start: int = 0,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Loader path: a DataLoader over per-sample transforms, sampling `order` (CPU data)."""
+    """Loader path: a DataLoader over per-sample transforms, sampling `order` (CPU data); the last
+    partial batch is dropped, as in the study."""
     loader = torch.utils.data.DataLoader(
         TransformedImages(data, augmentations),
         batch_size=batch_size,
         sampler=order[start * batch_size :].tolist(),
         num_workers=workers,
+        drop_last=True,
         pin_memory=device.type == "cuda",
         generator=generator,
         persistent_workers=False,

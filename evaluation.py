@@ -79,7 +79,7 @@ def epoch_row(run: dict, epoch: int, state: dict, seconds: float) -> tuple[dict,
     for i, t in enumerate(TERMS, start=1):
         row[f"train_{t}"] = s[i] / batches if t in objective.terms_used else None
         row[f"test_{t}"] = stats[f"test_{t}"] if t in objective.terms_used else None
-    row["train_acc"] = s[4] / max(s[5], 1)
+    row["train_acc"] = s[4] / (batches * args.batch_size)
     row["test_loss"] = stats["test_loss"]
     row["test_acc"] = test_acc
     row["ncm_acc"] = (nearest_class_mean(features, state["class_sum"], state["class_count"]) == labels).float().mean().item()
@@ -94,7 +94,11 @@ def epoch_row(run: dict, epoch: int, state: dict, seconds: float) -> tuple[dict,
 
 
 def run_summary(run: dict, data: Dataset) -> dict:
-    """summary.json: the settings, the last epoch's metrics, the best accuracy, speed and the bad-step count."""
+    """summary.json: the settings, the last epoch's metrics, the best accuracy, speed and the bad-step count.
+
+    `train_acc` is the last epoch's running accuracy on augmented batches while the model changed;
+    `clean_train_acc` is the final model's, in eval mode, on the un-augmented train set, by the
+    run's own accuracy rule: with `acc`, the train/test gap of the finished model."""
     args, history = run["args"], run["history"]
     last = history[-1]
     return {
@@ -108,6 +112,7 @@ def run_summary(run: dict, data: Dataset) -> dict:
         "ncm_acc": last["ncm_acc"],
         "center_acc": last["center_acc"],
         "train_acc": last["train_acc"],
+        "clean_train_acc": accuracy(run, run["train"])[0],
         "epochs": len(history),
         "train_seconds": run["train_seconds"],
         "samples_per_second": run["samples"] / max(run["train_seconds"], 1e-9),

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import visualize
-from checkpoints import CheckpointError, checkpoint, load_checkpoint, prepare_run_dir
+from checkpoints import CheckpointError, checkpoint, load_checkpoint, prepare_run_dir, usage_error
 from datasets import (
     DATASETS,
     DataError,
@@ -34,6 +34,7 @@ from datasets import (
     default_workers,
     load_dataset,
     loader_batches,
+    full_batches,
     shard_order,
     split_validation,
     tensor_batches,
@@ -203,7 +204,7 @@ def new_epoch_state(num_classes: int, feat_dim: int, device: torch.device, aug: 
     """Everything an epoch accumulates, on the device; saved whole when a run is interrupted mid-epoch."""
     return {
         "step": 0,
-        "sums": torch.zeros(6, device=device, dtype=torch.float64),  # loss, xent, intra, inter, correct, samples
+        "sums": torch.zeros(5, device=device, dtype=torch.float64),  # loss, xent, intra, inter, correct
         "class_sum": torch.zeros(num_classes, feat_dim, device=device),
         "class_count": torch.zeros(num_classes, device=device),
         "frame_features": [],
@@ -220,7 +221,7 @@ def train_epoch(run: dict, epoch: int, state: dict, stop: dict) -> bool:
     args, objective = run["args"], run["objective"]
     data, augmentations = run["train"], run["augmentations"]
     order = torch.randperm(len(data), generator=epoch_generator(args.seed, epoch))
-    aug = torch.Generator().set_state(state["aug"])
+    aug = torch.Generator(run["device"]).set_state(state["aug"])
     rank, world = run["rank"], run["world"]
     if args.pipeline == "fast":
         batches = tensor_batches(data, order, args.batch_size, augmentations, aug, state["step"], rank, world)
@@ -230,7 +231,7 @@ def train_epoch(run: dict, epoch: int, state: dict, stop: dict) -> bool:
         batches = loader_batches(
             data, shard, args.batch_size // world, augmentations, generator, args.workers, run["device"], state["step"]
         )
-    steps = -(-len(data) // args.batch_size)
+    steps = full_batches(len(data), args.batch_size)
     run["net"].train()
     show = rank == 0 and sys.stderr.isatty()
     bar = tqdm(batches, total=steps, initial=state["step"], desc=f"epoch {epoch}", leave=False, disable=not show)
@@ -242,7 +243,7 @@ def train_epoch(run: dict, epoch: int, state: dict, stop: dict) -> bool:
         features = torch.where(finite, features.detach().float(), torch.nan)  # NaN points are not drawn
         centers = objective.centers.detach() if objective.centers is not None else None
         correct = (acc_predictions(args, features, logits.detach(), centers) == y).sum()
-        counted = torch.stack([*values, correct, torch.tensor(len(y), device=y.device)]).double()
+        counted = torch.cat([values, correct.double()[None]])
         state["sums"] += torch.where(finite, counted, 0)
         state["class_sum"].index_add_(0, y, torch.where(finite, features, 0))
         state["class_count"].index_add_(0, y, finite.float().expand(len(y)))
@@ -255,7 +256,8 @@ def train_epoch(run: dict, epoch: int, state: dict, stop: dict) -> bool:
             check_divergence(run, epoch, state)
             if not bar.disable:
                 s = state["sums"].tolist()
-                bar.set_postfix(loss=f"{s[0] / max(state['step'] - int(state['bad_steps']), 1):.4f}", acc=f"{s[4] / max(s[5], 1):.4f}")
+                good = max(state["step"] - int(state["bad_steps"]), 1)
+                bar.set_postfix(loss=f"{s[0] / good:.4f}", acc=f"{s[4] / (good * args.batch_size):.4f}")
         if (world == 1 or state["step"] % LOG_EVERY == 0) and stop_agreed(run, stop):
             return True
     check_divergence(run, epoch, state)
@@ -296,6 +298,13 @@ def train(args: argparse.Namespace, rank: int, world: int) -> int:
     val = None
     if args.val_fraction > 0:
         data.train, val = split_validation(data.train, args.val_fraction, args.seed)
+    if len(data.train) < args.batch_size:
+        raise SystemExit(
+            usage_error(
+                f"the train set has {len(data.train)} samples, fewer than one batch of --batch-size {args.batch_size} "
+                "(the last partial batch is dropped, as in the study); use a smaller --batch-size or more --train-samples"
+            )
+        )
     run_dir, resume = prepare_run_dir(args, rank)
     if world > 1:
         dist.barrier()
@@ -341,14 +350,14 @@ def train(args: argparse.Namespace, rank: int, world: int) -> int:
     try:
         for epoch in range(start_epoch, args.epochs + 1):
             if state is None:
-                aug = torch.Generator().manual_seed(epoch_generator(args.seed, epoch).initial_seed() + 1)
+                aug = torch.Generator(device).manual_seed(epoch_generator(args.seed, epoch).initial_seed() + 1)
                 state = new_epoch_state(len(data.classes), args.feat_dim, device, aug)
             started = time.perf_counter()
             step_before = state["step"]
             stopped = train_epoch(run, epoch, state, stop)
             elapsed = time.perf_counter() - started
             run["train_seconds"] += elapsed
-            run["samples"] += min(state["step"] * args.batch_size, len(data.train)) - step_before * args.batch_size
+            run["samples"] += (state["step"] - step_before) * args.batch_size
             if stopped:
                 if rank == 0:
                     atomic_torch_save(checkpoint(run, epoch - 1, state), run_dir / "checkpoint.pt")
@@ -369,7 +378,7 @@ def train(args: argparse.Namespace, rank: int, world: int) -> int:
                 if writer is not None:
                     n = EMBEDDING_POINTS if epoch == args.epochs else 0
                     embedding = (test_features[:n], data.test.images[:n], [data.classes[k] for k in data.test.labels[:n].tolist()])
-                    frame = run_dir / "frames" / "val" / f"epoch_{epoch:03d}.png"
+                    frame = run_dir / "frames" / "test" / f"epoch_{epoch:03d}.png"
                     visualize.log_tensorboard(writer, epoch, row, run["objective"].centers, frame, embedding if n else None)
             log(
                 rank,
@@ -400,7 +409,7 @@ def draw_frames(run: dict, data: Dataset, epoch: int, state: dict, test_features
     title = f"{run['args'].loss} {data.name} epoch {epoch}"
     train_points = (torch.cat(state["frame_features"]).cpu(), torch.cat(state["frame_labels"]).cpu())
     test_points = (test_features[:FRAME_POINTS].cpu(), data.test.labels[:FRAME_POINTS].cpu())
-    for split, (features, labels), acc in (("train", train_points, row["train_acc"]), ("val", test_points, row["test_acc"])):
+    for split, (features, labels), acc in (("train", train_points, row["train_acc"]), ("test", test_points, row["test_acc"])):
         loss = row["train_loss"] if split == "train" else row["test_loss"]
         visualize.save_frame(run["dir"], split, epoch, features, labels, centers, data.classes, f"{title}  loss {loss:.3f}  acc {acc:.4f}")
 
@@ -414,7 +423,7 @@ def finish(run: dict, data: Dataset) -> None:
         else:
             subset = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(args.seed))[:PROJECTION_POINTS]
             train_subset = ImageData(data.train.images[subset], data.train.labels[subset])
-            for name, split in (("train", train_subset), ("val", data.test)):
+            for name, split in (("train", train_subset), ("test", data.test)):
                 features, _ = embed(run, split)
                 visualize.save_projection(
                     run_dir / f"{name}.png",

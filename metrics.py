@@ -63,37 +63,23 @@ def leave_one_out_retrieval(features: torch.Tensor, labels: torch.Tensor) -> tup
     return p_at_1 / max(used, 1), map_at_r / max(used, 1)
 
 
-def kmeans(features: torch.Tensor, k: int, seed: int = 0, iterations: int = 100, restarts: int = 3) -> torch.Tensor:
-    """Lloyd's k-means with k-means++ seeding; the restart of lowest inertia wins. Returns assignments."""
-    features = features.float()
-    generator = torch.Generator().manual_seed(seed)
-    best, best_inertia = None, float("inf")
-    for _ in range(restarts):
-        centers = features[torch.randint(len(features), (1,), generator=generator)]
-        for _ in range(1, k):
-            d = squared_distances(features, centers).min(1).values
-            pick = torch.multinomial((d / d.sum().clamp_min(1e-12)).cpu(), 1, generator=generator)
-            centers = torch.cat([centers, features[pick.to(features.device)]])
-        for _ in range(iterations):
-            assign = squared_distances(features, centers).argmin(1)
-            sums = torch.zeros_like(centers).index_add_(0, assign, features)
-            sizes = torch.bincount(assign, minlength=k).float()
-            moved = torch.where(sizes[:, None] > 0, sums / sizes.clamp_min(1)[:, None], centers)
-            if torch.allclose(moved, centers):
-                break
-            centers = moved
-        d = squared_distances(features, centers)
-        inertia = float(d.min(1).values.sum())
-        if inertia < best_inertia:
-            best, best_inertia = d.argmin(1), inertia
-    return best
-
-
 def clustering_scores(features: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> tuple[float, float]:
-    """NMI and AMI (arithmetic normalisation, scikit-learn's defaults) of k-means clusters, k = classes."""
+    """NMI and AMI (arithmetic normalisation, scikit-learn's defaults) of k-means clusters, k = classes.
+
+    scikit-learn's KMeans (k-means++, 3 restarts, seeded) on the host copy of the features: it
+    copes with collapsed features (fewer distinct points than clusters) and with very wide ones."""
+    import warnings
+
+    from sklearn.cluster import KMeans
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.metrics import adjusted_mutual_info_score, normalized_mutual_info_score
 
-    clusters = kmeans(features, int(labels.max()) + 1, seed).cpu().numpy()
+    points = features.float().cpu().numpy()
+    if len(points) < int(labels.max()) + 1:  # fewer samples than clusters: no clustering to score
+        return float("nan"), float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # collapsed features: fewer distinct clusters than k
+        clusters = KMeans(int(labels.max()) + 1, n_init=3, random_state=seed).fit_predict(points)
     truth = labels.cpu().numpy()
     return float(normalized_mutual_info_score(truth, clusters)), float(adjusted_mutual_info_score(truth, clusters))
 

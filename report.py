@@ -114,12 +114,12 @@ def replace_between(text: str, label: str, body: str) -> str:
 
 def gallery(imgs_dir: Path) -> str:
     """Markdown of the committed pictures: GIFs of 2-D runs, projections of the others."""
-    lines = ["| run | train | val |", "| :---: | :---: | :---: |"]
+    lines = ["| run | train | test |", "| :---: | :---: | :---: |"]
     for folder in sorted(p for p in imgs_dir.iterdir() if p.is_dir()):
         for kind in ("gif", "png"):
-            if (folder / f"train.{kind}").is_file() and (folder / f"val.{kind}").is_file():
+            if (folder / f"train.{kind}").is_file() and (folder / f"test.{kind}").is_file():
                 rel = folder.relative_to(ROOT) if folder.is_relative_to(ROOT) else folder
-                lines.append(f"| {folder.name} | ![]({rel}/train.{kind}) | ![]({rel}/val.{kind}) |")
+                lines.append(f"| {folder.name} | ![]({rel}/train.{kind}) | ![]({rel}/test.{kind}) |")
     return "\n".join(lines)
 
 

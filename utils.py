@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import random
 from pathlib import Path
@@ -129,7 +130,18 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+    """Strict JSON (no NaN or Infinity tokens, which most parsers refuse): a non-finite float becomes null."""
+    atomic_write_bytes(path, (json.dumps(finite_or_none(obj), indent=2, sort_keys=False, allow_nan=False) + "\n").encode())
+
+
+def finite_or_none(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(v) for v in obj]
+    return obj
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> None:

@@ -2,7 +2,7 @@
 
     python visualize.py runs/standalone-mnist-feat=2 [RUN_DIR ...] [--to-imgs]
 
-stitches each run's frames/train/*.png and frames/val/*.png into train.gif and val.gif in the run
+stitches each run's frames/train/*.png and frames/test/*.png into train.gif and test.gif in the run
 folder; --to-imgs also copies them (and the projections of runs with feat_dim > 2) to
 imgs/<loss>-<dataset>-feat=<d>/, the naming the study's README uses.
 """
@@ -25,7 +25,7 @@ import torch  # noqa: E402
 
 FRAME_SIZE_INCHES = 5.0
 FRAME_DPI = 80
-SPLITS = ("train", "val")
+SPLITS = ("train", "test")
 
 
 def class_colors(num_classes: int) -> np.ndarray:
@@ -181,7 +181,7 @@ def log_tensorboard(
     if frame.is_file():
         import imageio.v3 as iio
 
-        writer.add_image("features/val", iio.imread(frame)[..., :3], epoch, dataformats="HWC")
+        writer.add_image("features/test", iio.imread(frame)[..., :3], epoch, dataformats="HWC")
     if embedding is not None:
         features, images, names = embedding
         writer.add_embedding(features.cpu(), metadata=names, label_img=images.float().div(255), global_step=epoch, tag="test_features")
@@ -204,7 +204,7 @@ def run_label(run_dir: Path) -> str:
 
 
 def stitch_run(run_dir: Path, duration: float, last_pause: float, imgs_dir: Path | None) -> str | None:
-    """Make train.gif and val.gif of one run; returns an error line, or None when it worked."""
+    """Make train.gif and test.gif of one run; returns an error line, or None when it worked."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return f"{run_dir}: no such run folder"
@@ -230,7 +230,7 @@ def stitch_run(run_dir: Path, duration: float, last_pause: float, imgs_dir: Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Stitch the per-epoch frames of runs into train.gif and val.gif.")
+    parser = argparse.ArgumentParser(description="Stitch the per-epoch frames of runs into train.gif and test.gif.")
     parser.add_argument("runs", nargs="+", type=Path, help="run folders (runs/<name>)")
     parser.add_argument("--duration", type=float, default=0.4, help="seconds per frame")
     parser.add_argument("--last-pause", type=float, default=2.0, help="seconds the last frame stays")

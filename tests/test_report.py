@@ -147,6 +147,6 @@ def test_readme_table_matches_committed_results() -> None:
     assert len(rows) == 18 and not any("missing" in r for r in rows)
     for (loss, dataset, feat_dim), summary in runs.items():
         assert summary["epochs"] == 3 and summary["amp"] == "off"
-        names = ("train.gif", "val.gif") if feat_dim == 2 else ("train.png", "val.png")
+        names = ("train.gif", "test.gif") if feat_dim == 2 else ("train.png", "test.png")
         for name in names:
             assert (ROOT / "imgs" / f"{loss}-{dataset}-feat={feat_dim}" / name).stat().st_size > 0

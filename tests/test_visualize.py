@@ -37,7 +37,7 @@ def test_frames_per_epoch(tiny_runs, loss):
             assert len(data["labels"]) == len(data["features"]) > 0
             assert data["centers"].shape == ((0, 2) if loss == "xent" else (10, 2))
             assert np.isfinite(data["features"]).all()
-    val = np.load(run_dir / "frames" / "val" / "epoch_001.npz")
+    val = np.load(run_dir / "frames" / "test" / "epoch_001.npz")
     assert len(val["features"]) == 100  # the whole tiny test set
     # The run ends with no projections (they are for feat_dim > 2) and no GIF yet.
     assert not (run_dir / "train.png").exists() and not (run_dir / "train.gif").exists()
@@ -110,7 +110,7 @@ def test_cli_makes_gifs_and_copies_to_imgs(tiny_runs, tmp_path):
         assert frames.shape[0] == EPOCHS and frames.shape[1:3] == png_shape[:2]
         copied = imgs / "cent-mnist-feat=2" / f"{split}.gif"
         assert copied.read_bytes() == gif.read_bytes()
-    assert sorted(p.name for p in (imgs / "cent-mnist-feat=2").iterdir()) == ["train.gif", "val.gif"]
+    assert sorted(p.name for p in (imgs / "cent-mnist-feat=2").iterdir()) == ["train.gif", "test.gif"]
     assert f"{EPOCHS} frames" in proc.stdout
 
 
@@ -118,7 +118,7 @@ def test_cli_without_to_imgs_copies_nothing(tiny_runs, tmp_path, monkeypatch):
     run_dir = copy_run(tiny_runs["xent"], tmp_path)
     monkeypatch.chdir(tmp_path)
     assert visualize.main([str(run_dir)]) == 0
-    assert (run_dir / "train.gif").is_file() and (run_dir / "val.gif").is_file()
+    assert (run_dir / "train.gif").is_file() and (run_dir / "test.gif").is_file()
     assert not (tmp_path / "imgs").exists()
 
 
@@ -146,7 +146,7 @@ def test_cli_bad_duration(tmp_path, capsys):
 def test_high_dim_run_writes_projections(projection_run, tmp_path):
     run_dir = projection_run
     assert (run_dir / "summary.json").is_file()
-    for name in ("train.png", "val.png"):
+    for name in ("train.png", "test.png"):
         image = iio.imread(run_dir / name)
         assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
         assert image[..., :3].std() > 0  # not a blank canvas
@@ -155,7 +155,7 @@ def test_high_dim_run_writes_projections(projection_run, tmp_path):
     imgs = tmp_path / "imgs"
     copy = copy_run(run_dir, tmp_path)
     assert visualize.main([str(copy), "--to-imgs", "--imgs-dir", str(imgs)]) == 0
-    assert sorted(p.name for p in (imgs / "standalone-mnist-feat=16").iterdir()) == ["train.png", "val.png"]
+    assert sorted(p.name for p in (imgs / "standalone-mnist-feat=16").iterdir()) == ["train.png", "test.png"]
 
 
 def test_no_plots_writes_no_frames(named_run):
