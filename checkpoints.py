@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from training import EpochState
 from utils import random_states, set_random_states
 
 # Settings that define a run: a checkpoint made with other values cannot be resumed.
@@ -34,13 +35,13 @@ class CheckpointError(Exception):
     """A checkpoint that cannot be used (corrupt, another configuration); one line, exit code 1."""
 
 
-def checkpoint(run: dict, epoch: int, state: dict | None) -> dict:
+def checkpoint(run: dict, epoch: int, state: EpochState | None) -> dict:
     """Everything needed to continue bit for bit: weights, optimiser, scheduler, metrics, random states.
     `epoch` is the last finished epoch; `state` the unfinished next epoch's accumulators, if any."""
     return {
         "args": {k: v for k, v in vars(run["args"]).items()},
         "epoch": epoch,
-        "epoch_state": state,
+        "epoch_state": state.as_dict() if state is not None else None,
         "model": run["model"].state_dict(),
         "objective": run["objective"].state_dict(),
         "optimizer": run["optimizer"].state_dict(),
@@ -83,6 +84,8 @@ def load_checkpoint(path: Path, run: dict) -> dict:
     for key in ("history", "train_seconds", "samples", "bad_steps"):
         run[key] = ckpt[key]
     set_random_states(ckpt["random"])
+    if ckpt["epoch_state"] is not None:
+        ckpt["epoch_state"] = EpochState(**ckpt["epoch_state"])
     return ckpt
 
 

@@ -9,9 +9,9 @@ import torch
 from datasets import Dataset, ImageData
 from losses import CENTER_ACC_LOSSES
 from metrics import FEATURE_METRICS, feature_metrics
+from training import TERMS, EpochState
 from utils import nearest
 
-TERMS = ("xent", "intra", "inter")
 EVAL_BATCH = 1024
 
 
@@ -66,29 +66,29 @@ def accuracy(run: dict, data: ImageData) -> tuple[float, torch.Tensor, torch.Ten
     return (predictions == data.labels.to(features.device)).float().mean().item(), features, logits
 
 
-def epoch_row(run: dict, epoch: int, state: dict, seconds: float) -> tuple[dict, torch.Tensor]:
+def epoch_row(run: dict, epoch: int, state: EpochState, seconds: float) -> tuple[dict, torch.Tensor]:
     """Evaluate after an epoch and assemble its metrics.csv row; returns the row and test features."""
     args, objective, test = run["args"], run["objective"], run["test"]
     test_acc, features, logits = accuracy(run, test)
     labels = test.labels.to(features.device)
     stats = objective_stats(run, features, logits, labels)
     centers = objective.centers.detach() if objective.centers is not None else None
-    s = state["sums"].tolist()
-    batches = max(state["step"] - int(state["bad_steps"]), 1)
+    s = state.loss_sums.tolist()
+    batches = max(state.good_steps(), 1)
     row = {"epoch": epoch, "lr": run["optimizer"].param_groups[0]["lr"], "train_loss": s[0] / batches}
     for i, t in enumerate(TERMS, start=1):
         row[f"train_{t}"] = s[i] / batches if t in objective.terms_used else None
         row[f"test_{t}"] = stats[f"test_{t}"] if t in objective.terms_used else None
-    row["train_acc"] = s[4] / (batches * args.batch_size)
+    row["train_acc"] = int(state.correct) / (batches * args.batch_size)
     row["test_loss"] = stats["test_loss"]
     row["test_acc"] = test_acc
-    row["ncm_acc"] = (nearest_class_mean(features, state["class_sum"], state["class_count"]) == labels).float().mean().item()
+    row["ncm_acc"] = (nearest_class_mean(features, state.class_sum, state.class_count) == labels).float().mean().item()
     row["center_acc"] = (nearest(features, centers) == labels).float().mean().item() if centers is not None else None
     row["val_acc"] = accuracy(run, run["val"])[0] if run["val"] is not None else None
     if epoch == args.epochs or (args.eval_every and epoch % args.eval_every == 0):
         train_features, _ = embed(run, run["train"])
         row.update(feature_metrics(features, labels, train_features, run["train"].labels.to(features.device), args.seed))
-    row["bad_steps"] = int(state["bad_steps"])
+    row["bad_steps"] = int(state.bad_steps)
     row["seconds"] = seconds
     return row, features
 

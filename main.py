@@ -39,11 +39,11 @@ from datasets import (
     split_validation,
     tensor_batches,
 )
-from evaluation import TERMS, acc_predictions, embed, epoch_row, run_summary
+from evaluation import acc_predictions, embed, epoch_row, run_summary
 from losses import LOSSES
 from metrics import FEATURE_METRICS
 from models import MODELS
-from training import AMP_DTYPES, build_trainer, guarded_step
+from training import AMP_DTYPES, TERMS, EpochState, build_trainer, guarded_step
 from utils import (
     atomic_torch_save,
     epoch_generator,
@@ -200,65 +200,48 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def new_epoch_state(num_classes: int, feat_dim: int, device: torch.device, aug: torch.Generator) -> dict:
-    """Everything an epoch accumulates, on the device; saved whole when a run is interrupted mid-epoch."""
-    return {
-        "step": 0,
-        "sums": torch.zeros(5, device=device, dtype=torch.float64),  # loss, xent, intra, inter, correct
-        "class_sum": torch.zeros(num_classes, feat_dim, device=device),
-        "class_count": torch.zeros(num_classes, device=device),
-        "frame_features": [],
-        "frame_labels": [],
-        "bad_steps": torch.zeros((), dtype=torch.int64, device=device),  # counted on the device: no sync
-        "last_bad": torch.zeros(2 + len(TERMS), dtype=torch.float64, device=device),  # step, loss, terms
-        "aug": aug.get_state(),
-    }
-
-
-def train_epoch(run: dict, epoch: int, state: dict, stop: dict) -> bool:
-    """One pass over the shuffled train set, resuming at state['step']; updates `state` in place.
-    Returns whether it stopped for a signal."""
+def train_step(run: dict, state: EpochState, x: torch.Tensor, y: torch.Tensor) -> None:
+    """One guarded SGD step, and what the epoch keeps of it. Nothing here waits for the host."""
     args, objective = run["args"], run["objective"]
-    data, augmentations = run["train"], run["augmentations"]
+    features, logits, y, loss, terms, finite = guarded_step(run, x, y)
+    features = torch.where(finite, features.detach().float(), torch.nan)  # a bad step's points are not drawn
+    centers = objective.centers.detach() if objective.centers is not None else None
+    correct = (acc_predictions(args, features, logits.detach(), centers) == y).sum()
+    state.add(loss, terms, features, y, correct, finite)
+    if run["collect_frames"] and sum(len(f) for f in state.frame_features) < FRAME_POINTS:
+        state.frame_features.append(features)
+        state.frame_labels.append(y)
+
+
+def train_epoch(run: dict, epoch: int, state: EpochState, stop: dict) -> bool:
+    """One pass over the shuffled train set's full batches, resuming at state.step; updates `state`
+    in place. Returns whether it stopped for a signal."""
+    args, data = run["args"], run["train"]
     order = torch.randperm(len(data), generator=epoch_generator(args.seed, epoch))
-    aug = torch.Generator(run["device"]).set_state(state["aug"])
+    aug = torch.Generator(run["device"]).set_state(state.aug)
     rank, world = run["rank"], run["world"]
     if args.pipeline == "fast":
-        batches = tensor_batches(data, order, args.batch_size, augmentations, aug, state["step"], rank, world)
+        batches = tensor_batches(data, order, args.batch_size, run["augmentations"], aug, state.step, rank, world)
     else:
         shard = shard_order(order, args.batch_size, rank, world)
         generator = epoch_generator(args.seed * world + rank, epoch)
         batches = loader_batches(
-            data, shard, args.batch_size // world, augmentations, generator, args.workers, run["device"], state["step"]
+            data, shard, args.batch_size // world, run["augmentations"], generator, args.workers, run["device"], state.step
         )
-    steps = full_batches(len(data), args.batch_size)
     run["net"].train()
     show = rank == 0 and sys.stderr.isatty()
-    bar = tqdm(batches, total=steps, initial=state["step"], desc=f"epoch {epoch}", leave=False, disable=not show)
+    bar = tqdm(
+        batches, total=full_batches(len(data), args.batch_size), initial=state.step, desc=f"epoch {epoch}", leave=False, disable=not show
+    )
     for x, y in bar:
-        features, logits, y, loss, terms, finite = guarded_step(run, x, y)
-        values = torch.stack([loss.detach()] + [terms[t].detach() if t in terms else loss.new_zeros(()) for t in TERMS]).double()
-        state["bad_steps"] += ~finite
-        state["last_bad"] = torch.where(finite, state["last_bad"], torch.cat([values.new_full((1,), state["step"] + 1), values]))
-        features = torch.where(finite, features.detach().float(), torch.nan)  # NaN points are not drawn
-        centers = objective.centers.detach() if objective.centers is not None else None
-        correct = (acc_predictions(args, features, logits.detach(), centers) == y).sum()
-        counted = torch.cat([values, correct.double()[None]])
-        state["sums"] += torch.where(finite, counted, 0)
-        state["class_sum"].index_add_(0, y, torch.where(finite, features, 0))
-        state["class_count"].index_add_(0, y, finite.float().expand(len(y)))
-        if run["collect_frames"] and sum(len(f) for f in state["frame_features"]) < FRAME_POINTS:
-            state["frame_features"].append(features)  # kept on the device: no sync in the step
-            state["frame_labels"].append(y)
-        state["step"] += 1
-        state["aug"] = aug.get_state()
-        if state["step"] % LOG_EVERY == 0:
+        train_step(run, state, x, y)
+        state.aug = aug.get_state()
+        if state.step % LOG_EVERY == 0:
             check_divergence(run, epoch, state)
             if not bar.disable:
-                s = state["sums"].tolist()
-                good = max(state["step"] - int(state["bad_steps"]), 1)
-                bar.set_postfix(loss=f"{s[0] / good:.4f}", acc=f"{s[4] / (good * args.batch_size):.4f}")
-        if (world == 1 or state["step"] % LOG_EVERY == 0) and stop_agreed(run, stop):
+                good = max(state.good_steps(), 1)
+                bar.set_postfix(loss=f"{float(state.loss_sums[0]) / good:.4f}", acc=f"{int(state.correct) / (good * args.batch_size):.4f}")
+        if (world == 1 or state.step % LOG_EVERY == 0) and stop_agreed(run, stop):
             return True
     check_divergence(run, epoch, state)
     return stop_agreed(run, stop)
@@ -276,11 +259,11 @@ def stop_agreed(run: dict, stop: dict) -> bool:
     return stop["signal"] is not None
 
 
-def check_divergence(run: dict, epoch: int, state: dict) -> None:
+def check_divergence(run: dict, epoch: int, state: EpochState) -> None:
     """Stop once --max-bad-steps steps were non-finite (each was taken back: no bad update remains)."""
-    bad = run["bad_steps"] + int(state["bad_steps"])
+    bad = run["bad_steps"] + int(state.bad_steps)
     if bad >= run["args"].max_bad_steps:
-        step, *values = state["last_bad"].tolist()
+        step, *values = state.last_bad.tolist()
         named = ", ".join(f"{k}={v:.4g}" for k, v in zip(("loss", *TERMS), values))
         raise TrainingError(
             f"training diverged: {bad} non-finite steps, the last at epoch {epoch} step {int(step)} ({named}); "
@@ -332,7 +315,7 @@ def train(args: argparse.Namespace, rank: int, world: int) -> int:
     if resume:
         ckpt = load_checkpoint(run_dir / "checkpoint.pt", run)
         start_epoch, state = ckpt["epoch"] + 1, ckpt["epoch_state"]
-        log(rank, f"resuming {run_dir} after epoch {ckpt['epoch']}" + (f", step {state['step']}" if state else ""))
+        log(rank, f"resuming {run_dir} after epoch {ckpt['epoch']}" + (f", step {state.step}" if state else ""))
     if rank == 0:
         write_json(run_dir / "args.json", {**vars(args), "world_size": world})
     log(
@@ -351,18 +334,18 @@ def train(args: argparse.Namespace, rank: int, world: int) -> int:
         for epoch in range(start_epoch, args.epochs + 1):
             if state is None:
                 aug = torch.Generator(device).manual_seed(epoch_generator(args.seed, epoch).initial_seed() + 1)
-                state = new_epoch_state(len(data.classes), args.feat_dim, device, aug)
+                state = EpochState.new(len(data.classes), args.feat_dim, device, aug)
             started = time.perf_counter()
-            step_before = state["step"]
+            step_before = state.step
             stopped = train_epoch(run, epoch, state, stop)
             elapsed = time.perf_counter() - started
             run["train_seconds"] += elapsed
-            run["samples"] += (state["step"] - step_before) * args.batch_size
+            run["samples"] += (state.step - step_before) * args.batch_size
             if stopped:
                 if rank == 0:
                     atomic_torch_save(checkpoint(run, epoch - 1, state), run_dir / "checkpoint.pt")
                     print(
-                        f"interrupted at epoch {epoch} step {state['step']}; checkpoint saved, run the same command to resume",
+                        f"interrupted at epoch {epoch} step {state.step}; checkpoint saved, run the same command to resume",
                         file=sys.stderr,
                     )
                 return 128 + stop["signal"]
@@ -403,11 +386,11 @@ def log(rank: int, message: str) -> None:
         print(message, flush=True)
 
 
-def draw_frames(run: dict, data: Dataset, epoch: int, state: dict, test_features: torch.Tensor, row: dict) -> None:
+def draw_frames(run: dict, data: Dataset, epoch: int, state: EpochState, test_features: torch.Tensor, row: dict) -> None:
     centers = run["objective"].centers
     centers = centers.detach().cpu() if centers is not None else None
     title = f"{run['args'].loss} {data.name} epoch {epoch}"
-    train_points = (torch.cat(state["frame_features"]).cpu(), torch.cat(state["frame_labels"]).cpu())
+    train_points = (torch.cat(state.frame_features).cpu(), torch.cat(state.frame_labels).cpu())
     test_points = (test_features[:FRAME_POINTS].cpu(), data.test.labels[:FRAME_POINTS].cpu())
     for split, (features, labels), acc in (("train", train_points, row["train_acc"]), ("test", test_points, row["test_acc"])):
         loss = row["train_loss"] if split == "train" else row["test_loss"]

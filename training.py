@@ -1,11 +1,13 @@
 """The training step main.py and bench.py share: the model, objective and optimiser a run trains,
-and one SGD step guarded against non-finite losses and gradients without a host sync."""
+one SGD step guarded against non-finite losses and gradients without a host sync, and what an
+epoch accumulates from its steps."""
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn as nn
@@ -86,3 +88,58 @@ def guarded_step(trainer: dict, x: torch.Tensor, y: torch.Tensor) -> tuple[torch
         scaler.update()
     undo_unless(finite, step_tensors(modules, optimizer), saved)
     return features, logits, y, loss, terms, finite
+
+
+TERMS = ("xent", "intra", "inter")
+
+
+@dataclass
+class EpochState:
+    """What one epoch accumulates from its steps. Everything but `step` lives on the training device,
+    so that no step waits for the host; a mid-epoch checkpoint saves it whole (as a plain dict:
+    weights_only loading accepts no classes). Non-finite steps were taken back and count nowhere
+    but in `bad_steps` and `last_bad`."""
+
+    loss_sums: torch.Tensor  # float64: sums of the loss and its TERMS over the good steps
+    correct: torch.Tensor  # good steps' train samples that the run's accuracy rule gets right
+    class_sum: torch.Tensor  # C x D: per-class sums of train features (nearest-class-mean accuracy)
+    class_count: torch.Tensor  # C
+    bad_steps: torch.Tensor  # int64: steps taken back
+    last_bad: torch.Tensor  # float64: step, loss and TERMS of the last bad step, for the error message
+    aug: torch.Tensor  # state of the augmentation generator after the last step
+    step: int = 0
+    frame_features: list[torch.Tensor] = field(default_factory=list)  # train points of the 2-D frame
+    frame_labels: list[torch.Tensor] = field(default_factory=list)
+
+    @classmethod
+    def new(cls, num_classes: int, feat_dim: int, device: torch.device, aug: torch.Generator) -> EpochState:
+        return cls(
+            loss_sums=torch.zeros(1 + len(TERMS), dtype=torch.float64, device=device),
+            correct=torch.zeros((), dtype=torch.int64, device=device),
+            class_sum=torch.zeros(num_classes, feat_dim, device=device),
+            class_count=torch.zeros(num_classes, device=device),
+            bad_steps=torch.zeros((), dtype=torch.int64, device=device),
+            last_bad=torch.zeros(2 + len(TERMS), dtype=torch.float64, device=device),
+            aug=aug.get_state(),
+        )
+
+    def as_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def add(
+        self, loss: torch.Tensor, terms: dict, features: torch.Tensor, labels: torch.Tensor, correct: torch.Tensor, finite: torch.Tensor
+    ) -> None:
+        """Count one step's loss, terms, correct predictions and features, or, if it was not
+        finite, only the bad step itself (with torch.where: no host sync)."""
+        values = torch.stack([loss.detach()] + [terms[t].detach() if t in terms else loss.new_zeros(()) for t in TERMS]).double()
+        self.step += 1
+        self.bad_steps += ~finite
+        self.last_bad = torch.where(finite, self.last_bad, torch.cat([values.new_full((1,), self.step), values]))
+        self.loss_sums += torch.where(finite, values, 0)
+        self.correct += torch.where(finite, correct, 0)
+        self.class_sum.index_add_(0, labels, torch.where(finite, features, 0))
+        self.class_count.index_add_(0, labels, finite.float().expand(len(labels)))
+
+    def good_steps(self) -> int:
+        """Steps that were not taken back (a host sync: for logging, not for the step)."""
+        return self.step - int(self.bad_steps)
