@@ -120,6 +120,7 @@ def run_summary(run: dict, data: Dataset) -> dict:
         **{name: last[name] for name in FEATURE_METRICS},
         **validation_summary(history),
         "device": str(run["device"]),
+        "peak_gpu_memory_mb": torch.cuda.max_memory_allocated(run["device"]) / 2**20 if run["device"].type == "cuda" else None,
         "torch": torch.__version__,
     }
 

@@ -69,6 +69,17 @@ def weights(loss: str, summary: dict) -> list[str]:
     ]
 
 
+DERIVED = {"gap": ("clean_train_acc", "acc")}  # gap: clean_train_acc - acc, the finished model's train/test gap
+
+
+def column(summary: dict, name: str) -> object:
+    """A summary.json value, or a derived column (DERIVED: the difference of two values)."""
+    if name in DERIVED:
+        first, second = (summary.get(key) for key in DERIVED[name])
+        return first - second if isinstance(first, float) and isinstance(second, float) else None
+    return summary.get(name)
+
+
 def table(runs: dict[tuple[str, str, int], dict], extra: list[str]) -> str:
     """Markdown table in the study's layout plus study acc, diff and the extra summary columns."""
     header = STUDY_COLUMNS + ["study acc", "diff"] + extra
@@ -99,7 +110,7 @@ def row(key: tuple[str, str, int], summary: dict | None, study_acc: float | None
             str(summary["epochs"]),
             str(summary["batch_size"]),
         ]
-        cells += weights(loss, summary) + [study, diff] + [fmt(summary.get(name)) for name in extra]
+        cells += weights(loss, summary) + [study, diff] + [fmt(column(summary, name)) for name in extra]
     return "| " + " | ".join(cells) + " |"
 
 
@@ -126,7 +137,9 @@ def gallery(imgs_dir: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Print the study's results table from run folders.")
     parser.add_argument("paths", nargs="+", type=Path, help="run folders, folders of run folders, or folders of collected summaries")
-    parser.add_argument("--columns", default="ncm_acc", help="extra summary.json keys as columns, comma-separated")
+    parser.add_argument(
+        "--columns", default="ncm_acc", help="extra summary.json keys as columns, comma-separated; gap is clean_train_acc - acc"
+    )
     parser.add_argument("--collect", type=Path, help="copy every summary.json to this folder as <run name>.json")
     parser.add_argument("--readme", type=Path, help="write the table into this file between <!-- table:LABEL --> markers")
     parser.add_argument("--label", default="results", help="marker label for --readme")

@@ -6,7 +6,8 @@
 #   LOSSES="standalone" DATASETS="mnist" FEAT_DIMS="2" ./reproduce.sh      # a slice of the grid
 #
 # A run whose summary.json exists is skipped, so an interrupted sweep continues where it stopped
-# (an unfinished run resumes from its checkpoint). Each run logs to $OUT/<name>.log.
+# (an unfinished run resumes from its checkpoint). Each run logs to $OUT/<name>.log. SIGTERM stops
+# the runs with a checkpoint each.
 # Then: python report.py $OUT   prints the table beside the study's numbers.
 set -u
 cd "$(dirname "$0")"
@@ -21,6 +22,16 @@ PYTHON=${PYTHON:-python}
 mkdir -p "$OUT"
 failures=$(mktemp)
 trap 'rm -f "$failures"' EXIT
+# SIGTERM (from timeout, a batch system): pass it on to the runs, which save a checkpoint at the
+# next step and exit; the same command later resumes them.
+stop_runs() {
+    trap - TERM
+    echo "SIGTERM: stopping the running runs (each saves a checkpoint; run the same command to resume)"
+    for pid in $(jobs -p); do pkill -TERM -P "$pid"; done
+    wait
+    exit 143
+}
+trap stop_runs TERM
 
 run_one() {
     local name=$1; shift
