@@ -34,6 +34,7 @@ AUGMENTATIONS = {
     "folder": (),
 }
 ROTATION_DEGREES = 5.0
+DIGITS_SIDE = 16  # the bundled 8x8 digits, upsampled: 16x16 keeps every stroke at a third of 28x28's cost
 CROP_PADDING = 4
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -128,7 +129,7 @@ def is_tree(folder: Path) -> bool:
 
 
 def load_digits() -> Dataset:
-    """scikit-learn's bundled 8x8 handwritten digits (1,797 images, no download), resized to 28x28.
+    """scikit-learn's bundled 8x8 handwritten digits (1,797 images, no download), resized to 16x16.
 
     Fixed split: every fifth image (index % 5 == 0) is a test image, 360 test and 1,437 train.
     """
@@ -136,7 +137,7 @@ def load_digits() -> Dataset:
 
     bunch = sklearn_digits()
     pixels = torch.tensor(bunch.images, dtype=torch.float32)[:, None] / 16.0
-    pixels = F.interpolate(pixels, size=(28, 28), mode="bilinear", align_corners=False)
+    pixels = F.interpolate(pixels, size=(DIGITS_SIDE, DIGITS_SIDE), mode="bilinear", align_corners=False)
     images = (pixels.clamp(0, 1) * 255).round().to(torch.uint8)
     labels = torch.tensor(bunch.target, dtype=torch.int64)
     is_test = torch.arange(len(labels)) % 5 == 0

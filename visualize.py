@@ -197,6 +197,17 @@ def make_gif(frames: Sequence[Path], path: Path, duration: float = 0.4, last_pau
     iio.imwrite(path, images, extension=".gif", duration=durations, loop=0)
 
 
+def make_run_gifs(run_dir: Path, duration: float = 0.4, last_pause: float = 2.0) -> list[Path]:
+    """train.gif and test.gif in the run folder from its frames/<split>/epoch_*.png; returns the GIFs made."""
+    made = []
+    for split in SPLITS:
+        frames = sorted((run_dir / "frames" / split).glob("epoch_*.png"))
+        if frames:
+            make_gif(frames, run_dir / f"{split}.gif", duration, last_pause)
+            made.append(run_dir / f"{split}.gif")
+    return made
+
+
 def run_label(run_dir: Path) -> str:
     """<loss>-<dataset>-feat=<d> from the run's args.json (the study's imgs/ naming)."""
     args = json.loads((Path(run_dir) / "args.json").read_text())
@@ -208,13 +219,9 @@ def stitch_run(run_dir: Path, duration: float, last_pause: float, imgs_dir: Path
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return f"{run_dir}: no such run folder"
-    made = []
-    for split in SPLITS:
-        frames = sorted((run_dir / "frames" / split).glob("epoch_*.png"))
-        if frames:
-            make_gif(frames, run_dir / f"{split}.gif", duration, last_pause)
-            made.append(run_dir / f"{split}.gif")
-            print(f"{run_dir / f'{split}.gif'}: {len(frames)} frames")
+    made = make_run_gifs(run_dir, duration, last_pause)
+    for path in made:
+        print(f"{path}: {len(list((run_dir / 'frames' / path.stem).glob('epoch_*.png')))} frames")
     projections = [run_dir / f"{split}.png" for split in SPLITS if (run_dir / f"{split}.png").is_file()]
     if not made and not projections:
         return f"{run_dir}: no frames (frames/train/epoch_*.png) to stitch; train with --feat-dim 2 and without --no-plots"

@@ -313,7 +313,7 @@ def test_digits():
     ds = load_dataset("digits")
     assert ds.name == "digits" and ds.classes == DIGIT_CLASSES
     assert len(ds.train) == 1437 and len(ds.test) == 360
-    assert ds.train.images.shape == (1437, 1, 28, 28) and ds.test.images.shape == (360, 1, 28, 28)
+    assert ds.train.images.shape == (1437, 1, 16, 16) and ds.test.images.shape == (360, 1, 16, 16)
     assert ds.train.images.dtype == torch.uint8 and ds.train.labels.dtype == torch.int64
     assert sorted(ds.train.labels.unique().tolist()) == list(range(10))
     assert sorted(ds.test.labels.unique().tolist()) == list(range(10))

@@ -248,9 +248,11 @@ def test_help_lists_every_flag(capsys):
 
 def test_defaults_follow_the_study():
     args = main.parse_args([])
-    assert (args.loss, args.model, args.feat_dim, args.batch_size) == ("standalone", "resnet", 2, 128)
-    assert args.epochs == 50  # digits; the study's 100 for its data sets
-    assert main.parse_args(["--dataset", "mnist"]).epochs == 100
+    assert (args.loss, args.model, args.feat_dim) == ("standalone", "resnet", 2)
+    assert (args.epochs, args.batch_size, args.patience) == (20, 64, 3)  # digits, the offline first run
+    study = main.parse_args(["--dataset", "mnist"])
+    assert (study.epochs, study.batch_size, study.patience, study.factor, study.threshold) == (100, 128, 10, 0.2, 0.1)
+    assert main.parse_args(["--epochs", "7", "--batch-size", "16", "--patience", "1"]).batch_size == 16  # explicit flags win
     assert (args.lr, args.lr_cent, args.momentum) == (0.01, 0.01, 0.9)
     assert (args.weight_cent, args.weight_intra, args.weight_inter) == (1.0, 1.0, 0.1)
     assert args.name == "standalone-digits-feat=2"

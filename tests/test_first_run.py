@@ -1,0 +1,32 @@
+"""The first run a newcomer makes: `python main.py` with its defaults (only fewer epochs here)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import imageio.v3 as iio
+from conftest import check_ok, run_main
+
+
+def test_first_run_defaults_end_line_summary_frames_and_gifs(tmp_path: Path) -> None:
+    proc = check_ok(run_main(["--epochs", "2"], cwd=tmp_path))
+    run_dir = tmp_path / "runs" / "standalone-digits-feat=2"
+    lines = proc.stdout.strip().splitlines()
+    assert lines[-1].startswith("done: acc ") and lines[-1].endswith(f"-> {Path('runs') / run_dir.name}")
+    assert any(line.startswith("next: python main.py --dataset mnist") for line in lines)
+    pictures = next(line for line in lines if line.startswith("pictures: "))
+    assert pictures.split(": ", 1)[1].split(", ") == [str(Path("runs") / run_dir.name / f"{s}.gif") for s in ("train", "test")]
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert (summary["loss"], summary["dataset"], summary["model"], summary["feat_dim"]) == ("standalone", "digits", "resnet", 2)
+    assert (summary["epochs"], summary["batch_size"], summary["patience"]) == (2, 64, 3)  # the first run's settings
+    assert summary["train_size"] == 1437 and summary["test_size"] == 360
+    assert 0.0 <= summary["clean_train_acc"] <= 1.0 and 0.0 <= summary["acc"] <= 1.0
+    assert f"acc {summary['acc']:.4f}" in lines[-1]
+
+    for split in ("train", "test"):
+        frames = sorted((run_dir / "frames" / split).glob("epoch_*.png"))
+        assert [f.name for f in frames] == ["epoch_001.png", "epoch_002.png"]
+        assert iio.imread(frames[-1]).shape[:2] == (400, 400)
+        assert len(iio.imread(run_dir / f"{split}.gif", index=None)) == 2  # one GIF frame per epoch
