@@ -27,6 +27,7 @@ from conftest import (
 import main
 from datasets import load_dataset
 from models import build_model
+from utils import write_json
 
 LOSS_TERMS = {"xent": {"xent"}, "cent": {"xent", "intra"}, "standalone": {"intra", "inter"}}
 
@@ -360,6 +361,17 @@ def test_every_float_flag_refuses_nan_and_infinity():
     actions = [a for a in main.build_parser()._actions if a.type in (float, main.finite_float)]
     assert actions and all(a.type is main.finite_float for a in actions)
     assert {a.option_strings[0] for a in actions} == {flag for flag, _ in NOT_FINITE}
+
+
+def test_summary_json_is_strict_json(tmp_path):
+    """NaN and infinities (a metric of a collapsed run) become null: no NaN token that strict parsers refuse."""
+    write_json(tmp_path / "summary.json", {"acc": 0.5, "nmi": math.nan, "terms": [math.inf, -math.inf, 1.5], "nested": {"ami": math.nan}})
+    text = (tmp_path / "summary.json").read_text()
+
+    def refuse(token):
+        raise ValueError(f"non-standard JSON token {token}")
+
+    assert json.loads(text, parse_constant=refuse) == {"acc": 0.5, "nmi": None, "terms": [None, None, 1.5], "nested": {"ami": None}}
 
 
 def test_help_lists_every_flag(capsys):
