@@ -194,8 +194,9 @@ def check_run_dir(args: argparse.Namespace) -> tuple[Path, bool]:
 
 
 def make_run_dir(run_dir: Path, overwrite: bool) -> None:
-    """Rank 0, after check_run_dir: delete the old run on --overwrite, create the folder."""
-    if overwrite and run_dir.is_dir():
+    """Rank 0, after check_run_dir: delete the old run on --overwrite (only a folder of main.py's:
+    an empty folder of someone else's is reused as it is), create the folder."""
+    if overwrite and made_by_main(run_dir):
         shutil.rmtree(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -320,6 +320,18 @@ def test_non_image_in_tree(tmp_path, capsys):
     assert not list(out.glob("**/summary.json"))
 
 
+def test_overwrite_keeps_an_empty_folder_it_did_not_make(tmp_path):
+    """--overwrite deletes only main.py's run folders: an empty folder of someone else's (here with the
+    sticky bit of a shared /tmp) is reused as it is, not deleted and recreated."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    argv = ["--out", str(tmp_path), "--name", "shared", "--overwrite", "--epochs", "1", "--train-samples", "32", "--batch-size", "32"]
+    assert main.main([*argv, "--model", "lenet++", "--no-plots"]) == 0
+    assert (shared.stat().st_mode & 0o7777) == 0o1777
+    assert (shared / "summary.json").is_file()
+
+
 @pytest.mark.parametrize(
     "argv,code,message",
     [
