@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import shutil
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -28,6 +31,24 @@ CONFIG_KEYS = (
     "val_fraction",
     "seed",
     "pipeline",
+)
+# Settings the checkpoint's optimiser and scheduler carry: resuming with other values is refused (--epochs may grow).
+RESUME_KEYS = ("lr", "lr_cent", "momentum", "factor", "patience", "threshold")
+# What checkpoint() writes: a checkpoint without any of them cannot resume.
+CHECKPOINT_KEYS = (
+    "args",
+    "epoch",
+    "epoch_state",
+    "model",
+    "objective",
+    "optimizer",
+    "scheduler",
+    "scaler",
+    "history",
+    "train_seconds",
+    "samples",
+    "bad_steps",
+    "random",
 )
 
 
@@ -56,53 +77,136 @@ def checkpoint(run: dict, epoch: int, state: EpochState | None) -> dict:
 
 
 def load_checkpoint(path: Path, run: dict) -> dict:
-    """Load a checkpoint safely (weights_only: it cannot run code) and check it fits this run."""
+    """Load a checkpoint safely (weights_only: it cannot run code), check it fits this run and restore
+    the run from it. Any damage is one
+    CheckpointError line; resuming with other optimisation settings is refused (SystemExit 2)."""
     try:
         ckpt = torch.load(path, map_location=run["device"], weights_only=True)
-        saved = ckpt["args"]
     except Exception as exc:
         raise CheckpointError(
             f"{path}: corrupt or unreadable checkpoint ({type(exc).__name__}); delete it or start again with --overwrite"
         ) from None
-    args = vars(run["args"])
+    bad = damaged_parts(ckpt)
+    if bad:
+        raise CheckpointError(
+            f"{path}: incomplete or damaged checkpoint (missing or malformed: {', '.join(bad)}); delete it or start again with --overwrite"
+        )
+    saved, args = ckpt["args"], vars(run["args"])
     for key in CONFIG_KEYS:
         if saved.get(key) != args[key]:
             raise CheckpointError(
                 f"{path}: checkpoint is of another configuration ({key} {saved.get(key)!r}, this run {args[key]!r}); use --overwrite or another --name"
             )
+    check_resume_settings(path, saved, args, ckpt["epoch"])
     try:
         run["model"].load_state_dict(ckpt["model"])
         run["objective"].load_state_dict(ckpt["objective"])
         run["optimizer"].load_state_dict(ckpt["optimizer"])
-    except (RuntimeError, KeyError, ValueError) as exc:
+        run["scheduler"].load_state_dict(ckpt["scheduler"])
+        if run["scaler"] is not None and ckpt["scaler"]:
+            run["scaler"].load_state_dict(ckpt["scaler"])
+        set_random_states(ckpt["random"])
+        if ckpt["epoch_state"] is not None:
+            ckpt["epoch_state"] = EpochState(**ckpt["epoch_state"])
+    except Exception as exc:  # a damaged state dict fails in many ways (RuntimeError, KeyError, TypeError, ...)
         raise CheckpointError(
-            f"{path}: checkpoint does not fit this model ({str(exc).splitlines()[0]}); use --overwrite or another --name"
+            f"{path}: checkpoint does not fit this run ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+            "use --overwrite or another --name"
         ) from None
-    run["scheduler"].load_state_dict(ckpt["scheduler"])
-    if run["scaler"] is not None and ckpt["scaler"]:
-        run["scaler"].load_state_dict(ckpt["scaler"])
     for key in ("history", "train_seconds", "samples", "bad_steps"):
         run[key] = ckpt[key]
-    set_random_states(ckpt["random"])
-    if ckpt["epoch_state"] is not None:
-        ckpt["epoch_state"] = EpochState(**ckpt["epoch_state"])
     return ckpt
 
 
-def prepare_run_dir(args: argparse.Namespace, rank: int = 0) -> tuple[Path, bool]:
-    """Create the run folder (rank 0 only); returns (folder, resume). Refuses to touch a finished run unless --overwrite."""
+def damaged_parts(ckpt: object) -> list[str]:
+    """The parts of a loaded checkpoint that are missing or of the wrong type (checked before any is used)."""
+    if not isinstance(ckpt, dict):
+        return ["all of it (not a dictionary)"]
+    bad = [k for k in CHECKPOINT_KEYS if k not in ckpt]
+    if bad:
+        return bad
+    state = ckpt["epoch_state"]
+    if state is not None:
+        bad = [f"epoch_state.{f.name}" for f in fields(EpochState) if f.name not in state] if isinstance(state, dict) else ["epoch_state"]
+    return bad + [k for k, kind in (("args", dict), ("epoch", int), ("history", list)) if not isinstance(ckpt[k], kind)]
+
+
+def check_resume_settings(path: Path, saved: dict, args: dict, trained: int) -> None:
+    """Refuse (SystemExit 2) to resume with optimisation settings the checkpoint overrides: its
+    optimiser and scheduler carry their own, which args.json and summary.json would misreport."""
+    for key in RESUME_KEYS:
+        if saved.get(key) != args[key]:
+            flag = "--" + key.replace("_", "-")
+            raise SystemExit(
+                usage_error(
+                    f"{flag} {args[key]} differs from the {saved.get(key)} of the checkpoint {path}, which a resumed run keeps; "
+                    f"resume with {flag} {saved.get(key)}, or start again with --overwrite or another --name"
+                )
+            )
+    if args["epochs"] < trained:
+        raise SystemExit(
+            usage_error(
+                f"--epochs {args['epochs']}: the checkpoint {path} has already trained {trained} epochs; resume with --epochs {trained} or more"
+            )
+        )
+
+
+def out_problem(out: str) -> str | None:
+    """Why --out cannot hold run folders, or None; read-only, so that a refused command changes nothing."""
+    if "\0" in out:
+        return "--out must not contain a NUL character"
+    path = Path(out).resolve()
+    if path.parts[1:2] in (("proc",), ("sys",)):
+        return f"--out {out} lies under /{path.parts[1]}, a kernel file system; choose a folder of your own"
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        return f"--out {out}: {existing} is a file, not a folder; choose another --out"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"--out {out}: {existing} is not writable; choose another --out"
+    return None
+
+
+def made_by_main(run_dir: Path) -> bool:
+    """Whether `run_dir` holds main.py's args.json, the mark of a run folder that --overwrite may delete."""
+    try:
+        saved = json.loads((run_dir / "args.json").read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(saved, dict) and {"loss", "dataset", "feat_dim", "name", "out"} <= saved.keys()
+
+
+def check_run_dir(args: argparse.Namespace) -> tuple[Path, bool]:
+    """The run folder and whether to resume, or SystemExit(2) for one the command must not touch:
+    a file, a link, a folder main.py did not make, a finished run (without --overwrite). Only reads,
+    so that every torchrun process can check before rank 0 changes anything (make_run_dir)."""
     run_dir = Path(args.out) / args.name
+    if run_dir.is_symlink() or (run_dir.exists() and not run_dir.is_dir()):
+        raise SystemExit(usage_error(f"{run_dir} exists and is not a folder; choose another --name or --out"))
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not made_by_main(run_dir):
+        raise SystemExit(
+            usage_error(
+                f"{run_dir} is not a run folder of main.py (it has no args.json of ours), so it is left alone; choose another --name or --out"
+            )
+        )
     has_checkpoint = (run_dir / "checkpoint.pt").is_file()
-    if args.overwrite and run_dir.exists():
-        if rank == 0:
-            shutil.rmtree(run_dir)
-    elif (run_dir / "summary.json").is_file():
+    if not args.overwrite and (run_dir / "summary.json").is_file():
         raise SystemExit(usage_error(f"{run_dir} holds a finished run; use --overwrite to replace it or --name for another"))
-    elif args.resume and not has_checkpoint:
+    if args.resume and not has_checkpoint:
         raise SystemExit(usage_error(f"--resume: {run_dir} holds no checkpoint.pt to resume from"))
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir, has_checkpoint and not args.overwrite
+
+
+def make_run_dir(run_dir: Path, overwrite: bool) -> None:
+    """Rank 0, after check_run_dir: delete the old run on --overwrite (only a folder of main.py's:
+    an empty folder of someone else's is reused as it is), create the folder."""
+    if overwrite and made_by_main(run_dir):
+        shutil.rmtree(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SystemExit(usage_error(f"cannot create the run folder {run_dir} ({exc.strerror}); choose another --out")) from None
+    if not os.access(run_dir, os.W_OK | os.X_OK):
+        raise SystemExit(usage_error(f"the run folder {run_dir} is not writable; choose another --out or --name"))
 
 
 def usage_error(message: str) -> int:

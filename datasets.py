@@ -165,6 +165,8 @@ def read_idx(path: Path) -> torch.Tensor:
         raise DataError(f"{path}: truncated IDX header; replace it with the original file")
     dims = struct.unpack(f">{ndim}I", raw[4:header])
     expected = math.prod(dims)
+    if expected == 0:
+        raise DataError(f"{path}: an IDX file of no items (its header's sizes are {dims}); replace it with the original file")
     if len(raw) - header != expected:
         raise DataError(
             f"{path}: truncated or corrupt IDX file: its header promises {expected} bytes of data, "

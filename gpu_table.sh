@@ -17,7 +17,7 @@
 # Here: `tar -xzf gpu-table-idx.tgz` and each gifs-*.tgz in the repository root, then
 #   python report.py results/gpu-100ep --readme README.md --label gpu-100ep --columns clean_train_acc,gap
 # Extra arguments go to every main.py run (for example --amp bf16 or --compile, to compare speed).
-# EPOCHS, JOBS, BUDGET, DATA_DIR, RUNS, RESULTS, IMGS and PYTHON allow a dry run on a CPU:
+# EPOCHS, JOBS, BUDGET, ARCHIVE, DATA_DIR, RUNS, RESULTS, IMGS and PYTHON allow a dry run on a CPU:
 #   EPOCHS=1 JOBS=2 OUT=/tmp/o DATA_DIR=/tmp/d RUNS=/tmp/r RESULTS=/tmp/res IMGS=/tmp/imgs \
 #       ./gpu_table.sh cifar --device cpu --train-samples 256 --no-plots
 set -euo pipefail
@@ -40,8 +40,8 @@ pack)
     ls -l .device-data
     exit 0
     ;;
-idx) DATASETS="mnist fashion-mnist" ARCHIVE=.device-data/idx.tgz JOBS=${JOBS:-12} ;;
-cifar) DATASETS="cifar10" ARCHIVE=.device-data/cifar10-jpg.tgz JOBS=${JOBS:-6} ;;
+idx) DATASETS="mnist fashion-mnist" ARCHIVE=${ARCHIVE:-.device-data/idx.tgz} JOBS=${JOBS:-12} ;;
+cifar) DATASETS="cifar10" ARCHIVE=${ARCHIVE:-.device-data/cifar10-jpg.tgz} JOBS=${JOBS:-6} ;;
 *)
     echo "gpu_table.sh: error: the first argument must be pack, idx or cifar (got '$PART')" >&2
     exit 2

@@ -200,17 +200,19 @@ class Objective(nn.Module):
         return None if self.criterion is None else self.criterion.centers
 
     def forward(self, features: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        # Losses run in float32 even under autocast: the pairwise log terms lose too much in 16 bits.
-        features = features.float()
-        if self.loss in ("standalone", "centers-apart"):
-            intra, inter = self.criterion.terms(features, labels)
-            total = self.criterion.weight_intra * intra + self.criterion.weight_inter * inter
-            return total, {"intra": intra, "inter": inter}
-        if self.loss == "center-softmax":
-            intra, xent = self.criterion.terms(features, labels)
-            return intra + xent, {"xent": xent, "intra": intra}
-        xent = F.cross_entropy(logits.float(), labels)
-        if self.loss == "xent":
-            return xent, {"xent": xent}
-        intra = self.criterion(features, labels)
-        return xent + self.weight_cent * intra, {"xent": xent, "intra": intra}
+        # Losses run in float32 even when a caller wraps them in autocast (which would run the
+        # distance matmuls in 16 bits): the pairwise log terms lose too much there.
+        with torch.autocast(device_type=features.device.type, enabled=False):
+            features = features.float()
+            if self.loss in ("standalone", "centers-apart"):
+                intra, inter = self.criterion.terms(features, labels)
+                total = self.criterion.weight_intra * intra + self.criterion.weight_inter * inter
+                return total, {"intra": intra, "inter": inter}
+            if self.loss == "center-softmax":
+                intra, xent = self.criterion.terms(features, labels)
+                return intra + xent, {"xent": xent, "intra": intra}
+            xent = F.cross_entropy(logits.float(), labels)
+            if self.loss == "xent":
+                return xent, {"xent": xent}
+            intra = self.criterion(features, labels)
+            return xent + self.weight_cent * intra, {"xent": xent, "intra": intra}

@@ -13,18 +13,30 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import os
 import signal
 import sys
 import time
 from pathlib import Path
 
+STARTUP_INTERRUPT = "interrupted before training started; no new checkpoint was saved, run the same command to start again"
+
+
+def interrupted_at_startup(signum: int, frame: object) -> None:
+    print(STARTUP_INTERRUPT, file=sys.stderr)
+    raise SystemExit(130)
+
+
+if __name__ == "__main__":  # Ctrl-C while torch and the rest import (seconds): one line, not a traceback
+    signal.signal(signal.SIGINT, interrupted_at_startup)
+
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
 import visualize
-from checkpoints import CheckpointError, checkpoint, load_checkpoint, prepare_run_dir, usage_error
+from checkpoints import CheckpointError, check_run_dir, checkpoint, load_checkpoint, make_run_dir, out_problem, usage_error
 from datasets import (
     DATASETS,
     DataError,
@@ -74,6 +86,23 @@ class TrainingError(Exception):
     """A run that cannot go on (corrupt checkpoint, divergence); reported as one line, exit code 1."""
 
 
+# numpy's limit (np.random.seed). The torch generators take seed * 1_000_003 + epoch (utils.epoch_generator),
+# on the loader path times the torchrun world size: below their 2**64 - 1 for up to 4,294 processes.
+MAX_SEED = 2**32 - 1
+
+
+def finite_float(text: str) -> float:
+    """argparse type of every float flag: NaN and infinity would slip through the range checks
+    (every comparison with NaN is false) and poison training silently."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, not {text!r}")
+    return value
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows defaults, except None ones whose help already says what happens."""
 
@@ -103,19 +132,22 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="global batch size, split evenly across torchrun processes (the inter term spans it); default 128, the study's (64 for digits)",
     )
-    p.add_argument("--lr", type=float, default=0.01, help="SGD learning rate of the model")
-    p.add_argument("--lr-cent", type=float, default=None, help="learning rate of the centers (default: --lr)")
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (model and centers)")
-    p.add_argument("--weight-cent", type=float, default=1.0, help="weight of the center term in cent")
-    p.add_argument("--weight-intra", type=float, default=1.0, help="weight of the intra term in standalone")
-    p.add_argument("--weight-inter", type=float, default=0.1, help="weight of the inter term in standalone")
+    p.add_argument("--lr", type=finite_float, default=0.01, help="SGD learning rate of the model")
+    p.add_argument("--lr-cent", type=finite_float, default=None, help="learning rate of the centers (default: --lr)")
+    p.add_argument("--momentum", type=finite_float, default=0.9, help="SGD momentum (model and centers)")
+    p.add_argument("--weight-cent", type=finite_float, default=1.0, help="weight of the center term in cent")
+    p.add_argument("--weight-intra", type=finite_float, default=1.0, help="weight of the intra term in standalone")
+    p.add_argument("--weight-inter", type=finite_float, default=0.1, help="weight of the inter term in standalone")
     p.add_argument(
-        "--inter-margin", type=float, default=None, help="truncate each pair's squared distance at this margin in the inter term (off)"
+        "--inter-margin",
+        type=finite_float,
+        default=None,
+        help="truncate each pair's squared distance at this margin in the inter term (off)",
     )
-    p.add_argument("--alpha", type=float, default=0.05, help="centers-apart: scale of the squared distance inside exp()")
+    p.add_argument("--alpha", type=finite_float, default=0.05, help="centers-apart: scale of the squared distance inside exp()")
     p.add_argument(
         "--val-fraction",
-        type=float,
+        type=finite_float,
         default=0.0,
         help="hold out this fraction of train for the scheduler and model selection (0: schedule on test accuracy, as the study)",
     )
@@ -126,10 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="retrieval and clustering metrics every N epochs (and after the last; 0: only after the last)",
     )
     p.add_argument("--tensorboard", action="store_true", help="also log to <run folder>/tensorboard (needs the tensorboard package)")
-    p.add_argument("--factor", type=float, default=0.2, help="ReduceLROnPlateau factor (on test accuracy)")
+    p.add_argument("--factor", type=finite_float, default=0.2, help="ReduceLROnPlateau factor (on test accuracy)")
     p.add_argument("--patience", type=int, default=None, help="ReduceLROnPlateau patience; default 10, the study's (3 for digits)")
-    p.add_argument("--threshold", type=float, default=0.1, help="ReduceLROnPlateau relative threshold")
-    p.add_argument("--seed", type=int, default=0, help="seed of weights, data order and augmentation")
+    p.add_argument("--threshold", type=finite_float, default=0.1, help="ReduceLROnPlateau relative threshold")
+    p.add_argument("--seed", type=int, default=0, help=f"seed of weights, data order and augmentation, 0 to {MAX_SEED}")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     p.add_argument(
         "--pipeline",
@@ -159,7 +191,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, value)
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.lr_cent is None:
+        args.lr_cent = args.lr
+    if args.name is None:
+        args.name = f"{args.loss}-{args.dataset}-feat={args.feat_dim}"
     checks = [
+        (0 <= args.seed <= MAX_SEED, f"--seed must be an integer from 0 to {MAX_SEED} (numpy's seed range)"),
+        (
+            is_plain_name(args.name),
+            f"--name {args.name!r} must be one plain folder name: not empty, not . or .., without / (it goes under --out)",
+        ),
+        (not (args.resume and args.overwrite), "--resume continues a run and --overwrite deletes it; give one of them"),
         (args.feat_dim >= 1, "--feat-dim must be at least 1"),
         (args.epochs >= 1, "--epochs must be at least 1"),
         (args.train_samples is None or args.train_samples >= 2, "--train-samples must be at least 2"),
@@ -190,22 +232,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for ok, message in checks:
         if not ok:
             parser.error(message)
-    try:
-        device = resolve_device(args.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            parser.error(f"--device {args.device}: CUDA is not available here; use --device cpu")
-    except RuntimeError:
-        parser.error(f"--device {args.device}: not a device torch knows (try auto, cpu or cuda)")
+    for problem in (device_problem(args.device), out_problem(args.out)):
+        if problem:
+            parser.error(problem)
     if args.tensorboard:
         try:
             importlib.import_module("torch.utils.tensorboard")
         except ImportError:
             parser.error("--tensorboard needs the tensorboard package: pip install tensorboard")
-    if args.lr_cent is None:
-        args.lr_cent = args.lr
-    if args.name is None:
-        args.name = f"{args.loss}-{args.dataset}-feat={args.feat_dim}"
     return args
+
+
+def is_plain_name(name: str) -> bool:
+    """One path component: the run folder must lie directly under --out (and --overwrite delete only it)."""
+    separators = {"/", os.sep, os.altsep, "\0"} - {None}
+    return name not in ("", ".", "..") and not any(sep in name for sep in separators)
+
+
+def device_problem(name: str) -> str | None:
+    """Why --device cannot train here, or None: a CPU, an available CUDA device, or MPS where it runs."""
+    try:
+        device = resolve_device(name)
+    except RuntimeError:
+        return f"--device {name}: not a device torch knows (try auto, cpu or cuda)"
+    if device.type == "cpu":
+        return None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return f"--device {name}: CUDA is not available here; use --device cpu"
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            return (
+                f"--device {name}: there are {torch.cuda.device_count()} CUDA devices here (cuda:0 to cuda:{torch.cuda.device_count() - 1})"
+            )
+        return None
+    if device.type == "mps":
+        return None if torch.backends.mps.is_available() else f"--device {name}: MPS is not available here; use --device cpu"
+    return f"--device {name}: not a device to train on (use auto, cpu, cuda, cuda:N or mps)"
 
 
 def train_step(run: dict, state: EpochState, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -268,14 +330,20 @@ def stop_agreed(run: dict, stop: dict) -> bool:
 
 
 def check_divergence(run: dict, epoch: int, state: EpochState) -> None:
-    """Stop once --max-bad-steps steps were non-finite (each was taken back: no bad update remains)."""
+    """Stop once --max-bad-steps steps were non-finite (each was taken back: no bad update remains).
+    The checkpoint, if any, holds only finite weights: the guard never let a bad update through."""
     bad = run["bad_steps"] + int(state.bad_steps)
     if bad >= run["args"].max_bad_steps:
         step, *values = state.last_bad.tolist()
         named = ", ".join(f"{k}={v:.4g}" for k, v in zip(("loss", *TERMS), values))
+        kept = (
+            f"the last good checkpoint is kept in {run['dir']}"
+            if (run["dir"] / "checkpoint.pt").is_file()
+            else "no checkpoint was saved (none of an earlier epoch)"
+        )
         raise TrainingError(
             f"training diverged: {bad} non-finite steps, the last at epoch {epoch} step {int(step)} ({named}); "
-            f"no bad update was applied and the last good checkpoint is kept in {run['dir']}; try a lower --lr or --inter-margin"
+            f"no bad update was applied and {kept}; try a lower --lr or --inter-margin"
         )
 
 
@@ -296,7 +364,11 @@ def train(args: argparse.Namespace, rank: int, world: int) -> int:
                 "(the last partial batch is dropped, as in the study); use a smaller --batch-size or more --train-samples"
             )
         )
-    run_dir, resume = prepare_run_dir(args, rank)
+    run_dir, resume = check_run_dir(args)
+    if world > 1:  # every process has checked before rank 0 deletes or creates anything
+        dist.barrier()
+    if rank == 0:
+        make_run_dir(run_dir, args.overwrite)
     if world > 1:
         dist.barrier()
     run = {
@@ -385,7 +457,15 @@ def train(args: argparse.Namespace, rank: int, world: int) -> int:
         if writer is not None:
             writer.close()
     if rank == 0:
-        finish(run, data)
+        try:
+            finish(run, data)
+        except KeyboardInterrupt:  # the signal handlers are gone: pictures and summary are redone from the checkpoint
+            print(
+                f"interrupted while drawing the final pictures and writing summary.json; the checkpoint of epoch {args.epochs} is saved, "
+                "run the same command to finish the run",
+                file=sys.stderr,
+            )
+            return 130
     return 0
 
 
@@ -406,8 +486,15 @@ def draw_frames(run: dict, data: Dataset, epoch: int, state: EpochState, test_fe
 
 
 def finish(run: dict, data: Dataset) -> None:
-    """After the last epoch: final pictures, then summary.json, whose presence marks a finished run."""
+    """After the last epoch: final pictures, then summary.json, whose presence marks a finished run.
+    A model whose final test loss is not finite has diverged: TrainingError, no summary."""
     args, run_dir = run["args"], run["dir"]
+    test_loss = run["history"][-1]["test_loss"]
+    if not math.isfinite(test_loss):
+        raise TrainingError(
+            f"the final test loss is {test_loss}: the model diverged (its training steps stayed finite); no summary.json was written, "
+            f"the checkpoint is kept in {run_dir}; try a lower --lr or --inter-margin"
+        )
     pictures = []
     if not args.no_plots:
         if args.feat_dim == 2:
@@ -440,15 +527,16 @@ def finish(run: dict, data: Dataset) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    rank, world = init_distributed(resolve_device(args.device))
+    world = 1
     try:
+        args = parse_args(argv)
+        rank, world = init_distributed(resolve_device(args.device))
         return train(args, rank, world)
     except (DataError, CheckpointError, TrainingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # before the training loop installs its handlers: nothing to save yet
-        print("interrupted before training started; nothing was saved", file=sys.stderr)
+        print(STARTUP_INTERRUPT, file=sys.stderr)
         return 130
     finally:
         if world > 1:
@@ -456,4 +544,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # the imports are done: Ctrl-C is KeyboardInterrupt again
     sys.exit(main())

@@ -18,16 +18,21 @@ FEATURE_METRICS = ("knn1_acc", "knn10_acc", "precision_at_1", "map_at_r", "nmi",
 
 def knn_accuracy(query: torch.Tensor, query_labels: torch.Tensor, gallery: torch.Tensor, gallery_labels: torch.Tensor, k: int) -> float:
     """k-nearest-neighbour accuracy: each query takes the majority label of its k nearest gallery
-    points (ties go to the label whose nearest member ranks first)."""
+    points, k at most the gallery's size. A tie in votes goes to the tied label whose neighbours
+    have the smaller sum of ranks (nearer on the whole), a tie in that to the smaller label index.
+    For k = 5 with ranks 0 and 4 of label 0 and ranks 1 and 2 of label 1, label 1 wins."""
+    k = min(k, len(gallery))
     num_classes = int(max(query_labels.max(), gallery_labels.max())) + 1
+    # In integers, exactly: a neighbour at rank r (0-based) adds k(k+1) + (k - r). One label's
+    # rank bonuses sum to at most k(k+1)/2, less than one vote, so they only break ties; argmax
+    # takes the first (smallest) label among equal scores.
+    weights = k * (k + 1) + k - torch.arange(k, device=gallery.device)
     correct = 0
     for start in range(0, len(query), CHUNK):
         d = squared_distances(query[start : start + CHUNK].float(), gallery.float())
         idx = d.topk(k, dim=1, largest=False).indices  # sorted, nearest first
-        neighbour_labels = gallery_labels[idx]
-        # votes, plus a tie-break smaller than one vote that favours earlier (nearer) neighbours
-        weights = 1.0 + (k - torch.arange(k, device=idx.device, dtype=torch.float32)) / (k * (k + 1))
-        votes = torch.zeros(len(idx), num_classes, device=idx.device).scatter_add_(1, neighbour_labels, weights.expand_as(idx).contiguous())
+        votes = torch.zeros(len(idx), num_classes, device=idx.device, dtype=torch.int64)
+        votes.scatter_add_(1, gallery_labels[idx], weights.expand_as(idx).contiguous())
         correct += int((votes.argmax(1) == query_labels[start : start + CHUNK]).sum())
     return correct / len(query)
 
@@ -108,7 +113,7 @@ def feature_metrics(
     nmi, ami = clustering_scores(test, test_labels, seed)
     return {
         "knn1_acc": knn_accuracy(test, test_labels, train, train_labels, 1),
-        "knn10_acc": knn_accuracy(test, test_labels, train, train_labels, 10),
+        "knn10_acc": knn_accuracy(test, test_labels, train, train_labels, 10),  # k = 10, or the train set's size if smaller
         "precision_at_1": p_at_1,
         "map_at_r": map_at_r,
         "nmi": nmi,

@@ -15,12 +15,14 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 STUDY_TABLE = ROOT / "study_table.csv"
+SUMMARY_KEYS = ("name", "loss", "dataset", "feat_dim", "acc", "lr", "epochs", "batch_size", "weight_cent", "weight_intra", "weight_inter")
 STUDY_COLUMNS = ["loss", "dataset", "feat_dim", "acc", "lr", "epochs", "batch_size", "weight_cent", "weight_intra", "weight_inter"]
 
 
@@ -42,13 +44,39 @@ def find_summaries(paths: list[Path]) -> list[Path]:
     return found
 
 
+class SummaryError(Exception):
+    """A summary file the table cannot use; reported as one line naming the file, exit code 1."""
+
+
+def read_summary(path: Path) -> dict:
+    """One summary.json, checked for what the table and --collect use."""
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise SummaryError(f"{path}: not readable as JSON ({str(exc).splitlines()[0]}); rerun its run or remove the file") from None
+    if not isinstance(summary, dict):
+        raise SummaryError(f"{path}: a JSON {type(summary).__name__}, not a summary object; rerun its run or remove the file")
+    missing = [key for key in SUMMARY_KEYS if summary.get(key) is None]
+    if missing:
+        raise SummaryError(f"{path}: incomplete summary (no {', '.join(missing)}); rerun its run or remove the file")
+    name = summary["name"]
+    if not isinstance(name, str) or name in ("", ".", "..") or any(c in name for c in {"/", os.sep, "\0"}):
+        raise SummaryError(
+            f"{path}: its name {name!r} is not a plain run folder name (--collect names a file by it); fix or remove the file"
+        )
+    numbers = ("feat_dim", "acc", "lr", "epochs", "batch_size", "weight_cent", "weight_intra", "weight_inter")
+    wrong = [key for key in numbers if not isinstance(summary[key], (int, float)) or isinstance(summary[key], bool)]
+    if wrong:
+        raise SummaryError(f"{path}: {', '.join(wrong)} should be numbers; rerun its run or remove the file")
+    return summary
+
+
 def load_runs(paths: list[Path]) -> dict[tuple[str, str, int], dict]:
     """Summaries keyed by (loss, dataset, feat_dim); a later duplicate replaces an earlier one."""
     runs = {}
     for path in find_summaries(paths):
-        summary = json.loads(path.read_text())
-        if {"loss", "dataset", "feat_dim", "acc"} <= summary.keys():
-            runs[(summary["loss"], summary["dataset"], int(summary["feat_dim"]))] = summary
+        summary = read_summary(path)
+        runs[(summary["loss"], summary["dataset"], int(summary["feat_dim"]))] = summary
     return runs
 
 
@@ -148,15 +176,18 @@ def main(argv: list[str] | None = None) -> int:
     missing = [p for p in args.paths if not p.exists()]
     if missing:
         parser.error(f"{missing[0]} does not exist")
-    runs = load_runs(args.paths)
+    try:
+        runs = load_runs(args.paths)
+    except SummaryError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     extra = [c for c in args.columns.split(",") if c]
     text = table(runs, extra)
     print(text)
     if args.collect:
         args.collect.mkdir(parents=True, exist_ok=True)
         for path in find_summaries(args.paths):
-            summary = json.loads(path.read_text())
-            shutil.copyfile(path, args.collect / f"{summary['name']}.json")
+            shutil.copyfile(path, args.collect / f"{read_summary(path)['name']}.json")
     if args.readme:
         try:
             content = replace_between(args.readme.read_text(), f"table:{args.label}", text)

@@ -19,6 +19,10 @@ LOSSES=${LOSSES:-"xent cent standalone"}
 DATASETS=${DATASETS:-"mnist fashion-mnist cifar10"}
 FEAT_DIMS=${FEAT_DIMS:-"2 128"}
 PYTHON=${PYTHON:-python}
+if [[ ! $JOBS =~ ^[0-9]+$ ]] || ((10#$JOBS < 1)); then  # else the wait loop below spins (0) or never waits (abc)
+    echo "reproduce.sh: error: JOBS must be a positive integer (runs at once), not '$JOBS'" >&2
+    exit 2
+fi
 mkdir -p "$OUT"
 failures=$(mktemp)
 trap 'rm -f "$failures"' EXIT

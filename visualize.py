@@ -188,11 +188,24 @@ def log_tensorboard(
     writer.flush()
 
 
+class StitchError(Exception):
+    """A run whose GIFs cannot be made (a damaged frame or args.json, an unusable --imgs-dir); one line, exit code 1."""
+
+
 def make_gif(frames: Sequence[Path], path: Path, duration: float = 0.4, last_pause: float = 2.0) -> None:
     """Stitch PNG frames into a looping GIF; the last frame stays `last_pause` seconds."""
     import imageio.v3 as iio
 
-    images = [iio.imread(f)[..., :3] for f in frames]
+    images = []
+    for frame in frames:
+        try:
+            images.append(iio.imread(frame)[..., :3])
+        except Exception as exc:  # PIL reports damage as OSError, SyntaxError, ValueError, ...
+            raise StitchError(f"{frame}: cannot be read as an image ({type(exc).__name__}); delete it to stitch the other frames") from None
+        if images[-1].shape != images[0].shape:
+            raise StitchError(
+                f"{frame}: a {images[-1].shape[1]}x{images[-1].shape[0]} frame among {images[0].shape[1]}x{images[0].shape[0]} ones; delete it"
+            )
     durations = [int(duration * 1000)] * (len(images) - 1) + [int(last_pause * 1000)]
     iio.imwrite(path, images, extension=".gif", duration=durations, loop=0)
 
@@ -210,30 +223,48 @@ def make_run_gifs(run_dir: Path, duration: float = 0.4, last_pause: float = 2.0)
 
 def run_label(run_dir: Path) -> str:
     """<loss>-<dataset>-feat=<d> from the run's args.json (the study's imgs/ naming)."""
-    args = json.loads((Path(run_dir) / "args.json").read_text())
-    return f"{args['loss']}-{args['dataset']}-feat={args['feat_dim']}"
+    path = Path(run_dir) / "args.json"
+    try:
+        args = json.loads(path.read_text())
+        label = f"{args['loss']}-{args['dataset']}-feat={int(args['feat_dim'])}"
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError) as exc:
+        raise StitchError(f"{path}: damaged ({type(exc).__name__}), so the imgs/ name is unknown; copy the GIFs by hand") from None
+    if "/" in label or "\0" in label:
+        raise StitchError(f"{path}: its loss or dataset holds a / or NUL, so it names no imgs/ folder; copy the GIFs by hand")
+    return label
 
 
 def stitch_run(run_dir: Path, duration: float, last_pause: float, imgs_dir: Path | None) -> str | None:
     """Make train.gif and test.gif of one run; returns an error line, or None when it worked."""
-    run_dir = Path(run_dir)
+    try:
+        stitch(Path(run_dir), duration, last_pause, imgs_dir)
+    except StitchError as exc:
+        return str(exc)
+    return None
+
+
+def stitch(run_dir: Path, duration: float, last_pause: float, imgs_dir: Path | None) -> None:
+    """stitch_run's work; a problem is a StitchError."""
     if not run_dir.is_dir():
-        return f"{run_dir}: no such run folder"
+        raise StitchError(f"{run_dir}: no such run folder")
     made = make_run_gifs(run_dir, duration, last_pause)
     for path in made:
         print(f"{path}: {len(list((run_dir / 'frames' / path.stem).glob('epoch_*.png')))} frames")
     projections = [run_dir / f"{split}.png" for split in SPLITS if (run_dir / f"{split}.png").is_file()]
     if not made and not projections:
-        return f"{run_dir}: no frames (frames/train/epoch_*.png) to stitch; train with --feat-dim 2 and without --no-plots"
-    if imgs_dir is not None:
-        if not (run_dir / "args.json").is_file():
-            return f"{run_dir}: no args.json, so the imgs/ name is unknown"
-        target = imgs_dir / run_label(run_dir)
+        raise StitchError(f"{run_dir}: no frames (frames/train/epoch_*.png) to stitch; train with --feat-dim 2 and without --no-plots")
+    if imgs_dir is None:
+        return
+    if not (run_dir / "args.json").is_file():
+        raise StitchError(f"{run_dir}: no args.json, so the imgs/ name is unknown")
+    target = imgs_dir / run_label(run_dir)
+    try:
         target.mkdir(parents=True, exist_ok=True)
         for path in made + projections:
             shutil.copyfile(path, target / path.name)
             print(f"copied {path} -> {target / path.name}")
-    return None
+    except OSError as exc:
+        raise StitchError(f"--imgs-dir {imgs_dir}: cannot copy into {target} ({exc.strerror}); give a folder as --imgs-dir") from None
 
 
 def main(argv: list[str] | None = None) -> int:

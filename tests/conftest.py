@@ -7,6 +7,7 @@ images, the tiny runs train two epochs of 7 steps, every process uses one thread
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 import subprocess
@@ -157,6 +158,40 @@ def run_script(script: str, args: list[str], cwd: Path | None = None, timeout: f
         timeout=timeout,
         env=subprocess_env(),
     )
+
+
+def stderr_error_line(stderr: str) -> str:
+    """The one error line of a failed command (argparse prints its usage block above it)."""
+    assert "Traceback" not in stderr, stderr
+    errors = [line for line in stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1, stderr
+    assert stderr.rstrip().splitlines()[-1] == errors[0], stderr
+    return errors[0]
+
+
+def listing(root: Path, leave_out: Path | None = None) -> dict[str, tuple[str, int]]:
+    """Every file, folder and link under `root` (not under `leave_out`, a run folder) with its kind
+    and size: equal listings before and after a command show that it changed nothing there."""
+    found = {}
+    for path in sorted(root.rglob("*")):
+        if leave_out is not None and (path == leave_out or leave_out in path.parents):
+            continue
+        info = path.lstat()
+        kind = "link" if path.is_symlink() else "dir" if path.is_dir() else "file"
+        found[str(path.relative_to(root))] = (kind, info.st_size if kind == "file" else 0)
+    return found
+
+
+def write_finished_decoy(run_dir: Path) -> Path:
+    """A finished run of main.py as it looks on disk (args.json, checkpoint.pt, metrics.csv, summary.json),
+    which commands aimed elsewhere must leave exactly as it is."""
+    run_dir.mkdir(parents=True)
+    args = {"loss": "standalone", "dataset": "digits", "feat_dim": 2, "name": run_dir.name, "out": str(run_dir.parent)}
+    (run_dir / "args.json").write_text(json.dumps(args))
+    (run_dir / "checkpoint.pt").write_bytes(b"weights" * 100)
+    (run_dir / "metrics.csv").write_text("epoch,test_acc\n1,0.9\n")
+    (run_dir / "summary.json").write_text(json.dumps({**args, "acc": 0.9}))
+    return run_dir
 
 
 def check_ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:

@@ -55,6 +55,15 @@ def test_read_idx_bad_gzip(tmp_path, kind):
     assert str(path) in str(info.value)
 
 
+@pytest.mark.parametrize("shape", [(0, 28, 28), (0,), (5, 0, 28)])
+def test_read_idx_of_no_items(tmp_path, shape):
+    """A valid header with a size of 0 (0 images) is one DataError line, not an error deep in torch."""
+    path = write_idx(tmp_path / "empty-idx3-ubyte", np.zeros(shape, dtype=np.uint8))
+    with pytest.raises(DataError, match="an IDX file of no items") as info:
+        read_idx(path)
+    assert str(path) in str(info.value)
+
+
 def test_read_idx_truncated_header(tmp_path):
     path = tmp_path / "head-idx3-ubyte"
     path.write_bytes(bytes([0, 0, 8, 3]) + b"\0\0\0\4")  # promises 3 dims, holds 1
@@ -201,18 +210,16 @@ def test_tree_palette_png_gives_its_colours(tmp_path):
     assert ds.train.images[:, :, 0, 0].tolist() == [[200, 0, 0], [200, 0, 50]]
 
 
-def test_tree_16_bit_png_is_uint8_or_refused(tmp_path):
+def test_tree_16_bit_png_is_refused(tmp_path):
     from PIL import Image
 
     def deep(k):
         return Image.fromarray(np.full((28, 28), 1000 * (k + 1), np.uint16))
 
     root = write_two_class_tree(tmp_path / "i16", deep)
-    try:
-        ds = load_dataset("folder", root)
-    except DataError:
-        return
-    assert ds.train.images.dtype == torch.uint8
+    with pytest.raises(DataError, match="16/32-bit") as info:
+        load_dataset("folder", root)
+    assert str(root / "train" / "a" / "0.png") in str(info.value)
 
 
 def test_tree_cmyk_jpeg_gives_rgb(tmp_path):
@@ -242,7 +249,23 @@ def test_cifar10_tree_in_known_subfolder(tmp_path):
     ds = load_dataset("cifar10", tmp_path, download=False)
     assert ds.name == "cifar10" and len(ds.train) == 3
     assert canonical_name("cifar-10") == "cifar10"
-    assert len(CIFAR10_CLASSES) == 10
+
+
+def test_cifar10_tree_with_cifar_class_folders_gets_the_canonical_names(tmp_path):
+    """Class folders named like CIFAR-10's classes, in another case, are labelled in CIFAR-10's order
+    and given its names."""
+    from PIL import Image
+
+    root = tmp_path / "cifar10"
+    for split in ("train", "test"):
+        for k, cls in enumerate(CIFAR10_CLASSES):
+            folder = root / split / cls.title()
+            folder.mkdir(parents=True)
+            Image.fromarray(np.full((32, 32, 3), 20 * k, np.uint8)).save(folder / "0.png")
+    ds = load_dataset("cifar10", tmp_path, download=False)
+    assert ds.classes == CIFAR10_CLASSES
+    assert ds.train.labels.tolist() == list(range(10))
+    assert ds.train.images[:, 0, 0, 0].tolist() == [20 * k for k in range(10)]  # each class folder's own image
 
 
 def test_tree_image_of_other_size(gray_tree):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -152,6 +153,13 @@ def test_torchrun_end_to_end_matches_single_process_and_resumes(tmp_path: Path) 
 
 
 def test_batch_size_must_split_across_processes(tmp_path: Path) -> None:
+    """What README says a refused torchrun run shows: each worker's own line first, then torchrun's
+    ChildFailedError with the workers' exit code 2, and torchrun's own exit code 1."""
     result = torchrun([*TINY, "--batch-size", "33", "--epochs", "1", "--out", str(tmp_path)])
-    assert result.returncode != 0
-    assert "multiple of the 2 processes" in result.stderr
+    assert result.returncode == 1
+    err = result.stderr
+    line = "main.py: error: --batch-size 33 must be a multiple of the 2 processes (it is the global batch)"
+    assert err.count(line) == 2  # one per worker
+    assert err.rindex(line) < err.index("ChildFailedError") < err.index("Root Cause")
+    assert re.search(r"exitcode\s*:\s*2", err)
+    assert not list(tmp_path.iterdir())

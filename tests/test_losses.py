@@ -324,15 +324,30 @@ def test_objective_inter_margin_reaches_criterion():
 
 
 @pytest.mark.parametrize("loss", LOSSES)
-def test_objective_runs_in_float32_under_low_precision_inputs(loss):
-    features, logits, y = objective_inputs(4)
+def test_objective_computes_in_float32_under_autocast(loss):
+    """Under a caller's bfloat16 autocast the objective's values equal its float32 values (to float32
+    rounding), for float32 and for bfloat16 inputs: no 16-bit matmul inside. Features far from the
+    origin make 16-bit distances (a^2 + b^2 - 2ab) visibly wrong, so the comparison can tell."""
+    g = torch.Generator().manual_seed(4)
+    features = torch.randn(16, 3, generator=g) * 3 + 20
+    logits, y = torch.randn(16, 4, generator=g) * 3, torch.arange(16) % 4
+    torch.manual_seed(0)
     objective = Objective(loss, 4, 3)
-    total, terms = objective(features.bfloat16(), logits.bfloat16(), y)
-    assert total.dtype == torch.float32
-    assert all(t.dtype == torch.float32 for t in terms.values())
+    for inputs in ((features, logits), (features.bfloat16(), logits.bfloat16())):
+        reference, reference_terms = objective(inputs[0].float(), inputs[1].float(), y)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            total, terms = objective(*inputs, y)
+        assert total.dtype == torch.float32 and all(t.dtype == torch.float32 for t in terms.values())
+        assert total.item() == pytest.approx(reference.item(), rel=1e-6)
+        assert terms.keys() == reference_terms.keys()
+        for name, value in terms.items():
+            assert value.item() == pytest.approx(reference_terms[name].item(), rel=1e-6), name
+    if loss == "standalone":  # the same distances in bfloat16 are far off: the test would notice a 16-bit matmul
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            sloppy = squared_distances(features, features)
+        assert not torch.allclose(sloppy.float(), squared_distances(features, features), rtol=1e-3)
 
 
 def test_objective_unknown_loss():
     with pytest.raises(ValueError, match="unknown loss"):
         Objective("softmax", 4, 3)
-    assert {"xent", "cent", "standalone"} <= set(LOSSES)

@@ -5,15 +5,29 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from conftest import MNIST_TEST, MNIST_TRAIN, REAL_TRAIN_SAMPLES, check_ok, write_image_tree
+from conftest import (
+    MNIST_TEST,
+    MNIST_TRAIN,
+    REAL_TRAIN_SAMPLES,
+    check_ok,
+    listing,
+    stderr_error_line,
+    write_finished_decoy,
+    write_idx,
+    write_image_tree,
+    write_tiny_mnist,
+)
 
 import main
 from datasets import load_dataset
 from models import build_model
+from utils import write_json
 
 LOSS_TERMS = {"xent": {"xent"}, "cent": {"xent", "intra"}, "standalone": {"intra", "inter"}}
 
@@ -22,15 +36,6 @@ def read_metrics(run_dir: Path) -> tuple[list[str], list[dict[str, str]]]:
     with open(run_dir / "metrics.csv", newline="") as f:
         reader = csv.DictReader(f)
         return list(reader.fieldnames or []), list(reader)
-
-
-def stderr_error_line(stderr: str) -> str:
-    """The one error line of a failed command (argparse prints its usage block above it)."""
-    assert "Traceback" not in stderr, stderr
-    errors = [line for line in stderr.splitlines() if "error:" in line]
-    assert len(errors) == 1, stderr
-    assert stderr.rstrip().splitlines()[-1] == errors[0], stderr
-    return errors[0]
 
 
 def model_outputs(run_dir: Path, ckpt: dict, args: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -179,6 +184,12 @@ def test_finished_run_refused_then_overwritten(named_run, capsys):
 # ---------------------------------------------------------------------------------- bad input
 
 
+# Every float flag, each with NaN or an infinity (comparisons with NaN are false: range checks alone let it pass).
+NOT_FINITE = [("--lr", "inf"), ("--lr", "-inf"), ("--lr-cent", "nan"), ("--momentum", "nan"), ("--weight-cent", "inf")]
+NOT_FINITE += [("--weight-intra", "nan"), ("--weight-inter", "nan"), ("--inter-margin", "inf"), ("--alpha", "nan")]
+NOT_FINITE += [("--factor", "nan"), ("--threshold", "inf"), ("--val-fraction", "nan")]
+
+
 @pytest.mark.parametrize(
     "argv,message",
     [
@@ -193,15 +204,93 @@ def test_finished_run_refused_then_overwritten(named_run, capsys):
         (["--plot-every", "0"], "--plot-every must be at least 1"),
         (["--data-dir", "/nonexistent/scl-data"], "--data-dir /nonexistent/scl-data does not exist"),
         (["--dataset", "folder"], "--dataset folder needs --data-dir"),
+        (["--seed", "-1"], "--seed must be an integer from 0 to 4294967295"),
+        (["--seed", str(2**32)], "--seed must be an integer from 0 to 4294967295"),
+        *[([f"{flag}={value}"], f"argument {flag}: must be a finite number, not '{value}'") for flag, value in NOT_FINITE],
+        (["--lr", "fast"], "argument --lr: not a number: 'fast'"),
+        (["--device", "meta"], "--device meta: not a device to train on"),
+        pytest.param(
+            ["--device", "mps"],
+            "--device mps: MPS is not available here",
+            marks=pytest.mark.skipif(torch.backends.mps.is_available(), reason="MPS is available here"),
+        ),
+        pytest.param(
+            ["--device", "cuda"],
+            "--device cuda: CUDA is not available here",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here"),
+        ),
+        (["--name", ""], "--name '' must be one plain folder name"),
+        (["--name", ".."], "--name '..' must be one plain folder name"),
+        (["--resume", "--overwrite"], "--resume continues a run and --overwrite deletes it"),
+        (["--out", "{tmp}/a-file"], "is a file, not a folder"),
+        (["--out", "{tmp}/a-file/runs"], "is a file, not a folder"),
+        (["--out", "/proc/self/runs"], "lies under /proc, a kernel file system"),
+        (["--out", "/sys/runs"], "lies under /sys, a kernel file system"),
+        pytest.param(
+            ["--out", "{tmp}/read-only/runs"],
+            "is not writable",
+            marks=pytest.mark.skipif(os.geteuid() == 0, reason="root may write into a read-only folder"),
+        ),
     ],
 )
 def test_bad_arguments_exit_2(argv, message, tmp_path, capsys):
+    """Every bad argument: exit 2, one line naming the flag, nothing written anywhere."""
+    (tmp_path / "a-file").write_text("not a folder")
+    (tmp_path / "read-only").mkdir(mode=0o500)
+    before = listing(tmp_path)
     with pytest.raises(SystemExit) as info:
-        main.main([*argv, "--out", str(tmp_path / "out")])
+        main.main(["--out", str(tmp_path / "out"), *(a.replace("{tmp}", str(tmp_path)) for a in argv)])
     assert info.value.code == 2
     line = stderr_error_line(capsys.readouterr().err)
     assert message in line
-    assert not (tmp_path / "out").exists()
+    assert listing(tmp_path) == before
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--name", "", "--overwrite"], "--name '' must be one plain folder name"),
+        (["--name", "..", "--overwrite"], "--name '..' must be one plain folder name"),
+        (["--name", ".", "--overwrite"], "--name '.' must be one plain folder name"),
+        (["--name", "decoy/..", "--overwrite"], "--name 'decoy/..' must be one plain folder name"),
+        (["--name", "decoy", "--overwrite", "--resume"], "--resume continues a run and --overwrite deletes it"),
+        (["--name", "decoy"], "holds a finished run; use --overwrite"),
+        (["--name", "notes", "--overwrite"], "is not a run folder of main.py"),
+        (["--name", "notes"], "is not a run folder of main.py"),
+        (["--name", "a-file", "--overwrite"], "exists and is not a folder"),
+        (["--name", "link", "--overwrite"], "exists and is not a folder"),
+        (["--out", "{out}/decoy", "--name", "checkpoint.pt", "--overwrite"], "exists and is not a folder"),
+    ],
+)
+def test_nothing_outside_the_run_folder_is_deleted_or_written(argv, message, tmp_path, capsys):
+    """--name and --overwrite can only ever replace one run folder that main.py made: beside a decoy
+    finished run, a folder of someone's notes, a file and a link, each of these is refused with one
+    line, exit 2, and the whole tree (the parent of --out included) stays as it was."""
+    out = tmp_path / "out"
+    decoy = write_finished_decoy(out / "decoy")
+    (out / "notes").mkdir()
+    (out / "notes" / "todo.txt").write_text("precious")
+    (out / "a-file").write_text("a file")
+    (out / "link").symlink_to(decoy)
+    (tmp_path / "beside-out.txt").write_text("also precious")
+    before = listing(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        main.main(
+            [
+                "--out",
+                str(out),
+                "--epochs",
+                "1",
+                "--train-samples",
+                "64",
+                "--batch-size",
+                "32",
+                *(a.replace("{out}", str(out)) for a in argv),
+            ]
+        )
+    assert info.value.code == 2
+    assert message in stderr_error_line(capsys.readouterr().err)
+    assert listing(tmp_path) == before
 
 
 def test_bad_data_dir_subprocess(bad_data_dir_run):
@@ -231,6 +320,72 @@ def test_non_image_in_tree(tmp_path, capsys):
     assert not list(out.glob("**/summary.json"))
 
 
+def test_overwrite_keeps_an_empty_folder_it_did_not_make(tmp_path):
+    """--overwrite deletes only main.py's run folders: an empty folder of someone else's (here with the
+    sticky bit of a shared /tmp) is reused as it is, not deleted and recreated."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    argv = ["--out", str(tmp_path), "--name", "shared", "--overwrite", "--epochs", "1", "--train-samples", "32", "--batch-size", "32"]
+    assert main.main([*argv, "--model", "lenet++", "--no-plots"]) == 0
+    assert (shared.stat().st_mode & 0o7777) == 0o1777
+    assert (shared / "summary.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "argv,code,message",
+    [
+        (["--dataset", "mnist", "--data-dir", "{empty_idx}"], 1, "train-images-idx3-ubyte: an IDX file of no items"),
+        (["--train-samples", "4", "--val-fraction", "0.9"], 2, "the train set has 0 samples, fewer than one batch"),
+        (["--train-samples", "20"], 2, "the train set has 20 samples, fewer than one batch of --batch-size 32"),
+    ],
+)
+def test_bad_data_one_line(argv, code, message, tmp_path, capsys):
+    """Data that cannot train: one line, exit 1 (data) or 2 (arguments), no run folder."""
+    empty_idx = tmp_path / "empty-idx"
+    write_tiny_mnist(empty_idx)
+    write_idx(empty_idx / "MNIST" / "raw" / "train-images-idx3-ubyte", np.zeros((0, 28, 28), np.uint8))  # a valid header, 0 images
+    write_idx(empty_idx / "MNIST" / "raw" / "train-labels-idx1-ubyte", np.zeros(0, np.uint8))
+    before = listing(tmp_path)
+    argv = [a.replace("{empty_idx}", str(empty_idx)) for a in argv]
+    try:
+        result = main.main([*argv, "--batch-size", "32", "--epochs", "1", "--out", str(tmp_path / "out")])
+    except SystemExit as exc:
+        result = exc.code
+    assert result == code
+    assert message in stderr_error_line(capsys.readouterr().err)
+    assert listing(tmp_path) == before
+
+
+def test_train_set_smaller_than_knn_k(tmp_path):
+    """--train-samples 8 leaves a k-NN gallery of 8 train features: knn10_acc uses k = 8 instead of failing."""
+    out = tmp_path / "out"
+    assert (
+        main.main(["--train-samples", "8", "--batch-size", "8", "--epochs", "1", "--model", "lenet++", "--no-plots", "--out", str(out)])
+        == 0
+    )
+    summary = json.loads((out / "standalone-digits-feat=2" / "summary.json").read_text())
+    assert summary["train_size"] == 8 and 0 <= summary["knn10_acc"] <= 1 and 0 <= summary["knn1_acc"] <= 1
+
+
+def test_every_float_flag_refuses_nan_and_infinity():
+    """Each float flag parses with main.finite_float, and each is among the flags tested above."""
+    actions = [a for a in main.build_parser()._actions if a.type in (float, main.finite_float)]
+    assert actions and all(a.type is main.finite_float for a in actions)
+    assert {a.option_strings[0] for a in actions} == {flag for flag, _ in NOT_FINITE}
+
+
+def test_summary_json_is_strict_json(tmp_path):
+    """NaN and infinities (a metric of a collapsed run) become null: no NaN token that strict parsers refuse."""
+    write_json(tmp_path / "summary.json", {"acc": 0.5, "nmi": math.nan, "terms": [math.inf, -math.inf, 1.5], "nested": {"ami": math.nan}})
+    text = (tmp_path / "summary.json").read_text()
+
+    def refuse(token):
+        raise ValueError(f"non-standard JSON token {token}")
+
+    assert json.loads(text, parse_constant=refuse) == {"acc": 0.5, "nmi": None, "terms": [None, None, 1.5], "nested": {"ami": None}}
+
+
 def test_help_lists_every_flag(capsys):
     with pytest.raises(SystemExit) as info:
         main.main(["--help"])
@@ -244,6 +399,7 @@ def test_help_lists_every_flag(capsys):
     missing = [flag for flag in flags if flag not in tokens]
     assert not missing, missing
     assert "--inter-margin" in tokens and "--train-samples" in tokens and "--overwrite" in tokens
+    assert "0 to 4294967295" in " ".join(text.split())  # the seed range
 
 
 def test_defaults_follow_the_study():

@@ -74,6 +74,87 @@ def test_map_at_r_hand_computed() -> None:
     assert map_r == pytest.approx((0.5 + 0.5 + 0 + 0 + 0.25 + 0.5) / 6)
 
 
+def test_map_at_r_with_a_different_r_per_query() -> None:
+    # Class 0 at 0, 1, 10 (R = 2 each), class 1 at 2.5, 3 (R = 1 each), class 2 alone at 20 (R = 0: skipped).
+    features = torch.tensor([[0.0], [1.0], [10.0], [2.5], [3.0], [20.0]])
+    labels = torch.tensor([0, 0, 0, 1, 1, 2])
+    # 0:   1(0) 2.5(1)  -> AP (1/2)(1/1) = 0.5       2.5: 3(1)  -> AP 1 (with R = 2 it would be 1/2)
+    # 1:   0(0) 2.5(1)  -> 0.5                        3:   2.5(1) -> 1
+    # 10:  3(1) 2.5(1)  -> 0
+    p1, map_r = metrics.leave_one_out_retrieval(features, labels)
+    assert p1 == pytest.approx(4 / 5)
+    assert map_r == pytest.approx((0.5 + 0.5 + 0 + 1 + 1) / 5)
+
+
+def reference_map_at_r(features: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """Precision@1 and MAP@R by plain loops over sorted distances (no ties in random data)."""
+    x, y = features.double().tolist(), labels.tolist()
+    p1, aps = [], []
+    for i in range(len(x)):
+        r = y.count(y[i]) - 1
+        if r == 0:
+            continue
+        others = sorted((sum((a - b) ** 2 for a, b in zip(x[i], x[j])), j) for j in range(len(x)) if j != i)
+        hits = [y[j] == y[i] for _, j in others[:r]]
+        p1.append(float(hits[0]))
+        aps.append(sum(sum(hits[: n + 1]) / (n + 1) for n in range(r) if hits[n]) / r)
+    return sum(p1) / len(p1), sum(aps) / len(aps)
+
+
+def test_map_at_r_matches_loops_on_unbalanced_classes(monkeypatch) -> None:
+    g = torch.Generator().manual_seed(5)
+    labels = torch.tensor([0] * 9 + [1] * 4 + [2] * 2 + [3])  # R = 8, 3, 1 and 0
+    features = torch.randn(len(labels), 3, generator=g) + labels[:, None] * 0.7
+    expected = reference_map_at_r(features, labels)
+    monkeypatch.setattr(metrics, "CHUNK", 5)  # chunks cut through the classes
+    assert metrics.leave_one_out_retrieval(features, labels) == pytest.approx(expected, rel=1e-6)
+
+
+def reference_knn(query: torch.Tensor, query_labels: torch.Tensor, gallery: torch.Tensor, gallery_labels: torch.Tensor, k: int) -> float:
+    """The documented rule by plain loops: majority of the k (at most the gallery) nearest, ties to
+    the smaller sum of ranks, then to the smaller label."""
+    k = min(k, len(gallery))
+    correct = 0
+    for q, truth in zip(query.double().tolist(), query_labels.tolist()):
+        order = sorted(range(len(gallery)), key=lambda j: sum((a - b) ** 2 for a, b in zip(q, gallery[j].double().tolist())))
+        ranks: dict[int, list[int]] = {}
+        for rank, j in enumerate(order[:k]):
+            ranks.setdefault(int(gallery_labels[j]), []).append(rank)
+        best = min(ranks, key=lambda label: (-len(ranks[label]), sum(ranks[label]), label))
+        correct += best == truth
+    return correct / len(query)
+
+
+@pytest.mark.parametrize("k", [1, 4, 10, 50])
+def test_knn_matches_loops_with_queries_apart_from_the_gallery(monkeypatch, k: int) -> None:
+    """Queries are not gallery points (no zero distance to find itself), classes overlap, k up to
+    beyond the gallery's 30 points; chunked like the 10,000-query test set."""
+    g = torch.Generator().manual_seed(7)
+    gallery_labels, query_labels = torch.arange(30) % 4, torch.randint(0, 4, (23,), generator=g)
+    gallery = torch.randn(30, 2, generator=g) + gallery_labels[:, None] * 0.8
+    query = torch.randn(23, 2, generator=g) + query_labels[:, None] * 0.8
+    expected = reference_knn(query, query_labels, gallery, gallery_labels, k)
+    assert 0 < expected < 1  # neither trivial nor hopeless
+    monkeypatch.setattr(metrics, "CHUNK", 6)
+    assert metrics.knn_accuracy(query, query_labels, gallery, gallery_labels, k) == pytest.approx(expected)
+
+
+def test_knn_hand_computed_with_a_separate_gallery() -> None:
+    gallery = torch.tensor([[0.0], [1.0], [2.0], [10.0], [11.0], [12.0]])
+    gallery_labels = torch.tensor([0, 0, 1, 1, 1, 0])
+    query = torch.tensor([[0.4], [10.6], [5.2]])
+    # k=1: 0.4 -> 0 (label 0), 10.6 -> 11 (1), 5.2 -> 2 (1).  k=3: 0.4 -> 0,1,2 -> 0; 10.6 -> 11,10,12 -> 1; 5.2 -> 2,1,10 -> 1.
+    assert metrics.knn_accuracy(query, torch.tensor([0, 1, 1]), gallery, gallery_labels, 1) == 1.0
+    assert metrics.knn_accuracy(query, torch.tensor([0, 1, 0]), gallery, gallery_labels, 3) == pytest.approx(2 / 3)
+    # k=6 is the whole gallery, 3 votes each: 0.4 ranks label 0 at 0, 1, 5 (sum 6) and label 1 at 2, 3, 4 (sum 9) -> 0.
+    assert metrics.knn_accuracy(query[:1], torch.tensor([0]), gallery, gallery_labels, 6) == 1.0
+    # k beyond the gallery (a tiny --train-samples) is the whole gallery, not an error.
+    for k in (7, 10, 100):
+        assert metrics.knn_accuracy(query, torch.tensor([0, 1, 0]), gallery, gallery_labels, k) == metrics.knn_accuracy(
+            query, torch.tensor([0, 1, 0]), gallery, gallery_labels, 6
+        )
+
+
 def test_knn_majority_and_tie_break() -> None:
     gallery = torch.tensor([[0.0], [1.0], [2.0], [10.0]])
     gallery_labels = torch.tensor([1, 0, 0, 1])
@@ -84,13 +165,57 @@ def test_knn_majority_and_tie_break() -> None:
     assert metrics.knn_accuracy(query[:1], torch.tensor([1]), gallery, gallery_labels, 2) == 1.0
 
 
+@pytest.mark.parametrize(
+    "labels,winner",
+    [
+        # k=5, ranks 0..4. Labels 0 and 1 tie at 2 votes: label 0 has the nearest neighbour (rank 0) and
+        # the smaller index, but its ranks sum to 4 against label 1's 3, so label 1 wins.
+        ([0, 1, 1, 2, 0], 1),
+        # Labels 0 and 1 swapped: the nearest-member rule now picks 1, ours 0 (as does the smaller label).
+        ([1, 0, 0, 2, 1], 0),
+        # k=4, labels 0 and 1 tie at 2 votes and at rank sum 3: the smaller label wins although
+        # label 1 holds the nearest neighbour.
+        ([1, 0, 0, 1], 0),
+    ],
+)
+def test_knn_tie_rule_where_rules_differ(labels: list[int], winner: int) -> None:
+    gallery = torch.arange(1, len(labels) + 1, dtype=torch.float32)[:, None]  # rank r at distance r + 1
+    gallery_labels, query = torch.tensor(labels), torch.zeros(1, 1)
+    k = len(labels)
+    assert metrics.knn_accuracy(query, torch.tensor([winner]), gallery, gallery_labels, k) == 1.0
+    assert reference_knn(query, torch.tensor([winner]), gallery, gallery_labels, k) == 1.0
+
+
 def test_chunked_search_matches_unchunked(monkeypatch) -> None:
     features, labels = clusters(n_per_class=30, spread=2.0)
-    full = metrics.leave_one_out_retrieval(features, labels), metrics.knn_accuracy(features, labels, features, labels, 10)
+    query, query_labels = clusters(n_per_class=7, spread=2.0, seed=3)
+    full = metrics.leave_one_out_retrieval(features, labels), metrics.knn_accuracy(query, query_labels, features, labels, 10)
     monkeypatch.setattr(metrics, "CHUNK", 7)
-    (p1, map_r), knn = metrics.leave_one_out_retrieval(features, labels), metrics.knn_accuracy(features, labels, features, labels, 10)
+    (p1, map_r), knn = metrics.leave_one_out_retrieval(features, labels), metrics.knn_accuracy(query, query_labels, features, labels, 10)
     assert p1 == full[0][0] and knn == full[1]
     assert map_r == pytest.approx(full[0][1], rel=1e-6)
+
+
+@pytest.mark.parametrize("case", ["collapsed", "fewer-distinct-than-classes", "wide"])
+def test_clustering_scores_on_collapsed_and_wide_features(case: str) -> None:
+    """k-means copes with features that collapsed (all equal, or fewer distinct points than classes)
+    and with very wide ones (--feat-dim 100000 crashed the old k-means after epoch 1)."""
+    labels = torch.arange(40) % 4
+    if case == "collapsed":
+        features = torch.full((40, 2), 3.0)
+    elif case == "fewer-distinct-than-classes":
+        features = (labels[:, None] % 2).float().expand(40, 2).contiguous()  # two points for four classes
+    else:
+        features = torch.zeros(40, 100_000)
+        features[torch.arange(40), labels * 1000] = 5.0  # one far-apart axis per class
+    nmi, ami = metrics.clustering_scores(features, labels)
+    assert math.isfinite(nmi) and math.isfinite(ami)
+    if case == "collapsed":
+        assert nmi == pytest.approx(0.0, abs=1e-9) and ami == pytest.approx(0.0, abs=1e-9)
+    elif case == "fewer-distinct-than-classes":
+        assert 0.3 < nmi < 0.9  # the two halves are found, not the four classes
+    else:
+        assert nmi == pytest.approx(1.0) and ami == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("make", [lambda: CentersApartLoss(3, 2, alpha=0.1), lambda: CenterSoftmaxLoss(3, 2)])

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
+from conftest import listing
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,6 +86,56 @@ def test_readme_without_markers_is_an_error(tmp_path: Path, capsys) -> None:
     assert report.main([str(tmp_path / "runs"), "--readme", str(readme), "--label", "x"]) == 1
     assert "markers" in capsys.readouterr().err
     assert readme.read_text() == "no markers\n"
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ('{"name": "xent-mnist-feat=2", "loss": ', "not readable as JSON"),
+        ("\xff\xfe not text", "not readable as JSON"),
+        ('["loss", "acc"]', "a JSON list, not a summary object"),
+        ("3", "a JSON int, not a summary object"),
+        (
+            '{"name": "xent-mnist-feat=2", "loss": "xent", "dataset": "mnist", "feat_dim": 2, "acc": 0.9}',
+            "incomplete summary (no lr, epochs",
+        ),
+        ("{}", "incomplete summary (no name, loss, dataset"),
+        ("SUMMARY|acc=null", "incomplete summary (no acc)"),
+        ('SUMMARY|acc="0.9"', "acc should be numbers"),
+        ('SUMMARY|name="../../escape"', "is not a plain run folder name"),
+    ],
+)
+def test_bad_summary_is_one_line_naming_the_file(tmp_path: Path, capsys, content: str, message: str) -> None:
+    """A malformed, non-object or incomplete summary.json: exit 1, one line naming the file, nothing
+    written (not even the --collect folder)."""
+    write_summary(tmp_path / "runs", "standalone", "mnist", 2, 0.98)
+    bad = tmp_path / "runs" / "xent-mnist-feat=2" / "summary.json"
+    bad.parent.mkdir()
+    if content.startswith("SUMMARY|"):
+        key, value = content.removeprefix("SUMMARY|").split("=", 1)
+        write_summary(tmp_path / "elsewhere", "xent", "mnist", 2, 0.9)
+        summary = json.loads((tmp_path / "elsewhere" / "xent-mnist-feat=2" / "summary.json").read_text())
+        shutil.rmtree(tmp_path / "elsewhere")
+        bad.write_text(json.dumps({**summary, key: json.loads(value)}))
+    else:
+        bad.write_bytes(content.encode("latin-1"))
+    before = listing(tmp_path)
+    assert report.main([str(tmp_path / "runs"), "--collect", str(tmp_path / "collected")]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and "Traceback" not in captured.err
+    assert captured.err.count("\n") == 1 and captured.err.startswith(f"error: {bad}: ") and message in captured.err
+    assert listing(tmp_path) == before
+
+
+@pytest.mark.parametrize("jobs", ["0", "00", "abc", "-1", "2x", "1.5"])
+def test_reproduce_refuses_a_bad_jobs_count(tmp_path: Path, jobs: str) -> None:
+    """JOBS=0 used to spin forever and JOBS=abc to start every run at once: one line, exit 2, nothing started."""
+    env = {**os.environ, "JOBS": jobs, "OUT": str(tmp_path / "runs"), "PYTHON": sys.executable, "LOSSES": "xent", "DATASETS": "mnist"}
+    before = listing(tmp_path)
+    result = subprocess.run(["bash", "reproduce.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == f"reproduce.sh: error: JOBS must be a positive integer (runs at once), not '{jobs}'\n"
+    assert listing(tmp_path) == before
 
 
 def write_tree(root: Path, classes: int = 3, per_class: int = 8, size: int = 28) -> None:

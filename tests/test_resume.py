@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import subprocess
@@ -12,8 +13,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import listing, stderr_error_line
 
-from main import parse_args
+import main as main_module
+from checkpoints import CHECKPOINT_KEYS
+from main import STARTUP_INTERRUPT, TrainingError, check_divergence, finish, main, parse_args
 from training import build_trainer, guarded_step
 from utils import step_tensors
 
@@ -139,6 +143,75 @@ def test_corrupt_checkpoint_is_refused_and_kept(tmp_path: Path, reference: Path)
     assert not (run_dir / "summary.json").exists()
 
 
+def drop(key: str):
+    def damage(ckpt: dict) -> dict:
+        del ckpt[key]
+        return ckpt
+
+    return damage
+
+
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        (drop("scheduler"), "missing or malformed: scheduler"),
+        (drop("random"), "missing or malformed: random"),
+        (drop("epoch_state"), "missing or malformed: epoch_state"),
+        (lambda c: {**c, "epoch_state": {"step": 3}}, "missing or malformed: epoch_state.loss_sums"),
+        (lambda c: {**c, "args": ["loss"]}, "missing or malformed: args"),
+        (lambda c: {**c, "epoch": 2.5}, "missing or malformed: epoch"),
+        (lambda c: list(c), "missing or malformed: all of it"),
+        (lambda c: {**c, "optimizer": {"state": {}}}, "checkpoint does not fit this run (KeyError"),
+        (lambda c: {**c, "random": {"python": None}}, "checkpoint does not fit this run (TypeError"),
+    ],
+)
+def test_damaged_checkpoint_is_one_line_and_kept(tmp_path: Path, reference: Path, capsys, damage, message: str) -> None:
+    """A checkpoint missing a part, or holding one of the wrong shape, is refused with one line and
+    exit 1 before anything changes (README: corrupt checkpoints end in one line)."""
+    run_dir = unfinished_copy(reference, tmp_path)
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert set(ckpt) == set(CHECKPOINT_KEYS)
+    torch.save(damage(ckpt), run_dir / "checkpoint.pt")
+    before = listing(tmp_path)
+    assert main([*TINY, "--out", str(tmp_path), "--name", "unfinished"]) == 1
+    line = stderr_error_line(capsys.readouterr().err)
+    assert message in line and str(run_dir / "checkpoint.pt") in line
+    assert listing(tmp_path) == before
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (["--lr", "0.02"], "--lr 0.02 differs from the 0.01 of the checkpoint"),
+        (["--lr-cent", "0.5"], "--lr-cent 0.5 differs from the 0.01 of the checkpoint"),
+        (["--momentum", "0.5"], "--momentum 0.5 differs from the 0.9 of the checkpoint"),
+        (["--factor", "0.5"], "--factor 0.5 differs from the 0.2 of the checkpoint"),
+        (["--patience", "3"], "--patience 3 differs from the 10 of the checkpoint"),
+        (["--threshold", "0.01"], "--threshold 0.01 differs from the 0.1 of the checkpoint"),
+        (["--epochs", "2"], "--epochs 2: the checkpoint"),
+    ],
+)
+def test_resume_with_other_optimisation_settings_is_refused(tmp_path: Path, reference: Path, capsys, change, message) -> None:
+    """The checkpoint's optimiser and scheduler carry their settings; resuming with others would
+    silently ignore them while args.json and summary.json recorded them: exit 2, one line, nothing touched."""
+    unfinished_copy(reference, tmp_path)
+    before = listing(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        main([*TINY, "--out", str(tmp_path), "--name", "unfinished", *change])
+    assert info.value.code == 2
+    line = stderr_error_line(capsys.readouterr().err)
+    assert message in line and ("already trained 3 epochs" in line or "resume with --" in line)
+    assert listing(tmp_path) == before
+
+
+def test_resume_with_more_epochs_extends_the_run(tmp_path: Path, reference: Path) -> None:
+    run_dir = unfinished_copy(reference, tmp_path)
+    assert main([*TINY, "--out", str(tmp_path), "--name", "unfinished", "--epochs", "4"]) == 0
+    rows = metrics_without_seconds(run_dir)
+    assert len(rows) == 1 + 4 and rows[:4] == metrics_without_seconds(reference)
+    assert json.loads((run_dir / "summary.json").read_text())["epochs"] == 4
+
+
 @pytest.mark.parametrize("change", [["--feat-dim", "3"], ["--model", "resnet"], ["--loss", "cent"]])
 def test_checkpoint_of_another_configuration_is_refused(tmp_path: Path, reference: Path, change: list[str]) -> None:
     run_dir = unfinished_copy(reference, tmp_path)
@@ -164,8 +237,9 @@ def test_divergence_guard_stops_with_the_loss_terms(tmp_path: Path) -> None:
     match = re.match(r"error: training diverged: (\d+) non-finite steps, the last at epoch 1 step (\d+) ", message)
     assert match and 2 <= int(match[1]) <= int(match[2]) == 12, message
     assert "step" in message and "loss=" in message and "intra=" in message and "inter=" in message
+    assert "no checkpoint was saved" in message and "last good checkpoint" not in message  # it diverged in the first epoch
     assert "Traceback" not in result.stderr
-    assert not (tmp_path / "boom" / "summary.json").exists()
+    assert sorted(p.name for p in (tmp_path / "boom").iterdir()) == ["args.json"]
 
 
 def test_inter_margin_bounds_the_push(tmp_path: Path) -> None:
@@ -185,10 +259,13 @@ def trainer(amp: str = "off") -> dict:
     return build_trainer(parse_args(["--seed", "3", "--amp", amp]), data, torch.device("cpu"))
 
 
+@pytest.mark.parametrize("poison", ["nan-image", "inf-lr", "inf-lr-cent"])
 @pytest.mark.parametrize("bad_at", [0, 2])
-def test_a_non_finite_step_is_taken_back_exactly(bad_at: int) -> None:
-    """Weights, centers, BatchNorm statistics and momentum after a bad step (a NaN image) equal those
-    of never taking it, including a bad first step (whose new momentum buffers go back to zero)."""
+def test_a_non_finite_step_is_taken_back_exactly(bad_at: int, poison: str) -> None:
+    """Weights, centers, BatchNorm statistics and momentum after a bad step equal those of never
+    taking it, including a bad first step (whose new momentum buffers go back to zero). A NaN image
+    makes the loss non-finite; an infinite learning rate of the model or of the centers leaves loss
+    and gradients finite and only the updated weights or centers are not."""
     batches = [torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(i)) for i in range(4)]
     labels = torch.arange(16) % 10
     clean, guarded = trainer(), trainer()
@@ -197,8 +274,13 @@ def test_a_non_finite_step_is_taken_back_exactly(bad_at: int) -> None:
         if i == bad_at:
             before = [t.clone() for t in tensors(guarded)]
             poisoned = x.clone()
-            poisoned[0, 0, 0, 0] = float("nan")
+            groups = guarded["optimizer"].param_groups
+            if poison == "nan-image":
+                poisoned[0, 0, 0, 0] = float("nan")
+            else:
+                groups[0 if poison == "inf-lr" else 1]["lr"] = float("inf")
             *_, finite = guarded_step(guarded, poisoned, labels)
+            groups[0]["lr"], groups[1]["lr"] = 0.01, 0.01
             assert not finite
             after = tensors(guarded)  # a bad first step leaves momentum buffers behind: all zero
             assert all(torch.equal(a, b) for a, b in zip(before, after)) and all(not t.any() for t in after[len(before) :])
@@ -207,3 +289,79 @@ def test_a_non_finite_step_is_taken_back_exactly(bad_at: int) -> None:
         guarded_step(clean, x, labels)
     pairs = list(zip(tensors(clean), tensors(guarded), strict=True))
     assert len(pairs) > 50 and all(torch.equal(a, b) for a, b in pairs)
+
+
+@pytest.mark.parametrize("has_checkpoint", [True, False])
+def test_divergence_message_mentions_a_checkpoint_only_when_there_is_one(tmp_path: Path, has_checkpoint: bool) -> None:
+    if has_checkpoint:
+        (tmp_path / "checkpoint.pt").write_bytes(b"an earlier epoch")
+    run = {"args": SimpleNamespace(max_bad_steps=2), "bad_steps": 1, "dir": tmp_path}
+    state = {
+        "bad_steps": torch.tensor(1),
+        "last_bad": torch.tensor([7.0, float("inf"), float("nan"), 1.0, float("-inf")], dtype=torch.float64),
+    }
+    with pytest.raises(TrainingError) as info:
+        check_divergence(run, 3, state)
+    message = str(info.value)
+    assert message.startswith("training diverged: 2 non-finite steps, the last at epoch 3 step 7 (loss=inf, xent=nan, intra=1, inter=-inf)")
+    assert ("the last good checkpoint is kept in" in message) == has_checkpoint
+    assert ("no checkpoint was saved" in message) == (not has_checkpoint)
+
+
+@pytest.mark.parametrize("test_loss", [float("nan"), float("inf")])
+def test_a_final_test_loss_that_is_not_finite_does_not_end_done(tmp_path: Path, test_loss: float) -> None:
+    run = {"args": parse_args(["--no-plots"]), "dir": tmp_path, "history": [{"epoch": 1, "test_loss": test_loss, "test_acc": 0.1}]}
+    with pytest.raises(TrainingError, match=f"the final test loss is {test_loss}: the model diverged"):
+        finish(run, None)
+    assert not (tmp_path / "summary.json").exists()
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="needs Linux's /proc to see torch loading")
+def test_ctrl_c_while_importing_is_one_line(tmp_path: Path) -> None:
+    """SIGINT as soon as torch's libraries are mapped, while torch imports (seconds): exit 130 and one
+    line, no traceback, no run folder."""
+    out = tmp_path / "out"
+    proc = start([*TINY, "--out", str(out)])
+    maps = Path(f"/proc/{proc.pid}/maps")
+    deadline = time.monotonic() + 120
+    while "libtorch" not in maps.read_text() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert stderr.strip() == STARTUP_INTERRUPT and stdout == ""
+    assert not out.exists()
+
+
+def test_ctrl_c_while_loading_data_is_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(main_module, "load_dataset", interrupted)
+    assert main([*TINY, "--out", str(tmp_path)]) == 130
+    assert capsys.readouterr().err.strip() == STARTUP_INTERRUPT
+    assert not list(tmp_path.iterdir())
+
+
+def test_ctrl_c_in_the_final_summary_says_rerun_finishes(tmp_path: Path, monkeypatch, capsys) -> None:
+    """Ctrl-C while finish() draws and summarises (after the last checkpoint): exit 130, a line that
+    says the checkpoint is saved, and the same command then finishes the run from it."""
+    args = [*TINY, "--epochs", "1", "--train-samples", "64", "--out", str(tmp_path), "--name", "cut"]
+    summary = main_module.run_summary
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(main_module, "run_summary", interrupted)
+    assert main(args) == 130
+    err = capsys.readouterr().err.strip()
+    assert (
+        err
+        == "interrupted while drawing the final pictures and writing summary.json; the checkpoint of epoch 1 is saved, run the same command to finish the run"
+    )
+    assert (tmp_path / "cut" / "checkpoint.pt").is_file() and not (tmp_path / "cut" / "summary.json").exists()
+    monkeypatch.setattr(main_module, "run_summary", summary)
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "resuming" in out and "done:" in out
+    assert json.loads((tmp_path / "cut" / "summary.json").read_text())["epochs"] == 1

@@ -8,7 +8,7 @@ from pathlib import Path
 import imageio.v3 as iio
 import numpy as np
 import pytest
-from conftest import check_ok, run_script
+from conftest import check_ok, listing, run_script
 
 import visualize
 from datasets import DIGIT_CLASSES
@@ -110,7 +110,7 @@ def test_cli_makes_gifs_and_copies_to_imgs(tiny_runs, tmp_path):
         assert frames.shape[0] == EPOCHS and frames.shape[1:3] == png_shape[:2]
         copied = imgs / "cent-mnist-feat=2" / f"{split}.gif"
         assert copied.read_bytes() == gif.read_bytes()
-    assert sorted(p.name for p in (imgs / "cent-mnist-feat=2").iterdir()) == ["train.gif", "test.gif"]
+    assert sorted(p.name for p in (imgs / "cent-mnist-feat=2").iterdir()) == ["test.gif", "train.gif"]
     assert f"{EPOCHS} frames" in proc.stdout
 
 
@@ -137,6 +137,37 @@ def test_cli_missing_dir(tmp_path, capsys):
     assert "no such run folder" in capsys.readouterr().err
 
 
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:200])
+
+
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        (lambda run: truncate(run / "frames" / "test" / "epoch_002.png"), "epoch_002.png: cannot be read as an image"),
+        (lambda run: (run / "frames" / "train" / "epoch_001.png").write_text("no image"), "epoch_001.png: cannot be read as an image"),
+        (
+            lambda run: iio.imwrite(run / "frames" / "train" / "epoch_002.png", np.zeros((30, 40, 3), np.uint8)),
+            "a 40x30 frame among 400x400",
+        ),
+        (lambda run: (run / "args.json").write_text('{"loss": "cent", '), "args.json: damaged (JSONDecodeError)"),
+        (lambda run: (run / "args.json").write_text('["cent", "mnist", 2]'), "args.json: damaged (TypeError)"),
+        (lambda run: (run / "args.json").write_text('{"loss": "cent"}'), "args.json: damaged (KeyError)"),
+        (lambda run: (run.parent / "imgs").write_text("a file where --imgs-dir should be"), "--imgs-dir"),
+    ],
+)
+def test_cli_damaged_input_is_one_line(tiny_runs, tmp_path, capsys, damage, message):
+    """A damaged frame or args.json, or --imgs-dir naming a file: exit 1, one line, nothing changed
+    outside the run folder (a GIF stitched before the damage was met may stay inside it)."""
+    run_dir = copy_run(tiny_runs["cent"], tmp_path)
+    damage(run_dir)
+    before = listing(tmp_path, leave_out=run_dir)
+    assert visualize.main([str(run_dir), "--to-imgs", "--imgs-dir", str(tmp_path / "imgs")]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1 and err.startswith("error: ") and message in err
+    assert listing(tmp_path, leave_out=run_dir) == before
+
+
 def test_cli_bad_duration(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         visualize.main([str(tmp_path), "--duration", "0"])
@@ -155,7 +186,7 @@ def test_high_dim_run_writes_projections(projection_run, tmp_path):
     imgs = tmp_path / "imgs"
     copy = copy_run(run_dir, tmp_path)
     assert visualize.main([str(copy), "--to-imgs", "--imgs-dir", str(imgs)]) == 0
-    assert sorted(p.name for p in (imgs / "standalone-mnist-feat=16").iterdir()) == ["train.png", "test.png"]
+    assert sorted(p.name for p in (imgs / "standalone-mnist-feat=16").iterdir()) == ["test.png", "train.png"]
 
 
 def test_no_plots_writes_no_frames(named_run):
