@@ -5,15 +5,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import sys
 from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
 from training import EpochState
-from utils import random_states, set_random_states
 
 # Settings that define a run: a checkpoint made with other values cannot be resumed.
 CONFIG_KEYS = (
@@ -50,6 +52,27 @@ CHECKPOINT_KEYS = (
     "bad_steps",
     "random",
 )
+
+
+def random_states() -> dict[str, Any]:
+    """Python, numpy and torch (CPU and CUDA) random states, in types that weights_only loading accepts."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.copy()), pos, has_gauss, gauss],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_random_states(states: dict[str, Any]) -> None:
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, keys.numpy(), pos, has_gauss, cached))
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 class CheckpointError(Exception):

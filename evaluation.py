@@ -7,12 +7,16 @@ import argparse
 import torch
 
 from datasets import Dataset, ImageData
-from losses import CENTER_ACC_LOSSES
+from losses import CENTER_ACC_LOSSES, squared_distances
 from metrics import FEATURE_METRICS, feature_metrics
 from training import TERMS, EpochState
-from utils import nearest
 
 EVAL_BATCH = 1024
+
+
+def nearest(features: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest row of `points` (squared Euclidean distance) for every feature."""
+    return squared_distances(features.float(), points.float()).argmin(1)
 
 
 def acc_predictions(args: argparse.Namespace, features: torch.Tensor, logits: torch.Tensor, centers: torch.Tensor | None) -> torch.Tensor:

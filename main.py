@@ -51,19 +51,13 @@ from datasets import (
     split_validation,
     tensor_batches,
 )
+from distributed import init_distributed
 from evaluation import acc_predictions, embed, epoch_row, run_summary
 from losses import LOSSES
 from metrics import FEATURE_METRICS
 from models import MODELS
 from training import AMP_DTYPES, TERMS, EpochState, build_trainer, guarded_step
-from utils import (
-    atomic_torch_save,
-    epoch_generator,
-    init_distributed,
-    resolve_device,
-    write_csv,
-    write_json,
-)
+from utils import atomic_torch_save, epoch_generator, resolve_device, write_csv, write_json
 
 COLUMNS = [
     "epoch", "lr",

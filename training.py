@@ -13,9 +13,10 @@ import torch
 import torch.nn as nn
 
 from datasets import Dataset
+from distributed import gather_batch
 from losses import CENTER_ACC_LOSSES, Objective
 from models import build_model
-from utils import gather_batch, seed_everything, step_tensors, undo_unless
+from utils import seed_everything
 
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -58,6 +59,23 @@ def compile_and_wrap(model: nn.Module, compile_model: bool, device: torch.device
     return torch.compile(model) if compile_model else model
 
 
+def step_tensors(modules: list[torch.nn.Module], optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """Every tensor one training step changes: weights, buffers (BatchNorm statistics), optimizer state."""
+    tensors = [t for m in modules for t in m.state_dict(keep_vars=True).values()]
+    return tensors + [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+
+
+@torch.no_grad()
+def undo_unless(finite: torch.Tensor, tensors: list[torch.Tensor], saved: list[torch.Tensor]) -> None:
+    """t <- where(finite, t, saved): takes back a non-finite step without a host sync.
+
+    Optimizer state that the step created (`tensors` beyond `saved`: SGD's momentum buffers on the
+    first step) goes back to zero, which SGD treats exactly as a missing buffer (dampening 0).
+    """
+    for i, t in enumerate(tensors):
+        torch.where(finite, t, saved[i] if i < len(saved) else t.new_zeros(()), out=t)
+
+
 def all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
     """Whether every element of every tensor is finite, as a bool tensor on their device (no host sync).
 
@@ -74,7 +92,7 @@ def guarded_step(trainer: dict, x: torch.Tensor, y: torch.Tensor) -> tuple[torch
 
     Every tensor the step can change (weights, centers, BatchNorm buffers, momentum) is copied first
     and restored by torch.where(finite, new, old) after the update, so a bad step leaves no trace and
-    the host never waits. Under torchrun the loss sees the global batch (utils.gather_batch).
+    the host never waits. Under torchrun the loss sees the global batch (distributed.gather_batch).
     Returns (features, logits, labels, loss, terms, finite); labels are the global batch's.
     """
     model, objective, optimizer, scaler = trainer["net"], trainer["objective"], trainer["optimizer"], trainer["scaler"]

@@ -22,9 +22,9 @@ import torch.multiprocessing as mp
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from distributed import gather_batch  # noqa: E402
 from losses import Objective  # noqa: E402
 from models import build_model  # noqa: E402
-from utils import gather_batch  # noqa: E402
 
 BATCH = 16
 

@@ -18,8 +18,7 @@ from conftest import listing, stderr_error_line
 import main as main_module
 from checkpoints import CHECKPOINT_KEYS
 from main import STARTUP_INTERRUPT, TrainingError, check_divergence, finish, main, parse_args
-from training import build_trainer, guarded_step
-from utils import step_tensors
+from training import build_trainer, guarded_step, step_tensors
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--dataset", "digits", "--train-samples", "384", "--batch-size", "32", "--epochs", "3", "--no-plots", "--model", "lenet++"]

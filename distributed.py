@@ -1,0 +1,56 @@
+"""torchrun: joining the process group, and the gradient-carrying all-gather that lets every rank's
+loss see the global batch."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def init_distributed(device: torch.device) -> tuple[int, int]:
+    """Join the torchrun process group when WORLD_SIZE > 1 (NCCL on CUDA, gloo on the CPU).
+    Returns (rank, world size); (0, 1) for a plain single-process run."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world
+
+
+def gather_batch(features: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The global batch from every rank's slice, with gradients flowing back to each slice's owner.
+
+    Every rank then computes the same loss on the whole batch, so the pairwise inter term sees all
+    pairs. The all-gather's backward sums the world's identical gradients (a factor `world`) and
+    DistributedDataParallel averages over the world (a factor 1/world): the model's gradient equals
+    that of one process holding the whole batch. The centers see the whole batch on every rank, so
+    their gradients are identical everywhere without communication.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return features, logits, labels
+    all_labels = [torch.empty_like(labels) for _ in range(dist.get_world_size())]
+    dist.all_gather(all_labels, labels)
+    return AllGather.apply(features), AllGather.apply(logits), torch.cat(all_labels)
+
+
+class AllGather(torch.autograd.Function):
+    """Concatenation of every rank's equally sized tensor; backward sums the ranks' gradients and
+    returns this rank's slice (all_reduce + slice: gloo has no reduce_scatter)."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, tensor.contiguous())
+        ctx.rows = tensor.shape[0]
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        start = dist.get_rank() * ctx.rows
+        return grad[start : start + ctx.rows]
