@@ -63,9 +63,11 @@ echo "reproduce.sh exit $status after $wall s"
 
 finished=() unfinished=()
 for dataset in $DATASETS; do
-    for name in "$RUNS"/*-"$dataset"-feat=*/; do
-        name=$(basename "$name")
-        if [ -f "$RUNS/$name/summary.json" ]; then finished+=("$name"); else unfinished+=("$name"); fi
+    for feat_dim in 2 128; do
+        for loss in xent cent standalone; do
+            name="$loss-$dataset-feat=$feat_dim"
+            if [ -f "$RUNS/$name/summary.json" ]; then finished+=("$name"); else unfinished+=("$name"); fi
+        done
     done
 done
 if [ ${#finished[@]} -gt 0 ]; then

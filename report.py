@@ -108,15 +108,17 @@ def column(summary: dict, name: str) -> object:
     return summary.get(name)
 
 
-def table(runs: dict[tuple[str, str, int], dict], extra: list[str]) -> str:
-    """Markdown table in the study's layout plus study acc, diff and the extra summary columns."""
+def table(runs: dict[tuple[str, str, int], dict], extra: list[str], present_only: bool = False) -> str:
+    """Markdown table in the study's layout plus study acc, diff and the extra summary columns;
+    a grid point without a run says "missing", or is left out with `present_only`."""
     header = STUDY_COLUMNS + ["study acc", "diff"] + extra
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" :---: " for _ in header) + "|"]
     keys = set()
     for study in study_rows():
         key = (study["loss"], study["dataset"], int(study["feat_dim"]))
         keys.add(key)
-        lines.append(row(key, runs.get(key), float(study["acc"]), extra))
+        if key in runs or not present_only:
+            lines.append(row(key, runs.get(key), float(study["acc"]), extra))
     for key in sorted(set(runs) - keys):  # runs beyond the study's grid
         lines.append(row(key, runs[key], None, extra))
     return "\n".join(lines)
@@ -171,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--collect", type=Path, help="copy every summary.json to this folder as <run name>.json")
     parser.add_argument("--readme", type=Path, help="write the table into this file between <!-- table:LABEL --> markers")
     parser.add_argument("--label", default="results", help="marker label for --readme")
+    parser.add_argument("--present", action="store_true", help="leave out the grid points that have no run (instead of 'missing' rows)")
     parser.add_argument("--gallery", type=Path, help="also write a gallery of this imgs/ folder between <!-- gallery --> markers")
     args = parser.parse_args(argv)
     missing = [p for p in args.paths if not p.exists()]
@@ -182,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     extra = [c for c in args.columns.split(",") if c]
-    text = table(runs, extra)
+    text = table(runs, extra, args.present)
     print(text)
     if args.collect:
         args.collect.mkdir(parents=True, exist_ok=True)

@@ -185,7 +185,7 @@ def test_damaged_checkpoint_is_one_line_and_kept(tmp_path: Path, reference: Path
         (["--lr-cent", "0.5"], "--lr-cent 0.5 differs from the 0.01 of the checkpoint"),
         (["--momentum", "0.5"], "--momentum 0.5 differs from the 0.9 of the checkpoint"),
         (["--factor", "0.5"], "--factor 0.5 differs from the 0.2 of the checkpoint"),
-        (["--patience", "3"], "--patience 3 differs from the 10 of the checkpoint"),
+        (["--patience", "5"], "--patience 5 differs from the 3 of the checkpoint"),
         (["--threshold", "0.01"], "--threshold 0.01 differs from the 0.1 of the checkpoint"),
         (["--epochs", "2"], "--epochs 2: the checkpoint"),
     ],
@@ -295,10 +295,10 @@ def test_divergence_message_mentions_a_checkpoint_only_when_there_is_one(tmp_pat
     if has_checkpoint:
         (tmp_path / "checkpoint.pt").write_bytes(b"an earlier epoch")
     run = {"args": SimpleNamespace(max_bad_steps=2), "bad_steps": 1, "dir": tmp_path}
-    state = {
-        "bad_steps": torch.tensor(1),
-        "last_bad": torch.tensor([7.0, float("inf"), float("nan"), 1.0, float("-inf")], dtype=torch.float64),
-    }
+    state = SimpleNamespace(
+        bad_steps=torch.tensor(1),
+        last_bad=torch.tensor([7.0, float("inf"), float("nan"), 1.0, float("-inf")], dtype=torch.float64),
+    )
     with pytest.raises(TrainingError) as info:
         check_divergence(run, 3, state)
     message = str(info.value)

@@ -39,8 +39,10 @@ def test_frames_per_epoch(tiny_runs, loss):
             assert np.isfinite(data["features"]).all()
     val = np.load(run_dir / "frames" / "test" / "epoch_001.npz")
     assert len(val["features"]) == 100  # the whole tiny test set
-    # The run ends with no projections (they are for feat_dim > 2) and no GIF yet.
-    assert not (run_dir / "train.png").exists() and not (run_dir / "train.gif").exists()
+    # The run ends with its GIFs, one frame per epoch, and no projections (they are for feat_dim > 2).
+    assert not (run_dir / "train.png").exists()
+    for split in visualize.SPLITS:
+        assert len(iio.imread(run_dir / f"{split}.gif", index=None)) == EPOCHS
 
 
 def test_frames_share_one_axis_range(tiny_runs, tmp_path):
