@@ -55,7 +55,7 @@ from datasets import DATASETS, DataError, Dataset, ImageData, canonical_name, de
 from losses import LOSSES
 from main import parse_args as parse_main_args
 from models import MODELS
-from training import AMP_DTYPES, build_trainer, guarded_step
+from training import AMP_DTYPES, Trainer, build_trainer, guarded_step
 from utils import epoch_generator, resolve_device
 
 REPO = Path(__file__).resolve().parent
@@ -113,7 +113,7 @@ def seed_list(text: str) -> list[int]:
 # ------------------------------------------------------------------------------------------- setup
 
 
-def build_pipeline_trainer(args: argparse.Namespace, data: Dataset, device: torch.device, settings: dict) -> dict:
+def build_pipeline_trainer(args: argparse.Namespace, data: Dataset, device: torch.device, settings: dict) -> Trainer:
     """main.py's trainer for this configuration: main.py's defaults (lr, momentum, loss weights) and
     the pipeline's amp, channels_last and compile."""
     flags = ["--model", args.model, "--loss", args.loss, "--feat-dim", str(args.feat_dim), "--seed", str(args.seed)]

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from training import EpochState
+from training import EpochState, Run
 
 # Settings that define a run: a checkpoint made with other values cannot be resumed.
 CONFIG_KEYS = (
@@ -79,32 +79,32 @@ class CheckpointError(Exception):
     """A checkpoint that cannot be used (corrupt, another configuration); one line, exit code 1."""
 
 
-def checkpoint(run: dict, epoch: int, state: EpochState | None) -> dict:
+def checkpoint(run: Run, epoch: int, state: EpochState | None) -> dict:
     """Everything needed to continue bit for bit: weights, optimiser, scheduler, metrics, random states.
     `epoch` is the last finished epoch; `state` the unfinished next epoch's accumulators, if any."""
     return {
-        "args": {k: v for k, v in vars(run["args"]).items()},
+        "args": {k: v for k, v in vars(run.args).items()},
         "epoch": epoch,
         "epoch_state": state.as_dict() if state is not None else None,
-        "model": run["model"].state_dict(),
-        "objective": run["objective"].state_dict(),
-        "optimizer": run["optimizer"].state_dict(),
-        "scheduler": run["scheduler"].state_dict(),
-        "scaler": run["scaler"].state_dict() if run["scaler"] is not None else None,
-        "history": run["history"],
-        "train_seconds": run["train_seconds"],
-        "samples": run["samples"],
-        "bad_steps": run["bad_steps"],
+        "model": run.model.state_dict(),
+        "objective": run.objective.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "scaler": run.scaler.state_dict() if run.scaler is not None else None,
+        "history": run.history,
+        "train_seconds": run.train_seconds,
+        "samples": run.samples,
+        "bad_steps": run.bad_steps,
         "random": random_states(),
     }
 
 
-def load_checkpoint(path: Path, run: dict) -> dict:
+def load_checkpoint(path: Path, run: Run) -> dict:
     """Load a checkpoint safely (weights_only: it cannot run code), check it fits this run and restore
     the run from it. Any damage is one
     CheckpointError line; resuming with other optimisation settings is refused (SystemExit 2)."""
     try:
-        ckpt = torch.load(path, map_location=run["device"], weights_only=True)
+        ckpt = torch.load(path, map_location=run.device, weights_only=True)
     except Exception as exc:
         raise CheckpointError(
             f"{path}: corrupt or unreadable checkpoint ({type(exc).__name__}); delete it or start again with --overwrite"
@@ -114,7 +114,7 @@ def load_checkpoint(path: Path, run: dict) -> dict:
         raise CheckpointError(
             f"{path}: incomplete or damaged checkpoint (missing or malformed: {', '.join(bad)}); delete it or start again with --overwrite"
         )
-    saved, args = ckpt["args"], vars(run["args"])
+    saved, args = ckpt["args"], vars(run.args)
     for key in CONFIG_KEYS:
         if saved.get(key) != args[key]:
             raise CheckpointError(
@@ -122,12 +122,12 @@ def load_checkpoint(path: Path, run: dict) -> dict:
             )
     check_resume_settings(path, saved, args, ckpt["epoch"])
     try:
-        run["model"].load_state_dict(ckpt["model"])
-        run["objective"].load_state_dict(ckpt["objective"])
-        run["optimizer"].load_state_dict(ckpt["optimizer"])
-        run["scheduler"].load_state_dict(ckpt["scheduler"])
-        if run["scaler"] is not None and ckpt["scaler"]:
-            run["scaler"].load_state_dict(ckpt["scaler"])
+        run.model.load_state_dict(ckpt["model"])
+        run.objective.load_state_dict(ckpt["objective"])
+        run.optimizer.load_state_dict(ckpt["optimizer"])
+        run.scheduler.load_state_dict(ckpt["scheduler"])
+        if run.scaler is not None and ckpt["scaler"]:
+            run.scaler.load_state_dict(ckpt["scaler"])
         set_random_states(ckpt["random"])
         if ckpt["epoch_state"] is not None:
             ckpt["epoch_state"] = EpochState(**ckpt["epoch_state"])
@@ -137,7 +137,7 @@ def load_checkpoint(path: Path, run: dict) -> dict:
             "use --overwrite or another --name"
         ) from None
     for key in ("history", "train_seconds", "samples", "bad_steps"):
-        run[key] = ckpt[key]
+        setattr(run, key, ckpt[key])
     return ckpt
 
 

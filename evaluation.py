@@ -9,7 +9,7 @@ import torch
 from datasets import Dataset, ImageData
 from losses import CENTER_ACC_LOSSES, squared_distances
 from metrics import FEATURE_METRICS, feature_metrics
-from training import TERMS, EpochState
+from training import TERMS, EpochState, Run
 
 EVAL_BATCH = 1024
 
@@ -31,17 +31,17 @@ def nearest_class_mean(features: torch.Tensor, class_sum: torch.Tensor, class_co
 
 
 @torch.no_grad()
-def embed(run: dict, data: ImageData) -> tuple[torch.Tensor, torch.Tensor]:
+def embed(run: Run, data: ImageData) -> tuple[torch.Tensor, torch.Tensor]:
     """Features and logits of `data` in eval mode, without augmentation, in large batches."""
     # The plain module, not the DDP wrapper: every rank evaluates the whole set, with no collectives.
-    model, device = run["model"], run["device"]
+    model, device = run.model, run.device
     model.eval()
     features, logits = [], []
     for i in range(0, len(data), EVAL_BATCH):
         x = data.images[i : i + EVAL_BATCH].to(device, non_blocking=True).float().div_(255)
-        if run["channels_last"]:
+        if run.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with run["autocast"]():
+        with run.autocast():
             f, lg = model(x)
         features.append(f.float())
         logits.append(lg.float())
@@ -50,10 +50,10 @@ def embed(run: dict, data: ImageData) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def objective_stats(run: dict, features: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+def objective_stats(run: Run, features: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     """The objective on evaluation features in consecutive chunks of --batch-size, so that the
     pairwise terms have the train loss's scale."""
-    objective, size = run["objective"], run["args"].batch_size
+    objective, size = run.objective, run.args.batch_size
     sums = torch.zeros(4, device=features.device, dtype=torch.float64)
     for i in range(0, len(labels), size):
         loss, terms = objective(features[i : i + size], logits[i : i + size], labels[i : i + size])
@@ -62,24 +62,24 @@ def objective_stats(run: dict, features: torch.Tensor, logits: torch.Tensor, lab
     return {"test_loss": sums[0], **{f"test_{t}": v for t, v in zip(TERMS, sums[1:])}}
 
 
-def accuracy(run: dict, data: ImageData) -> tuple[float, torch.Tensor, torch.Tensor]:
+def accuracy(run: Run, data: ImageData) -> tuple[float, torch.Tensor, torch.Tensor]:
     """The study's accuracy on `data`, with its features and logits."""
     features, logits = embed(run, data)
-    centers = run["objective"].centers
-    predictions = acc_predictions(run["args"], features, logits, centers.detach() if centers is not None else None)
+    centers = run.objective.centers
+    predictions = acc_predictions(run.args, features, logits, centers.detach() if centers is not None else None)
     return (predictions == data.labels.to(features.device)).float().mean().item(), features, logits
 
 
-def epoch_row(run: dict, epoch: int, state: EpochState, seconds: float) -> tuple[dict, torch.Tensor]:
+def epoch_row(run: Run, epoch: int, state: EpochState, seconds: float) -> tuple[dict, torch.Tensor]:
     """Evaluate after an epoch and assemble its metrics.csv row; returns the row and test features."""
-    args, objective, test = run["args"], run["objective"], run["test"]
+    args, objective, test = run.args, run.objective, run.test
     test_acc, features, logits = accuracy(run, test)
     labels = test.labels.to(features.device)
     stats = objective_stats(run, features, logits, labels)
     centers = objective.centers.detach() if objective.centers is not None else None
     s = state.loss_sums.tolist()
     batches = max(state.good_steps(), 1)
-    row = {"epoch": epoch, "lr": run["optimizer"].param_groups[0]["lr"], "train_loss": s[0] / batches}
+    row = {"epoch": epoch, "lr": run.optimizer.param_groups[0]["lr"], "train_loss": s[0] / batches}
     for i, t in enumerate(TERMS, start=1):
         row[f"train_{t}"] = s[i] / batches if t in objective.terms_used else None
         row[f"test_{t}"] = stats[f"test_{t}"] if t in objective.terms_used else None
@@ -88,22 +88,22 @@ def epoch_row(run: dict, epoch: int, state: EpochState, seconds: float) -> tuple
     row["test_acc"] = test_acc
     row["ncm_acc"] = (nearest_class_mean(features, state.class_sum, state.class_count) == labels).float().mean().item()
     row["center_acc"] = (nearest(features, centers) == labels).float().mean().item() if centers is not None else None
-    row["val_acc"] = accuracy(run, run["val"])[0] if run["val"] is not None else None
+    row["val_acc"] = accuracy(run, run.val)[0] if run.val is not None else None
     if epoch == args.epochs or (args.eval_every and epoch % args.eval_every == 0):
-        train_features, _ = embed(run, run["train"])
-        row.update(feature_metrics(features, labels, train_features, run["train"].labels.to(features.device), args.seed))
+        train_features, _ = embed(run, run.train)
+        row.update(feature_metrics(features, labels, train_features, run.train.labels.to(features.device), args.seed))
     row["bad_steps"] = int(state.bad_steps)
     row["seconds"] = seconds
     return row, features
 
 
-def run_summary(run: dict, data: Dataset) -> dict:
+def run_summary(run: Run, data: Dataset) -> dict:
     """summary.json: the settings, the last epoch's metrics, the best accuracy, speed and the bad-step count.
 
     `train_acc` is the last epoch's running accuracy on augmented batches while the model changed;
     `clean_train_acc` is the final model's, in eval mode, on the un-augmented train set, by the
     run's own accuracy rule: with `acc`, the train/test gap of the finished model."""
-    args, history = run["args"], run["history"]
+    args, history = run.args, run.history
     last = history[-1]
     return {
         **vars(args),
@@ -116,15 +116,15 @@ def run_summary(run: dict, data: Dataset) -> dict:
         "ncm_acc": last["ncm_acc"],
         "center_acc": last["center_acc"],
         "train_acc": last["train_acc"],
-        "clean_train_acc": accuracy(run, run["train"])[0],
+        "clean_train_acc": accuracy(run, run.train)[0],
         "epochs": len(history),
-        "train_seconds": run["train_seconds"],
-        "samples_per_second": run["samples"] / max(run["train_seconds"], 1e-9),
-        "bad_steps": run["bad_steps"],
+        "train_seconds": run.train_seconds,
+        "samples_per_second": run.samples / max(run.train_seconds, 1e-9),
+        "bad_steps": run.bad_steps,
         **{name: last[name] for name in FEATURE_METRICS},
         **validation_summary(history),
-        "device": str(run["device"]),
-        "peak_gpu_memory_mb": torch.cuda.max_memory_allocated(run["device"]) / 2**20 if run["device"].type == "cuda" else None,
+        "device": str(run.device),
+        "peak_gpu_memory_mb": torch.cuda.max_memory_allocated(run.device) / 2**20 if run.device.type == "cuda" else None,
         "torch": torch.__version__,
     }
 

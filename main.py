@@ -56,7 +56,7 @@ from evaluation import acc_predictions, embed, epoch_row, run_summary
 from losses import LOSSES
 from metrics import FEATURE_METRICS
 from models import MODELS
-from training import AMP_DTYPES, TERMS, EpochState, build_trainer, guarded_step
+from training import AMP_DTYPES, TERMS, EpochState, Run, build_trainer, guarded_step
 from utils import atomic_torch_save, epoch_generator, resolve_device, write_csv, write_json
 
 COLUMNS = [
@@ -264,35 +264,33 @@ def device_problem(name: str) -> str | None:
     return f"--device {name}: not a device to train on (use auto, cpu, cuda, cuda:N or mps)"
 
 
-def train_step(run: dict, state: EpochState, x: torch.Tensor, y: torch.Tensor) -> None:
+def train_step(run: Run, state: EpochState, x: torch.Tensor, y: torch.Tensor) -> None:
     """One guarded SGD step, and what the epoch keeps of it. Nothing here waits for the host."""
-    args, objective = run["args"], run["objective"]
+    args, objective = run.args, run.objective
     features, logits, y, loss, terms, finite = guarded_step(run, x, y)
     features = torch.where(finite, features.detach().float(), torch.nan)  # a bad step's points are not drawn
     centers = objective.centers.detach() if objective.centers is not None else None
     correct = (acc_predictions(args, features, logits.detach(), centers) == y).sum()
     state.add(loss, terms, features, y, correct, finite)
-    if run["collect_frames"] and sum(len(f) for f in state.frame_features) < FRAME_POINTS:
+    if run.collect_frames and sum(len(f) for f in state.frame_features) < FRAME_POINTS:
         state.frame_features.append(features)
         state.frame_labels.append(y)
 
 
-def train_epoch(run: dict, epoch: int, state: EpochState, stop: dict) -> bool:
+def train_epoch(run: Run, epoch: int, state: EpochState, stop: dict) -> bool:
     """One pass over the shuffled train set's full batches, resuming at state.step; updates `state`
     in place. Returns whether it stopped for a signal."""
-    args, data = run["args"], run["train"]
+    args, data = run.args, run.train
     order = torch.randperm(len(data), generator=epoch_generator(args.seed, epoch))
-    aug = torch.Generator(run["device"]).set_state(state.aug)
-    rank, world = run["rank"], run["world"]
+    aug = torch.Generator(run.device).set_state(state.aug)
+    rank, world = run.rank, run.world
     if args.pipeline == "fast":
-        batches = tensor_batches(data, order, args.batch_size, run["augmentations"], aug, state.step, rank, world)
+        batches = tensor_batches(data, order, args.batch_size, run.augmentations, aug, state.step, rank, world)
     else:
         shard = shard_order(order, args.batch_size, rank, world)
         generator = epoch_generator(args.seed * world + rank, epoch)
-        batches = loader_batches(
-            data, shard, args.batch_size // world, run["augmentations"], generator, args.workers, run["device"], state.step
-        )
-    run["net"].train()
+        batches = loader_batches(data, shard, args.batch_size // world, run.augmentations, generator, args.workers, run.device, state.step)
+    run.net.train()
     show = rank == 0 and sys.stderr.isatty()
     bar = tqdm(
         batches, total=full_batches(len(data), args.batch_size), initial=state.step, desc=f"epoch {epoch}", leave=False, disable=not show
@@ -311,11 +309,11 @@ def train_epoch(run: dict, epoch: int, state: EpochState, stop: dict) -> bool:
     return stop_agreed(run, stop)
 
 
-def stop_agreed(run: dict, stop: dict) -> bool:
+def stop_agreed(run: Run, stop: dict) -> bool:
     """Whether to stop for a signal. Under torchrun every rank must stop at the same step, whichever
     got the signal, so the ranks agree by an all-reduce (a host sync: the loop asks every LOG_EVERY steps)."""
-    if run["world"] > 1:
-        flag = torch.tensor(stop["signal"] or 0, device=run["device"])
+    if run.world > 1:
+        flag = torch.tensor(stop["signal"] or 0, device=run.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if int(flag) == 0:
             return False
@@ -323,16 +321,16 @@ def stop_agreed(run: dict, stop: dict) -> bool:
     return stop["signal"] is not None
 
 
-def check_divergence(run: dict, epoch: int, state: EpochState) -> None:
+def check_divergence(run: Run, epoch: int, state: EpochState) -> None:
     """Stop once --max-bad-steps steps were non-finite (each was taken back: no bad update remains).
     The checkpoint, if any, holds only finite weights: the guard never let a bad update through."""
-    bad = run["bad_steps"] + int(state.bad_steps)
-    if bad >= run["args"].max_bad_steps:
+    bad = run.bad_steps + int(state.bad_steps)
+    if bad >= run.args.max_bad_steps:
         step, *values = state.last_bad.tolist()
         named = ", ".join(f"{k}={v:.4g}" for k, v in zip(("loss", *TERMS), values))
         kept = (
-            f"the last good checkpoint is kept in {run['dir']}"
-            if (run["dir"] / "checkpoint.pt").is_file()
+            f"the last good checkpoint is kept in {run.dir}"
+            if (run.dir / "checkpoint.pt").is_file()
             else "no checkpoint was saved (none of an earlier epoch)"
         )
         raise TrainingError(
@@ -365,25 +363,22 @@ def train(args: argparse.Namespace, rank: int, world: int) -> int:
         make_run_dir(run_dir, args.overwrite)
     if world > 1:
         dist.barrier()
-    run = {
-        "args": args,
-        "dir": run_dir,
-        "device": device,
-        **build_trainer(args, data, device, world),
-        "rank": rank,
-        "world": world,
-        "train": data.train.to(device) if args.pipeline == "fast" else data.train,
-        "test": data.test.to(device) if args.pipeline == "fast" else data.test,
-        "val": val.to(device) if val is not None and args.pipeline == "fast" else val,
-        "augmentations": data.augmentations,
-        "collect_frames": args.feat_dim == 2 and not args.no_plots,
-        "history": [],
-        "train_seconds": 0.0,
-        "samples": 0,
-        "bad_steps": 0,
-    }
-    run["scheduler"] = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        run["optimizer"], mode="max", factor=args.factor, patience=args.patience, threshold=args.threshold
+    on_device = args.pipeline == "fast"  # the fast path keeps the data on the training device
+    run = Run(
+        **vars(build_trainer(args, data, device, world)),
+        args=args,
+        dir=run_dir,
+        device=device,
+        rank=rank,
+        world=world,
+        train=data.train.to(device) if on_device else data.train,
+        test=data.test.to(device) if on_device else data.test,
+        val=val.to(device) if val is not None and on_device else val,
+        augmentations=data.augmentations,
+        collect_frames=args.feat_dim == 2 and not args.no_plots,
+    )
+    run.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        run.optimizer, mode="max", factor=args.factor, patience=args.patience, threshold=args.threshold
     )
     start_epoch, state = 1, None
     if resume:
@@ -413,8 +408,8 @@ def train(args: argparse.Namespace, rank: int, world: int) -> int:
             step_before = state.step
             stopped = train_epoch(run, epoch, state, stop)
             elapsed = time.perf_counter() - started
-            run["train_seconds"] += elapsed
-            run["samples"] += (state.step - step_before) * args.batch_size
+            run.train_seconds += elapsed
+            run.samples += (state.step - step_before) * args.batch_size
             if stopped:
                 if rank == 0:
                     atomic_torch_save(checkpoint(run, epoch - 1, state), run_dir / "checkpoint.pt")
@@ -424,19 +419,19 @@ def train(args: argparse.Namespace, rank: int, world: int) -> int:
                     )
                 return 128 + stop["signal"]
             row, test_features = epoch_row(run, epoch, state, elapsed)
-            run["bad_steps"] += row["bad_steps"]
-            run["scheduler"].step(row["val_acc"] if run["val"] is not None else row["test_acc"])
-            run["history"].append(row)
+            run.bad_steps += row["bad_steps"]
+            run.scheduler.step(row["val_acc"] if run.val is not None else row["test_acc"])
+            run.history.append(row)
             if rank == 0:
-                write_csv(run_dir / "metrics.csv", run["history"], COLUMNS)
-                if run["collect_frames"] and (epoch % args.plot_every == 0 or epoch == args.epochs):
+                write_csv(run_dir / "metrics.csv", run.history, COLUMNS)
+                if run.collect_frames and (epoch % args.plot_every == 0 or epoch == args.epochs):
                     draw_frames(run, data, epoch, state, test_features, row)
                 atomic_torch_save(checkpoint(run, epoch, None), run_dir / "checkpoint.pt")
                 if writer is not None:
                     n = EMBEDDING_POINTS if epoch == args.epochs else 0
                     embedding = (test_features[:n], data.test.images[:n], [data.classes[k] for k in data.test.labels[:n].tolist()])
                     frame = run_dir / "frames" / "test" / f"epoch_{epoch:03d}.png"
-                    visualize.log_tensorboard(writer, epoch, row, run["objective"].centers, frame, embedding if n else None)
+                    visualize.log_tensorboard(writer, epoch, row, run.objective.centers, frame, embedding if n else None)
             log(
                 rank,
                 f"epoch {epoch}/{args.epochs}  loss {row['train_loss']:.4f}  train acc {row['train_acc']:.4f}  "
@@ -468,22 +463,22 @@ def log(rank: int, message: str) -> None:
         print(message, flush=True)
 
 
-def draw_frames(run: dict, data: Dataset, epoch: int, state: EpochState, test_features: torch.Tensor, row: dict) -> None:
-    centers = run["objective"].centers
+def draw_frames(run: Run, data: Dataset, epoch: int, state: EpochState, test_features: torch.Tensor, row: dict) -> None:
+    centers = run.objective.centers
     centers = centers.detach().cpu() if centers is not None else None
-    title = f"{run['args'].loss} {data.name} epoch {epoch}"
+    title = f"{run.args.loss} {data.name} epoch {epoch}"
     train_points = (torch.cat(state.frame_features).cpu(), torch.cat(state.frame_labels).cpu())
     test_points = (test_features[:FRAME_POINTS].cpu(), data.test.labels[:FRAME_POINTS].cpu())
     for split, (features, labels), acc in (("train", train_points, row["train_acc"]), ("test", test_points, row["test_acc"])):
         loss = row["train_loss"] if split == "train" else row["test_loss"]
-        visualize.save_frame(run["dir"], split, epoch, features, labels, centers, data.classes, f"{title}  loss {loss:.3f}  acc {acc:.4f}")
+        visualize.save_frame(run.dir, split, epoch, features, labels, centers, data.classes, f"{title}  loss {loss:.3f}  acc {acc:.4f}")
 
 
-def finish(run: dict, data: Dataset) -> None:
+def finish(run: Run, data: Dataset) -> None:
     """After the last epoch: final pictures, then summary.json, whose presence marks a finished run.
     A model whose final test loss is not finite has diverged: TrainingError, no summary."""
-    args, run_dir = run["args"], run["dir"]
-    test_loss = run["history"][-1]["test_loss"]
+    args, run_dir = run.args, run.dir
+    test_loss = run.history[-1]["test_loss"]
     if not math.isfinite(test_loss):
         raise TrainingError(
             f"the final test loss is {test_loss}: the model diverged (its training steps stayed finite); no summary.json was written, "

@@ -8,11 +8,12 @@ import argparse
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from datasets import Dataset
+from datasets import Dataset, ImageData
 from distributed import gather_batch
 from losses import CENTER_ACC_LOSSES, Objective
 from models import build_model
@@ -21,7 +22,44 @@ from utils import seed_everything
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def build_trainer(args: argparse.Namespace, data: Dataset, device: torch.device, world: int = 1) -> dict:
+@dataclass
+class Trainer:
+    """What one training step needs: the model (and the module the step calls: DDP and/or compiled),
+    the objective with its centers, SGD, the fp16 GradScaler and the autocast context."""
+
+    model: nn.Module
+    net: nn.Module
+    objective: Objective
+    optimizer: torch.optim.Optimizer
+    parameters: list[torch.Tensor]  # everything the optimiser steps
+    scaler: torch.amp.GradScaler | None
+    autocast: Callable[[], AbstractContextManager]
+    channels_last: bool
+
+
+@dataclass
+class Run(Trainer):
+    """A training run: its trainer, settings, folder, data on the training device (fast path) and
+    progress so far, which a checkpoint saves."""
+
+    args: argparse.Namespace
+    dir: Path
+    device: torch.device
+    rank: int
+    world: int
+    train: ImageData
+    test: ImageData
+    val: ImageData | None
+    augmentations: tuple[str, ...]
+    collect_frames: bool  # 2-D features drawn each epoch
+    scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau | None = None
+    history: list[dict] = field(default_factory=list)  # the metrics.csv rows
+    train_seconds: float = 0.0
+    samples: int = 0
+    bad_steps: int = 0  # steps taken back in finished epochs
+
+
+def build_trainer(args: argparse.Namespace, data: Dataset, device: torch.device, world: int = 1) -> Trainer:
     """Model, objective, SGD optimiser, GradScaler (fp16 only) and autocast from main.py's settings,
     built in a fixed order after seeding, so that the same --seed gives the same initial weights."""
     seed_everything(args.seed)
@@ -40,16 +78,16 @@ def build_trainer(args: argparse.Namespace, data: Dataset, device: torch.device,
     )
     dtype = AMP_DTYPES[args.amp]
     autocast: Callable[[], AbstractContextManager] = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
-    return {
-        "model": model,
-        "net": compile_and_wrap(model, args.compile, device, world),
-        "objective": objective,
-        "optimizer": optimizer,
-        "parameters": [p for group in optimizer.param_groups for p in group["params"]],
-        "scaler": torch.amp.GradScaler(device.type) if args.amp == "fp16" else None,
-        "autocast": autocast,
-        "channels_last": args.channels_last,
-    }
+    return Trainer(
+        model=model,
+        net=compile_and_wrap(model, args.compile, device, world),
+        objective=objective,
+        optimizer=optimizer,
+        parameters=[p for group in optimizer.param_groups for p in group["params"]],
+        scaler=torch.amp.GradScaler(device.type) if args.amp == "fp16" else None,
+        autocast=autocast,
+        channels_last=args.channels_last,
+    )
 
 
 def compile_and_wrap(model: nn.Module, compile_model: bool, device: torch.device, world: int) -> nn.Module:
@@ -86,7 +124,7 @@ def all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.isfinite(torch.stack([t.sum() for t in tensors])).all()
 
 
-def guarded_step(trainer: dict, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def guarded_step(trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Forward, loss (float32), backward and SGD update, taken back on the device unless the loss,
     the gradients and the updated parameters (weights and centers) are all finite.
 
@@ -95,19 +133,19 @@ def guarded_step(trainer: dict, x: torch.Tensor, y: torch.Tensor) -> tuple[torch
     the host never waits. Under torchrun the loss sees the global batch (distributed.gather_batch).
     Returns (features, logits, labels, loss, terms, finite); labels are the global batch's.
     """
-    model, objective, optimizer, scaler = trainer["net"], trainer["objective"], trainer["optimizer"], trainer["scaler"]
-    modules = [trainer["model"], objective]
-    if trainer["channels_last"]:
+    model, objective, optimizer, scaler = trainer.net, trainer.objective, trainer.optimizer, trainer.scaler
+    modules = [trainer.model, objective]
+    if trainer.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     saved = [t.detach().clone() for t in step_tensors(modules, optimizer)]
-    with trainer["autocast"]():
+    with trainer.autocast():
         features, logits = model(x)
     features, logits, y = gather_batch(features, logits, y)
     loss, terms = objective(features, logits, y)
     optimizer.zero_grad(set_to_none=True)
     if scaler is None:
         loss.backward()
-        finite = torch.isfinite(loss) & all_finite([p.grad for p in trainer["parameters"] if p.grad is not None])
+        finite = torch.isfinite(loss) & all_finite([p.grad for p in trainer.parameters if p.grad is not None])
         optimizer.step()
     else:  # GradScaler skips steps with non-finite gradients itself (with a host sync of its own)
         scaler.scale(loss).backward()
@@ -115,7 +153,7 @@ def guarded_step(trainer: dict, x: torch.Tensor, y: torch.Tensor) -> tuple[torch
         scaler.step(optimizer)
         scaler.update()
     # Finite gradients can still carry weights or centers past float32's range (a huge --lr).
-    finite = finite & all_finite(trainer["parameters"])
+    finite = finite & all_finite(trainer.parameters)
     undo_unless(finite, step_tensors(modules, optimizer), saved)
     return features, logits, y, loss, terms, finite
 

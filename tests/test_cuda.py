@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -40,7 +41,7 @@ def run_steps(loss: str, device: str, amp: str, sync_mode: str) -> EpochState:
     args = parse_args(["--loss", loss, "--device", device, "--amp", amp, "--batch-size", str(BATCH), "--feat-dim", "2"])
     dev = torch.device(device)
     data = synthetic(dev)
-    run = {"args": args, "device": dev, **build_trainer(args, data, dev), "collect_frames": True}
+    run = SimpleNamespace(**vars(build_trainer(args, data, dev)), args=args, device=dev, collect_frames=True)
     aug = torch.Generator(dev).manual_seed(1)
     order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(2)).to(dev)
     batches = tensor_batches(data.train, order, BATCH, data.augmentations, aug)
@@ -54,7 +55,7 @@ def run_steps(loss: str, device: str, amp: str, sync_mode: str) -> EpochState:
             train_step(run, state, x, y)
             state.aug = aug.get_state()
         features, logits = embed(run, data.test)
-        centers = run["objective"].centers
+        centers = run.objective.centers
         correct = (acc_predictions(args, features, logits, centers.detach() if centers is not None else None) == data.test.labels).sum()
     finally:
         if dev.type == "cuda":

@@ -18,7 +18,7 @@ from conftest import listing, stderr_error_line
 import main as main_module
 from checkpoints import CHECKPOINT_KEYS
 from main import STARTUP_INTERRUPT, TrainingError, check_divergence, finish, main, parse_args
-from training import build_trainer, guarded_step, step_tensors
+from training import Trainer, build_trainer, guarded_step, step_tensors
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--dataset", "digits", "--train-samples", "384", "--batch-size", "32", "--epochs", "3", "--no-plots", "--model", "lenet++"]
@@ -252,7 +252,7 @@ def test_inter_margin_bounds_the_push(tmp_path: Path) -> None:
     assert -inter <= 31 * torch.log1p(torch.tensor(4.0)).item() + 1e-4
 
 
-def trainer(amp: str = "off") -> dict:
+def trainer(amp: str = "off") -> Trainer:
     """main.py's trainer (resnet, standalone loss, 2-D features) for 28x28 grey images, 10 classes."""
     data = SimpleNamespace(channels=1, classes=list(range(10)), image_size=28)
     return build_trainer(parse_args(["--seed", "3", "--amp", amp]), data, torch.device("cpu"))
@@ -268,12 +268,12 @@ def test_a_non_finite_step_is_taken_back_exactly(bad_at: int, poison: str) -> No
     batches = [torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(i)) for i in range(4)]
     labels = torch.arange(16) % 10
     clean, guarded = trainer(), trainer()
-    tensors = lambda t: step_tensors([t["model"], t["objective"]], t["optimizer"])  # noqa: E731
+    tensors = lambda t: step_tensors([t.model, t.objective], t.optimizer)  # noqa: E731
     for i, x in enumerate(batches):
         if i == bad_at:
             before = [t.clone() for t in tensors(guarded)]
             poisoned = x.clone()
-            groups = guarded["optimizer"].param_groups
+            groups = guarded.optimizer.param_groups
             if poison == "nan-image":
                 poisoned[0, 0, 0, 0] = float("nan")
             else:
@@ -294,7 +294,7 @@ def test_a_non_finite_step_is_taken_back_exactly(bad_at: int, poison: str) -> No
 def test_divergence_message_mentions_a_checkpoint_only_when_there_is_one(tmp_path: Path, has_checkpoint: bool) -> None:
     if has_checkpoint:
         (tmp_path / "checkpoint.pt").write_bytes(b"an earlier epoch")
-    run = {"args": SimpleNamespace(max_bad_steps=2), "bad_steps": 1, "dir": tmp_path}
+    run = SimpleNamespace(args=SimpleNamespace(max_bad_steps=2), bad_steps=1, dir=tmp_path)
     state = SimpleNamespace(
         bad_steps=torch.tensor(1),
         last_bad=torch.tensor([7.0, float("inf"), float("nan"), 1.0, float("-inf")], dtype=torch.float64),
@@ -309,7 +309,7 @@ def test_divergence_message_mentions_a_checkpoint_only_when_there_is_one(tmp_pat
 
 @pytest.mark.parametrize("test_loss", [float("nan"), float("inf")])
 def test_a_final_test_loss_that_is_not_finite_does_not_end_done(tmp_path: Path, test_loss: float) -> None:
-    run = {"args": parse_args(["--no-plots"]), "dir": tmp_path, "history": [{"epoch": 1, "test_loss": test_loss, "test_acc": 0.1}]}
+    run = SimpleNamespace(args=parse_args(["--no-plots"]), dir=tmp_path, history=[{"epoch": 1, "test_loss": test_loss, "test_acc": 0.1}])
     with pytest.raises(TrainingError, match=f"the final test loss is {test_loss}: the model diverged"):
         finish(run, None)
     assert not (tmp_path / "summary.json").exists()
