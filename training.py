@@ -117,11 +117,11 @@ def undo_unless(finite: torch.Tensor, tensors: list[torch.Tensor], saved: list[t
 def all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
     """Whether every element of every tensor is finite, as a bool tensor on their device (no host sync).
 
-    By each tensor's sum: an inf or NaN element makes it inf or NaN, and a sum of finite elements
-    overflows only when they average beyond float32's 3.4e38 / numel (about 1e33 for the largest
-    layer), which is divergence too. Eight times faster on the CPU than isfinite(t).all() per tensor.
+    By each tensor's L1 norm (one fused kernel on CUDA, as clip_grad_norm_ uses): an inf or NaN
+    element makes it inf or NaN, and finite elements overflow it only when they average beyond
+    float32's 3.4e38 / numel (about 1e33 for the largest layer), which is divergence too.
     """
-    return torch.isfinite(torch.stack([t.sum() for t in tensors])).all()
+    return torch.isfinite(torch.stack(torch._foreach_norm(tensors, 1))).all()
 
 
 def guarded_step(trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
