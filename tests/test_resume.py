@@ -13,7 +13,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from main import parse_args
+from checkpoints import LEGACY_CONFIG, CheckpointError, checkpoint, load_checkpoint
+from losses import paper_center_update
+from main import main, parse_args
 from training import build_trainer, guarded_step
 from utils import step_tensors
 
@@ -150,6 +152,45 @@ def test_checkpoint_of_another_configuration_is_refused(tmp_path: Path, referenc
     assert (run_dir / "checkpoint.pt").read_bytes() == before
 
 
+def test_paper_center_update_resumes_exactly(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """--center-update paper: the centers travel in the checkpoint (outside the optimizer), and a run
+    cut after epoch 1 and resumed ends bit for bit like the straight run (in-process: no start-up)."""
+    args = [*TINY, "--train-samples", "128", "--center-update", "paper", "--out", str(tmp_path)]
+    assert main([*args, "--epochs", "2", "--name", "straight"]) == 0
+    assert main([*args, "--epochs", "1", "--name", "cut"]) == 0
+    after_one = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
+    assert len(after_one["optimizer"]["param_groups"]) == 1  # the model's only
+    (tmp_path / "cut" / "summary.json").unlink()
+    capsys.readouterr()
+    assert main([*args, "--epochs", "2", "--name", "cut"]) == 0
+    assert "resuming" in capsys.readouterr().out
+    # Epoch 1 differs only in the retrieval metrics, computed after the last epoch of the 1-epoch run.
+    assert metrics_without_seconds(tmp_path / "straight")[-1] == metrics_without_seconds(tmp_path / "cut")[-1]
+    straight, resumed = (torch.load(tmp_path / name / "checkpoint.pt", weights_only=True) for name in ("straight", "cut"))
+    for part in ("model", "objective"):
+        assert all(torch.equal(straight[part][k], resumed[part][k]) for k in straight[part]), part
+    momentum = [s["momentum_buffer"] for c in (straight, resumed) for s in c["optimizer"]["state"].values()]
+    assert len(momentum) > 20 and all(torch.equal(a, b) for a, b in zip(momentum[: len(momentum) // 2], momentum[len(momentum) // 2 :]))
+    centers = resumed["objective"]["criterion.centers"]
+    assert not torch.equal(centers, after_one["objective"]["criterion.centers"])  # epoch 2 moved them
+
+
+def test_checkpoint_from_before_the_recipe_flags_still_resumes(tmp_path: Path) -> None:
+    """A checkpoint without weight_decay, clip_grad_norm, center_update and center_alpha in its args
+    was made with no weight decay, no clipping and SGD centers: it fits resnet's defaults only."""
+    run_state = {"device": torch.device("cpu"), "history": [], "train_seconds": 0.0, "samples": 0, "bad_steps": 0}
+    run = {**run_state, "args": parse_args(["--seed", "3"]), **trainer()}
+    run["scheduler"] = torch.optim.lr_scheduler.ReduceLROnPlateau(run["optimizer"])
+    old = checkpoint(run, 1, None)
+    for key in LEGACY_CONFIG:
+        del old["args"][key]
+    torch.save(old, tmp_path / "checkpoint.pt")
+    assert load_checkpoint(tmp_path / "checkpoint.pt", run)["epoch"] == 1
+    run["args"] = parse_args(["--seed", "3", "--center-update", "paper"])
+    with pytest.raises(CheckpointError, match="another configuration \\(center_update 'sgd', this run 'paper'\\)"):
+        load_checkpoint(tmp_path / "checkpoint.pt", run)
+
+
 def test_resume_flag_without_checkpoint_is_an_error(tmp_path: Path) -> None:
     result = run([*TINY, "--out", str(tmp_path), "--resume"])
     assert result.returncode == 2
@@ -179,19 +220,30 @@ def test_inter_margin_bounds_the_push(tmp_path: Path) -> None:
     assert -inter <= 31 * torch.log1p(torch.tensor(4.0)).item() + 1e-4
 
 
-def trainer(amp: str = "off") -> dict:
-    """main.py's trainer (resnet, standalone loss, 2-D features) for 28x28 grey images, 10 classes."""
-    data = SimpleNamespace(channels=1, classes=list(range(10)), image_size=28)
-    return build_trainer(parse_args(["--seed", "3", "--amp", amp]), data, torch.device("cpu"))
+def trainer(flags: tuple[str, ...] = ()) -> dict:
+    """main.py's trainer (default resnet, standalone loss, 2-D features) for 28x28 grey images, 10 classes."""
+    images = torch.randint(0, 256, (32, 1, 28, 28), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    data = SimpleNamespace(channels=1, classes=list(range(10)), image_size=28, train=SimpleNamespace(images=images))
+    return build_trainer(parse_args(["--seed", "3", *flags]), data, torch.device("cpu"))
 
 
+RECIPES = {
+    "resnet": (),
+    "resnet-paper": ("--center-update", "paper"),
+    "lenet-paper": ("--model", "lenet++", "--center-update", "paper"),  # clipping and weight decay too
+}
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
 @pytest.mark.parametrize("bad_at", [0, 2])
-def test_a_non_finite_step_is_taken_back_exactly(bad_at: int) -> None:
+def test_a_non_finite_step_is_taken_back_exactly(bad_at: int, recipe: str) -> None:
     """Weights, centers, BatchNorm statistics and momentum after a bad step (a NaN image) equal those
-    of never taking it, including a bad first step (whose new momentum buffers go back to zero)."""
+    of never taking it, including a bad first step (whose new momentum buffers go back to zero), with
+    the paper's center update and lenet++'s gradient clipping too."""
     batches = [torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(i)) for i in range(4)]
     labels = torch.arange(16) % 10
-    clean, guarded = trainer(), trainer()
+    clean, guarded = trainer(RECIPES[recipe]), trainer(RECIPES[recipe])
+    initial_centers = guarded["objective"].centers.detach().clone()
     tensors = lambda t: step_tensors([t["model"], t["objective"]], t["optimizer"])  # noqa: E731
     for i, x in enumerate(batches):
         if i == bad_at:
@@ -206,4 +258,34 @@ def test_a_non_finite_step_is_taken_back_exactly(bad_at: int) -> None:
         assert finite
         guarded_step(clean, x, labels)
     pairs = list(zip(tensors(clean), tensors(guarded), strict=True))
-    assert len(pairs) > 50 and all(torch.equal(a, b) for a, b in pairs)
+    assert len(pairs) > 40 and all(torch.equal(a, b) for a, b in pairs)
+    assert not torch.equal(guarded["objective"].centers, initial_centers)  # the good steps moved the centers
+
+
+def test_paper_centers_are_out_of_the_optimizer_and_move_by_eq_4() -> None:
+    """With --center-update paper the centers get no gradient and no SGD step: after a step they are
+    exactly losses.paper_center_update of the step's features, with --center-alpha."""
+    run = trainer(("--center-update", "paper", "--center-alpha", "0.25"))
+    centers = run["objective"].centers
+    assert not centers.requires_grad and all(p is not centers for g in run["optimizer"].param_groups for p in g["params"])
+    before = centers.detach().clone()
+    x, y = torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(0)), torch.arange(16) % 10
+    features, *_, finite = guarded_step(run, x, y)
+    assert finite and centers.grad is None
+    paper_center_update(before, features.detach(), y, 0.25)
+    assert torch.equal(centers, before)
+
+
+def test_the_step_has_no_host_sync(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Gradient clipping and the paper's center update keep the step free of host syncs: no tensor
+    is read as a Python number (.item(), bool(), float(), int(), .tolist()) inside guarded_step."""
+    run = trainer(("--model", "lenet++", "--center-update", "paper"))
+    assert run["clip_grad_norm"] == 10.0 and run["optimizer"].param_groups[0]["weight_decay"] == 5e-4
+    x, y = torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(0)), torch.arange(16) % 10
+    x[0, 0, 0, 0] = 1e6  # a huge gradient: the clipping scales it
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, lambda *a, name=name: pytest.fail(f"host sync: Tensor.{name}"))
+    guarded_step(run, x, y)
+    monkeypatch.undo()
+    grads = [p.grad for p in run["parameters"] if p.grad is not None]
+    assert torch.nn.utils.get_total_norm(grads).item() == pytest.approx(10.0, rel=1e-4)  # clipped to --clip-grad-norm
