@@ -33,7 +33,13 @@ CONFIG_KEYS = (
     "val_fraction",
     "seed",
     "pipeline",
+    "weight_decay",
+    "clip_grad_norm",
+    "center_update",
+    "center_alpha",
 )
+# The keys above that checkpoints made before them lack, with the behaviour those runs had.
+LEGACY_CONFIG = {"weight_decay": 0.0, "clip_grad_norm": 0.0, "center_update": "sgd", "center_alpha": None}
 # Settings the checkpoint's optimiser and scheduler carry: resuming with other values is refused (--epochs may grow).
 RESUME_KEYS = ("lr", "lr_cent", "momentum", "factor", "patience", "threshold")
 # What checkpoint() writes: a checkpoint without any of them cannot resume.
@@ -116,9 +122,10 @@ def load_checkpoint(path: Path, run: Run) -> dict:
         )
     saved, args = ckpt["args"], vars(run.args)
     for key in CONFIG_KEYS:
-        if saved.get(key) != args[key]:
+        value = saved.get(key, LEGACY_CONFIG.get(key))
+        if value != args[key]:
             raise CheckpointError(
-                f"{path}: checkpoint is of another configuration ({key} {saved.get(key)!r}, this run {args[key]!r}); use --overwrite or another --name"
+                f"{path}: checkpoint is of another configuration ({key} {value!r}, this run {args[key]!r}); use --overwrite or another --name"
             )
     check_resume_settings(path, saved, args, ckpt["epoch"])
     try:

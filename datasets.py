@@ -83,6 +83,22 @@ class Dataset:
         return self.train.images.shape[-1]
 
 
+def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per-channel mean and standard deviation of uint8 images (N x C x H x W) on the [0, 1] scale,
+    exact, from each channel's 256-bin histogram (no float copy of the data set). A constant
+    channel gets std 1, not 0, so that standardising by it stays finite."""
+    levels = torch.arange(256, dtype=torch.float64) / 255
+    means, stds = [], []
+    for c in range(images.shape[1]):
+        counts = torch.bincount(images[:, c].reshape(-1).cpu(), minlength=256).double()
+        p = counts / counts.sum()
+        mean = (p * levels).sum()
+        std = (p * (levels - mean) ** 2).sum().sqrt().item()
+        means.append(mean.item())
+        stds.append(std if std > 0 else 1.0)
+    return means, stds
+
+
 def split_validation(data: ImageData, fraction: float, seed: int) -> tuple[ImageData, ImageData]:
     """Hold out round(fraction * N) train samples (at least one), chosen by a permutation seeded by
     `seed`; returns (train, validation), disjoint."""

@@ -19,6 +19,10 @@ import torch.nn.functional as F
 
 LOSSES = ("xent", "cent", "standalone", "centers-apart", "center-softmax")
 CENTER_ACC_LOSSES = ("standalone", "centers-apart", "center-softmax")  # no softmax on the features: accuracy by nearest center
+CENTER_UPDATES = ("sgd", "paper")
+# Losses whose centers only follow the features (the intra term), so the paper's update can replace
+# their gradient; centers-apart and center-softmax move the centers by terms of their own.
+PAPER_UPDATE_LOSSES = ("cent", "standalone")
 
 
 def squared_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -51,6 +55,26 @@ def inter_loss(features: torch.Tensor, labels: torch.Tensor, margin: float | Non
         distances = distances.clamp_max(margin)
     pair_terms = torch.log1p(distances)
     return -(pair_terms * different).sum() / features.shape[0]
+
+
+@torch.no_grad()
+def paper_center_update(centers: torch.Tensor, features: torch.Tensor, labels: torch.Tensor, alpha: float) -> None:
+    """The center loss paper's center update (Wen et al., ECCV 2016, eq. 4), in place:
+
+        delta_c_j = sum_i [y_i = j] (c_j - x_i) / (1 + sum_i [y_i = j])
+        c_j <- c_j - alpha * delta_c_j
+
+    A class absent from the batch has delta_c_j = 0 and keeps its center. The per-class sums are a
+    product with the batch's one-hot label mask: no host sync (bincount would size its output from
+    max(labels), a sync on CUDA) and, unlike index_add_'s atomics on CUDA, deterministic. Under
+    torchrun pass the global batch (utils.gather_batch), identical on every rank: every rank then
+    computes the same sums and keeps the same centers without any communication.
+    """
+    classes = torch.arange(centers.shape[0], device=labels.device)
+    members = (labels[None, :] == classes[:, None]).to(centers.dtype)  # C x m: [y_i = j]
+    counts = members.sum(1, keepdim=True)
+    delta = (counts * centers - members @ features.to(centers.dtype)) / (1 + counts)
+    centers.sub_(alpha * delta)
 
 
 class CenterLoss(nn.Module):

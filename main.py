@@ -53,10 +53,10 @@ from datasets import (
 )
 from distributed import init_distributed
 from evaluation import acc_predictions, embed, epoch_row, run_summary
-from losses import LOSSES
+from losses import CENTER_UPDATES, LOSSES, PAPER_UPDATE_LOSSES
 from metrics import FEATURE_METRICS
 from models import MODELS
-from training import AMP_DTYPES, TERMS, EpochState, Run, build_trainer, guarded_step
+from training import AMP_DTYPES, MODEL_RECIPES, TERMS, EpochState, Run, build_trainer, guarded_step
 from utils import atomic_torch_save, epoch_generator, resolve_device, write_csv, write_json
 
 COLUMNS = [
@@ -111,7 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--data-dir", default=None, help="folder with the data set (torchvision layout or train/ test/ image folders); default ./data"
     )
-    p.add_argument("--model", choices=MODELS, default="resnet", help="feature extractor")
+    p.add_argument(
+        "--model",
+        choices=MODELS,
+        default="resnet",
+        help="feature extractor: the study's resnet, or lenet++ (the center-loss paper's), which standardises its input by the train "
+        "set's per-channel mean and std, starts from He initialisation and defaults to --weight-decay 5e-4 --clip-grad-norm 10",
+    )
     p.add_argument("--feat-dim", type=int, default=2, help="feature dimension")
     p.add_argument(
         "--epochs",
@@ -127,8 +133,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="global batch size, split evenly across torchrun processes (the inter term spans it); default 128, the study's (64 for digits)",
     )
     p.add_argument("--lr", type=finite_float, default=0.01, help="SGD learning rate of the model")
-    p.add_argument("--lr-cent", type=finite_float, default=None, help="learning rate of the centers (default: --lr)")
-    p.add_argument("--momentum", type=finite_float, default=0.9, help="SGD momentum (model and centers)")
+    p.add_argument(
+        "--lr-cent",
+        type=finite_float,
+        default=None,
+        help="SGD learning rate of the centers (default: --lr; not with --center-update paper)",
+    )
+    p.add_argument("--momentum", type=finite_float, default=0.9, help="SGD momentum (model and SGD centers)")
+    p.add_argument(
+        "--weight-decay", type=finite_float, default=None, help="SGD weight decay of the model (default: 5e-4 for lenet++, 0 for resnet)"
+    )
+    p.add_argument(
+        "--clip-grad-norm",
+        type=finite_float,
+        default=None,
+        help="clip the gradient norm of the model and SGD centers to this, 0: off (default: 10 for lenet++, 0 for resnet)",
+    )
+    p.add_argument(
+        "--center-update",
+        choices=CENTER_UPDATES,
+        default="sgd",
+        help="sgd: centers learn by their gradient; paper: after each step each center moves toward its class's batch mean "
+        "(Wen et al., eq. 4; cent and standalone only)",
+    )
+    p.add_argument(
+        "--center-alpha", type=finite_float, default=None, help="center rate of --center-update paper (default 0.5, the paper's)"
+    )
     p.add_argument("--weight-cent", type=finite_float, default=1.0, help="weight of the center term in cent")
     p.add_argument("--weight-intra", type=finite_float, default=1.0, help="weight of the intra term in standalone")
     p.add_argument("--weight-inter", type=finite_float, default=0.1, help="weight of the inter term in standalone")
@@ -185,8 +215,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, value)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if args.lr_cent is None:
-        args.lr_cent = args.lr
     if args.name is None:
         args.name = f"{args.loss}-{args.dataset}-feat={args.feat_dim}"
     checks = [
@@ -203,6 +231,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         (args.lr > 0, "--lr must be positive"),
         (args.lr_cent is None or args.lr_cent >= 0, "--lr-cent must not be negative"),
         (0 <= args.momentum < 1, "--momentum must be in [0, 1)"),
+        (args.weight_decay is None or args.weight_decay >= 0, "--weight-decay must not be negative"),
+        (args.clip_grad_norm is None or args.clip_grad_norm >= 0, "--clip-grad-norm must not be negative (0 turns clipping off)"),
+        (
+            args.center_update == "sgd" or args.loss in PAPER_UPDATE_LOSSES,
+            f"--center-update paper needs --loss cent or standalone, whose centers only follow the features ({args.loss} "
+            + ("has no centers)" if args.loss == "xent" else "moves its centers by terms of its own)"),
+        ),
+        (
+            args.center_alpha is None or args.center_update == "paper",
+            "--center-alpha is the rate of the paper's center update; add --center-update paper or drop it",
+        ),
+        (args.center_alpha is None or 0 < args.center_alpha <= 1, "--center-alpha must be in (0, 1]"),
+        (
+            args.lr_cent is None or args.center_update == "sgd",
+            "--lr-cent is the SGD centers' learning rate; with --center-update paper set --center-alpha instead",
+        ),
         (min(args.weight_cent, args.weight_intra, args.weight_inter) >= 0, "loss weights must not be negative"),
         (args.inter_margin is None or args.inter_margin > 0, "--inter-margin must be positive"),
         (0 < args.factor < 1, "--factor must be in (0, 1)"),
@@ -234,6 +278,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             importlib.import_module("torch.utils.tensorboard")
         except ImportError:
             parser.error("--tensorboard needs the tensorboard package: pip install tensorboard")
+    for key, value in MODEL_RECIPES[args.model].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.center_update == "paper" and args.center_alpha is None:
+        args.center_alpha = 0.5  # the paper's
+    if args.center_update == "sgd" and args.lr_cent is None:
+        args.lr_cent = args.lr
     return args
 
 

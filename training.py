@@ -13,13 +13,20 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from datasets import Dataset, ImageData
+from datasets import Dataset, ImageData, channel_stats
 from distributed import gather_batch
-from losses import CENTER_ACC_LOSSES, Objective
+from losses import CENTER_ACC_LOSSES, Objective, paper_center_update
 from models import build_model
 from utils import seed_everything
 
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# What --weight-decay and --clip-grad-norm (0: off) default to per model. The study's ResNet trains
+# without either; LeNet++, with no batch normalisation, takes the center-loss paper's weight decay and
+# clipped gradients, which bound its first steps (README, Command line).
+MODEL_RECIPES = {
+    "resnet": {"weight_decay": 0.0, "clip_grad_norm": 0.0},
+    "lenet++": {"weight_decay": 5e-4, "clip_grad_norm": 10.0},
+}
 
 
 @dataclass
@@ -35,6 +42,8 @@ class Trainer:
     scaler: torch.amp.GradScaler | None
     autocast: Callable[[], AbstractContextManager]
     channels_last: bool
+    clip_grad_norm: float  # 0: off
+    center_alpha: float | None  # the paper's center update's rate; None: centers learn by SGD
 
 
 @dataclass
@@ -61,9 +70,12 @@ class Run(Trainer):
 
 def build_trainer(args: argparse.Namespace, data: Dataset, device: torch.device, world: int = 1) -> Trainer:
     """Model, objective, SGD optimiser, GradScaler (fp16 only) and autocast from main.py's settings,
-    built in a fixed order after seeding, so that the same --seed gives the same initial weights."""
+    built in a fixed order after seeding, so that the same --seed gives the same initial weights.
+    Weight decay applies to the model only; with --center-update paper the centers are left out
+    of the optimiser (guarded_step moves them)."""
     seed_everything(args.seed)
-    model = build_model(args.model, data.channels, len(data.classes), args.feat_dim, data.image_size).to(device)
+    stats = channel_stats(data.train.images) if args.model == "lenet++" else (None, None)
+    model = build_model(args.model, data.channels, len(data.classes), args.feat_dim, data.image_size, *stats).to(device)
     if args.loss in CENTER_ACC_LOSSES:  # logits unused: no gradient, and DDP must not wait for one
         model.classifier.requires_grad_(False)
     if world > 1 and device.type == "cuda":  # batch statistics over the global batch (SyncBatchNorm needs a GPU)
@@ -73,9 +85,12 @@ def build_trainer(args: argparse.Namespace, data: Dataset, device: torch.device,
     ).to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(
-        [{"params": model.parameters()}, {"params": objective.parameters(), "lr": args.lr_cent}], lr=args.lr, momentum=args.momentum
-    )
+    groups = [{"params": model.parameters(), "weight_decay": args.weight_decay}]
+    if args.center_update == "paper":
+        objective.centers.requires_grad_(False)
+    else:
+        groups.append({"params": objective.parameters(), "lr": args.lr_cent})
+    optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum)
     dtype = AMP_DTYPES[args.amp]
     autocast: Callable[[], AbstractContextManager] = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
     return Trainer(
@@ -87,6 +102,8 @@ def build_trainer(args: argparse.Namespace, data: Dataset, device: torch.device,
         scaler=torch.amp.GradScaler(device.type) if args.amp == "fp16" else None,
         autocast=autocast,
         channels_last=args.channels_last,
+        clip_grad_norm=args.clip_grad_norm,
+        center_alpha=args.center_alpha,
     )
 
 
@@ -125,8 +142,9 @@ def all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 def guarded_step(trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Forward, loss (float32), backward and SGD update, taken back on the device unless the loss,
-    the gradients and the updated parameters (weights and centers) are all finite.
+    """Forward, loss (float32), backward, gradient clipping (if on), SGD update and the paper's center
+    update (if on), taken back on the device unless the loss, the gradients and the updated
+    parameters (weights and centers) are all finite.
 
     Every tensor the step can change (weights, centers, BatchNorm buffers, momentum) is copied first
     and restored by torch.where(finite, new, old) after the update, so a bad step leaves no trace and
@@ -145,15 +163,24 @@ def guarded_step(trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> tuple[to
     optimizer.zero_grad(set_to_none=True)
     if scaler is None:
         loss.backward()
-        finite = torch.isfinite(loss) & all_finite([p.grad for p in trainer.parameters if p.grad is not None])
+        grads = [p.grad for p in trainer.parameters if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))  # total L2 norm, on the device
+        finite = torch.isfinite(loss) & torch.isfinite(norm)
+        if trainer.clip_grad_norm:  # scale by min(1, max_norm / norm) on the device: no host sync
+            torch._foreach_mul_(grads, (trainer.clip_grad_norm / (norm + 1e-6)).clamp(max=1.0))
         optimizer.step()
     else:  # GradScaler skips steps with non-finite gradients itself (with a host sync of its own)
         scaler.scale(loss).backward()
         finite = torch.isfinite(loss)
+        if trainer.clip_grad_norm:
+            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+            torch.nn.utils.clip_grad_norm_(trainer.parameters, trainer.clip_grad_norm, foreach=True)
         scaler.step(optimizer)
         scaler.update()
+    if trainer.center_alpha is not None:  # before undo_unless: a bad step takes it back too
+        paper_center_update(objective.centers, features.detach().float(), y, trainer.center_alpha)
     # Finite gradients can still carry weights or centers past float32's range (a huge --lr).
-    finite = finite & all_finite(trainer.parameters)
+    finite = finite & all_finite(trainer.parameters + ([objective.centers] if trainer.center_alpha is not None else []))
     undo_unless(finite, step_tensors(modules, optimizer), saved)
     return features, logits, y, loss, terms, finite
 

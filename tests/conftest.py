@@ -261,7 +261,7 @@ class Background:
                 proc.communicate()
 
 
-BACKGROUND_FIXTURES = ("tiny_runs", "named_run", "projection_run", "real_run", "truncated_run", "bad_data_dir_run")
+BACKGROUND_FIXTURES = ("tiny_runs", "lenet_runs", "named_run", "projection_run", "real_run", "truncated_run", "bad_data_dir_run")
 _needed: set[str] = set()
 
 
@@ -289,6 +289,11 @@ def background(tmp_path_factory: pytest.TempPathFactory) -> Background:
             out = bg.paths["tiny"] = base / "runs"
             for loss in ("xent", "cent", "standalone"):
                 bg.start(f"tiny-{loss}", "main.py", ["--loss", loss, *TINY, "--data-dir", mnist, "--epochs", "2", "--out", out])
+        if "lenet_runs" in _needed:
+            out = bg.paths["lenet"] = base / "lenet"
+            for loss in ("xent", "cent", "standalone"):
+                args = ["--loss", loss, *TINY, "--data-dir", mnist, "--model", "lenet++", "--epochs", "1", "--train-samples", 64]
+                bg.start(f"lenet-{loss}", "main.py", [*args, "--no-plots", "--out", out])
         if "projection_run" in _needed:
             out = bg.paths["projection"] = base / "projection"
             args = ["--loss", "standalone", *TINY, "--data-dir", mnist, "--feat-dim", "16", "--epochs", "1", "--train-samples", "96"]
@@ -319,6 +324,16 @@ def tiny_runs(background: Background) -> dict[str, Path]:
     for loss in ("xent", "cent", "standalone"):
         check_ok(background.result(f"tiny-{loss}"))
         runs[loss] = background.paths["tiny"] / f"{loss}-mnist-feat=2"
+    return runs
+
+
+@pytest.fixture(scope="session")
+def lenet_runs(background: Background) -> dict[str, Path]:
+    """One finished lenet++ smoke run per loss (its recipe's defaults, 1 epoch of 2 steps on the tiny MNIST). loss -> run folder."""
+    runs = {}
+    for loss in ("xent", "cent", "standalone"):
+        check_ok(background.result(f"lenet-{loss}"))
+        runs[loss] = background.paths["lenet"] / f"{loss}-mnist-feat=2"
     return runs
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import MNIST_TEST, MNIST_TRAIN, TREE_CLASSES, idx_bytes, write_idx
 
-from datasets import CIFAR10_CLASSES, DIGIT_CLASSES, DataError, canonical_name, load_dataset, read_idx
+from datasets import CIFAR10_CLASSES, DIGIT_CLASSES, DataError, canonical_name, channel_stats, load_dataset, read_idx
 
 # ------------------------------------------------------------------------------------------- IDX
 
@@ -357,3 +357,15 @@ def test_image_data_to_and_len(tiny_mnist):
     ds = load_dataset("mnist", Path(root), download=False)
     moved = ds.train.to("cpu")
     assert len(moved) == MNIST_TRAIN and torch.equal(moved.images, ds.train.images)
+
+
+def test_channel_stats_equal_float_statistics_on_the_unit_scale():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (50, 3, 8, 8), generator=g, dtype=torch.uint8)
+    images[:, 1] //= 4  # channels of different statistics
+    images[:, 2] = 7  # a constant channel: std 1, so that standardising by it stays finite
+    mean, std = channel_stats(images)
+    x = images.double() / 255
+    assert mean == pytest.approx(x.mean((0, 2, 3)).tolist(), abs=1e-12)
+    assert std[:2] == pytest.approx(x.std((0, 2, 3), correction=0)[:2].tolist(), abs=1e-12)
+    assert std[2] == 1.0

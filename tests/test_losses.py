@@ -10,7 +10,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from losses import LOSSES, CenterLoss, Objective, StandaloneCenterLoss, inter_loss, intra_loss, squared_distances
+from losses import (
+    LOSSES,
+    CenterLoss,
+    Objective,
+    StandaloneCenterLoss,
+    inter_loss,
+    intra_loss,
+    paper_center_update,
+    squared_distances,
+)
 
 # ------------------------------------------------------------------------------------ references
 
@@ -351,3 +360,38 @@ def test_objective_computes_in_float32_under_autocast(loss):
 def test_objective_unknown_loss():
     with pytest.raises(ValueError, match="unknown loss"):
         Objective("softmax", 4, 3)
+    assert {"xent", "cent", "standalone"} <= set(LOSSES)
+
+
+# ---------------------------------------------------------------------- the paper's center update
+
+
+def ref_paper_update(centers: torch.Tensor, features: torch.Tensor, labels: torch.Tensor, alpha: float) -> list[list[float]]:
+    """Wen et al., eq. 4, one center and one sample at a time."""
+    c, x, y = centers.double().tolist(), features.double().tolist(), labels.tolist()
+    new = []
+    for j, center in enumerate(c):
+        members = [x[i] for i in range(len(x)) if y[i] == j]
+        delta = [sum(center[d] - m[d] for m in members) / (1 + len(members)) for d in range(len(center))]
+        new.append([center[d] - alpha * delta[d] for d in range(len(center))])
+    return new
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=["f64", "f32"])
+@pytest.mark.parametrize("pattern", ["unbalanced", "all_same", "two_classes"])
+def test_paper_center_update_matches_a_loop(dtype, pattern):
+    features, centers, y = sample(dtype, LABEL_PATTERNS[pattern])
+    before = centers.clone()
+    paper_center_update(centers, features, y, 0.3)
+    expected = torch.tensor(ref_paper_update(before, features, y, 0.3), dtype=dtype)
+    torch.testing.assert_close(centers, expected, **{"rtol": DTYPES[dtype]["rel"], "atol": DTYPES[dtype]["abs"]})
+    absent = [k for k in range(NUM_CLASSES) if k not in LABEL_PATTERNS[pattern]]
+    assert absent and torch.equal(centers[absent], before[absent])  # classes absent from the batch stay put
+    assert not torch.equal(centers, before)
+
+
+def test_paper_center_update_with_alpha_1_moves_a_lone_sample_halfway():
+    """One sample x of class j: delta = (c - x) / 2, so alpha 1 puts the center at the midpoint."""
+    centers = torch.zeros(3, 2)
+    paper_center_update(centers, torch.tensor([[4.0, -2.0]]), torch.tensor([1]), 1.0)
+    assert centers.tolist() == [[0.0, 0.0], [2.0, -1.0], [0.0, 0.0]]

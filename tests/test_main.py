@@ -25,7 +25,7 @@ from conftest import (
 )
 
 import main
-from datasets import load_dataset
+from datasets import channel_stats, load_dataset
 from models import build_model
 from utils import write_json
 
@@ -181,6 +181,19 @@ def test_finished_run_refused_then_overwritten(named_run, capsys):
     assert sorted(p.name for p in run_dir.iterdir()) == ["args.json", "checkpoint.pt", "metrics.csv", "summary.json"]
 
 
+@pytest.mark.parametrize("loss", ["xent", "cent", "standalone"])
+def test_lenet_smoke_run_with_its_recipe(lenet_runs, background, loss):
+    run_dir = lenet_runs[loss]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert (summary["model"], summary["loss"], summary["weight_decay"], summary["clip_grad_norm"]) == ("lenet++", loss, 5e-4, 10.0)
+    assert summary["bad_steps"] == 0 and math.isfinite(summary["acc"])
+    _, rows = read_metrics(run_dir)
+    assert len(rows) == 1 and math.isfinite(float(rows[0]["train_loss"]))
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    mean, std = channel_stats(load_dataset("mnist", background.paths["mnist"], download=False).train.images[:64])
+    assert ckpt["model"]["mean"].flatten().tolist() == pytest.approx(mean) and ckpt["model"]["std"].flatten().tolist() == pytest.approx(std)
+
+
 # ---------------------------------------------------------------------------------- bad input
 
 
@@ -231,6 +244,13 @@ NOT_FINITE += [("--factor", "nan"), ("--threshold", "inf"), ("--val-fraction", "
             "is not writable",
             marks=pytest.mark.skipif(os.geteuid() == 0, reason="root may write into a read-only folder"),
         ),
+        (["--weight-decay", "-1"], "--weight-decay must not be negative"),
+        (["--clip-grad-norm", "-1"], "--clip-grad-norm must not be negative"),
+        (["--loss", "xent", "--center-update", "paper"], "--center-update paper needs --loss cent or standalone, whose centers only"),
+        (["--loss", "centers-apart", "--center-update", "paper"], "(centers-apart moves its centers by terms of its own)"),
+        (["--center-alpha", "0.5"], "--center-alpha is the rate of the paper's center update; add --center-update paper"),
+        (["--center-update", "paper", "--center-alpha", "1.5"], "--center-alpha must be in (0, 1]"),
+        (["--center-update", "paper", "--lr-cent", "0.1"], "with --center-update paper set --center-alpha instead"),
     ],
 )
 def test_bad_arguments_exit_2(argv, message, tmp_path, capsys):
@@ -400,6 +420,7 @@ def test_help_lists_every_flag(capsys):
     assert not missing, missing
     assert "--inter-margin" in tokens and "--train-samples" in tokens and "--overwrite" in tokens
     assert "0 to 4294967295" in " ".join(text.split())  # the seed range
+    assert {"--weight-decay", "--clip-grad-norm", "--center-update", "--center-alpha"} <= tokens
 
 
 def test_defaults_follow_the_study():
@@ -414,6 +435,18 @@ def test_defaults_follow_the_study():
     assert args.name == "standalone-digits-feat=2"
     assert main.parse_args(["--dataset", "cifar-10", "--lr", "0.1"]).name == "standalone-cifar10-feat=2"
     assert main.parse_args(["--lr", "0.1"]).lr_cent == 0.1
+    assert (args.weight_decay, args.clip_grad_norm, args.center_update, args.center_alpha) == (0.0, 0.0, "sgd", None)
+
+
+def test_lenet_recipe_and_paper_center_update_defaults():
+    lenet = main.parse_args(["--model", "lenet++"])
+    assert (lenet.weight_decay, lenet.clip_grad_norm) == (5e-4, 10.0)
+    lenet = main.parse_args(["--model", "lenet++", "--weight-decay", "0", "--clip-grad-norm", "0"])
+    assert (lenet.weight_decay, lenet.clip_grad_norm) == (0.0, 0.0)  # explicit values win over the recipe
+    assert main.parse_args(["--clip-grad-norm", "5"]).clip_grad_norm == 5.0
+    paper = main.parse_args(["--center-update", "paper"])
+    assert (paper.center_alpha, paper.lr_cent) == (0.5, None)  # the paper's alpha; no SGD centers
+    assert main.parse_args(["--loss", "cent", "--center-update", "paper", "--center-alpha", "0.1"]).center_alpha == 0.1
 
 
 # ------------------------------------------------------------------------------------- real data

@@ -75,3 +75,32 @@ def test_eval_mode_is_deterministic_and_batch_independent():
         f_all, _ = model(x)
         f_one, _ = model(x[:1])
     torch.testing.assert_close(f_all[:1], f_one, rtol=1e-4, atol=1e-5)
+
+
+def test_lenet_he_init_for_prelu_and_zero_biases():
+    torch.manual_seed(0)
+    model = build_model("lenet++", 1, 10, 2, 28)
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert len(layers) == 8
+    for m in layers:
+        assert (m.bias == 0).all(), f"{m} bias is not zero"
+        if m.weight.numel() >= 4000:  # kaiming_normal_ for leaky_relu slope 0.25: std = sqrt(2 / (1.0625 fan_in))
+            expected = math.sqrt(2.0 / (1.0625 * m.weight[0].numel()))
+            assert m.weight.std().item() == pytest.approx(expected, rel=0.1), m
+
+
+def test_lenet_standardises_its_input_and_keeps_2d_features_apart():
+    """With the input standardised and He initialisation, distinct images start with distinct 2-D
+    features (PyTorch's default initialisation put them all within about 5e-4 of each other)."""
+    torch.manual_seed(0)
+    mean, std = [0.1307], [0.3081]
+    model = build_model("lenet++", 1, 10, 2, 28, mean, std)
+    x = (torch.rand(64, 1, 28, 28) < 0.2).float()  # MNIST-like: mostly black, some white strokes
+    features, _ = model(x)
+    assert features.std(0).min().item() > 0.05
+    state = model.state_dict()
+    assert state["mean"].flatten().tolist() == pytest.approx(mean) and state["std"].flatten().tolist() == pytest.approx(std)
+    torch.manual_seed(0)
+    plain = build_model("lenet++", 1, 10, 2, 28)  # identity standardisation: the same as feeding (x - mean) / std
+    plain.load_state_dict({**state, "mean": torch.zeros(1, 1, 1, 1), "std": torch.ones(1, 1, 1, 1)})
+    torch.testing.assert_close(plain((x - 0.1307) / 0.3081)[0], features)

@@ -16,7 +16,8 @@ import torch
 from conftest import listing, stderr_error_line
 
 import main as main_module
-from checkpoints import CHECKPOINT_KEYS
+from checkpoints import CHECKPOINT_KEYS, LEGACY_CONFIG, CheckpointError, checkpoint, load_checkpoint
+from losses import paper_center_update
 from main import STARTUP_INTERRUPT, TrainingError, check_divergence, finish, main, parse_args
 from training import Trainer, build_trainer, guarded_step, step_tensors
 
@@ -222,6 +223,45 @@ def test_checkpoint_of_another_configuration_is_refused(tmp_path: Path, referenc
     assert (run_dir / "checkpoint.pt").read_bytes() == before
 
 
+def test_paper_center_update_resumes_exactly(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """--center-update paper: the centers travel in the checkpoint (outside the optimizer), and a run
+    cut after epoch 1 and resumed ends bit for bit like the straight run (in-process: no start-up)."""
+    args = [*TINY, "--train-samples", "128", "--center-update", "paper", "--out", str(tmp_path)]
+    assert main([*args, "--epochs", "2", "--name", "straight"]) == 0
+    assert main([*args, "--epochs", "1", "--name", "cut"]) == 0
+    after_one = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
+    assert len(after_one["optimizer"]["param_groups"]) == 1  # the model's only
+    (tmp_path / "cut" / "summary.json").unlink()
+    capsys.readouterr()
+    assert main([*args, "--epochs", "2", "--name", "cut"]) == 0
+    assert "resuming" in capsys.readouterr().out
+    # Epoch 1 differs only in the retrieval metrics, computed after the last epoch of the 1-epoch run.
+    assert metrics_without_seconds(tmp_path / "straight")[-1] == metrics_without_seconds(tmp_path / "cut")[-1]
+    straight, resumed = (torch.load(tmp_path / name / "checkpoint.pt", weights_only=True) for name in ("straight", "cut"))
+    for part in ("model", "objective"):
+        assert all(torch.equal(straight[part][k], resumed[part][k]) for k in straight[part]), part
+    momentum = [s["momentum_buffer"] for c in (straight, resumed) for s in c["optimizer"]["state"].values()]
+    assert len(momentum) > 20 and all(torch.equal(a, b) for a, b in zip(momentum[: len(momentum) // 2], momentum[len(momentum) // 2 :]))
+    centers = resumed["objective"]["criterion.centers"]
+    assert not torch.equal(centers, after_one["objective"]["criterion.centers"])  # epoch 2 moved them
+
+
+def test_checkpoint_from_before_the_recipe_flags_still_resumes(tmp_path: Path) -> None:
+    """A checkpoint without weight_decay, clip_grad_norm, center_update and center_alpha in its args
+    was made with no weight decay, no clipping and SGD centers: it fits resnet's defaults only."""
+    state = {"device": torch.device("cpu"), "history": [], "train_seconds": 0.0, "samples": 0, "bad_steps": 0}
+    run = SimpleNamespace(**state, args=parse_args(["--seed", "3"]), **vars(recipe_trainer()))
+    run.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(run.optimizer)
+    old = checkpoint(run, 1, None)
+    for key in LEGACY_CONFIG:
+        del old["args"][key]
+    torch.save(old, tmp_path / "checkpoint.pt")
+    assert load_checkpoint(tmp_path / "checkpoint.pt", run)["epoch"] == 1
+    run.args = parse_args(["--seed", "3", "--center-update", "paper"])
+    with pytest.raises(CheckpointError, match="another configuration \\(center_update 'sgd', this run 'paper'\\)"):
+        load_checkpoint(tmp_path / "checkpoint.pt", run)
+
+
 def test_resume_flag_without_checkpoint_is_an_error(tmp_path: Path) -> None:
     result = run([*TINY, "--out", str(tmp_path), "--resume"])
     assert result.returncode == 2
@@ -364,3 +404,76 @@ def test_ctrl_c_in_the_final_summary_says_rerun_finishes(tmp_path: Path, monkeyp
     out = capsys.readouterr().out
     assert "resuming" in out and "done:" in out
     assert json.loads((tmp_path / "cut" / "summary.json").read_text())["epochs"] == 1
+
+
+def recipe_trainer(flags: tuple[str, ...] = ()) -> Trainer:
+    """main.py's trainer (default resnet, standalone loss, 2-D features) for 28x28 grey images, 10 classes."""
+    images = torch.randint(0, 256, (32, 1, 28, 28), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    data = SimpleNamespace(channels=1, classes=list(range(10)), image_size=28, train=SimpleNamespace(images=images))
+    return build_trainer(parse_args(["--seed", "3", *flags]), data, torch.device("cpu"))
+
+
+RECIPES = {
+    "resnet": (),
+    "resnet-paper": ("--center-update", "paper"),
+    "lenet-paper": ("--model", "lenet++", "--center-update", "paper"),  # clipping and weight decay too
+}
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("bad_at", [0, 2])
+def test_a_bad_step_is_taken_back_with_each_recipe(bad_at: int, recipe: str) -> None:
+    """Weights, centers, BatchNorm statistics and momentum after a bad step (a NaN image) equal those
+    of never taking it, including a bad first step (whose new momentum buffers go back to zero), with
+    the paper's center update and lenet++'s gradient clipping too."""
+    batches = [torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    labels = torch.arange(16) % 10
+    clean, guarded = recipe_trainer(RECIPES[recipe]), recipe_trainer(RECIPES[recipe])
+    initial_centers = guarded.objective.centers.detach().clone()
+    tensors = lambda t: step_tensors([t.model, t.objective], t.optimizer)  # noqa: E731
+    for i, x in enumerate(batches):
+        if i == bad_at:
+            before = [t.clone() for t in tensors(guarded)]
+            poisoned = x.clone()
+            poisoned[0, 0, 0, 0] = float("nan")
+            *_, finite = guarded_step(guarded, poisoned, labels)
+            assert not finite
+            after = tensors(guarded)  # a bad first step leaves momentum buffers behind: all zero
+            assert all(torch.equal(a, b) for a, b in zip(before, after)) and all(not t.any() for t in after[len(before) :])
+        *_, finite = guarded_step(guarded, x, labels)
+        assert finite
+        guarded_step(clean, x, labels)
+    pairs = list(zip(tensors(clean), tensors(guarded), strict=True))
+    assert len(pairs) > 40 and all(torch.equal(a, b) for a, b in pairs)
+    assert not torch.equal(guarded.objective.centers, initial_centers)  # the good steps moved the centers
+
+
+def test_paper_centers_are_out_of_the_optimizer_and_move_by_eq_4() -> None:
+    """With --center-update paper the centers get no gradient and no SGD step: after a step they are
+    exactly losses.paper_center_update of the step's features, with --center-alpha."""
+    run = recipe_trainer(("--center-update", "paper", "--center-alpha", "0.25"))
+    centers = run.objective.centers
+    assert not centers.requires_grad and all(p is not centers for g in run.optimizer.param_groups for p in g["params"])
+    before = centers.detach().clone()
+    x, y = torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(0)), torch.arange(16) % 10
+    features, *_, finite = guarded_step(run, x, y)
+    assert finite and centers.grad is None
+    paper_center_update(before, features.detach(), y, 0.25)
+    assert torch.equal(centers, before)
+
+
+def test_the_step_has_no_host_sync(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Gradient clipping and the paper's center update keep the step free of host syncs: no tensor
+    is read as a Python number (.item(), bool(), float(), int(), .tolist()) inside guarded_step."""
+    run = recipe_trainer(("--model", "lenet++", "--center-update", "paper"))
+    assert run.clip_grad_norm == 10.0 and run.optimizer.param_groups[0]["weight_decay"] == 5e-4
+    x, y = torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(0)), torch.arange(16) % 10
+    x[0, 0, 0, 0] = 1e6  # a huge gradient: the clipping scales it
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, lambda *a, name=name: pytest.fail(f"host sync: Tensor.{name}"))
+    guarded_step(run, x, y)
+    monkeypatch.undo()
+    grads = [p.grad for p in run.parameters if p.grad is not None]
+    assert torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item() == pytest.approx(
+        10.0, rel=1e-4
+    )  # clipped to --clip-grad-norm
