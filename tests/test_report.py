@@ -203,3 +203,20 @@ def test_readme_table_matches_committed_results() -> None:
         names = ("train.gif", "test.gif") if feat_dim == 2 else ("train.png", "test.png")
         for name in names:
             assert (ROOT / "imgs" / f"{loss}-{dataset}-feat={feat_dim}" / name).stat().st_size > 0
+
+
+def test_readme_current_pipeline_table_matches_committed_results() -> None:
+    """README's cpu-3ep-bilinear table is what report.py --present makes of results/cpu-3ep-bilinear:
+    3-epoch float32 runs with clean_train_acc, each row's pictures in imgs/."""
+    readme = (ROOT / "README.md").read_text()
+    start, end = "<!-- table:cpu-3ep-bilinear -->\n", "<!-- /table:cpu-3ep-bilinear -->"
+    in_readme = readme[readme.index(start) + len(start) : readme.index(end)].strip()
+    runs = report.load_runs([ROOT / "results" / "cpu-3ep-bilinear"])
+    columns = ["ncm_acc", "clean_train_acc", "gap", "knn1_acc", "map_at_r"]
+    assert in_readme == report.table(runs, columns, present_only=True).strip()
+    assert len(table_rows(in_readme)) == len(runs) >= 4 and "missing" not in in_readme
+    for (loss, dataset, feat_dim), summary in runs.items():
+        assert summary["epochs"] == 3 and summary["amp"] == "off" and 0 < summary["clean_train_acc"] <= 1
+        names = ("train.gif", "test.gif") if feat_dim == 2 else ("train.png", "test.png")
+        for name in names:
+            assert (ROOT / "imgs" / f"{loss}-{dataset}-feat={feat_dim}" / name).stat().st_size > 0
