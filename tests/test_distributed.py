@@ -158,8 +158,8 @@ TINY = [
     "--no-plots",
     "--eval-every",
     "1",
-    # At lr 0.01 lenet++'s first steps amplify float rounding (the 2-process gradient sums differ in
-    # the last bit) about fivefold a step, and 16 steps later the two runs differ by points of accuracy.
+    # The 2-process gradient sums round differently in the last bit; lenet++'s first steps amplify that
+    # (at lr 0.01 about fivefold a step: 16 steps later the runs differed by 7 test images in ncm_acc).
     "--lr",
     "0.001",
 ]
@@ -195,8 +195,10 @@ def test_torchrun_end_to_end_matches_single_process_and_resumes(tmp_path: Path) 
     )
     assert single.returncode == 0, single.stderr
     for ours, theirs in zip(metrics(run_dir), metrics(tmp_path / "one" / "cent-digits-feat=2"), strict=True):
-        for key in ("train_loss", "train_xent", "train_intra", "train_acc", "test_loss", "test_acc", "ncm_acc"):
+        for key in ("train_loss", "train_xent", "train_intra", "test_loss"):
             assert float(ours[key]) == pytest.approx(float(theirs[key]), rel=2e-3, abs=2e-3), key
+        for key in ("train_acc", "test_acc", "ncm_acc"):  # up to 3 of the 360 test images may cross a class boundary
+            assert float(ours[key]) == pytest.approx(float(theirs[key]), abs=3 / 360 + 1e-6), key
 
     # Resume: a 1-epoch run made unfinished, continued to 2 epochs, ends like the straight 2-epoch run.
     short = [*TINY, "--loss", "cent", "--out", str(tmp_path), "--name", "resumed"]
