@@ -201,6 +201,7 @@ def test_lenet_smoke_run_with_its_recipe(lenet_runs, background, loss):
 NOT_FINITE = [("--lr", "inf"), ("--lr", "-inf"), ("--lr-cent", "nan"), ("--momentum", "nan"), ("--weight-cent", "inf")]
 NOT_FINITE += [("--weight-intra", "nan"), ("--weight-inter", "nan"), ("--inter-margin", "inf"), ("--alpha", "nan")]
 NOT_FINITE += [("--factor", "nan"), ("--threshold", "inf"), ("--val-fraction", "nan")]
+NOT_FINITE += [("--weight-decay", "nan"), ("--clip-grad-norm", "inf"), ("--center-alpha", "nan")]
 
 
 @pytest.mark.parametrize(
