@@ -208,7 +208,7 @@ def make_pipeline(name: str, args: argparse.Namespace, data, device: torch.devic
         "settings": settings,
         "data": train,
         "augmentations": data.augmentations,
-        "aug": torch.Generator().manual_seed(args.seed + 1),
+        "aug": torch.Generator(device).manual_seed(args.seed + 1),  # augmentation draws on the training device
         "trainer": build_pipeline_trainer(args, data, device, settings),
         "step": 0,
         "rounds": [],
