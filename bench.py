@@ -51,9 +51,9 @@ from pathlib import Path
 
 import torch
 
+from config import parse_args as parse_main_args
 from datasets import DATASETS, DataError, Dataset, ImageData, canonical_name, default_workers, load_dataset, loader_batches, tensor_batches
 from losses import LOSSES
-from main import parse_args as parse_main_args
 from models import MODELS
 from training import AMP_DTYPES, Trainer, build_trainer, guarded_step
 from utils import epoch_generator, resolve_device

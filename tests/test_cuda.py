@@ -16,10 +16,11 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from config import parse_args  # noqa: E402
 from datasets import Dataset, ImageData, tensor_batches  # noqa: E402
 from evaluation import acc_predictions, embed  # noqa: E402
 from losses import LOSSES  # noqa: E402
-from main import parse_args, train_step  # noqa: E402
+from main import train_step  # noqa: E402
 from training import EpochState, build_trainer  # noqa: E402
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

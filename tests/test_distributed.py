@@ -23,9 +23,9 @@ import torch.multiprocessing as mp
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from config import parse_args  # noqa: E402
 from distributed import gather_batch  # noqa: E402
 from losses import Objective  # noqa: E402
-from main import parse_args  # noqa: E402
 from models import build_model  # noqa: E402
 from training import build_trainer, guarded_step  # noqa: E402
 

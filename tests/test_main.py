@@ -24,6 +24,7 @@ from conftest import (
     write_tiny_mnist,
 )
 
+import config
 import main
 from datasets import channel_stats, load_dataset
 from models import build_model
@@ -390,9 +391,9 @@ def test_train_set_smaller_than_knn_k(tmp_path):
 
 
 def test_every_float_flag_refuses_nan_and_infinity():
-    """Each float flag parses with main.finite_float, and each is among the flags tested above."""
-    actions = [a for a in main.build_parser()._actions if a.type in (float, main.finite_float)]
-    assert actions and all(a.type is main.finite_float for a in actions)
+    """Each float flag parses with config.finite_float, and each is among the flags tested above."""
+    actions = [a for a in config.build_parser()._actions if a.type in (float, config.finite_float)]
+    assert actions and all(a.type is config.finite_float for a in actions)
     assert {a.option_strings[0] for a in actions} == {flag for flag, _ in NOT_FINITE}
 
 
@@ -425,29 +426,29 @@ def test_help_lists_every_flag(capsys):
 
 
 def test_defaults_follow_the_study():
-    args = main.parse_args([])
+    args = config.parse_args([])
     assert (args.loss, args.model, args.feat_dim) == ("standalone", "resnet", 2)
     assert (args.epochs, args.batch_size, args.patience) == (20, 64, 3)  # digits, the offline first run
-    study = main.parse_args(["--dataset", "mnist"])
+    study = config.parse_args(["--dataset", "mnist"])
     assert (study.epochs, study.batch_size, study.patience, study.factor, study.threshold) == (100, 128, 10, 0.2, 0.1)
-    assert main.parse_args(["--epochs", "7", "--batch-size", "16", "--patience", "1"]).batch_size == 16  # explicit flags win
+    assert config.parse_args(["--epochs", "7", "--batch-size", "16", "--patience", "1"]).batch_size == 16  # explicit flags win
     assert (args.lr, args.lr_cent, args.momentum) == (0.01, 0.01, 0.9)
     assert (args.weight_cent, args.weight_intra, args.weight_inter) == (1.0, 1.0, 0.1)
     assert args.name == "standalone-digits-feat=2"
-    assert main.parse_args(["--dataset", "cifar-10", "--lr", "0.1"]).name == "standalone-cifar10-feat=2"
-    assert main.parse_args(["--lr", "0.1"]).lr_cent == 0.1
+    assert config.parse_args(["--dataset", "cifar-10", "--lr", "0.1"]).name == "standalone-cifar10-feat=2"
+    assert config.parse_args(["--lr", "0.1"]).lr_cent == 0.1
     assert (args.weight_decay, args.clip_grad_norm, args.center_update, args.center_alpha) == (0.0, 0.0, "sgd", None)
 
 
 def test_lenet_recipe_and_paper_center_update_defaults():
-    lenet = main.parse_args(["--model", "lenet++"])
+    lenet = config.parse_args(["--model", "lenet++"])
     assert (lenet.weight_decay, lenet.clip_grad_norm) == (5e-4, 10.0)
-    lenet = main.parse_args(["--model", "lenet++", "--weight-decay", "0", "--clip-grad-norm", "0"])
+    lenet = config.parse_args(["--model", "lenet++", "--weight-decay", "0", "--clip-grad-norm", "0"])
     assert (lenet.weight_decay, lenet.clip_grad_norm) == (0.0, 0.0)  # explicit values win over the recipe
-    assert main.parse_args(["--clip-grad-norm", "5"]).clip_grad_norm == 5.0
-    paper = main.parse_args(["--center-update", "paper"])
+    assert config.parse_args(["--clip-grad-norm", "5"]).clip_grad_norm == 5.0
+    paper = config.parse_args(["--center-update", "paper"])
     assert (paper.center_alpha, paper.lr_cent) == (0.5, None)  # the paper's alpha; no SGD centers
-    assert main.parse_args(["--loss", "cent", "--center-update", "paper", "--center-alpha", "0.1"]).center_alpha == 0.1
+    assert config.parse_args(["--loss", "cent", "--center-update", "paper", "--center-alpha", "0.1"]).center_alpha == 0.1
 
 
 # ------------------------------------------------------------------------------------- real data

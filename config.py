@@ -1,0 +1,260 @@
+"""The command line of main.py: every flag with its default, the study's settings and the first
+run's, and the checks that turn a bad argument into one line and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import math
+import os
+from pathlib import Path
+
+import torch
+
+from checkpoints import out_problem
+from datasets import DATASETS, canonical_name, default_workers
+from losses import CENTER_UPDATES, LOSSES, PAPER_UPDATE_LOSSES
+from models import MODELS
+from training import AMP_DTYPES, MODEL_RECIPES
+from utils import resolve_device
+
+DESCRIPTION = "Train a CNN with softmax (xent), softmax + center loss (cent) or the standalone center loss."
+STUDY = {"epochs": 100, "batch_size": 128, "patience": 10}
+# digits, the offline first run: 1,437 train images of 16x16 (datasets.DIGITS_SIDE). More, smaller
+# batches and a shorter patience reach test acc 0.97 in about a minute on a 2-core laptop CPU.
+FIRST_RUN = {"epochs": 20, "batch_size": 64, "patience": 3}
+
+
+# numpy's limit (np.random.seed). The torch generators take seed * 1_000_003 + epoch (utils.epoch_generator),
+# on the loader path times the torchrun world size: below their 2**64 - 1 for up to 4,294 processes.
+MAX_SEED = 2**32 - 1
+
+
+def finite_float(text: str) -> float:
+    """argparse type of every float flag: NaN and infinity would slip through the range checks
+    (every comparison with NaN is false) and poison training silently."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, not {text!r}")
+    return value
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except None ones whose help already says what happens."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        return action.help or "" if action.default is None else super()._get_help_string(action)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=HelpFormatter)
+    p.add_argument("--loss", choices=LOSSES, default="standalone", help="objective")
+    p.add_argument("--dataset", type=canonical_name, choices=DATASETS, default="digits", help="data set (cifar-10 is accepted for cifar10)")
+    p.add_argument(
+        "--data-dir", default=None, help="folder with the data set (torchvision layout or train/ test/ image folders); default ./data"
+    )
+    p.add_argument(
+        "--model",
+        choices=MODELS,
+        default="resnet",
+        help="feature extractor: the study's resnet, or lenet++ (the center-loss paper's), which standardises its input by the train "
+        "set's per-channel mean and std, starts from He initialisation and defaults to --weight-decay 5e-4 --clip-grad-norm 10",
+    )
+    p.add_argument("--feat-dim", type=int, default=2, help="feature dimension")
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="epochs; default 100, the study's budget (20 for digits, so that the first run takes about a minute)",
+    )
+    p.add_argument("--train-samples", type=int, default=None, help="train on the first N train samples only (quick checks; default all)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="global batch size, split evenly across torchrun processes (the inter term spans it); default 128, the study's (64 for digits)",
+    )
+    p.add_argument("--lr", type=finite_float, default=0.01, help="SGD learning rate of the model")
+    p.add_argument(
+        "--lr-cent",
+        type=finite_float,
+        default=None,
+        help="SGD learning rate of the centers (default: --lr; not with --center-update paper)",
+    )
+    p.add_argument("--momentum", type=finite_float, default=0.9, help="SGD momentum (model and SGD centers)")
+    p.add_argument(
+        "--weight-decay", type=finite_float, default=None, help="SGD weight decay of the model (default: 5e-4 for lenet++, 0 for resnet)"
+    )
+    p.add_argument(
+        "--clip-grad-norm",
+        type=finite_float,
+        default=None,
+        help="clip the gradient norm of the model and SGD centers to this, 0: off (default: 10 for lenet++, 0 for resnet)",
+    )
+    p.add_argument(
+        "--center-update",
+        choices=CENTER_UPDATES,
+        default="sgd",
+        help="sgd: centers learn by their gradient; paper: after each step each center moves toward its class's batch mean "
+        "(Wen et al., eq. 4; cent and standalone only)",
+    )
+    p.add_argument(
+        "--center-alpha", type=finite_float, default=None, help="center rate of --center-update paper (default 0.5, the paper's)"
+    )
+    p.add_argument("--weight-cent", type=finite_float, default=1.0, help="weight of the center term in cent")
+    p.add_argument("--weight-intra", type=finite_float, default=1.0, help="weight of the intra term in standalone")
+    p.add_argument("--weight-inter", type=finite_float, default=0.1, help="weight of the inter term in standalone")
+    p.add_argument(
+        "--inter-margin",
+        type=finite_float,
+        default=None,
+        help="truncate each pair's squared distance at this margin in the inter term (off)",
+    )
+    p.add_argument("--alpha", type=finite_float, default=0.05, help="centers-apart: scale of the squared distance inside exp()")
+    p.add_argument(
+        "--val-fraction",
+        type=finite_float,
+        default=0.0,
+        help="hold out this fraction of train for the scheduler and model selection (0: schedule on test accuracy, as the study)",
+    )
+    p.add_argument(
+        "--eval-every",
+        type=int,
+        default=10,
+        help="retrieval and clustering metrics every N epochs (and after the last; 0: only after the last)",
+    )
+    p.add_argument("--tensorboard", action="store_true", help="also log to <run folder>/tensorboard (needs the tensorboard package)")
+    p.add_argument("--factor", type=finite_float, default=0.2, help="ReduceLROnPlateau factor (on test accuracy)")
+    p.add_argument("--patience", type=int, default=None, help="ReduceLROnPlateau patience; default 10, the study's (3 for digits)")
+    p.add_argument("--threshold", type=finite_float, default=0.1, help="ReduceLROnPlateau relative threshold")
+    p.add_argument("--seed", type=int, default=0, help=f"seed of weights, data order and augmentation, 0 to {MAX_SEED}")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+    p.add_argument(
+        "--pipeline",
+        choices=("fast", "loader"),
+        default="fast",
+        help="fast: tensors on the device, batched augmentation; loader: torchvision DataLoader",
+    )
+    p.add_argument("--workers", type=int, default=default_workers(), help="DataLoader workers (loader pipeline)")
+    p.add_argument("--amp", choices=tuple(AMP_DTYPES), default="off", help="autocast precision")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="channels_last memory format")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--max-bad-steps", type=int, default=5, help="stop after this many non-finite steps (each one is skipped)")
+    p.add_argument("--out", default="runs", help="folder of run folders")
+    p.add_argument("--name", default=None, help="run folder name (default <loss>-<dataset>-feat=<feat_dim>)")
+    p.add_argument("--resume", action="store_true", help="require a checkpoint to resume from (unfinished runs resume anyway)")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished or unfinished run of the same name")
+    p.add_argument("--no-plots", action="store_true", help="skip the per-epoch 2-D frames and the final projections")
+    p.add_argument("--projection", choices=("pca", "tsne"), default="pca", help="2-D projection of the final features when feat_dim > 2")
+    p.add_argument("--plot-every", type=int, default=1, help="draw a 2-D frame every N epochs (and the last)")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for key, value in (FIRST_RUN if args.dataset == "digits" else STUDY).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.name is None:
+        args.name = f"{args.loss}-{args.dataset}-feat={args.feat_dim}"
+    checks = [
+        (0 <= args.seed <= MAX_SEED, f"--seed must be an integer from 0 to {MAX_SEED} (numpy's seed range)"),
+        (
+            is_plain_name(args.name),
+            f"--name {args.name!r} must be one plain folder name: not empty, not . or .., without / (it goes under --out)",
+        ),
+        (not (args.resume and args.overwrite), "--resume continues a run and --overwrite deletes it; give one of them"),
+        (args.feat_dim >= 1, "--feat-dim must be at least 1"),
+        (args.epochs >= 1, "--epochs must be at least 1"),
+        (args.train_samples is None or args.train_samples >= 2, "--train-samples must be at least 2"),
+        (args.batch_size >= 2, "--batch-size must be at least 2 (the losses compare samples of a batch)"),
+        (args.lr > 0, "--lr must be positive"),
+        (args.lr_cent is None or args.lr_cent >= 0, "--lr-cent must not be negative"),
+        (0 <= args.momentum < 1, "--momentum must be in [0, 1)"),
+        (args.weight_decay is None or args.weight_decay >= 0, "--weight-decay must not be negative"),
+        (args.clip_grad_norm is None or args.clip_grad_norm >= 0, "--clip-grad-norm must not be negative (0 turns clipping off)"),
+        (
+            args.center_update == "sgd" or args.loss in PAPER_UPDATE_LOSSES,
+            f"--center-update paper needs --loss cent or standalone, whose centers only follow the features ({args.loss} "
+            + ("has no centers)" if args.loss == "xent" else "moves its centers by terms of its own)"),
+        ),
+        (
+            args.center_alpha is None or args.center_update == "paper",
+            "--center-alpha is the rate of the paper's center update; add --center-update paper or drop it",
+        ),
+        (args.center_alpha is None or 0 < args.center_alpha <= 1, "--center-alpha must be in (0, 1]"),
+        (
+            args.lr_cent is None or args.center_update == "sgd",
+            "--lr-cent is the SGD centers' learning rate; with --center-update paper set --center-alpha instead",
+        ),
+        (min(args.weight_cent, args.weight_intra, args.weight_inter) >= 0, "loss weights must not be negative"),
+        (args.inter_margin is None or args.inter_margin > 0, "--inter-margin must be positive"),
+        (0 < args.factor < 1, "--factor must be in (0, 1)"),
+        (args.patience >= 0 and args.threshold >= 0, "--patience and --threshold must not be negative"),
+        (args.workers >= 0, "--workers must not be negative"),
+        (args.max_bad_steps >= 1, "--max-bad-steps must be at least 1"),
+        (args.plot_every >= 1, "--plot-every must be at least 1"),
+        (0 <= args.val_fraction < 1, "--val-fraction must be in [0, 1)"),
+        (args.eval_every >= 0, "--eval-every must not be negative"),
+        (args.alpha > 0, "--alpha must be positive"),
+        (
+            args.batch_size % world == 0,
+            f"--batch-size {args.batch_size} must be a multiple of the {world} processes (it is the global batch)",
+        ),
+        (args.data_dir is None or Path(args.data_dir).is_dir(), f"--data-dir {args.data_dir} does not exist or is not a folder"),
+        (
+            args.dataset != "folder" or args.data_dir is not None,
+            "--dataset folder needs --data-dir DIR with DIR/train/<class>/* and DIR/test/<class>/*",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            parser.error(message)
+    for problem in (device_problem(args.device), out_problem(args.out)):
+        if problem:
+            parser.error(problem)
+    if args.tensorboard:
+        try:
+            importlib.import_module("torch.utils.tensorboard")
+        except ImportError:
+            parser.error("--tensorboard needs the tensorboard package: pip install tensorboard")
+    for key, value in MODEL_RECIPES[args.model].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.center_update == "paper" and args.center_alpha is None:
+        args.center_alpha = 0.5  # the paper's
+    if args.center_update == "sgd" and args.lr_cent is None:
+        args.lr_cent = args.lr
+    return args
+
+
+def is_plain_name(name: str) -> bool:
+    """One path component: the run folder must lie directly under --out (and --overwrite delete only it)."""
+    separators = {"/", os.sep, os.altsep, "\0"} - {None}
+    return name not in ("", ".", "..") and not any(sep in name for sep in separators)
+
+
+def device_problem(name: str) -> str | None:
+    """Why --device cannot train here, or None: a CPU, an available CUDA device, or MPS where it runs."""
+    try:
+        device = resolve_device(name)
+    except RuntimeError:
+        return f"--device {name}: not a device torch knows (try auto, cpu or cuda)"
+    if device.type == "cpu":
+        return None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return f"--device {name}: CUDA is not available here; use --device cpu"
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            return (
+                f"--device {name}: there are {torch.cuda.device_count()} CUDA devices here (cuda:0 to cuda:{torch.cuda.device_count() - 1})"
+            )
+        return None
+    if device.type == "mps":
+        return None if torch.backends.mps.is_available() else f"--device {name}: MPS is not available here; use --device cpu"
+    return f"--device {name}: not a device to train on (use auto, cpu, cuda, cuda:N or mps)"
