@@ -161,6 +161,7 @@ def guarded_step(trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> tuple[to
     features, logits, y = gather_batch(features, logits, y)
     loss, terms = objective(features, logits, y)
     optimizer.zero_grad(set_to_none=True)
+    scaler_skipped = False
     if scaler is None:
         loss.backward()
         grads = [p.grad for p in trainer.parameters if p.grad is not None]
@@ -170,6 +171,7 @@ def guarded_step(trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> tuple[to
             torch._foreach_mul_(grads, (trainer.clip_grad_norm / (norm + 1e-6)).clamp(max=1.0))
         optimizer.step()
     else:  # GradScaler skips steps with non-finite gradients itself (with a host sync of its own)
+        scale = scaler.get_scale()
         scaler.scale(loss).backward()
         finite = torch.isfinite(loss)
         if trainer.clip_grad_norm:
@@ -177,7 +179,10 @@ def guarded_step(trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> tuple[to
             torch.nn.utils.clip_grad_norm_(trainer.parameters, trainer.clip_grad_norm, foreach=True)
         scaler.step(optimizer)
         scaler.update()
-    if trainer.center_alpha is not None:  # before undo_unless: a bad step takes it back too
+        # update() backs the scale off exactly when step() skipped: the centers then stay too. Such a
+        # step is the scaler's routine search for a scale, not divergence, so it is not a bad step.
+        scaler_skipped = scaler.get_scale() < scale
+    if trainer.center_alpha is not None and not scaler_skipped:  # before undo_unless: a bad step takes it back too
         paper_center_update(objective.centers, features.detach().float(), y, trainer.center_alpha)
     # Finite gradients can still carry weights or centers past float32's range (a huge --lr).
     finite = finite & all_finite(trainer.parameters + ([objective.centers] if trainer.center_alpha is not None else []))

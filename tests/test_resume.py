@@ -17,8 +17,9 @@ from conftest import listing, stderr_error_line
 
 import main as main_module
 from checkpoints import CHECKPOINT_KEYS, LEGACY_CONFIG, CheckpointError, checkpoint, load_checkpoint
+from config import parse_args
 from losses import paper_center_update
-from main import STARTUP_INTERRUPT, TrainingError, check_divergence, finish, main, parse_args
+from main import STARTUP_INTERRUPT, TrainingError, check_divergence, finish, main
 from training import Trainer, build_trainer, guarded_step, step_tensors
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -250,7 +251,7 @@ def test_checkpoint_from_before_the_recipe_flags_still_resumes(tmp_path: Path) -
     """A checkpoint without weight_decay, clip_grad_norm, center_update and center_alpha in its args
     was made with no weight decay, no clipping and SGD centers: it fits resnet's defaults only."""
     state = {"device": torch.device("cpu"), "history": [], "train_seconds": 0.0, "samples": 0, "bad_steps": 0}
-    run = SimpleNamespace(**state, args=parse_args(["--seed", "3"]), **vars(recipe_trainer()))
+    run = SimpleNamespace(**state, args=parse_args(["--seed", "3"]), **vars(trainer()))
     run.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(run.optimizer)
     old = checkpoint(run, 1, None)
     for key in LEGACY_CONFIG:
@@ -292,42 +293,65 @@ def test_inter_margin_bounds_the_push(tmp_path: Path) -> None:
     assert -inter <= 31 * torch.log1p(torch.tensor(4.0)).item() + 1e-4
 
 
-def trainer(amp: str = "off") -> Trainer:
-    """main.py's trainer (resnet, standalone loss, 2-D features) for 28x28 grey images, 10 classes."""
-    data = SimpleNamespace(channels=1, classes=list(range(10)), image_size=28)
-    return build_trainer(parse_args(["--seed", "3", "--amp", amp]), data, torch.device("cpu"))
+def trainer(flags: tuple[str, ...] = ()) -> Trainer:
+    """main.py's trainer (default resnet, standalone loss, 2-D features) for 28x28 grey images, 10 classes."""
+    images = torch.randint(0, 256, (32, 1, 28, 28), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    data = SimpleNamespace(channels=1, classes=list(range(10)), image_size=28, train=SimpleNamespace(images=images))
+    return build_trainer(parse_args(["--seed", "3", *flags]), data, torch.device("cpu"))
 
 
-@pytest.mark.parametrize("poison", ["nan-image", "inf-lr", "inf-lr-cent"])
-@pytest.mark.parametrize("bad_at", [0, 2])
-def test_a_non_finite_step_is_taken_back_exactly(bad_at: int, poison: str) -> None:
-    """Weights, centers, BatchNorm statistics and momentum after a bad step equal those of never
-    taking it, including a bad first step (whose new momentum buffers go back to zero). A NaN image
-    makes the loss non-finite; an infinite learning rate of the model or of the centers leaves loss
-    and gradients finite and only the updated weights or centers are not."""
+def assert_bad_step_is_taken_back(flags: tuple[str, ...], bad_at: int, bad_step) -> tuple[Trainer, int]:
+    """Two trainers take the same four good steps; before step `bad_at` the guarded one also takes
+    `bad_step(trainer, x, labels)`, which must report a non-finite step and leave weights, centers,
+    BatchNorm statistics and momentum as they were (a bad first step's new momentum buffers at zero).
+    Afterwards every tensor of the two must be equal; returns the guarded trainer and the number of tensors compared."""
     batches = [torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(i)) for i in range(4)]
     labels = torch.arange(16) % 10
-    clean, guarded = trainer(), trainer()
+    clean, guarded = trainer(flags), trainer(flags)
     tensors = lambda t: step_tensors([t.model, t.objective], t.optimizer)  # noqa: E731
     for i, x in enumerate(batches):
         if i == bad_at:
             before = [t.clone() for t in tensors(guarded)]
-            poisoned = x.clone()
-            groups = guarded.optimizer.param_groups
-            if poison == "nan-image":
-                poisoned[0, 0, 0, 0] = float("nan")
-            else:
-                groups[0 if poison == "inf-lr" else 1]["lr"] = float("inf")
-            *_, finite = guarded_step(guarded, poisoned, labels)
-            groups[0]["lr"], groups[1]["lr"] = 0.01, 0.01
-            assert not finite
-            after = tensors(guarded)  # a bad first step leaves momentum buffers behind: all zero
+            assert not bad_step(guarded, x, labels)
+            after = tensors(guarded)
             assert all(torch.equal(a, b) for a, b in zip(before, after)) and all(not t.any() for t in after[len(before) :])
         *_, finite = guarded_step(guarded, x, labels)
         assert finite
         guarded_step(clean, x, labels)
     pairs = list(zip(tensors(clean), tensors(guarded), strict=True))
-    assert len(pairs) > 50 and all(torch.equal(a, b) for a, b in pairs)
+    assert all(torch.equal(a, b) for a, b in pairs)
+    return guarded, len(pairs)
+
+
+def nan_image_step(t: Trainer, x: torch.Tensor, labels: torch.Tensor) -> bool:
+    poisoned = x.clone()
+    poisoned[0, 0, 0, 0] = float("nan")
+    return guarded_step(t, poisoned, labels)[-1]
+
+
+def infinite_lr_step(group: int):
+    """A step with the model's (group 0) or the centers' (group 1) learning rate infinite: loss and
+    gradients stay finite, only the updated weights or centers are not."""
+
+    def step(t: Trainer, x: torch.Tensor, labels: torch.Tensor) -> bool:
+        groups = t.optimizer.param_groups
+        lr = groups[group]["lr"]
+        groups[group]["lr"] = float("inf")
+        finite = guarded_step(t, x, labels)[-1]
+        groups[group]["lr"] = lr
+        return finite
+
+    return step
+
+
+@pytest.mark.parametrize("poison", ["nan-image", "inf-lr", "inf-lr-cent"])
+@pytest.mark.parametrize("bad_at", [0, 2])
+def test_a_non_finite_step_is_taken_back_exactly(bad_at: int, poison: str) -> None:
+    """A NaN image (non-finite loss) or an infinite learning rate of the model or of the centers
+    (finite loss and gradients, non-finite updated tensors) is taken back exactly, also as the first step."""
+    bad_step = {"nan-image": nan_image_step, "inf-lr": infinite_lr_step(0), "inf-lr-cent": infinite_lr_step(1)}[poison]
+    _, compared = assert_bad_step_is_taken_back((), bad_at, bad_step)
+    assert compared > 50
 
 
 @pytest.mark.parametrize("has_checkpoint", [True, False])
@@ -406,13 +430,6 @@ def test_ctrl_c_in_the_final_summary_says_rerun_finishes(tmp_path: Path, monkeyp
     assert json.loads((tmp_path / "cut" / "summary.json").read_text())["epochs"] == 1
 
 
-def recipe_trainer(flags: tuple[str, ...] = ()) -> Trainer:
-    """main.py's trainer (default resnet, standalone loss, 2-D features) for 28x28 grey images, 10 classes."""
-    images = torch.randint(0, 256, (32, 1, 28, 28), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
-    data = SimpleNamespace(channels=1, classes=list(range(10)), image_size=28, train=SimpleNamespace(images=images))
-    return build_trainer(parse_args(["--seed", "3", *flags]), data, torch.device("cpu"))
-
-
 RECIPES = {
     "resnet": (),
     "resnet-paper": ("--center-update", "paper"),
@@ -423,35 +440,17 @@ RECIPES = {
 @pytest.mark.parametrize("recipe", RECIPES)
 @pytest.mark.parametrize("bad_at", [0, 2])
 def test_a_bad_step_is_taken_back_with_each_recipe(bad_at: int, recipe: str) -> None:
-    """Weights, centers, BatchNorm statistics and momentum after a bad step (a NaN image) equal those
-    of never taking it, including a bad first step (whose new momentum buffers go back to zero), with
-    the paper's center update and lenet++'s gradient clipping too."""
-    batches = [torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(i)) for i in range(4)]
-    labels = torch.arange(16) % 10
-    clean, guarded = recipe_trainer(RECIPES[recipe]), recipe_trainer(RECIPES[recipe])
-    initial_centers = guarded.objective.centers.detach().clone()
-    tensors = lambda t: step_tensors([t.model, t.objective], t.optimizer)  # noqa: E731
-    for i, x in enumerate(batches):
-        if i == bad_at:
-            before = [t.clone() for t in tensors(guarded)]
-            poisoned = x.clone()
-            poisoned[0, 0, 0, 0] = float("nan")
-            *_, finite = guarded_step(guarded, poisoned, labels)
-            assert not finite
-            after = tensors(guarded)  # a bad first step leaves momentum buffers behind: all zero
-            assert all(torch.equal(a, b) for a, b in zip(before, after)) and all(not t.any() for t in after[len(before) :])
-        *_, finite = guarded_step(guarded, x, labels)
-        assert finite
-        guarded_step(clean, x, labels)
-    pairs = list(zip(tensors(clean), tensors(guarded), strict=True))
-    assert len(pairs) > 40 and all(torch.equal(a, b) for a, b in pairs)
-    assert not torch.equal(guarded.objective.centers, initial_centers)  # the good steps moved the centers
+    """A NaN image's step is taken back exactly with the paper's center update and lenet++'s
+    gradient clipping and weight decay too, and the good steps still move the centers."""
+    initial_centers = trainer(RECIPES[recipe]).objective.centers.detach().clone()
+    guarded, compared = assert_bad_step_is_taken_back(RECIPES[recipe], bad_at, nan_image_step)
+    assert compared > 40 and not torch.equal(guarded.objective.centers, initial_centers)
 
 
 def test_paper_centers_are_out_of_the_optimizer_and_move_by_eq_4() -> None:
     """With --center-update paper the centers get no gradient and no SGD step: after a step they are
     exactly losses.paper_center_update of the step's features, with --center-alpha."""
-    run = recipe_trainer(("--center-update", "paper", "--center-alpha", "0.25"))
+    run = trainer(("--center-update", "paper", "--center-alpha", "0.25"))
     centers = run.objective.centers
     assert not centers.requires_grad and all(p is not centers for g in run.optimizer.param_groups for p in g["params"])
     before = centers.detach().clone()
@@ -465,7 +464,7 @@ def test_paper_centers_are_out_of_the_optimizer_and_move_by_eq_4() -> None:
 def test_the_step_has_no_host_sync(monkeypatch: pytest.MonkeyPatch) -> None:
     """Gradient clipping and the paper's center update keep the step free of host syncs: no tensor
     is read as a Python number (.item(), bool(), float(), int(), .tolist()) inside guarded_step."""
-    run = recipe_trainer(("--model", "lenet++", "--center-update", "paper"))
+    run = trainer(("--model", "lenet++", "--center-update", "paper"))
     assert run.clip_grad_norm == 10.0 and run.optimizer.param_groups[0]["weight_decay"] == 5e-4
     x, y = torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(0)), torch.arange(16) % 10
     x[0, 0, 0, 0] = 1e6  # a huge gradient: the clipping scales it
@@ -477,3 +476,20 @@ def test_the_step_has_no_host_sync(monkeypatch: pytest.MonkeyPatch) -> None:
     assert torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item() == pytest.approx(
         10.0, rel=1e-4
     )  # clipped to --clip-grad-norm
+
+
+@pytest.mark.parametrize("init_scale", [1.0, 3e38])
+def test_paper_centers_stay_when_the_fp16_scaler_skips_the_step(init_scale: float) -> None:
+    """Under --amp fp16 a GradScaler whose scale overflows the gradients skips the optimizer step;
+    the paper's centers must not move either, and the step is not a bad one (the scaler backs off and
+    goes on). With a scale that does not overflow, the same step moves both."""
+    t = trainer(("--amp", "fp16", "--center-update", "paper"))
+    t.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+    weights = [p.detach().clone() for p in t.parameters]
+    centers = t.objective.centers.detach().clone()
+    x = torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    *_, finite = guarded_step(t, x, torch.arange(16) % 10)
+    skipped = init_scale > 1
+    assert bool(finite) and (t.scaler.get_scale() < init_scale) == skipped
+    assert torch.equal(t.objective.centers, centers) == skipped
+    assert all(torch.equal(p, w) for p, w in zip(t.parameters, weights)) == skipped
