@@ -49,6 +49,7 @@ from datasets import (
 from distributed import init_distributed
 from evaluation import acc_predictions, embed, epoch_row, run_summary
 from metrics import FEATURE_METRICS
+from models import MIN_SIDE
 from training import TERMS, EpochState, Run, build_trainer, guarded_step
 from utils import atomic_torch_save, epoch_generator, resolve_device, write_csv, write_json
 
@@ -159,6 +160,15 @@ def train(args: argparse.Namespace, rank: int, world: int) -> int:
             usage_error(
                 f"the train set has {len(data.train)} samples, fewer than one batch of --batch-size {args.batch_size} "
                 "(the last partial batch is dropped, as in the study); use a smaller --batch-size or more --train-samples"
+            )
+        )
+    if data.image_size < MIN_SIDE[args.model]:
+        side = data.image_size
+        raise SystemExit(
+            usage_error(
+                f"--model {args.model} needs images of at least {MIN_SIDE[args.model]}x{MIN_SIDE[args.model]} pixels and "
+                f"{args.data_dir or args.dataset} has {side}x{side}; use larger images"
+                + (" or --model resnet" if args.model != "resnet" else "")
             )
         )
     run_dir, resume = check_run_dir(args)
@@ -332,6 +342,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # before the training loop installs its handlers: nothing to save yet
         print(STARTUP_INTERRUPT, file=sys.stderr)
         return 130
+    except RuntimeError as exc:  # the CPU allocator reports a failed allocation as a plain RuntimeError
+        if not isinstance(exc, torch.OutOfMemoryError) and "can't allocate memory" not in str(exc):
+            raise
+        reason = str(exc).strip().splitlines()[0]
+        print(f"error: out of memory ({reason}); use a smaller --batch-size or --feat-dim", file=sys.stderr)
+        return 1
     finally:
         if world > 1:
             dist.destroy_process_group()

@@ -8,13 +8,15 @@ import torch
 import torch.nn as nn
 
 MODELS = ("resnet", "lenet++")
+# Smallest image side each model takes: the resnet's unpadded 3x3 stem, lenet++'s three 2x2 poolings.
+MIN_SIDE = {"resnet": 3, "lenet++": 8}
 PRELU_INIT = 0.25  # nn.PReLU's initial negative slope
 
 
 class LeNetPlusPlus(nn.Module):
     """LeNet++ of Wen et al. (ECCV 2016): three pairs of 5x5 convolutions (32, 64, 128 channels)
     with PReLU, 2x2 max-pooling after each pair, a linear layer to feat_dim with PReLU (the
-    features) and a linear classifier. Any input of side >= 24 works.
+    features) and a linear classifier. Any input of side >= 8 works (three poolings leave side // 8).
 
     It has no batch normalisation, so its input and initialisation must keep the signal alive on
     their own: the input is standardised per channel, x' = (x - mean) / std, with the train set's

@@ -207,7 +207,8 @@ def make_gif(frames: Sequence[Path], path: Path, duration: float = 0.4, last_pau
                 f"{frame}: a {images[-1].shape[1]}x{images[-1].shape[0]} frame among {images[0].shape[1]}x{images[0].shape[0]} ones; delete it"
             )
     durations = [int(duration * 1000)] * (len(images) - 1) + [int(last_pause * 1000)]
-    iio.imwrite(path, images, extension=".gif", duration=durations, loop=0)
+    # Pillow writes a lone frame by its single-frame path, which takes one duration, not a list.
+    iio.imwrite(path, images, extension=".gif", duration=durations if len(images) > 1 else durations[0], loop=0)
 
 
 def make_run_gifs(run_dir: Path, duration: float = 0.4, last_pause: float = 2.0) -> list[Path]:

@@ -342,6 +342,29 @@ def test_non_image_in_tree(tmp_path, capsys):
     assert not list(out.glob("**/summary.json"))
 
 
+@pytest.mark.parametrize(("model", "side", "smallest"), [("lenet++", 6, 8), ("resnet", 2, 3)])
+def test_images_too_small_for_the_model_are_one_line(tmp_path, capsys, model, side, smallest):
+    """A model that cannot take the data set's image size says so before making a run folder."""
+    root = write_image_tree(tmp_path / "tree", "L", side, per_class=(4, 2))
+    out = tmp_path / "out"
+    argv = ["--dataset", "folder", "--data-dir", str(root), "--model", model, "--batch-size", "4", "--epochs", "1", "--out", str(out)]
+    with pytest.raises(SystemExit) as info:
+        main.main(argv)
+    assert info.value.code == 2
+    line = stderr_error_line(capsys.readouterr().err)
+    assert f"--model {model} needs images of at least {smallest}x{smallest}" in line and f"has {side}x{side}" in line
+    assert not out.exists()
+
+
+def test_a_model_too_large_for_memory_is_one_line(tmp_path, capsys):
+    """2**40 features make a 512 TiB layer, beyond any address space: one line, exit 1, no summary."""
+    out = tmp_path / "out"
+    assert main.main(["--feat-dim", str(2**40), "--epochs", "1", "--out", str(out)]) == 1
+    line = stderr_error_line(capsys.readouterr().err)
+    assert line.startswith("error: out of memory") and "--batch-size or --feat-dim" in line
+    assert not list(out.glob("**/summary.json"))
+
+
 def test_overwrite_keeps_an_empty_folder_it_did_not_make(tmp_path):
     """--overwrite deletes only main.py's run folders: an empty folder of someone else's (here with the
     sticky bit of a shared /tmp) is reused as it is, not deleted and recreated."""

@@ -9,6 +9,7 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 from conftest import check_ok, listing, run_script
+from PIL import Image
 
 import visualize
 from datasets import DIGIT_CLASSES
@@ -215,3 +216,21 @@ def test_class_colors_distinct():
         colors = visualize.class_colors(n)
         assert colors.shape == (n, 4)
         assert len({tuple(np.round(c, 4)) for c in colors}) == n
+
+
+@pytest.mark.parametrize("count", [1, 3])
+def test_make_gif_of_one_or_more_frames(tmp_path, count):
+    """A 1-epoch 2-D run has one frame: its GIF (Pillow's single-frame path) is written as well as a longer one's."""
+    frames = []
+    for i in range(count):
+        frames.append(tmp_path / f"epoch_{i:03d}.png")
+        iio.imwrite(frames[-1], np.full((8, 10, 3), 40 * i, dtype=np.uint8))
+    visualize.make_gif(frames, tmp_path / "run.gif", duration=0.3, last_pause=1.5)
+    gif = iio.imread(tmp_path / "run.gif", index=None)
+    assert gif.shape[:3] == (count, 8, 10)
+    with Image.open(tmp_path / "run.gif") as im:
+        durations = []
+        for i in range(im.n_frames):
+            im.seek(i)
+            durations.append(im.info["duration"])
+    assert durations == [300] * (count - 1) + [1500]
