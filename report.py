@@ -153,13 +153,14 @@ def replace_between(text: str, label: str, body: str) -> str:
     return f"{head}{start}\n{body}\n{end}{tail}"
 
 
-def gallery(imgs_dir: Path) -> str:
-    """Markdown of the committed pictures: GIFs of 2-D runs, projections of the others."""
+def gallery(imgs_dir: Path, page: Path) -> str:
+    """Markdown of the committed pictures for `page`: GIFs of 2-D runs, projections of the others,
+    linked relative to the page's folder (docs/results.md links ../imgs/...)."""
     lines = ["| run | train | test |", "| :---: | :---: | :---: |"]
     for folder in sorted(p for p in imgs_dir.iterdir() if p.is_dir()):
         for kind in ("gif", "png"):
             if (folder / f"train.{kind}").is_file() and (folder / f"test.{kind}").is_file():
-                rel = folder.relative_to(ROOT) if folder.is_relative_to(ROOT) else folder
+                rel = Path(os.path.relpath(folder.resolve(), page.resolve().parent)).as_posix()
                 lines.append(f"| {folder.name} | ![]({rel}/train.{kind}) | ![]({rel}/test.{kind}) |")
     return "\n".join(lines)
 
@@ -195,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             content = replace_between(args.readme.read_text(), f"table:{args.label}", text)
             if args.gallery:
-                content = replace_between(content, "gallery", gallery(args.gallery))
+                content = replace_between(content, "gallery", gallery(args.gallery, args.readme))
         except ValueError as exc:
             print(f"error: {args.readme}: {exc}; add them where the table belongs", file=sys.stderr)
             return 1

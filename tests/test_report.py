@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -189,34 +190,40 @@ def test_reproduce_reports_failed_runs(tmp_path: Path) -> None:
 
 
 def test_readme_table_matches_committed_results() -> None:
-    """README's cpu-3ep table is exactly what report.py makes of results/cpu-3ep, all 18 rows measured,
-    and imgs/ holds the GIFs of its 2-D rows and the projections of its 128-D rows."""
+    """README's cpu-3ep table is exactly what report.py makes of results/cpu-3ep: all 18 grid points
+    measured, 3-epoch float32 runs with clean_train_acc, and imgs/ holds each row's pictures (the
+    GIFs of the 2-D rows, the projections of the 128-D rows)."""
     readme = (ROOT / "README.md").read_text()
     start, end = "<!-- table:cpu-3ep -->\n", "<!-- /table:cpu-3ep -->"
     in_readme = readme[readme.index(start) + len(start) : readme.index(end)].strip()
     runs = report.load_runs([ROOT / "results" / "cpu-3ep"])
-    assert in_readme == report.table(runs, ["ncm_acc", "train_acc", "knn1_acc", "map_at_r"]).strip()
+    assert in_readme == report.table(runs, ["ncm_acc", "clean_train_acc", "gap", "knn1_acc", "map_at_r"]).strip()
     rows = table_rows(in_readme)
     assert len(rows) == 18 and not any("missing" in r for r in rows)
-    for (loss, dataset, feat_dim), summary in runs.items():
-        assert summary["epochs"] == 3 and summary["amp"] == "off"
-        names = ("train.gif", "test.gif") if feat_dim == 2 else ("train.png", "test.png")
-        for name in names:
-            assert (ROOT / "imgs" / f"{loss}-{dataset}-feat={feat_dim}" / name).stat().st_size > 0
-
-
-def test_readme_current_pipeline_table_matches_committed_results() -> None:
-    """README's cpu-3ep-bilinear table is what report.py --present makes of results/cpu-3ep-bilinear:
-    3-epoch float32 runs with clean_train_acc, each row's pictures in imgs/."""
-    readme = (ROOT / "README.md").read_text()
-    start, end = "<!-- table:cpu-3ep-bilinear -->\n", "<!-- /table:cpu-3ep-bilinear -->"
-    in_readme = readme[readme.index(start) + len(start) : readme.index(end)].strip()
-    runs = report.load_runs([ROOT / "results" / "cpu-3ep-bilinear"])
-    columns = ["ncm_acc", "clean_train_acc", "gap", "knn1_acc", "map_at_r"]
-    assert in_readme == report.table(runs, columns, present_only=True).strip()
-    assert len(table_rows(in_readme)) == len(runs) >= 4 and "missing" not in in_readme
     for (loss, dataset, feat_dim), summary in runs.items():
         assert summary["epochs"] == 3 and summary["amp"] == "off" and 0 < summary["clean_train_acc"] <= 1
         names = ("train.gif", "test.gif") if feat_dim == 2 else ("train.png", "test.png")
         for name in names:
             assert (ROOT / "imgs" / f"{loss}-{dataset}-feat={feat_dim}" / name).stat().st_size > 0
+
+
+def test_gallery_links_resolve_from_the_page_that_holds_them(tmp_path: Path) -> None:
+    """--gallery writes links relative to the --readme file's folder: from docs/results.md every
+    picture is reached through ../imgs, from a top-level README through imgs; folders without both
+    pictures are left out."""
+    runs = tmp_path / "results"
+    runs.mkdir()
+    (runs / "xent-mnist-feat=2.json").write_text((ROOT / "results" / "cpu-3ep" / "xent-mnist-feat=2.json").read_text())
+    imgs = tmp_path / "imgs"
+    for name, files in {"a-run": ("train.gif", "test.gif"), "b-run": ("train.png", "test.png"), "half": ("train.gif",)}.items():
+        (imgs / name).mkdir(parents=True)
+        for file in files:
+            (imgs / name / file).write_bytes(b"picture")
+    for page in (tmp_path / "docs" / "results.md", tmp_path / "README.md"):
+        page.parent.mkdir(exist_ok=True)
+        page.write_text("<!-- table:t -->\n<!-- /table:t -->\n<!-- gallery -->\n<!-- /gallery -->\n")
+        assert report.main([str(runs), "--readme", str(page), "--label", "t", "--gallery", str(imgs)]) == 0
+        links = re.findall(r"!\[\]\(([^)]+)\)", page.read_text())
+        assert len(links) == 4 and all((page.parent / link).is_file() for link in links)
+        assert all(link.startswith("../imgs/" if page.parent.name == "docs" else "imgs/") for link in links)
+        assert "half" not in page.read_text()
