@@ -3,6 +3,7 @@ loss see the global batch."""
 
 from __future__ import annotations
 
+import gc
 import os
 
 import torch
@@ -19,6 +20,25 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), world
+
+
+def close_distributed(finished: bool) -> None:
+    """Leave the process group in step with the other ranks, while the interpreter is whole.
+
+    The DistributedDataParallel wrapper sits in reference cycles that keep the gloo process group
+    alive past destroy_process_group; freed only at interpreter shutdown, its C++ threads can then
+    abort the process (SIGABRT, "terminate called without an active exception"). So the cycles are
+    collected first. After train() returned (finished or stopped for a signal) every rank also waits at a barrier for rank 0's final
+    pictures and summary, so that no rank closes its connections while another still uses them; after
+    an error the ranks may not all be here, and a barrier would wait for the dead.
+    """
+    gc.collect()
+    if finished:
+        try:
+            dist.barrier()
+        except RuntimeError:  # another rank has already gone (its own error is the one reported)
+            pass
+    dist.destroy_process_group()
 
 
 def gather_batch(features: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

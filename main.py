@@ -46,7 +46,7 @@ from datasets import (
     split_validation,
     tensor_batches,
 )
-from distributed import init_distributed
+from distributed import close_distributed, init_distributed
 from evaluation import acc_predictions, embed, epoch_row, run_summary
 from metrics import FEATURE_METRICS
 from models import MIN_SIDE
@@ -331,11 +331,12 @@ def finish(run: Run, data: Dataset) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    world = 1
+    world, code = 1, None
     try:
         args = parse_args(argv)
         rank, world = init_distributed(resolve_device(args.device))
-        return train(args, rank, world)
+        code = train(args, rank, world)
+        return code
     except (DataError, CheckpointError, TrainingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -350,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         if world > 1:
-            dist.destroy_process_group()
+            close_distributed(finished=code is not None)
 
 
 if __name__ == "__main__":
