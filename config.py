@@ -70,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="epochs; default 100, the study's budget (20 for digits, so that the first run takes about a minute)",
     )
+    p.add_argument(
+        "--train-classes",
+        default=None,
+        help="open set: train on these classes only (indices 0,2,5, ranges 0-4 or names, comma-separated) and also report "
+        "retrieval (open_precision_at_1, open_r_precision, open_map_at_r) among the test images of the other classes (default all)",
+    )
     p.add_argument("--train-samples", type=int, default=None, help="train on the first N train samples only (quick checks; default all)")
     p.add_argument(
         "--batch-size",

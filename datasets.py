@@ -15,6 +15,7 @@ from __future__ import annotations
 import gzip
 import math
 import os
+import re
 import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -106,6 +107,59 @@ def split_validation(data: ImageData, fraction: float, seed: int) -> tuple[Image
     held = max(1, round(fraction * len(data)))
     val, train = order[:held].sort().values, order[held:].sort().values
     return ImageData(data.images[train], data.labels[train]), ImageData(data.images[val], data.labels[val])
+
+
+def parse_class_list(spec: str, classes: Sequence[str]) -> list[int]:
+    """The class indices `spec` names, sorted: comma-separated indices (`0,2,5`), inclusive ranges
+    (`0-4`) or class names (`Trouser,Bag`, any case), mixed as you like. ValueError, with the reason
+    in words, for an empty list, an unknown name or index, a reversed range, a class named twice,
+    fewer than two classes (the losses compare classes) or every class (nothing left unseen)."""
+    lowered = {c.lower(): i for i, c in enumerate(classes)}
+    chosen: list[int] = []
+    for token in (t.strip() for t in spec.split(",")):
+        if not token:
+            raise ValueError(f"--train-classes {spec!r} has an empty entry; give indices, ranges such as 0-4, or class names")
+        if token.isdigit():
+            picked = [int(token)]
+        elif re.fullmatch(r"\d+-\d+", token):
+            first, last = map(int, token.split("-"))
+            if first > last:
+                raise ValueError(f"--train-classes: the range {token} is reversed; write {last}-{first}")
+            picked = list(range(first, last + 1))
+        elif token.lower() in lowered:
+            picked = [lowered[token.lower()]]
+        else:
+            raise ValueError(f"--train-classes: no class {token!r}; the classes are {', '.join(classes)} (or indices 0-{len(classes) - 1})")
+        for index in picked:
+            if index >= len(classes):
+                raise ValueError(f"--train-classes: class index {index} is out of range; this data set has classes 0-{len(classes) - 1}")
+            if index in chosen:
+                raise ValueError(f"--train-classes: class {index} ({classes[index]}) is named twice")
+            chosen.append(index)
+    if len(chosen) < 2:
+        raise ValueError("--train-classes must name at least 2 classes (the losses compare classes)")
+    if len(chosen) == len(classes):
+        raise ValueError("--train-classes names every class, which leaves no unseen class to retrieve; drop it to train on all")
+    return sorted(chosen)
+
+
+def relabel(data: ImageData, kept: list[int]) -> ImageData:
+    """The samples of the classes `kept`, labelled 0..len(kept)-1 in that order."""
+    new_label = torch.full((int(data.labels.max()) + 1,), -1, dtype=torch.int64)
+    new_label[kept] = torch.arange(len(kept))
+    mask = new_label[data.labels] >= 0
+    return ImageData(data.images[mask], new_label[data.labels[mask]])
+
+
+def open_set_split(data: Dataset, seen: list[int]) -> tuple[Dataset, ImageData]:
+    """Musgrave et al.'s open-set protocol: a data set of the `seen` classes only (train and test,
+    relabelled 0..k-1), and the test images of the other classes, for retrieval of classes never
+    trained on (labelled 0..u-1 in their order)."""
+    unseen = [k for k in range(len(data.classes)) if k not in seen]
+    closed = Dataset(
+        data.name, relabel(data.train, seen), relabel(data.test, seen), [data.classes[k] for k in seen], data.augmentations, data.source
+    )
+    return closed, relabel(data.test, unseen)
 
 
 def canonical_name(name: str) -> str:

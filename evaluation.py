@@ -8,7 +8,7 @@ import torch
 
 from datasets import Dataset, ImageData
 from losses import CENTER_ACC_LOSSES, squared_distances
-from metrics import FEATURE_METRICS, feature_metrics
+from metrics import FEATURE_METRICS, GEOMETRY_METRICS, OPEN_SET_METRICS, class_geometry, feature_metrics, retrieval_scores
 from training import TERMS, EpochState, Run
 
 EVAL_BATCH = 1024
@@ -89,6 +89,11 @@ def epoch_row(run: Run, epoch: int, state: EpochState, seconds: float) -> tuple[
     row["ncm_acc"] = (nearest_class_mean(features, state.class_sum, state.class_count) == labels).float().mean().item()
     row["center_acc"] = (nearest(features, centers) == labels).float().mean().item() if centers is not None else None
     row["val_acc"] = accuracy(run, run.val)[0] if run.val is not None else None
+    row.update(class_geometry(features, labels))
+    if run.unseen is not None:  # open set: retrieval among the classes never trained on
+        unseen_features, _ = embed(run, run.unseen)
+        scores = retrieval_scores(unseen_features, run.unseen.labels.to(features.device))
+        row.update({f"open_{name}": value for name, value in scores.items()})
     if epoch == args.epochs or (args.eval_every and epoch % args.eval_every == 0):
         train_features, _ = embed(run, run.train)
         row.update(feature_metrics(features, labels, train_features, run.train.labels.to(features.device), args.seed))
@@ -121,7 +126,9 @@ def run_summary(run: Run, data: Dataset) -> dict:
         "train_seconds": run.train_seconds,
         "samples_per_second": run.samples / max(run.train_seconds, 1e-9),
         "bad_steps": run.bad_steps,
-        **{name: last[name] for name in FEATURE_METRICS},
+        **{name: last[name] for name in (*FEATURE_METRICS, *GEOMETRY_METRICS)},
+        **({name: last[name] for name in OPEN_SET_METRICS} if run.unseen is not None else {}),
+        "classes": data.classes,
         **validation_summary(history),
         "device": str(run.device),
         "peak_gpu_memory_mb": torch.cuda.max_memory_allocated(run.device) / 2**20 if run.device.type == "cuda" else None,

@@ -42,13 +42,15 @@ from datasets import (
     full_batches,
     load_dataset,
     loader_batches,
+    open_set_split,
+    parse_class_list,
     shard_order,
     split_validation,
     tensor_batches,
 )
 from distributed import close_distributed, init_distributed
 from evaluation import acc_predictions, embed, epoch_row, run_summary
-from metrics import FEATURE_METRICS
+from metrics import FEATURE_METRICS, GEOMETRY_METRICS, OPEN_SET_METRICS
 from models import MIN_SIDE
 from training import TERMS, EpochState, Run, build_trainer, guarded_step
 from utils import atomic_torch_save, epoch_generator, resolve_device, write_csv, write_json
@@ -57,7 +59,7 @@ COLUMNS = [
     "epoch", "lr",
     "train_loss", "train_xent", "train_intra", "train_inter", "train_acc",
     "test_loss", "test_xent", "test_intra", "test_inter", "test_acc", "ncm_acc", "center_acc", "val_acc",
-    *FEATURE_METRICS,
+    *FEATURE_METRICS, *GEOMETRY_METRICS, *OPEN_SET_METRICS,
     "bad_steps", "seconds",
 ]  # fmt: skip
 FRAME_POINTS = 5000  # points per 2-D frame: enough to see the clusters, under a second to draw
@@ -150,6 +152,12 @@ def train(args: argparse.Namespace, rank: int, world: int) -> int:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     data = load_dataset(args.dataset, args.data_dir or "data", download=True)
+    unseen = None
+    if args.train_classes is not None:
+        try:
+            data, unseen = open_set_split(data, parse_class_list(args.train_classes, data.classes))
+        except ValueError as exc:
+            raise SystemExit(usage_error(str(exc))) from None
     if args.train_samples is not None:
         data.train = ImageData(data.train.images[: args.train_samples], data.train.labels[: args.train_samples])
     val = None
@@ -189,6 +197,7 @@ def train(args: argparse.Namespace, rank: int, world: int) -> int:
         train=data.train.to(device) if on_device else data.train,
         test=data.test.to(device) if on_device else data.test,
         val=val.to(device) if val is not None and on_device else val,
+        unseen=unseen.to(device) if unseen is not None and on_device else unseen,
         augmentations=data.augmentations,
         collect_frames=args.feat_dim == 2 and not args.no_plots,
     )

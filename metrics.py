@@ -13,7 +13,11 @@ import torch
 from losses import squared_distances
 
 CHUNK = 512  # queries per chunk: 512 x 60,000 float32 distances = 123 MB
-FEATURE_METRICS = ("knn1_acc", "knn10_acc", "precision_at_1", "map_at_r", "nmi", "ami", "center_distance_ratio")
+RETRIEVAL_METRICS = ("precision_at_1", "r_precision", "map_at_r")
+FEATURE_METRICS = ("knn1_acc", "knn10_acc", *RETRIEVAL_METRICS, "nmi", "ami", "center_distance_ratio")
+# Retrieval among the test images of classes the run never trained on (--train-classes).
+OPEN_SET_METRICS = tuple(f"open_{name}" for name in RETRIEVAL_METRICS)
+GEOMETRY_METRICS = ("intra_distance", "min_center_gap", "mean_center_gap", "min_gap_ratio", "mean_gap_ratio", "feature_norm")
 
 
 def knn_accuracy(query: torch.Tensor, query_labels: torch.Tensor, gallery: torch.Tensor, gallery_labels: torch.Tensor, k: int) -> float:
@@ -37,35 +41,38 @@ def knn_accuracy(query: torch.Tensor, query_labels: torch.Tensor, gallery: torch
     return correct / len(query)
 
 
-def leave_one_out_retrieval(features: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
-    """Precision@1 and MAP@R of the set as its own gallery, each query excluded from its results.
+def retrieval_scores(features: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Precision@1, R-precision and MAP@R of the set as its own gallery, each query left out of its
+    results (pytorch-metric-learning's AccuracyCalculator with the query in the reference set).
 
-    For a query with R other samples of its class, MAP@R = (1/R) sum_{i<=R} P(i) rel(i), where
-    rel(i) says whether the i-th nearest neighbour shares the label and P(i) is the precision of
-    the first i neighbours (Musgrave et al., 2020). Both are averaged over queries; queries alone in
-    their class are skipped.
+    For a query with R other samples of its class and rel(i) whether its i-th nearest neighbour
+    shares the label: P@1 = rel(1); R-precision = (1/R) sum_{i<=R} rel(i); MAP@R = (1/R) sum_{i<=R}
+    P(i) rel(i), P(i) the precision of the first i neighbours (Musgrave et al., 2020). Each is
+    averaged over the queries that have a classmate; neighbours at equal distance are ranked by their
+    index (a stable sort), so ties have one answer. All NaN when no query has a classmate.
     """
     features = features.float()
     counts = torch.bincount(labels)
     relevant = counts[labels] - 1
     max_r = int(relevant.max())
-    p_at_1, map_at_r, used = 0.0, 0.0, 0
+    if max_r == 0:
+        return dict.fromkeys(RETRIEVAL_METRICS, float("nan"))
+    sums, used = torch.zeros(3, dtype=torch.float64), 0
+    ranks = torch.arange(1, max_r + 1, device=features.device, dtype=torch.float32)
     for start in range(0, len(features), CHUNK):
         rows = torch.arange(start, min(start + CHUNK, len(features)), device=features.device)
         d = squared_distances(features[rows], features)
         d[torch.arange(len(rows)), rows] = float("inf")  # leave the query out
-        idx = d.topk(max_r, dim=1, largest=False).indices
+        idx = d.sort(dim=1, stable=True).indices[:, :max_r]
         hits = (labels[idx] == labels[rows, None]).float()
         r = relevant[rows]
         keep = r > 0
-        ranks = torch.arange(1, max_r + 1, device=features.device, dtype=torch.float32)
-        within_r = ranks[None, :] <= r[:, None]
-        precision = hits.cumsum(1) / ranks
-        ap = (precision * hits * within_r).sum(1) / r.clamp_min(1)
-        p_at_1 += float(hits[keep, 0].sum())
-        map_at_r += float(ap[keep].sum())
+        within_r = (ranks[None, :] <= r[:, None]).float()
+        r_precision = (hits * within_r).sum(1) / r.clamp_min(1)
+        ap = (hits.cumsum(1) / ranks * hits * within_r).sum(1) / r.clamp_min(1)
+        sums += torch.stack([hits[keep, 0].sum(), r_precision[keep].sum(), ap[keep].sum()]).double().cpu()
         used += int(keep.sum())
-    return p_at_1 / max(used, 1), map_at_r / max(used, 1)
+    return dict(zip(RETRIEVAL_METRICS, (sums / used).tolist()))
 
 
 def clustering_scores(features: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> tuple[float, float]:
@@ -89,17 +96,42 @@ def clustering_scores(features: torch.Tensor, labels: torch.Tensor, seed: int = 
     return float(normalized_mutual_info_score(truth, clusters)), float(adjusted_mutual_info_score(truth, clusters))
 
 
+def class_geometry(features: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """How far apart the classes sit, against how spread each one is. With class means mu_k:
+
+        intra_distance  = mean_i ||x_i - mu_{y_i}||
+        min_center_gap  = min_{k != l} ||mu_k - mu_l||,   mean_center_gap = mean_{k != l} ||mu_k - mu_l||
+        min_gap_ratio   = min_center_gap / intra_distance, mean_gap_ratio = mean_center_gap / intra_distance
+        feature_norm    = mean_i ||x_i||
+
+    Gap ratios above 1 mean classes lie further apart than their points lie from their means.
+    Classes without samples are left out; all NaN for non-finite features or fewer than two classes."""
+    features = features.float()
+    present = torch.bincount(labels) > 0
+    if int(present.sum()) < 2 or not bool(torch.isfinite(features).all()):
+        return dict.fromkeys(GEOMETRY_METRICS, float("nan"))
+    num_classes = len(present)
+    means = torch.zeros(num_classes, features.shape[1], device=features.device).index_add_(0, labels, features)
+    means = (means / torch.bincount(labels, minlength=num_classes).clamp_min(1)[:, None].float())[present]
+    intra = float((features - means[torch.cumsum(present, 0)[labels] - 1]).norm(dim=1).mean())
+    gaps = squared_distances(means, means).clamp_min(0).sqrt()
+    gaps = gaps[~torch.eye(len(means), dtype=torch.bool, device=features.device)]
+    min_gap, mean_gap = float(gaps.min()), float(gaps.mean())
+    return {
+        "intra_distance": intra,
+        "min_center_gap": min_gap,
+        "mean_center_gap": mean_gap,
+        "min_gap_ratio": min_gap / intra if intra > 0 else float("inf"),
+        "mean_gap_ratio": mean_gap / intra if intra > 0 else float("inf"),
+        "feature_norm": float(features.norm(dim=1).mean()),
+    }
+
+
 def center_distance_ratio(features: torch.Tensor, labels: torch.Tensor) -> float:
     """Mean distance of a feature to its class mean over the mean distance between class means
-    (distinct pairs): below 1 when classes are tighter than they are apart."""
-    features = features.float()
-    num_classes = int(labels.max()) + 1
-    means = torch.zeros(num_classes, features.shape[1], device=features.device).index_add_(0, labels, features)
-    means = means / torch.bincount(labels, minlength=num_classes).clamp_min(1)[:, None].float()
-    intra = (features - means[labels]).norm(dim=1).mean()
-    pair = squared_distances(means, means).sqrt()
-    off_diagonal = ~torch.eye(num_classes, dtype=torch.bool, device=features.device)
-    return float(intra / pair[off_diagonal].mean())
+    (distinct pairs): below 1 when classes are tighter than they are apart (1 / mean_gap_ratio)."""
+    geometry = class_geometry(features, labels)
+    return geometry["intra_distance"] / geometry["mean_center_gap"]
 
 
 def feature_metrics(
@@ -109,13 +141,11 @@ def feature_metrics(
     all NaN when a feature is not finite (an overflowing model), where none of them means anything."""
     if not (torch.isfinite(test).all() and torch.isfinite(train).all()):
         return dict.fromkeys(FEATURE_METRICS, float("nan"))
-    p_at_1, map_at_r = leave_one_out_retrieval(test, test_labels)
     nmi, ami = clustering_scores(test, test_labels, seed)
     return {
         "knn1_acc": knn_accuracy(test, test_labels, train, train_labels, 1),
         "knn10_acc": knn_accuracy(test, test_labels, train, train_labels, 10),  # k = 10, or the train set's size if smaller
-        "precision_at_1": p_at_1,
-        "map_at_r": map_at_r,
+        **retrieval_scores(test, test_labels),
         "nmi": nmi,
         "ami": ami,
         "center_distance_ratio": center_distance_ratio(test, test_labels),

@@ -59,6 +59,7 @@ class Run(Trainer):
     train: ImageData
     test: ImageData
     val: ImageData | None
+    unseen: ImageData | None  # test images of the classes left out by --train-classes (open-set retrieval)
     augmentations: tuple[str, ...]
     collect_frames: bool  # 2-D features drawn each epoch
     scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau | None = None

@@ -39,7 +39,8 @@ def test_shuffled_labels_score_near_chance() -> None:
     shuffled = labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(1))]
     gallery, gallery_labels = clusters(n_per_class=100, seed=2)
     assert metrics.knn_accuracy(features, shuffled, gallery, gallery_labels, 10) == pytest.approx(0.2, abs=0.08)
-    p1, map_r = metrics.leave_one_out_retrieval(features, shuffled)
+    scores = metrics.retrieval_scores(features, shuffled)
+    p1, map_r = scores["precision_at_1"], scores["map_at_r"]
     assert p1 == pytest.approx(0.2, abs=0.08) and map_r < 0.3
     nmi, ami = metrics.clustering_scores(features, shuffled)
     assert nmi < 0.05 and abs(ami) < 0.02
@@ -69,7 +70,8 @@ def test_map_at_r_hand_computed() -> None:
     # 2: 1(0) 0(0)        -> 0,0     -> 0
     # 11: 10(0) 12(1)     -> 0,1     -> (1/2)(1/2) = 0.25
     # 12: 11(1) 10(0)     -> 1,0     -> 0.5
-    p1, map_r = metrics.leave_one_out_retrieval(features, labels)
+    scores = metrics.retrieval_scores(features, labels)
+    p1, map_r = scores["precision_at_1"], scores["map_at_r"]
     assert p1 == pytest.approx(3 / 6)
     assert map_r == pytest.approx((0.5 + 0.5 + 0 + 0 + 0.25 + 0.5) / 6)
 
@@ -81,7 +83,8 @@ def test_map_at_r_with_a_different_r_per_query() -> None:
     # 0:   1(0) 2.5(1)  -> AP (1/2)(1/1) = 0.5       2.5: 3(1)  -> AP 1 (with R = 2 it would be 1/2)
     # 1:   0(0) 2.5(1)  -> 0.5                        3:   2.5(1) -> 1
     # 10:  3(1) 2.5(1)  -> 0
-    p1, map_r = metrics.leave_one_out_retrieval(features, labels)
+    scores = metrics.retrieval_scores(features, labels)
+    p1, map_r = scores["precision_at_1"], scores["map_at_r"]
     assert p1 == pytest.approx(4 / 5)
     assert map_r == pytest.approx((0.5 + 0.5 + 0 + 1 + 1) / 5)
 
@@ -107,7 +110,8 @@ def test_map_at_r_matches_loops_on_unbalanced_classes(monkeypatch) -> None:
     features = torch.randn(len(labels), 3, generator=g) + labels[:, None] * 0.7
     expected = reference_map_at_r(features, labels)
     monkeypatch.setattr(metrics, "CHUNK", 5)  # chunks cut through the classes
-    assert metrics.leave_one_out_retrieval(features, labels) == pytest.approx(expected, rel=1e-6)
+    scores = metrics.retrieval_scores(features, labels)
+    assert (scores["precision_at_1"], scores["map_at_r"]) == pytest.approx(expected, rel=1e-6)
 
 
 def reference_knn(query: torch.Tensor, query_labels: torch.Tensor, gallery: torch.Tensor, gallery_labels: torch.Tensor, k: int) -> float:
@@ -189,11 +193,11 @@ def test_knn_tie_rule_where_rules_differ(labels: list[int], winner: int) -> None
 def test_chunked_search_matches_unchunked(monkeypatch) -> None:
     features, labels = clusters(n_per_class=30, spread=2.0)
     query, query_labels = clusters(n_per_class=7, spread=2.0, seed=3)
-    full = metrics.leave_one_out_retrieval(features, labels), metrics.knn_accuracy(query, query_labels, features, labels, 10)
+    full = metrics.retrieval_scores(features, labels), metrics.knn_accuracy(query, query_labels, features, labels, 10)
     monkeypatch.setattr(metrics, "CHUNK", 7)
-    (p1, map_r), knn = metrics.leave_one_out_retrieval(features, labels), metrics.knn_accuracy(query, query_labels, features, labels, 10)
-    assert p1 == full[0][0] and knn == full[1]
-    assert map_r == pytest.approx(full[0][1], rel=1e-6)
+    scores, knn = metrics.retrieval_scores(features, labels), metrics.knn_accuracy(query, query_labels, features, labels, 10)
+    assert scores["precision_at_1"] == full[0]["precision_at_1"] and knn == full[1]
+    assert scores == pytest.approx(full[0], rel=1e-6)
 
 
 @pytest.mark.parametrize("case", ["collapsed", "fewer-distinct-than-classes", "wide"])
