@@ -38,9 +38,17 @@ CONFIG_KEYS = (
     "center_update",
     "center_alpha",
     "train_classes",
+    "width",
 )
 # The keys above that checkpoints made before them lack, with the behaviour those runs had.
-LEGACY_CONFIG = {"weight_decay": 0.0, "clip_grad_norm": 0.0, "center_update": "sgd", "center_alpha": None, "train_classes": None}
+LEGACY_CONFIG = {
+    "weight_decay": 0.0,
+    "clip_grad_norm": 0.0,
+    "center_update": "sgd",
+    "center_alpha": None,
+    "train_classes": None,
+    "width": 1,
+}
 # Settings the checkpoint's optimiser and scheduler carry: resuming with other values is refused (--epochs may grow).
 RESUME_KEYS = ("lr", "lr_cent", "momentum", "factor", "patience", "threshold")
 # What checkpoint() writes: a checkpoint without any of them cannot resume.

@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         "set's per-channel mean and std, starts from He initialisation and defaults to --weight-decay 5e-4 --clip-grad-norm 10",
     )
     p.add_argument("--feat-dim", type=int, default=2, help="feature dimension")
+    p.add_argument("--width", type=int, default=1, help="resnet: multiply every channel count by this (1: the study's network)")
     p.add_argument(
         "--epochs",
         type=int,
@@ -176,6 +177,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ),
         (not (args.resume and args.overwrite), "--resume continues a run and --overwrite deletes it; give one of them"),
         (args.feat_dim >= 1, "--feat-dim must be at least 1"),
+        (1 <= args.width <= 64, "--width must be an integer from 1 to 64"),
+        (args.width == 1 or args.model == "resnet", "--width multiplies the resnet's channels; lenet++ has the paper's fixed widths"),
         (args.epochs >= 1, "--epochs must be at least 1"),
         (args.train_samples is None or args.train_samples >= 2, "--train-samples must be at least 2"),
         (args.batch_size >= 2, "--batch-size must be at least 2 (the losses compare samples of a batch)"),

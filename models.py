@@ -83,17 +83,18 @@ class PreActBlock(nn.Module):
 class ResNet(nn.Module):
     """The study's small pre-activation ResNet: 3x3 stem conv (no padding) to 16 channels, five
     one-block groups of widths 32, 32, 64, 64, 128 with strides 1, 2, 1, 2, 1, BN-ReLU, global
-    average pooling, a linear layer to feat_dim (the features) and a linear classifier.
+    average pooling, a linear layer to feat_dim (the features) and a linear classifier. `width`
+    multiplies every channel count (1: the study's network; 4 has about 16 times its weights).
     """
 
-    def __init__(self, in_channels: int, num_classes: int, feat_dim: int, image_size: int = 28) -> None:
+    def __init__(self, in_channels: int, num_classes: int, feat_dim: int, image_size: int = 28, width: int = 1) -> None:
         super().__init__()
-        self.stem = nn.Conv2d(in_channels, 16, 3, bias=False)
+        self.stem = nn.Conv2d(in_channels, 16 * width, 3, bias=False)
         blocks = []
-        channels = 16
-        for width, stride in zip((32, 32, 64, 64, 128), (1, 2, 1, 2, 1)):
-            blocks.append(PreActBlock(channels, width, stride))
-            channels = width
+        channels = 16 * width
+        for base, stride in zip((32, 32, 64, 64, 128), (1, 2, 1, 2, 1)):
+            blocks.append(PreActBlock(channels, base * width, stride))
+            channels = base * width
         self.blocks = nn.Sequential(*blocks)
         self.head = nn.Sequential(nn.BatchNorm2d(channels), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.embed = nn.Linear(channels, feat_dim)
@@ -117,11 +118,13 @@ def build_model(
     image_size: int,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    width: int = 1,
 ) -> nn.Module:
-    """Model by CLI name: 'resnet' (the study's, default; it takes the pixels as they are) or
-    'lenet++' (standardises its input by the per-channel `mean` and `std`, if given)."""
+    """Model by CLI name: 'resnet' (the study's, default; it takes the pixels as they are; `width`
+    multiplies its channels) or 'lenet++' (standardises its input by the per-channel `mean` and
+    `std`, if given)."""
     if name == "resnet":
-        return ResNet(in_channels, num_classes, feat_dim, image_size)
+        return ResNet(in_channels, num_classes, feat_dim, image_size, width)
     if name == "lenet++":
         return LeNetPlusPlus(in_channels, num_classes, feat_dim, image_size, mean, std)
     raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")

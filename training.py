@@ -76,7 +76,7 @@ def build_trainer(args: argparse.Namespace, data: Dataset, device: torch.device,
     of the optimiser (guarded_step moves them)."""
     seed_everything(args.seed)
     stats = channel_stats(data.train.images) if args.model == "lenet++" else (None, None)
-    model = build_model(args.model, data.channels, len(data.classes), args.feat_dim, data.image_size, *stats).to(device)
+    model = build_model(args.model, data.channels, len(data.classes), args.feat_dim, data.image_size, *stats, width=args.width).to(device)
     if args.loss in CENTER_ACC_LOSSES:  # logits unused: no gradient, and DDP must not wait for one
         model.classifier.requires_grad_(False)
     if world > 1 and device.type == "cuda":  # batch statistics over the global batch (SyncBatchNorm needs a GPU)

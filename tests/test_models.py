@@ -104,3 +104,30 @@ def test_lenet_standardises_its_input_and_keeps_2d_features_apart():
     plain = build_model("lenet++", 1, 10, 2, 28)  # identity standardisation: the same as feeding (x - mean) / std
     plain.load_state_dict({**state, "mean": torch.zeros(1, 1, 1, 1), "std": torch.ones(1, 1, 1, 1)})
     torch.testing.assert_close(plain((x - 0.1307) / 0.3081)[0], features)
+
+
+def test_resnet_width_multiplies_channels_and_width_one_is_the_study_network():
+    torch.manual_seed(0)
+    study = build_model("resnet", 1, 10, 2, 28)
+    torch.manual_seed(0)
+    same = build_model("resnet", 1, 10, 2, 28, width=1)
+    for a, b in zip(study.state_dict().values(), same.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    wide = build_model("resnet", 1, 10, 2, 28, width=2)
+    assert wide.stem.out_channels == 32 and wide.embed.in_features == 256
+    convs = [m.out_channels for m in wide.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)]
+    assert convs == [32] + [w * 2 for w in (32, 32, 32, 32, 64, 64, 64, 64, 128, 128)]
+    weights = [sum(p.numel() for p in m.blocks.parameters()) for m in (study, wide)]
+    assert 3.5 < weights[1] / weights[0] < 4.1  # conv weights grow with the square of the width
+    features, logits = wide(torch.rand(3, 1, 28, 28))
+    assert features.shape == (3, 2) and logits.shape == (3, 10)
+
+
+@pytest.mark.parametrize("flags", [["--width", "0"], ["--width", "2", "--model", "lenet++"]])
+def test_bad_width_is_refused(flags, capsys):
+    from config import parse_args
+
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--out", "/tmp", *flags])
+    assert exit_info.value.code == 2
+    assert "--width" in capsys.readouterr().err.splitlines()[-1]
