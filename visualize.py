@@ -1,10 +1,12 @@
 """Pictures of learned features: per-epoch 2-D frames, GIFs, projections of high-dimensional features.
 
     python visualize.py runs/standalone-mnist-feat=2 [RUN_DIR ...] [--to-imgs]
+    python visualize.py RUN_DIR [RUN_DIR ...] --geometry geometry.png
 
 stitches each run's frames/train/*.png and frames/test/*.png into train.gif and test.gif in the run
 folder; --to-imgs also copies them (and the projections of runs with feat_dim > 2) to
-imgs/<loss>-<dataset>-feat=<d>/, the naming the study's README uses.
+imgs/<loss>-<dataset>-feat=<d>/, the naming the study's README uses. --geometry draws, instead, how
+far apart the classes move over the epochs of several runs (metrics.csv's class-geometry columns).
 """
 
 from __future__ import annotations
@@ -268,6 +270,54 @@ def stitch(run_dir: Path, duration: float, last_pause: float, imgs_dir: Path | N
         raise StitchError(f"--imgs-dir {imgs_dir}: cannot copy into {target} ({exc.strerror}); give a folder as --imgs-dir") from None
 
 
+GEOMETRY_PANELS = (  # (title, solid column, dashed column or None) per panel of plot_geometry
+    ("distance to own class mean", "intra_distance", None),
+    ("gap between class means (dashed: smallest)", "mean_center_gap", "min_center_gap"),
+    ("gap / distance to own mean (dashed: smallest)", "mean_gap_ratio", "min_gap_ratio"),
+    ("feature norm", "feature_norm", None),
+)
+
+
+def read_geometry(run_dir: Path) -> dict[str, np.ndarray]:
+    """The epoch and class-geometry columns of a run's metrics.csv (empty cells as NaN)."""
+    import csv
+
+    path = Path(run_dir) / "metrics.csv"
+    columns = ["epoch"] + [c for _, *pair in GEOMETRY_PANELS for c in pair if c]
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        missing = [c for c in columns if rows and c not in rows[0]]
+        if not rows or missing:
+            raise StitchError(f"{path}: no class-geometry columns ({', '.join(missing) or 'no rows'}); it was written by an older main.py")
+        return {c: np.array([float(r[c]) if r[c] else np.nan for r in rows]) for c in columns}
+    except (OSError, UnicodeDecodeError, ValueError, csv.Error) as exc:
+        raise StitchError(f"{path}: cannot be read ({type(exc).__name__}); is it a run folder of main.py?") from None
+
+
+def plot_geometry(run_dirs: Sequence[Path], path: Path) -> None:
+    """One picture of how far apart the classes move, epoch by epoch, for several runs: the four
+    panels of GEOMETRY_PANELS (columns of metrics.class_geometry), one colour per run."""
+    curves = {Path(r).name: read_geometry(r) for r in run_dirs}
+    fig, axes = plt.subplots(1, len(GEOMETRY_PANELS), figsize=(4.2 * len(GEOMETRY_PANELS), 3.6))
+    for ax, (title, solid, dashed) in zip(axes, GEOMETRY_PANELS):
+        for color, (name, curve) in zip(plt.get_cmap("tab10")(np.arange(len(curves)) % 10), curves.items()):
+            ax.plot(curve["epoch"], curve[solid], "-o", color=color, markersize=3, label=name)
+            if dashed:
+                ax.plot(curve["epoch"], curve[dashed], "--", color=color)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.set_yscale("log")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    try:
+        fig.savefig(path, dpi=FRAME_DPI)
+    except OSError as exc:
+        raise StitchError(f"--geometry {path}: cannot write the picture ({exc.strerror})") from None
+    finally:
+        plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Stitch the per-epoch frames of runs into train.gif and test.gif.")
     parser.add_argument("runs", nargs="+", type=Path, help="run folders (runs/<name>)")
@@ -275,7 +325,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--last-pause", type=float, default=2.0, help="seconds the last frame stays")
     parser.add_argument("--to-imgs", action="store_true", help="copy the GIFs and projections to imgs/<loss>-<dataset>-feat=<d>/")
     parser.add_argument("--imgs-dir", type=Path, default=Path("imgs"), help="where --to-imgs copies to")
+    parser.add_argument(
+        "--geometry", type=Path, default=None, help="instead of stitching: draw the runs' class geometry over their epochs into this PNG"
+    )
     args = parser.parse_args(argv)
+    if args.geometry is not None:
+        try:
+            plot_geometry(args.runs, args.geometry)
+        except StitchError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        print(f"{args.geometry}: class geometry of {len(args.runs)} runs")
+        return 0
     if args.duration <= 0 or args.last_pause <= 0:
         parser.error("--duration and --last-pause must be positive")
     failures = 0

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, run_main, stderr_error_line
+from conftest import TINY, run_main, run_script, stderr_error_line
+from PIL import Image
 
 import metrics
 from datasets import Dataset, ImageData, open_set_split, parse_class_list
@@ -156,3 +157,27 @@ def test_open_set_run_reports_closed_accuracy_retrieval_and_geometry(tiny_mnist,
     assert refused.returncode == 2
     assert "no class 'eleven'" in stderr_error_line(refused.stderr)
     assert not (tmp_path / "refused").exists()
+
+
+def write_metrics(run_dir: Path, columns: list[str], rows: list[list[float]]) -> Path:
+    run_dir.mkdir(parents=True)
+    lines = [",".join(columns)] + [",".join(map(str, r)) for r in rows]
+    (run_dir / "metrics.csv").write_text("\n".join(lines) + "\n")
+    return run_dir
+
+
+def test_geometry_picture_of_several_runs_and_one_line_for_an_old_run(tmp_path: Path) -> None:
+    columns = ["epoch", "lr", *metrics.GEOMETRY_METRICS]
+    a = write_metrics(tmp_path / "a", columns, [[1, 0.01, 1, 2, 3, 2, 3, 5], [2, 0.01, 0.5, 2, 4, 4, 8, 6]])
+    b = write_metrics(tmp_path / "b", columns, [[1, 0.01, 2, 1, 1, 0.5, 0.5, 3], [2, 0.01, 2, 1, "", 0.5, "", 3]])
+    picture = tmp_path / "geometry.png"
+    result = run_script("visualize.py", [a, b, "--geometry", picture])
+    assert result.returncode == 0, result.stderr
+    with Image.open(picture) as image:
+        assert image.width > 3 * image.height  # four panels side by side
+        assert len(image.convert("RGB").getcolors(1 << 16)) > 10  # drawn, not blank
+    old = write_metrics(tmp_path / "old", ["epoch", "lr", "test_acc"], [[1, 0.01, 0.5]])
+    refused = run_script("visualize.py", [a, old, "--geometry", tmp_path / "old.png"])
+    assert refused.returncode == 1
+    assert "no class-geometry columns" in stderr_error_line(refused.stderr)
+    assert not (tmp_path / "old.png").exists()
