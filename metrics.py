@@ -37,18 +37,20 @@ def knn_accuracy(query: torch.Tensor, query_labels: torch.Tensor, gallery: torch
     return correct / len(query)
 
 
-def leave_one_out_retrieval(features: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+def leave_one_out_retrieval(features: torch.Tensor, labels: torch.Tensor) -> tuple[float | None, float | None]:
     """Precision@1 and MAP@R of the set as its own gallery, each query excluded from its results.
 
     For a query with R other samples of its class, MAP@R = (1/R) sum_{i<=R} P(i) rel(i), where
     rel(i) says whether the i-th nearest neighbour shares the label and P(i) is the precision of
     the first i neighbours (Musgrave et al., 2020). Both are averaged over queries; queries alone in
-    their class are skipped.
+    their class are skipped, and when every query is alone (one sample per class) both are None.
     """
     features = features.float()
     counts = torch.bincount(labels)
     relevant = counts[labels] - 1
     max_r = int(relevant.max())
+    if max_r == 0:
+        return None, None
     p_at_1, map_at_r, used = 0.0, 0.0, 0
     for start in range(0, len(features), CHUNK):
         rows = torch.arange(start, min(start + CHUNK, len(features)), device=features.device)
@@ -65,11 +67,13 @@ def leave_one_out_retrieval(features: torch.Tensor, labels: torch.Tensor) -> tup
         p_at_1 += float(hits[keep, 0].sum())
         map_at_r += float(ap[keep].sum())
         used += int(keep.sum())
-    return p_at_1 / max(used, 1), map_at_r / max(used, 1)
+    return p_at_1 / used, map_at_r / used
 
 
-def clustering_scores(features: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> tuple[float, float]:
-    """NMI and AMI (arithmetic normalisation, scikit-learn's defaults) of k-means clusters, k = classes.
+def clustering_scores(features: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> tuple[float | None, float | None]:
+    """NMI and AMI (arithmetic normalisation, scikit-learn's defaults) of k-means clusters, k = the
+    classes present; None for a single class or as many classes as samples, where every clustering
+    scores 1 and says nothing.
 
     scikit-learn's KMeans (k-means++, 3 restarts, seeded) on the host copy of the features: it
     copes with collapsed features (fewer distinct points than clusters) and with very wide ones."""
@@ -80,33 +84,39 @@ def clustering_scores(features: torch.Tensor, labels: torch.Tensor, seed: int = 
     from sklearn.metrics import adjusted_mutual_info_score, normalized_mutual_info_score
 
     points = features.float().cpu().numpy()
-    if len(points) < int(labels.max()) + 1:  # fewer samples than clusters: no clustering to score
-        return float("nan"), float("nan")
+    k = len(labels.unique())
+    if not 1 < k < len(points):
+        return None, None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)  # collapsed features: fewer distinct clusters than k
-        clusters = KMeans(int(labels.max()) + 1, n_init=3, random_state=seed).fit_predict(points)
+        clusters = KMeans(k, n_init=3, random_state=seed).fit_predict(points)
     truth = labels.cpu().numpy()
     return float(normalized_mutual_info_score(truth, clusters)), float(adjusted_mutual_info_score(truth, clusters))
 
 
-def center_distance_ratio(features: torch.Tensor, labels: torch.Tensor) -> float:
-    """Mean distance of a feature to its class mean over the mean distance between class means
-    (distinct pairs): below 1 when classes are tighter than they are apart."""
+def center_distance_ratio(features: torch.Tensor, labels: torch.Tensor) -> float | None:
+    """Mean distance of a feature to its class mean over the mean distance between the means of the
+    classes present (distinct pairs): below 1 when classes are tighter than they are apart; None
+    with a single class, which has no distance between means."""
     features = features.float()
-    num_classes = int(labels.max()) + 1
-    means = torch.zeros(num_classes, features.shape[1], device=features.device).index_add_(0, labels, features)
-    means = means / torch.bincount(labels, minlength=num_classes).clamp_min(1)[:, None].float()
-    intra = (features - means[labels]).norm(dim=1).mean()
+    present, index = labels.unique(return_inverse=True)  # a class absent from the set has no mean
+    if len(present) < 2:
+        return None
+    means = torch.zeros(len(present), features.shape[1], device=features.device).index_add_(0, index, features)
+    means = means / torch.bincount(index, minlength=len(present))[:, None].float()
+    intra = (features - means[index]).norm(dim=1).mean()
     pair = squared_distances(means, means).sqrt()
-    off_diagonal = ~torch.eye(num_classes, dtype=torch.bool, device=features.device)
+    off_diagonal = ~torch.eye(len(present), dtype=torch.bool, device=features.device)
     return float(intra / pair[off_diagonal].mean())
 
 
 def feature_metrics(
     test: torch.Tensor, test_labels: torch.Tensor, train: torch.Tensor, train_labels: torch.Tensor, seed: int = 0
-) -> dict[str, float]:
+) -> dict[str, float | None]:
     """All retrieval and clustering metrics of the test features (train features as the k-NN gallery);
-    all NaN when a feature is not finite (an overflowing model), where none of them means anything."""
+    all NaN when a feature is not finite (an overflowing model), where none of them means anything;
+    None (null in summary.json, empty in metrics.csv) for those a tiny or single-class test set
+    cannot give: see leave_one_out_retrieval, clustering_scores and center_distance_ratio."""
     if not (torch.isfinite(test).all() and torch.isfinite(train).all()):
         return dict.fromkeys(FEATURE_METRICS, float("nan"))
     p_at_1, map_at_r = leave_one_out_retrieval(test, test_labels)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sys
 from collections.abc import Sequence
@@ -268,16 +269,25 @@ def stitch(run_dir: Path, duration: float, last_pause: float, imgs_dir: Path | N
         raise StitchError(f"--imgs-dir {imgs_dir}: cannot copy into {target} ({exc.strerror}); give a folder as --imgs-dir") from None
 
 
+def seconds(text: str) -> float:
+    """A frame time for argparse: a finite number of seconds above zero (a GIF stores hundredths of a second in 16 bits)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and 0.01 <= value <= 600):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds from 0.01 to 600")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Stitch the per-epoch frames of runs into train.gif and test.gif.")
     parser.add_argument("runs", nargs="+", type=Path, help="run folders (runs/<name>)")
-    parser.add_argument("--duration", type=float, default=0.4, help="seconds per frame")
-    parser.add_argument("--last-pause", type=float, default=2.0, help="seconds the last frame stays")
+    parser.add_argument("--duration", type=seconds, default=0.4, help="seconds per frame (0.01 to 600)")
+    parser.add_argument("--last-pause", type=seconds, default=2.0, help="seconds the last frame stays (0.01 to 600)")
     parser.add_argument("--to-imgs", action="store_true", help="copy the GIFs and projections to imgs/<loss>-<dataset>-feat=<d>/")
     parser.add_argument("--imgs-dir", type=Path, default=Path("imgs"), help="where --to-imgs copies to")
     args = parser.parse_args(argv)
-    if args.duration <= 0 or args.last_pause <= 0:
-        parser.error("--duration and --last-pause must be positive")
     failures = 0
     for run_dir in args.runs:
         error = stitch_run(run_dir, args.duration, args.last_pause, args.imgs_dir if args.to_imgs else None)

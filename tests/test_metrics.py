@@ -275,3 +275,45 @@ def test_run_writes_metrics_validation_and_tensorboard(tmp_path: Path) -> None:
     events = list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
     assert (run_dir / "tensorboard" / "projector_config.pbtxt").is_file()
+
+
+def test_one_test_sample_per_class_gives_none_not_an_index_error() -> None:
+    """No test sample has a classmate (one image a class): MAP@R and precision@1 have no query and
+    k-means has a cluster per point, so they are None; k-NN and the distance ratio still mean something."""
+    test, test_labels = torch.tensor([[0.0, 0.0], [5.0, 0.0], [0.0, 5.0]]), torch.tensor([0, 1, 2])
+    train_labels = torch.arange(3).repeat(4)
+    train = test[train_labels] + 0.1 * torch.randn(12, 2, generator=torch.Generator().manual_seed(0))
+    scores = metrics.feature_metrics(test, test_labels, train, train_labels)
+    assert set(scores) == set(metrics.FEATURE_METRICS)
+    assert [scores[name] for name in ("precision_at_1", "map_at_r", "nmi", "ami")] == [None] * 4
+    assert scores["knn1_acc"] == 1.0 and scores["knn10_acc"] == 1.0 and scores["center_distance_ratio"] == 0.0
+
+
+def test_single_class_test_set_gives_none_where_nothing_is_apart() -> None:
+    """One class: no distance between class means (the ratio was NaN) and a one-cluster k-means that
+    scored a meaningless NMI of 1; retrieval among its own samples is still defined."""
+    features, labels = torch.randn(6, 2, generator=torch.Generator().manual_seed(0)), torch.zeros(6, dtype=torch.long)
+    scores = metrics.feature_metrics(features, labels, features, labels)
+    assert scores["center_distance_ratio"] is None and scores["nmi"] is None and scores["ami"] is None
+    assert scores["precision_at_1"] == 1.0 and scores["map_at_r"] == 1.0 and scores["knn1_acc"] == 1.0
+
+
+def test_a_class_absent_from_the_test_set_has_no_mean_and_no_cluster() -> None:
+    """Labels 0 and 2 only (class 1 absent): class means 1 and 11, each point 1 from its mean, so the
+    ratio is 1 / 10 (a zero mean for class 1 made it 1 / 7.33); k-means looks for 2 clusters, not 3."""
+    features, labels = torch.tensor([[0.0], [2.0], [10.0], [12.0]]), torch.tensor([0, 0, 2, 2])
+    assert metrics.center_distance_ratio(features, labels) == pytest.approx(0.1)
+    assert metrics.clustering_scores(features, labels) == pytest.approx((1.0, 1.0))
+
+
+def test_run_whose_test_classes_have_one_image_each_finishes(tmp_path: Path) -> None:
+    """A whole run (a folder data set with one test image a class) reaches summary.json, with the
+    metrics it cannot give as null (they used to raise IndexError after training)."""
+    from conftest import check_ok, run_main, write_image_tree
+
+    data = write_image_tree(tmp_path / "tree", per_class=(4, 1))
+    args = ["--dataset", "folder", "--data-dir", data, "--model", "lenet++", "--epochs", "1", "--batch-size", "4", "--no-plots"]
+    check_ok(run_main([*args, "--out", tmp_path / "runs"]))
+    summary = json.loads((tmp_path / "runs" / "standalone-folder-feat=2" / "summary.json").read_text())
+    assert summary["test_size"] == 3 and summary["map_at_r"] is None and summary["precision_at_1"] is None
+    assert 0 <= summary["knn1_acc"] <= 1

@@ -8,7 +8,7 @@ from pathlib import Path
 import imageio.v3 as iio
 import numpy as np
 import pytest
-from conftest import check_ok, listing, run_script
+from conftest import check_ok, listing, run_script, stderr_error_line
 from PIL import Image
 
 import visualize
@@ -171,10 +171,18 @@ def test_cli_damaged_input_is_one_line(tiny_runs, tmp_path, capsys, damage, mess
     assert listing(tmp_path, leave_out=run_dir) == before
 
 
-def test_cli_bad_duration(tmp_path, capsys):
+@pytest.mark.parametrize("flag", ["--duration", "--last-pause"])
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "-inf", "1e400", "700", "0.001", "abc"])
+def test_cli_bad_frame_time_is_one_line(tmp_path, capsys, flag, value):
+    """NaN, infinity (ValueError, OverflowError in the GIF writer), zero, negative, below a GIF's
+    hundredth of a second or beyond its 655 s: exit 2, one line naming the flag, nothing written."""
+    before = listing(tmp_path)
     with pytest.raises(SystemExit) as info:
-        visualize.main([str(tmp_path), "--duration", "0"])
+        visualize.main([str(tmp_path), f"{flag}={value}"])  # = keeps argparse from reading -inf as a flag
     assert info.value.code == 2
+    line = stderr_error_line(capsys.readouterr().err)
+    assert f"argument {flag}: '{value}' is not a number of seconds from 0.01 to 600" in line
+    assert listing(tmp_path) == before
 
 
 def test_high_dim_run_writes_projections(projection_run, tmp_path):
