@@ -14,6 +14,7 @@ from losses import squared_distances
 
 CHUNK = 512  # queries per chunk: 512 x 60,000 float32 distances = 123 MB
 FEATURE_METRICS = ("knn1_acc", "knn10_acc", "precision_at_1", "map_at_r", "nmi", "ami", "center_distance_ratio")
+GEOMETRY = ("intra_dist", "min_between_dist", "mean_between_dist", "min_between_ratio", "mean_between_ratio", "feature_norm")
 
 
 def knn_accuracy(query: torch.Tensor, query_labels: torch.Tensor, gallery: torch.Tensor, gallery_labels: torch.Tensor, k: int) -> float:
@@ -94,20 +95,48 @@ def clustering_scores(features: torch.Tensor, labels: torch.Tensor, seed: int = 
     return float(normalized_mutual_info_score(truth, clusters)), float(adjusted_mutual_info_score(truth, clusters))
 
 
+def class_geometry(features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(distance of each feature to its class mean, distances between the means of the classes
+    present over distinct pairs, None for a single class). A class absent from the set has no mean."""
+    features = features.float()
+    present, index = labels.unique(return_inverse=True)
+    means = torch.zeros(len(present), features.shape[1], device=features.device).index_add_(0, index, features)
+    means = means / torch.bincount(index, minlength=len(present))[:, None].float()
+    intra = (features - means[index]).norm(dim=1)
+    off_diagonal = ~torch.eye(len(present), dtype=torch.bool, device=features.device)
+    return intra, squared_distances(means, means).sqrt()[off_diagonal] if len(present) > 1 else None
+
+
 def center_distance_ratio(features: torch.Tensor, labels: torch.Tensor) -> float | None:
     """Mean distance of a feature to its class mean over the mean distance between the means of the
     classes present (distinct pairs): below 1 when classes are tighter than they are apart; None
     with a single class, which has no distance between means."""
-    features = features.float()
-    present, index = labels.unique(return_inverse=True)  # a class absent from the set has no mean
-    if len(present) < 2:
-        return None
-    means = torch.zeros(len(present), features.shape[1], device=features.device).index_add_(0, index, features)
-    means = means / torch.bincount(index, minlength=len(present))[:, None].float()
-    intra = (features - means[index]).norm(dim=1).mean()
-    pair = squared_distances(means, means).sqrt()
-    off_diagonal = ~torch.eye(len(present), dtype=torch.bool, device=features.device)
-    return float(intra / pair[off_diagonal].mean())
+    intra, between = class_geometry(features, labels)
+    return float(intra.mean() / between.mean()) if between is not None else None
+
+
+def feature_geometry(features: torch.Tensor, labels: torch.Tensor) -> dict[str, float | None]:
+    """The shape of a feature set, with mu_k the mean of class k's features x_i (classes present only):
+
+        intra_dist         = (1/n) sum_i ||x_i - mu_{y_i}||
+        min_between_dist   = min_{j != k} ||mu_j - mu_k||
+        mean_between_dist  = mean_{j != k} ||mu_j - mu_k||        (= intra_dist / center_distance_ratio)
+        min_between_ratio  = min_between_dist / intra_dist        (how many class radii the closest classes are apart)
+        mean_between_ratio = mean_between_dist / intra_dist
+        feature_norm       = (1/n) sum_i ||x_i||                  (the scale the distances live at)
+
+    The between figures and ratios are None with a single class, the ratios also when intra_dist is 0."""
+    intra, between = class_geometry(features, labels)
+    spread = float(intra.mean())
+    low, mean = (float(between.min()), float(between.mean())) if between is not None else (None, None)
+    return {
+        "intra_dist": spread,
+        "min_between_dist": low,
+        "mean_between_dist": mean,
+        "min_between_ratio": low / spread if low is not None and spread > 0 else None,
+        "mean_between_ratio": mean / spread if mean is not None and spread > 0 else None,
+        "feature_norm": float(features.float().norm(dim=1).mean()),
+    }
 
 
 def feature_metrics(

@@ -1,15 +1,18 @@
 """Pictures of learned features: per-epoch 2-D frames, GIFs, projections of high-dimensional features.
 
     python visualize.py runs/standalone-mnist-feat=2 [RUN_DIR ...] [--to-imgs]
+    python visualize.py --geometry RUN_DIR [RUN_DIR ...] --out docs/geometry.png
 
 stitches each run's frames/train/*.png and frames/test/*.png into train.gif and test.gif in the run
 folder; --to-imgs also copies them (and the projections of runs with feat_dim > 2) to
-imgs/<loss>-<dataset>-feat=<d>/, the naming the study's README uses.
+imgs/<loss>-<dataset>-feat=<d>/, the naming the study's README uses. --geometry instead draws the
+feature geometry columns of the runs' metrics.csv (metrics.GEOMETRY) over epochs, a line per run.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 import shutil
@@ -23,6 +26,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+from metrics import GEOMETRY  # noqa: E402
 
 FRAME_SIZE_INCHES = 5.0
 FRAME_DPI = 80
@@ -190,7 +195,7 @@ def log_tensorboard(
 
 
 class StitchError(Exception):
-    """A run whose GIFs cannot be made (a damaged frame or args.json, an unusable --imgs-dir); one line, exit code 1."""
+    """A run whose pictures cannot be made (a damaged frame, args.json or metrics.csv, an unusable --imgs-dir); one line, exit code 1."""
 
 
 def make_gif(frames: Sequence[Path], path: Path, duration: float = 0.4, last_pause: float = 2.0) -> None:
@@ -269,6 +274,57 @@ def stitch(run_dir: Path, duration: float, last_pause: float, imgs_dir: Path | N
         raise StitchError(f"--imgs-dir {imgs_dir}: cannot copy into {target} ({exc.strerror}); give a folder as --imgs-dir") from None
 
 
+def geometry_series(run_dir: Path) -> dict[str, tuple[list[int], list[float]]]:
+    """Each GEOMETRY column of a run's metrics.csv as (epochs, values), leaving out the epochs without
+    a value (the metrics are computed every --eval-every epochs) and the columns without any."""
+    path = Path(run_dir) / "metrics.csv"
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        series = {}
+        for name in GEOMETRY:
+            points = [(int(row["epoch"]), float(row[name])) for row in rows if row.get(name) not in (None, "")]
+            if points:
+                series[name] = ([epoch for epoch, _ in points], [value for _, value in points])
+    except (OSError, UnicodeDecodeError, csv.Error, KeyError, ValueError) as exc:
+        raise StitchError(f"{path}: not readable as a run's metrics ({type(exc).__name__}: {exc}); give run folders of main.py") from None
+    if not series:
+        raise StitchError(f"{path}: none of the geometry columns ({', '.join(GEOMETRY)}); the run was made without them")
+    return series
+
+
+def plot_geometry(series: dict[str, dict[str, tuple[list[int], list[float]]]], path: Path) -> None:
+    """A panel per GEOMETRY figure over epochs, a line per run (series: run label -> geometry_series)."""
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7), dpi=100)
+    for ax, name in zip(axes.flat, GEOMETRY):
+        for label, run in series.items():
+            if name in run:
+                ax.plot(*run[name], marker="o", markersize=3, label=label)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def draw_geometry(runs: list[Path], out: Path) -> str | None:
+    """visualize.py --geometry: every run read first, then one picture; returns an error line, or None."""
+    if out.suffix.lower() not in (".png", ".svg", ".pdf") or not out.parent.is_dir() or out.is_dir():
+        return f"--out {out}: give a .png, .svg or .pdf file in an existing folder"
+    try:
+        series = {str(run): geometry_series(run) for run in runs}
+    except StitchError as exc:
+        return str(exc)
+    try:
+        plot_geometry(series, out)
+    except OSError as exc:
+        return f"--out {out}: cannot be written ({exc.strerror})"
+    print(f"{out}: {', '.join(GEOMETRY)} of {len(runs)} run(s)")
+    return None
+
+
 def seconds(text: str) -> float:
     """A frame time for argparse: a finite number of seconds above zero (a GIF stores hundredths of a second in 16 bits)."""
     try:
@@ -287,7 +343,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--last-pause", type=seconds, default=2.0, help="seconds the last frame stays (0.01 to 600)")
     parser.add_argument("--to-imgs", action="store_true", help="copy the GIFs and projections to imgs/<loss>-<dataset>-feat=<d>/")
     parser.add_argument("--imgs-dir", type=Path, default=Path("imgs"), help="where --to-imgs copies to")
+    parser.add_argument("--geometry", action="store_true", help="instead: plot the runs' feature geometry (metrics.csv) over epochs")
+    parser.add_argument("--out", type=Path, help="with --geometry: the picture to write (.png, .svg or .pdf)")
     args = parser.parse_args(argv)
+    if args.geometry != (args.out is not None):
+        parser.error("--geometry and --out go together: visualize.py --geometry RUN_DIR ... --out geometry.png")
+    if args.geometry:
+        error = draw_geometry(args.runs, args.out)
+        if error:
+            print(f"error: {error}", file=sys.stderr)
+        return 1 if error else 0
     failures = 0
     for run_dir in args.runs:
         error = stitch_run(run_dir, args.duration, args.last_pause, args.imgs_dir if args.to_imgs else None)

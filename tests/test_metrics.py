@@ -317,3 +317,29 @@ def test_run_whose_test_classes_have_one_image_each_finishes(tmp_path: Path) -> 
     summary = json.loads((tmp_path / "runs" / "standalone-folder-feat=2" / "summary.json").read_text())
     assert summary["test_size"] == 3 and summary["map_at_r"] is None and summary["precision_at_1"] is None
     assert 0 <= summary["knn1_acc"] <= 1
+
+
+def test_feature_geometry_hand_computed() -> None:
+    """Three classes of two points, each point 2 from its class mean; the means (2, 0), (10, 2) and
+    (0, 8) are sqrt(68), sqrt(68) and sqrt(136) apart; labels 0, 2, 5 (the absent ones count nowhere)."""
+    features = torch.tensor([[0.0, 0.0], [4.0, 0.0], [10.0, 0.0], [10.0, 4.0], [0.0, 6.0], [0.0, 10.0]])
+    labels = torch.tensor([0, 0, 2, 2, 5, 5])
+    mean_between = (2 * math.sqrt(68) + math.sqrt(136)) / 3
+    expected = {
+        "intra_dist": 2.0,
+        "min_between_dist": math.sqrt(68),
+        "mean_between_dist": mean_between,
+        "min_between_ratio": math.sqrt(68) / 2,
+        "mean_between_ratio": mean_between / 2,
+        "feature_norm": (0 + 4 + 10 + math.sqrt(116) + 6 + 10) / 6,
+    }
+    geometry = metrics.feature_geometry(features, labels)
+    assert list(geometry) == list(metrics.GEOMETRY) and geometry == pytest.approx(expected, rel=1e-6)
+    assert metrics.center_distance_ratio(features, labels) == pytest.approx(2 / mean_between, rel=1e-6)
+
+
+def test_feature_geometry_of_one_class_or_collapsed_classes() -> None:
+    one = metrics.feature_geometry(torch.tensor([[3.0, 4.0], [3.0, 4.0]]), torch.tensor([1, 1]))
+    assert one == {"intra_dist": 0.0, "feature_norm": 5.0} | dict.fromkeys(metrics.GEOMETRY[1:5])
+    collapsed = metrics.feature_geometry(torch.tensor([[0.0], [0.0], [3.0]]), torch.tensor([0, 0, 1]))
+    assert collapsed["min_between_dist"] == 3.0 and collapsed["min_between_ratio"] is None and collapsed["mean_between_ratio"] is None
