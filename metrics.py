@@ -41,7 +41,7 @@ def knn_accuracy(query: torch.Tensor, query_labels: torch.Tensor, gallery: torch
     return correct / len(query)
 
 
-def retrieval_scores(features: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+def retrieval_scores(features: torch.Tensor, labels: torch.Tensor) -> dict[str, float | None]:
     """Precision@1, R-precision and MAP@R of the set as its own gallery, each query left out of its
     results (pytorch-metric-learning's AccuracyCalculator with the query in the reference set).
 
@@ -49,14 +49,15 @@ def retrieval_scores(features: torch.Tensor, labels: torch.Tensor) -> dict[str, 
     shares the label: P@1 = rel(1); R-precision = (1/R) sum_{i<=R} rel(i); MAP@R = (1/R) sum_{i<=R}
     P(i) rel(i), P(i) the precision of the first i neighbours (Musgrave et al., 2020). Each is
     averaged over the queries that have a classmate; neighbours at equal distance are ranked by their
-    index (a stable sort), so ties have one answer. All NaN when no query has a classmate.
+    index (a stable sort), so ties have one answer. All None when no query has a classmate (one sample
+    per class).
     """
     features = features.float()
     counts = torch.bincount(labels)
     relevant = counts[labels] - 1
     max_r = int(relevant.max())
     if max_r == 0:
-        return dict.fromkeys(RETRIEVAL_METRICS, float("nan"))
+        return dict.fromkeys(RETRIEVAL_METRICS)
     sums, used = torch.zeros(3, dtype=torch.float64), 0
     ranks = torch.arange(1, max_r + 1, device=features.device, dtype=torch.float32)
     for start in range(0, len(features), CHUNK):
@@ -75,8 +76,10 @@ def retrieval_scores(features: torch.Tensor, labels: torch.Tensor) -> dict[str, 
     return dict(zip(RETRIEVAL_METRICS, (sums / used).tolist()))
 
 
-def clustering_scores(features: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> tuple[float, float]:
-    """NMI and AMI (arithmetic normalisation, scikit-learn's defaults) of k-means clusters, k = classes.
+def clustering_scores(features: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> tuple[float | None, float | None]:
+    """NMI and AMI (arithmetic normalisation, scikit-learn's defaults) of k-means clusters, k = the
+    classes present; None for a single class or as many classes as samples, where every clustering
+    scores 1 and says nothing.
 
     scikit-learn's KMeans (k-means++, 3 restarts, seeded) on the host copy of the features: it
     copes with collapsed features (fewer distinct points than clusters) and with very wide ones."""
@@ -87,58 +90,64 @@ def clustering_scores(features: torch.Tensor, labels: torch.Tensor, seed: int = 
     from sklearn.metrics import adjusted_mutual_info_score, normalized_mutual_info_score
 
     points = features.float().cpu().numpy()
-    if len(points) < int(labels.max()) + 1:  # fewer samples than clusters: no clustering to score
-        return float("nan"), float("nan")
+    k = len(labels.unique())
+    if not 1 < k < len(points):
+        return None, None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)  # collapsed features: fewer distinct clusters than k
-        clusters = KMeans(int(labels.max()) + 1, n_init=3, random_state=seed).fit_predict(points)
+        clusters = KMeans(k, n_init=3, random_state=seed).fit_predict(points)
     truth = labels.cpu().numpy()
     return float(normalized_mutual_info_score(truth, clusters)), float(adjusted_mutual_info_score(truth, clusters))
 
 
-def class_geometry(features: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """How far apart the classes sit, against how spread each one is. With class means mu_k:
+def class_geometry(features: torch.Tensor, labels: torch.Tensor) -> dict[str, float | None]:
+    """How far apart the classes sit, against how spread each one is. With mu_k the mean of class
+    k's features x_i (classes present only):
 
         intra_distance  = mean_i ||x_i - mu_{y_i}||
-        min_center_gap  = min_{k != l} ||mu_k - mu_l||,   mean_center_gap = mean_{k != l} ||mu_k - mu_l||
-        min_gap_ratio   = min_center_gap / intra_distance, mean_gap_ratio = mean_center_gap / intra_distance
+        min_center_gap  = min_{k != l} ||mu_k - mu_l||,    mean_center_gap = mean_{k != l} ||mu_k - mu_l||
+        min_gap_ratio   = min_center_gap / intra_distance,  mean_gap_ratio = mean_center_gap / intra_distance
         feature_norm    = mean_i ||x_i||
 
-    Gap ratios above 1 mean classes lie further apart than their points lie from their means.
-    Classes without samples are left out; all NaN for non-finite features or fewer than two classes."""
+    Gap ratios above 1 mean classes lie further apart than their points lie from their means. All
+    NaN for non-finite features (an overflowing model); the gaps and ratios None for a single class,
+    the ratios also when intra_distance is 0."""
     features = features.float()
-    present = torch.bincount(labels) > 0
-    if int(present.sum()) < 2 or not bool(torch.isfinite(features).all()):
+    if not bool(torch.isfinite(features).all()):
         return dict.fromkeys(GEOMETRY_METRICS, float("nan"))
-    num_classes = len(present)
-    means = torch.zeros(num_classes, features.shape[1], device=features.device).index_add_(0, labels, features)
-    means = (means / torch.bincount(labels, minlength=num_classes).clamp_min(1)[:, None].float())[present]
-    intra = float((features - means[torch.cumsum(present, 0)[labels] - 1]).norm(dim=1).mean())
-    gaps = squared_distances(means, means).clamp_min(0).sqrt()
-    gaps = gaps[~torch.eye(len(means), dtype=torch.bool, device=features.device)]
-    min_gap, mean_gap = float(gaps.min()), float(gaps.mean())
+    present, index = labels.unique(return_inverse=True)
+    means = torch.zeros(len(present), features.shape[1], device=features.device).index_add_(0, index, features)
+    means = means / torch.bincount(index, minlength=len(present))[:, None].float()
+    intra = float((features - means[index]).norm(dim=1).mean())
+    min_gap = mean_gap = None
+    if len(present) > 1:
+        gaps = squared_distances(means, means).clamp_min(0).sqrt()[~torch.eye(len(present), dtype=torch.bool, device=features.device)]
+        min_gap, mean_gap = float(gaps.min()), float(gaps.mean())
     return {
         "intra_distance": intra,
         "min_center_gap": min_gap,
         "mean_center_gap": mean_gap,
-        "min_gap_ratio": min_gap / intra if intra > 0 else float("inf"),
-        "mean_gap_ratio": mean_gap / intra if intra > 0 else float("inf"),
+        "min_gap_ratio": min_gap / intra if min_gap is not None and intra > 0 else None,
+        "mean_gap_ratio": mean_gap / intra if mean_gap is not None and intra > 0 else None,
         "feature_norm": float(features.norm(dim=1).mean()),
     }
 
 
-def center_distance_ratio(features: torch.Tensor, labels: torch.Tensor) -> float:
-    """Mean distance of a feature to its class mean over the mean distance between class means
-    (distinct pairs): below 1 when classes are tighter than they are apart (1 / mean_gap_ratio)."""
+def center_distance_ratio(features: torch.Tensor, labels: torch.Tensor) -> float | None:
+    """Mean distance of a feature to its class mean over the mean distance between the means of the
+    classes present (distinct pairs): below 1 when classes are tighter than they are apart
+    (1 / mean_gap_ratio); None with a single class, which has no distance between means."""
     geometry = class_geometry(features, labels)
-    return geometry["intra_distance"] / geometry["mean_center_gap"]
+    return geometry["intra_distance"] / geometry["mean_center_gap"] if geometry["mean_center_gap"] else None
 
 
 def feature_metrics(
     test: torch.Tensor, test_labels: torch.Tensor, train: torch.Tensor, train_labels: torch.Tensor, seed: int = 0
-) -> dict[str, float]:
+) -> dict[str, float | None]:
     """All retrieval and clustering metrics of the test features (train features as the k-NN gallery);
-    all NaN when a feature is not finite (an overflowing model), where none of them means anything."""
+    all NaN when a feature is not finite (an overflowing model), where none of them means anything;
+    None (null in summary.json, empty in metrics.csv) for those a tiny or single-class test set
+    cannot give: see retrieval_scores, clustering_scores and center_distance_ratio."""
     if not (torch.isfinite(test).all() and torch.isfinite(train).all()):
         return dict.fromkeys(FEATURE_METRICS, float("nan"))
     nmi, ami = clustering_scores(test, test_labels, seed)

@@ -8,6 +8,10 @@
 Rows follow the study's order (data set, feature size, loss); a row without a run says "missing" and
 is never filled in. `study acc` is the study's reported 100-epoch accuracy (study_table.csv, copied
 from the study's README); `diff` is ours minus the study's.
+
+Runs whose settings differ only in the seed (and in where and how they ran: NOT_SETTINGS) are one row:
+each numeric cell is then mean ± sample standard deviation (ddof 1) over the seeds, and a column `n`
+counts them; a table of single runs looks as without seeds.
 """
 
 from __future__ import annotations
@@ -17,13 +21,24 @@ import csv
 import json
 import os
 import shutil
+import statistics
 import sys
 from pathlib import Path
+
+from config import build_parser
 
 ROOT = Path(__file__).resolve().parent
 STUDY_TABLE = ROOT / "study_table.csv"
 SUMMARY_KEYS = ("name", "loss", "dataset", "feat_dim", "acc", "lr", "epochs", "batch_size", "weight_cent", "weight_intra", "weight_inter")
 STUDY_COLUMNS = ["loss", "dataset", "feat_dim", "acc", "lr", "epochs", "batch_size", "weight_cent", "weight_intra", "weight_inter"]
+# main.py's flags that say where and how a run ran and was kept, not what it trained: runs that differ
+# only in these (and the seed) are seeds of one grid point.
+NOT_SETTINGS = frozenset(
+    {"name", "out", "data_dir", "device", "workers", "resume", "overwrite", "no_plots", "projection", "plot_every", "tensorboard"}
+    | {"eval_every", "compile", "channels_last", "max_bad_steps"}
+)
+SETTINGS = sorted(set(vars(build_parser().parse_args([]))) - NOT_SETTINGS - {"seed"})
+Group = list[dict]  # the summaries of one grid point, one a seed
 
 
 def study_rows() -> list[dict[str, str]]:
@@ -71,12 +86,34 @@ def read_summary(path: Path) -> dict:
     return summary
 
 
-def load_runs(paths: list[Path]) -> dict[tuple[str, str, int], dict]:
-    """Summaries keyed by (loss, dataset, feat_dim); a later duplicate replaces an earlier one."""
-    runs = {}
+def grid_point(summary: dict) -> tuple[str, ...]:
+    """Every setting of a run but its seed (SETTINGS; a setting an older summary lacks is null)."""
+    return tuple(json.dumps(summary.get(key)) for key in SETTINGS)
+
+
+def load_runs(paths: list[Path], notes: list[str] | None = None) -> dict[tuple[str, str, int], list[Group]]:
+    """Summaries grouped by grid point, under their study row (loss, dataset, feat_dim). Of two runs
+    with equal settings and seed the one found last (the later path argument, then the later file
+    name) is kept. `notes` gets a line for each such pair and for each study row with several grid points."""
+    points: dict[tuple[str, ...], dict[str, tuple[Path, dict]]] = {}
     for path in find_summaries(paths):
         summary = read_summary(path)
-        runs[(summary["loss"], summary["dataset"], int(summary["feat_dim"]))] = summary
+        seeds = points.setdefault(grid_point(summary), {})
+        seed = json.dumps(summary.get("seed"))
+        if seed in seeds and notes is not None:
+            notes.append(
+                f"{seeds[seed][0]} and {path} are runs of the same settings and seed {seed}; the table shows {path}, "
+                "the one found last (later path argument, then later name)"
+            )
+        seeds[seed] = (path, summary)
+    runs: dict[tuple[str, str, int], list[Group]] = {}
+    for point in sorted(points):
+        group = [summary for _, summary in points[point].values()]
+        runs.setdefault((group[0]["loss"], group[0]["dataset"], int(group[0]["feat_dim"])), []).append(group)
+    for (loss, dataset, feat_dim), groups in runs.items():
+        differ = [key for key in SETTINGS if len({json.dumps(group[0].get(key)) for group in groups}) > 1]
+        if len(groups) > 1 and notes is not None:
+            notes.append(f"{loss} {dataset} feat_dim {feat_dim}: {len(groups)} rows, for runs that differ in {', '.join(differ)}")
     return runs
 
 
@@ -100,6 +137,27 @@ def weights(loss: str, summary: dict) -> list[str]:
 DERIVED = {"gap": ("clean_train_acc", "acc")}  # gap: clean_train_acc - acc, the finished model's train/test gap
 
 
+def cell(values: list, digits: int = 3) -> str:
+    """A group's values as one cell: one run's value, or a value every seed shares; else the mean ±
+    sample std (ddof 1) of those that are numbers, "(n=k)" added when only k of the seeds have one."""
+    if len({json.dumps(v) for v in values}) == 1:
+        return fmt(values[0], digits)
+    numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    if not numbers:
+        return ", ".join(sorted({fmt(v, digits) for v in values}))
+    spread = (
+        f"{fmt(statistics.fmean(numbers), digits)} ± {fmt(statistics.stdev(numbers), digits)}"
+        if len(numbers) > 1
+        else fmt(numbers[0], digits)
+    )
+    return spread if len(numbers) == len(values) else f"{spread} (n={len(numbers)})"
+
+
+def known_columns(runs: dict[tuple[str, str, int], list[Group]]) -> set[str]:
+    """What --columns can name: every key of the summaries read, and DERIVED."""
+    return set(DERIVED).union(*(summary for groups in runs.values() for group in groups for summary in group))
+
+
 def column(summary: dict, name: str) -> object:
     """A summary.json value, or a derived column (DERIVED: the difference of two values)."""
     if name in DERIVED:
@@ -108,39 +166,34 @@ def column(summary: dict, name: str) -> object:
     return summary.get(name)
 
 
-def table(runs: dict[tuple[str, str, int], dict], extra: list[str], present_only: bool = False) -> str:
-    """Markdown table in the study's layout plus study acc, diff and the extra summary columns;
-    a grid point without a run says "missing", or is left out with `present_only`."""
-    header = STUDY_COLUMNS + ["study acc", "diff"] + extra
+def table(runs: dict[tuple[str, str, int], list[Group]], extra: list[str], present_only: bool = False) -> str:
+    """Markdown table in the study's layout plus study acc, diff, n (when a row has several seeds)
+    and the extra summary columns; a grid point without a run says "missing", or is left out with `present_only`."""
+    seeds = any(len(group) > 1 for groups in runs.values() for group in groups)
+    header = STUDY_COLUMNS + ["study acc", "diff"] + ["n"] * seeds + extra
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" :---: " for _ in header) + "|"]
     keys = set()
     for study in study_rows():
         key = (study["loss"], study["dataset"], int(study["feat_dim"]))
         keys.add(key)
-        if key in runs or not present_only:
-            lines.append(row(key, runs.get(key), float(study["acc"]), extra))
+        for group in runs.get(key, [] if present_only else [None]):
+            lines.append(row(key, group, float(study["acc"]), extra, seeds))
     for key in sorted(set(runs) - keys):  # runs beyond the study's grid
-        lines.append(row(key, runs[key], None, extra))
+        lines += [row(key, group, None, extra, seeds) for group in runs[key]]
     return "\n".join(lines)
 
 
-def row(key: tuple[str, str, int], summary: dict | None, study_acc: float | None, extra: list[str]) -> str:
+def row(key: tuple[str, str, int], group: Group | None, study_acc: float | None, extra: list[str], seeds: bool) -> str:
     loss, dataset, feat_dim = key
     study = fmt(study_acc) if study_acc is not None else "/"
-    if summary is None:
-        cells = [loss, dataset, str(feat_dim), "missing"] + ["missing"] * 6 + [study, "/"] + ["missing"] * len(extra)
+    if group is None:
+        cells = [loss, dataset, str(feat_dim), "missing"] + ["missing"] * 6 + [study, "/"] + ["missing"] * (seeds + len(extra))
     else:
-        diff = f"{summary['acc'] - study_acc:+.3f}" if study_acc is not None else "/"
-        cells = [
-            loss,
-            dataset,
-            str(feat_dim),
-            fmt(summary["acc"]),
-            fmt(summary["lr"], 2),
-            str(summary["epochs"]),
-            str(summary["batch_size"]),
-        ]
-        cells += weights(loss, summary) + [study, diff] + [fmt(column(summary, name)) for name in extra]
+        first, accs = group[0], [summary["acc"] for summary in group]
+        diff = f"{statistics.fmean(accs) - study_acc:+.3f}" if study_acc is not None else "/"
+        cells = [loss, dataset, str(feat_dim), cell(accs), fmt(first["lr"], 2), str(first["epochs"]), str(first["batch_size"])]
+        cells += weights(loss, first) + [study, diff] + [str(len(group))] * seeds
+        cells += [cell([column(summary, name) for summary in group]) for name in extra]
     return "| " + " | ".join(cells) + " |"
 
 
@@ -166,7 +219,11 @@ def gallery(imgs_dir: Path, page: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Print the study's results table from run folders.")
+    parser = argparse.ArgumentParser(
+        description="Print the study's results table from run folders. Runs whose settings differ only in the seed are one row: "
+        "each numeric cell mean ± sample standard deviation (ddof=1) over the seeds, n their number. Of two runs with equal "
+        "settings and seed, the one found last (later path argument, then later name) is shown, and a note names both."
+    )
     parser.add_argument("paths", nargs="+", type=Path, help="run folders, folders of run folders, or folders of collected summaries")
     parser.add_argument(
         "--columns", default="ncm_acc", help="extra summary.json keys as columns, comma-separated; gap is clean_train_acc - acc"
@@ -180,28 +237,61 @@ def main(argv: list[str] | None = None) -> int:
     missing = [p for p in args.paths if not p.exists()]
     if missing:
         parser.error(f"{missing[0]} does not exist")
+    problem = output_problem(args)
+    if problem:
+        parser.error(problem)
+    notes: list[str] = []
     try:
-        runs = load_runs(args.paths)
+        runs = load_runs(args.paths, notes)
     except SummaryError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     extra = [c for c in args.columns.split(",") if c]
+    known = known_columns(runs)
+    unknown = [c for c in extra if c not in known]
+    if runs and unknown:
+        parser.error(f"--columns: unknown {', '.join(unknown)} (in no summary read); known: {', '.join(sorted(known))}")
     text = table(runs, extra, args.present)
-    print(text)
-    if args.collect:
-        args.collect.mkdir(parents=True, exist_ok=True)
-        for path in find_summaries(args.paths):
-            shutil.copyfile(path, args.collect / f"{read_summary(path)['name']}.json")
-    if args.readme:
+    content = None
+    if args.readme:  # read and checked before anything is written
         try:
             content = replace_between(args.readme.read_text(), f"table:{args.label}", text)
             if args.gallery:
                 content = replace_between(content, "gallery", gallery(args.gallery, args.readme))
+        except (OSError, UnicodeDecodeError) as exc:
+            print(f"error: --readme {args.readme}: not readable as text ({exc}); give the Markdown file to write into", file=sys.stderr)
+            return 1
         except ValueError as exc:
             print(f"error: {args.readme}: {exc}; add them where the table belongs", file=sys.stderr)
             return 1
-        args.readme.write_text(content)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(text)
+    try:
+        if args.collect:
+            args.collect.mkdir(parents=True, exist_ok=True)
+            for path in find_summaries(args.paths):
+                target = args.collect / f"{read_summary(path)['name']}.json"
+                if not (target.exists() and target.samefile(path)):  # collecting a folder into itself
+                    shutil.copyfile(path, target)
+        if content is not None:
+            args.readme.write_text(content)
+    except OSError as exc:
+        print(f"error: {exc.filename}: cannot be written ({exc.strerror}); check --collect and --readme", file=sys.stderr)
+        return 1
     return 0
+
+
+def output_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with --collect, --readme or --gallery before anything is read or written, or None."""
+    if args.collect is not None and args.collect.exists() and not args.collect.is_dir():
+        return f"--collect {args.collect} is a file, not a folder; it is left alone: give a folder to copy the summaries into"
+    if args.readme is not None and not args.readme.is_file():
+        what = "is a folder" if args.readme.is_dir() else "does not exist"
+        return f"--readme {args.readme} {what}; give the Markdown file that holds the <!-- table:{args.label} --> markers"
+    if args.gallery is not None and (args.readme is None or not args.gallery.is_dir()):
+        return f"--gallery {args.gallery} needs --readme and must be a folder of run pictures (imgs/)"
+    return None
 
 
 if __name__ == "__main__":

@@ -1,18 +1,20 @@
 """Pictures of learned features: per-epoch 2-D frames, GIFs, projections of high-dimensional features.
 
     python visualize.py runs/standalone-mnist-feat=2 [RUN_DIR ...] [--to-imgs]
-    python visualize.py RUN_DIR [RUN_DIR ...] --geometry geometry.png
+    python visualize.py --geometry RUN_DIR [RUN_DIR ...] --out docs/geometry.png
 
 stitches each run's frames/train/*.png and frames/test/*.png into train.gif and test.gif in the run
 folder; --to-imgs also copies them (and the projections of runs with feat_dim > 2) to
-imgs/<loss>-<dataset>-feat=<d>/, the naming the study's README uses. --geometry draws, instead, how
-far apart the classes move over the epochs of several runs (metrics.csv's class-geometry columns).
+imgs/<loss>-<dataset>-feat=<d>/, the naming the study's README uses. --geometry instead draws the
+class-geometry columns of the runs' metrics.csv (metrics.GEOMETRY_METRICS) over epochs, a line per run.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
+import math
 import shutil
 import sys
 from collections.abc import Sequence
@@ -24,6 +26,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+from metrics import GEOMETRY_METRICS  # noqa: E402
 
 FRAME_SIZE_INCHES = 5.0
 FRAME_DPI = 80
@@ -191,7 +195,7 @@ def log_tensorboard(
 
 
 class StitchError(Exception):
-    """A run whose GIFs cannot be made (a damaged frame or args.json, an unusable --imgs-dir); one line, exit code 1."""
+    """A run whose pictures cannot be made (a damaged frame, args.json or metrics.csv, an unusable --imgs-dir); one line, exit code 1."""
 
 
 def make_gif(frames: Sequence[Path], path: Path, duration: float = 0.4, last_pause: float = 2.0) -> None:
@@ -270,75 +274,85 @@ def stitch(run_dir: Path, duration: float, last_pause: float, imgs_dir: Path | N
         raise StitchError(f"--imgs-dir {imgs_dir}: cannot copy into {target} ({exc.strerror}); give a folder as --imgs-dir") from None
 
 
-GEOMETRY_PANELS = (  # (title, solid column, dashed column or None) per panel of plot_geometry
-    ("distance to own class mean", "intra_distance", None),
-    ("gap between class means (dashed: smallest)", "mean_center_gap", "min_center_gap"),
-    ("gap / distance to own mean (dashed: smallest)", "mean_gap_ratio", "min_gap_ratio"),
-    ("feature norm", "feature_norm", None),
-)
-
-
-def read_geometry(run_dir: Path) -> dict[str, np.ndarray]:
-    """The epoch and class-geometry columns of a run's metrics.csv (empty cells as NaN)."""
-    import csv
-
+def geometry_series(run_dir: Path) -> dict[str, tuple[list[int], list[float]]]:
+    """Each GEOMETRY_METRICS column of a run's metrics.csv as (epochs, values), leaving out the epochs without
+    a value (the metrics are computed every --eval-every epochs) and the columns without any."""
     path = Path(run_dir) / "metrics.csv"
-    columns = ["epoch"] + [c for _, *pair in GEOMETRY_PANELS for c in pair if c]
     try:
         with open(path, newline="") as f:
             rows = list(csv.DictReader(f))
-        missing = [c for c in columns if rows and c not in rows[0]]
-        if not rows or missing:
-            raise StitchError(f"{path}: no class-geometry columns ({', '.join(missing) or 'no rows'}); it was written by an older main.py")
-        return {c: np.array([float(r[c]) if r[c] else np.nan for r in rows]) for c in columns}
-    except (OSError, UnicodeDecodeError, ValueError, csv.Error) as exc:
-        raise StitchError(f"{path}: cannot be read ({type(exc).__name__}); is it a run folder of main.py?") from None
+        series = {}
+        for name in GEOMETRY_METRICS:
+            points = [(int(row["epoch"]), float(row[name])) for row in rows if row.get(name) not in (None, "")]
+            if points:
+                series[name] = ([epoch for epoch, _ in points], [value for _, value in points])
+    except (OSError, UnicodeDecodeError, csv.Error, KeyError, ValueError) as exc:
+        raise StitchError(f"{path}: not readable as a run's metrics ({type(exc).__name__}: {exc}); give run folders of main.py") from None
+    if not series:
+        raise StitchError(f"{path}: none of the geometry columns ({', '.join(GEOMETRY_METRICS)}); the run was made without them")
+    return series
 
 
-def plot_geometry(run_dirs: Sequence[Path], path: Path) -> None:
-    """One picture of how far apart the classes move, epoch by epoch, for several runs: the four
-    panels of GEOMETRY_PANELS (columns of metrics.class_geometry), one colour per run."""
-    curves = {Path(r).name: read_geometry(r) for r in run_dirs}
-    fig, axes = plt.subplots(1, len(GEOMETRY_PANELS), figsize=(4.2 * len(GEOMETRY_PANELS), 3.6))
-    for ax, (title, solid, dashed) in zip(axes, GEOMETRY_PANELS):
-        for color, (name, curve) in zip(plt.get_cmap("tab10")(np.arange(len(curves)) % 10), curves.items()):
-            ax.plot(curve["epoch"], curve[solid], "-o", color=color, markersize=3, label=name)
-            if dashed:
-                ax.plot(curve["epoch"], curve[dashed], "--", color=color)
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel("epoch")
-        ax.set_yscale("log")
-    axes[0].legend(fontsize=7)
+def plot_geometry(series: dict[str, dict[str, tuple[list[int], list[float]]]], path: Path) -> None:
+    """A panel per GEOMETRY_METRICS figure over epochs, a line per run (series: run label -> geometry_series)."""
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7), dpi=100)
+    for ax, name in zip(axes.flat, GEOMETRY_METRICS):
+        for label, run in series.items():
+            if name in run:
+                ax.plot(*run[name], marker="o", markersize=3, label=label)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes.flat[0].legend(fontsize=7)
     fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def draw_geometry(runs: list[Path], out: Path) -> str | None:
+    """visualize.py --geometry: every run read first, then one picture; returns an error line, or None."""
+    if out.suffix.lower() not in (".png", ".svg", ".pdf") or not out.parent.is_dir() or out.is_dir():
+        return f"--out {out}: give a .png, .svg or .pdf file in an existing folder"
     try:
-        fig.savefig(path, dpi=FRAME_DPI)
+        series = {str(run): geometry_series(run) for run in runs}
+    except StitchError as exc:
+        return str(exc)
+    try:
+        plot_geometry(series, out)
     except OSError as exc:
-        raise StitchError(f"--geometry {path}: cannot write the picture ({exc.strerror})") from None
-    finally:
-        plt.close(fig)
+        return f"--out {out}: cannot be written ({exc.strerror})"
+    print(f"{out}: {', '.join(GEOMETRY_METRICS)} of {len(runs)} run(s)")
+    return None
+
+
+def seconds(text: str) -> float:
+    """A frame time for argparse: a finite number of seconds above zero (a GIF stores hundredths of a second in 16 bits)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and 0.01 <= value <= 600):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds from 0.01 to 600")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Stitch the per-epoch frames of runs into train.gif and test.gif.")
     parser.add_argument("runs", nargs="+", type=Path, help="run folders (runs/<name>)")
-    parser.add_argument("--duration", type=float, default=0.4, help="seconds per frame")
-    parser.add_argument("--last-pause", type=float, default=2.0, help="seconds the last frame stays")
+    parser.add_argument("--duration", type=seconds, default=0.4, help="seconds per frame (0.01 to 600)")
+    parser.add_argument("--last-pause", type=seconds, default=2.0, help="seconds the last frame stays (0.01 to 600)")
     parser.add_argument("--to-imgs", action="store_true", help="copy the GIFs and projections to imgs/<loss>-<dataset>-feat=<d>/")
     parser.add_argument("--imgs-dir", type=Path, default=Path("imgs"), help="where --to-imgs copies to")
-    parser.add_argument(
-        "--geometry", type=Path, default=None, help="instead of stitching: draw the runs' class geometry over their epochs into this PNG"
-    )
+    parser.add_argument("--geometry", action="store_true", help="instead: plot the runs' class geometry (metrics.csv) over epochs")
+    parser.add_argument("--out", type=Path, help="with --geometry: the picture to write (.png, .svg or .pdf)")
     args = parser.parse_args(argv)
-    if args.geometry is not None:
-        try:
-            plot_geometry(args.runs, args.geometry)
-        except StitchError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
-        print(f"{args.geometry}: class geometry of {len(args.runs)} runs")
-        return 0
-    if args.duration <= 0 or args.last_pause <= 0:
-        parser.error("--duration and --last-pause must be positive")
+    if args.geometry != (args.out is not None):
+        parser.error("--geometry and --out go together: visualize.py --geometry RUN_DIR ... --out geometry.png")
+    if args.geometry:
+        error = draw_geometry(args.runs, args.out)
+        if error:
+            print(f"error: {error}", file=sys.stderr)
+        return 1 if error else 0
     failures = 0
     for run_dir in args.runs:
         error = stitch_run(run_dir, args.duration, args.last_pause, args.imgs_dir if args.to_imgs else None)

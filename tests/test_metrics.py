@@ -279,3 +279,71 @@ def test_run_writes_metrics_validation_and_tensorboard(tmp_path: Path) -> None:
     events = list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
     assert (run_dir / "tensorboard" / "projector_config.pbtxt").is_file()
+
+
+def test_one_test_sample_per_class_gives_none_not_an_index_error() -> None:
+    """No test sample has a classmate (one image a class): MAP@R and precision@1 have no query and
+    k-means has a cluster per point, so they are None; k-NN and the distance ratio still mean something."""
+    test, test_labels = torch.tensor([[0.0, 0.0], [5.0, 0.0], [0.0, 5.0]]), torch.tensor([0, 1, 2])
+    train_labels = torch.arange(3).repeat(4)
+    train = test[train_labels] + 0.1 * torch.randn(12, 2, generator=torch.Generator().manual_seed(0))
+    scores = metrics.feature_metrics(test, test_labels, train, train_labels)
+    assert set(scores) == set(metrics.FEATURE_METRICS)
+    assert [scores[name] for name in ("precision_at_1", "map_at_r", "nmi", "ami")] == [None] * 4
+    assert scores["knn1_acc"] == 1.0 and scores["knn10_acc"] == 1.0 and scores["center_distance_ratio"] == 0.0
+
+
+def test_single_class_test_set_gives_none_where_nothing_is_apart() -> None:
+    """One class: no distance between class means (the ratio was NaN) and a one-cluster k-means that
+    scored a meaningless NMI of 1; retrieval among its own samples is still defined."""
+    features, labels = torch.randn(6, 2, generator=torch.Generator().manual_seed(0)), torch.zeros(6, dtype=torch.long)
+    scores = metrics.feature_metrics(features, labels, features, labels)
+    assert scores["center_distance_ratio"] is None and scores["nmi"] is None and scores["ami"] is None
+    assert scores["precision_at_1"] == 1.0 and scores["map_at_r"] == 1.0 and scores["knn1_acc"] == 1.0
+
+
+def test_a_class_absent_from_the_test_set_has_no_mean_and_no_cluster() -> None:
+    """Labels 0 and 2 only (class 1 absent): class means 1 and 11, each point 1 from its mean, so the
+    ratio is 1 / 10 (a zero mean for class 1 made it 1 / 7.33); k-means looks for 2 clusters, not 3."""
+    features, labels = torch.tensor([[0.0], [2.0], [10.0], [12.0]]), torch.tensor([0, 0, 2, 2])
+    assert metrics.center_distance_ratio(features, labels) == pytest.approx(0.1)
+    assert metrics.clustering_scores(features, labels) == pytest.approx((1.0, 1.0))
+
+
+def test_run_whose_test_classes_have_one_image_each_finishes(tmp_path: Path) -> None:
+    """A whole run (a folder data set with one test image a class) reaches summary.json, with the
+    metrics it cannot give as null (they used to raise IndexError after training)."""
+    from conftest import check_ok, run_main, write_image_tree
+
+    data = write_image_tree(tmp_path / "tree", per_class=(4, 1))
+    args = ["--dataset", "folder", "--data-dir", data, "--model", "lenet++", "--epochs", "1", "--batch-size", "4", "--no-plots"]
+    check_ok(run_main([*args, "--out", tmp_path / "runs"]))
+    summary = json.loads((tmp_path / "runs" / "standalone-folder-feat=2" / "summary.json").read_text())
+    assert summary["test_size"] == 3 and summary["map_at_r"] is None and summary["precision_at_1"] is None
+    assert 0 <= summary["knn1_acc"] <= 1
+
+
+def test_class_geometry_hand_computed() -> None:
+    """Three classes of two points, each point 2 from its class mean; the means (2, 0), (10, 2) and
+    (0, 8) are sqrt(68), sqrt(68) and sqrt(136) apart; labels 0, 2, 5 (the absent ones count nowhere)."""
+    features = torch.tensor([[0.0, 0.0], [4.0, 0.0], [10.0, 0.0], [10.0, 4.0], [0.0, 6.0], [0.0, 10.0]])
+    labels = torch.tensor([0, 0, 2, 2, 5, 5])
+    mean_between = (2 * math.sqrt(68) + math.sqrt(136)) / 3
+    expected = {
+        "intra_distance": 2.0,
+        "min_center_gap": math.sqrt(68),
+        "mean_center_gap": mean_between,
+        "min_gap_ratio": math.sqrt(68) / 2,
+        "mean_gap_ratio": mean_between / 2,
+        "feature_norm": (0 + 4 + 10 + math.sqrt(116) + 6 + 10) / 6,
+    }
+    geometry = metrics.class_geometry(features, labels)
+    assert list(geometry) == list(metrics.GEOMETRY_METRICS) and geometry == pytest.approx(expected, rel=1e-6)
+    assert metrics.center_distance_ratio(features, labels) == pytest.approx(2 / mean_between, rel=1e-6)
+
+
+def test_class_geometry_of_one_class_or_collapsed_classes() -> None:
+    one = metrics.class_geometry(torch.tensor([[3.0, 4.0], [3.0, 4.0]]), torch.tensor([1, 1]))
+    assert one == {"intra_distance": 0.0, "feature_norm": 5.0} | dict.fromkeys(metrics.GEOMETRY_METRICS[1:5])
+    collapsed = metrics.class_geometry(torch.tensor([[0.0], [0.0], [3.0]]), torch.tensor([0, 0, 1]))
+    assert collapsed["min_center_gap"] == 3.0 and collapsed["min_gap_ratio"] is None and collapsed["mean_gap_ratio"] is None

@@ -8,11 +8,12 @@ import re
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import listing
+from conftest import listing, stderr_error_line
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,8 +22,8 @@ sys.path.insert(0, str(ROOT))
 import report  # noqa: E402
 
 
-def write_summary(folder: Path, loss: str, dataset: str, feat_dim: int, acc: float, **extra) -> None:
-    name = f"{loss}-{dataset}-feat={feat_dim}"
+def write_summary(folder: Path, loss: str, dataset: str, feat_dim: int, acc: float, name: str | None = None, **extra) -> None:
+    name = name or f"{loss}-{dataset}-feat={feat_dim}"
     summary = {
         "name": name,
         "loss": loss,
@@ -89,6 +90,116 @@ def test_readme_without_markers_is_an_error(tmp_path: Path, capsys) -> None:
     assert readme.read_text() == "no markers\n"
 
 
+def test_seeds_of_a_grid_point_are_one_row_with_mean_and_sample_std(tmp_path: Path, capsys) -> None:
+    """Three seeds of standalone mnist 2 (names as reproduce.sh gives them) are one row: mean ± sample
+    std (ddof 1) of every numeric column, n = 3; a column one seed lacks says over how many; a single
+    run's row looks as without seeds; missing rows say so in n too."""
+    for seed, acc in enumerate((0.97, 0.98, 0.995)):
+        name = "standalone-mnist-feat=2" + (f"-seed={seed}" if seed else "")
+        write_summary(tmp_path, "standalone", "mnist", 2, acc, name=name, seed=seed, knn1_acc=None if seed == 2 else acc - 0.1 * seed)
+    write_summary(tmp_path, "xent", "cifar10", 128, 0.5, seed=0, knn1_acc=0.4)
+    assert report.main([str(tmp_path), "--columns", "ncm_acc,knn1_acc"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == ""
+    header, *_ = captured.out.splitlines()
+    assert header.split(" | ")[10:] == ["study acc", "diff", "n", "ncm_acc", "knn1_acc |"]
+    rows = {(r[0], r[1], r[2]): r for r in table_rows(captured.out)}
+    accs = np.array([0.97, 0.98, 0.995])
+    mean, std = accs.mean(), accs.std(ddof=1)  # 0.9817, 0.0126
+    knn = np.array([0.97, 0.88])
+    standalone = rows[("standalone", "mnist", "2")]
+    assert standalone[3] == f"{mean:.3f} ± {std:.3f}" == "0.982 ± 0.013"
+    assert standalone[4:13] == ["0.01", "3", "128", "/", "1.0", "0.1", "0.994", f"{mean - 0.994:+.3f}", "3"]
+    assert standalone[13] == f"{mean - 0.01:.3f} ± {std:.3f}"
+    assert standalone[14] == f"{knn.mean():.3f} ± {knn.std(ddof=1):.3f} (n=2)"
+    assert rows[("xent", "cifar10", "128")][3:] == ["0.500", "0.01", "3", "128", "/", "/", "/", "0.866", "-0.366", "1", "0.490", "0.400"]
+    assert rows[("cent", "mnist", "2")][12] == "missing"
+    assert len(table_rows(captured.out)) == 18
+
+
+def test_same_settings_and_seed_twice_names_both_and_shows_the_last(tmp_path: Path, capsys) -> None:
+    """The same run in two folders (a rerun, a copy): one note names both files and the rule, the
+    row shows the one found last (the later path argument) and n stays out (one seed)."""
+    write_summary(tmp_path / "a", "cent", "mnist", 2, 0.91, seed=0)
+    write_summary(tmp_path / "b", "cent", "mnist", 2, 0.93, seed=0, out="elsewhere", device="cuda")  # where it ran: no setting
+    assert report.main([str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    captured = capsys.readouterr()
+    first, last = (tmp_path / d / "cent-mnist-feat=2" / "summary.json" for d in ("a", "b"))
+    assert captured.err == (
+        f"note: {first} and {last} are runs of the same settings and seed 0; the table shows {last}, "
+        "the one found last (later path argument, then later name)\n"
+    )
+    rows = table_rows(captured.out)
+    assert len(rows[0]) == 13 and [r[3] for r in rows if r[:3] == ["cent", "mnist", "2"]] == ["0.930"]
+
+
+def test_runs_of_other_settings_are_rows_of_their_own(tmp_path: Path, capsys) -> None:
+    """3 and 100 epochs of one study row are not seeds of each other: two rows, and a note names the setting."""
+    write_summary(tmp_path, "xent", "mnist", 2, 0.95, seed=0)
+    write_summary(tmp_path, "xent", "mnist", 2, 0.99, name="long", seed=0, epochs=100)
+    assert report.main([str(tmp_path), "--columns", ""]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "note: xent mnist feat_dim 2: 2 rows, for runs that differ in epochs\n"
+    assert [(r[3], r[5]) for r in table_rows(captured.out) if r[:3] == ["xent", "mnist", "2"]] == [("0.990", "100"), ("0.950", "3")]
+
+
+def test_unknown_column_is_named_with_the_known_ones(tmp_path: Path, capsys) -> None:
+    """It used to print a column of "/" and exit 0."""
+    write_summary(tmp_path, "xent", "mnist", 2, 0.95, knn1_acc=0.9)
+    with pytest.raises(SystemExit) as info:
+        report.main([str(tmp_path), "--columns", "ncm_acc,knn_acc,gap"])
+    captured = capsys.readouterr()
+    assert info.value.code == 2 and captured.out == ""
+    line = stderr_error_line(captured.err)
+    assert "--columns: unknown knn_acc (in no summary read); known: " in line
+    assert {"acc", "gap", "knn1_acc", "ncm_acc", "weight_cent"} <= set(line.split("known: ")[1].split(", "))
+
+
+@pytest.mark.parametrize(
+    "flag,make,message",
+    [
+        ("--readme", lambda p: p, "--readme {p} does not exist; give the Markdown file that holds the <!-- table:x --> markers"),
+        ("--readme", lambda p: p.mkdir(), "--readme {p} is a folder; give the Markdown file"),
+        ("--collect", lambda p: p.write_text("keep me"), "--collect {p} is a file, not a folder; it is left alone"),
+        ("--gallery", lambda p: p, "--gallery {p} needs --readme and must be a folder"),
+    ],
+)
+def test_bad_output_flag_is_one_line_and_writes_nothing(tmp_path: Path, capsys, flag: str, make, message: str) -> None:
+    """A --readme that is missing or a folder (a traceback before), a --collect onto a file (FileExistsError
+    before; a file is never replaced), a --gallery of nothing: exit 2, one line, nothing written."""
+    write_summary(tmp_path / "runs", "xent", "mnist", 2, 0.95)
+    target = tmp_path / "target"
+    make(target)
+    before = listing(tmp_path)
+    args = [str(tmp_path / "runs"), flag, str(target), "--label", "x"]
+    with pytest.raises(SystemExit) as info:
+        report.main(args + (["--collect", str(tmp_path / "collected")] if flag != "--collect" else []))
+    captured = capsys.readouterr()
+    assert info.value.code == 2 and captured.out == ""
+    assert message.format(p=target) in stderr_error_line(captured.err)
+    assert listing(tmp_path) == before
+
+
+def test_readme_not_text_is_one_line_and_writes_nothing(tmp_path: Path, capsys) -> None:
+    write_summary(tmp_path / "runs", "xent", "mnist", 2, 0.95)
+    readme = tmp_path / "README.md"
+    readme.write_bytes(b"<!-- table:x -->\xff\xfe<!-- /table:x -->")
+    before = listing(tmp_path)
+    assert report.main([str(tmp_path / "runs"), "--readme", str(readme), "--label", "x", "--collect", str(tmp_path / "c")]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith(f"error: --readme {readme}: not readable as text (")
+    assert captured.err.count("\n") == 1 and listing(tmp_path) == before
+
+
+def test_collect_into_the_folder_it_reads(tmp_path: Path) -> None:
+    """report.py results/x --collect results/x refreshes nothing and ends well (SameFileError before)."""
+    write_summary(tmp_path / "runs", "xent", "mnist", 2, 0.95)
+    assert report.main([str(tmp_path / "runs"), "--collect", str(tmp_path / "results")]) == 0
+    before = listing(tmp_path)
+    assert report.main([str(tmp_path / "results"), "--collect", str(tmp_path / "results")]) == 0
+    assert listing(tmp_path) == before
+
+
 @pytest.mark.parametrize(
     "content,message",
     [
@@ -139,6 +250,64 @@ def test_reproduce_refuses_a_bad_jobs_count(tmp_path: Path, jobs: str) -> None:
     assert listing(tmp_path) == before
 
 
+def header_examples() -> list[str]:
+    """The example command lines of reproduce.sh's header, without their comments."""
+    lines = (ROOT / "reproduce.sh").read_text().split("\nset -u", 1)[0].splitlines()
+    return [line[1:].split("  #")[0].strip() for line in lines if "./reproduce.sh" in line and line.startswith("#   ")]
+
+
+def test_reproduce_header_examples_make_valid_main_commands(tmp_path: Path, monkeypatch) -> None:
+    """Each example of the header, run as written (in a copy of the script, with a python that only
+    records its arguments), exits 0 and gives main.py commands that main.py's own checks accept; they
+    used to pass --data-dir data, which does not exist, even to digits. The seeds example names seed N's run -seed=N."""
+    import config
+
+    repo, calls = tmp_path / "repo", tmp_path / "calls"
+    repo.mkdir(), calls.mkdir(), (tmp_path / "shared" / "data").mkdir(parents=True)
+    shutil.copy(ROOT / "reproduce.sh", repo)
+    stub = tmp_path / "python"
+    stub.write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$(mktemp "$CALLS/XXXXXX")"\n')
+    stub.chmod(0o755)
+    examples = header_examples()
+    assert len(examples) == 5 and any("SEEDS=" in e for e in examples) and any("DATA_DIR" not in e for e in examples)
+    for example in examples:
+        env = {"PATH": os.environ["PATH"], "PYTHON": str(stub), "CALLS": str(calls)}
+        result = subprocess.run(["bash", "-c", example], cwd=repo, env=env, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0 and "FAILED" not in result.stdout, (example, result.stdout, result.stderr)
+    commands = [path.read_text().splitlines() for path in calls.iterdir()]
+    assert len(commands) == 18 + 18 + 1 + 3 * 2 * 3 + 3 * 2
+    monkeypatch.chdir(repo)
+    for command in commands:
+        assert command[0] == "main.py"
+        args = config.parse_args(command[1:])  # exits 2 on a bad command
+        assert (args.data_dir is None) == (args.dataset == "digits")
+        assert args.name == f"{args.loss}-{args.dataset}-feat={args.feat_dim}" + (f"-seed={args.seed}" if args.seed else "")
+    seeds = [args.seed for args in map(config.parse_args, (c[1:] for c in commands)) if args.epochs == 3 and args.amp == "off"]
+    assert Counter(seeds) == {0: 18 + 6, 1: 6, 2: 6}
+
+
+@pytest.mark.parametrize(
+    "env,message",
+    [
+        ({"DATASETS": "digits mnist"}, "DATASETS has mnist, which needs DATA_DIR (the folder with MNIST/raw"),
+        ({"DATASETS": "digits", "SEEDS": "0 one"}, "SEEDS must be non-negative integers separated by spaces, not '0 one'"),
+        ({"DATASETS": "digits", "SEEDS": "-1"}, "SEEDS must be non-negative integers"),
+        ({"DATASETS": "digits", "SEEDS": "99999999999"}, "SEEDS must be non-negative integers"),
+        ({"DATASETS": "digits", "ARGS": "--seed=3"}, 'give seeds as SEEDS="0 1 2", not --seed'),
+    ],
+)
+def test_reproduce_refuses_missing_data_dir_and_bad_seeds(tmp_path: Path, env: dict, message: str) -> None:
+    """One line, exit 2, nothing started or made (a missing DATA_DIR used to become --data-dir data for every run)."""
+    extra = env.pop("ARGS", "").split()
+    env = {**os.environ, "OUT": str(tmp_path / "runs"), "PYTHON": sys.executable, **env}
+    env.pop("DATA_DIR", None)
+    before = listing(tmp_path)
+    result = subprocess.run(["bash", "reproduce.sh", *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith(f"reproduce.sh: error: {message}")
+    assert listing(tmp_path) == before
+
+
 def write_tree(root: Path, classes: int = 3, per_class: int = 8, size: int = 28) -> None:
     rng = np.random.default_rng(0)
     for split in ("train", "test"):
@@ -151,7 +320,9 @@ def write_tree(root: Path, classes: int = 3, per_class: int = 8, size: int = 28)
                 Image.fromarray(image).save(folder / f"{i}.png")
 
 
-def test_reproduce_runs_each_grid_point_once(tmp_path: Path) -> None:
+def test_reproduce_runs_each_grid_point_and_seed_once(tmp_path: Path, capsys) -> None:
+    """Each (grid point, seed) runs once, seed N's folder named -seed=N, and a second sweep skips them
+    all; report.py makes each grid point's two seeds one row with n = 2."""
     data = tmp_path / "data"
     write_tree(data)
     out = tmp_path / "runs"
@@ -163,17 +334,22 @@ def test_reproduce_runs_each_grid_point_once(tmp_path: Path) -> None:
         "JOBS": "2",
         "PYTHON": sys.executable,
         "LOSSES": "xent standalone",
-        "DATASETS": "mnist cifar10",
+        "DATASETS": "mnist",
         "FEAT_DIMS": "2",
+        "SEEDS": "0 1",
     }
     extra = ["--batch-size", "8", "--no-plots", "--model", "lenet++"]
     first = subprocess.run(["bash", "reproduce.sh", *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stdout + first.stderr
-    names = {"xent-mnist-feat=2", "standalone-mnist-feat=2", "xent-cifar10-feat=2", "standalone-cifar10-feat=2"}
+    names = {"xent-mnist-feat=2", "standalone-mnist-feat=2", "xent-mnist-feat=2-seed=1", "standalone-mnist-feat=2-seed=1"}
     assert {p.parent.name for p in out.glob("*/summary.json")} == names
     for name in names:
         summary = json.loads((out / name / "summary.json").read_text())
         assert summary["epochs"] == 1 and summary["batch_size"] == 8 and summary["model"] == "lenet++"
+        assert summary["seed"] == (1 if name.endswith("-seed=1") else 0)
+    assert report.main([str(out), "--present"]) == 0
+    rows = table_rows(capsys.readouterr().out)
+    assert [(r[0], r[12]) for r in rows] == [("xent", "2"), ("standalone", "2")]
     stamps = {name: (out / name / "summary.json").stat().st_mtime_ns for name in names}
     second = subprocess.run(["bash", "reproduce.sh", *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0
@@ -200,7 +376,8 @@ def test_readme_table_matches_committed_results() -> None:
     assert in_readme == report.table(runs, ["ncm_acc", "clean_train_acc", "gap", "knn1_acc", "map_at_r"]).strip()
     rows = table_rows(in_readme)
     assert len(rows) == 18 and not any("missing" in r for r in rows)
-    for (loss, dataset, feat_dim), summary in runs.items():
+    for (loss, dataset, feat_dim), groups in runs.items():
+        [[summary]] = groups  # one grid point a row, one seed
         assert summary["epochs"] == 3 and summary["amp"] == "off" and 0 < summary["clean_train_acc"] <= 1
         names = ("train.gif", "test.gif") if feat_dim == 2 else ("train.png", "test.png")
         for name in names:

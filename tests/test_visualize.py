@@ -8,7 +8,7 @@ from pathlib import Path
 import imageio.v3 as iio
 import numpy as np
 import pytest
-from conftest import check_ok, listing, run_script
+from conftest import check_ok, listing, run_script, stderr_error_line
 from PIL import Image
 
 import visualize
@@ -171,10 +171,18 @@ def test_cli_damaged_input_is_one_line(tiny_runs, tmp_path, capsys, damage, mess
     assert listing(tmp_path, leave_out=run_dir) == before
 
 
-def test_cli_bad_duration(tmp_path, capsys):
+@pytest.mark.parametrize("flag", ["--duration", "--last-pause"])
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "-inf", "1e400", "700", "0.001", "abc"])
+def test_cli_bad_frame_time_is_one_line(tmp_path, capsys, flag, value):
+    """NaN, infinity (ValueError, OverflowError in the GIF writer), zero, negative, below a GIF's
+    hundredth of a second or beyond its 655 s: exit 2, one line naming the flag, nothing written."""
+    before = listing(tmp_path)
     with pytest.raises(SystemExit) as info:
-        visualize.main([str(tmp_path), "--duration", "0"])
+        visualize.main([str(tmp_path), f"{flag}={value}"])  # = keeps argparse from reading -inf as a flag
     assert info.value.code == 2
+    line = stderr_error_line(capsys.readouterr().err)
+    assert f"argument {flag}: '{value}' is not a number of seconds from 0.01 to 600" in line
+    assert listing(tmp_path) == before
 
 
 def test_high_dim_run_writes_projections(projection_run, tmp_path):
@@ -234,3 +242,59 @@ def test_make_gif_of_one_or_more_frames(tmp_path, count):
             im.seek(i)
             durations.append(im.info["duration"])
     assert durations == [300] * (count - 1) + [1500]
+
+
+def write_geometry_csv(run_dir, rows):
+    """metrics.csv with the geometry columns; a None value is an epoch without them (an empty cell)."""
+    run_dir.mkdir(parents=True)
+    lines = ["epoch,test_acc," + ",".join(visualize.GEOMETRY_METRICS)]
+    for epoch, values in rows:
+        lines.append(f"{epoch},0.5," + ",".join("" if v is None else str(v) for v in values))
+    (run_dir / "metrics.csv").write_text("\n".join(lines) + "\n")
+
+
+def test_geometry_over_epochs_of_several_runs(tmp_path, capsys):
+    """--geometry reads each run's geometry columns (epochs without them left out) and draws one picture."""
+    a, b = tmp_path / "runs" / "a", tmp_path / "runs" / "b"
+    write_geometry_csv(a, [(1, [2.0, 8.0, 9.0, 4.0, 4.5, 10.0]), (2, [None] * 6), (3, [1.0, 8.0, 9.0, 8.0, 9.0, 11.0])])
+    write_geometry_csv(b, [(1, [3.0, 1.5, 2.0, 0.5, 0.75, 5.0])])
+    series = visualize.geometry_series(a)
+    assert series["intra_distance"] == ([1, 3], [2.0, 1.0]) and series["min_gap_ratio"] == ([1, 3], [4.0, 8.0])
+    out = tmp_path / "geometry.png"
+    assert visualize.main(["--geometry", str(a), str(b), "--out", str(out)]) == 0
+    assert Image.open(out).size == (1300, 700)
+    assert capsys.readouterr().out == f"{out}: {', '.join(visualize.GEOMETRY_METRICS)} of 2 run(s)\n"
+
+
+@pytest.mark.parametrize("problem", ["no-columns", "no-csv", "bad-value", "bad-out", "no-out"])
+def test_geometry_bad_input_is_one_line_and_draws_nothing(tmp_path, capsys, problem):
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    write_geometry_csv(good, [(1, [2.0, 8.0, 9.0, 4.0, 4.5, 10.0])])
+    bad.mkdir()
+    if problem == "no-columns":
+        (bad / "metrics.csv").write_text("epoch,test_acc\n1,0.5\n")
+    elif problem == "bad-value":
+        write_geometry_csv(bad / "x", [(1, ["x"] * 6)])
+        bad = bad / "x"
+    args = ["--geometry", str(good), str(bad if problem != "bad-out" else good), "--out", str(tmp_path / "g.png")]
+    if problem == "bad-out":
+        args[-1] = str(tmp_path / "g.txt")
+    if problem == "no-out":
+        args = args[:-2]
+    before = listing(tmp_path)
+    if problem == "no-out":
+        with pytest.raises(SystemExit) as info:
+            visualize.main(args)
+        assert info.value.code == 2
+    else:
+        assert visualize.main(args) == 1
+    line = stderr_error_line(capsys.readouterr().err)
+    message = {
+        "no-columns": "metrics.csv: none of the geometry columns",
+        "no-csv": "metrics.csv: not readable as a run's metrics (FileNotFoundError",
+        "bad-value": "metrics.csv: not readable as a run's metrics (ValueError",
+        "bad-out": "--out " + str(tmp_path / "g.txt") + ": give a .png, .svg or .pdf file",
+        "no-out": "--geometry and --out go together",
+    }[problem]
+    assert message in line
+    assert listing(tmp_path) == before
