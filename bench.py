@@ -55,7 +55,7 @@ from config import parse_args as parse_main_args
 from datasets import DATASETS, DataError, Dataset, ImageData, canonical_name, default_workers, load_dataset, loader_batches, tensor_batches
 from losses import LOSSES
 from models import MODELS
-from training import AMP_DTYPES, Trainer, build_trainer, guarded_step
+from training import AMP_DTYPES, Trainer, build_trainer, train_step
 from utils import epoch_generator, resolve_device
 
 REPO = Path(__file__).resolve().parent
@@ -150,7 +150,7 @@ def run_steps(pipeline: dict, args: argparse.Namespace, device: torch.device, st
     stream = batch_stream(pipeline, args, device, pipeline["step"])
     started = time.perf_counter()
     x, y = next(stream)
-    guarded_step(pipeline["trainer"], x, y)
+    train_step(pipeline["trainer"], x, y)
     synchronize(device)
     first = time.perf_counter() - started
     samples = 0
@@ -158,7 +158,7 @@ def run_steps(pipeline: dict, args: argparse.Namespace, device: torch.device, st
     started = time.perf_counter()
     for _ in range(steps):
         x, y = next(stream)
-        guarded_step(pipeline["trainer"], x, y)
+        train_step(pipeline["trainer"], x, y)
         samples += len(y)
     synchronize(device)
     seconds = time.perf_counter() - started

@@ -20,8 +20,8 @@ from config import parse_args  # noqa: E402
 from datasets import Dataset, ImageData, tensor_batches  # noqa: E402
 from evaluation import acc_predictions, embed  # noqa: E402
 from losses import LOSSES  # noqa: E402
-from main import train_step  # noqa: E402
-from training import EpochState, build_trainer  # noqa: E402
+from main import record_step  # noqa: E402
+from training import EpochState, build_trainer, train_step  # noqa: E402
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 BATCH, STEPS = 32, 4
@@ -42,18 +42,18 @@ def run_steps(loss: str, device: str, amp: str, sync_mode: str) -> EpochState:
     args = parse_args(["--loss", loss, "--device", device, "--amp", amp, "--batch-size", str(BATCH), "--feat-dim", "2"])
     dev = torch.device(device)
     data = synthetic(dev)
-    run = SimpleNamespace(**vars(build_trainer(args, data, dev)), args=args, device=dev, collect_frames=True)
+    run = SimpleNamespace(**vars(build_trainer(args, data, dev)), args=args, device=dev, collect_frames=True, frame_take=BATCH)
     aug = torch.Generator(dev).manual_seed(1)
     order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(2)).to(dev)
     batches = tensor_batches(data.train, order, BATCH, data.augmentations, aug)
     state = EpochState.new(len(data.classes), args.feat_dim, dev, aug)
-    train_step(run, state, *next(batches))
+    record_step(run, state, *train_step(run, *next(batches)))
     if dev.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode(sync_mode)
     try:
         for x, y in batches:
-            train_step(run, state, x, y)
+            record_step(run, state, *train_step(run, x, y))
             state.aug = aug.get_state()
         features, logits = embed(run, data.test)
         centers = run.objective.centers

@@ -48,7 +48,7 @@ def test_frames_per_epoch(tiny_runs, loss):
 
 def test_frames_share_one_axis_range(tiny_runs, tmp_path):
     run_dir = copy_run(tiny_runs["standalone"], tmp_path)
-    limits = visualize.redraw_frames(run_dir, DIGIT_CLASSES)
+    limits = visualize.draw_frames(run_dir, DIGIT_CLASSES)
     assert limits is not None and limits.shape == (2, 2)
     assert (limits[:, 0] < limits[:, 1]).all()
     # The range is the union of every frame's robust range (train and val, all epochs).
@@ -74,7 +74,7 @@ def test_frames_share_one_axis_range(tiny_runs, tmp_path):
 
 
 def test_redraw_frames_without_frames(tmp_path):
-    assert visualize.redraw_frames(tmp_path, DIGIT_CLASSES) is None
+    assert visualize.draw_frames(tmp_path, DIGIT_CLASSES) is None
 
 
 def test_robust_limits_ignores_outliers():
