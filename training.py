@@ -99,7 +99,11 @@ def build_trainer(args: argparse.Namespace, data: Dataset, device: torch.device,
     add_momentum_buffers(optimizer)
     bn_stats = batchnorm_stats(model)
     dtype = AMP_DTYPES[args.amp]
-    autocast: Callable[[], AbstractContextManager] = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
+    # A captured CUDA graph must not reuse autocast's cached casts of the weights (torch's CUDA graph notes).
+    cache = not args.cuda_graph
+    autocast: Callable[[], AbstractContextManager] = (
+        (lambda: torch.autocast(device.type, dtype=dtype, cache_enabled=cache)) if dtype else nullcontext
+    )
     return Trainer(
         model=model,
         net=compile_and_wrap(model, args.compile, device, world),
