@@ -56,7 +56,7 @@ from config import parse_args as parse_main_args
 from datasets import DATASETS, DataError, Dataset, ImageData, canonical_name, default_workers, load_dataset, loader_batches, tensor_batches
 from losses import LOSSES
 from models import MODELS
-from training import AMP_DTYPES, Trainer, build_trainer, train_step
+from training import AMP_DTYPES, Trainer, build_trainer, cuda_backends, train_step
 from utils import epoch_generator, resolve_device
 
 REPO = Path(__file__).resolve().parent
@@ -252,8 +252,7 @@ def make_pipeline(name: str, args: argparse.Namespace, data, device: torch.devic
 
 def benchmark(args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    cuda_backends(device)
     load_before = os.getloadavg()
     data = load_dataset(args.dataset, args.data_dir, download=False)
     names = ("fast",) if args.fast_only else ("loader", "fast")

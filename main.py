@@ -51,7 +51,7 @@ from distributed import init_distributed
 from evaluation import acc_predictions, embed, epoch_row, run_summary
 from metrics import FEATURE_METRICS
 from models import MIN_SIDE
-from training import TERMS, EpochState, GraphedStep, Run, build_trainer, make_scheduler, train_step
+from training import TERMS, EpochState, GraphedStep, Run, build_trainer, cuda_backends, make_scheduler, train_step
 from utils import atomic_torch_save, epoch_generator, resolve_device, write_csv, write_json
 
 COLUMNS = [
@@ -178,11 +178,7 @@ def train(args: argparse.Namespace, rank: int, world: int) -> int:
 def build(args: argparse.Namespace, rank: int, world: int) -> tuple[Run, Dataset, bool]:
     """The data, the run folder and the run (model, objective, optimiser, scheduler); whether to resume."""
     device = resolve_device(args.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        # cuDNN would run float32 convolutions in TF32 (10-bit mantissa) by default: float32 means float32
-        # here, as in the study; --amp bf16 is the fast setting.
-        torch.backends.cudnn.conv.fp32_precision = "ieee"
+    cuda_backends(device)
     data = load_dataset(args.dataset, args.data_dir or "data", download=True)
     if args.train_samples is not None:
         data.train = ImageData(data.train.images[: args.train_samples], data.train.labels[: args.train_samples])

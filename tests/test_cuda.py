@@ -84,8 +84,10 @@ def test_cuda_steps_and_evaluation_never_sync(loss):
 
 
 @CUDA
-def test_cuda_bf16_steps_never_sync():
-    run_steps("standalone", "cuda", "bf16", "error")
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_cuda_amp_steps_never_sync(amp):
+    """fp16 too: the GradScaler's unscale_ and update run on the device, and train_step skips its overflowing steps there."""
+    run_steps("standalone", "cuda", amp, "error")
 
 
 @CUDA
