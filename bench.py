@@ -17,7 +17,8 @@ After --warmup untimed steps of each pipeline, they take turns for --rounds roun
 steps (the order swaps every round), so machine noise hits both. Every round opens a fresh batch
 stream, as every epoch of main.py does, and takes its first batch untimed: DataLoader workers start
 there, which main.py pays once per epoch; that time is reported on its own (first_step_s).
-Reported: train samples/s of each pipeline (median over rounds), the ratio fast/loader (also per
+Reported: the operations one step of the fast path issues (ops_per_step: torch.profiler's top-level
+aten ops that launch a kernel), train samples/s of each pipeline (median over rounds), the ratio fast/loader (also per
 round, the two pipelines' rounds being back to back), samples per CPU second (this process and its
 DataLoader workers, start-up included; less sensitive to other load on a shared machine), and peak
 memory: on CUDA torch.cuda.max_memory_allocated per pipeline; on the CPU the peak resident set of
@@ -55,7 +56,7 @@ from config import parse_args as parse_main_args
 from datasets import DATASETS, DataError, Dataset, ImageData, canonical_name, default_workers, load_dataset, loader_batches, tensor_batches
 from losses import LOSSES
 from models import MODELS
-from training import AMP_DTYPES, Trainer, build_trainer, guarded_step
+from training import AMP_DTYPES, Trainer, build_trainer, cuda_backends, train_step
 from utils import epoch_generator, resolve_device
 
 REPO = Path(__file__).resolve().parent
@@ -150,7 +151,7 @@ def run_steps(pipeline: dict, args: argparse.Namespace, device: torch.device, st
     stream = batch_stream(pipeline, args, device, pipeline["step"])
     started = time.perf_counter()
     x, y = next(stream)
-    guarded_step(pipeline["trainer"], x, y)
+    train_step(pipeline["trainer"], x, y)
     synchronize(device)
     first = time.perf_counter() - started
     samples = 0
@@ -158,7 +159,7 @@ def run_steps(pipeline: dict, args: argparse.Namespace, device: torch.device, st
     started = time.perf_counter()
     for _ in range(steps):
         x, y = next(stream)
-        guarded_step(pipeline["trainer"], x, y)
+        train_step(pipeline["trainer"], x, y)
         samples += len(y)
     synchronize(device)
     seconds = time.perf_counter() - started
@@ -176,6 +177,40 @@ def run_steps(pipeline: dict, args: argparse.Namespace, device: torch.device, st
         "first_step_s": first,
         "peak_mib": peak,
     }
+
+
+# aten ops that launch no kernel: views, aliases, metadata and bare allocations (and their no-op
+# forms: a `to` or `contiguous` that copies nothing). An op of this list that does copy has a child
+# that launches, and counts.
+NO_KERNEL_OPS = {
+    f"aten::{name}"
+    for name in "detach view t expand expand_as unsqueeze squeeze as_strided reshape _reshape_alias flatten unbind select slice "
+    "permute transpose alias _unsafe_view view_as split chunk narrow empty empty_like empty_strided resize_ lift_fresh to "
+    "contiguous result_type".split()
+}
+
+
+def ops_per_step(trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> dict[str, int]:
+    """The operations one train_step issues, counted with torch.profiler on the CPU: aten ops called at
+    the top level (not from inside another aten op: conv2d counts once, not with the convolution it
+    calls), in the forward and in the autograd engine's backward, except those that launch no kernel
+    (NO_KERNEL_OPS). A foreach or fused op (one multi-tensor kernel on CUDA) counts once. Returns the
+    count per op name."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def launches(event) -> bool:
+        return event.name not in NO_KERNEL_OPS or any(launches(c) for c in event.cpu_children if c.name.startswith("aten::"))
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        train_step(trainer, x, y)
+    counts: dict[str, int] = {}
+    for event in prof.events():
+        parent = event.cpu_parent
+        while parent is not None and not parent.name.startswith("aten::"):
+            parent = parent.cpu_parent
+        if event.name.startswith("aten::") and parent is None and launches(event):
+            counts[event.name] = counts.get(event.name, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
 def cpu_seconds() -> tuple[float, float]:
@@ -217,8 +252,7 @@ def make_pipeline(name: str, args: argparse.Namespace, data, device: torch.devic
 
 def benchmark(args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    cuda_backends(device)
     load_before = os.getloadavg()
     data = load_dataset(args.dataset, args.data_dir, download=False)
     names = ("fast",) if args.fast_only else ("loader", "fast")
@@ -252,6 +286,10 @@ def benchmark(args: argparse.Namespace) -> dict:
             "first_step_s": statistics.median(r["first_step_s"] for r in rounds),
             "peak_memory_mib": max(r["peak_mib"] for r in rounds) if device.type == "cuda" else None,
         }
+    fast = next(p for p in pipelines if p["name"] == "fast")
+    x, y = next(batch_stream(fast, args, device, 0))
+    operations = ops_per_step(fast["trainer"], x, y)  # one more step of the fast path (its cost is not timed)
+    print(f"operations per step of the fast path: {sum(operations.values())} (torch.profiler, top-level aten ops that launch a kernel)")
     ratio = round_ratios = cpu_ratio = None
     if not args.fast_only:
         ratio = results["fast"]["samples_per_s"] / results["loader"]["samples_per_s"]
@@ -279,6 +317,8 @@ def benchmark(args: argparse.Namespace) -> dict:
         "ratio_per_round_median": statistics.median(round_ratios) if round_ratios else None,
         "ratio_samples_per_cpu_s": cpu_ratio,
         "peak_memory": memory,
+        "ops_per_step": sum(operations.values()),
+        "ops_per_step_by_name": operations,
     }
     for name, res in results.items():
         print(

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from training import EpochState, Run
+from training import EpochState, Run, add_momentum_buffers
 
 # Settings that define a run: a checkpoint made with other values cannot be resumed.
 CONFIG_KEYS = (
@@ -117,9 +117,15 @@ def checkpoint(run: Run, epoch: int, state: EpochState | None) -> dict:
 def load_checkpoint(path: Path, run: Run) -> dict:
     """Load a checkpoint safely (weights_only: it cannot run code), check it fits this run and restore
     the run from it. Any damage is one
-    CheckpointError line; resuming with other optimisation settings is refused (SystemExit 2)."""
+    CheckpointError line; resuming with other optimisation settings is refused (SystemExit 2).
+
+    It is loaded to the CPU, whatever device saved it: random states must be CPU tensors, and
+    load_state_dict copies weights and optimizer state to the device of the run's own tensors. Only
+    the unfinished epoch's accumulators move to run.device, so a run may resume on another device
+    (args.json records the new one; main.train_epoch re-seeds the augmentations of an epoch cut short
+    on another kind of device)."""
     try:
-        ckpt = torch.load(path, map_location=run.device, weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise CheckpointError(
             f"{path}: corrupt or unreadable checkpoint ({type(exc).__name__}); delete it or start again with --overwrite"
@@ -145,8 +151,9 @@ def load_checkpoint(path: Path, run: Run) -> dict:
         if run.scaler is not None and ckpt["scaler"]:
             run.scaler.load_state_dict(ckpt["scaler"])
         set_random_states(ckpt["random"])
+        add_momentum_buffers(run.optimizer)  # a checkpoint from before the first step has none
         if ckpt["epoch_state"] is not None:
-            ckpt["epoch_state"] = EpochState(**ckpt["epoch_state"])
+            ckpt["epoch_state"] = epoch_state_on(ckpt["epoch_state"], run.device)
     except Exception as exc:  # a damaged state dict fails in many ways (RuntimeError, KeyError, TypeError, ...)
         raise CheckpointError(
             f"{path}: checkpoint does not fit this run ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
@@ -155,6 +162,15 @@ def load_checkpoint(path: Path, run: Run) -> dict:
     for key in ("history", "train_seconds", "samples", "bad_steps"):
         setattr(run, key, ckpt[key])
     return ckpt
+
+
+def epoch_state_on(saved: dict, device: torch.device) -> EpochState:
+    """A checkpoint's unfinished-epoch accumulators, moved to `device`; the augmentation generator's
+    state stays a CPU tensor, the only kind Generator.set_state takes (main.train_epoch)."""
+    moved = {k: v.to(device) if torch.is_tensor(v) and k != "aug" else v for k, v in saved.items()}
+    moved["frame_features"] = [t.to(device) for t in saved["frame_features"]]
+    moved["frame_labels"] = [t.to(device) for t in saved["frame_labels"]]
+    return EpochState(**moved)
 
 
 def damaged_parts(ckpt: object) -> list[str]:

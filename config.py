@@ -149,6 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", choices=tuple(AMP_DTYPES), default="off", help="autocast precision")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="channels_last memory format")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="capture the training step in a CUDA graph and replay it (CUDA only, one process, not with --amp fp16 or --compile)",
+    )
     p.add_argument("--max-bad-steps", type=int, default=5, help="stop after this many non-finite steps (each one is skipped)")
     p.add_argument("--out", default="runs", help="folder of run folders")
     p.add_argument("--name", default=None, help="run folder name (default <loss>-<dataset>-feat=<feat_dim>)")
@@ -227,6 +232,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for problem in (device_problem(args.device), out_problem(args.out)):
         if problem:
             parser.error(problem)
+    if args.cuda_graph and (resolve_device(args.device).type != "cuda" or world > 1 or args.amp == "fp16" or args.compile):
+        parser.error(
+            "--cuda-graph captures CUDA kernels of one process: it needs a CUDA --device, no torchrun, and neither --amp fp16 "
+            "(the GradScaler) nor --compile; drop --cuda-graph"
+        )
     if args.tensorboard:
         try:
             importlib.import_module("torch.utils.tensorboard")

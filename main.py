@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import signal
 import sys
 import time
@@ -52,7 +53,7 @@ from distributed import close_distributed, init_distributed
 from evaluation import acc_predictions, embed, epoch_row, run_summary
 from metrics import FEATURE_METRICS, GEOMETRY_METRICS, OPEN_SET_METRICS
 from models import MIN_SIDE
-from training import TERMS, EpochState, Run, build_trainer, guarded_step
+from training import TERMS, EpochState, GraphedStep, Run, build_trainer, cuda_backends, make_scheduler, train_step
 from utils import atomic_torch_save, epoch_generator, resolve_device, write_csv, write_json
 
 COLUMNS = [
@@ -72,17 +73,18 @@ class TrainingError(Exception):
     """A run that cannot go on (corrupt checkpoint, divergence); reported as one line, exit code 1."""
 
 
-def train_step(run: Run, state: EpochState, x: torch.Tensor, y: torch.Tensor) -> None:
-    """One guarded SGD step, and what the epoch keeps of it. Nothing here waits for the host."""
+def record_step(run: Run, state: EpochState, features, logits, y, loss, terms, finite) -> None:
+    """What the epoch keeps of one step (train_step's outputs): loss, terms, accuracy, class sums and,
+    for the train frame, the first run.frame_take points of every batch, so that the frame spreads
+    over the whole epoch. Nothing here waits for the host."""
     args, objective = run.args, run.objective
-    features, logits, y, loss, terms, finite = guarded_step(run, x, y)
     features = torch.where(finite, features.detach().float(), torch.nan)  # a bad step's points are not drawn
     centers = objective.centers.detach() if objective.centers is not None else None
     correct = (acc_predictions(args, features, logits.detach(), centers) == y).sum()
     state.add(loss, terms, features, y, correct, finite)
-    if run.collect_frames and sum(len(f) for f in state.frame_features) < FRAME_POINTS:
-        state.frame_features.append(features)
-        state.frame_labels.append(y)
+    if run.collect_frames:
+        state.frame_features.append(features[: run.frame_take])
+        state.frame_labels.append(y[: run.frame_take].clone())  # y may be a CUDA graph's input buffer
 
 
 def train_epoch(run: Run, epoch: int, state: EpochState, stop: dict) -> bool:
@@ -90,8 +92,16 @@ def train_epoch(run: Run, epoch: int, state: EpochState, stop: dict) -> bool:
     in place. Returns whether it stopped for a signal."""
     args, data = run.args, run.train
     order = torch.randperm(len(data), generator=epoch_generator(args.seed, epoch))
-    aug = torch.Generator(run.device).set_state(state.aug)
     rank, world = run.rank, run.world
+    aug = torch.Generator(run.device)
+    try:
+        aug.set_state(state.aug)
+    except RuntimeError:  # a checkpoint cut short on another kind of device: a CPU generator's state does not fit a CUDA one
+        aug.manual_seed(epoch_generator(args.seed, epoch).initial_seed() + 1 + state.step)
+        log(
+            rank,
+            f"the checkpoint's augmentation state is of another kind of device than {run.device}: the rest of epoch {epoch} is re-seeded",
+        )
     if args.pipeline == "fast":
         batches = tensor_batches(data, order, args.batch_size, run.augmentations, aug, state.step, rank, world)
     else:
@@ -104,7 +114,7 @@ def train_epoch(run: Run, epoch: int, state: EpochState, stop: dict) -> bool:
         batches, total=full_batches(len(data), args.batch_size), initial=state.step, desc=f"epoch {epoch}", leave=False, disable=not show
     )
     for x, y in bar:
-        train_step(run, state, x, y)
+        record_step(run, state, *(run.graph(x, y) if run.graph is not None else train_step(run, x, y)))
         state.aug = aug.get_state()
         if state.step % LOG_EVERY == 0:
             check_divergence(run, epoch, state)
@@ -148,9 +158,29 @@ def check_divergence(run: Run, epoch: int, state: EpochState) -> None:
 
 
 def train(args: argparse.Namespace, rank: int, world: int) -> int:
+    """Build the run, resume it if a checkpoint is there, train the epochs, finish (rank 0)."""
+    run, data, resuming = build(args, rank, world)
+    start_epoch, state = resume(run, data, resuming)
+    stopped = loop(run, data, start_epoch, state)
+    if stopped is not None:
+        return stopped
+    if rank == 0:
+        try:
+            finish(run, data)
+        except KeyboardInterrupt:  # the signal handlers are gone: pictures and summary are redone from the checkpoint
+            print(
+                f"interrupted while drawing the final pictures and writing summary.json; the checkpoint of epoch {args.epochs} is saved, "
+                "run the same command to finish the run",
+                file=sys.stderr,
+            )
+            return 130
+    return 0
+
+
+def build(args: argparse.Namespace, rank: int, world: int) -> tuple[Run, Dataset, bool]:
+    """The data, the run folder and the run (model, objective, optimiser, scheduler); whether to resume."""
     device = resolve_device(args.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    cuda_backends(device)
     data = load_dataset(args.dataset, args.data_dir or "data", download=True)
     unseen = None
     if args.train_classes is not None:
@@ -179,7 +209,7 @@ def train(args: argparse.Namespace, rank: int, world: int) -> int:
                 + (" or --model resnet" if args.model != "resnet" else "")
             )
         )
-    run_dir, resume = check_run_dir(args)
+    run_dir, resuming = check_run_dir(args)
     if world > 1:  # every process has checked before rank 0 deletes or creates anything
         dist.barrier()
     if rank == 0:
@@ -200,27 +230,41 @@ def train(args: argparse.Namespace, rank: int, world: int) -> int:
         unseen=unseen.to(device) if unseen is not None and on_device else unseen,
         augmentations=data.augmentations,
         collect_frames=args.feat_dim == 2 and not args.no_plots,
+        frame_take=-(-FRAME_POINTS // full_batches(len(data.train), args.batch_size)),
     )
-    run.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        run.optimizer, mode="max", factor=args.factor, patience=args.patience, threshold=args.threshold
-    )
+    run.scheduler = make_scheduler(run.optimizer, args)
+    if args.cuda_graph:
+        run.graph = GraphedStep(run)
+    return run, data, resuming
+
+
+def resume(run: Run, data: Dataset, resuming: bool) -> tuple[int, EpochState | None]:
+    """Restore the run from its checkpoint, if any; write args.json. Returns the first epoch to train
+    and the unfinished epoch's accumulators (None: start it afresh)."""
+    args, rank = run.args, run.rank
     start_epoch, state = 1, None
-    if resume:
-        ckpt = load_checkpoint(run_dir / "checkpoint.pt", run)
+    if resuming:
+        ckpt = load_checkpoint(run.dir / "checkpoint.pt", run)
         start_epoch, state = ckpt["epoch"] + 1, ckpt["epoch_state"]
-        log(rank, f"resuming {run_dir} after epoch {ckpt['epoch']}" + (f", step {state.step}" if state else ""))
+        log(rank, f"resuming {run.dir} after epoch {ckpt['epoch']}" + (f", step {state.step}" if state else ""))
     if rank == 0:
-        write_json(run_dir / "args.json", {**vars(args), "world_size": world})
+        write_json(run.dir / "args.json", {**vars(args), "world_size": run.world})
     log(
         rank,
-        f"{args.loss} on {data.name} ({len(data.train)} train / {len(data.test)} test, {data.source}), {args.model} feat_dim={args.feat_dim}, {device}",
+        f"{args.loss} on {data.name} ({len(data.train)} train / {len(data.test)} test, {data.source}), {args.model} feat_dim={args.feat_dim}, {run.device}",
     )
+    return start_epoch, state
 
+
+def loop(run: Run, data: Dataset, start_epoch: int, state: EpochState | None) -> int | None:
+    """Train the epochs from start_epoch on, with a checkpoint after each. Returns the exit code if a
+    signal stopped it (after saving), None once the last epoch is done."""
+    args, rank, device = run.args, run.rank, run.device
     writer = None
     if args.tensorboard and rank == 0:
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(run_dir / "tensorboard"))
+        writer = SummaryWriter(str(run.dir / "tensorboard"))
     stop = {"signal": None}
     previous = {s: signal.signal(s, lambda signum, frame: stop.update(signal=signum)) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -236,10 +280,9 @@ def train(args: argparse.Namespace, rank: int, world: int) -> int:
             run.samples += (state.step - step_before) * args.batch_size
             if stopped:
                 if rank == 0:
-                    atomic_torch_save(checkpoint(run, epoch - 1, state), run_dir / "checkpoint.pt")
+                    atomic_torch_save(checkpoint(run, epoch - 1, state), run.dir / "checkpoint.pt")
                     print(
-                        f"interrupted at epoch {epoch} step {state.step}; checkpoint saved, run the same command to resume",
-                        file=sys.stderr,
+                        f"interrupted at epoch {epoch} step {state.step}; checkpoint saved, run the same command to resume", file=sys.stderr
                     )
                 return 128 + stop["signal"]
             row, test_features = epoch_row(run, epoch, state, elapsed)
@@ -247,15 +290,7 @@ def train(args: argparse.Namespace, rank: int, world: int) -> int:
             run.scheduler.step(row["val_acc"] if run.val is not None else row["test_acc"])
             run.history.append(row)
             if rank == 0:
-                write_csv(run_dir / "metrics.csv", run.history, COLUMNS)
-                if run.collect_frames and (epoch % args.plot_every == 0 or epoch == args.epochs):
-                    draw_frames(run, data, epoch, state, test_features, row)
-                atomic_torch_save(checkpoint(run, epoch, None), run_dir / "checkpoint.pt")
-                if writer is not None:
-                    n = EMBEDDING_POINTS if epoch == args.epochs else 0
-                    embedding = (test_features[:n], data.test.images[:n], [data.classes[k] for k in data.test.labels[:n].tolist()])
-                    frame = run_dir / "frames" / "test" / f"epoch_{epoch:03d}.png"
-                    visualize.log_tensorboard(writer, epoch, row, run.objective.centers, frame, embedding if n else None)
+                end_epoch(run, data, epoch, state, row, test_features, writer)
             log(
                 rank,
                 f"epoch {epoch}/{args.epochs}  loss {row['train_loss']:.4f}  train acc {row['train_acc']:.4f}  "
@@ -269,17 +304,20 @@ def train(args: argparse.Namespace, rank: int, world: int) -> int:
             signal.signal(s, handler)
         if writer is not None:
             writer.close()
-    if rank == 0:
-        try:
-            finish(run, data)
-        except KeyboardInterrupt:  # the signal handlers are gone: pictures and summary are redone from the checkpoint
-            print(
-                f"interrupted while drawing the final pictures and writing summary.json; the checkpoint of epoch {args.epochs} is saved, "
-                "run the same command to finish the run",
-                file=sys.stderr,
-            )
-            return 130
-    return 0
+    return None
+
+
+def end_epoch(run: Run, data: Dataset, epoch: int, state: EpochState, row: dict, test_features: torch.Tensor, writer) -> None:
+    """Rank 0 after an epoch: metrics.csv, the 2-D frame's data (drawn by finish), the checkpoint, TensorBoard."""
+    args = run.args
+    write_csv(run.dir / "metrics.csv", run.history, COLUMNS)
+    if run.collect_frames and (epoch % args.plot_every == 0 or epoch == args.epochs):
+        save_frame_data(run, data, epoch, state, test_features, row)
+    atomic_torch_save(checkpoint(run, epoch, None), run.dir / "checkpoint.pt")
+    if writer is not None:
+        n = EMBEDDING_POINTS if epoch == args.epochs else 0
+        embedding = (test_features[:n], data.test.images[:n], [data.classes[k] for k in data.test.labels[:n].tolist()])
+        visualize.log_tensorboard(writer, epoch, row, run.objective.centers, embedding if n else None)
 
 
 def log(rank: int, message: str) -> None:
@@ -287,7 +325,9 @@ def log(rank: int, message: str) -> None:
         print(message, flush=True)
 
 
-def draw_frames(run: Run, data: Dataset, epoch: int, state: EpochState, test_features: torch.Tensor, row: dict) -> None:
+def save_frame_data(run: Run, data: Dataset, epoch: int, state: EpochState, test_features: torch.Tensor, row: dict) -> None:
+    """The points of this epoch's two 2-D frames (train: spread over the epoch's steps; test: the first
+    FRAME_POINTS) with the centers and a title, as .npz files; finish() draws them all at once."""
     centers = run.objective.centers
     centers = centers.detach().cpu() if centers is not None else None
     title = f"{run.args.loss} {data.name} epoch {epoch}"
@@ -295,7 +335,7 @@ def draw_frames(run: Run, data: Dataset, epoch: int, state: EpochState, test_fea
     test_points = (test_features[:FRAME_POINTS].cpu(), data.test.labels[:FRAME_POINTS].cpu())
     for split, (features, labels), acc in (("train", train_points, row["train_acc"]), ("test", test_points, row["test_acc"])):
         loss = row["train_loss"] if split == "train" else row["test_loss"]
-        visualize.save_frame(run.dir, split, epoch, features, labels, centers, data.classes, f"{title}  loss {loss:.3f}  acc {acc:.4f}")
+        visualize.save_frame_data(run.dir, split, epoch, features, labels, centers, f"{title}  loss {loss:.3f}  acc {acc:.4f}")
 
 
 def finish(run: Run, data: Dataset) -> None:
@@ -311,8 +351,10 @@ def finish(run: Run, data: Dataset) -> None:
     pictures = []
     if not args.no_plots:
         if args.feat_dim == 2:
-            visualize.redraw_frames(run_dir, data.classes)
+            visualize.draw_frames(run_dir, data.classes, workers=len(os.sched_getaffinity(0)))
             pictures = visualize.make_run_gifs(run_dir)
+            if args.tensorboard:
+                visualize.log_frames_to_tensorboard(run_dir)
         else:
             subset = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(args.seed))[:PROJECTION_POINTS]
             train_subset = ImageData(data.train.images[subset], data.train.labels[subset])
@@ -346,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
         rank, world = init_distributed(resolve_device(args.device))
         code = train(args, rank, world)
         return code
-    except (DataError, CheckpointError, TrainingError) as exc:
+    except (DataError, CheckpointError, TrainingError, visualize.StitchError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # before the training loop installs its handlers: nothing to save yet

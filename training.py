@@ -1,10 +1,11 @@
 """The training step main.py and bench.py share: the model, objective and optimiser a run trains,
-one SGD step guarded against non-finite losses, gradients and weights without a host sync, and
-what an epoch accumulates from its steps."""
+one SGD step guarded against non-finite losses, gradients and weights without a host sync (one
+function, train_step), and what an epoch accumulates from its steps."""
 
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, fields
@@ -44,6 +45,8 @@ class Trainer:
     channels_last: bool
     clip_grad_norm: float  # 0: off
     center_alpha: float | None  # the paper's center update's rate; None: centers learn by SGD
+    bn_stats: list[torch.Tensor]  # the BatchNorm running statistics, flat (batchnorm_stats)
+    bn_saved: list[torch.Tensor]  # their copies from before the step's forward
 
 
 @dataclass
@@ -62,6 +65,8 @@ class Run(Trainer):
     unseen: ImageData | None  # test images of the classes left out by --train-classes (open-set retrieval)
     augmentations: tuple[str, ...]
     collect_frames: bool  # 2-D features drawn each epoch
+    frame_take: int = 0  # train points each step keeps for the train frame (spread over the epoch)
+    graph: GraphedStep | None = None  # --cuda-graph
     scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau | None = None
     history: list[dict] = field(default_factory=list)  # the metrics.csv rows
     train_seconds: float = 0.0
@@ -73,7 +78,7 @@ def build_trainer(args: argparse.Namespace, data: Dataset, device: torch.device,
     """Model, objective, SGD optimiser, GradScaler (fp16 only) and autocast from main.py's settings,
     built in a fixed order after seeding, so that the same --seed gives the same initial weights.
     Weight decay applies to the model only; with --center-update paper the centers are left out
-    of the optimiser (guarded_step moves them)."""
+    of the optimiser (train_step moves them)."""
     seed_everything(args.seed)
     stats = channel_stats(data.train.images) if args.model == "lenet++" else (None, None)
     model = build_model(args.model, data.channels, len(data.classes), args.feat_dim, data.image_size, *stats, width=args.width).to(device)
@@ -91,9 +96,15 @@ def build_trainer(args: argparse.Namespace, data: Dataset, device: torch.device,
         objective.centers.requires_grad_(False)
     else:
         groups.append({"params": objective.parameters(), "lr": args.lr_cent})
-    optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum)
+    optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum)  # its state and settings; train_step runs its fused kernel
+    add_momentum_buffers(optimizer)
+    bn_stats = batchnorm_stats(model)
     dtype = AMP_DTYPES[args.amp]
-    autocast: Callable[[], AbstractContextManager] = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
+    # A captured CUDA graph must not reuse autocast's cached casts of the weights (torch's CUDA graph notes).
+    cache = not args.cuda_graph
+    autocast: Callable[[], AbstractContextManager] = (
+        (lambda: torch.autocast(device.type, dtype=dtype, cache_enabled=cache)) if dtype else nullcontext
+    )
     return Trainer(
         model=model,
         net=compile_and_wrap(model, args.compile, device, world),
@@ -105,6 +116,26 @@ def build_trainer(args: argparse.Namespace, data: Dataset, device: torch.device,
         channels_last=args.channels_last,
         clip_grad_norm=args.clip_grad_norm,
         center_alpha=args.center_alpha,
+        bn_stats=bn_stats,
+        bn_saved=[stats.clone() for stats in bn_stats],
+    )
+
+
+def cuda_backends(device: torch.device) -> None:
+    """On CUDA: cuDNN autotuning (the shapes never change) and float32 convolutions in float32. cuDNN
+    would run them in TF32 (a 10-bit mantissa) by default; float32 means float32 here, as on the
+    study's GPUs, and --amp bf16 is the fast setting."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.conv.fp32_precision = "ieee"
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace) -> torch.optim.lr_scheduler.ReduceLROnPlateau:
+    """The study's schedule: lr x --factor once the monitored accuracy has not risen by the relative
+    --threshold for more than --patience epochs (mode max). With the study's 0.1 that is never met
+    once the accuracy is above 1 / 1.1 ~ 0.91 (docs/fidelity.md)."""
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode="max", factor=args.factor, patience=args.patience, threshold=args.threshold
     )
 
 
@@ -115,80 +146,173 @@ def compile_and_wrap(model: nn.Module, compile_model: bool, device: torch.device
     return torch.compile(model) if compile_model else model
 
 
-def step_tensors(modules: list[torch.nn.Module], optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
-    """Every tensor one training step changes: weights, buffers (BatchNorm statistics), optimizer state."""
-    tensors = [t for m in modules for t in m.state_dict(keep_vars=True).values()]
-    return tensors + [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+# A weight beyond this after an update counts as divergence: float32 ends at 3.4e38, and the bound
+# train_step checks is computed in float32, so it must stay clear of overflowing itself.
+UPDATE_LIMIT = 1e38
 
 
-@torch.no_grad()
-def undo_unless(finite: torch.Tensor, tensors: list[torch.Tensor], saved: list[torch.Tensor]) -> None:
-    """t <- where(finite, t, saved): takes back a non-finite step without a host sync.
+def batchnorm_stats(model: nn.Module) -> list[torch.Tensor]:
+    """Every BatchNorm running statistic of `model` re-made as a view of one flat tensor per dtype
+    (running means and variances, batch counts), which are returned. A bad step's forward has moved
+    them; one torch.where per flat tensor takes that back, instead of one per buffer. Call after the
+    model has reached its device and memory format: moving it again would undo the views."""
+    buffers: dict[torch.dtype, list[tuple[nn.Module, str, torch.Tensor]]] = {}
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            for name, buffer in module.named_buffers(recurse=False):
+                buffers.setdefault(buffer.dtype, []).append((module, name, buffer))
+    flats = []
+    for items in buffers.values():
+        flat = torch.cat([buffer.reshape(-1) for _, _, buffer in items])
+        offset = 0
+        for module, name, buffer in items:
+            setattr(module, name, flat[offset : offset + buffer.numel()].view_as(buffer))
+            offset += buffer.numel()
+        flats.append(flat)
+    return flats
 
-    Optimizer state that the step created (`tensors` beyond `saved`: SGD's momentum buffers on the
-    first step) goes back to zero, which SGD treats exactly as a missing buffer (dampening 0).
-    """
-    for i, t in enumerate(tensors):
-        torch.where(finite, t, saved[i] if i < len(saved) else t.new_zeros(()), out=t)
+
+def add_momentum_buffers(optimizer: torch.optim.Optimizer) -> None:
+    """A zero momentum buffer for every trained parameter that has none (a new optimiser, or one loaded
+    from a checkpoint made before its first step). With dampening 0, m * 0 + g = g is exactly SGD's
+    first step, so the fused kernel treats every step alike, and a skipped first step leaves no
+    uninitialised buffer behind (the kernel's own first step would create them with empty_like)."""
+    for group in optimizer.param_groups:
+        if group["momentum"]:
+            for p in group["params"]:
+                if p.requires_grad and optimizer.state[p].get("momentum_buffer") is None:
+                    optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
-def all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Whether every element of every tensor is finite, as a bool tensor on their device (no host sync).
+def train_step(trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """One guarded SGD step, top to bottom: forward, loss (float32), backward, guard, clipping (if on),
+    SGD update and the paper's center update (if on). Nothing here waits for the host, so that a CUDA
+    graph can capture it (main.py --cuda-graph).
 
-    By each tensor's L1 norm (one fused kernel on CUDA, as clip_grad_norm_ uses): an inf or NaN
-    element makes it inf or NaN, and finite elements overflow it only when they average beyond
-    float32's 3.4e38 / numel (about 1e33 for the largest layer), which is divergence too.
-    """
-    return torch.isfinite(torch.stack(torch._foreach_norm(tensors, 1))).all()
-
-
-def guarded_step(trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Forward, loss (float32), backward, gradient clipping (if on), SGD update and the paper's center
-    update (if on), taken back on the device unless the loss, the gradients and the updated
-    parameters (weights and centers) are all finite.
-
-    Every tensor the step can change (weights, centers, BatchNorm buffers, momentum) is copied first
-    and restored by torch.where(finite, new, old) after the update, so a bad step leaves no trace and
-    the host never waits. Under torchrun the loss sees the global batch (distributed.gather_batch).
-    Returns (features, logits, labels, loss, terms, finite); labels are the global batch's.
+    The guard judges before anything is updated. A step is applied only if the loss is finite and a
+    bound on every updated weight is below UPDATE_LIMIT: SGD with rate lr, momentum m and weight decay
+    wd gives |p'| <= |p| + lr (wd |p| + m |buf| + |g|) elementwise, so the max-abs norms of weights,
+    momentum buffers and gradients (one fused norm) bound the new weights without computing them, and
+    a non-finite gradient makes the bound non-finite. SGD's fused kernel takes the verdict as its
+    found_inf flag (GradScaler's mechanism) and skips the update on the device; the BatchNorm
+    statistics the forward moved go back by one torch.where per dtype; the paper's centers are
+    computed aside and kept only for a good step. Under fp16 a step whose gradients overflow is the
+    GradScaler's routine search for a scale: skipped (the scale backs off), not a bad step.
+    Under torchrun the loss sees the global batch (distributed.gather_batch).
+    Returns (features, logits, labels, loss, terms, finite), detached: the global batch's labels, and
+    whether the step was good (a bad step was skipped).
     """
     model, objective, optimizer, scaler = trainer.net, trainer.objective, trainer.optimizer, trainer.scaler
-    modules = [trainer.model, objective]
     if trainer.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    saved = [t.detach().clone() for t in step_tensors(modules, optimizer)]
+    for saved, stats in zip(trainer.bn_saved, trainer.bn_stats):
+        saved.copy_(stats)
     with trainer.autocast():
         features, logits = model(x)
     features, logits, y = gather_batch(features, logits, y)
     loss, terms = objective(features, logits, y)
-    optimizer.zero_grad(set_to_none=True)
-    scaler_skipped = False
-    if scaler is None:
-        loss.backward()
-        grads = [p.grad for p in trainer.parameters if p.grad is not None]
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))  # total L2 norm, on the device
-        finite = torch.isfinite(loss) & torch.isfinite(norm)
-        if trainer.clip_grad_norm:  # scale by min(1, max_norm / norm) on the device: no host sync
-            torch._foreach_mul_(grads, (trainer.clip_grad_norm / (norm + 1e-6)).clamp(max=1.0))
-        optimizer.step()
-    else:  # GradScaler skips steps with non-finite gradients itself (with a host sync of its own)
-        scale = scaler.get_scale()
-        scaler.scale(loss).backward()
-        finite = torch.isfinite(loss)
-        if trainer.clip_grad_norm:
-            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-            torch.nn.utils.clip_grad_norm_(trainer.parameters, trainer.clip_grad_norm, foreach=True)
-        scaler.step(optimizer)
-        scaler.update()
-        # update() backs the scale off exactly when step() skipped: the centers then stay too. Such a
-        # step is the scaler's routine search for a scale, not divergence, so it is not a bad step.
-        scaler_skipped = scaler.get_scale() < scale
-    if trainer.center_alpha is not None and not scaler_skipped:  # before undo_unless: a bad step takes it back too
-        paper_center_update(objective.centers, features.detach().float(), y, trainer.center_alpha)
-    # Finite gradients can still carry weights or centers past float32's range (a huge --lr).
-    finite = finite & all_finite(trainer.parameters + ([objective.centers] if trainer.center_alpha is not None else []))
-    undo_unless(finite, step_tensors(modules, optimizer), saved)
-    return features, logits, y, loss, terms, finite
+
+    groups = optimizer.param_groups
+    stepped = [[p for p in g["params"] if p.requires_grad] for g in groups]
+    params = [p for ps in stepped for p in ps]
+    for p in params:  # optimizer.zero_grad(set_to_none=True), which a compiled graph cannot trace
+        p.grad = None
+    (loss if scaler is None else scaler.scale(loss)).backward()
+    if scaler is not None:
+        scaler.unscale_(optimizer)  # the true gradients, for the guard and the clipping
+    grads = [p.grad for p in params]
+    momentum = groups[0]["momentum"]
+    buffers = [optimizer.state[p]["momentum_buffer"] for p in params] if momentum else []
+    p_max, b_max, g_max = torch.stack(torch._foreach_norm(params + (buffers or grads) + grads, math.inf)).view(3, -1).amax(1)
+    lr, wd = max(g["lr"] for g in groups), max(g["weight_decay"] for g in groups)
+    bound = p_max * (1 + lr * wd) + lr * (momentum * b_max + g_max)
+    finite = torch.isfinite(loss) & (bound < UPDATE_LIMIT)
+    if trainer.center_alpha is not None:  # eq. 4 on a copy: kept below only for a step that is applied
+        centers = objective.centers
+        new_centers = centers.clone()
+        paper_center_update(new_centers, features.detach().float(), y, trainer.center_alpha)
+        finite = finite & torch.isfinite(new_centers).all()
+    apply = finite if scaler is None else finite & torch.isfinite(g_max)
+    if scaler is not None:  # overflowing fp16 gradients are the scaler's to skip, not a bad step
+        finite = finite | (torch.isfinite(loss) & ~torch.isfinite(g_max))
+
+    if trainer.clip_grad_norm:  # scale by min(1, max_norm / norm) on the device: no host sync
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        torch._foreach_mul_(grads, (trainer.clip_grad_norm / (norm + 1e-6)).clamp(max=1.0))
+    skip = (~apply).float()
+    for g, ps in zip(groups, stepped):  # SGD's fused kernel, called directly: optimizer.step() breaks a compiled graph
+        torch._fused_sgd_(
+            ps,
+            [p.grad for p in ps],
+            [optimizer.state[p]["momentum_buffer"] for p in ps] if momentum else [],
+            weight_decay=g["weight_decay"],
+            momentum=momentum,
+            lr=g["lr"],
+            dampening=g["dampening"],
+            nesterov=g["nesterov"],
+            maximize=g["maximize"],
+            is_first_step=False,
+            found_inf=skip,
+        )
+    for saved, stats in zip(trainer.bn_saved, trainer.bn_stats):
+        torch.where(apply, stats, saved, out=stats)
+    if trainer.center_alpha is not None:
+        torch.where(apply, new_centers, centers, out=centers)
+    if scaler is not None:
+        scaler.update()  # backs the scale off after overflowing gradients (recorded by unscale_)
+    terms = {name: term.detach() for name, term in terms.items()}
+    return features.detach(), logits.detach(), y, loss.detach(), terms, finite
+
+
+class GraphedStep:
+    """train_step captured once in a CUDA graph and replayed (--cuda-graph): one launch per step
+    instead of hundreds. The first WARMUP steps run eagerly on a side stream, as CUDA graph capture
+    requires (cuDNN autotuning, allocations); the batch then goes through static input buffers.
+    The learning rates are constants of the captured kernels: when the scheduler changes them, the
+    step is captured again. If capture fails, the run says so in one line and goes on eagerly."""
+
+    WARMUP = 3
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.lrs: list[float] = []
+        self.warm = 0
+        self.failed = False
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        trainer = self.trainer
+        if self.failed:
+            return train_step(trainer, x, y)
+        if self.warm < self.WARMUP:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                outputs = train_step(trainer, x, y)
+            torch.cuda.current_stream().wait_stream(side)
+            self.warm += 1
+            return outputs
+        lrs = [g["lr"] for g in trainer.optimizer.param_groups]
+        if self.graph is None or lrs != self.lrs:
+            try:
+                self.capture(x, y, lrs)
+            except Exception as exc:  # noqa: BLE001 - any capture failure falls back to the eager step
+                self.failed, self.graph = True, None
+                print(f"--cuda-graph: capturing the step failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                      "training goes on without a CUDA graph", flush=True)  # fmt: skip
+                return train_step(trainer, x, y)
+        self.x.copy_(x)
+        self.y.copy_(y)
+        self.graph.replay()
+        return self.outputs
+
+    def capture(self, x: torch.Tensor, y: torch.Tensor, lrs: list[float]) -> None:
+        self.x, self.y = x.clone(), y.clone()
+        self.trainer.optimizer.zero_grad(set_to_none=True)  # the gradients are allocated in the graph's memory pool
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.outputs = train_step(self.trainer, self.x, self.y)
+        self.graph, self.lrs = graph, lrs
 
 
 TERMS = ("xent", "intra", "inter")

@@ -15,6 +15,7 @@ import argparse
 import csv
 import json
 import math
+import multiprocessing
 import shutil
 import sys
 from collections.abc import Sequence
@@ -77,40 +78,62 @@ def draw_frame(
     plt.close(fig)
 
 
-def save_frame(
+def save_frame_data(
     run_dir: Path,
     split: str,
     epoch: int,
     features: torch.Tensor,
     labels: torch.Tensor,
     centers: torch.Tensor | None,
-    classes: Sequence[str],
     title: str,
 ) -> Path:
-    """Write frames/<split>/epoch_NNN.png and the .npz it was drawn from (for the final redraw)."""
+    """Write frames/<split>/epoch_NNN.npz, the points of one frame; draw_frames draws them all at the end."""
     folder = Path(run_dir) / "frames" / split
     folder.mkdir(parents=True, exist_ok=True)
-    features, labels = features.float().numpy(), labels.numpy()
     centers = centers.float().numpy() if centers is not None else np.zeros((0, 2), np.float32)
-    np.savez(folder / f"epoch_{epoch:03d}.npz", features=features, labels=labels, centers=centers, title=title)
-    limits = robust_limits(np.concatenate([features, centers]))
-    png = folder / f"epoch_{epoch:03d}.png"
-    draw_frame(png, features, labels, centers if len(centers) else None, classes, title, limits)
-    return png
+    path = folder / f"epoch_{epoch:03d}.npz"
+    np.savez(path, features=features.float().numpy(), labels=labels.numpy(), centers=centers, title=title)
+    return path
 
 
-def redraw_frames(run_dir: Path, classes: Sequence[str]) -> np.ndarray | None:
-    """Redraw every frame of a run with one axis range (the union of each frame's robust range) so
-    the animation does not jump. Returns the limits used."""
+def load_frame(path: Path) -> dict[str, np.ndarray]:
+    """One frame's arrays; a damaged file (cut short, not an .npz, a missing or malformed array) is a StitchError."""
+    try:
+        with np.load(path) as d:
+            frame = {k: d[k] for k in ("features", "labels", "centers", "title")}
+        if frame["features"].ndim != 2 or frame["features"].shape[1] != 2 or len(frame["labels"]) != len(frame["features"]):
+            raise ValueError("not 2-D points with one label each")
+    except Exception as exc:  # numpy reports damage as OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError, ...
+        raise StitchError(
+            f"{path}: damaged frame data ({type(exc).__name__}); delete it and run the same command again to draw the other frames"
+        ) from None
+    return frame
+
+
+def draw_one(job: tuple[Path, dict[str, np.ndarray], Sequence[str], np.ndarray]) -> None:
+    path, frame, classes, limits = job
+    centers = frame["centers"] if len(frame["centers"]) else None
+    draw_frame(path.with_suffix(".png"), frame["features"], frame["labels"], centers, classes, str(frame["title"]), limits)
+
+
+def draw_frames(run_dir: Path, classes: Sequence[str], workers: int = 1) -> np.ndarray | None:
+    """Draw every frame of a run (frames/*/epoch_*.npz -> .png) with one axis range (the union of each
+    frame's robust range) so the animation does not jump, in min(workers, frames) processes.
+    Returns the limits used."""
     frames = sorted((Path(run_dir) / "frames").glob("*/epoch_*.npz"))
     if not frames:
         return None
-    loaded = [np.load(f) for f in frames]
+    loaded = [load_frame(f) for f in frames]
     ranges = np.stack([robust_limits(np.concatenate([d["features"], d["centers"]])) for d in loaded])
     limits = np.stack([ranges[:, :, 0].min(0), ranges[:, :, 1].max(0)], axis=1)
-    for f, d in zip(frames, loaded):
-        centers = d["centers"] if len(d["centers"]) else None
-        draw_frame(f.with_suffix(".png"), d["features"], d["labels"], centers, classes, str(d["title"]), limits)
+    jobs = [(f, d, list(classes), limits) for f, d in zip(frames, loaded)]
+    workers = min(workers, len(jobs))
+    if workers <= 1:
+        for job in jobs:
+            draw_one(job)
+    else:  # fork: the workers need only numpy and matplotlib, already imported here
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            pool.map(draw_one, jobs)
     return limits
 
 
@@ -170,12 +193,11 @@ def log_tensorboard(
     epoch: int,
     row: dict,
     centers: torch.Tensor | None,
-    frame: Path,
     embedding: tuple[torch.Tensor, torch.Tensor, list[str]] | None = None,
 ) -> None:
     """TensorBoard: every numeric metrics column as a scalar, the min/mean/max distance between
-    centers, the 2-D frame if one was drawn and, when given, (features, images, class names) as an
-    embedding with image thumbnails."""
+    centers and, when given, (features, images, class names) as an embedding with image thumbnails.
+    The 2-D frames are drawn after the last epoch: log_frames_to_tensorboard."""
     for key, value in row.items():
         if isinstance(value, float) and key not in ("epoch", "seconds"):
             writer.add_scalar(("train/" if key.startswith("train_") else "eval/") + key, value, epoch)
@@ -184,14 +206,20 @@ def log_tensorboard(
         distances = torch.cdist(centers, centers)[~torch.eye(len(centers), dtype=torch.bool, device=centers.device)]
         for name, value in (("min", distances.min()), ("mean", distances.mean()), ("max", distances.max())):
             writer.add_scalar(f"centers/{name}_distance", float(value), epoch)
-    if frame.is_file():
-        import imageio.v3 as iio
-
-        writer.add_image("features/test", iio.imread(frame)[..., :3], epoch, dataformats="HWC")
     if embedding is not None:
         features, images, names = embedding
         writer.add_embedding(features.cpu(), metadata=names, label_img=images.float().div(255), global_step=epoch, tag="test_features")
     writer.flush()
+
+
+def log_frames_to_tensorboard(run_dir: Path) -> None:
+    """Every drawn test frame as the image "features/test" at its epoch's step, in the run's TensorBoard log."""
+    import imageio.v3 as iio
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(Path(run_dir) / "tensorboard")) as writer:
+        for frame in sorted((Path(run_dir) / "frames" / "test").glob("epoch_*.png")):
+            writer.add_image("features/test", iio.imread(frame)[..., :3], int(frame.stem.split("_")[1]), dataformats="HWC")
 
 
 class StitchError(Exception):

@@ -21,6 +21,11 @@ def test_bench_reports_both_pipelines(tiny_mnist, tmp_path: Path) -> None:
     assert report["ratio_fast_over_loader"] == pytest.approx(fast["samples_per_s"] / loader["samples_per_s"])
     assert report["config"]["steps"] == 2 and report["device"] == "cpu"
     assert "ratio fast/loader" in proc.stdout
+    # The step's operations (resnet, standalone): its forward, backward, loss and a guard of a few fused
+    # ops. The guard that cloned and restored every tensor made it 531 on this counting.
+    assert report["ops_per_step"] == sum(report["ops_per_step_by_name"].values()) < 250
+    assert report["ops_per_step_by_name"]["aten::conv2d"] == report["ops_per_step_by_name"]["aten::convolution_backward"] > 0
+    assert "aten::clone" not in report["ops_per_step_by_name"] and report["ops_per_step_by_name"]["aten::where"] <= 3
 
 
 def test_bench_accuracy_check_compares_main_runs_per_seed_and_reuses_finished_ones(tiny_mnist, tmp_path: Path) -> None:

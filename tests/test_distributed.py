@@ -27,7 +27,7 @@ from config import parse_args  # noqa: E402
 from distributed import gather_batch  # noqa: E402
 from losses import Objective  # noqa: E402
 from models import build_model  # noqa: E402
-from training import build_trainer, guarded_step  # noqa: E402
+from training import build_trainer, train_step  # noqa: E402
 
 BATCH = 16
 
@@ -109,7 +109,7 @@ def paper_trainer(loss_name: str, world: int) -> dict:
 def paper_steps(trainer: dict, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
     """Two guarded steps (the second sees momentum and moved centers); the model's and objective's tensors after them."""
     for _ in range(2):
-        *_, finite = guarded_step(trainer, x, y)
+        *_, finite = train_step(trainer, x, y)
         assert finite
     params = {f"model.{k}": v.clone() for k, v in trainer.model.state_dict().items()}
     return params | {f"objective.{k}": v.clone() for k, v in trainer.objective.state_dict().items()}

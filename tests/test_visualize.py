@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import imageio.v3 as iio
 import numpy as np
 import pytest
+import torch
 from conftest import check_ok, listing, run_script, stderr_error_line
 from PIL import Image
 
 import visualize
+from config import parse_args
 from datasets import DIGIT_CLASSES
+from losses import Objective
+from main import main, record_step
+from training import EpochState
 
 EPOCHS = 2
 
@@ -48,7 +54,7 @@ def test_frames_per_epoch(tiny_runs, loss):
 
 def test_frames_share_one_axis_range(tiny_runs, tmp_path):
     run_dir = copy_run(tiny_runs["standalone"], tmp_path)
-    limits = visualize.redraw_frames(run_dir, DIGIT_CLASSES)
+    limits = visualize.draw_frames(run_dir, DIGIT_CLASSES)
     assert limits is not None and limits.shape == (2, 2)
     assert (limits[:, 0] < limits[:, 1]).all()
     # The range is the union of every frame's robust range (train and val, all epochs).
@@ -73,8 +79,39 @@ def test_frames_share_one_axis_range(tiny_runs, tmp_path):
             assert np.array_equal(iio.imread(new), iio.imread(old)), new.name
 
 
+def test_the_train_frame_spreads_over_the_whole_epoch():
+    """Every step keeps its first run.frame_take points (a batch is a random sample of the shuffled train
+    set), so the train frame holds points of all the epoch's steps, not only of its first ones; a bad
+    step's points are NaN (not drawn)."""
+    run = SimpleNamespace(args=parse_args([]), objective=Objective("standalone", 10, 2), collect_frames=True, frame_take=3)
+    state = EpochState.new(10, 2, torch.device("cpu"), torch.Generator())
+    for step in range(6):
+        features, y = torch.full((8, 2), float(step)), torch.arange(8)
+        finite = torch.tensor(step != 4)
+        record_step(run, state, features, torch.zeros(8, 10), y, torch.tensor(1.0), {}, finite)
+    points = torch.cat(state.frame_features)
+    assert torch.equal(points[:, 0].nan_to_num(-1), torch.tensor([0, 1, 2, 3, -1, 5.0]).repeat_interleave(3))
+    assert torch.equal(torch.cat(state.frame_labels), torch.arange(3).repeat(6))
+
+
+def test_a_damaged_frame_found_at_the_end_is_one_line(tmp_path, capsys):
+    """Frames are drawn once, after the last epoch, from each epoch's .npz: a damaged one (here cut short
+    before a resume) is one line naming it and exit 1, no traceback, no summary.json."""
+    args = ["--train-samples", "64", "--batch-size", "32", "--model", "lenet++", "--out", str(tmp_path), "--name", "run"]
+    assert main([*args, "--epochs", "1"]) == 0
+    run_dir = tmp_path / "run"
+    bad = run_dir / "frames" / "train" / "epoch_001.npz"
+    bad.write_bytes(bad.read_bytes()[:100])
+    (run_dir / "summary.json").unlink()
+    capsys.readouterr()
+    assert main([*args, "--epochs", "2"]) == 1
+    line = stderr_error_line(capsys.readouterr().err)
+    assert f"{bad}: damaged frame data" in line
+    assert not (run_dir / "summary.json").exists() and (run_dir / "frames" / "test" / "epoch_002.npz").is_file()
+
+
 def test_redraw_frames_without_frames(tmp_path):
-    assert visualize.redraw_frames(tmp_path, DIGIT_CLASSES) is None
+    assert visualize.draw_frames(tmp_path, DIGIT_CLASSES) is None
 
 
 def test_robust_limits_ignores_outliers():
