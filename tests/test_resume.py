@@ -189,6 +189,7 @@ def test_damaged_checkpoint_is_one_line_and_kept(tmp_path: Path, reference: Path
         (["--factor", "0.5"], "--factor 0.5 differs from the 0.2 of the checkpoint"),
         (["--patience", "5"], "--patience 5 differs from the 3 of the checkpoint"),
         (["--threshold", "0.01"], "--threshold 0.01 differs from the 0.1 of the checkpoint"),
+        (["--amp", "bf16"], "--amp bf16 differs from the off of the checkpoint"),  # half fp32, half bf16: mislabelled
         (["--epochs", "2"], "--epochs 2: the checkpoint"),
     ],
 )
@@ -279,7 +280,7 @@ def test_divergence_guard_stops_with_the_loss_terms(tmp_path: Path) -> None:
     assert "step" in message and "loss=" in message and "intra=" in message and "inter=" in message
     assert "no checkpoint was saved" in message and "last good checkpoint" not in message  # it diverged in the first epoch
     assert "Traceback" not in result.stderr
-    assert sorted(p.name for p in (tmp_path / "boom").iterdir()) == ["args.json"]
+    assert sorted(p.name for p in (tmp_path / "boom").iterdir()) == [".lock", "args.json"]
 
 
 def test_inter_margin_bounds_the_push(tmp_path: Path) -> None:
