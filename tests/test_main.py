@@ -114,6 +114,9 @@ def test_tiny_run_files(tiny_runs, background, loss):
     assert summary["train_size"] == MNIST_TRAIN and summary["test_size"] == MNIST_TEST and summary["num_classes"] == 10
     assert summary["ncm_acc"] == pytest.approx(float(rows[-1]["ncm_acc"]), rel=1e-5)
     assert summary["loss"] == loss and summary["name"] == run_dir.name
+    raw = background.paths["mnist"] / "MNIST" / "raw"
+    assert summary["data_source"] == f"IDX files in {raw}" and len(summary["data_files"]) == 4
+    assert all(Path(f).parent == raw and Path(f).is_file() for f in summary["data_files"])
 
 
 def test_standalone_accuracy_is_nearest_center(tiny_runs):
@@ -418,6 +421,33 @@ def test_bad_data_one_line(argv, code, message, tmp_path, capsys):
     assert result == code
     assert message in stderr_error_line(capsys.readouterr().err)
     assert listing(tmp_path) == before
+
+
+def test_a_train_set_of_one_class_is_refused(tmp_path, capsys):
+    """The first 4 train images of this tiny MNIST are all of class 7 (after --train-samples 4): nothing to tell apart."""
+    data = tmp_path / "data"
+    arrays = write_tiny_mnist(data)
+    labels = arrays["train_labels"].copy()
+    labels[:4] = 7
+    write_idx(data / "MNIST" / "raw" / "train-labels-idx1-ubyte", labels)
+    argv = [
+        "--dataset",
+        "mnist",
+        "--data-dir",
+        str(data),
+        "--train-samples",
+        "4",
+        "--batch-size",
+        "2",
+        "--epochs",
+        "1",
+        "--out",
+        str(tmp_path / "out"),
+    ]
+    assert main.main(argv) == 1
+    line = stderr_error_line(capsys.readouterr().err)
+    assert line.endswith("the train set has only the class '7' in its first --train-samples 4; a classifier needs at least two")
+    assert not (tmp_path / "out").exists()
 
 
 def test_train_set_smaller_than_knn_k(tmp_path):
