@@ -280,7 +280,7 @@ def lock_run_dir(run_dir: Path) -> int:
     (deleting it would let a process that opened it just before lock a file no one else sees)."""
     path = run_dir / LOCK_FILE
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)  # a planted link must not make us truncate its target
     except OSError as exc:
         raise RunFolderError(f"cannot open the lock file {path} ({exc.strerror}); choose another --name or --out") from None
     try:

@@ -109,3 +109,15 @@ def test_a_run_file_that_is_a_folder_is_refused_before_training(tmp_path: Path, 
     assert listing(tmp_path) == before
     assert main.main([*QUICK, "--out", str(tmp_path), "--name", "odd", "--overwrite"]) == 0
     assert (run_dir / "checkpoint.pt").is_file() and (run_dir / "summary.json").is_file()
+
+
+def test_a_lock_file_that_is_a_link_is_not_followed(tmp_path: Path) -> None:
+    """A .lock planted as a link to a file elsewhere: refused, and the file it points to is left as it was."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep me")
+    (run_dir / LOCK_FILE).symlink_to(precious)
+    with pytest.raises(RunFolderError, match="cannot open the lock file"):
+        lock_run_dir(run_dir)
+    assert precious.read_text() == "keep me"
