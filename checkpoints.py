@@ -95,6 +95,7 @@ class RunFolderError(Exception):
 LOCK_FILE = ".lock"  # in the run folder: whichever process holds its flock owns the folder
 RUN_FILES = ("args.json", "metrics.csv", "checkpoint.pt", "summary.json")  # regular files of main.py's, when present
 NAME_MAX = 255  # bytes in one file name on Linux's and macOS's file systems
+RUN_DIR_MAX = 4096 - 100  # bytes in a run folder's path: Linux's PATH_MAX, less room for the files inside it
 
 
 def checkpoint(run: Run, epoch: int, state: EpochState | None) -> dict:

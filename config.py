@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from checkpoints import NAME_MAX, out_problem
+from checkpoints import NAME_MAX, RUN_DIR_MAX, out_problem
 from datasets import DATASETS, canonical_name, default_workers
 from distributed import world_size
 from losses import CENTER_UPDATES, LOSSES, PAPER_UPDATE_LOSSES
@@ -196,6 +196,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         (
             len(os.fsencode(args.name)) <= NAME_MAX,
             f"--name is {len(os.fsencode(args.name))} bytes long, more than the {NAME_MAX} a file name may have; choose a shorter one",
+        ),
+        (
+            len(os.fsencode(os.path.abspath(os.path.join(args.out, args.name)))) <= RUN_DIR_MAX,
+            f"--out and --name make a run folder path longer than {RUN_DIR_MAX} bytes, too long for its files; use a shorter --out",
         ),
         (not (args.resume and args.overwrite), "--resume continues a run and --overwrite deletes it; give one of them"),
         (args.feat_dim >= 1, "--feat-dim must be at least 1"),

@@ -274,6 +274,7 @@ NOT_FINITE += [("--weight-decay", "nan"), ("--clip-grad-norm", "inf"), ("--cente
         (["--name", "n" * 256], "--name is 256 bytes long, more than the 255 a file name may have"),
         (["--out", "{tmp}/" + "o" * 256 + "/runs"], "is 256 bytes long, more than the 255 a file system allows"),
         (["--out", ""], "--out must not be empty"),
+        (["--out", "{tmp}/" + "/".join(["d" * 200] * 20)], "make a run folder path longer than 3996 bytes"),
     ],
 )
 def test_bad_arguments_exit_2(argv, message, tmp_path, capsys):
