@@ -527,11 +527,11 @@ def test_loss_flags_default_only_where_they_are_used():
     [
         ("abc", "the environment's WORLD_SIZE='abc' is not a positive number of processes"),
         ("0", "the environment's WORLD_SIZE='0' is not a positive number of processes"),
-        ("2", "the environment has WORLD_SIZE=2 but not RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT: start with torchrun"),
+        ("2", "the environment has WORLD_SIZE=2 but not RANK, MASTER_ADDR, MASTER_PORT: start with torchrun"),
     ],
 )
 def test_world_size_without_torchrun_is_one_line(world, message, monkeypatch, capsys):
-    for name in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+    for name in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("WORLD_SIZE", world)
     with pytest.raises(SystemExit) as info:
