@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--lr-cent",
         type=finite_float,
         default=None,
-        help="SGD learning rate of the centers (default: --lr; not with --center-update paper)",
+        help="SGD learning rate of the centers (default: --lr; not with --loss xent, which has none, or --center-update paper)",
     )
     p.add_argument("--momentum", type=finite_float, default=0.9, help="SGD momentum (model and SGD centers)")
     p.add_argument(
