@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import fcntl
 import json
 import os
 import random
@@ -49,8 +51,9 @@ LEGACY_CONFIG = {
     "train_classes": None,
     "width": 1,
 }
-# Settings the checkpoint's optimiser and scheduler carry: resuming with other values is refused (--epochs may grow).
-RESUME_KEYS = ("lr", "lr_cent", "momentum", "factor", "patience", "threshold")
+# Settings the checkpoint's optimiser and scheduler carry, and --amp (a run half fp32, half bf16 would be
+# mislabelled): resuming with other values is refused (--epochs may grow, --device may change).
+RESUME_KEYS = ("lr", "lr_cent", "momentum", "factor", "patience", "threshold", "amp")
 # What checkpoint() writes: a checkpoint without any of them cannot resume.
 CHECKPOINT_KEYS = (
     "args",
@@ -92,6 +95,16 @@ def set_random_states(states: dict[str, Any]) -> None:
 
 class CheckpointError(Exception):
     """A checkpoint that cannot be used (corrupt, another configuration); one line, exit code 1."""
+
+
+class RunFolderError(Exception):
+    """A run folder that cannot be used now (another process holds it, --overwrite cannot empty it); one line, exit code 1."""
+
+
+LOCK_FILE = ".lock"  # in the run folder: whichever process holds its flock owns the folder
+RUN_FILES = ("args.json", "metrics.csv", "checkpoint.pt", "summary.json")  # regular files of main.py's, when present
+NAME_MAX = 255  # bytes in one file name on Linux's and macOS's file systems
+RUN_DIR_MAX = 4096 - 100  # bytes in a run folder's path: Linux's PATH_MAX, less room for the files inside it
 
 
 def checkpoint(run: Run, epoch: int, state: EpochState | None) -> dict:
@@ -210,10 +223,20 @@ def out_problem(out: str) -> str | None:
     """Why --out cannot hold run folders, or None; read-only, so that a refused command changes nothing."""
     if "\0" in out:
         return "--out must not contain a NUL character"
+    if not out.strip():
+        return "--out must not be empty (it would put the run folder in the current folder; give --out . for that)"
     path = Path(out).resolve()
     if path.parts[1:2] in (("proc",), ("sys",)):
         return f"--out {out} lies under /{path.parts[1]}, a kernel file system; choose a folder of your own"
-    existing = next(p for p in (path, *path.parents) if p.exists())
+    long = next((part for part in path.parts if len(os.fsencode(part)) > NAME_MAX), None)
+    if long is not None:
+        return (
+            f"--out: the folder name {long[:40]}... is {len(os.fsencode(long))} bytes long, more than the {NAME_MAX} a file system allows"
+        )
+    try:
+        existing = next(p for p in (path, *path.parents) if p.exists())
+    except OSError as exc:  # a path past PATH_MAX, a folder that cannot be searched
+        return f"--out {out[:80]}: {exc.strerror}; choose another --out"
     if not existing.is_dir():
         return f"--out {out}: {existing} is a file, not a folder; choose another --out"
     if not os.access(existing, os.W_OK | os.X_OK):
@@ -237,12 +260,15 @@ def check_run_dir(args: argparse.Namespace) -> tuple[Path, bool]:
     run_dir = Path(args.out) / args.name
     if run_dir.is_symlink() or (run_dir.exists() and not run_dir.is_dir()):
         raise SystemExit(usage_error(f"{run_dir} exists and is not a folder; choose another --name or --out"))
-    if run_dir.is_dir() and any(run_dir.iterdir()) and not made_by_main(run_dir):
+    if run_dir.is_dir() and any(p.name != LOCK_FILE for p in run_dir.iterdir()) and not made_by_main(run_dir):
         raise SystemExit(
             usage_error(
                 f"{run_dir} is not a run folder of main.py (it has no args.json of ours), so it is left alone; choose another --name or --out"
             )
         )
+    odd = [run_dir / name for name in RUN_FILES if (run_dir / name).exists() and not (run_dir / name).is_file()]
+    if odd and not args.overwrite:  # found now, not when the first checkpoint cannot replace it after an epoch
+        raise SystemExit(usage_error(f"{odd[0]} is not a regular file; remove it, or use --overwrite to start the run again"))
     has_checkpoint = (run_dir / "checkpoint.pt").is_file()
     if not args.overwrite and (run_dir / "summary.json").is_file():
         raise SystemExit(usage_error(f"{run_dir} holds a finished run; use --overwrite to replace it or --name for another"))
@@ -251,17 +277,69 @@ def check_run_dir(args: argparse.Namespace) -> tuple[Path, bool]:
     return run_dir, has_checkpoint and not args.overwrite
 
 
-def make_run_dir(run_dir: Path, overwrite: bool) -> None:
-    """Rank 0, after check_run_dir: delete the old run on --overwrite (only a folder of main.py's:
-    an empty folder of someone else's is reused as it is), create the folder."""
-    if overwrite and made_by_main(run_dir):
-        shutil.rmtree(run_dir)
+def make_run_dir(run_dir: Path, overwrite: bool) -> int:
+    """Rank 0, after check_run_dir: create the folder, lock it (lock_run_dir) and, on --overwrite,
+    empty it of the old run (only a folder of main.py's: an empty folder of someone else's is
+    reused as it is). Returns the lock's file descriptor, to hold until the run ends."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise SystemExit(usage_error(f"cannot create the run folder {run_dir} ({exc.strerror}); choose another --out")) from None
     if not os.access(run_dir, os.W_OK | os.X_OK):
         raise SystemExit(usage_error(f"the run folder {run_dir} is not writable; choose another --out or --name"))
+    lock = lock_run_dir(run_dir)
+    try:
+        if overwrite and made_by_main(run_dir):
+            empty_run_dir(run_dir)
+    except BaseException:
+        os.close(lock)
+        raise
+    return lock
+
+
+def lock_run_dir(run_dir: Path) -> int:
+    """Take the run folder for this process, or RunFolderError naming the process that holds it.
+
+    An exclusive fcntl.flock on run_dir/.lock, which holds the owner's pid for that message. The
+    kernel releases a flock when its process ends in any way, SIGKILL included, so a lock file left
+    behind never blocks the next run, and no stale-pid guessing is needed. The file itself stays
+    (deleting it would let a process that opened it just before lock a file no one else sees)."""
+    path = run_dir / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)  # a planted link must not make us truncate its target
+    except OSError as exc:
+        raise RunFolderError(f"cannot open the lock file {path} ({exc.strerror}); choose another --name or --out") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        if exc.errno not in (errno.EAGAIN, errno.EACCES):
+            raise RunFolderError(f"cannot lock {path} ({exc.strerror}); choose another --out") from None
+        who = f"process {holder}" if holder.isdigit() else "another process"
+        raise RunFolderError(
+            f"{run_dir} is in use by {who}, a run still going; wait for it to end, stop it, or choose another --name"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def empty_run_dir(run_dir: Path) -> None:
+    """--overwrite, under the lock: delete everything in the folder but the lock file, summary.json
+    first, so that a deletion that fails half-way never leaves a folder that looks finished."""
+    entries = sorted((p for p in run_dir.iterdir() if p.name != LOCK_FILE), key=lambda p: p.name != "summary.json")
+    for path in entries:
+        try:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        except OSError as exc:
+            raise RunFolderError(
+                f"--overwrite cannot delete {exc.filename or path} ({exc.strerror}); the old run in {run_dir} is partly deleted "
+                "(no summary.json): fix the permissions and run again, or choose another --name"
+            ) from None
 
 
 def usage_error(message: str) -> int:

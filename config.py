@@ -11,8 +11,9 @@ from pathlib import Path
 
 import torch
 
-from checkpoints import out_problem
+from checkpoints import NAME_MAX, RUN_DIR_MAX, out_problem
 from datasets import DATASETS, canonical_name, default_workers
+from distributed import world_size
 from losses import CENTER_UPDATES, LOSSES, PAPER_UPDATE_LOSSES
 from models import MODELS
 from training import AMP_DTYPES, MODEL_RECIPES
@@ -28,6 +29,16 @@ FIRST_RUN = {"epochs": 20, "batch_size": 64, "patience": 3}
 # numpy's limit (np.random.seed). The torch generators take seed * 1_000_003 + epoch (utils.epoch_generator),
 # on the loader path times the torchrun world size: below their 2**64 - 1 for up to 4,294 processes.
 MAX_SEED = 2**32 - 1
+# The flags only some losses use, with those losses: giving one to another loss is refused (it would do nothing).
+LOSS_FLAGS = {
+    "weight_cent": ("cent",),
+    "weight_intra": ("standalone", "centers-apart"),
+    "weight_inter": ("standalone", "centers-apart"),
+    "inter_margin": ("standalone",),
+    "alpha": ("centers-apart",),
+    "lr_cent": tuple(loss for loss in LOSSES if loss != "xent"),  # the losses with centers
+}
+LOSS_DEFAULTS = {"weight_cent": 1.0, "weight_intra": 1.0, "weight_inter": 0.1, "alpha": 0.05}
 
 
 def finite_float(text: str) -> float:
@@ -89,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--lr-cent",
         type=finite_float,
         default=None,
-        help="SGD learning rate of the centers (default: --lr; not with --center-update paper)",
+        help="SGD learning rate of the centers (default: --lr; not with --loss xent, which has none, or --center-update paper)",
     )
     p.add_argument("--momentum", type=finite_float, default=0.9, help="SGD momentum (model and SGD centers)")
     p.add_argument(
@@ -111,16 +122,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--center-alpha", type=finite_float, default=None, help="center rate of --center-update paper (default 0.5, the paper's)"
     )
-    p.add_argument("--weight-cent", type=finite_float, default=1.0, help="weight of the center term in cent")
-    p.add_argument("--weight-intra", type=finite_float, default=1.0, help="weight of the intra term in standalone")
-    p.add_argument("--weight-inter", type=finite_float, default=0.1, help="weight of the inter term in standalone")
+    p.add_argument("--weight-cent", type=finite_float, default=None, help="weight of the center term in cent (default 1)")
+    p.add_argument(
+        "--weight-intra", type=finite_float, default=None, help="weight of the intra term in standalone and centers-apart (default 1)"
+    )
+    p.add_argument(
+        "--weight-inter", type=finite_float, default=None, help="weight of the inter term in standalone and centers-apart (default 0.1)"
+    )
     p.add_argument(
         "--inter-margin",
         type=finite_float,
         default=None,
-        help="truncate each pair's squared distance at this margin in the inter term (off)",
+        help="truncate each pair's squared distance at this margin in standalone's inter term (off)",
     )
-    p.add_argument("--alpha", type=finite_float, default=0.05, help="centers-apart: scale of the squared distance inside exp()")
+    p.add_argument(
+        "--alpha", type=finite_float, default=None, help="centers-apart: scale of the squared distance inside exp() (default 0.05)"
+    )
     p.add_argument(
         "--val-fraction",
         type=finite_float,
@@ -145,7 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="fast",
         help="fast: tensors on the device, batched augmentation; loader: torchvision DataLoader",
     )
-    p.add_argument("--workers", type=int, default=default_workers(), help="DataLoader workers (loader pipeline)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help=f"DataLoader workers of --pipeline loader (default {default_workers()}: the CPUs, at most 4)",
+    )
     p.add_argument("--amp", choices=tuple(AMP_DTYPES), default="off", help="autocast precision")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="channels_last memory format")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -171,7 +193,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for key, value in (FIRST_RUN if args.dataset == "digits" else STUDY).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        world = world_size()
+    except ValueError as exc:
+        parser.error(str(exc))
     if args.name is None:
         args.name = f"{args.loss}-{args.dataset}-feat={args.feat_dim}"
     checks = [
@@ -179,6 +204,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         (
             is_plain_name(args.name),
             f"--name {args.name!r} must be one plain folder name: not empty, not . or .., without / (it goes under --out)",
+        ),
+        (
+            len(os.fsencode(args.name)) <= NAME_MAX,
+            f"--name is {len(os.fsencode(args.name))} bytes long, more than the {NAME_MAX} a file name may have; choose a shorter one",
+        ),
+        (
+            len(os.fsencode(os.path.abspath(os.path.join(args.out, args.name)))) <= RUN_DIR_MAX,
+            f"--out and --name make a run folder path longer than {RUN_DIR_MAX} bytes, too long for its files; use a shorter --out",
         ),
         (not (args.resume and args.overwrite), "--resume continues a run and --overwrite deletes it; give one of them"),
         (args.feat_dim >= 1, "--feat-dim must be at least 1"),
@@ -206,16 +239,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             args.lr_cent is None or args.center_update == "sgd",
             "--lr-cent is the SGD centers' learning rate; with --center-update paper set --center-alpha instead",
         ),
-        (min(args.weight_cent, args.weight_intra, args.weight_inter) >= 0, "loss weights must not be negative"),
+        (
+            all(w is None or w >= 0 for w in (args.weight_cent, args.weight_intra, args.weight_inter)),
+            "loss weights must not be negative",
+        ),
         (args.inter_margin is None or args.inter_margin > 0, "--inter-margin must be positive"),
         (0 < args.factor < 1, "--factor must be in (0, 1)"),
         (args.patience >= 0 and args.threshold >= 0, "--patience and --threshold must not be negative"),
-        (args.workers >= 0, "--workers must not be negative"),
+        (args.workers is None or args.workers >= 0, "--workers must not be negative"),
+        (args.workers is None or args.pipeline == "loader", "--workers sets the DataLoader processes of --pipeline loader; drop it"),
         (args.max_bad_steps >= 1, "--max-bad-steps must be at least 1"),
         (args.plot_every >= 1, "--plot-every must be at least 1"),
         (0 <= args.val_fraction < 1, "--val-fraction must be in [0, 1)"),
         (args.eval_every >= 0, "--eval-every must not be negative"),
-        (args.alpha > 0, "--alpha must be positive"),
+        (args.alpha is None or args.alpha > 0, "--alpha must be positive"),
         (
             args.batch_size % world == 0,
             f"--batch-size {args.batch_size} must be a multiple of the {world} processes (it is the global batch)",
@@ -226,9 +263,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "--dataset folder needs --data-dir DIR with DIR/train/<class>/* and DIR/test/<class>/*",
         ),
     ]
+    checks += [
+        (getattr(args, key) is None or args.loss in losses, unused_flag(key, args.loss, losses)) for key, losses in LOSS_FLAGS.items()
+    ]
     for ok, message in checks:
         if not ok:
             parser.error(message)
+    for key, value in LOSS_DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.loss in LOSS_FLAGS["weight_intra"] and args.weight_intra == args.weight_inter == 0:
+        parser.error(
+            f"--weight-intra 0 and --weight-inter 0 make the {args.loss} loss zero whatever the model does; give one a positive weight"
+        )
     for problem in (device_problem(args.device), out_problem(args.out)):
         if problem:
             parser.error(problem)
@@ -249,7 +296,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.center_alpha = 0.5  # the paper's
     if args.center_update == "sgd" and args.lr_cent is None:
         args.lr_cent = args.lr
+    if args.workers is None:
+        args.workers = default_workers()
     return args
+
+
+def unused_flag(key: str, loss: str, losses: tuple[str, ...]) -> str:
+    """The line refusing a flag that --loss `loss` does not use (only `losses` do)."""
+    flag = "--" + key.replace("_", "-")
+    used = "every loss but xent (the losses with centers)" if key == "lr_cent" else "--loss " + " and ".join(losses)
+    return f"{flag} is used by {used}, not by --loss {loss}; drop it"
 
 
 def is_plain_name(name: str) -> bool:

@@ -18,7 +18,7 @@ import os
 import re
 import struct
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +47,8 @@ TREE_FOLDERS = {
     "cifar10": ("cifar10", "cifar10-jpg", "cifar-10", "CIFAR10"),
 }
 IDX_FOLDERS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
+# The shape of one image and the class count of the named data sets whose models and names assume them.
+KNOWN_SHAPES = {"mnist": ((1, 28, 28), 10), "fashion-mnist": ((1, 28, 28), 10)}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm"}
 
 
@@ -73,7 +75,8 @@ class Dataset:
     test: ImageData
     classes: list[str]
     augmentations: tuple[str, ...]
-    source: str
+    source: str  # what was read, in words: the format and the folder (the start-up line, summary.json)
+    files: list[str] = field(default_factory=list)  # the files or folders read (summary.json's data_files)
 
     @property
     def channels(self) -> int:
@@ -186,12 +189,31 @@ def load_dataset(name: str, data_dir: str | Path = "data", download: bool = True
             raise DataError(f"--dataset folder needs {data_dir}/train/<class>/* and {data_dir}/test/<class>/*; neither is there")
         return load_tree("folder", data_dir, AUGMENTATIONS["folder"], None)
     names = {"mnist": DIGIT_CLASSES, "fashion-mnist": FASHION_CLASSES, "cifar10": CIFAR10_CLASSES}[name]
-    for folder in (data_dir, *(data_dir / sub for sub in TREE_FOLDERS[name])):
-        if is_tree(folder):
-            return load_tree(name, folder, AUGMENTATIONS[name], names)
-    if name in IDX_FOLDERS:
-        return load_idx_dataset(name, data_dir, names, download)
-    return load_cifar10_batches(data_dir, download)
+    tree = next((f for f in (data_dir, *(data_dir / sub for sub in TREE_FOLDERS[name])) if is_tree(f)), None)
+    if tree is not None:
+        data = load_tree(name, tree, AUGMENTATIONS[name], names)
+        if name == "cifar10" and (data_dir / "cifar-10-batches-py").is_dir():
+            data.source += f" (the binary {data_dir / 'cifar-10-batches-py'} is also there, not used: move the tree away to use it)"
+    elif name in IDX_FOLDERS:
+        data = load_idx_dataset(name, data_dir, names, download)
+    else:
+        data = load_cifar10_batches(data_dir, download)
+    check_known_shape(data)
+    return data
+
+
+def check_known_shape(data: Dataset) -> None:
+    """MNIST and Fashion-MNIST are 28x28 grey images of 10 classes: data of another shape is another data set."""
+    if data.name not in KNOWN_SHAPES:
+        return
+    shape, num_classes = KNOWN_SHAPES[data.name]
+    found = tuple(data.train.images.shape[1:])
+    if found != shape or len(data.classes) != num_classes:
+        channels = {1: "grey", 3: "colour"}.get(found[0], f"{found[0]}-channel")
+        raise DataError(
+            f"{data.source}: --dataset {data.name} is 28x28 grey images of {num_classes} classes, this data is {found[2]}x{found[1]} "
+            f"{channels} of {len(data.classes)} classes; use --dataset folder for other data"
+        )
 
 
 def is_tree(folder: Path) -> bool:
@@ -217,7 +239,7 @@ def load_digits() -> Dataset:
         ImageData(images[is_test], labels[is_test]),
         DIGIT_CLASSES,
         AUGMENTATIONS["digits"],
-        "scikit-learn load_digits",
+        "scikit-learn load_digits (bundled)",
     )
 
 
@@ -258,17 +280,24 @@ def load_idx_dataset(name: str, data_dir: Path, classes: list[str], download: bo
     stems = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
     if any(find_idx(raw_dir, s) is None for s in stems):
         torchvision_download(name, data_dir, download)
-    tensors = [read_idx(find_idx(raw_dir, s)) for s in stems]
+    paths = [find_idx(raw_dir, s) for s in stems]
+    tensors = [read_idx(path) for path in paths]
+    for path, tensor, rank in zip(paths, tensors, (3, 1, 3, 1)):
+        if tensor.ndim != rank:
+            kind = "images (N x rows x columns)" if rank == 3 else "labels (N)"
+            raise DataError(
+                f"{path}: an IDX file of rank {tensor.ndim} {tuple(tensor.shape)}, where {kind} of rank {rank} belong; replace it with the original file"
+            )
     splits = []
     for images, labels, stem in ((tensors[0], tensors[1], stems[0]), (tensors[2], tensors[3], stems[2])):
-        if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
+        if images.shape[0] != labels.shape[0]:
             raise DataError(
                 f"{raw_dir / stem}: {images.shape[0]} images but {labels.shape[0]} labels; replace the files with the originals"
             )
         if int(labels.max()) >= len(classes):
             raise DataError(f"{raw_dir}: a label is {int(labels.max())}, expected 0-{len(classes) - 1}")
         splits.append(ImageData(images[:, None].contiguous(), labels.long()))
-    return Dataset(name, splits[0], splits[1], classes, AUGMENTATIONS[name], str(raw_dir))
+    return Dataset(name, splits[0], splits[1], classes, AUGMENTATIONS[name], f"IDX files in {raw_dir}", [str(p) for p in paths])
 
 
 def torchvision_download(name: str, data_dir: Path, download: bool) -> None:
@@ -303,7 +332,11 @@ def load_cifar10_batches(data_dir: Path, download: bool) -> Dataset:
             ) from None
         images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
         splits.append(ImageData(images, torch.tensor(ds.targets, dtype=torch.int64)))
-    return Dataset("cifar10", splits[0], splits[1], CIFAR10_CLASSES, AUGMENTATIONS["cifar10"], str(data_dir / "cifar-10-batches-py"))
+    batches = data_dir / "cifar-10-batches-py"
+    files = [str(batches / f"data_batch_{k}") for k in range(1, 6)] + [str(batches / "test_batch")]
+    return Dataset(
+        "cifar10", splits[0], splits[1], CIFAR10_CLASSES, AUGMENTATIONS["cifar10"], f"CIFAR-10 python batches in {batches}", files
+    )
 
 
 def list_images(split_dir: Path, classes: Sequence[str]) -> tuple[list[Path], list[int]]:
@@ -321,9 +354,10 @@ def list_images(split_dir: Path, classes: Sequence[str]) -> tuple[list[Path], li
     return paths, labels
 
 
-def decode_images(paths: list[Path]) -> torch.Tensor:
+def decode_images(paths: list[Path], grey: bool = False) -> torch.Tensor:
     """Decode image files with PIL into one uint8 tensor: grayscale images stay 1 channel, any
-    colour mode (palette, RGBA, CMYK, ...) becomes RGB; a set mixing both is all RGB."""
+    colour mode (palette, RGBA, CMYK, ...) becomes RGB; a set mixing both is all RGB. With `grey`
+    (a data set known to be grey, MNIST's) every image is converted to grey."""
     from PIL import Image, UnidentifiedImageError
 
     images = []
@@ -332,7 +366,7 @@ def decode_images(paths: list[Path]) -> torch.Tensor:
             with Image.open(path) as image:
                 if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
                     raise DataError(f"{path}: {image.mode} (16/32-bit) images are not supported; convert the data set to 8-bit")
-                image = image.convert("L" if image.mode in ("1", "L", "LA") else "RGB")
+                image = image.convert("L" if grey or image.mode in ("1", "L", "LA") else "RGB")
                 array = torch.from_numpy(np.asarray(image).copy())
         except (OSError, UnidentifiedImageError, ValueError, SyntaxError):
             raise DataError(f"{path}: cannot be decoded as an image; replace or remove it") from None
@@ -350,19 +384,33 @@ def decode_images(paths: list[Path]) -> torch.Tensor:
 
 def load_tree(name: str, root: Path, augmentations: tuple[str, ...], classes: list[str] | None) -> Dataset:
     """An image-folder tree <root>/train/<class>/*, <root>/test/<class>/*; classes from folder names."""
-    train_classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not train_classes:
-        raise DataError(f"{root / 'train'}: no class folders; expected {root}/train/<class>/<image files>")
-    splits = []
+    train_classes, test_classes = (class_folders(root / split) for split in ("train", "test"))
+    if len(train_classes) < 2:
+        found = f"only the class {train_classes[0]!r}" if train_classes else "no class folders"
+        raise DataError(f"{root / 'train'}: {found}; a classifier needs at least two, as {root}/train/<class>/<image files>")
+    unknown = sorted(set(test_classes) - set(train_classes))
+    if unknown:
+        raise DataError(
+            f"{root / 'test'}: the classes {', '.join(unknown)} have no folder in {root / 'train'}, so nothing could learn them; "
+            "add their train images or move them out of test/"
+        )
+    splits, suffixes = [], set()
     for split in ("train", "test"):
         paths, labels = list_images(root / split, train_classes)
-        splits.append(ImageData(decode_images(paths), torch.tensor(labels, dtype=torch.int64)))
-    train, test = splits
+        suffixes |= {p.suffix.lower() for p in paths}
+        splits.append(ImageData(decode_images(paths, grey=name in KNOWN_SHAPES), torch.tensor(labels, dtype=torch.int64)))
+    channels = max(s.images.shape[1] for s in splits)  # grey train and colour test images make a colour set, as within a split
+    train, test = (ImageData(s.images.expand(-1, channels, -1, -1).contiguous(), s.labels) for s in splits)
     if train.images.shape[1:] != test.images.shape[1:]:
         raise DataError(f"{root}: train images are {tuple(train.images.shape[1:])} but test images {tuple(test.images.shape[1:])}")
     if classes is None or [c.lower() for c in train_classes] != [c.lower() for c in classes]:
         classes = train_classes
-    return Dataset(name, train, test, classes, augmentations, str(root))
+    files = [str(root / "train"), str(root / "test")]
+    return Dataset(name, train, test, classes, augmentations, f"image folders in {root} ({', '.join(sorted(suffixes))})", files)
+
+
+def class_folders(split_dir: Path) -> list[str]:
+    return sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
 def flip(x: torch.Tensor, flipped: torch.Tensor) -> torch.Tensor:

@@ -9,11 +9,32 @@ import os
 import torch
 import torch.distributed as dist
 
+TORCHRUN_VARIABLES = ("RANK", "MASTER_ADDR", "MASTER_PORT")  # what init_process_group's env:// needs besides WORLD_SIZE
+
+
+def world_size() -> int:
+    """The number of processes: WORLD_SIZE as torchrun sets it (with its other variables), 1 without it.
+    ValueError, with the line to show, for a WORLD_SIZE that is not a positive integer or that came without torchrun."""
+    text = os.environ.get("WORLD_SIZE", "1")
+    try:
+        world = int(text)
+    except ValueError:
+        world = 0
+    if world < 1:
+        raise ValueError(f"the environment's WORLD_SIZE={text!r} is not a positive number of processes; unset it or start with torchrun")
+    missing = [name for name in TORCHRUN_VARIABLES if name not in os.environ]
+    if world > 1 and missing:
+        raise ValueError(
+            f"the environment has WORLD_SIZE={world} but not {', '.join(missing)}: start with torchrun --nproc-per-node {world} "
+            "main.py ..., or unset WORLD_SIZE for one process"
+        )
+    return world
+
 
 def init_distributed(device: torch.device) -> tuple[int, int]:
     """Join the torchrun process group when WORLD_SIZE > 1 (NCCL on CUDA, gloo on the CPU).
     Returns (rank, world size); (0, 1) for a plain single-process run."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world_size()
     if world == 1:
         return 0, 1
     if device.type == "cuda":

@@ -116,6 +116,8 @@ def run_summary(run: Run, data: Dataset) -> dict:
         "train_size": len(data.train),
         "test_size": len(data.test),
         "augmentations": list(data.augmentations),
+        "data_source": data.source,
+        "data_files": data.files,
         "acc": last["test_acc"],
         "best_acc": max(r["test_acc"] for r in history),
         "ncm_acc": last["ncm_acc"],

@@ -22,11 +22,16 @@ STARTUP_INTERRUPT = "interrupted before training started; no new checkpoint was 
 
 
 def interrupted_at_startup(signum: int, frame: object) -> None:
-    print(STARTUP_INTERRUPT, file=sys.stderr)
-    raise SystemExit(130)
+    """SIGINT from start until the training loop installs its own handlers: one line, exit 130, at once.
+
+    Nothing needs saving yet, and every file written so far was written atomically. No exception is
+    raised: one raised into the lazy imports of start-up (torch's, scikit-learn's, torchvision's)
+    can end in a traceback from their own handlers, or in a C++ terminate (rc 134)."""
+    os.write(2, (STARTUP_INTERRUPT + "\n").encode())
+    os._exit(130)
 
 
-if __name__ == "__main__":  # Ctrl-C while torch and the rest import (seconds): one line, not a traceback
+if __name__ == "__main__":  # Ctrl-C while torch and the rest import (seconds), load data, build the model: one line
     signal.signal(signal.SIGINT, interrupted_at_startup)
 
 import torch
@@ -34,7 +39,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import visualize
-from checkpoints import CheckpointError, check_run_dir, checkpoint, load_checkpoint, make_run_dir, usage_error
+from checkpoints import CheckpointError, RunFolderError, check_run_dir, checkpoint, load_checkpoint, make_run_dir, usage_error
 from config import parse_args
 from datasets import (
     DataError,
@@ -124,6 +129,11 @@ def train_epoch(run: Run, epoch: int, state: EpochState, stop: dict) -> bool:
         if (world == 1 or state.step % LOG_EVERY == 0) and stop_agreed(run, stop):
             return True
     check_divergence(run, epoch, state)
+    if state.good_steps() == 0:
+        raise TrainingError(
+            f"training diverged: every one of the {state.step} steps of epoch {epoch} was non-finite and taken back, "
+            f"so the epoch learned nothing; {kept_checkpoint(run)}; try a lower --lr or loss weight"
+        )
     return stop_agreed(run, stop)
 
 
@@ -146,39 +156,46 @@ def check_divergence(run: Run, epoch: int, state: EpochState) -> None:
     if bad >= run.args.max_bad_steps:
         step, *values = state.last_bad.tolist()
         named = ", ".join(f"{k}={v:.4g}" for k, v in zip(("loss", *TERMS), values))
-        kept = (
-            f"the last good checkpoint is kept in {run.dir}"
-            if (run.dir / "checkpoint.pt").is_file()
-            else "no checkpoint was saved (none of an earlier epoch)"
-        )
         raise TrainingError(
             f"training diverged: {bad} non-finite steps, the last at epoch {epoch} step {int(step)} ({named}); "
-            f"no bad update was applied and {kept}; try a lower --lr or --inter-margin"
+            f"no bad update was applied and {kept_checkpoint(run)}; try a lower --lr or --inter-margin"
         )
+
+
+def kept_checkpoint(run: Run) -> str:
+    if (run.dir / "checkpoint.pt").is_file():
+        return f"the last good checkpoint is kept in {run.dir}"
+    return "no checkpoint was saved (none of an earlier epoch)"
 
 
 def train(args: argparse.Namespace, rank: int, world: int) -> int:
-    """Build the run, resume it if a checkpoint is there, train the epochs, finish (rank 0)."""
-    run, data, resuming = build(args, rank, world)
-    start_epoch, state = resume(run, data, resuming)
-    stopped = loop(run, data, start_epoch, state)
-    if stopped is not None:
-        return stopped
-    if rank == 0:
-        try:
-            finish(run, data)
-        except KeyboardInterrupt:  # the signal handlers are gone: pictures and summary are redone from the checkpoint
-            print(
-                f"interrupted while drawing the final pictures and writing summary.json; the checkpoint of epoch {args.epochs} is saved, "
-                "run the same command to finish the run",
-                file=sys.stderr,
-            )
-            return 130
-    return 0
+    """Build the run, resume it if a checkpoint is there, train the epochs, finish (rank 0), all in
+    its folder locked by rank 0."""
+    run, data, resuming, lock = build(args, rank, world)
+    try:
+        start_epoch, state = resume(run, data, resuming)
+        stopped = loop(run, data, start_epoch, state)
+        if stopped is not None:
+            return stopped
+        if rank == 0:
+            try:
+                finish(run, data)
+            except KeyboardInterrupt:  # the signal handlers are gone: pictures and summary are redone from the checkpoint
+                print(
+                    f"interrupted while drawing the final pictures and writing summary.json; the checkpoint of epoch {args.epochs} is saved, "
+                    "run the same command to finish the run",
+                    file=sys.stderr,
+                )
+                return 130
+        return 0
+    finally:
+        if lock is not None:
+            os.close(lock)
 
 
-def build(args: argparse.Namespace, rank: int, world: int) -> tuple[Run, Dataset, bool]:
-    """The data, the run folder and the run (model, objective, optimiser, scheduler); whether to resume."""
+def build(args: argparse.Namespace, rank: int, world: int) -> tuple[Run, Dataset, bool, int | None]:
+    """The data, the run folder (locked by rank 0: its lock's descriptor, held until train() ends) and
+    the run (model, objective, optimiser, scheduler); whether to resume."""
     device = resolve_device(args.device)
     cuda_backends(device)
     data = load_dataset(args.dataset, args.data_dir or "data", download=True)
@@ -190,6 +207,13 @@ def build(args: argparse.Namespace, rank: int, world: int) -> tuple[Run, Dataset
             raise SystemExit(usage_error(str(exc))) from None
     if args.train_samples is not None:
         data.train = ImageData(data.train.images[: args.train_samples], data.train.labels[: args.train_samples])
+    present = data.train.labels.unique()
+    if len(present) < 2:  # also after --train-samples: the losses compare classes, one class learns nothing
+        raise DataError(
+            f"{data.source}: the train set has only the class {data.classes[int(present[0])]!r}"
+            + (f" in its first --train-samples {args.train_samples}" if args.train_samples is not None else "")
+            + "; a classifier needs at least two"
+        )
     val = None
     if args.val_fraction > 0:
         data.train, val = split_validation(data.train, args.val_fraction, args.seed)
@@ -212,9 +236,12 @@ def build(args: argparse.Namespace, rank: int, world: int) -> tuple[Run, Dataset
     run_dir, resuming = check_run_dir(args)
     if world > 1:  # every process has checked before rank 0 deletes or creates anything
         dist.barrier()
+    lock = None
     if rank == 0:
-        make_run_dir(run_dir, args.overwrite)
-    if world > 1:
+        lock = make_run_dir(run_dir, args.overwrite)  # held until train() ends: no other run writes here
+        # Again under the lock: the run that held the folder may have finished or saved a checkpoint since.
+        run_dir, resuming = check_run_dir(args)
+    if world > 1:  # the other ranks write nothing in the folder, and only after rank 0 holds it
         dist.barrier()
     on_device = args.pipeline == "fast"  # the fast path keeps the data on the training device
     run = Run(
@@ -235,7 +262,7 @@ def build(args: argparse.Namespace, rank: int, world: int) -> tuple[Run, Dataset
     run.scheduler = make_scheduler(run.optimizer, args)
     if args.cuda_graph:
         run.graph = GraphedStep(run)
-    return run, data, resuming
+    return run, data, resuming, lock
 
 
 def resume(run: Run, data: Dataset, resuming: bool) -> tuple[int, EpochState | None]:
@@ -300,8 +327,8 @@ def loop(run: Run, data: Dataset, start_epoch: int, state: EpochState | None) ->
             if stop_agreed(run, stop):
                 return 128 + stop["signal"]
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        for s, handler in previous.items():  # start-up is over: Ctrl-C in finish() is a KeyboardInterrupt again
+            signal.signal(s, signal.default_int_handler if handler is interrupted_at_startup else handler)
         if writer is not None:
             writer.close()
     return None
@@ -388,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
         rank, world = init_distributed(resolve_device(args.device))
         code = train(args, rank, world)
         return code
-    except (DataError, CheckpointError, TrainingError, visualize.StitchError) as exc:
+    except (DataError, CheckpointError, RunFolderError, TrainingError, visualize.StitchError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # before the training loop installs its handlers: nothing to save yet
@@ -405,6 +432,5 @@ def main(argv: list[str] | None = None) -> int:
             close_distributed(finished=code is not None)
 
 
-if __name__ == "__main__":
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # the imports are done: Ctrl-C is KeyboardInterrupt again
+if __name__ == "__main__":  # interrupted_at_startup stays until the training loop installs its handlers
     sys.exit(main())

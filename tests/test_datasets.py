@@ -369,3 +369,97 @@ def test_channel_stats_equal_float_statistics_on_the_unit_scale():
     assert mean == pytest.approx(x.mean((0, 2, 3)).tolist(), abs=1e-12)
     assert std[:2] == pytest.approx(x.std((0, 2, 3), correction=0)[:2].tolist(), abs=1e-12)
     assert std[2] == 1.0
+
+
+# ------------------------------------------------------------------------ data that cannot be what it says
+
+
+def test_tree_of_a_single_class_is_refused(gray_tree):
+    for cls in TREE_CLASSES[1:]:
+        shutil.rmtree(gray_tree / "train" / cls)
+        shutil.rmtree(gray_tree / "test" / cls)
+    with pytest.raises(DataError, match=f"{gray_tree / 'train'}: only the class 'ant'; a classifier needs at least two"):
+        load_dataset("folder", gray_tree)
+
+
+def test_tree_test_class_without_train_folder_is_named(gray_tree):
+    """Its images were silently dropped: the test set looked easier than it was."""
+    shutil.copytree(gray_tree / "test" / "bee", gray_tree / "test" / "dog")
+    with pytest.raises(DataError, match="the classes dog have no folder in") as info:
+        load_dataset("folder", gray_tree)
+    assert str(gray_tree / "test") in str(info.value)
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+@pytest.mark.parametrize("mode", ["RGB", "P"])
+def test_grey_tree_with_one_colour_image_loads(gray_tree, split, mode):
+    """One colour (or palette) image in a grey set makes the whole set colour, in both splits alike
+    (as a colour image within a split already did), instead of a train/test shape error."""
+    from PIL import Image
+
+    pixels = np.zeros((28, 28, 3), np.uint8)
+    pixels[..., 0] = 204  # a colour of the web palette that convert("P") maps to
+    Image.fromarray(pixels).convert(mode).save(gray_tree / split / "bee" / "zz-colour.png")
+    ds = load_dataset("folder", gray_tree)
+    assert ds.train.images.shape[1:] == ds.test.images.shape[1:] == (3, 28, 28)
+    colour = ds.train if split == "train" else ds.test
+    assert colour.images[colour.labels == 1][-1, :, 0, 0].tolist() == [204, 0, 0]
+    first = np.array(Image.open(gray_tree / "train" / "ant" / "000.png"))
+    assert all(np.array_equal(ds.train.images[0, c].numpy(), first) for c in range(3))  # grey expanded
+
+
+def test_mnist_tree_converts_a_colour_image_to_grey(tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "mnist"
+    for split, count in (("train", 2), ("test", 1)):
+        for digit in range(10):
+            (root / split / str(digit)).mkdir(parents=True)
+            for i in range(count):
+                Image.new("L", (28, 28), 10 * digit).save(root / split / str(digit) / f"{i}.png")
+    Image.new("RGB", (28, 28), (90, 90, 90)).save(root / "test" / "3" / "rgb.png")
+    ds = load_dataset("mnist", tmp_path, download=False)
+    assert ds.train.images.shape[1:] == (1, 28, 28) and ds.test.images[4, 0, 0, 0] == 90
+
+
+@pytest.mark.parametrize("name", ["mnist", "fashion-mnist"])
+@pytest.mark.parametrize("problem", ["colour 32x32", "3 classes"])
+def test_mnist_names_refuse_data_of_another_shape(tmp_path, name, problem):
+    from conftest import write_image_tree
+
+    write_image_tree(tmp_path / name, "RGB" if problem.startswith("colour") else "L", 32 if problem.startswith("colour") else 28)
+    with pytest.raises(DataError, match=f"--dataset {name} is 28x28 grey images of 10 classes, this data is") as info:
+        load_dataset(name, tmp_path, download=False)
+    assert ("28x28 grey of 3 classes" in str(info.value)) == (problem == "3 classes")
+    assert str(tmp_path / name) in str(info.value)
+
+
+def test_idx_mnist_of_another_size_is_refused(tiny_mnist):
+    root, arrays = tiny_mnist
+    for split in ("train", "t10k"):
+        write_idx(root / "MNIST" / "raw" / f"{split}-images-idx3-ubyte", np.zeros((len(arrays[f"{split}_labels"]), 32, 32), np.uint8))
+    with pytest.raises(DataError, match="this data is 32x32 grey of 10 classes"):
+        load_dataset("mnist", root, download=False)
+
+
+@pytest.mark.parametrize(("stem", "shape"), [("t10k-labels-idx1-ubyte", (100, 1, 1)), ("train-images-idx3-ubyte", (200, 784))])
+def test_idx_file_of_the_wrong_rank_is_named(tiny_mnist, stem, shape):
+    root, _ = tiny_mnist
+    path = write_idx(root / "MNIST" / "raw" / stem, np.zeros(shape, np.uint8))
+    with pytest.raises(DataError) as info:
+        load_dataset("mnist", root, download=False)
+    assert str(info.value).startswith(f"{path}: an IDX file of rank {len(shape)} {shape}, where ")
+
+
+def test_source_and_files_say_what_was_read(tiny_mnist, rgb_tree):
+    root, _ = tiny_mnist
+    ds = load_dataset("mnist", root, download=False)
+    raw = root / "MNIST" / "raw"
+    assert ds.source == f"IDX files in {raw}"
+    assert ds.files == [str(raw / f"{s}-{k}-idx{r}-ubyte") for s in ("train", "t10k") for k, r in (("images", 3), ("labels", 1))]
+    (rgb_tree / "cifar-10-batches-py").mkdir()  # the lossless binary beside a tree: the tree is read, and the line says so
+    ds = load_dataset("cifar10", rgb_tree, download=False)
+    assert ds.source.startswith(
+        f"image folders in {rgb_tree} (.png) (the binary {rgb_tree / 'cifar-10-batches-py'} is also there, not used"
+    )
+    assert ds.files == [str(rgb_tree / "train"), str(rgb_tree / "test")]

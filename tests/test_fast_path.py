@@ -187,7 +187,8 @@ def test_tensor_batches_equal_loader_batches_without_augmentation(workers, chann
 
 def start_main(out: Path, pipeline: str) -> subprocess.Popen:
     args = ["--dataset", "digits", "--train-samples", "96", "--batch-size", "32", "--epochs", "2", "--no-plots"]
-    args += ["--device", "cpu", "--pipeline", pipeline, "--workers", "0", "--out", str(out), "--name", "run"]
+    args += ["--device", "cpu", "--pipeline", pipeline, "--out", str(out), "--name", "run"]
+    args += ["--workers", "0"] if pipeline == "loader" else []  # --workers is the loader's only
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", MPLBACKEND="Agg", PYTHONDONTWRITEBYTECODE="1")
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # two runs side by side on few cores: no spinning OpenMP threads
     return subprocess.Popen(

@@ -25,6 +25,7 @@ from conftest import (
 )
 
 import config
+import datasets
 import main
 from datasets import channel_stats, load_dataset
 from models import build_model
@@ -113,6 +114,9 @@ def test_tiny_run_files(tiny_runs, background, loss):
     assert summary["train_size"] == MNIST_TRAIN and summary["test_size"] == MNIST_TEST and summary["num_classes"] == 10
     assert summary["ncm_acc"] == pytest.approx(float(rows[-1]["ncm_acc"]), rel=1e-5)
     assert summary["loss"] == loss and summary["name"] == run_dir.name
+    raw = background.paths["mnist"] / "MNIST" / "raw"
+    assert summary["data_source"] == f"IDX files in {raw}" and len(summary["data_files"]) == 4
+    assert all(Path(f).parent == raw and Path(f).is_file() for f in summary["data_files"])
 
 
 def test_standalone_accuracy_is_nearest_center(tiny_runs):
@@ -179,7 +183,7 @@ def test_finished_run_refused_then_overwritten(named_run, capsys):
     assert summary["epochs"] == 1 and summary["overwrite"] is True
     _, rows = read_metrics(run_dir)
     assert len(rows) == 1
-    assert sorted(p.name for p in run_dir.iterdir()) == ["args.json", "checkpoint.pt", "metrics.csv", "summary.json"]
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "args.json", "checkpoint.pt", "metrics.csv", "summary.json"]
 
 
 @pytest.mark.parametrize("loss", ["xent", "cent", "standalone"])
@@ -253,6 +257,24 @@ NOT_FINITE += [("--weight-decay", "nan"), ("--clip-grad-norm", "inf"), ("--cente
         (["--center-alpha", "0.5"], "--center-alpha is the rate of the paper's center update; add --center-update paper"),
         (["--center-update", "paper", "--center-alpha", "1.5"], "--center-alpha must be in (0, 1]"),
         (["--center-update", "paper", "--lr-cent", "0.1"], "with --center-update paper set --center-alpha instead"),
+        # Flags the chosen loss or pipeline does not use (given, not defaulted).
+        (["--loss", "standalone", "--weight-cent", "1"], "--weight-cent is used by --loss cent, not by --loss standalone; drop it"),
+        (["--loss", "xent", "--lr-cent", "0.1"], "--lr-cent is used by every loss but xent (the losses with centers), not by --loss xent"),
+        (["--loss", "xent", "--inter-margin", "2"], "--inter-margin is used by --loss standalone, not by --loss xent"),
+        (["--loss", "centers-apart", "--inter-margin", "2"], "--inter-margin is used by --loss standalone, not by --loss centers-apart"),
+        (["--loss", "xent", "--alpha", "0.1"], "--alpha is used by --loss centers-apart, not by --loss xent"),
+        (["--loss", "standalone", "--alpha", "0.1"], "--alpha is used by --loss centers-apart, not by --loss standalone"),
+        (["--loss", "xent", "--weight-inter", "0.1"], "--weight-inter is used by --loss standalone and centers-apart, not by --loss xent"),
+        (["--loss", "cent", "--weight-intra", "1"], "--weight-intra is used by --loss standalone and centers-apart, not by --loss cent"),
+        (["--workers", "2"], "--workers sets the DataLoader processes of --pipeline loader; drop it"),
+        # A loss that is zero whatever the model does would train nothing and still end "done".
+        (["--weight-intra", "0", "--weight-inter", "0"], "--weight-intra 0 and --weight-inter 0 make the standalone loss zero"),
+        (["--loss", "centers-apart", "--weight-intra", "0", "--weight-inter", "0"], "make the centers-apart loss zero"),
+        # Names the file system cannot hold, and an empty --out (it meant the current folder).
+        (["--name", "n" * 256], "--name is 256 bytes long, more than the 255 a file name may have"),
+        (["--out", "{tmp}/" + "o" * 256 + "/runs"], "is 256 bytes long, more than the 255 a file system allows"),
+        (["--out", ""], "--out must not be empty"),
+        (["--out", "{tmp}/" + "/".join(["d" * 200] * 20)], "make a run folder path longer than 3996 bytes"),
     ],
 )
 def test_bad_arguments_exit_2(argv, message, tmp_path, capsys):
@@ -402,6 +424,33 @@ def test_bad_data_one_line(argv, code, message, tmp_path, capsys):
     assert listing(tmp_path) == before
 
 
+def test_a_train_set_of_one_class_is_refused(tmp_path, capsys):
+    """The first 4 train images of this tiny MNIST are all of class 7 (after --train-samples 4): nothing to tell apart."""
+    data = tmp_path / "data"
+    arrays = write_tiny_mnist(data)
+    labels = arrays["train_labels"].copy()
+    labels[:4] = 7
+    write_idx(data / "MNIST" / "raw" / "train-labels-idx1-ubyte", labels)
+    argv = [
+        "--dataset",
+        "mnist",
+        "--data-dir",
+        str(data),
+        "--train-samples",
+        "4",
+        "--batch-size",
+        "2",
+        "--epochs",
+        "1",
+        "--out",
+        str(tmp_path / "out"),
+    ]
+    assert main.main(argv) == 1
+    line = stderr_error_line(capsys.readouterr().err)
+    assert line.endswith("the train set has only the class '7' in its first --train-samples 4; a classifier needs at least two")
+    assert not (tmp_path / "out").exists()
+
+
 def test_train_set_smaller_than_knn_k(tmp_path):
     """--train-samples 8 leaves a k-NN gallery of 8 train features: knn10_acc uses k = 8 instead of failing."""
     out = tmp_path / "out"
@@ -461,6 +510,34 @@ def test_defaults_follow_the_study():
     assert config.parse_args(["--dataset", "cifar-10", "--lr", "0.1"]).name == "standalone-cifar10-feat=2"
     assert config.parse_args(["--lr", "0.1"]).lr_cent == 0.1
     assert (args.weight_decay, args.clip_grad_norm, args.center_update, args.center_alpha) == (0.0, 0.0, "sgd", None)
+
+
+def test_loss_flags_default_only_where_they_are_used():
+    """The loss-specific flags default (None sentinels filled after the checks) without being refused."""
+    xent = config.parse_args(["--loss", "xent"])
+    assert (xent.weight_cent, xent.alpha, xent.lr_cent, xent.workers) == (1.0, 0.05, 0.01, datasets.default_workers())
+    assert config.parse_args(["--loss", "cent", "--weight-cent", "0"]).weight_cent == 0.0  # plain xent by another name: allowed
+    assert config.parse_args(["--weight-intra", "0"]).weight_inter == 0.1  # the inter term alone still trains
+    assert config.parse_args(["--loss", "centers-apart", "--alpha", "0.2"]).alpha == 0.2
+    assert config.parse_args(["--pipeline", "loader", "--workers", "0"]).workers == 0
+
+
+@pytest.mark.parametrize(
+    "world,message",
+    [
+        ("abc", "the environment's WORLD_SIZE='abc' is not a positive number of processes"),
+        ("0", "the environment's WORLD_SIZE='0' is not a positive number of processes"),
+        ("2", "the environment has WORLD_SIZE=2 but not RANK, MASTER_ADDR, MASTER_PORT: start with torchrun"),
+    ],
+)
+def test_world_size_without_torchrun_is_one_line(world, message, monkeypatch, capsys):
+    for name in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", world)
+    with pytest.raises(SystemExit) as info:
+        main.main(["--epochs", "1"])
+    assert info.value.code == 2
+    assert message in stderr_error_line(capsys.readouterr().err)
 
 
 def test_lenet_recipe_and_paper_center_update_defaults():

@@ -316,7 +316,7 @@ def write_tree(root: Path, classes: int = 3, per_class: int = 8, size: int = 28)
             folder.mkdir(parents=True)
             for i in range(per_class):
                 image = (rng.random((size, size)) * 60).astype(np.uint8)
-                image[:, k * 8 : k * 8 + 6] = 250
+                image[:, k * 2 : k * 2 + 2] = 250
                 Image.fromarray(image).save(folder / f"{i}.png")
 
 
@@ -324,7 +324,7 @@ def test_reproduce_runs_each_grid_point_and_seed_once(tmp_path: Path, capsys) ->
     """Each (grid point, seed) runs once, seed N's folder named -seed=N, and a second sweep skips them
     all; report.py makes each grid point's two seeds one row with n = 2."""
     data = tmp_path / "data"
-    write_tree(data)
+    write_tree(data, classes=10, per_class=3)  # --dataset mnist must be 28x28 grey of 10 classes
     out = tmp_path / "runs"
     env = {
         **os.environ,

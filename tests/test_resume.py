@@ -189,6 +189,7 @@ def test_damaged_checkpoint_is_one_line_and_kept(tmp_path: Path, reference: Path
         (["--factor", "0.5"], "--factor 0.5 differs from the 0.2 of the checkpoint"),
         (["--patience", "5"], "--patience 5 differs from the 3 of the checkpoint"),
         (["--threshold", "0.01"], "--threshold 0.01 differs from the 0.1 of the checkpoint"),
+        (["--amp", "bf16"], "--amp bf16 differs from the off of the checkpoint"),  # half fp32, half bf16: mislabelled
         (["--epochs", "2"], "--epochs 2: the checkpoint"),
     ],
 )
@@ -303,7 +304,18 @@ def test_divergence_guard_stops_with_the_loss_terms(tmp_path: Path) -> None:
     assert "step" in message and "loss=" in message and "intra=" in message and "inter=" in message
     assert "no checkpoint was saved" in message and "last good checkpoint" not in message  # it diverged in the first epoch
     assert "Traceback" not in result.stderr
-    assert sorted(p.name for p in (tmp_path / "boom").iterdir()) == ["args.json"]
+    assert sorted(p.name for p in (tmp_path / "boom").iterdir()) == [".lock", "args.json"]
+
+
+def test_an_epoch_whose_every_step_was_taken_back_is_divergence(tmp_path: Path, capsys) -> None:
+    """--weight-cent 1e30: each of the 2 steps is non-finite and taken back, fewer than --max-bad-steps 5;
+    the epoch learned nothing and its train loss would read 0. Exit 1, one line, no summary."""
+    args = [*TINY, "--loss", "cent", "--weight-cent", "1e30", "--epochs", "1", "--train-samples", "64", "--out", str(tmp_path)]
+    assert main(args) == 1
+    line = stderr_error_line(capsys.readouterr().err)
+    assert line.startswith("error: training diverged: every one of the 2 steps of epoch 1 was non-finite and taken back")
+    assert "no checkpoint was saved" in line
+    assert not list(tmp_path.glob("**/summary.json")) and not list(tmp_path.glob("**/metrics.csv"))
 
 
 def test_inter_margin_bounds_the_push(tmp_path: Path) -> None:
@@ -429,21 +441,35 @@ def test_a_final_test_loss_that_is_not_finite_does_not_end_done(tmp_path: Path, 
     assert not (tmp_path / "summary.json").exists()
 
 
-@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="needs Linux's /proc to see torch loading")
-def test_ctrl_c_while_importing_is_one_line(tmp_path: Path) -> None:
-    """SIGINT as soon as torch's libraries are mapped, while torch imports (seconds): exit 130 and one
-    line, no traceback, no run folder."""
+LOOP_INTERRUPT = re.compile(r"interrupted at epoch 1 step \d+; checkpoint saved, run the same command to resume")
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="needs Linux's /proc to see libraries loading")
+@pytest.mark.parametrize("phase", ["torch import", "scikit-learn import", "run folder locked"])
+def test_ctrl_c_at_each_phase_of_start_up_is_one_line(tmp_path: Path, phase: str) -> None:
+    """SIGINT as torch's libraries are mapped (its import), as scikit-learn's are (the digits' lazy import,
+    after main.py's imports), and once the run folder is locked (model, args.json, first batches): exit
+    130 and one line each, no traceback, no summary. An exception raised into a lazy import can end in
+    a traceback or a C++ terminate (rc 134): until the loop's handlers, SIGINT ends the process at once."""
     out = tmp_path / "out"
-    proc = start([*TINY, "--out", str(out)])
-    maps = Path(f"/proc/{proc.pid}/maps")
+    proc = start([*TINY, "--out", str(out), "--name", "run"])
+    maps, lock = Path(f"/proc/{proc.pid}/maps"), out / "run" / ".lock"
+    reached = {
+        "torch import": lambda: "libtorch" in maps.read_text(),
+        "scikit-learn import": lambda: "/sklearn/" in maps.read_text(),
+        "run folder locked": lock.exists,
+    }[phase]
     deadline = time.monotonic() + 120
-    while "libtorch" not in maps.read_text() and time.monotonic() < deadline:
-        time.sleep(0.005)
+    while proc.poll() is None and not reached() and time.monotonic() < deadline:
+        time.sleep(0.002)
     proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 130
-    assert stderr.strip() == STARTUP_INTERRUPT and stdout == ""
-    assert not out.exists()
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    line = stderr.strip()
+    assert line == STARTUP_INTERRUPT or (phase == "run folder locked" and LOOP_INTERRUPT.fullmatch(line)), stderr
+    assert not list(tmp_path.glob("**/summary.json"))
+    if phase == "torch import":
+        assert stdout == "" and not out.exists()
 
 
 def test_ctrl_c_while_loading_data_is_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
