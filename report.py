@@ -185,6 +185,8 @@ def table(runs: dict[tuple[str, str, int], list[Group]], extra: list[str], prese
 
 def row(key: tuple[str, str, int], group: Group | None, study_acc: float | None, extra: list[str], seeds: bool) -> str:
     loss, dataset, feat_dim = key
+    if group is not None and group[0].get("train_classes"):  # an open-set run classifies fewer classes: not the study's task
+        study_acc = None
     study = fmt(study_acc) if study_acc is not None else "/"
     if group is None:
         cells = [loss, dataset, str(feat_dim), "missing"] + ["missing"] * 6 + [study, "/"] + ["missing"] * (seeds + len(extra))

@@ -143,6 +143,14 @@ def test_runs_of_other_settings_are_rows_of_their_own(tmp_path: Path, capsys) ->
     assert [(r[3], r[5]) for r in table_rows(captured.out) if r[:3] == ["xent", "mnist", "2"]] == [("0.990", "100"), ("0.950", "3")]
 
 
+def test_open_set_runs_are_not_compared_with_the_study(tmp_path: Path, capsys) -> None:
+    """A run on some classes only (--train-classes) is another task than the study's 10 classes: no study acc, no diff."""
+    write_summary(tmp_path, "xent", "fashion-mnist", 2, 0.90, seed=0, train_classes="0-4")
+    assert report.main([str(tmp_path), "--present", "--columns", ""]) == 0
+    (row,) = table_rows(capsys.readouterr().out)
+    assert row[:4] == ["xent", "fashion-mnist", "2", "0.900"] and row[10:12] == ["/", "/"]
+
+
 def test_unknown_column_is_named_with_the_known_ones(tmp_path: Path, capsys) -> None:
     """It used to print a column of "/" and exit 0."""
     write_summary(tmp_path, "xent", "mnist", 2, 0.95, knn1_acc=0.9)
