@@ -21,7 +21,8 @@ LOSSES = ("xent", "cent", "standalone", "centers-apart", "center-softmax")
 CENTER_ACC_LOSSES = ("standalone", "centers-apart", "center-softmax")  # no softmax on the features: accuracy by nearest center
 CENTER_UPDATES = ("sgd", "paper")
 # Losses whose centers only follow the features (the intra term), so the paper's update can replace
-# their gradient; centers-apart and center-softmax move the centers by terms of their own.
+# their gradient and SGD needs only the batch's rows; centers-apart and center-softmax move all
+# centers by terms of their own (dense gradients by nature).
 PAPER_UPDATE_LOSSES = ("cent", "standalone")
 
 
@@ -36,9 +37,14 @@ def squared_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a2 + b2 - 2.0 * a @ b.t()).clamp_min(0.0)
 
 
-def intra_loss(features: torch.Tensor, centers: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Center (intra-class) term: (1/m) sum_i ||x_i - c_{y_i}||^2."""
-    return (features - centers[labels]).pow(2).sum(1).mean()
+def intra_loss(features: torch.Tensor, centers: torch.Tensor, labels: torch.Tensor, sparse: bool = False) -> torch.Tensor:
+    """Center (intra-class) term: (1/m) sum_i ||x_i - c_{y_i}||^2.
+
+    With `sparse`, the centers are read by F.embedding(sparse=True): their gradient is then a sparse
+    tensor of the m rows the batch touches (center_rows_grad), not a dense C x D matrix.
+    """
+    rows = F.embedding(labels, centers, sparse=True) if sparse else centers[labels]
+    return (features - rows).pow(2).sum(1).mean()
 
 
 def inter_loss(features: torch.Tensor, labels: torch.Tensor, margin: float | None = None) -> torch.Tensor:
@@ -57,24 +63,103 @@ def inter_loss(features: torch.Tensor, labels: torch.Tensor, margin: float | Non
     return -(pair_terms * different).sum() / features.shape[0]
 
 
+def same_label(labels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The batch's m x m matrix S_ij = [y_i = y_j]. S @ v sums v over each sample's class, so that all
+    samples of a class carry the same row: the per-class sums of a batch at O(m^2), whatever the
+    number of classes, with no host sync (unique and bincount size their output from the data) and
+    deterministic (index_add_ on CUDA adds with atomics in any order)."""
+    return (labels[:, None] == labels[None, :]).to(dtype)
+
+
+def put_rows(target: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, apply: torch.Tensor) -> None:
+    """target[y_i] <- rows_i where `apply`, else unchanged. Duplicate labels carry identical rows
+    (same_label sums), so whichever duplicate index_put_ writes last, the result is the same."""
+    target.index_put_((labels,), torch.where(apply, rows, target[labels]))
+
+
 @torch.no_grad()
-def paper_center_update(centers: torch.Tensor, features: torch.Tensor, labels: torch.Tensor, alpha: float) -> None:
+def paper_center_update(
+    centers: torch.Tensor, features: torch.Tensor, labels: torch.Tensor, alpha: float, finite: torch.Tensor | None = None
+) -> torch.Tensor:
     """The center loss paper's center update (Wen et al., ECCV 2016, eq. 4), in place:
 
         delta_c_j = sum_i [y_i = j] (c_j - x_i) / (1 + sum_i [y_i = j])
         c_j <- c_j - alpha * delta_c_j
 
-    A class absent from the batch has delta_c_j = 0 and keeps its center. The per-class sums are a
-    product with the batch's one-hot label mask: no host sync (bincount would size its output from
-    max(labels), a sync on CUDA) and, unlike index_add_'s atomics on CUDA, deterministic. Under
-    torchrun pass the global batch (utils.gather_batch), identical on every rank: every rank then
-    computes the same sums and keeps the same centers without any communication.
+    A class absent from the batch has delta_c_j = 0 and keeps its center, so only the batch's rows are
+    computed and written (same_label): the cost grows with the batch, not with the number of classes.
+    The rows are written only where `finite` (a bool tensor; None: always) holds and the new rows are
+    finite (torch.where, no host sync). Returns whether the new rows are finite. Under torchrun pass
+    the global batch (utils.gather_batch), identical on every rank: every rank then computes the same
+    rows and keeps the same centers without any communication.
     """
-    classes = torch.arange(centers.shape[0], device=labels.device)
-    members = (labels[None, :] == classes[:, None]).to(centers.dtype)  # C x m: [y_i = j]
-    counts = members.sum(1, keepdim=True)
-    delta = (counts * centers - members @ features.to(centers.dtype)) / (1 + counts)
-    centers.sub_(alpha * delta)
+    same = same_label(labels, centers.dtype)
+    counts = same.sum(1, keepdim=True)  # n_{y_i}
+    own = centers[labels]
+    new = own - alpha * (counts * own - same @ features.to(centers.dtype)) / (1 + counts)
+    ok = torch.isfinite(new).all()
+    put_rows(centers, labels, new, ok if finite is None else ok & finite)
+    return ok
+
+
+def center_rows_grad(centers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Take the sparse gradient that intra_loss(sparse=True) left in centers.grad (which becomes None)
+    and return (labels, rows): rows_i = sum_j [y_j = y_i] g_j, the dense gradient's row y_i, identical
+    for samples of the same class. Rows of classes absent from the batch are zero and not listed."""
+    grad = centers.grad
+    centers.grad = None
+    labels, values = grad._indices()[0], grad._values()  # uncoalesced: one entry per sample, no sort or sync
+    return labels, same_label(labels, values.dtype) @ values
+
+
+def rows_grad_norm(labels: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """L2 norm of the dense C x D gradient that center_rows_grad's rows stand for:
+    sqrt(sum_i ||rows_i||^2 / n_{y_i}), each class counted once although its row repeats n_{y_i} times."""
+    counts = same_label(labels, rows.dtype).sum(1)
+    return (rows.pow(2).sum(1) / counts).sum().sqrt()
+
+
+@torch.no_grad()
+def center_sgd_step(
+    centers: torch.Tensor,
+    momentum_buffer: torch.Tensor,
+    labels: torch.Tensor,
+    rows: torch.Tensor,
+    lr: float,
+    momentum: float,
+    finite: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """SGD with momentum (dampening 0, no weight decay, as torch.optim.SGD) on the rows a batch touches:
+
+        b_j <- momentum * b_j + g_j,    c_j <- c_j - lr * b_j      for every class j in the batch
+
+    `labels` and `rows` come from center_rows_grad (g_{y_i} = rows_i). Rows of classes absent from the
+    batch are left alone: unlike dense SGD, where such a center keeps coasting by momentum * b_j, a
+    center here moves only in the steps whose batch holds its class (lazy momentum, as in sparse
+    embedding optimisers). Writes only where `finite` (None: always) holds and the new rows are
+    finite, with no host sync; returns whether they are finite.
+    """
+    buffer = momentum * momentum_buffer[labels] + rows
+    new = centers[labels] - lr * buffer
+    ok = torch.isfinite(new).all() & torch.isfinite(buffer).all()
+    apply = ok if finite is None else ok & finite
+    put_rows(momentum_buffer, labels, buffer, apply)
+    put_rows(centers, labels, new, apply)
+    return ok
+
+
+def optimizer_center_step(
+    optimizer: torch.optim.SGD, centers: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, finite: torch.Tensor | None = None
+) -> torch.Tensor:
+    """center_sgd_step with the lr and momentum of the optimizer's parameter group that holds `centers`
+    (so a scheduler's decay applies to them) and the momentum buffer where torch's SGD keeps it
+    (optimizer.state[centers]["momentum_buffer"], saved by optimizer.state_dict), created on first use.
+    The group must hold no gradient for `centers` (center_rows_grad took it), so that SGD skips them."""
+    group = next(g for g in optimizer.param_groups if any(p is centers for p in g["params"]))
+    state = optimizer.state[centers]
+    if "momentum_buffer" not in state:
+        state["momentum_buffer"] = torch.zeros_like(centers)
+    return center_sgd_step(centers, state["momentum_buffer"], labels, rows, group["lr"], group["momentum"], finite)
 
 
 class CenterLoss(nn.Module):
@@ -82,14 +167,16 @@ class CenterLoss(nn.Module):
 
     Drop-in for KaiyangZhou's CenterLoss: holds `centers` (C x D, standard normal init) and
     returns the intra term; add `weight_cent * center_loss(features, labels)` to cross-entropy.
+    `sparse`: the centers' gradient is sparse (see intra_loss; for center_sgd_step or torch.optim.SparseAdam).
     """
 
-    def __init__(self, num_classes: int, feat_dim: int) -> None:
+    def __init__(self, num_classes: int, feat_dim: int, sparse: bool = False) -> None:
         super().__init__()
         self.centers = nn.Parameter(torch.randn(num_classes, feat_dim))
+        self.sparse = sparse
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return intra_loss(features, self.centers, labels)
+        return intra_loss(features, self.centers, labels, self.sparse)
 
 
 class StandaloneCenterLoss(nn.Module):
@@ -98,6 +185,7 @@ class StandaloneCenterLoss(nn.Module):
     intra = (1/m) sum_i ||x_i - c_{y_i}||^2,
     inter = -(1/m) sum_i sum_j [y_i != y_j] log(1 + ||x_i - x_j||^2).
     `terms` returns the two unweighted terms for logging; `forward` returns the weighted total.
+    `sparse`: the centers' gradient is sparse (see intra_loss).
     """
 
     def __init__(
@@ -107,15 +195,17 @@ class StandaloneCenterLoss(nn.Module):
         weight_intra: float = 1.0,
         weight_inter: float = 0.1,
         inter_margin: float | None = None,
+        sparse: bool = False,
     ) -> None:
         super().__init__()
         self.centers = nn.Parameter(torch.randn(num_classes, feat_dim))
         self.weight_intra = weight_intra
         self.weight_inter = weight_inter
         self.inter_margin = inter_margin
+        self.sparse = sparse
 
     def terms(self, features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return intra_loss(features, self.centers, labels), inter_loss(features, labels, self.inter_margin)
+        return intra_loss(features, self.centers, labels, self.sparse), inter_loss(features, labels, self.inter_margin)
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         intra, inter = self.terms(features, labels)
@@ -185,7 +275,9 @@ class Objective(nn.Module):
     center-softmax: CenterSoftmaxLoss                            (logits unused; its xent is on the centers)
 
     forward returns (total, terms) where terms maps "xent", "intra", "inter" to the unweighted
-    values that this objective uses.
+    values that this objective uses. With `sparse_centers`, cent and standalone leave a sparse
+    gradient on the centers, for center_rows_grad and center_sgd_step (the other losses' centers
+    get dense gradients by nature and keep them).
     """
 
     def __init__(
@@ -198,17 +290,19 @@ class Objective(nn.Module):
         weight_inter: float = 0.1,
         inter_margin: float | None = None,
         alpha: float = 0.05,
+        sparse_centers: bool = False,
     ) -> None:
         super().__init__()
         if loss not in LOSSES:
             raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
         self.loss = loss
         self.weight_cent = weight_cent
+        self.sparse_centers = sparse_centers and loss in PAPER_UPDATE_LOSSES
         self.criterion: nn.Module | None = None
         if loss == "cent":
-            self.criterion = CenterLoss(num_classes, feat_dim)
+            self.criterion = CenterLoss(num_classes, feat_dim, self.sparse_centers)
         elif loss == "standalone":
-            self.criterion = StandaloneCenterLoss(num_classes, feat_dim, weight_intra, weight_inter, inter_margin)
+            self.criterion = StandaloneCenterLoss(num_classes, feat_dim, weight_intra, weight_inter, inter_margin, self.sparse_centers)
         elif loss == "centers-apart":
             self.criterion = CentersApartLoss(num_classes, feat_dim, weight_intra, weight_inter, alpha)
         elif loss == "center-softmax":

@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from datasets import Dataset, ImageData, channel_stats
 from distributed import gather_batch
-from losses import CENTER_ACC_LOSSES, Objective, paper_center_update
+from losses import CENTER_ACC_LOSSES, Objective, center_rows_grad, optimizer_center_step, paper_center_update, rows_grad_norm
 from models import build_model
 from utils import seed_everything
 
@@ -81,7 +81,15 @@ def build_trainer(args: argparse.Namespace, data: Dataset, device: torch.device,
     if world > 1 and device.type == "cuda":  # batch statistics over the global batch (SyncBatchNorm needs a GPU)
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     objective = Objective(
-        args.loss, len(data.classes), args.feat_dim, args.weight_cent, args.weight_intra, args.weight_inter, args.inter_margin, args.alpha
+        args.loss,
+        len(data.classes),
+        args.feat_dim,
+        args.weight_cent,
+        args.weight_intra,
+        args.weight_inter,
+        args.inter_margin,
+        args.alpha,
+        sparse_centers=args.center_update == "sgd",  # issue 25: SGD moves only the batch's centers (center_sgd_step)
     ).to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -114,10 +122,11 @@ def compile_and_wrap(model: nn.Module, compile_model: bool, device: torch.device
     return torch.compile(model) if compile_model else model
 
 
-def step_tensors(modules: list[torch.nn.Module], optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
-    """Every tensor one training step changes: weights, buffers (BatchNorm statistics), optimizer state."""
-    tensors = [t for m in modules for t in m.state_dict(keep_vars=True).values()]
-    return tensors + [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+def step_tensors(modules: list[torch.nn.Module], optimizer: torch.optim.Optimizer, skip: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Every tensor one training step changes: weights, buffers (BatchNorm statistics), optimizer state;
+    without `skip` (centers that guard their own rows) and its optimizer state."""
+    tensors = [t for m in modules for t in m.state_dict(keep_vars=True).values() if t is not skip]
+    return tensors + [v for p, s in optimizer.state.items() if p is not skip for v in s.values() if torch.is_tensor(v)]
 
 
 @torch.no_grad()
@@ -141,6 +150,19 @@ def all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.isfinite(torch.stack(torch._foreach_norm(tensors, 1))).all()
 
 
+def clip_gradients(parameters: list[torch.Tensor], rows: tuple[torch.Tensor, torch.Tensor] | None, max_norm: float) -> torch.Tensor:
+    """Total L2 norm of the parameters' gradients and the centers' rows (losses.center_rows_grad, if
+    any), all scaled by min(1, max_norm / norm) when max_norm > 0, on the device: no host sync."""
+    grads = [p.grad for p in parameters if p.grad is not None] + ([rows[1]] if rows else [])
+    norms = torch._foreach_norm(grads)
+    if rows:  # the rows stand for a C x D gradient whose rows are counted once
+        norms = [*norms[:-1], rows_grad_norm(*rows)]
+    norm = torch.linalg.vector_norm(torch.stack(norms))
+    if max_norm:
+        torch._foreach_mul_(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0))
+    return norm
+
+
 def guarded_step(trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Forward, loss (float32), backward, gradient clipping (if on), SGD update and the paper's center
     update (if on), taken back on the device unless the loss, the gradients and the updated
@@ -153,9 +175,11 @@ def guarded_step(trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> tuple[to
     """
     model, objective, optimizer, scaler = trainer.net, trainer.objective, trainer.optimizer, trainer.scaler
     modules = [trainer.model, objective]
+    # issue 25: centers moved by rows (the paper's update, sparse SGD) guard their own rows: no C x D copy.
+    centers = objective.centers if trainer.center_alpha is not None or objective.sparse_centers else None
     if trainer.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    saved = [t.detach().clone() for t in step_tensors(modules, optimizer)]
+    saved = [t.detach().clone() for t in step_tensors(modules, optimizer, centers)]
     with trainer.autocast():
         features, logits = model(x)
     features, logits, y = gather_batch(features, logits, y)
@@ -164,29 +188,33 @@ def guarded_step(trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> tuple[to
     scaler_skipped = False
     if scaler is None:
         loss.backward()
-        grads = [p.grad for p in trainer.parameters if p.grad is not None]
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))  # total L2 norm, on the device
+        rows = center_rows_grad(objective.centers) if objective.sparse_centers else None  # issue 25
+        norm = clip_gradients(trainer.parameters, rows, trainer.clip_grad_norm)
         finite = torch.isfinite(loss) & torch.isfinite(norm)
-        if trainer.clip_grad_norm:  # scale by min(1, max_norm / norm) on the device: no host sync
-            torch._foreach_mul_(grads, (trainer.clip_grad_norm / (norm + 1e-6)).clamp(max=1.0))
         optimizer.step()
     else:  # GradScaler skips steps with non-finite gradients itself (with a host sync of its own)
         scale = scaler.get_scale()
         scaler.scale(loss).backward()
         finite = torch.isfinite(loss)
+        rows = center_rows_grad(objective.centers) if objective.sparse_centers else None  # issue 25
+        if rows:
+            rows = (rows[0], rows[1] / scale)  # the scaler unscales only the optimiser's (dense) gradients
         if trainer.clip_grad_norm:
             scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-            torch.nn.utils.clip_grad_norm_(trainer.parameters, trainer.clip_grad_norm, foreach=True)
+            clip_gradients(trainer.parameters, rows, trainer.clip_grad_norm)
         scaler.step(optimizer)
         scaler.update()
         # update() backs the scale off exactly when step() skipped: the centers then stay too. Such a
         # step is the scaler's routine search for a scale, not divergence, so it is not a bad step.
         scaler_skipped = scaler.get_scale() < scale
-    if trainer.center_alpha is not None and not scaler_skipped:  # before undo_unless: a bad step takes it back too
-        paper_center_update(objective.centers, features.detach().float(), y, trainer.center_alpha)
     # Finite gradients can still carry weights or centers past float32's range (a huge --lr).
-    finite = finite & all_finite(trainer.parameters + ([objective.centers] if trainer.center_alpha is not None else []))
-    undo_unless(finite, step_tensors(modules, optimizer), saved)
+    finite = finite & all_finite([p for p in trainer.parameters if p is not centers])
+    # issue 25: the centers' rows move last, only if all else is finite; they report their own finiteness.
+    if trainer.center_alpha is not None and not scaler_skipped:
+        finite = finite & paper_center_update(centers, features.detach().float(), y, trainer.center_alpha, finite)
+    elif rows and not scaler_skipped:
+        finite = finite & optimizer_center_step(optimizer, centers, *rows, finite)
+    undo_unless(finite, step_tensors(modules, optimizer, centers), saved)
     return features, logits, y, loss, terms, finite
 
 
