@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from losses import squared_distances
+from utils import chunk_rows
 
 CHUNK = 512  # queries per chunk: 512 x 60,000 float32 distances = 123 MB
 FEATURE_METRICS = ("knn1_acc", "knn10_acc", "precision_at_1", "map_at_r", "nmi", "ami", "center_distance_ratio")
@@ -28,12 +29,13 @@ def knn_accuracy(query: torch.Tensor, query_labels: torch.Tensor, gallery: torch
     # takes the first (smallest) label among equal scores.
     weights = k * (k + 1) + k - torch.arange(k, device=gallery.device)
     correct = 0
-    for start in range(0, len(query), CHUNK):
-        d = squared_distances(query[start : start + CHUNK].float(), gallery.float())
+    chunk = min(CHUNK, chunk_rows(num_classes, itemsize=8))  # the votes: chunk x classes int64 (100,000 classes: 83 queries)
+    for start in range(0, len(query), chunk):
+        d = squared_distances(query[start : start + chunk].float(), gallery.float())
         idx = d.topk(k, dim=1, largest=False).indices  # sorted, nearest first
         votes = torch.zeros(len(idx), num_classes, device=idx.device, dtype=torch.int64)
         votes.scatter_add_(1, gallery_labels[idx], weights.expand_as(idx).contiguous())
-        correct += int((votes.argmax(1) == query_labels[start : start + CHUNK]).sum())
+        correct += int((votes.argmax(1) == query_labels[start : start + chunk]).sum())
     return correct / len(query)
 
 
@@ -97,9 +99,16 @@ def center_distance_ratio(features: torch.Tensor, labels: torch.Tensor) -> float
     means = torch.zeros(num_classes, features.shape[1], device=features.device).index_add_(0, labels, features)
     means = means / torch.bincount(labels, minlength=num_classes).clamp_min(1)[:, None].float()
     intra = (features - means[labels]).norm(dim=1).mean()
-    pair = squared_distances(means, means).sqrt()
-    off_diagonal = ~torch.eye(num_classes, dtype=torch.bool, device=features.device)
-    return float(intra / pair[off_diagonal].mean())
+    if num_classes < 2:
+        return float("nan")
+    pair_sum = 0.0  # the C x C distances in chunks of rows: 100,000 classes would take 40 GB at once
+    step = chunk_rows(num_classes)
+    for start in range(0, num_classes, step):
+        pair = squared_distances(means[start : start + step], means).sqrt()
+        rows = torch.arange(len(pair), device=pair.device)
+        pair[rows, rows + start] = 0.0  # a class's distance to itself is no pair
+        pair_sum += float(pair.sum(dtype=torch.float64))
+    return float(intra) / (pair_sum / (num_classes * (num_classes - 1)))
 
 
 def feature_metrics(
