@@ -13,6 +13,8 @@ The center-loss module follows KaiyangZhou's pytorch-center-loss
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -63,17 +65,22 @@ def inter_loss(features: torch.Tensor, labels: torch.Tensor, margin: float | Non
     return -(pair_terms * different).sum() / features.shape[0]
 
 
-def same_label(labels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The batch's m x m matrix S_ij = [y_i = y_j]. S @ v sums v over each sample's class, so that all
-    samples of a class carry the same row: the per-class sums of a batch at O(m^2), whatever the
-    number of classes, with no host sync (unique and bincount size their output from the data) and
-    deterministic (index_add_ on CUDA adds with atomics in any order)."""
-    return (labels[:, None] == labels[None, :]).to(dtype)
+def class_sums(labels: torch.Tensor, values: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each sample i: (sum_j [y_j = y_i] v_j, n_{y_i}), so that all samples of a class carry the same
+    row. By a product with the smaller of two 0/1 matrices: the m x m same-label matrix [y_i = y_j]
+    when there are more classes than samples (cost m^2 D, whatever the number of classes), else the
+    C x m one-hot [y_j = k] (cost C m D). No host sync (unique and bincount size their output from the
+    data) and deterministic (index_add_ on CUDA adds with atomics in any order)."""
+    if num_classes > len(labels):
+        same = (labels[:, None] == labels[None, :]).to(values.dtype)
+        return same @ values, same.sum(1)
+    members = (torch.arange(num_classes, device=labels.device)[:, None] == labels[None, :]).to(values.dtype)
+    return (members @ values)[labels], members.sum(1)[labels]
 
 
 def put_rows(target: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, apply: torch.Tensor) -> None:
     """target[y_i] <- rows_i where `apply`, else unchanged. Duplicate labels carry identical rows
-    (same_label sums), so whichever duplicate index_put_ writes last, the result is the same."""
+    (class_sums), so whichever duplicate index_put_ writes last, the result is the same."""
     target.index_put_((labels,), torch.where(apply, rows, target[labels]))
 
 
@@ -87,44 +94,52 @@ def paper_center_update(
         c_j <- c_j - alpha * delta_c_j
 
     A class absent from the batch has delta_c_j = 0 and keeps its center, so only the batch's rows are
-    computed and written (same_label): the cost grows with the batch, not with the number of classes.
+    computed and written (class_sums): the cost grows with the batch, not with the number of classes.
     The rows are written only where `finite` (a bool tensor; None: always) holds and the new rows are
     finite (torch.where, no host sync). Returns whether the new rows are finite. Under torchrun pass
     the global batch (utils.gather_batch), identical on every rank: every rank then computes the same
     rows and keeps the same centers without any communication.
     """
-    same = same_label(labels, centers.dtype)
-    counts = same.sum(1, keepdim=True)  # n_{y_i}
+    sums, counts = class_sums(labels, features.to(centers.dtype), len(centers))
+    counts = counts[:, None]  # n_{y_i}
     own = centers[labels]
-    new = own - alpha * (counts * own - same @ features.to(centers.dtype)) / (1 + counts)
+    new = own - alpha * (counts * own - sums) / (1 + counts)
     ok = torch.isfinite(new).all()
     put_rows(centers, labels, new, ok if finite is None else ok & finite)
     return ok
 
 
-def center_rows_grad(centers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+class CenterRows(NamedTuple):
+    """A centers' gradient by the batch's rows: labels y_i, rows_i = the dense gradient's row y_i
+    (identical for samples of one class), counts_i = n_{y_i}."""
+
+    labels: torch.Tensor
+    rows: torch.Tensor
+    counts: torch.Tensor
+
+
+def center_rows_grad(centers: torch.Tensor) -> CenterRows:
     """Take the sparse gradient that intra_loss(sparse=True) left in centers.grad (which becomes None)
-    and return (labels, rows): rows_i = sum_j [y_j = y_i] g_j, the dense gradient's row y_i, identical
-    for samples of the same class. Rows of classes absent from the batch are zero and not listed."""
+    and return (labels, rows, counts): rows_i = sum_j [y_j = y_i] g_j, the dense gradient's row y_i,
+    identical for samples of the same class, and counts_i = n_{y_i}. Rows of classes absent from the
+    batch are zero and not listed."""
     grad = centers.grad
     centers.grad = None
     labels, values = grad._indices()[0], grad._values()  # uncoalesced: one entry per sample, no sort or sync
-    return labels, same_label(labels, values.dtype) @ values
+    return CenterRows(labels, *class_sums(labels, values, len(centers)))
 
 
-def rows_grad_norm(labels: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+def rows_grad_norm(grad: CenterRows) -> torch.Tensor:
     """L2 norm of the dense C x D gradient that center_rows_grad's rows stand for:
     sqrt(sum_i ||rows_i||^2 / n_{y_i}), each class counted once although its row repeats n_{y_i} times."""
-    counts = same_label(labels, rows.dtype).sum(1)
-    return (rows.pow(2).sum(1) / counts).sum().sqrt()
+    return (grad.rows.pow(2).sum(1) / grad.counts).sum().sqrt()
 
 
 @torch.no_grad()
 def center_sgd_step(
     centers: torch.Tensor,
     momentum_buffer: torch.Tensor,
-    labels: torch.Tensor,
-    rows: torch.Tensor,
+    grad: CenterRows,
     lr: float,
     momentum: float,
     finite: torch.Tensor | None = None,
@@ -133,13 +148,14 @@ def center_sgd_step(
 
         b_j <- momentum * b_j + g_j,    c_j <- c_j - lr * b_j      for every class j in the batch
 
-    `labels` and `rows` come from center_rows_grad (g_{y_i} = rows_i). Rows of classes absent from the
+    `grad` comes from center_rows_grad (g_{y_i} = grad.rows_i). Rows of classes absent from the
     batch are left alone: unlike dense SGD, where such a center keeps coasting by momentum * b_j, a
     center here moves only in the steps whose batch holds its class (lazy momentum, as in sparse
     embedding optimisers). Writes only where `finite` (None: always) holds and the new rows are
     finite, with no host sync; returns whether they are finite.
     """
-    buffer = momentum * momentum_buffer[labels] + rows
+    labels = grad.labels
+    buffer = momentum * momentum_buffer[labels] + grad.rows
     new = centers[labels] - lr * buffer
     ok = torch.isfinite(new).all() & torch.isfinite(buffer).all()
     apply = ok if finite is None else ok & finite
@@ -149,7 +165,7 @@ def center_sgd_step(
 
 
 def optimizer_center_step(
-    optimizer: torch.optim.SGD, centers: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, finite: torch.Tensor | None = None
+    optimizer: torch.optim.SGD, centers: torch.Tensor, grad: CenterRows, finite: torch.Tensor | None = None
 ) -> torch.Tensor:
     """center_sgd_step with the lr and momentum of the optimizer's parameter group that holds `centers`
     (so a scheduler's decay applies to them) and the momentum buffer where torch's SGD keeps it
@@ -159,7 +175,7 @@ def optimizer_center_step(
     state = optimizer.state[centers]
     if "momentum_buffer" not in state:
         state["momentum_buffer"] = torch.zeros_like(centers)
-    return center_sgd_step(centers, state["momentum_buffer"], labels, rows, group["lr"], group["momentum"], finite)
+    return center_sgd_step(centers, state["momentum_buffer"], grad, group["lr"], group["momentum"], finite)
 
 
 class CenterLoss(nn.Module):

@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from datasets import Dataset, ImageData, channel_stats
 from distributed import gather_batch
-from losses import CENTER_ACC_LOSSES, Objective, center_rows_grad, optimizer_center_step, paper_center_update, rows_grad_norm
+from losses import CENTER_ACC_LOSSES, CenterRows, Objective, center_rows_grad, optimizer_center_step, paper_center_update, rows_grad_norm
 from models import build_model
 from utils import seed_everything
 
@@ -150,13 +150,13 @@ def all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.isfinite(torch.stack(torch._foreach_norm(tensors, 1))).all()
 
 
-def clip_gradients(parameters: list[torch.Tensor], rows: tuple[torch.Tensor, torch.Tensor] | None, max_norm: float) -> torch.Tensor:
+def clip_gradients(parameters: list[torch.Tensor], rows: CenterRows | None, max_norm: float) -> torch.Tensor:
     """Total L2 norm of the parameters' gradients and the centers' rows (losses.center_rows_grad, if
     any), all scaled by min(1, max_norm / norm) when max_norm > 0, on the device: no host sync."""
-    grads = [p.grad for p in parameters if p.grad is not None] + ([rows[1]] if rows else [])
+    grads = [p.grad for p in parameters if p.grad is not None] + ([rows.rows] if rows else [])
     norms = torch._foreach_norm(grads)
     if rows:  # the rows stand for a C x D gradient whose rows are counted once
-        norms = [*norms[:-1], rows_grad_norm(*rows)]
+        norms = [*norms[:-1], rows_grad_norm(rows)]
     norm = torch.linalg.vector_norm(torch.stack(norms))
     if max_norm:
         torch._foreach_mul_(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0))
@@ -198,7 +198,7 @@ def guarded_step(trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> tuple[to
         finite = torch.isfinite(loss)
         rows = center_rows_grad(objective.centers) if objective.sparse_centers else None  # issue 25
         if rows:
-            rows = (rows[0], rows[1] / scale)  # the scaler unscales only the optimiser's (dense) gradients
+            rows = rows._replace(rows=rows.rows / scale)  # the scaler unscales only the optimiser's (dense) gradients
         if trainer.clip_grad_norm:
             scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
             clip_gradients(trainer.parameters, rows, trainer.clip_grad_norm)
@@ -213,7 +213,7 @@ def guarded_step(trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> tuple[to
     if trainer.center_alpha is not None and not scaler_skipped:
         finite = finite & paper_center_update(centers, features.detach().float(), y, trainer.center_alpha, finite)
     elif rows and not scaler_skipped:
-        finite = finite & optimizer_center_step(optimizer, centers, *rows, finite)
+        finite = finite & optimizer_center_step(optimizer, centers, rows, finite)
     undo_unless(finite, step_tensors(modules, optimizer, centers), saved)
     return features, logits, y, loss, terms, finite
 

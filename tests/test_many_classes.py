@@ -12,7 +12,7 @@ import torch
 import evaluation
 import main
 from datasets import Dataset, ImageData
-from losses import center_rows_grad, center_sgd_step, intra_loss, paper_center_update, rows_grad_norm
+from losses import CenterRows, center_rows_grad, center_sgd_step, intra_loss, paper_center_update, rows_grad_norm
 from utils import CHUNK_BYTES
 
 
@@ -29,10 +29,10 @@ def test_center_rows_grad_are_the_dense_gradient_rows_and_its_norm() -> None:
     sparse = centers.clone().requires_grad_()
     intra_loss(features, sparse, labels, sparse=True).backward()
     assert sparse.grad.is_sparse
-    rows_labels, rows = center_rows_grad(sparse)
-    assert sparse.grad is None and torch.equal(rows_labels, labels)
-    torch.testing.assert_close(rows, dense.grad[labels])
-    torch.testing.assert_close(rows_grad_norm(labels, rows), dense.grad.norm())
+    grad = center_rows_grad(sparse)
+    assert sparse.grad is None and torch.equal(grad.labels, labels) and grad.counts.tolist() == [3, 2, 3, 1, 3, 2, 1]
+    torch.testing.assert_close(grad.rows, dense.grad[labels])
+    torch.testing.assert_close(rows_grad_norm(grad), dense.grad.norm())
 
 
 def test_center_sgd_step_is_torch_sgd_on_present_classes_and_lazy_on_absent_ones() -> None:
@@ -51,7 +51,7 @@ def test_center_sgd_step_is_torch_sgd_on_present_classes_and_lazy_on_absent_ones
         intra_loss(x, dense, y).backward()
         sgd.step()
         intra_loss(x, lazy, y, sparse=True).backward()
-        assert center_sgd_step(lazy.data, buffer, *center_rows_grad(lazy), lr=0.1, momentum=0.9)
+        assert center_sgd_step(lazy.data, buffer, center_rows_grad(lazy), lr=0.1, momentum=0.9)
         after_first = dense.detach().clone() if after_first is None else after_first
     torch.testing.assert_close(lazy.data[1], dense.data[1])
     torch.testing.assert_close(lazy.data[4], after_first[4])
@@ -70,7 +70,7 @@ def test_center_updates_do_nothing_unless_finite(update: str) -> None:
             ok = paper_center_update(c, x, labels, 0.5, finite)
         else:
             rows = torch.ones(len(labels), 3) * x.sum()
-            ok = center_sgd_step(c, buffer, labels, rows, 0.1, 0.9, finite)
+            ok = center_sgd_step(c, buffer, CenterRows(labels, rows, torch.ones(len(labels))), 0.1, 0.9, finite)
         assert bool(ok) == bool(torch.isfinite(x).all())
         assert torch.equal(c, centers) and torch.equal(buffer, torch.ones_like(centers))
 
