@@ -65,23 +65,37 @@ def inter_loss(features: torch.Tensor, labels: torch.Tensor, margin: float | Non
     return -(pair_terms * different).sum() / features.shape[0]
 
 
-def class_sums(labels: torch.Tensor, values: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """For each sample i: (sum_j [y_j = y_i] v_j, n_{y_i}), so that all samples of a class carry the same
-    row. By a product with the smaller of two 0/1 matrices: the m x m same-label matrix [y_i = y_j]
-    when there are more classes than samples (cost m^2 D, whatever the number of classes), else the
-    C x m one-hot [y_j = k] (cost C m D). No host sync (unique and bincount size their output from the
-    data) and deterministic (index_add_ on CUDA adds with atomics in any order)."""
+class ClassSums(NamedTuple):
+    """Per-class sums of a batch's rows v_i, listed by `index`: sums_r = sum_j [y_j = index_r] v_j,
+    counts_r = n_{index_r}, the class's samples in the batch (0 for a class absent from it), and
+    repeats_r, how often index_r is listed (a class's row may repeat, always with the same values)."""
+
+    index: torch.Tensor
+    sums: torch.Tensor
+    counts: torch.Tensor
+    repeats: torch.Tensor
+
+
+def class_sums(labels: torch.Tensor, values: torch.Tensor, num_classes: int) -> ClassSums:
+    """The batch's per-class sums by a product with the smaller of two 0/1 matrices, so that the cost
+    is m D min(m, C): with more classes than samples, the m x m same-label matrix [y_i = y_j], one row
+    per sample (index y, repeats n_{y_i}); else the C x m one-hot [y_j = k], one row per class (index
+    0..C-1, repeats 1). No host sync (unique and bincount size their output from the data) and
+    deterministic (index_add_ on CUDA adds with atomics in any order)."""
     if num_classes > len(labels):
         same = (labels[:, None] == labels[None, :]).to(values.dtype)
-        return same @ values, same.sum(1)
-    members = (torch.arange(num_classes, device=labels.device)[:, None] == labels[None, :]).to(values.dtype)
-    return (members @ values)[labels], members.sum(1)[labels]
+        counts = same.sum(1)
+        return ClassSums(labels, same @ values, counts, counts)
+    classes = torch.arange(num_classes, device=labels.device)
+    members = (classes[:, None] == labels[None, :]).to(values.dtype)
+    return ClassSums(classes, members @ values, members.sum(1), values.new_ones(num_classes))
 
 
-def put_rows(target: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, apply: torch.Tensor) -> None:
-    """target[y_i] <- rows_i where `apply`, else unchanged. Duplicate labels carry identical rows
-    (class_sums), so whichever duplicate index_put_ writes last, the result is the same."""
-    target.index_put_((labels,), torch.where(apply, rows, target[labels]))
+def put_rows(target: torch.Tensor, index: torch.Tensor, rows: torch.Tensor, apply: torch.Tensor) -> None:
+    """target[index_r] <- rows_r where `apply` (a bool tensor, or one per row), else unchanged. A
+    repeated index carries identical rows (class_sums), so whichever copy index_put_ writes last, the
+    result is the same."""
+    target.index_put_((index,), torch.where(apply, rows, target[index]))
 
 
 @torch.no_grad()
@@ -93,53 +107,42 @@ def paper_center_update(
         delta_c_j = sum_i [y_i = j] (c_j - x_i) / (1 + sum_i [y_i = j])
         c_j <- c_j - alpha * delta_c_j
 
-    A class absent from the batch has delta_c_j = 0 and keeps its center, so only the batch's rows are
-    computed and written (class_sums): the cost grows with the batch, not with the number of classes.
-    The rows are written only where `finite` (a bool tensor; None: always) holds and the new rows are
-    finite (torch.where, no host sync). Returns whether the new rows are finite. Under torchrun pass
-    the global batch (utils.gather_batch), identical on every rank: every rank then computes the same
-    rows and keeps the same centers without any communication.
+    A class absent from the batch has delta_c_j = 0 and keeps its center. Only min(m, C) rows are
+    computed and written (class_sums): the cost does not grow with the number of classes beyond the
+    batch. The rows are written only where `finite` (a bool tensor; None: always) holds and the new
+    rows are finite (torch.where, no host sync). Returns whether the new rows are finite. Under
+    torchrun pass the global batch (utils.gather_batch), identical on every rank: every rank then
+    computes the same rows and keeps the same centers without any communication.
     """
-    sums, counts = class_sums(labels, features.to(centers.dtype), len(centers))
-    counts = counts[:, None]  # n_{y_i}
-    own = centers[labels]
+    index, sums, counts, _ = class_sums(labels, features.to(centers.dtype), len(centers))
+    own, counts = centers[index], counts[:, None]
     new = own - alpha * (counts * own - sums) / (1 + counts)
     ok = torch.isfinite(new).all()
-    put_rows(centers, labels, new, ok if finite is None else ok & finite)
+    put_rows(centers, index, new, ok if finite is None else ok & finite)
     return ok
 
 
-class CenterRows(NamedTuple):
-    """A centers' gradient by the batch's rows: labels y_i, rows_i = the dense gradient's row y_i
-    (identical for samples of one class), counts_i = n_{y_i}."""
-
-    labels: torch.Tensor
-    rows: torch.Tensor
-    counts: torch.Tensor
-
-
-def center_rows_grad(centers: torch.Tensor) -> CenterRows:
+def center_rows_grad(centers: torch.Tensor) -> ClassSums:
     """Take the sparse gradient that intra_loss(sparse=True) left in centers.grad (which becomes None)
-    and return (labels, rows, counts): rows_i = sum_j [y_j = y_i] g_j, the dense gradient's row y_i,
-    identical for samples of the same class, and counts_i = n_{y_i}. Rows of classes absent from the
-    batch are zero and not listed."""
+    and return it as class_sums of its per-sample rows g_i: sums_r is the dense gradient's row index_r
+    (zero for a class absent from the batch). Only min(m, C) rows, never a C x D matrix beyond the batch."""
     grad = centers.grad
     centers.grad = None
     labels, values = grad._indices()[0], grad._values()  # uncoalesced: one entry per sample, no sort or sync
-    return CenterRows(labels, *class_sums(labels, values, len(centers)))
+    return class_sums(labels, values, len(centers))
 
 
-def rows_grad_norm(grad: CenterRows) -> torch.Tensor:
+def rows_grad_norm(grad: ClassSums) -> torch.Tensor:
     """L2 norm of the dense C x D gradient that center_rows_grad's rows stand for:
-    sqrt(sum_i ||rows_i||^2 / n_{y_i}), each class counted once although its row repeats n_{y_i} times."""
-    return (grad.rows.pow(2).sum(1) / grad.counts).sum().sqrt()
+    sqrt(sum_r ||sums_r||^2 / repeats_r), each class counted once however often its row is listed."""
+    return (grad.sums.pow(2).sum(1) / grad.repeats).sum().sqrt()
 
 
 @torch.no_grad()
 def center_sgd_step(
     centers: torch.Tensor,
     momentum_buffer: torch.Tensor,
-    grad: CenterRows,
+    grad: ClassSums,
     lr: float,
     momentum: float,
     finite: torch.Tensor | None = None,
@@ -148,24 +151,25 @@ def center_sgd_step(
 
         b_j <- momentum * b_j + g_j,    c_j <- c_j - lr * b_j      for every class j in the batch
 
-    `grad` comes from center_rows_grad (g_{y_i} = grad.rows_i). Rows of classes absent from the
-    batch are left alone: unlike dense SGD, where such a center keeps coasting by momentum * b_j, a
-    center here moves only in the steps whose batch holds its class (lazy momentum, as in sparse
-    embedding optimisers). Writes only where `finite` (None: always) holds and the new rows are
-    finite, with no host sync; returns whether they are finite.
+    `grad` comes from center_rows_grad (g_j = grad.sums_r for j = grad.index_r). Rows of classes
+    absent from the batch (counts 0) are left alone: unlike dense SGD, where such a center keeps
+    coasting by momentum * b_j, a center here moves only in the steps whose batch holds its class,
+    and its buffer waits, undecayed, for the next one (lazy momentum, as in sparse embedding
+    optimisers). Writes only where `finite` (None: always) holds and the new rows are finite, with no
+    host sync; returns whether they are finite.
     """
-    labels = grad.labels
-    buffer = momentum * momentum_buffer[labels] + grad.rows
-    new = centers[labels] - lr * buffer
+    index = grad.index
+    buffer = momentum * momentum_buffer[index] + grad.sums
+    new = centers[index] - lr * buffer
     ok = torch.isfinite(new).all() & torch.isfinite(buffer).all()
-    apply = ok if finite is None else ok & finite
-    put_rows(momentum_buffer, labels, buffer, apply)
-    put_rows(centers, labels, new, apply)
+    apply = (ok if finite is None else ok & finite) & (grad.counts > 0)[:, None]
+    put_rows(momentum_buffer, index, buffer, apply)
+    put_rows(centers, index, new, apply)
     return ok
 
 
 def optimizer_center_step(
-    optimizer: torch.optim.SGD, centers: torch.Tensor, grad: CenterRows, finite: torch.Tensor | None = None
+    optimizer: torch.optim.SGD, centers: torch.Tensor, grad: ClassSums, finite: torch.Tensor | None = None
 ) -> torch.Tensor:
     """center_sgd_step with the lr and momentum of the optimizer's parameter group that holds `centers`
     (so a scheduler's decay applies to them) and the momentum buffer where torch's SGD keeps it

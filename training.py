@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from datasets import Dataset, ImageData, channel_stats
 from distributed import gather_batch
-from losses import CENTER_ACC_LOSSES, CenterRows, Objective, center_rows_grad, optimizer_center_step, paper_center_update, rows_grad_norm
+from losses import CENTER_ACC_LOSSES, ClassSums, Objective, center_rows_grad, optimizer_center_step, paper_center_update, rows_grad_norm
 from models import build_model
 from utils import seed_everything
 
@@ -150,10 +150,10 @@ def all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.isfinite(torch.stack(torch._foreach_norm(tensors, 1))).all()
 
 
-def clip_gradients(parameters: list[torch.Tensor], rows: CenterRows | None, max_norm: float) -> torch.Tensor:
+def clip_gradients(parameters: list[torch.Tensor], rows: ClassSums | None, max_norm: float) -> torch.Tensor:
     """Total L2 norm of the parameters' gradients and the centers' rows (losses.center_rows_grad, if
     any), all scaled by min(1, max_norm / norm) when max_norm > 0, on the device: no host sync."""
-    grads = [p.grad for p in parameters if p.grad is not None] + ([rows.rows] if rows else [])
+    grads = [p.grad for p in parameters if p.grad is not None] + ([rows.sums] if rows else [])
     norms = torch._foreach_norm(grads)
     if rows:  # the rows stand for a C x D gradient whose rows are counted once
         norms = [*norms[:-1], rows_grad_norm(rows)]
@@ -198,7 +198,7 @@ def guarded_step(trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> tuple[to
         finite = torch.isfinite(loss)
         rows = center_rows_grad(objective.centers) if objective.sparse_centers else None  # issue 25
         if rows:
-            rows = rows._replace(rows=rows.rows / scale)  # the scaler unscales only the optimiser's (dense) gradients
+            rows = rows._replace(sums=rows.sums / scale)  # the scaler unscales only the optimiser's (dense) gradients
         if trainer.clip_grad_norm:
             scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
             clip_gradients(trainer.parameters, rows, trainer.clip_grad_norm)

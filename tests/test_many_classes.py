@@ -18,7 +18,7 @@ import metrics
 import visualize
 from config import parse_args
 from datasets import Dataset, ImageData
-from losses import CenterRows, center_rows_grad, center_sgd_step, intra_loss, paper_center_update, rows_grad_norm
+from losses import ClassSums, center_rows_grad, center_sgd_step, intra_loss, paper_center_update, rows_grad_norm
 from training import build_trainer, guarded_step
 from utils import CHUNK_BYTES
 
@@ -38,8 +38,10 @@ def test_center_rows_grad_are_the_dense_gradient_rows_and_its_norm(num_classes: 
     intra_loss(features, sparse, labels, sparse=True).backward()
     assert sparse.grad.is_sparse
     grad = center_rows_grad(sparse)
-    assert sparse.grad is None and torch.equal(grad.labels, labels) and grad.counts.tolist() == [3, 2, 3, 1, 3, 2, 1]
-    torch.testing.assert_close(grad.rows, dense.grad[labels])
+    counts = [1, 2, 1, 0, 3, 0] + [0] * 54
+    expected = (labels, [3, 2, 3, 1, 3, 2, 1]) if num_classes > len(labels) else (torch.arange(num_classes), counts[:num_classes])
+    assert sparse.grad is None and torch.equal(grad.index, expected[0]) and grad.counts.tolist() == expected[1]
+    torch.testing.assert_close(grad.sums, dense.grad[grad.index])
     torch.testing.assert_close(rows_grad_norm(grad), dense.grad.norm())
 
 
@@ -78,7 +80,7 @@ def test_center_updates_do_nothing_unless_finite(update: str) -> None:
             ok = paper_center_update(c, x, labels, 0.5, finite)
         else:
             rows = torch.ones(len(labels), 3) * x.sum()
-            ok = center_sgd_step(c, buffer, CenterRows(labels, rows, torch.ones(len(labels))), 0.1, 0.9, finite)
+            ok = center_sgd_step(c, buffer, ClassSums(labels, rows, torch.ones(len(labels)), torch.ones(len(labels))), 0.1, 0.9, finite)
         assert bool(ok) == bool(torch.isfinite(x).all())
         assert torch.equal(c, centers) and torch.equal(buffer, torch.ones_like(centers))
 
