@@ -119,13 +119,14 @@ def test_main_step_at_100000_classes_moves_only_the_batch_centers_without_a_host
         monkeypatch.setattr(torch.Tensor, name, lambda *a, name=name: pytest.fail(f"host sync: Tensor.{name}"))
     *_, finite_second = guarded_step(t, x, second)
     monkeypatch.undo()
-    assert finite and finite_second and centers.grad is None
+    assert finite and finite_second
     moved = (after_first != initial).any(1).nonzero().flatten().tolist()
     assert moved == [7, 5_000, 99_999]
     assert torch.equal(centers[[7, 5_000, 99_999]], after_first[[7, 5_000, 99_999]])
     assert (centers != after_first).any(1).nonzero().flatten().tolist() == [1, 2, 3, 4]
     buffer = t.optimizer.state[centers]["momentum_buffer"]
     assert buffer.any(1).nonzero().flatten().tolist() == [1, 2, 3, 4, 7, 5_000, 99_999]
+    assert centers.grad is None  # the optimiser never saw a C x D gradient
 
 
 def test_metrics_at_many_classes_keep_each_chunk_within_64_mib(monkeypatch: pytest.MonkeyPatch) -> None:
