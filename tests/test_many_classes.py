@@ -201,3 +201,25 @@ def test_main_trains_and_evaluates_10000_classes(tmp_path: Path, monkeypatch: py
     frames = sorted(p.name for p in (tmp_path / "faces" / "frames").glob("*/epoch_*.png"))
     assert frames == ["epoch_001.png", "epoch_001.png", "epoch_002.png", "epoch_002.png"]
     assert sorted(p.name for p in (tmp_path / "faces").glob("*.gif"))
+
+
+@pytest.mark.parametrize("init_scale", [1.0, 1024.0, 3e38])
+def test_sgd_centers_under_fp16_take_the_unscaled_gradient_and_stay_when_the_scaler_skips(init_scale: float) -> None:
+    """Under --amp fp16 the loss is scaled, and so is the centers' row gradient, which the GradScaler
+    does not see: the step divides it back, so the centers move the same at any scale. A scale that
+    overflows makes the scaler skip the step: the centers stay, and the step is not a bad one."""
+    data = SimpleNamespace(channels=1, classes=range(10), image_size=8, train=SimpleNamespace(images=None))
+    t = build_trainer(parse_args(["--amp", "fp16", "--feat-dim", "2", "--seed", "3"]), data, torch.device("cpu"))
+    t.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+    centers = t.objective.centers
+    before = centers.detach().clone()
+    x, y = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.arange(16) % 10
+    features, *_, finite = guarded_step(t, x, y)
+    assert finite
+    if init_scale > 1e30:
+        assert torch.equal(centers, before)
+        return
+    lr = t.optimizer.param_groups[1]["lr"]
+    grad = torch.stack([(before[k] - features.detach()[y == k]).sum(0) * 2 / 16 for k in range(10)])
+    expected = before - lr * grad  # the first step: momentum buffer = gradient of intra (weight 1), mean over 16
+    torch.testing.assert_close(centers.detach(), expected, rtol=1e-4, atol=1e-6)
