@@ -168,9 +168,10 @@ def guarded_step(trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> tuple[to
     update (if on), taken back on the device unless the loss, the gradients and the updated
     parameters (weights and centers) are all finite.
 
-    Every tensor the step can change (weights, centers, BatchNorm buffers, momentum) is copied first
-    and restored by torch.where(finite, new, old) after the update, so a bad step leaves no trace and
-    the host never waits. Under torchrun the loss sees the global batch (distributed.gather_batch).
+    Every tensor the step can change (weights, BatchNorm buffers, momentum) is copied first and
+    restored by torch.where(finite, new, old) after the update, so a bad step leaves no trace and
+    the host never waits. Centers of cent and standalone (sparse SGD or the paper's update) are not
+    copied: losses.py moves only their batch's rows, last and only where the step is finite. Under torchrun the loss sees the global batch (distributed.gather_batch).
     Returns (features, logits, labels, loss, terms, finite); labels are the global batch's.
     """
     model, objective, optimizer, scaler = trainer.net, trainer.objective, trainer.optimizer, trainer.scaler
