@@ -29,6 +29,9 @@ FIRST_RUN = {"epochs": 20, "batch_size": 64, "patience": 3}
 # numpy's limit (np.random.seed). The torch generators take seed * 1_000_003 + epoch (utils.epoch_generator),
 # on the loader path times the torchrun world size: below their 2**64 - 1 for up to 4,294 processes.
 MAX_SEED = 2**32 - 1
+# A loss weight beyond this scales the gradients past what float32 weights can take within a few
+# steps: the run would "train" on absurd losses (1e30 went through as finite steps) and learn nothing.
+MAX_LOSS_WEIGHT = 1e6
 # The flags only some losses use, with those losses: giving one to another loss is refused (it would do nothing).
 LOSS_FLAGS = {
     "weight_cent": ("cent",),
@@ -242,6 +245,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         (
             all(w is None or w >= 0 for w in (args.weight_cent, args.weight_intra, args.weight_inter)),
             "loss weights must not be negative",
+        ),
+        (
+            all(w is None or w <= MAX_LOSS_WEIGHT for w in (args.weight_cent, args.weight_intra, args.weight_inter)),
+            f"loss weights above {MAX_LOSS_WEIGHT:g} make the first steps' gradients overflow float32 (the study uses at most 1)",
         ),
         (args.inter_margin is None or args.inter_margin > 0, "--inter-margin must be positive"),
         (0 < args.factor < 1, "--factor must be in (0, 1)"),

@@ -10,13 +10,22 @@ from datasets import Dataset, ImageData
 from losses import CENTER_ACC_LOSSES, squared_distances
 from metrics import FEATURE_METRICS, GEOMETRY_METRICS, OPEN_SET_METRICS, class_geometry, feature_metrics, retrieval_scores
 from training import TERMS, EpochState, Run
+from utils import chunk_rows
 
 EVAL_BATCH = 1024
 
 
-def nearest(features: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest row of `points` (squared Euclidean distance) for every feature."""
-    return squared_distances(features.float(), points.float()).argmin(1)
+def nearest(features: torch.Tensor, points: torch.Tensor, exclude: torch.Tensor | None = None) -> torch.Tensor:
+    """Index of the nearest row of `points` (squared Euclidean distance) for every feature, never one
+    where `exclude` (per point) is true. In chunks of features holding at most utils.CHUNK_BYTES of
+    distances, so that 100,000 centers (or class means) cost memory for a few hundred features at a time."""
+    points = points.float()
+    step = chunk_rows(len(points))
+    chunks = []
+    for i in range(0, max(len(features), 1), step):
+        distances = squared_distances(features[i : i + step].float(), points)
+        chunks.append((distances if exclude is None else distances.masked_fill(exclude[None, :], float("inf"))).argmin(1))
+    return torch.cat(chunks)
 
 
 def acc_predictions(args: argparse.Namespace, features: torch.Tensor, logits: torch.Tensor, centers: torch.Tensor | None) -> torch.Tensor:
@@ -26,8 +35,8 @@ def acc_predictions(args: argparse.Namespace, features: torch.Tensor, logits: to
 
 
 def nearest_class_mean(features: torch.Tensor, class_sum: torch.Tensor, class_count: torch.Tensor) -> torch.Tensor:
-    distances = torch.cdist(features.float(), class_sum / class_count.clamp_min(1)[:, None]).pow(2)
-    return distances.masked_fill(class_count[None, :] == 0, float("inf")).argmin(1)
+    """Index of the nearest mean of the train features seen (classes never seen are never predicted)."""
+    return nearest(features, class_sum / class_count.clamp_min(1)[:, None], exclude=class_count == 0)
 
 
 @torch.no_grad()

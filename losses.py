@@ -13,6 +13,8 @@ The center-loss module follows KaiyangZhou's pytorch-center-loss
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -21,7 +23,8 @@ LOSSES = ("xent", "cent", "standalone", "centers-apart", "center-softmax")
 CENTER_ACC_LOSSES = ("standalone", "centers-apart", "center-softmax")  # no softmax on the features: accuracy by nearest center
 CENTER_UPDATES = ("sgd", "paper")
 # Losses whose centers only follow the features (the intra term), so the paper's update can replace
-# their gradient; centers-apart and center-softmax move the centers by terms of their own.
+# their gradient and SGD needs only the batch's rows; centers-apart and center-softmax move all
+# centers by terms of their own (dense gradients by nature).
 PAPER_UPDATE_LOSSES = ("cent", "standalone")
 
 
@@ -36,9 +39,14 @@ def squared_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a2 + b2 - 2.0 * a @ b.t()).clamp_min(0.0)
 
 
-def intra_loss(features: torch.Tensor, centers: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Center (intra-class) term: (1/m) sum_i ||x_i - c_{y_i}||^2."""
-    return (features - centers[labels]).pow(2).sum(1).mean()
+def intra_loss(features: torch.Tensor, centers: torch.Tensor, labels: torch.Tensor, sparse: bool = False) -> torch.Tensor:
+    """Center (intra-class) term: (1/m) sum_i ||x_i - c_{y_i}||^2.
+
+    With `sparse`, the centers are read by F.embedding(sparse=True): their gradient is then a sparse
+    tensor of the m rows the batch touches (center_rows_grad), not a dense C x D matrix.
+    """
+    rows = F.embedding(labels, centers, sparse=True) if sparse else centers[labels]
+    return (features - rows).pow(2).sum(1).mean()
 
 
 def inter_loss(features: torch.Tensor, labels: torch.Tensor, margin: float | None = None) -> torch.Tensor:
@@ -57,24 +65,121 @@ def inter_loss(features: torch.Tensor, labels: torch.Tensor, margin: float | Non
     return -(pair_terms * different).sum() / features.shape[0]
 
 
+class ClassSums(NamedTuple):
+    """Per-class sums of a batch's rows v_i, listed by `index`: sums_r = sum_j [y_j = index_r] v_j,
+    counts_r = n_{index_r}, the class's samples in the batch (0 for a class absent from it), and
+    repeats_r, how often index_r is listed (a class's row may repeat, always with the same values)."""
+
+    index: torch.Tensor
+    sums: torch.Tensor
+    counts: torch.Tensor
+    repeats: torch.Tensor
+
+
+def class_sums(labels: torch.Tensor, values: torch.Tensor, num_classes: int) -> ClassSums:
+    """The batch's per-class sums by a product with the smaller of two 0/1 matrices, so that the cost
+    is m D min(m, C): with more classes than samples, the m x m same-label matrix [y_i = y_j], one row
+    per sample (index y, repeats n_{y_i}); else the C x m one-hot [y_j = k], one row per class (index
+    0..C-1, repeats 1). No host sync (unique and bincount size their output from the data) and
+    deterministic (index_add_ on CUDA adds with atomics in any order)."""
+    if num_classes > len(labels):
+        same = (labels[:, None] == labels[None, :]).to(values.dtype)
+        counts = same.sum(1)
+        return ClassSums(labels, same @ values, counts, counts)
+    classes = torch.arange(num_classes, device=labels.device)
+    members = (classes[:, None] == labels[None, :]).to(values.dtype)
+    return ClassSums(classes, members @ values, members.sum(1), values.new_ones(num_classes))
+
+
+def put_rows(target: torch.Tensor, index: torch.Tensor, rows: torch.Tensor, apply: torch.Tensor) -> None:
+    """target[index_r] <- rows_r where `apply` (a bool tensor, or one per row), else unchanged. A
+    repeated index carries identical rows (class_sums), so whichever copy index_put_ writes last, the
+    result is the same."""
+    target.index_put_((index,), torch.where(apply, rows, target[index]))
+
+
 @torch.no_grad()
-def paper_center_update(centers: torch.Tensor, features: torch.Tensor, labels: torch.Tensor, alpha: float) -> None:
+def paper_center_update(
+    centers: torch.Tensor, features: torch.Tensor, labels: torch.Tensor, alpha: float, finite: torch.Tensor | None = None
+) -> torch.Tensor:
     """The center loss paper's center update (Wen et al., ECCV 2016, eq. 4), in place:
 
         delta_c_j = sum_i [y_i = j] (c_j - x_i) / (1 + sum_i [y_i = j])
         c_j <- c_j - alpha * delta_c_j
 
-    A class absent from the batch has delta_c_j = 0 and keeps its center. The per-class sums are a
-    product with the batch's one-hot label mask: no host sync (bincount would size its output from
-    max(labels), a sync on CUDA) and, unlike index_add_'s atomics on CUDA, deterministic. Under
+    A class absent from the batch has delta_c_j = 0 and keeps its center. Only min(m, C) rows are
+    computed and written (class_sums): the cost does not grow with the number of classes beyond the
+    batch. The rows are written only where `finite` (a bool tensor; None: always) holds and the new
+    rows are finite (torch.where, no host sync). Returns whether the new rows are finite. Under
     torchrun pass the global batch (utils.gather_batch), identical on every rank: every rank then
-    computes the same sums and keeps the same centers without any communication.
+    computes the same rows and keeps the same centers without any communication.
     """
-    classes = torch.arange(centers.shape[0], device=labels.device)
-    members = (labels[None, :] == classes[:, None]).to(centers.dtype)  # C x m: [y_i = j]
-    counts = members.sum(1, keepdim=True)
-    delta = (counts * centers - members @ features.to(centers.dtype)) / (1 + counts)
-    centers.sub_(alpha * delta)
+    index, sums, counts, _ = class_sums(labels, features.to(centers.dtype), len(centers))
+    own, counts = centers[index], counts[:, None]
+    new = own - alpha * (counts * own - sums) / (1 + counts)
+    ok = torch.isfinite(new).all()
+    put_rows(centers, index, new, ok if finite is None else ok & finite)
+    return ok
+
+
+def center_rows_grad(centers: torch.Tensor) -> ClassSums:
+    """Take the sparse gradient that intra_loss(sparse=True) left in centers.grad (which becomes None)
+    and return it as class_sums of its per-sample rows g_i: sums_r is the dense gradient's row index_r
+    (zero for a class absent from the batch). Only min(m, C) rows, never a C x D matrix beyond the batch."""
+    grad = centers.grad
+    centers.grad = None
+    labels, values = grad._indices()[0], grad._values()  # uncoalesced: one entry per sample, no sort or sync
+    return class_sums(labels, values, len(centers))
+
+
+def rows_grad_norm(grad: ClassSums) -> torch.Tensor:
+    """L2 norm of the dense C x D gradient that center_rows_grad's rows stand for:
+    sqrt(sum_r ||sums_r||^2 / repeats_r), each class counted once however often its row is listed."""
+    return (grad.sums.pow(2).sum(1) / grad.repeats).sum().sqrt()
+
+
+@torch.no_grad()
+def center_sgd_step(
+    centers: torch.Tensor,
+    momentum_buffer: torch.Tensor,
+    grad: ClassSums,
+    lr: float,
+    momentum: float,
+    finite: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """SGD with momentum (dampening 0, no weight decay, as torch.optim.SGD) on the rows a batch touches:
+
+        b_j <- momentum * b_j + g_j,    c_j <- c_j - lr * b_j      for every class j in the batch
+
+    `grad` comes from center_rows_grad (g_j = grad.sums_r for j = grad.index_r). Rows of classes
+    absent from the batch (counts 0) are left alone: unlike dense SGD, where such a center keeps
+    coasting by momentum * b_j, a center here moves only in the steps whose batch holds its class,
+    and its buffer waits, undecayed, for the next one (lazy momentum, as in sparse embedding
+    optimisers). Writes only where `finite` (None: always) holds and the new rows are finite, with no
+    host sync; returns whether they are finite.
+    """
+    index = grad.index
+    buffer = momentum * momentum_buffer[index] + grad.sums
+    new = centers[index] - lr * buffer
+    ok = torch.isfinite(new).all() & torch.isfinite(buffer).all()
+    apply = (ok if finite is None else ok & finite) & (grad.counts > 0)[:, None]
+    put_rows(momentum_buffer, index, buffer, apply)
+    put_rows(centers, index, new, apply)
+    return ok
+
+
+def optimizer_center_step(
+    optimizer: torch.optim.SGD, centers: torch.Tensor, grad: ClassSums, finite: torch.Tensor | None = None
+) -> torch.Tensor:
+    """center_sgd_step with the lr and momentum of the optimizer's parameter group that holds `centers`
+    (so a scheduler's decay applies to them) and the momentum buffer where torch's SGD keeps it
+    (optimizer.state[centers]["momentum_buffer"], saved by optimizer.state_dict), created on first use.
+    The group must hold no gradient for `centers` (center_rows_grad took it), so that SGD skips them."""
+    group = next(g for g in optimizer.param_groups if any(p is centers for p in g["params"]))
+    state = optimizer.state[centers]
+    if "momentum_buffer" not in state:
+        state["momentum_buffer"] = torch.zeros_like(centers)
+    return center_sgd_step(centers, state["momentum_buffer"], grad, group["lr"], group["momentum"], finite)
 
 
 class CenterLoss(nn.Module):
@@ -82,14 +187,16 @@ class CenterLoss(nn.Module):
 
     Drop-in for KaiyangZhou's CenterLoss: holds `centers` (C x D, standard normal init) and
     returns the intra term; add `weight_cent * center_loss(features, labels)` to cross-entropy.
+    `sparse`: the centers' gradient is sparse (see intra_loss; for center_sgd_step or torch.optim.SparseAdam).
     """
 
-    def __init__(self, num_classes: int, feat_dim: int) -> None:
+    def __init__(self, num_classes: int, feat_dim: int, sparse: bool = False) -> None:
         super().__init__()
         self.centers = nn.Parameter(torch.randn(num_classes, feat_dim))
+        self.sparse = sparse
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return intra_loss(features, self.centers, labels)
+        return intra_loss(features, self.centers, labels, self.sparse)
 
 
 class StandaloneCenterLoss(nn.Module):
@@ -98,6 +205,7 @@ class StandaloneCenterLoss(nn.Module):
     intra = (1/m) sum_i ||x_i - c_{y_i}||^2,
     inter = -(1/m) sum_i sum_j [y_i != y_j] log(1 + ||x_i - x_j||^2).
     `terms` returns the two unweighted terms for logging; `forward` returns the weighted total.
+    `sparse`: the centers' gradient is sparse (see intra_loss).
     """
 
     def __init__(
@@ -107,15 +215,17 @@ class StandaloneCenterLoss(nn.Module):
         weight_intra: float = 1.0,
         weight_inter: float = 0.1,
         inter_margin: float | None = None,
+        sparse: bool = False,
     ) -> None:
         super().__init__()
         self.centers = nn.Parameter(torch.randn(num_classes, feat_dim))
         self.weight_intra = weight_intra
         self.weight_inter = weight_inter
         self.inter_margin = inter_margin
+        self.sparse = sparse
 
     def terms(self, features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return intra_loss(features, self.centers, labels), inter_loss(features, labels, self.inter_margin)
+        return intra_loss(features, self.centers, labels, self.sparse), inter_loss(features, labels, self.inter_margin)
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         intra, inter = self.terms(features, labels)
@@ -185,7 +295,9 @@ class Objective(nn.Module):
     center-softmax: CenterSoftmaxLoss                            (logits unused; its xent is on the centers)
 
     forward returns (total, terms) where terms maps "xent", "intra", "inter" to the unweighted
-    values that this objective uses.
+    values that this objective uses. With `sparse_centers`, cent and standalone leave a sparse
+    gradient on the centers, for center_rows_grad and center_sgd_step (the other losses' centers
+    get dense gradients by nature and keep them).
     """
 
     def __init__(
@@ -198,17 +310,19 @@ class Objective(nn.Module):
         weight_inter: float = 0.1,
         inter_margin: float | None = None,
         alpha: float = 0.05,
+        sparse_centers: bool = False,
     ) -> None:
         super().__init__()
         if loss not in LOSSES:
             raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
         self.loss = loss
         self.weight_cent = weight_cent
+        self.sparse_centers = sparse_centers and loss in PAPER_UPDATE_LOSSES
         self.criterion: nn.Module | None = None
         if loss == "cent":
-            self.criterion = CenterLoss(num_classes, feat_dim)
+            self.criterion = CenterLoss(num_classes, feat_dim, self.sparse_centers)
         elif loss == "standalone":
-            self.criterion = StandaloneCenterLoss(num_classes, feat_dim, weight_intra, weight_inter, inter_margin)
+            self.criterion = StandaloneCenterLoss(num_classes, feat_dim, weight_intra, weight_inter, inter_margin, self.sparse_centers)
         elif loss == "centers-apart":
             self.criterion = CentersApartLoss(num_classes, feat_dim, weight_intra, weight_inter, alpha)
         elif loss == "center-softmax":

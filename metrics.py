@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from losses import squared_distances
+from utils import chunk_rows
 
 CHUNK = 512  # queries per chunk: 512 x 60,000 float32 distances = 123 MB
 RETRIEVAL_METRICS = ("precision_at_1", "r_precision", "map_at_r")
@@ -32,12 +33,13 @@ def knn_accuracy(query: torch.Tensor, query_labels: torch.Tensor, gallery: torch
     # takes the first (smallest) label among equal scores.
     weights = k * (k + 1) + k - torch.arange(k, device=gallery.device)
     correct = 0
-    for start in range(0, len(query), CHUNK):
-        d = squared_distances(query[start : start + CHUNK].float(), gallery.float())
+    chunk = min(CHUNK, chunk_rows(num_classes, itemsize=8))  # the votes: chunk x classes int64 (100,000 classes: 83 queries)
+    for start in range(0, len(query), chunk):
+        d = squared_distances(query[start : start + chunk].float(), gallery.float())
         idx = d.topk(k, dim=1, largest=False).indices  # sorted, nearest first
         votes = torch.zeros(len(idx), num_classes, device=idx.device, dtype=torch.int64)
         votes.scatter_add_(1, gallery_labels[idx], weights.expand_as(idx).contiguous())
-        correct += int((votes.argmax(1) == query_labels[start : start + CHUNK]).sum())
+        correct += int((votes.argmax(1) == query_labels[start : start + chunk]).sum())
     return correct / len(query)
 
 
@@ -120,9 +122,15 @@ def class_geometry(features: torch.Tensor, labels: torch.Tensor) -> dict[str, fl
     means = means / torch.bincount(index, minlength=len(present))[:, None].float()
     intra = float((features - means[index]).norm(dim=1).mean())
     min_gap = mean_gap = None
-    if len(present) > 1:
-        gaps = squared_distances(means, means).clamp_min(0).sqrt()[~torch.eye(len(present), dtype=torch.bool, device=features.device)]
-        min_gap, mean_gap = float(gaps.min()), float(gaps.mean())
+    if len(present) > 1:  # the C x C gaps in chunks of rows: 100,000 classes would take 40 GB at once
+        k, step, low, total = len(present), chunk_rows(len(present)), float("inf"), 0.0
+        for start in range(0, k, step):
+            gaps = squared_distances(means[start : start + step], means).clamp_min(0).sqrt()
+            rows = torch.arange(len(gaps), device=gaps.device)
+            gaps[rows, rows + start] = float("inf")  # a class's distance to itself is no pair
+            low = min(low, float(gaps.min()))
+            total += float(gaps.masked_fill(gaps == float("inf"), 0).sum(dtype=torch.float64))
+        min_gap, mean_gap = low, total / (k * (k - 1))
     return {
         "intra_distance": intra,
         "min_center_gap": min_gap,

@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from datasets import Dataset, ImageData, channel_stats
 from distributed import gather_batch
-from losses import CENTER_ACC_LOSSES, Objective, paper_center_update
+from losses import CENTER_ACC_LOSSES, Objective, center_rows_grad, optimizer_center_step, paper_center_update, rows_grad_norm
 from models import build_model
 from utils import seed_everything
 
@@ -87,7 +87,15 @@ def build_trainer(args: argparse.Namespace, data: Dataset, device: torch.device,
     if world > 1 and device.type == "cuda":  # batch statistics over the global batch (SyncBatchNorm needs a GPU)
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     objective = Objective(
-        args.loss, len(data.classes), args.feat_dim, args.weight_cent, args.weight_intra, args.weight_inter, args.inter_margin, args.alpha
+        args.loss,
+        len(data.classes),
+        args.feat_dim,
+        args.weight_cent,
+        args.weight_intra,
+        args.weight_inter,
+        args.inter_margin,
+        args.alpha,
+        sparse_centers=args.center_update == "sgd",  # issue 25: SGD moves only the batch's centers (center_sgd_step)
     ).to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -195,8 +203,10 @@ def train_step(trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> tuple[torc
     momentum buffers and gradients (one fused norm) bound the new weights without computing them, and
     a non-finite gradient makes the bound non-finite. SGD's fused kernel takes the verdict as its
     found_inf flag (GradScaler's mechanism) and skips the update on the device; the BatchNorm
-    statistics the forward moved go back by one torch.where per dtype; the paper's centers are
-    computed aside and kept only for a good step. Under fp16 a step whose gradients overflow is the
+    statistics the forward moved go back by one torch.where per dtype. The centers of cent and
+    standalone move by rows (losses.paper_center_update, or losses.optimizer_center_step: SGD with
+    lazy momentum on the batch's rows), written only for a step that is applied and judged by
+    whether their new rows are finite. Under fp16 a step whose gradients overflow is the
     GradScaler's routine search for a scale: skipped (the scale backs off), not a bad step.
     Under torchrun the loss sees the global batch (distributed.gather_batch).
     Returns (features, logits, labels, loss, terms, finite), detached: the global batch's labels, and
@@ -213,13 +223,19 @@ def train_step(trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> tuple[torc
     loss, terms = objective(features, logits, y)
 
     groups = optimizer.param_groups
-    stepped = [[p for p in g["params"] if p.requires_grad] for g in groups]
+    # Centers that move by rows (the paper's update, or SGD on the batch's rows: losses.py) are stepped
+    # apart from the dense parameters, so that their cost follows the batch, not the number of classes.
+    row_centers = objective.centers if trainer.center_alpha is not None or objective.sparse_centers else None
+    stepped = [[p for p in g["params"] if p.requires_grad and p is not row_centers] for g in groups]
     params = [p for ps in stepped for p in ps]
-    for p in params:  # optimizer.zero_grad(set_to_none=True), which a compiled graph cannot trace
+    for p in params + ([row_centers] if row_centers is not None else []):  # zero_grad(set_to_none=True), traceable
         p.grad = None
     (loss if scaler is None else scaler.scale(loss)).backward()
+    rows = center_rows_grad(row_centers) if objective.sparse_centers else None  # the batch's rows of the centers' gradient
     if scaler is not None:
         scaler.unscale_(optimizer)  # the true gradients, for the guard and the clipping
+        if rows is not None:  # the scaler unscales only the optimiser's dense gradients (its scale stays on the device)
+            rows = rows._replace(sums=rows.sums / scaler._get_scale_async())
     grads = [p.grad for p in params]
     momentum = groups[0]["momentum"]
     buffers = [optimizer.state[p]["momentum_buffer"] for p in params] if momentum else []
@@ -227,18 +243,22 @@ def train_step(trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> tuple[torc
     lr, wd = max(g["lr"] for g in groups), max(g["weight_decay"] for g in groups)
     bound = p_max * (1 + lr * wd) + lr * (momentum * b_max + g_max)
     finite = torch.isfinite(loss) & (bound < UPDATE_LIMIT)
-    if trainer.center_alpha is not None:  # eq. 4 on a copy: kept below only for a step that is applied
-        centers = objective.centers
-        new_centers = centers.clone()
-        paper_center_update(new_centers, features.detach().float(), y, trainer.center_alpha)
-        finite = finite & torch.isfinite(new_centers).all()
     apply = finite if scaler is None else finite & torch.isfinite(g_max)
     if scaler is not None:  # overflowing fp16 gradients are the scaler's to skip, not a bad step
         finite = finite | (torch.isfinite(loss) & ~torch.isfinite(g_max))
 
     if trainer.clip_grad_norm:  # scale by min(1, max_norm / norm) on the device: no host sync
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-        torch._foreach_mul_(grads, (trainer.clip_grad_norm / (norm + 1e-6)).clamp(max=1.0))
+        norms = [*torch._foreach_norm(grads), *([rows_grad_norm(rows)] if rows is not None else [])]
+        norm = torch.linalg.vector_norm(torch.stack(norms))
+        torch._foreach_mul_(grads + ([rows.sums] if rows is not None else []), (trainer.clip_grad_norm / (norm + 1e-6)).clamp(max=1.0))
+    # The centers' rows move first, only for a step that is applied; new rows that are not finite make
+    # the step bad, and then nothing else moves either.
+    if trainer.center_alpha is not None:
+        rows_ok = paper_center_update(row_centers, features.detach().float(), y, trainer.center_alpha, apply)
+    elif rows is not None:
+        rows_ok = optimizer_center_step(optimizer, row_centers, rows, apply)
+    if row_centers is not None:
+        finite, apply = finite & rows_ok, apply & rows_ok
     skip = (~apply).float()
     for g, ps in zip(groups, stepped):  # SGD's fused kernel, called directly: optimizer.step() breaks a compiled graph
         torch._fused_sgd_(
@@ -256,8 +276,6 @@ def train_step(trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> tuple[torc
         )
     for saved, stats in zip(trainer.bn_saved, trainer.bn_stats):
         torch.where(apply, stats, saved, out=stats)
-    if trainer.center_alpha is not None:
-        torch.where(apply, new_centers, centers, out=centers)
     if scaler is not None:
         scaler.update()  # backs the scale off after overflowing gradients (recorded by unscale_)
     terms = {name: term.detach() for name, term in terms.items()}

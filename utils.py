@@ -88,3 +88,12 @@ def format_value(value: Any) -> Any:
     if isinstance(value, float):
         return f"{value:.6g}"
     return value
+
+
+CHUNK_BYTES = 64 * 2**20  # the most a chunked distance matrix (evaluation, metrics) holds at a time
+
+
+def chunk_rows(columns: int, itemsize: int = 4, budget: int = CHUNK_BYTES) -> int:
+    """Rows per chunk so that a chunk of `columns` values of `itemsize` bytes fits in `budget` (at least one row):
+    100,000 centers in float32 give 167 query rows per 64 MiB of distances."""
+    return max(1, budget // max(1, columns * itemsize))

@@ -33,6 +33,7 @@ from metrics import GEOMETRY_METRICS  # noqa: E402
 FRAME_SIZE_INCHES = 5.0
 FRAME_DPI = 80
 SPLITS = ("train", "test")
+LEGEND_CLASSES = 40  # more classes than this (face identities) get no legend: it would cover the frame
 
 
 def class_colors(num_classes: int) -> np.ndarray:
@@ -66,9 +67,22 @@ def draw_frame(
     fig, ax = plt.subplots(figsize=(FRAME_SIZE_INCHES, FRAME_SIZE_INCHES), dpi=FRAME_DPI)
     ax.scatter(features[:, 0], features[:, 1], c=colors[labels], s=2 if len(features) > 2000 else 6, linewidths=0, rasterized=True)
     if centers is not None:
-        ax.scatter(centers[:, 0], centers[:, 1], c=colors[: len(centers)], s=120, marker="*", edgecolors="black", linewidths=0.8)
-    handles = [plt.Line2D([], [], marker="o", linestyle="", color=colors[k], markersize=5, label=name) for k, name in enumerate(classes)]
-    ax.legend(handles=handles, loc="upper right", fontsize=6, framealpha=0.7, ncol=1 if len(classes) <= 10 else 2)
+        many = len(centers) > LEGEND_CLASSES
+        ax.scatter(
+            centers[:, 0],
+            centers[:, 1],
+            c=colors[: len(centers)],
+            s=10 if many else 120,
+            marker="*",
+            edgecolors="black",
+            linewidths=0.2 if many else 0.8,
+            rasterized=many,
+        )
+    if len(classes) <= LEGEND_CLASSES:
+        handles = [
+            plt.Line2D([], [], marker="o", linestyle="", color=colors[k], markersize=5, label=name) for k, name in enumerate(classes)
+        ]
+        ax.legend(handles=handles, loc="upper right", fontsize=6, framealpha=0.7, ncol=1 if len(classes) <= 10 else 2)
     ax.set_xlim(*limits[0])
     ax.set_ylim(*limits[1])
     ax.set_title(title, fontsize=8)

@@ -220,6 +220,7 @@ NOT_FINITE += [("--weight-decay", "nan"), ("--clip-grad-norm", "inf"), ("--cente
         (["--epochs", "0"], "--epochs must be at least 1"),
         (["--momentum", "1.5"], "--momentum must be in [0, 1)"),
         (["--weight-inter", "-0.1"], "loss weights must not be negative"),
+        (["--loss", "cent", "--weight-cent", "1e30"], "loss weights above 1e+06 make the first steps' gradients overflow float32"),
         (["--plot-every", "0"], "--plot-every must be at least 1"),
         (["--data-dir", "/nonexistent/scl-data"], "--data-dir /nonexistent/scl-data does not exist"),
         (["--dataset", "folder"], "--dataset folder needs --data-dir"),

@@ -308,9 +308,10 @@ def test_divergence_guard_stops_with_the_loss_terms(tmp_path: Path) -> None:
 
 
 def test_an_epoch_whose_every_step_was_taken_back_is_divergence(tmp_path: Path, capsys) -> None:
-    """--weight-cent 1e30: each of the 2 steps is non-finite and taken back, fewer than --max-bad-steps 5;
-    the epoch learned nothing and its train loss would read 0. Exit 1, one line, no summary."""
-    args = [*TINY, "--loss", "cent", "--weight-cent", "1e30", "--epochs", "1", "--train-samples", "64", "--out", str(tmp_path)]
+    """--lr 1e39, past float32's range: each of the 2 steps' update is unbounded and taken back, fewer
+    than --max-bad-steps 5; the epoch learned nothing and its train loss would read 0. Exit 1, one line,
+    no summary."""
+    args = [*TINY, "--loss", "cent", "--lr", "1e39", "--epochs", "1", "--train-samples", "64", "--out", str(tmp_path)]
     assert main(args) == 1
     line = stderr_error_line(capsys.readouterr().err)
     assert line.startswith("error: training diverged: every one of the 2 steps of epoch 1 was non-finite and taken back")

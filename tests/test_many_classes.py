@@ -1,0 +1,225 @@
+"""Center loss at face-recognition scale: center updates that touch only the batch's rows, chunked
+nearest-center evaluation, and a whole main.py run on 10,000 classes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import matplotlib.axes
+import numpy as np
+import pytest
+import torch
+
+import evaluation
+import main
+import metrics
+import visualize
+from config import parse_args
+from datasets import Dataset, ImageData
+from losses import ClassSums, center_rows_grad, center_sgd_step, intra_loss, paper_center_update, rows_grad_norm
+from training import build_trainer, train_step
+from utils import CHUNK_BYTES
+
+
+def batch(num_classes: int = 6, feat_dim: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.tensor([4, 1, 4, 0, 4, 1, 2])  # duplicates; classes 3 and 5 absent
+    return torch.randn(len(labels), feat_dim, generator=g), torch.randn(num_classes, feat_dim, generator=g), labels
+
+
+@pytest.mark.parametrize("num_classes", [6, 60])  # fewer classes than samples (one-hot sums) and more (same-label sums)
+def test_center_rows_grad_are_the_dense_gradient_rows_and_its_norm(num_classes: int) -> None:
+    features, centers, labels = batch(num_classes)
+    dense = centers.clone().requires_grad_()
+    intra_loss(features, dense, labels).backward()
+    sparse = centers.clone().requires_grad_()
+    intra_loss(features, sparse, labels, sparse=True).backward()
+    assert sparse.grad.is_sparse
+    grad = center_rows_grad(sparse)
+    counts = [1, 2, 1, 0, 3, 0] + [0] * 54
+    expected = (labels, [3, 2, 3, 1, 3, 2, 1]) if num_classes > len(labels) else (torch.arange(num_classes), counts[:num_classes])
+    assert sparse.grad is None and torch.equal(grad.index, expected[0]) and grad.counts.tolist() == expected[1]
+    torch.testing.assert_close(grad.sums, dense.grad[grad.index])
+    torch.testing.assert_close(rows_grad_norm(grad), dense.grad.norm())
+
+
+def test_center_sgd_step_is_torch_sgd_on_present_classes_and_lazy_on_absent_ones() -> None:
+    """Two steps of torch.optim.SGD (momentum 0.9) on the dense gradient against center_sgd_step: the
+    first batch holds classes {0, 1, 2, 4}, the second only {1}. After step two, classes present in
+    every batch agree with SGD; class 4 keeps its step-one value, where dense SGD let it coast by
+    momentum * b. Classes never seen stay at their initial value in both."""
+    features, centers, labels = batch()
+    second = (features[:2], torch.tensor([1, 1]))
+    dense = centers.clone().requires_grad_()
+    sgd = torch.optim.SGD([dense], lr=0.1, momentum=0.9)
+    lazy, buffer = centers.clone().requires_grad_(), torch.zeros_like(centers)
+    after_first = None
+    for x, y in ((features, labels), second):
+        sgd.zero_grad()
+        intra_loss(x, dense, y).backward()
+        sgd.step()
+        intra_loss(x, lazy, y, sparse=True).backward()
+        assert center_sgd_step(lazy.data, buffer, center_rows_grad(lazy), lr=0.1, momentum=0.9)
+        after_first = dense.detach().clone() if after_first is None else after_first
+    torch.testing.assert_close(lazy.data[1], dense.data[1])
+    torch.testing.assert_close(lazy.data[4], after_first[4])
+    assert not torch.allclose(dense.data[4], after_first[4])  # dense SGD's momentum moved the absent class
+    assert torch.equal(lazy.data[[3, 5]], centers[[3, 5]]) and torch.equal(dense.data[[3, 5]], centers[[3, 5]])
+    assert torch.equal(buffer[[3, 5]], torch.zeros(2, 3))
+
+
+@pytest.mark.parametrize("update", ["paper", "sgd"])
+def test_center_updates_do_nothing_unless_finite(update: str) -> None:
+    """With finite False, or rows that would not be finite, the centers and the momentum stay as they were."""
+    features, centers, labels = batch()
+    for finite, x in ((torch.tensor(False), features), (torch.tensor(True), features * float("inf"))):
+        c, buffer = centers.clone(), torch.ones_like(centers)
+        if update == "paper":
+            ok = paper_center_update(c, x, labels, 0.5, finite)
+        else:
+            rows = torch.ones(len(labels), 3) * x.sum()
+            ok = center_sgd_step(c, buffer, ClassSums(labels, rows, torch.ones(len(labels)), torch.ones(len(labels))), 0.1, 0.9, finite)
+        assert bool(ok) == bool(torch.isfinite(x).all())
+        assert torch.equal(c, centers) and torch.equal(buffer, torch.ones_like(centers))
+
+
+def test_nearest_over_100000_centers_keeps_each_chunk_of_distances_within_64_mib(monkeypatch: pytest.MonkeyPatch) -> None:
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(100_000, 8, generator=g)
+    picked = torch.randint(0, 100_000, (600,), generator=g)
+    features = centers[picked] + 0.001 * torch.randn(600, 8, generator=g)
+    sizes = []
+    distances = evaluation.squared_distances
+    monkeypatch.setattr(evaluation, "squared_distances", lambda a, b: sizes.append(len(a) * len(b) * 4) or distances(a, b))
+    assert torch.equal(evaluation.nearest(features, centers), picked)
+    assert len(sizes) > 1 and max(sizes) <= CHUNK_BYTES
+    exclude = torch.zeros(100_000, dtype=torch.bool)
+    exclude[picked[:5]] = True  # an excluded (never seen) class is not predicted: the sample goes elsewhere
+    assert not (evaluation.nearest(features[:5], centers, exclude) == picked[:5]).any()
+
+
+HOST_SYNCS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")
+
+
+def test_main_step_at_100000_classes_moves_only_the_batch_centers_without_a_host_sync(monkeypatch: pytest.MonkeyPatch) -> None:
+    """main.py's step (--center-update sgd, the default) at 100,000 classes: a step moves the centers
+    and momentum rows of its batch's classes only, and the next batch's step (other classes) leaves
+    them where they are (lazy momentum; dense SGD would let them coast). No tensor is read on the host."""
+    data = SimpleNamespace(channels=1, classes=range(100_000), image_size=8, train=SimpleNamespace(images=None))
+    t = build_trainer(parse_args(["--feat-dim", "2", "--seed", "3"]), data, torch.device("cpu"))
+    centers = t.objective.centers
+    initial = centers.detach().clone()
+    first, second = torch.tensor([7, 99_999, 7, 5_000] * 4), torch.tensor([1, 2, 3, 4] * 4)
+    x = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    *_, finite = train_step(t, x, first)
+    after_first = centers.detach().clone()
+    for name in HOST_SYNCS:
+        monkeypatch.setattr(torch.Tensor, name, lambda *a, name=name: pytest.fail(f"host sync: Tensor.{name}"))
+    *_, finite_second = train_step(t, x, second)
+    monkeypatch.undo()
+    assert finite and finite_second
+    moved = (after_first != initial).any(1).nonzero().flatten().tolist()
+    assert moved == [7, 5_000, 99_999]
+    assert torch.equal(centers[[7, 5_000, 99_999]], after_first[[7, 5_000, 99_999]])
+    assert (centers != after_first).any(1).nonzero().flatten().tolist() == [1, 2, 3, 4]
+    buffer = t.optimizer.state[centers]["momentum_buffer"]
+    assert buffer.any(1).nonzero().flatten().tolist() == [1, 2, 3, 4, 7, 5_000, 99_999]
+    assert centers.grad is None  # the optimiser never saw a C x D gradient
+
+
+def test_metrics_at_many_classes_keep_each_chunk_within_64_mib(monkeypatch: pytest.MonkeyPatch) -> None:
+    """center_distance_ratio over 6,000 class means (144 MB of distances at once) against a
+    reference in float64, and k-NN votes over 100,000 classes, each chunk within utils.CHUNK_BYTES."""
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(6_000).repeat(2)
+    means = torch.randn(6_000, 4, generator=g)
+    features = means[labels] + torch.randn(12_000, 4, generator=g)
+    sizes = []
+    distances = metrics.squared_distances
+    monkeypatch.setattr(metrics, "squared_distances", lambda a, b: sizes.append(len(a) * len(b) * 4) or distances(a, b))
+    ratio = metrics.center_distance_ratio(features, labels)
+    assert len(sizes) > 1 and max(sizes) <= CHUNK_BYTES
+    x = features.double()
+    class_means = (x[:6_000] + x[6_000:]) / 2
+    intra = (x - class_means[labels]).norm(dim=1).mean()
+    pair = sum(float(torch.cdist(class_means[i : i + 1000], class_means).sum()) for i in range(0, 6_000, 1000)) / (6_000 * 5_999)
+    assert ratio == pytest.approx(float(intra) / pair, rel=1e-5)
+    votes = []
+    zeros = torch.zeros
+    monkeypatch.setattr(torch, "zeros", lambda *a, **k: votes.append(a) or zeros(*a, **k))
+    query_labels = torch.randint(0, 100_000, (300,), generator=g)
+    assert metrics.knn_accuracy(features[:300], query_labels, features[:300], query_labels, 1) == 1.0
+    assert len(votes) > 1 and all(rows * classes * 8 <= CHUNK_BYTES for rows, classes in votes)
+
+
+def test_frames_of_many_classes_have_no_legend(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A legend of 10,000 class names would cover the frame (and take minutes to lay out): none past
+    visualize.LEGEND_CLASSES; 10 classes keep theirs."""
+    legends = []
+    monkeypatch.setattr(matplotlib.axes.Axes, "legend", lambda self, *a, **k: legends.append(len(k["handles"])))
+    points, rng = np.random.default_rng(0).normal(size=(200, 2)), np.random.default_rng(1)
+    for num_classes in (10, 10_000):
+        labels = rng.integers(0, num_classes, 200)
+        centers = np.random.default_rng(2).normal(size=(num_classes, 2))
+        visualize.draw_frame(
+            tmp_path / f"{num_classes}.png",
+            points,
+            labels,
+            centers,
+            [str(k) for k in range(num_classes)],
+            "t",
+            np.array([[-3, 3], [-3, 3]]),
+        )
+        assert (tmp_path / f"{num_classes}.png").stat().st_size > 0
+    assert legends == [10]
+
+
+def many_class_data(num_classes: int = 10_000, per_class: int = 2, test_size: int = 1000) -> Dataset:
+    """8x8 grey images, `per_class` a class, shuffled (--train-samples then takes a mix of classes)."""
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(num_classes).repeat(per_class)[torch.randperm(num_classes * per_class, generator=g)]
+    images = torch.randint(0, 256, (len(labels), 1, 8, 8), generator=g, dtype=torch.uint8)
+    test_labels = torch.randint(0, num_classes, (test_size,), generator=g)
+    test_images = torch.randint(0, 256, (test_size, 1, 8, 8), generator=g, dtype=torch.uint8)
+    classes = [f"id{k}" for k in range(num_classes)]
+    return Dataset("faces", ImageData(images, labels), ImageData(test_images, test_labels), classes, (), "synthetic")
+
+
+def test_main_trains_and_evaluates_10000_classes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A whole main.py run (2 epochs of 4 steps, 2-D features) on 10,000 classes: nearest-center and
+    nearest-class-mean accuracies, retrieval metrics, both frames per epoch and the GIFs."""
+    monkeypatch.setattr(main, "load_dataset", lambda *a, **k: many_class_data())
+    flags = ["--loss", "standalone", "--feat-dim", "2", "--epochs", "2", "--batch-size", "64", "--train-samples", "256"]
+    flags += ["--out", str(tmp_path), "--name", "faces", "--device", "cpu"]
+    assert main.main(flags) == 0
+    summary = json.loads((tmp_path / "faces" / "summary.json").read_text())
+    assert summary["num_classes"] == 10_000 and summary["epochs"] == 2
+    assert 0 <= summary["acc"] <= 1 and 0 <= summary["ncm_acc"] <= 1 and summary["center_acc"] == summary["acc"]
+    assert summary["center_distance_ratio"] > 0 and summary["knn1_acc"] is not None
+    frames = sorted(p.name for p in (tmp_path / "faces" / "frames").glob("*/epoch_*.png"))
+    assert frames == ["epoch_001.png", "epoch_001.png", "epoch_002.png", "epoch_002.png"]
+    assert sorted(p.name for p in (tmp_path / "faces").glob("*.gif"))
+
+
+@pytest.mark.parametrize("init_scale", [1.0, 1024.0, 3e38])
+def test_sgd_centers_under_fp16_take_the_unscaled_gradient_and_stay_when_the_scaler_skips(init_scale: float) -> None:
+    """Under --amp fp16 the loss is scaled, and so is the centers' row gradient, which the GradScaler
+    does not see: the step divides it back, so the centers move the same at any scale. A scale that
+    overflows makes the scaler skip the step: the centers stay, and the step is not a bad one."""
+    data = SimpleNamespace(channels=1, classes=range(10), image_size=8, train=SimpleNamespace(images=None))
+    t = build_trainer(parse_args(["--amp", "fp16", "--feat-dim", "2", "--seed", "3"]), data, torch.device("cpu"))
+    t.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+    centers = t.objective.centers
+    before = centers.detach().clone()
+    x, y = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.arange(16) % 10
+    features, *_, finite = train_step(t, x, y)
+    assert finite
+    if init_scale > 1e30:
+        assert torch.equal(centers, before)
+        return
+    lr = t.optimizer.param_groups[1]["lr"]
+    grad = torch.stack([(before[k] - features.detach()[y == k]).sum(0) * 2 / 16 for k in range(10)])
+    expected = before - lr * grad  # the first step: momentum buffer = gradient of intra (weight 1), mean over 16
+    torch.testing.assert_close(centers.detach(), expected, rtol=1e-4, atol=1e-6)
