@@ -186,7 +186,7 @@ NO_KERNEL_OPS = {
     f"aten::{name}"
     for name in "detach view t expand expand_as unsqueeze squeeze as_strided reshape _reshape_alias flatten unbind select slice "
     "permute transpose alias _unsafe_view view_as split chunk narrow empty empty_like empty_strided resize_ lift_fresh to "
-    "contiguous result_type".split()
+    "contiguous result_type broadcast_tensors".split()
 }
 
 

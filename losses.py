@@ -35,8 +35,8 @@ def squared_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     log(1 + d) defined and no square root is ever taken, so gradients stay finite.
     """
     a2 = a.pow(2).sum(1, keepdim=True)
-    b2 = b.pow(2).sum(1, keepdim=True).t()
-    return (a2 + b2 - 2.0 * a @ b.t()).clamp_min(0.0)
+    b2 = a2.t() if b is a else b.pow(2).sum(1, keepdim=True).t()  # a set against itself: one pass of norms
+    return torch.addmm(a2 + b2, a, b.t(), alpha=-2.0).clamp_min(0.0)
 
 
 def intra_loss(features: torch.Tensor, centers: torch.Tensor, labels: torch.Tensor, sparse: bool = False) -> torch.Tensor:
@@ -45,8 +45,8 @@ def intra_loss(features: torch.Tensor, centers: torch.Tensor, labels: torch.Tens
     With `sparse`, the centers are read by F.embedding(sparse=True): their gradient is then a sparse
     tensor of the m rows the batch touches (center_rows_grad), not a dense C x D matrix.
     """
-    rows = F.embedding(labels, centers, sparse=True) if sparse else centers[labels]
-    return (features - rows).pow(2).sum(1).mean()
+    rows = F.embedding(labels, centers, sparse=sparse)  # centers[labels]; its backward is one kernel
+    return F.mse_loss(features, rows, reduction="sum") / len(labels)  # one kernel for sum_i ||x_i - c_{y_i}||^2
 
 
 def inter_loss(features: torch.Tensor, labels: torch.Tensor, margin: float | None = None) -> torch.Tensor:
@@ -62,7 +62,12 @@ def inter_loss(features: torch.Tensor, labels: torch.Tensor, margin: float | Non
     if margin is not None:
         distances = distances.clamp_max(margin)
     pair_terms = torch.log1p(distances)
-    return -(pair_terms * different).sum() / features.shape[0]
+    return (pair_terms * different).sum() * (-1.0 / features.shape[0])
+
+
+def weighted(weight: float, term: torch.Tensor) -> torch.Tensor:
+    """weight * term, without a multiplication (a kernel each way on a GPU) for the usual weight 1."""
+    return term if weight == 1 else weight * term
 
 
 class ClassSums(NamedTuple):
@@ -344,7 +349,7 @@ class Objective(nn.Module):
             features = features.float()
             if self.loss in ("standalone", "centers-apart"):
                 intra, inter = self.criterion.terms(features, labels)
-                total = self.criterion.weight_intra * intra + self.criterion.weight_inter * inter
+                total = weighted(self.criterion.weight_intra, intra) + weighted(self.criterion.weight_inter, inter)
                 return total, {"intra": intra, "inter": inter}
             if self.loss == "center-softmax":
                 intra, xent = self.criterion.terms(features, labels)
@@ -353,4 +358,4 @@ class Objective(nn.Module):
             if self.loss == "xent":
                 return xent, {"xent": xent}
             intra = self.criterion(features, labels)
-            return xent + self.weight_cent * intra, {"xent": xent, "intra": intra}
+            return xent + weighted(self.weight_cent, intra), {"xent": xent, "intra": intra}

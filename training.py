@@ -95,7 +95,10 @@ def build_trainer(args: argparse.Namespace, data: Dataset, device: torch.device,
         args.weight_inter,
         args.inter_margin,
         args.alpha,
-        sparse_centers=args.center_update == "sgd",  # issue 25: SGD moves only the batch's centers (center_sgd_step)
+        # SGD on the batch's rows only where classes outnumber the batch: with fewer, every class is
+        # (nearly) in every batch, the dense C x D update costs no more than the rows, and it stays one
+        # fused kernel that a CUDA graph can capture (sparse gradients cannot be traced).
+        sparse_centers=args.center_update == "sgd" and len(data.classes) > args.batch_size,
     ).to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -157,6 +160,7 @@ def compile_and_wrap(model: nn.Module, compile_model: bool, device: torch.device
 # A weight beyond this after an update counts as divergence: float32 ends at 3.4e38, and the bound
 # train_step checks is computed in float32, so it must stay clear of overflowing itself.
 UPDATE_LIMIT = 1e38
+FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 def batchnorm_stats(model: nn.Module) -> list[torch.Tensor]:
@@ -167,7 +171,7 @@ def batchnorm_stats(model: nn.Module) -> list[torch.Tensor]:
     buffers: dict[torch.dtype, list[tuple[nn.Module, str, torch.Tensor]]] = {}
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            for name, buffer in module.named_buffers(recurse=False):
+            for name, buffer in module.named_buffers(recurse=False):  # (models.ResNet has no batch counters)
                 buffers.setdefault(buffer.dtype, []).append((module, name, buffer))
     flats = []
     for items in buffers.values():
@@ -241,7 +245,8 @@ def train_step(trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> tuple[torc
     buffers = [optimizer.state[p]["momentum_buffer"] for p in params] if momentum else []
     p_max, b_max, g_max = torch.stack(torch._foreach_norm(params + (buffers or grads) + grads, math.inf)).view(3, -1).amax(1)
     lr, wd = max(g["lr"] for g in groups), max(g["weight_decay"] for g in groups)
-    bound = p_max * (1 + lr * wd) + lr * (momentum * b_max + g_max)
+    # alpha must fit float32: a larger lr makes the bound overflow, and the step bad, all the same
+    bound = torch.add(p_max if wd == 0 else p_max * (1 + lr * wd), torch.add(g_max, b_max, alpha=momentum), alpha=min(lr, FLOAT32_MAX))
     finite = torch.isfinite(loss) & (bound < UPDATE_LIMIT)
     apply = finite if scaler is None else finite & torch.isfinite(g_max)
     if scaler is not None:  # overflowing fp16 gradients are the scaler's to skip, not a bad step

@@ -18,7 +18,7 @@ from conftest import listing, stderr_error_line
 import main as main_module
 from checkpoints import CHECKPOINT_KEYS, LEGACY_CONFIG, CheckpointError, checkpoint, load_checkpoint
 from config import parse_args
-from losses import paper_center_update
+from losses import Objective, paper_center_update
 from main import STARTUP_INTERRUPT, TrainingError, check_divergence, finish, main
 from training import EpochState, Trainer, build_trainer, make_scheduler, train_step
 
@@ -307,11 +307,17 @@ def test_divergence_guard_stops_with_the_loss_terms(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "boom").iterdir()) == [".lock", "args.json"]
 
 
-def test_an_epoch_whose_every_step_was_taken_back_is_divergence(tmp_path: Path, capsys) -> None:
-    """--lr 1e39, past float32's range: each of the 2 steps' update is unbounded and taken back, fewer
-    than --max-bad-steps 5; the epoch learned nothing and its train loss would read 0. Exit 1, one line,
-    no summary."""
-    args = [*TINY, "--loss", "cent", "--lr", "1e39", "--epochs", "1", "--train-samples", "64", "--out", str(tmp_path)]
+def test_an_epoch_whose_every_step_was_taken_back_is_divergence(tmp_path: Path, capsys, monkeypatch) -> None:
+    """Every loss NaN: each of the 2 steps is taken back, fewer than --max-bad-steps 5; the epoch
+    learned nothing and its train loss would read 0. Exit 1, one line, no summary."""
+    forward = Objective.forward
+
+    def nan_loss(self: Objective, *inputs: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        loss, terms = forward(self, *inputs)
+        return loss * float("nan"), terms
+
+    monkeypatch.setattr(Objective, "forward", nan_loss)
+    args = [*TINY, "--loss", "cent", "--epochs", "1", "--train-samples", "64", "--out", str(tmp_path)]
     assert main(args) == 1
     line = stderr_error_line(capsys.readouterr().err)
     assert line.startswith("error: training diverged: every one of the 2 steps of epoch 1 was non-finite and taken back")
