@@ -4,6 +4,7 @@
     python bench.py --no-channels-last --steps 30 --warmup 5 --rounds 3
     python bench.py --amp bf16 --json bench-bf16.json
     python bench.py --dataset cifar10 --loss xent --device cuda --amp bf16 --compile
+    python bench.py --fast-only --device cuda --cuda-graph --start-at $(($(date +%s) + 15))   # gpu_plan.py measure starts several so
     python bench.py --accuracy-epochs 3 --seeds 0,1,2 --amp bf16   # test accuracy: fast path vs the float32 loader path
 
 Both pipelines train their own copy of main.py's model, objective and SGD optimiser, built from

@@ -231,13 +231,17 @@ def group_alive(pgid: int) -> bool:
     return True
 
 
-def draw_stopped(run_dir: Path, dataset: str) -> list[Path]:
+def draw_stopped(run_dir: Path, dataset: str, log: Log) -> list[Path]:
     """The frames and GIFs of a 2-D run stopped before main.py drew them, from its saved frame data."""
     import visualize
     from datasets import CIFAR10_CLASSES, DIGIT_CLASSES, FASHION_CLASSES
 
     classes = {"mnist": DIGIT_CLASSES, "fashion-mnist": FASHION_CLASSES, "cifar10": CIFAR10_CLASSES}[dataset]
-    visualize.draw_frames(run_dir, classes, workers=os.cpu_count() or 1)
+    try:
+        visualize.draw_frames(run_dir, classes, workers=os.cpu_count() or 1)
+    except visualize.StitchError as exc:  # a frame cut short by SIGKILL: the run comes back without GIFs
+        log(f"{run_dir.name}: no GIFs: {exc}")
+        return []
     return visualize.make_run_gifs(run_dir)
 
 
@@ -318,7 +322,7 @@ def table(args: argparse.Namespace, log: Log) -> int:
         if summary:
             statuses[name] |= {k: summary.get(k) for k in ("acc", "samples_per_second", "peak_gpu_memory_mb", "train_seconds")}
         if feat == "2" and status in ("finished", "unfinished"):
-            made = sorted(run_dir.glob("*.gif")) if summary else draw_stopped(run_dir, dataset)
+            made = sorted(run_dir.glob("*.gif")) if summary else draw_stopped(run_dir, dataset, log)
             target = root / (args.imgs if summary else f"{args.imgs}-unfinished") / name
             target.mkdir(parents=True, exist_ok=True)
             for gif in made:
@@ -377,9 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=("graph", "eager"), default="graph", help="table: graph adds main.py --cuda-graph")
     p.add_argument("--amp", choices=("off", "bf16"), default="off", help="table: main.py --amp (the study's settings: off, float32)")
     p.add_argument("--epochs", type=int, default=100)
-    p.add_argument("--budget", type=float, default=420.0, help="table: seconds from the call's start to the SIGTERM")
-    p.add_argument("--grace", type=float, default=30.0, help="table: seconds the runs get to save a checkpoint after the SIGTERM")
-    p.add_argument("--finish", type=float, default=40.0, help="table: seconds to finish runs stopped after their last epoch")
+    p.add_argument("--budget", type=float, default=390.0, help="table: seconds from the call's start to the SIGTERM")
+    p.add_argument("--grace", type=float, default=20.0, help="table: seconds the runs get to save a checkpoint after the SIGTERM")
+    p.add_argument("--finish", type=float, default=30.0, help="table: seconds to finish runs stopped after their last epoch")
     p.add_argument("--losses", default="xent cent standalone", help="table: reproduce.sh's LOSSES")
     p.add_argument("--datasets", default=" ".join(DATA_SETS), help="table: reproduce.sh's DATASETS")
     p.add_argument("--feat-dims", default="2 128", help="table: reproduce.sh's FEAT_DIMS")
