@@ -76,7 +76,11 @@ def unpack(archive: Path, data_dir: Path, folders: list[str]) -> float:
         raise SystemExit(f"gpu_plan.py: error: {archive} is missing; run `python gpu_plan.py pack` here and carry .device-data")
     started = time.perf_counter()
     data_dir.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["tar", "-xJf", str(archive), "-C", str(data_dir), *folders], check=True)
+    if shutil.which("xz"):  # GNU tar with xz: faster than tarfile over 60,000 small JPEGs
+        subprocess.run(["tar", "-xJf", str(archive), "-C", str(data_dir), *folders], check=True)
+    else:
+        with tarfile.open(archive, "r:xz") as tar:
+            tar.extractall(data_dir, [m for m in tar if m.name.split("/")[0] in folders], filter="data")
     return time.perf_counter() - started
 
 
