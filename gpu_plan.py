@@ -30,6 +30,7 @@ import csv
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -45,6 +46,7 @@ DEVICE_LIMIT = 64 * 2**20  # what one device call carries (repository + carried 
 FILE_LIMIT = 16 * 2**20  # one file brought back
 MAX_FILES = 8
 MATRIX = "18:graph-fp32 6:graph-fp32 1:graph-fp32 1:eager-fp32 6:eager-fp32 1:graph-bf16"  # the most telling first: --deadline cuts the end
+MATRIX_ENTRY = r"([1-9][0-9]*):(eager|graph)-(fp32|bf16)"
 GRID_SAMPLES = {"mnist": 60000, "fashion-mnist": 60000, "cifar10": 50000}  # train samples per epoch of each data set
 
 
@@ -160,8 +162,7 @@ def measure(args: argparse.Namespace, log: Log) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     groups = []
     for entry in args.matrix.split():
-        jobs, setting = entry.split(":")
-        mode, amp = setting.split("-")
+        jobs, mode, amp = re.fullmatch(MATRIX_ENTRY, entry).groups()
         if time.perf_counter() - started + args.group_timeout > args.deadline:
             log(f"{entry}: skipped (would end past --deadline {args.deadline} s)")
             continue
@@ -418,6 +419,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--out (or OUT) must name the folder that goes back: --out $OUT")
     if args.jobs < 1 or args.epochs < 1 or min(args.steps, args.rounds) < 1 or not math.isfinite(args.budget):
         parser.error("--jobs, --epochs, --steps and --rounds must be at least 1")
+    wrong = [entry for entry in args.matrix.split() if not re.fullmatch(MATRIX_ENTRY, entry)]
+    if wrong:
+        parser.error(f"--matrix: {' '.join(wrong)} is not JOBS:MODE-AMP with MODE eager or graph and AMP fp32 or bf16 (e.g. 6:graph-fp32)")
     unknown = [d for d in args.datasets.split() if d not in DATA_SETS]
     if unknown:
         parser.error(f"--datasets: {', '.join(unknown)} is not in the archive ({', '.join(DATA_SETS)})")
