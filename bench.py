@@ -4,6 +4,7 @@
     python bench.py --no-channels-last --steps 30 --warmup 5 --rounds 3
     python bench.py --amp bf16 --json bench-bf16.json
     python bench.py --dataset cifar10 --loss xent --device cuda --amp bf16 --compile
+    python bench.py --fast-only --device cuda --cuda-graph --start-at $(($(date +%s) + 15))   # gpu_plan.py measure starts several so
     python bench.py --accuracy-epochs 3 --seeds 0,1,2 --amp bf16   # test accuracy: fast path vs the float32 loader path
 
 Both pipelines train their own copy of main.py's model, objective and SGD optimiser, built from
@@ -48,6 +49,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -56,7 +58,7 @@ from config import parse_args as parse_main_args
 from datasets import DATASETS, DataError, Dataset, ImageData, canonical_name, default_workers, load_dataset, loader_batches, tensor_batches
 from losses import LOSSES
 from models import MODELS
-from training import AMP_DTYPES, Trainer, build_trainer, cuda_backends, train_step
+from training import AMP_DTYPES, GraphedStep, Trainer, build_trainer, cuda_backends, train_step
 from utils import epoch_generator, resolve_device
 
 REPO = Path(__file__).resolve().parent
@@ -80,6 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", choices=tuple(AMP_DTYPES), default="off", help="autocast precision of the fast path")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="channels_last on the fast path")
     p.add_argument("--compile", action="store_true", help="torch.compile the fast path's model")
+    p.add_argument(
+        "--cuda-graph", action="store_true", help="the fast path's step captured in a CUDA graph (main.py --cuda-graph; CUDA, --fast-only)"
+    )
+    p.add_argument(
+        "--start-at",
+        type=float,
+        default=None,
+        help="Unix time to begin the timed rounds at, after warm-up: processes launched together time the same seconds",
+    )
     p.add_argument("--loader-amp", choices=tuple(AMP_DTYPES), default="off", help="autocast precision of the loader path")
     p.add_argument("--loader-channels-last", action=argparse.BooleanOptionalAction, default=False, help="channels_last on the loader path")
     p.add_argument("--workers", type=int, default=default_workers(), help="DataLoader workers of the loader path")
@@ -100,6 +111,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if min(args.steps, args.rounds, args.batch_size - 1, args.feat_dim) < 1 or min(args.warmup, args.workers, args.accuracy_epochs) < 0:
         parser.error("--steps, --rounds and --feat-dim must be at least 1, --batch-size at least 2, the others not negative")
+    if args.cuda_graph and not args.fast_only:
+        parser.error("--cuda-graph times the fast path only: add --fast-only")
     args.seeds = args.seeds or [args.seed]
     return args
 
@@ -120,6 +133,7 @@ def build_pipeline_trainer(args: argparse.Namespace, data: Dataset, device: torc
     flags = ["--model", args.model, "--loss", args.loss, "--feat-dim", str(args.feat_dim), "--seed", str(args.seed)]
     flags += ["--amp", settings["amp"], "--channels-last" if settings["channels_last"] else "--no-channels-last"]
     flags += ["--compile"] if settings["compile"] else []
+    flags += ["--cuda-graph", "--device", args.device] if settings.get("cuda_graph") else []
     return build_trainer(parse_main_args(flags), data, device)
 
 
@@ -151,7 +165,7 @@ def run_steps(pipeline: dict, args: argparse.Namespace, device: torch.device, st
     stream = batch_stream(pipeline, args, device, pipeline["step"])
     started = time.perf_counter()
     x, y = next(stream)
-    train_step(pipeline["trainer"], x, y)
+    pipeline["train_step"](x, y)
     synchronize(device)
     first = time.perf_counter() - started
     samples = 0
@@ -159,7 +173,7 @@ def run_steps(pipeline: dict, args: argparse.Namespace, device: torch.device, st
     started = time.perf_counter()
     for _ in range(steps):
         x, y = next(stream)
-        train_step(pipeline["trainer"], x, y)
+        pipeline["train_step"](x, y)
         samples += len(y)
     synchronize(device)
     seconds = time.perf_counter() - started
@@ -233,18 +247,20 @@ def peak_rss_mib() -> dict:
 
 def make_pipeline(name: str, args: argparse.Namespace, data, device: torch.device) -> dict:
     if name == "fast":
-        settings = {"amp": args.amp, "channels_last": args.channels_last, "compile": args.compile}
+        settings = {"amp": args.amp, "channels_last": args.channels_last, "compile": args.compile, "cuda_graph": args.cuda_graph}
         train = data.train.to(device)
     else:
         settings = {"amp": args.loader_amp, "channels_last": args.loader_channels_last, "compile": False, "workers": args.workers}
         train = data.train
+    trainer = build_pipeline_trainer(args, data, device, settings)
     return {
         "name": name,
         "settings": settings,
         "data": train,
         "augmentations": data.augmentations,
         "aug": torch.Generator(device).manual_seed(args.seed + 1),  # augmentation draws on the training device
-        "trainer": build_pipeline_trainer(args, data, device, settings),
+        "trainer": trainer,
+        "train_step": GraphedStep(trainer) if settings.get("cuda_graph") else partial(train_step, trainer),
         "step": 0,
         "rounds": [],
     }
@@ -267,6 +283,8 @@ def benchmark(args: argparse.Namespace) -> dict:
     if args.warmup > 0:
         for p in pipelines:
             run_steps(p, args, device, args.warmup - 1)
+    if args.start_at is not None:
+        time.sleep(max(0.0, args.start_at - time.time()))
     for r in range(args.rounds):
         for p in pipelines if r % 2 == 0 else pipelines[::-1]:
             result = run_steps(p, args, device, args.steps)
@@ -287,9 +305,11 @@ def benchmark(args: argparse.Namespace) -> dict:
             "peak_memory_mib": max(r["peak_mib"] for r in rounds) if device.type == "cuda" else None,
         }
     fast = next(p for p in pipelines if p["name"] == "fast")
-    x, y = next(batch_stream(fast, args, device, 0))
-    operations = ops_per_step(fast["trainer"], x, y)  # one more step of the fast path (its cost is not timed)
-    print(f"operations per step of the fast path: {sum(operations.values())} (torch.profiler, top-level aten ops that launch a kernel)")
+    operations = {}
+    if not args.cuda_graph:  # a captured step is one graph launch; its eager count is that of the run without --cuda-graph
+        x, y = next(batch_stream(fast, args, device, 0))
+        operations = ops_per_step(fast["trainer"], x, y)  # one more step of the fast path (its cost is not timed)
+        print(f"operations per step of the fast path: {sum(operations.values())} (torch.profiler, top-level aten ops that launch a kernel)")
     ratio = round_ratios = cpu_ratio = None
     if not args.fast_only:
         ratio = results["fast"]["samples_per_s"] / results["loader"]["samples_per_s"]
@@ -317,7 +337,7 @@ def benchmark(args: argparse.Namespace) -> dict:
         "ratio_per_round_median": statistics.median(round_ratios) if round_ratios else None,
         "ratio_samples_per_cpu_s": cpu_ratio,
         "peak_memory": memory,
-        "ops_per_step": sum(operations.values()),
+        "ops_per_step": sum(operations.values()) if operations else None,
         "ops_per_step_by_name": operations,
     }
     for name, res in results.items():

@@ -12,6 +12,11 @@ from the study's README); `diff` is ours minus the study's.
 Runs whose settings differ only in the seed (and in where and how they ran: NOT_SETTINGS) are one row:
 each numeric cell is then mean ± sample standard deviation (ddof 1) over the seeds, and a column `n`
 counts them; a table of single runs looks as without seeds.
+
+A run folder without summary.json (stopped before its last epoch, e.g. by a time budget) but with
+args.json and metrics.csv is an unfinished row: its last metrics.csv row's test acc and epoch, marked
+"unfinished" in the acc and epochs cells, with no diff against the study's 100-epoch figure. --collect
+writes such a run as <name>.json with "unfinished": true, so the mark stays in the collected table.
 """
 
 from __future__ import annotations
@@ -47,16 +52,63 @@ def study_rows() -> list[dict[str, str]]:
 
 
 def find_summaries(paths: list[Path]) -> list[Path]:
-    """summary.json files of run folders (<dir>/summary.json, <dir>/*/summary.json) and collected <dir>/*.json."""
+    """summary.json files of run folders (<dir>/summary.json, <dir>/*/summary.json), collected <dir>/*.json,
+    and the args.json of unfinished run folders (no summary.json, a metrics.csv: read_summary makes their row)."""
     found = []
     for path in paths:
         if path.is_file():
             found.append(path)
         elif (path / "summary.json").is_file():
             found.append(path / "summary.json")
+        elif is_unfinished_run(path):
+            found.append(path / "args.json")
         else:
-            found += sorted(path.glob("*/summary.json")) + sorted(p for p in path.glob("*.json") if p.name != "args.json")
+            runs = sorted(p for p in path.glob("*/summary.json")) + sorted(p / "args.json" for p in path.glob("*/") if is_unfinished_run(p))
+            found += sorted(runs, key=lambda p: p.parent.name) + sorted(p for p in path.glob("*.json") if p.name != "args.json")
     return found
+
+
+def is_unfinished_run(run_dir: Path) -> bool:
+    """A run folder of main.py that has not written summary.json (yet) but has finished an epoch or more."""
+    return not (run_dir / "summary.json").exists() and (run_dir / "args.json").is_file() and (run_dir / "metrics.csv").is_file()
+
+
+def unfinished_summary(args_path: Path) -> dict:
+    """The row of an unfinished run: its settings (args.json), and from the last metrics.csv row its test acc
+    as acc, its epoch as epochs and the other columns; "unfinished": true, "epochs_planned" the --epochs it ran for."""
+    try:
+        settings = json.loads(args_path.read_text())
+        with open(args_path.parent / "metrics.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, ValueError, csv.Error) as exc:
+        raise SummaryError(
+            f"{args_path.parent}: unfinished run not readable ({str(exc).splitlines()[0]}); rerun it or remove the folder"
+        ) from None
+    if not isinstance(settings, dict) or not rows:
+        raise SummaryError(f"{args_path.parent}: unfinished run with no finished epoch in metrics.csv; resume it or remove the folder")
+    last = {key: number(value) for key, value in rows[-1].items() if key is not None and key not in settings}  # lr: the scheduled one
+    return (
+        settings
+        | last
+        | {
+            "name": args_path.parent.name,
+            "acc": last.get("test_acc"),
+            "epochs": last.get("epoch"),
+            "epochs_planned": settings.get("epochs"),
+            "unfinished": True,
+        }
+    )
+
+
+def number(text: str | None) -> float | int | None:
+    """A metrics.csv cell: an int, a float, or None when empty or not a number."""
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        try:
+            return float(text)
+        except (TypeError, ValueError):
+            return None
 
 
 class SummaryError(Exception):
@@ -64,9 +116,9 @@ class SummaryError(Exception):
 
 
 def read_summary(path: Path) -> dict:
-    """One summary.json, checked for what the table and --collect use."""
+    """One summary.json (or an unfinished run's args.json: unfinished_summary), checked for what the table and --collect use."""
     try:
-        summary = json.loads(path.read_text())
+        summary = unfinished_summary(path) if path.name == "args.json" else json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise SummaryError(f"{path}: not readable as JSON ({str(exc).splitlines()[0]}); rerun its run or remove the file") from None
     if not isinstance(summary, dict):
@@ -192,8 +244,12 @@ def row(key: tuple[str, str, int], group: Group | None, study_acc: float | None,
         cells = [loss, dataset, str(feat_dim), "missing"] + ["missing"] * 6 + [study, "/"] + ["missing"] * (seeds + len(extra))
     else:
         first, accs = group[0], [summary["acc"] for summary in group]
-        diff = f"{statistics.fmean(accs) - study_acc:+.3f}" if study_acc is not None else "/"
-        cells = [loss, dataset, str(feat_dim), cell(accs), fmt(first["lr"], 2), str(first["epochs"]), str(first["batch_size"])]
+        unfinished = any(summary.get("unfinished") for summary in group)  # never compared with the study's 100-epoch figure
+        diff = f"{statistics.fmean(accs) - study_acc:+.3f}" if study_acc is not None and not unfinished else "/"
+        acc, epochs = cell(accs), str(first["epochs"])
+        if unfinished:
+            acc, epochs = f"{acc} (unfinished)", f"{epochs} of {first.get('epochs_planned')} (unfinished)"
+        cells = [loss, dataset, str(feat_dim), acc, fmt(first["lr"], 2), epochs, str(first["batch_size"])]
         cells += weights(loss, first) + [study, diff] + [str(len(group))] * seeds
         cells += [cell([column(summary, name) for summary in group]) for name in extra]
     return "| " + " | ".join(cells) + " |"
@@ -273,8 +329,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.collect:
             args.collect.mkdir(parents=True, exist_ok=True)
             for path in find_summaries(args.paths):
-                target = args.collect / f"{read_summary(path)['name']}.json"
-                if not (target.exists() and target.samefile(path)):  # collecting a folder into itself
+                summary = read_summary(path)
+                target = args.collect / f"{summary['name']}.json"
+                if summary.get("unfinished") and path.name == "args.json":
+                    target.write_text(json.dumps(summary, indent=2) + "\n")
+                elif not (target.exists() and target.samefile(path)):  # collecting a folder into itself
                     shutil.copyfile(path, target)
         if content is not None:
             args.readme.write_text(content)

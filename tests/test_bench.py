@@ -68,24 +68,9 @@ def test_bench_bad_data_dir_is_one_line(tmp_path: Path) -> None:
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
-def test_bench_grid_times_two_sweeps_and_extrapolates(tmp_path: Path) -> None:
-    out, report_path = tmp_path / "sweeps", tmp_path / "grid.json"
-    args = ["--datasets", "digits", "--losses", "xent standalone", "--feat-dims", "2", "--jobs", "2", "--short", "1", "--long", "2"]
-    args += ["--epochs", "20", "--eval-every", "5", "--data-dir", tmp_path, "--out", out, "--json", report_path]
-    proc = check_ok(run_script("bench_grid.py", [*args, "--", "--train-samples", "64", "--batch-size", "32", "--no-plots"]))
-    report = json.loads(report_path.read_text())
-    short, long = report["sweep_seconds"]["1"], report["sweep_seconds"]["2"]
-    assert report["runs"] == 2 and report["jobs"] == 2 and report["main_args"][-1] == "--no-plots"
-    assert report["grid_seconds_per_epoch"] == pytest.approx(long - short)
-    assert report["estimate_seconds_lower"] == pytest.approx(short + 19 * (long - short))
-    assert report["estimate_seconds_upper"] == pytest.approx(report["estimate_seconds_lower"] + 3 * short)
-    for epochs in (1, 2):
-        for loss in ("xent", "standalone"):
-            summary = json.loads((out / f"epochs={epochs}" / f"{loss}-digits-feat=2" / "summary.json").read_text())
-            assert summary["epochs"] == epochs and summary["train_samples"] == 64
-    assert "20 epochs:" in proc.stdout
-
-
-def test_bench_grid_refuses_a_long_sweep_not_longer_than_the_short(tmp_path: Path) -> None:
-    proc = run_script("bench_grid.py", ["--short", "3", "--long", "3", "--data-dir", tmp_path])
-    assert proc.returncode == 2 and "--short" in proc.stderr and "Traceback" not in proc.stderr
+def test_bench_cuda_graph_needs_the_fast_path_alone_and_cuda() -> None:
+    """--cuda-graph times the fast path's captured step: one line, exit 2, without --fast-only or without CUDA."""
+    proc = run_script("bench.py", ["--cuda-graph", "--steps", "1"])
+    assert proc.returncode == 2 and "--fast-only" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_script("bench.py", ["--cuda-graph", "--fast-only", "--device", "cpu", "--steps", "1"])
+    assert proc.returncode == 2 and "--cuda-graph" in proc.stderr and "Traceback" not in proc.stderr

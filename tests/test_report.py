@@ -67,6 +67,36 @@ def test_table_rows_differences_and_missing(tmp_path: Path, capsys) -> None:
     assert sum(r[3] == "missing" for r in rows) == 16
 
 
+def write_unfinished_run(folder: Path, loss: str, dataset: str, feat_dim: int, accs: list[float], planned: int = 100) -> Path:
+    """A run folder as main.py leaves it when stopped after len(accs) epochs: args.json and metrics.csv, no summary.json."""
+    run_dir = folder / f"{loss}-{dataset}-feat={feat_dim}"
+    run_dir.mkdir(parents=True)
+    settings = {"loss": loss, "dataset": dataset, "feat_dim": feat_dim, "lr": 0.01, "epochs": planned, "batch_size": 128}
+    settings |= {"weight_cent": 1.0, "weight_intra": 1.0, "weight_inter": 0.1, "seed": 0, "name": None}
+    (run_dir / "args.json").write_text(json.dumps(settings))
+    rows = ["epoch,lr,train_acc,test_acc,ncm_acc"] + [f"{e},0.001,0.5,{acc},{acc - 0.01}" for e, acc in enumerate(accs, 1)]
+    (run_dir / "metrics.csv").write_text("\n".join(rows) + "\n")
+    return run_dir
+
+
+def test_unfinished_run_is_its_last_epoch_marked_and_never_compared(tmp_path: Path, capsys) -> None:
+    """A run stopped by a time budget (args.json, metrics.csv, no summary.json) is a row of its last epoch, marked
+    unfinished in acc and epochs, without a diff against the study's 100-epoch figure; --collect keeps the mark."""
+    runs, collected = tmp_path / "runs", tmp_path / "collected"
+    write_summary(runs, "standalone", "mnist", 2, 0.9812)
+    write_unfinished_run(runs, "xent", "mnist", 2, [0.9, 0.95, 0.97])
+    assert report.main([str(runs), "--present", "--columns", "ncm_acc", "--collect", str(collected)]) == 0
+    rows = {(r[0], r[1], r[2]): r for r in table_rows(capsys.readouterr().out)}
+    xent = rows[("xent", "mnist", "2")]
+    # loss dataset feat acc lr epochs batch w_cent w_intra w_inter study diff ncm
+    assert xent[3:] == ["0.970 (unfinished)", "0.01", "3 of 100 (unfinished)", "128", "/", "/", "/", "0.991", "/", "0.960"]
+    assert rows[("standalone", "mnist", "2")][3] == "0.981" and rows[("standalone", "mnist", "2")][11] == "-0.013"
+    kept = json.loads((collected / "xent-mnist-feat=2.json").read_text())
+    assert (kept["unfinished"], kept["epochs"], kept["epochs_planned"], kept["acc"], kept["lr"]) == (True, 3, 100, 0.97, 0.01)
+    assert report.main([str(collected), "--present"]) == 0
+    assert "| 0.970 (unfinished) |" in capsys.readouterr().out
+
+
 def test_collect_and_readme_markers(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     write_summary(runs, "xent", "mnist", 2, 0.95)
