@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from config import parse_args  # noqa: E402
-from distributed import gather_batch  # noqa: E402
+from distributed import close_distributed, gather_batch  # noqa: E402
 from losses import Objective  # noqa: E402
 from models import build_model  # noqa: E402
 from training import build_trainer, train_step  # noqa: E402
@@ -63,7 +63,7 @@ def worker(rank: int, world: int, init_file: str, loss_name: str, out: str) -> N
     rows = slice(rank * share, (rank + 1) * share)
     loss, params = one_step(loss_name, x[rows], y[rows], wrap=torch.nn.parallel.DistributedDataParallel)
     torch.save({"loss": loss, "params": params}, f"{out}.{rank}")
-    dist.destroy_process_group()
+    close_distributed(finished=True)  # as main.py: no process group left to interpreter shutdown (a rare SIGABRT)
 
 
 @pytest.mark.parametrize("loss_name", ["standalone", "cent"])
@@ -123,7 +123,7 @@ def paper_worker(rank: int, world: int, init_file: str, out: str) -> None:
     rows = slice(rank * share, (rank + 1) * share)
     results = {loss_name: paper_steps(paper_trainer(loss_name, world), x[rows], y[rows]) for loss_name in PAPER_LOSSES}
     torch.save(results, f"{out}.{rank}")
-    dist.destroy_process_group()
+    close_distributed(finished=True)  # as main.py: no process group left to interpreter shutdown (a rare SIGABRT)
 
 
 def test_paper_center_update_under_two_processes_equals_one_process(tmp_path: Path) -> None:
