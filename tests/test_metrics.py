@@ -14,6 +14,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from test_open_set import reference_retrieval  # noqa: E402
+
 import metrics  # noqa: E402
 from datasets import ImageData, split_validation  # noqa: E402
 from losses import CentersApartLoss, CenterSoftmaxLoss, Objective  # noqa: E402
@@ -89,29 +91,13 @@ def test_map_at_r_with_a_different_r_per_query() -> None:
     assert map_r == pytest.approx((0.5 + 0.5 + 0 + 1 + 1) / 5)
 
 
-def reference_map_at_r(features: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
-    """Precision@1 and MAP@R by plain loops over sorted distances (no ties in random data)."""
-    x, y = features.double().tolist(), labels.tolist()
-    p1, aps = [], []
-    for i in range(len(x)):
-        r = y.count(y[i]) - 1
-        if r == 0:
-            continue
-        others = sorted((sum((a - b) ** 2 for a, b in zip(x[i], x[j])), j) for j in range(len(x)) if j != i)
-        hits = [y[j] == y[i] for _, j in others[:r]]
-        p1.append(float(hits[0]))
-        aps.append(sum(sum(hits[: n + 1]) / (n + 1) for n in range(r) if hits[n]) / r)
-    return sum(p1) / len(p1), sum(aps) / len(aps)
-
-
 def test_map_at_r_matches_loops_on_unbalanced_classes(monkeypatch) -> None:
     g = torch.Generator().manual_seed(5)
     labels = torch.tensor([0] * 9 + [1] * 4 + [2] * 2 + [3])  # R = 8, 3, 1 and 0
     features = torch.randn(len(labels), 3, generator=g) + labels[:, None] * 0.7
-    expected = reference_map_at_r(features, labels)
+    expected = reference_retrieval(features, labels)
     monkeypatch.setattr(metrics, "CHUNK", 5)  # chunks cut through the classes
-    scores = metrics.retrieval_scores(features, labels)
-    assert (scores["precision_at_1"], scores["map_at_r"]) == pytest.approx(expected, rel=1e-6)
+    assert metrics.retrieval_scores(features, labels) == pytest.approx(expected, rel=1e-6)
 
 
 def reference_knn(query: torch.Tensor, query_labels: torch.Tensor, gallery: torch.Tensor, gallery_labels: torch.Tensor, k: int) -> float:
