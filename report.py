@@ -139,8 +139,9 @@ def read_summary(path: Path) -> dict:
 
 
 def grid_point(summary: dict) -> tuple[str, ...]:
-    """Every setting of a run but its seed (SETTINGS; a setting an older summary lacks is null)."""
-    return tuple(json.dumps(summary.get(key)) for key in SETTINGS)
+    """Every setting of a run but its seed (SETTINGS; a setting an older summary lacks is null), and
+    whether it is unfinished: an unfinished run is never averaged with finished seeds."""
+    return (*(json.dumps(summary.get(key)) for key in SETTINGS), json.dumps(bool(summary.get("unfinished"))))
 
 
 def load_runs(paths: list[Path], notes: list[str] | None = None) -> dict[tuple[str, str, int], list[Group]]:

@@ -97,6 +97,15 @@ def test_unfinished_run_is_its_last_epoch_marked_and_never_compared(tmp_path: Pa
     assert "| 0.970 (unfinished) |" in capsys.readouterr().out
 
 
+def test_an_unfinished_run_is_not_averaged_with_finished_seeds(tmp_path: Path, capsys) -> None:
+    """Seed 1 stopped after its 3rd (and last planned) epoch, before its summary: a row of its own, not a seed of seed 0."""
+    write_summary(tmp_path / "finished", "xent", "mnist", 2, 0.95, seed=0, epochs=3)
+    write_unfinished_run(tmp_path / "stopped", "xent", "mnist", 2, [0.9, 0.93, 0.97], planned=3)
+    assert report.main([str(tmp_path / "finished"), str(tmp_path / "stopped"), "--present", "--columns", ""]) == 0
+    rows = [r[3:6] for r in table_rows(capsys.readouterr().out)]
+    assert sorted(rows) == [["0.950", "0.01", "3"], ["0.970 (unfinished)", "0.01", "3 of 3 (unfinished)"]]
+
+
 def test_collect_and_readme_markers(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     write_summary(runs, "xent", "mnist", 2, 0.95)
