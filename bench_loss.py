@@ -1,122 +1,128 @@
 """Cost of the standalone center loss alone as the number of classes grows (face recognition has 10,000 to 100,000+).
 
-    python bench_loss.py                                              # classes 10,1000,100000 x batches 128,1024, CPU
-    python bench_loss.py --devices cpu,cuda --repeats 50 --json results/bench-loss.json
+    python bench_loss.py --json results/bench-loss/run.json   # classes 10,1000,100000 x batches 128,1024: CPU, and CUDA where present
 
-For every device, batch size m, number of classes C and center update (sgd: SGD with momentum on the
-centers, the default; paper: the center loss paper's update), one loss step on random D-dimensional
-features is timed in three phases: forward (losses.StandaloneCenterLoss), backward (to the features
-and, with sgd, the centers) and the center update. Reported: the median over --repeats after --warmup
-untimed steps, in ms, and for each update the ratio of the whole step's median at the most classes to
-the fewest, at the smallest batch: `classes 100000 vs 10 at batch 128: ratio R` (sgd) and the same line
-with `(paper)`. Features are a leaf tensor standing for a model's output; the model's cost is not
-counted. The sgd step uses the sparse row gradient and center_sgd_step (losses.py), the paper
-step paper_center_update; both touch only the batch's rows, so their cost should not grow with C.
+Per device, center update (sgd: losses.center_optimizer as in training.py, paper: losses.paper_center_update), batch and
+class count, one loss step on random features is timed in three phases: forward (losses.StandaloneCenterLoss), backward, center
+update. The class counts take turns in every round, so a slow spell falls on all alike; on the CPU the clock is this process's
+CPU time, one thread: other processes' use of the cores is left out. Printed: each phase's median ms and, per update, the median
+over rounds of the step's ratio at the most classes to the fewest, at the smallest batch, with its quartiles.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import os
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
-from losses import StandaloneCenterLoss, center_rows_grad, center_sgd_step, paper_center_update
-
-PHASES = ("forward", "backward", "center_update")
+from losses import CENTER_UPDATES, StandaloneCenterLoss, center_optimizer, paper_center_update
 
 
-def parse_list(text: str) -> list[int]:
-    return [int(v) for v in text.split(",")]
+def counts(text: str) -> list[int]:
+    values = [int(v) for v in text.split(",") if v.strip().isdigit()]
+    if len(values) != len(text.split(",")) or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of positive integers")
+    return values
 
 
-def build_parser() -> argparse.ArgumentParser:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The flags; what would crash later, time nothing or not fit in memory is refused in one line (exit 2) before any timing."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--classes", type=parse_list, default=[10, 1000, 100_000], help="comma-separated numbers of classes")
-    p.add_argument("--batches", type=parse_list, default=[128, 1024], help="comma-separated batch sizes")
+    p.add_argument("--classes", type=counts, default=[10, 1000, 100_000], help="comma-separated numbers of classes")
+    p.add_argument("--batches", type=counts, default=[128, 1024], help="comma-separated batch sizes")
     p.add_argument("--feat-dim", type=int, default=128)
-    p.add_argument("--updates", default="sgd,paper", help="center updates to time: sgd, paper or both")
-    p.add_argument("--devices", default="cpu,cuda", help="devices to time; cuda is skipped where there is none")
-    p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--json", default=None, help="also write every median here")
-    return p
+    p.add_argument("--updates", default="sgd,paper", help="center updates to time, comma-separated: sgd, paper")
+    p.add_argument("--devices", default="cpu,cuda" if torch.cuda.is_available() else "cpu", help="comma-separated: cpu, cuda")
+    p.add_argument("--repeats", type=int, default=30, help="timed rounds")
+    p.add_argument("--warmup", type=int, default=5, help="untimed rounds first")
+    p.add_argument("--json", default=None, help="also write every median and ratio here")
+    args = p.parse_args(argv)
+    for flag, value, least in (("--feat-dim", args.feat_dim, 1), ("--repeats", args.repeats, 1), ("--warmup", args.warmup, 0)):
+        if value < least:
+            p.error(f"{flag} must be at least {least}, not {value}")
+    cuda = torch.cuda.is_available()
+    for flag, given, allowed in (("--updates", args.updates, CENTER_UPDATES), ("--devices", args.devices, ("cpu", "cuda")[: 1 + cuda])):
+        if not set(given.split(",")) <= set(allowed):
+            p.error(
+                f"{flag} {given!r}: choose from {', '.join(allowed)}, comma-separated"
+                + ("; no CUDA device here" * (flag == "--devices" and not cuda))
+            )
+    need = 4 * (3 * max(args.classes) * args.feat_dim + 4 * max(args.batches) ** 2)  # C x D centers, momentum, gradient; m x m
+    memory = {"cuda": lambda: torch.cuda.mem_get_info()[0], "cpu": lambda: os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")}
+    if need > (have := min(memory[d]() for d in args.devices.split(","))) / 2:
+        p.error(f"the largest setting needs {need / 2**30:.1f} GiB, more than half of the {have / 2**30:.1f} GiB here")
+    if args.json is not None:  # now, not after the timing, and leaving no file behind
+        existed = os.path.lexists(args.json)
+        try:
+            open(args.json, "a").close()
+        except OSError as e:
+            p.error(f"--json {args.json!r}: cannot write there ({e.strerror}); give a file in an existing, writable folder")
+        if not existed:
+            os.remove(args.json)
+    return args
 
 
-def loss_step(num_classes: int, batch: int, feat_dim: int, update: str, device: torch.device) -> Callable[[], list[Callable[[], None]]]:
-    """A function that prepares one step and returns its three phases as callables, run in order."""
+def loss_step(num_classes: int, batch: int, feat_dim: int, update: str, device: torch.device) -> list[Callable]:
+    """One loss step's three phases on fixed random features and labels, run in order, each given the previous one's output."""
     g = torch.Generator().manual_seed(0)
     criterion = StandaloneCenterLoss(num_classes, feat_dim, sparse=update == "sgd").to(device)
-    centers = criterion.centers
-    centers.requires_grad_(update == "sgd")
-    momentum = torch.zeros_like(centers)
+    centers = criterion.centers.requires_grad_(update == "sgd")
+    optimizer = center_optimizer(centers, lr=0.01, momentum=0.9) if update == "sgd" else None
     features = torch.randn(batch, feat_dim, generator=g).to(device).requires_grad_()
     labels = torch.randint(0, num_classes, (batch,), generator=g).to(device)
-    finite = torch.ones((), dtype=torch.bool, device=device)
-    state = {}
 
-    def forward() -> None:
-        state["loss"] = criterion(features, labels)
+    def forward(_: None) -> torch.Tensor:
+        features.grad = centers.grad = None  # a sparse gradient would otherwise grow by the batch's rows every step
+        return criterion(features, labels)
 
-    def backward() -> None:
-        features.grad = None
-        state.pop("loss").backward()
-
-    def center_update() -> None:
-        if update == "sgd":
-            center_sgd_step(centers.data, momentum, center_rows_grad(centers), 0.01, 0.9, finite)
-        else:
-            paper_center_update(centers.data, features.detach(), labels, 0.5, finite)
-
-    return lambda: [forward, backward, center_update]
+    paper = functools.partial(paper_center_update, centers.data, features.detach(), labels, 0.5)
+    return [forward, torch.Tensor.backward, lambda _: optimizer.step() if optimizer else paper()]
 
 
-def time_step(step: Callable[[], list[Callable[[], None]]], repeats: int, warmup: int, device: torch.device) -> dict[str, float]:
-    """Median ms of each phase and of the whole step over `repeats` steps after `warmup` untimed ones."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times: dict[str, list[float]] = {p: [] for p in (*PHASES, "step")}
+def time_settings(steps: list[list[Callable]], repeats: int, warmup: int, device: torch.device) -> list[dict[str, list]]:
+    """ms of each phase and of the whole step, one per timed round, for each setting; the settings take turns in every round."""
+    sync, clock = (torch.cuda.synchronize, time.perf_counter) if device.type == "cuda" else (lambda: None, time.process_time)
+    times = [{name: [] for name in ("forward", "backward", "center_update", "step")} for _ in steps]
     for i in range(warmup + repeats):
-        total = 0.0
-        for name, phase in zip(PHASES, step()):
-            sync()
-            started = time.perf_counter()
-            phase()
-            sync()
-            elapsed = (time.perf_counter() - started) * 1000
-            total += elapsed
-            if i >= warmup:
-                times[name].append(elapsed)
-        if i >= warmup:
-            times["step"].append(total)
-    return {name: statistics.median(values) for name, values in times.items()}
+        for phases, record in zip(steps, times):
+            marks, out = [clock()], None  # every phase ends with a sync: the previous one's work is done
+            for phase in phases:
+                out = phase(out)
+                sync()
+                marks.append(clock())
+            elapsed = [(end - start) * 1000 for start, end in zip(marks, marks[1:])]
+            for name, ms in zip(record, (*elapsed, sum(elapsed))):
+                record[name] += [ms] if i >= warmup else []
+    return times
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    devices = [torch.device(d) for d in args.devices.split(",") if d != "cuda" or torch.cuda.is_available()]
-    updates = args.updates.split(",")
-    results = []
-    for device in devices:
-        for update in updates:
-            for batch in args.batches:
-                for num_classes in args.classes:
-                    medians = time_step(loss_step(num_classes, batch, args.feat_dim, update, device), args.repeats, args.warmup, device)
-                    results.append({"device": str(device), "update": update, "batch": batch, "classes": num_classes, **medians})
-                    print(
-                        f"{device} {update} batch {batch} classes {num_classes}: "
-                        + ", ".join(f"{name} {medians[name]:.2f} ms" for name in (*PHASES, "step")),
-                        flush=True,
-                    )
-            few, many, batch = min(args.classes), max(args.classes), min(args.batches)
-            step = {r["classes"]: r["step"] for r in results if (r["device"], r["update"], r["batch"]) == (str(device), update, batch)}
-            suffix = "" if update == "sgd" else f" ({update})"
-            print(f"{device}: classes {many} vs {few} at batch {batch}: ratio {step[many] / step[few]:.2f}{suffix}", flush=True)
+    args = parse_args(argv)
+    torch.set_num_threads(1)  # with two threads on a busy 2-core machine a step waits for a descheduled one (ratios 118, 0.02)
+    results, ratios, few, many = [], [], min(args.classes), max(args.classes)
+    for device, update, m in ((d, u, m) for d in args.devices.split(",") for u in args.updates.split(",") for m in args.batches):
+        steps = [loss_step(c, m, args.feat_dim, update, torch.device(device)) for c in args.classes]
+        times = dict(zip(args.classes, time_settings(steps, args.repeats, args.warmup, torch.device(device))))
+        for c, record in times.items():
+            medians = {name: statistics.median(values) for name, values in record.items()}
+            results.append({"device": device, "update": update, "batch": m, "classes": c, **medians})
+            print(f"{device} {update} batch {m} classes {c}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in medians.items()), flush=True)
+        if m == min(args.batches):
+            per_round = [a / b for a, b in zip(times[many]["step"], times[few]["step"])]
+            ratio = statistics.median(per_round)
+            q1, _, q3 = statistics.quantiles(per_round, n=4, method="inclusive") if len(per_round) > 1 else [ratio] * 3
+            ratios.append({"device": device, "update": update, "batch": m, "ratio": ratio, "quartiles": [q1, q3]})
+            print(f"{device}: classes {many} vs {few} at batch {m}: ratio {ratio:.2f} ({update}; quartiles {q1:.2f}-{q3:.2f})", flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"feat_dim": args.feat_dim, "repeats": args.repeats, "torch": torch.__version__, "results": results}, f, indent=2)
+        report = {"feat_dim": args.feat_dim, "repeats": args.repeats, "torch": torch.__version__, "ratios": ratios, "results": results}
+        Path(args.json).write_text(json.dumps(report, indent=2))
     return 0
 
 

@@ -103,7 +103,9 @@ class SparseSGD(torch.optim.Optimizer):
                 grad = p.grad.coalesce()  # one row per class, the class's samples summed
                 rows, update = grad.indices()[0], grad.values()
                 if group["momentum"]:
-                    buffer = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                    if "momentum_buffer" not in self.state[p]:
+                        self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+                    buffer = self.state[p]["momentum_buffer"]
                     update = group["momentum"] * buffer[rows] + update
                 new = p[rows] - group["lr"] * update
                 oks.append(torch.isfinite(new).all())  # a finite new row has a finite buffer row (lr > 0)
