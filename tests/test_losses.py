@@ -13,6 +13,8 @@ from torch.func import functional_call
 from losses import (
     LOSSES,
     CenterLoss,
+    CentersApartLoss,
+    CenterSoftmaxLoss,
     Objective,
     StandaloneCenterLoss,
     inter_loss,
@@ -357,10 +359,56 @@ def test_objective_computes_in_float32_under_autocast(loss):
         assert not torch.allclose(sloppy.float(), squared_distances(features, features), rtol=1e-3)
 
 
-def test_objective_unknown_loss():
-    with pytest.raises(ValueError, match="unknown loss"):
+def test_objective_builds_every_listed_loss_with_its_terms_and_refuses_others():
+    """Every name in LOSSES (main.py's --loss choices) builds an objective whose terms are the ones it
+    declares, with centers exactly for the losses that have them; any other name is refused, naming the choices."""
+    features, logits, y = objective_inputs(5)
+    for loss in LOSSES:
+        objective = Objective(loss, 4, 3)
+        total, terms = objective(features, logits, y)
+        assert tuple(sorted(terms)) == tuple(sorted(objective.terms_used)) and torch.isfinite(total), loss
+        assert (objective.centers is None) == (loss == "xent"), loss
+    choices = "xent, cent, standalone, centers-apart, center-softmax"
+    with pytest.raises(ValueError, match=f"^unknown loss 'softmax'; choose one of {choices}$"):
         Objective("softmax", 4, 3)
-    assert {"xent", "cent", "standalone"} <= set(LOSSES)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("module_cls", [CenterLoss, StandaloneCenterLoss, CentersApartLoss, CenterSoftmaxLoss])
+def test_loss_modules_compute_in_float32_under_autocast(module_cls, dtype):
+    """Each loss module on its own, under a caller's fp16 or bf16 autocast, at feature norm ~340 (fp16's
+    ||x||^2 overflows, bf16's 8-bit mantissa loses the distances): the value and the gradients of the
+    features and the centers equal float32's to 1e-5. 16-bit features (a model's output under autocast)
+    give the value of their float32 copy, and that copy's gradient rounded to their dtype."""
+    g = torch.Generator().manual_seed(6)
+    labels = torch.arange(16) % 4
+    means = F.normalize(torch.randn(4, 8, generator=g), dim=1) * 340
+    features = means[labels] + 3 * torch.randn(16, 8, generator=g)
+    assert 300 < features.norm(dim=1).min() and features.norm(dim=1).max() < 380
+    torch.manual_seed(0)
+    module = module_cls(4, 8)
+    with torch.no_grad():
+        module.centers.copy_(means + torch.randn(4, 8, generator=g))  # near the features: centers-apart's exp stays finite
+
+    def value_and_grads(x: torch.Tensor, autocast: bool) -> tuple[torch.Tensor, ...]:
+        x = x.detach().requires_grad_()
+        module.zero_grad()
+        with torch.autocast("cpu", dtype=dtype, enabled=autocast):
+            loss = module(x, labels)
+        loss.backward()
+        return loss.detach(), x.grad, module.centers.grad.clone()
+
+    reference = value_and_grads(features, autocast=False)
+    assert all(torch.isfinite(t).all() for t in reference)
+    for got, want in zip(value_and_grads(features, autocast=True), reference):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+    low = features.to(dtype)
+    reference = value_and_grads(low.float(), autocast=False)
+    value, grad, centers_grad = value_and_grads(low, autocast=True)
+    torch.testing.assert_close(value, reference[0], rtol=1e-5, atol=0)
+    torch.testing.assert_close(grad, reference[1].to(dtype), rtol=1e-5, atol=0)
+    torch.testing.assert_close(centers_grad, reference[2], rtol=1e-5, atol=0)
 
 
 # ---------------------------------------------------------------------- the paper's center update

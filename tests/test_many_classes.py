@@ -18,9 +18,11 @@ import metrics
 import visualize
 from config import parse_args
 from datasets import Dataset, ImageData
-from losses import ClassSums, center_rows_grad, center_sgd_step, intra_loss, paper_center_update, rows_grad_norm
+from losses import center_optimizer, intra_loss, paper_center_update
 from training import build_trainer, train_step
 from utils import CHUNK_BYTES
+
+HOST_SYNCS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")
 
 
 def batch(num_classes: int = 6, feat_dim: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -29,60 +31,102 @@ def batch(num_classes: int = 6, feat_dim: int = 3, seed: int = 0) -> tuple[torch
     return torch.randn(len(labels), feat_dim, generator=g), torch.randn(num_classes, feat_dim, generator=g), labels
 
 
-@pytest.mark.parametrize("num_classes", [6, 60])  # fewer classes than samples (one-hot sums) and more (same-label sums)
-def test_center_rows_grad_are_the_dense_gradient_rows_and_its_norm(num_classes: int) -> None:
-    features, centers, labels = batch(num_classes)
-    dense = centers.clone().requires_grad_()
-    intra_loss(features, dense, labels).backward()
-    sparse = centers.clone().requires_grad_()
-    intra_loss(features, sparse, labels, sparse=True).backward()
-    assert sparse.grad.is_sparse
-    grad = center_rows_grad(sparse)
-    counts = [1, 2, 1, 0, 3, 0] + [0] * 54
-    expected = (labels, [3, 2, 3, 1, 3, 2, 1]) if num_classes > len(labels) else (torch.arange(num_classes), counts[:num_classes])
-    assert sparse.grad is None and torch.equal(grad.index, expected[0]) and grad.counts.tolist() == expected[1]
-    torch.testing.assert_close(grad.sums, dense.grad[grad.index])
-    torch.testing.assert_close(rows_grad_norm(grad), dense.grad.norm())
-
-
-def test_center_sgd_step_is_torch_sgd_on_present_classes_and_lazy_on_absent_ones() -> None:
-    """Two steps of torch.optim.SGD (momentum 0.9) on the dense gradient against center_sgd_step: the
-    first batch holds classes {0, 1, 2, 4}, the second only {1}. After step two, classes present in
-    every batch agree with SGD; class 4 keeps its step-one value, where dense SGD let it coast by
-    momentum * b. Classes never seen stay at their initial value in both."""
+def test_center_optimizer_is_torch_sgd_on_present_classes_and_lazy_on_absent_ones() -> None:
+    """Two steps of torch.optim.SGD (momentum 0.9) on the dense gradient against center_optimizer on the
+    sparse one: the first batch holds classes {0, 1, 2, 4}, the second only {1}. After step two, classes
+    present in every batch agree with SGD; class 4 keeps its step-one value and buffer, where dense SGD
+    let it coast by momentum * b. Classes never seen stay at their initial value in both."""
     features, centers, labels = batch()
     second = (features[:2], torch.tensor([1, 1]))
-    dense = centers.clone().requires_grad_()
-    sgd = torch.optim.SGD([dense], lr=0.1, momentum=0.9)
-    lazy, buffer = centers.clone().requires_grad_(), torch.zeros_like(centers)
+    dense, lazy = centers.clone().requires_grad_(), centers.clone().requires_grad_()
+    sgd, rows = torch.optim.SGD([dense], lr=0.1, momentum=0.9), center_optimizer(lazy, lr=0.1, momentum=0.9)
+    assert isinstance(rows, torch.optim.Optimizer)
     after_first = None
     for x, y in ((features, labels), second):
         sgd.zero_grad()
+        rows.zero_grad()
         intra_loss(x, dense, y).backward()
         sgd.step()
         intra_loss(x, lazy, y, sparse=True).backward()
-        assert center_sgd_step(lazy.data, buffer, center_rows_grad(lazy), lr=0.1, momentum=0.9)
+        assert lazy.grad.is_sparse and rows.step()
         after_first = dense.detach().clone() if after_first is None else after_first
+    buffer = rows.state[lazy]["momentum_buffer"]
     torch.testing.assert_close(lazy.data[1], dense.data[1])
-    torch.testing.assert_close(lazy.data[4], after_first[4])
+    torch.testing.assert_close(lazy.data[[0, 2, 4]], after_first[[0, 2, 4]])
     assert not torch.allclose(dense.data[4], after_first[4])  # dense SGD's momentum moved the absent class
-    assert torch.equal(lazy.data[[3, 5]], centers[[3, 5]]) and torch.equal(dense.data[[3, 5]], centers[[3, 5]])
-    assert torch.equal(buffer[[3, 5]], torch.zeros(2, 3))
+    torch.testing.assert_close(buffer[1], sgd.state[dense]["momentum_buffer"][1])
+    assert torch.equal(lazy.data[[3, 5]], centers[[3, 5]]) and torch.equal(buffer[[3, 5]], torch.zeros(2, 3))
+    assert buffer.layout == torch.strided and buffer.shape == centers.shape  # one dense buffer: nothing grows with the steps
+
+
+def test_center_optimizer_state_survives_a_state_dict_round_trip() -> None:
+    """A checkpoint's optimizer.state_dict() holds the momentum buffer: a restored optimiser's next step
+    equals the original's, bit for bit."""
+    features, centers, labels = batch()
+    runs = []
+    for restore in (False, True):
+        c = centers.clone().requires_grad_()
+        opt = center_optimizer(c, lr=0.1, momentum=0.9)
+        for step in range(2):
+            if restore and step == 1:
+                saved = opt.state_dict()
+                opt = center_optimizer(c, lr=0.5, momentum=0.0)
+                opt.load_state_dict(saved)
+            opt.zero_grad()
+            intra_loss(features, c, labels, sparse=True).backward()
+            opt.step()
+        runs.append(c.detach())
+    assert torch.equal(runs[0], runs[1])
 
 
 @pytest.mark.parametrize("update", ["paper", "sgd"])
-def test_center_updates_do_nothing_unless_finite(update: str) -> None:
-    """With finite False, or rows that would not be finite, the centers and the momentum stay as they were."""
+def test_center_updates_do_nothing_unless_applied_and_finite(update: str) -> None:
+    """With apply False, or rows that would not be finite, the centers and the momentum stay as they
+    were, and the update says whether the rows were finite; no tensor is read on the host."""
     features, centers, labels = batch()
-    for finite, x in ((torch.tensor(False), features), (torch.tensor(True), features * float("inf"))):
-        c, buffer = centers.clone(), torch.ones_like(centers)
+    for apply, x in ((torch.tensor(False), features), (torch.tensor(True), features * float("inf")), (torch.tensor(True), features)):
+        c = centers.clone().requires_grad_(update == "sgd")
         if update == "paper":
-            ok = paper_center_update(c, x, labels, 0.5, finite)
+            ok = paper_center_update(c, x, labels, 0.5, apply)
         else:
-            rows = torch.ones(len(labels), 3) * x.sum()
-            ok = center_sgd_step(c, buffer, ClassSums(labels, rows, torch.ones(len(labels)), torch.ones(len(labels))), 0.1, 0.9, finite)
+            opt = center_optimizer(c, lr=0.1, momentum=0.9)
+            intra_loss(x, c, labels, sparse=True).backward()
+            ok = opt.step(apply)
+            buffer = opt.state[c]["momentum_buffer"]
+            assert torch.equal(buffer, torch.zeros_like(centers)) == (not bool(ok & apply))
         assert bool(ok) == bool(torch.isfinite(x).all())
-        assert torch.equal(c, centers) and torch.equal(buffer, torch.ones_like(centers))
+        assert torch.equal(c, centers) == (not bool(ok & apply))
+
+
+def test_center_optimizer_step_reads_nothing_on_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    features, centers, labels = batch()
+    c = centers.clone().requires_grad_()
+    opt = center_optimizer(c, lr=0.1, momentum=0.9)
+    intra_loss(features, c, labels, sparse=True).backward()
+    for name in HOST_SYNCS:
+        monkeypatch.setattr(torch.Tensor, name, lambda *a, name=name: pytest.fail(f"host sync: Tensor.{name}"))
+    ok = opt.step(torch.tensor(True))
+    monkeypatch.undo()
+    assert ok and not torch.equal(c, centers)
+
+
+@pytest.mark.parametrize("init_scale", [1024.0, 3e38])
+def test_center_optimizer_through_a_grad_scaler_takes_the_unscaled_gradient_and_skips_overflow(init_scale: float) -> None:
+    """scaler.step(center_optimizer), as training.py steps it under --amp fp16: the GradScaler unscales the
+    sparse gradient itself, so the centers move by lr * the true gradient; a scale that overflows the
+    gradient makes the scaler skip the step, and the centers stay."""
+    features, centers, labels = batch()
+    features = features * 100  # gradient rows of ~10: 3e38 overflows them
+    c = centers.clone().requires_grad_()
+    opt, scaler = center_optimizer(c, lr=0.1, momentum=0.9), torch.amp.GradScaler("cpu", init_scale=init_scale)
+    scaler.scale(intra_loss(features, c, labels, sparse=True)).backward()
+    assert torch.isfinite(c.grad.coalesce().values()).all() == (init_scale < 1e37)
+    scaler.step(opt)
+    scaler.update()
+    dense = centers.clone().requires_grad_()
+    intra_loss(features, dense, labels).backward()
+    expected = centers if init_scale > 1e37 else centers - 0.1 * dense.grad
+    torch.testing.assert_close(c.detach(), expected)
 
 
 def test_nearest_over_100000_centers_keeps_each_chunk_of_distances_within_64_mib(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -100,13 +144,10 @@ def test_nearest_over_100000_centers_keeps_each_chunk_of_distances_within_64_mib
     assert not (evaluation.nearest(features[:5], centers, exclude) == picked[:5]).any()
 
 
-HOST_SYNCS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")
-
-
-def test_main_step_at_100000_classes_moves_only_the_batch_centers_without_a_host_sync(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_main_step_at_100000_classes_moves_only_the_batch_centers() -> None:
     """main.py's step (--center-update sgd, the default) at 100,000 classes: a step moves the centers
     and momentum rows of its batch's classes only, and the next batch's step (other classes) leaves
-    them where they are (lazy momentum; dense SGD would let them coast). No tensor is read on the host."""
+    them where they are (lazy momentum; dense SGD would let them coast)."""
     data = SimpleNamespace(channels=1, classes=range(100_000), image_size=8, train=SimpleNamespace(images=None))
     t = build_trainer(parse_args(["--feat-dim", "2", "--seed", "3"]), data, torch.device("cpu"))
     centers = t.objective.centers
@@ -115,18 +156,15 @@ def test_main_step_at_100000_classes_moves_only_the_batch_centers_without_a_host
     x = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     *_, finite = train_step(t, x, first)
     after_first = centers.detach().clone()
-    for name in HOST_SYNCS:
-        monkeypatch.setattr(torch.Tensor, name, lambda *a, name=name: pytest.fail(f"host sync: Tensor.{name}"))
     *_, finite_second = train_step(t, x, second)
-    monkeypatch.undo()
     assert finite and finite_second
     moved = (after_first != initial).any(1).nonzero().flatten().tolist()
     assert moved == [7, 5_000, 99_999]
     assert torch.equal(centers[[7, 5_000, 99_999]], after_first[[7, 5_000, 99_999]])
     assert (centers != after_first).any(1).nonzero().flatten().tolist() == [1, 2, 3, 4]
-    buffer = t.optimizer.state[centers]["momentum_buffer"]
+    buffer = t.center_optimizer.state[centers]["momentum_buffer"]
     assert buffer.any(1).nonzero().flatten().tolist() == [1, 2, 3, 4, 7, 5_000, 99_999]
-    assert centers.grad is None  # the optimiser never saw a C x D gradient
+    assert centers.grad is None or centers.grad.is_sparse  # never a C x D gradient
 
 
 def test_metrics_at_many_classes_keep_each_chunk_within_64_mib(monkeypatch: pytest.MonkeyPatch) -> None:
