@@ -100,12 +100,11 @@ class SparseSGD(torch.optim.Optimizer):
         oks = []
         for group in self.param_groups:
             for p in (p for p in group["params"] if p.grad is not None):
-                grad = p.grad.coalesce()  # one row per class, the class's samples summed
+                grad = p.grad.to_sparse(1).coalesce()  # a row per class, its samples summed (a dense gradient: its nonzero rows)
                 rows, update = grad.indices()[0], grad.values()
                 if group["momentum"]:
-                    if "momentum_buffer" not in self.state[p]:
-                        self.state[p]["momentum_buffer"] = torch.zeros_like(p)
-                    buffer = self.state[p]["momentum_buffer"]
+                    buffer = self.state[p].get("momentum_buffer")
+                    buffer = self.state[p]["momentum_buffer"] = torch.zeros_like(p) if buffer is None else buffer
                     update = group["momentum"] * buffer[rows] + update
                 new = p[rows] - group["lr"] * update
                 oks.append(torch.isfinite(new).all())  # a finite new row has a finite buffer row (lr > 0)

@@ -59,6 +59,17 @@ def test_center_optimizer_is_torch_sgd_on_present_classes_and_lazy_on_absent_one
     assert buffer.layout == torch.strided and buffer.shape == centers.shape  # one dense buffer: nothing grows with the steps
 
 
+def test_center_optimizer_on_a_dense_gradient_steps_its_nonzero_rows_as_on_the_sparse_one() -> None:
+    features, centers, labels = batch()
+    moved = []
+    for sparse in (True, False):
+        c = centers.clone().requires_grad_()
+        intra_loss(features, c, labels, sparse=sparse).backward()
+        assert center_optimizer(c, lr=0.1, momentum=0.9).step()
+        moved.append(c.detach())
+    assert torch.equal(moved[0], moved[1]) and torch.equal(moved[1][[3, 5]], centers[[3, 5]])
+
+
 def test_center_optimizer_state_survives_a_state_dict_round_trip() -> None:
     """A checkpoint's optimizer.state_dict() holds the momentum buffer: a restored optimiser's next step
     equals the original's, bit for bit."""
