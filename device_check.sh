@@ -2,7 +2,7 @@
 # One 10-minute GPU call, run as it is: tests/test_cuda.py, then the study's MNIST grid (3 losses x 2 feature
 # sizes) through reproduce.sh, stopped with checkpoints before the lease ends; the next call resumes it.
 #
-#   bash device_check.sh pack        # here, once: .device-data/mnist.tar.xz (MNIST/raw of DATA_DIR, xz)
+#   bash device_check.sh pack        # here, once: .device-data/mnist.tar.xz (MNIST/raw of DATA_DIR, xz), wheels/
 #   bash device_check.sh [run FLAGS] # there, OUT set, carry .device-data: brings back $OUT/runs.tgz and logs
 #   bash device_check.sh unpack DIR  # here: the files brought back (DIR) into .device-data for the next call
 #
@@ -15,6 +15,7 @@ STATE=${STATE:-.device-data}  # ignored by git; the device tool carries it (64 M
 case "${1:-run}" in
 pack)
     mkdir -p "$STATE" && XZ_OPT=-6 tar -C "${DATA_DIR:-../shared/data}" -cJf "$STATE/mnist.tar.xz" MNIST/raw
+    python3 -m pip download -q --no-deps --dest "$STATE/wheels" pytorch-metric-learning  # pure Python; the device has no network
     ls -l "$STATE"; exit ;;
 unpack)
     cp "${2:?give the folder the device call brought back}/runs.tgz" "$STATE/runs.tgz" && echo "$STATE/runs.tgz: the next call resumes it"
@@ -26,6 +27,9 @@ esac
 LEASE=${LEASE:-600} AMP=${AMP:-off} PYTHON=${PYTHON:-python3}
 [ -f "$STATE/mnist.tar.xz" ] || { echo "device_check.sh: error: $STATE/mnist.tar.xz missing: run 'bash device_check.sh pack' here and carry $STATE" >&2; exit 2; }
 data=$(mktemp -d) && tar -C "$data" -xJf "$STATE/mnist.tar.xz"
+if ! "$PYTHON" -c 'import pytorch_metric_learning' 2>/dev/null; then  # metrics.py needs it: install the packed wheel
+    "$PYTHON" -m pip install -q --no-index --no-deps --target "$data/site" "$STATE"/wheels/*.whl && export PYTHONPATH="$data/site"
+fi
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; "$PYTHON" -c 'import torch; print(torch.__version__)'; } >"$OUT/gpu.txt" 2>&1
 timeout 150 "$PYTHON" -m pytest -q -p no:cacheprovider ${TESTS:-tests/test_cuda.py} >"$OUT/cuda-tests.log" 2>&1
 echo "${TESTS:-tests/test_cuda.py}: exit $? (last line: $(tail -n 1 "$OUT/cuda-tests.log"))" | tee -a "$OUT/summary.txt"

@@ -1,7 +1,7 @@
 """The study's results table from run folders, beside the study's numbers (study_table.csv: its 100-epoch `study acc`).
 
-    python report.py runs                                  # Markdown table of runs/*/summary.json
-    python report.py runs --collect results/cpu-3ep        # copy each summary.json to results/cpu-3ep/<name>.json
+    python report.py runs --columns ncm_acc,gap            # Markdown table of runs/*/summary.json, two extra columns
+    python report.py runs --collect results/cpu-3ep        # and copy each summary.json to results/cpu-3ep/<name>.json
     python report.py results/cpu-3ep --readme README.md --label cpu-3ep   # write between the README markers
 
 Rows in the study's order; a grid point without a run says "missing"; `diff` is ours minus the study's. Runs that
@@ -30,6 +30,7 @@ NOT_SETTINGS = {"name", "out", "data_dir", "device", "workers", "resume", "overw
 NOT_SETTINGS |= {"tensorboard", "eval_every", "compile", "channels_last", "max_bad_steps"}  # runs differing only here are seeds
 SETTINGS = sorted(set(vars(build_parser().parse_args([]))) - NOT_SETTINGS - {"seed"})
 Group = list[dict]  # the summaries of one grid point, one a seed
+LAST = "the one found last (later path argument, then later name)"  # of two runs with equal settings and seed
 
 
 class SummaryError(Exception):
@@ -42,6 +43,7 @@ def study_rows() -> list[dict[str, str]]:
 
 
 def unfinished(run: Path) -> bool:
+    """A run folder stopped before summary.json, after an epoch or more."""
     return not (run / "summary.json").exists() and (run / "args.json").is_file() and (run / "metrics.csv").is_file()
 
 
@@ -102,17 +104,14 @@ def load_runs(paths: list[Path], notes: list[str] | None = None) -> dict[tuple[s
     """Summaries grouped by grid point (SETTINGS, and whether unfinished) under their study row (loss, dataset,
     feat_dim). Of two runs with equal settings and seed the one found last is kept; `notes` gets a line for
     each such pair and each study row with several grid points."""
-    notes = [] if notes is None else notes
+    notes = [] if notes is None else notes  # the caller's list, which main prints
     points: dict[tuple[str, ...], dict[str, tuple[Path, dict]]] = {}
     for path in find_summaries(paths):
         summary = read_summary(path)
         point = (*(json.dumps(summary.get(key)) for key in SETTINGS), json.dumps(bool(summary.get("unfinished"))))
         seeds, seed = points.setdefault(point, {}), json.dumps(summary.get("seed"))
         if seed in seeds:
-            notes.append(
-                f"{seeds[seed][0]} and {path} are runs of the same settings and seed {seed}; the table shows {path}, "
-                "the one found last (later path argument, then later name)"
-            )
+            notes.append(f"{seeds[seed][0]} and {path} are runs of the same settings and seed {seed}; the table shows {path}, {LAST}")
         seeds[seed] = (path, summary)
     runs: dict[tuple[str, str, int], list[Group]] = {}
     for point in sorted(points):
@@ -216,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
          "it is left alone: give a folder to copy the summaries into"),
         (args.readme and not args.readme.is_file(), f"--readme {args.readme} {readme}; give the Markdown file that holds the "
          f"<!-- table:{args.label} --> markers"),
-        (args.gallery and not (args.readme and args.gallery.is_dir()), f"--gallery {args.gallery} needs --readme and must be a folder of run pictures (imgs/)"),
+        (args.gallery and not (args.readme and args.gallery.is_dir()), f"--gallery {args.gallery} needs --readme and must be a "
+         "folder of run pictures (imgs/)"),
     ]:  # fmt: skip
         if bad:
             parser.error(message)
