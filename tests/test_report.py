@@ -1,4 +1,4 @@
-"""report.py (the study's table beside ours) and reproduce.sh (the sweep that skips finished runs)."""
+"""report.py: the study's table beside ours, seeds, unfinished runs, --collect, --readme, --gallery and its refusals."""
 
 from __future__ import annotations
 
