@@ -1,4 +1,4 @@
-"""Windows: no fcntl there, so the run-folder lock takes msvcrt.locking (simulated here)."""
+"""Other systems and older torch: the run-folder lock without fcntl (Windows, simulated here), checkpoint dtypes."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ import sys
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
-from checkpoints import LOCK_BYTE, RunFolderError, lock_run_dir
+from checkpoints import LOCK_BYTE, RunFolderError, lock_run_dir, random_states, set_random_states
 
 
 def test_lock_without_fcntl_uses_msvcrt_and_names_the_holder(tmp_path: Path, monkeypatch) -> None:
@@ -39,3 +41,15 @@ def test_lock_without_fcntl_uses_msvcrt_and_names_the_holder(tmp_path: Path, mon
     finally:
         os.close(fd)
     os.close(lock_run_dir(tmp_path))  # free again once the holder's descriptor is closed
+
+
+def test_random_states_are_saved_in_dtypes_every_supported_torch_saves(tmp_path: Path) -> None:
+    """numpy's state is uint32, which torch.save refuses before torch 2.5: the checkpoint keeps it as
+    int64, and restoring it gives numpy the same stream."""
+    np.random.seed(3)
+    states = random_states()
+    assert all(t.dtype in (torch.uint8, torch.int64) for t in [states["torch"], states["numpy"][1]])
+    torch.save(states, tmp_path / "states.pt")
+    expected = np.random.rand(5)
+    set_random_states(torch.load(tmp_path / "states.pt", weights_only=True))
+    assert np.array_equal(np.random.rand(5), expected)
