@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import re
 import sys
 import types
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import REPO
 
 from checkpoints import LOCK_BYTE, RunFolderError, lock_run_dir, random_states, set_random_states
 
@@ -53,3 +55,10 @@ def test_random_states_are_saved_in_dtypes_every_supported_torch_saves(tmp_path:
     expected = np.random.rand(5)
     set_random_states(torch.load(tmp_path / "states.pt", weights_only=True))
     assert np.array_equal(np.random.rand(5), expected)
+
+
+def test_requirements_give_minimums_only() -> None:
+    """A cap or a pin would downgrade a user's newer torch; every requirement is a `>=` minimum."""
+    lines = [line.split("#")[0].strip() for line in (REPO / "requirements.txt").read_text().splitlines()]
+    requirements = [line for line in lines if line]
+    assert requirements and all(re.fullmatch(r"[A-Za-z0-9_.\-\[\]]+>=[0-9][0-9.]*", r) for r in requirements), requirements
