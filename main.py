@@ -366,13 +366,10 @@ def save_frame_data(run: Run, data: Dataset, epoch: int, state: EpochState, test
 
 
 def usable_cores() -> int:
-    """Cores this process may use: os.process_cpu_count() (Python 3.13+), else the affinity mask
-    where the OS has one (Linux), else os.cpu_count() (macOS, Windows)."""
+    """Cores this process may use: os.process_cpu_count() (3.13+), else the affinity mask (Linux), else os.cpu_count() (macOS, Windows)."""
     if hasattr(os, "process_cpu_count"):
         return os.process_cpu_count() or 1
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def finish(run: Run, data: Dataset) -> None:
