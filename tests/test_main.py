@@ -567,6 +567,7 @@ def test_real_mnist_beats_chance(real_run):
     assert not (run_dir / "frames").exists() and not (run_dir / "train.png").exists()  # --no-plots
 
 
+@pytest.mark.filterwarnings("ignore:Failed to inspect CPU affinity")  # joblib (scikit-learn) notices the missing call too
 def test_default_run_needs_no_sched_getaffinity(tmp_path, monkeypatch):
     """macOS and Windows have no os.sched_getaffinity: the default command still ends in its GIFs."""
     monkeypatch.delattr(os, "sched_getaffinity", raising=False)
