@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import fcntl
 import json
 import os
 import random
@@ -77,7 +76,7 @@ def random_states() -> dict[str, Any]:
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     return {
         "python": random.getstate(),
-        "numpy": [kind, torch.from_numpy(keys.copy()), pos, has_gauss, gauss],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],  # torch.save before 2.5 refuses uint32
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
@@ -87,7 +86,7 @@ def set_random_states(states: dict[str, Any]) -> None:
     version, internal, gauss = states["python"]
     random.setstate((version, tuple(internal), gauss))
     kind, keys, pos, has_gauss, cached = states["numpy"]
-    np.random.set_state((kind, keys.numpy(), pos, has_gauss, cached))
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(states["torch"])
     if states["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
@@ -101,7 +100,8 @@ class RunFolderError(Exception):
     """A run folder that cannot be used now (another process holds it, --overwrite cannot empty it); one line, exit code 1."""
 
 
-LOCK_FILE = ".lock"  # in the run folder: whichever process holds its flock owns the folder
+LOCK_FILE = ".lock"  # in the run folder: whichever process holds its lock owns the folder
+LOCK_BYTE = 32  # the lock file: the owner's pid in the bytes before this one, which Windows locks
 RUN_FILES = ("args.json", "metrics.csv", "checkpoint.pt", "summary.json")  # regular files of main.py's, when present
 NAME_MAX = 255  # bytes in one file name on Linux's and macOS's file systems
 RUN_DIR_MAX = 4096 - 100  # bytes in a run folder's path: Linux's PATH_MAX, less room for the files inside it
@@ -300,28 +300,42 @@ def make_run_dir(run_dir: Path, overwrite: bool) -> int:
 def lock_run_dir(run_dir: Path) -> int:
     """Take the run folder for this process, or RunFolderError naming the process that holds it.
 
-    An exclusive fcntl.flock on run_dir/.lock, which holds the owner's pid for that message. The
-    kernel releases a flock when its process ends in any way, SIGKILL included, so a lock file left
-    behind never blocks the next run, and no stale-pid guessing is needed. The file itself stays
-    (deleting it would let a process that opened it just before lock a file no one else sees)."""
+    An exclusive lock on run_dir/.lock, whose first bytes hold the owner's pid for that message:
+    fcntl.flock on Linux and macOS, msvcrt.locking of one byte past the pid on Windows (a locked
+    byte cannot be read by others). The OS releases either lock when its process ends in any way,
+    so a lock file left behind never blocks the next run, and no stale-pid guessing is needed. The
+    file itself stays (deleting it would let a process that opened it just before lock a file no one
+    else sees). Written here rather than with the filelock package, which keeps no owner's pid and
+    deletes the file on Windows."""
     path = run_dir / LOCK_FILE
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)  # a planted link must not make us truncate its target
+        # O_NOFOLLOW (not on Windows): a planted link must not make us write into its target
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
     except OSError as exc:
         raise RunFolderError(f"cannot open the lock file {path} ({exc.strerror}); choose another --name or --out") from None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        try:
+            import fcntl
+        except ImportError:  # Windows
+            import msvcrt
+
+            os.lseek(fd, LOCK_BYTE, os.SEEK_SET)
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        else:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.lseek(fd, 0, os.SEEK_SET)
+        holder = os.read(fd, LOCK_BYTE).decode(errors="replace").strip()
         os.close(fd)
-        if exc.errno not in (errno.EAGAIN, errno.EACCES):
+        if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EDEADLK):
             raise RunFolderError(f"cannot lock {path} ({exc.strerror}); choose another --out") from None
         who = f"process {holder}" if holder.isdigit() else "another process"
         raise RunFolderError(
             f"{run_dir} is in use by {who}, a run still going; wait for it to end, stop it, or choose another --name"
         ) from None
     os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.write(fd, f"{os.getpid()}\n".encode())
     return fd
 
 

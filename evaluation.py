@@ -41,7 +41,7 @@ def nearest_class_mean(features: torch.Tensor, class_sum: torch.Tensor, class_co
 
 @torch.no_grad()
 def embed(run: Run, data: ImageData) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features and logits of `data` in eval mode, without augmentation, in large batches."""
+    """Features and logits of `data` in eval mode, in float32 under every --amp, without augmentation, in large batches."""
     # The plain module, not the DDP wrapper: every rank evaluates the whole set, with no collectives.
     model, device = run.model, run.device
     model.eval()
@@ -50,10 +50,9 @@ def embed(run: Run, data: ImageData) -> tuple[torch.Tensor, torch.Tensor]:
         x = data.images[i : i + EVAL_BATCH].to(device, non_blocking=True).float().div_(255)
         if run.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with run.autocast():
-            f, lg = model(x)
-        features.append(f.float())
-        logits.append(lg.float())
+        f, lg = model(x)  # no autocast: acc and the metrics compare across every --amp only from float32 features
+        features.append(f)
+        logits.append(lg)
     model.train()
     return torch.cat(features), torch.cat(logits)
 

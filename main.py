@@ -365,6 +365,13 @@ def save_frame_data(run: Run, data: Dataset, epoch: int, state: EpochState, test
         visualize.save_frame_data(run.dir, split, epoch, features, labels, centers, f"{title}  loss {loss:.3f}  acc {acc:.4f}")
 
 
+def usable_cores() -> int:
+    """Cores this process may use: os.process_cpu_count() (3.13+), else the affinity mask (Linux), else os.cpu_count() (macOS, Windows)."""
+    if hasattr(os, "process_cpu_count"):
+        return os.process_cpu_count() or 1
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def finish(run: Run, data: Dataset) -> None:
     """After the last epoch: final pictures, then summary.json, whose presence marks a finished run.
     A model whose final test loss is not finite has diverged: TrainingError, no summary."""
@@ -378,7 +385,7 @@ def finish(run: Run, data: Dataset) -> None:
     pictures = []
     if not args.no_plots:
         if args.feat_dim == 2:
-            visualize.draw_frames(run_dir, data.classes, workers=len(os.sched_getaffinity(0)))
+            visualize.draw_frames(run_dir, data.classes, workers=usable_cores())
             pictures = visualize.make_run_gifs(run_dir)
             if args.tensorboard:
                 visualize.log_frames_to_tensorboard(run_dir)

@@ -8,6 +8,8 @@ from pathlib import Path
 import imageio.v3 as iio
 from conftest import check_ok, run_main
 
+ACC_FLOOR = 0.35  # below the lowest of three seeds at 2 epochs (0.494) with a margin, 3.5 times chance
+
 
 def test_first_run_defaults_end_line_summary_frames_and_gifs(tmp_path: Path) -> None:
     proc = check_ok(run_main(["--epochs", "2"], cwd=tmp_path))
@@ -22,7 +24,8 @@ def test_first_run_defaults_end_line_summary_frames_and_gifs(tmp_path: Path) -> 
     assert (summary["loss"], summary["dataset"], summary["model"], summary["feat_dim"]) == ("standalone", "digits", "resnet", 2)
     assert (summary["epochs"], summary["batch_size"], summary["patience"]) == (2, 64, 3)  # the first run's settings
     assert summary["train_size"] == 1437 and summary["test_size"] == 360
-    assert 0.0 <= summary["clean_train_acc"] <= 1.0 and 0.0 <= summary["acc"] <= 1.0
+    # Measured at 2 epochs, seeds 0-2: acc 0.494, 0.758, 0.583; clean_train_acc 0.536, 0.771, 0.609 (results/first-run/two-epochs.txt).
+    assert summary["acc"] >= ACC_FLOOR and summary["clean_train_acc"] >= ACC_FLOOR
     assert f"acc {summary['acc']:.4f}" in lines[-1]
 
     for split in ("train", "test"):

@@ -565,3 +565,13 @@ def test_real_mnist_beats_chance(real_run):
     assert summary["feat_dim"] == 128 and summary["loss"] == "standalone" and summary["model"] == "resnet"
     assert summary["acc"] > 0.5, proc.stdout
     assert not (run_dir / "frames").exists() and not (run_dir / "train.png").exists()  # --no-plots
+
+
+@pytest.mark.filterwarnings("ignore:Failed to inspect CPU affinity")  # joblib (scikit-learn) notices the missing call too
+def test_default_run_needs_no_sched_getaffinity(tmp_path, monkeypatch):
+    """macOS and Windows have no os.sched_getaffinity: the default command still ends in its GIFs."""
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert main.main(["--epochs", "1", "--train-samples", "128"]) == 0
+    run_dir = tmp_path / "runs" / "standalone-digits-feat=2"
+    assert (run_dir / "summary.json").is_file() and (run_dir / "train.gif").is_file() and (run_dir / "test.gif").is_file()

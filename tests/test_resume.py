@@ -20,7 +20,7 @@ from checkpoints import CHECKPOINT_KEYS, LEGACY_CONFIG, CheckpointError, checkpo
 from config import parse_args
 from losses import Objective, paper_center_update
 from main import STARTUP_INTERRUPT, TrainingError, check_divergence, finish, main
-from training import EpochState, Trainer, build_trainer, make_scheduler, train_step
+from training import EpochState, Trainer, build_trainer, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--dataset", "digits", "--train-samples", "384", "--batch-size", "32", "--epochs", "3", "--no-plots", "--model", "lenet++"]
@@ -337,23 +337,6 @@ def test_inter_margin_bounds_the_push(tmp_path: Path) -> None:
     inter = float(values[header.index("train_inter")])
     bound = 31 * torch.log1p(torch.tensor(margin)).item()  # (1/m) sum over ordered different-class pairs, m = 32
     assert 0.5 * bound <= -inter <= bound + 1e-4
-
-
-def test_the_study_schedule_cuts_the_lr_every_11_epochs() -> None:
-    """The study's ReduceLROnPlateau (mode max, relative threshold 0.1, patience 10, factor 0.2) waits for
-    an accuracy 10% above the best, impossible above 1 / 1.1 ~ 0.91: the lr is cut every 11 epochs
-    whatever the accuracy does, first for epoch 13, and is 0.01 * 0.2^8 = 2.56e-8 at epoch 100
-    (docs/fidelity.md). main.py's rows record the lr an epoch trained with, then step on its accuracy."""
-    args = parse_args(["--dataset", "mnist"])
-    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=args.lr, momentum=args.momentum)
-    scheduler = make_scheduler(optimizer, args)
-    lrs = {}
-    for epoch in range(1, 101):
-        lrs[epoch] = optimizer.param_groups[0]["lr"]
-        scheduler.step(0.95 + 0.0004 * epoch)  # rising every epoch, as a run's test accuracy does
-    cuts = [e for e in range(2, 101) if lrs[e] < lrs[e - 1]]
-    assert cuts == [13, 24, 35, 46, 57, 68, 79, 90]
-    assert lrs[100] == pytest.approx(0.01 * 0.2**8) and lrs[100] == pytest.approx(2.56e-8)
 
 
 def trainer(flags: tuple[str, ...] = ()) -> Trainer:

@@ -1,0 +1,38 @@
+"""Evaluation computes in float32 under every --amp, so that acc and the metrics compare across settings."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from datasets import ImageData
+from evaluation import embed
+
+
+class Net(torch.nn.Module):
+    """Features and logits as the project's models return them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features, self.logits = torch.nn.Linear(16, 8), torch.nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = self.features(x.flatten(1))
+        return f, self.logits(f)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_embed_is_float32_under_autocast(dtype) -> None:
+    torch.manual_seed(0)
+    model = Net()
+    images = torch.randint(0, 256, (40, 1, 4, 4), dtype=torch.uint8)
+    run = types.SimpleNamespace(model=model, device=torch.device("cpu"), channels_last=False)
+    run.autocast = lambda: torch.autocast("cpu", dtype=dtype)
+    features, logits = embed(run, ImageData(images, torch.zeros(40, dtype=torch.long)))
+    with torch.no_grad():
+        want_features, want_logits = model(images.float().div(255))
+    assert features.dtype == logits.dtype == torch.float32
+    assert torch.equal(features, want_features) and torch.equal(logits, want_logits)
+    assert model.training  # back in train mode

@@ -1,0 +1,64 @@
+"""Other systems and older torch: the run-folder lock without fcntl (Windows, simulated here), checkpoint dtypes."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import re
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO
+
+from checkpoints import LOCK_BYTE, RunFolderError, lock_run_dir, random_states, set_random_states
+
+
+def test_lock_without_fcntl_uses_msvcrt_and_names_the_holder(tmp_path: Path, monkeypatch) -> None:
+    """With `import fcntl` failing, lock_run_dir locks one byte past the pid with msvcrt.locking
+    (non-blocking); a second lock of the folder is refused with the holder's pid, read from the file."""
+    calls = []
+
+    def locking(fd: int, mode: int, nbytes: int) -> None:
+        # Stands in for Windows' byte-range lock: flock conflicts between two descriptors of one process.
+        calls.append((os.lseek(fd, 0, os.SEEK_CUR), mode, nbytes))
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise OSError(errno.EACCES, "Permission denied") from None
+
+    monkeypatch.setitem(sys.modules, "fcntl", None)  # `import fcntl` now raises ImportError
+    monkeypatch.setitem(sys.modules, "msvcrt", types.SimpleNamespace(LK_NBLCK=2, locking=locking))
+    fd = lock_run_dir(tmp_path)
+    try:
+        assert calls == [(LOCK_BYTE, 2, 1)]
+        assert (tmp_path / ".lock").read_text().strip() == str(os.getpid())
+        with pytest.raises(RunFolderError, match=f"in use by process {os.getpid()}, a run still going"):
+            lock_run_dir(tmp_path)
+        assert len(calls) == 2
+    finally:
+        os.close(fd)
+    os.close(lock_run_dir(tmp_path))  # free again once the holder's descriptor is closed
+
+
+def test_random_states_are_saved_in_dtypes_every_supported_torch_saves(tmp_path: Path) -> None:
+    """numpy's state is uint32, which torch.save refuses before torch 2.5: the checkpoint keeps it as
+    int64, and restoring it gives numpy the same stream."""
+    np.random.seed(3)
+    states = random_states()
+    assert all(t.dtype in (torch.uint8, torch.int64) for t in [states["torch"], states["numpy"][1]])
+    torch.save(states, tmp_path / "states.pt")
+    expected = np.random.rand(5)
+    set_random_states(torch.load(tmp_path / "states.pt", weights_only=True))
+    assert np.array_equal(np.random.rand(5), expected)
+
+
+def test_requirements_give_minimums_only() -> None:
+    """A cap or a pin would downgrade a user's newer torch; every requirement is a `>=` minimum."""
+    lines = [line.split("#")[0].strip() for line in (REPO / "requirements.txt").read_text().splitlines()]
+    requirements = [line for line in lines if line]
+    assert requirements and all(re.fullmatch(r"[A-Za-z0-9_.\-\[\]]+>=[0-9][0-9.]*", r) for r in requirements), requirements
