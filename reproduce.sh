@@ -84,7 +84,8 @@ for dataset in $DATASETS; do
                     continue
                 fi
                 args=(--loss "$loss" --dataset "$dataset" --feat-dim "$feat_dim" --epochs "$EPOCHS" --seed "$((10#$seed))"
-                      ${DATA_DIR:+--data-dir "$DATA_DIR"} --out "$OUT" --name "$name" "$@")
+                      --out "$OUT" --name "$name" "$@")
+                if [ -n "$DATA_DIR" ] && [ "$dataset" != digits ]; then args+=(--data-dir "$DATA_DIR"); fi  # digits reads none
                 while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n; done
                 echo "start $name"
                 run_one "$name" "${args[@]}" &
