@@ -195,7 +195,6 @@ def test_cifar10_alias_finds_tree(rgb_tree):
 
 
 def test_cifar10_tree_in_known_subfolder(tmp_path):
-    from conftest import write_image_tree
 
     write_image_tree(tmp_path / "cifar10-jpg", "RGB", 32, per_class=(1, 1))
     ds = load_dataset("cifar10", tmp_path, download=False)
@@ -232,7 +231,6 @@ def test_tree_image_of_other_size(gray_tree):
 
 
 def test_tree_train_test_sizes_differ(tmp_path):
-    from conftest import write_image_tree
 
     root = write_image_tree(tmp_path / "t", "L", 28, per_class=(1, 1))
     shutil.rmtree(root / "test")
@@ -377,7 +375,6 @@ def test_mnist_tree_converts_a_colour_image_to_grey(tmp_path):
 @pytest.mark.parametrize("name", ["mnist", "fashion-mnist"])
 @pytest.mark.parametrize("problem", ["colour 32x32", "3 classes"])
 def test_mnist_names_refuse_data_of_another_shape(tmp_path, name, problem):
-    from conftest import write_image_tree
 
     write_image_tree(tmp_path / name, "RGB" if problem.startswith("colour") else "L", 32 if problem.startswith("colour") else 28)
     with pytest.raises(DataError, match=f"--dataset {name} is 28x28 grey images of 10 classes, this data is") as info:
@@ -406,3 +403,134 @@ def test_source_and_files_say_what_was_read(tiny_mnist, rgb_tree):
         f"image folders in {rgb_tree} (.png) (the binary {rgb_tree / 'cifar-10-batches-py'} is also there, not used"
     )
     assert ds.files == [str(rgb_tree / "train"), str(rgb_tree / "test")]
+
+
+# ------------------------------------------------------------------- hostile trees and flags (issue 30)
+
+
+def test_non_square_tree_is_refused_before_training(tmp_path):
+    """Only the width used to be compared: 40x28 images crashed the models at step 1."""
+    from PIL import Image
+
+    root = write_two_class_tree(tmp_path / "wide", lambda k: Image.new("L", (40, 28), 10 * k))
+    with pytest.raises(DataError, match=r"the image is 40x28, .* must be square .* and of one size") as info:
+        load_dataset("folder", root)
+    assert str(info.value).startswith(str(root / "train" / "a" / "0.png"))
+
+
+def test_tree_image_of_same_width_other_height_is_named(gray_tree):
+    from PIL import Image
+
+    odd = gray_tree / "test" / "cat" / "zzz.png"
+    Image.new("L", (28, 20)).save(odd)
+    with pytest.raises(DataError, match="the image is 28x20") as info:
+        load_dataset("folder", gray_tree)
+    assert str(info.value).startswith(str(odd))
+
+
+def test_train_images_all_alike_are_refused(tmp_path, tiny_mnist):
+    from PIL import Image
+
+    root = write_two_class_tree(tmp_path / "same", lambda k: Image.new("RGB", (32, 32), (9, 9, 9)))
+    with pytest.raises(DataError, match="all 2 train images are the same image"):
+        load_dataset("folder", root)
+    data, arrays = tiny_mnist
+    write_idx(data / "MNIST" / "raw" / "train-images-idx3-ubyte", np.zeros_like(arrays["train_images"]))
+    with pytest.raises(DataError, match=f"all {MNIST_TRAIN} train images are the same image"):
+        load_dataset("mnist", data, download=False)
+
+
+def test_decompression_bomb_is_one_line(gray_tree, monkeypatch):
+    from PIL import Image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 28x28 is then over twice the limit: PIL's DecompressionBombError
+    with pytest.raises(DataError, match="could be decompression bomb") as info:
+        load_dataset("folder", gray_tree)
+    assert str(info.value).startswith(str(gray_tree / "train" / "ant" / "000.png"))
+
+
+@pytest.mark.parametrize("unlisted", ["test", "train/bee", "test/cat"])
+def test_folder_that_cannot_be_listed_is_one_line(gray_tree, monkeypatch, unlisted):
+    """Tests run as root, who may list any folder: os.scandir is made to raise what a user without the right gets."""
+    import os
+
+    scandir, target = os.scandir, str(gray_tree / unlisted)
+
+    def refuse(path="."):
+        if str(path) == target:
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refuse)  # os.walk (DatasetFolder's) calls it too
+    with pytest.raises(DataError, match=f"^{target}: cannot be listed \\(Permission denied\\)"):
+        load_dataset("folder", gray_tree)
+
+
+def test_link_loop_in_a_class_folder_is_one_line(gray_tree):
+    loop = gray_tree / "train" / "bee" / "again"
+    loop.symlink_to(gray_tree / "train" / "bee")
+    with pytest.raises(DataError, match=f"^{loop}: the same folder as {gray_tree / 'train' / 'bee'} \\(a link loop\\)"):
+        load_dataset("folder", gray_tree)
+
+
+def test_images_in_sub_folders_of_a_class_are_read(gray_tree):
+    """torchvision's DatasetFolder walks a class folder's sub-folders; hidden ones are skipped."""
+    shutil.copytree(gray_tree / "train" / "bee", gray_tree / "train" / "bee" / "more")
+    shutil.copytree(gray_tree / "train" / "ant", gray_tree / "train" / "ant" / ".ipynb_checkpoints")
+    ds = load_dataset("folder", gray_tree)
+    assert ds.train.labels.tolist() == [0] * 4 + [1] * 8 + [2] * 4
+
+
+@pytest.mark.parametrize(
+    ("make", "words"),
+    [
+        (lambda root: (root / "train" / "loose.png").write_bytes(b""), "a file where only class folders belong"),
+        (lambda root: (root / "train" / "bee" / "blank.png").write_bytes(b""), "cannot be decoded as an image"),
+        (lambda root: (root / "train" / "cat" / "a.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut short"), "cannot be decoded as an image"),
+        (lambda root: shutil.rmtree(root / "test"), "--dataset folder needs"),
+    ],
+    ids=["file-among-class-folders", "0-byte-image", "cut-jpeg", "train-without-test"],
+)
+def test_odd_tree_is_one_line(gray_tree, make, words):
+    make(gray_tree)
+    with pytest.raises(DataError, match=words):
+        load_dataset("folder", gray_tree)
+
+
+def test_one_pixel_images_load(tmp_path):
+    """A 1x1 tree is data (the model's size check in main.py refuses it with its own line)."""
+    from PIL import Image
+
+    ds = load_dataset("folder", write_two_class_tree(tmp_path / "dot", lambda k: Image.new("L", (1, 1), 100 * k)))
+    assert ds.train.images.shape == (2, 1, 1, 1) and ds.train.images.flatten().tolist() == [0, 100]
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "line"),
+    [
+        (["--data-dir", ""], 2, "error: --data-dir is empty; give the data set's folder, or drop the flag for ./data"),
+        (["--data-dir", "{tmp}"], 2, "error: --data-dir is not read by --dataset digits (bundled with scikit-learn); drop it"),
+        (["--dataset", "mnist", "--data-dir", "{tmp}/loop"], 2, "error: --data-dir {tmp}/loop does not exist or is not a folder"),
+        (["--dataset", "folder", "--data-dir", "{tmp}/wide"], 1, "error: {tmp}/wide/train/a/0.png: the image is 40x28, "),
+        (["--dataset", "folder", "--data-dir", "{tmp}/same", "--model", "lenet++"], 1, "error: image folders in {tmp}/same (.png): all 2 "),
+        (["--dataset", "folder", "--data-dir", "{tmp}/same"], 1, "error: image folders in {tmp}/same (.png): all 2 train images "),
+    ],
+)
+def test_main_refuses_bad_data_in_one_line(tmp_path, capsys, argv, code, line):
+    """What used to download into ./data, crash at step 1 or end "done" having learned nothing: one line, no run folder."""
+    from conftest import stderr_error_line
+    from PIL import Image
+
+    import main
+
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    write_two_class_tree(tmp_path / "wide", lambda k: Image.new("L", (40, 28), 10 * k))
+    write_two_class_tree(tmp_path / "same", lambda k: Image.new("L", (28, 28), 3))
+    out = tmp_path / "out"
+    try:
+        result = main.main([a.replace("{tmp}", str(tmp_path)) for a in argv] + ["--batch-size", "2", "--epochs", "1", "--out", str(out)])
+    except SystemExit as exc:
+        result = exc.code
+    assert result == code
+    assert line.replace("{tmp}", str(tmp_path)) in stderr_error_line(capsys.readouterr().err)
+    assert not out.exists()
