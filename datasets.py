@@ -42,8 +42,7 @@ CIFAR10_FILES = tuple(f"data_batch_{k}" for k in range(1, 6)) + ("test_batch",)
 TORCHVISION_FILES = {"mnist": IDX_FILES, "fashion-mnist": IDX_FILES, "cifar10": CIFAR10_FILES}
 GREY_SETS = ("mnist", "fashion-mnist")  # 28x28 grey images of 10 classes: the models and names assume it
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm"}
-# What torchvision's IDX reader raises for a damaged file: its format checks are asserts, a short
-# header gives a ValueError from frombuffer, a wrong length a RuntimeError from view.
+# What torchvision's IDX reader raises for a damaged file: asserts, ValueError (short header), RuntimeError (wrong length), ...
 IDX_ERRORS = (OSError, AssertionError, KeyError, IndexError, RuntimeError, TypeError, ValueError)
 
 
@@ -229,9 +228,8 @@ def load_torchvision(name: str, data_dir: Path, download: bool) -> Dataset:
                 raise DataError(f"{path}: an IDX file of no items (its sizes are {sizes}); replace it with the original")
             tensors.append(reader(str(path)))
         except IDX_ERRORS as exc:
-            raise DataError(
-                f"{path}: damaged or truncated IDX file ({str(exc) or type(exc).__name__}); replace it with the original"
-            ) from None
+            reason = str(exc) or type(exc).__name__  # torchvision's asserts have no message
+            raise DataError(f"{path}: damaged or truncated IDX file ({reason}); replace it with the original") from None
     for images, labels, path in ((*tensors[:2], paths[1]), (*tensors[2:], paths[3])):
         if len(images) != len(labels) or int(labels.max()) >= 10:
             found = f"{len(labels)} labels for {len(images)} images" if len(images) != len(labels) else f"a label {int(labels.max())}"
@@ -341,9 +339,8 @@ def crop(x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     n, _, h, w = x.shape
     rows = (offsets[0][:, None] + torch.arange(h, device=x.device))[:, :, None]  # N x H x 1, and cols N x 1 x W: N x H x W windows
     cols = (offsets[1][:, None] + torch.arange(w, device=x.device))[:, None, :]
-    return (
-        F.pad(x, (CROP_PADDING,) * 4).permute(0, 2, 3, 1)[torch.arange(n, device=x.device)[:, None, None], rows, cols].permute(0, 3, 1, 2)
-    )
+    padded = F.pad(x, (CROP_PADDING,) * 4).permute(0, 2, 3, 1)  # N x H x W x C: the windows' pixels gathered by one index
+    return padded[torch.arange(n, device=x.device)[:, None, None], rows, cols].permute(0, 3, 1, 2)
 
 
 def augment_batch(x: torch.Tensor, augmentations: Sequence[str], generator: torch.Generator) -> torch.Tensor:
@@ -419,11 +416,11 @@ def loader_batches(
     start: int = 0,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Loader path: a DataLoader over per-sample transforms sampling `order` of CPU data, the last partial batch dropped (the study's)."""
-    sampler, pin = order[start * batch_size :].tolist(), device.type == "cuda"
-    dataset = TransformedImages(data, augmentations)
-    for x, y in torch.utils.data.DataLoader(
+    sampler, pin, dataset = order[start * batch_size :].tolist(), device.type == "cuda", TransformedImages(data, augmentations)
+    loader = torch.utils.data.DataLoader(
         dataset, batch_size, sampler=sampler, num_workers=workers, drop_last=True, pin_memory=pin, generator=generator
-    ):
+    )
+    for x, y in loader:
         yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
 
