@@ -1,15 +1,14 @@
-"""Data sets as uint8 tensors (N x C x H x W images, N int64 labels), read through torchvision, and the
-study's augmentations as batched tensor ops on the training device (`--pipeline loader`: torchvision's
-per-sample transforms in a DataLoader, as the study did). MNIST and digits rotate within +-5 degrees,
-Fashion-MNIST also flips, CIFAR-10 flips and crops 32 pixels of the 4-zero padded image; test data is
-never augmented; pixels are scaled to [0, 1], not normalised."""
+"""Data sets as uint8 tensors (N x C x H x W images, N int64 labels) read through torchvision, and the study's augmentations as
+batched tensor ops on the training device (`--pipeline loader`: torchvision's per-sample transforms in a DataLoader, as the study).
+MNIST and digits rotate within +-5 degrees, Fashion-MNIST also flips, CIFAR-10 flips and crops 32 pixels of the 4-zero padded image."""
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,8 @@ import torch.nn.functional as F
 import torchvision.datasets as tvd
 import torchvision.transforms as T
 from PIL import Image
+from torch import Generator, Tensor
+from torch import device as Device
 from torchvision.datasets.mnist import read_image_file, read_label_file
 
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "folder")
@@ -31,19 +32,14 @@ CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 DIGIT_CLASSES = [str(d) for d in range(10)]
 CLASSES = {"mnist": DIGIT_CLASSES, "fashion-mnist": FASHION_CLASSES, "cifar10": CIFAR10_CLASSES}
 # Sub-folders of --data-dir searched for an image-folder tree (<tree>/train/<class>/*, <tree>/test/<class>/*).
-TREE_FOLDERS = {
-    "mnist": ("mnist", "MNIST-jpg", "mnist-jpg"),
-    "fashion-mnist": ("fashion-mnist", "FashionMNIST-jpg", "fashion-mnist-jpg"),
-    "cifar10": ("cifar10", "cifar10-jpg", "cifar-10", "CIFAR10"),
-}
+TREE_FOLDERS = {"mnist": ("mnist", "MNIST-jpg", "mnist-jpg"), "fashion-mnist": ("fashion-mnist", "FashionMNIST-jpg", "fashion-mnist-jpg")}
+TREE_FOLDERS["cifar10"] = ("cifar10", "cifar10-jpg", "cifar-10", "CIFAR10")
 TORCHVISION = {"mnist": tvd.MNIST, "fashion-mnist": tvd.FashionMNIST, "cifar10": tvd.CIFAR10}
-IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
-CIFAR10_FILES = tuple(f"data_batch_{k}" for k in range(1, 6)) + ("test_batch",)
-TORCHVISION_FILES = {"mnist": IDX_FILES, "fashion-mnist": IDX_FILES, "cifar10": CIFAR10_FILES}
 GREY_SETS = ("mnist", "fashion-mnist")  # 28x28 grey images of 10 classes: the models and names assume it
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm"}
-# What torchvision's IDX reader raises for a damaged file: asserts, ValueError (short header), RuntimeError (wrong length), ...
-IDX_ERRORS = (OSError, AssertionError, KeyError, IndexError, RuntimeError, TypeError, ValueError)
+IDX_FILES = tuple(f"{split}-{kind}-ubyte" for split in ("train", "t10k") for kind in ("images-idx3", "labels-idx1"))
+TORCHVISION_FILES = {"mnist": IDX_FILES, "fashion-mnist": IDX_FILES, "cifar10": (*(f"data_batch_{k}" for k in range(1, 6)), "test_batch")}
+IDX_ERRORS = (OSError, AssertionError, KeyError, IndexError, RuntimeError, TypeError, ValueError)  # what torchvision's IDX reader raises
+Ops = Sequence[str]  # augmentation names, as in AUGMENTATIONS
 
 
 class DataError(Exception):
@@ -52,8 +48,8 @@ class DataError(Exception):
 
 @dataclass
 class ImageData:
-    images: torch.Tensor  # N x C x H x W, uint8
-    labels: torch.Tensor  # N, int64
+    images: Tensor  # N x C x H x W, uint8
+    labels: Tensor  # N, int64
 
     def __len__(self) -> int:
         return self.labels.shape[0]
@@ -81,43 +77,36 @@ class Dataset:
         return self.train.images.shape[-1]
 
 
-def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
+def channel_stats(images: Tensor) -> tuple[list[float], list[float]]:
     """Exact per-channel mean and std of uint8 images on the [0, 1] scale, from each channel's 256-bin
     histogram (no float copy of the data set); a constant channel gets std 1, so standardising stays finite."""
     levels = torch.arange(256, dtype=torch.float64) / 255
-    means, stds = [], []
-    for c in range(images.shape[1]):
-        p = torch.bincount(images[:, c].reshape(-1).cpu(), minlength=256).double()
-        p /= p.sum()
-        mean = (p * levels).sum()
-        std = (p * (levels - mean) ** 2).sum().sqrt().item()
-        means.append(mean.item())
-        stds.append(std if std > 0 else 1.0)
-    return means, stds
+    p = torch.stack([torch.bincount(images[:, c].reshape(-1).cpu(), minlength=256) for c in range(images.shape[1])]).double()
+    p /= p.sum(1, keepdim=True)
+    mean = p @ levels
+    std = (p * (levels - mean[:, None]) ** 2).sum(1).sqrt()
+    return mean.tolist(), torch.where(std > 0, std, 1.0).tolist()
 
 
 def split_validation(data: ImageData, fraction: float, seed: int) -> tuple[ImageData, ImageData]:
     """(train, validation): round(fraction * N) train samples (at least one) held out by a permutation seeded by `seed`."""
-    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed + 7919))
+    order = torch.randperm(len(data), generator=Generator().manual_seed(seed + 7919))
     held = max(1, round(fraction * len(data)))
     val, train = order[:held].sort().values, order[held:].sort().values
     return ImageData(data.images[train], data.labels[train]), ImageData(data.images[val], data.labels[val])
 
 
 def parse_class_list(spec: str, classes: Sequence[str]) -> list[int]:
-    """The sorted class indices `spec` names: indices (`0,2,5`), inclusive ranges (`0-4`) or class names
-    (`Trouser,Bag`, any case), mixed. ValueError in words for an empty entry, an unknown name or index,
-    a reversed range, a class named twice, fewer than two classes or every class (nothing left unseen)."""
+    """The sorted class indices `spec` names: indices (`0,2,5`), inclusive ranges (`0-4`) or class names (`Trouser,Bag`, any case),
+    mixed. ValueError in words for an empty entry, an unknown name or index, a reversed range, a repeat, < 2 classes or all of them."""
     lowered = {c.lower(): i for i, c in enumerate(classes)}
     chosen: list[int] = []
     for token in (t.strip() for t in spec.split(",")):
-        if token.isdigit():
-            picked = [int(token)]
-        elif re.fullmatch(r"\d+-\d+", token):
-            first, last = map(int, token.split("-"))
+        if bounds := re.fullmatch(r"(\d+)(?:-(\d+))?", token):  # an index or a range
+            first, last = int(bounds[1]), int(bounds[2] or bounds[1])
             if first > last:
                 raise ValueError(f"--train-classes: the range {token} is reversed; write {last}-{first}")
-            picked = list(range(first, last + 1))
+            picked = range(first, last + 1)
         elif token.lower() in lowered:
             picked = [lowered[token.lower()]]
         elif not token:
@@ -160,9 +149,8 @@ def canonical_name(name: str) -> str:
 
 
 def load_dataset(name: str, data_dir: str | Path = "data", download: bool = True) -> Dataset:
-    """A data set by CLI name, from the first of: an image-folder tree (`data_dir` or a known sub-folder holding train/ and test/),
-    torchvision's files (MNIST/raw, FashionMNIST/raw, cifar-10-batches-py), a torchvision download when `download` is set.
-    DataError for data that cannot train: mnist or fashion-mnist not of 28x28 grey images of 10 classes, or train images all alike."""
+    """A data set by CLI name, from the first of: an image-folder tree (`data_dir` or a known sub-folder with train/ and test/),
+    torchvision's files, a torchvision download if `download`. DataError for data that cannot train (another shape, one image)."""
     name, data_dir = canonical_name(name), Path(data_dir)
     if name not in DATASETS:
         raise ValueError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
@@ -178,9 +166,9 @@ def load_dataset(name: str, data_dir: str | Path = "data", download: bool = True
     images = data.train.images
     if name in GREY_SETS and (images.shape[1:] != (1, 28, 28) or len(data.classes) != 10):
         kind = {1: "grey", 3: "colour"}.get(images.shape[1], f"{images.shape[1]}-channel")
+        found = f"{images.shape[3]}x{images.shape[2]} {kind} of {len(data.classes)} classes"
         raise DataError(
-            f"{data.source}: --dataset {name} is 28x28 grey images of 10 classes, this data is {images.shape[3]}x{images.shape[2]} "
-            f"{kind} of {len(data.classes)} classes; use --dataset folder for other data"
+            f"{data.source}: --dataset {name} is 28x28 grey images of 10 classes, this data is {found}; use --dataset folder for it"
         )
     if torch.equal(images, images[:1].expand_as(images)):  # nothing in the pixels tells the classes apart: a run would learn nothing
         raise DataError(f"{data.source}: all {len(images)} train images are the same image, so no model can learn from them; use real data")
@@ -247,29 +235,7 @@ def listed(folder: Path) -> list[os.DirEntry]:
         raise DataError(f"{folder}: cannot be listed ({exc.strerror}); make it a readable folder") from None
 
 
-def tree_files(split: Path, classes: list[str]) -> tuple[list[str], list[int]]:
-    """The image files of <split>/<class>/ (sub-folders too: torchvision's DatasetFolder walk) and their class indices."""
-    real_dirs: dict[str, str] = {}
-
-    def valid(path: str) -> bool:
-        if any(part.startswith(".") for part in Path(path).relative_to(split).parts):
-            return False
-        folder = os.path.dirname(path)
-        if (first := real_dirs.setdefault(os.path.realpath(folder), folder)) != folder:  # the walk would read a link loop's images again
-            raise DataError(f"{folder}: the same folder as {first} (a link loop); remove the link")
-        if Path(path).suffix.lower() not in IMAGE_SUFFIXES:
-            raise DataError(f"{path}: not an image file (expected one of {', '.join(sorted(IMAGE_SUFFIXES))}); remove it")
-        return True
-
-    for folder in (split / name for name in classes if (split / name).is_dir()):
-        listed(folder)  # the walk skips a folder it cannot list, which would then look empty
-    samples = tvd.DatasetFolder.make_dataset(str(split), {c: i for i, c in enumerate(classes)}, is_valid_file=valid, allow_empty=True)
-    if empty := sorted(set(classes) - {classes[label] for _, label in samples}):
-        raise DataError(f"{split / empty[0]}: class folder is empty or missing; every class needs images in train/ and test/")
-    return [path for path, _ in samples], [label for _, label in samples]
-
-
-def decode(path: str, grey: bool) -> torch.Tensor:
+def decode(path: str, grey: bool) -> Tensor:
     """An image file as uint8 C x H x W, with PIL: grey modes stay one channel, others (palette, RGBA, CMYK) become RGB; all grey with `grey`."""
     try:
         with Image.open(path) as image:
@@ -294,22 +260,32 @@ def load_tree(name: str, root: Path) -> Dataset:
         found = f"only the class {classes[0]!r}" if classes else "no class folders"
         raise DataError(f"{root / 'train'}: {found}; a classifier needs at least two, as {root}/train/<class>/<image files>")
     if unknown := sorted(set(test_classes) - set(classes)):
-        raise DataError(
-            f"{root / 'test'}: the classes {', '.join(unknown)} have no folder in {root / 'train'}, so nothing could learn them; "
-            "add their train images or move them out of test/"
-        )
+        raise DataError(f"{root / 'test'}: the classes {', '.join(unknown)} have no folder in {root / 'train'}; add their train images")
+    real_dirs: dict[str, str] = {}
+
+    def valid(path: str) -> bool:  # DatasetFolder's filter: hidden files and folders are skipped, a link loop is refused
+        if (first := real_dirs.setdefault(os.path.realpath(folder := os.path.dirname(path)), folder)) != folder:  # else read twice
+            raise DataError(f"{folder}: the same folder as {first} (a link loop); remove the link")
+        return not any(part.startswith(".") for part in Path(path).relative_to(root).parts)
+
     splits, first, suffixes = [], None, set()
     for split in ("train", "test"):
-        paths, labels = tree_files(root / split, classes)
-        images = [decode(path, grey=name in GREY_SETS) for path in paths]
-        first, suffixes = first or (paths[0], images[0].shape[1:]), suffixes | {Path(path).suffix.lower() for path in paths}
-        for path, image in zip(paths, images):
-            if image.shape[1] != image.shape[2] or image.shape[1:] != first[1]:
+        for folder in (root / split / c for c in classes if (root / split / c).is_dir()):
+            listed(folder)  # the walk skips a folder it cannot list, which would then look empty
+        samples = tvd.DatasetFolder.make_dataset(
+            str(root / split), {c: i for i, c in enumerate(classes)}, is_valid_file=valid, allow_empty=True
+        )
+        if empty := sorted(set(classes) - {classes[label] for _, label in samples}):
+            raise DataError(f"{root / split / empty[0]}: class folder is empty or missing; every class needs images in train/ and test/")
+        images = [decode(path, grey=name in GREY_SETS) for path, _ in samples]
+        first, suffixes = first or (samples[0][0], images[0].shape[1:]), suffixes | {Path(path).suffix.lower() for path, _ in samples}
+        for (path, _), image in zip(samples, images):
+            (h, w), (h0, w0) = image.shape[1:], first[1]
+            if h != w or (h, w) != (h0, w0):
                 raise DataError(
-                    f"{path}: the image is {image.shape[2]}x{image.shape[1]}, {first[0]} is {first[1][1]}x{first[1][0]}; the images "
-                    "of a data set must be square (as the models take them) and of one size: resize or crop them"
+                    f"{path}: the image is {w}x{h}, {first[0]} is {w0}x{h0}; a data set's images must be square and of one size"
                 )
-        splits.append((images, labels))
+        splits.append((images, [label for _, label in samples]))
     channels = max(image.shape[0] for images, _ in splits for image in images)  # one colour image makes a colour set
     train, test = (ImageData(torch.stack([im.expand(channels, -1, -1) for im in ims]), torch.tensor(labels)) for ims, labels in splits)
     if name in CLASSES and [c.lower() for c in classes] == [c.lower() for c in CLASSES[name]]:
@@ -318,12 +294,12 @@ def load_tree(name: str, root: Path) -> Dataset:
     return Dataset(name, train, test, classes, AUGMENTATIONS.get(name, ()), source, [str(root / "train"), str(root / "test")])
 
 
-def flip(x: torch.Tensor, flipped: torch.Tensor) -> torch.Tensor:
+def flip(x: Tensor, flipped: Tensor) -> Tensor:
     """Mirror the images whose entry of the boolean `flipped` (N) is set (torchvision's hflip)."""
     return torch.where(flipped[:, None, None, None], x.flip(-1), x)
 
 
-def rotate(x: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
+def rotate(x: Tensor, degrees: Tensor) -> Tensor:
     """Each image turned counter-clockwise by its angle in `degrees` (N) about its centre, bilinear, zero fill (torchvision's rotate)."""
     angle = torch.deg2rad(degrees.to(x.dtype))
     cos, sin, zero = angle.cos(), angle.sin(), torch.zeros_like(angle)
@@ -333,7 +309,7 @@ def rotate(x: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
-def crop(x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+def crop(x: Tensor, offsets: Tensor) -> Tensor:
     """The image-sized window of each image's CROP_PADDING-zero-padded copy at (row, column) `offsets` (2 x N, each in
     [0, 2 * CROP_PADDING]): torchvision's RandomCrop(size, padding) for given draws."""
     n, _, h, w = x.shape
@@ -343,7 +319,7 @@ def crop(x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     return padded[torch.arange(n, device=x.device)[:, None, None], rows, cols].permute(0, 3, 1, 2)
 
 
-def augment_batch(x: torch.Tensor, augmentations: Sequence[str], generator: torch.Generator) -> torch.Tensor:
+def augment_batch(x: Tensor, augmentations: Ops, generator: Generator) -> Tensor:
     """The study's random augmentations of a whole float batch (N x C x H x W) on its device, drawn from `generator` (on
     that device: nothing waits for the host) as torchvision's RandomHorizontalFlip(0.5), RandomRotation(5, BILINEAR), RandomCrop(padding=4)."""
     n, device = x.shape[0], generator.device
@@ -354,21 +330,12 @@ def augment_batch(x: torch.Tensor, augmentations: Sequence[str], generator: torc
             x = rotate(x, (torch.rand(n, generator=generator, device=device) * 2 - 1) * ROTATION_DEGREES)
         elif op == "crop":
             x = crop(x, torch.randint(0, 2 * CROP_PADDING + 1, (2, n), generator=generator, device=device))
-        else:
-            raise ValueError(f"unknown augmentation {op!r}")
     return x
 
 
 def tensor_batches(
-    data: ImageData,
-    order: torch.Tensor,
-    batch_size: int,
-    augmentations: Sequence[str],
-    generator: torch.Generator,
-    start: int = 0,
-    rank: int = 0,
-    world: int = 1,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    data: ImageData, order: Tensor, batch_size: int, augmentations: Ops, generator: Generator, start: int = 0, rank: int = 0, world: int = 1
+) -> Iterator[tuple[Tensor, Tensor]]:
     """Fast path: the full batches of `data` (on the training device) in `order`, augmented there (the study's drop_last=True).
     With `world` processes each global batch is augmented whole (one process's draws) and this rank gets its `rank`-th slice."""
     order, rows = order.to(data.images.device), slice(rank * batch_size // world, (rank + 1) * batch_size // world)
@@ -382,43 +349,28 @@ def full_batches(num_samples: int, batch_size: int) -> int:
     return num_samples // batch_size
 
 
-def shard_order(order: torch.Tensor, batch_size: int, rank: int, world: int) -> torch.Tensor:
+def shard_order(order: Tensor, batch_size: int, rank: int, world: int) -> Tensor:
     """This rank's indices: the rank-th of `world` equal slices of every full global batch of `order` (batch_size % world == 0)."""
-    share = batch_size // world
     batches = order[: full_batches(len(order), batch_size) * batch_size].view(-1, batch_size)
-    return batches[:, rank * share : (rank + 1) * share].reshape(-1)
+    return batches[:, rank * batch_size // world : (rank + 1) * batch_size // world].reshape(-1)
 
 
-class TransformedImages(torch.utils.data.Dataset):
-    """Per-sample view of uint8 tensors through torchvision's PIL transforms (the study's pipeline)."""
-
-    def __init__(self, data: ImageData, augmentations: Sequence[str]) -> None:
-        self.data, side = data, data.images.shape[-1]
-        ops = {"flip": T.RandomHorizontalFlip(), "rotate": T.RandomRotation(ROTATION_DEGREES, T.InterpolationMode.BILINEAR)}
-        ops["crop"] = T.RandomCrop(side, padding=CROP_PADDING)
-        self.transform = T.Compose([T.ToPILImage(), *(ops[a] for a in augmentations), T.ToTensor()])
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.transform(self.data.images[i]), int(self.data.labels[i])
+def transformed(transform: Callable[[Tensor], Tensor], batch: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """The loader's collate_fn: torchvision's per-sample transforms (run in its workers), then one batch."""
+    return torch.stack([transform(x) for x, _ in batch]), torch.stack([y for _, y in batch])
 
 
 def loader_batches(
-    data: ImageData,
-    order: torch.Tensor,
-    batch_size: int,
-    augmentations: Sequence[str],
-    generator: torch.Generator,
-    workers: int,
-    device: torch.device,
-    start: int = 0,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    data: ImageData, order: Tensor, batch_size: int, augmentations: Ops, generator: Generator, workers: int, device: Device, start: int = 0
+) -> Iterator[tuple[Tensor, Tensor]]:
     """Loader path: a DataLoader over per-sample transforms sampling `order` of CPU data, the last partial batch dropped (the study's)."""
-    sampler, pin, dataset = order[start * batch_size :].tolist(), device.type == "cuda", TransformedImages(data, augmentations)
+    ops = {"flip": T.RandomHorizontalFlip(), "rotate": T.RandomRotation(ROTATION_DEGREES, T.InterpolationMode.BILINEAR)}
+    ops["crop"] = T.RandomCrop(data.images.shape[-1], padding=CROP_PADDING)
+    collate = partial(transformed, T.Compose([T.ToPILImage(), *(ops[a] for a in augmentations), T.ToTensor()]))  # the study's PIL path
+    dataset, sampler = torch.utils.data.TensorDataset(data.images, data.labels), order[start * batch_size :].tolist()
+    pin = device.type == "cuda"
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size, sampler=sampler, num_workers=workers, drop_last=True, pin_memory=pin, generator=generator
+        dataset, batch_size, sampler=sampler, num_workers=workers, collate_fn=collate, drop_last=True, pin_memory=pin, generator=generator
     )
     for x, y in loader:
         yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
