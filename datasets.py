@@ -226,13 +226,13 @@ def load_torchvision(name: str, data_dir: Path, download: bool) -> Dataset:
     return Dataset(name, *splits, CLASSES[name], AUGMENTATIONS[name], f"IDX files in {folder}", list(map(str, paths)))
 
 
-def listed(folder: Path) -> list[os.DirEntry]:
-    """The entries of `folder` but hidden ones (.DS_Store, .ipynb_checkpoints); one line if it cannot be listed."""
+def listed(folder: Path) -> list[tuple[str, bool]]:
+    """(name, is a folder) of the entries of `folder` but hidden ones (.DS_Store, .ipynb_checkpoints); one line if one cannot be read."""
     try:
         with os.scandir(folder) as entries:
-            return sorted((e for e in entries if not e.name.startswith(".")), key=lambda e: e.name)
-    except OSError as exc:  # PermissionError, a symlink loop (ELOOP), ...
-        raise DataError(f"{folder}: cannot be listed ({exc.strerror}); make it a readable folder") from None
+            return sorted((e.name, e.is_dir()) for e in entries if not e.name.startswith("."))
+    except OSError as exc:  # PermissionError, a symlink loop (ELOOP) as the folder or an entry, ...
+        raise DataError(f"{exc.filename or folder}: cannot be listed ({exc.strerror}); make it a readable folder") from None
 
 
 def decode(path: str, grey: bool) -> Tensor:
@@ -253,9 +253,9 @@ def load_tree(name: str, root: Path) -> Dataset:
     """An image-folder tree <root>/train/<class>/*, <root>/test/<class>/*: the classes are train/'s folders, every image is square
     and of one size; one colour image makes the set colour (grey images repeated), mnist and fashion-mnist are read grey."""
     entries = {split: listed(root / split) for split in ("train", "test")}
-    if stray := next((root / split / e.name for split, found in entries.items() for e in found if not e.is_dir()), None):
+    if stray := next((root / split / n for split, found in entries.items() for n, is_dir in found if not is_dir), None):
         raise DataError(f"{stray}: a file where only class folders belong; move it into a class folder or remove it")
-    classes, test_classes = ([e.name for e in entries[split]] for split in ("train", "test"))
+    classes, test_classes = ([n for n, _ in entries[split]] for split in ("train", "test"))
     if len(classes) < 2:
         found = f"only the class {classes[0]!r}" if classes else "no class folders"
         raise DataError(f"{root / 'train'}: {found}; a classifier needs at least two, as {root}/train/<class>/<image files>")
@@ -263,10 +263,10 @@ def load_tree(name: str, root: Path) -> Dataset:
         raise DataError(f"{root / 'test'}: the classes {', '.join(unknown)} have no folder in {root / 'train'}; add their train images")
     real_dirs: dict[str, str] = {}
 
-    def valid(path: str) -> bool:  # DatasetFolder's filter: hidden files and folders are skipped, a link loop is refused
+    def valid(path: str) -> bool:  # DatasetFolder's filter: only regular files (a FIFO blocks PIL), not hidden, no folder twice
         if (first := real_dirs.setdefault(os.path.realpath(folder := os.path.dirname(path)), folder)) != folder:  # else read twice
-            raise DataError(f"{folder}: the same folder as {first} (a link loop); remove the link")
-        return not any(part.startswith(".") for part in Path(path).relative_to(root).parts)
+            raise DataError(f"{folder}: the same folder as {first}, through a link; remove the link")
+        return os.path.isfile(path) and not any(part.startswith(".") for part in Path(path).relative_to(root).parts)
 
     splits, first, suffixes = [], None, set()
     for split in ("train", "test"):

@@ -469,8 +469,31 @@ def test_folder_that_cannot_be_listed_is_one_line(gray_tree, monkeypatch, unlist
 def test_link_loop_in_a_class_folder_is_one_line(gray_tree):
     loop = gray_tree / "train" / "bee" / "again"
     loop.symlink_to(gray_tree / "train" / "bee")
-    with pytest.raises(DataError, match=f"^{loop}: the same folder as {gray_tree / 'train' / 'bee'} \\(a link loop\\)"):
+    with pytest.raises(DataError, match=f"^{loop}: the same folder as {gray_tree / 'train' / 'bee'}, through a link"):
         load_dataset("folder", gray_tree)
+
+
+def test_test_class_linked_to_its_train_folder_is_refused(gray_tree):
+    """A test class that is its train folder through a link would score the train images as test images."""
+    shutil.rmtree(gray_tree / "test" / "cat")
+    (gray_tree / "test" / "cat").symlink_to(gray_tree / "train" / "cat")
+    with pytest.raises(DataError, match=f"^{gray_tree / 'test' / 'cat'}: the same folder as {gray_tree / 'train' / 'cat'}, through a link"):
+        load_dataset("folder", gray_tree)
+
+
+def test_class_entry_that_is_a_symlink_loop_is_one_line(gray_tree):
+    loop = gray_tree / "train" / "zz"
+    loop.symlink_to(loop)
+    with pytest.raises(DataError, match=f"^{loop}: cannot be listed \\(Too many levels of symbolic links\\)"):
+        load_dataset("folder", gray_tree)
+
+
+def test_a_fifo_among_the_images_is_skipped_not_waited_on(gray_tree):
+    """PIL's open would wait for a writer forever; DatasetFolder's filter keeps regular files only."""
+    import os
+
+    os.mkfifo(gray_tree / "train" / "ant" / "pipe.png")
+    assert len(load_dataset("folder", gray_tree).train) == 12
 
 
 def test_images_in_sub_folders_of_a_class_are_read(gray_tree):
