@@ -8,7 +8,7 @@ import os
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 
 import numpy as np
@@ -31,9 +31,8 @@ FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sanda
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 DIGIT_CLASSES = [str(d) for d in range(10)]
 CLASSES = {"mnist": DIGIT_CLASSES, "fashion-mnist": FASHION_CLASSES, "cifar10": CIFAR10_CLASSES}
-# Sub-folders of --data-dir searched for an image-folder tree (<tree>/train/<class>/*, <tree>/test/<class>/*).
 TREE_FOLDERS = {"mnist": ("mnist", "MNIST-jpg", "mnist-jpg"), "fashion-mnist": ("fashion-mnist", "FashionMNIST-jpg", "fashion-mnist-jpg")}
-TREE_FOLDERS["cifar10"] = ("cifar10", "cifar10-jpg", "cifar-10", "CIFAR10")
+TREE_FOLDERS["cifar10"] = ("cifar10", "cifar10-jpg", "cifar-10", "CIFAR10")  # where in --data-dir to look for a train/ test/ tree
 TORCHVISION = {"mnist": tvd.MNIST, "fashion-mnist": tvd.FashionMNIST, "cifar10": tvd.CIFAR10}
 GREY_SETS = ("mnist", "fashion-mnist")  # 28x28 grey images of 10 classes: the models and names assume it
 IDX_FILES = tuple(f"{split}-{kind}-ubyte" for split in ("train", "t10k") for kind in ("images-idx3", "labels-idx1"))
@@ -127,11 +126,9 @@ def parse_class_list(spec: str, classes: Sequence[str]) -> list[int]:
 
 
 def relabel(data: ImageData, kept: list[int]) -> ImageData:
-    """The samples of the classes `kept`, labelled 0..len(kept)-1 in that order."""
-    new_label = torch.full((int(data.labels.max()) + 1,), -1, dtype=torch.int64)
-    new_label[kept] = torch.arange(len(kept))
-    mask = new_label[data.labels] >= 0
-    return ImageData(data.images[mask], new_label[data.labels[mask]])
+    """The samples of the classes `kept` (sorted), labelled 0..len(kept)-1 in that order."""
+    mask = torch.isin(data.labels, classes := torch.tensor(kept, device=data.labels.device))
+    return ImageData(data.images[mask], torch.searchsorted(classes, data.labels[mask]))
 
 
 def open_set_split(data: Dataset, seen: list[int]) -> tuple[Dataset, ImageData]:
@@ -263,18 +260,20 @@ def load_tree(name: str, root: Path) -> Dataset:
         raise DataError(f"{root / 'test'}: the classes {', '.join(unknown)} have no folder in {root / 'train'}; add their train images")
     real_dirs: dict[str, str] = {}
 
-    def valid(path: str) -> bool:  # DatasetFolder's filter: only regular files (a FIFO blocks PIL), not hidden, no folder twice
-        if (first := real_dirs.setdefault(os.path.realpath(folder := os.path.dirname(path)), folder)) != folder:  # else read twice
+    @cache  # once a folder: realpath costs milliseconds, times 60,000 files
+    def shown(folder: str) -> bool:  # not hidden, and not reached before through a link (its images would be read twice)
+        if (first := real_dirs.setdefault(os.path.realpath(folder), folder)) != folder:
             raise DataError(f"{folder}: the same folder as {first}, through a link; remove the link")
-        return os.path.isfile(path) and not any(part.startswith(".") for part in Path(path).relative_to(root).parts)
+        return not any(part.startswith(".") for part in Path(folder).relative_to(root).parts)
 
-    splits, first, suffixes = [], None, set()
+    def valid(path: str) -> bool:  # DatasetFolder's filter: only regular files (PIL would wait on a FIFO forever), not hidden
+        return shown(os.path.dirname(path)) and not os.path.basename(path).startswith(".") and os.path.isfile(path)
+
+    splits, first, suffixes, index = [], None, set(), {c: i for i, c in enumerate(classes)}
     for split in ("train", "test"):
         for folder in (root / split / c for c in classes if (root / split / c).is_dir()):
             listed(folder)  # the walk skips a folder it cannot list, which would then look empty
-        samples = tvd.DatasetFolder.make_dataset(
-            str(root / split), {c: i for i, c in enumerate(classes)}, is_valid_file=valid, allow_empty=True
-        )
+        samples = tvd.DatasetFolder.make_dataset(str(root / split), index, is_valid_file=valid, allow_empty=True)
         if empty := sorted(set(classes) - {classes[label] for _, label in samples}):
             raise DataError(f"{root / split / empty[0]}: class folder is empty or missing; every class needs images in train/ and test/")
         images = [decode(path, grey=name in GREY_SETS) for path, _ in samples]
