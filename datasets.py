@@ -281,9 +281,7 @@ def load_tree(name: str, root: Path) -> Dataset:
         for (path, _), image in zip(samples, images):
             (h, w), (h0, w0) = image.shape[1:], first[1]
             if h != w or (h, w) != (h0, w0):
-                raise DataError(
-                    f"{path}: the image is {w}x{h}, {first[0]} is {w0}x{h0}; a data set's images must be square and of one size"
-                )
+                raise DataError(f"{path}: the image is {w}x{h}, {first[0]} is {w0}x{h0}; resize or crop every image to one square size")
         splits.append((images, [label for _, label in samples]))
     channels = max(image.shape[0] for images, _ in splits for image in images)  # one colour image makes a colour set
     train, test = (ImageData(torch.stack([im.expand(channels, -1, -1) for im in ims]), torch.tensor(labels)) for ims, labels in splits)

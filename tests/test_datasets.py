@@ -413,7 +413,7 @@ def test_non_square_tree_is_refused_before_training(tmp_path):
     from PIL import Image
 
     root = write_two_class_tree(tmp_path / "wide", lambda k: Image.new("L", (40, 28), 10 * k))
-    with pytest.raises(DataError, match=r"the image is 40x28, .* must be square and of one size") as info:
+    with pytest.raises(DataError, match=r"the image is 40x28, .* is 40x28; resize or crop every image to one square size") as info:
         load_dataset("folder", root)
     assert str(info.value).startswith(str(root / "train" / "a" / "0.png"))
 
