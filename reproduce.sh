@@ -83,9 +83,10 @@ for dataset in $DATASETS; do
                     echo "skip $name (finished)"
                     continue
                 fi
+                data=()  # digits reads no --data-dir (main.py refuses one)
+                if [ -n "$DATA_DIR" ] && [ "$dataset" != digits ]; then data=(--data-dir "$DATA_DIR"); fi
                 args=(--loss "$loss" --dataset "$dataset" --feat-dim "$feat_dim" --epochs "$EPOCHS" --seed "$((10#$seed))"
-                      --out "$OUT" --name "$name" "$@")
-                if [ -n "$DATA_DIR" ] && [ "$dataset" != digits ]; then args+=(--data-dir "$DATA_DIR"); fi  # digits reads none
+                      "${data[@]}" --out "$OUT" --name "$name" "$@")
                 while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n; done
                 echo "start $name"
                 run_one "$name" "${args[@]}" &
