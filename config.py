@@ -264,7 +264,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             args.batch_size % world == 0,
             f"--batch-size {args.batch_size} must be a multiple of the {world} processes (it is the global batch)",
         ),
-        (args.data_dir is None or Path(args.data_dir).is_dir(), f"--data-dir {args.data_dir} does not exist or is not a folder"),
+        (args.data_dir != "", "--data-dir is empty; give the data set's folder, or drop the flag for ./data"),
+        (not args.data_dir or Path(args.data_dir).is_dir(), f"--data-dir {args.data_dir} does not exist or is not a folder"),
+        (
+            args.data_dir is None or args.dataset != "digits",
+            "--data-dir is not read by --dataset digits (bundled with scikit-learn); drop it",
+        ),
         (
             args.dataset != "folder" or args.data_dir is not None,
             "--dataset folder needs --data-dir DIR with DIR/train/<class>/* and DIR/test/<class>/*",

@@ -105,8 +105,10 @@ for dataset in $DATASETS; do
                     echo "skip $name (finished)"
                     continue
                 fi
+                data=()  # digits reads no --data-dir (main.py refuses one)
+                if [ -n "$DATA_DIR" ] && [ "$dataset" != digits ]; then data=(--data-dir "$DATA_DIR"); fi
                 args=(--loss "$loss" --dataset "$dataset" --feat-dim "$feat_dim" --epochs "$((10#$EPOCHS))" --seed "$((10#$seed))"
-                      ${DATA_DIR:+--data-dir "$DATA_DIR"} --out "$OUT" --name "$name" "$@")
+                      "${data[@]}" --out "$OUT" --name "$name" "$@")
                 while [ "$(jobs -rp | grep -cvx "${timer:-none}")" -ge "$JOBS" ]; do wait -n; done
                 echo "start $name"
                 run_one "$name" "${args[@]}" &
