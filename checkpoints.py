@@ -7,14 +7,12 @@ import errno
 import fcntl
 import json
 import os
-import random
 import shutil
 import sys
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from training import EpochState, Run, add_momentum_buffers
@@ -72,25 +70,22 @@ CHECKPOINT_KEYS = (
 )
 
 
-def random_states() -> dict[str, Any]:
-    """Python, numpy and torch (CPU and CUDA) random states, in types that weights_only loading accepts."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "numpy": [kind, torch.from_numpy(keys.copy()), pos, has_gauss, gauss],
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
+def random_states(device: torch.device) -> dict[str, Any]:
+    """The random states a run draws from: torch's CPU generator and, on a CUDA run, the current CUDA
+    device's (a CPU run never initialises CUDA). The data order and augmentations have generators of
+    their own (utils.epoch_generator, EpochState.aug)."""
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
 
 
-def set_random_states(states: dict[str, Any]) -> None:
-    version, internal, gauss = states["python"]
-    random.setstate((version, tuple(internal), gauss))
-    kind, keys, pos, has_gauss, cached = states["numpy"]
-    np.random.set_state((kind, keys.numpy(), pos, has_gauss, cached))
+def set_random_states(states: dict[str, Any], device: torch.device) -> None:
+    """Restore random_states(); a CUDA state applies only to a CUDA run, on any GPU count (checkpoints
+    that saved a list of every GPU's state give the current device's, if they have it)."""
     torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    cuda = states.get("cuda")
+    if isinstance(cuda, list):
+        cuda = cuda[device.index or 0] if len(cuda) > (device.index or 0) else None
+    if device.type == "cuda" and cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
 
 
 class CheckpointError(Exception):
@@ -118,12 +113,13 @@ def checkpoint(run: Run, epoch: int, state: EpochState | None) -> dict:
         "objective": run.objective.state_dict(),
         "optimizer": run.optimizer.state_dict(),
         "scheduler": run.scheduler.state_dict(),
-        "scaler": run.scaler.state_dict() if run.scaler is not None else None,
+        "center_optimizer": run.center_optimizer.state_dict() if run.center_optimizer is not None else None,
+        "scaler": run.scaler.state_dict(),
         "history": run.history,
         "train_seconds": run.train_seconds,
         "samples": run.samples,
         "bad_steps": run.bad_steps,
-        "random": random_states(),
+        "random": random_states(run.device),
     }
 
 
@@ -161,9 +157,11 @@ def load_checkpoint(path: Path, run: Run) -> dict:
         run.objective.load_state_dict(ckpt["objective"])
         run.optimizer.load_state_dict(ckpt["optimizer"])
         run.scheduler.load_state_dict(ckpt["scheduler"])
-        if run.scaler is not None and ckpt["scaler"]:
+        if run.center_optimizer is not None and ckpt.get("center_optimizer"):
+            run.center_optimizer.load_state_dict(ckpt["center_optimizer"])
+        if ckpt["scaler"]:
             run.scaler.load_state_dict(ckpt["scaler"])
-        set_random_states(ckpt["random"])
+        set_random_states(ckpt["random"], run.device)
         add_momentum_buffers(run.optimizer)  # a checkpoint from before the first step has none
         if ckpt["epoch_state"] is not None:
             ckpt["epoch_state"] = epoch_state_on(ckpt["epoch_state"], run.device)

@@ -58,7 +58,7 @@ from distributed import close_distributed, init_distributed
 from evaluation import acc_predictions, embed, epoch_row, run_summary
 from metrics import FEATURE_METRICS, GEOMETRY_METRICS, OPEN_SET_METRICS
 from models import MIN_SIDE
-from training import TERMS, EpochState, GraphedStep, Run, build_trainer, cuda_backends, make_scheduler, train_step
+from training import TERMS, EpochState, Run, build_trainer, cuda_backends, make_scheduler, train_step
 from utils import atomic_torch_save, epoch_generator, resolve_device, write_csv, write_json
 
 COLUMNS = [
@@ -89,7 +89,7 @@ def record_step(run: Run, state: EpochState, features, logits, y, loss, terms, f
     state.add(loss, terms, features, y, correct, finite)
     if run.collect_frames:
         state.frame_features.append(features[: run.frame_take])
-        state.frame_labels.append(y[: run.frame_take].clone())  # y may be a CUDA graph's input buffer
+        state.frame_labels.append(y[: run.frame_take])
 
 
 def train_epoch(run: Run, epoch: int, state: EpochState, stop: dict) -> bool:
@@ -119,7 +119,7 @@ def train_epoch(run: Run, epoch: int, state: EpochState, stop: dict) -> bool:
         batches, total=full_batches(len(data), args.batch_size), initial=state.step, desc=f"epoch {epoch}", leave=False, disable=not show
     )
     for x, y in bar:
-        record_step(run, state, *(run.graph(x, y) if run.graph is not None else train_step(run, x, y)))
+        record_step(run, state, *train_step(run, x, y))
         state.aug = aug.get_state()
         if state.step % LOG_EVERY == 0:
             check_divergence(run, epoch, state)
@@ -127,6 +127,7 @@ def train_epoch(run: Run, epoch: int, state: EpochState, stop: dict) -> bool:
                 good = max(state.good_steps(), 1)
                 bar.set_postfix(loss=f"{float(state.loss_sums[0]) / good:.4f}", acc=f"{int(state.correct) / (good * args.batch_size):.4f}")
         if (world == 1 or state.step % LOG_EVERY == 0) and stop_agreed(run, stop):
+            check_divergence(run, epoch, state)  # before the interrupted run's checkpoint
             return True
     check_divergence(run, epoch, state)
     if state.good_steps() == 0:
@@ -150,8 +151,9 @@ def stop_agreed(run: Run, stop: dict) -> bool:
 
 
 def check_divergence(run: Run, epoch: int, state: EpochState) -> None:
-    """Stop once --max-bad-steps steps were non-finite (each was taken back: no bad update remains).
-    The checkpoint, if any, holds only finite weights: the guard never let a bad update through."""
+    """Stop once --max-bad-steps steps were non-finite (each was skipped: no bad update remains), or
+    once a finite step has made a weight non-finite (too large an update), before any checkpoint
+    holds it. A host sync: the loop asks every LOG_EVERY steps and before each checkpoint."""
     bad = run.bad_steps + int(state.bad_steps)
     if bad >= run.args.max_bad_steps:
         step, *values = state.last_bad.tolist()
@@ -159,6 +161,12 @@ def check_divergence(run: Run, epoch: int, state: EpochState) -> None:
         raise TrainingError(
             f"training diverged: {bad} non-finite steps, the last at epoch {epoch} step {int(step)} ({named}); "
             f"no bad update was applied and {kept_checkpoint(run)}; try a lower --lr or --inter-margin"
+        )
+    weights = [*run.model.parameters(), *run.objective.parameters()]
+    if not bool(torch.stack([torch.isfinite(p).all() for p in weights]).all()):
+        raise TrainingError(
+            f"training diverged: a weight is no longer finite at epoch {epoch} step {state.step}, after a step whose loss and "
+            f"gradients were finite (too large an update); {kept_checkpoint(run)}; try a lower --lr"
         )
 
 
@@ -260,8 +268,6 @@ def build(args: argparse.Namespace, rank: int, world: int) -> tuple[Run, Dataset
         frame_take=-(-FRAME_POINTS // full_batches(len(data.train), args.batch_size)),
     )
     run.scheduler = make_scheduler(run.optimizer, args)
-    if args.cuda_graph:
-        run.graph = GraphedStep(run)
     return run, data, resuming, lock
 
 

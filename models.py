@@ -85,7 +85,6 @@ class ResNet(nn.Module):
     one-block groups of widths 32, 32, 64, 64, 128 with strides 1, 2, 1, 2, 1, BN-ReLU, global
     average pooling, a linear layer to feat_dim (the features) and a linear classifier. `width`
     multiplies every channel count (1: the study's network; 4 has about 16 times its weights).
-    BatchNorm keeps no count of batches (num_batches_tracked): with its momentum 0.1 nothing reads it.
     """
 
     def __init__(self, in_channels: int, num_classes: int, feat_dim: int, image_size: int = 28, width: int = 1) -> None:
@@ -105,8 +104,6 @@ class ResNet(nn.Module):
                 nn.init.kaiming_normal_(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-            if isinstance(m, nn.BatchNorm2d):  # its batch count is read only without a momentum: unused, yet a kernel a step
-                m.num_batches_tracked = None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.embed(self.head(self.blocks(self.stem(x))))
