@@ -60,6 +60,7 @@ CHECKPOINT_KEYS = (
     "model",
     "objective",
     "optimizer",
+    "center_optimizer",
     "scheduler",
     "scaler",
     "history",
@@ -157,7 +158,7 @@ def load_checkpoint(path: Path, run: Run) -> dict:
         run.objective.load_state_dict(ckpt["objective"])
         run.optimizer.load_state_dict(ckpt["optimizer"])
         run.scheduler.load_state_dict(ckpt["scheduler"])
-        if run.center_optimizer is not None and ckpt.get("center_optimizer"):
+        if run.center_optimizer is not None:
             run.center_optimizer.load_state_dict(ckpt["center_optimizer"])
         if ckpt["scaler"]:
             run.scaler.load_state_dict(ckpt["scaler"])

@@ -154,6 +154,12 @@ def check_divergence(run: Run, epoch: int, state: EpochState) -> None:
     """Stop once --max-bad-steps steps were non-finite (each was skipped: no bad update remains), or
     once a finite step has made a weight non-finite (too large an update), before any checkpoint
     holds it. A host sync: the loop asks every LOG_EVERY steps and before each checkpoint."""
+    weights = [*run.model.parameters(), *run.objective.parameters()]
+    if not bool(torch.stack([torch.isfinite(p).all() for p in weights]).all()):
+        raise TrainingError(
+            f"training diverged: a weight is no longer finite at epoch {epoch} step {state.step}, after a step whose loss and "
+            f"gradients were finite (too large an update); {kept_checkpoint(run)}; try a lower --lr"
+        )
     bad = run.bad_steps + int(state.bad_steps)
     if bad >= run.args.max_bad_steps:
         step, *values = state.last_bad.tolist()
@@ -161,12 +167,6 @@ def check_divergence(run: Run, epoch: int, state: EpochState) -> None:
         raise TrainingError(
             f"training diverged: {bad} non-finite steps, the last at epoch {epoch} step {int(step)} ({named}); "
             f"no bad update was applied and {kept_checkpoint(run)}; try a lower --lr or --inter-margin"
-        )
-    weights = [*run.model.parameters(), *run.objective.parameters()]
-    if not bool(torch.stack([torch.isfinite(p).all() for p in weights]).all()):
-        raise TrainingError(
-            f"training diverged: a weight is no longer finite at epoch {epoch} step {state.step}, after a step whose loss and "
-            f"gradients were finite (too large an update); {kept_checkpoint(run)}; try a lower --lr"
         )
 
 
