@@ -23,8 +23,7 @@ class LeNetPlusPlus(nn.Module):
     statistics kept as buffers (checkpoints carry them; identity when not given), and every layer
     starts from He initialisation for PReLU's initial slope 0.25, std = sqrt(2 / ((1 + 0.25^2) fan_in)),
     with zero biases. PyTorch's default initialisation shrinks the signal layer by layer until all
-    2-D features lie within about 5e-4 of each other.
-    """
+    2-D features lie within about 5e-4 of each other."""
 
     def __init__(
         self,
@@ -84,8 +83,7 @@ class ResNet(nn.Module):
     """The study's small pre-activation ResNet: 3x3 stem conv (no padding) to 16 channels, five
     one-block groups of widths 32, 32, 64, 64, 128 with strides 1, 2, 1, 2, 1, BN-ReLU, global
     average pooling, a linear layer to feat_dim (the features) and a linear classifier. `width`
-    multiplies every channel count (1: the study's network; 4 has about 16 times its weights).
-    """
+    multiplies every channel count (1: the study's network; 4 has about 16 times its weights)."""
 
     def __init__(self, in_channels: int, num_classes: int, feat_dim: int, image_size: int = 28, width: int = 1) -> None:
         super().__init__()

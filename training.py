@@ -31,9 +31,7 @@ MODEL_RECIPES = {
 
 @dataclass
 class Trainer:
-    """What one training step needs: the model (and the module the step calls: DDP and/or compiled),
-    the objective with its centers, the fused SGD optimiser (model, and dense centers as a second
-    group), the optimiser of sparse centers (more classes than the batch), the GradScaler and autocast."""
+    """What one training step needs: the model, the module the step calls (DDP, compiled), objective, optimisers."""
 
     model: nn.Module
     net: nn.Module
@@ -50,8 +48,7 @@ class Trainer:
 
 @dataclass
 class Run(Trainer):
-    """A training run: its trainer, settings, folder, data on the training device (fast path) and
-    progress so far, which a checkpoint saves."""
+    """A training run: trainer, settings, folder, data (on the device: fast path) and progress so far."""
 
     args: argparse.Namespace
     dir: Path
@@ -73,10 +70,8 @@ class Run(Trainer):
 
 
 def build_trainer(args: argparse.Namespace, data: Dataset, device: torch.device, world: int = 1) -> Trainer:
-    """Model, objective, optimisers, GradScaler and autocast from main.py's settings, built in a fixed
-    order after seeding, so that the same --seed gives the same initial weights. Weight decay applies
-    to the model only; with --center-update paper the centers are left out of the optimisers
-    (train_step moves them)."""
+    """Model, objective, optimisers, GradScaler and autocast from main.py's settings, in a fixed order after
+    seeding (same --seed, same weights). Weight decay: the model only; paper centers: no optimiser."""
     seed_everything(args.seed)
     stats = channel_stats(data.train.images) if args.model == "lenet++" else (None, None)
     model = build_model(args.model, data.channels, len(data.classes), args.feat_dim, data.image_size, *stats, width=args.width).to(device)
@@ -84,18 +79,10 @@ def build_trainer(args: argparse.Namespace, data: Dataset, device: torch.device,
         model.classifier.requires_grad_(False)
     if world > 1 and device.type == "cuda":  # batch statistics over the global batch (SyncBatchNorm needs a GPU)
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    objective = Objective(
-        args.loss,
-        len(data.classes),
-        args.feat_dim,
-        args.weight_cent,
-        args.weight_intra,
-        args.weight_inter,
-        args.inter_margin,
-        args.alpha,
-        # A sparse gradient where classes outnumber the batch: its cost follows the batch, not the classes.
-        sparse_centers=args.center_update == "sgd" and len(data.classes) > args.batch_size,
-    ).to(device)
+    # A sparse gradient of the centers where classes outnumber the batch: its cost follows the batch, not the classes.
+    sparse = args.center_update == "sgd" and len(data.classes) > args.batch_size
+    weights = (args.weight_cent, args.weight_intra, args.weight_inter, args.inter_margin, args.alpha)
+    objective = Objective(args.loss, len(data.classes), args.feat_dim, *weights, sparse).to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     groups = [{"params": model.parameters(), "weight_decay": args.weight_decay}]
@@ -109,10 +96,12 @@ def build_trainer(args: argparse.Namespace, data: Dataset, device: torch.device,
     # fused: one kernel per group, and GradScaler hands it found_inf, so a skipped step needs no host sync.
     optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, fused=True)
     add_momentum_buffers(optimizer)
-    dtype = AMP_DTYPES[args.amp]
+    dtype, net = AMP_DTYPES[args.amp], model
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     return Trainer(
         model=model,
-        net=compile_and_wrap(model, args.compile_mode if args.compile else None, device, world),
+        net=torch.compile(net, mode=args.compile_mode) if args.compile else net,
         objective=objective,
         optimizer=optimizer,
         center_optimizer=center_optimizer,
@@ -126,10 +115,8 @@ def build_trainer(args: argparse.Namespace, data: Dataset, device: torch.device,
 
 
 def cuda_backends(device: torch.device) -> None:
-    """On CUDA: cuDNN autotuning (the shapes never change) and float32 convolutions and matrix products
-    in float32. cuDNN would run convolutions in TF32 (a 10-bit mantissa) by default; float32 means
-    float32 here, as on the study's GPUs, and --amp bf16 is the fast setting. These two flags exist in
-    every torch from 2.4 on (the newer fp32_precision settings do not)."""
+    """On CUDA: cuDNN autotuning (the shapes never change) and float32 in float32, not TF32 (cuDNN's
+    default for convolutions; --amp bf16 is the fast setting), by flags every torch from 2.4 on has."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cudnn.allow_tf32 = False
@@ -137,48 +124,27 @@ def cuda_backends(device: torch.device) -> None:
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace) -> torch.optim.lr_scheduler.ReduceLROnPlateau:
-    """The study's schedule: lr x --factor once the monitored accuracy has not risen by the relative
-    --threshold for more than --patience epochs (mode max). With the study's 0.1 that is never met
-    once the accuracy is above 1 / 1.1 ~ 0.91 (docs/fidelity.md)."""
+    """The study's schedule: lr x --factor once the accuracy has not risen by the relative --threshold for more
+    than --patience epochs (mode max); the study's 0.1 is never met above 1 / 1.1 ~ 0.91 (docs/fidelity.md)."""
     return torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="max", factor=args.factor, patience=args.patience, threshold=args.threshold
     )
 
 
-def compile_and_wrap(model: nn.Module, compile_mode: str | None, device: torch.device, world: int) -> nn.Module:
-    """The module the training step calls: DistributedDataParallel under torchrun, torch.compile'd in
-    `compile_mode` (None: eager)."""
-    if world > 1:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    return torch.compile(model, mode=compile_mode) if compile_mode else model
-
-
 def add_momentum_buffers(optimizer: torch.optim.Optimizer) -> None:
-    """A zero momentum buffer for every trained parameter that has none (a new optimiser, or one loaded
-    from a checkpoint made before its first step). SGD's own first step would create them with
-    empty_like and leave them uninitialised if GradScaler skips that step; with dampening 0,
-    m * 0 + g = g is exactly SGD's first step."""
-    for group in optimizer.param_groups:
-        if group["momentum"]:
-            for p in group["params"]:
-                if p.requires_grad and optimizer.state[p].get("momentum_buffer") is None:
-                    optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    """A zero momentum buffer for every trained parameter that has none: SGD's first step creates them
+    with empty_like, left uninitialised if the GradScaler skips it; m * 0 + g = g is that step exactly."""
+    for p in (p for group in optimizer.param_groups if group["momentum"] for p in group["params"] if p.requires_grad):
+        optimizer.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
 
 
 def train_step(trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """One SGD step: forward, loss (float32), backward, clipping (if on), optimiser steps through the
-    GradScaler, the paper's center update (if on). No host sync on CUDA (but a sparse center gradient's).
-
-    The GradScaler skips the update of weights and momentum when a gradient is not finite: it hands
-    fused SGD a found_inf flag, checked on the device. A non-finite loss is made such a step by
-    backpropagating loss * NaN, which turns every gradient NaN. The step is bad (counted, never
-    applied) if its loss or a gradient is not finite; under fp16 a finite loss with overflowing
-    gradients is the scaler's routine search for a scale: skipped (the scale backs off), not bad.
-    A skipped step also takes back what its forward did to the buffers (BatchNorm's running
-    statistics). The paper's center update writes only for an applied step, and new rows that are
-    not finite make the step bad. Under torchrun the loss sees the global batch (distributed.gather_batch).
-    Returns (features, logits, labels, loss, terms, finite), detached: the global batch's labels, and
-    whether the step was good.
+    """One SGD step through the GradScaler, which skips it on the device when a gradient is not finite
+    (docs/resuming.md): forward, loss (float32), backward of loss * (1 if the loss is finite else NaN),
+    clipping (if on), fused SGD, the sparse centers' optimiser, the paper's center update (if on); a
+    skipped step's buffers (BatchNorm statistics) are put back. Under torchrun the loss sees the
+    global batch. Returns (features, logits, labels, loss, terms, finite), detached: finite is whether
+    the step was good (under fp16 an overflow with a finite loss is the scaler's skip, not a bad step).
     """
     optimizer, scaler, centers = trainer.optimizer, trainer.scaler, trainer.objective.centers
     if trainer.channels_last:
@@ -190,9 +156,9 @@ def train_step(trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> tuple[torc
     features, logits, y = gather_batch(features, logits, y)
     loss, terms = trainer.objective(features, logits, y)
     loss_ok = torch.isfinite(loss.detach())
-    optimizer.zero_grad(set_to_none=True)
-    if trainer.center_optimizer is not None:
-        trainer.center_optimizer.zero_grad(set_to_none=True)
+    optimizers = [optimizer] + ([trainer.center_optimizer] if trainer.center_optimizer is not None else [])
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
     scaler.scale(loss * torch.where(loss_ok, 1.0, math.nan)).backward()
     scaler.unscale_(optimizer)  # the true gradients, for the check and the clipping
     params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
@@ -201,19 +167,14 @@ def train_step(trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> tuple[torc
     finite = loss_ok if trainer.fp16 else apply
     if trainer.clip_grad_norm:  # the dense gradients only
         nn.utils.clip_grad_norm_(params, trainer.clip_grad_norm)
-    scaler.step(optimizer)
-    if trainer.center_optimizer is not None:
-        scaler.step(trainer.center_optimizer)
+    for opt in optimizers:
+        scaler.step(opt)
     if trainer.center_alpha is not None:
         finite = finite & paper_center_update(centers, features.detach().float(), y, trainer.center_alpha, apply)
     for buffer, before in zip(buffers, saved):
         buffer.copy_(torch.where(apply, buffer, before))
-    if trainer.fp16:
-        scaler.update()  # backs the scale off after overflowing gradients
-    else:
-        scaler.update(new_scale=1.0)  # a scale of 1 stays 1: only the skip is used
-    terms = {name: term.detach() for name, term in terms.items()}
-    return features.detach(), logits.detach(), y, loss.detach(), terms, finite
+    scaler.update(None if trainer.fp16 else 1.0)  # fp16: backs off after an overflow; else a scale of 1 stays 1
+    return features.detach(), logits.detach(), y, loss.detach(), {name: term.detach() for name, term in terms.items()}, finite
 
 
 TERMS = ("xent", "intra", "inter")
@@ -221,10 +182,8 @@ TERMS = ("xent", "intra", "inter")
 
 @dataclass
 class EpochState:
-    """What one epoch accumulates from its steps. Everything but `step` lives on the training device,
-    so that no step waits for the host; a mid-epoch checkpoint saves it whole (as a plain dict:
-    weights_only loading accepts no classes). Non-finite steps were taken back and count nowhere
-    but in `bad_steps` and `last_bad`."""
+    """What one epoch accumulates from its steps, on the training device but `step` (no step waits for the
+    host); a mid-epoch checkpoint saves it as a plain dict. Bad steps count only in bad_steps and last_bad."""
 
     loss_sums: torch.Tensor  # float64: sums of the loss and its TERMS over the good steps
     correct: torch.Tensor  # good steps' train samples that the run's accuracy rule gets right
@@ -267,5 +226,5 @@ class EpochState:
         self.class_count.index_add_(0, labels, finite.float().expand(len(labels)))
 
     def good_steps(self) -> int:
-        """Steps that were not taken back (a host sync: for logging, not for the step)."""
+        """Steps that were not skipped (a host sync: for logging, not for the step)."""
         return self.step - int(self.bad_steps)
