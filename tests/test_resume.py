@@ -435,7 +435,9 @@ def test_a_finite_step_that_makes_a_weight_non_finite_is_divergence(tmp_path: Pa
 def test_divergence_message_mentions_a_checkpoint_only_when_there_is_one(tmp_path: Path, has_checkpoint: bool) -> None:
     if has_checkpoint:
         (tmp_path / "checkpoint.pt").write_bytes(b"an earlier epoch")
-    run = SimpleNamespace(args=SimpleNamespace(max_bad_steps=2), bad_steps=1, dir=tmp_path, model=torch.nn.Linear(1, 1), objective=torch.nn.Module())
+    run = SimpleNamespace(
+        args=SimpleNamespace(max_bad_steps=2), bad_steps=1, dir=tmp_path, model=torch.nn.Linear(1, 1), objective=torch.nn.Module()
+    )
     state = SimpleNamespace(
         bad_steps=torch.tensor(1),
         last_bad=torch.tensor([7.0, float("inf"), float("nan"), 1.0, float("-inf")], dtype=torch.float64),
