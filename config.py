@@ -173,13 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--amp", choices=tuple(AMP_DTYPES), default="off", help="autocast precision")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="channels_last memory format")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument(
-        "--compile-mode",
-        choices=("default", "reduce-overhead", "max-autotune"),
-        default="default",
-        help="torch.compile's mode with --compile (reduce-overhead: CUDA graphs; not with --pipeline loader)",
-    )
+    modes = ("default", "reduce-overhead", "max-autotune")  # torch.compile's; reduce-overhead: CUDA graphs (not with --pipeline loader)
+    p.add_argument("--compile", nargs="?", const="default", choices=modes, help="torch.compile the model, in this mode (default: default)")
     p.add_argument("--max-bad-steps", type=int, default=5, help="stop after this many non-finite steps (each one is skipped)")
     p.add_argument("--out", default="runs", help="folder of run folders")
     p.add_argument("--name", default=None, help="run folder name (default <loss>-<dataset>-feat=<feat_dim>)")
@@ -287,10 +282,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for problem in (device_problem(args.device), out_problem(args.out)):
         if problem:
             parser.error(problem)
-    if args.compile and args.compile_mode == "reduce-overhead" and args.pipeline == "loader":
+    if args.compile == "reduce-overhead" and args.pipeline == "loader":
         parser.error(
-            "--compile-mode reduce-overhead captures CUDA graphs, which the DataLoader's pin-memory thread can break; "
-            "use --pipeline fast or another --compile-mode"
+            "--compile reduce-overhead captures CUDA graphs, which the DataLoader's pin-memory thread can break; use --pipeline fast"
         )
     if args.tensorboard:
         try:

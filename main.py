@@ -79,9 +79,8 @@ class TrainingError(Exception):
 
 
 def record_step(run: Run, state: EpochState, features, logits, y, loss, terms, finite) -> None:
-    """What the epoch keeps of one step (train_step's outputs): loss, terms, accuracy, class sums and,
-    for the train frame, the first run.frame_take points of every batch, so that the frame spreads
-    over the whole epoch. Nothing here waits for the host."""
+    """What the epoch keeps of one step (train_step's outputs): loss, terms, accuracy, class sums and the
+    first run.frame_take points of every batch for the train frame (spread over the epoch). No host sync."""
     args, objective = run.args, run.objective
     features = torch.where(finite, features.detach().float(), torch.nan)  # a bad step's points are not drawn
     centers = objective.centers.detach() if objective.centers is not None else None
@@ -171,9 +170,8 @@ def check_divergence(run: Run, epoch: int, state: EpochState) -> None:
 
 
 def kept_checkpoint(run: Run) -> str:
-    if (run.dir / "checkpoint.pt").is_file():
-        return f"the last good checkpoint is kept in {run.dir}"
-    return "no checkpoint was saved (none of an earlier epoch)"
+    kept = (run.dir / "checkpoint.pt").is_file()
+    return f"the last good checkpoint is kept in {run.dir}" if kept else "no checkpoint was saved (none of an earlier epoch)"
 
 
 def train(args: argparse.Namespace, rank: int, world: int) -> int:
@@ -305,8 +303,7 @@ def loop(run: Run, data: Dataset, start_epoch: int, state: EpochState | None) ->
             if state is None:
                 aug = torch.Generator(device).manual_seed(epoch_generator(args.seed, epoch).initial_seed() + 1)
                 state = EpochState.new(len(data.classes), args.feat_dim, device, aug)
-            started = time.perf_counter()
-            step_before = state.step
+            started, step_before = time.perf_counter(), state.step
             stopped = train_epoch(run, epoch, state, stop)
             elapsed = time.perf_counter() - started
             run.train_seconds += elapsed
@@ -314,9 +311,8 @@ def loop(run: Run, data: Dataset, start_epoch: int, state: EpochState | None) ->
             if stopped:
                 if rank == 0:
                     atomic_torch_save(checkpoint(run, epoch - 1, state), run.dir / "checkpoint.pt")
-                    print(
-                        f"interrupted at epoch {epoch} step {state.step}; checkpoint saved, run the same command to resume", file=sys.stderr
-                    )
+                    interrupted = f"interrupted at epoch {epoch} step {state.step}; checkpoint saved, run the same command to resume"
+                    print(interrupted, file=sys.stderr)
                 return 128 + stop["signal"]
             row, test_features = epoch_row(run, epoch, state, elapsed)
             run.bad_steps += row["bad_steps"]

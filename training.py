@@ -101,7 +101,7 @@ def build_trainer(args: argparse.Namespace, data: Dataset, device: torch.device,
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     return Trainer(
         model=model,
-        net=torch.compile(net, mode=args.compile_mode) if args.compile else net,
+        net=torch.compile(net, mode=args.compile) if args.compile else net,
         objective=objective,
         optimizer=optimizer,
         center_optimizer=center_optimizer,

@@ -1,6 +1,6 @@
 """The CUDA fast path never waits for the host: training steps of every loss, and one evaluation,
 under torch.cuda.set_sync_debug_mode("error"), which raises on any synchronising call (.item(),
-a blocking or pageable copy, nonzero, ...), --compile-mode reduce-overhead (CUDA graphs) trains like
+a blocking or pageable copy, nonzero, ...), --compile reduce-overhead (CUDA graphs) trains like
 the eager step, and a CUDA run cut mid-epoch resumes. The CUDA cases are skipped only where CUDA is absent; the CPU
 cases run the same code everywhere, so the harnesses themselves are tested on every machine."""
 
@@ -110,10 +110,10 @@ def small_trainer(device: str, flags: tuple[str, ...] = ()):
 
 @CUDA
 def test_reduce_overhead_trains_like_the_eager_step():
-    """--compile --compile-mode reduce-overhead (torch.compile's CUDA graphs) against the eager step on the
+    """--compile --compile reduce-overhead (torch.compile's CUDA graphs) against the eager step on the
     same batches: the same losses and weights up to cuDNN's and inductor's choices, and a NaN batch skipped
     by both."""
-    eager, graphed = small_trainer("cuda"), small_trainer("cuda", ("--compile", "--compile-mode", "reduce-overhead"))
+    eager, graphed = small_trainer("cuda"), small_trainer("cuda", ("--compile", "reduce-overhead"))
     g = torch.Generator().manual_seed(1)
     for i in range(8):
         x, y = torch.rand(16, 1, 28, 28, generator=g).cuda(), (torch.arange(16) % 10).cuda()
@@ -132,7 +132,7 @@ def read_metrics(run_dir: Path) -> list[dict[str, str]]:
 
 
 @CUDA
-@pytest.mark.parametrize("compile_flags", [[], ["--compile", "--compile-mode", "reduce-overhead"]])
+@pytest.mark.parametrize("compile_flags", [[], ["--compile", "reduce-overhead"]])
 def test_cuda_run_cut_mid_epoch_resumes(tmp_path, monkeypatch, capsys, compile_flags):
     """A CUDA run stopped by SIGTERM in its second epoch saves a checkpoint and the same command resumes it
     (loading failed on CUDA before: random states moved to the GPU); it ends like an uninterrupted run, up to

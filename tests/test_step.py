@@ -105,10 +105,10 @@ def test_a_cpu_run_saves_no_cuda_state_and_resumes_a_checkpoint_of_many_gpus(tmp
 def test_reduce_overhead_with_the_loader_pipeline_is_refused(capsys) -> None:
     """CUDA graphs captured while the DataLoader's pin-memory thread makes CUDA calls can break: one line, exit 2."""
     with pytest.raises(SystemExit) as info:
-        parse_args(["--compile", "--compile-mode", "reduce-overhead", "--pipeline", "loader"])
+        parse_args(["--compile", "reduce-overhead", "--pipeline", "loader"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert info.value.code == 2 and "error: --compile-mode reduce-overhead captures CUDA graphs" in err[-1]
-    assert parse_args(["--compile", "--compile-mode", "reduce-overhead"]).compile_mode == "reduce-overhead"
+    assert info.value.code == 2 and "error: --compile reduce-overhead captures CUDA graphs" in err[-1]
+    assert parse_args(["--compile", "reduce-overhead"]).compile == "reduce-overhead" and parse_args(["--compile"]).compile == "default"
 
 
 def test_compiled_steps_train_like_the_eager_steps() -> None:
