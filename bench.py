@@ -58,7 +58,7 @@ from config import parse_args as parse_main_args
 from datasets import DATASETS, DataError, Dataset, ImageData, canonical_name, default_workers, load_dataset, loader_batches, tensor_batches
 from losses import LOSSES
 from models import MODELS
-from training import AMP_DTYPES, GraphedStep, Trainer, build_trainer, cuda_backends, train_step
+from training import AMP_DTYPES, Trainer, build_trainer, cuda_backends, train_step
 from utils import epoch_generator, resolve_device
 
 REPO = Path(__file__).resolve().parent
@@ -260,7 +260,7 @@ def make_pipeline(name: str, args: argparse.Namespace, data, device: torch.devic
         "augmentations": data.augmentations,
         "aug": torch.Generator(device).manual_seed(args.seed + 1),  # augmentation draws on the training device
         "trainer": trainer,
-        "train_step": GraphedStep(trainer) if settings.get("cuda_graph") else partial(train_step, trainer),
+        "train_step": partial(train_step, trainer),
         "step": 0,
         "rounds": [],
     }
