@@ -215,7 +215,19 @@ def test_torchrun_resnet_resumes_like_the_uninterrupted_run(tmp_path: Path) -> N
     resumed ends with the metrics of an uninterrupted two-process run. On the CPU each process keeps its
     own BatchNorm statistics (SyncBatchNorm needs a GPU; DDP broadcasts rank 0's buffers every forward,
     and the checkpoint holds rank 0's); the SyncBatchNorm conversion of the ResNet is tested in test_models."""
-    common = ["--dataset", "digits", "--train-samples", "256", "--batch-size", "32", "--no-plots", "--out", str(tmp_path)]
+    common = [
+        "--dataset",
+        "digits",
+        "--train-samples",
+        "256",
+        "--batch-size",
+        "32",
+        "--no-plots",
+        "--eval-every",
+        "1",
+        "--out",
+        str(tmp_path),
+    ]
     straight = torchrun([*common, "--epochs", "2", "--name", "straight"])
     assert straight.returncode == 0, straight.stderr[-3000:]
     assert torchrun([*common, "--epochs", "1", "--name", "cut"]).returncode == 0
