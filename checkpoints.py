@@ -6,90 +6,48 @@ import argparse
 import errno
 import json
 import os
-import random
 import shutil
 import sys
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from training import EpochState, Run, add_momentum_buffers
 
 # Settings that define a run: a checkpoint made with other values cannot be resumed.
-CONFIG_KEYS = (
-    "loss",
-    "dataset",
-    "model",
-    "feat_dim",
-    "batch_size",
-    "train_samples",
-    "weight_cent",
-    "weight_intra",
-    "weight_inter",
-    "inter_margin",
-    "alpha",
-    "val_fraction",
-    "seed",
-    "pipeline",
-    "weight_decay",
-    "clip_grad_norm",
-    "center_update",
-    "center_alpha",
-    "train_classes",
-    "width",
+CONFIG_KEYS = tuple(
+    "loss dataset model feat_dim batch_size train_samples weight_cent weight_intra weight_inter inter_margin alpha val_fraction seed "
+    "pipeline weight_decay clip_grad_norm center_update center_alpha train_classes width".split()
 )
 # The keys above that checkpoints made before them lack, with the behaviour those runs had.
-LEGACY_CONFIG = {
-    "weight_decay": 0.0,
-    "clip_grad_norm": 0.0,
-    "center_update": "sgd",
-    "center_alpha": None,
-    "train_classes": None,
-    "width": 1,
-}
+LEGACY_CONFIG = dict(weight_decay=0.0, clip_grad_norm=0.0, center_update="sgd", center_alpha=None, train_classes=None, width=1)
 # Settings the checkpoint's optimiser and scheduler carry, and --amp (a run half fp32, half bf16 would be
 # mislabelled): resuming with other values is refused (--epochs may grow, --device may change).
 RESUME_KEYS = ("lr", "lr_cent", "momentum", "factor", "patience", "threshold", "amp")
 # What checkpoint() writes: a checkpoint without any of them cannot resume.
-CHECKPOINT_KEYS = (
-    "args",
-    "epoch",
-    "epoch_state",
-    "model",
-    "objective",
-    "optimizer",
-    "scheduler",
-    "scaler",
-    "history",
-    "train_seconds",
-    "samples",
-    "bad_steps",
-    "random",
+CHECKPOINT_KEYS = tuple(
+    "args epoch epoch_state model objective optimizer center_optimizer scheduler scaler history train_seconds samples bad_steps random".split()
 )
 
 
-def random_states() -> dict[str, Any]:
-    """Python, numpy and torch (CPU and CUDA) random states, in types that weights_only loading accepts."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],  # torch.save before 2.5 refuses uint32
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
+def random_states(device: torch.device) -> dict[str, Any]:
+    """The random states a run draws from: torch's CPU generator and, on a CUDA run, the current CUDA
+    device's (a CPU run never initialises CUDA). The data order and augmentations have generators of
+    their own (utils.epoch_generator, EpochState.aug)."""
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
 
 
-def set_random_states(states: dict[str, Any]) -> None:
-    version, internal, gauss = states["python"]
-    random.setstate((version, tuple(internal), gauss))
-    kind, keys, pos, has_gauss, cached = states["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+def set_random_states(states: dict[str, Any], device: torch.device) -> None:
+    """Restore random_states(); a CUDA state applies only to a CUDA run, on any GPU count (checkpoints
+    that saved a list of every GPU's state give the current device's, if they have it)."""
     torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    cuda = states.get("cuda")
+    if isinstance(cuda, list):
+        cuda = cuda[device.index or 0] if len(cuda) > (device.index or 0) else None
+    if device.type == "cuda" and cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
 
 
 class CheckpointError(Exception):
@@ -107,36 +65,30 @@ NAME_MAX = 255  # bytes in one file name on Linux's and macOS's file systems
 RUN_DIR_MAX = 4096 - 100  # bytes in a run folder's path: Linux's PATH_MAX, less room for the files inside it
 
 
+STATEFUL = ("model", "objective", "optimizer", "center_optimizer", "scheduler", "scaler")  # the run's parts with a state_dict
+
+
 def checkpoint(run: Run, epoch: int, state: EpochState | None) -> dict:
-    """Everything needed to continue bit for bit: weights, optimiser, scheduler, metrics, random states.
-    `epoch` is the last finished epoch; `state` the unfinished next epoch's accumulators, if any."""
+    """Everything needed to continue bit for bit: weights, optimisers, scheduler, scaler, metrics, random
+    states. `epoch` is the last finished epoch; `state` the unfinished next epoch's accumulators, if any."""
     return {
-        "args": {k: v for k, v in vars(run.args).items()},
+        "args": dict(vars(run.args)),
         "epoch": epoch,
         "epoch_state": state.as_dict() if state is not None else None,
-        "model": run.model.state_dict(),
-        "objective": run.objective.state_dict(),
-        "optimizer": run.optimizer.state_dict(),
-        "scheduler": run.scheduler.state_dict(),
-        "scaler": run.scaler.state_dict() if run.scaler is not None else None,
+        **{key: getattr(run, key).state_dict() if getattr(run, key) is not None else None for key in STATEFUL},
         "history": run.history,
         "train_seconds": run.train_seconds,
         "samples": run.samples,
         "bad_steps": run.bad_steps,
-        "random": random_states(),
+        "random": random_states(run.device),
     }
 
 
 def load_checkpoint(path: Path, run: Run) -> dict:
-    """Load a checkpoint safely (weights_only: it cannot run code), check it fits this run and restore
-    the run from it. Any damage is one
-    CheckpointError line; resuming with other optimisation settings is refused (SystemExit 2).
-
-    It is loaded to the CPU, whatever device saved it: random states must be CPU tensors, and
-    load_state_dict copies weights and optimizer state to the device of the run's own tensors. Only
-    the unfinished epoch's accumulators move to run.device, so a run may resume on another device
-    (args.json records the new one; main.train_epoch re-seeds the augmentations of an epoch cut short
-    on another kind of device)."""
+    """Load a checkpoint safely (weights_only), check it fits this run and restore the run from it. Any
+    damage is one CheckpointError line; other optimisation settings are refused (SystemExit 2). It is
+    loaded to the CPU (random states must be CPU tensors; load_state_dict copies to the run's device),
+    and only the unfinished epoch's accumulators move to run.device: a run may resume on another device."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -157,13 +109,9 @@ def load_checkpoint(path: Path, run: Run) -> dict:
             )
     check_resume_settings(path, saved, args, ckpt["epoch"])
     try:
-        run.model.load_state_dict(ckpt["model"])
-        run.objective.load_state_dict(ckpt["objective"])
-        run.optimizer.load_state_dict(ckpt["optimizer"])
-        run.scheduler.load_state_dict(ckpt["scheduler"])
-        if run.scaler is not None and ckpt["scaler"]:
-            run.scaler.load_state_dict(ckpt["scaler"])
-        set_random_states(ckpt["random"])
+        for key in (key for key in STATEFUL if getattr(run, key) is not None):
+            getattr(run, key).load_state_dict(ckpt[key])
+        set_random_states(ckpt["random"], run.device)
         add_momentum_buffers(run.optimizer)  # a checkpoint from before the first step has none
         if ckpt["epoch_state"] is not None:
             ckpt["epoch_state"] = epoch_state_on(ckpt["epoch_state"], run.device)
@@ -204,19 +152,12 @@ def check_resume_settings(path: Path, saved: dict, args: dict, trained: int) -> 
     optimiser and scheduler carry their own, which args.json and summary.json would misreport."""
     for key in RESUME_KEYS:
         if saved.get(key) != args[key]:
-            flag = "--" + key.replace("_", "-")
-            raise SystemExit(
-                usage_error(
-                    f"{flag} {args[key]} differs from the {saved.get(key)} of the checkpoint {path}, which a resumed run keeps; "
-                    f"resume with {flag} {saved.get(key)}, or start again with --overwrite or another --name"
-                )
-            )
+            flag, value = "--" + key.replace("_", "-"), saved.get(key)
+            message = f"{flag} {args[key]} differs from the {value} of the checkpoint {path}, which a resumed run keeps; "
+            raise SystemExit(usage_error(message + f"resume with {flag} {value}, or start again with --overwrite or another --name"))
     if args["epochs"] < trained:
-        raise SystemExit(
-            usage_error(
-                f"--epochs {args['epochs']}: the checkpoint {path} has already trained {trained} epochs; resume with --epochs {trained} or more"
-            )
-        )
+        message = f"--epochs {args['epochs']}: the checkpoint {path} has already trained {trained} epochs; "
+        raise SystemExit(usage_error(message + f"resume with --epochs {trained} or more"))
 
 
 def out_problem(out: str) -> str | None:

@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--clip-grad-norm",
         type=finite_float,
         default=None,
-        help="clip the gradient norm of the model and SGD centers to this, 0: off (default: 10 for lenet++, 0 for resnet)",
+        help="clip the gradient norm of the model and dense centers to this (not sparse centers), 0: off (default: 10 for lenet++, 0 for resnet)",
     )
     p.add_argument(
         "--center-update",
@@ -173,12 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--amp", choices=tuple(AMP_DTYPES), default="off", help="autocast precision")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="channels_last memory format")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument(
-        "--cuda-graph",
-        action="store_true",
-        help="capture the training step in a CUDA graph and replay it (CUDA only, one process, not with --amp fp16 or --compile)",
-    )
+    modes = ("default", "reduce-overhead", "max-autotune")  # torch.compile's; reduce-overhead: CUDA graphs (not with --pipeline loader)
+    p.add_argument("--compile", nargs="?", const="default", choices=modes, help="torch.compile the model, in this mode (default: default)")
     p.add_argument("--max-bad-steps", type=int, default=5, help="stop after this many non-finite steps (each one is skipped)")
     p.add_argument("--out", default="runs", help="folder of run folders")
     p.add_argument("--name", default=None, help="run folder name (default <loss>-<dataset>-feat=<feat_dim>)")
@@ -291,10 +287,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for problem in (device_problem(args.device), out_problem(args.out)):
         if problem:
             parser.error(problem)
-    if args.cuda_graph and (resolve_device(args.device).type != "cuda" or world > 1 or args.amp == "fp16" or args.compile):
+    if args.compile == "reduce-overhead" and args.pipeline == "loader":
         parser.error(
-            "--cuda-graph captures CUDA kernels of one process: it needs a CUDA --device, no torchrun, and neither --amp fp16 "
-            "(the GradScaler) nor --compile; drop --cuda-graph"
+            "--compile reduce-overhead captures CUDA graphs, which the DataLoader's pin-memory thread can break; use --pipeline fast"
         )
     if args.tensorboard:
         try:

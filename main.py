@@ -58,7 +58,7 @@ from distributed import close_distributed, init_distributed
 from evaluation import acc_predictions, embed, epoch_row, run_summary
 from metrics import FEATURE_METRICS, GEOMETRY_METRICS, OPEN_SET_METRICS
 from models import MIN_SIDE
-from training import TERMS, EpochState, GraphedStep, Run, build_trainer, cuda_backends, make_scheduler, train_step
+from training import TERMS, EpochState, Run, build_trainer, cuda_backends, make_scheduler, train_step
 from utils import atomic_torch_save, epoch_generator, resolve_device, write_csv, write_json
 
 COLUMNS = [
@@ -79,9 +79,8 @@ class TrainingError(Exception):
 
 
 def record_step(run: Run, state: EpochState, features, logits, y, loss, terms, finite) -> None:
-    """What the epoch keeps of one step (train_step's outputs): loss, terms, accuracy, class sums and,
-    for the train frame, the first run.frame_take points of every batch, so that the frame spreads
-    over the whole epoch. Nothing here waits for the host."""
+    """What the epoch keeps of one step (train_step's outputs): loss, terms, accuracy, class sums and the
+    first run.frame_take points of every batch for the train frame (spread over the epoch). No host sync."""
     args, objective = run.args, run.objective
     features = torch.where(finite, features.detach().float(), torch.nan)  # a bad step's points are not drawn
     centers = objective.centers.detach() if objective.centers is not None else None
@@ -89,7 +88,7 @@ def record_step(run: Run, state: EpochState, features, logits, y, loss, terms, f
     state.add(loss, terms, features, y, correct, finite)
     if run.collect_frames:
         state.frame_features.append(features[: run.frame_take])
-        state.frame_labels.append(y[: run.frame_take].clone())  # y may be a CUDA graph's input buffer
+        state.frame_labels.append(y[: run.frame_take])
 
 
 def train_epoch(run: Run, epoch: int, state: EpochState, stop: dict) -> bool:
@@ -119,7 +118,7 @@ def train_epoch(run: Run, epoch: int, state: EpochState, stop: dict) -> bool:
         batches, total=full_batches(len(data), args.batch_size), initial=state.step, desc=f"epoch {epoch}", leave=False, disable=not show
     )
     for x, y in bar:
-        record_step(run, state, *(run.graph(x, y) if run.graph is not None else train_step(run, x, y)))
+        record_step(run, state, *train_step(run, x, y))
         state.aug = aug.get_state()
         if state.step % LOG_EVERY == 0:
             check_divergence(run, epoch, state)
@@ -127,6 +126,7 @@ def train_epoch(run: Run, epoch: int, state: EpochState, stop: dict) -> bool:
                 good = max(state.good_steps(), 1)
                 bar.set_postfix(loss=f"{float(state.loss_sums[0]) / good:.4f}", acc=f"{int(state.correct) / (good * args.batch_size):.4f}")
         if (world == 1 or state.step % LOG_EVERY == 0) and stop_agreed(run, stop):
+            check_divergence(run, epoch, state)  # before the interrupted run's checkpoint
             return True
     check_divergence(run, epoch, state)
     if state.good_steps() == 0:
@@ -150,8 +150,15 @@ def stop_agreed(run: Run, stop: dict) -> bool:
 
 
 def check_divergence(run: Run, epoch: int, state: EpochState) -> None:
-    """Stop once --max-bad-steps steps were non-finite (each was taken back: no bad update remains).
-    The checkpoint, if any, holds only finite weights: the guard never let a bad update through."""
+    """Stop once --max-bad-steps steps were non-finite (each was skipped: no bad update remains), or
+    once a finite step has made a weight non-finite (too large an update), before any checkpoint
+    holds it. A host sync: the loop asks every LOG_EVERY steps and before each checkpoint."""
+    weights = [*run.model.parameters(), *run.objective.parameters()]
+    if not bool(torch.stack([torch.isfinite(p).all() for p in weights]).all()):
+        raise TrainingError(
+            f"training diverged: a weight is no longer finite at epoch {epoch} step {state.step}, after a step whose loss and "
+            f"gradients were finite (too large an update); {kept_checkpoint(run)}; try a lower --lr"
+        )
     bad = run.bad_steps + int(state.bad_steps)
     if bad >= run.args.max_bad_steps:
         step, *values = state.last_bad.tolist()
@@ -163,9 +170,8 @@ def check_divergence(run: Run, epoch: int, state: EpochState) -> None:
 
 
 def kept_checkpoint(run: Run) -> str:
-    if (run.dir / "checkpoint.pt").is_file():
-        return f"the last good checkpoint is kept in {run.dir}"
-    return "no checkpoint was saved (none of an earlier epoch)"
+    kept = (run.dir / "checkpoint.pt").is_file()
+    return f"the last good checkpoint is kept in {run.dir}" if kept else "no checkpoint was saved (none of an earlier epoch)"
 
 
 def train(args: argparse.Namespace, rank: int, world: int) -> int:
@@ -260,8 +266,6 @@ def build(args: argparse.Namespace, rank: int, world: int) -> tuple[Run, Dataset
         frame_take=-(-FRAME_POINTS // full_batches(len(data.train), args.batch_size)),
     )
     run.scheduler = make_scheduler(run.optimizer, args)
-    if args.cuda_graph:
-        run.graph = GraphedStep(run)
     return run, data, resuming, lock
 
 
@@ -299,8 +303,7 @@ def loop(run: Run, data: Dataset, start_epoch: int, state: EpochState | None) ->
             if state is None:
                 aug = torch.Generator(device).manual_seed(epoch_generator(args.seed, epoch).initial_seed() + 1)
                 state = EpochState.new(len(data.classes), args.feat_dim, device, aug)
-            started = time.perf_counter()
-            step_before = state.step
+            started, step_before = time.perf_counter(), state.step
             stopped = train_epoch(run, epoch, state, stop)
             elapsed = time.perf_counter() - started
             run.train_seconds += elapsed
@@ -308,13 +311,14 @@ def loop(run: Run, data: Dataset, start_epoch: int, state: EpochState | None) ->
             if stopped:
                 if rank == 0:
                     atomic_torch_save(checkpoint(run, epoch - 1, state), run.dir / "checkpoint.pt")
-                    print(
-                        f"interrupted at epoch {epoch} step {state.step}; checkpoint saved, run the same command to resume", file=sys.stderr
-                    )
+                    interrupted = f"interrupted at epoch {epoch} step {state.step}; checkpoint saved, run the same command to resume"
+                    print(interrupted, file=sys.stderr)
                 return 128 + stop["signal"]
             row, test_features = epoch_row(run, epoch, state, elapsed)
             run.bad_steps += row["bad_steps"]
             run.scheduler.step(row["val_acc"] if run.val is not None else row["test_acc"])
+            if run.center_optimizer is not None:  # one schedule: the sparse centers' lr decays with the model's
+                run.center_optimizer.param_groups[0]["lr"] = args.lr_cent * run.optimizer.param_groups[0]["lr"] / args.lr
             run.history.append(row)
             if rank == 0:
                 end_epoch(run, data, epoch, state, row, test_features, writer)

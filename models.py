@@ -23,8 +23,7 @@ class LeNetPlusPlus(nn.Module):
     statistics kept as buffers (checkpoints carry them; identity when not given), and every layer
     starts from He initialisation for PReLU's initial slope 0.25, std = sqrt(2 / ((1 + 0.25^2) fan_in)),
     with zero biases. PyTorch's default initialisation shrinks the signal layer by layer until all
-    2-D features lie within about 5e-4 of each other.
-    """
+    2-D features lie within about 5e-4 of each other."""
 
     def __init__(
         self,
@@ -84,9 +83,7 @@ class ResNet(nn.Module):
     """The study's small pre-activation ResNet: 3x3 stem conv (no padding) to 16 channels, five
     one-block groups of widths 32, 32, 64, 64, 128 with strides 1, 2, 1, 2, 1, BN-ReLU, global
     average pooling, a linear layer to feat_dim (the features) and a linear classifier. `width`
-    multiplies every channel count (1: the study's network; 4 has about 16 times its weights).
-    BatchNorm keeps no count of batches (num_batches_tracked): with its momentum 0.1 nothing reads it.
-    """
+    multiplies every channel count (1: the study's network; 4 has about 16 times its weights)."""
 
     def __init__(self, in_channels: int, num_classes: int, feat_dim: int, image_size: int = 28, width: int = 1) -> None:
         super().__init__()
@@ -105,8 +102,6 @@ class ResNet(nn.Module):
                 nn.init.kaiming_normal_(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-            if isinstance(m, nn.BatchNorm2d):  # its batch count is read only without a momentum: unused, yet a kernel a step
-                m.num_batches_tracked = None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.embed(self.head(self.blocks(self.stem(x))))

@@ -210,6 +210,35 @@ def test_torchrun_end_to_end_matches_single_process_and_resumes(tmp_path: Path) 
     assert metrics(tmp_path / "resumed") == metrics(run_dir)
 
 
+def test_torchrun_resnet_resumes_like_the_uninterrupted_run(tmp_path: Path) -> None:
+    """The default model (ResNet, BatchNorm) under torchrun: a two-process run stopped after epoch 1 and
+    resumed ends with the metrics of an uninterrupted two-process run. On the CPU each process keeps its
+    own BatchNorm statistics (SyncBatchNorm needs a GPU; DDP broadcasts rank 0's buffers every forward,
+    and the checkpoint holds rank 0's); the SyncBatchNorm conversion of the ResNet is tested in test_models."""
+    common = [
+        "--dataset",
+        "digits",
+        "--train-samples",
+        "256",
+        "--batch-size",
+        "32",
+        "--no-plots",
+        "--eval-every",
+        "1",
+        "--out",
+        str(tmp_path),
+    ]
+    straight = torchrun([*common, "--epochs", "2", "--name", "straight"])
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    assert torchrun([*common, "--epochs", "1", "--name", "cut"]).returncode == 0
+    (tmp_path / "cut" / "summary.json").unlink()
+    resumed = torchrun([*common, "--epochs", "2", "--name", "cut"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming" in resumed.stdout
+    assert json.loads((tmp_path / "cut" / "args.json").read_text())["model"] == "resnet"
+    assert metrics(tmp_path / "cut") == metrics(tmp_path / "straight")
+
+
 def test_batch_size_must_split_across_processes(tmp_path: Path) -> None:
     """What README says a refused torchrun run shows: each worker's own line first, then torchrun's
     ChildFailedError with the workers' exit code 2, and torchrun's own exit code 1."""

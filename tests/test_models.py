@@ -131,3 +131,20 @@ def test_bad_width_is_refused(flags, capsys):
         parse_args(["--out", "/tmp", *flags])
     assert exit_info.value.code == 2
     assert "--width" in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_the_resnet_converted_to_syncbatchnorm_trains_and_loads_a_state_dict_without_metadata():
+    """torchrun on GPUs converts the ResNet's BatchNorm to SyncBatchNorm, whose forward counts batches in
+    num_batches_tracked: a forward and a backward in train mode run (no process group: it normalises
+    locally, as on one GPU). A state dict without its _metadata (a plain dict) loads into a new model."""
+    torch.manual_seed(0)
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(build_model("resnet", 1, 10, 2, 28)).train()
+    features, logits = model(torch.rand(4, 1, 28, 28))
+    (features.square().sum() + logits.sum()).backward()
+    bns = [m for m in model.modules() if isinstance(m, nn.SyncBatchNorm)]
+    assert bns and all(int(m.num_batches_tracked) == 1 for m in bns)
+    assert all(p.grad is not None for p in model.parameters())
+    state = dict(build_model("resnet", 1, 10, 2, 28).state_dict())
+    fresh = build_model("resnet", 1, 10, 2, 28)
+    fresh.load_state_dict(state)
+    assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in state.items())

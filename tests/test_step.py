@@ -1,0 +1,132 @@
+"""The training step from torch's public parts, against what the GPU would check: the fused SGD
+kernel's own argument checks, TF32 settings every torch has, the random states a run saves, the
+refused CUDA-graph capture with a loader thread, and --compile against the eager step."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from config import parse_args
+from main import main
+from training import build_trainer, cuda_backends, train_step
+
+TINY = ["--dataset", "digits", "--train-samples", "64", "--batch-size", "32", "--no-plots", "--model", "lenet++"]
+
+
+def trainer(flags: tuple[str, ...], classes: int = 10, batch: int = 16):
+    images = torch.randint(0, 256, (32, 1, 28, 28), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    data = SimpleNamespace(channels=1, classes=list(range(classes)), image_size=28, train=SimpleNamespace(images=images))
+    return build_trainer(parse_args(["--batch-size", str(batch), "--seed", "3", *flags]), data, torch.device("cpu"))
+
+
+def checked_fused_sgd(original):
+    """torch._fused_sgd_ with the checks of the CUDA kernel (aten/src/ATen/native/cuda/FusedSgdKernel.cu),
+    which the CPU kernel does not make: without momentum buffers the momentum must be 0, with them it
+    must be positive and every list as long as the parameters'; params, grads and buffers alike in
+    dtype, device and layout. An empty list is refused too (nothing to launch)."""
+    calls = []
+
+    def fused_sgd(params, grads, momentum_buffer_list, **kwargs):
+        assert params, "empty parameter list"
+        if not momentum_buffer_list:
+            assert kwargs["momentum"] == 0, "TORCH_CHECK_EQ(momentum, 0): momentum without momentum buffers"
+        else:
+            assert kwargs["momentum"] > 0 and len(momentum_buffer_list) == len(params) == len(grads)
+        for tensors in zip(params, grads, *([momentum_buffer_list] if momentum_buffer_list else [])):
+            assert len({(t.dtype, t.device, t.layout) for t in tensors}) == 1
+        calls.append(len(params))
+        return original(params, grads, momentum_buffer_list, **kwargs)
+
+    return fused_sgd, calls
+
+
+@pytest.mark.parametrize(
+    "flags,classes",
+    [(("--loss", "xent"), 10), (("--loss", "cent"), 10), (("--loss", "standalone"), 10), (("--loss", "cent"), 20)],
+    ids=["xent", "cent", "standalone", "more-classes-than-the-batch"],
+)
+def test_the_fused_sgd_calls_pass_the_cuda_kernels_checks(monkeypatch, flags, classes) -> None:
+    fused_sgd, calls = checked_fused_sgd(torch._fused_sgd_)
+    monkeypatch.setattr(torch, "_fused_sgd_", fused_sgd)
+    t = trainer(flags, classes)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(2):
+        *_, finite = train_step(t, torch.rand(16, 1, 28, 28, generator=g), torch.arange(16) % classes)
+        assert finite
+    assert len(calls) >= 2  # the kernel did run, once a step at least
+
+
+def test_the_kernel_check_catches_an_empty_call() -> None:
+    """The check can fail: the old step's call for an empty parameter group with momentum 0.9."""
+    fused_sgd, _ = checked_fused_sgd(torch._fused_sgd_)
+    with pytest.raises(AssertionError):
+        fused_sgd([], [], [], weight_decay=0.0, momentum=0.9, lr=0.1, dampening=0.0, nesterov=False, maximize=False, is_first_step=False)
+
+
+def test_tf32_is_off_through_settings_every_torch_has() -> None:
+    """cuda_backends turns TF32 off with the flags torch 2.4 already has; they read back, and reading them does not raise."""
+    saved = (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    try:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+        cuda_backends(torch.device("cuda"))  # only sets flags: no GPU needed
+        assert torch.backends.cudnn.allow_tf32 is False and torch.backends.cuda.matmul.allow_tf32 is False
+        assert torch.backends.cudnn.benchmark is True and torch.get_float32_matmul_precision() == "highest"
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def test_a_cpu_run_saves_no_cuda_state_and_resumes_a_checkpoint_of_many_gpus(tmp_path: Path, monkeypatch, capsys) -> None:
+    """On a host that has GPUs, a CPU run never touches CUDA (the CUDA RNG getters raise here) and saves the
+    CPU generator's state only; a checkpoint holding the old list of every GPU's state resumes on the CPU."""
+
+    def no_cuda(*args, **kwargs):
+        raise AssertionError("a CPU run initialised CUDA")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for name in ("get_rng_state", "get_rng_state_all", "set_rng_state", "set_rng_state_all"):
+        monkeypatch.setattr(torch.cuda, name, no_cuda)
+    args = [*TINY, "--device", "cpu", "--out", str(tmp_path), "--name", "run"]
+    assert main([*args, "--epochs", "1"]) == 0
+    path = tmp_path / "run" / "checkpoint.pt"
+    ckpt = torch.load(path, weights_only=True)
+    assert set(ckpt["random"]) == {"torch", "cuda"} and ckpt["random"]["cuda"] is None
+    ckpt["random"]["cuda"] = [torch.zeros(16, dtype=torch.uint8)] * 3  # saved on three GPUs
+    torch.save(ckpt, path)
+    (tmp_path / "run" / "summary.json").unlink()
+    capsys.readouterr()
+    assert main([*args, "--epochs", "2"]) == 0
+    assert "resuming" in capsys.readouterr().out
+
+
+def test_reduce_overhead_with_the_loader_pipeline_is_refused(capsys) -> None:
+    """CUDA graphs captured while the DataLoader's pin-memory thread makes CUDA calls can break: one line, exit 2."""
+    with pytest.raises(SystemExit) as info:
+        parse_args(["--compile", "reduce-overhead", "--pipeline", "loader"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and "error: --compile reduce-overhead captures CUDA graphs" in err[-1]
+    assert parse_args(["--compile", "reduce-overhead"]).compile == "reduce-overhead" and parse_args(["--compile"]).compile == "default"
+
+
+def test_compiled_steps_train_like_the_eager_steps(monkeypatch) -> None:
+    """--compile against eager: three steps of LeNet++ on the same batches give the same losses and
+    weights up to rounding. torch.compile runs with backend="aot_eager": dynamo's capture and AOTAutograd's
+    forward and backward graphs (buffer mutation, the gradients the step reads) without inductor's
+    code generation, which takes minutes on two busy cores (the ResNet longer still)."""
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None: compile_(model, mode=mode, backend="aot_eager"))
+    torch._dynamo.reset()
+    eager, compiled = trainer(("--model", "lenet++")), trainer(("--model", "lenet++", "--compile"))
+    assert compiled.net is not compiled.model  # the step calls the compiled module
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        x, y = torch.rand(16, 1, 28, 28, generator=g), torch.arange(16) % 10
+        expected, got = train_step(eager, x, y), train_step(compiled, x, y)
+        assert bool(got[-1]) and bool(expected[-1])
+        torch.testing.assert_close(got[3], expected[3], rtol=1e-4, atol=1e-5)
+    for a, b in zip(eager.model.state_dict().values(), compiled.model.state_dict().values(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    assert not torch.equal(eager.model.embed[1].weight, trainer(("--model", "lenet++")).model.embed[1].weight)  # the steps moved it
