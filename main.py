@@ -60,7 +60,7 @@ from datasets import (
     split_validation,
     tensor_batches,
 )
-from distributed import close_distributed, init_distributed
+from distributed import DistributedError, close_distributed, init_distributed
 from evaluation import acc_predictions, embed, epoch_row, run_summary
 from metrics import FEATURE_METRICS, GEOMETRY_METRICS, OPEN_SET_METRICS
 from models import MIN_SIDE
@@ -426,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         rank, world = init_distributed(resolve_device(args.device))
         code = train(args, rank, world)
         return code
-    except (DataError, CheckpointError, RunFolderError, TrainingError, visualize.StitchError) as exc:
+    except (DataError, CheckpointError, RunFolderError, TrainingError, visualize.StitchError, DistributedError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except WriteError as exc:  # every file is written atomically: the last checkpoint written is whole
