@@ -1,13 +1,10 @@
 """Pictures of learned features: per-epoch 2-D frames, GIFs, projections of high-dimensional features.
 
-    python visualize.py runs/standalone-mnist-feat=2 [RUN_DIR ...] [--to-imgs]
-    python visualize.py --geometry RUN_DIR [RUN_DIR ...] --out docs/geometry.png
+    python visualize.py runs/standalone-mnist-feat=2 [RUN_DIR ...] [--to-imgs]     # frames/<split>/*.png -> <split>.gif
+    python visualize.py --geometry RUN_DIR [RUN_DIR ...] --out docs/geometry.png  # metrics.GEOMETRY_METRICS over epochs
 
-stitches each run's frames/train/*.png and frames/test/*.png into train.gif and test.gif in the run
-folder; --to-imgs also copies them (and the projections of runs with feat_dim > 2) to
-imgs/<loss>-<dataset>-feat=<d>/, the naming the study's README uses. --geometry instead draws the
-class-geometry columns of the runs' metrics.csv (metrics.GEOMETRY_METRICS) over epochs, a line per run.
-"""
+--to-imgs also copies the GIFs (and the projections of runs with feat_dim > 2) to imgs/<loss>-<dataset>-feat=<d>/,
+the naming the study's README uses. Every file is written by utils.atomic_write_bytes."""
 
 from __future__ import annotations
 
@@ -126,9 +123,7 @@ def load_frame(path: Path) -> dict[str, np.ndarray]:
         if frame["features"].ndim != 2 or frame["features"].shape[1] != 2 or len(frame["labels"]) != len(frame["features"]):
             raise ValueError("not 2-D points with one label each")
     except Exception as exc:  # numpy reports damage as OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError, ...
-        raise StitchError(
-            f"{path}: damaged frame data ({type(exc).__name__}); delete it and run the same command again to draw the other frames"
-        ) from None
+        raise StitchError(f"{path}: damaged frame data ({type(exc).__name__}); delete it and run the same command again") from None
     return frame
 
 
@@ -146,9 +141,8 @@ def draw_one(job: tuple[Path, dict[str, np.ndarray], Sequence[str], np.ndarray])
 
 
 def draw_frames(run_dir: Path, classes: Sequence[str], workers: int = 1) -> np.ndarray | None:
-    """Draw every frame of a run (frames/*/epoch_*.npz -> .png) with one axis range (the union of each
-    frame's robust range) so the animation does not jump, in min(workers, frames) processes.
-    Returns the limits used."""
+    """Draw every frame of a run (frames/*/epoch_*.npz -> .png) in min(workers, frames) processes, with one axis range
+    (the union of each frame's robust range, returned) so the animation does not jump."""
     frames = sorted(f for split in SPLITS for f in own_folder(run_dir, "frames", split).glob("epoch_*.npz"))
     if not frames:
         return None
@@ -218,9 +212,8 @@ def save_projection(
 def log_tensorboard(
     writer, epoch: int, row: dict, centers: torch.Tensor | None, embedding: tuple[torch.Tensor, torch.Tensor, list[str]] | None = None
 ) -> None:
-    """TensorBoard: every numeric metrics column as a scalar, the min/mean/max distance between
-    centers and, when given, (features, images, class names) as an embedding with image thumbnails.
-    The 2-D frames are drawn after the last epoch: log_frames_to_tensorboard."""
+    """TensorBoard: every numeric metrics column as a scalar, the min/mean/max distance between centers and, when
+    given, (features, images, class names) as an embedding with thumbnails (the frames: log_frames_to_tensorboard)."""
     for key, value in row.items():
         if isinstance(value, float) and key not in ("epoch", "seconds"):
             writer.add_scalar(("train/" if key.startswith("train_") else "eval/") + key, value, epoch)
@@ -248,34 +241,28 @@ class StitchError(Exception):
     """A run whose pictures cannot be made (a damaged frame, args.json or metrics.csv, an unusable --imgs-dir); one line, exit code 1."""
 
 
-def make_gif(frames: Sequence[Path], path: Path, duration: float = 0.4, last_pause: float = 2.0) -> None:
-    """Stitch PNG frames into a looping GIF; the last frame stays `last_pause` seconds."""
+def make_run_gifs(run_dir: Path, duration: float = 0.4, last_pause: float = 2.0) -> list[Path]:
+    """train.gif and test.gif in the run folder from its frames/<split>/epoch_*.png, looping, the last frame staying
+    `last_pause` seconds; returns the GIFs made."""
     import imageio.v3 as iio
 
-    images = []
-    for frame in frames:
-        try:
-            images.append(iio.imread(frame)[..., :3])
-        except Exception as exc:  # PIL reports damage as OSError, SyntaxError, ValueError, ...
-            raise StitchError(f"{frame}: cannot be read as an image ({type(exc).__name__}); delete it to stitch the other frames") from None
-        if images[-1].shape != images[0].shape:
-            raise StitchError(
-                f"{frame}: a {images[-1].shape[1]}x{images[-1].shape[0]} frame among {images[0].shape[1]}x{images[0].shape[0]} ones; delete it"
-            )
-    durations = [int(duration * 1000)] * (len(images) - 1) + [int(last_pause * 1000)]
-    # Pillow writes a lone frame by its single-frame path, which takes one duration, not a list.
-    gif = iio.imwrite("<bytes>", images, extension=".gif", duration=durations if len(images) > 1 else durations[0], loop=0)
-    atomic_write_bytes(path, gif)
-
-
-def make_run_gifs(run_dir: Path, duration: float = 0.4, last_pause: float = 2.0) -> list[Path]:
-    """train.gif and test.gif in the run folder from its frames/<split>/epoch_*.png; returns the GIFs made."""
     made = []
     for split in SPLITS:
-        frames = sorted((run_dir / "frames" / split).glob("epoch_*.png"))
-        if frames:
-            make_gif(frames, run_dir / f"{split}.gif", duration, last_pause)
-            made.append(run_dir / f"{split}.gif")
+        images = []
+        for frame in sorted((Path(run_dir) / "frames" / split).glob("epoch_*.png")):
+            try:
+                images.append(iio.imread(frame)[..., :3])
+            except Exception as exc:  # PIL reports damage as OSError, SyntaxError, ValueError, ...
+                raise StitchError(f"{frame}: cannot be read as an image ({type(exc).__name__}); delete it to stitch the others") from None
+            if images[-1].shape != images[0].shape:
+                (h, w), (h0, w0) = images[-1].shape[:2], images[0].shape[:2]
+                raise StitchError(f"{frame}: a {w}x{h} frame among {w0}x{h0} ones; delete it")
+        if images:
+            durations = [int(duration * 1000)] * (len(images) - 1) + [int(last_pause * 1000)]
+            # Pillow writes a lone frame by its single-frame path, which takes one duration, not a list.
+            gif = iio.imwrite("<bytes>", images, extension=".gif", duration=durations if len(images) > 1 else durations[0], loop=0)
+            made.append(Path(run_dir) / f"{split}.gif")
+            atomic_write_bytes(made[-1], gif)
     return made
 
 
@@ -305,8 +292,6 @@ def stitch(run_dir: Path, duration: float, last_pause: float, imgs_dir: Path | N
         raise StitchError(f"{run_dir}: no frames (frames/train/epoch_*.png) to stitch; train with --feat-dim 2 and without --no-plots")
     if imgs_dir is None:
         return
-    if not (run_dir / "args.json").is_file():
-        raise StitchError(f"{run_dir}: no args.json, so the imgs/ name is unknown")
     target = imgs_dir / run_label(run_dir)
     try:
         target.mkdir(parents=True, exist_ok=True)
@@ -361,7 +346,7 @@ def seconds(text: str) -> float:
         value = float(text)
     except ValueError:
         value = math.nan
-    if not (math.isfinite(value) and 0.01 <= value <= 600):
+    if not 0.01 <= value <= 600:  # NaN and infinities too
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds from 0.01 to 600")
     return value
 

@@ -269,14 +269,13 @@ def test_class_colors_distinct():
 @pytest.mark.parametrize("count", [1, 3])
 def test_make_gif_of_one_or_more_frames(tmp_path, count):
     """A 1-epoch 2-D run has one frame: its GIF (Pillow's single-frame path) is written as well as a longer one's."""
-    frames = []
+    (tmp_path / "frames" / "test").mkdir(parents=True)
     for i in range(count):
-        frames.append(tmp_path / f"epoch_{i:03d}.png")
-        iio.imwrite(frames[-1], np.full((8, 10, 3), 40 * i, dtype=np.uint8))
-    visualize.make_gif(frames, tmp_path / "run.gif", duration=0.3, last_pause=1.5)
-    gif = iio.imread(tmp_path / "run.gif", index=None)
+        iio.imwrite(tmp_path / "frames" / "test" / f"epoch_{i:03d}.png", np.full((8, 10, 3), 40 * i, dtype=np.uint8))
+    assert visualize.make_run_gifs(tmp_path, duration=0.3, last_pause=1.5) == [tmp_path / "test.gif"]
+    gif = iio.imread(tmp_path / "test.gif", index=None)
     assert gif.shape[:3] == (count, 8, 10)
-    with Image.open(tmp_path / "run.gif") as im:
+    with Image.open(tmp_path / "test.gif") as im:
         durations = []
         for i in range(im.n_frames):
             im.seek(i)
