@@ -430,7 +430,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except WriteError as exc:  # every file is written atomically: the last checkpoint written is whole
-        print(f"error: {exc}; free space or fix the folder, then run the same command to resume from the last checkpoint", file=sys.stderr)
+        print(
+            f"error: {exc}; free space or fix the folder, then run the same command (it resumes from the last checkpoint, if any)",
+            file=sys.stderr,
+        )
         return 1
     except KeyboardInterrupt:  # before the training loop installs its handlers: nothing to save yet
         print(STARTUP_INTERRUPT, file=sys.stderr)
