@@ -102,8 +102,8 @@ class RunFolderError(Exception):
 
 
 LOCK_FILE = ".lock"  # in the run folder: whichever process holds its flock owns the folder
-RUN_FILES = ("args.json", "metrics.csv", "checkpoint.pt", "summary.json")  # regular files of main.py's, when present
-RUN_FOLDERS = ("frames", "tensorboard")  # folders of main.py's, when present: a link there would send the run's files elsewhere
+RUN_FILES = ("args.json", "metrics.csv", "checkpoint.pt", "summary.json", "train.gif", "test.gif", "train.png", "test.png")  # when present
+RUN_FOLDERS = ("frames", "frames/train", "frames/test", "tensorboard")  # when present; a link there would send the run's files elsewhere
 NAME_MAX = 255  # bytes in one file name on Linux's and macOS's file systems
 RUN_DIR_MAX = 4096 - 100  # bytes in a run folder's path: Linux's PATH_MAX, less room for the files inside it
 
@@ -287,7 +287,10 @@ def make_run_dir(run_dir: Path, overwrite: bool) -> int:
         raise SystemExit(usage_error(f"cannot create the run folder {run_dir} ({exc.strerror}); choose another --out")) from None
     if not os.access(run_dir, os.W_OK | os.X_OK):
         raise SystemExit(usage_error(f"the run folder {run_dir} is not writable; choose another --out or --name"))
-    lock = lock_run_dir(run_dir)
+    try:
+        lock = lock_run_dir(run_dir)
+    except OSError as exc:  # writing the pid into the lock file, on a full disk
+        raise RunFolderError(f"cannot write the lock file in {run_dir} ({exc.strerror}); free space or choose another --out") from None
     try:
         if overwrite and made_by_main(run_dir):
             empty_run_dir(run_dir)
@@ -331,10 +334,7 @@ def empty_run_dir(run_dir: Path) -> None:
     entries = sorted((p for p in run_dir.iterdir() if p.name != LOCK_FILE), key=lambda p: p.name != "summary.json")
     for path in entries:
         try:
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
         except OSError as exc:
             raise RunFolderError(
                 f"--overwrite cannot delete {exc.filename or path} ({exc.strerror}); the old run in {run_dir} is partly deleted "

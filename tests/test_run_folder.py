@@ -154,8 +154,8 @@ def test_atomic_write_never_writes_through_its_temporary_name(tmp_path: Path, pl
 
 
 def test_links_planted_in_a_run_folder_are_not_followed(tmp_path: Path) -> None:
-    """A resumable run whose folder holds links at every temporary name: it finishes, and the file the
-    links point to is left as it was."""
+    """A resumable run whose folder holds links at every temporary name, and a metrics.csv that is a link: it
+    finishes, and the file the links point to is left as it was."""
     args = [*QUICK, "--out", str(tmp_path), "--name", "run"]
     assert main.main([*args, "--epochs", "1"]) == 0
     run_dir = tmp_path / "run"
@@ -164,13 +164,25 @@ def test_links_planted_in_a_run_folder_are_not_followed(tmp_path: Path) -> None:
     precious.write_text(PRECIOUS)
     for name in ("checkpoint.pt", "args.json", "metrics.csv", "summary.json"):
         (run_dir / f".{name}.tmp").symlink_to(precious)
+    (run_dir / "metrics.csv").unlink()
+    (run_dir / "metrics.csv").symlink_to(precious)  # replaced by the new metrics.csv, not written through
     assert main.main([*args, "--epochs", "2"]) == 0
     assert precious.read_text() == PRECIOUS
     assert json.loads((run_dir / "summary.json").read_text())["epochs"] == 2
-    assert not [p.name for p in run_dir.iterdir() if p.name.endswith(".tmp")]
+    assert not [p.name for p in run_dir.iterdir() if p.name.endswith(".tmp")] and not (run_dir / "metrics.csv").is_symlink()
 
 
-@pytest.mark.parametrize("folder", ["frames", "tensorboard"])
+def test_a_full_disk_at_the_lock_file_is_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
+    def full(*args) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(checkpoints.os, "pwrite", full)
+    assert main.main([*QUICK, "--out", str(tmp_path), "--name", "run"]) == 1
+    line = stderr_error_line(capsys.readouterr().err)
+    assert line == f"error: cannot write the lock file in {tmp_path / 'run'} (No space left on device); free space or choose another --out"
+
+
+@pytest.mark.parametrize("folder", ["frames", "frames/train", "tensorboard"])
 @pytest.mark.parametrize("kind", ["link", "file"])
 def test_a_run_subfolder_that_is_a_link_or_a_file_is_refused(tmp_path: Path, capsys, folder: str, kind: str) -> None:
     """frames or tensorboard as a link (to a folder elsewhere) or a file: refused at start, exit 2, nothing
@@ -179,6 +191,7 @@ def test_a_run_subfolder_that_is_a_link_or_a_file_is_refused(tmp_path: Path, cap
     (run_dir / "summary.json").unlink()
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
+    (run_dir / folder).parent.mkdir(exist_ok=True)
     (run_dir / folder).symlink_to(elsewhere) if kind == "link" else (run_dir / folder).write_text("a file")
     before = listing(tmp_path)
     with pytest.raises(SystemExit) as info:
@@ -187,10 +200,10 @@ def test_a_run_subfolder_that_is_a_link_or_a_file_is_refused(tmp_path: Path, cap
     line = stderr_error_line(capsys.readouterr().err)
     assert line.endswith(f"{run_dir / folder} is a link or not a folder; remove it, or use --overwrite to start the run again")
     assert listing(tmp_path) == before
-    writer = {
-        "frames": lambda: visualize.save_frame_data(run_dir, "train", 1, torch.zeros(3, 2), torch.zeros(3, dtype=torch.long), None, "t"),
-        "tensorboard": lambda: visualize.log_frames_to_tensorboard(run_dir),
-    }[folder]
+    if folder == "tensorboard":
+        writer = lambda: visualize.log_frames_to_tensorboard(run_dir)  # noqa: E731
+    else:
+        writer = lambda: visualize.save_frame_data(run_dir, "train", 1, torch.zeros(3, 2), torch.zeros(3, dtype=torch.long), None, "t")  # noqa: E731
     with pytest.raises(utils.WriteError, match=f"{run_dir / folder} is a link or not a folder"):
         writer()
     assert not list(elsewhere.iterdir())
