@@ -301,7 +301,7 @@ def loop(run: Run, data: Dataset, start_epoch: int, state: EpochState | None) ->
     if args.tensorboard and rank == 0:
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(run.dir / "tensorboard"))
+        writer = SummaryWriter(str(visualize.own_folder(run.dir, "tensorboard")))  # not through a link
     stop = {"signal": None}
     previous = {s: signal.signal(s, lambda signum, frame: stop.update(signal=signum)) for s in (signal.SIGINT, signal.SIGTERM)}
     try:

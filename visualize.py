@@ -18,6 +18,7 @@ import shutil
 import signal
 import sys
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import matplotlib
@@ -59,9 +60,8 @@ def own_folder(run_dir: Path, *names: str) -> Path:
     for name in names:
         folder = folder / name
         try:
-            folder.mkdir(exist_ok=True)
-        except FileExistsError:  # a file or a dangling link: refused below
-            pass
+            if not folder.is_symlink() and not folder.exists():
+                folder.mkdir()
         except OSError as exc:
             raise WriteError(f"cannot create {folder} ({exc.strerror})") from None
         if folder.is_symlink() or not folder.is_dir():
@@ -71,8 +71,7 @@ def own_folder(run_dir: Path, *names: str) -> Path:
 
 def robust_limits(points: np.ndarray, quantile: float = 0.005, pad: float = 0.08) -> np.ndarray:
     """Axis limits [[xmin, xmax], [ymin, ymax]] spanning all but the outer 0.5% on each side, padded."""
-    low = np.quantile(points, quantile, axis=0)
-    high = np.quantile(points, 1 - quantile, axis=0)
+    low, high = np.quantile(points, [quantile, 1 - quantile], axis=0)
     span = np.maximum(high - low, 1e-6)
     return np.stack([low - pad * span, high + pad * span], axis=1)
 
@@ -369,13 +368,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{given[0]} is for stitching GIFs, which --geometry does not do; drop it")
     if args.imgs_dir is not None and not args.to_imgs:
         parser.error("--imgs-dir says where --to-imgs copies to; add --to-imgs or drop it")
+    imgs_dir = (args.imgs_dir or Path("imgs")) if args.to_imgs else None
+    jobs = [partial(stitch, run, args.duration or 0.4, args.last_pause or 2.0, imgs_dir) for run in args.runs]
     failures = 0
-    for run_dir in [None] if args.geometry else args.runs:  # --geometry draws one picture of all the runs
+    for job in [partial(draw_geometry, args.runs, args.out)] if args.geometry else jobs:  # --geometry: one picture of all the runs
         try:
-            if args.geometry:
-                draw_geometry(args.runs, args.out)
-            else:
-                stitch(run_dir, args.duration or 0.4, args.last_pause or 2.0, (args.imgs_dir or Path("imgs")) if args.to_imgs else None)
+            job()
         except (StitchError, WriteError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             failures += 1
