@@ -426,14 +426,8 @@ def main(argv: list[str] | None = None) -> int:
         rank, world = init_distributed(resolve_device(args.device))
         code = train(args, rank, world)
         return code
-    except (DataError, CheckpointError, RunFolderError, TrainingError, visualize.StitchError, DistributedError) as exc:
+    except (DataError, CheckpointError, RunFolderError, TrainingError, visualize.StitchError, DistributedError, WriteError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except WriteError as exc:  # every file is written atomically: the last checkpoint written is whole
-        print(
-            f"error: {exc}; free space or fix the folder, then run the same command (it resumes from the last checkpoint, if any)",
-            file=sys.stderr,
-        )
         return 1
     except KeyboardInterrupt:  # before the training loop installs its handlers: nothing to save yet
         print(STARTUP_INTERRUPT, file=sys.stderr)

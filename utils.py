@@ -65,7 +65,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         finally:
             os.close(dir_fd)
     except OSError as exc:
-        raise WriteError(f"cannot write {path} ({exc.strerror or exc})") from None
+        raise WriteError(f"cannot write {path} ({exc.strerror}); free space or fix the folder and run the same command again") from None
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:

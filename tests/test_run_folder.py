@@ -239,7 +239,9 @@ def test_a_write_failure_mid_run_is_one_line_and_resumable(tmp_path: Path, monke
     fail_writes(monkeypatch, failing, error)
     assert main.main([*args, "--epochs", "2"]) == 1
     line = stderr_error_line(capsys.readouterr().err)
-    assert line.startswith("error: cannot write ") and f"{failing} ({os.strerror(error)}); free space or fix the folder" in line
+    assert line.startswith("error: cannot write ") and line.endswith(
+        f"{failing} ({os.strerror(error)}); free space or fix the folder and run the same command again"
+    )
     assert not (run_dir / "summary.json").exists() and not list(run_dir.rglob("*.tmp"))
     ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     assert ckpt["epoch"] == (2 if failing in ("epoch_001.png", "summary.json") else 1)
