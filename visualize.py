@@ -14,7 +14,6 @@ import io
 import json
 import math
 import multiprocessing
-import shutil
 import signal
 import sys
 from collections.abc import Sequence
@@ -208,9 +207,7 @@ def save_projection(
     save_figure(fig, path)
 
 
-def log_tensorboard(
-    writer, epoch: int, row: dict, centers: torch.Tensor | None, embedding: tuple[torch.Tensor, torch.Tensor, list[str]] | None = None
-) -> None:
+def log_tensorboard(writer, epoch: int, row: dict, centers: torch.Tensor | None, embedding: tuple | None = None) -> None:
     """TensorBoard: every numeric metrics column as a scalar, the min/mean/max distance between centers and, when
     given, (features, images, class names) as an embedding with thumbnails (the frames: log_frames_to_tensorboard)."""
     for key, value in row.items():
@@ -295,7 +292,7 @@ def stitch(run_dir: Path, duration: float, last_pause: float, imgs_dir: Path | N
     try:
         target.mkdir(parents=True, exist_ok=True)
         for path in made + projections:
-            shutil.copyfile(path, target / path.name)
+            atomic_write_bytes(target / path.name, path.read_bytes())  # replaces a link there, never writes through it
             print(f"copied {path} -> {target / path.name}")
     except OSError as exc:
         raise StitchError(f"--imgs-dir {imgs_dir}: cannot copy into {target} ({exc.strerror}); give a folder as --imgs-dir") from None
