@@ -388,3 +388,14 @@ def test_cli_on_a_run_folder_it_cannot_write_is_one_line(tiny_runs, tmp_path, mo
     line = stderr_error_line(capsys.readouterr().err)
     assert line.startswith(f"error: cannot write {run_dir / 'train.gif'} (Read-only file system); free space or fix the folder")
     assert (run_dir / "train.gif").read_bytes() == old and not list(run_dir.rglob("*.tmp"))
+
+
+def test_to_imgs_replaces_a_link_instead_of_writing_through_it(tiny_runs, tmp_path):
+    run_dir = copy_run(tiny_runs["cent"], tmp_path)
+    precious = tmp_path / "precious.gif"
+    precious.write_bytes(b"keep me")
+    (tmp_path / "imgs" / "cent-mnist-feat=2").mkdir(parents=True)
+    (tmp_path / "imgs" / "cent-mnist-feat=2" / "train.gif").symlink_to(precious)
+    assert visualize.main([str(run_dir), "--to-imgs", "--imgs-dir", str(tmp_path / "imgs")]) == 0
+    copied = tmp_path / "imgs" / "cent-mnist-feat=2" / "train.gif"
+    assert precious.read_bytes() == b"keep me" and not copied.is_symlink() and copied.read_bytes() == (run_dir / "train.gif").read_bytes()
