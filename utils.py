@@ -43,13 +43,13 @@ class WriteError(Exception):
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write via a temporary file, fsync and rename: a kill or a failure mid-write leaves the old file intact
     and no temporary file. The temporary file is made anew, never through a link (O_EXCL, and O_NOFOLLOW where
-    the system has it): a stale one, or a link planted in its place, is unlinked first, which never touches
-    a link's target. Any failure is a WriteError."""
+    the system has it; O_BINARY on Windows): a stale one, or a link planted in its place, is unlinked first,
+    which never touches a link's target. Any failure is a WriteError."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         tmp.unlink(missing_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0), 0o666)
         try:
             with open(fd, "wb") as f:
                 f.write(data)
