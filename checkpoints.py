@@ -60,7 +60,8 @@ class RunFolderError(Exception):
 
 LOCK_FILE = ".lock"  # in the run folder: whichever process holds its lock owns the folder
 LOCK_BYTE = 32  # the lock file: the owner's pid in the bytes before this one, which Windows locks
-RUN_FILES = ("args.json", "metrics.csv", "checkpoint.pt", "summary.json")  # regular files of main.py's, when present
+RUN_FILES = ("args.json", "metrics.csv", "checkpoint.pt", "summary.json", "train.gif", "test.gif", "train.png", "test.png")  # when present
+RUN_FOLDERS = ("frames", "frames/train", "frames/test", "tensorboard")  # when present; a link there would send the run's files elsewhere
 NAME_MAX = 255  # bytes in one file name on Linux's and macOS's file systems
 RUN_DIR_MAX = 4096 - 100  # bytes in a run folder's path: Linux's PATH_MAX, less room for the files inside it
 
@@ -195,9 +196,8 @@ def made_by_main(run_dir: Path) -> bool:
 
 
 def check_run_dir(args: argparse.Namespace) -> tuple[Path, bool]:
-    """The run folder and whether to resume, or SystemExit(2) for one the command must not touch:
-    a file, a link, a folder main.py did not make, a finished run (without --overwrite). Only reads,
-    so that every torchrun process can check before rank 0 changes anything (make_run_dir)."""
+    """The run folder and whether to resume, or SystemExit(2) for one the command must not touch: a file, a link, a folder
+    main.py did not make, a finished run (without --overwrite). Only reads: every torchrun process checks before rank 0 writes."""
     run_dir = Path(args.out) / args.name
     if run_dir.is_symlink() or (run_dir.exists() and not run_dir.is_dir()):
         raise SystemExit(usage_error(f"{run_dir} exists and is not a folder; choose another --name or --out"))
@@ -207,9 +207,10 @@ def check_run_dir(args: argparse.Namespace) -> tuple[Path, bool]:
                 f"{run_dir} is not a run folder of main.py (it has no args.json of ours), so it is left alone; choose another --name or --out"
             )
         )
-    odd = [run_dir / name for name in RUN_FILES if (run_dir / name).exists() and not (run_dir / name).is_file()]
+    odd = [f"{p} is not a regular file" for p in (run_dir / n for n in RUN_FILES) if p.exists() and not p.is_file()]
+    odd += [f"{p} is a link or not a folder" for p in (run_dir / n for n in RUN_FOLDERS) if p.is_symlink() or p.exists() and not p.is_dir()]
     if odd and not args.overwrite:  # found now, not when the first checkpoint cannot replace it after an epoch
-        raise SystemExit(usage_error(f"{odd[0]} is not a regular file; remove it, or use --overwrite to start the run again"))
+        raise SystemExit(usage_error(f"{odd[0]}; remove it, or use --overwrite to start the run again"))
     has_checkpoint = (run_dir / "checkpoint.pt").is_file()
     if not args.overwrite and (run_dir / "summary.json").is_file():
         raise SystemExit(usage_error(f"{run_dir} holds a finished run; use --overwrite to replace it or --name for another"))
@@ -219,16 +220,18 @@ def check_run_dir(args: argparse.Namespace) -> tuple[Path, bool]:
 
 
 def make_run_dir(run_dir: Path, overwrite: bool) -> int:
-    """Rank 0, after check_run_dir: create the folder, lock it (lock_run_dir) and, on --overwrite,
-    empty it of the old run (only a folder of main.py's: an empty folder of someone else's is
-    reused as it is). Returns the lock's file descriptor, to hold until the run ends."""
+    """Rank 0, after check_run_dir: create the folder, lock it (lock_run_dir) and, on --overwrite, empty it of the old run (only
+    a folder of main.py's: an empty folder of someone else's is reused as it is). Returns the lock's descriptor, held to the end."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise SystemExit(usage_error(f"cannot create the run folder {run_dir} ({exc.strerror}); choose another --out")) from None
     if not os.access(run_dir, os.W_OK | os.X_OK):
         raise SystemExit(usage_error(f"the run folder {run_dir} is not writable; choose another --out or --name"))
-    lock = lock_run_dir(run_dir)
+    try:
+        lock = lock_run_dir(run_dir)
+    except OSError as exc:  # writing the pid into the lock file, on a full disk
+        raise RunFolderError(f"cannot write the lock file in {run_dir} ({exc.strerror}); free space or choose another --out") from None
     try:
         if overwrite and made_by_main(run_dir):
             empty_run_dir(run_dir)
@@ -286,10 +289,7 @@ def empty_run_dir(run_dir: Path) -> None:
     entries = sorted((p for p in run_dir.iterdir() if p.name != LOCK_FILE), key=lambda p: p.name != "summary.json")
     for path in entries:
         try:
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
         except OSError as exc:
             raise RunFolderError(
                 f"--overwrite cannot delete {exc.filename or path} ({exc.strerror}); the old run in {run_dir} is partly deleted "

@@ -42,17 +42,23 @@ LOSS_FLAGS = {
     "lr_cent": tuple(loss for loss in LOSSES if loss != "xent"),  # the losses with centers
 }
 LOSS_DEFAULTS = {"weight_cent": 1.0, "weight_intra": 1.0, "weight_inter": 0.1, "alpha": 0.05}
+PLOT_DEFAULTS = {"projection": "pca", "plot_every": 1}  # set after the checks, which refuse them given where nothing is drawn
+FLOAT32 = torch.finfo(torch.float32)
 
 
 def finite_float(text: str) -> float:
     """argparse type of every float flag: NaN and infinity would slip through the range checks
-    (every comparison with NaN is false) and poison training silently."""
+    (every comparison with NaN is false) and poison training silently; so would a value that float32,
+    in which training computes, holds as 0 or infinity (--lr 1e-300 trained nothing and ended "done")
+    or only imprecisely (subnormal): 0 or tiny <= |value| <= max of float32."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a finite number, not {text!r}")
+    if value and not FLOAT32.tiny <= abs(value) <= FLOAT32.max:
+        raise argparse.ArgumentTypeError(f"{text!r} is outside float32's normal range, {FLOAT32.tiny:.3g} to {FLOAT32.max:.3g} in size")
     return value
 
 
@@ -181,8 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="require a checkpoint to resume from (unfinished runs resume anyway)")
     p.add_argument("--overwrite", action="store_true", help="replace a finished or unfinished run of the same name")
     p.add_argument("--no-plots", action="store_true", help="skip the per-epoch 2-D frames and the final projections")
-    p.add_argument("--projection", choices=("pca", "tsne"), default="pca", help="2-D projection of the final features when feat_dim > 2")
-    p.add_argument("--plot-every", type=int, default=1, help="draw a 2-D frame every N epochs (and the last)")
+    p.add_argument("--projection", choices=("pca", "tsne"), help="2-D projection of the final features when feat_dim > 2 (default pca)")
+    p.add_argument("--plot-every", type=int, help="draw a 2-D frame every N epochs (and the last) when feat_dim is 2 (default 1)")
     return p
 
 
@@ -252,7 +258,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         (args.workers is None or args.workers >= 0, "--workers must not be negative"),
         (args.workers is None or args.pipeline == "loader", "--workers sets the DataLoader processes of --pipeline loader; drop it"),
         (args.max_bad_steps >= 1, "--max-bad-steps must be at least 1"),
-        (args.plot_every >= 1, "--plot-every must be at least 1"),
+        (args.plot_every is None or args.plot_every >= 1, "--plot-every must be at least 1"),
+        (args.plot_every is None or args.feat_dim == 2 and not args.no_plots, "--plot-every is for --feat-dim 2 with plots; drop it"),
+        (
+            args.projection is None or args.feat_dim > 2 and not args.no_plots,
+            "--projection is for --feat-dim 3 or more with plots; drop it",
+        ),
         (0 <= args.val_fraction < 1, "--val-fraction must be in [0, 1)"),
         (args.eval_every >= 0, "--eval-every must not be negative"),
         (args.alpha is None or args.alpha > 0, "--alpha must be positive"),
@@ -277,7 +288,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for ok, message in checks:
         if not ok:
             parser.error(message)
-    for key, value in LOSS_DEFAULTS.items():
+    for key, value in {**LOSS_DEFAULTS, **PLOT_DEFAULTS}.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.loss in LOSS_FLAGS["weight_intra"] and args.weight_intra == args.weight_inter == 0:
@@ -333,9 +344,8 @@ def device_problem(name: str) -> str | None:
         if not torch.cuda.is_available():
             return f"--device {name}: CUDA is not available here; use --device cpu"
         if device.index is not None and device.index >= torch.cuda.device_count():
-            return (
-                f"--device {name}: there are {torch.cuda.device_count()} CUDA devices here (cuda:0 to cuda:{torch.cuda.device_count() - 1})"
-            )
+            picked = f"cuda:{device.index} (by LOCAL_RANK)" if "LOCAL_RANK" in os.environ and ":" not in name else name
+            return f"--device {picked}: there are {torch.cuda.device_count()} CUDA devices here (cuda:0 to cuda:{torch.cuda.device_count() - 1})"
         return None
     if device.type == "mps":
         return None if torch.backends.mps.is_available() else f"--device {name}: MPS is not available here; use --device cpu"

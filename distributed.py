@@ -5,55 +5,69 @@ from __future__ import annotations
 
 import gc
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.distributed.constants import default_pg_timeout
 
 TORCHRUN_VARIABLES = ("RANK", "MASTER_ADDR", "MASTER_PORT")  # what init_process_group's env:// needs besides WORLD_SIZE
+JOIN_TIMEOUT = timedelta(minutes=5)  # for every process to reach init_distributed: torchrun starts them together
+
+
+class DistributedError(Exception):
+    """Processes that did not all join the process group in time; one line, exit code 1."""
+
+
+def env_integer(name: str, low: int, high: int, what: str) -> int | None:
+    """The integer in the environment variable `name` (None when unset); ValueError, with the line to show, unless low <= it <= high."""
+    text = os.environ.get(name)
+    if text is not None and not (text.strip().isdigit() and low <= int(text) <= high):
+        raise ValueError(f"the environment's {name}={text!r} is not {what}; unset it or start with torchrun, which sets it")
+    return None if text is None else int(text)
 
 
 def world_size() -> int:
-    """The number of processes: WORLD_SIZE as torchrun sets it (with its other variables), 1 without it.
-    ValueError, with the line to show, for a WORLD_SIZE that is not a positive integer or that came without torchrun."""
-    text = os.environ.get("WORLD_SIZE", "1")
-    try:
-        world = int(text)
-    except ValueError:
-        world = 0
-    if world < 1:
-        raise ValueError(f"the environment's WORLD_SIZE={text!r} is not a positive number of processes; unset it or start with torchrun")
+    """WORLD_SIZE as torchrun sets it, 1 without it; ValueError, with the line to show, for one without torchrun's
+    other variables or any of them out of range (RANK and LOCAL_RANK below WORLD_SIZE, MASTER_PORT a port)."""
+    world = env_integer("WORLD_SIZE", 1, 2**31 - 1, "a positive number of processes") or 1
     missing = [name for name in TORCHRUN_VARIABLES if name not in os.environ]
     if world > 1 and missing:
-        raise ValueError(
-            f"the environment has WORLD_SIZE={world} but not {', '.join(missing)}: start with torchrun --nproc-per-node {world} "
-            "main.py ..., or unset WORLD_SIZE for one process"
-        )
+        raise ValueError(f"the environment has WORLD_SIZE={world} but not {', '.join(missing)}: start with torchrun, or unset WORLD_SIZE")
+    for name in ("RANK", "LOCAL_RANK"):
+        env_integer(name, 0, world - 1, f"a process rank from 0 to {world - 1} (WORLD_SIZE {world})")
+    env_integer("MASTER_PORT", 1, 65535, "a port number from 1 to 65535")
     return world
 
 
 def init_distributed(device: torch.device) -> tuple[int, int]:
-    """Join the torchrun process group when WORLD_SIZE > 1 (NCCL on CUDA, gloo on the CPU).
-    Returns (rank, world size); (0, 1) for a plain single-process run."""
+    """Join the process group when WORLD_SIZE > 1 (NCCL on CUDA, gloo on the CPU); (rank, world size). All processes meet within
+    JOIN_TIMEOUT or DistributedError; init_process_group's own timeout also bounds later collectives, so it stays torch's."""
     world = world_size()
     if world == 1:
         return 0, 1
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), world
+    try:
+        store, rank, _ = next(dist.rendezvous("env://", timeout=JOIN_TIMEOUT))
+    except dist.DistError as exc:
+        raise DistributedError(
+            f"rank {os.environ['RANK']}: not all {world} processes met at {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} within "
+            f"{JOIN_TIMEOUT.total_seconds():.0f} s ({str(exc).splitlines()[0]}); start them with torchrun --nproc-per-node {world} main.py ..."
+        ) from None
+    store.set_timeout(default_pg_timeout)  # later waits on the store (NCCL's first collective) get torch's usual time
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank, world_size=world)
+    return rank, world
 
 
 def close_distributed(finished: bool) -> None:
     """Leave the process group in step with the other ranks, while the interpreter is whole.
 
-    The DistributedDataParallel wrapper sits in reference cycles (checked: a wrapper dropped by its
-    function stays alive until gc runs) that keep the gloo process group alive past
-    destroy_process_group; freed late, at interpreter shutdown, its C++ threads can abort the process
-    (SIGABRT, "terminate called without an active exception", seen in the torchrun tests under load).
-    So the cycles are collected first. After train() returned (finished or stopped for a signal) every rank also waits at a barrier for rank 0's final
-    pictures and summary, so that no rank closes its connections while another still uses them; after
-    an error the ranks may not all be here, and a barrier would wait for the dead.
-    """
+    The DistributedDataParallel wrapper sits in reference cycles that keep the gloo process group alive
+    past destroy_process_group; freed at interpreter shutdown, its C++ threads can abort the process
+    (SIGABRT, seen in the torchrun tests under load), so the cycles are collected first. After train()
+    returned every rank waits at a barrier for rank 0's final pictures and summary, so that no rank closes
+    its connections while another still uses them; after an error a barrier would wait for the dead."""
     gc.collect()
     if finished:
         try:
@@ -66,12 +80,10 @@ def close_distributed(finished: bool) -> None:
 def gather_batch(features: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The global batch from every rank's slice, with gradients flowing back to each slice's owner.
 
-    Every rank then computes the same loss on the whole batch, so the pairwise inter term sees all
-    pairs. The all-gather's backward sums the world's identical gradients (a factor `world`) and
-    DistributedDataParallel averages over the world (a factor 1/world): the model's gradient equals
-    that of one process holding the whole batch. The centers see the whole batch on every rank, so
-    their gradients are identical everywhere without communication.
-    """
+    Every rank computes the same loss on the whole batch, so the inter term sees all pairs. The all-gather's
+    backward sums the world's identical gradients (a factor `world`) and DistributedDataParallel averages
+    (1/world): the model's gradient is that of one process holding the whole batch. The centers see the
+    whole batch on every rank, so their gradients are identical everywhere without communication."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return features, logits, labels
     all_labels = [torch.empty_like(labels) for _ in range(dist.get_world_size())]

@@ -22,17 +22,23 @@ STARTUP_INTERRUPT = "interrupted before training started; no new checkpoint was 
 
 
 def interrupted_at_startup(signum: int, frame: object) -> None:
-    """SIGINT from start until the training loop installs its own handlers: one line, exit 130, at once.
+    """SIGINT or SIGTERM from start until the training loop installs its own handlers: one line, exit 128 + signum, at once.
 
     Nothing needs saving yet, and every file written so far was written atomically. No exception is
     raised: one raised into the lazy imports of start-up (torch's, scikit-learn's, torchvision's)
     can end in a traceback from their own handlers, or in a C++ terminate (rc 134)."""
     os.write(2, (STARTUP_INTERRUPT + "\n").encode())
-    os._exit(130)
+    os._exit(128 + signum)
 
 
-if __name__ == "__main__":  # Ctrl-C while torch and the rest import (seconds), load data, build the model: one line
+def interrupt(signum: int, frame: object) -> None:
+    """SIGINT or SIGTERM after the training loop: a KeyboardInterrupt carrying the signal, for train() to report."""
+    raise KeyboardInterrupt(signum)
+
+
+if __name__ == "__main__":  # a signal while torch and the rest import (seconds), load data, build the model: one line
     signal.signal(signal.SIGINT, interrupted_at_startup)
+    signal.signal(signal.SIGTERM, interrupted_at_startup)
 
 import torch
 import torch.distributed as dist
@@ -54,12 +60,12 @@ from datasets import (
     split_validation,
     tensor_batches,
 )
-from distributed import close_distributed, init_distributed
+from distributed import DistributedError, close_distributed, init_distributed
 from evaluation import acc_predictions, embed, epoch_row, run_summary
 from metrics import FEATURE_METRICS, GEOMETRY_METRICS, OPEN_SET_METRICS
 from models import MIN_SIDE
 from training import TERMS, EpochState, Run, build_trainer, cuda_backends, make_scheduler, train_step
-from utils import atomic_torch_save, epoch_generator, resolve_device, write_csv, write_json
+from utils import WriteError, atomic_torch_save, epoch_generator, resolve_device, write_csv, write_json
 
 COLUMNS = [
     "epoch", "lr",
@@ -184,15 +190,19 @@ def train(args: argparse.Namespace, rank: int, world: int) -> int:
         if stopped is not None:
             return stopped
         if rank == 0:
+            previous = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
             try:
                 finish(run, data)
-            except KeyboardInterrupt:  # the signal handlers are gone: pictures and summary are redone from the checkpoint
+            except KeyboardInterrupt as exc:  # pictures and summary are redone from the checkpoint
                 print(
                     f"interrupted while drawing the final pictures and writing summary.json; the checkpoint of epoch {args.epochs} is saved, "
                     "run the same command to finish the run",
                     file=sys.stderr,
                 )
-                return 130
+                return 128 + (exc.args[0] if exc.args else signal.SIGINT)
+            finally:
+                for s, handler in previous.items():
+                    signal.signal(s, handler)
         return 0
     finally:
         if lock is not None:
@@ -295,7 +305,7 @@ def loop(run: Run, data: Dataset, start_epoch: int, state: EpochState | None) ->
     if args.tensorboard and rank == 0:
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(run.dir / "tensorboard"))
+        writer = SummaryWriter(str(visualize.own_folder(run.dir, "tensorboard")))  # not through a link
     stop = {"signal": None}
     previous = {s: signal.signal(s, lambda signum, frame: stop.update(signal=signum)) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -331,8 +341,8 @@ def loop(run: Run, data: Dataset, start_epoch: int, state: EpochState | None) ->
             if stop_agreed(run, stop):
                 return 128 + stop["signal"]
     finally:
-        for s, handler in previous.items():  # start-up is over: Ctrl-C in finish() is a KeyboardInterrupt again
-            signal.signal(s, signal.default_int_handler if handler is interrupted_at_startup else handler)
+        for s, handler in previous.items():  # start-up is over: a signal from here on is a KeyboardInterrupt carrying it
+            signal.signal(s, interrupt if handler is interrupted_at_startup else handler)
         if writer is not None:
             writer.close()
     return None
@@ -421,12 +431,13 @@ def finish(run: Run, data: Dataset) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     world, code = 1, None
+    sys.stdout.reconfigure(errors="backslashreplace")  # a run name the terminal's encoding lacks must not fail a finished run
     try:
         args = parse_args(argv)
         rank, world = init_distributed(resolve_device(args.device))
         code = train(args, rank, world)
         return code
-    except (DataError, CheckpointError, RunFolderError, TrainingError, visualize.StitchError) as exc:
+    except (DataError, CheckpointError, RunFolderError, TrainingError, visualize.StitchError, DistributedError, WriteError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # before the training loop installs its handlers: nothing to save yet

@@ -36,20 +36,36 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
 
 
+class WriteError(Exception):
+    """A file that cannot be written (full disk, read-only folder, a link or folder in its place); one line, exit code 1."""
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temporary file, fsync and rename: a kill mid-write leaves the old file intact."""
+    """Write via a temporary file, fsync and rename: a kill or a failure mid-write leaves the old file intact
+    and no temporary file. The temporary file is made anew, never through a link (O_EXCL, and O_NOFOLLOW where
+    the system has it; O_BINARY on Windows): a stale one, or a link planted in its place, is unlinked first,
+    which never touches a link's target. Any failure is a WriteError."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+        tmp.unlink(missing_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0), 0o666)
+        try:
+            with open(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as exc:
+        raise WriteError(f"cannot write {path} ({exc.strerror}); free space or fix the folder and run the same command again") from None
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:

@@ -1,24 +1,23 @@
 """Pictures of learned features: per-epoch 2-D frames, GIFs, projections of high-dimensional features.
 
-    python visualize.py runs/standalone-mnist-feat=2 [RUN_DIR ...] [--to-imgs]
-    python visualize.py --geometry RUN_DIR [RUN_DIR ...] --out docs/geometry.png
+    python visualize.py runs/standalone-mnist-feat=2 [RUN_DIR ...] [--to-imgs]     # frames/<split>/*.png -> <split>.gif
+    python visualize.py --geometry RUN_DIR [RUN_DIR ...] --out docs/geometry.png  # metrics.GEOMETRY_METRICS over epochs
 
-stitches each run's frames/train/*.png and frames/test/*.png into train.gif and test.gif in the run
-folder; --to-imgs also copies them (and the projections of runs with feat_dim > 2) to
-imgs/<loss>-<dataset>-feat=<d>/, the naming the study's README uses. --geometry instead draws the
-class-geometry columns of the runs' metrics.csv (metrics.GEOMETRY_METRICS) over epochs, a line per run.
-"""
+--to-imgs also copies the GIFs (and the projections of runs with feat_dim > 2) to imgs/<loss>-<dataset>-feat=<d>/,
+the naming the study's README uses. Every file is written by utils.atomic_write_bytes."""
 
 from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import math
 import multiprocessing
-import shutil
+import signal
 import sys
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import matplotlib
@@ -29,6 +28,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from metrics import GEOMETRY_METRICS  # noqa: E402
+from utils import WriteError, atomic_write_bytes  # noqa: E402
 
 FRAME_SIZE_INCHES = 5.0
 FRAME_DPI = 80
@@ -38,75 +38,78 @@ LEGEND_CLASSES = 40  # more classes than this (face identities) get no legend: i
 
 def class_colors(num_classes: int) -> np.ndarray:
     """A fixed colour per class index (independent of the seed): tab10, tab20, then evenly spaced hues."""
-    if num_classes <= 10:
-        return plt.get_cmap("tab10")(np.arange(num_classes))
     if num_classes <= 20:
-        return plt.get_cmap("tab20")(np.arange(num_classes))
+        return plt.get_cmap("tab10" if num_classes <= 10 else "tab20")(np.arange(num_classes))
     return plt.get_cmap("hsv")(np.linspace(0, 1, num_classes, endpoint=False))
+
+
+def save_figure(fig: plt.Figure, path: Path) -> None:
+    """Save a figure (format from the suffix) by utils.atomic_write_bytes, and close it."""
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=Path(path).suffix[1:])
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def own_folder(run_dir: Path, *names: str) -> Path:
+    """run_dir/names..., each made if missing; WriteError for one that is a link or not a folder (writing
+    through it would put the run's files elsewhere)."""
+    folder = Path(run_dir)
+    for name in names:
+        folder = folder / name
+        try:
+            if not folder.is_symlink() and not folder.exists():
+                folder.mkdir()
+        except OSError as exc:
+            raise WriteError(f"cannot create {folder} ({exc.strerror})") from None
+        if folder.is_symlink() or not folder.is_dir():
+            raise WriteError(f"{folder} is a link or not a folder, and the run writes only into folders of its own; remove it")
+    return folder
 
 
 def robust_limits(points: np.ndarray, quantile: float = 0.005, pad: float = 0.08) -> np.ndarray:
     """Axis limits [[xmin, xmax], [ymin, ymax]] spanning all but the outer 0.5% on each side, padded."""
-    low = np.quantile(points, quantile, axis=0)
-    high = np.quantile(points, 1 - quantile, axis=0)
+    low, high = np.quantile(points, [quantile, 1 - quantile], axis=0)
     span = np.maximum(high - low, 1e-6)
     return np.stack([low - pad * span, high + pad * span], axis=1)
 
 
+def add_legend(ax: plt.Axes, colors: np.ndarray, classes: Sequence[str], marker: str, markersize: float = 6, **kwargs) -> None:
+    """A legend of the class colours in the upper right corner; kwargs go to Axes.legend."""
+    handles = [
+        plt.Line2D([], [], marker=marker, linestyle="", color=colors[k], markersize=markersize, label=c) for k, c in enumerate(classes)
+    ]
+    ax.legend(handles=handles, loc="upper right", **kwargs)
+
+
 def draw_frame(
-    path: Path,
-    features: np.ndarray,
-    labels: np.ndarray,
-    centers: np.ndarray | None,
-    classes: Sequence[str],
-    title: str,
-    limits: np.ndarray,
+    path: Path, features: np.ndarray, labels: np.ndarray, centers: np.ndarray | None, classes: Sequence[str], title: str, limits: np.ndarray
 ) -> None:
     """One 2-D frame: points coloured by class, centers as black-edged stars, class names in the legend."""
     colors = class_colors(len(classes))
     fig, ax = plt.subplots(figsize=(FRAME_SIZE_INCHES, FRAME_SIZE_INCHES), dpi=FRAME_DPI)
     ax.scatter(features[:, 0], features[:, 1], c=colors[labels], s=2 if len(features) > 2000 else 6, linewidths=0, rasterized=True)
     if centers is not None:
-        many = len(centers) > LEGEND_CLASSES
-        ax.scatter(
-            centers[:, 0],
-            centers[:, 1],
-            c=colors[: len(centers)],
-            s=10 if many else 120,
-            marker="*",
-            edgecolors="black",
-            linewidths=0.2 if many else 0.8,
-            rasterized=many,
-        )
+        star = {"s": 10, "linewidths": 0.2, "rasterized": True} if len(centers) > LEGEND_CLASSES else {"s": 120, "linewidths": 0.8}
+        ax.scatter(centers[:, 0], centers[:, 1], c=colors[: len(centers)], marker="*", edgecolors="black", **star)
     if len(classes) <= LEGEND_CLASSES:
-        handles = [
-            plt.Line2D([], [], marker="o", linestyle="", color=colors[k], markersize=5, label=name) for k, name in enumerate(classes)
-        ]
-        ax.legend(handles=handles, loc="upper right", fontsize=6, framealpha=0.7, ncol=1 if len(classes) <= 10 else 2)
-    ax.set_xlim(*limits[0])
-    ax.set_ylim(*limits[1])
+        add_legend(ax, colors, classes, "o", markersize=5, fontsize=6, framealpha=0.7, ncol=1 if len(classes) <= 10 else 2)
+    ax.set(xlim=limits[0], ylim=limits[1])
     ax.set_title(title, fontsize=8)
     ax.tick_params(labelsize=6)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def save_frame_data(
-    run_dir: Path,
-    split: str,
-    epoch: int,
-    features: torch.Tensor,
-    labels: torch.Tensor,
-    centers: torch.Tensor | None,
-    title: str,
+    run_dir: Path, split: str, epoch: int, features: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor | None, title: str
 ) -> Path:
     """Write frames/<split>/epoch_NNN.npz, the points of one frame; draw_frames draws them all at the end."""
-    folder = Path(run_dir) / "frames" / split
-    folder.mkdir(parents=True, exist_ok=True)
     centers = centers.float().numpy() if centers is not None else np.zeros((0, 2), np.float32)
-    path = folder / f"epoch_{epoch:03d}.npz"
-    np.savez(path, features=features.float().numpy(), labels=labels.numpy(), centers=centers, title=title)
+    path = own_folder(run_dir, "frames", split) / f"epoch_{epoch:03d}.npz"
+    buffer = io.BytesIO()
+    np.savez(buffer, features=features.float().numpy(), labels=labels.numpy(), centers=centers, title=title)
+    atomic_write_bytes(path, buffer.getvalue())
     return path
 
 
@@ -118,10 +121,15 @@ def load_frame(path: Path) -> dict[str, np.ndarray]:
         if frame["features"].ndim != 2 or frame["features"].shape[1] != 2 or len(frame["labels"]) != len(frame["features"]):
             raise ValueError("not 2-D points with one label each")
     except Exception as exc:  # numpy reports damage as OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError, ...
-        raise StitchError(
-            f"{path}: damaged frame data ({type(exc).__name__}); delete it and run the same command again to draw the other frames"
-        ) from None
+        raise StitchError(f"{path}: damaged frame data ({type(exc).__name__}); delete it and run the same command again") from None
     return frame
+
+
+def quiet_worker() -> None:
+    """A drawing process leaves signals to its parent: it ignores Ctrl-C (sent to the whole process group)
+    and dies of SIGTERM without a traceback; the parent, interrupted, terminates the pool (by SIGTERM)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def draw_one(job: tuple[Path, dict[str, np.ndarray], Sequence[str], np.ndarray]) -> None:
@@ -131,10 +139,9 @@ def draw_one(job: tuple[Path, dict[str, np.ndarray], Sequence[str], np.ndarray])
 
 
 def draw_frames(run_dir: Path, classes: Sequence[str], workers: int = 1) -> np.ndarray | None:
-    """Draw every frame of a run (frames/*/epoch_*.npz -> .png) with one axis range (the union of each
-    frame's robust range) so the animation does not jump, in min(workers, frames) processes.
-    Returns the limits used."""
-    frames = sorted((Path(run_dir) / "frames").glob("*/epoch_*.npz"))
+    """Draw every frame of a run (frames/*/epoch_*.npz -> .png) in min(workers, frames) processes, with one axis range
+    (the union of each frame's robust range, returned) so the animation does not jump."""
+    frames = sorted(f for split in SPLITS for f in own_folder(run_dir, "frames", split).glob("epoch_*.npz"))
     if not frames:
         return None
     loaded = [load_frame(f) for f in frames]
@@ -146,7 +153,7 @@ def draw_frames(run_dir: Path, classes: Sequence[str], workers: int = 1) -> np.n
         for job in jobs:
             draw_one(job)
     else:  # fork: the workers need only numpy and matplotlib, already imported here
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
+        with multiprocessing.get_context("fork").Pool(workers, initializer=quiet_worker) as pool:
             pool.map(draw_one, jobs)
     return limits
 
@@ -174,50 +181,40 @@ def save_projection(
     thumbnails: int = 300,
     max_points: int = 5000,
 ) -> None:
-    """Projection of high-dimensional features: `thumbnails` points drawn as their own image (with a
-    class-coloured frame), the rest (up to max_points) as class-coloured dots."""
+    """Projection of the features: `thumbnails` points drawn as their own image (with a class-coloured
+    frame), the rest (up to max_points) as class-coloured dots. One-dimensional features are drawn as
+    they are, x = feature, y = class index jittered by up to 0.3."""
     n = min(len(features), max_points)
-    points = project_2d(features[:n], method)
     labels = labels[:n].numpy()
+    if features.shape[1] == 1:
+        points, method = np.stack([features[:n, 0].double().numpy(), labels + np.random.default_rng(0).uniform(-0.3, 0.3, n)], 1), "strip"
+    else:
+        points = project_2d(features[:n], method)
     colors = class_colors(len(classes))
     fig, ax = plt.subplots(figsize=(9, 9), dpi=100)
     ax.scatter(points[thumbnails:, 0], points[thumbnails:, 1], c=colors[labels[thumbnails:]], s=3, linewidths=0, alpha=0.6)
     limits = robust_limits(points, quantile=0.002)
     side = 0.015 * (limits[:, 1] - limits[:, 0])
     for k in range(min(thumbnails, n)):
-        thumb = images[k].float().div(255).permute(1, 2, 0).numpy()
-        thumb = np.repeat(thumb, 3, axis=2) if thumb.shape[2] == 1 else thumb
+        thumb = images[k].float().div(255).permute(1, 2, 0).expand(-1, -1, 3).numpy()  # a grey image's one channel, thrice
         framed = np.ones((thumb.shape[0] + 4, thumb.shape[1] + 4, 3)) * colors[labels[k]][:3]
         framed[2:-2, 2:-2] = thumb
-        x, y = points[k]
-        ax.imshow(framed, extent=(x - side[0], x + side[0], y - side[1], y + side[1]), interpolation="nearest", zorder=3)
-    handles = [plt.Line2D([], [], marker="s", linestyle="", color=colors[k], label=name) for k, name in enumerate(classes)]
-    ax.legend(handles=handles, loc="upper right", fontsize=8, framealpha=0.8)
-    ax.set_xlim(*limits[0])
-    ax.set_ylim(*limits[1])
-    ax.set_aspect("auto")
+        (x, y), (dx, dy) = points[k], side
+        ax.imshow(framed, extent=(x - dx, x + dx, y - dy, y + dy), interpolation="nearest", zorder=3)
+    add_legend(ax, colors, classes, "s", fontsize=8, framealpha=0.8)
+    ax.set(xlim=limits[0], ylim=limits[1], aspect="auto")
     ax.set_title(f"{title}, {method.upper()} of {n} points", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
-def log_tensorboard(
-    writer,
-    epoch: int,
-    row: dict,
-    centers: torch.Tensor | None,
-    embedding: tuple[torch.Tensor, torch.Tensor, list[str]] | None = None,
-) -> None:
-    """TensorBoard: every numeric metrics column as a scalar, the min/mean/max distance between
-    centers and, when given, (features, images, class names) as an embedding with image thumbnails.
-    The 2-D frames are drawn after the last epoch: log_frames_to_tensorboard."""
+def log_tensorboard(writer, epoch: int, row: dict, centers: torch.Tensor | None, embedding: tuple | None = None) -> None:
+    """TensorBoard: every numeric metrics column as a scalar, the min/mean/max distance between centers and, when
+    given, (features, images, class names) as an embedding with thumbnails (the frames: log_frames_to_tensorboard)."""
     for key, value in row.items():
         if isinstance(value, float) and key not in ("epoch", "seconds"):
             writer.add_scalar(("train/" if key.startswith("train_") else "eval/") + key, value, epoch)
     if centers is not None:
-        centers = centers.detach().float()
-        distances = torch.cdist(centers, centers)[~torch.eye(len(centers), dtype=torch.bool, device=centers.device)]
+        distances = torch.pdist(centers.detach().float())  # every pair once
         for name, value in (("min", distances.min()), ("mean", distances.mean()), ("max", distances.max())):
             writer.add_scalar(f"centers/{name}_distance", float(value), epoch)
     if embedding is not None:
@@ -231,7 +228,7 @@ def log_frames_to_tensorboard(run_dir: Path) -> None:
     import imageio.v3 as iio
     from torch.utils.tensorboard import SummaryWriter
 
-    with SummaryWriter(str(Path(run_dir) / "tensorboard")) as writer:
+    with SummaryWriter(str(own_folder(run_dir, "tensorboard"))) as writer:
         for frame in sorted((Path(run_dir) / "frames" / "test").glob("epoch_*.png")):
             writer.add_image("features/test", iio.imread(frame)[..., :3], int(frame.stem.split("_")[1]), dataformats="HWC")
 
@@ -240,33 +237,28 @@ class StitchError(Exception):
     """A run whose pictures cannot be made (a damaged frame, args.json or metrics.csv, an unusable --imgs-dir); one line, exit code 1."""
 
 
-def make_gif(frames: Sequence[Path], path: Path, duration: float = 0.4, last_pause: float = 2.0) -> None:
-    """Stitch PNG frames into a looping GIF; the last frame stays `last_pause` seconds."""
+def make_run_gifs(run_dir: Path, duration: float = 0.4, last_pause: float = 2.0) -> list[Path]:
+    """train.gif and test.gif in the run folder from its frames/<split>/epoch_*.png, looping, the last frame staying
+    `last_pause` seconds; returns the GIFs made."""
     import imageio.v3 as iio
 
-    images = []
-    for frame in frames:
-        try:
-            images.append(iio.imread(frame)[..., :3])
-        except Exception as exc:  # PIL reports damage as OSError, SyntaxError, ValueError, ...
-            raise StitchError(f"{frame}: cannot be read as an image ({type(exc).__name__}); delete it to stitch the other frames") from None
-        if images[-1].shape != images[0].shape:
-            raise StitchError(
-                f"{frame}: a {images[-1].shape[1]}x{images[-1].shape[0]} frame among {images[0].shape[1]}x{images[0].shape[0]} ones; delete it"
-            )
-    durations = [int(duration * 1000)] * (len(images) - 1) + [int(last_pause * 1000)]
-    # Pillow writes a lone frame by its single-frame path, which takes one duration, not a list.
-    iio.imwrite(path, images, extension=".gif", duration=durations if len(images) > 1 else durations[0], loop=0)
-
-
-def make_run_gifs(run_dir: Path, duration: float = 0.4, last_pause: float = 2.0) -> list[Path]:
-    """train.gif and test.gif in the run folder from its frames/<split>/epoch_*.png; returns the GIFs made."""
     made = []
     for split in SPLITS:
-        frames = sorted((run_dir / "frames" / split).glob("epoch_*.png"))
-        if frames:
-            make_gif(frames, run_dir / f"{split}.gif", duration, last_pause)
-            made.append(run_dir / f"{split}.gif")
+        images = []
+        for frame in sorted((Path(run_dir) / "frames" / split).glob("epoch_*.png")):
+            try:
+                images.append(iio.imread(frame)[..., :3])
+            except Exception as exc:  # PIL reports damage as OSError, SyntaxError, ValueError, ...
+                raise StitchError(f"{frame}: cannot be read as an image ({type(exc).__name__}); delete it to stitch the others") from None
+            if images[-1].shape != images[0].shape:
+                (h, w), (h0, w0) = images[-1].shape[:2], images[0].shape[:2]
+                raise StitchError(f"{frame}: a {w}x{h} frame among {w0}x{h0} ones; delete it")
+        if images:
+            durations = [int(duration * 1000)] * (len(images) - 1) + [int(last_pause * 1000)]
+            # Pillow writes a lone frame by its single-frame path, which takes one duration, not a list.
+            gif = iio.imwrite("<bytes>", images, extension=".gif", duration=durations if len(images) > 1 else durations[0], loop=0)
+            made.append(Path(run_dir) / f"{split}.gif")
+            atomic_write_bytes(made[-1], gif)
     return made
 
 
@@ -283,17 +275,9 @@ def run_label(run_dir: Path) -> str:
     return label
 
 
-def stitch_run(run_dir: Path, duration: float, last_pause: float, imgs_dir: Path | None) -> str | None:
-    """Make train.gif and test.gif of one run; returns an error line, or None when it worked."""
-    try:
-        stitch(Path(run_dir), duration, last_pause, imgs_dir)
-    except StitchError as exc:
-        return str(exc)
-    return None
-
-
 def stitch(run_dir: Path, duration: float, last_pause: float, imgs_dir: Path | None) -> None:
-    """stitch_run's work; a problem is a StitchError."""
+    """Make train.gif and test.gif of one run and copy them (and its projections) to imgs_dir/<run_label>/ if given;
+    a problem is a StitchError or a WriteError."""
     if not run_dir.is_dir():
         raise StitchError(f"{run_dir}: no such run folder")
     made = make_run_gifs(run_dir, duration, last_pause)
@@ -304,13 +288,11 @@ def stitch(run_dir: Path, duration: float, last_pause: float, imgs_dir: Path | N
         raise StitchError(f"{run_dir}: no frames (frames/train/epoch_*.png) to stitch; train with --feat-dim 2 and without --no-plots")
     if imgs_dir is None:
         return
-    if not (run_dir / "args.json").is_file():
-        raise StitchError(f"{run_dir}: no args.json, so the imgs/ name is unknown")
     target = imgs_dir / run_label(run_dir)
     try:
         target.mkdir(parents=True, exist_ok=True)
         for path in made + projections:
-            shutil.copyfile(path, target / path.name)
+            atomic_write_bytes(target / path.name, path.read_bytes())  # replaces a link there, never writes through it
             print(f"copied {path} -> {target / path.name}")
     except OSError as exc:
         raise StitchError(f"--imgs-dir {imgs_dir}: cannot copy into {target} ({exc.strerror}); give a folder as --imgs-dir") from None
@@ -327,7 +309,7 @@ def geometry_series(run_dir: Path) -> dict[str, tuple[list[int], list[float]]]:
         for name in GEOMETRY_METRICS:
             points = [(int(row["epoch"]), float(row[name])) for row in rows if row.get(name) not in (None, "")]
             if points:
-                series[name] = ([epoch for epoch, _ in points], [value for _, value in points])
+                series[name] = tuple(map(list, zip(*points)))
     except (OSError, UnicodeDecodeError, csv.Error, KeyError, ValueError) as exc:
         raise StitchError(f"{path}: not readable as a run's metrics ({type(exc).__name__}: {exc}); give run folders of main.py") from None
     if not series:
@@ -335,8 +317,12 @@ def geometry_series(run_dir: Path) -> dict[str, tuple[list[int], list[float]]]:
     return series
 
 
-def plot_geometry(series: dict[str, dict[str, tuple[list[int], list[float]]]], path: Path) -> None:
-    """A panel per GEOMETRY_METRICS figure over epochs, a line per run (series: run label -> geometry_series)."""
+def draw_geometry(runs: list[Path], out: Path) -> None:
+    """visualize.py --geometry: every run's geometry_series read first, then a panel per GEOMETRY_METRICS figure over
+    epochs, a line per run; a problem is a StitchError or a WriteError."""
+    if out.suffix.lower() not in (".png", ".svg", ".pdf") or not out.parent.is_dir() or out.is_dir():
+        raise StitchError(f"--out {out}: give a .png, .svg or .pdf file in an existing folder")
+    series = {str(run): geometry_series(run) for run in runs}
     fig, axes = plt.subplots(2, 3, figsize=(13, 7), dpi=100)
     for ax, name in zip(axes.flat, GEOMETRY_METRICS):
         for label, run in series.items():
@@ -346,25 +332,8 @@ def plot_geometry(series: dict[str, dict[str, tuple[list[int], list[float]]]], p
         ax.set_xlabel("epoch", fontsize=8)
         ax.tick_params(labelsize=7)
     axes.flat[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def draw_geometry(runs: list[Path], out: Path) -> str | None:
-    """visualize.py --geometry: every run read first, then one picture; returns an error line, or None."""
-    if out.suffix.lower() not in (".png", ".svg", ".pdf") or not out.parent.is_dir() or out.is_dir():
-        return f"--out {out}: give a .png, .svg or .pdf file in an existing folder"
-    try:
-        series = {str(run): geometry_series(run) for run in runs}
-    except StitchError as exc:
-        return str(exc)
-    try:
-        plot_geometry(series, out)
-    except OSError as exc:
-        return f"--out {out}: cannot be written ({exc.strerror})"
+    save_figure(fig, out)
     print(f"{out}: {', '.join(GEOMETRY_METRICS)} of {len(runs)} run(s)")
-    return None
 
 
 def seconds(text: str) -> float:
@@ -373,7 +342,7 @@ def seconds(text: str) -> float:
         value = float(text)
     except ValueError:
         value = math.nan
-    if not (math.isfinite(value) and 0.01 <= value <= 600):
+    if not 0.01 <= value <= 600:  # NaN and infinities too
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds from 0.01 to 600")
     return value
 
@@ -381,25 +350,29 @@ def seconds(text: str) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Stitch the per-epoch frames of runs into train.gif and test.gif.")
     parser.add_argument("runs", nargs="+", type=Path, help="run folders (runs/<name>)")
-    parser.add_argument("--duration", type=seconds, default=0.4, help="seconds per frame (0.01 to 600)")
-    parser.add_argument("--last-pause", type=seconds, default=2.0, help="seconds the last frame stays (0.01 to 600)")
+    parser.add_argument("--duration", type=seconds, help="seconds per frame (0.01 to 600; default 0.4)")
+    parser.add_argument("--last-pause", type=seconds, help="seconds the last frame stays (0.01 to 600; default 2)")
     parser.add_argument("--to-imgs", action="store_true", help="copy the GIFs and projections to imgs/<loss>-<dataset>-feat=<d>/")
-    parser.add_argument("--imgs-dir", type=Path, default=Path("imgs"), help="where --to-imgs copies to")
+    parser.add_argument("--imgs-dir", type=Path, help="where --to-imgs copies to (default imgs)")
     parser.add_argument("--geometry", action="store_true", help="instead: plot the runs' class geometry (metrics.csv) over epochs")
     parser.add_argument("--out", type=Path, help="with --geometry: the picture to write (.png, .svg or .pdf)")
     args = parser.parse_args(argv)
     if args.geometry != (args.out is not None):
         parser.error("--geometry and --out go together: visualize.py --geometry RUN_DIR ... --out geometry.png")
-    if args.geometry:
-        error = draw_geometry(args.runs, args.out)
-        if error:
-            print(f"error: {error}", file=sys.stderr)
-        return 1 if error else 0
+    stitching = ("--duration", args.duration), ("--last-pause", args.last_pause), ("--to-imgs", args.to_imgs), ("--imgs-dir", args.imgs_dir)
+    given = [flag for flag, value in stitching if value not in (None, False)]
+    if args.geometry and given:
+        parser.error(f"{given[0]} is for stitching GIFs, which --geometry does not do; drop it")
+    if args.imgs_dir is not None and not args.to_imgs:
+        parser.error("--imgs-dir says where --to-imgs copies to; add --to-imgs or drop it")
+    imgs_dir = (args.imgs_dir or Path("imgs")) if args.to_imgs else None
+    jobs = [partial(stitch, run, args.duration or 0.4, args.last_pause or 2.0, imgs_dir) for run in args.runs]
     failures = 0
-    for run_dir in args.runs:
-        error = stitch_run(run_dir, args.duration, args.last_pause, args.imgs_dir if args.to_imgs else None)
-        if error:
-            print(f"error: {error}", file=sys.stderr)
+    for job in [partial(draw_geometry, args.runs, args.out)] if args.geometry else jobs:  # --geometry: one picture of all the runs
+        try:
+            job()
+        except (StitchError, WriteError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
             failures += 1
     return 1 if failures else 0
 

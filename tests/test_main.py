@@ -6,6 +6,9 @@ import csv
 import json
 import math
 import os
+import socket
+import time
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +29,7 @@ from conftest import (
 
 import config
 import datasets
+import distributed
 import main
 from datasets import channel_stats, load_dataset
 from models import build_model
@@ -228,6 +232,27 @@ NOT_FINITE += [("--weight-decay", "nan"), ("--clip-grad-norm", "inf"), ("--cente
         (["--seed", str(2**32)], "--seed must be an integer from 0 to 4294967295"),
         *[([f"{flag}={value}"], f"argument {flag}: must be a finite number, not '{value}'") for flag, value in NOT_FINITE],
         (["--lr", "fast"], "argument --lr: not a number: 'fast'"),
+        # Zero, subnormal or infinite in float32, in which training computes: it would learn nothing and end "done".
+        *[
+            ([*extra, f"{flag}={value}"], f"argument {flag}: '{value}' is outside float32's normal range, 1.18e-38 to 3.4e+38 in size")
+            for extra, flag, value in [
+                ((), "--lr", "1e-300"),
+                (("--loss", "xent"), "--lr", "1e-45"),
+                (("--loss", "cent"), "--lr", "1e-39"),
+                ((), "--lr", "1e39"),
+                ((), "--weight-inter", "1e-300"),
+                (("--loss", "cent"), "--weight-cent", "-1e-40"),
+                ((), "--lr-cent", "1e-300"),
+                (("--center-update", "paper"), "--center-alpha", "1e-300"),
+                ((), "--inter-margin", "1e-300"),
+            ]
+        ],
+        # Plot flags where nothing they set is drawn.
+        (["--no-plots", "--projection", "tsne"], "--projection is for --feat-dim 3 or more with plots; drop it"),
+        (["--projection", "tsne"], "--projection is for --feat-dim 3 or more with plots; drop it"),
+        (["--feat-dim", "8", "--no-plots", "--projection", "pca"], "--projection is for --feat-dim 3 or more with plots; drop it"),
+        (["--no-plots", "--plot-every", "3"], "--plot-every is for --feat-dim 2 with plots; drop it"),
+        (["--feat-dim", "8", "--plot-every", "3"], "--plot-every is for --feat-dim 2 with plots; drop it"),
         (["--device", "meta"], "--device meta: not a device to train on"),
         pytest.param(
             ["--device", "mps"],
@@ -523,22 +548,51 @@ def test_loss_flags_default_only_where_they_are_used():
     assert config.parse_args(["--pipeline", "loader", "--workers", "0"]).workers == 0
 
 
+TORCHRUN = {"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+
+
 @pytest.mark.parametrize(
-    "world,message",
+    "env,message",
     [
-        ("abc", "the environment's WORLD_SIZE='abc' is not a positive number of processes"),
-        ("0", "the environment's WORLD_SIZE='0' is not a positive number of processes"),
-        ("2", "the environment has WORLD_SIZE=2 but not RANK, MASTER_ADDR, MASTER_PORT: start with torchrun"),
+        ({"WORLD_SIZE": "abc"}, "the environment's WORLD_SIZE='abc' is not a positive number of processes"),
+        ({"WORLD_SIZE": "0"}, "the environment's WORLD_SIZE='0' is not a positive number of processes"),
+        ({"WORLD_SIZE": "2"}, "the environment has WORLD_SIZE=2 but not RANK, MASTER_ADDR, MASTER_PORT: start with torchrun"),
+        ({"RANK": "abc"}, "the environment's RANK='abc' is not a process rank from 0 to 0 (WORLD_SIZE 1)"),
+        ({**TORCHRUN, "RANK": "2"}, "the environment's RANK='2' is not a process rank from 0 to 1 (WORLD_SIZE 2)"),
+        ({**TORCHRUN, "RANK": "-1"}, "the environment's RANK='-1' is not a process rank from 0 to 1"),
+        ({**TORCHRUN, "LOCAL_RANK": "x"}, "the environment's LOCAL_RANK='x' is not a process rank from 0 to 1"),
+        ({**TORCHRUN, "MASTER_PORT": "65536"}, "the environment's MASTER_PORT='65536' is not a port number from 1 to 65535"),
+        ({**TORCHRUN, "MASTER_PORT": "http"}, "the environment's MASTER_PORT='http' is not a port number from 1 to 65535"),
     ],
 )
-def test_world_size_without_torchrun_is_one_line(world, message, monkeypatch, capsys):
-    for name in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+def test_rank_variables_out_of_range_are_one_line(env, message, monkeypatch, capsys):
+    """torchrun's variables set by hand: each checked before anything waits or is written (exit 2, one line)."""
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("WORLD_SIZE", world)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
     with pytest.raises(SystemExit) as info:
         main.main(["--epochs", "1"])
     assert info.value.code == 2
     assert message in stderr_error_line(capsys.readouterr().err)
+
+
+def test_processes_that_never_join_end_in_one_line(tmp_path, monkeypatch, capsys):
+    """WORLD_SIZE=2 and RANK=0 set by hand, no second process: rank 0 waits JOIN_TIMEOUT for it, not torch's
+    30 minutes, then one line, exit 1, nothing written."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for name, value in {**TORCHRUN, "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(distributed, "JOIN_TIMEOUT", timedelta(seconds=1))
+    started = time.monotonic()
+    assert main.main(["--epochs", "1", "--out", str(tmp_path)]) == 1
+    assert time.monotonic() - started < 30
+    line = stderr_error_line(capsys.readouterr().err)
+    assert line.startswith(f"error: rank 0: not all 2 processes met at 127.0.0.1:{port} within 1 s (")
+    assert line.endswith("start them with torchrun --nproc-per-node 2 main.py ...")
+    assert not list(tmp_path.iterdir())
 
 
 def test_lenet_recipe_and_paper_center_update_defaults():

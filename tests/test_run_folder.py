@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import REPO, listing, stderr_error_line, subprocess_env, write_finished_decoy
 
 import checkpoints
 import main
+import utils
+import visualize
 from checkpoints import LOCK_FILE, RunFolderError, lock_run_dir
 
 QUICK = ["--epochs", "1", "--train-samples", "64", "--batch-size", "32", "--model", "lenet++", "--no-plots"]
@@ -121,3 +127,186 @@ def test_a_lock_file_that_is_a_link_is_not_followed(tmp_path: Path) -> None:
     with pytest.raises(RunFolderError, match="cannot open the lock file"):
         lock_run_dir(run_dir)
     assert precious.read_text() == "keep me"
+
+
+# ------------------------------------------------------------------ links, write failures, signals in finish()
+
+PRECIOUS = "keep me"
+
+
+@pytest.mark.parametrize("planted", ["link", "dangling link", "stale file"])
+def test_atomic_write_never_writes_through_its_temporary_name(tmp_path: Path, planted: str) -> None:
+    """Whatever lies at the temporary name (a link to a file elsewhere, a dangling link, a stale file of
+    an earlier kill) is removed, not written through; the file gets its new bytes and no .tmp stays."""
+    precious, path = tmp_path / "precious.txt", tmp_path / "run" / "args.json"
+    path.parent.mkdir()
+    precious.write_text(PRECIOUS)
+    tmp = path.with_name(".args.json.tmp")
+    if planted == "link":
+        tmp.symlink_to(precious)
+    elif planted == "dangling link":
+        tmp.symlink_to(tmp_path / "created-elsewhere")
+    else:
+        tmp.write_text("half of an old write")
+    utils.atomic_write_bytes(path, b"new")
+    assert path.read_bytes() == b"new" and precious.read_text() == PRECIOUS
+    assert not (tmp_path / "created-elsewhere").exists() and sorted(p.name for p in path.parent.iterdir()) == ["args.json"]
+
+
+def test_links_planted_in_a_run_folder_are_not_followed(tmp_path: Path) -> None:
+    """A resumable run whose folder holds links at every temporary name, and a metrics.csv that is a link: it
+    finishes, and the file the links point to is left as it was."""
+    args = [*QUICK, "--out", str(tmp_path), "--name", "run"]
+    assert main.main([*args, "--epochs", "1"]) == 0
+    run_dir = tmp_path / "run"
+    (run_dir / "summary.json").unlink()
+    precious = tmp_path / "precious.txt"
+    precious.write_text(PRECIOUS)
+    for name in ("checkpoint.pt", "args.json", "metrics.csv", "summary.json"):
+        (run_dir / f".{name}.tmp").symlink_to(precious)
+    (run_dir / "metrics.csv").unlink()
+    (run_dir / "metrics.csv").symlink_to(precious)  # replaced by the new metrics.csv, not written through
+    assert main.main([*args, "--epochs", "2"]) == 0
+    assert precious.read_text() == PRECIOUS
+    assert json.loads((run_dir / "summary.json").read_text())["epochs"] == 2
+    assert not [p.name for p in run_dir.iterdir() if p.name.endswith(".tmp")] and not (run_dir / "metrics.csv").is_symlink()
+
+
+def test_a_full_disk_at_the_lock_file_is_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
+    def full(*args) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(checkpoints.os, "pwrite", full)
+    assert main.main([*QUICK, "--out", str(tmp_path), "--name", "run"]) == 1
+    line = stderr_error_line(capsys.readouterr().err)
+    assert line == f"error: cannot write the lock file in {tmp_path / 'run'} (No space left on device); free space or choose another --out"
+
+
+@pytest.mark.parametrize("folder", ["frames", "frames/train", "tensorboard"])
+@pytest.mark.parametrize("kind", ["link", "file"])
+def test_a_run_subfolder_that_is_a_link_or_a_file_is_refused(tmp_path: Path, capsys, folder: str, kind: str) -> None:
+    """frames or tensorboard as a link (to a folder elsewhere) or a file: refused at start, exit 2, nothing
+    changed; and when planted mid-run, the writer refuses it (WriteError) without writing through it."""
+    run_dir = write_finished_decoy(tmp_path / "out" / "run")
+    (run_dir / "summary.json").unlink()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (run_dir / folder).parent.mkdir(exist_ok=True)
+    (run_dir / folder).symlink_to(elsewhere) if kind == "link" else (run_dir / folder).write_text("a file")
+    before = listing(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        main.main([*QUICK, "--out", str(tmp_path / "out"), "--name", "run"])
+    assert info.value.code == 2
+    line = stderr_error_line(capsys.readouterr().err)
+    assert line.endswith(f"{run_dir / folder} is a link or not a folder; remove it, or use --overwrite to start the run again")
+    assert listing(tmp_path) == before
+    if folder == "tensorboard":
+        writer = lambda: visualize.log_frames_to_tensorboard(run_dir)  # noqa: E731
+    else:
+        writer = lambda: visualize.save_frame_data(run_dir, "train", 1, torch.zeros(3, 2), torch.zeros(3, dtype=torch.long), None, "t")  # noqa: E731
+    with pytest.raises(utils.WriteError, match=f"{run_dir / folder} is a link or not a folder"):
+        writer()
+    assert not list(elsewhere.iterdir())
+
+
+def fail_writes(monkeypatch, name: str, error: int) -> None:
+    """Make every atomic write of a file called `name` fail as a full disk or a read-only folder does, after
+    its bytes went into the temporary file (simulated: root may write into a chmod-read-only folder)."""
+    replace = os.replace
+
+    def failing(src, dst) -> None:
+        if Path(dst).name == name:
+            raise OSError(error, os.strerror(error))
+        replace(src, dst)
+
+    monkeypatch.setattr(utils.os, "replace", failing)
+
+
+@pytest.mark.parametrize(
+    "failing,error",
+    [("checkpoint.pt", errno.ENOSPC), ("metrics.csv", errno.EROFS), ("epoch_002.npz", errno.ENOSPC), ("epoch_001.png", errno.EROFS)]
+    + [("summary.json", errno.ENOSPC)],
+)
+def test_a_write_failure_mid_run_is_one_line_and_resumable(tmp_path: Path, monkeypatch, capsys, failing: str, error: int) -> None:
+    """A full disk or a read-only run folder at any of the run's writes (in epoch 2, or in the final pictures
+    and summary): exit 1, one line naming the file, no temporary file left, no summary.json, the last good
+    checkpoint whole; the same command then finishes the run."""
+    args = [*QUICK[2:-1], "--out", str(tmp_path), "--name", "run"]
+    run_dir = tmp_path / "run"
+    assert main.main([*args, "--epochs", "1"]) == 0
+    (run_dir / "summary.json").unlink()
+    capsys.readouterr()
+    fail_writes(monkeypatch, failing, error)
+    assert main.main([*args, "--epochs", "2"]) == 1
+    line = stderr_error_line(capsys.readouterr().err)
+    assert line.startswith("error: cannot write ") and line.endswith(
+        f"{failing} ({os.strerror(error)}); free space or fix the folder and run the same command again"
+    )
+    assert not (run_dir / "summary.json").exists() and not list(run_dir.rglob("*.tmp"))
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == (2 if failing in ("epoch_001.png", "summary.json") else 1)
+    monkeypatch.undo()
+    assert main.main([*args, "--epochs", "2"]) == 0
+    assert json.loads((run_dir / "summary.json").read_text())["epochs"] == 2
+
+
+def test_a_name_the_terminal_cannot_encode_still_ends_done(tmp_path: Path, monkeypatch) -> None:
+    """A run name with é printed to an ASCII stdout (PYTHONIOENCODING=ascii): the run finishes, exit 0, é escaped."""
+    stdout = io.TextIOWrapper(io.BytesIO(), encoding="ascii")
+    monkeypatch.setattr(sys, "stdout", stdout)
+    assert main.main([*QUICK, "--out", str(tmp_path), "--name", "café"]) == 0
+    stdout.flush()
+    assert "-> " + str(tmp_path / "caf\\xe9") in stdout.buffer.getvalue().decode("ascii")
+    assert (tmp_path / "café" / "summary.json").is_file()
+
+
+def test_sigterm_while_finishing_says_rerun_finishes(tmp_path: Path, monkeypatch, capsys) -> None:
+    """SIGTERM while finish() draws the final pictures: exit 143 and the line that says the checkpoint is saved."""
+    args = [*QUICK, "--out", str(tmp_path), "--name", "cut"]
+    args.remove("--no-plots")
+
+    def terminated(*a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(10)  # the handler raises in here
+
+    def unhandled(signum, frame):  # what SIGTERM meets if main.py leaves it to the test process (instead of ending it)
+        raise RuntimeError("SIGTERM was not handled by main.py")
+
+    monkeypatch.setattr(visualize, "draw_frames", terminated)
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        assert main.main(args) == 143
+        assert signal.getsignal(signal.SIGTERM) is unhandled  # main.py's handler is gone again
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert capsys.readouterr().err.strip() == (
+        "interrupted while drawing the final pictures and writing summary.json; the checkpoint of epoch 1 is saved, "
+        "run the same command to finish the run"
+    )
+
+
+@pytest.mark.parametrize("target", ["process group", "main process"])
+def test_sigterm_while_the_pool_draws_leaves_no_worker_traceback(tmp_path: Path, target: str) -> None:
+    """SIGTERM to main.py (or to its whole process group, as systemd and timeout send it) while its pool of
+    drawing processes works: exit 143, the one line, no traceback of any worker."""
+    code = f"import sys, time; sys.path.insert(0, {str(REPO)!r}); import main, visualize\n"
+    code += "def slow(job):\n    print('drawing', flush=True)\n    time.sleep(60)\n"
+    code += "draw = visualize.draw_frames\nvisualize.draw_one = slow\n"
+    code += "visualize.draw_frames = lambda run_dir, classes, workers: draw(run_dir, classes, workers=2)\n"
+    code += f"sys.exit(main.main({[*QUICK[:-1], '--out', str(tmp_path), '--name', 'pool']!r}))"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=subprocess_env(),
+        start_new_session=True,
+    )
+    for line in proc.stdout:
+        if line.startswith("drawing"):
+            break
+    os.killpg(proc.pid, signal.SIGTERM) if target == "process group" else proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert err.strip().endswith("the checkpoint of epoch 1 is saved, run the same command to finish the run"), err
+    assert "Traceback" not in err and "Error" not in err, err

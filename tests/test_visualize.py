@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -13,6 +15,7 @@ import torch
 from conftest import check_ok, listing, run_script, stderr_error_line
 from PIL import Image
 
+import utils
 import visualize
 from config import parse_args
 from datasets import DIGIT_CLASSES
@@ -266,14 +269,13 @@ def test_class_colors_distinct():
 @pytest.mark.parametrize("count", [1, 3])
 def test_make_gif_of_one_or_more_frames(tmp_path, count):
     """A 1-epoch 2-D run has one frame: its GIF (Pillow's single-frame path) is written as well as a longer one's."""
-    frames = []
+    (tmp_path / "frames" / "test").mkdir(parents=True)
     for i in range(count):
-        frames.append(tmp_path / f"epoch_{i:03d}.png")
-        iio.imwrite(frames[-1], np.full((8, 10, 3), 40 * i, dtype=np.uint8))
-    visualize.make_gif(frames, tmp_path / "run.gif", duration=0.3, last_pause=1.5)
-    gif = iio.imread(tmp_path / "run.gif", index=None)
+        iio.imwrite(tmp_path / "frames" / "test" / f"epoch_{i:03d}.png", np.full((8, 10, 3), 40 * i, dtype=np.uint8))
+    assert visualize.make_run_gifs(tmp_path, duration=0.3, last_pause=1.5) == [tmp_path / "test.gif"]
+    gif = iio.imread(tmp_path / "test.gif", index=None)
     assert gif.shape[:3] == (count, 8, 10)
-    with Image.open(tmp_path / "run.gif") as im:
+    with Image.open(tmp_path / "test.gif") as im:
         durations = []
         for i in range(im.n_frames):
             im.seek(i)
@@ -335,3 +337,65 @@ def test_geometry_bad_input_is_one_line_and_draws_nothing(tmp_path, capsys, prob
     }[problem]
     assert message in line
     assert listing(tmp_path) == before
+
+
+@pytest.mark.parametrize("projection", ["pca", "tsne"])
+def test_a_run_of_one_dimensional_features_draws_strips(tmp_path, projection):
+    """--feat-dim 1 with plots: train.png and test.png show the feature against the (jittered) class, for
+    every --projection, which has nothing to project."""
+    args = ["--feat-dim", "1", "--epochs", "1", "--train-samples", "64", "--batch-size", "32", "--model", "lenet++"]
+    assert main([*args, "--out", str(tmp_path), "--name", "run"]) == 0
+    for name in ("train.png", "test.png"):
+        assert Image.open(tmp_path / "run" / name).size == (900, 900)
+    features = torch.linspace(-1, 1, 40)[:, None]
+    labels = torch.arange(40) % 4
+    visualize.save_projection(tmp_path / "p.png", features, torch.zeros(40, 1, 8, 8), labels, "abcd", "t", method=projection)
+    assert np.asarray(Image.open(tmp_path / "p.png"))[..., :3].std() > 0
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--geometry", "--out", "g.png", "--to-imgs"], "--to-imgs is for stitching GIFs, which --geometry does not do; drop it"),
+        (["--geometry", "--out", "g.png", "--imgs-dir", "imgs"], "--imgs-dir is for stitching GIFs, which --geometry does not do"),
+        (["--geometry", "--out", "g.png", "--duration", "1"], "--duration is for stitching GIFs, which --geometry does not do"),
+        (["--geometry", "--out", "g.png", "--last-pause", "1"], "--last-pause is for stitching GIFs, which --geometry does not do"),
+        (["--imgs-dir", "imgs"], "--imgs-dir says where --to-imgs copies to; add --to-imgs or drop it"),
+    ],
+)
+def test_cli_flags_that_would_do_nothing_are_refused(tmp_path, capsys, argv, message):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    before = listing(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        visualize.main([str(run_dir), *(str(tmp_path / a) if a in ("g.png", "imgs") else a for a in argv)])
+    assert info.value.code == 2
+    assert message in stderr_error_line(capsys.readouterr().err)
+    assert listing(tmp_path) == before
+
+
+def test_cli_on_a_run_folder_it_cannot_write_is_one_line(tiny_runs, tmp_path, monkeypatch, capsys):
+    """A read-only run folder (simulated at the rename: root writes into chmod-read-only folders): exit 1,
+    one line naming the GIF, no temporary file left, the old GIF whole."""
+    run_dir = copy_run(tiny_runs["cent"], tmp_path)
+    old = (run_dir / "train.gif").read_bytes()
+
+    def read_only(src, dst):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(utils.os, "replace", read_only)
+    assert visualize.main([str(run_dir)]) == 1
+    line = stderr_error_line(capsys.readouterr().err)
+    assert line.startswith(f"error: cannot write {run_dir / 'train.gif'} (Read-only file system); free space or fix the folder")
+    assert (run_dir / "train.gif").read_bytes() == old and not list(run_dir.rglob("*.tmp"))
+
+
+def test_to_imgs_replaces_a_link_instead_of_writing_through_it(tiny_runs, tmp_path):
+    run_dir = copy_run(tiny_runs["cent"], tmp_path)
+    precious = tmp_path / "precious.gif"
+    precious.write_bytes(b"keep me")
+    (tmp_path / "imgs" / "cent-mnist-feat=2").mkdir(parents=True)
+    (tmp_path / "imgs" / "cent-mnist-feat=2" / "train.gif").symlink_to(precious)
+    assert visualize.main([str(run_dir), "--to-imgs", "--imgs-dir", str(tmp_path / "imgs")]) == 0
+    copied = tmp_path / "imgs" / "cent-mnist-feat=2" / "train.gif"
+    assert precious.read_bytes() == b"keep me" and not copied.is_symlink() and copied.read_bytes() == (run_dir / "train.gif").read_bytes()
