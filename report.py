@@ -4,13 +4,10 @@
     python report.py runs --collect results/cpu-3ep        # and copy each summary.json to results/cpu-3ep/<name>.json
     python report.py results/cpu-3ep --readme README.md --label cpu-3ep   # write between the README markers
 
-Rows in the study's order; a grid point without a run says "missing"; `diff` is ours minus the study's. Runs that
-differ only in the seed (and NOT_SETTINGS) are one row: numeric cells mean ± sample std (ddof 1), a column `n`. A run
-folder with args.json and metrics.csv but no summary.json is unfinished: its last epoch, marked, never averaged with
-finished seeds nor compared with the study. Our own formatter over csv and json: the cells are text (mean ± std, marks).
+Rows in the study's order; a grid point without a run says "missing"; `diff` is ours minus the study's. Runs that differ only in the
+seed (and NOT_SETTINGS) are one row: numeric cells mean ± sample std (ddof 1), a column `n`. A run folder with args.json and
+metrics.csv but no summary.json is unfinished: its last epoch, marked, never averaged with finished seeds nor compared with the study.
 """
-
-from __future__ import annotations
 
 import argparse
 import csv
@@ -29,7 +26,7 @@ STUDY_COLUMNS = ["loss", "dataset", *NUMBERS]
 NOT_SETTINGS = {"name", "out", "data_dir", "device", "workers", "resume", "overwrite", "no_plots", "projection", "plot_every"}
 NOT_SETTINGS |= {"tensorboard", "eval_every", "compile", "channels_last", "max_bad_steps"}  # runs differing only here are seeds
 SETTINGS = sorted(set(vars(build_parser().parse_args([]))) - NOT_SETTINGS - {"seed"})
-Group = list[dict]  # the summaries of one grid point, one a seed
+Runs = dict[tuple[str, str, int], list[list[dict]]]  # study row (loss, dataset, feat_dim): its grid points, each its seeds' summaries
 LAST = "the one found last (later path argument, then later name)"  # of two runs with equal settings and seed
 
 
@@ -38,8 +35,7 @@ class SummaryError(Exception):
 
 
 def study_rows() -> list[dict[str, str]]:
-    with open(STUDY_TABLE, newline="") as f:
-        return list(csv.DictReader(f))
+    return list(csv.DictReader(STUDY_TABLE.read_text().splitlines()))
 
 
 def unfinished(run: Path) -> bool:
@@ -60,7 +56,6 @@ def find_summaries(paths: list[Path]) -> list[Path]:
 
 
 def number(text: str | None) -> float | int | None:
-    """A metrics.csv cell: an int, a float, or None when empty or not a number."""
     try:
         return int(text) if text.lstrip("-").isdigit() else float(text)
     except (AttributeError, ValueError):
@@ -71,8 +66,7 @@ def unfinished_summary(args_path: Path) -> dict:
     """args.json, then the last metrics.csv row (test_acc as acc, epoch as epochs), marked unfinished."""
     try:
         settings = json.loads(args_path.read_text())
-        with open(args_path.parent / "metrics.csv", newline="") as f:
-            rows = list(csv.DictReader(f))
+        rows = list(csv.DictReader((args_path.parent / "metrics.csv").read_text().splitlines()))
     except (OSError, UnicodeDecodeError, ValueError, csv.Error) as exc:
         raise SummaryError(f"{args_path.parent}: unfinished run not readable ({str(exc).splitlines()[0]}); rerun or remove it") from None
     if not isinstance(settings, dict) or not rows:
@@ -100,20 +94,21 @@ def read_summary(path: Path) -> dict:
     return summary
 
 
-def load_runs(paths: list[Path], notes: list[str] | None = None) -> dict[tuple[str, str, int], list[Group]]:
-    """Summaries grouped by grid point (SETTINGS, and whether unfinished) under their study row (loss, dataset,
-    feat_dim). Of two runs with equal settings and seed the one found last is kept; `notes` gets a line for
-    each such pair and each study row with several grid points."""
+def load_runs(paths: list[Path], notes: list[str] | None = None) -> Runs:
+    """Summaries, with gap = clean_train_acc - acc, grouped by grid point (SETTINGS, and whether unfinished); of two runs
+    with equal settings and seed the one found last is kept. `notes` gets a line for each such pair and each row of several."""
     notes = [] if notes is None else notes  # the caller's list, which main prints
     points: dict[tuple[str, ...], dict[str, tuple[Path, dict]]] = {}
     for path in find_summaries(paths):
         summary = read_summary(path)
+        train, test = summary.get("clean_train_acc"), summary["acc"]  # the finished model's train/test gap
+        summary["gap"] = train - test if isinstance(train, float) and isinstance(test, float) else None
         point = (*(json.dumps(summary.get(key)) for key in SETTINGS), json.dumps(bool(summary.get("unfinished"))))
         seeds, seed = points.setdefault(point, {}), json.dumps(summary.get("seed"))
         if seed in seeds:
             notes.append(f"{seeds[seed][0]} and {path} are runs of the same settings and seed {seed}; the table shows {path}, {LAST}")
         seeds[seed] = (path, summary)
-    runs: dict[tuple[str, str, int], list[Group]] = {}
+    runs: Runs = {}
     for point in sorted(points):
         group = [summary for _, summary in points[point].values()]
         runs.setdefault((group[0]["loss"], group[0]["dataset"], int(group[0]["feat_dim"])), []).append(group)
@@ -130,24 +125,18 @@ def fmt(value, digits: int = 3) -> str:
     return (f"{value:.{digits}f}" if abs(value) < 1000 else f"{value:.0f}") if isinstance(value, float) else str(value)
 
 
-def cell(values: list, digits: int = 3) -> str:
+def cell(values: list) -> str:
     """One run's value, or one every seed shares; else mean ± sample std (ddof 1) of the numbers, "(n=k)" if only k have one."""
     if len({json.dumps(v) for v in values}) == 1:
-        return fmt(values[0], digits)
+        return fmt(values[0])
     numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
     if not numbers:
-        return ", ".join(sorted({fmt(v, digits) for v in values}))
-    spread = f"{fmt(fmean(numbers), digits)} ± {fmt(stdev(numbers), digits)}" if numbers[1:] else fmt(numbers[0], digits)
+        return ", ".join(sorted({fmt(v) for v in values}))
+    spread = f"{fmt(fmean(numbers))} ± {fmt(stdev(numbers))}" if numbers[1:] else fmt(numbers[0])
     return spread if len(numbers) == len(values) else f"{spread} (n={len(numbers)})"
 
 
-def column(summary: dict, name: str) -> object:
-    """A summary value, or gap = clean_train_acc - acc (the finished model's train/test gap)."""
-    first, second = summary.get("clean_train_acc"), summary.get("acc")
-    return (first - second if isinstance(first, float) and isinstance(second, float) else None) if name == "gap" else summary.get(name)
-
-
-def table(runs: dict[tuple[str, str, int], list[Group]], extra: list[str], present_only: bool = False) -> str:
+def table(runs: Runs, extra: list[str], present_only: bool = False) -> str:
     """Markdown in the study's layout plus study acc, diff, n (when a row has several seeds) and the extra columns."""
     seeds = any(len(group) > 1 for groups in runs.values() for group in groups)
     header = STUDY_COLUMNS + ["study acc", "diff"] + ["n"] * seeds + extra
@@ -155,27 +144,21 @@ def table(runs: dict[tuple[str, str, int], list[Group]], extra: list[str], prese
     for study in study_rows():
         keys.add(key := (study["loss"], study["dataset"], int(study["feat_dim"])))
         lines += [row(key, group, float(study["acc"]), extra, seeds) for group in runs.get(key, [] if present_only else [None])]
-    for key in sorted(set(runs) - keys):  # runs beyond the study's grid
-        lines += [row(key, group, None, extra, seeds) for group in runs[key]]
+    lines += [row(key, group, None, extra, seeds) for key in sorted(set(runs) - keys) for group in runs[key]]  # beyond the study's grid
     return "\n".join(lines)
 
 
-def row(key: tuple[str, str, int], group: Group | None, study_acc: float | None, extra: list[str], seeds: bool) -> str:
-    loss, dataset, feat_dim = key
-    if group is not None and group[0].get("train_classes"):  # an open-set run classifies fewer classes: not the study's task
-        study_acc = None
-    study = fmt(study_acc) if study_acc is not None else "/"
+def row(key: tuple[str, str, int], group: list[dict] | None, study_acc: float | None, extra: list[str], seeds: bool) -> str:
     if group is None:
-        return "| " + " | ".join([loss, dataset, str(feat_dim), *["missing"] * 7, study, "/", *["missing"] * (seeds + len(extra))]) + " |"
+        return "| " + " | ".join([*map(str, key), *["missing"] * 7, fmt(study_acc), "/", *["missing"] * (seeds + len(extra))]) + " |"
     first, accs = group[0], [summary["acc"] for summary in group]
+    study_acc = None if first.get("train_classes") else study_acc  # an open-set run classifies fewer classes: not the study's task
     stopped = any(summary.get("unfinished") for summary in group)  # never compared with the study's 100-epoch figure
     diff = f"{fmean(accs) - study_acc:+.3f}" if study_acc is not None and not stopped else "/"
-    acc, epochs = cell(accs), str(first["epochs"])
-    if stopped:
-        acc, epochs = f"{acc} (unfinished)", f"{epochs} of {first.get('epochs_planned')} (unfinished)"
-    weights = [fmt(first[w], 1) if loss == owner else "/" for w, owner in zip(NUMBERS[5:], ("cent", "standalone", "standalone"))]
-    cells = [loss, dataset, str(feat_dim), acc, fmt(first["lr"], 2), epochs, str(first["batch_size"]), *weights, study, diff]
-    cells += [str(len(group))] * seeds + [cell([column(summary, name) for summary in group]) for name in extra]
+    epochs = f"{first['epochs']} of {first.get('epochs_planned')} (unfinished)" if stopped else str(first["epochs"])
+    weights = [fmt(first[w], 1) if key[0] == owner else "/" for w, owner in zip(NUMBERS[5:], ("cent", "standalone", "standalone"))]
+    cells = [*map(str, key), cell(accs) + " (unfinished)" * stopped, fmt(first["lr"], 2), epochs, str(first["batch_size"]), *weights]
+    cells += [fmt(study_acc), diff] + [str(len(group))] * seeds + [cell([summary.get(name) for summary in group]) for name in extra]
     return "| " + " | ".join(cells) + " |"
 
 
@@ -208,55 +191,48 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--present", action="store_true", help="leave out the grid points that have no run (instead of 'missing' rows)")
     parser.add_argument("--gallery", type=Path, help="also write a gallery of this imgs/ folder between <!-- gallery --> markers")
     args = parser.parse_args(argv)
-    readme = "is a folder" if args.readme and args.readme.is_dir() else "does not exist"
-    for bad, message in [  # before anything is read or written
-        (not all(p.exists() for p in args.paths), f"{next((p for p in args.paths if not p.exists()), '')} does not exist"),
-        (args.collect and args.collect.exists() and not args.collect.is_dir(), f"--collect {args.collect} is a file, not a folder; "
-         "it is left alone: give a folder to copy the summaries into"),
-        (args.readme and not args.readme.is_file(), f"--readme {args.readme} {readme}; give the Markdown file that holds the "
-         f"<!-- table:{args.label} --> markers"),
-        (args.gallery and not (args.readme and args.gallery.is_dir()), f"--gallery {args.gallery} needs --readme and must be a "
-         "folder of run pictures (imgs/)"),
-    ]:  # fmt: skip
-        if bad:
-            parser.error(message)
+    if missing := [p for p in args.paths if not p.exists()]:  # the flags are checked before anything is read or written
+        parser.error(f"{missing[0]} does not exist")
+    if args.collect and args.collect.exists() and not args.collect.is_dir():
+        parser.error(f"--collect {args.collect} is a file, not a folder; it is left alone: give a folder to copy the summaries into")
+    if args.readme and not args.readme.is_file():
+        readme = "is a folder" if args.readme.is_dir() else "does not exist"
+        parser.error(f"--readme {args.readme} {readme}; give the Markdown file that holds the <!-- table:{args.label} --> markers")
+    if args.gallery and not (args.readme and args.gallery.is_dir()):
+        parser.error(f"--gallery {args.gallery} needs --readme and must be a folder of run pictures (imgs/)")
     try:
-        return report(args, parser)
+        notes: list[str] = []
+        runs = load_runs(args.paths, notes)
+        extra, known = [c for c in args.columns.split(",") if c], set().union(*(s for gs in runs.values() for g in gs for s in g))
+        if runs and (unknown := [c for c in extra if c not in known]):
+            parser.error(f"--columns: unknown {', '.join(unknown)} (in no summary read); known: {', '.join(sorted(known))}")
+        text = table(runs, extra, args.present)
+        try:  # the README is read and checked before anything is written
+            content = replace_between(args.readme.read_text(), f"table:{args.label}", text) if args.readme else None
+            content = replace_between(content, "gallery", gallery(args.gallery, args.readme)) if args.gallery else content
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SummaryError(f"--readme {args.readme}: not readable as text ({exc}); give the Markdown file to write into") from None
+        except ValueError as exc:
+            raise SummaryError(f"{args.readme}: {exc}; add them where the table belongs") from None
+        print("".join(f"note: {note}\n" for note in notes), end="", file=sys.stderr)
+        print(text)
+        try:
+            if args.collect:
+                args.collect.mkdir(parents=True, exist_ok=True)
+            for path in find_summaries(args.paths) if args.collect else []:
+                target = args.collect / f"{(summary := read_summary(path))['name']}.json"
+                if path.name == "args.json":  # an unfinished run: its summary as the table reads it
+                    target.write_text(json.dumps(summary, indent=2) + "\n")
+                elif not (target.exists() and target.samefile(path)):  # collecting a folder into itself
+                    shutil.copyfile(path, target)
+            if content is not None:
+                args.readme.write_text(content)
+        except OSError as exc:
+            raise SummaryError(f"{exc.filename}: cannot be written ({exc.strerror}); check --collect and --readme") from None
+        return 0
     except SummaryError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-
-
-def report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    notes: list[str] = []
-    runs = load_runs(args.paths, notes)
-    extra, known = [c for c in args.columns.split(",") if c], {"gap"}.union(*(s for gs in runs.values() for g in gs for s in g))
-    if runs and (unknown := [c for c in extra if c not in known]):
-        parser.error(f"--columns: unknown {', '.join(unknown)} (in no summary read); known: {', '.join(sorted(known))}")
-    text, content = table(runs, extra, args.present), None
-    try:  # the README is read and checked before anything is written
-        content = replace_between(args.readme.read_text(), f"table:{args.label}", text) if args.readme else None
-        content = replace_between(content, "gallery", gallery(args.gallery, args.readme)) if args.gallery else content
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SummaryError(f"--readme {args.readme}: not readable as text ({exc}); give the Markdown file to write into") from None
-    except ValueError as exc:
-        raise SummaryError(f"{args.readme}: {exc}; add them where the table belongs") from None
-    print("".join(f"note: {note}\n" for note in notes), end="", file=sys.stderr)
-    print(text)
-    try:
-        if args.collect:
-            args.collect.mkdir(parents=True, exist_ok=True)
-        for path in find_summaries(args.paths) if args.collect else []:
-            target = args.collect / f"{(summary := read_summary(path))['name']}.json"
-            if summary.get("unfinished") and path.name == "args.json":
-                target.write_text(json.dumps(summary, indent=2) + "\n")
-            elif not (target.exists() and target.samefile(path)):  # collecting a folder into itself
-                shutil.copyfile(path, target)
-        if content is not None:
-            args.readme.write_text(content)
-    except OSError as exc:
-        raise SummaryError(f"{exc.filename}: cannot be written ({exc.strerror}); check --collect and --readme") from None
-    return 0
 
 
 if __name__ == "__main__":
