@@ -47,10 +47,8 @@ FLOAT32 = torch.finfo(torch.float32)
 
 
 def finite_float(text: str) -> float:
-    """argparse type of every float flag: NaN and infinity would slip through the range checks
-    (every comparison with NaN is false) and poison training silently; so would a value that float32,
-    in which training computes, holds as 0 or infinity (--lr 1e-300 trained nothing and ended "done")
-    or only imprecisely (subnormal): 0 or tiny <= |value| <= max of float32."""
+    """argparse type of every float flag: 0 or tiny <= |value| <= max of float32, in which training computes. NaN would slip
+    through the range checks; infinity, 0 or subnormal in float32 poison training silently (--lr 1e-300 ended "done")."""
     try:
         value = float(text)
     except ValueError:
@@ -73,9 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=HelpFormatter)
     p.add_argument("--loss", choices=LOSSES, default="standalone", help="objective")
     p.add_argument("--dataset", type=canonical_name, choices=DATASETS, default="digits", help="data set (cifar-10 is accepted for cifar10)")
-    p.add_argument(
-        "--data-dir", default=None, help="folder with the data set (torchvision layout or train/ test/ image folders); default ./data"
-    )
+    p.add_argument("--data-dir", help="folder with the data set (torchvision layout or train/ test/ image folders); default ./data")
     p.add_argument(
         "--model",
         choices=MODELS,
@@ -86,39 +82,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--feat-dim", type=int, default=2, help="feature dimension")
     p.add_argument("--width", type=int, default=1, help="resnet: multiply every channel count by this (1: the study's network)")
     p.add_argument(
-        "--epochs",
-        type=int,
-        default=None,
-        help="epochs; default 100, the study's budget (20 for digits, so that the first run takes about a minute)",
+        "--epochs", type=int, help="epochs; default 100, the study's budget (20 for digits, so that the first run takes about a minute)"
     )
     p.add_argument(
         "--train-classes",
-        default=None,
         help="open set: train on these classes only (indices 0,2,5, ranges 0-4 or names, comma-separated) and also report "
         "retrieval (open_precision_at_1, open_r_precision, open_map_at_r) among the test images of the other classes (default all)",
     )
-    p.add_argument("--train-samples", type=int, default=None, help="train on the first N train samples only (quick checks; default all)")
+    p.add_argument("--train-samples", type=int, help="train on the first N train samples only (quick checks; default all)")
     p.add_argument(
         "--batch-size",
         type=int,
-        default=None,
         help="global batch size, split evenly across torchrun processes (the inter term spans it); default 128, the study's (64 for digits)",
     )
     p.add_argument("--lr", type=finite_float, default=0.01, help="SGD learning rate of the model")
     p.add_argument(
         "--lr-cent",
         type=finite_float,
-        default=None,
         help="SGD learning rate of the centers (default: --lr; not with --loss xent, which has none, or --center-update paper)",
     )
     p.add_argument("--momentum", type=finite_float, default=0.9, help="SGD momentum (model and SGD centers)")
-    p.add_argument(
-        "--weight-decay", type=finite_float, default=None, help="SGD weight decay of the model (default: 5e-4 for lenet++, 0 for resnet)"
-    )
+    p.add_argument("--weight-decay", type=finite_float, help="SGD weight decay of the model (default: 5e-4 for lenet++, 0 for resnet)")
     p.add_argument(
         "--clip-grad-norm",
         type=finite_float,
-        default=None,
         help="clip the gradient norm of the model and dense centers to this (not sparse centers), 0: off (default: 10 for lenet++, 0 for resnet)",
     )
     p.add_argument(
@@ -128,25 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="sgd: centers learn by their gradient; paper: after each step each center moves toward its class's batch mean "
         "(Wen et al., eq. 4; cent and standalone only)",
     )
+    p.add_argument("--center-alpha", type=finite_float, help="center rate of --center-update paper (default 0.5, the paper's)")
+    p.add_argument("--weight-cent", type=finite_float, help="weight of the center term in cent (default 1)")
+    p.add_argument("--weight-intra", type=finite_float, help="weight of the intra term in standalone and centers-apart (default 1)")
+    p.add_argument("--weight-inter", type=finite_float, help="weight of the inter term in standalone and centers-apart (default 0.1)")
     p.add_argument(
-        "--center-alpha", type=finite_float, default=None, help="center rate of --center-update paper (default 0.5, the paper's)"
+        "--inter-margin", type=finite_float, help="truncate each pair's squared distance at this margin in standalone's inter term (off)"
     )
-    p.add_argument("--weight-cent", type=finite_float, default=None, help="weight of the center term in cent (default 1)")
-    p.add_argument(
-        "--weight-intra", type=finite_float, default=None, help="weight of the intra term in standalone and centers-apart (default 1)"
-    )
-    p.add_argument(
-        "--weight-inter", type=finite_float, default=None, help="weight of the inter term in standalone and centers-apart (default 0.1)"
-    )
-    p.add_argument(
-        "--inter-margin",
-        type=finite_float,
-        default=None,
-        help="truncate each pair's squared distance at this margin in standalone's inter term (off)",
-    )
-    p.add_argument(
-        "--alpha", type=finite_float, default=None, help="centers-apart: scale of the squared distance inside exp() (default 0.05)"
-    )
+    p.add_argument("--alpha", type=finite_float, help="centers-apart: scale of the squared distance inside exp() (default 0.05)")
     p.add_argument(
         "--val-fraction",
         type=finite_float,
@@ -161,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--tensorboard", action="store_true", help="also log to <run folder>/tensorboard (needs the tensorboard package)")
     p.add_argument("--factor", type=finite_float, default=0.2, help="ReduceLROnPlateau factor (on test accuracy)")
-    p.add_argument("--patience", type=int, default=None, help="ReduceLROnPlateau patience; default 10, the study's (3 for digits)")
+    p.add_argument("--patience", type=int, help="ReduceLROnPlateau patience; default 10, the study's (3 for digits)")
     p.add_argument("--threshold", type=finite_float, default=0.1, help="ReduceLROnPlateau relative threshold")
     p.add_argument("--seed", type=int, default=0, help=f"seed of weights, data order and augmentation, 0 to {MAX_SEED}")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
@@ -172,10 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="fast: tensors on the device, batched augmentation; loader: torchvision DataLoader",
     )
     p.add_argument(
-        "--workers",
-        type=int,
-        default=None,
-        help=f"DataLoader workers of --pipeline loader (default {default_workers()}: the CPUs, at most 4)",
+        "--workers", type=int, help=f"DataLoader workers of --pipeline loader (default {default_workers()}: the CPUs, at most 4)"
     )
     p.add_argument("--amp", choices=tuple(AMP_DTYPES), default="off", help="autocast precision")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="channels_last memory format")
@@ -195,15 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    for key, value in (FIRST_RUN if args.dataset == "digits" else STUDY).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    fill(args, {**(FIRST_RUN if args.dataset == "digits" else STUDY), "name": f"{args.loss}-{args.dataset}-feat={args.feat_dim}"})
     try:
         world = world_size()
     except ValueError as exc:
         parser.error(str(exc))
-    if args.name is None:
-        args.name = f"{args.loss}-{args.dataset}-feat={args.feat_dim}"
     checks = [
         (0 <= args.seed <= MAX_SEED, f"--seed must be an integer from 0 to {MAX_SEED} (numpy's seed range)"),
         (
@@ -282,15 +251,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "--dataset folder needs --data-dir DIR with DIR/train/<class>/* and DIR/test/<class>/*",
         ),
     ]
-    checks += [
-        (getattr(args, key) is None or args.loss in losses, unused_flag(key, args.loss, losses)) for key, losses in LOSS_FLAGS.items()
-    ]
+    for key, losses in LOSS_FLAGS.items():
+        used = "every loss but xent (the losses with centers)" if key == "lr_cent" else "--loss " + " and ".join(losses)
+        unused = f"--{key.replace('_', '-')} is used by {used}, not by --loss {args.loss}; drop it"
+        checks.append((getattr(args, key) is None or args.loss in losses, unused))
     for ok, message in checks:
         if not ok:
             parser.error(message)
-    for key, value in {**LOSS_DEFAULTS, **PLOT_DEFAULTS}.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    fill(args, {**LOSS_DEFAULTS, **PLOT_DEFAULTS})
     if args.loss in LOSS_FLAGS["weight_intra"] and args.weight_intra == args.weight_inter == 0:
         parser.error(
             f"--weight-intra 0 and --weight-inter 0 make the {args.loss} loss zero whatever the model does; give one a positive weight"
@@ -307,23 +275,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             importlib.import_module("torch.utils.tensorboard")
         except ImportError:
             parser.error("--tensorboard needs the tensorboard package: pip install tensorboard")
-    for key, value in MODEL_RECIPES[args.model].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if args.center_update == "paper" and args.center_alpha is None:
-        args.center_alpha = 0.5  # the paper's
-    if args.center_update == "sgd" and args.lr_cent is None:
-        args.lr_cent = args.lr
-    if args.workers is None:
-        args.workers = default_workers()
+    fill(args, {**MODEL_RECIPES[args.model], "workers": default_workers()})
+    fill(args, {"center_alpha": 0.5} if args.center_update == "paper" else {"lr_cent": args.lr})  # 0.5: the paper's
     return args
 
 
-def unused_flag(key: str, loss: str, losses: tuple[str, ...]) -> str:
-    """The line refusing a flag that --loss `loss` does not use (only `losses` do)."""
-    flag = "--" + key.replace("_", "-")
-    used = "every loss but xent (the losses with centers)" if key == "lr_cent" else "--loss " + " and ".join(losses)
-    return f"{flag} is used by {used}, not by --loss {loss}; drop it"
+def fill(args: argparse.Namespace, defaults: dict) -> None:
+    """Set each flag of `defaults` that args leaves None."""
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
 
 
 def is_plain_name(name: str) -> bool:

@@ -13,6 +13,13 @@ from training import TERMS, EpochState, Run
 from utils import chunk_rows
 
 EVAL_BATCH = 1024
+COLUMNS = [
+    "epoch", "lr",
+    "train_loss", "train_xent", "train_intra", "train_inter", "train_acc",
+    "test_loss", "test_xent", "test_intra", "test_inter", "test_acc", "ncm_acc", "center_acc", "val_acc",
+    *FEATURE_METRICS, *GEOMETRY_METRICS, *OPEN_SET_METRICS,
+    "bad_steps", "seconds",
+]  # fmt: skip
 
 
 def nearest(features: torch.Tensor, points: torch.Tensor, exclude: torch.Tensor | None = None) -> torch.Tensor:

@@ -22,11 +22,8 @@ STARTUP_INTERRUPT = "interrupted before training started; no new checkpoint was 
 
 
 def interrupted_at_startup(signum: int, frame: object) -> None:
-    """SIGINT or SIGTERM from start until the training loop installs its own handlers: one line, exit 128 + signum, at once.
-
-    Nothing needs saving yet, and every file written so far was written atomically. No exception is
-    raised: one raised into the lazy imports of start-up (torch's, scikit-learn's, torchvision's)
-    can end in a traceback from their own handlers, or in a C++ terminate (rc 134)."""
+    """SIGINT or SIGTERM before the training loop installs its handlers: one line, exit 128 + signum, at once (nothing to
+    save yet). No exception: one raised into start-up's lazy imports can end in their tracebacks or a C++ terminate (rc 134)."""
     os.write(2, (STARTUP_INTERRUPT + "\n").encode())
     os._exit(128 + signum)
 
@@ -44,36 +41,17 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import datasets
 import visualize
 from checkpoints import CheckpointError, RunFolderError, check_run_dir, checkpoint, load_checkpoint, make_run_dir, usage_error
 from config import parse_args
-from datasets import (
-    DataError,
-    Dataset,
-    ImageData,
-    full_batches,
-    load_dataset,
-    loader_batches,
-    open_set_split,
-    parse_class_list,
-    shard_order,
-    split_validation,
-    tensor_batches,
-)
+from datasets import DataError, Dataset, ImageData, full_batches, load_dataset, loader_batches, tensor_batches
 from distributed import DistributedError, close_distributed, init_distributed
-from evaluation import acc_predictions, embed, epoch_row, run_summary
-from metrics import FEATURE_METRICS, GEOMETRY_METRICS, OPEN_SET_METRICS
+from evaluation import COLUMNS, acc_predictions, embed, epoch_row, run_summary
 from models import MIN_SIDE
 from training import TERMS, EpochState, Run, build_trainer, cuda_backends, make_scheduler, train_step
-from utils import WriteError, atomic_torch_save, epoch_generator, resolve_device, write_csv, write_json
+from utils import WriteError, atomic_torch_save, epoch_generator, resolve_device, usable_cores, write_csv, write_json
 
-COLUMNS = [
-    "epoch", "lr",
-    "train_loss", "train_xent", "train_intra", "train_inter", "train_acc",
-    "test_loss", "test_xent", "test_intra", "test_inter", "test_acc", "ncm_acc", "center_acc", "val_acc",
-    *FEATURE_METRICS, *GEOMETRY_METRICS, *OPEN_SET_METRICS,
-    "bad_steps", "seconds",
-]  # fmt: skip
 FRAME_POINTS = 5000  # points per 2-D frame: enough to see the clusters, under a second to draw
 PROJECTION_POINTS = 2000
 EMBEDDING_POINTS = 2000  # TensorBoard projector: test features with their thumbnails
@@ -87,10 +65,9 @@ class TrainingError(Exception):
 def record_step(run: Run, state: EpochState, features, logits, y, loss, terms, finite) -> None:
     """What the epoch keeps of one step (train_step's outputs): loss, terms, accuracy, class sums and the
     first run.frame_take points of every batch for the train frame (spread over the epoch). No host sync."""
-    args, objective = run.args, run.objective
     features = torch.where(finite, features.detach().float(), torch.nan)  # a bad step's points are not drawn
-    centers = objective.centers.detach() if objective.centers is not None else None
-    correct = (acc_predictions(args, features, logits.detach(), centers) == y).sum()
+    centers = run.objective.centers.detach() if run.objective.centers is not None else None
+    correct = (acc_predictions(run.args, features, logits.detach(), centers) == y).sum()
     state.add(loss, terms, features, y, correct, finite)
     if run.collect_frames:
         state.frame_features.append(features[: run.frame_take])
@@ -98,31 +75,24 @@ def record_step(run: Run, state: EpochState, features, logits, y, loss, terms, f
 
 
 def train_epoch(run: Run, epoch: int, state: EpochState, stop: dict) -> bool:
-    """One pass over the shuffled train set's full batches, resuming at state.step; updates `state`
-    in place. Returns whether it stopped for a signal."""
-    args, data = run.args, run.train
+    """One pass over the shuffled train set's full batches from state.step, updating `state`; returns whether a signal stopped it."""
+    args, data, rank, world = run.args, run.train, run.rank, run.world
     order = torch.randperm(len(data), generator=epoch_generator(args.seed, epoch))
-    rank, world = run.rank, run.world
     aug = torch.Generator(run.device)
     try:
         aug.set_state(state.aug)
     except RuntimeError:  # a checkpoint cut short on another kind of device: a CPU generator's state does not fit a CUDA one
         aug.manual_seed(epoch_generator(args.seed, epoch).initial_seed() + 1 + state.step)
-        log(
-            rank,
-            f"the checkpoint's augmentation state is of another kind of device than {run.device}: the rest of epoch {epoch} is re-seeded",
-        )
+        log(rank, f"the checkpoint's augmentation state does not fit {run.device}: the rest of epoch {epoch} is re-seeded")
     if args.pipeline == "fast":
         batches = tensor_batches(data, order, args.batch_size, run.augmentations, aug, state.step, rank, world)
     else:
-        shard = shard_order(order, args.batch_size, rank, world)
+        shard = datasets.shard_order(order, args.batch_size, rank, world)
         generator = epoch_generator(args.seed * world + rank, epoch)
         batches = loader_batches(data, shard, args.batch_size // world, run.augmentations, generator, args.workers, run.device, state.step)
     run.net.train()
-    show = rank == 0 and sys.stderr.isatty()
-    bar = tqdm(
-        batches, total=full_batches(len(data), args.batch_size), initial=state.step, desc=f"epoch {epoch}", leave=False, disable=not show
-    )
+    total, show = full_batches(len(data), args.batch_size), rank == 0 and sys.stderr.isatty()
+    bar = tqdm(batches, total=total, initial=state.step, desc=f"epoch {epoch}", leave=False, disable=not show)
     for x, y in bar:
         record_step(run, state, *train_step(run, x, y))
         state.aug = aug.get_state()
@@ -156,9 +126,8 @@ def stop_agreed(run: Run, stop: dict) -> bool:
 
 
 def check_divergence(run: Run, epoch: int, state: EpochState) -> None:
-    """Stop once --max-bad-steps steps were non-finite (each was skipped: no bad update remains), or
-    once a finite step has made a weight non-finite (too large an update), before any checkpoint
-    holds it. A host sync: the loop asks every LOG_EVERY steps and before each checkpoint."""
+    """Stop once --max-bad-steps steps were non-finite (each skipped: no bad update remains) or a finite step made a weight
+    non-finite (too large an update), before a checkpoint holds it. A host sync: every LOG_EVERY steps and before each checkpoint."""
     weights = [*run.model.parameters(), *run.objective.parameters()]
     if not bool(torch.stack([torch.isfinite(p).all() for p in weights]).all()):
         raise TrainingError(
@@ -181,8 +150,7 @@ def kept_checkpoint(run: Run) -> str:
 
 
 def train(args: argparse.Namespace, rank: int, world: int) -> int:
-    """Build the run, resume it if a checkpoint is there, train the epochs, finish (rank 0), all in
-    its folder locked by rank 0."""
+    """Build the run, resume it if a checkpoint is there, train the epochs, finish (rank 0), in its folder locked by rank 0."""
     run, data, resuming, lock = build(args, rank, world)
     try:
         start_epoch, state = resume(run, data, resuming)
@@ -194,11 +162,8 @@ def train(args: argparse.Namespace, rank: int, world: int) -> int:
             try:
                 finish(run, data)
             except KeyboardInterrupt as exc:  # pictures and summary are redone from the checkpoint
-                print(
-                    f"interrupted while drawing the final pictures and writing summary.json; the checkpoint of epoch {args.epochs} is saved, "
-                    "run the same command to finish the run",
-                    file=sys.stderr,
-                )
+                drawing = "interrupted while drawing the final pictures and writing summary.json"
+                print(f"{drawing}; the checkpoint of epoch {args.epochs} is saved, run the same command to finish the run", file=sys.stderr)
                 return 128 + (exc.args[0] if exc.args else signal.SIGINT)
             finally:
                 for s, handler in previous.items():
@@ -218,37 +183,26 @@ def build(args: argparse.Namespace, rank: int, world: int) -> tuple[Run, Dataset
     unseen = None
     if args.train_classes is not None:
         try:
-            data, unseen = open_set_split(data, parse_class_list(args.train_classes, data.classes))
+            data, unseen = datasets.open_set_split(data, datasets.parse_class_list(args.train_classes, data.classes))
         except ValueError as exc:
             raise SystemExit(usage_error(str(exc))) from None
     if args.train_samples is not None:
         data.train = ImageData(data.train.images[: args.train_samples], data.train.labels[: args.train_samples])
     present = data.train.labels.unique()
     if len(present) < 2:  # also after --train-samples: the losses compare classes, one class learns nothing
-        raise DataError(
-            f"{data.source}: the train set has only the class {data.classes[int(present[0])]!r}"
-            + (f" in its first --train-samples {args.train_samples}" if args.train_samples is not None else "")
-            + "; a classifier needs at least two"
-        )
+        first = f" in its first --train-samples {args.train_samples}" if args.train_samples is not None else ""
+        only = data.classes[int(present[0])]
+        raise DataError(f"{data.source}: the train set has only the class {only!r}{first}; a classifier needs at least two")
     val = None
     if args.val_fraction > 0:
-        data.train, val = split_validation(data.train, args.val_fraction, args.seed)
+        data.train, val = datasets.split_validation(data.train, args.val_fraction, args.seed)
     if len(data.train) < args.batch_size:
-        raise SystemExit(
-            usage_error(
-                f"the train set has {len(data.train)} samples, fewer than one batch of --batch-size {args.batch_size} "
-                "(the last partial batch is dropped, as in the study); use a smaller --batch-size or more --train-samples"
-            )
-        )
-    if data.image_size < MIN_SIDE[args.model]:
-        side = data.image_size
-        raise SystemExit(
-            usage_error(
-                f"--model {args.model} needs images of at least {MIN_SIDE[args.model]}x{MIN_SIDE[args.model]} pixels and "
-                f"{args.data_dir or args.dataset} has {side}x{side}; use larger images"
-                + (" or --model resnet" if args.model != "resnet" else "")
-            )
-        )
+        few = f"the train set has {len(data.train)} samples, fewer than one batch of --batch-size {args.batch_size} (the last partial"
+        raise SystemExit(usage_error(few + " batch is dropped, as in the study); use a smaller --batch-size or more --train-samples"))
+    side, need = data.image_size, MIN_SIDE[args.model]
+    if side < need:
+        small = f"--model {args.model} needs images of at least {need}x{need} pixels and {args.data_dir or args.dataset} has {side}x{side}"
+        raise SystemExit(usage_error(small + "; use larger images" + (" or --model resnet" if args.model != "resnet" else "")))
     run_dir, resuming = check_run_dir(args)
     if world > 1:  # every process has checked before rank 0 deletes or creates anything
         dist.barrier()
@@ -290,16 +244,13 @@ def resume(run: Run, data: Dataset, resuming: bool) -> tuple[int, EpochState | N
         log(rank, f"resuming {run.dir} after epoch {ckpt['epoch']}" + (f", step {state.step}" if state else ""))
     if rank == 0:
         write_json(run.dir / "args.json", {**vars(args), "world_size": run.world})
-    log(
-        rank,
-        f"{args.loss} on {data.name} ({len(data.train)} train / {len(data.test)} test, {data.source}), {args.model} feat_dim={args.feat_dim}, {run.device}",
-    )
+    sizes = f"{len(data.train)} train / {len(data.test)} test, {data.source}"
+    log(rank, f"{args.loss} on {data.name} ({sizes}), {args.model} feat_dim={args.feat_dim}, {run.device}")
     return start_epoch, state
 
 
 def loop(run: Run, data: Dataset, start_epoch: int, state: EpochState | None) -> int | None:
-    """Train the epochs from start_epoch on, with a checkpoint after each. Returns the exit code if a
-    signal stopped it (after saving), None once the last epoch is done."""
+    """Train the epochs from start_epoch on, a checkpoint after each. Returns the exit code if a signal stopped it, else None."""
     args, rank, device = run.args, run.rank, run.device
     writer = None
     if args.tensorboard and rank == 0:
@@ -332,11 +283,8 @@ def loop(run: Run, data: Dataset, start_epoch: int, state: EpochState | None) ->
             run.history.append(row)
             if rank == 0:
                 end_epoch(run, data, epoch, state, row, test_features, writer)
-            log(
-                rank,
-                f"epoch {epoch}/{args.epochs}  loss {row['train_loss']:.4f}  train acc {row['train_acc']:.4f}  "
-                f"test acc {row['test_acc']:.4f}  ncm acc {row['ncm_acc']:.4f}  lr {row['lr']:.3g}  {elapsed:.1f}s",
-            )
+            accs = f"train acc {row['train_acc']:.4f}  test acc {row['test_acc']:.4f}  ncm acc {row['ncm_acc']:.4f}"
+            log(rank, f"epoch {epoch}/{args.epochs}  loss {row['train_loss']:.4f}  {accs}  lr {row['lr']:.3g}  {elapsed:.1f}s")
             state = None
             if stop_agreed(run, stop):
                 return 128 + stop["signal"]
@@ -349,11 +297,17 @@ def loop(run: Run, data: Dataset, start_epoch: int, state: EpochState | None) ->
 
 
 def end_epoch(run: Run, data: Dataset, epoch: int, state: EpochState, row: dict, test_features: torch.Tensor, writer) -> None:
-    """Rank 0 after an epoch: metrics.csv, the 2-D frame's data (drawn by finish), the checkpoint, TensorBoard."""
+    """Rank 0 after an epoch: metrics.csv, the points of the epoch's two 2-D frames (train: spread over its steps; test: the
+    first FRAME_POINTS) with the centers as .npz files for finish() to draw, the checkpoint, TensorBoard."""
     args = run.args
     write_csv(run.dir / "metrics.csv", run.history, COLUMNS)
     if run.collect_frames and (epoch % args.plot_every == 0 or epoch == args.epochs):
-        save_frame_data(run, data, epoch, state, test_features, row)
+        centers = run.objective.centers.detach().cpu() if run.objective.centers is not None else None
+        train_points = (torch.cat(state.frame_features).cpu(), torch.cat(state.frame_labels).cpu())
+        test_points = (test_features[:FRAME_POINTS].cpu(), data.test.labels[:FRAME_POINTS].cpu())
+        for split, (features, labels) in (("train", train_points), ("test", test_points)):
+            title = f"{args.loss} {data.name} epoch {epoch}  loss {row[f'{split}_loss']:.3f}  acc {row[f'{split}_acc']:.4f}"
+            visualize.save_frame_data(run.dir, split, epoch, features, labels, centers, title)
     atomic_torch_save(checkpoint(run, epoch, None), run.dir / "checkpoint.pt")
     if writer is not None:
         n = EMBEDDING_POINTS if epoch == args.epochs else 0
@@ -364,26 +318,6 @@ def end_epoch(run: Run, data: Dataset, epoch: int, state: EpochState, row: dict,
 def log(rank: int, message: str) -> None:
     if rank == 0:
         print(message, flush=True)
-
-
-def save_frame_data(run: Run, data: Dataset, epoch: int, state: EpochState, test_features: torch.Tensor, row: dict) -> None:
-    """The points of this epoch's two 2-D frames (train: spread over the epoch's steps; test: the first
-    FRAME_POINTS) with the centers and a title, as .npz files; finish() draws them all at once."""
-    centers = run.objective.centers
-    centers = centers.detach().cpu() if centers is not None else None
-    title = f"{run.args.loss} {data.name} epoch {epoch}"
-    train_points = (torch.cat(state.frame_features).cpu(), torch.cat(state.frame_labels).cpu())
-    test_points = (test_features[:FRAME_POINTS].cpu(), data.test.labels[:FRAME_POINTS].cpu())
-    for split, (features, labels), acc in (("train", train_points, row["train_acc"]), ("test", test_points, row["test_acc"])):
-        loss = row["train_loss"] if split == "train" else row["test_loss"]
-        visualize.save_frame_data(run.dir, split, epoch, features, labels, centers, f"{title}  loss {loss:.3f}  acc {acc:.4f}")
-
-
-def usable_cores() -> int:
-    """Cores this process may use: os.process_cpu_count() (3.13+), else the affinity mask (Linux), else os.cpu_count() (macOS, Windows)."""
-    if hasattr(os, "process_cpu_count"):
-        return os.process_cpu_count() or 1
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def finish(run: Run, data: Dataset) -> None:
@@ -407,26 +341,19 @@ def finish(run: Run, data: Dataset) -> None:
             subset = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(args.seed))[:PROJECTION_POINTS]
             train_subset = ImageData(data.train.images[subset], data.train.labels[subset])
             for name, split in (("train", train_subset), ("test", data.test)):
-                features, _ = embed(run, split)
+                path, title = run_dir / f"{name}.png", f"{args.loss} {data.name} feat_dim={args.feat_dim} ({name})"
                 visualize.save_projection(
-                    run_dir / f"{name}.png",
-                    features.cpu(),
-                    split.images.cpu(),
-                    split.labels.cpu(),
-                    data.classes,
-                    f"{args.loss} {data.name} feat_dim={args.feat_dim} ({name})",
-                    method=args.projection,
+                    path, embed(run, split)[0].cpu(), split.images.cpu(), split.labels.cpu(), data.classes, title, method=args.projection
                 )
-                pictures.append(run_dir / f"{name}.png")
+                pictures.append(path)
     summary = run_summary(run, data)
     write_json(run_dir / "summary.json", summary)
     if pictures:
         print("pictures: " + ", ".join(map(str, pictures)))
     if args.dataset == "digits":
         print("next: python main.py --dataset mnist --data-dir DIR --epochs 3   (MNIST in DIR/MNIST/raw, downloaded there if missing)")
-    print(
-        f"done: acc {summary['acc']:.4f} (best {summary['best_acc']:.4f}), ncm acc {summary['ncm_acc']:.4f}, {summary['samples_per_second']:.0f} samples/s -> {run_dir}"
-    )
+    speed = f"{summary['samples_per_second']:.0f} samples/s"
+    print(f"done: acc {summary['acc']:.4f} (best {summary['best_acc']:.4f}), ncm acc {summary['ncm_acc']:.4f}, {speed} -> {run_dir}")
 
 
 def main(argv: list[str] | None = None) -> int:
