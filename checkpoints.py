@@ -277,9 +277,13 @@ def lock_run_dir(run_dir: Path) -> int:
         raise RunFolderError(
             f"{run_dir} is in use by {who}, a run still going; wait for it to end, stop it, or choose another --name"
         ) from None
-    os.ftruncate(fd, 0)
-    os.lseek(fd, 0, os.SEEK_SET)
-    os.write(fd, f"{os.getpid()}\n".encode())
+    try:
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, f"{os.getpid()}\n".encode())
+    except OSError as exc:  # a full disk
+        os.close(fd)
+        raise RunFolderError(f"cannot write the lock file in {run_dir} ({exc.strerror}); free space or choose another --out") from None
     return fd
 
 

@@ -173,10 +173,14 @@ def test_links_planted_in_a_run_folder_are_not_followed(tmp_path: Path) -> None:
 
 
 def test_a_full_disk_at_the_lock_file_is_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
-    def full(*args) -> int:
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    write, pid_line = os.write, f"{os.getpid()}\n".encode()
 
-    monkeypatch.setattr(checkpoints.os, "pwrite", full)
+    def full(fd: int, data: bytes) -> int:  # the disk fills up at the lock file's pid line
+        if data == pid_line:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return write(fd, data)
+
+    monkeypatch.setattr(checkpoints.os, "write", full)
     assert main.main([*QUICK, "--out", str(tmp_path), "--name", "run"]) == 1
     line = stderr_error_line(capsys.readouterr().err)
     assert line == f"error: cannot write the lock file in {tmp_path / 'run'} (No space left on device); free space or choose another --out"
