@@ -26,16 +26,14 @@ LEGACY_CONFIG = dict(weight_decay=0.0, clip_grad_norm=0.0, center_update="sgd", 
 # Settings the checkpoint's optimiser and scheduler carry, and --amp (a run half fp32, half bf16 would be
 # mislabelled): resuming with other values is refused (--epochs may grow, --device may change).
 RESUME_KEYS = ("lr", "lr_cent", "momentum", "factor", "patience", "threshold", "amp")
+STATEFUL = ("model", "objective", "optimizer", "center_optimizer", "scheduler", "scaler")  # the run's parts with a state_dict
 # What checkpoint() writes: a checkpoint without any of them cannot resume.
-CHECKPOINT_KEYS = tuple(
-    "args epoch epoch_state model objective optimizer center_optimizer scheduler scaler history train_seconds samples bad_steps random".split()
-)
+CHECKPOINT_KEYS = ("args", "epoch", "epoch_state", *STATEFUL, "history", "train_seconds", "samples", "bad_steps", "random")
 
 
 def random_states(device: torch.device) -> dict[str, Any]:
-    """The random states a run draws from: torch's CPU generator and, on a CUDA run, the current CUDA
-    device's (a CPU run never initialises CUDA). The data order and augmentations have generators of
-    their own (utils.epoch_generator, EpochState.aug)."""
+    """torch's CPU generator and, on a CUDA run, the current CUDA device's (a CPU run never initialises CUDA);
+    the data order and augmentations have generators of their own (utils.epoch_generator, EpochState.aug)."""
     return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
 
 
@@ -66,9 +64,6 @@ NAME_MAX = 255  # bytes in one file name on Linux's and macOS's file systems
 RUN_DIR_MAX = 4096 - 100  # bytes in a run folder's path: Linux's PATH_MAX, less room for the files inside it
 
 
-STATEFUL = ("model", "objective", "optimizer", "center_optimizer", "scheduler", "scaler")  # the run's parts with a state_dict
-
-
 def checkpoint(run: Run, epoch: int, state: EpochState | None) -> dict:
     """Everything needed to continue bit for bit: weights, optimisers, scheduler, scaler, metrics, random
     states. `epoch` is the last finished epoch; `state` the unfinished next epoch's accumulators, if any."""
@@ -86,28 +81,22 @@ def checkpoint(run: Run, epoch: int, state: EpochState | None) -> dict:
 
 
 def load_checkpoint(path: Path, run: Run) -> dict:
-    """Load a checkpoint safely (weights_only), check it fits this run and restore the run from it. Any
-    damage is one CheckpointError line; other optimisation settings are refused (SystemExit 2). It is
-    loaded to the CPU (random states must be CPU tensors; load_state_dict copies to the run's device),
-    and only the unfinished epoch's accumulators move to run.device: a run may resume on another device."""
+    """Load a checkpoint safely (weights_only), check it fits this run and restore the run from it. Any damage is one
+    CheckpointError line; other optimisation settings are refused (SystemExit 2). Loaded to the CPU (random states must be
+    CPU tensors; load_state_dict copies to the run's device), it may resume on another device."""
+    delete, other = "delete it or start again with --overwrite", "use --overwrite or another --name"
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(
-            f"{path}: corrupt or unreadable checkpoint ({type(exc).__name__}); delete it or start again with --overwrite"
-        ) from None
+        raise CheckpointError(f"{path}: corrupt or unreadable checkpoint ({type(exc).__name__}); {delete}") from None
     bad = damaged_parts(ckpt)
     if bad:
-        raise CheckpointError(
-            f"{path}: incomplete or damaged checkpoint (missing or malformed: {', '.join(bad)}); delete it or start again with --overwrite"
-        )
+        raise CheckpointError(f"{path}: incomplete or damaged checkpoint (missing or malformed: {', '.join(bad)}); {delete}")
     saved, args = ckpt["args"], vars(run.args)
     for key in CONFIG_KEYS:
         value = saved.get(key, LEGACY_CONFIG.get(key))
         if value != args[key]:
-            raise CheckpointError(
-                f"{path}: checkpoint is of another configuration ({key} {value!r}, this run {args[key]!r}); use --overwrite or another --name"
-            )
+            raise CheckpointError(f"{path}: checkpoint is of another configuration ({key} {value!r}, this run {args[key]!r}); {other}")
     check_resume_settings(path, saved, args, ckpt["epoch"])
     try:
         for key in (key for key in STATEFUL if getattr(run, key) is not None):
@@ -117,21 +106,17 @@ def load_checkpoint(path: Path, run: Run) -> dict:
         if ckpt["epoch_state"] is not None:
             ckpt["epoch_state"] = epoch_state_on(ckpt["epoch_state"], run.device)
     except Exception as exc:  # a damaged state dict fails in many ways (RuntimeError, KeyError, TypeError, ...)
-        raise CheckpointError(
-            f"{path}: checkpoint does not fit this run ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-            "use --overwrite or another --name"
-        ) from None
+        first_line = "".join(str(exc).splitlines()[:1])
+        raise CheckpointError(f"{path}: checkpoint does not fit this run ({type(exc).__name__}: {first_line}); {other}") from None
     for key in ("history", "train_seconds", "samples", "bad_steps"):
         setattr(run, key, ckpt[key])
     return ckpt
 
 
 def epoch_state_on(saved: dict, device: torch.device) -> EpochState:
-    """A checkpoint's unfinished-epoch accumulators, moved to `device`; the augmentation generator's
-    state stays a CPU tensor, the only kind Generator.set_state takes (main.train_epoch)."""
+    """A checkpoint's unfinished-epoch accumulators on `device`; the augmentation generator's state stays a CPU tensor (set_state)."""
     moved = {k: v.to(device) if torch.is_tensor(v) and k != "aug" else v for k, v in saved.items()}
-    moved["frame_features"] = [t.to(device) for t in saved["frame_features"]]
-    moved["frame_labels"] = [t.to(device) for t in saved["frame_labels"]]
+    moved |= {k: [t.to(device) for t in saved[k]] for k in ("frame_features", "frame_labels")}
     return EpochState(**moved)
 
 
@@ -202,11 +187,8 @@ def check_run_dir(args: argparse.Namespace) -> tuple[Path, bool]:
     if run_dir.is_symlink() or (run_dir.exists() and not run_dir.is_dir()):
         raise SystemExit(usage_error(f"{run_dir} exists and is not a folder; choose another --name or --out"))
     if run_dir.is_dir() and any(p.name != LOCK_FILE for p in run_dir.iterdir()) and not made_by_main(run_dir):
-        raise SystemExit(
-            usage_error(
-                f"{run_dir} is not a run folder of main.py (it has no args.json of ours), so it is left alone; choose another --name or --out"
-            )
-        )
+        message = f"{run_dir} is not a run folder of main.py (it has no args.json of ours), so it is left alone; "
+        raise SystemExit(usage_error(message + "choose another --name or --out"))
     odd = [f"{p} is not a regular file" for p in (run_dir / n for n in RUN_FILES) if p.exists() and not p.is_file()]
     odd += [f"{p} is a link or not a folder" for p in (run_dir / n for n in RUN_FOLDERS) if p.is_symlink() or p.exists() and not p.is_dir()]
     if odd and not args.overwrite:  # found now, not when the first checkpoint cannot replace it after an epoch
@@ -242,15 +224,11 @@ def make_run_dir(run_dir: Path, overwrite: bool) -> int:
 
 
 def lock_run_dir(run_dir: Path) -> int:
-    """Take the run folder for this process, or RunFolderError naming the process that holds it.
-
-    An exclusive lock on run_dir/.lock, whose first bytes hold the owner's pid for that message:
-    fcntl.flock on Linux and macOS, msvcrt.locking of one byte past the pid on Windows (a locked
-    byte cannot be read by others). The OS releases either lock when its process ends in any way,
-    so a lock file left behind never blocks the next run, and no stale-pid guessing is needed. The
-    file itself stays (deleting it would let a process that opened it just before lock a file no one
-    else sees). Written here rather than with the filelock package, which keeps no owner's pid and
-    deletes the file on Windows."""
+    """Take the run folder for this process, or RunFolderError naming the process that holds it: an exclusive lock on
+    run_dir/.lock, whose first bytes hold the owner's pid (fcntl.flock; on Windows msvcrt.locking of the byte past the
+    pid, as a locked byte cannot be read). The OS releases it when the process ends in any way, so no stale pid blocks
+    a run; the file stays (deleting it would let a process that opened it just before lock a file no one else sees).
+    Not the filelock package: it keeps no owner's pid and deletes the file on Windows."""
     path = run_dir / LOCK_FILE
     try:
         # O_NOFOLLOW (not on Windows): a planted link must not make us write into its target

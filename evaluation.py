@@ -23,9 +23,8 @@ COLUMNS = [
 
 
 def nearest(features: torch.Tensor, points: torch.Tensor, exclude: torch.Tensor | None = None) -> torch.Tensor:
-    """Index of the nearest row of `points` (squared Euclidean distance) for every feature, never one
-    where `exclude` (per point) is true. In chunks of features holding at most utils.CHUNK_BYTES of
-    distances, so that 100,000 centers (or class means) cost memory for a few hundred features at a time."""
+    """Index of the nearest row of `points` (squared Euclidean distance) for every feature, never one where `exclude` is
+    true; in chunks of features holding at most utils.CHUNK_BYTES of distances (100,000 centers: a few hundred features)."""
     points = points.float()
     step = chunk_rows(len(points))
     chunks = []
@@ -36,8 +35,7 @@ def nearest(features: torch.Tensor, points: torch.Tensor, exclude: torch.Tensor 
 
 
 def acc_predictions(args: argparse.Namespace, features: torch.Tensor, logits: torch.Tensor, centers: torch.Tensor | None) -> torch.Tensor:
-    """The study's accuracy: nearest center for losses without a softmax on the features
-    (standalone and the two alternatives), argmax of the logits for xent and cent."""
+    """The study's accuracy: nearest center for losses without a softmax (CENTER_ACC_LOSSES), else argmax of the logits."""
     return nearest(features, centers) if args.loss in CENTER_ACC_LOSSES else logits.argmax(1)
 
 
@@ -66,8 +64,7 @@ def embed(run: Run, data: ImageData) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def objective_stats(run: Run, features: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """The objective on evaluation features in consecutive chunks of --batch-size, so that the
-    pairwise terms have the train loss's scale."""
+    """The objective on evaluation features in chunks of --batch-size, so that pairwise terms have the train loss's scale."""
     objective, size = run.objective, run.args.batch_size
     sums = torch.zeros(4, device=features.device, dtype=torch.float64)
     for i in range(0, len(labels), size):
@@ -98,9 +95,7 @@ def epoch_row(run: Run, epoch: int, state: EpochState, seconds: float) -> tuple[
     for i, t in enumerate(TERMS, start=1):
         row[f"train_{t}"] = s[i] / batches if t in objective.terms_used else None
         row[f"test_{t}"] = stats[f"test_{t}"] if t in objective.terms_used else None
-    row["train_acc"] = int(state.correct) / (batches * args.batch_size)
-    row["test_loss"] = stats["test_loss"]
-    row["test_acc"] = test_acc
+    row.update(train_acc=int(state.correct) / (batches * args.batch_size), test_loss=stats["test_loss"], test_acc=test_acc)
     row["ncm_acc"] = (nearest_class_mean(features, state.class_sum, state.class_count) == labels).float().mean().item()
     row["center_acc"] = (nearest(features, centers) == labels).float().mean().item() if centers is not None else None
     row["val_acc"] = accuracy(run, run.val)[0] if run.val is not None else None
@@ -112,8 +107,7 @@ def epoch_row(run: Run, epoch: int, state: EpochState, seconds: float) -> tuple[
     if epoch == args.epochs or (args.eval_every and epoch % args.eval_every == 0):
         train_features, _ = embed(run, run.train)
         row.update(feature_metrics(features, labels, train_features, run.train.labels.to(features.device), args.seed))
-    row["bad_steps"] = int(state.bad_steps)
-    row["seconds"] = seconds
+    row.update(bad_steps=int(state.bad_steps), seconds=seconds)
     return row, features
 
 
@@ -155,12 +149,8 @@ def run_summary(run: Run, data: Dataset) -> dict:
 
 def validation_summary(history: list[dict]) -> dict:
     """Model selection on the held-out split: the epoch of best val_acc and the test accuracy then."""
-    if history[-1]["val_acc"] is None:
+    last = history[-1]["val_acc"]
+    if last is None:
         return {}
     best = max(history, key=lambda r: r["val_acc"])
-    return {
-        "val_acc": history[-1]["val_acc"],
-        "best_val_acc": best["val_acc"],
-        "best_val_epoch": best["epoch"],
-        "test_acc_at_best_val": best["test_acc"],
-    }
+    return {"val_acc": last, "best_val_acc": best["val_acc"], "best_val_epoch": best["epoch"], "test_acc_at_best_val": best["test_acc"]}

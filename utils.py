@@ -41,10 +41,8 @@ class WriteError(Exception):
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temporary file, fsync and rename: a kill or a failure mid-write leaves the old file intact
-    and no temporary file. The temporary file is made anew, never through a link (O_EXCL, and O_NOFOLLOW where
-    the system has it; O_BINARY on Windows): a stale one, or a link planted in its place, is unlinked first,
-    which never touches a link's target. Any failure is a WriteError."""
+    """Write via a temporary file, fsync and rename: a kill or failure mid-write leaves the old file and no temporary one.
+    The temporary file is unlinked (never its link's target) and made anew (O_EXCL, O_NOFOLLOW); any failure is a WriteError."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
@@ -90,20 +88,13 @@ def finite_or_none(obj: Any) -> Any:
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> None:
+    """A float as 6 significant digits, None as an empty cell."""
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: format_value(row.get(k)) for k in columns})
+        writer.writerow({k: "" if row.get(k) is None else f"{row[k]:.6g}" if isinstance(row[k], float) else row[k] for k in columns})
     atomic_write_bytes(path, buffer.getvalue().encode())
-
-
-def format_value(value: Any) -> Any:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return value
 
 
 CHUNK_BYTES = 64 * 2**20  # the most a chunked distance matrix (evaluation, metrics) holds at a time

@@ -3,8 +3,7 @@
     python visualize.py runs/standalone-mnist-feat=2 [RUN_DIR ...] [--to-imgs]     # frames/<split>/*.png -> <split>.gif
     python visualize.py --geometry RUN_DIR [RUN_DIR ...] --out docs/geometry.png  # metrics.GEOMETRY_METRICS over epochs
 
---to-imgs also copies the GIFs (and the projections of runs with feat_dim > 2) to imgs/<loss>-<dataset>-feat=<d>/,
-the naming the study's README uses. Every file is written by utils.atomic_write_bytes."""
+--to-imgs also copies the GIFs (and projections) to imgs/<loss>-<dataset>-feat=<d>/, the naming of the study's README."""
 
 from __future__ import annotations
 
@@ -12,7 +11,6 @@ import argparse
 import csv
 import io
 import json
-import math
 import multiprocessing
 import signal
 import sys
@@ -20,6 +18,7 @@ from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 
+import imageio.v3 as iio
 import matplotlib
 
 matplotlib.use("Agg")
@@ -30,10 +29,10 @@ import torch  # noqa: E402
 from metrics import GEOMETRY_METRICS  # noqa: E402
 from utils import WriteError, atomic_write_bytes  # noqa: E402
 
-FRAME_SIZE_INCHES = 5.0
-FRAME_DPI = 80
+FRAME_SIZE_INCHES, FRAME_DPI = 5.0, 80
 SPLITS = ("train", "test")
 LEGEND_CLASSES = 40  # more classes than this (face identities) get no legend: it would cover the frame
+THUMBNAILS, MAX_POINTS = 300, 5000  # a projection's points drawn as their image, and all its points
 
 
 def class_colors(num_classes: int) -> np.ndarray:
@@ -44,7 +43,6 @@ def class_colors(num_classes: int) -> np.ndarray:
 
 
 def save_figure(fig: plt.Figure, path: Path) -> None:
-    """Save a figure (format from the suffix) by utils.atomic_write_bytes, and close it."""
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format=Path(path).suffix[1:])
@@ -53,8 +51,7 @@ def save_figure(fig: plt.Figure, path: Path) -> None:
 
 
 def own_folder(run_dir: Path, *names: str) -> Path:
-    """run_dir/names..., each made if missing; WriteError for one that is a link or not a folder (writing
-    through it would put the run's files elsewhere)."""
+    """run_dir/names..., each made if missing; WriteError for a link or non-folder (the run's files would go elsewhere)."""
     folder = Path(run_dir)
     for name in names:
         folder = folder / name
@@ -76,10 +73,8 @@ def robust_limits(points: np.ndarray, quantile: float = 0.005, pad: float = 0.08
 
 
 def add_legend(ax: plt.Axes, colors: np.ndarray, classes: Sequence[str], marker: str, markersize: float = 6, **kwargs) -> None:
-    """A legend of the class colours in the upper right corner; kwargs go to Axes.legend."""
-    handles = [
-        plt.Line2D([], [], marker=marker, linestyle="", color=colors[k], markersize=markersize, label=c) for k, c in enumerate(classes)
-    ]
+    style = dict(marker=marker, linestyle="", markersize=markersize)
+    handles = [plt.Line2D([], [], color=colors[k], label=c, **style) for k, c in enumerate(classes)]
     ax.legend(handles=handles, loc="upper right", **kwargs)
 
 
@@ -126,8 +121,7 @@ def load_frame(path: Path) -> dict[str, np.ndarray]:
 
 
 def quiet_worker() -> None:
-    """A drawing process leaves signals to its parent: it ignores Ctrl-C (sent to the whole process group)
-    and dies of SIGTERM without a traceback; the parent, interrupted, terminates the pool (by SIGTERM)."""
+    """A drawing process ignores Ctrl-C (sent to the whole process group) and dies of SIGTERM (the parent's pool.terminate)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
@@ -139,8 +133,7 @@ def draw_one(job: tuple[Path, dict[str, np.ndarray], Sequence[str], np.ndarray])
 
 
 def draw_frames(run_dir: Path, classes: Sequence[str], workers: int = 1) -> np.ndarray | None:
-    """Draw every frame of a run (frames/*/epoch_*.npz -> .png) in min(workers, frames) processes, with one axis range
-    (the union of each frame's robust range, returned) so the animation does not jump."""
+    """Draw frames/*/epoch_*.npz -> .png in min(workers, frames) processes, in one axis range (returned) so GIFs do not jump."""
     frames = sorted(f for split in SPLITS for f in own_folder(run_dir, "frames", split).glob("epoch_*.npz"))
     if not frames:
         return None
@@ -148,12 +141,11 @@ def draw_frames(run_dir: Path, classes: Sequence[str], workers: int = 1) -> np.n
     ranges = np.stack([robust_limits(np.concatenate([d["features"], d["centers"]])) for d in loaded])
     limits = np.stack([ranges[:, :, 0].min(0), ranges[:, :, 1].max(0)], axis=1)
     jobs = [(f, d, list(classes), limits) for f, d in zip(frames, loaded)]
-    workers = min(workers, len(jobs))
-    if workers <= 1:
+    if min(workers, len(jobs)) <= 1:
         for job in jobs:
             draw_one(job)
     else:  # fork: the workers need only numpy and matplotlib, already imported here
-        with multiprocessing.get_context("fork").Pool(workers, initializer=quiet_worker) as pool:
+        with multiprocessing.get_context("fork").Pool(min(workers, len(jobs)), initializer=quiet_worker) as pool:
             pool.map(draw_one, jobs)
     return limits
 
@@ -171,20 +163,10 @@ def project_2d(features: torch.Tensor, method: str = "pca", seed: int = 0) -> np
 
 
 def save_projection(
-    path: Path,
-    features: torch.Tensor,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    classes: Sequence[str],
-    title: str,
-    method: str = "pca",
-    thumbnails: int = 300,
-    max_points: int = 5000,
+    path: Path, features: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, classes: Sequence[str], title: str, method: str = "pca"
 ) -> None:
-    """Projection of the features: `thumbnails` points drawn as their own image (with a class-coloured
-    frame), the rest (up to max_points) as class-coloured dots. One-dimensional features are drawn as
-    they are, x = feature, y = class index jittered by up to 0.3."""
-    n = min(len(features), max_points)
+    """THUMBNAILS points as their image in a class-coloured frame, the rest (to MAX_POINTS) as dots; 1-D: x, class index ±0.3."""
+    n = min(len(features), MAX_POINTS)
     labels = labels[:n].numpy()
     if features.shape[1] == 1:
         points, method = np.stack([features[:n, 0].double().numpy(), labels + np.random.default_rng(0).uniform(-0.3, 0.3, n)], 1), "strip"
@@ -192,10 +174,10 @@ def save_projection(
         points = project_2d(features[:n], method)
     colors = class_colors(len(classes))
     fig, ax = plt.subplots(figsize=(9, 9), dpi=100)
-    ax.scatter(points[thumbnails:, 0], points[thumbnails:, 1], c=colors[labels[thumbnails:]], s=3, linewidths=0, alpha=0.6)
+    ax.scatter(points[THUMBNAILS:, 0], points[THUMBNAILS:, 1], c=colors[labels[THUMBNAILS:]], s=3, linewidths=0, alpha=0.6)
     limits = robust_limits(points, quantile=0.002)
     side = 0.015 * (limits[:, 1] - limits[:, 0])
-    for k in range(min(thumbnails, n)):
+    for k in range(min(THUMBNAILS, n)):
         thumb = images[k].float().div(255).permute(1, 2, 0).expand(-1, -1, 3).numpy()  # a grey image's one channel, thrice
         framed = np.ones((thumb.shape[0] + 4, thumb.shape[1] + 4, 3)) * colors[labels[k]][:3]
         framed[2:-2, 2:-2] = thumb
@@ -208,8 +190,7 @@ def save_projection(
 
 
 def log_tensorboard(writer, epoch: int, row: dict, centers: torch.Tensor | None, embedding: tuple | None = None) -> None:
-    """TensorBoard: every numeric metrics column as a scalar, the min/mean/max distance between centers and, when
-    given, (features, images, class names) as an embedding with thumbnails (the frames: log_frames_to_tensorboard)."""
+    """TensorBoard: each float metrics column, the min/mean/max distance between centers, (features, images, names) if given."""
     for key, value in row.items():
         if isinstance(value, float) and key not in ("epoch", "seconds"):
             writer.add_scalar(("train/" if key.startswith("train_") else "eval/") + key, value, epoch)
@@ -225,7 +206,6 @@ def log_tensorboard(writer, epoch: int, row: dict, centers: torch.Tensor | None,
 
 def log_frames_to_tensorboard(run_dir: Path) -> None:
     """Every drawn test frame as the image "features/test" at its epoch's step, in the run's TensorBoard log."""
-    import imageio.v3 as iio
     from torch.utils.tensorboard import SummaryWriter
 
     with SummaryWriter(str(own_folder(run_dir, "tensorboard"))) as writer:
@@ -238,10 +218,7 @@ class StitchError(Exception):
 
 
 def make_run_gifs(run_dir: Path, duration: float = 0.4, last_pause: float = 2.0) -> list[Path]:
-    """train.gif and test.gif in the run folder from its frames/<split>/epoch_*.png, looping, the last frame staying
-    `last_pause` seconds; returns the GIFs made."""
-    import imageio.v3 as iio
-
+    """Make the looping <split>.gif of each frames/<split>/epoch_*.png, the last frame staying `last_pause` seconds."""
     made = []
     for split in SPLITS:
         images = []
@@ -262,22 +239,8 @@ def make_run_gifs(run_dir: Path, duration: float = 0.4, last_pause: float = 2.0)
     return made
 
 
-def run_label(run_dir: Path) -> str:
-    """<loss>-<dataset>-feat=<d> from the run's args.json (the study's imgs/ naming)."""
-    path = Path(run_dir) / "args.json"
-    try:
-        args = json.loads(path.read_text())
-        label = f"{args['loss']}-{args['dataset']}-feat={int(args['feat_dim'])}"
-    except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError) as exc:
-        raise StitchError(f"{path}: damaged ({type(exc).__name__}), so the imgs/ name is unknown; copy the GIFs by hand") from None
-    if "/" in label or "\0" in label:
-        raise StitchError(f"{path}: its loss or dataset holds a / or NUL, so it names no imgs/ folder; copy the GIFs by hand")
-    return label
-
-
 def stitch(run_dir: Path, duration: float, last_pause: float, imgs_dir: Path | None) -> None:
-    """Make train.gif and test.gif of one run and copy them (and its projections) to imgs_dir/<run_label>/ if given;
-    a problem is a StitchError or a WriteError."""
+    """Make one run's GIFs and copy them (and projections) to imgs_dir/<loss>-<dataset>-feat=<d>/ if given (args.json)."""
     if not run_dir.is_dir():
         raise StitchError(f"{run_dir}: no such run folder")
     made = make_run_gifs(run_dir, duration, last_pause)
@@ -288,7 +251,15 @@ def stitch(run_dir: Path, duration: float, last_pause: float, imgs_dir: Path | N
         raise StitchError(f"{run_dir}: no frames (frames/train/epoch_*.png) to stitch; train with --feat-dim 2 and without --no-plots")
     if imgs_dir is None:
         return
-    target = imgs_dir / run_label(run_dir)
+    path = run_dir / "args.json"
+    try:
+        saved = json.loads(path.read_text())
+        label = f"{saved['loss']}-{saved['dataset']}-feat={int(saved['feat_dim'])}"
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError) as exc:
+        raise StitchError(f"{path}: damaged ({type(exc).__name__}), so the imgs/ name is unknown; copy the GIFs by hand") from None
+    if "/" in label or "\0" in label:
+        raise StitchError(f"{path}: its loss or dataset holds a / or NUL, so it names no imgs/ folder; copy the GIFs by hand")
+    target = imgs_dir / label
     try:
         target.mkdir(parents=True, exist_ok=True)
         for path in made + projections:
@@ -299,17 +270,12 @@ def stitch(run_dir: Path, duration: float, last_pause: float, imgs_dir: Path | N
 
 
 def geometry_series(run_dir: Path) -> dict[str, tuple[list[int], list[float]]]:
-    """Each GEOMETRY_METRICS column of a run's metrics.csv as (epochs, values), leaving out the epochs without
-    a value (the metrics are computed every --eval-every epochs) and the columns without any."""
+    """Each GEOMETRY_METRICS column of metrics.csv as (epochs, values), less epochs (--eval-every) and columns without values."""
     path = Path(run_dir) / "metrics.csv"
     try:
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
-        series = {}
-        for name in GEOMETRY_METRICS:
-            points = [(int(row["epoch"]), float(row[name])) for row in rows if row.get(name) not in (None, "")]
-            if points:
-                series[name] = tuple(map(list, zip(*points)))
+        rows = list(csv.DictReader(path.read_text().splitlines()))
+        points = {name: [(int(r["epoch"]), float(r[name])) for r in rows if r.get(name) not in (None, "")] for name in GEOMETRY_METRICS}
+        series = {name: tuple(map(list, zip(*p))) for name, p in points.items() if p}
     except (OSError, UnicodeDecodeError, csv.Error, KeyError, ValueError) as exc:
         raise StitchError(f"{path}: not readable as a run's metrics ({type(exc).__name__}: {exc}); give run folders of main.py") from None
     if not series:
@@ -318,8 +284,7 @@ def geometry_series(run_dir: Path) -> dict[str, tuple[list[int], list[float]]]:
 
 
 def draw_geometry(runs: list[Path], out: Path) -> None:
-    """visualize.py --geometry: every run's geometry_series read first, then a panel per GEOMETRY_METRICS figure over
-    epochs, a line per run; a problem is a StitchError or a WriteError."""
+    """visualize.py --geometry: a panel per GEOMETRY_METRICS figure over epochs, a line per run (all read first)."""
     if out.suffix.lower() not in (".png", ".svg", ".pdf") or not out.parent.is_dir() or out.is_dir():
         raise StitchError(f"--out {out}: give a .png, .svg or .pdf file in an existing folder")
     series = {str(run): geometry_series(run) for run in runs}
@@ -339,12 +304,11 @@ def draw_geometry(runs: list[Path], out: Path) -> None:
 def seconds(text: str) -> float:
     """A frame time for argparse: a finite number of seconds above zero (a GIF stores hundredths of a second in 16 bits)."""
     try:
-        value = float(text)
+        if 0.01 <= float(text) <= 600:  # not NaN nor infinities
+            return float(text)
     except ValueError:
-        value = math.nan
-    if not 0.01 <= value <= 600:  # NaN and infinities too
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds from 0.01 to 600")
-    return value
+        pass
+    raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds from 0.01 to 600")
 
 
 def main(argv: list[str] | None = None) -> int:
