@@ -61,13 +61,9 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
 
 
 def close_distributed(finished: bool) -> None:
-    """Leave the process group in step with the other ranks, while the interpreter is whole.
-
-    The DistributedDataParallel wrapper sits in reference cycles that keep the gloo process group alive
-    past destroy_process_group; freed at interpreter shutdown, its C++ threads can abort the process
-    (SIGABRT, seen in the torchrun tests under load), so the cycles are collected first. After train()
-    returned every rank waits at a barrier for rank 0's final pictures and summary, so that no rank closes
-    its connections while another still uses them; after an error a barrier would wait for the dead."""
+    """Leave the process group in step, while the interpreter is whole: the DDP wrapper's reference cycles
+    keep the gloo group alive past destroy_process_group (freed at shutdown, its threads can abort: SIGABRT),
+    so collect them first; after a finished train() wait for rank 0's pictures (after an error, no barrier)."""
     gc.collect()
     if finished:
         try:
@@ -78,12 +74,9 @@ def close_distributed(finished: bool) -> None:
 
 
 def gather_batch(features: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The global batch from every rank's slice, with gradients flowing back to each slice's owner.
-
-    Every rank computes the same loss on the whole batch, so the inter term sees all pairs. The all-gather's
-    backward sums the world's identical gradients (a factor `world`) and DistributedDataParallel averages
-    (1/world): the model's gradient is that of one process holding the whole batch. The centers see the
-    whole batch on every rank, so their gradients are identical everywhere without communication."""
+    """The global batch from every rank's slice, gradients flowing back to each slice's owner: every rank's loss
+    sees all pairs; the backward sums `world` identical gradients and DDP averages them (1/world), as one process
+    holding the whole batch; the centers' gradients are then identical on every rank without communication."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return features, logits, labels
     all_labels = [torch.empty_like(labels) for _ in range(dist.get_world_size())]

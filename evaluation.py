@@ -13,12 +13,10 @@ from training import TERMS, EpochState, Run
 from utils import chunk_rows
 
 EVAL_BATCH = 1024
-COLUMNS = [
-    "epoch", "lr",
-    "train_loss", "train_xent", "train_intra", "train_inter", "train_acc",
+COLUMNS = [  # metrics.csv
+    "epoch", "lr", "train_loss", "train_xent", "train_intra", "train_inter", "train_acc",
     "test_loss", "test_xent", "test_intra", "test_inter", "test_acc", "ncm_acc", "center_acc", "val_acc",
-    *FEATURE_METRICS, *GEOMETRY_METRICS, *OPEN_SET_METRICS,
-    "bad_steps", "seconds",
+    *FEATURE_METRICS, *GEOMETRY_METRICS, *OPEN_SET_METRICS, "bad_steps", "seconds",
 ]  # fmt: skip
 
 
@@ -112,11 +110,9 @@ def epoch_row(run: Run, epoch: int, state: EpochState, seconds: float) -> tuple[
 
 
 def run_summary(run: Run, data: Dataset) -> dict:
-    """summary.json: the settings, the last epoch's metrics, the best accuracy, speed and the bad-step count.
-
-    `train_acc` is the last epoch's running accuracy on augmented batches while the model changed;
-    `clean_train_acc` is the final model's, in eval mode, on the un-augmented train set, by the
-    run's own accuracy rule: with `acc`, the train/test gap of the finished model."""
+    """summary.json: settings, last epoch's metrics, best accuracy, speed, bad steps. `train_acc` is the last epoch's
+    running accuracy on augmented batches; `clean_train_acc` the final model's on the plain train set (eval mode,
+    the run's accuracy rule): with `acc`, the finished model's train/test gap."""
     args, history = run.args, run.history
     last = history[-1]
     return {

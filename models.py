@@ -18,12 +18,10 @@ class LeNetPlusPlus(nn.Module):
     with PReLU, 2x2 max-pooling after each pair, a linear layer to feat_dim with PReLU (the
     features) and a linear classifier. Any input of side >= 8 works (three poolings leave side // 8).
 
-    It has no batch normalisation, so its input and initialisation must keep the signal alive on
-    their own: the input is standardised per channel, x' = (x - mean) / std, with the train set's
-    statistics kept as buffers (checkpoints carry them; identity when not given), and every layer
-    starts from He initialisation for PReLU's initial slope 0.25, std = sqrt(2 / ((1 + 0.25^2) fan_in)),
-    with zero biases. PyTorch's default initialisation shrinks the signal layer by layer until all
-    2-D features lie within about 5e-4 of each other."""
+    With no batch normalisation, input and initialisation keep the signal alive: x' = (x - mean) / std per
+    channel with the train set's statistics (buffers; identity when not given), and He initialisation for
+    PReLU's slope 0.25, std = sqrt(2 / ((1 + 0.25^2) fan_in)), zero biases (torch's default shrinks the
+    signal until all 2-D features lie within about 5e-4 of each other)."""
 
     def __init__(
         self,

@@ -17,7 +17,6 @@ from datasets import Dataset, ImageData, channel_stats
 from distributed import gather_batch
 from losses import CENTER_ACC_LOSSES, Objective, center_optimizer, paper_center_update
 from models import build_model
-from utils import seed_everything
 
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # What --weight-decay and --clip-grad-norm (0: off) default to per model. The study's ResNet trains
@@ -72,7 +71,7 @@ class Run(Trainer):
 def build_trainer(args: argparse.Namespace, data: Dataset, device: torch.device, world: int = 1) -> Trainer:
     """Model, objective, optimisers, GradScaler and autocast from main.py's settings, in a fixed order after
     seeding (same --seed, same weights). Weight decay: the model only; paper centers: no optimiser."""
-    seed_everything(args.seed)
+    torch.manual_seed(args.seed)  # the only generator the weights draw from
     stats = channel_stats(data.train.images) if args.model == "lenet++" else (None, None)
     model = build_model(args.model, data.channels, len(data.classes), args.feat_dim, data.image_size, *stats, width=args.width).to(device)
     if args.loss in CENTER_ACC_LOSSES:  # logits unused: no gradient, and DDP must not wait for one
