@@ -50,7 +50,7 @@ from distributed import DistributedError, close_distributed, init_distributed
 from evaluation import COLUMNS, acc_predictions, embed, epoch_row, run_summary
 from models import MIN_SIDE
 from training import TERMS, EpochState, Run, build_trainer, cuda_backends, make_scheduler, train_step
-from utils import WriteError, atomic_torch_save, epoch_generator, resolve_device, usable_cores, write_csv, write_json
+from utils import WriteError, atomic_torch_save, epoch_generator, resolve_device, write_csv, write_json
 
 FRAME_POINTS = 5000  # points per 2-D frame: enough to see the clusters, under a second to draw
 PROJECTION_POINTS = 2000
@@ -333,7 +333,7 @@ def finish(run: Run, data: Dataset) -> None:
     pictures = []
     if not args.no_plots:
         if args.feat_dim == 2:
-            visualize.draw_frames(run_dir, data.classes, workers=usable_cores())
+            visualize.draw_frames(run_dir, data.classes)
             pictures = visualize.make_run_gifs(run_dir)
             if args.tensorboard:
                 visualize.log_frames_to_tensorboard(run_dir)

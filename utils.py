@@ -96,10 +96,3 @@ def chunk_rows(columns: int, itemsize: int = 4, budget: int = CHUNK_BYTES) -> in
     """Rows per chunk so that a chunk of `columns` values of `itemsize` bytes fits in `budget` (at least one row):
     100,000 centers in float32 give 167 query rows per 64 MiB of distances."""
     return max(1, budget // max(1, columns * itemsize))
-
-
-def usable_cores() -> int:
-    """Cores this process may use: os.process_cpu_count() (3.13+), else the affinity mask (Linux), else os.cpu_count() (macOS, Windows)."""
-    if hasattr(os, "process_cpu_count"):
-        return os.process_cpu_count() or 1
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
