@@ -1,23 +1,19 @@
 """Training samples/s of the fast path (`--pipeline fast`) against the study's DataLoader path, in one process.
 
     python bench.py --dataset mnist --data-dir ../shared/data              # main.py's MNIST settings, both pipelines
-    python bench.py --dataset mnist --data-dir ../shared/data --amp bf16 --json bench-bf16.json
     python bench.py --fast-only --repo ../old-checkout --json old-1.json   # another commit's code, same benchmark
 
-Other flags go to main.py's parser; both pipelines train its model, loss, SGD and train_step. The loader path is the
-study's (torchvision transforms, --workers DataLoader processes, --loader-amp, NCHW); the fast path augments batches on
-the device (main.py's --amp, --channels-last, --compile). After --warmup steps they take turns, --rounds rounds of --steps
-timed steps (a fresh stream each, its first batch untimed). --repo: alternate runs with and without it to compare commits.
+Other flags (--amp bf16, ...) go to main.py's parser. Both pipelines train its model, loss and train_step: the loader path as the
+study does (torchvision transforms, --workers DataLoader processes, --loader-amp, NCHW), the fast path on batches augmented on the
+device (--amp, --channels-last, --compile); they take turns after --warmup steps, --rounds rounds of --steps timed steps each.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import functools
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -65,9 +61,17 @@ def batches(p: dict, args: argparse.Namespace, m: argparse.Namespace, device) ->
         start = 0
 
 
+def cpu_seconds() -> float:
+    """CPU seconds of this process and its ended DataLoader workers; Windows has no `resource`: this process's only."""
+    try:
+        from resource import RUSAGE_CHILDREN, RUSAGE_SELF, getrusage
+    except ImportError:
+        return time.process_time()
+    return sum(r.ru_utime + r.ru_stime for r in map(getrusage, (RUSAGE_SELF, RUSAGE_CHILDREN)))
+
+
 def run_steps(p: dict, args: argparse.Namespace, m: argparse.Namespace, device, steps: int) -> dict:
     """`steps` timed steps on a fresh batch stream after one untimed batch; CPU time: this process and its DataLoader workers."""
-    cpu_seconds = lambda: sum(r.ru_utime + r.ru_stime for r in map(resource.getrusage, (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)))  # noqa: E731
     sync = functools.partial(torch.cuda.synchronize, device) if device.type == "cuda" else (lambda: None)
     stream, started = batches(p, args, m, device), time.perf_counter()
     p["step_fn"](*next(stream))
@@ -98,9 +102,8 @@ def benchmark(args: argparse.Namespace, main_flags: list[str]) -> dict:
         raise SystemExit(2)
     pipelines = []
     for name in ("fast",) if args.fast_only else ("loader", "fast"):
-        s = copy.copy(m)
-        if name == "loader":
-            s.amp, s.channels_last, s.compile = args.loader_amp, False, False
+        loader_flags = {"amp": args.loader_amp, "channels_last": False, "compile": False} if name == "loader" else {}
+        s = argparse.Namespace(**vars(m) | loader_flags)
         step_fn = functools.partial(train_step, build_trainer(s, data, device))
         train, aug = data.train.to(device) if name == "fast" else data.train, torch.Generator(device).manual_seed(m.seed + 1)
         pipelines.append({"name": name, "data": train, "augs": data.augmentations, "aug": aug, "step_fn": step_fn, "step": 0, "rounds": []})
@@ -115,13 +118,11 @@ def benchmark(args: argparse.Namespace, main_flags: list[str]) -> dict:
     for name, res in results.items():
         res["median_samples_per_s"], cpu = statistics.median(res["samples_per_s"]), statistics.median(res["samples_per_cpu_s"])
         print(f"{name:6s} {res['median_samples_per_s']:8.1f} samples/s (median of {args.rounds}), {cpu:.1f} per CPU second")
-    git = subprocess.run(["git", "-C", str(args.repo), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or None
-    report = {"repo": str(args.repo.resolve()), "commit": git, "device": str(device), "torch": torch.__version__}
-    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout if shutil.which("lscpu") else None
-    report |= {"threads": torch.get_num_threads(), "lscpu": lscpu, "bench": vars(args) | {"repo": str(args.repo)}, "main_flags": main_flags}
-    report["pipelines"] = results
-    report["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # both pipelines; KiB on Linux
-    report["peak_cuda_mib"] = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    output = lambda *cmd: subprocess.run(cmd, capture_output=True, text=True).stdout.strip() or None if shutil.which(cmd[0]) else None  # noqa: E731
+    report = {"repo": str(args.repo.resolve()), "commit": output("git", "-C", str(args.repo), "rev-parse", "HEAD"), "device": str(device)}
+    report |= {"torch": torch.__version__, "threads": torch.get_num_threads(), "lscpu": output("lscpu"), "main_flags": main_flags}
+    peak_cuda_mib = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    report |= {"bench": vars(args) | {"repo": str(args.repo)}, "pipelines": results, "peak_cuda_mib": peak_cuda_mib}
     if not args.fast_only:
         report["ratio_per_round"] = [f / lo for f, lo in zip(results["fast"]["samples_per_s"], results["loader"]["samples_per_s"])]
         report["ratio_fast_over_loader"] = results["fast"]["median_samples_per_s"] / results["loader"]["median_samples_per_s"]

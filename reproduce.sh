@@ -19,7 +19,8 @@ set -u
 cd "$(dirname "$0")"
 fail() { echo "reproduce.sh: error: $*" >&2; exit 2; }
 for var in DATA_DIR SEEDS EPOCHS OUT JOBS LOSSES DATASETS FEAT_DIMS PYTHON TIME_LIMIT; do
-    if [ -n "${!var+set}" ] && [[ -z ${!var//[[:space:]]/} ]]; then  # else an empty EPOCHS would mean 100
+    eval "set_=\${$var+set} value=\${$var-}"  # eval, not ${!var}: bash 3.2 (macOS) too
+    if [ -n "$set_" ] && [[ -z ${value//[[:space:]]/} ]]; then  # else an empty EPOCHS would mean 100
         fail "$var is set but empty; give it a value or unset it"
     fi
 done
@@ -42,7 +43,7 @@ for seed in $SEEDS; do
     # main.py takes 0 to 2**32 - 1; longer ones would overflow here
     [[ $seed =~ ^[0-9]{1,10}$ ]] || fail "SEEDS must be non-negative integers separated by spaces, not '$SEEDS'"
 done
-for arg in "$@"; do
+for arg do
     if [ "$arg" = --seed ] || [[ $arg == --seed=* ]]; then
         fail "give seeds as SEEDS=\"0 1 2\", not --seed (each seed needs a run folder of its own)"
     fi
@@ -89,18 +90,18 @@ run_one() {
     fi
 }
 
-declare -A listed=()
+listed=" "  # the names seen, space-separated (bash 3.2 has no associative arrays)
 for dataset in $DATASETS; do
     for feat_dim in $FEAT_DIMS; do
         for loss in $LOSSES; do
             for seed in $SEEDS; do
                 name="$loss-$dataset-feat=$feat_dim"
                 if ((10#$seed != 0)); then name="$name-seed=$((10#$seed))"; fi
-                if [ -n "${listed[$name]+x}" ]; then
+                if [[ $listed == *" $name "* ]]; then
                     echo "skip $name (listed twice)"  # two runs at once of one folder would share its log
                     continue
                 fi
-                listed[$name]=1
+                listed="$listed$name "
                 if [ -f "$OUT/$name/summary.json" ]; then
                     echo "skip $name (finished)"
                     continue
@@ -108,15 +109,15 @@ for dataset in $DATASETS; do
                 data=()  # digits reads no --data-dir (main.py refuses one)
                 if [ -n "$DATA_DIR" ] && [ "$dataset" != digits ]; then data=(--data-dir "$DATA_DIR"); fi
                 args=(--loss "$loss" --dataset "$dataset" --feat-dim "$feat_dim" --epochs "$((10#$EPOCHS))" --seed "$((10#$seed))"
-                      "${data[@]}" --out "$OUT" --name "$name" "$@")
-                while [ "$(jobs -rp | grep -cvx "${timer:-none}")" -ge "$JOBS" ]; do wait -n; done
+                      ${data[@]+"${data[@]}"} --out "$OUT" --name "$name" ${1+"$@"})  # bash < 4.4: empty arrays are unset
+                while [ "$(jobs -rp | grep -cvx "${timer:-none}")" -ge "$JOBS" ]; do sleep 1; done  # bash 3.2 has no wait -n
                 echo "start $name"
                 run_one "$name" "${args[@]}" &
             done
         done
     done
 done
-while [ "$(jobs -rp | grep -cvx "${timer:-none}")" -gt 0 ]; do wait -n; done
+while [ "$(jobs -rp | grep -cvx "${timer:-none}")" -gt 0 ]; do sleep 1; done
 if [ -s "$failures" ]; then
     echo "$(wc -l <"$failures") run(s) failed: $(tr '\n' ' ' <"$failures")"
     exit 1

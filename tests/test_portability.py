@@ -61,3 +61,22 @@ def test_requirements_give_minimums_only() -> None:
     lines = [line.split("#")[0].strip() for line in (REPO / "requirements.txt").read_text().splitlines()]
     requirements = [line for line in lines if line]
     assert requirements and all(re.fullmatch(r"[A-Za-z0-9_.\-\[\]]+>=[0-9][0-9.]*", r) for r in requirements), requirements
+
+
+def test_reproduce_sh_needs_only_bash_3_2() -> None:
+    """macOS ships bash 3.2: no associative arrays, no wait -n, no ${!var} indirection, no mapfile, no case-changing
+    expansions, and no bare "${array[@]}" of a possibly empty array under set -u (an error before bash 4.4)."""
+    script = (REPO / "reproduce.sh").read_text()
+    code = "\n".join(line.split(" #")[0] for line in script.splitlines() if not line.lstrip().startswith("#"))
+    for feature in ("declare -A", "wait -n", "${!", "mapfile", "readarray", ",,}", "^^}", "|&", "&>>", 'data[@]}" '):
+        assert feature not in code, feature
+
+
+def test_bench_times_cpu_without_the_resource_module(monkeypatch) -> None:
+    """Windows has no `resource`: bench.py's CPU time falls back to this process's own."""
+    import bench
+
+    monkeypatch.setitem(sys.modules, "resource", None)  # import resource now raises ImportError
+    before = bench.cpu_seconds()
+    sum(i * i for i in range(200_000))
+    assert 0 < bench.cpu_seconds() - before < 5
