@@ -14,12 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision.datasets as tvd
-import torchvision.transforms as T
 from PIL import Image
 from torch import Generator, Tensor
 from torch import device as Device
-from torchvision.datasets.mnist import read_image_file, read_label_file
 
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "folder")
 ALIASES = {"cifar-10": "cifar10", "fashion_mnist": "fashion-mnist", "fashionmnist": "fashion-mnist"}
@@ -33,7 +30,7 @@ DIGIT_CLASSES = [str(d) for d in range(10)]
 CLASSES = {"mnist": DIGIT_CLASSES, "fashion-mnist": FASHION_CLASSES, "cifar10": CIFAR10_CLASSES}
 TREE_FOLDERS = {"mnist": ("mnist", "MNIST-jpg", "mnist-jpg"), "fashion-mnist": ("fashion-mnist", "FashionMNIST-jpg", "fashion-mnist-jpg")}
 TREE_FOLDERS["cifar10"] = ("cifar10", "cifar10-jpg", "cifar-10", "CIFAR10")  # where in --data-dir to look for a train/ test/ tree
-TORCHVISION = {"mnist": tvd.MNIST, "fashion-mnist": tvd.FashionMNIST, "cifar10": tvd.CIFAR10}
+TORCHVISION = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "cifar10": "CIFAR10"}  # torchvision.datasets classes and folders
 GREY_SETS = ("mnist", "fashion-mnist")  # 28x28 grey images of 10 classes: the models and names assume it
 IDX_FILES = tuple(f"{split}-{kind}-ubyte" for split in ("train", "t10k") for kind in ("images-idx3", "labels-idx1"))
 TORCHVISION_FILES = {"mnist": IDX_FILES, "fashion-mnist": IDX_FILES, "cifar10": (*(f"data_batch_{k}" for k in range(1, 6)), "test_batch")}
@@ -187,7 +184,10 @@ def load_digits() -> Dataset:
 def load_torchvision(name: str, data_dir: Path, download: bool) -> Dataset:
     """MNIST or Fashion-MNIST (<data_dir>/<MNIST|FashionMNIST>/raw/*-ubyte, decompressed) or CIFAR-10 (<data_dir>/cifar-10-batches-py)
     in torchvision's layout, read by torchvision, downloaded by it when missing and `download` is set; damaged files are one line."""
-    folder = data_dir / ("cifar-10-batches-py" if name == "cifar10" else f"{TORCHVISION[name].__name__}/raw")  # torchvision's folder
+    import torchvision.datasets as tvd  # here, not at the top: importing torchvision takes seconds (torch._dynamo), paid only when used
+    from torchvision.datasets.mnist import read_image_file, read_label_file
+
+    folder = data_dir / ("cifar-10-batches-py" if name == "cifar10" else f"{TORCHVISION[name]}/raw")  # torchvision's folder
     paths = [folder / file for file in TORCHVISION_FILES[name]]
     if not all(path.is_file() for path in paths):
         hint = f"put {name} under {data_dir} (torchvision's layout or a train/ test/ image-folder tree) or point --data-dir at a folder with it"
@@ -195,7 +195,7 @@ def load_torchvision(name: str, data_dir: Path, download: bool) -> Dataset:
             raise DataError(f"{name} not found under {data_dir}; {hint}")
         try:
             for train in (True, False):
-                TORCHVISION[name](str(data_dir), train=train, download=True)
+                getattr(tvd, TORCHVISION[name])(str(data_dir), train=train, download=True)
         except Exception as exc:  # network and disk errors come in many classes; all mean the same to the user
             raise DataError(f"{name} not found under {data_dir} and the download failed ({type(exc).__name__}); {hint}") from None
     if name == "cifar10":
@@ -249,6 +249,8 @@ def decode(path: str, grey: bool) -> Tensor:
 def load_tree(name: str, root: Path) -> Dataset:
     """An image-folder tree <root>/train/<class>/*, <root>/test/<class>/*: the classes are train/'s folders, every image is square
     and of one size; one colour image makes the set colour (grey images repeated), mnist and fashion-mnist are read grey."""
+    from torchvision.datasets import DatasetFolder  # imported when used, as in load_torchvision
+
     entries = {split: listed(root / split) for split in ("train", "test")}
     if stray := next((root / split / n for split, found in entries.items() for n, is_dir in found if not is_dir), None):
         raise DataError(f"{stray}: a file where only class folders belong; move it into a class folder or remove it")
@@ -273,7 +275,7 @@ def load_tree(name: str, root: Path) -> Dataset:
     for split in ("train", "test"):
         for folder in (root / split / c for c in classes if (root / split / c).is_dir()):
             listed(folder)  # the walk skips a folder it cannot list, which would then look empty
-        samples = tvd.DatasetFolder.make_dataset(str(root / split), index, is_valid_file=valid, allow_empty=True)
+        samples = DatasetFolder.make_dataset(str(root / split), index, is_valid_file=valid, allow_empty=True)
         if empty := sorted(set(classes) - {classes[label] for _, label in samples}):
             raise DataError(f"{root / split / empty[0]}: class folder is empty or missing; every class needs images in train/ and test/")
         images = [decode(path, grey=name in GREY_SETS) for path, _ in samples]
@@ -361,6 +363,8 @@ def loader_batches(
     data: ImageData, order: Tensor, batch_size: int, augmentations: Ops, generator: Generator, workers: int, device: Device, start: int = 0
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """Loader path: a DataLoader over per-sample transforms sampling `order` of CPU data, the last partial batch dropped (the study's)."""
+    import torchvision.transforms as T  # noqa: N812 (torchvision's own abbreviation); imported when used, as in load_torchvision
+
     ops = {"flip": T.RandomHorizontalFlip(), "rotate": T.RandomRotation(ROTATION_DEGREES, T.InterpolationMode.BILINEAR)}
     ops["crop"] = T.RandomCrop(data.images.shape[-1], padding=CROP_PADDING)
     collate = partial(transformed, T.Compose([T.ToPILImage(), *(ops[a] for a in augmentations), T.ToTensor()]))  # the study's PIL path

@@ -6,10 +6,6 @@ from __future__ import annotations
 import warnings
 
 import torch
-from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
-from sklearn.cluster import KMeans
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.metrics import adjusted_mutual_info_score, normalized_mutual_info_score
 
 from losses import squared_distances
 from utils import chunk_rows
@@ -53,6 +49,8 @@ def retrieval_scores(features: torch.Tensor, labels: torch.Tensor) -> dict[str, 
     the query (R: classmates, rel(i): neighbour i a classmate, P(i): precision of the first i); mean over queries with R > 0, else None."""
     if int(torch.bincount(labels).max()) < 2:
         return dict.fromkeys(RETRIEVAL_METRICS)
+    from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator  # with scikit-learn: seconds, so only when used
+
     calculator = AccuracyCalculator(include=PML_NAMES, k="max_bin_count", device=features.device, knn_func=stable_knn)
     scores = calculator.get_accuracy(features.float(), labels)
     return {name: float(scores[pml]) for name, pml in zip(RETRIEVAL_METRICS, PML_NAMES)}
@@ -63,6 +61,10 @@ def clustering_scores(features: torch.Tensor, labels: torch.Tensor, seed: int = 
     points, k, truth = features.float().cpu().numpy(), len(labels.unique()), labels.cpu().numpy()
     if not 1 < k < len(points):
         return None, None
+    from sklearn.cluster import KMeans  # imported when used, as AccuracyCalculator
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.metrics import adjusted_mutual_info_score, normalized_mutual_info_score
+
     with warnings.catch_warnings(action="ignore", category=ConvergenceWarning):  # collapsed features: fewer distinct points than k
         clusters = KMeans(k, n_init=3, random_state=seed).fit_predict(points)
     return float(normalized_mutual_info_score(truth, clusters)), float(adjusted_mutual_info_score(truth, clusters))
