@@ -75,6 +75,9 @@ if ((10#$TIME_LIMIT > 0)); then
     timer=$!
 fi
 
+# Until a run ends: bash >= 4.3 waits for it; macOS's bash 3.2 has no wait -n and polls.
+wait_for_a_job() { if ((BASH_VERSINFO[0] * 100 + BASH_VERSINFO[1] >= 403)); then wait -n; else sleep 0.2; fi; }
+
 run_one() {
     local name=$1 status; shift
     echo "== $(date -u '+%F %T') main.py $*" >>"$OUT/$name.log"
@@ -110,14 +113,14 @@ for dataset in $DATASETS; do
                 if [ -n "$DATA_DIR" ] && [ "$dataset" != digits ]; then data=(--data-dir "$DATA_DIR"); fi
                 args=(--loss "$loss" --dataset "$dataset" --feat-dim "$feat_dim" --epochs "$((10#$EPOCHS))" --seed "$((10#$seed))"
                       ${data[@]+"${data[@]}"} --out "$OUT" --name "$name" ${1+"$@"})  # bash < 4.4: empty arrays are unset
-                while [ "$(jobs -rp | grep -cvx "${timer:-none}")" -ge "$JOBS" ]; do sleep 1; done  # bash 3.2 has no wait -n
+                while [ "$(jobs -rp | grep -cvx "${timer:-none}")" -ge "$JOBS" ]; do wait_for_a_job; done
                 echo "start $name"
                 run_one "$name" "${args[@]}" &
             done
         done
     done
 done
-while [ "$(jobs -rp | grep -cvx "${timer:-none}")" -gt 0 ]; do sleep 1; done
+while [ "$(jobs -rp | grep -cvx "${timer:-none}")" -gt 0 ]; do wait_for_a_job; done
 if [ -s "$failures" ]; then
     echo "$(wc -l <"$failures") run(s) failed: $(tr '\n' ' ' <"$failures")"
     exit 1

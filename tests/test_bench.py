@@ -58,12 +58,17 @@ def test_bench_repo_times_the_code_of_another_checkout(tiny_mnist, tmp_path: Pat
         (["--steps", "0"], "--steps and --rounds must be at least 1"),
     ],
 )
-def test_bench_refuses_bad_flags_in_one_line_before_timing(tmp_path: Path, flags: list[str], message: str) -> None:
+def test_bench_refuses_bad_flags_in_one_line_before_timing(tmp_path: Path, monkeypatch, capsys, flags: list[str], message: str) -> None:
     """Each used to be a traceback, a run without a step (--batch-size beyond the 1,437 digits), or a timing lost
     after it ran (--json into a missing folder or "")."""
-    proc = run_script("bench.py", [*FAST, *flags, "--fast-only"], cwd=tmp_path)
-    assert proc.returncode == 2 and "round" not in proc.stdout
-    assert message in stderr_error_line(proc.stderr)
+    import bench
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main([*FAST, *flags, "--fast-only"])
+    out, err = capsys.readouterr()
+    assert exit_info.value.code == 2 and "round" not in out
+    assert message in stderr_error_line(err)
     assert list(tmp_path.iterdir()) == []
 
 

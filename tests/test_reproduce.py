@@ -128,7 +128,7 @@ def test_reproduce_runs_each_grid_point_and_seed_once(tmp_path: Path, capsys) ->
         "OUT": str(out),
         "JOBS": "2",
         "PYTHON": sys.executable,
-        "LOSSES": "xent standalone",
+        "LOSSES": "standalone",
         "DATASETS": "mnist",
         "FEAT_DIMS": "2",
         "SEEDS": "0 1",
@@ -136,7 +136,7 @@ def test_reproduce_runs_each_grid_point_and_seed_once(tmp_path: Path, capsys) ->
     extra = ["--batch-size", "8", "--no-plots", "--model", "lenet++"]
     first = subprocess.run(["bash", "reproduce.sh", *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stdout + first.stderr
-    names = {"xent-mnist-feat=2", "standalone-mnist-feat=2", "xent-mnist-feat=2-seed=1", "standalone-mnist-feat=2-seed=1"}
+    names = {"standalone-mnist-feat=2", "standalone-mnist-feat=2-seed=1"}
     assert {p.parent.name for p in out.glob("*/summary.json")} == names
     for name in names:
         summary = json.loads((out / name / "summary.json").read_text())
@@ -144,11 +144,11 @@ def test_reproduce_runs_each_grid_point_and_seed_once(tmp_path: Path, capsys) ->
         assert summary["seed"] == (1 if name.endswith("-seed=1") else 0)
     assert report.main([str(out), "--present"]) == 0
     rows = table_rows(capsys.readouterr().out)
-    assert [(r[0], r[12]) for r in rows] == [("xent", "2"), ("standalone", "2")]
+    assert [(r[0], r[12]) for r in rows] == [("standalone", "2")]
     stamps = {name: (out / name / "summary.json").stat().st_mtime_ns for name in names}
     second = subprocess.run(["bash", "reproduce.sh", *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0
-    assert second.stdout.count("skip ") == 4 and "start " not in second.stdout
+    assert second.stdout.count("skip ") == 2 and "start " not in second.stdout
     assert stamps == {name: (out / name / "summary.json").stat().st_mtime_ns for name in names}
 
 
