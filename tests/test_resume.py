@@ -1,7 +1,9 @@
-"""Interruption, exact resume, corrupt checkpoints and the divergence guard (real signals, subprocesses)."""
+"""Interruption, exact resume, corrupt checkpoints and the divergence guard (real signals to subprocesses; the rest in-process)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import re
 import signal
@@ -13,7 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import listing, stderr_error_line
+from conftest import listing, stderr_error_line, subprocess_env
 
 import main as main_module
 from checkpoints import CHECKPOINT_KEYS, LEGACY_CONFIG, CheckpointError, checkpoint, load_checkpoint
@@ -27,11 +29,23 @@ TINY = ["--dataset", "digits", "--train-samples", "384", "--batch-size", "32", "
 
 
 def start(args: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "main.py", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    """main.py in a process of its own, on one thread as the in-process runs (so that their results are bit for bit equal)."""
+    env = subprocess_env()
+    return subprocess.Popen(
+        [sys.executable, "main.py", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
 
 
 def run(args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "main.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    """main.py's main() in this process (no seconds of start-up), its exit code and output as a finished process's."""
+    out, err = (io.TextIOWrapper(io.BytesIO(), encoding="utf-8") for _ in range(2))  # main() reconfigures sys.stdout's errors
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(args)
+        except SystemExit as exc:  # argparse's refusals
+            code = exc.code
+    out.flush(), err.flush()
+    return subprocess.CompletedProcess(["main.py", *args], code, out.buffer.getvalue().decode(), err.buffer.getvalue().decode())
 
 
 def metrics_without_seconds(run_dir: Path) -> list[list[str]]:
