@@ -363,7 +363,7 @@ def loader_batches(
     data: ImageData, order: Tensor, batch_size: int, augmentations: Ops, generator: Generator, workers: int, device: Device, start: int = 0
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """Loader path: a DataLoader over per-sample transforms sampling `order` of CPU data, the last partial batch dropped (the study's)."""
-    import torchvision.transforms as T  # noqa: N812 (torchvision's own abbreviation); imported when used, as in load_torchvision
+    import torchvision.transforms as T  # imported when used, as in load_torchvision
 
     ops = {"flip": T.RandomHorizontalFlip(), "rotate": T.RandomRotation(ROTATION_DEGREES, T.InterpolationMode.BILINEAR)}
     ops["crop"] = T.RandomCrop(data.images.shape[-1], padding=CROP_PADDING)
