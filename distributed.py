@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import os
+import sys
 from datetime import timedelta
 
 import torch
@@ -48,6 +49,9 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
         return 0, 1
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    if "TORCHELASTIC_RUN_ID" not in os.environ:  # started by hand, not by torchrun: say what it waits for
+        where, wait = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}", JOIN_TIMEOUT.total_seconds()
+        print(f"rank {os.environ['RANK']}: waiting up to {wait:.0f} s for all {world} processes at {where}", file=sys.stderr, flush=True)
     try:
         store, rank, _ = next(dist.rendezvous("env://", timeout=JOIN_TIMEOUT))
     except dist.DistError as exc:

@@ -578,8 +578,8 @@ def test_rank_variables_out_of_range_are_one_line(env, message, monkeypatch, cap
 
 
 def test_processes_that_never_join_end_in_one_line(tmp_path, monkeypatch, capsys):
-    """WORLD_SIZE=2 and RANK=0 set by hand, no second process: rank 0 waits JOIN_TIMEOUT for it, not torch's
-    30 minutes, then one line, exit 1, nothing written."""
+    """WORLD_SIZE=2 and RANK=0 set by hand, no second process: rank 0 says it waits, waits JOIN_TIMEOUT for it (not
+    torch's 30 minutes), then one line, exit 1, nothing written."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -589,7 +589,9 @@ def test_processes_that_never_join_end_in_one_line(tmp_path, monkeypatch, capsys
     started = time.monotonic()
     assert main.main(["--epochs", "1", "--out", str(tmp_path)]) == 1
     assert time.monotonic() - started < 30
-    line = stderr_error_line(capsys.readouterr().err)
+    err = capsys.readouterr().err
+    assert err.startswith(f"rank 0: waiting up to 1 s for all 2 processes at 127.0.0.1:{port}\n")  # not silently
+    line = stderr_error_line(err)
     assert line.startswith(f"error: rank 0: not all 2 processes met at 127.0.0.1:{port} within 1 s (")
     assert line.endswith("start them with torchrun --nproc-per-node 2 main.py ...")
     assert not list(tmp_path.iterdir())
