@@ -15,7 +15,7 @@
 # after the start, stops the runs with a checkpoint each (exit 143, or 124 for TIME_LIMIT).
 # A variable that is set must not be empty. Then: python report.py $OUT   prints the table beside the
 # study's numbers, the seeds of a run as one row (mean ± std, n).
-set -u
+set -uf  # -f: a "*" in DATASETS, SEEDS, ... is a name, never a list of files
 cd "$(dirname "$0")"
 fail() { echo "reproduce.sh: error: $*" >&2; exit 2; }
 for var in DATA_DIR SEEDS EPOCHS OUT JOBS LOSSES DATASETS FEAT_DIMS PYTHON TIME_LIMIT; do

@@ -241,3 +241,14 @@ def test_device_script_refuses_a_missing_archive_or_command(tmp_path: Path) -> N
     assert missing.returncode == unknown.returncode == 2 and missing.stdout == unknown.stdout == ""
     assert "mnist.tar.xz missing: run 'bash device_check.sh pack'" in missing.stderr and missing.stderr.count("\n") == 1
     assert "unknown command 'table'" in unknown.stderr and unknown.stderr.count("\n") == 1
+
+
+def test_reproduce_passes_a_star_on_as_a_name_not_as_files(tmp_path: Path) -> None:
+    """DATASETS="*" used to become the names of the files in the repository, one run each: now main.py gets "*" (and refuses it)."""
+    stub, calls = fake_python(tmp_path)
+    env = {**os.environ, "OUT": str(tmp_path / "runs"), "PYTHON": str(stub), "CALLS": str(calls), "DATA_DIR": str(tmp_path)}
+    env |= {"DATASETS": "*", "LOSSES": "xent", "FEAT_DIMS": "2"}
+    result = subprocess.run(["bash", "reproduce.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    [command] = [path.read_text().splitlines() for path in calls.iterdir()]
+    assert command[command.index("--dataset") + 1] == "*"
