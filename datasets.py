@@ -184,7 +184,7 @@ def load_digits() -> Dataset:
 def load_torchvision(name: str, data_dir: Path, download: bool) -> Dataset:
     """MNIST or Fashion-MNIST (<data_dir>/<MNIST|FashionMNIST>/raw/*-ubyte, decompressed) or CIFAR-10 (<data_dir>/cifar-10-batches-py)
     in torchvision's layout, read by torchvision, downloaded by it when missing and `download` is set; damaged files are one line."""
-    import torchvision.datasets as tvd  # here, not at the top: importing torchvision takes seconds (torch._dynamo), paid only when used
+    import torchvision.datasets as tvd  # here, not at the top: importing torchvision takes seconds (its compiler imports), paid only when used
     from torchvision.datasets.mnist import read_image_file, read_label_file
 
     folder = data_dir / ("cifar-10-batches-py" if name == "cifar10" else f"{TORCHVISION[name]}/raw")  # torchvision's folder

@@ -1,5 +1,9 @@
 """Summarise the side-by-side runs: ours (summary.json, metrics.csv) and the study's code (its printed testset accuracy)."""
-import json, re, statistics, sys
+
+import json
+import re
+import statistics
+import sys
 from pathlib import Path
 
 here = Path(sys.argv[1])
@@ -18,5 +22,9 @@ for dim, epochs in ((128, 1), (2, 3)):
     for name, vals in (("ours", ours), ("study", study)):
         sd = statistics.stdev(vals) if len(vals) > 1 else float("nan")
         mean = statistics.mean(vals) if vals else float("nan")
-        lines.append(f"{dim}-D {epochs} epoch(s) {name}: " + ", ".join(f"{v:.4f}" for v in vals) + f"; mean {mean:.4f} +- {sd:.4f} (sample std, n={len(vals)})")
+        lines.append(
+            f"{dim}-D {epochs} epoch(s) {name}: "
+            + ", ".join(f"{v:.4f}" for v in vals)
+            + f"; mean {mean:.4f} +- {sd:.4f} (sample std, n={len(vals)})"
+        )
 print("\n".join(lines))
