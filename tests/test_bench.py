@@ -14,23 +14,11 @@ from conftest import REPO, check_ok, run_script, stderr_error_line
 FAST = ["--batch-size", "16", "--steps", "2", "--warmup", "1", "--rounds", "2", "--device", "cpu"]
 
 
-def test_bench_reports_both_pipelines(tiny_mnist, tmp_path: Path) -> None:
+def test_bench_times_both_pipelines_of_the_repo_checkout(tiny_mnist, tmp_path: Path) -> None:
+    """Both pipelines, their JSON report, and --repo: main.py's modules come from that checkout, whose train_step
+    (here one that also writes a mark) is the one timed."""
     data_dir, _ = tiny_mnist
-    out = tmp_path / "bench.json"
-    proc = check_ok(run_script("bench.py", ["--dataset", "mnist", "--data-dir", data_dir, *FAST, "--workers", "0", "--json", out]))
-    report = json.loads(out.read_text())
-    fast, loader = report["pipelines"]["fast"], report["pipelines"]["loader"]
-    assert len(fast["samples_per_s"]) == len(loader["samples_per_s"]) == 2 and min(fast["samples_per_s"] + loader["samples_per_s"]) > 0
-    assert report["ratio_fast_over_loader"] == pytest.approx(fast["median_samples_per_s"] / loader["median_samples_per_s"])
-    assert report["ratio_per_round"] == pytest.approx([f / lo for f, lo in zip(fast["samples_per_s"], loader["samples_per_s"])])
-    assert report["bench"]["steps"] == 2 and report["device"] == "cpu" and report["repo"] == str(REPO)
-    assert "--batch-size" in report["main_flags"] and "ratio fast/loader" in proc.stdout
-
-
-def test_bench_repo_times_the_code_of_another_checkout(tiny_mnist, tmp_path: Path) -> None:
-    """--repo imports main.py's modules from that checkout: its train_step (here one that also writes a mark) is timed."""
-    data_dir, _ = tiny_mnist
-    other, mark = tmp_path / "other", tmp_path / "steps"
+    other, mark, out = tmp_path / "other", tmp_path / "steps", tmp_path / "bench.json"
     other.mkdir()
     for path in [*REPO.glob("*.py"), REPO / "study_table.csv"]:
         shutil.copy(path, other)
@@ -39,11 +27,17 @@ def test_bench_repo_times_the_code_of_another_checkout(tiny_mnist, tmp_path: Pat
     (other / "training.py").write_text(
         f"{head}def train_step(*args):\n    open({str(mark)!r}, 'a').write('step\\n')\n    return timed_step(*args)\n\n\ndef timed_step({tail}"
     )
-    flags = ["--dataset", "mnist", "--data-dir", data_dir, *FAST, "--fast-only", "--repo", other, "--json", tmp_path / "b.json"]
-    check_ok(run_script("bench.py", flags))
-    assert mark.read_text().count("step") == 1 + 2 * (1 + 2)  # warm-up: a first batch; 2 rounds: a first batch and 2 timed steps
-    report = json.loads((tmp_path / "b.json").read_text())
-    assert report["repo"] == str(other) and list(report["pipelines"]) == ["fast"] and "ratio_fast_over_loader" not in report
+    flags = ["--dataset", "mnist", "--data-dir", data_dir, *FAST, "--workers", "0", "--repo", other, "--json", out]
+    proc = check_ok(run_script("bench.py", flags))
+    # per pipeline: the warm-up's first batch, then 2 rounds of a first batch and 2 timed steps
+    assert mark.read_text().count("step") == 2 * (1 + 2 * (1 + 2))
+    report = json.loads(out.read_text())
+    fast, loader = report["pipelines"]["fast"], report["pipelines"]["loader"]
+    assert len(fast["samples_per_s"]) == len(loader["samples_per_s"]) == 2 and min(fast["samples_per_s"] + loader["samples_per_s"]) > 0
+    assert report["ratio_fast_over_loader"] == pytest.approx(fast["median_samples_per_s"] / loader["median_samples_per_s"])
+    assert report["ratio_per_round"] == pytest.approx([f / lo for f, lo in zip(fast["samples_per_s"], loader["samples_per_s"])])
+    assert report["bench"]["steps"] == 2 and report["device"] == "cpu" and report["repo"] == str(other)
+    assert "--batch-size" in report["main_flags"] and "ratio fast/loader" in proc.stdout
 
 
 @pytest.mark.parametrize(
@@ -73,13 +67,20 @@ def test_bench_refuses_bad_flags_in_one_line_before_timing(tmp_path: Path, monke
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where there is no CUDA")
-def test_bench_refuses_cuda_without_cuda(tmp_path: Path) -> None:
-    proc = run_script("bench.py", [*FAST, "--device", "cuda", "--fast-only", "--json", tmp_path / "b.json"])
-    assert proc.returncode == 2 and "--device cuda" in stderr_error_line(proc.stderr) and not (tmp_path / "b.json").exists()
+def test_bench_refuses_cuda_without_cuda(tmp_path: Path, capsys) -> None:
+    import bench
+
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main([*FAST, "--device", "cuda", "--fast-only", "--json", str(tmp_path / "b.json")])
+    assert exit_info.value.code == 2 and "--device cuda" in stderr_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "b.json").exists()
 
 
-def test_bench_unreadable_data_is_one_line(tmp_path: Path) -> None:
+def test_bench_unreadable_data_is_one_line(tmp_path: Path, capsys) -> None:
+    import bench
+
     (tmp_path / "empty").mkdir()
-    proc = run_script("bench.py", ["--dataset", "mnist", "--data-dir", tmp_path / "empty", *FAST, "--json", tmp_path / "b.json"])
-    assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and proc.stderr.startswith("bench.py: error: ")
+    assert bench.main(["--dataset", "mnist", "--data-dir", str(tmp_path / "empty"), *FAST, "--json", str(tmp_path / "b.json")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("bench.py: error: ")
     assert not (tmp_path / "b.json").exists()

@@ -56,24 +56,12 @@ def batch() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.rand(BATCH, 1, 28, 28, generator=g), torch.randint(0, 10, (BATCH,), generator=g)
 
 
-def worker(rank: int, world: int, init_file: str, loss_name: str, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    x, y = batch()
-    share = BATCH // world
-    rows = slice(rank * share, (rank + 1) * share)
-    loss, params = one_step(loss_name, x[rows], y[rows], wrap=torch.nn.parallel.DistributedDataParallel)
-    torch.save({"loss": loss, "params": params}, f"{out}.{rank}")
-    close_distributed(finished=True)  # as main.py: no process group left to interpreter shutdown (a rare SIGABRT)
-
-
 @pytest.mark.parametrize("loss_name", ["standalone", "cent"])
-def test_two_process_step_equals_one_process_on_the_whole_batch(tmp_path: Path, loss_name: str) -> None:
-    out = str(tmp_path / "result")
-    mp.spawn(worker, args=(2, str(tmp_path / "init"), loss_name, out), nprocs=2, join=True)
+def test_two_process_step_equals_one_process_on_the_whole_batch(two_processes: list[dict], loss_name: str) -> None:
     x, y = batch()
     loss, params = one_step(loss_name, x, y)
     for rank in range(2):
-        result = torch.load(f"{out}.{rank}", weights_only=True)
+        result = two_processes[rank]["step"][loss_name]
         assert result["loss"] == pytest.approx(loss, rel=1e-5)
         changed = 0
         for key, value in params.items():
@@ -115,22 +103,31 @@ def paper_steps(trainer: dict, x: torch.Tensor, y: torch.Tensor) -> dict[str, to
     return params | {f"objective.{k}": v.clone() for k, v in trainer.objective.state_dict().items()}
 
 
-def paper_worker(rank: int, world: int, init_file: str, out: str) -> None:
+def worker(rank: int, world: int, init_file: str, out: str) -> None:
+    """Rank `rank` of `world`: one plain step per loss, and two of main.py's paper-update steps per loss, each on its slice."""
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.set_num_threads(1)
     x, y = batch()
     share = BATCH // world
     rows = slice(rank * share, (rank + 1) * share)
-    results = {loss_name: paper_steps(paper_trainer(loss_name, world), x[rows], y[rows]) for loss_name in PAPER_LOSSES}
-    torch.save(results, f"{out}.{rank}")
+    ddp = torch.nn.parallel.DistributedDataParallel
+    step = {name: dict(zip(("loss", "params"), one_step(name, x[rows], y[rows], wrap=ddp))) for name in ("standalone", "cent")}
+    paper = {name: paper_steps(paper_trainer(name, world), x[rows], y[rows]) for name in PAPER_LOSSES}
+    torch.save({"step": step, "paper": paper}, f"{out}.{rank}")
     close_distributed(finished=True)  # as main.py: no process group left to interpreter shutdown (a rare SIGABRT)
 
 
-def test_paper_center_update_under_two_processes_equals_one_process(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory) -> list[dict]:
+    """What each of two gloo processes computed (worker), spawned once for the tests below."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    mp.spawn(worker, args=(2, str(tmp / "init"), str(tmp / "result")), nprocs=2, join=True)
+    return [torch.load(f"{tmp / 'result'}.{rank}", weights_only=True) for rank in range(2)]
+
+
+def test_paper_center_update_under_two_processes_equals_one_process(two_processes: list[dict]) -> None:
     """Each rank updates its centers from the gathered global batch: after two steps both ranks hold
     the centers (and weights) of one process that stepped on the whole batch."""
-    out = str(tmp_path / "result")
-    mp.spawn(paper_worker, args=(2, str(tmp_path / "init"), out), nprocs=2, join=True)
     x, y = batch()
     for loss_name in PAPER_LOSSES:
         trainer = paper_trainer(loss_name, 1)
@@ -138,7 +135,7 @@ def test_paper_center_update_under_two_processes_equals_one_process(tmp_path: Pa
         expected = paper_steps(trainer, x, y)
         assert not torch.equal(expected["objective.criterion.centers"], initial)
         for rank in range(2):
-            result = torch.load(f"{out}.{rank}", weights_only=True)[loss_name]
+            result = two_processes[rank]["paper"][loss_name]
             assert result.keys() == expected.keys()
             for key, value in expected.items():
                 torch.testing.assert_close(result[key], value, rtol=1e-5, atol=1e-6, msg=f"{loss_name} {key} on rank {rank}")
