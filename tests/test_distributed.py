@@ -12,8 +12,10 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from types import SimpleNamespace
+from typing import IO
 
 import pytest
 import torch
@@ -26,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 from config import parse_args  # noqa: E402
 from distributed import close_distributed, gather_batch  # noqa: E402
 from losses import Objective  # noqa: E402
+from main import main  # noqa: E402
 from models import build_model  # noqa: E402
 from training import build_trainer, train_step  # noqa: E402
 
@@ -162,10 +165,20 @@ TINY = [
 ]
 
 
+def torchrun_command(args: list[str], nproc: int = 2) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "main.py", *args]
+
+
 def torchrun(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "main.py", *args]
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    return subprocess.run(torchrun_command(args, nproc), cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+
+
+def torchrun_started(args: list[str]) -> tuple[subprocess.Popen, IO[str]]:
+    """torchrun in the background, and the file of its stderr (a full pipe would stop it)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    err = tempfile.TemporaryFile("w+")
+    return subprocess.Popen(torchrun_command(args), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err, text=True, env=env), err
 
 
 def metrics(run_dir: Path) -> list[dict[str, str]]:
@@ -183,14 +196,7 @@ def test_torchrun_end_to_end_matches_single_process(tmp_path: Path) -> None:
     assert summary["epochs"] == 2 and summary["train_size"] == 256
     assert result.stdout.count("epoch 1/2") == 1  # only rank 0 prints
 
-    single = subprocess.run(
-        [sys.executable, "main.py", *TINY, "--loss", "cent", "--epochs", "2", "--out", str(tmp_path / "one")],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert single.returncode == 0, single.stderr
+    assert main(["--loss", "cent", *TINY, "--epochs", "2", "--out", str(tmp_path / "one")]) == 0  # one process: this one
     for ours, theirs in zip(metrics(run_dir), metrics(tmp_path / "one" / "cent-digits-feat=2"), strict=True):
         for key in ("train_loss", "train_xent", "train_intra", "test_loss"):
             assert float(ours[key]) == pytest.approx(float(theirs[key]), rel=2e-3, abs=2e-3), key
@@ -205,9 +211,11 @@ def test_torchrun_resnet_resumes_like_the_uninterrupted_run(tmp_path: Path) -> N
     checkpoint holds rank 0's); the SyncBatchNorm conversion of the ResNet is tested in test_models."""
     common = ["--loss", "cent", "--dataset", "digits", "--train-samples", "256", "--batch-size", "32", "--no-plots"]
     common += ["--eval-every", "1", "--out", str(tmp_path)]
-    straight = torchrun([*common, "--epochs", "2", "--name", "straight"])
-    assert straight.returncode == 0, straight.stderr[-3000:]
-    assert torchrun([*common, "--epochs", "1", "--name", "cut"]).returncode == 0
+    started = [torchrun_started([*common, *more]) for more in (["--epochs", "2", "--name", "straight"], ["--epochs", "1", "--name", "cut"])]
+    for proc, err in started:  # side by side: each waits on its own processes part of the time
+        code = proc.wait(timeout=600)
+        err.seek(0)
+        assert code == 0, err.read()[-3000:]
     (tmp_path / "cut" / "summary.json").unlink()
     resumed = torchrun([*common, "--epochs", "2", "--name", "cut"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
