@@ -2,7 +2,7 @@
 
     python bench_loss.py --json results/bench-loss/run.json   # classes 10,1000,100000 x batches 128,1024: CPU, and CUDA where present
 
-Per device, center update (sgd: losses.center_optimizer as in training.py, paper: losses.paper_center_update), batch and
+Per device, center update (sgd: losses.RowSGD as in training.py, paper: losses.paper_center_update), batch and
 class count, one loss step on random features is timed in three phases: forward (losses.StandaloneCenterLoss), backward, center
 update. The class counts take turns in every round, so a slow spell falls on all alike; on the CPU the clock is this process's
 CPU time, one thread: other processes' use of the cores is left out. Printed: each phase's median ms and, per update, the median
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from losses import CENTER_UPDATES, StandaloneCenterLoss, center_optimizer, paper_center_update
+from losses import CENTER_UPDATES, RowSGD, StandaloneCenterLoss, paper_center_update
 
 
 def counts(text: str) -> list[int]:
@@ -74,16 +74,16 @@ def loss_step(num_classes: int, batch: int, feat_dim: int, update: str, device: 
     g = torch.Generator().manual_seed(0)
     criterion = StandaloneCenterLoss(num_classes, feat_dim, sparse=update == "sgd").to(device)
     centers = criterion.centers.requires_grad_(update == "sgd")
-    optimizer = center_optimizer(centers, lr=0.01, momentum=0.9) if update == "sgd" else None
+    optimizer = RowSGD(centers, lr=0.01, momentum=0.9) if update == "sgd" else None
     features = torch.randn(batch, feat_dim, generator=g).to(device).requires_grad_()
     labels = torch.randint(0, num_classes, (batch,), generator=g).to(device)
 
     def forward(_: None) -> torch.Tensor:
-        features.grad = centers.grad = None  # a sparse gradient would otherwise grow by the batch's rows every step
+        features.grad = None
         return criterion(features, labels)
 
     paper = functools.partial(paper_center_update, centers.data, features.detach(), labels, 0.5)
-    return [forward, torch.Tensor.backward, lambda _: optimizer.step() if optimizer else paper()]
+    return [forward, torch.Tensor.backward, lambda _: optimizer.step(labels, criterion.rows.grad) if optimizer else paper()]
 
 
 def time_settings(steps: list[list[Callable]], repeats: int, warmup: int, device: torch.device) -> list[dict[str, list]]:

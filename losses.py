@@ -6,7 +6,7 @@ an nn.Parameter of shape (num_classes, feat_dim), standard normal init. m: batch
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -27,11 +27,9 @@ def squared_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.addmm(a2 + b2, a, b.t(), alpha=-2.0).clamp_min(0.0)
 
 
-def intra_loss(features: torch.Tensor, centers: torch.Tensor, labels: torch.Tensor, sparse: bool = False) -> torch.Tensor:
-    """Center term: (1/m) sum_i ||x_i - c_{y_i}||^2. `sparse`: the centers are read by F.embedding(sparse=True),
-    so their gradient is a sparse tensor of the batch's rows, not a C x D matrix (for center_optimizer)."""
-    rows = F.embedding(labels, centers, sparse=sparse)  # centers[labels]
-    return F.mse_loss(features, rows, reduction="sum") / len(labels)
+def intra_loss(features: torch.Tensor, centers: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Center term: (1/m) sum_i ||x_i - c_{y_i}||^2."""
+    return F.mse_loss(features, F.embedding(labels, centers), reduction="sum") / len(labels)  # embedding: centers[labels]
 
 
 def inter_loss(features: torch.Tensor, labels: torch.Tensor, margin: float | None = None) -> torch.Tensor:
@@ -80,59 +78,68 @@ def paper_center_update(
     return ok
 
 
-class SparseSGD(torch.optim.Optimizer):
-    """SGD with momentum (dampening 0, as torch.optim.SGD) on the rows that a sparse gradient holds:
+class RowSGD(torch.optim.Optimizer):
+    """SGD with momentum (dampening 0, as torch.optim.SGD) on the rows of one parameter that a batch reaches:
 
-        b_j <- momentum * b_j + g_j,    c_j <- c_j - lr * b_j        for each row j of the gradient
+        g_j = sum_{i: r_i = j} G_i,    b_j <- momentum * b_j + g_j,    c_j <- c_j - lr * b_j        for each j in r
 
-    A row absent from the gradient keeps value and buffer (lazy momentum; dense SGD would move it by
-    momentum * b_j): a step costs the batch's rows, not C x D. Why not torch's: torch.optim.SGD keeps a
-    sparse momentum buffer that grows every step; SparseAdam is Adam. Rows are written only where
-    `apply` (bool tensor; None: always) holds and the new rows are finite; step returns whether they
-    are. No host sync, but on CUDA coalesce() sizes its output from the data (as in SparseAdam).
+    step(r, G, apply): r the batch's m row indices (repeats allowed), G their m x D gradients (CenterLoss with
+    sparse=True: its `labels` and `rows.grad`). A row absent from r keeps value and buffer (lazy momentum; dense
+    SGD would move it by momentum * b_j), so a step costs m x D, not C x D. Every tensor's size is fixed by m:
+    nothing waits for the host (coalescing a sparse gradient, or unique(), sizes its output from the data on
+    CUDA). Why not torch's: torch.optim.SGD keeps a sparse momentum buffer that grows every step; SparseAdam is
+    Adam. Rows are written only where `apply` (bool tensor; None: always) holds and the new rows are finite;
+    step returns whether they are.
     """
 
-    def __init__(self, params: Iterable[torch.Tensor], lr: float, momentum: float = 0.0) -> None:
-        super().__init__(params, {"lr": lr, "momentum": momentum})
+    def __init__(self, param: torch.Tensor, lr: float, momentum: float = 0.0) -> None:
+        super().__init__([param], {"lr": lr, "momentum": momentum})
 
     @torch.no_grad()
-    def step(self, apply: torch.Tensor | None = None) -> torch.Tensor | None:
-        oks = []
-        for group in self.param_groups:
-            for p in (p for p in group["params"] if p.grad is not None):
-                grad = p.grad.to_sparse(1).coalesce()  # a row per class, its samples summed (a dense gradient: its nonzero rows)
-                rows, update = grad.indices()[0], grad.values()
-                if group["momentum"]:
-                    buffer = self.state[p].get("momentum_buffer")
-                    buffer = self.state[p]["momentum_buffer"] = torch.zeros_like(p) if buffer is None else buffer
-                    update = group["momentum"] * buffer[rows] + update
-                new = p[rows] - group["lr"] * update
-                oks.append(torch.isfinite(new).all())  # a finite new row has a finite buffer row (lr > 0)
-                write = oks[-1] if apply is None else oks[-1] & apply
-                if group["momentum"]:
-                    buffer.index_copy_(0, rows, torch.where(write, update, buffer[rows]))
-                p.index_copy_(0, rows, torch.where(write, new, p[rows]))
-        return torch.stack(oks).all() if oks else None
-
-
-def center_optimizer(centers: torch.Tensor, lr: float, momentum: float) -> torch.optim.Optimizer:
-    """The optimiser of centers whose gradient is sparse (intra_loss(sparse=True)): SparseSGD."""
-    return SparseSGD([centers], lr=lr, momentum=momentum)
+    def step(self, rows: torch.Tensor, grads: torch.Tensor, apply: torch.Tensor | None = None) -> torch.Tensor:
+        group = self.param_groups[0]
+        p, momentum = group["params"][0], group["momentum"]
+        first = torch.searchsorted(rows.sort().values, rows)  # where a row's first repeat sits in sorted order
+        update = torch.zeros_like(grads).index_add_(0, first, grads)[first]  # g_j, at each of j's repeats
+        if momentum:
+            if "momentum_buffer" not in self.state[p]:
+                self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+            buffer = self.state[p]["momentum_buffer"]
+            update = momentum * buffer[rows] + update
+        new = p[rows] - group["lr"] * update
+        ok = torch.isfinite(new).all()  # a finite new row has a finite buffer row (lr > 0)
+        write = ok if apply is None else ok & apply
+        # A row repeated in r is written once per repeat, each time with the same value.
+        if momentum:
+            buffer.index_put_((rows,), torch.where(write, update, buffer[rows]))
+        p.index_put_((rows,), torch.where(write, new, p[rows]))
+        return ok
 
 
 class CenterLoss(nn.Module):
     """Center loss (Wen et al., ECCV 2016): (1/m) sum_i ||x_i - c_{y_i}||^2, in float32 under autocast.
     Drop-in for KaiyangZhou's CenterLoss: add `weight_cent * center_loss(features, labels)` to the
-    cross-entropy. `sparse`: the centers' gradient is sparse (intra_loss), for center_optimizer."""
+    cross-entropy. `sparse` (many classes): the loss reads a leaf copy of the batch's centers, `rows`, so
+    backward leaves their gradient in rows.grad (m x D) in place of the centers' (C x D); step the centers
+    with RowSGD(criterion.centers, ...).step(criterion.labels, criterion.rows.grad)."""
 
     def __init__(self, num_classes: int, feat_dim: int, sparse: bool = False) -> None:
         super().__init__()
         self.centers = nn.Parameter(torch.randn(num_classes, feat_dim))
         self.sparse = sparse
+        self.labels: torch.Tensor | None = None  # sparse: the last forward's labels and rows
+        self.rows: torch.Tensor | None = None
+
+    def intra(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """intra_loss(features, centers, labels); sparse: on a copy of the batch's rows (the class docstring)."""
+        if not self.sparse:
+            return intra_loss(features, self.centers, labels)
+        self.labels, self.rows = labels, self.centers.detach()[labels].requires_grad_()
+        return intra_loss(features, self.rows, torch.arange(len(labels), device=labels.device))  # rows[i]: x_i's center
 
     @in_float32
     def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return intra_loss(features, self.centers, labels, self.sparse)
+        return self.intra(features, labels)
 
 
 class StandaloneCenterLoss(CenterLoss):
@@ -154,7 +161,7 @@ class StandaloneCenterLoss(CenterLoss):
 
     @in_float32
     def terms(self, features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return intra_loss(features, self.centers, labels, self.sparse), inter_loss(features, labels, self.inter_margin)
+        return self.intra(features, labels), inter_loss(features, labels, self.inter_margin)
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         intra, inter = self.terms(features, labels)
@@ -207,7 +214,7 @@ class Objective(nn.Module):
     """The study's objectives: forward(features, logits, labels) -> (total, terms), terms the unweighted
     "xent", "intra", "inter" it uses, in float32 under autocast. xent = CE(logits, y); cent = xent +
     weight_cent * intra; standalone, centers-apart and center-softmax: their modules (logits unused).
-    `sparse_centers`: cent's and standalone's centers get a sparse gradient (for center_optimizer).
+    `sparse_centers`: cent's and standalone's centers take their gradient on the batch's rows (CenterLoss, RowSGD).
     """
 
     def __init__(

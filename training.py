@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from datasets import Dataset, ImageData, channel_stats
 from distributed import gather_batch
-from losses import CENTER_ACC_LOSSES, Objective, center_optimizer, paper_center_update
+from losses import CENTER_ACC_LOSSES, Objective, RowSGD, paper_center_update
 from models import build_model
 
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -36,7 +36,7 @@ class Trainer:
     net: nn.Module
     objective: Objective
     optimizer: torch.optim.Optimizer
-    center_optimizer: torch.optim.Optimizer | None  # centers with a sparse gradient
+    center_optimizer: RowSGD | None  # many classes: SGD on the batch's centers
     scaler: torch.amp.GradScaler  # fp16: the loss scale; otherwise scale 1, only the skip of non-finite steps
     fp16: bool
     autocast: Callable[[], AbstractContextManager]
@@ -78,7 +78,7 @@ def build_trainer(args: argparse.Namespace, data: Dataset, device: torch.device,
         model.classifier.requires_grad_(False)
     if world > 1 and device.type == "cuda":  # batch statistics over the global batch (SyncBatchNorm needs a GPU)
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    # A sparse gradient of the centers where classes outnumber the batch: its cost follows the batch, not the classes.
+    # Where classes outnumber the batch, SGD on the batch's centers only: its cost follows the batch, not the classes.
     sparse = args.center_update == "sgd" and len(data.classes) > args.batch_size
     weights = (args.weight_cent, args.weight_intra, args.weight_inter, args.inter_margin, args.alpha)
     objective = Objective(args.loss, len(data.classes), args.feat_dim, *weights, sparse).to(device)
@@ -88,8 +88,8 @@ def build_trainer(args: argparse.Namespace, data: Dataset, device: torch.device,
     sparse_optimizer = None
     if args.center_update == "paper":
         objective.centers.requires_grad_(False)
-    elif objective.sparse_centers:  # fused SGD takes no sparse gradient
-        sparse_optimizer = center_optimizer(objective.centers, args.lr_cent, args.momentum)
+    elif objective.sparse_centers:
+        sparse_optimizer = RowSGD(objective.centers, args.lr_cent, args.momentum)
     else:
         groups.append({"params": objective.parameters(), "lr": args.lr_cent})
     # fused: one kernel per group, and GradScaler hands it found_inf, so a skipped step needs no host sync.
@@ -140,7 +140,7 @@ def add_momentum_buffers(optimizer: torch.optim.Optimizer) -> None:
 def train_step(trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """One SGD step through the GradScaler, which skips it on the device when a gradient is not finite
     (docs/resuming.md): forward, loss (float32), backward of loss * (1 if the loss is finite else NaN),
-    clipping (if on), fused SGD, the sparse centers' optimiser, the paper's center update (if on); a
+    clipping (if on), fused SGD, RowSGD on the batch's centers (many classes), the paper's update (if on); a
     skipped step's buffers (BatchNorm statistics) are put back. Under torchrun the loss sees the
     global batch. Returns (features, logits, labels, loss, terms, finite), detached: finite is whether
     the step was good (under fp16 an overflow with a finite loss is the scaler's skip, not a bad step).
@@ -155,9 +155,7 @@ def train_step(trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> tuple[torc
     features, logits, y = gather_batch(features, logits, y)
     loss, terms = trainer.objective(features, logits, y)
     loss_ok = torch.isfinite(loss.detach())
-    optimizers = [optimizer] + ([trainer.center_optimizer] if trainer.center_optimizer is not None else [])
-    for opt in optimizers:
-        opt.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss * torch.where(loss_ok, 1.0, math.nan)).backward()
     scaler.unscale_(optimizer)  # the true gradients, for the check and the clipping
     params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
@@ -167,9 +165,10 @@ def train_step(trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> tuple[torc
     if trainer.clip_grad_norm:  # the dense gradients only
         nn.utils.clip_grad_norm_(params, trainer.clip_grad_norm)
     scaler.step(optimizer)
-    if trainer.center_optimizer is not None:  # stepped with the verdict: scaler.step would read found_inf on the host
-        scaler.unscale_(trainer.center_optimizer)
-        rows_ok = trainer.center_optimizer.step(apply)
+    if trainer.center_optimizer is not None:  # the rows' gradient, which the scaler does not see, carries its scale
+        criterion = trainer.objective.criterion
+        unscaled = criterion.rows.grad / scaler.scale(torch.ones((), device=criterion.rows.device))
+        rows_ok = trainer.center_optimizer.step(criterion.labels, unscaled, apply)
         finite = finite & (rows_ok | ~apply)  # rows a skipped step did not write are not its fault
     if trainer.center_alpha is not None:
         finite = finite & paper_center_update(centers, features.detach().float(), y, trainer.center_alpha, apply)
