@@ -100,19 +100,20 @@ class RowSGD(torch.optim.Optimizer):
         group = self.param_groups[0]
         p, momentum = group["params"][0], group["momentum"]
         first = torch.searchsorted(rows.sort().values, rows)  # where a row's first repeat sits in sorted order
-        update = torch.zeros_like(grads).index_add_(0, first, grads)[first]  # g_j, at each of j's repeats
+        update = torch.zeros_like(grads).index_add_(0, first, grads).index_select(0, first)  # g_j, at each of j's repeats
         if momentum:
             if "momentum_buffer" not in self.state[p]:
                 self.state[p]["momentum_buffer"] = torch.zeros_like(p)
             buffer = self.state[p]["momentum_buffer"]
-            update = momentum * buffer[rows] + update
-        new = p[rows] - group["lr"] * update
+            update = momentum * buffer.index_select(0, rows) + update
+        old = p.index_select(0, rows)
+        new = old - group["lr"] * update
         ok = torch.isfinite(new).all()  # a finite new row has a finite buffer row (lr > 0)
         write = ok if apply is None else ok & apply
         # A row repeated in r is written once per repeat, each time with the same value.
         if momentum:
-            buffer.index_put_((rows,), torch.where(write, update, buffer[rows]))
-        p.index_put_((rows,), torch.where(write, new, p[rows]))
+            buffer.index_copy_(0, rows, torch.where(write, update, buffer.index_select(0, rows)))
+        p.index_copy_(0, rows, torch.where(write, new, old))
         return ok
 
 
