@@ -83,13 +83,11 @@ class RowSGD(torch.optim.Optimizer):
 
         g_j = sum_{i: r_i = j} G_i,    b_j <- momentum * b_j + g_j,    c_j <- c_j - lr * b_j        for each j in r
 
-    step(r, G, apply): r the batch's m row indices (repeats allowed), G their m x D gradients (CenterLoss with
-    sparse=True: its `labels` and `rows.grad`). A row absent from r keeps value and buffer (lazy momentum; dense
-    SGD would move it by momentum * b_j), so a step costs m x D, not C x D. Every tensor's size is fixed by m:
-    nothing waits for the host (coalescing a sparse gradient, or unique(), sizes its output from the data on
-    CUDA). Why not torch's: torch.optim.SGD keeps a sparse momentum buffer that grows every step; SparseAdam is
-    Adam. Rows are written only where `apply` (bool tensor; None: always) holds and the new rows are finite;
-    step returns whether they are.
+    step(r, G, apply): r the batch's m row indices (repeats allowed), G their m x D gradients (CenterLoss(sparse=True):
+    labels, rows.grad). A row absent from r keeps value and buffer (lazy momentum; dense SGD would move it by
+    momentum * b_j): a step costs m x D, not C x D, and every size is fixed by m, so nothing waits for the host
+    (coalescing a sparse gradient on CUDA would). torch.optim.SGD's sparse momentum buffer grows every step. Rows
+    are written only where `apply` (bool tensor; None: always) holds and the new rows are finite; returns whether they are.
     """
 
     def __init__(self, param: torch.Tensor, lr: float, momentum: float = 0.0) -> None:
@@ -101,10 +99,9 @@ class RowSGD(torch.optim.Optimizer):
         p, momentum = group["params"][0], group["momentum"]
         first = torch.searchsorted(rows.sort().values, rows)  # where a row's first repeat sits in sorted order
         update = torch.zeros_like(grads).index_add_(0, first, grads).index_select(0, first)  # g_j, at each of j's repeats
-        if momentum:
-            if "momentum_buffer" not in self.state[p]:
-                self.state[p]["momentum_buffer"] = torch.zeros_like(p)
-            buffer = self.state[p]["momentum_buffer"]
+        if momentum:  # one dense buffer, made at the first step (a state_dict from before it has none)
+            buffer = self.state[p].get("momentum_buffer")
+            buffer = self.state[p]["momentum_buffer"] = torch.zeros_like(p) if buffer is None else buffer
             update = momentum * buffer.index_select(0, rows) + update
         old = p.index_select(0, rows)
         new = old - group["lr"] * update
@@ -128,8 +125,7 @@ class CenterLoss(nn.Module):
         super().__init__()
         self.centers = nn.Parameter(torch.randn(num_classes, feat_dim))
         self.sparse = sparse
-        self.labels: torch.Tensor | None = None  # sparse: the last forward's labels and rows
-        self.rows: torch.Tensor | None = None
+        self.labels = self.rows = None  # sparse: the last forward's labels and copy of their centers
 
     def intra(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """intra_loss(features, centers, labels); sparse: on a copy of the batch's rows (the class docstring)."""

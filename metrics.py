@@ -3,6 +3,7 @@ clustering (NMI, AMI: scikit-learn) and class geometry of features: exact search
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -18,17 +19,20 @@ OPEN_SET_METRICS = tuple(f"open_{name}" for name in RETRIEVAL_METRICS)  # among 
 GEOMETRY_METRICS = ("intra_distance", "min_center_gap", "mean_center_gap", "min_gap_ratio", "mean_gap_ratio", "feature_norm")
 
 
-def stable_knn(query: torch.Tensor, k: int, reference: torch.Tensor, ref_includes_query: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """pml's knn_func: the k nearest reference rows, ties by index (pml's CustomKNN: torch.topk, ties unordered; FaissKNN: faiss)."""
-    skip = int(ref_includes_query)  # pml then passes the queries as the reference's first rows
-    out = torch.empty(len(query), k, device=query.device), torch.empty(len(query), k, device=query.device, dtype=torch.int64)
+def stable_knn(query: torch.Tensor, k: int, reference: torch.Tensor, ref_includes_query: bool, positions: torch.Tensor) -> tuple:
+    """pml's knn_func: the k nearest reference rows, ties to the lower position (positions[j]: row j's place in the caller's
+    order, a permutation). pml's CustomKNN (torch.topk) leaves ties unordered; its FaissKNN needs faiss."""
+    skip, rows, found = int(ref_includes_query), positions.argsort(), []  # skip: pml passes the queries as the reference's first rows
     for start in range(0, len(query), CHUNK):
-        d = squared_distances(query[start : start + CHUNK].float(), reference.float())
+        d = squared_distances(query[start : start + CHUNK].float(), reference.float()) + 0.0  # + 0.0: no -0.0
         if skip:  # the query itself first (distances are >= 0), then left out
             d[torch.arange(len(d)), torch.arange(len(d)) + start] = -1.0
-        for whole, part in zip(out, d.sort(dim=1, stable=True)):
-            whole[start : start + CHUNK] = part[:, skip : k + skip]
-    return out
+        # One int64 key per pair, (distance, position): the bits of a float32 >= 0 order as the floats do, so the
+        # k smallest keys are the k nearest rows, ties to the lower position, as a stable sort would give them.
+        keys = d.view(torch.int32).long() << 32 | positions
+        nearest = rows[keys.topk(k + skip, dim=1, largest=False).values[:, skip:] & 0xFFFFFFFF]
+        found.append((d.gather(1, nearest), nearest))
+    return tuple(torch.cat(parts) for parts in zip(*found))
 
 
 def knn_accuracy(query: torch.Tensor, query_labels: torch.Tensor, gallery: torch.Tensor, gallery_labels: torch.Tensor, k: int) -> float:
@@ -47,13 +51,21 @@ def knn_accuracy(query: torch.Tensor, query_labels: torch.Tensor, gallery: torch
 def retrieval_scores(features: torch.Tensor, labels: torch.Tensor) -> dict[str, float | None]:
     """P@1 = rel(1), R-precision = (1/R) sum_{i<=R} rel(i), MAP@R = (1/R) sum_{i<=R} P(i) rel(i), the set its own gallery less
     the query (R: classmates, rel(i): neighbour i a classmate, P(i): precision of the first i); mean over queries with R > 0, else None."""
-    if int(torch.bincount(labels).max()) < 2:
+    if int((counts := torch.bincount(labels)).max()) < 2:
         return dict.fromkeys(RETRIEVAL_METRICS)
     from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator  # with scikit-learn: seconds, so only when used
 
     calculator = AccuracyCalculator(include=PML_NAMES, k="max_bin_count", device=features.device, knn_func=stable_knn)
-    scores = calculator.get_accuracy(features.float(), labels)
-    return {name: float(scores[pml]) for name, pml in zip(RETRIEVAL_METRICS, PML_NAMES)}
+    # pml compares each distinct query label with every reference label at once (20,000 classes, 40,000 images: 8 GB): chunks
+    scored, sums, everyone = counts[labels] > 1, dict.fromkeys(PML_NAMES, 0.0), torch.arange(len(labels), device=labels.device)
+    for start in range(0, len(labels), CHUNK):
+        chunk = everyone[start : start + CHUNK]  # the first rows of its reference
+        if n := int(scored[chunk].sum()):  # pml averages over the chunk's queries that have a classmate
+            order = torch.cat([chunk, everyone[:start], everyone[start + CHUNK :]])
+            calculator.knn_func = functools.partial(stable_knn, positions=order)  # ties to the lower index, as unchunked
+            scores = calculator.get_accuracy(features[chunk].float(), labels[chunk], features[order].float(), labels[order], True)
+            sums = {name: total + n * float(scores[name]) for name, total in sums.items()}
+    return {name: sums[pml] / int(scored.sum()) for name, pml in zip(RETRIEVAL_METRICS, PML_NAMES)}
 
 
 def clustering_scores(features: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> tuple[float | None, float | None]:

@@ -85,12 +85,9 @@ def build_trainer(args: argparse.Namespace, data: Dataset, device: torch.device,
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     groups = [{"params": model.parameters(), "weight_decay": args.weight_decay}]
-    sparse_optimizer = None
     if args.center_update == "paper":
         objective.centers.requires_grad_(False)
-    elif objective.sparse_centers:
-        sparse_optimizer = RowSGD(objective.centers, args.lr_cent, args.momentum)
-    else:
+    elif not objective.sparse_centers:  # sparse centers: RowSGD below
         groups.append({"params": objective.parameters(), "lr": args.lr_cent})
     # fused: one kernel per group, and GradScaler hands it found_inf, so a skipped step needs no host sync.
     optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, fused=True)
@@ -103,7 +100,7 @@ def build_trainer(args: argparse.Namespace, data: Dataset, device: torch.device,
         net=torch.compile(net, mode=args.compile) if args.compile else net,
         objective=objective,
         optimizer=optimizer,
-        center_optimizer=sparse_optimizer,
+        center_optimizer=RowSGD(objective.centers, args.lr_cent, args.momentum) if objective.sparse_centers else None,
         scaler=torch.amp.GradScaler(device.type, init_scale=2.0**16 if args.amp == "fp16" else 1.0),
         fp16=args.amp == "fp16",
         autocast=(lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext,

@@ -186,6 +186,23 @@ def test_chunked_search_matches_unchunked(monkeypatch) -> None:
     assert scores == pytest.approx(full[0], rel=1e-6)
 
 
+def test_retrieval_over_many_classes_counts_labels_a_chunk_of_queries_at_a_time(monkeypatch) -> None:
+    """pml compares every distinct query label with every reference label at once (20,000 classes of 40,000
+    images: 8 GB): chunks of CHUNK queries keep that CHUNK x N. The scores still equal the loops' on a grid
+    with many exactly tied neighbours (ties to the lower index, though each chunk leads its reference)."""
+    import pytorch_metric_learning.utils.accuracy_calculator as pml
+
+    seen, count = [], pml.get_label_match_counts
+    monkeypatch.setattr(pml, "get_label_match_counts", lambda q, r, fn: seen.append((len(q), len(r))) or count(q, r, fn))
+    g = torch.Generator().manual_seed(3)
+    labels = torch.cat([torch.arange(120).repeat(2), torch.arange(120, 160)])  # 120 pairs and 40 alone
+    labels = labels[torch.randperm(len(labels), generator=g)]
+    features = torch.randint(0, 4, (len(labels), 3), generator=g).float()
+    monkeypatch.setattr(metrics, "CHUNK", 16)
+    assert metrics.retrieval_scores(features, labels) == pytest.approx(reference_retrieval(features, labels), rel=1e-9)
+    assert len(seen) == 280 // 16 + 1 and all(q <= 16 and r == 280 for q, r in seen)
+
+
 @pytest.mark.parametrize("case", ["collapsed", "fewer-distinct-than-classes", "wide"])
 def test_clustering_scores_on_collapsed_and_wide_features(case: str) -> None:
     """k-means copes with features that collapsed (all equal, or fewer distinct points than classes)
