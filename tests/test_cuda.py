@@ -32,22 +32,23 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 BATCH, STEPS = 32, 4
 
 
-def synthetic(device: torch.device) -> Dataset:
-    """Random 28x28 grey images (the shape of MNIST) in 10 classes, on `device`."""
+def synthetic(device: torch.device, classes: int = 10) -> Dataset:
+    """Random 28x28 grey images (the shape of MNIST) in `classes` classes, on `device`."""
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (BATCH * (STEPS + 1), 1, 28, 28), generator=g, dtype=torch.uint8)
-    train = ImageData(images, torch.arange(len(images)) % 10)
-    test = ImageData(images[:100], torch.arange(100) % 10)
-    return Dataset("synthetic", train.to(device), test.to(device), [str(k) for k in range(10)], ("flip", "rotate", "crop"), "test")
+    train = ImageData(images, torch.arange(len(images)) % classes)
+    test = ImageData(images[:100], torch.arange(100) % classes)
+    return Dataset("synthetic", train.to(device), test.to(device), [str(k) for k in range(classes)], ("flip", "rotate", "crop"), "test")
 
 
-def run_steps(loss: str, device: str, amp: str, sync_mode: str) -> EpochState:
+def run_steps(loss: str, device: str, amp: str, sync_mode: str, classes: int = 10) -> EpochState:
     """One warm-up step (allocations, cuDNN autotuning), then STEPS steps and an evaluation with
     the given sync debug mode; returns the epoch's accumulators."""
     args = parse_args(["--loss", loss, "--device", device, "--amp", amp, "--batch-size", str(BATCH), "--feat-dim", "2"])
     dev = torch.device(device)
-    data = synthetic(dev)
+    data = synthetic(dev, classes)
     run = SimpleNamespace(**vars(build_trainer(args, data, dev)), args=args, device=dev, collect_frames=True, frame_take=BATCH)
+    assert (run.center_optimizer is not None) == (classes > BATCH and loss in ("cent", "standalone"))  # RowSGD: many classes
     aug = torch.Generator(dev).manual_seed(1)
     order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(2)).to(dev)
     batches = tensor_batches(data.train, order, BATCH, data.augmentations, aug)
@@ -72,14 +73,24 @@ def run_steps(loss: str, device: str, amp: str, sync_mode: str) -> EpochState:
     return state
 
 
-def test_steps_and_evaluation_on_the_cpu():
-    run_steps("cent", "cpu", "off", "default")
+@pytest.mark.parametrize("classes", [10, 100])
+def test_steps_and_evaluation_on_the_cpu(classes):
+    run_steps("cent", "cpu", "off", "default", classes)
 
 
 @CUDA
 @pytest.mark.parametrize("loss", LOSSES)
 def test_cuda_steps_and_evaluation_never_sync(loss):
     run_steps(loss, "cuda", "off", "error")
+
+
+@CUDA
+@pytest.mark.parametrize("amp", ["off", "fp16"])
+@pytest.mark.parametrize("loss", ["cent", "standalone"])
+def test_cuda_steps_with_more_classes_than_the_batch_never_sync(loss, amp):
+    """100 classes at batch 32: RowSGD steps the batch's centers, every size fixed by the batch (a sparse
+    gradient's coalesce() would ask the host for its size); under fp16 its gradient is unscaled on the device."""
+    run_steps(loss, "cuda", amp, "error", classes=100)
 
 
 @CUDA
