@@ -103,8 +103,7 @@ class RowSGD(torch.optim.Optimizer):
             buffer = self.state[p].get("momentum_buffer")
             buffer = self.state[p]["momentum_buffer"] = torch.zeros_like(p) if buffer is None else buffer
             update = momentum * buffer.index_select(0, rows) + update
-        old = p.index_select(0, rows)
-        new = old - group["lr"] * update
+        new = (old := p.index_select(0, rows)) - group["lr"] * update
         ok = torch.isfinite(new).all()  # a finite new row has a finite buffer row (lr > 0)
         write = ok if apply is None else ok & apply
         # A row repeated in r is written once per repeat, each time with the same value.

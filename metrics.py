@@ -27,8 +27,7 @@ def stable_knn(query: torch.Tensor, k: int, reference: torch.Tensor, ref_include
         d = squared_distances(query[start : start + CHUNK].float(), reference.float()) + 0.0  # + 0.0: no -0.0
         if skip:  # the query itself first (distances are >= 0), then left out
             d[torch.arange(len(d)), torch.arange(len(d)) + start] = -1.0
-        # One int64 key per pair, (distance, position): the bits of a float32 >= 0 order as the floats do, so the
-        # k smallest keys are the k nearest rows, ties to the lower position, as a stable sort would give them.
+        # (distance, position) as one int64: float32 bits >= 0 order as the floats, so its top-k is a stable sort's first k
         keys = d.view(torch.int32).long() << 32 | positions
         nearest = rows[keys.topk(k + skip, dim=1, largest=False).values[:, skip:] & 0xFFFFFFFF]
         found.append((d.gather(1, nearest), nearest))
@@ -49,10 +48,12 @@ def knn_accuracy(query: torch.Tensor, query_labels: torch.Tensor, gallery: torch
 
 
 def retrieval_scores(features: torch.Tensor, labels: torch.Tensor) -> dict[str, float | None]:
-    """P@1 = rel(1), R-precision = (1/R) sum_{i<=R} rel(i), MAP@R = (1/R) sum_{i<=R} P(i) rel(i), the set its own gallery less
-    the query (R: classmates, rel(i): neighbour i a classmate, P(i): precision of the first i); mean over queries with R > 0, else None."""
+    """P@1 = rel(1), R-precision = (1/R) sum_{i<=R} rel(i), MAP@R = (1/R) sum_{i<=R} P(i) rel(i), the set its own gallery less the
+    query (R: classmates, rel(i): neighbour i a classmate, P(i): precision of the first i); mean over queries with R > 0, else None."""
     if int((counts := torch.bincount(labels)).max()) < 2:
         return dict.fromkeys(RETRIEVAL_METRICS)
+    if not bool(torch.isfinite(features).all()):  # NaN: pml would refuse them (its check that the queries lead the reference)
+        return dict.fromkeys(RETRIEVAL_METRICS, float("nan"))
     from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator  # with scikit-learn: seconds, so only when used
 
     calculator = AccuracyCalculator(include=PML_NAMES, k="max_bin_count", device=features.device, knn_func=stable_knn)

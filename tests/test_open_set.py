@@ -107,6 +107,17 @@ def test_retrieval_without_classmates_is_none_not_an_error() -> None:
     assert metrics.retrieval_scores(torch.randn(4, 2), torch.arange(4)) == dict.fromkeys(metrics.RETRIEVAL_METRICS)
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_retrieval_of_non_finite_features_is_nan_not_an_error(value: float) -> None:
+    """The open-set scores of a model whose features overflowed: NaN (as feature_metrics gives), where pml
+    raised a ValueError on NaN (its check that the queries lead the reference fails), ending the run, and
+    ranked neighbours by NaN distances around an inf."""
+    features = torch.randn(20, 2, generator=torch.Generator().manual_seed(0))
+    features[3, 0] = value
+    scores = metrics.retrieval_scores(features, torch.arange(20) % 4)
+    assert set(scores) == set(metrics.RETRIEVAL_METRICS) and all(math.isnan(v) for v in scores.values())
+
+
 def test_class_geometry_hand_computed() -> None:
     # Class 0 at (0, +-1): mean (0, 0); class 1 at (4, 0) and (4, 2): mean (4, 1); class 2 at (0, 6): mean (0, 6).
     features = torch.tensor([[0.0, 1.0], [0.0, -1.0], [4.0, 0.0], [4.0, 2.0], [0.0, 6.0]])
