@@ -78,8 +78,7 @@ def build_trainer(args: argparse.Namespace, data: Dataset, device: torch.device,
         model.classifier.requires_grad_(False)
     if world > 1 and device.type == "cuda":  # batch statistics over the global batch (SyncBatchNorm needs a GPU)
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    # Where classes outnumber the batch, SGD on the batch's centers only: its cost follows the batch, not the classes.
-    sparse = args.center_update == "sgd" and len(data.classes) > args.batch_size
+    sparse = args.center_update == "sgd" and len(data.classes) > args.batch_size  # many classes: cost follows the batch
     weights = (args.weight_cent, args.weight_intra, args.weight_inter, args.inter_margin, args.alpha)
     objective = Objective(args.loss, len(data.classes), args.feat_dim, *weights, sparse).to(device)
     if args.channels_last:

@@ -203,6 +203,17 @@ def test_retrieval_over_many_classes_counts_labels_a_chunk_of_queries_at_a_time(
     assert len(seen) == 280 // 16 + 1 and all(q <= 16 and r == 280 for q, r in seen)
 
 
+def test_clustering_scores_stop_above_cluster_classes(monkeypatch) -> None:
+    """k-means costs samples x classes a pass (hours at 100,000 classes): above metrics.CLUSTER_CLASSES classes
+    NMI and AMI are None, and k-means is not run; at the bound they are scored."""
+    features, labels = clusters(n_per_class=10, classes=4)
+    monkeypatch.setattr(metrics, "CLUSTER_CLASSES", 4)
+    assert metrics.clustering_scores(features, labels) == pytest.approx((1.0, 1.0))
+    monkeypatch.setattr(metrics, "CLUSTER_CLASSES", 3)
+    monkeypatch.setattr("sklearn.cluster.KMeans.fit_predict", lambda *a, **k: pytest.fail("k-means ran"))
+    assert metrics.clustering_scores(features, labels) == (None, None)
+
+
 @pytest.mark.parametrize("case", ["collapsed", "fewer-distinct-than-classes", "wide"])
 def test_clustering_scores_on_collapsed_and_wide_features(case: str) -> None:
     """k-means copes with features that collapsed (all equal, or fewer distinct points than classes)
