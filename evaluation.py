@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
 from datasets import Dataset, ImageData
@@ -23,18 +21,16 @@ COLUMNS = [  # metrics.csv
 def nearest(features: torch.Tensor, points: torch.Tensor, exclude: torch.Tensor | None = None) -> torch.Tensor:
     """Index of the nearest row of `points` (squared Euclidean distance) for every feature, never one where `exclude` is
     true; in chunks of features holding at most utils.CHUNK_BYTES of distances (100,000 centers: a few hundred features)."""
-    points = points.float()
-    step = chunk_rows(len(points))
-    chunks = []
+    points, step, chunks = points.float(), chunk_rows(len(points)), []
     for i in range(0, max(len(features), 1), step):
         distances = squared_distances(features[i : i + step].float(), points)
         chunks.append((distances if exclude is None else distances.masked_fill(exclude[None, :], float("inf"))).argmin(1))
     return torch.cat(chunks)
 
 
-def acc_predictions(args: argparse.Namespace, features: torch.Tensor, logits: torch.Tensor, centers: torch.Tensor | None) -> torch.Tensor:
+def acc_predictions(loss: str, features: torch.Tensor, logits: torch.Tensor | None, centers: torch.Tensor | None) -> torch.Tensor:
     """The study's accuracy: nearest center for losses without a softmax (CENTER_ACC_LOSSES), else argmax of the logits."""
-    return nearest(features, centers) if args.loss in CENTER_ACC_LOSSES else logits.argmax(1)
+    return nearest(features, centers) if loss in CENTER_ACC_LOSSES else logits.argmax(1)
 
 
 def nearest_class_mean(features: torch.Tensor, class_sum: torch.Tensor, class_count: torch.Tensor) -> torch.Tensor:
@@ -43,52 +39,55 @@ def nearest_class_mean(features: torch.Tensor, class_sum: torch.Tensor, class_co
 
 
 @torch.no_grad()
-def embed(run: Run, data: ImageData) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features and logits of `data` in eval mode, in float32 under every --amp, without augmentation, in large batches."""
+def embed(run: Run, data: ImageData) -> torch.Tensor:
+    """Features of `data` in eval mode, float32 under every --amp, no augmentation, in large batches (logits: eval_logits)."""
     # The plain module, not the DDP wrapper: every rank evaluates the whole set, with no collectives.
     model, device = run.model, run.device
     model.eval()
-    features, logits = [], []
+    features = []
     for i in range(0, len(data), EVAL_BATCH):
         x = data.images[i : i + EVAL_BATCH].to(device, non_blocking=True).float().div_(255)
         if run.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        f, lg = model(x)  # no autocast: acc and the metrics compare across every --amp only from float32 features
-        features.append(f)
-        logits.append(lg)
+        features.append(model(x)[0])  # no autocast: acc and the metrics compare across every --amp only from float32 features
     model.train()
-    return torch.cat(features), torch.cat(logits)
+    return torch.cat(features)
+
+
+def eval_logits(run: Run, features: torch.Tensor) -> torch.Tensor | None:
+    """model.classifier's logits of some eval features (a whole set's, samples x classes, would not fit at 100,000 classes),
+    None for the losses that never read them (CENTER_ACC_LOSSES)."""
+    return run.model.classifier(features) if run.args.loss not in CENTER_ACC_LOSSES else None
 
 
 @torch.no_grad()
-def objective_stats(run: Run, features: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+def objective_stats(run: Run, features: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     """The objective on evaluation features in chunks of --batch-size, so that pairwise terms have the train loss's scale."""
     objective, size = run.objective, run.args.batch_size
     sums = torch.zeros(4, device=features.device, dtype=torch.float64)
     for i in range(0, len(labels), size):
-        loss, terms = objective(features[i : i + size], logits[i : i + size], labels[i : i + size])
+        loss, terms = objective(features[i : i + size], eval_logits(run, features[i : i + size]), labels[i : i + size])
         sums += torch.stack([loss] + [terms.get(t, loss.new_zeros(())) for t in TERMS]).double() * len(labels[i : i + size])
     sums = (sums / len(labels)).tolist()
     return {"test_loss": sums[0], **{f"test_{t}": v for t, v in zip(TERMS, sums[1:])}}
 
 
-def accuracy(run: Run, data: ImageData) -> tuple[float, torch.Tensor, torch.Tensor]:
-    """The study's accuracy on `data`, with its features and logits."""
-    features, logits = embed(run, data)
-    centers = run.objective.centers
-    predictions = acc_predictions(run.args, features, logits, centers.detach() if centers is not None else None)
-    return (predictions == data.labels.to(features.device)).float().mean().item(), features, logits
+@torch.no_grad()
+def accuracy(run: Run, data: ImageData) -> tuple[float, torch.Tensor]:
+    """The study's accuracy on `data`, with its features."""
+    features, centers = embed(run, data), run.objective.centers
+    predictions = [acc_predictions(run.args.loss, f, eval_logits(run, f), centers) for f in features.split(EVAL_BATCH)]
+    return (torch.cat(predictions) == data.labels.to(features.device)).float().mean().item(), features
 
 
 def epoch_row(run: Run, epoch: int, state: EpochState, seconds: float) -> tuple[dict, torch.Tensor]:
     """Evaluate after an epoch and assemble its metrics.csv row; returns the row and test features."""
     args, objective, test = run.args, run.objective, run.test
-    test_acc, features, logits = accuracy(run, test)
+    test_acc, features = accuracy(run, test)
     labels = test.labels.to(features.device)
-    stats = objective_stats(run, features, logits, labels)
+    stats = objective_stats(run, features, labels)
     centers = objective.centers.detach() if objective.centers is not None else None
-    s = state.loss_sums.tolist()
-    batches = max(state.good_steps(), 1)
+    s, batches = state.loss_sums.tolist(), max(state.good_steps(), 1)
     row = {"epoch": epoch, "lr": run.optimizer.param_groups[0]["lr"], "train_loss": s[0] / batches}
     for i, t in enumerate(TERMS, start=1):
         row[f"train_{t}"] = s[i] / batches if t in objective.terms_used else None
@@ -99,11 +98,11 @@ def epoch_row(run: Run, epoch: int, state: EpochState, seconds: float) -> tuple[
     row["val_acc"] = accuracy(run, run.val)[0] if run.val is not None else None
     row.update(class_geometry(features, labels))
     if run.unseen is not None:  # open set: retrieval among the classes never trained on
-        unseen_features, _ = embed(run, run.unseen)
+        unseen_features = embed(run, run.unseen)
         scores = retrieval_scores(unseen_features, run.unseen.labels.to(features.device))
         row.update({f"open_{name}": value for name, value in scores.items()})
     if epoch == args.epochs or (args.eval_every and epoch % args.eval_every == 0):
-        train_features, _ = embed(run, run.train)
+        train_features = embed(run, run.train)
         row.update(feature_metrics(features, labels, train_features, run.train.labels.to(features.device), args.seed))
     row.update(bad_steps=int(state.bad_steps), seconds=seconds)
     return row, features

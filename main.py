@@ -67,7 +67,7 @@ def record_step(run: Run, state: EpochState, features, logits, y, loss, terms, f
     first run.frame_take points of every batch for the train frame (spread over the epoch). No host sync."""
     features = torch.where(finite, features.detach().float(), torch.nan)  # a bad step's points are not drawn
     centers = run.objective.centers.detach() if run.objective.centers is not None else None
-    correct = (acc_predictions(run.args, features, logits.detach(), centers) == y).sum()
+    correct = (acc_predictions(run.args.loss, features, logits.detach(), centers) == y).sum()
     state.add(loss, terms, features, y, correct, finite)
     if run.collect_frames:
         state.frame_features.append(features[: run.frame_take])
@@ -343,7 +343,7 @@ def finish(run: Run, data: Dataset) -> None:
             for name, split in (("train", train_subset), ("test", data.test)):
                 path, title = run_dir / f"{name}.png", f"{args.loss} {data.name} feat_dim={args.feat_dim} ({name})"
                 visualize.save_projection(
-                    path, embed(run, split)[0].cpu(), split.images.cpu(), split.labels.cpu(), data.classes, title, method=args.projection
+                    path, embed(run, split).cpu(), split.images.cpu(), split.labels.cpu(), data.classes, title, method=args.projection
                 )
                 pictures.append(path)
     summary = run_summary(run, data)

@@ -23,7 +23,7 @@ if str(REPO) not in sys.path:
 import main as main_module  # noqa: E402
 from config import parse_args  # noqa: E402
 from datasets import Dataset, ImageData, tensor_batches  # noqa: E402
-from evaluation import acc_predictions, embed  # noqa: E402
+from evaluation import acc_predictions, embed, eval_logits  # noqa: E402
 from losses import LOSSES  # noqa: E402
 from main import main, record_step  # noqa: E402
 from training import EpochState, build_trainer, train_step  # noqa: E402
@@ -61,9 +61,10 @@ def run_steps(loss: str, device: str, amp: str, sync_mode: str, classes: int = 1
         for x, y in batches:
             record_step(run, state, *train_step(run, x, y))
             state.aug = aug.get_state()
-        features, logits = embed(run, data.test)
+        features = embed(run, data.test)
         centers = run.objective.centers
-        correct = (acc_predictions(args, features, logits, centers.detach() if centers is not None else None) == data.test.labels).sum()
+        logits = eval_logits(run, features)
+        correct = (acc_predictions(loss, features, logits, centers.detach() if centers is not None else None) == data.test.labels).sum()
     finally:
         if dev.type == "cuda":
             torch.cuda.set_sync_debug_mode("default")

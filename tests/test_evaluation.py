@@ -8,19 +8,19 @@ import pytest
 import torch
 
 from datasets import ImageData
-from evaluation import embed
+from evaluation import embed, eval_logits
 
 
 class Net(torch.nn.Module):
-    """Features and logits as the project's models return them."""
+    """Features and logits as the project's models return them: logits = classifier(features)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.features, self.logits = torch.nn.Linear(16, 8), torch.nn.Linear(8, 3)
+        self.features, self.classifier = torch.nn.Linear(16, 8), torch.nn.Linear(8, 3)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         f = self.features(x.flatten(1))
-        return f, self.logits(f)
+        return f, self.classifier(f)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -30,9 +30,12 @@ def test_embed_is_float32_under_autocast(dtype) -> None:
     images = torch.randint(0, 256, (40, 1, 4, 4), dtype=torch.uint8)
     run = types.SimpleNamespace(model=model, device=torch.device("cpu"), channels_last=False)
     run.autocast = lambda: torch.autocast("cpu", dtype=dtype)
-    features, logits = embed(run, ImageData(images, torch.zeros(40, dtype=torch.long)))
+    features = embed(run, ImageData(images, torch.zeros(40, dtype=torch.long)))
     with torch.no_grad():
         want_features, want_logits = model(images.float().div(255))
-    assert features.dtype == logits.dtype == torch.float32
-    assert torch.equal(features, want_features) and torch.equal(logits, want_logits)
+    assert features.dtype == torch.float32 and torch.equal(features, want_features)
+    run.args = types.SimpleNamespace(loss="xent")  # logits a chunk at a time: the model's own, for a loss that reads them
+    assert torch.equal(eval_logits(run, features), want_logits)
+    run.args.loss = "standalone"
+    assert eval_logits(run, features) is None
     assert model.training  # back in train mode

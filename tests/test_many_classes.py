@@ -287,3 +287,17 @@ def test_a_many_class_run_cut_after_an_epoch_resumes_bit_for_bit(tmp_path: Path,
     assert torch.equal(*buffers) and 0 < int(buffers[0].any(1).sum()) < 200  # lazy: the rows of the classes seen
     for part in ("model", "objective"):
         assert all(torch.equal(straight[part][k], resumed[part][k]) for k in straight[part]), part
+
+
+def test_evaluation_never_holds_a_whole_set_of_logits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--loss cent (accuracy by the logits) on 10,000 classes: the test set's logits (1,000 x 10,000 here; 20,000 x
+    100,000 float32 is 8 GB, and the train set's, for the final metrics, more) are never put together, only
+    EVAL_BATCH rows at a time, and the run's accuracy is the logits' argmax."""
+    monkeypatch.setattr(main, "load_dataset", lambda *a, **k: many_class_data())
+    sizes, cat = [], torch.cat
+    monkeypatch.setattr(torch, "cat", lambda tensors, *a, **k: sizes.append((out := cat(tensors, *a, **k)).numel()) or out)
+    flags = ["--loss", "cent", "--feat-dim", "2", "--epochs", "1", "--batch-size", "64", "--train-samples", "256", "--no-plots"]
+    assert main.main([*flags, "--out", str(tmp_path), "--name", "faces", "--device", "cpu"]) == 0
+    assert max(sizes) < 1000 * 10_000 // 4
+    summary = json.loads((tmp_path / "faces" / "summary.json").read_text())
+    assert summary["loss"] == "cent" and 0 <= summary["acc"] <= 1 and summary["nmi"] is not None
