@@ -102,13 +102,13 @@ class RowSGD(torch.optim.Optimizer):
         if momentum:  # one dense buffer, made at the first step (a state_dict from before it has none)
             buffer = self.state[p].get("momentum_buffer")
             buffer = self.state[p]["momentum_buffer"] = torch.zeros_like(p) if buffer is None else buffer
-            update = momentum * buffer.index_select(0, rows) + update
+            update = momentum * (held := buffer.index_select(0, rows)) + update
         new = (old := p.index_select(0, rows)) - group["lr"] * update
         ok = torch.isfinite(new).all()  # a finite new row has a finite buffer row (lr > 0)
         write = ok if apply is None else ok & apply
         # A row repeated in r is written once per repeat, each time with the same value.
         if momentum:
-            buffer.index_copy_(0, rows, torch.where(write, update, buffer.index_select(0, rows)))
+            buffer.index_copy_(0, rows, torch.where(write, update, held))
         p.index_copy_(0, rows, torch.where(write, new, old))
         return ok
 
