@@ -26,22 +26,56 @@ import torch
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False, epilog="Other flags: main.py --help.")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        allow_abbrev=False,
+        epilog="Other flags: main.py --help.",
+    )
     p.add_argument("--steps", type=int, default=30, help="timed steps per round and pipeline")
-    p.add_argument("--warmup", type=int, default=5, help="untimed steps per pipeline before the first round")
-    p.add_argument("--rounds", type=int, default=3, help="rounds; each pipeline's samples/s is the median over them")
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader workers of the loader path")
-    p.add_argument("--loader-amp", choices=("off", "bf16", "fp16"), default="off", help="autocast precision of the loader path")
+    p.add_argument(
+        "--warmup", type=int, default=5, help="untimed steps per pipeline before the first round"
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="rounds; each pipeline's samples/s is the median over them",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=min(4, os.cpu_count() or 1),
+        help="DataLoader workers of the loader path",
+    )
+    p.add_argument(
+        "--loader-amp",
+        choices=("off", "bf16", "fp16"),
+        default="off",
+        help="autocast precision of the loader path",
+    )
     p.add_argument("--fast-only", action="store_true", help="time the fast path only")
-    p.add_argument("--json", default="bench.json", help="write the report here (checked before anything runs)")
-    p.add_argument("--repo", type=Path, default=Path(__file__).resolve().parent, help="the checkout whose code is timed")
+    p.add_argument(
+        "--json", default="bench.json", help="write the report here (checked before anything runs)"
+    )
+    p.add_argument(
+        "--repo",
+        type=Path,
+        default=Path(__file__).resolve().parent,
+        help="the checkout whose code is timed",
+    )
     args, main_flags = p.parse_known_args(argv)
     if min(args.steps, args.rounds) < 1 or min(args.warmup, args.workers) < 0:
         p.error("--steps and --rounds must be at least 1, --warmup and --workers not negative")
     if not (args.repo / "main.py").is_file():
         p.error(f"--repo {args.repo}: no main.py there; give a checkout of this project")
-    if args.json.strip() == "" or Path(args.json).is_dir() or not os.access(Path(args.json).parent, os.W_OK):
-        p.error(f"--json {args.json!r}: give a file in an existing, writable folder (checked first, so no timing is lost)")
+    if (
+        args.json.strip() == ""
+        or Path(args.json).is_dir()
+        or not os.access(Path(args.json).parent, os.W_OK)
+    ):
+        p.error(
+            f"--json {args.json!r}: give a file in an existing, writable folder (checked first, so no timing is lost)"
+        )
     return args, main_flags
 
 
@@ -52,12 +86,18 @@ def batches(p: dict, args: argparse.Namespace, m: argparse.Namespace, device) ->
 
     epoch, start = divmod(p["step"], len(p["data"]) // m.batch_size)
     while True:
-        order = torch.randperm(len(p["data"]), generator=epoch_generator(m.seed, epoch := epoch + 1))
+        order = torch.randperm(
+            len(p["data"]), generator=epoch_generator(m.seed, epoch := epoch + 1)
+        )
         if p["name"] == "fast":
-            yield from datasets.tensor_batches(p["data"], order, m.batch_size, p["augs"], p["aug"], start=start)
+            yield from datasets.tensor_batches(
+                p["data"], order, m.batch_size, p["augs"], p["aug"], start=start
+            )
         else:
             gen = epoch_generator(m.seed, epoch)
-            yield from datasets.loader_batches(p["data"], order, m.batch_size, p["augs"], gen, args.workers, device, start=start)
+            yield from datasets.loader_batches(
+                p["data"], order, m.batch_size, p["augs"], gen, args.workers, device, start=start
+            )
         start = 0
 
 
@@ -72,11 +112,20 @@ def cpu_seconds() -> float:
 
 def run_steps(p: dict, args: argparse.Namespace, m: argparse.Namespace, device, steps: int) -> dict:
     """`steps` timed steps on a fresh batch stream after one untimed batch; CPU time: this process and its DataLoader workers."""
-    sync = functools.partial(torch.cuda.synchronize, device) if device.type == "cuda" else (lambda: None)
+    sync = (
+        functools.partial(torch.cuda.synchronize, device)
+        if device.type == "cuda"
+        else (lambda: None)
+    )
     stream, started = batches(p, args, m, device), time.perf_counter()
     p["step_fn"](*next(stream))
     sync()
-    first, samples, cpu, started = time.perf_counter() - started, 0, cpu_seconds(), time.perf_counter()
+    first, samples, cpu, started = (
+        time.perf_counter() - started,
+        0,
+        cpu_seconds(),
+        time.perf_counter(),
+    )
     for x, y in (next(stream) for _ in range(steps)):
         p["step_fn"](x, y)
         samples += len(y)
@@ -84,7 +133,12 @@ def run_steps(p: dict, args: argparse.Namespace, m: argparse.Namespace, device, 
     seconds = time.perf_counter() - started
     stream.close()  # shuts the DataLoader's workers down (their CPU time then counts) before the other pipeline runs
     p["step"], cpu = p["step"] + steps + 1, max(cpu_seconds() - cpu, 1e-9)
-    return {"samples_per_s": samples / seconds, "samples_per_cpu_s": samples / cpu, "seconds": seconds, "first_s": first}
+    return {
+        "samples_per_s": samples / seconds,
+        "samples_per_cpu_s": samples / cpu,
+        "seconds": seconds,
+        "first_s": first,
+    }
 
 
 def benchmark(args: argparse.Namespace, main_flags: list[str]) -> dict:
@@ -93,39 +147,96 @@ def benchmark(args: argparse.Namespace, main_flags: list[str]) -> dict:
     from training import build_trainer, train_step
     from utils import resolve_device
 
-    m = parse_main_args(main_flags)  # main.py's checks (exit 2): an unknown --device, cuda without CUDA, ...
+    m = parse_main_args(
+        main_flags
+    )  # main.py's checks (exit 2): an unknown --device, cuda without CUDA, ...
     device = resolve_device(m.device)
     torch.backends.cudnn.benchmark = device.type == "cuda"  # as main.py runs
     data = datasets.load_dataset(m.dataset, m.data_dir or "data", download=False)
     if m.batch_size > len(data.train):
-        print(f"bench.py: error: --batch-size {m.batch_size} is more than the {len(data.train)} train images", file=sys.stderr)
+        print(
+            f"bench.py: error: --batch-size {m.batch_size} is more than the {len(data.train)} train images",
+            file=sys.stderr,
+        )
         raise SystemExit(2)
     pipelines = []
     for name in ("fast",) if args.fast_only else ("loader", "fast"):
-        loader_flags = {"amp": args.loader_amp, "channels_last": False, "compile": False} if name == "loader" else {}
+        loader_flags = (
+            {"amp": args.loader_amp, "channels_last": False, "compile": False}
+            if name == "loader"
+            else {}
+        )
         s = argparse.Namespace(**vars(m) | loader_flags)
         step_fn = functools.partial(train_step, build_trainer(s, data, device))
-        train, aug = data.train.to(device) if name == "fast" else data.train, torch.Generator(device).manual_seed(m.seed + 1)
-        pipelines.append({"name": name, "data": train, "augs": data.augmentations, "aug": aug, "step_fn": step_fn, "step": 0, "rounds": []})
+        train, aug = (
+            data.train.to(device) if name == "fast" else data.train,
+            torch.Generator(device).manual_seed(m.seed + 1),
+        )
+        pipelines.append(
+            {
+                "name": name,
+                "data": train,
+                "augs": data.augmentations,
+                "aug": aug,
+                "step_fn": step_fn,
+                "step": 0,
+                "rounds": [],
+            }
+        )
     for p in pipelines if args.warmup else []:
         run_steps(p, args, m, device, args.warmup - 1)  # untimed: the first steps allocate and tune
-    print(f"{m.model} {m.loss} feat_dim {m.feat_dim} on {data.name} ({len(data.train)} train), batch {m.batch_size}, {device}")
+    print(
+        f"{m.model} {m.loss} feat_dim {m.feat_dim} on {data.name} ({len(data.train)} train), batch {m.batch_size}, {device}"
+    )
     for r in range(args.rounds):
         for p in pipelines if r % 2 == 0 else pipelines[::-1]:
             p["rounds"].append(run_steps(p, args, m, device, args.steps))
-            print(f"  round {r + 1}/{args.rounds} {p['name']:6s} {p['rounds'][-1]['samples_per_s']:8.1f} samples/s")
-    results = {p["name"]: {key: [r[key] for r in p["rounds"]] for key in p["rounds"][0]} for p in pipelines}
+            print(
+                f"  round {r + 1}/{args.rounds} {p['name']:6s} {p['rounds'][-1]['samples_per_s']:8.1f} samples/s"
+            )
+    results = {
+        p["name"]: {key: [r[key] for r in p["rounds"]] for key in p["rounds"][0]} for p in pipelines
+    }
     for name, res in results.items():
-        res["median_samples_per_s"], cpu = statistics.median(res["samples_per_s"]), statistics.median(res["samples_per_cpu_s"])
-        print(f"{name:6s} {res['median_samples_per_s']:8.1f} samples/s (median of {args.rounds}), {cpu:.1f} per CPU second")
-    output = lambda *cmd: subprocess.run(cmd, capture_output=True, text=True).stdout.strip() or None if shutil.which(cmd[0]) else None  # noqa: E731
-    report = {"repo": str(args.repo.resolve()), "commit": output("git", "-C", str(args.repo), "rev-parse", "HEAD"), "device": str(device)}
-    report |= {"torch": torch.__version__, "threads": torch.get_num_threads(), "lscpu": output("lscpu"), "main_flags": main_flags}
-    peak_cuda_mib = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    report |= {"bench": vars(args) | {"repo": str(args.repo)}, "pipelines": results, "peak_cuda_mib": peak_cuda_mib}
+        res["median_samples_per_s"], cpu = (
+            statistics.median(res["samples_per_s"]),
+            statistics.median(res["samples_per_cpu_s"]),
+        )
+        print(
+            f"{name:6s} {res['median_samples_per_s']:8.1f} samples/s (median of {args.rounds}), {cpu:.1f} per CPU second"
+        )
+    output = lambda *cmd: (
+        subprocess.run(cmd, capture_output=True, text=True).stdout.strip() or None
+        if shutil.which(cmd[0])
+        else None
+    )  # noqa: E731
+    report = {
+        "repo": str(args.repo.resolve()),
+        "commit": output("git", "-C", str(args.repo), "rev-parse", "HEAD"),
+        "device": str(device),
+    }
+    report |= {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "lscpu": output("lscpu"),
+        "main_flags": main_flags,
+    }
+    peak_cuda_mib = (
+        torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    )
+    report |= {
+        "bench": vars(args) | {"repo": str(args.repo)},
+        "pipelines": results,
+        "peak_cuda_mib": peak_cuda_mib,
+    }
     if not args.fast_only:
-        report["ratio_per_round"] = [f / lo for f, lo in zip(results["fast"]["samples_per_s"], results["loader"]["samples_per_s"])]
-        report["ratio_fast_over_loader"] = results["fast"]["median_samples_per_s"] / results["loader"]["median_samples_per_s"]
+        report["ratio_per_round"] = [
+            f / lo
+            for f, lo in zip(results["fast"]["samples_per_s"], results["loader"]["samples_per_s"])
+        ]
+        report["ratio_fast_over_loader"] = (
+            results["fast"]["median_samples_per_s"] / results["loader"]["median_samples_per_s"]
+        )
         per_round = ", ".join(f"{r:.2f}" for r in report["ratio_per_round"])
         print(f"ratio fast/loader {report['ratio_fast_over_loader']:.2f}x (per round: {per_round})")
     return report
@@ -133,7 +244,9 @@ def benchmark(args: argparse.Namespace, main_flags: list[str]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args, main_flags = parse_args(argv)
-    sys.path.insert(0, str(args.repo.resolve()))  # the timed checkout's modules come before this file's folder
+    sys.path.insert(
+        0, str(args.repo.resolve())
+    )  # the timed checkout's modules come before this file's folder
     import datasets
 
     try:

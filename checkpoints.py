@@ -22,19 +22,46 @@ CONFIG_KEYS = tuple(
     "pipeline weight_decay clip_grad_norm center_update center_alpha train_classes width".split()
 )
 # The keys above that checkpoints made before them lack, with the behaviour those runs had.
-LEGACY_CONFIG = dict(weight_decay=0.0, clip_grad_norm=0.0, center_update="sgd", center_alpha=None, train_classes=None, width=1)
+LEGACY_CONFIG = dict(
+    weight_decay=0.0,
+    clip_grad_norm=0.0,
+    center_update="sgd",
+    center_alpha=None,
+    train_classes=None,
+    width=1,
+)
 # Settings the checkpoint's optimiser and scheduler carry, and --amp (a run half fp32, half bf16 would be
 # mislabelled): resuming with other values is refused (--epochs may grow, --device may change).
 RESUME_KEYS = ("lr", "lr_cent", "momentum", "factor", "patience", "threshold", "amp")
-STATEFUL = ("model", "objective", "optimizer", "center_optimizer", "scheduler", "scaler")  # the run's parts with a state_dict
+STATEFUL = (
+    "model",
+    "objective",
+    "optimizer",
+    "center_optimizer",
+    "scheduler",
+    "scaler",
+)  # the run's parts with a state_dict
 # What checkpoint() writes: a checkpoint without any of them cannot resume.
-CHECKPOINT_KEYS = ("args", "epoch", "epoch_state", *STATEFUL, "history", "train_seconds", "samples", "bad_steps", "random")
+CHECKPOINT_KEYS = (
+    "args",
+    "epoch",
+    "epoch_state",
+    *STATEFUL,
+    "history",
+    "train_seconds",
+    "samples",
+    "bad_steps",
+    "random",
+)
 
 
 def random_states(device: torch.device) -> dict[str, Any]:
     """torch's CPU generator and, on a CUDA run, the current CUDA device's (a CPU run never initialises CUDA);
     the data order and augmentations have generators of their own (utils.epoch_generator, EpochState.aug)."""
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+    }
 
 
 def set_random_states(states: dict[str, Any], device: torch.device) -> None:
@@ -58,10 +85,26 @@ class RunFolderError(Exception):
 
 LOCK_FILE = ".lock"  # in the run folder: whichever process holds its lock owns the folder
 LOCK_BYTE = 32  # the lock file: the owner's pid in the bytes before this one, which Windows locks
-RUN_FILES = ("args.json", "metrics.csv", "checkpoint.pt", "summary.json", "train.gif", "test.gif", "train.png", "test.png")  # when present
-RUN_FOLDERS = ("frames", "frames/train", "frames/test", "tensorboard")  # when present; a link there would send the run's files elsewhere
+RUN_FILES = (
+    "args.json",
+    "metrics.csv",
+    "checkpoint.pt",
+    "summary.json",
+    "train.gif",
+    "test.gif",
+    "train.png",
+    "test.png",
+)  # when present
+RUN_FOLDERS = (
+    "frames",
+    "frames/train",
+    "frames/test",
+    "tensorboard",
+)  # when present; a link there would send the run's files elsewhere
 NAME_MAX = 255  # bytes in one file name on Linux's and macOS's file systems
-RUN_DIR_MAX = 4096 - 100  # bytes in a run folder's path: Linux's PATH_MAX, less room for the files inside it
+RUN_DIR_MAX = (
+    4096 - 100
+)  # bytes in a run folder's path: Linux's PATH_MAX, less room for the files inside it
 
 
 def checkpoint(run: Run, epoch: int, state: EpochState | None) -> dict:
@@ -71,7 +114,10 @@ def checkpoint(run: Run, epoch: int, state: EpochState | None) -> dict:
         "args": dict(vars(run.args)),
         "epoch": epoch,
         "epoch_state": state.as_dict() if state is not None else None,
-        **{key: getattr(run, key).state_dict() if getattr(run, key) is not None else None for key in STATEFUL},
+        **{
+            key: getattr(run, key).state_dict() if getattr(run, key) is not None else None
+            for key in STATEFUL
+        },
         "history": run.history,
         "train_seconds": run.train_seconds,
         "samples": run.samples,
@@ -88,15 +134,21 @@ def load_checkpoint(path: Path, run: Run) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"{path}: corrupt or unreadable checkpoint ({type(exc).__name__}); {delete}") from None
+        raise CheckpointError(
+            f"{path}: corrupt or unreadable checkpoint ({type(exc).__name__}); {delete}"
+        ) from None
     bad = damaged_parts(ckpt)
     if bad:
-        raise CheckpointError(f"{path}: incomplete or damaged checkpoint (missing or malformed: {', '.join(bad)}); {delete}")
+        raise CheckpointError(
+            f"{path}: incomplete or damaged checkpoint (missing or malformed: {', '.join(bad)}); {delete}"
+        )
     saved, args = ckpt["args"], vars(run.args)
     for key in CONFIG_KEYS:
         value = saved.get(key, LEGACY_CONFIG.get(key))
         if value != args[key]:
-            raise CheckpointError(f"{path}: checkpoint is of another configuration ({key} {value!r}, this run {args[key]!r}); {other}")
+            raise CheckpointError(
+                f"{path}: checkpoint is of another configuration ({key} {value!r}, this run {args[key]!r}); {other}"
+            )
     check_resume_settings(path, saved, args, ckpt["epoch"])
     try:
         for key in (key for key in STATEFUL if getattr(run, key) is not None):
@@ -105,9 +157,13 @@ def load_checkpoint(path: Path, run: Run) -> dict:
         add_momentum_buffers(run.optimizer)  # a checkpoint from before the first step has none
         if ckpt["epoch_state"] is not None:
             ckpt["epoch_state"] = epoch_state_on(ckpt["epoch_state"], run.device)
-    except Exception as exc:  # a damaged state dict fails in many ways (RuntimeError, KeyError, TypeError, ...)
+    except (
+        Exception
+    ) as exc:  # a damaged state dict fails in many ways (RuntimeError, KeyError, TypeError, ...)
         first_line = "".join(str(exc).splitlines()[:1])
-        raise CheckpointError(f"{path}: checkpoint does not fit this run ({type(exc).__name__}: {first_line}); {other}") from None
+        raise CheckpointError(
+            f"{path}: checkpoint does not fit this run ({type(exc).__name__}: {first_line}); {other}"
+        ) from None
     for key in ("history", "train_seconds", "samples", "bad_steps"):
         setattr(run, key, ckpt[key])
     return ckpt
@@ -129,8 +185,16 @@ def damaged_parts(ckpt: object) -> list[str]:
         return bad
     state = ckpt["epoch_state"]
     if state is not None:
-        bad = [f"epoch_state.{f.name}" for f in fields(EpochState) if f.name not in state] if isinstance(state, dict) else ["epoch_state"]
-    return bad + [k for k, kind in (("args", dict), ("epoch", int), ("history", list)) if not isinstance(ckpt[k], kind)]
+        bad = (
+            [f"epoch_state.{f.name}" for f in fields(EpochState) if f.name not in state]
+            if isinstance(state, dict)
+            else ["epoch_state"]
+        )
+    return bad + [
+        k
+        for k, kind in (("args", dict), ("epoch", int), ("history", list))
+        if not isinstance(ckpt[k], kind)
+    ]
 
 
 def check_resume_settings(path: Path, saved: dict, args: dict, trained: int) -> None:
@@ -140,7 +204,12 @@ def check_resume_settings(path: Path, saved: dict, args: dict, trained: int) -> 
         if saved.get(key) != args[key]:
             flag, value = "--" + key.replace("_", "-"), saved.get(key)
             message = f"{flag} {args[key]} differs from the {value} of the checkpoint {path}, which a resumed run keeps; "
-            raise SystemExit(usage_error(message + f"resume with {flag} {value}, or start again with --overwrite or another --name"))
+            raise SystemExit(
+                usage_error(
+                    message
+                    + f"resume with {flag} {value}, or start again with --overwrite or another --name"
+                )
+            )
     if args["epochs"] < trained:
         message = f"--epochs {args['epochs']}: the checkpoint {path} has already trained {trained} epochs; "
         raise SystemExit(usage_error(message + f"resume with --epochs {trained} or more"))
@@ -157,9 +226,7 @@ def out_problem(out: str) -> str | None:
         return f"--out {out} lies under /{path.parts[1]}, a kernel file system; choose a folder of your own"
     long = next((part for part in path.parts if len(os.fsencode(part)) > NAME_MAX), None)
     if long is not None:
-        return (
-            f"--out: the folder name {long[:40]}... is {len(os.fsencode(long))} bytes long, more than the {NAME_MAX} a file system allows"
-        )
+        return f"--out: the folder name {long[:40]}... is {len(os.fsencode(long))} bytes long, more than the {NAME_MAX} a file system allows"
     try:
         existing = next(p for p in (path, *path.parents) if p.exists())
     except OSError as exc:  # a path past PATH_MAX, a folder that cannot be searched
@@ -177,7 +244,9 @@ def made_by_main(run_dir: Path) -> bool:
         saved = json.loads((run_dir / "args.json").read_text())
     except (OSError, UnicodeDecodeError, ValueError):
         return False
-    return isinstance(saved, dict) and {"loss", "dataset", "feat_dim", "name", "out"} <= saved.keys()
+    return (
+        isinstance(saved, dict) and {"loss", "dataset", "feat_dim", "name", "out"} <= saved.keys()
+    )
 
 
 def check_run_dir(args: argparse.Namespace) -> tuple[Path, bool]:
@@ -185,17 +254,39 @@ def check_run_dir(args: argparse.Namespace) -> tuple[Path, bool]:
     main.py did not make, a finished run (without --overwrite). Only reads: every torchrun process checks before rank 0 writes."""
     run_dir = Path(args.out) / args.name
     if run_dir.is_symlink() or (run_dir.exists() and not run_dir.is_dir()):
-        raise SystemExit(usage_error(f"{run_dir} exists and is not a folder; choose another --name or --out"))
-    if run_dir.is_dir() and any(p.name != LOCK_FILE for p in run_dir.iterdir()) and not made_by_main(run_dir):
+        raise SystemExit(
+            usage_error(f"{run_dir} exists and is not a folder; choose another --name or --out")
+        )
+    if (
+        run_dir.is_dir()
+        and any(p.name != LOCK_FILE for p in run_dir.iterdir())
+        and not made_by_main(run_dir)
+    ):
         message = f"{run_dir} is not a run folder of main.py (it has no args.json of ours), so it is left alone; "
         raise SystemExit(usage_error(message + "choose another --name or --out"))
-    odd = [f"{p} is not a regular file" for p in (run_dir / n for n in RUN_FILES) if p.exists() and not p.is_file()]
-    odd += [f"{p} is a link or not a folder" for p in (run_dir / n for n in RUN_FOLDERS) if p.is_symlink() or p.exists() and not p.is_dir()]
-    if odd and not args.overwrite:  # found now, not when the first checkpoint cannot replace it after an epoch
-        raise SystemExit(usage_error(f"{odd[0]}; remove it, or use --overwrite to start the run again"))
+    odd = [
+        f"{p} is not a regular file"
+        for p in (run_dir / n for n in RUN_FILES)
+        if p.exists() and not p.is_file()
+    ]
+    odd += [
+        f"{p} is a link or not a folder"
+        for p in (run_dir / n for n in RUN_FOLDERS)
+        if p.is_symlink() or p.exists() and not p.is_dir()
+    ]
+    if (
+        odd and not args.overwrite
+    ):  # found now, not when the first checkpoint cannot replace it after an epoch
+        raise SystemExit(
+            usage_error(f"{odd[0]}; remove it, or use --overwrite to start the run again")
+        )
     has_checkpoint = (run_dir / "checkpoint.pt").is_file()
     if not args.overwrite and (run_dir / "summary.json").is_file():
-        raise SystemExit(usage_error(f"{run_dir} holds a finished run; use --overwrite to replace it or --name for another"))
+        raise SystemExit(
+            usage_error(
+                f"{run_dir} holds a finished run; use --overwrite to replace it or --name for another"
+            )
+        )
     if args.resume and not has_checkpoint:
         raise SystemExit(usage_error(f"--resume: {run_dir} holds no checkpoint.pt to resume from"))
     return run_dir, has_checkpoint and not args.overwrite
@@ -207,13 +298,21 @@ def make_run_dir(run_dir: Path, overwrite: bool) -> int:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise SystemExit(usage_error(f"cannot create the run folder {run_dir} ({exc.strerror}); choose another --out")) from None
+        raise SystemExit(
+            usage_error(
+                f"cannot create the run folder {run_dir} ({exc.strerror}); choose another --out"
+            )
+        ) from None
     if not os.access(run_dir, os.W_OK | os.X_OK):
-        raise SystemExit(usage_error(f"the run folder {run_dir} is not writable; choose another --out or --name"))
+        raise SystemExit(
+            usage_error(f"the run folder {run_dir} is not writable; choose another --out or --name")
+        )
     try:
         lock = lock_run_dir(run_dir)
     except OSError as exc:  # writing the pid into the lock file, on a full disk
-        raise RunFolderError(f"cannot write the lock file in {run_dir} ({exc.strerror}); free space or choose another --out") from None
+        raise RunFolderError(
+            f"cannot write the lock file in {run_dir} ({exc.strerror}); free space or choose another --out"
+        ) from None
     try:
         if overwrite and made_by_main(run_dir):
             empty_run_dir(run_dir)
@@ -234,7 +333,9 @@ def lock_run_dir(run_dir: Path) -> int:
         # O_NOFOLLOW (not on Windows): a planted link must not make us write into its target
         fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
     except OSError as exc:
-        raise RunFolderError(f"cannot open the lock file {path} ({exc.strerror}); choose another --name or --out") from None
+        raise RunFolderError(
+            f"cannot open the lock file {path} ({exc.strerror}); choose another --name or --out"
+        ) from None
     try:
         try:
             import fcntl
@@ -250,7 +351,9 @@ def lock_run_dir(run_dir: Path) -> int:
         holder = os.read(fd, LOCK_BYTE).decode(errors="replace").strip()
         os.close(fd)
         if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EDEADLK):
-            raise RunFolderError(f"cannot lock {path} ({exc.strerror}); choose another --out") from None
+            raise RunFolderError(
+                f"cannot lock {path} ({exc.strerror}); choose another --out"
+            ) from None
         who = f"process {holder}" if holder.isdigit() else "another process"
         raise RunFolderError(
             f"{run_dir} is in use by {who}, a run still going; wait for it to end, stop it, or choose another --name"
@@ -261,14 +364,19 @@ def lock_run_dir(run_dir: Path) -> int:
         os.write(fd, f"{os.getpid()}\n".encode())
     except OSError as exc:  # a full disk
         os.close(fd)
-        raise RunFolderError(f"cannot write the lock file in {run_dir} ({exc.strerror}); free space or choose another --out") from None
+        raise RunFolderError(
+            f"cannot write the lock file in {run_dir} ({exc.strerror}); free space or choose another --out"
+        ) from None
     return fd
 
 
 def empty_run_dir(run_dir: Path) -> None:
     """--overwrite, under the lock: delete everything in the folder but the lock file, summary.json
     first, so that a deletion that fails half-way never leaves a folder that looks finished."""
-    entries = sorted((p for p in run_dir.iterdir() if p.name != LOCK_FILE), key=lambda p: p.name != "summary.json")
+    entries = sorted(
+        (p for p in run_dir.iterdir() if p.name != LOCK_FILE),
+        key=lambda p: p.name != "summary.json",
+    )
     for path in entries:
         try:
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()

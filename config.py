@@ -19,7 +19,9 @@ from models import MODELS
 from training import AMP_DTYPES, MODEL_RECIPES
 from utils import resolve_device
 
-DESCRIPTION = "Train a CNN with softmax (xent), softmax + center loss (cent) or the standalone center loss."
+DESCRIPTION = (
+    "Train a CNN with softmax (xent), softmax + center loss (cent) or the standalone center loss."
+)
 STUDY = {"epochs": 100, "batch_size": 128, "patience": 10}
 # digits, the offline first run: 1,437 train images of 16x16 (datasets.DIGITS_SIDE). More, smaller
 # batches and a shorter patience reach test acc 0.97 in about a minute on a 2-core laptop CPU.
@@ -42,7 +44,10 @@ LOSS_FLAGS = {
     "lr_cent": tuple(loss for loss in LOSSES if loss != "xent"),  # the losses with centers
 }
 LOSS_DEFAULTS = {"weight_cent": 1.0, "weight_intra": 1.0, "weight_inter": 0.1, "alpha": 0.05}
-PLOT_DEFAULTS = {"projection": "pca", "plot_every": 1}  # set after the checks, which refuse them given where nothing is drawn
+PLOT_DEFAULTS = {
+    "projection": "pca",
+    "plot_every": 1,
+}  # set after the checks, which refuse them given where nothing is drawn
 FLOAT32 = torch.finfo(torch.float32)
 
 
@@ -56,7 +61,9 @@ def finite_float(text: str) -> float:
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a finite number, not {text!r}")
     if value and not FLOAT32.tiny <= abs(value) <= FLOAT32.max:
-        raise argparse.ArgumentTypeError(f"{text!r} is outside float32's normal range, {FLOAT32.tiny:.3g} to {FLOAT32.max:.3g} in size")
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is outside float32's normal range, {FLOAT32.tiny:.3g} to {FLOAT32.max:.3g} in size"
+        )
     return value
 
 
@@ -70,8 +77,17 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=HelpFormatter)
     p.add_argument("--loss", choices=LOSSES, default="standalone", help="objective")
-    p.add_argument("--dataset", type=canonical_name, choices=DATASETS, default="digits", help="data set (cifar-10 is accepted for cifar10)")
-    p.add_argument("--data-dir", help="folder with the data set (torchvision layout or train/ test/ image folders); default ./data")
+    p.add_argument(
+        "--dataset",
+        type=canonical_name,
+        choices=DATASETS,
+        default="digits",
+        help="data set (cifar-10 is accepted for cifar10)",
+    )
+    p.add_argument(
+        "--data-dir",
+        help="folder with the data set (torchvision layout or train/ test/ image folders); default ./data",
+    )
     p.add_argument(
         "--model",
         choices=MODELS,
@@ -80,16 +96,27 @@ def build_parser() -> argparse.ArgumentParser:
         "set's per-channel mean and std, starts from He initialisation and defaults to --weight-decay 5e-4 --clip-grad-norm 10",
     )
     p.add_argument("--feat-dim", type=int, default=2, help="feature dimension")
-    p.add_argument("--width", type=int, default=1, help="resnet: multiply every channel count by this (1: the study's network)")
     p.add_argument(
-        "--epochs", type=int, help="epochs; default 100, the study's budget (20 for digits, so that the first run takes about a minute)"
+        "--width",
+        type=int,
+        default=1,
+        help="resnet: multiply every channel count by this (1: the study's network)",
+    )
+    p.add_argument(
+        "--epochs",
+        type=int,
+        help="epochs; default 100, the study's budget (20 for digits, so that the first run takes about a minute)",
     )
     p.add_argument(
         "--train-classes",
         help="open set: train on these classes only (indices 0,2,5, ranges 0-4 or names, comma-separated) and also report "
         "retrieval (open_precision_at_1, open_r_precision, open_map_at_r) among the test images of the other classes (default all)",
     )
-    p.add_argument("--train-samples", type=int, help="train on the first N train samples only (quick checks; default all)")
+    p.add_argument(
+        "--train-samples",
+        type=int,
+        help="train on the first N train samples only (quick checks; default all)",
+    )
     p.add_argument(
         "--batch-size",
         type=int,
@@ -101,8 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=finite_float,
         help="SGD learning rate of the centers (default: --lr; not with --loss xent, which has none, or --center-update paper)",
     )
-    p.add_argument("--momentum", type=finite_float, default=0.9, help="SGD momentum (model and SGD centers)")
-    p.add_argument("--weight-decay", type=finite_float, help="SGD weight decay of the model (default: 5e-4 for lenet++, 0 for resnet)")
+    p.add_argument(
+        "--momentum", type=finite_float, default=0.9, help="SGD momentum (model and SGD centers)"
+    )
+    p.add_argument(
+        "--weight-decay",
+        type=finite_float,
+        help="SGD weight decay of the model (default: 5e-4 for lenet++, 0 for resnet)",
+    )
     p.add_argument(
         "--clip-grad-norm",
         type=finite_float,
@@ -115,14 +148,34 @@ def build_parser() -> argparse.ArgumentParser:
         help="sgd: centers learn by their gradient; paper: after each step each center moves toward its class's batch mean "
         "(Wen et al., eq. 4; cent and standalone only)",
     )
-    p.add_argument("--center-alpha", type=finite_float, help="center rate of --center-update paper (default 0.5, the paper's)")
-    p.add_argument("--weight-cent", type=finite_float, help="weight of the center term in cent (default 1)")
-    p.add_argument("--weight-intra", type=finite_float, help="weight of the intra term in standalone and centers-apart (default 1)")
-    p.add_argument("--weight-inter", type=finite_float, help="weight of the inter term in standalone and centers-apart (default 0.1)")
     p.add_argument(
-        "--inter-margin", type=finite_float, help="truncate each pair's squared distance at this margin in standalone's inter term (off)"
+        "--center-alpha",
+        type=finite_float,
+        help="center rate of --center-update paper (default 0.5, the paper's)",
     )
-    p.add_argument("--alpha", type=finite_float, help="centers-apart: scale of the squared distance inside exp() (default 0.05)")
+    p.add_argument(
+        "--weight-cent", type=finite_float, help="weight of the center term in cent (default 1)"
+    )
+    p.add_argument(
+        "--weight-intra",
+        type=finite_float,
+        help="weight of the intra term in standalone and centers-apart (default 1)",
+    )
+    p.add_argument(
+        "--weight-inter",
+        type=finite_float,
+        help="weight of the inter term in standalone and centers-apart (default 0.1)",
+    )
+    p.add_argument(
+        "--inter-margin",
+        type=finite_float,
+        help="truncate each pair's squared distance at this margin in standalone's inter term (off)",
+    )
+    p.add_argument(
+        "--alpha",
+        type=finite_float,
+        help="centers-apart: scale of the squared distance inside exp() (default 0.05)",
+    )
     p.add_argument(
         "--val-fraction",
         type=finite_float,
@@ -135,12 +188,34 @@ def build_parser() -> argparse.ArgumentParser:
         default=10,
         help="retrieval and clustering metrics every N epochs (and after the last; 0: only after the last)",
     )
-    p.add_argument("--tensorboard", action="store_true", help="also log to <run folder>/tensorboard (needs the tensorboard package)")
-    p.add_argument("--factor", type=finite_float, default=0.2, help="ReduceLROnPlateau factor (on test accuracy)")
-    p.add_argument("--patience", type=int, help="ReduceLROnPlateau patience; default 10, the study's (3 for digits)")
-    p.add_argument("--threshold", type=finite_float, default=0.1, help="ReduceLROnPlateau relative threshold")
-    p.add_argument("--seed", type=int, default=0, help=f"seed of weights, data order and augmentation, 0 to {MAX_SEED}")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+    p.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="also log to <run folder>/tensorboard (needs the tensorboard package)",
+    )
+    p.add_argument(
+        "--factor",
+        type=finite_float,
+        default=0.2,
+        help="ReduceLROnPlateau factor (on test accuracy)",
+    )
+    p.add_argument(
+        "--patience",
+        type=int,
+        help="ReduceLROnPlateau patience; default 10, the study's (3 for digits)",
+    )
+    p.add_argument(
+        "--threshold", type=finite_float, default=0.1, help="ReduceLROnPlateau relative threshold"
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help=f"seed of weights, data order and augmentation, 0 to {MAX_SEED}",
+    )
+    p.add_argument(
+        "--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ..."
+    )
     p.add_argument(
         "--pipeline",
         choices=("fast", "loader"),
@@ -148,33 +223,86 @@ def build_parser() -> argparse.ArgumentParser:
         help="fast: tensors on the device, batched augmentation; loader: torchvision DataLoader",
     )
     p.add_argument(
-        "--workers", type=int, help=f"DataLoader workers of --pipeline loader (default {default_workers()}: the CPUs, at most 4)"
+        "--workers",
+        type=int,
+        help=f"DataLoader workers of --pipeline loader (default {default_workers()}: the CPUs, at most 4)",
     )
     p.add_argument("--amp", choices=tuple(AMP_DTYPES), default="off", help="autocast precision")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="channels_last memory format")
-    modes = ("default", "reduce-overhead", "max-autotune")  # torch.compile's; reduce-overhead: CUDA graphs (not with --pipeline loader)
-    p.add_argument("--compile", nargs="?", const="default", choices=modes, help="torch.compile the model, in this mode (default: default)")
-    p.add_argument("--max-bad-steps", type=int, default=5, help="stop after this many non-finite steps (each one is skipped)")
+    p.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="channels_last memory format",
+    )
+    modes = (
+        "default",
+        "reduce-overhead",
+        "max-autotune",
+    )  # torch.compile's; reduce-overhead: CUDA graphs (not with --pipeline loader)
+    p.add_argument(
+        "--compile",
+        nargs="?",
+        const="default",
+        choices=modes,
+        help="torch.compile the model, in this mode (default: default)",
+    )
+    p.add_argument(
+        "--max-bad-steps",
+        type=int,
+        default=5,
+        help="stop after this many non-finite steps (each one is skipped)",
+    )
     p.add_argument("--out", default="runs", help="folder of run folders")
-    p.add_argument("--name", default=None, help="run folder name (default <loss>-<dataset>-feat=<feat_dim>)")
-    p.add_argument("--resume", action="store_true", help="require a checkpoint to resume from (unfinished runs resume anyway)")
-    p.add_argument("--overwrite", action="store_true", help="replace a finished or unfinished run of the same name")
-    p.add_argument("--no-plots", action="store_true", help="skip the per-epoch 2-D frames and the final projections")
-    p.add_argument("--projection", choices=("pca", "tsne"), help="2-D projection of the final features when feat_dim > 2 (default pca)")
-    p.add_argument("--plot-every", type=int, help="draw a 2-D frame every N epochs (and the last) when feat_dim is 2 (default 1)")
+    p.add_argument(
+        "--name", default=None, help="run folder name (default <loss>-<dataset>-feat=<feat_dim>)"
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="require a checkpoint to resume from (unfinished runs resume anyway)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a finished or unfinished run of the same name",
+    )
+    p.add_argument(
+        "--no-plots",
+        action="store_true",
+        help="skip the per-epoch 2-D frames and the final projections",
+    )
+    p.add_argument(
+        "--projection",
+        choices=("pca", "tsne"),
+        help="2-D projection of the final features when feat_dim > 2 (default pca)",
+    )
+    p.add_argument(
+        "--plot-every",
+        type=int,
+        help="draw a 2-D frame every N epochs (and the last) when feat_dim is 2 (default 1)",
+    )
     return p
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    fill(args, {**(FIRST_RUN if args.dataset == "digits" else STUDY), "name": f"{args.loss}-{args.dataset}-feat={args.feat_dim}"})
+    fill(
+        args,
+        {
+            **(FIRST_RUN if args.dataset == "digits" else STUDY),
+            "name": f"{args.loss}-{args.dataset}-feat={args.feat_dim}",
+        },
+    )
     try:
         world = world_size()
     except ValueError as exc:
         parser.error(str(exc))
     checks = [
-        (0 <= args.seed <= MAX_SEED, f"--seed must be an integer from 0 to {MAX_SEED} (numpy's seed range)"),
+        (
+            0 <= args.seed <= MAX_SEED,
+            f"--seed must be an integer from 0 to {MAX_SEED} (numpy's seed range)",
+        ),
         (
             is_plain_name(args.name),
             f"--name {args.name!r} must be one plain folder name: not empty, not . or .., without / (it goes under --out)",
@@ -187,48 +315,88 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             len(os.fsencode(os.path.abspath(os.path.join(args.out, args.name)))) <= RUN_DIR_MAX,
             f"--out and --name make a run folder path longer than {RUN_DIR_MAX} bytes, too long for its files; use a shorter --out",
         ),
-        (not (args.resume and args.overwrite), "--resume continues a run and --overwrite deletes it; give one of them"),
+        (
+            not (args.resume and args.overwrite),
+            "--resume continues a run and --overwrite deletes it; give one of them",
+        ),
         (args.feat_dim >= 1, "--feat-dim must be at least 1"),
         (1 <= args.width <= 64, "--width must be an integer from 1 to 64"),
-        (args.width == 1 or args.model == "resnet", "--width multiplies the resnet's channels; lenet++ has the paper's fixed widths"),
+        (
+            args.width == 1 or args.model == "resnet",
+            "--width multiplies the resnet's channels; lenet++ has the paper's fixed widths",
+        ),
         (args.epochs >= 1, "--epochs must be at least 1"),
-        (args.train_samples is None or args.train_samples >= 2, "--train-samples must be at least 2"),
-        (args.batch_size >= 2, "--batch-size must be at least 2 (the losses compare samples of a batch)"),
+        (
+            args.train_samples is None or args.train_samples >= 2,
+            "--train-samples must be at least 2",
+        ),
+        (
+            args.batch_size >= 2,
+            "--batch-size must be at least 2 (the losses compare samples of a batch)",
+        ),
         (args.lr > 0, "--lr must be positive"),
         (args.lr_cent is None or args.lr_cent >= 0, "--lr-cent must not be negative"),
         (0 <= args.momentum < 1, "--momentum must be in [0, 1)"),
-        (args.weight_decay is None or args.weight_decay >= 0, "--weight-decay must not be negative"),
-        (args.clip_grad_norm is None or args.clip_grad_norm >= 0, "--clip-grad-norm must not be negative (0 turns clipping off)"),
+        (
+            args.weight_decay is None or args.weight_decay >= 0,
+            "--weight-decay must not be negative",
+        ),
+        (
+            args.clip_grad_norm is None or args.clip_grad_norm >= 0,
+            "--clip-grad-norm must not be negative (0 turns clipping off)",
+        ),
         (
             args.center_update == "sgd" or args.loss in PAPER_UPDATE_LOSSES,
             f"--center-update paper needs --loss cent or standalone, whose centers only follow the features ({args.loss} "
-            + ("has no centers)" if args.loss == "xent" else "moves its centers by terms of its own)"),
+            + (
+                "has no centers)"
+                if args.loss == "xent"
+                else "moves its centers by terms of its own)"
+            ),
         ),
         (
             args.center_alpha is None or args.center_update == "paper",
             "--center-alpha is the rate of the paper's center update; add --center-update paper or drop it",
         ),
-        (args.center_alpha is None or 0 < args.center_alpha <= 1, "--center-alpha must be in (0, 1]"),
+        (
+            args.center_alpha is None or 0 < args.center_alpha <= 1,
+            "--center-alpha must be in (0, 1]",
+        ),
         (
             args.lr_cent is None or args.center_update == "sgd",
             "--lr-cent is the SGD centers' learning rate; with --center-update paper set --center-alpha instead",
         ),
         (
-            all(w is None or w >= 0 for w in (args.weight_cent, args.weight_intra, args.weight_inter)),
+            all(
+                w is None or w >= 0
+                for w in (args.weight_cent, args.weight_intra, args.weight_inter)
+            ),
             "loss weights must not be negative",
         ),
         (
-            all(w is None or w <= MAX_LOSS_WEIGHT for w in (args.weight_cent, args.weight_intra, args.weight_inter)),
+            all(
+                w is None or w <= MAX_LOSS_WEIGHT
+                for w in (args.weight_cent, args.weight_intra, args.weight_inter)
+            ),
             f"loss weights above {MAX_LOSS_WEIGHT:g} make the first steps' gradients overflow float32 (the study uses at most 1)",
         ),
         (args.inter_margin is None or args.inter_margin > 0, "--inter-margin must be positive"),
         (0 < args.factor < 1, "--factor must be in (0, 1)"),
-        (args.patience >= 0 and args.threshold >= 0, "--patience and --threshold must not be negative"),
+        (
+            args.patience >= 0 and args.threshold >= 0,
+            "--patience and --threshold must not be negative",
+        ),
         (args.workers is None or args.workers >= 0, "--workers must not be negative"),
-        (args.workers is None or args.pipeline == "loader", "--workers sets the DataLoader processes of --pipeline loader; drop it"),
+        (
+            args.workers is None or args.pipeline == "loader",
+            "--workers sets the DataLoader processes of --pipeline loader; drop it",
+        ),
         (args.max_bad_steps >= 1, "--max-bad-steps must be at least 1"),
         (args.plot_every is None or args.plot_every >= 1, "--plot-every must be at least 1"),
-        (args.plot_every is None or args.feat_dim == 2 and not args.no_plots, "--plot-every is for --feat-dim 2 with plots; drop it"),
+        (
+            args.plot_every is None or args.feat_dim == 2 and not args.no_plots,
+            "--plot-every is for --feat-dim 2 with plots; drop it",
+        ),
         (
             args.projection is None or args.feat_dim > 2 and not args.no_plots,
             "--projection is for --feat-dim 3 or more with plots; drop it",
@@ -240,8 +408,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             args.batch_size % world == 0,
             f"--batch-size {args.batch_size} must be a multiple of the {world} processes (it is the global batch)",
         ),
-        (args.data_dir != "", "--data-dir is empty; give the data set's folder, or drop the flag for ./data"),
-        (not args.data_dir or Path(args.data_dir).is_dir(), f"--data-dir {args.data_dir} does not exist or is not a folder"),
+        (
+            args.data_dir != "",
+            "--data-dir is empty; give the data set's folder, or drop the flag for ./data",
+        ),
+        (
+            not args.data_dir or Path(args.data_dir).is_dir(),
+            f"--data-dir {args.data_dir} does not exist or is not a folder",
+        ),
         (
             args.data_dir is None or args.dataset != "digits",
             "--data-dir is not read by --dataset digits (bundled with scikit-learn); drop it",
@@ -252,7 +426,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ),
     ]
     for key, losses in LOSS_FLAGS.items():
-        used = "every loss but xent (the losses with centers)" if key == "lr_cent" else "--loss " + " and ".join(losses)
+        used = (
+            "every loss but xent (the losses with centers)"
+            if key == "lr_cent"
+            else "--loss " + " and ".join(losses)
+        )
         unused = f"--{key.replace('_', '-')} is used by {used}, not by --loss {args.loss}; drop it"
         checks.append((getattr(args, key) is None or args.loss in losses, unused))
     for ok, message in checks:
@@ -276,7 +454,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         except ImportError:
             parser.error("--tensorboard needs the tensorboard package: pip install tensorboard")
     fill(args, {**MODEL_RECIPES[args.model], "workers": default_workers()})
-    fill(args, {"center_alpha": 0.5} if args.center_update == "paper" else {"lr_cent": args.lr})  # 0.5: the paper's
+    fill(
+        args, {"center_alpha": 0.5} if args.center_update == "paper" else {"lr_cent": args.lr}
+    )  # 0.5: the paper's
     return args
 
 
@@ -305,9 +485,17 @@ def device_problem(name: str) -> str | None:
         if not torch.cuda.is_available():
             return f"--device {name}: CUDA is not available here; use --device cpu"
         if device.index is not None and device.index >= torch.cuda.device_count():
-            picked = f"cuda:{device.index} (by LOCAL_RANK)" if "LOCAL_RANK" in os.environ and ":" not in name else name
+            picked = (
+                f"cuda:{device.index} (by LOCAL_RANK)"
+                if "LOCAL_RANK" in os.environ and ":" not in name
+                else name
+            )
             return f"--device {picked}: there are {torch.cuda.device_count()} CUDA devices here (cuda:0 to cuda:{torch.cuda.device_count() - 1})"
         return None
     if device.type == "mps":
-        return None if torch.backends.mps.is_available() else f"--device {name}: MPS is not available here; use --device cpu"
+        return (
+            None
+            if torch.backends.mps.is_available()
+            else f"--device {name}: MPS is not available here; use --device cpu"
+        )
     return f"--device {name}: not a device to train on (use auto, cpu, cuda, cuda:N or mps)"

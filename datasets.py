@@ -20,21 +20,81 @@ from torch import device as Device
 
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "folder")
 ALIASES = {"cifar-10": "cifar10", "fashion_mnist": "fashion-mnist", "fashionmnist": "fashion-mnist"}
-AUGMENTATIONS = {"digits": ("rotate",), "mnist": ("rotate",), "fashion-mnist": ("flip", "rotate"), "cifar10": ("flip", "crop")}
+AUGMENTATIONS = {
+    "digits": ("rotate",),
+    "mnist": ("rotate",),
+    "fashion-mnist": ("flip", "rotate"),
+    "cifar10": ("flip", "crop"),
+}
 ROTATION_DEGREES = 5.0
-DIGITS_SIDE = 16  # the bundled 8x8 digits, upsampled: 16x16 keeps every stroke at a third of 28x28's cost
+DIGITS_SIDE = (
+    16  # the bundled 8x8 digits, upsampled: 16x16 keeps every stroke at a third of 28x28's cost
+)
 CROP_PADDING = 4
-FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
-CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+FASHION_CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
+CIFAR10_CLASSES = [
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+]
 DIGIT_CLASSES = [str(d) for d in range(10)]
 CLASSES = {"mnist": DIGIT_CLASSES, "fashion-mnist": FASHION_CLASSES, "cifar10": CIFAR10_CLASSES}
-TREE_FOLDERS = {"mnist": ("mnist", "MNIST-jpg", "mnist-jpg"), "fashion-mnist": ("fashion-mnist", "FashionMNIST-jpg", "fashion-mnist-jpg")}
-TREE_FOLDERS["cifar10"] = ("cifar10", "cifar10-jpg", "cifar-10", "CIFAR10")  # where in --data-dir to look for a train/ test/ tree
-TORCHVISION = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "cifar10": "CIFAR10"}  # torchvision.datasets classes and folders
-GREY_SETS = ("mnist", "fashion-mnist")  # 28x28 grey images of 10 classes: the models and names assume it
-IDX_FILES = tuple(f"{split}-{kind}-ubyte" for split in ("train", "t10k") for kind in ("images-idx3", "labels-idx1"))
-TORCHVISION_FILES = {"mnist": IDX_FILES, "fashion-mnist": IDX_FILES, "cifar10": (*(f"data_batch_{k}" for k in range(1, 6)), "test_batch")}
-IDX_ERRORS = (OSError, AssertionError, KeyError, IndexError, RuntimeError, TypeError, ValueError)  # what torchvision's IDX reader raises
+TREE_FOLDERS = {
+    "mnist": ("mnist", "MNIST-jpg", "mnist-jpg"),
+    "fashion-mnist": ("fashion-mnist", "FashionMNIST-jpg", "fashion-mnist-jpg"),
+}
+TREE_FOLDERS["cifar10"] = (
+    "cifar10",
+    "cifar10-jpg",
+    "cifar-10",
+    "CIFAR10",
+)  # where in --data-dir to look for a train/ test/ tree
+TORCHVISION = {
+    "mnist": "MNIST",
+    "fashion-mnist": "FashionMNIST",
+    "cifar10": "CIFAR10",
+}  # torchvision.datasets classes and folders
+GREY_SETS = (
+    "mnist",
+    "fashion-mnist",
+)  # 28x28 grey images of 10 classes: the models and names assume it
+IDX_FILES = tuple(
+    f"{split}-{kind}-ubyte"
+    for split in ("train", "t10k")
+    for kind in ("images-idx3", "labels-idx1")
+)
+TORCHVISION_FILES = {
+    "mnist": IDX_FILES,
+    "fashion-mnist": IDX_FILES,
+    "cifar10": (*(f"data_batch_{k}" for k in range(1, 6)), "test_batch"),
+}
+IDX_ERRORS = (
+    OSError,
+    AssertionError,
+    KeyError,
+    IndexError,
+    RuntimeError,
+    TypeError,
+    ValueError,
+)  # what torchvision's IDX reader raises
 Ops = Sequence[str]  # augmentation names, as in AUGMENTATIONS
 
 
@@ -61,8 +121,12 @@ class Dataset:
     test: ImageData
     classes: list[str]
     augmentations: tuple[str, ...]
-    source: str  # what was read, in words: the format and the folder (the start-up line, summary.json)
-    files: list[str] = field(default_factory=list)  # the files or folders read (summary.json's data_files)
+    source: (
+        str  # what was read, in words: the format and the folder (the start-up line, summary.json)
+    )
+    files: list[str] = field(
+        default_factory=list
+    )  # the files or folders read (summary.json's data_files)
 
     @property
     def channels(self) -> int:
@@ -77,7 +141,12 @@ def channel_stats(images: Tensor) -> tuple[list[float], list[float]]:
     """Exact per-channel mean and std of uint8 images on the [0, 1] scale, from each channel's 256-bin
     histogram (no float copy of the data set); a constant channel gets std 1, so standardising stays finite."""
     levels = torch.arange(256, dtype=torch.float64) / 255
-    p = torch.stack([torch.bincount(images[:, c].reshape(-1).cpu(), minlength=256) for c in range(images.shape[1])]).double()
+    p = torch.stack(
+        [
+            torch.bincount(images[:, c].reshape(-1).cpu(), minlength=256)
+            for c in range(images.shape[1])
+        ]
+    ).double()
     p /= p.sum(1, keepdim=True)
     mean = p @ levels
     std = (p * (levels - mean[:, None]) ** 2).sum(1).sqrt()
@@ -89,7 +158,9 @@ def split_validation(data: ImageData, fraction: float, seed: int) -> tuple[Image
     order = torch.randperm(len(data), generator=Generator().manual_seed(seed + 7919))
     held = max(1, round(fraction * len(data)))
     val, train = order[:held].sort().values, order[held:].sort().values
-    return ImageData(data.images[train], data.labels[train]), ImageData(data.images[val], data.labels[val])
+    return ImageData(data.images[train], data.labels[train]), ImageData(
+        data.images[val], data.labels[val]
+    )
 
 
 def parse_class_list(spec: str, classes: Sequence[str]) -> list[int]:
@@ -101,24 +172,38 @@ def parse_class_list(spec: str, classes: Sequence[str]) -> list[int]:
         if bounds := re.fullmatch(r"(\d+)(?:-(\d+))?", token):  # an index or a range
             first, last = int(bounds[1]), int(bounds[2] or bounds[1])
             if first > last:
-                raise ValueError(f"--train-classes: the range {token} is reversed; write {last}-{first}")
+                raise ValueError(
+                    f"--train-classes: the range {token} is reversed; write {last}-{first}"
+                )
             picked = range(first, last + 1)
         elif token.lower() in lowered:
             picked = [lowered[token.lower()]]
         elif not token:
-            raise ValueError(f"--train-classes {spec!r} has an empty entry; give indices, ranges such as 0-4, or class names")
+            raise ValueError(
+                f"--train-classes {spec!r} has an empty entry; give indices, ranges such as 0-4, or class names"
+            )
         else:
-            raise ValueError(f"--train-classes: no class {token!r}; the classes are {', '.join(classes)} (or indices 0-{len(classes) - 1})")
+            raise ValueError(
+                f"--train-classes: no class {token!r}; the classes are {', '.join(classes)} (or indices 0-{len(classes) - 1})"
+            )
         for index in picked:
             if index >= len(classes):
-                raise ValueError(f"--train-classes: class index {index} is out of range; this data set has classes 0-{len(classes) - 1}")
+                raise ValueError(
+                    f"--train-classes: class index {index} is out of range; this data set has classes 0-{len(classes) - 1}"
+                )
             if index in chosen:
-                raise ValueError(f"--train-classes: class {index} ({classes[index]}) is named twice")
+                raise ValueError(
+                    f"--train-classes: class {index} ({classes[index]}) is named twice"
+                )
             chosen.append(index)
     if len(chosen) < 2:
-        raise ValueError("--train-classes must name at least 2 classes (the losses compare classes)")
+        raise ValueError(
+            "--train-classes must name at least 2 classes (the losses compare classes)"
+        )
     if len(chosen) == len(classes):
-        raise ValueError("--train-classes names every class, which leaves no unseen class to retrieve; drop it to train on all")
+        raise ValueError(
+            "--train-classes names every class, which leaves no unseen class to retrieve; drop it to train on all"
+        )
     return sorted(chosen)
 
 
@@ -133,7 +218,14 @@ def open_set_split(data: Dataset, seen: list[int]) -> tuple[Dataset, ImageData]:
     the test images of the other classes (relabelled 0..u-1), for retrieval of classes never trained on."""
     unseen = [k for k in range(len(data.classes)) if k not in seen]
     kept = [data.classes[k] for k in seen]
-    closed = Dataset(data.name, relabel(data.train, seen), relabel(data.test, seen), kept, data.augmentations, data.source)
+    closed = Dataset(
+        data.name,
+        relabel(data.train, seen),
+        relabel(data.test, seen),
+        kept,
+        data.augmentations,
+        data.source,
+    )
     return closed, relabel(data.test, unseen)
 
 
@@ -150,10 +242,16 @@ def load_dataset(name: str, data_dir: str | Path = "data", download: bool = True
         raise ValueError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
     if name == "digits":
         return load_digits()
-    trees = (data_dir,) if name == "folder" else (data_dir, *(data_dir / sub for sub in TREE_FOLDERS[name]))
+    trees = (
+        (data_dir,)
+        if name == "folder"
+        else (data_dir, *(data_dir / sub for sub in TREE_FOLDERS[name]))
+    )
     tree = next((f for f in trees if (f / "train").is_dir() and (f / "test").is_dir()), None)
     if tree is None and name == "folder":
-        raise DataError(f"--dataset folder needs {data_dir}/train/<class>/* and {data_dir}/test/<class>/*; neither is there")
+        raise DataError(
+            f"--dataset folder needs {data_dir}/train/<class>/* and {data_dir}/test/<class>/*; neither is there"
+        )
     data = load_tree(name, tree) if tree is not None else load_torchvision(name, data_dir, download)
     if tree is not None and name == "cifar10" and (data_dir / "cifar-10-batches-py").is_dir():
         data.source += f" (the binary {data_dir / 'cifar-10-batches-py'} is also there, not used: move the tree away to use it)"
@@ -164,8 +262,12 @@ def load_dataset(name: str, data_dir: str | Path = "data", download: bool = True
         raise DataError(
             f"{data.source}: --dataset {name} is 28x28 grey images of 10 classes, this data is {found}; use --dataset folder for it"
         )
-    if torch.equal(images, images[:1].expand_as(images)):  # nothing in the pixels tells the classes apart: a run would learn nothing
-        raise DataError(f"{data.source}: all {len(images)} train images are the same image, so no model can learn from them; use real data")
+    if torch.equal(
+        images, images[:1].expand_as(images)
+    ):  # nothing in the pixels tells the classes apart: a run would learn nothing
+        raise DataError(
+            f"{data.source}: all {len(images)} train images are the same image, so no model can learn from them; use real data"
+        )
     return data
 
 
@@ -174,11 +276,25 @@ def load_digits() -> Dataset:
     from sklearn.datasets import load_digits as sklearn_digits
 
     bunch = sklearn_digits()
-    pixels = F.interpolate(torch.tensor(bunch.images, dtype=torch.float32)[:, None] / 16.0, size=(DIGITS_SIDE,) * 2, mode="bilinear")
+    pixels = F.interpolate(
+        torch.tensor(bunch.images, dtype=torch.float32)[:, None] / 16.0,
+        size=(DIGITS_SIDE,) * 2,
+        mode="bilinear",
+    )
     images, labels = (pixels.clamp(0, 1) * 255).round().to(torch.uint8), torch.tensor(bunch.target)
     test = torch.arange(len(labels)) % 5 == 0
-    train_data, test_data = ImageData(images[~test], labels[~test]), ImageData(images[test], labels[test])
-    return Dataset("digits", train_data, test_data, DIGIT_CLASSES, AUGMENTATIONS["digits"], "scikit-learn load_digits (bundled)")
+    train_data, test_data = (
+        ImageData(images[~test], labels[~test]),
+        ImageData(images[test], labels[test]),
+    )
+    return Dataset(
+        "digits",
+        train_data,
+        test_data,
+        DIGIT_CLASSES,
+        AUGMENTATIONS["digits"],
+        "scikit-learn load_digits (bundled)",
+    )
 
 
 def load_torchvision(name: str, data_dir: Path, download: bool) -> Dataset:
@@ -187,7 +303,9 @@ def load_torchvision(name: str, data_dir: Path, download: bool) -> Dataset:
     import torchvision.datasets as tvd  # here, not at the top: importing torchvision takes seconds (its compiler imports), paid only when used
     from torchvision.datasets.mnist import read_image_file, read_label_file
 
-    folder = data_dir / ("cifar-10-batches-py" if name == "cifar10" else f"{TORCHVISION[name]}/raw")  # torchvision's folder
+    folder = data_dir / (
+        "cifar-10-batches-py" if name == "cifar10" else f"{TORCHVISION[name]}/raw"
+    )  # torchvision's folder
     paths = [folder / file for file in TORCHVISION_FILES[name]]
     if not all(path.is_file() for path in paths):
         hint = f"put {name} under {data_dir} (torchvision's layout or a train/ test/ image-folder tree) or point --data-dir at a folder with it"
@@ -196,31 +314,76 @@ def load_torchvision(name: str, data_dir: Path, download: bool) -> Dataset:
         try:
             for train in (True, False):
                 getattr(tvd, TORCHVISION[name])(str(data_dir), train=train, download=True)
-        except Exception as exc:  # network and disk errors come in many classes; all mean the same to the user
-            raise DataError(f"{name} not found under {data_dir} and the download failed ({type(exc).__name__}); {hint}") from None
+        except (
+            Exception
+        ) as exc:  # network and disk errors come in many classes; all mean the same to the user
+            raise DataError(
+                f"{name} not found under {data_dir} and the download failed ({type(exc).__name__}); {hint}"
+            ) from None
     if name == "cifar10":
         try:
             sets = [tvd.CIFAR10(str(data_dir), train=train) for train in (True, False)]
-        except Exception as exc:  # a RuntimeError for a failed MD5 check, pickle's errors for a damaged batch
-            raise DataError(f"{folder}: cannot read CIFAR-10 ({exc}); delete the folder and download again") from None
-        splits = [ImageData(torch.from_numpy(s.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(s.targets)) for s in sets]
-        return Dataset(name, *splits, CIFAR10_CLASSES, AUGMENTATIONS[name], f"CIFAR-10 python batches in {folder}", list(map(str, paths)))
+        except (
+            Exception
+        ) as exc:  # a RuntimeError for a failed MD5 check, pickle's errors for a damaged batch
+            raise DataError(
+                f"{folder}: cannot read CIFAR-10 ({exc}); delete the folder and download again"
+            ) from None
+        splits = [
+            ImageData(
+                torch.from_numpy(s.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(s.targets)
+            )
+            for s in sets
+        ]
+        return Dataset(
+            name,
+            *splits,
+            CIFAR10_CLASSES,
+            AUGMENTATIONS[name],
+            f"CIFAR-10 python batches in {folder}",
+            list(map(str, paths)),
+        )
     tensors = []
-    for path, reader in zip(paths, (read_image_file, read_label_file) * 2):  # torchvision's own IDX readers, one file at a time
+    for path, reader in zip(
+        paths, (read_image_file, read_label_file) * 2
+    ):  # torchvision's own IDX readers, one file at a time
         try:
-            head = np.fromfile(path, ">u4", count=4)  # 0x0803 (unsigned bytes, 3 sizes), the sizes: torchvision fails on a size 0
-            if len(head) > 1 and head[0] >> 8 == 8 and 0 in (sizes := tuple(head[1 : 1 + head[0] % 256].tolist())):
-                raise DataError(f"{path}: an IDX file of no items (its sizes are {sizes}); replace it with the original")
+            head = np.fromfile(
+                path, ">u4", count=4
+            )  # 0x0803 (unsigned bytes, 3 sizes), the sizes: torchvision fails on a size 0
+            if (
+                len(head) > 1
+                and head[0] >> 8 == 8
+                and 0 in (sizes := tuple(head[1 : 1 + head[0] % 256].tolist()))
+            ):
+                raise DataError(
+                    f"{path}: an IDX file of no items (its sizes are {sizes}); replace it with the original"
+                )
             tensors.append(reader(str(path)))
         except IDX_ERRORS as exc:
             reason = str(exc) or type(exc).__name__  # torchvision's asserts have no message
-            raise DataError(f"{path}: damaged or truncated IDX file ({reason}); replace it with the original") from None
+            raise DataError(
+                f"{path}: damaged or truncated IDX file ({reason}); replace it with the original"
+            ) from None
     for images, labels, path in ((*tensors[:2], paths[1]), (*tensors[2:], paths[3])):
         if len(images) != len(labels) or int(labels.max()) >= 10:
-            found = f"{len(labels)} labels for {len(images)} images" if len(images) != len(labels) else f"a label {int(labels.max())}"
-            raise DataError(f"{path}: {found}, expected one label of 0-9 an image; replace the files with the originals")
+            found = (
+                f"{len(labels)} labels for {len(images)} images"
+                if len(images) != len(labels)
+                else f"a label {int(labels.max())}"
+            )
+            raise DataError(
+                f"{path}: {found}, expected one label of 0-9 an image; replace the files with the originals"
+            )
     splits = [ImageData(tensors[i][:, None].contiguous(), tensors[i + 1]) for i in (0, 2)]
-    return Dataset(name, *splits, CLASSES[name], AUGMENTATIONS[name], f"IDX files in {folder}", list(map(str, paths)))
+    return Dataset(
+        name,
+        *splits,
+        CLASSES[name],
+        AUGMENTATIONS[name],
+        f"IDX files in {folder}",
+        list(map(str, paths)),
+    )
 
 
 def listed(folder: Path) -> list[tuple[str, bool]]:
@@ -229,7 +392,9 @@ def listed(folder: Path) -> list[tuple[str, bool]]:
         with os.scandir(folder) as entries:
             return sorted((e.name, e.is_dir()) for e in entries if not e.name.startswith("."))
     except OSError as exc:  # PermissionError, a symlink loop (ELOOP) as the folder or an entry, ...
-        raise DataError(f"{exc.filename or folder}: cannot be listed ({exc.strerror}); make it a readable folder") from None
+        raise DataError(
+            f"{exc.filename or folder}: cannot be listed ({exc.strerror}); make it a readable folder"
+        ) from None
 
 
 def decode(path: str, grey: bool) -> Tensor:
@@ -237,11 +402,19 @@ def decode(path: str, grey: bool) -> Tensor:
     try:
         with Image.open(path) as image:
             if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-                raise DataError(f"{path}: {image.mode} (16/32-bit) images are not supported; convert the data set to 8-bit")
-            array = torch.from_numpy(np.array(image.convert("L" if grey or image.mode in ("1", "L", "LA") else "RGB")))
+                raise DataError(
+                    f"{path}: {image.mode} (16/32-bit) images are not supported; convert the data set to 8-bit"
+                )
+            array = torch.from_numpy(
+                np.array(image.convert("L" if grey or image.mode in ("1", "L", "LA") else "RGB"))
+            )
     except Image.DecompressionBombError as exc:
         raise DataError(f"{path}: {exc} Use smaller images") from None
-    except (OSError, ValueError, SyntaxError):  # UnidentifiedImageError is an OSError; a damaged file raises any of these
+    except (
+        OSError,
+        ValueError,
+        SyntaxError,
+    ):  # UnidentifiedImageError is an OSError; a damaged file raises any of these
         raise DataError(f"{path}: cannot be decoded as an image; replace or remove it") from None
     return array[None] if array.ndim == 2 else array.permute(2, 0, 1)
 
@@ -252,45 +425,88 @@ def load_tree(name: str, root: Path) -> Dataset:
     from torchvision.datasets import DatasetFolder  # imported when used, as in load_torchvision
 
     entries = {split: listed(root / split) for split in ("train", "test")}
-    if stray := next((root / split / n for split, found in entries.items() for n, is_dir in found if not is_dir), None):
-        raise DataError(f"{stray}: a file where only class folders belong; move it into a class folder or remove it")
+    if stray := next(
+        (root / split / n for split, found in entries.items() for n, is_dir in found if not is_dir),
+        None,
+    ):
+        raise DataError(
+            f"{stray}: a file where only class folders belong; move it into a class folder or remove it"
+        )
     classes, test_classes = ([n for n, _ in entries[split]] for split in ("train", "test"))
     if len(classes) < 2:
         found = f"only the class {classes[0]!r}" if classes else "no class folders"
-        raise DataError(f"{root / 'train'}: {found}; a classifier needs at least two, as {root}/train/<class>/<image files>")
+        raise DataError(
+            f"{root / 'train'}: {found}; a classifier needs at least two, as {root}/train/<class>/<image files>"
+        )
     if unknown := sorted(set(test_classes) - set(classes)):
-        raise DataError(f"{root / 'test'}: the classes {', '.join(unknown)} have no folder in {root / 'train'}; add their train images")
+        raise DataError(
+            f"{root / 'test'}: the classes {', '.join(unknown)} have no folder in {root / 'train'}; add their train images"
+        )
     real_dirs: dict[str, str] = {}
 
     @cache  # once a folder: realpath costs milliseconds, times 60,000 files
-    def shown(folder: str) -> bool:  # not hidden, and not reached before through a link (its images would be read twice)
+    def shown(
+        folder: str,
+    ) -> bool:  # not hidden, and not reached before through a link (its images would be read twice)
         if (first := real_dirs.setdefault(os.path.realpath(folder), folder)) != folder:
-            raise DataError(f"{folder}: the same folder as {first}, through a link; remove the link")
+            raise DataError(
+                f"{folder}: the same folder as {first}, through a link; remove the link"
+            )
         return not any(part.startswith(".") for part in Path(folder).relative_to(root).parts)
 
-    def valid(path: str) -> bool:  # DatasetFolder's filter: only regular files (PIL would wait on a FIFO forever), not hidden
-        return shown(os.path.dirname(path)) and not os.path.basename(path).startswith(".") and os.path.isfile(path)
+    def valid(
+        path: str,
+    ) -> (
+        bool
+    ):  # DatasetFolder's filter: only regular files (PIL would wait on a FIFO forever), not hidden
+        return (
+            shown(os.path.dirname(path))
+            and not os.path.basename(path).startswith(".")
+            and os.path.isfile(path)
+        )
 
     splits, first, suffixes, index = [], None, set(), {c: i for i, c in enumerate(classes)}
     for split in ("train", "test"):
         for folder in (root / split / c for c in classes if (root / split / c).is_dir()):
             listed(folder)  # the walk skips a folder it cannot list, which would then look empty
-        samples = DatasetFolder.make_dataset(str(root / split), index, is_valid_file=valid, allow_empty=True)
+        samples = DatasetFolder.make_dataset(
+            str(root / split), index, is_valid_file=valid, allow_empty=True
+        )
         if empty := sorted(set(classes) - {classes[label] for _, label in samples}):
-            raise DataError(f"{root / split / empty[0]}: class folder is empty or missing; every class needs images in train/ and test/")
+            raise DataError(
+                f"{root / split / empty[0]}: class folder is empty or missing; every class needs images in train/ and test/"
+            )
         images = [decode(path, grey=name in GREY_SETS) for path, _ in samples]
-        first, suffixes = first or (samples[0][0], images[0].shape[1:]), suffixes | {Path(path).suffix.lower() for path, _ in samples}
+        first, suffixes = (
+            first or (samples[0][0], images[0].shape[1:]),
+            suffixes | {Path(path).suffix.lower() for path, _ in samples},
+        )
         for (path, _), image in zip(samples, images):
             (h, w), (h0, w0) = image.shape[1:], first[1]
             if h != w or (h, w) != (h0, w0):
-                raise DataError(f"{path}: the image is {w}x{h}, {first[0]} is {w0}x{h0}; resize or crop every image to one square size")
+                raise DataError(
+                    f"{path}: the image is {w}x{h}, {first[0]} is {w0}x{h0}; resize or crop every image to one square size"
+                )
         splits.append((images, [label for _, label in samples]))
-    channels = max(image.shape[0] for images, _ in splits for image in images)  # one colour image makes a colour set
-    train, test = (ImageData(torch.stack([im.expand(channels, -1, -1) for im in ims]), torch.tensor(labels)) for ims, labels in splits)
+    channels = max(
+        image.shape[0] for images, _ in splits for image in images
+    )  # one colour image makes a colour set
+    train, test = (
+        ImageData(torch.stack([im.expand(channels, -1, -1) for im in ims]), torch.tensor(labels))
+        for ims, labels in splits
+    )
     if name in CLASSES and [c.lower() for c in classes] == [c.lower() for c in CLASSES[name]]:
         classes = CLASSES[name]
     source = f"image folders in {root} ({', '.join(sorted(suffixes))})"
-    return Dataset(name, train, test, classes, AUGMENTATIONS.get(name, ()), source, [str(root / "train"), str(root / "test")])
+    return Dataset(
+        name,
+        train,
+        test,
+        classes,
+        AUGMENTATIONS.get(name, ()),
+        source,
+        [str(root / "train"), str(root / "test")],
+    )
 
 
 def flip(x: Tensor, flipped: Tensor) -> Tensor:
@@ -312,9 +528,13 @@ def crop(x: Tensor, offsets: Tensor) -> Tensor:
     """The image-sized window of each image's CROP_PADDING-zero-padded copy at (row, column) `offsets` (2 x N, each in
     [0, 2 * CROP_PADDING]): torchvision's RandomCrop(size, padding) for given draws."""
     n, _, h, w = x.shape
-    rows = (offsets[0][:, None] + torch.arange(h, device=x.device))[:, :, None]  # N x H x 1, and cols N x 1 x W: N x H x W windows
+    rows = (offsets[0][:, None] + torch.arange(h, device=x.device))[
+        :, :, None
+    ]  # N x H x 1, and cols N x 1 x W: N x H x W windows
     cols = (offsets[1][:, None] + torch.arange(w, device=x.device))[:, None, :]
-    padded = F.pad(x, (CROP_PADDING,) * 4).permute(0, 2, 3, 1)  # N x H x W x C: the windows' pixels gathered by one index
+    padded = F.pad(x, (CROP_PADDING,) * 4).permute(
+        0, 2, 3, 1
+    )  # N x H x W x C: the windows' pixels gathered by one index
     return padded[torch.arange(n, device=x.device)[:, None, None], rows, cols].permute(0, 3, 1, 2)
 
 
@@ -326,21 +546,39 @@ def augment_batch(x: Tensor, augmentations: Ops, generator: Generator) -> Tensor
         if op == "flip":
             x = flip(x, torch.rand(n, generator=generator, device=device) < 0.5)
         elif op == "rotate":
-            x = rotate(x, (torch.rand(n, generator=generator, device=device) * 2 - 1) * ROTATION_DEGREES)
+            x = rotate(
+                x, (torch.rand(n, generator=generator, device=device) * 2 - 1) * ROTATION_DEGREES
+            )
         elif op == "crop":
-            x = crop(x, torch.randint(0, 2 * CROP_PADDING + 1, (2, n), generator=generator, device=device))
+            x = crop(
+                x,
+                torch.randint(0, 2 * CROP_PADDING + 1, (2, n), generator=generator, device=device),
+            )
     return x
 
 
 def tensor_batches(
-    data: ImageData, order: Tensor, batch_size: int, augmentations: Ops, generator: Generator, start: int = 0, rank: int = 0, world: int = 1
+    data: ImageData,
+    order: Tensor,
+    batch_size: int,
+    augmentations: Ops,
+    generator: Generator,
+    start: int = 0,
+    rank: int = 0,
+    world: int = 1,
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """Fast path: the full batches of `data` (on the training device) in `order`, augmented there (the study's drop_last=True).
     With `world` processes each global batch is augmented whole (one process's draws) and this rank gets its `rank`-th slice."""
-    order, rows = order.to(data.images.device), slice(rank * batch_size // world, (rank + 1) * batch_size // world)
+    order, rows = (
+        order.to(data.images.device),
+        slice(rank * batch_size // world, (rank + 1) * batch_size // world),
+    )
     for i in range(start * batch_size, len(order) - batch_size + 1, batch_size):
         idx = order[i : i + batch_size]
-        yield augment_batch(data.images[idx].float().div_(255), augmentations, generator)[rows], data.labels[idx[rows]]
+        yield (
+            augment_batch(data.images[idx].float().div_(255), augmentations, generator)[rows],
+            data.labels[idx[rows]],
+        )
 
 
 def full_batches(num_samples: int, batch_size: int) -> int:
@@ -354,24 +592,48 @@ def shard_order(order: Tensor, batch_size: int, rank: int, world: int) -> Tensor
     return batches[:, rank * batch_size // world : (rank + 1) * batch_size // world].reshape(-1)
 
 
-def transformed(transform: Callable[[Tensor], Tensor], batch: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+def transformed(
+    transform: Callable[[Tensor], Tensor], batch: list[tuple[Tensor, Tensor]]
+) -> tuple[Tensor, Tensor]:
     """The loader's collate_fn: torchvision's per-sample transforms (run in its workers), then one batch."""
     return torch.stack([transform(x) for x, _ in batch]), torch.stack([y for _, y in batch])
 
 
 def loader_batches(
-    data: ImageData, order: Tensor, batch_size: int, augmentations: Ops, generator: Generator, workers: int, device: Device, start: int = 0
+    data: ImageData,
+    order: Tensor,
+    batch_size: int,
+    augmentations: Ops,
+    generator: Generator,
+    workers: int,
+    device: Device,
+    start: int = 0,
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """Loader path: a DataLoader over per-sample transforms sampling `order` of CPU data, the last partial batch dropped (the study's)."""
     import torchvision.transforms as T  # imported when used, as in load_torchvision
 
-    ops = {"flip": T.RandomHorizontalFlip(), "rotate": T.RandomRotation(ROTATION_DEGREES, T.InterpolationMode.BILINEAR)}
+    ops = {
+        "flip": T.RandomHorizontalFlip(),
+        "rotate": T.RandomRotation(ROTATION_DEGREES, T.InterpolationMode.BILINEAR),
+    }
     ops["crop"] = T.RandomCrop(data.images.shape[-1], padding=CROP_PADDING)
-    collate = partial(transformed, T.Compose([T.ToPILImage(), *(ops[a] for a in augmentations), T.ToTensor()]))  # the study's PIL path
-    dataset, sampler = torch.utils.data.TensorDataset(data.images, data.labels), order[start * batch_size :].tolist()
+    collate = partial(
+        transformed, T.Compose([T.ToPILImage(), *(ops[a] for a in augmentations), T.ToTensor()])
+    )  # the study's PIL path
+    dataset, sampler = (
+        torch.utils.data.TensorDataset(data.images, data.labels),
+        order[start * batch_size :].tolist(),
+    )
     pin = device.type == "cuda"
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size, sampler=sampler, num_workers=workers, collate_fn=collate, drop_last=True, pin_memory=pin, generator=generator
+        dataset,
+        batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate,
+        drop_last=True,
+        pin_memory=pin,
+        generator=generator,
     )
     for x, y in loader:
         yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)

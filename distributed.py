@@ -12,8 +12,14 @@ import torch
 import torch.distributed as dist
 from torch.distributed.constants import default_pg_timeout
 
-TORCHRUN_VARIABLES = ("RANK", "MASTER_ADDR", "MASTER_PORT")  # what init_process_group's env:// needs besides WORLD_SIZE
-JOIN_TIMEOUT = timedelta(minutes=5)  # for every process to reach init_distributed: torchrun starts them together
+TORCHRUN_VARIABLES = (
+    "RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+)  # what init_process_group's env:// needs besides WORLD_SIZE
+JOIN_TIMEOUT = timedelta(
+    minutes=5
+)  # for every process to reach init_distributed: torchrun starts them together
 
 
 class DistributedError(Exception):
@@ -24,7 +30,9 @@ def env_integer(name: str, low: int, high: int, what: str) -> int | None:
     """The integer in the environment variable `name` (None when unset); ValueError, with the line to show, unless low <= it <= high."""
     text = os.environ.get(name)
     if text is not None and not (text.strip().isdigit() and low <= int(text) <= high):
-        raise ValueError(f"the environment's {name}={text!r} is not {what}; unset it or start with torchrun, which sets it")
+        raise ValueError(
+            f"the environment's {name}={text!r} is not {what}; unset it or start with torchrun, which sets it"
+        )
     return None if text is None else int(text)
 
 
@@ -34,9 +42,13 @@ def world_size() -> int:
     world = env_integer("WORLD_SIZE", 1, 2**31 - 1, "a positive number of processes") or 1
     missing = [name for name in TORCHRUN_VARIABLES if name not in os.environ]
     if world > 1 and missing:
-        raise ValueError(f"the environment has WORLD_SIZE={world} but not {', '.join(missing)}: start with torchrun, or unset WORLD_SIZE")
+        raise ValueError(
+            f"the environment has WORLD_SIZE={world} but not {', '.join(missing)}: start with torchrun, or unset WORLD_SIZE"
+        )
     for name in ("RANK", "LOCAL_RANK"):
-        env_integer(name, 0, world - 1, f"a process rank from 0 to {world - 1} (WORLD_SIZE {world})")
+        env_integer(
+            name, 0, world - 1, f"a process rank from 0 to {world - 1} (WORLD_SIZE {world})"
+        )
     env_integer("MASTER_PORT", 1, 65535, "a port number from 1 to 65535")
     return world
 
@@ -49,9 +61,18 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
         return 0, 1
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if "TORCHELASTIC_RUN_ID" not in os.environ:  # started by hand, not by torchrun: say what it waits for
-        where, wait = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}", JOIN_TIMEOUT.total_seconds()
-        print(f"rank {os.environ['RANK']}: waiting up to {wait:.0f} s for all {world} processes at {where}", file=sys.stderr, flush=True)
+    if (
+        "TORCHELASTIC_RUN_ID" not in os.environ
+    ):  # started by hand, not by torchrun: say what it waits for
+        where, wait = (
+            f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}",
+            JOIN_TIMEOUT.total_seconds(),
+        )
+        print(
+            f"rank {os.environ['RANK']}: waiting up to {wait:.0f} s for all {world} processes at {where}",
+            file=sys.stderr,
+            flush=True,
+        )
     try:
         store, rank, _ = next(dist.rendezvous("env://", timeout=JOIN_TIMEOUT))
     except dist.DistError as exc:
@@ -59,8 +80,12 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
             f"rank {os.environ['RANK']}: not all {world} processes met at {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} within "
             f"{JOIN_TIMEOUT.total_seconds():.0f} s ({str(exc).splitlines()[0]}); start them with torchrun --nproc-per-node {world} main.py ..."
         ) from None
-    store.set_timeout(default_pg_timeout)  # later waits on the store (NCCL's first collective) get torch's usual time
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank, world_size=world)
+    store.set_timeout(
+        default_pg_timeout
+    )  # later waits on the store (NCCL's first collective) get torch's usual time
+    dist.init_process_group(
+        "nccl" if device.type == "cuda" else "gloo", store=store, rank=rank, world_size=world
+    )
     return rank, world
 
 
@@ -77,7 +102,9 @@ def close_distributed(finished: bool) -> None:
     dist.destroy_process_group()
 
 
-def gather_batch(features: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def gather_batch(
+    features: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The global batch from every rank's slice, gradients flowing back to each slice's owner: every rank's loss
     sees all pairs; the backward sums `world` identical gradients and DDP averages them (1/world), as one process
     holding the whole batch; the centers' gradients are then identical on every rank without communication."""

@@ -6,7 +6,14 @@ import torch
 
 from datasets import Dataset, ImageData
 from losses import CENTER_ACC_LOSSES, squared_distances
-from metrics import FEATURE_METRICS, GEOMETRY_METRICS, OPEN_SET_METRICS, class_geometry, feature_metrics, retrieval_scores
+from metrics import (
+    FEATURE_METRICS,
+    GEOMETRY_METRICS,
+    OPEN_SET_METRICS,
+    class_geometry,
+    feature_metrics,
+    retrieval_scores,
+)
 from training import TERMS, EpochState, Run
 from utils import chunk_rows
 
@@ -18,24 +25,38 @@ COLUMNS = [  # metrics.csv
 ]  # fmt: skip
 
 
-def nearest(features: torch.Tensor, points: torch.Tensor, exclude: torch.Tensor | None = None) -> torch.Tensor:
+def nearest(
+    features: torch.Tensor, points: torch.Tensor, exclude: torch.Tensor | None = None
+) -> torch.Tensor:
     """Index of the nearest row of `points` (squared Euclidean distance) for every feature, never one where `exclude` is
     true; in chunks of features holding at most utils.CHUNK_BYTES of distances (100,000 centers: a few hundred features)."""
     points, step, chunks = points.float(), chunk_rows(len(points)), []
     for i in range(0, max(len(features), 1), step):
         distances = squared_distances(features[i : i + step].float(), points)
-        chunks.append((distances if exclude is None else distances.masked_fill(exclude[None, :], float("inf"))).argmin(1))
+        chunks.append(
+            (
+                distances
+                if exclude is None
+                else distances.masked_fill(exclude[None, :], float("inf"))
+            ).argmin(1)
+        )
     return torch.cat(chunks)
 
 
-def acc_predictions(loss: str, features: torch.Tensor, logits: torch.Tensor | None, centers: torch.Tensor | None) -> torch.Tensor:
+def acc_predictions(
+    loss: str, features: torch.Tensor, logits: torch.Tensor | None, centers: torch.Tensor | None
+) -> torch.Tensor:
     """The study's accuracy: nearest center for losses without a softmax (CENTER_ACC_LOSSES), else argmax of the logits."""
     return nearest(features, centers) if loss in CENTER_ACC_LOSSES else logits.argmax(1)
 
 
-def nearest_class_mean(features: torch.Tensor, class_sum: torch.Tensor, class_count: torch.Tensor) -> torch.Tensor:
+def nearest_class_mean(
+    features: torch.Tensor, class_sum: torch.Tensor, class_count: torch.Tensor
+) -> torch.Tensor:
     """Index of the nearest mean of the train features seen (classes never seen are never predicted)."""
-    return nearest(features, class_sum / class_count.clamp_min(1)[:, None], exclude=class_count == 0)
+    return nearest(
+        features, class_sum / class_count.clamp_min(1)[:, None], exclude=class_count == 0
+    )
 
 
 @torch.no_grad()
@@ -49,7 +70,9 @@ def embed(run: Run, data: ImageData) -> torch.Tensor:
         x = data.images[i : i + EVAL_BATCH].to(device, non_blocking=True).float().div_(255)
         if run.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        features.append(model(x)[0])  # no autocast: acc and the metrics compare across every --amp only from float32 features
+        features.append(
+            model(x)[0]
+        )  # no autocast: acc and the metrics compare across every --amp only from float32 features
     model.train()
     return torch.cat(features)
 
@@ -66,8 +89,12 @@ def objective_stats(run: Run, features: torch.Tensor, labels: torch.Tensor) -> d
     objective, size = run.objective, run.args.batch_size
     sums = torch.zeros(4, device=features.device, dtype=torch.float64)
     for i in range(0, len(labels), size):
-        loss, terms = objective(features[i : i + size], eval_logits(run, features[i : i + size]), labels[i : i + size])
-        sums += torch.stack([loss] + [terms.get(t, loss.new_zeros(())) for t in TERMS]).double() * len(labels[i : i + size])
+        loss, terms = objective(
+            features[i : i + size], eval_logits(run, features[i : i + size]), labels[i : i + size]
+        )
+        sums += torch.stack(
+            [loss] + [terms.get(t, loss.new_zeros(())) for t in TERMS]
+        ).double() * len(labels[i : i + size])
     sums = (sums / len(labels)).tolist()
     return {"test_loss": sums[0], **{f"test_{t}": v for t, v in zip(TERMS, sums[1:])}}
 
@@ -76,8 +103,13 @@ def objective_stats(run: Run, features: torch.Tensor, labels: torch.Tensor) -> d
 def accuracy(run: Run, data: ImageData) -> tuple[float, torch.Tensor]:
     """The study's accuracy on `data`, with its features."""
     features, centers = embed(run, data), run.objective.centers
-    predictions = [acc_predictions(run.args.loss, f, eval_logits(run, f), centers) for f in features.split(EVAL_BATCH)]
-    return (torch.cat(predictions) == data.labels.to(features.device)).float().mean().item(), features
+    predictions = [
+        acc_predictions(run.args.loss, f, eval_logits(run, f), centers)
+        for f in features.split(EVAL_BATCH)
+    ]
+    return (
+        torch.cat(predictions) == data.labels.to(features.device)
+    ).float().mean().item(), features
 
 
 def epoch_row(run: Run, epoch: int, state: EpochState, seconds: float) -> tuple[dict, torch.Tensor]:
@@ -92,9 +124,22 @@ def epoch_row(run: Run, epoch: int, state: EpochState, seconds: float) -> tuple[
     for i, t in enumerate(TERMS, start=1):
         row[f"train_{t}"] = s[i] / batches if t in objective.terms_used else None
         row[f"test_{t}"] = stats[f"test_{t}"] if t in objective.terms_used else None
-    row.update(train_acc=int(state.correct) / (batches * args.batch_size), test_loss=stats["test_loss"], test_acc=test_acc)
-    row["ncm_acc"] = (nearest_class_mean(features, state.class_sum, state.class_count) == labels).float().mean().item()
-    row["center_acc"] = (nearest(features, centers) == labels).float().mean().item() if centers is not None else None
+    row.update(
+        train_acc=int(state.correct) / (batches * args.batch_size),
+        test_loss=stats["test_loss"],
+        test_acc=test_acc,
+    )
+    row["ncm_acc"] = (
+        (nearest_class_mean(features, state.class_sum, state.class_count) == labels)
+        .float()
+        .mean()
+        .item()
+    )
+    row["center_acc"] = (
+        (nearest(features, centers) == labels).float().mean().item()
+        if centers is not None
+        else None
+    )
     row["val_acc"] = accuracy(run, run.val)[0] if run.val is not None else None
     row.update(class_geometry(features, labels))
     if run.unseen is not None:  # open set: retrieval among the classes never trained on
@@ -103,7 +148,11 @@ def epoch_row(run: Run, epoch: int, state: EpochState, seconds: float) -> tuple[
         row.update({f"open_{name}": value for name, value in scores.items()})
     if epoch == args.epochs or (args.eval_every and epoch % args.eval_every == 0):
         train_features = embed(run, run.train)
-        row.update(feature_metrics(features, labels, train_features, run.train.labels.to(features.device), args.seed))
+        row.update(
+            feature_metrics(
+                features, labels, train_features, run.train.labels.to(features.device), args.seed
+            )
+        )
     row.update(bad_steps=int(state.bad_steps), seconds=seconds)
     return row, features
 
@@ -137,7 +186,9 @@ def run_summary(run: Run, data: Dataset) -> dict:
         "classes": data.classes,
         **validation_summary(history),
         "device": str(run.device),
-        "peak_gpu_memory_mb": torch.cuda.max_memory_allocated(run.device) / 2**20 if run.device.type == "cuda" else None,
+        "peak_gpu_memory_mb": torch.cuda.max_memory_allocated(run.device) / 2**20
+        if run.device.type == "cuda"
+        else None,
         "torch": torch.__version__,
     }
 
@@ -148,4 +199,9 @@ def validation_summary(history: list[dict]) -> dict:
     if last is None:
         return {}
     best = max(history, key=lambda r: r["val_acc"])
-    return {"val_acc": last, "best_val_acc": best["val_acc"], "best_val_epoch": best["epoch"], "test_acc_at_best_val": best["test_acc"]}
+    return {
+        "val_acc": last,
+        "best_val_acc": best["val_acc"],
+        "best_val_epoch": best["epoch"],
+        "test_acc_at_best_val": best["test_acc"],
+    }

@@ -13,7 +13,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 LOSSES = ("xent", "cent", "standalone", "centers-apart", "center-softmax")
-CENTER_ACC_LOSSES = ("standalone", "centers-apart", "center-softmax")  # no softmax on the features: accuracy by nearest center
+CENTER_ACC_LOSSES = (
+    "standalone",
+    "centers-apart",
+    "center-softmax",
+)  # no softmax on the features: accuracy by nearest center
 CENTER_UPDATES = ("sgd", "paper")
 # Centers that only follow the features (intra): the paper's update can replace their gradient, and SGD needs only the batch's rows.
 PAPER_UPDATE_LOSSES = ("cent", "standalone")
@@ -29,10 +33,14 @@ def squared_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def intra_loss(features: torch.Tensor, centers: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Center term: (1/m) sum_i ||x_i - c_{y_i}||^2."""
-    return F.mse_loss(features, F.embedding(labels, centers), reduction="sum") / len(labels)  # embedding: centers[labels]
+    return F.mse_loss(features, F.embedding(labels, centers), reduction="sum") / len(
+        labels
+    )  # embedding: centers[labels]
 
 
-def inter_loss(features: torch.Tensor, labels: torch.Tensor, margin: float | None = None) -> torch.Tensor:
+def inter_loss(
+    features: torch.Tensor, labels: torch.Tensor, margin: float | None = None
+) -> torch.Tensor:
     """Log push: -(1/m) sum_i sum_j [y_i != y_j] log(1 + min(||x_i - x_j||^2, margin)), margin None: no min.
 
     The study's README writes log(d); its code, and this function, log(1 + d): zero, not -inf, for
@@ -51,14 +59,20 @@ def in_float32(method: Callable) -> Callable:
     @functools.wraps(method)
     def wrapper(self: nn.Module, features: torch.Tensor, labels: torch.Tensor):
         with torch.autocast(features.device.type, enabled=False):
-            return method(self, features.to(torch.promote_types(features.dtype, torch.float32)), labels)
+            return method(
+                self, features.to(torch.promote_types(features.dtype, torch.float32)), labels
+            )
 
     return wrapper
 
 
 @torch.no_grad()
 def paper_center_update(
-    centers: torch.Tensor, features: torch.Tensor, labels: torch.Tensor, alpha: float, apply: torch.Tensor | None = None
+    centers: torch.Tensor,
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    alpha: float,
+    apply: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The center loss paper's center update (Wen et al., ECCV 2016, eq. 4), in place:
 
@@ -94,14 +108,24 @@ class RowSGD(torch.optim.Optimizer):
         super().__init__([param], {"lr": lr, "momentum": momentum})
 
     @torch.no_grad()
-    def step(self, rows: torch.Tensor, grads: torch.Tensor, apply: torch.Tensor | None = None) -> torch.Tensor:
+    def step(
+        self, rows: torch.Tensor, grads: torch.Tensor, apply: torch.Tensor | None = None
+    ) -> torch.Tensor:
         group = self.param_groups[0]
         p, momentum = group["params"][0], group["momentum"]
-        first = torch.searchsorted(rows.sort().values, rows)  # where a row's first repeat sits in sorted order
-        update = torch.zeros_like(grads).index_add_(0, first, grads).index_select(0, first)  # g_j, at each of j's repeats
-        if momentum:  # one dense buffer, made at the first step (a state_dict from before it has none)
+        first = torch.searchsorted(
+            rows.sort().values, rows
+        )  # where a row's first repeat sits in sorted order
+        update = (
+            torch.zeros_like(grads).index_add_(0, first, grads).index_select(0, first)
+        )  # g_j, at each of j's repeats
+        if (
+            momentum
+        ):  # one dense buffer, made at the first step (a state_dict from before it has none)
             buffer = self.state[p].get("momentum_buffer")
-            buffer = self.state[p]["momentum_buffer"] = torch.zeros_like(p) if buffer is None else buffer
+            buffer = self.state[p]["momentum_buffer"] = (
+                torch.zeros_like(p) if buffer is None else buffer
+            )
             update = momentum * (held := buffer.index_select(0, rows)) + update
         new = (old := p.index_select(0, rows)) - group["lr"] * update
         ok = torch.isfinite(new).all()  # a finite new row has a finite buffer row (lr > 0)
@@ -124,14 +148,18 @@ class CenterLoss(nn.Module):
         super().__init__()
         self.centers = nn.Parameter(torch.randn(num_classes, feat_dim))
         self.sparse = sparse
-        self.labels = self.rows = None  # sparse: the last forward's labels and copy of their centers
+        self.labels = self.rows = (
+            None  # sparse: the last forward's labels and copy of their centers
+        )
 
     def intra(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """intra_loss(features, centers, labels); sparse: on a copy of the batch's rows (the class docstring)."""
         if not self.sparse:
             return intra_loss(features, self.centers, labels)
         self.labels, self.rows = labels, self.centers.detach()[labels].requires_grad_()
-        return intra_loss(features, self.rows, torch.arange(len(labels), device=labels.device))  # rows[i]: x_i's center
+        return intra_loss(
+            features, self.rows, torch.arange(len(labels), device=labels.device)
+        )  # rows[i]: x_i's center
 
     @in_float32
     def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -153,10 +181,16 @@ class StandaloneCenterLoss(CenterLoss):
         sparse: bool = False,
     ) -> None:
         super().__init__(num_classes, feat_dim, sparse)
-        self.weight_intra, self.weight_inter, self.inter_margin = weight_intra, weight_inter, inter_margin
+        self.weight_intra, self.weight_inter, self.inter_margin = (
+            weight_intra,
+            weight_inter,
+            inter_margin,
+        )
 
     @in_float32
-    def terms(self, features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def terms(
+        self, features: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         return self.intra(features, labels), inter_loss(features, labels, self.inter_margin)
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -171,17 +205,28 @@ class CentersApartLoss(nn.Module):
     intra = (1/m) sum_i exp(alpha * ||x_i - c_{y_i}||^2),   inter = -(1/C) sum_{i != j} log(1 + ||c_i - c_j||^2)
     """
 
-    def __init__(self, num_classes: int, feat_dim: int, weight_intra: float = 1.0, weight_inter: float = 0.1, alpha: float = 0.05) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        feat_dim: int,
+        weight_intra: float = 1.0,
+        weight_inter: float = 0.1,
+        alpha: float = 0.05,
+    ) -> None:
         super().__init__()
         self.centers = nn.Parameter(torch.randn(num_classes, feat_dim))
         self.weight_intra, self.weight_inter, self.alpha = weight_intra, weight_inter, alpha
 
     @in_float32
-    def terms(self, features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def terms(
+        self, features: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         intra = torch.exp(self.alpha * (features - self.centers[labels]).pow(2).sum(1)).mean()
         n = self.centers.shape[0]
         apart = ~torch.eye(n, dtype=torch.bool, device=features.device)
-        return intra, -(torch.log1p(squared_distances(self.centers, self.centers)) * apart).sum() / n
+        return intra, -(
+            torch.log1p(squared_distances(self.centers, self.centers)) * apart
+        ).sum() / n
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         intra, inter = self.terms(features, labels)
@@ -198,9 +243,13 @@ class CenterSoftmaxLoss(nn.Module):
         self.classifier = nn.Linear(feat_dim, num_classes)
 
     @in_float32
-    def terms(self, features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def terms(
+        self, features: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         own = torch.arange(self.centers.shape[0], device=self.centers.device)
-        return intra_loss(features, self.centers, labels), F.cross_entropy(self.classifier(self.centers), own)
+        return intra_loss(features, self.centers, labels), F.cross_entropy(
+            self.classifier(self.centers), own
+        )
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return sum(self.terms(features, labels))
@@ -234,29 +283,44 @@ class Objective(nn.Module):
         if loss == "cent":
             self.criterion = CenterLoss(num_classes, feat_dim, self.sparse_centers)
         elif loss == "standalone":
-            self.criterion = StandaloneCenterLoss(num_classes, feat_dim, weight_intra, weight_inter, inter_margin, self.sparse_centers)
+            self.criterion = StandaloneCenterLoss(
+                num_classes, feat_dim, weight_intra, weight_inter, inter_margin, self.sparse_centers
+            )
         elif loss == "centers-apart":
-            self.criterion = CentersApartLoss(num_classes, feat_dim, weight_intra, weight_inter, alpha)
+            self.criterion = CentersApartLoss(
+                num_classes, feat_dim, weight_intra, weight_inter, alpha
+            )
         elif loss == "center-softmax":
             self.criterion = CenterSoftmaxLoss(num_classes, feat_dim)
 
     @property
     def terms_used(self) -> tuple[str, ...]:
         """Which of the logged terms ("xent", "intra", "inter") this objective has."""
-        return {"xent": ("xent",), "cent": ("xent", "intra"), "center-softmax": ("xent", "intra")}.get(self.loss, ("intra", "inter"))
+        return {
+            "xent": ("xent",),
+            "cent": ("xent", "intra"),
+            "center-softmax": ("xent", "intra"),
+        }.get(self.loss, ("intra", "inter"))
 
     @property
     def centers(self) -> torch.Tensor | None:
         return None if self.criterion is None else self.criterion.centers
 
-    def forward(self, features: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(
+        self, features: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if self.loss in ("standalone", "centers-apart"):
             intra, inter = self.criterion.terms(features, labels)
-            return self.criterion.weight_intra * intra + self.criterion.weight_inter * inter, {"intra": intra, "inter": inter}
+            return self.criterion.weight_intra * intra + self.criterion.weight_inter * inter, {
+                "intra": intra,
+                "inter": inter,
+            }
         if self.loss == "center-softmax":
             intra, xent = self.criterion.terms(features, labels)
             return intra + xent, {"xent": xent, "intra": intra}
-        xent = F.cross_entropy(logits.float(), labels)  # float32 logits: autocast runs cross-entropy in float32 anyway
+        xent = F.cross_entropy(
+            logits.float(), labels
+        )  # float32 logits: autocast runs cross-entropy in float32 anyway
         if self.loss == "xent":
             return xent, {"xent": xent}
         intra = self.criterion(features, labels)

@@ -33,7 +33,9 @@ def interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(signum)
 
 
-if __name__ == "__main__":  # a signal while torch and the rest import (seconds), load data, build the model: one line
+if (
+    __name__ == "__main__"
+):  # a signal while torch and the rest import (seconds), load data, build the model: one line
     signal.signal(signal.SIGINT, interrupted_at_startup)
     signal.signal(signal.SIGTERM, interrupted_at_startup)
 
@@ -43,14 +45,45 @@ from tqdm import tqdm
 
 import datasets
 import visualize
-from checkpoints import CheckpointError, RunFolderError, check_run_dir, checkpoint, load_checkpoint, make_run_dir, usage_error
+from checkpoints import (
+    CheckpointError,
+    RunFolderError,
+    check_run_dir,
+    checkpoint,
+    load_checkpoint,
+    make_run_dir,
+    usage_error,
+)
 from config import parse_args
-from datasets import DataError, Dataset, ImageData, full_batches, load_dataset, loader_batches, tensor_batches
+from datasets import (
+    DataError,
+    Dataset,
+    ImageData,
+    full_batches,
+    load_dataset,
+    loader_batches,
+    tensor_batches,
+)
 from distributed import DistributedError, close_distributed, init_distributed
 from evaluation import COLUMNS, acc_predictions, embed, epoch_row, run_summary
 from models import MIN_SIDE
-from training import TERMS, EpochState, Run, build_trainer, cuda_backends, make_scheduler, train_step
-from utils import WriteError, atomic_torch_save, epoch_generator, resolve_device, write_csv, write_json
+from training import (
+    TERMS,
+    EpochState,
+    Run,
+    build_trainer,
+    cuda_backends,
+    make_scheduler,
+    train_step,
+)
+from utils import (
+    WriteError,
+    atomic_torch_save,
+    epoch_generator,
+    resolve_device,
+    write_csv,
+    write_json,
+)
 
 FRAME_POINTS = 5000  # points per 2-D frame: enough to see the clusters, under a second to draw
 PROJECTION_POINTS = 2000
@@ -65,7 +98,9 @@ class TrainingError(Exception):
 def record_step(run: Run, state: EpochState, features, logits, y, loss, terms, finite) -> None:
     """What the epoch keeps of one step (train_step's outputs): loss, terms, accuracy, class sums and the
     first run.frame_take points of every batch for the train frame (spread over the epoch). No host sync."""
-    features = torch.where(finite, features.detach().float(), torch.nan)  # a bad step's points are not drawn
+    features = torch.where(
+        finite, features.detach().float(), torch.nan
+    )  # a bad step's points are not drawn
     centers = run.objective.centers.detach() if run.objective.centers is not None else None
     correct = (acc_predictions(run.args.loss, features, logits.detach(), centers) == y).sum()
     state.add(loss, terms, features, y, correct, finite)
@@ -83,16 +118,37 @@ def train_epoch(run: Run, epoch: int, state: EpochState, stop: dict) -> bool:
         aug.set_state(state.aug)
     except RuntimeError:  # a checkpoint cut short on another kind of device: a CPU generator's state does not fit a CUDA one
         aug.manual_seed(epoch_generator(args.seed, epoch).initial_seed() + 1 + state.step)
-        log(rank, f"the checkpoint's augmentation state does not fit {run.device}: the rest of epoch {epoch} is re-seeded")
+        log(
+            rank,
+            f"the checkpoint's augmentation state does not fit {run.device}: the rest of epoch {epoch} is re-seeded",
+        )
     if args.pipeline == "fast":
-        batches = tensor_batches(data, order, args.batch_size, run.augmentations, aug, state.step, rank, world)
+        batches = tensor_batches(
+            data, order, args.batch_size, run.augmentations, aug, state.step, rank, world
+        )
     else:
         shard = datasets.shard_order(order, args.batch_size, rank, world)
         generator = epoch_generator(args.seed * world + rank, epoch)
-        batches = loader_batches(data, shard, args.batch_size // world, run.augmentations, generator, args.workers, run.device, state.step)
+        batches = loader_batches(
+            data,
+            shard,
+            args.batch_size // world,
+            run.augmentations,
+            generator,
+            args.workers,
+            run.device,
+            state.step,
+        )
     run.net.train()
     total, show = full_batches(len(data), args.batch_size), rank == 0 and sys.stderr.isatty()
-    bar = tqdm(batches, total=total, initial=state.step, desc=f"epoch {epoch}", leave=False, disable=not show)
+    bar = tqdm(
+        batches,
+        total=total,
+        initial=state.step,
+        desc=f"epoch {epoch}",
+        leave=False,
+        disable=not show,
+    )
     for x, y in bar:
         record_step(run, state, *train_step(run, x, y))
         state.aug = aug.get_state()
@@ -100,7 +156,10 @@ def train_epoch(run: Run, epoch: int, state: EpochState, stop: dict) -> bool:
             check_divergence(run, epoch, state)
             if not bar.disable:
                 good = max(state.good_steps(), 1)
-                bar.set_postfix(loss=f"{float(state.loss_sums[0]) / good:.4f}", acc=f"{int(state.correct) / (good * args.batch_size):.4f}")
+                bar.set_postfix(
+                    loss=f"{float(state.loss_sums[0]) / good:.4f}",
+                    acc=f"{int(state.correct) / (good * args.batch_size):.4f}",
+                )
         if (world == 1 or state.step % LOG_EVERY == 0) and stop_agreed(run, stop):
             check_divergence(run, epoch, state)  # before the interrupted run's checkpoint
             return True
@@ -146,7 +205,11 @@ def check_divergence(run: Run, epoch: int, state: EpochState) -> None:
 
 def kept_checkpoint(run: Run) -> str:
     kept = (run.dir / "checkpoint.pt").is_file()
-    return f"the last good checkpoint is kept in {run.dir}" if kept else "no checkpoint was saved (none of an earlier epoch)"
+    return (
+        f"the last good checkpoint is kept in {run.dir}"
+        if kept
+        else "no checkpoint was saved (none of an earlier epoch)"
+    )
 
 
 def train(args: argparse.Namespace, rank: int, world: int) -> int:
@@ -163,7 +226,10 @@ def train(args: argparse.Namespace, rank: int, world: int) -> int:
                 finish(run, data)
             except KeyboardInterrupt as exc:  # pictures and summary are redone from the checkpoint
                 drawing = "interrupted while drawing the final pictures and writing summary.json"
-                print(f"{drawing}; the checkpoint of epoch {args.epochs} is saved, run the same command to finish the run", file=sys.stderr)
+                print(
+                    f"{drawing}; the checkpoint of epoch {args.epochs} is saved, run the same command to finish the run",
+                    file=sys.stderr,
+                )
                 return 128 + (exc.args[0] if exc.args else signal.SIGINT)
             finally:
                 for s, handler in previous.items():
@@ -183,32 +249,57 @@ def build(args: argparse.Namespace, rank: int, world: int) -> tuple[Run, Dataset
     unseen = None
     if args.train_classes is not None:
         try:
-            data, unseen = datasets.open_set_split(data, datasets.parse_class_list(args.train_classes, data.classes))
+            data, unseen = datasets.open_set_split(
+                data, datasets.parse_class_list(args.train_classes, data.classes)
+            )
         except ValueError as exc:
             raise SystemExit(usage_error(str(exc))) from None
     if args.train_samples is not None:
-        data.train = ImageData(data.train.images[: args.train_samples], data.train.labels[: args.train_samples])
+        data.train = ImageData(
+            data.train.images[: args.train_samples], data.train.labels[: args.train_samples]
+        )
     present = data.train.labels.unique()
-    if len(present) < 2:  # also after --train-samples: the losses compare classes, one class learns nothing
-        first = f" in its first --train-samples {args.train_samples}" if args.train_samples is not None else ""
+    if (
+        len(present) < 2
+    ):  # also after --train-samples: the losses compare classes, one class learns nothing
+        first = (
+            f" in its first --train-samples {args.train_samples}"
+            if args.train_samples is not None
+            else ""
+        )
         only = data.classes[int(present[0])]
-        raise DataError(f"{data.source}: the train set has only the class {only!r}{first}; a classifier needs at least two")
+        raise DataError(
+            f"{data.source}: the train set has only the class {only!r}{first}; a classifier needs at least two"
+        )
     val = None
     if args.val_fraction > 0:
         data.train, val = datasets.split_validation(data.train, args.val_fraction, args.seed)
     if len(data.train) < args.batch_size:
         few = f"the train set has {len(data.train)} samples, fewer than one batch of --batch-size {args.batch_size} (the last partial"
-        raise SystemExit(usage_error(few + " batch is dropped, as in the study); use a smaller --batch-size or more --train-samples"))
+        raise SystemExit(
+            usage_error(
+                few
+                + " batch is dropped, as in the study); use a smaller --batch-size or more --train-samples"
+            )
+        )
     side, need = data.image_size, MIN_SIDE[args.model]
     if side < need:
         small = f"--model {args.model} needs images of at least {need}x{need} pixels and {args.data_dir or args.dataset} has {side}x{side}"
-        raise SystemExit(usage_error(small + "; use larger images" + (" or --model resnet" if args.model != "resnet" else "")))
+        raise SystemExit(
+            usage_error(
+                small
+                + "; use larger images"
+                + (" or --model resnet" if args.model != "resnet" else "")
+            )
+        )
     run_dir, resuming = check_run_dir(args)
     if world > 1:  # every process has checked before rank 0 deletes or creates anything
         dist.barrier()
     lock = None
     if rank == 0:
-        lock = make_run_dir(run_dir, args.overwrite)  # held until train() ends: no other run writes here
+        lock = make_run_dir(
+            run_dir, args.overwrite
+        )  # held until train() ends: no other run writes here
         # Again under the lock: the run that held the folder may have finished or saved a checkpoint since.
         run_dir, resuming = check_run_dir(args)
     if world > 1:  # the other ranks write nothing in the folder, and only after rank 0 holds it
@@ -241,11 +332,18 @@ def resume(run: Run, data: Dataset, resuming: bool) -> tuple[int, EpochState | N
     if resuming:
         ckpt = load_checkpoint(run.dir / "checkpoint.pt", run)
         start_epoch, state = ckpt["epoch"] + 1, ckpt["epoch_state"]
-        log(rank, f"resuming {run.dir} after epoch {ckpt['epoch']}" + (f", step {state.step}" if state else ""))
+        log(
+            rank,
+            f"resuming {run.dir} after epoch {ckpt['epoch']}"
+            + (f", step {state.step}" if state else ""),
+        )
     if rank == 0:
         write_json(run.dir / "args.json", {**vars(args), "world_size": run.world})
     sizes = f"{len(data.train)} train / {len(data.test)} test, {data.source}"
-    log(rank, f"{args.loss} on {data.name} ({sizes}), {args.model} feat_dim={args.feat_dim}, {run.device}")
+    log(
+        rank,
+        f"{args.loss} on {data.name} ({sizes}), {args.model} feat_dim={args.feat_dim}, {run.device}",
+    )
     return start_epoch, state
 
 
@@ -256,13 +354,20 @@ def loop(run: Run, data: Dataset, start_epoch: int, state: EpochState | None) ->
     if args.tensorboard and rank == 0:
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(visualize.own_folder(run.dir, "tensorboard")))  # not through a link
+        writer = SummaryWriter(
+            str(visualize.own_folder(run.dir, "tensorboard"))
+        )  # not through a link
     stop = {"signal": None}
-    previous = {s: signal.signal(s, lambda signum, frame: stop.update(signal=signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {
+        s: signal.signal(s, lambda signum, frame: stop.update(signal=signum))
+        for s in (signal.SIGINT, signal.SIGTERM)
+    }
     try:
         for epoch in range(start_epoch, args.epochs + 1):
             if state is None:
-                aug = torch.Generator(device).manual_seed(epoch_generator(args.seed, epoch).initial_seed() + 1)
+                aug = torch.Generator(device).manual_seed(
+                    epoch_generator(args.seed, epoch).initial_seed() + 1
+                )
                 state = EpochState.new(len(data.classes), args.feat_dim, device, aug)
             started, step_before = time.perf_counter(), state.step
             stopped = train_epoch(run, epoch, state, stop)
@@ -278,31 +383,53 @@ def loop(run: Run, data: Dataset, start_epoch: int, state: EpochState | None) ->
             row, test_features = epoch_row(run, epoch, state, elapsed)
             run.bad_steps += row["bad_steps"]
             run.scheduler.step(row["val_acc"] if run.val is not None else row["test_acc"])
-            if run.center_optimizer is not None:  # one schedule: the sparse centers' lr decays with the model's
-                run.center_optimizer.param_groups[0]["lr"] = args.lr_cent * run.optimizer.param_groups[0]["lr"] / args.lr
+            if (
+                run.center_optimizer is not None
+            ):  # one schedule: the sparse centers' lr decays with the model's
+                run.center_optimizer.param_groups[0]["lr"] = (
+                    args.lr_cent * run.optimizer.param_groups[0]["lr"] / args.lr
+                )
             run.history.append(row)
             if rank == 0:
                 end_epoch(run, data, epoch, state, row, test_features, writer)
             accs = f"train acc {row['train_acc']:.4f}  test acc {row['test_acc']:.4f}  ncm acc {row['ncm_acc']:.4f}"
-            log(rank, f"epoch {epoch}/{args.epochs}  loss {row['train_loss']:.4f}  {accs}  lr {row['lr']:.3g}  {elapsed:.1f}s")
+            log(
+                rank,
+                f"epoch {epoch}/{args.epochs}  loss {row['train_loss']:.4f}  {accs}  lr {row['lr']:.3g}  {elapsed:.1f}s",
+            )
             state = None
             if stop_agreed(run, stop):
                 return 128 + stop["signal"]
     finally:
-        for s, handler in previous.items():  # start-up is over: a signal from here on is a KeyboardInterrupt carrying it
+        for (
+            s,
+            handler,
+        ) in (
+            previous.items()
+        ):  # start-up is over: a signal from here on is a KeyboardInterrupt carrying it
             signal.signal(s, interrupt if handler is interrupted_at_startup else handler)
         if writer is not None:
             writer.close()
     return None
 
 
-def end_epoch(run: Run, data: Dataset, epoch: int, state: EpochState, row: dict, test_features: torch.Tensor, writer) -> None:
+def end_epoch(
+    run: Run,
+    data: Dataset,
+    epoch: int,
+    state: EpochState,
+    row: dict,
+    test_features: torch.Tensor,
+    writer,
+) -> None:
     """Rank 0 after an epoch: metrics.csv, the points of the epoch's two 2-D frames (train: spread over its steps; test: the
     first FRAME_POINTS) with the centers as .npz files for finish() to draw, the checkpoint, TensorBoard."""
     args = run.args
     write_csv(run.dir / "metrics.csv", run.history, COLUMNS)
     if run.collect_frames and (epoch % args.plot_every == 0 or epoch == args.epochs):
-        centers = run.objective.centers.detach().cpu() if run.objective.centers is not None else None
+        centers = (
+            run.objective.centers.detach().cpu() if run.objective.centers is not None else None
+        )
         train_points = (torch.cat(state.frame_features).cpu(), torch.cat(state.frame_labels).cpu())
         test_points = (test_features[:FRAME_POINTS].cpu(), data.test.labels[:FRAME_POINTS].cpu())
         for split, (features, labels) in (("train", train_points), ("test", test_points)):
@@ -311,8 +438,14 @@ def end_epoch(run: Run, data: Dataset, epoch: int, state: EpochState, row: dict,
     atomic_torch_save(checkpoint(run, epoch, None), run.dir / "checkpoint.pt")
     if writer is not None:
         n = EMBEDDING_POINTS if epoch == args.epochs else 0
-        embedding = (test_features[:n], data.test.images[:n], [data.classes[k] for k in data.test.labels[:n].tolist()])
-        visualize.log_tensorboard(writer, epoch, row, run.objective.centers, embedding if n else None)
+        embedding = (
+            test_features[:n],
+            data.test.images[:n],
+            [data.classes[k] for k in data.test.labels[:n].tolist()],
+        )
+        visualize.log_tensorboard(
+            writer, epoch, row, run.objective.centers, embedding if n else None
+        )
 
 
 def log(rank: int, message: str) -> None:
@@ -338,12 +471,23 @@ def finish(run: Run, data: Dataset) -> None:
             if args.tensorboard:
                 visualize.log_frames_to_tensorboard(run_dir)
         else:
-            subset = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(args.seed))[:PROJECTION_POINTS]
+            subset = torch.randperm(
+                len(data.train), generator=torch.Generator().manual_seed(args.seed)
+            )[:PROJECTION_POINTS]
             train_subset = ImageData(data.train.images[subset], data.train.labels[subset])
             for name, split in (("train", train_subset), ("test", data.test)):
-                path, title = run_dir / f"{name}.png", f"{args.loss} {data.name} feat_dim={args.feat_dim} ({name})"
+                path, title = (
+                    run_dir / f"{name}.png",
+                    f"{args.loss} {data.name} feat_dim={args.feat_dim} ({name})",
+                )
                 visualize.save_projection(
-                    path, embed(run, split).cpu(), split.images.cpu(), split.labels.cpu(), data.classes, title, method=args.projection
+                    path,
+                    embed(run, split).cpu(),
+                    split.images.cpu(),
+                    split.labels.cpu(),
+                    data.classes,
+                    title,
+                    method=args.projection,
                 )
                 pictures.append(path)
     summary = run_summary(run, data)
@@ -351,35 +495,56 @@ def finish(run: Run, data: Dataset) -> None:
     if pictures:
         print("pictures: " + ", ".join(map(str, pictures)))
     if args.dataset == "digits":
-        print("next: python main.py --dataset mnist --data-dir DIR --epochs 3   (MNIST in DIR/MNIST/raw, downloaded there if missing)")
+        print(
+            "next: python main.py --dataset mnist --data-dir DIR --epochs 3   (MNIST in DIR/MNIST/raw, downloaded there if missing)"
+        )
     speed = f"{summary['samples_per_second']:.0f} samples/s"
-    print(f"done: acc {summary['acc']:.4f} (best {summary['best_acc']:.4f}), ncm acc {summary['ncm_acc']:.4f}, {speed} -> {run_dir}")
+    print(
+        f"done: acc {summary['acc']:.4f} (best {summary['best_acc']:.4f}), ncm acc {summary['ncm_acc']:.4f}, {speed} -> {run_dir}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     world, code = 1, None
-    sys.stdout.reconfigure(errors="backslashreplace")  # a run name the terminal's encoding lacks must not fail a finished run
+    sys.stdout.reconfigure(
+        errors="backslashreplace"
+    )  # a run name the terminal's encoding lacks must not fail a finished run
     try:
         args = parse_args(argv)
         rank, world = init_distributed(resolve_device(args.device))
         code = train(args, rank, world)
         return code
-    except (DataError, CheckpointError, RunFolderError, TrainingError, visualize.StitchError, DistributedError, WriteError) as exc:
+    except (
+        DataError,
+        CheckpointError,
+        RunFolderError,
+        TrainingError,
+        visualize.StitchError,
+        DistributedError,
+        WriteError,
+    ) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # before the training loop installs its handlers: nothing to save yet
         print(STARTUP_INTERRUPT, file=sys.stderr)
         return 130
-    except RuntimeError as exc:  # the CPU allocator reports a failed allocation as a plain RuntimeError
+    except (
+        RuntimeError
+    ) as exc:  # the CPU allocator reports a failed allocation as a plain RuntimeError
         if not isinstance(exc, torch.OutOfMemoryError) and "can't allocate memory" not in str(exc):
             raise
         reason = str(exc).strip().splitlines()[0]
-        print(f"error: out of memory ({reason}); use a smaller --batch-size or --feat-dim", file=sys.stderr)
+        print(
+            f"error: out of memory ({reason}); use a smaller --batch-size or --feat-dim",
+            file=sys.stderr,
+        )
         return 1
     finally:
         if world > 1:
             close_distributed(finished=code is not None)
 
 
-if __name__ == "__main__":  # interrupted_at_startup stays until the training loop installs its handlers
+if (
+    __name__ == "__main__"
+):  # interrupted_at_startup stays until the training loop installs its handlers
     sys.exit(main())

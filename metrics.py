@@ -14,18 +14,50 @@ from utils import chunk_rows
 CHUNK = 512  # queries per chunk: 512 x 60,000 float32 distances = 123 MB
 CLUSTER_CLASSES = 1000  # NMI/AMI up to this many classes: k-means costs n k D a pass (5,000 of 10,000 128-D points: 87 s)
 RETRIEVAL_METRICS = ("precision_at_1", "r_precision", "map_at_r")
-PML_NAMES = ("precision_at_1", "r_precision", "mean_average_precision_at_r")  # the same in AccuracyCalculator
-FEATURE_METRICS = ("knn1_acc", "knn10_acc", *RETRIEVAL_METRICS, "nmi", "ami", "center_distance_ratio")
-OPEN_SET_METRICS = tuple(f"open_{name}" for name in RETRIEVAL_METRICS)  # among the classes never trained on (--train-classes)
-GEOMETRY_METRICS = ("intra_distance", "min_center_gap", "mean_center_gap", "min_gap_ratio", "mean_gap_ratio", "feature_norm")
+PML_NAMES = (
+    "precision_at_1",
+    "r_precision",
+    "mean_average_precision_at_r",
+)  # the same in AccuracyCalculator
+FEATURE_METRICS = (
+    "knn1_acc",
+    "knn10_acc",
+    *RETRIEVAL_METRICS,
+    "nmi",
+    "ami",
+    "center_distance_ratio",
+)
+OPEN_SET_METRICS = tuple(
+    f"open_{name}" for name in RETRIEVAL_METRICS
+)  # among the classes never trained on (--train-classes)
+GEOMETRY_METRICS = (
+    "intra_distance",
+    "min_center_gap",
+    "mean_center_gap",
+    "min_gap_ratio",
+    "mean_gap_ratio",
+    "feature_norm",
+)
 
 
-def stable_knn(query: torch.Tensor, k: int, reference: torch.Tensor, ref_includes_query: bool, positions: torch.Tensor) -> tuple:
+def stable_knn(
+    query: torch.Tensor,
+    k: int,
+    reference: torch.Tensor,
+    ref_includes_query: bool,
+    positions: torch.Tensor,
+) -> tuple:
     """pml's knn_func: the k nearest reference rows, ties to the lower position (positions[j]: row j's place in the caller's
     order, a permutation). pml's CustomKNN (torch.topk) leaves ties unordered; its FaissKNN needs faiss."""
-    skip, rows, found = int(ref_includes_query), positions.argsort(), []  # skip: pml passes the queries as the reference's first rows
+    skip, rows, found = (
+        int(ref_includes_query),
+        positions.argsort(),
+        [],
+    )  # skip: pml passes the queries as the reference's first rows
     for start in range(0, len(query), CHUNK):
-        d = squared_distances(query[start : start + CHUNK].float(), reference.float()) + 0.0  # + 0.0: no -0.0
+        d = (
+            squared_distances(query[start : start + CHUNK].float(), reference.float()) + 0.0
+        )  # + 0.0: no -0.0
         if skip:  # the query itself first (distances are >= 0), then left out
             d[torch.arange(len(d)), torch.arange(len(d)) + start] = -1.0
         # (distance, position) as one int64: float32 bits >= 0 order as the floats, so its top-k is a stable sort's first k
@@ -35,13 +67,25 @@ def stable_knn(query: torch.Tensor, k: int, reference: torch.Tensor, ref_include
     return tuple(torch.cat(parts) for parts in zip(*found))
 
 
-def knn_accuracy(query: torch.Tensor, query_labels: torch.Tensor, gallery: torch.Tensor, gallery_labels: torch.Tensor, k: int) -> float:
+def knn_accuracy(
+    query: torch.Tensor,
+    query_labels: torch.Tensor,
+    gallery: torch.Tensor,
+    gallery_labels: torch.Tensor,
+    k: int,
+) -> float:
     """Accuracy of the k (<= gallery size) nearest gallery points' majority label; tied votes: smaller rank sum, then label. Not in pml."""
     k, classes = min(k, len(gallery)), int(max(query_labels.max(), gallery_labels.max())) + 1
-    weights = k * (k + 1) + k - torch.arange(k, device=gallery.device)  # rank r adds k(k+1) + k - r: bonuses < one vote
+    weights = (
+        k * (k + 1) + k - torch.arange(k, device=gallery.device)
+    )  # rank r adds k(k+1) + k - r: bonuses < one vote
     correct, chunk = 0, min(CHUNK, chunk_rows(classes, itemsize=8))  # votes: chunk x classes int64
     for start in range(0, len(query), chunk):
-        idx = squared_distances(query[start : start + chunk].float(), gallery.float()).topk(k, dim=1, largest=False).indices
+        idx = (
+            squared_distances(query[start : start + chunk].float(), gallery.float())
+            .topk(k, dim=1, largest=False)
+            .indices
+        )
         votes = torch.zeros(len(idx), classes, device=idx.device, dtype=torch.int64)
         votes.scatter_add_(1, gallery_labels[idx], weights.expand_as(idx))
         correct += int((votes.argmax(1) == query_labels[start : start + chunk]).sum())
@@ -53,24 +97,42 @@ def retrieval_scores(features: torch.Tensor, labels: torch.Tensor) -> dict[str, 
     query (R: classmates, rel(i): neighbour i a classmate, P(i): precision of the first i); mean over queries with R > 0, else None."""
     if int((counts := torch.bincount(labels)).max()) < 2:
         return dict.fromkeys(RETRIEVAL_METRICS)
-    if not bool(torch.isfinite(features).all()):  # NaN: pml would refuse them (its check that the queries lead the reference)
+    if not bool(
+        torch.isfinite(features).all()
+    ):  # NaN: pml would refuse them (its check that the queries lead the reference)
         return dict.fromkeys(RETRIEVAL_METRICS, float("nan"))
-    from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator  # with scikit-learn: seconds, so only when used
+    from pytorch_metric_learning.utils.accuracy_calculator import (
+        AccuracyCalculator,
+    )  # with scikit-learn: seconds, so only when used
 
-    calculator = AccuracyCalculator(include=PML_NAMES, k="max_bin_count", device=features.device, knn_func=stable_knn)
+    calculator = AccuracyCalculator(
+        include=PML_NAMES, k="max_bin_count", device=features.device, knn_func=stable_knn
+    )
     # pml compares each distinct query label with every reference label at once (20,000 classes, 40,000 images: 8 GB): chunks
-    scored, sums, everyone = counts[labels] > 1, dict.fromkeys(PML_NAMES, 0.0), torch.arange(len(labels), device=labels.device)
+    scored, sums, everyone = (
+        counts[labels] > 1,
+        dict.fromkeys(PML_NAMES, 0.0),
+        torch.arange(len(labels), device=labels.device),
+    )
     for start in range(0, len(labels), CHUNK):
         chunk = everyone[start : start + CHUNK]  # the first rows of its reference
-        if n := int(scored[chunk].sum()):  # pml averages over the chunk's queries that have a classmate
+        if n := int(
+            scored[chunk].sum()
+        ):  # pml averages over the chunk's queries that have a classmate
             order = torch.cat([chunk, everyone[:start], everyone[start + CHUNK :]])
-            calculator.knn_func = functools.partial(stable_knn, positions=order)  # ties to the lower index, as unchunked
-            scores = calculator.get_accuracy(features[chunk].float(), labels[chunk], features[order].float(), labels[order], True)
+            calculator.knn_func = functools.partial(
+                stable_knn, positions=order
+            )  # ties to the lower index, as unchunked
+            scores = calculator.get_accuracy(
+                features[chunk].float(), labels[chunk], features[order].float(), labels[order], True
+            )
             sums = {name: total + n * float(scores[name]) for name, total in sums.items()}
     return {name: sums[pml] / int(scored.sum()) for name, pml in zip(RETRIEVAL_METRICS, PML_NAMES)}
 
 
-def clustering_scores(features: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> tuple[float | None, float | None]:
+def clustering_scores(
+    features: torch.Tensor, labels: torch.Tensor, seed: int = 0
+) -> tuple[float | None, float | None]:
     """NMI, AMI of KMeans (3 seeded restarts, k: classes present); None if k is 1, the sample count (all score 1) or > CLUSTER_CLASSES."""
     points, k, truth = features.float().cpu().numpy(), len(labels.unique()), labels.cpu().numpy()
     if not 1 < k < len(points) or k > CLUSTER_CLASSES:
@@ -79,9 +141,13 @@ def clustering_scores(features: torch.Tensor, labels: torch.Tensor, seed: int = 
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.metrics import adjusted_mutual_info_score, normalized_mutual_info_score
 
-    with warnings.catch_warnings(action="ignore", category=ConvergenceWarning):  # collapsed features: fewer distinct points than k
+    with warnings.catch_warnings(
+        action="ignore", category=ConvergenceWarning
+    ):  # collapsed features: fewer distinct points than k
         clusters = KMeans(k, n_init=3, random_state=seed).fit_predict(points)
-    return float(normalized_mutual_info_score(truth, clusters)), float(adjusted_mutual_info_score(truth, clusters))
+    return float(normalized_mutual_info_score(truth, clusters)), float(
+        adjusted_mutual_info_score(truth, clusters)
+    )
 
 
 def class_geometry(features: torch.Tensor, labels: torch.Tensor) -> dict[str, float | None]:
@@ -90,13 +156,25 @@ def class_geometry(features: torch.Tensor, labels: torch.Tensor) -> dict[str, fl
     if not bool(torch.isfinite(features := features.float()).all()):
         return dict.fromkeys(GEOMETRY_METRICS, float("nan"))
     present, index = labels.unique(return_inverse=True)
-    means = features.new_zeros(len(present), features.shape[1]).index_add_(0, index, features) / torch.bincount(index)[:, None]
+    means = (
+        features.new_zeros(len(present), features.shape[1]).index_add_(0, index, features)
+        / torch.bincount(index)[:, None]
+    )
     intra, k = float((features - means[index]).norm(dim=1).mean()), len(present)
-    low, total, step = float("inf"), 0.0, chunk_rows(k)  # C x C gaps in chunks of rows: 100,000 classes would take 40 GB
+    low, total, step = (
+        float("inf"),
+        0.0,
+        chunk_rows(k),
+    )  # C x C gaps in chunks of rows: 100,000 classes would take 40 GB
     for start in range(0, k if k > 1 else 0, step):
         gaps = squared_distances(means[start : start + step], means).sqrt()
-        gaps[torch.arange(len(gaps)), torch.arange(len(gaps)) + start] = float("inf")  # a class and itself are no pair
-        low, total = min(low, float(gaps.min())), total + float(gaps.masked_fill(gaps.isinf(), 0).sum(dtype=torch.float64))
+        gaps[torch.arange(len(gaps)), torch.arange(len(gaps)) + start] = float(
+            "inf"
+        )  # a class and itself are no pair
+        low, total = (
+            min(low, float(gaps.min())),
+            total + float(gaps.masked_fill(gaps.isinf(), 0).sum(dtype=torch.float64)),
+        )
     gaps = (low, total / (k * (k - 1))) if k > 1 else (None, None)
     ratios = tuple(gap / intra if gap is not None and intra > 0 else None for gap in gaps)
     return dict(zip(GEOMETRY_METRICS, (intra, *gaps, *ratios, float(features.norm(dim=1).mean()))))
@@ -104,13 +182,28 @@ def class_geometry(features: torch.Tensor, labels: torch.Tensor) -> dict[str, fl
 
 def center_distance_ratio(features: torch.Tensor, labels: torch.Tensor) -> float | None:
     """intra_distance / mean_center_gap (1 / mean_gap_ratio): below 1 when classes are tighter than apart; None for one class."""
-    return g["intra_distance"] / g["mean_center_gap"] if (g := class_geometry(features, labels))["mean_center_gap"] else None
+    return (
+        g["intra_distance"] / g["mean_center_gap"]
+        if (g := class_geometry(features, labels))["mean_center_gap"]
+        else None
+    )
 
 
-def feature_metrics(test: torch.Tensor, test_labels: torch.Tensor, train: torch.Tensor, train_labels: torch.Tensor, seed: int = 0) -> dict:
+def feature_metrics(
+    test: torch.Tensor,
+    test_labels: torch.Tensor,
+    train: torch.Tensor,
+    train_labels: torch.Tensor,
+    seed: int = 0,
+) -> dict:
     """FEATURE_METRICS of the test features (train: the k-NN gallery); NaN for non-finite features, None where the set gives none."""
     if not (torch.isfinite(test).all() and torch.isfinite(train).all()):
         return dict.fromkeys(FEATURE_METRICS, float("nan"))
     knn = {f"knn{k}_acc": knn_accuracy(test, test_labels, train, train_labels, k) for k in (1, 10)}
     clusters = dict(zip(("nmi", "ami"), clustering_scores(test, test_labels, seed)))
-    return knn | retrieval_scores(test, test_labels) | clusters | {"center_distance_ratio": center_distance_ratio(test, test_labels)}
+    return (
+        knn
+        | retrieval_scores(test, test_labels)
+        | clusters
+        | {"center_distance_ratio": center_distance_ratio(test, test_labels)}
+    )

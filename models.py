@@ -83,7 +83,14 @@ class ResNet(nn.Module):
     average pooling, a linear layer to feat_dim (the features) and a linear classifier. `width`
     multiplies every channel count (1: the study's network; 4 has about 16 times its weights)."""
 
-    def __init__(self, in_channels: int, num_classes: int, feat_dim: int, image_size: int = 28, width: int = 1) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        feat_dim: int,
+        image_size: int = 28,
+        width: int = 1,
+    ) -> None:
         super().__init__()
         self.stem = nn.Conv2d(in_channels, 16 * width, 3, bias=False)
         blocks = []
@@ -92,7 +99,9 @@ class ResNet(nn.Module):
             blocks.append(PreActBlock(channels, base * width, stride))
             channels = base * width
         self.blocks = nn.Sequential(*blocks)
-        self.head = nn.Sequential(nn.BatchNorm2d(channels), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Sequential(
+            nn.BatchNorm2d(channels), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()
+        )
         self.embed = nn.Linear(channels, feat_dim)
         self.classifier = nn.Linear(feat_dim, num_classes)
         for m in self.modules():

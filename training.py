@@ -37,7 +37,9 @@ class Trainer:
     objective: Objective
     optimizer: torch.optim.Optimizer
     center_optimizer: RowSGD | None  # many classes: SGD on the batch's centers
-    scaler: torch.amp.GradScaler  # fp16: the loss scale; otherwise scale 1, only the skip of non-finite steps
+    scaler: (
+        torch.amp.GradScaler
+    )  # fp16: the loss scale; otherwise scale 1, only the skip of non-finite steps
     fp16: bool
     autocast: Callable[[], AbstractContextManager]
     channels_last: bool
@@ -57,7 +59,9 @@ class Run(Trainer):
     train: ImageData
     test: ImageData
     val: ImageData | None
-    unseen: ImageData | None  # test images of the classes left out by --train-classes (open-set retrieval)
+    unseen: (
+        ImageData | None
+    )  # test images of the classes left out by --train-classes (open-set retrieval)
     augmentations: tuple[str, ...]
     collect_frames: bool  # 2-D features drawn each epoch
     frame_take: int = 0  # train points each step keeps for the train frame (spread over the epoch)
@@ -68,18 +72,38 @@ class Run(Trainer):
     bad_steps: int = 0  # steps taken back in finished epochs
 
 
-def build_trainer(args: argparse.Namespace, data: Dataset, device: torch.device, world: int = 1) -> Trainer:
+def build_trainer(
+    args: argparse.Namespace, data: Dataset, device: torch.device, world: int = 1
+) -> Trainer:
     """Model, objective, optimisers, GradScaler and autocast from main.py's settings, in a fixed order after
     seeding (same --seed, same weights). Weight decay: the model only; paper centers: no optimiser."""
     torch.manual_seed(args.seed)  # the only generator the weights draw from
     stats = channel_stats(data.train.images) if args.model == "lenet++" else (None, None)
-    model = build_model(args.model, data.channels, len(data.classes), args.feat_dim, data.image_size, *stats, width=args.width).to(device)
+    model = build_model(
+        args.model,
+        data.channels,
+        len(data.classes),
+        args.feat_dim,
+        data.image_size,
+        *stats,
+        width=args.width,
+    ).to(device)
     if args.loss in CENTER_ACC_LOSSES:  # logits unused: no gradient, and DDP must not wait for one
         model.classifier.requires_grad_(False)
-    if world > 1 and device.type == "cuda":  # batch statistics over the global batch (SyncBatchNorm needs a GPU)
+    if (
+        world > 1 and device.type == "cuda"
+    ):  # batch statistics over the global batch (SyncBatchNorm needs a GPU)
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    sparse = args.center_update == "sgd" and len(data.classes) > args.batch_size  # many classes: cost follows the batch
-    weights = (args.weight_cent, args.weight_intra, args.weight_inter, args.inter_margin, args.alpha)
+    sparse = (
+        args.center_update == "sgd" and len(data.classes) > args.batch_size
+    )  # many classes: cost follows the batch
+    weights = (
+        args.weight_cent,
+        args.weight_intra,
+        args.weight_inter,
+        args.inter_margin,
+        args.alpha,
+    )
     objective = Objective(args.loss, len(data.classes), args.feat_dim, *weights, sparse).to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -93,13 +117,17 @@ def build_trainer(args: argparse.Namespace, data: Dataset, device: torch.device,
     add_momentum_buffers(optimizer)
     dtype, net = AMP_DTYPES[args.amp], model
     if world > 1:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     return Trainer(
         model=model,
         net=torch.compile(net, mode=args.compile) if args.compile else net,
         objective=objective,
         optimizer=optimizer,
-        center_optimizer=RowSGD(objective.centers, args.lr_cent, args.momentum) if objective.sparse_centers else None,
+        center_optimizer=RowSGD(objective.centers, args.lr_cent, args.momentum)
+        if objective.sparse_centers
+        else None,
         scaler=torch.amp.GradScaler(device.type, init_scale=2.0**16 if args.amp == "fp16" else 1.0),
         fp16=args.amp == "fp16",
         autocast=(lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext,
@@ -118,7 +146,9 @@ def cuda_backends(device: torch.device) -> None:
         torch.backends.cuda.matmul.allow_tf32 = False
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace) -> torch.optim.lr_scheduler.ReduceLROnPlateau:
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, args: argparse.Namespace
+) -> torch.optim.lr_scheduler.ReduceLROnPlateau:
     """The study's schedule: lr x --factor once the accuracy has not risen by the relative --threshold for more
     than --patience epochs (mode max); the study's 0.1 is never met above 1 / 1.1 ~ 0.91 (docs/fidelity.md)."""
     return torch.optim.lr_scheduler.ReduceLROnPlateau(
@@ -129,7 +159,13 @@ def make_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace) -
 def add_momentum_buffers(optimizer: torch.optim.Optimizer) -> None:
     """A zero momentum buffer for every trained parameter that has none: SGD's first step creates them
     with empty_like, left uninitialised if the GradScaler skips it; m * 0 + g = g is that step exactly."""
-    for p in (p for group in optimizer.param_groups if group["momentum"] for p in group["params"] if p.requires_grad):
+    for p in (
+        p
+        for group in optimizer.param_groups
+        if group["momentum"]
+        for p in group["params"]
+        if p.requires_grad
+    ):
         optimizer.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
 
 
@@ -156,22 +192,37 @@ def train_step(trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> tuple[torc
     scaler.unscale_(optimizer)  # the true gradients, for the check and the clipping
     params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     # max |g| per tensor: NaN or inf exactly when the scaler finds a non-finite gradient
-    apply = torch.isfinite(torch.stack([torch.linalg.vector_norm(p.grad, math.inf) for p in params])).all()
+    apply = torch.isfinite(
+        torch.stack([torch.linalg.vector_norm(p.grad, math.inf) for p in params])
+    ).all()
     finite = loss_ok if trainer.fp16 else apply
     if trainer.clip_grad_norm:  # the dense gradients only
         nn.utils.clip_grad_norm_(params, trainer.clip_grad_norm)
     scaler.step(optimizer)
-    if trainer.center_optimizer is not None:  # the rows' gradient, which the scaler does not see, carries its scale
+    if (
+        trainer.center_optimizer is not None
+    ):  # the rows' gradient, which the scaler does not see, carries its scale
         criterion = trainer.objective.criterion
         unscaled = criterion.rows.grad / scaler.scale(torch.ones((), device=criterion.rows.device))
         rows_ok = trainer.center_optimizer.step(criterion.labels, unscaled, apply)
         finite = finite & (rows_ok | ~apply)  # rows a skipped step did not write are not its fault
     if trainer.center_alpha is not None:
-        finite = finite & paper_center_update(centers, features.detach().float(), y, trainer.center_alpha, apply)
+        finite = finite & paper_center_update(
+            centers, features.detach().float(), y, trainer.center_alpha, apply
+        )
     for buffer, before in zip(buffers, saved):
         buffer.copy_(torch.where(apply, buffer, before))
-    scaler.update(None if trainer.fp16 else 1.0)  # fp16: backs off after an overflow; else a scale of 1 stays 1
-    return features.detach(), logits.detach(), y, loss.detach(), {name: term.detach() for name, term in terms.items()}, finite
+    scaler.update(
+        None if trainer.fp16 else 1.0
+    )  # fp16: backs off after an overflow; else a scale of 1 stays 1
+    return (
+        features.detach(),
+        logits.detach(),
+        y,
+        loss.detach(),
+        {name: term.detach() for name, term in terms.items()},
+        finite,
+    )
 
 
 TERMS = ("xent", "intra", "inter")
@@ -187,14 +238,20 @@ class EpochState:
     class_sum: torch.Tensor  # C x D: per-class sums of train features (nearest-class-mean accuracy)
     class_count: torch.Tensor  # C
     bad_steps: torch.Tensor  # int64: steps taken back
-    last_bad: torch.Tensor  # float64: step, loss and TERMS of the last bad step, for the error message
+    last_bad: (
+        torch.Tensor
+    )  # float64: step, loss and TERMS of the last bad step, for the error message
     aug: torch.Tensor  # state of the augmentation generator after the last step
     step: int = 0
-    frame_features: list[torch.Tensor] = field(default_factory=list)  # train points of the 2-D frame
+    frame_features: list[torch.Tensor] = field(
+        default_factory=list
+    )  # train points of the 2-D frame
     frame_labels: list[torch.Tensor] = field(default_factory=list)
 
     @classmethod
-    def new(cls, num_classes: int, feat_dim: int, device: torch.device, aug: torch.Generator) -> EpochState:
+    def new(
+        cls, num_classes: int, feat_dim: int, device: torch.device, aug: torch.Generator
+    ) -> EpochState:
         return cls(
             loss_sums=torch.zeros(1 + len(TERMS), dtype=torch.float64, device=device),
             correct=torch.zeros((), dtype=torch.int64, device=device),
@@ -209,14 +266,25 @@ class EpochState:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
     def add(
-        self, loss: torch.Tensor, terms: dict, features: torch.Tensor, labels: torch.Tensor, correct: torch.Tensor, finite: torch.Tensor
+        self,
+        loss: torch.Tensor,
+        terms: dict,
+        features: torch.Tensor,
+        labels: torch.Tensor,
+        correct: torch.Tensor,
+        finite: torch.Tensor,
     ) -> None:
         """Count one step's loss, terms, correct predictions and features, or, if it was not
         finite, only the bad step itself (with torch.where: no host sync)."""
-        values = torch.stack([loss.detach()] + [terms[t].detach() if t in terms else loss.new_zeros(()) for t in TERMS]).double()
+        values = torch.stack(
+            [loss.detach()]
+            + [terms[t].detach() if t in terms else loss.new_zeros(()) for t in TERMS]
+        ).double()
         self.step += 1
         self.bad_steps += ~finite
-        self.last_bad = torch.where(finite, self.last_bad, torch.cat([values.new_full((1,), self.step), values]))
+        self.last_bad = torch.where(
+            finite, self.last_bad, torch.cat([values.new_full((1,), self.step), values])
+        )
         self.loss_sums += torch.where(finite, values, 0)
         self.correct += torch.where(finite, correct, 0)
         self.class_sum.index_add_(0, labels, torch.where(finite, features, 0))

@@ -39,7 +39,15 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         tmp.unlink(missing_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0), 0o666)
+        fd = os.open(
+            tmp,
+            os.O_WRONLY
+            | os.O_CREAT
+            | os.O_EXCL
+            | getattr(os, "O_NOFOLLOW", 0)
+            | getattr(os, "O_BINARY", 0),
+            0o666,
+        )
         try:
             with open(fd, "wb") as f:
                 f.write(data)
@@ -55,7 +63,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         finally:
             os.close(dir_fd)
     except OSError as exc:
-        raise WriteError(f"cannot write {path} ({exc.strerror}); free space or fix the folder and run the same command again") from None
+        raise WriteError(
+            f"cannot write {path} ({exc.strerror}); free space or fix the folder and run the same command again"
+        ) from None
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
@@ -66,7 +76,12 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
 
 def write_json(path: Path, obj: Any) -> None:
     """Strict JSON (no NaN or Infinity tokens, which most parsers refuse): a non-finite float becomes null."""
-    atomic_write_bytes(path, (json.dumps(finite_or_none(obj), indent=2, sort_keys=False, allow_nan=False) + "\n").encode())
+    atomic_write_bytes(
+        path,
+        (
+            json.dumps(finite_or_none(obj), indent=2, sort_keys=False, allow_nan=False) + "\n"
+        ).encode(),
+    )
 
 
 def finite_or_none(obj: Any) -> Any:
@@ -85,7 +100,16 @@ def write_csv(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> Non
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: "" if row.get(k) is None else f"{row[k]:.6g}" if isinstance(row[k], float) else row[k] for k in columns})
+        writer.writerow(
+            {
+                k: ""
+                if row.get(k) is None
+                else f"{row[k]:.6g}"
+                if isinstance(row[k], float)
+                else row[k]
+                for k in columns
+            }
+        )
     atomic_write_bytes(path, buffer.getvalue().encode())
 
 

@@ -29,7 +29,9 @@ from utils import WriteError, atomic_write_bytes  # noqa: E402
 
 FRAME_SIZE_INCHES, FRAME_DPI = 5.0, 80
 SPLITS = ("train", "test")
-LEGEND_CLASSES = 40  # more classes than this (face identities) get no legend: it would cover the frame
+LEGEND_CLASSES = (
+    40  # more classes than this (face identities) get no legend: it would cover the frame
+)
 THUMBNAILS, MAX_POINTS = 300, 5000  # a projection's points drawn as their image, and all its points
 
 
@@ -59,7 +61,9 @@ def own_folder(run_dir: Path, *names: str) -> Path:
         except OSError as exc:
             raise WriteError(f"cannot create {folder} ({exc.strerror})") from None
         if folder.is_symlink() or not folder.is_dir():
-            raise WriteError(f"{folder} is a link or not a folder, and the run writes only into folders of its own; remove it")
+            raise WriteError(
+                f"{folder} is a link or not a folder, and the run writes only into folders of its own; remove it"
+            )
     return folder
 
 
@@ -70,24 +74,64 @@ def robust_limits(points: np.ndarray, quantile: float = 0.005, pad: float = 0.08
     return np.stack([low - pad * span, high + pad * span], axis=1)
 
 
-def add_legend(ax: plt.Axes, colors: np.ndarray, classes: Sequence[str], marker: str, markersize: float = 6, **kwargs) -> None:
+def add_legend(
+    ax: plt.Axes,
+    colors: np.ndarray,
+    classes: Sequence[str],
+    marker: str,
+    markersize: float = 6,
+    **kwargs,
+) -> None:
     style = dict(marker=marker, linestyle="", markersize=markersize)
     handles = [plt.Line2D([], [], color=colors[k], label=c, **style) for k, c in enumerate(classes)]
     ax.legend(handles=handles, loc="upper right", **kwargs)
 
 
 def draw_frame(
-    path: Path, features: np.ndarray, labels: np.ndarray, centers: np.ndarray | None, classes: Sequence[str], title: str, limits: np.ndarray
+    path: Path,
+    features: np.ndarray,
+    labels: np.ndarray,
+    centers: np.ndarray | None,
+    classes: Sequence[str],
+    title: str,
+    limits: np.ndarray,
 ) -> None:
     """One 2-D frame: points coloured by class, centers as black-edged stars, class names in the legend."""
     colors = class_colors(len(classes))
     fig, ax = plt.subplots(figsize=(FRAME_SIZE_INCHES, FRAME_SIZE_INCHES), dpi=FRAME_DPI)
-    ax.scatter(features[:, 0], features[:, 1], c=colors[labels], s=2 if len(features) > 2000 else 6, linewidths=0, rasterized=True)
+    ax.scatter(
+        features[:, 0],
+        features[:, 1],
+        c=colors[labels],
+        s=2 if len(features) > 2000 else 6,
+        linewidths=0,
+        rasterized=True,
+    )
     if centers is not None:
-        star = {"s": 10, "linewidths": 0.2, "rasterized": True} if len(centers) > LEGEND_CLASSES else {"s": 120, "linewidths": 0.8}
-        ax.scatter(centers[:, 0], centers[:, 1], c=colors[: len(centers)], marker="*", edgecolors="black", **star)
+        star = (
+            {"s": 10, "linewidths": 0.2, "rasterized": True}
+            if len(centers) > LEGEND_CLASSES
+            else {"s": 120, "linewidths": 0.8}
+        )
+        ax.scatter(
+            centers[:, 0],
+            centers[:, 1],
+            c=colors[: len(centers)],
+            marker="*",
+            edgecolors="black",
+            **star,
+        )
     if len(classes) <= LEGEND_CLASSES:
-        add_legend(ax, colors, classes, "o", markersize=5, fontsize=6, framealpha=0.7, ncol=1 if len(classes) <= 10 else 2)
+        add_legend(
+            ax,
+            colors,
+            classes,
+            "o",
+            markersize=5,
+            fontsize=6,
+            framealpha=0.7,
+            ncol=1 if len(classes) <= 10 else 2,
+        )
     ax.set(xlim=limits[0], ylim=limits[1])
     ax.set_title(title, fontsize=8)
     ax.tick_params(labelsize=6)
@@ -95,13 +139,25 @@ def draw_frame(
 
 
 def save_frame_data(
-    run_dir: Path, split: str, epoch: int, features: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor | None, title: str
+    run_dir: Path,
+    split: str,
+    epoch: int,
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    centers: torch.Tensor | None,
+    title: str,
 ) -> Path:
     """Write frames/<split>/epoch_NNN.npz, the points of one frame; draw_frames draws them all at the end."""
     centers = centers.float().numpy() if centers is not None else np.zeros((0, 2), np.float32)
     path = own_folder(run_dir, "frames", split) / f"epoch_{epoch:03d}.npz"
     buffer = io.BytesIO()
-    np.savez(buffer, features=features.float().numpy(), labels=labels.numpy(), centers=centers, title=title)
+    np.savez(
+        buffer,
+        features=features.float().numpy(),
+        labels=labels.numpy(),
+        centers=centers,
+        title=title,
+    )
     atomic_write_bytes(path, buffer.getvalue())
     return path
 
@@ -111,10 +167,16 @@ def load_frame(path: Path) -> dict[str, np.ndarray]:
     try:
         with np.load(path) as d:
             frame = {k: d[k] for k in ("features", "labels", "centers", "title")}
-        if frame["features"].ndim != 2 or frame["features"].shape[1] != 2 or len(frame["labels"]) != len(frame["features"]):
+        if (
+            frame["features"].ndim != 2
+            or frame["features"].shape[1] != 2
+            or len(frame["labels"]) != len(frame["features"])
+        ):
             raise ValueError("not 2-D points with one label each")
     except Exception as exc:  # numpy reports damage as OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError, ...
-        raise StitchError(f"{path}: damaged frame data ({type(exc).__name__}); delete it and run the same command again") from None
+        raise StitchError(
+            f"{path}: damaged frame data ({type(exc).__name__}); delete it and run the same command again"
+        ) from None
     return frame
 
 
@@ -122,15 +184,27 @@ def draw_frames(run_dir: Path, classes: Sequence[str]) -> np.ndarray | None:
     """Draw frames/*/epoch_*.npz -> .png in one axis range (returned) so GIFs do not jump.
     In this process (about 0.7 s per epoch here): a pool of drawing processes killed by a signal sent to the whole process
     group can die holding the pool's queue lock, and the parent then hangs in Pool.terminate()."""
-    frames = sorted(f for split in SPLITS for f in own_folder(run_dir, "frames", split).glob("epoch_*.npz"))
+    frames = sorted(
+        f for split in SPLITS for f in own_folder(run_dir, "frames", split).glob("epoch_*.npz")
+    )
     if not frames:
         return None
     loaded = [load_frame(f) for f in frames]
-    ranges = np.stack([robust_limits(np.concatenate([d["features"], d["centers"]])) for d in loaded])
+    ranges = np.stack(
+        [robust_limits(np.concatenate([d["features"], d["centers"]])) for d in loaded]
+    )
     limits = np.stack([ranges[:, :, 0].min(0), ranges[:, :, 1].max(0)], axis=1)
     for path, d in zip(frames, loaded):
         centers = d["centers"] if len(d["centers"]) else None
-        draw_frame(path.with_suffix(".png"), d["features"], d["labels"], centers, classes, str(d["title"]), limits)
+        draw_frame(
+            path.with_suffix(".png"),
+            d["features"],
+            d["labels"],
+            centers,
+            classes,
+            str(d["title"]),
+            limits,
+        )
     return limits
 
 
@@ -140,51 +214,93 @@ def project_2d(features: torch.Tensor, method: str = "pca", seed: int = 0) -> np
     if method == "tsne":
         from sklearn.manifold import TSNE
 
-        return TSNE(n_components=2, init="pca", random_state=seed, perplexity=min(30, len(features) - 1)).fit_transform(features.numpy())
+        return TSNE(
+            n_components=2, init="pca", random_state=seed, perplexity=min(30, len(features) - 1)
+        ).fit_transform(features.numpy())
     centered = features - features.mean(0)
     _, _, v = torch.linalg.svd(centered, full_matrices=False)
     return (centered @ v[:2].T).numpy()
 
 
 def save_projection(
-    path: Path, features: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, classes: Sequence[str], title: str, method: str = "pca"
+    path: Path,
+    features: torch.Tensor,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    classes: Sequence[str],
+    title: str,
+    method: str = "pca",
 ) -> None:
     """THUMBNAILS points as their image in a class-coloured frame, the rest (to MAX_POINTS) as dots; 1-D: x, class index ±0.3."""
     n = min(len(features), MAX_POINTS)
     labels = labels[:n].numpy()
     if features.shape[1] == 1:
-        points, method = np.stack([features[:n, 0].double().numpy(), labels + np.random.default_rng(0).uniform(-0.3, 0.3, n)], 1), "strip"
+        points, method = (
+            np.stack(
+                [
+                    features[:n, 0].double().numpy(),
+                    labels + np.random.default_rng(0).uniform(-0.3, 0.3, n),
+                ],
+                1,
+            ),
+            "strip",
+        )
     else:
         points = project_2d(features[:n], method)
     colors = class_colors(len(classes))
     fig, ax = plt.subplots(figsize=(9, 9), dpi=100)
-    ax.scatter(points[THUMBNAILS:, 0], points[THUMBNAILS:, 1], c=colors[labels[THUMBNAILS:]], s=3, linewidths=0, alpha=0.6)
+    ax.scatter(
+        points[THUMBNAILS:, 0],
+        points[THUMBNAILS:, 1],
+        c=colors[labels[THUMBNAILS:]],
+        s=3,
+        linewidths=0,
+        alpha=0.6,
+    )
     limits = robust_limits(points, quantile=0.002)
     side = 0.015 * (limits[:, 1] - limits[:, 0])
     for k in range(min(THUMBNAILS, n)):
-        thumb = images[k].float().div(255).permute(1, 2, 0).expand(-1, -1, 3).numpy()  # a grey image's one channel, thrice
+        thumb = (
+            images[k].float().div(255).permute(1, 2, 0).expand(-1, -1, 3).numpy()
+        )  # a grey image's one channel, thrice
         framed = np.ones((thumb.shape[0] + 4, thumb.shape[1] + 4, 3)) * colors[labels[k]][:3]
         framed[2:-2, 2:-2] = thumb
         (x, y), (dx, dy) = points[k], side
-        ax.imshow(framed, extent=(x - dx, x + dx, y - dy, y + dy), interpolation="nearest", zorder=3)
+        ax.imshow(
+            framed, extent=(x - dx, x + dx, y - dy, y + dy), interpolation="nearest", zorder=3
+        )
     add_legend(ax, colors, classes, "s", fontsize=8, framealpha=0.8)
     ax.set(xlim=limits[0], ylim=limits[1], aspect="auto")
     ax.set_title(f"{title}, {method.upper()} of {n} points", fontsize=10)
     save_figure(fig, path)
 
 
-def log_tensorboard(writer, epoch: int, row: dict, centers: torch.Tensor | None, embedding: tuple | None = None) -> None:
+def log_tensorboard(
+    writer, epoch: int, row: dict, centers: torch.Tensor | None, embedding: tuple | None = None
+) -> None:
     """TensorBoard: each float metrics column, the min/mean/max distance between centers, (features, images, names) if given."""
     for key, value in row.items():
         if isinstance(value, float) and key not in ("epoch", "seconds"):
-            writer.add_scalar(("train/" if key.startswith("train_") else "eval/") + key, value, epoch)
+            writer.add_scalar(
+                ("train/" if key.startswith("train_") else "eval/") + key, value, epoch
+            )
     if centers is not None:
         distances = torch.pdist(centers.detach().float())  # every pair once
-        for name, value in (("min", distances.min()), ("mean", distances.mean()), ("max", distances.max())):
+        for name, value in (
+            ("min", distances.min()),
+            ("mean", distances.mean()),
+            ("max", distances.max()),
+        ):
             writer.add_scalar(f"centers/{name}_distance", float(value), epoch)
     if embedding is not None:
         features, images, names = embedding
-        writer.add_embedding(features.cpu(), metadata=names, label_img=images.float().div(255), global_step=epoch, tag="test_features")
+        writer.add_embedding(
+            features.cpu(),
+            metadata=names,
+            label_img=images.float().div(255),
+            global_step=epoch,
+            tag="test_features",
+        )
     writer.flush()
 
 
@@ -194,7 +310,12 @@ def log_frames_to_tensorboard(run_dir: Path) -> None:
 
     with SummaryWriter(str(own_folder(run_dir, "tensorboard"))) as writer:
         for frame in sorted((Path(run_dir) / "frames" / "test").glob("epoch_*.png")):
-            writer.add_image("features/test", iio.imread(frame)[..., :3], int(frame.stem.split("_")[1]), dataformats="HWC")
+            writer.add_image(
+                "features/test",
+                iio.imread(frame)[..., :3],
+                int(frame.stem.split("_")[1]),
+                dataformats="HWC",
+            )
 
 
 class StitchError(Exception):
@@ -210,14 +331,22 @@ def make_run_gifs(run_dir: Path, duration: float = 0.4, last_pause: float = 2.0)
             try:
                 images.append(iio.imread(frame)[..., :3])
             except Exception as exc:  # PIL reports damage as OSError, SyntaxError, ValueError, ...
-                raise StitchError(f"{frame}: cannot be read as an image ({type(exc).__name__}); delete it to stitch the others") from None
+                raise StitchError(
+                    f"{frame}: cannot be read as an image ({type(exc).__name__}); delete it to stitch the others"
+                ) from None
             if images[-1].shape != images[0].shape:
                 (h, w), (h0, w0) = images[-1].shape[:2], images[0].shape[:2]
                 raise StitchError(f"{frame}: a {w}x{h} frame among {w0}x{h0} ones; delete it")
         if images:
             durations = [int(duration * 1000)] * (len(images) - 1) + [int(last_pause * 1000)]
             # Pillow writes a lone frame by its single-frame path, which takes one duration, not a list.
-            gif = iio.imwrite("<bytes>", images, extension=".gif", duration=durations if len(images) > 1 else durations[0], loop=0)
+            gif = iio.imwrite(
+                "<bytes>",
+                images,
+                extension=".gif",
+                duration=durations if len(images) > 1 else durations[0],
+                loop=0,
+            )
             made.append(Path(run_dir) / f"{split}.gif")
             atomic_write_bytes(made[-1], gif)
     return made
@@ -230,9 +359,13 @@ def stitch(run_dir: Path, duration: float, last_pause: float, imgs_dir: Path | N
     made = make_run_gifs(run_dir, duration, last_pause)
     for path in made:
         print(f"{path}: {len(list((run_dir / 'frames' / path.stem).glob('epoch_*.png')))} frames")
-    projections = [run_dir / f"{split}.png" for split in SPLITS if (run_dir / f"{split}.png").is_file()]
+    projections = [
+        run_dir / f"{split}.png" for split in SPLITS if (run_dir / f"{split}.png").is_file()
+    ]
     if not made and not projections:
-        raise StitchError(f"{run_dir}: no frames (frames/train/epoch_*.png) to stitch; train with --feat-dim 2 and without --no-plots")
+        raise StitchError(
+            f"{run_dir}: no frames (frames/train/epoch_*.png) to stitch; train with --feat-dim 2 and without --no-plots"
+        )
     if imgs_dir is None:
         return
     path = run_dir / "args.json"
@@ -240,17 +373,25 @@ def stitch(run_dir: Path, duration: float, last_pause: float, imgs_dir: Path | N
         saved = json.loads(path.read_text())
         label = f"{saved['loss']}-{saved['dataset']}-feat={int(saved['feat_dim'])}"
     except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError) as exc:
-        raise StitchError(f"{path}: damaged ({type(exc).__name__}), so the imgs/ name is unknown; copy the GIFs by hand") from None
+        raise StitchError(
+            f"{path}: damaged ({type(exc).__name__}), so the imgs/ name is unknown; copy the GIFs by hand"
+        ) from None
     if "/" in label or "\0" in label:
-        raise StitchError(f"{path}: its loss or dataset holds a / or NUL, so it names no imgs/ folder; copy the GIFs by hand")
+        raise StitchError(
+            f"{path}: its loss or dataset holds a / or NUL, so it names no imgs/ folder; copy the GIFs by hand"
+        )
     target = imgs_dir / label
     try:
         target.mkdir(parents=True, exist_ok=True)
         for path in made + projections:
-            atomic_write_bytes(target / path.name, path.read_bytes())  # replaces a link there, never writes through it
+            atomic_write_bytes(
+                target / path.name, path.read_bytes()
+            )  # replaces a link there, never writes through it
             print(f"copied {path} -> {target / path.name}")
     except OSError as exc:
-        raise StitchError(f"--imgs-dir {imgs_dir}: cannot copy into {target} ({exc.strerror}); give a folder as --imgs-dir") from None
+        raise StitchError(
+            f"--imgs-dir {imgs_dir}: cannot copy into {target} ({exc.strerror}); give a folder as --imgs-dir"
+        ) from None
 
 
 def geometry_series(run_dir: Path) -> dict[str, tuple[list[int], list[float]]]:
@@ -258,18 +399,29 @@ def geometry_series(run_dir: Path) -> dict[str, tuple[list[int], list[float]]]:
     path = Path(run_dir) / "metrics.csv"
     try:
         rows = list(csv.DictReader(path.read_text().splitlines()))
-        points = {name: [(int(r["epoch"]), float(r[name])) for r in rows if r.get(name) not in (None, "")] for name in GEOMETRY_METRICS}
+        points = {
+            name: [(int(r["epoch"]), float(r[name])) for r in rows if r.get(name) not in (None, "")]
+            for name in GEOMETRY_METRICS
+        }
         series = {name: tuple(map(list, zip(*p))) for name, p in points.items() if p}
     except (OSError, UnicodeDecodeError, csv.Error, KeyError, ValueError) as exc:
-        raise StitchError(f"{path}: not readable as a run's metrics ({type(exc).__name__}: {exc}); give run folders of main.py") from None
+        raise StitchError(
+            f"{path}: not readable as a run's metrics ({type(exc).__name__}: {exc}); give run folders of main.py"
+        ) from None
     if not series:
-        raise StitchError(f"{path}: none of the geometry columns ({', '.join(GEOMETRY_METRICS)}); the run was made without them")
+        raise StitchError(
+            f"{path}: none of the geometry columns ({', '.join(GEOMETRY_METRICS)}); the run was made without them"
+        )
     return series
 
 
 def draw_geometry(runs: list[Path], out: Path) -> None:
     """visualize.py --geometry: a panel per GEOMETRY_METRICS figure over epochs, a line per run (all read first)."""
-    if out.suffix.lower() not in (".png", ".svg", ".pdf") or not out.parent.is_dir() or out.is_dir():
+    if (
+        out.suffix.lower() not in (".png", ".svg", ".pdf")
+        or not out.parent.is_dir()
+        or out.is_dir()
+    ):
         raise StitchError(f"--out {out}: give a .png, .svg or .pdf file in an existing folder")
     series = {str(run): geometry_series(run) for run in runs}
     fig, axes = plt.subplots(2, 3, figsize=(13, 7), dpi=100)
@@ -296,27 +448,55 @@ def seconds(text: str) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Stitch the per-epoch frames of runs into train.gif and test.gif.")
+    parser = argparse.ArgumentParser(
+        description="Stitch the per-epoch frames of runs into train.gif and test.gif."
+    )
     parser.add_argument("runs", nargs="+", type=Path, help="run folders (runs/<name>)")
-    parser.add_argument("--duration", type=seconds, help="seconds per frame (0.01 to 600; default 0.4)")
-    parser.add_argument("--last-pause", type=seconds, help="seconds the last frame stays (0.01 to 600; default 2)")
-    parser.add_argument("--to-imgs", action="store_true", help="copy the GIFs and projections to imgs/<loss>-<dataset>-feat=<d>/")
+    parser.add_argument(
+        "--duration", type=seconds, help="seconds per frame (0.01 to 600; default 0.4)"
+    )
+    parser.add_argument(
+        "--last-pause", type=seconds, help="seconds the last frame stays (0.01 to 600; default 2)"
+    )
+    parser.add_argument(
+        "--to-imgs",
+        action="store_true",
+        help="copy the GIFs and projections to imgs/<loss>-<dataset>-feat=<d>/",
+    )
     parser.add_argument("--imgs-dir", type=Path, help="where --to-imgs copies to (default imgs)")
-    parser.add_argument("--geometry", action="store_true", help="instead: plot the runs' class geometry (metrics.csv) over epochs")
-    parser.add_argument("--out", type=Path, help="with --geometry: the picture to write (.png, .svg or .pdf)")
+    parser.add_argument(
+        "--geometry",
+        action="store_true",
+        help="instead: plot the runs' class geometry (metrics.csv) over epochs",
+    )
+    parser.add_argument(
+        "--out", type=Path, help="with --geometry: the picture to write (.png, .svg or .pdf)"
+    )
     args = parser.parse_args(argv)
     if args.geometry != (args.out is not None):
-        parser.error("--geometry and --out go together: visualize.py --geometry RUN_DIR ... --out geometry.png")
-    stitching = ("--duration", args.duration), ("--last-pause", args.last_pause), ("--to-imgs", args.to_imgs), ("--imgs-dir", args.imgs_dir)
+        parser.error(
+            "--geometry and --out go together: visualize.py --geometry RUN_DIR ... --out geometry.png"
+        )
+    stitching = (
+        ("--duration", args.duration),
+        ("--last-pause", args.last_pause),
+        ("--to-imgs", args.to_imgs),
+        ("--imgs-dir", args.imgs_dir),
+    )
     given = [flag for flag, value in stitching if value not in (None, False)]
     if args.geometry and given:
         parser.error(f"{given[0]} is for stitching GIFs, which --geometry does not do; drop it")
     if args.imgs_dir is not None and not args.to_imgs:
         parser.error("--imgs-dir says where --to-imgs copies to; add --to-imgs or drop it")
     imgs_dir = (args.imgs_dir or Path("imgs")) if args.to_imgs else None
-    jobs = [partial(stitch, run, args.duration or 0.4, args.last_pause or 2.0, imgs_dir) for run in args.runs]
+    jobs = [
+        partial(stitch, run, args.duration or 0.4, args.last_pause or 2.0, imgs_dir)
+        for run in args.runs
+    ]
     failures = 0
-    for job in [partial(draw_geometry, args.runs, args.out)] if args.geometry else jobs:  # --geometry: one picture of all the runs
+    for job in (
+        [partial(draw_geometry, args.runs, args.out)] if args.geometry else jobs
+    ):  # --geometry: one picture of all the runs
         try:
             job()
         except (StitchError, WriteError) as exc:

@@ -32,7 +32,10 @@ SUBPROCESS_TIMEOUT = 300
 
 def pytest_configure(config: pytest.Config) -> None:
     # datasets.decode_images uses torchvision.io, deprecated since torchvision 0.29 (reported, not ours to fix).
-    config.addinivalue_line("filterwarnings", "ignore:The image decoding and encoding capabilities of TorchVision:DeprecationWarning")
+    config.addinivalue_line(
+        "filterwarnings",
+        "ignore:The image decoding and encoding capabilities of TorchVision:DeprecationWarning",
+    )
 
 
 # --------------------------------------------------------------------------------------------- IDX
@@ -41,7 +44,11 @@ def pytest_configure(config: pytest.Config) -> None:
 def idx_bytes(array: np.ndarray) -> bytes:
     """IDX encoding of a uint8 array: 0x00 0x00 0x08 ndim, big-endian uint32 dims, raw bytes."""
     array = np.ascontiguousarray(array, dtype=np.uint8)
-    return bytes([0, 0, 8, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
+    return (
+        bytes([0, 0, 8, array.ndim])
+        + struct.pack(f">{array.ndim}I", *array.shape)
+        + array.tobytes()
+    )
 
 
 def write_idx(path: Path, array: np.ndarray) -> Path:
@@ -50,7 +57,9 @@ def write_idx(path: Path, array: np.ndarray) -> Path:
     return path
 
 
-def class_pattern_images(labels: np.ndarray, rng: np.random.Generator, side: int = 28, channels: int | None = None) -> np.ndarray:
+def class_pattern_images(
+    labels: np.ndarray, rng: np.random.Generator, side: int = 28, channels: int | None = None
+) -> np.ndarray:
     """Easily separable images: class k is a bright 7x7 block at the k-th cell of a 4x4 grid
     (jittered by a pixel), on a background of faint noise."""
     n = len(labels)
@@ -98,7 +107,9 @@ def tiny_mnist(tmp_path: Path) -> tuple[Path, dict[str, np.ndarray]]:
 TREE_CLASSES = ("ant", "bee", "cat")
 
 
-def write_image_tree(root: Path, mode: str = "L", side: int = 28, per_class: tuple[int, int] = (4, 2), seed: int = 0) -> Path:
+def write_image_tree(
+    root: Path, mode: str = "L", side: int = 28, per_class: tuple[int, int] = (4, 2), seed: int = 0
+) -> Path:
     """<root>/train/<class>/*.png and <root>/test/<class>/*.png, written with PIL ('L' or 'RGB')."""
     from PIL import Image
 
@@ -137,7 +148,9 @@ def subprocess_env() -> dict[str, str]:
     return env
 
 
-def run_main(args: list[str], cwd: Path | None = None, timeout: float = SUBPROCESS_TIMEOUT) -> subprocess.CompletedProcess:
+def run_main(
+    args: list[str], cwd: Path | None = None, timeout: float = SUBPROCESS_TIMEOUT
+) -> subprocess.CompletedProcess:
     """Run `python main.py ARGS` in the repository root (or `cwd`) and capture its output."""
     return subprocess.run(
         [sys.executable, str(REPO / "main.py"), *map(str, args)],
@@ -149,7 +162,9 @@ def run_main(args: list[str], cwd: Path | None = None, timeout: float = SUBPROCE
     )
 
 
-def run_script(script: str, args: list[str], cwd: Path | None = None, timeout: float = SUBPROCESS_TIMEOUT) -> subprocess.CompletedProcess:
+def run_script(
+    script: str, args: list[str], cwd: Path | None = None, timeout: float = SUBPROCESS_TIMEOUT
+) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(REPO / script), *map(str, args)],
         cwd=cwd or REPO,
@@ -175,7 +190,9 @@ def listing(root: Path, leave_out: Path | None = None) -> dict[str, tuple[str, i
     folder's lock file (.lock), which any command that reaches the folder takes, is left out."""
     found = {}
     for path in sorted(root.rglob("*")):
-        if (leave_out is not None and (path == leave_out or leave_out in path.parents)) or path.name == ".lock":
+        if (
+            leave_out is not None and (path == leave_out or leave_out in path.parents)
+        ) or path.name == ".lock":
             continue
         info = path.lstat()
         kind = "link" if path.is_symlink() else "dir" if path.is_dir() else "file"
@@ -187,7 +204,13 @@ def write_finished_decoy(run_dir: Path) -> Path:
     """A finished run of main.py as it looks on disk (args.json, checkpoint.pt, metrics.csv, summary.json),
     which commands aimed elsewhere must leave exactly as it is."""
     run_dir.mkdir(parents=True)
-    args = {"loss": "standalone", "dataset": "digits", "feat_dim": 2, "name": run_dir.name, "out": str(run_dir.parent)}
+    args = {
+        "loss": "standalone",
+        "dataset": "digits",
+        "feat_dim": 2,
+        "name": run_dir.name,
+        "out": str(run_dir.parent),
+    }
     (run_dir / "args.json").write_text(json.dumps(args))
     (run_dir / "checkpoint.pt").write_bytes(b"weights" * 100)
     (run_dir / "metrics.csv").write_text("epoch,test_acc\n1,0.9\n")
@@ -196,12 +219,32 @@ def write_finished_decoy(run_dir: Path) -> Path:
 
 
 def check_ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    )
     return proc
 
 
-TINY = ["--dataset", "mnist", "--batch-size", "32"]  # the default model, resnet: the fastest to train here
-NAMED_RUN = ["--loss", "cent", "--dataset", "mnist", "--model", "lenet++", "--epochs", "1", "--train-samples", "32", "--batch-size", "16"]
+TINY = [
+    "--dataset",
+    "mnist",
+    "--batch-size",
+    "32",
+]  # the default model, resnet: the fastest to train here
+NAMED_RUN = [
+    "--loss",
+    "cent",
+    "--dataset",
+    "mnist",
+    "--model",
+    "lenet++",
+    "--epochs",
+    "1",
+    "--train-samples",
+    "32",
+    "--batch-size",
+    "16",
+]
 REAL_TRAIN_SAMPLES = 3200  # 50 steps of 64 (6400, the 100 steps first planned, took ~55 s on the loaded 2-core machine)
 
 
@@ -262,12 +305,22 @@ class Background:
                 proc.communicate()
 
 
-BACKGROUND_FIXTURES = ("tiny_runs", "lenet_runs", "named_run", "projection_run", "real_run", "truncated_run", "bad_data_dir_run")
+BACKGROUND_FIXTURES = (
+    "tiny_runs",
+    "lenet_runs",
+    "named_run",
+    "projection_run",
+    "real_run",
+    "truncated_run",
+    "bad_data_dir_run",
+)
 _needed: set[str] = set()
 
 
 @pytest.hookimpl(trylast=True)
-def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(
+    session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
+) -> None:
     _needed.clear()
     for item in items:
         _needed.update(set(getattr(item, "fixturenames", ())) & set(BACKGROUND_FIXTURES))
@@ -284,24 +337,74 @@ def background(tmp_path_factory: pytest.TempPathFactory) -> Background:
         bg.paths["mnist"] = mnist
         if "real_run" in _needed and shared_data_path().is_dir():
             out = bg.paths["real"] = base / "real"
-            args = ["--dataset", "mnist", "--data-dir", shared_data_path(), "--train-samples", REAL_TRAIN_SAMPLES, "--epochs", "1"]
-            bg.start("real", "main.py", [*args, "--feat-dim", "128", "--batch-size", "64", "--no-plots", "--out", out])
+            args = [
+                "--dataset",
+                "mnist",
+                "--data-dir",
+                shared_data_path(),
+                "--train-samples",
+                REAL_TRAIN_SAMPLES,
+                "--epochs",
+                "1",
+            ]
+            bg.start(
+                "real",
+                "main.py",
+                [*args, "--feat-dim", "128", "--batch-size", "64", "--no-plots", "--out", out],
+            )
         if "tiny_runs" in _needed:
             out = bg.paths["tiny"] = base / "runs"
             for loss in ("xent", "cent", "standalone"):
-                bg.start(f"tiny-{loss}", "main.py", ["--loss", loss, *TINY, "--data-dir", mnist, "--epochs", "2", "--out", out])
+                bg.start(
+                    f"tiny-{loss}",
+                    "main.py",
+                    ["--loss", loss, *TINY, "--data-dir", mnist, "--epochs", "2", "--out", out],
+                )
         if "lenet_runs" in _needed:
             out = bg.paths["lenet"] = base / "lenet"
             for loss in ("xent", "cent", "standalone"):
-                args = ["--loss", loss, *TINY, "--data-dir", mnist, "--model", "lenet++", "--epochs", "1", "--train-samples", 64]
+                args = [
+                    "--loss",
+                    loss,
+                    *TINY,
+                    "--data-dir",
+                    mnist,
+                    "--model",
+                    "lenet++",
+                    "--epochs",
+                    "1",
+                    "--train-samples",
+                    64,
+                ]
                 bg.start(f"lenet-{loss}", "main.py", [*args, "--no-plots", "--out", out])
         if "projection_run" in _needed:
             out = bg.paths["projection"] = base / "projection"
-            args = ["--loss", "standalone", *TINY, "--data-dir", mnist, "--feat-dim", "16", "--epochs", "1", "--train-samples", "96"]
+            args = [
+                "--loss",
+                "standalone",
+                *TINY,
+                "--data-dir",
+                mnist,
+                "--feat-dim",
+                "16",
+                "--epochs",
+                "1",
+                "--train-samples",
+                "96",
+            ]
             bg.start("projection", "main.py", [*args, "--out", out])
         if "named_run" in _needed:
             out = bg.paths["named"] = base / "custom-out"
-            command = [*NAMED_RUN, "--data-dir", mnist, "--no-plots", "--out", out, "--name", "my run"]
+            command = [
+                *NAMED_RUN,
+                "--data-dir",
+                mnist,
+                "--no-plots",
+                "--out",
+                out,
+                "--name",
+                "my run",
+            ]
             bg.paths["named-command"] = command
             bg.start("named", "main.py", command)
         if "truncated_run" in _needed:
@@ -310,9 +413,17 @@ def background(tmp_path_factory: pytest.TempPathFactory) -> Background:
             bad = bg.paths["truncated-file"] = data / "MNIST" / "raw" / "train-labels-idx1-ubyte"
             bad.write_bytes(bad.read_bytes()[:-7])
             out = bg.paths["truncated"] = base / "truncated-out"
-            bg.start("truncated", "main.py", ["--dataset", "mnist", "--data-dir", data, "--epochs", "1", "--out", out])
+            bg.start(
+                "truncated",
+                "main.py",
+                ["--dataset", "mnist", "--data-dir", data, "--epochs", "1", "--out", out],
+            )
         if "bad_data_dir_run" in _needed:
-            bg.start("bad-data-dir", "main.py", ["--data-dir", "/nonexistent", "--out", base / "bad-data-dir-out"])
+            bg.start(
+                "bad-data-dir",
+                "main.py",
+                ["--data-dir", "/nonexistent", "--out", base / "bad-data-dir-out"],
+            )
     yield bg
     bg.close()
 
@@ -355,7 +466,11 @@ def projection_run(background: Background) -> Path:
 @pytest.fixture(scope="session")
 def truncated_run(background: Background) -> tuple[subprocess.CompletedProcess, Path, Path]:
     """main.py on a tiny MNIST whose train labels file lost 7 bytes: (process, the bad file, --out)."""
-    return background.result("truncated"), background.paths["truncated-file"], background.paths["truncated"]
+    return (
+        background.result("truncated"),
+        background.paths["truncated-file"],
+        background.paths["truncated"],
+    )
 
 
 @pytest.fixture(scope="session")

@@ -27,16 +27,37 @@ def test_bench_times_both_pipelines_of_the_repo_checkout(tiny_mnist, tmp_path: P
     (other / "training.py").write_text(
         f"{head}def train_step(*args):\n    open({str(mark)!r}, 'a').write('step\\n')\n    return timed_step(*args)\n\n\ndef timed_step({tail}"
     )
-    flags = ["--dataset", "mnist", "--data-dir", data_dir, *FAST, "--workers", "0", "--repo", other, "--json", out]
+    flags = [
+        "--dataset",
+        "mnist",
+        "--data-dir",
+        data_dir,
+        *FAST,
+        "--workers",
+        "0",
+        "--repo",
+        other,
+        "--json",
+        out,
+    ]
     proc = check_ok(run_script("bench.py", flags))
     # per pipeline: the warm-up's first batch, then 2 rounds of a first batch and 2 timed steps
     assert mark.read_text().count("step") == 2 * (1 + 2 * (1 + 2))
     report = json.loads(out.read_text())
     fast, loader = report["pipelines"]["fast"], report["pipelines"]["loader"]
-    assert len(fast["samples_per_s"]) == len(loader["samples_per_s"]) == 2 and min(fast["samples_per_s"] + loader["samples_per_s"]) > 0
-    assert report["ratio_fast_over_loader"] == pytest.approx(fast["median_samples_per_s"] / loader["median_samples_per_s"])
-    assert report["ratio_per_round"] == pytest.approx([f / lo for f, lo in zip(fast["samples_per_s"], loader["samples_per_s"])])
-    assert report["bench"]["steps"] == 2 and report["device"] == "cpu" and report["repo"] == str(other)
+    assert (
+        len(fast["samples_per_s"]) == len(loader["samples_per_s"]) == 2
+        and min(fast["samples_per_s"] + loader["samples_per_s"]) > 0
+    )
+    assert report["ratio_fast_over_loader"] == pytest.approx(
+        fast["median_samples_per_s"] / loader["median_samples_per_s"]
+    )
+    assert report["ratio_per_round"] == pytest.approx(
+        [f / lo for f, lo in zip(fast["samples_per_s"], loader["samples_per_s"])]
+    )
+    assert (
+        report["bench"]["steps"] == 2 and report["device"] == "cpu" and report["repo"] == str(other)
+    )
     assert "--batch-size" in report["main_flags"] and "ratio fast/loader" in proc.stdout
 
 
@@ -46,13 +67,18 @@ def test_bench_times_both_pipelines_of_the_repo_checkout(tiny_mnist, tmp_path: P
         (["--device", "tpu"], "--device tpu"),
         (["--start-at", "1e20"], "unrecognized arguments: --start-at 1e20"),
         (["--json", ""], "--json '': give a file in an existing, writable folder"),
-        (["--json", "missing/bench.json"], "--json 'missing/bench.json': give a file in an existing, writable folder"),
+        (
+            ["--json", "missing/bench.json"],
+            "--json 'missing/bench.json': give a file in an existing, writable folder",
+        ),
         (["--repo", "nowhere"], "--repo nowhere: no main.py there"),
         (["--batch-size", "100000"], "--batch-size 100000 is more than the 1437 train images"),
         (["--steps", "0"], "--steps and --rounds must be at least 1"),
     ],
 )
-def test_bench_refuses_bad_flags_in_one_line_before_timing(tmp_path: Path, monkeypatch, capsys, flags: list[str], message: str) -> None:
+def test_bench_refuses_bad_flags_in_one_line_before_timing(
+    tmp_path: Path, monkeypatch, capsys, flags: list[str], message: str
+) -> None:
     """Each used to be a traceback, a run without a step (--batch-size beyond the 1,437 digits), or a timing lost
     after it ran (--json into a missing folder or "")."""
     import bench
@@ -72,7 +98,9 @@ def test_bench_refuses_cuda_without_cuda(tmp_path: Path, capsys) -> None:
 
     with pytest.raises(SystemExit) as exit_info:
         bench.main([*FAST, "--device", "cuda", "--fast-only", "--json", str(tmp_path / "b.json")])
-    assert exit_info.value.code == 2 and "--device cuda" in stderr_error_line(capsys.readouterr().err)
+    assert exit_info.value.code == 2 and "--device cuda" in stderr_error_line(
+        capsys.readouterr().err
+    )
     assert not (tmp_path / "b.json").exists()
 
 
@@ -80,7 +108,20 @@ def test_bench_unreadable_data_is_one_line(tmp_path: Path, capsys) -> None:
     import bench
 
     (tmp_path / "empty").mkdir()
-    assert bench.main(["--dataset", "mnist", "--data-dir", str(tmp_path / "empty"), *FAST, "--json", str(tmp_path / "b.json")]) == 1
+    assert (
+        bench.main(
+            [
+                "--dataset",
+                "mnist",
+                "--data-dir",
+                str(tmp_path / "empty"),
+                *FAST,
+                "--json",
+                str(tmp_path / "b.json"),
+            ]
+        )
+        == 1
+    )
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("bench.py: error: ")
     assert not (tmp_path / "b.json").exists()

@@ -38,17 +38,45 @@ def synthetic(device: torch.device, classes: int = 10) -> Dataset:
     images = torch.randint(0, 256, (BATCH * (STEPS + 1), 1, 28, 28), generator=g, dtype=torch.uint8)
     train = ImageData(images, torch.arange(len(images)) % classes)
     test = ImageData(images[:100], torch.arange(100) % classes)
-    return Dataset("synthetic", train.to(device), test.to(device), [str(k) for k in range(classes)], ("flip", "rotate", "crop"), "test")
+    return Dataset(
+        "synthetic",
+        train.to(device),
+        test.to(device),
+        [str(k) for k in range(classes)],
+        ("flip", "rotate", "crop"),
+        "test",
+    )
 
 
 def run_steps(loss: str, device: str, amp: str, sync_mode: str, classes: int = 10) -> EpochState:
     """One warm-up step (allocations, cuDNN autotuning), then STEPS steps and an evaluation with
     the given sync debug mode; returns the epoch's accumulators."""
-    args = parse_args(["--loss", loss, "--device", device, "--amp", amp, "--batch-size", str(BATCH), "--feat-dim", "2"])
+    args = parse_args(
+        [
+            "--loss",
+            loss,
+            "--device",
+            device,
+            "--amp",
+            amp,
+            "--batch-size",
+            str(BATCH),
+            "--feat-dim",
+            "2",
+        ]
+    )
     dev = torch.device(device)
     data = synthetic(dev, classes)
-    run = SimpleNamespace(**vars(build_trainer(args, data, dev)), args=args, device=dev, collect_frames=True, frame_take=BATCH)
-    assert (run.center_optimizer is not None) == (classes > BATCH and loss in ("cent", "standalone"))  # RowSGD: many classes
+    run = SimpleNamespace(
+        **vars(build_trainer(args, data, dev)),
+        args=args,
+        device=dev,
+        collect_frames=True,
+        frame_take=BATCH,
+    )
+    assert (run.center_optimizer is not None) == (
+        classes > BATCH and loss in ("cent", "standalone")
+    )  # RowSGD: many classes
     aug = torch.Generator(dev).manual_seed(1)
     order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(2)).to(dev)
     batches = tensor_batches(data.train, order, BATCH, data.augmentations, aug)
@@ -64,13 +92,21 @@ def run_steps(loss: str, device: str, amp: str, sync_mode: str, classes: int = 1
         features = embed(run, data.test)
         centers = run.objective.centers
         logits = eval_logits(run, features)
-        correct = (acc_predictions(loss, features, logits, centers.detach() if centers is not None else None) == data.test.labels).sum()
+        correct = (
+            acc_predictions(
+                loss, features, logits, centers.detach() if centers is not None else None
+            )
+            == data.test.labels
+        ).sum()
     finally:
         if dev.type == "cuda":
             torch.cuda.set_sync_debug_mode("default")
     assert state.step == STEPS + 1 and state.good_steps() == STEPS + 1
     assert torch.isfinite(state.loss_sums).all() and 0 <= int(correct) <= 100
-    assert int(state.class_count.sum()) == (STEPS + 1) * BATCH and sum(len(f) for f in state.frame_features) == (STEPS + 1) * BATCH
+    assert (
+        int(state.class_count.sum()) == (STEPS + 1) * BATCH
+        and sum(len(f) for f in state.frame_features) == (STEPS + 1) * BATCH
+    )
     return state
 
 
@@ -149,7 +185,19 @@ def test_cuda_run_cut_mid_epoch_resumes(tmp_path, monkeypatch, capsys, compile_f
     """A CUDA run stopped by SIGTERM in its second epoch saves a checkpoint and the same command resumes it
     (loading failed on CUDA before: random states moved to the GPU); it ends like an uninterrupted run, up to
     cuDNN's choice of algorithms (losses and accuracies within 1%, weights close)."""
-    args = ["--dataset", "digits", "--train-samples", "256", "--batch-size", "32", "--epochs", "2", "--no-plots", "--device", "cuda"]
+    args = [
+        "--dataset",
+        "digits",
+        "--train-samples",
+        "256",
+        "--batch-size",
+        "32",
+        "--epochs",
+        "2",
+        "--no-plots",
+        "--device",
+        "cuda",
+    ]
     args += ["--out", str(tmp_path), *compile_flags]
     assert main([*args, "--name", "straight"]) == 0
     steps = {"n": 0}
@@ -164,7 +212,10 @@ def test_cuda_run_cut_mid_epoch_resumes(tmp_path, monkeypatch, capsys, compile_f
     monkeypatch.setattr(main_module, "record_step", record_then_stop)
     assert main([*args, "--name", "cut"]) == 128 + signal.SIGTERM
     monkeypatch.setattr(main_module, "record_step", record)
-    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["epoch_state"]["step"] == 3
+    assert (
+        torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["epoch_state"]["step"]
+        == 3
+    )
     capsys.readouterr()
     assert main([*args, "--name", "cut"]) == 0
     assert "resuming" in capsys.readouterr().out
@@ -173,7 +224,10 @@ def test_cuda_run_cut_mid_epoch_resumes(tmp_path, monkeypatch, capsys, compile_f
     for a, b in zip(straight, cut):
         for key in ("train_loss", "test_loss", "test_acc", "ncm_acc"):
             assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-2, abs=1e-2), key
-    ca, cb = (torch.load(tmp_path / name / "checkpoint.pt", weights_only=True) for name in ("straight", "cut"))
+    ca, cb = (
+        torch.load(tmp_path / name / "checkpoint.pt", weights_only=True)
+        for name in ("straight", "cut")
+    )
     for key, value in ca["model"].items():
         torch.testing.assert_close(cb["model"][key], value, rtol=1e-2, atol=1e-3)
 
@@ -183,7 +237,19 @@ def test_a_cpu_checkpoint_cut_mid_epoch_resumes_on_cuda(tmp_path, monkeypatch, c
     """A device change is allowed: a CPU run cut mid-epoch resumes with --device cuda (its CPU augmentation
     state does not fit a CUDA generator: the rest of the epoch is re-seeded, with one line), and args.json
     records the new device."""
-    args = ["--dataset", "digits", "--train-samples", "256", "--batch-size", "32", "--epochs", "1", "--no-plots", "--out", str(tmp_path)]
+    args = [
+        "--dataset",
+        "digits",
+        "--train-samples",
+        "256",
+        "--batch-size",
+        "32",
+        "--epochs",
+        "1",
+        "--no-plots",
+        "--out",
+        str(tmp_path),
+    ]
     record = main_module.record_step
 
     def record_then_stop(run, state, *a):

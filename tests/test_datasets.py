@@ -10,7 +10,14 @@ import pytest
 import torch
 from conftest import MNIST_TEST, MNIST_TRAIN, TREE_CLASSES, idx_bytes, write_idx, write_image_tree
 
-from datasets import CIFAR10_CLASSES, DIGIT_CLASSES, DataError, canonical_name, channel_stats, load_dataset
+from datasets import (
+    CIFAR10_CLASSES,
+    DIGIT_CLASSES,
+    DataError,
+    canonical_name,
+    channel_stats,
+    load_dataset,
+)
 
 # ------------------------------------------------------------------------------------------- IDX
 
@@ -23,15 +30,43 @@ GOOD_IMAGES = idx_bytes(np.zeros((100, 28, 28), np.uint8))
     [
         ("t10k-images-idx3-ubyte", GOOD_IMAGES[:1000], "damaged or truncated IDX file"),
         ("t10k-images-idx3-ubyte", GOOD_IMAGES + b"\0", "damaged or truncated IDX file"),
-        ("train-labels-idx1-ubyte", bytes([0, 0, 8, 3]) + b"\0\0\0\4", "damaged or truncated IDX file"),  # promises 3 sizes, holds 1
-        ("train-images-idx3-ubyte", b"\x00\x00\x0d\x03" + bytes(20), "damaged or truncated IDX file"),  # float data
-        ("train-images-idx3-ubyte", b"\x50\x4b\x03\x04" + bytes(20), "damaged or truncated IDX file"),  # a zip file
+        (
+            "train-labels-idx1-ubyte",
+            bytes([0, 0, 8, 3]) + b"\0\0\0\4",
+            "damaged or truncated IDX file",
+        ),  # promises 3 sizes, holds 1
+        (
+            "train-images-idx3-ubyte",
+            b"\x00\x00\x0d\x03" + bytes(20),
+            "damaged or truncated IDX file",
+        ),  # float data
+        (
+            "train-images-idx3-ubyte",
+            b"\x50\x4b\x03\x04" + bytes(20),
+            "damaged or truncated IDX file",
+        ),  # a zip file
         ("t10k-labels-idx1-ubyte", b"\x00\x00", "damaged or truncated IDX file"),
         ("t10k-labels-idx1-ubyte", b"", "damaged or truncated IDX file"),
-        ("t10k-labels-idx1-ubyte", idx_bytes(np.zeros((100, 1, 1), np.uint8)), "damaged or truncated IDX file"),  # labels of rank 3
-        ("train-images-idx3-ubyte", idx_bytes(np.zeros((200, 784), np.uint8)), "damaged or truncated IDX file"),  # images of rank 2
-        ("train-images-idx3-ubyte", idx_bytes(np.zeros((0, 28, 28), np.uint8)), "an IDX file of no items"),
-        ("t10k-images-idx3-ubyte", idx_bytes(np.zeros((100, 0, 28), np.uint8)), "an IDX file of no items"),
+        (
+            "t10k-labels-idx1-ubyte",
+            idx_bytes(np.zeros((100, 1, 1), np.uint8)),
+            "damaged or truncated IDX file",
+        ),  # labels of rank 3
+        (
+            "train-images-idx3-ubyte",
+            idx_bytes(np.zeros((200, 784), np.uint8)),
+            "damaged or truncated IDX file",
+        ),  # images of rank 2
+        (
+            "train-images-idx3-ubyte",
+            idx_bytes(np.zeros((0, 28, 28), np.uint8)),
+            "an IDX file of no items",
+        ),
+        (
+            "t10k-images-idx3-ubyte",
+            idx_bytes(np.zeros((100, 0, 28), np.uint8)),
+            "an IDX file of no items",
+        ),
     ],
 )
 def test_damaged_idx_file_is_one_line_naming_it(tiny_mnist, stem, data, words):
@@ -42,7 +77,11 @@ def test_damaged_idx_file_is_one_line_naming_it(tiny_mnist, stem, data, words):
     with pytest.raises(DataError) as info:
         load_dataset("mnist", root, download=False)
     message = str(info.value)
-    assert message.startswith(f"{path}: {words}") and message.endswith("replace it with the original") and "\n" not in message
+    assert (
+        message.startswith(f"{path}: {words}")
+        and message.endswith("replace it with the original")
+        and "\n" not in message
+    )
 
 
 # ------------------------------------------------------------------------------- MNIST (IDX tree)
@@ -92,7 +131,9 @@ def test_fashion_mnist_idx_and_alias(tmp_path):
     rng = np.random.default_rng(1)
     raw = tmp_path / "FashionMNIST" / "raw"
     for split, n in (("train", 20), ("t10k", 10)):
-        write_idx(raw / f"{split}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)).astype(np.uint8))
+        write_idx(
+            raw / f"{split}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)).astype(np.uint8)
+        )
         write_idx(raw / f"{split}-labels-idx1-ubyte", (np.arange(n) % 10).astype(np.uint8))
     ds = load_dataset("fashion_mnist", tmp_path, download=False)
     assert ds.name == "fashion-mnist" and len(ds.train) == 20 and len(ds.test) == 10
@@ -216,7 +257,9 @@ def test_cifar10_tree_with_cifar_class_folders_gets_the_canonical_names(tmp_path
     ds = load_dataset("cifar10", tmp_path, download=False)
     assert ds.classes == CIFAR10_CLASSES
     assert ds.train.labels.tolist() == list(range(10))
-    assert ds.train.images[:, 0, 0, 0].tolist() == [20 * k for k in range(10)]  # each class folder's own image
+    assert ds.train.images[:, 0, 0, 0].tolist() == [
+        20 * k for k in range(10)
+    ]  # each class folder's own image
 
 
 def test_tree_image_of_other_size(gray_tree):
@@ -328,7 +371,10 @@ def test_tree_of_a_single_class_is_refused(gray_tree):
     for cls in TREE_CLASSES[1:]:
         shutil.rmtree(gray_tree / "train" / cls)
         shutil.rmtree(gray_tree / "test" / cls)
-    with pytest.raises(DataError, match=f"{gray_tree / 'train'}: only the class 'ant'; a classifier needs at least two"):
+    with pytest.raises(
+        DataError,
+        match=f"{gray_tree / 'train'}: only the class 'ant'; a classifier needs at least two",
+    ):
         load_dataset("folder", gray_tree)
 
 
@@ -355,7 +401,9 @@ def test_grey_tree_with_one_colour_image_loads(gray_tree, split, mode):
     colour = ds.train if split == "train" else ds.test
     assert colour.images[colour.labels == 1][-1, :, 0, 0].tolist() == [204, 0, 0]
     first = np.array(Image.open(gray_tree / "train" / "ant" / "000.png"))
-    assert all(np.array_equal(ds.train.images[0, c].numpy(), first) for c in range(3))  # grey expanded
+    assert all(
+        np.array_equal(ds.train.images[0, c].numpy(), first) for c in range(3)
+    )  # grey expanded
 
 
 def test_mnist_tree_converts_a_colour_image_to_grey(tmp_path):
@@ -376,8 +424,14 @@ def test_mnist_tree_converts_a_colour_image_to_grey(tmp_path):
 @pytest.mark.parametrize("problem", ["colour 32x32", "3 classes"])
 def test_mnist_names_refuse_data_of_another_shape(tmp_path, name, problem):
 
-    write_image_tree(tmp_path / name, "RGB" if problem.startswith("colour") else "L", 32 if problem.startswith("colour") else 28)
-    with pytest.raises(DataError, match=f"--dataset {name} is 28x28 grey images of 10 classes, this data is") as info:
+    write_image_tree(
+        tmp_path / name,
+        "RGB" if problem.startswith("colour") else "L",
+        32 if problem.startswith("colour") else 28,
+    )
+    with pytest.raises(
+        DataError, match=f"--dataset {name} is 28x28 grey images of 10 classes, this data is"
+    ) as info:
         load_dataset(name, tmp_path, download=False)
     assert ("28x28 grey of 3 classes" in str(info.value)) == (problem == "3 classes")
     assert str(tmp_path / name) in str(info.value)
@@ -386,7 +440,10 @@ def test_mnist_names_refuse_data_of_another_shape(tmp_path, name, problem):
 def test_idx_mnist_of_another_size_is_refused(tiny_mnist):
     root, arrays = tiny_mnist
     for split in ("train", "t10k"):
-        write_idx(root / "MNIST" / "raw" / f"{split}-images-idx3-ubyte", np.zeros((len(arrays[f"{split}_labels"]), 32, 32), np.uint8))
+        write_idx(
+            root / "MNIST" / "raw" / f"{split}-images-idx3-ubyte",
+            np.zeros((len(arrays[f"{split}_labels"]), 32, 32), np.uint8),
+        )
     with pytest.raises(DataError, match="this data is 32x32 grey of 10 classes"):
         load_dataset("mnist", root, download=False)
 
@@ -396,8 +453,14 @@ def test_source_and_files_say_what_was_read(tiny_mnist, rgb_tree):
     ds = load_dataset("mnist", root, download=False)
     raw = root / "MNIST" / "raw"
     assert ds.source == f"IDX files in {raw}"
-    assert ds.files == [str(raw / f"{s}-{k}-idx{r}-ubyte") for s in ("train", "t10k") for k, r in (("images", 3), ("labels", 1))]
-    (rgb_tree / "cifar-10-batches-py").mkdir()  # the lossless binary beside a tree: the tree is read, and the line says so
+    assert ds.files == [
+        str(raw / f"{s}-{k}-idx{r}-ubyte")
+        for s in ("train", "t10k")
+        for k, r in (("images", 3), ("labels", 1))
+    ]
+    (
+        rgb_tree / "cifar-10-batches-py"
+    ).mkdir()  # the lossless binary beside a tree: the tree is read, and the line says so
     ds = load_dataset("cifar10", rgb_tree, download=False)
     assert ds.source.startswith(
         f"image folders in {rgb_tree} (.png) (the binary {rgb_tree / 'cifar-10-batches-py'} is also there, not used"
@@ -413,7 +476,10 @@ def test_non_square_tree_is_refused_before_training(tmp_path):
     from PIL import Image
 
     root = write_two_class_tree(tmp_path / "wide", lambda k: Image.new("L", (40, 28), 10 * k))
-    with pytest.raises(DataError, match=r"the image is 40x28, .* is 40x28; resize or crop every image to one square size") as info:
+    with pytest.raises(
+        DataError,
+        match=r"the image is 40x28, .* is 40x28; resize or crop every image to one square size",
+    ) as info:
         load_dataset("folder", root)
     assert str(info.value).startswith(str(root / "train" / "a" / "0.png"))
 
@@ -435,7 +501,9 @@ def test_train_images_all_alike_are_refused(tmp_path, tiny_mnist):
     with pytest.raises(DataError, match="all 2 train images are the same image"):
         load_dataset("folder", root)
     data, arrays = tiny_mnist
-    write_idx(data / "MNIST" / "raw" / "train-images-idx3-ubyte", np.zeros_like(arrays["train_images"]))
+    write_idx(
+        data / "MNIST" / "raw" / "train-images-idx3-ubyte", np.zeros_like(arrays["train_images"])
+    )
     with pytest.raises(DataError, match=f"all {MNIST_TRAIN} train images are the same image"):
         load_dataset("mnist", data, download=False)
 
@@ -443,7 +511,9 @@ def test_train_images_all_alike_are_refused(tmp_path, tiny_mnist):
 def test_decompression_bomb_is_one_line(gray_tree, monkeypatch):
     from PIL import Image
 
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 28x28 is then over twice the limit: PIL's DecompressionBombError
+    monkeypatch.setattr(
+        Image, "MAX_IMAGE_PIXELS", 100
+    )  # 28x28 is then over twice the limit: PIL's DecompressionBombError
     with pytest.raises(DataError, match="could be decompression bomb") as info:
         load_dataset("folder", gray_tree)
     assert str(info.value).startswith(str(gray_tree / "train" / "ant" / "000.png"))
@@ -469,7 +539,10 @@ def test_folder_that_cannot_be_listed_is_one_line(gray_tree, monkeypatch, unlist
 def test_link_loop_in_a_class_folder_is_one_line(gray_tree):
     loop = gray_tree / "train" / "bee" / "again"
     loop.symlink_to(gray_tree / "train" / "bee")
-    with pytest.raises(DataError, match=f"^{loop}: the same folder as {gray_tree / 'train' / 'bee'}, through a link"):
+    with pytest.raises(
+        DataError,
+        match=f"^{loop}: the same folder as {gray_tree / 'train' / 'bee'}, through a link",
+    ):
         load_dataset("folder", gray_tree)
 
 
@@ -477,14 +550,19 @@ def test_test_class_linked_to_its_train_folder_is_refused(gray_tree):
     """A test class that is its train folder through a link would score the train images as test images."""
     shutil.rmtree(gray_tree / "test" / "cat")
     (gray_tree / "test" / "cat").symlink_to(gray_tree / "train" / "cat")
-    with pytest.raises(DataError, match=f"^{gray_tree / 'test' / 'cat'}: the same folder as {gray_tree / 'train' / 'cat'}, through a link"):
+    with pytest.raises(
+        DataError,
+        match=f"^{gray_tree / 'test' / 'cat'}: the same folder as {gray_tree / 'train' / 'cat'}, through a link",
+    ):
         load_dataset("folder", gray_tree)
 
 
 def test_class_entry_that_is_a_symlink_loop_is_one_line(gray_tree):
     loop = gray_tree / "train" / "zz"
     loop.symlink_to(loop)
-    with pytest.raises(DataError, match=f"^{loop}: cannot be listed \\(Too many levels of symbolic links\\)"):
+    with pytest.raises(
+        DataError, match=f"^{loop}: cannot be listed \\(Too many levels of symbolic links\\)"
+    ):
         load_dataset("folder", gray_tree)
 
 
@@ -507,9 +585,20 @@ def test_images_in_sub_folders_of_a_class_are_read(gray_tree):
 @pytest.mark.parametrize(
     ("make", "words"),
     [
-        (lambda root: (root / "train" / "loose.png").write_bytes(b""), "a file where only class folders belong"),
-        (lambda root: (root / "train" / "bee" / "blank.png").write_bytes(b""), "cannot be decoded as an image"),
-        (lambda root: (root / "train" / "cat" / "a.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut short"), "cannot be decoded as an image"),
+        (
+            lambda root: (root / "train" / "loose.png").write_bytes(b""),
+            "a file where only class folders belong",
+        ),
+        (
+            lambda root: (root / "train" / "bee" / "blank.png").write_bytes(b""),
+            "cannot be decoded as an image",
+        ),
+        (
+            lambda root: (root / "train" / "cat" / "a.jpg").write_bytes(
+                b"\xff\xd8\xff\xe0 cut short"
+            ),
+            "cannot be decoded as an image",
+        ),
         (lambda root: shutil.rmtree(root / "test"), "--dataset folder needs"),
     ],
     ids=["file-among-class-folders", "0-byte-image", "cut-jpeg", "train-without-test"],
@@ -524,19 +613,45 @@ def test_one_pixel_images_load(tmp_path):
     """A 1x1 tree is data (the model's size check in main.py refuses it with its own line)."""
     from PIL import Image
 
-    ds = load_dataset("folder", write_two_class_tree(tmp_path / "dot", lambda k: Image.new("L", (1, 1), 100 * k)))
+    ds = load_dataset(
+        "folder", write_two_class_tree(tmp_path / "dot", lambda k: Image.new("L", (1, 1), 100 * k))
+    )
     assert ds.train.images.shape == (2, 1, 1, 1) and ds.train.images.flatten().tolist() == [0, 100]
 
 
 @pytest.mark.parametrize(
     ("argv", "code", "line"),
     [
-        (["--data-dir", ""], 2, "error: --data-dir is empty; give the data set's folder, or drop the flag for ./data"),
-        (["--data-dir", "{tmp}"], 2, "error: --data-dir is not read by --dataset digits (bundled with scikit-learn); drop it"),
-        (["--dataset", "mnist", "--data-dir", "{tmp}/loop"], 2, "error: --data-dir {tmp}/loop does not exist or is not a folder"),
-        (["--dataset", "folder", "--data-dir", "{tmp}/wide"], 1, "error: {tmp}/wide/train/a/0.png: the image is 40x28, "),
-        (["--dataset", "folder", "--data-dir", "{tmp}/same", "--model", "lenet++"], 1, "error: image folders in {tmp}/same (.png): all 2 "),
-        (["--dataset", "folder", "--data-dir", "{tmp}/same"], 1, "error: image folders in {tmp}/same (.png): all 2 train images "),
+        (
+            ["--data-dir", ""],
+            2,
+            "error: --data-dir is empty; give the data set's folder, or drop the flag for ./data",
+        ),
+        (
+            ["--data-dir", "{tmp}"],
+            2,
+            "error: --data-dir is not read by --dataset digits (bundled with scikit-learn); drop it",
+        ),
+        (
+            ["--dataset", "mnist", "--data-dir", "{tmp}/loop"],
+            2,
+            "error: --data-dir {tmp}/loop does not exist or is not a folder",
+        ),
+        (
+            ["--dataset", "folder", "--data-dir", "{tmp}/wide"],
+            1,
+            "error: {tmp}/wide/train/a/0.png: the image is 40x28, ",
+        ),
+        (
+            ["--dataset", "folder", "--data-dir", "{tmp}/same", "--model", "lenet++"],
+            1,
+            "error: image folders in {tmp}/same (.png): all 2 ",
+        ),
+        (
+            ["--dataset", "folder", "--data-dir", "{tmp}/same"],
+            1,
+            "error: image folders in {tmp}/same (.png): all 2 train images ",
+        ),
     ],
 )
 def test_main_refuses_bad_data_in_one_line(tmp_path, capsys, argv, code, line):
@@ -551,7 +666,10 @@ def test_main_refuses_bad_data_in_one_line(tmp_path, capsys, argv, code, line):
     write_two_class_tree(tmp_path / "same", lambda k: Image.new("L", (28, 28), 3))
     out = tmp_path / "out"
     try:
-        result = main.main([a.replace("{tmp}", str(tmp_path)) for a in argv] + ["--batch-size", "2", "--epochs", "1", "--out", str(out)])
+        result = main.main(
+            [a.replace("{tmp}", str(tmp_path)) for a in argv]
+            + ["--batch-size", "2", "--epochs", "1", "--out", str(out)]
+        )
     except SystemExit as exc:
         result = exc.code
     assert result == code

@@ -35,7 +35,9 @@ from training import build_trainer, train_step  # noqa: E402
 BATCH = 16
 
 
-def one_step(loss_name: str, x: torch.Tensor, y: torch.Tensor, wrap=None) -> tuple[float, dict[str, torch.Tensor]]:
+def one_step(
+    loss_name: str, x: torch.Tensor, y: torch.Tensor, wrap=None
+) -> tuple[float, dict[str, torch.Tensor]]:
     """One SGD step of lenet++ (no batch norm, so the slices' statistics cannot differ) and its loss."""
     torch.manual_seed(0)
     model = build_model("lenet++", 1, 10, 2, 28)
@@ -43,7 +45,9 @@ def one_step(loss_name: str, x: torch.Tensor, y: torch.Tensor, wrap=None) -> tup
     if loss_name == "standalone":
         model.classifier.requires_grad_(False)
     net = wrap(model) if wrap else model
-    optimizer = torch.optim.SGD([*model.parameters(), *objective.parameters()], lr=0.1, momentum=0.9)
+    optimizer = torch.optim.SGD(
+        [*model.parameters(), *objective.parameters()], lr=0.1, momentum=0.9
+    )
     features, logits = net(x)
     features, logits, y = gather_batch(features, logits, y)
     loss, _ = objective(features, logits, y)
@@ -60,7 +64,9 @@ def batch() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.parametrize("loss_name", ["standalone", "cent"])
-def test_two_process_step_equals_one_process_on_the_whole_batch(two_processes: list[dict], loss_name: str) -> None:
+def test_two_process_step_equals_one_process_on_the_whole_batch(
+    two_processes: list[dict], loss_name: str
+) -> None:
     x, y = batch()
     loss, params = one_step(loss_name, x, y)
     for rank in range(2):
@@ -68,7 +74,9 @@ def test_two_process_step_equals_one_process_on_the_whole_batch(two_processes: l
         assert result["loss"] == pytest.approx(loss, rel=1e-5)
         changed = 0
         for key, value in params.items():
-            torch.testing.assert_close(result["params"][key], value, rtol=1e-5, atol=1e-6, msg=f"{key} on rank {rank}")
+            torch.testing.assert_close(
+                result["params"][key], value, rtol=1e-5, atol=1e-6, msg=f"{key} on rank {rank}"
+            )
             changed += int(not torch.equal(value, one_step_initial()[key]))
         assert changed > 4  # the step did move the parameters, centers included
         assert "objective.criterion.centers" in result["params"]
@@ -91,9 +99,15 @@ PAPER_LOSSES = ("standalone", "cent")
 
 def paper_trainer(loss_name: str, world: int) -> dict:
     """main.py's trainer: lenet++ (its recipe: standardised input, weight decay, clipping) with the paper's center update."""
-    images = torch.randint(0, 256, (BATCH, 1, 28, 28), generator=torch.Generator().manual_seed(2), dtype=torch.uint8)
-    data = SimpleNamespace(channels=1, classes=list(range(10)), image_size=28, train=SimpleNamespace(images=images))
-    args = parse_args(["--model", "lenet++", "--loss", loss_name, "--center-update", "paper", "--device", "cpu"])
+    images = torch.randint(
+        0, 256, (BATCH, 1, 28, 28), generator=torch.Generator().manual_seed(2), dtype=torch.uint8
+    )
+    data = SimpleNamespace(
+        channels=1, classes=list(range(10)), image_size=28, train=SimpleNamespace(images=images)
+    )
+    args = parse_args(
+        ["--model", "lenet++", "--loss", loss_name, "--center-update", "paper", "--device", "cpu"]
+    )
     return build_trainer(args, data, torch.device("cpu"), world)
 
 
@@ -114,10 +128,17 @@ def worker(rank: int, world: int, init_file: str, out: str) -> None:
     share = BATCH // world
     rows = slice(rank * share, (rank + 1) * share)
     ddp = torch.nn.parallel.DistributedDataParallel
-    step = {name: dict(zip(("loss", "params"), one_step(name, x[rows], y[rows], wrap=ddp))) for name in ("standalone", "cent")}
-    paper = {name: paper_steps(paper_trainer(name, world), x[rows], y[rows]) for name in PAPER_LOSSES}
+    step = {
+        name: dict(zip(("loss", "params"), one_step(name, x[rows], y[rows], wrap=ddp)))
+        for name in ("standalone", "cent")
+    }
+    paper = {
+        name: paper_steps(paper_trainer(name, world), x[rows], y[rows]) for name in PAPER_LOSSES
+    }
     torch.save({"step": step, "paper": paper}, f"{out}.{rank}")
-    close_distributed(finished=True)  # as main.py: no process group left to interpreter shutdown (a rare SIGABRT)
+    close_distributed(
+        finished=True
+    )  # as main.py: no process group left to interpreter shutdown (a rare SIGABRT)
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +149,9 @@ def two_processes(tmp_path_factory) -> list[dict]:
     return [torch.load(f"{tmp / 'result'}.{rank}", weights_only=True) for rank in range(2)]
 
 
-def test_paper_center_update_under_two_processes_equals_one_process(two_processes: list[dict]) -> None:
+def test_paper_center_update_under_two_processes_equals_one_process(
+    two_processes: list[dict],
+) -> None:
     """Each rank updates its centers from the gathered global batch: after two steps both ranks hold
     the centers (and weights) of one process that stepped on the whole batch."""
     x, y = batch()
@@ -141,7 +164,13 @@ def test_paper_center_update_under_two_processes_equals_one_process(two_processe
             result = two_processes[rank]["paper"][loss_name]
             assert result.keys() == expected.keys()
             for key, value in expected.items():
-                torch.testing.assert_close(result[key], value, rtol=1e-5, atol=1e-6, msg=f"{loss_name} {key} on rank {rank}")
+                torch.testing.assert_close(
+                    result[key],
+                    value,
+                    rtol=1e-5,
+                    atol=1e-6,
+                    msg=f"{loss_name} {key} on rank {rank}",
+                )
 
 
 TINY = [
@@ -166,19 +195,36 @@ TINY = [
 
 
 def torchrun_command(args: list[str], nproc: int = 2) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "main.py", *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "main.py",
+        *args,
+    ]
 
 
 def torchrun(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(torchrun_command(args, nproc), cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    return subprocess.run(
+        torchrun_command(args, nproc),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
 
 
 def torchrun_started(args: list[str]) -> tuple[subprocess.Popen, IO[str]]:
     """torchrun in the background, and the file of its stderr (a full pipe would stop it)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     err = tempfile.TemporaryFile("w+")
-    return subprocess.Popen(torchrun_command(args), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err, text=True, env=env), err
+    return subprocess.Popen(
+        torchrun_command(args), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err, text=True, env=env
+    ), err
 
 
 def metrics(run_dir: Path) -> list[dict[str, str]]:
@@ -187,7 +233,9 @@ def metrics(run_dir: Path) -> list[dict[str, str]]:
 
 
 def test_torchrun_end_to_end_matches_single_process(tmp_path: Path) -> None:
-    result = torchrun([*TINY, "--loss", "cent", "--epochs", "2", "--out", str(tmp_path), "--name", "ddp"])
+    result = torchrun(
+        [*TINY, "--loss", "cent", "--epochs", "2", "--out", str(tmp_path), "--name", "ddp"]
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = tmp_path / "ddp"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp"]
@@ -196,11 +244,19 @@ def test_torchrun_end_to_end_matches_single_process(tmp_path: Path) -> None:
     assert summary["epochs"] == 2 and summary["train_size"] == 256
     assert result.stdout.count("epoch 1/2") == 1  # only rank 0 prints
 
-    assert main(["--loss", "cent", *TINY, "--epochs", "2", "--out", str(tmp_path / "one")]) == 0  # one process: this one
-    for ours, theirs in zip(metrics(run_dir), metrics(tmp_path / "one" / "cent-digits-feat=2"), strict=True):
+    assert (
+        main(["--loss", "cent", *TINY, "--epochs", "2", "--out", str(tmp_path / "one")]) == 0
+    )  # one process: this one
+    for ours, theirs in zip(
+        metrics(run_dir), metrics(tmp_path / "one" / "cent-digits-feat=2"), strict=True
+    ):
         for key in ("train_loss", "train_xent", "train_intra", "test_loss"):
             assert float(ours[key]) == pytest.approx(float(theirs[key]), rel=2e-3, abs=2e-3), key
-        for key in ("train_acc", "test_acc", "ncm_acc"):  # up to 3 of the 360 test images may cross a class boundary
+        for key in (
+            "train_acc",
+            "test_acc",
+            "ncm_acc",
+        ):  # up to 3 of the 360 test images may cross a class boundary
             assert float(ours[key]) == pytest.approx(float(theirs[key]), abs=3 / 360 + 1e-6), key
 
 
@@ -209,9 +265,22 @@ def test_torchrun_resnet_resumes_like_the_uninterrupted_run(tmp_path: Path) -> N
     epoch 1 and resumed ends with the metrics of an uninterrupted two-process run. On the CPU each process keeps its
     own BatchNorm statistics (SyncBatchNorm needs a GPU; DDP broadcasts rank 0's buffers every forward, and the
     checkpoint holds rank 0's); the SyncBatchNorm conversion of the ResNet is tested in test_models."""
-    common = ["--loss", "cent", "--dataset", "digits", "--train-samples", "256", "--batch-size", "32", "--no-plots"]
+    common = [
+        "--loss",
+        "cent",
+        "--dataset",
+        "digits",
+        "--train-samples",
+        "256",
+        "--batch-size",
+        "32",
+        "--no-plots",
+    ]
     common += ["--eval-every", "1", "--out", str(tmp_path)]
-    started = [torchrun_started([*common, *more]) for more in (["--epochs", "2", "--name", "straight"], ["--epochs", "1", "--name", "cut"])]
+    started = [
+        torchrun_started([*common, *more])
+        for more in (["--epochs", "2", "--name", "straight"], ["--epochs", "1", "--name", "cut"])
+    ]
     for proc, err in started:  # side by side: each waits on its own processes part of the time
         code = proc.wait(timeout=600)
         err.seek(0)

@@ -17,13 +17,26 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from datasets import CROP_PADDING, ROTATION_DEGREES, ImageData, augment_batch, crop, flip, loader_batches, rotate, tensor_batches  # noqa: E402
+from datasets import (
+    CROP_PADDING,
+    ROTATION_DEGREES,
+    ImageData,
+    augment_batch,
+    crop,
+    flip,
+    loader_batches,
+    rotate,
+    tensor_batches,
+)  # noqa: E402
 
 
 def noise(n: int, channels: int, side: int, seed: int = 0) -> torch.Tensor:
     """A float batch in [0, 1] of uint8 noise: asymmetric, so every flip, shift or rotation shows."""
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (n, channels, side, side), generator=g, dtype=torch.uint8).float() / 255
+    return (
+        torch.randint(0, 256, (n, channels, side, side), generator=g, dtype=torch.uint8).float()
+        / 255
+    )
 
 
 def gen(seed: int = 0) -> torch.Generator:
@@ -33,7 +46,9 @@ def gen(seed: int = 0) -> torch.Generator:
 # ------------------------------------------------------------------------------------ augmentations
 
 
-@pytest.mark.parametrize("ops", [("rotate",), ("flip",), ("crop",), ("flip", "rotate"), ("flip", "crop")])
+@pytest.mark.parametrize(
+    "ops", [("rotate",), ("flip",), ("crop",), ("flip", "rotate"), ("flip", "crop")]
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_augment_keeps_shape_dtype_range_and_is_seeded(ops, dtype):
     x = noise(16, 3, 32).to(dtype)
@@ -56,7 +71,9 @@ def test_rotate_changes_pixels():
     changed = [not torch.equal(out[i], x[i]) for i in range(len(x))]
     # Angles under ~1.4 degrees move no pixel of a 28x28 image by half a pixel: most, not all, change.
     assert sum(changed) >= len(x) // 2
-    assert len({tuple(out[i].flatten().tolist()) for i in range(len(x))}) > len(x) // 2  # different angles per sample
+    assert (
+        len({tuple(out[i].flatten().tolist()) for i in range(len(x))}) > len(x) // 2
+    )  # different angles per sample
 
 
 def test_rotation_angles_stay_within_5_degrees():
@@ -67,14 +84,20 @@ def test_rotation_angles_stay_within_5_degrees():
     x = torch.zeros(n, 1, side, side)
     x[:, :, 62:67, 64 + radius - 2 : 64 + radius + 3] = 1.0
     out = augment_batch(x, ("rotate",), gen(3))
-    rows, cols = torch.meshgrid(torch.arange(side, dtype=torch.float64), torch.arange(side, dtype=torch.float64), indexing="ij")
+    rows, cols = torch.meshgrid(
+        torch.arange(side, dtype=torch.float64),
+        torch.arange(side, dtype=torch.float64),
+        indexing="ij",
+    )
     mass = out[:, 0].double()
     assert (mass.sum((1, 2)) > 15).all()  # the blob survives the rotation
     cy = (mass * rows).sum((1, 2)) / mass.sum((1, 2)) - centre
     cx = (mass * cols).sum((1, 2)) / mass.sum((1, 2)) - centre
     angles = torch.rad2deg(torch.atan2(cy, cx))
     assert ((cx.hypot(cy) - radius).abs() < 1).all()
-    assert angles.abs().max() <= ROTATION_DEGREES + 0.75  # 0.75 degrees ~ 0.7 px of centroid error at r=56
+    assert (
+        angles.abs().max() <= ROTATION_DEGREES + 0.75
+    )  # 0.75 degrees ~ 0.7 px of centroid error at r=56
     assert angles.max() > 4 and angles.min() < -4  # both directions, up to the limit
 
 
@@ -83,7 +106,9 @@ def pil_batch(x: torch.Tensor, transform) -> torch.Tensor:
     back as floats in [0, 1]."""
     import torchvision.transforms.functional as TF
 
-    return torch.stack([TF.to_tensor(transform(i, TF.to_pil_image(img))) for i, img in enumerate(x)])
+    return torch.stack(
+        [TF.to_tensor(transform(i, TF.to_pil_image(img))) for i, img in enumerate(x)]
+    )
 
 
 @pytest.mark.parametrize("channels", [1, 3])
@@ -96,11 +121,23 @@ def test_rotate_equals_torchvision_bilinear_rotation_for_the_same_angles(channel
     x8 = torch.randint(0, 256, (12, channels, 28, 28), generator=gen(4), dtype=torch.uint8)
     degrees = torch.linspace(-ROTATION_DEGREES, ROTATION_DEGREES, len(x8))
     fast = rotate(x8.float() / 255, degrees)
-    slow = pil_batch(x8, lambda i, img: TF.rotate(img, float(degrees[i]), interpolation=TF.InterpolationMode.BILINEAR))
+    slow = pil_batch(
+        x8,
+        lambda i, img: TF.rotate(
+            img, float(degrees[i]), interpolation=TF.InterpolationMode.BILINEAR
+        ),
+    )
     inner = (slice(None), slice(None), slice(3, -3), slice(3, -3))
     assert (fast - slow)[inner].abs().max() <= 1.5 / 255
-    nearest = pil_batch(x8, lambda i, img: TF.rotate(img, float(degrees[i]), interpolation=TF.InterpolationMode.NEAREST))
-    assert (fast - nearest)[inner].abs().max() > 20 / 255  # the comparison can tell bilinear from nearest
+    nearest = pil_batch(
+        x8,
+        lambda i, img: TF.rotate(
+            img, float(degrees[i]), interpolation=TF.InterpolationMode.NEAREST
+        ),
+    )
+    assert (fast - nearest)[
+        inner
+    ].abs().max() > 20 / 255  # the comparison can tell bilinear from nearest
     opposite = rotate(x8.float() / 255, -degrees)
     assert (opposite - slow)[inner][:4].abs().max() > 20 / 255  # and one direction from the other
 
@@ -119,7 +156,12 @@ def test_crop_equals_torchvision_padded_crop_for_the_same_offsets():
 
     x8 = torch.randint(0, 256, (9, 3, 32, 32), generator=gen(8), dtype=torch.uint8)
     offsets = torch.tensor([[0, 8, 4, 1, 7, 3, 0, 8, 5], [8, 0, 4, 6, 2, 3, 0, 8, 1]])
-    slow = pil_batch(x8, lambda i, img: TF.crop(TF.pad(img, CROP_PADDING), int(offsets[0, i]), int(offsets[1, i]), 32, 32))
+    slow = pil_batch(
+        x8,
+        lambda i, img: TF.crop(
+            TF.pad(img, CROP_PADDING), int(offsets[0, i]), int(offsets[1, i]), 32, 32
+        ),
+    )
     assert torch.equal(crop(x8.float() / 255, offsets), slow)
 
 
@@ -154,10 +196,15 @@ def test_flip_flips_about_half_of_a_batch():
 def test_fast_path_runs_on_uint8_like_real_data():
     """tensor_batches scales uint8 to [0, 1] floats and augments; labels follow the order."""
     g = gen(7)
-    data = ImageData(torch.randint(0, 256, (40, 1, 28, 28), generator=g, dtype=torch.uint8), torch.arange(40))
+    data = ImageData(
+        torch.randint(0, 256, (40, 1, 28, 28), generator=g, dtype=torch.uint8), torch.arange(40)
+    )
     order = torch.randperm(40, generator=g)
     batches = list(tensor_batches(data, order, 16, ("rotate",), gen()))
-    assert [len(y) for _, y in batches] == [16, 16]  # the last partial batch is dropped, as in the study
+    assert [len(y) for _, y in batches] == [
+        16,
+        16,
+    ]  # the last partial batch is dropped, as in the study
     assert torch.equal(torch.cat([y for _, y in batches]), order[:32])
     for x, _ in batches:
         assert x.dtype == torch.float32 and x.min() >= 0 and x.max() <= 1
@@ -171,11 +218,16 @@ def test_fast_path_runs_on_uint8_like_real_data():
 def test_tensor_batches_equal_loader_batches_without_augmentation(workers, channels):
     g = gen(channels)
     n = 70  # 4 full batches of 16; the last 6 samples are dropped, as in the study
-    data = ImageData(torch.randint(0, 256, (n, channels, 28, 28), generator=g, dtype=torch.uint8), torch.randint(0, 10, (n,), generator=g))
+    data = ImageData(
+        torch.randint(0, 256, (n, channels, 28, 28), generator=g, dtype=torch.uint8),
+        torch.randint(0, 10, (n,), generator=g),
+    )
     order = torch.randperm(n, generator=g)
     for start in (0, 2):
         fast = list(tensor_batches(data, order, 16, (), gen(), start=start))
-        loader = list(loader_batches(data, order, 16, (), gen(), workers, torch.device("cpu"), start=start))
+        loader = list(
+            loader_batches(data, order, 16, (), gen(), workers, torch.device("cpu"), start=start)
+        )
         assert len(fast) == len(loader) == 4 - start
         for (xf, yf), (xl, yl) in zip(fast, loader):
             assert xf.dtype == xl.dtype == torch.float32
@@ -186,13 +238,30 @@ def test_tensor_batches_equal_loader_batches_without_augmentation(workers, chann
 
 
 def start_main(out: Path, pipeline: str) -> subprocess.Popen:
-    args = ["--dataset", "digits", "--train-samples", "96", "--batch-size", "32", "--epochs", "2", "--no-plots"]
+    args = [
+        "--dataset",
+        "digits",
+        "--train-samples",
+        "96",
+        "--batch-size",
+        "32",
+        "--epochs",
+        "2",
+        "--no-plots",
+    ]
     args += ["--device", "cpu", "--pipeline", pipeline, "--out", str(out), "--name", "run"]
     args += ["--workers", "0"] if pipeline == "loader" else []  # --workers is the loader's only
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", MPLBACKEND="Agg", PYTHONDONTWRITEBYTECODE="1")
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # two runs side by side on few cores: no spinning OpenMP threads
+    env.setdefault(
+        "OMP_WAIT_POLICY", "PASSIVE"
+    )  # two runs side by side on few cores: no spinning OpenMP threads
     return subprocess.Popen(
-        [sys.executable, str(REPO / "main.py"), *args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        [sys.executable, str(REPO / "main.py"), *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
 
 
@@ -206,7 +275,9 @@ def metrics_without_seconds(run: Path) -> list[dict[str, str]]:
 @pytest.mark.parametrize("pipeline", ["fast", "loader"])
 def test_training_is_bitwise_repeatable(tmp_path, pipeline):
     """Two runs with the same seed (the digits' rotation on) give the same metrics and weights."""
-    procs = [start_main(tmp_path / name, pipeline) for name in ("a", "b")]  # side by side: half the wait
+    procs = [
+        start_main(tmp_path / name, pipeline) for name in ("a", "b")
+    ]  # side by side: half the wait
     for proc in procs:
         output = proc.communicate(timeout=300)[0]
         assert proc.returncode == 0, output[-3000:]
@@ -220,5 +291,7 @@ def test_training_is_bitwise_repeatable(tmp_path, pipeline):
         assert ckpt_a[part].keys() == ckpt_b[part].keys()
         for key, tensor in ckpt_a[part].items():
             assert torch.equal(tensor, ckpt_b[part][key]), f"{part}.{key} differs"
-    for state_a, state_b in zip(ckpt_a["optimizer"]["state"].values(), ckpt_b["optimizer"]["state"].values()):
+    for state_a, state_b in zip(
+        ckpt_a["optimizer"]["state"].values(), ckpt_b["optimizer"]["state"].values()
+    ):
         assert torch.equal(state_a["momentum_buffer"], state_b["momentum_buffer"])

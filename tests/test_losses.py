@@ -96,7 +96,9 @@ def test_squared_distances_match_double_loop(dtype):
     assert d.shape == (5, 3) and d.dtype == dtype
     for i in range(5):
         for j in range(3):
-            assert d[i, j].item() == pytest.approx(ref_sqdist(a[i].tolist(), b[j].tolist()), **DTYPES[dtype])
+            assert d[i, j].item() == pytest.approx(
+                ref_sqdist(a[i].tolist(), b[j].tolist()), **DTYPES[dtype]
+            )
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES), ids=["f64", "f32"])
@@ -105,7 +107,9 @@ def test_modules_match_double_loops(dtype, pattern):
     features, _, y = sample(dtype, LABEL_PATTERNS[pattern], 3, seed=7)
     torch.manual_seed(0)
     cent = CenterLoss(NUM_CLASSES, 3).to(dtype)
-    assert cent(features, y).item() == pytest.approx(ref_intra(features, cent.centers.detach(), y), **DTYPES[dtype])
+    assert cent(features, y).item() == pytest.approx(
+        ref_intra(features, cent.centers.detach(), y), **DTYPES[dtype]
+    )
 
     sa = StandaloneCenterLoss(NUM_CLASSES, 3, weight_intra=0.7, weight_inter=0.3).to(dtype)
     c = sa.centers.detach()
@@ -140,7 +144,10 @@ def test_gradcheck_module_totals(module_cls):
     assert torch.autograd.gradcheck(total, (features, centers))
     # The module's own parameter receives the same gradient as the functional call.
     module(features.detach(), y).backward()
-    f2, c2 = features.detach().clone().requires_grad_(True), centers.detach().clone().requires_grad_(True)
+    f2, c2 = (
+        features.detach().clone().requires_grad_(True),
+        centers.detach().clone().requires_grad_(True),
+    )
     total(f2, c2).backward()
     torch.testing.assert_close(module.centers.grad, c2.grad)
 
@@ -175,12 +182,18 @@ def test_coincident_features_are_finite(dtype):
     f = row.repeat(6, 1).requires_grad_(True)
     total = sa(f, y)
     total.backward()
-    assert torch.isfinite(total) and torch.isfinite(f.grad).all() and torch.isfinite(sa.centers.grad).all()
+    assert (
+        torch.isfinite(total)
+        and torch.isfinite(f.grad).all()
+        and torch.isfinite(sa.centers.grad).all()
+    )
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES), ids=["f64", "f32"])
 def test_features_equal_to_centers(dtype):
-    centers = torch.tensor([[1.0, 2.0], [1.0, 2.0], [-3.0, 0.5]], dtype=dtype, requires_grad=True)  # two equal centers
+    centers = torch.tensor(
+        [[1.0, 2.0], [1.0, 2.0], [-3.0, 0.5]], dtype=dtype, requires_grad=True
+    )  # two equal centers
     y = torch.tensor([0, 1, 2, 0, 1, 2])
     features = centers.detach()[y].clone().requires_grad_(True)
     intra = intra_loss(features, centers, y)
@@ -229,7 +242,9 @@ def test_standalone_forward_is_weighted_sum_of_terms():
     assert inter.item() == pytest.approx(inter_loss(features, y).item(), rel=1e-12)
     assert intra.item() == pytest.approx(ref_intra(features, sa.centers.detach(), y), rel=1e-10)
     assert inter.item() == pytest.approx(ref_inter(features, y), rel=1e-10)
-    assert sa(features, y).item() == pytest.approx(2.5 * intra.item() + 0.25 * inter.item(), rel=1e-12)
+    assert sa(features, y).item() == pytest.approx(
+        2.5 * intra.item() + 0.25 * inter.item(), rel=1e-12
+    )
 
 
 def test_standalone_defaults_and_centers():
@@ -237,7 +252,9 @@ def test_standalone_defaults_and_centers():
     assert sa.weight_intra == 1.0 and sa.weight_inter == 0.1 and sa.inter_margin is None
     assert isinstance(sa.centers, nn.Parameter) and sa.centers.shape == (10, 2)
     assert [n for n, _ in sa.named_parameters()] == ["centers"]
-    assert isinstance(CenterLoss(7, 3).centers, nn.Parameter) and CenterLoss(7, 3).centers.shape == (7, 3)
+    assert isinstance(CenterLoss(7, 3).centers, nn.Parameter) and CenterLoss(
+        7, 3
+    ).centers.shape == (7, 3)
 
 
 # ---------------------------------------------------------------------------------------- margin
@@ -245,7 +262,9 @@ def test_standalone_defaults_and_centers():
 
 def test_inter_margin_truncates_far_pairs():
     # A and B are close (d = 0.25) with different labels; C is far (d >= 90) from both.
-    features = torch.tensor([[0.0, 0.0], [0.5, 0.0], [10.0, 0.0]], dtype=torch.float64, requires_grad=True)
+    features = torch.tensor(
+        [[0.0, 0.0], [0.5, 0.0], [10.0, 0.0]], dtype=torch.float64, requires_grad=True
+    )
     y = torch.tensor([0, 1, 2])
     margin = 4.0
     loss = inter_loss(features, y, margin=margin)
@@ -282,7 +301,11 @@ def test_standalone_module_passes_margin():
 
 def objective_inputs(seed=0, n=8, classes=4, dim=3):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, dim, generator=g), torch.randn(n, classes, generator=g), torch.arange(n) % classes
+    return (
+        torch.randn(n, dim, generator=g),
+        torch.randn(n, classes, generator=g),
+        torch.arange(n) % classes,
+    )
 
 
 def test_objective_xent_is_cross_entropy():
@@ -348,12 +371,16 @@ def test_objective_computes_in_float32_under_autocast(loss):
         reference, reference_terms = objective(inputs[0].float(), inputs[1].float(), y)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             total, terms = objective(*inputs, y)
-        assert total.dtype == torch.float32 and all(t.dtype == torch.float32 for t in terms.values())
+        assert total.dtype == torch.float32 and all(
+            t.dtype == torch.float32 for t in terms.values()
+        )
         assert total.item() == pytest.approx(reference.item(), rel=1e-6)
         assert terms.keys() == reference_terms.keys()
         for name, value in terms.items():
             assert value.item() == pytest.approx(reference_terms[name].item(), rel=1e-6), name
-    if loss == "standalone":  # the same distances in bfloat16 are far off: the test would notice a 16-bit matmul
+    if (
+        loss == "standalone"
+    ):  # the same distances in bfloat16 are far off: the test would notice a 16-bit matmul
         with torch.autocast("cpu", dtype=torch.bfloat16):
             sloppy = squared_distances(features, features)
         assert not torch.allclose(sloppy.float(), squared_distances(features, features), rtol=1e-3)
@@ -366,7 +393,9 @@ def test_objective_builds_every_listed_loss_with_its_terms_and_refuses_others():
     for loss in LOSSES:
         objective = Objective(loss, 4, 3)
         total, terms = objective(features, logits, y)
-        assert tuple(sorted(terms)) == tuple(sorted(objective.terms_used)) and torch.isfinite(total), loss
+        assert tuple(sorted(terms)) == tuple(sorted(objective.terms_used)) and torch.isfinite(
+            total
+        ), loss
         assert (objective.centers is None) == (loss == "xent"), loss
     choices = "xent, cent, standalone, centers-apart, center-softmax"
     with pytest.raises(ValueError, match=f"^unknown loss 'softmax'; choose one of {choices}$"):
@@ -374,7 +403,9 @@ def test_objective_builds_every_listed_loss_with_its_terms_and_refuses_others():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("module_cls", [CenterLoss, StandaloneCenterLoss, CentersApartLoss, CenterSoftmaxLoss])
+@pytest.mark.parametrize(
+    "module_cls", [CenterLoss, StandaloneCenterLoss, CentersApartLoss, CenterSoftmaxLoss]
+)
 def test_loss_modules_compute_in_float32_under_autocast(module_cls, dtype):
     """Each loss module on its own, under a caller's fp16 or bf16 autocast, at feature norm ~340 (fp16's
     ||x||^2 overflows, bf16's 8-bit mantissa loses the distances): the value and the gradients of the
@@ -388,7 +419,9 @@ def test_loss_modules_compute_in_float32_under_autocast(module_cls, dtype):
     torch.manual_seed(0)
     module = module_cls(4, 8)
     with torch.no_grad():
-        module.centers.copy_(means + torch.randn(4, 8, generator=g))  # near the features: centers-apart's exp stays finite
+        module.centers.copy_(
+            means + torch.randn(4, 8, generator=g)
+        )  # near the features: centers-apart's exp stays finite
 
     def value_and_grads(x: torch.Tensor, autocast: bool) -> tuple[torch.Tensor, ...]:
         x = x.detach().requires_grad_()
@@ -414,13 +447,17 @@ def test_loss_modules_compute_in_float32_under_autocast(module_cls, dtype):
 # ---------------------------------------------------------------------- the paper's center update
 
 
-def ref_paper_update(centers: torch.Tensor, features: torch.Tensor, labels: torch.Tensor, alpha: float) -> list[list[float]]:
+def ref_paper_update(
+    centers: torch.Tensor, features: torch.Tensor, labels: torch.Tensor, alpha: float
+) -> list[list[float]]:
     """Wen et al., eq. 4, one center and one sample at a time."""
     c, x, y = centers.double().tolist(), features.double().tolist(), labels.tolist()
     new = []
     for j, center in enumerate(c):
         members = [x[i] for i in range(len(x)) if y[i] == j]
-        delta = [sum(center[d] - m[d] for m in members) / (1 + len(members)) for d in range(len(center))]
+        delta = [
+            sum(center[d] - m[d] for m in members) / (1 + len(members)) for d in range(len(center))
+        ]
         new.append([center[d] - alpha * delta[d] for d in range(len(center))])
     return new
 
@@ -432,9 +469,13 @@ def test_paper_center_update_matches_a_loop(dtype, pattern):
     before = centers.clone()
     paper_center_update(centers, features, y, 0.3)
     expected = torch.tensor(ref_paper_update(before, features, y, 0.3), dtype=dtype)
-    torch.testing.assert_close(centers, expected, **{"rtol": DTYPES[dtype]["rel"], "atol": DTYPES[dtype]["abs"]})
+    torch.testing.assert_close(
+        centers, expected, **{"rtol": DTYPES[dtype]["rel"], "atol": DTYPES[dtype]["abs"]}
+    )
     absent = [k for k in range(NUM_CLASSES) if k not in LABEL_PATTERNS[pattern]]
-    assert absent and torch.equal(centers[absent], before[absent])  # classes absent from the batch stay put
+    assert absent and torch.equal(
+        centers[absent], before[absent]
+    )  # classes absent from the batch stay put
     assert not torch.equal(centers, before)
 
 

@@ -44,10 +44,14 @@ def read_metrics(run_dir: Path) -> tuple[list[str], list[dict[str, str]]]:
         return list(reader.fieldnames or []), list(reader)
 
 
-def model_outputs(run_dir: Path, ckpt: dict, args: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def model_outputs(
+    run_dir: Path, ckpt: dict, args: dict
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Test-set features, logits and labels recomputed from the checkpoint's model (eval mode, no augmentation)."""
     data = load_dataset(args["dataset"], args["data_dir"], download=False)
-    model = build_model(args["model"], data.channels, len(data.classes), args["feat_dim"], data.image_size)
+    model = build_model(
+        args["model"], data.channels, len(data.classes), args["feat_dim"], data.image_size
+    )
     model.load_state_dict(ckpt["model"])
     model.eval()
     x = data.test.images.float() / 255
@@ -70,7 +74,12 @@ def test_tiny_run_files(tiny_runs, background, loss):
         assert (run_dir / name).is_file(), name
 
     args = json.loads((run_dir / "args.json").read_text())
-    assert args["loss"] == loss and args["dataset"] == "mnist" and args["feat_dim"] == 2 and args["epochs"] == 2
+    assert (
+        args["loss"] == loss
+        and args["dataset"] == "mnist"
+        and args["feat_dim"] == 2
+        and args["epochs"] == 2
+    )
     assert args["model"] == "resnet" and args["data_dir"] == str(background.paths["mnist"])
 
     header, rows = read_metrics(run_dir)
@@ -96,9 +105,13 @@ def test_tiny_run_files(tiny_runs, background, loss):
             assert float(row["train_loss"]) == pytest.approx(float(row["train_xent"]), rel=1e-4)
             assert float(row["test_loss"]) == pytest.approx(float(row["test_xent"]), rel=1e-4)
         elif loss == "cent":
-            assert float(row["test_loss"]) == pytest.approx(float(row["test_xent"]) + float(row["test_intra"]), rel=1e-4)
+            assert float(row["test_loss"]) == pytest.approx(
+                float(row["test_xent"]) + float(row["test_intra"]), rel=1e-4
+            )
         else:
-            assert float(row["test_loss"]) == pytest.approx(float(row["test_intra"]) + 0.1 * float(row["test_inter"]), rel=1e-4, abs=1e-5)
+            assert float(row["test_loss"]) == pytest.approx(
+                float(row["test_intra"]) + 0.1 * float(row["test_inter"]), rel=1e-4, abs=1e-5
+            )
             assert float(row["test_inter"]) <= 0
 
     ckpt = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
@@ -115,7 +128,11 @@ def test_tiny_run_files(tiny_runs, background, loss):
     assert summary["best_acc"] == pytest.approx(max(accs), rel=1e-5)
     assert summary["epochs"] == 2
     assert summary["samples_per_second"] > 0
-    assert summary["train_size"] == MNIST_TRAIN and summary["test_size"] == MNIST_TEST and summary["num_classes"] == 10
+    assert (
+        summary["train_size"] == MNIST_TRAIN
+        and summary["test_size"] == MNIST_TEST
+        and summary["num_classes"] == 10
+    )
     assert summary["ncm_acc"] == pytest.approx(float(rows[-1]["ncm_acc"]), rel=1e-5)
     assert summary["loss"] == loss and summary["name"] == run_dir.name
     raw = background.paths["mnist"] / "MNIST" / "raw"
@@ -134,7 +151,9 @@ def test_standalone_accuracy_is_nearest_center(tiny_runs):
     distances = ((features[:, None, :] - centers[None, :, :]) ** 2).sum(-1)  # plain, no expansion
     predictions = distances.argmin(1)
     acc = (predictions == labels).float().mean().item()
-    assert summary["acc"] == pytest.approx(acc, abs=1e-6), f"summary acc {summary['acc']}, nearest-center acc {acc}"
+    assert summary["acc"] == pytest.approx(acc, abs=1e-6), (
+        f"summary acc {summary['acc']}, nearest-center acc {acc}"
+    )
     assert summary["center_acc"] == pytest.approx(acc, abs=1e-6)
     _, rows = read_metrics(run_dir)
     assert float(rows[-1]["test_acc"]) == pytest.approx(acc, abs=1e-5)
@@ -187,28 +206,54 @@ def test_finished_run_refused_then_overwritten(named_run, capsys):
     assert summary["epochs"] == 1 and summary["overwrite"] is True
     _, rows = read_metrics(run_dir)
     assert len(rows) == 1
-    assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "args.json", "checkpoint.pt", "metrics.csv", "summary.json"]
+    assert sorted(p.name for p in run_dir.iterdir()) == [
+        ".lock",
+        "args.json",
+        "checkpoint.pt",
+        "metrics.csv",
+        "summary.json",
+    ]
 
 
 @pytest.mark.parametrize("loss", ["xent", "cent", "standalone"])
 def test_lenet_smoke_run_with_its_recipe(lenet_runs, background, loss):
     run_dir = lenet_runs[loss]
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert (summary["model"], summary["loss"], summary["weight_decay"], summary["clip_grad_norm"]) == ("lenet++", loss, 5e-4, 10.0)
+    assert (
+        summary["model"],
+        summary["loss"],
+        summary["weight_decay"],
+        summary["clip_grad_norm"],
+    ) == ("lenet++", loss, 5e-4, 10.0)
     assert summary["bad_steps"] == 0 and math.isfinite(summary["acc"])
     _, rows = read_metrics(run_dir)
     assert len(rows) == 1 and math.isfinite(float(rows[0]["train_loss"]))
     ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
-    mean, std = channel_stats(load_dataset("mnist", background.paths["mnist"], download=False).train.images[:64])
-    assert ckpt["model"]["mean"].flatten().tolist() == pytest.approx(mean) and ckpt["model"]["std"].flatten().tolist() == pytest.approx(std)
+    mean, std = channel_stats(
+        load_dataset("mnist", background.paths["mnist"], download=False).train.images[:64]
+    )
+    assert ckpt["model"]["mean"].flatten().tolist() == pytest.approx(mean) and ckpt["model"][
+        "std"
+    ].flatten().tolist() == pytest.approx(std)
 
 
 # ---------------------------------------------------------------------------------- bad input
 
 
 # Every float flag, each with NaN or an infinity (comparisons with NaN are false: range checks alone let it pass).
-NOT_FINITE = [("--lr", "inf"), ("--lr", "-inf"), ("--lr-cent", "nan"), ("--momentum", "nan"), ("--weight-cent", "inf")]
-NOT_FINITE += [("--weight-intra", "nan"), ("--weight-inter", "nan"), ("--inter-margin", "inf"), ("--alpha", "nan")]
+NOT_FINITE = [
+    ("--lr", "inf"),
+    ("--lr", "-inf"),
+    ("--lr-cent", "nan"),
+    ("--momentum", "nan"),
+    ("--weight-cent", "inf"),
+]
+NOT_FINITE += [
+    ("--weight-intra", "nan"),
+    ("--weight-inter", "nan"),
+    ("--inter-margin", "inf"),
+    ("--alpha", "nan"),
+]
 NOT_FINITE += [("--factor", "nan"), ("--threshold", "inf"), ("--val-fraction", "nan")]
 NOT_FINITE += [("--weight-decay", "nan"), ("--clip-grad-norm", "inf"), ("--center-alpha", "nan")]
 
@@ -224,17 +269,29 @@ NOT_FINITE += [("--weight-decay", "nan"), ("--clip-grad-norm", "inf"), ("--cente
         (["--epochs", "0"], "--epochs must be at least 1"),
         (["--momentum", "1.5"], "--momentum must be in [0, 1)"),
         (["--weight-inter", "-0.1"], "loss weights must not be negative"),
-        (["--loss", "cent", "--weight-cent", "1e30"], "loss weights above 1e+06 make the first steps' gradients overflow float32"),
+        (
+            ["--loss", "cent", "--weight-cent", "1e30"],
+            "loss weights above 1e+06 make the first steps' gradients overflow float32",
+        ),
         (["--plot-every", "0"], "--plot-every must be at least 1"),
-        (["--data-dir", "/nonexistent/scl-data"], "--data-dir /nonexistent/scl-data does not exist"),
+        (
+            ["--data-dir", "/nonexistent/scl-data"],
+            "--data-dir /nonexistent/scl-data does not exist",
+        ),
         (["--dataset", "folder"], "--dataset folder needs --data-dir"),
         (["--seed", "-1"], "--seed must be an integer from 0 to 4294967295"),
         (["--seed", str(2**32)], "--seed must be an integer from 0 to 4294967295"),
-        *[([f"{flag}={value}"], f"argument {flag}: must be a finite number, not '{value}'") for flag, value in NOT_FINITE],
+        *[
+            ([f"{flag}={value}"], f"argument {flag}: must be a finite number, not '{value}'")
+            for flag, value in NOT_FINITE
+        ],
         (["--lr", "fast"], "argument --lr: not a number: 'fast'"),
         # Zero, subnormal or infinite in float32, in which training computes: it would learn nothing and end "done".
         *[
-            ([*extra, f"{flag}={value}"], f"argument {flag}: '{value}' is outside float32's normal range, 1.18e-38 to 3.4e+38 in size")
+            (
+                [*extra, f"{flag}={value}"],
+                f"argument {flag}: '{value}' is outside float32's normal range, 1.18e-38 to 3.4e+38 in size",
+            )
             for extra, flag, value in [
                 ((), "--lr", "1e-300"),
                 (("--loss", "xent"), "--lr", "1e-45"),
@@ -248,16 +305,30 @@ NOT_FINITE += [("--weight-decay", "nan"), ("--clip-grad-norm", "inf"), ("--cente
             ]
         ],
         # Plot flags where nothing they set is drawn.
-        (["--no-plots", "--projection", "tsne"], "--projection is for --feat-dim 3 or more with plots; drop it"),
+        (
+            ["--no-plots", "--projection", "tsne"],
+            "--projection is for --feat-dim 3 or more with plots; drop it",
+        ),
         (["--projection", "tsne"], "--projection is for --feat-dim 3 or more with plots; drop it"),
-        (["--feat-dim", "8", "--no-plots", "--projection", "pca"], "--projection is for --feat-dim 3 or more with plots; drop it"),
-        (["--no-plots", "--plot-every", "3"], "--plot-every is for --feat-dim 2 with plots; drop it"),
-        (["--feat-dim", "8", "--plot-every", "3"], "--plot-every is for --feat-dim 2 with plots; drop it"),
+        (
+            ["--feat-dim", "8", "--no-plots", "--projection", "pca"],
+            "--projection is for --feat-dim 3 or more with plots; drop it",
+        ),
+        (
+            ["--no-plots", "--plot-every", "3"],
+            "--plot-every is for --feat-dim 2 with plots; drop it",
+        ),
+        (
+            ["--feat-dim", "8", "--plot-every", "3"],
+            "--plot-every is for --feat-dim 2 with plots; drop it",
+        ),
         (["--device", "meta"], "--device meta: not a device to train on"),
         pytest.param(
             ["--device", "mps"],
             "--device mps: MPS is not available here",
-            marks=pytest.mark.skipif(torch.backends.mps.is_available(), reason="MPS is available here"),
+            marks=pytest.mark.skipif(
+                torch.backends.mps.is_available(), reason="MPS is available here"
+            ),
         ),
         pytest.param(
             ["--device", "cuda"],
@@ -274,33 +345,86 @@ NOT_FINITE += [("--weight-decay", "nan"), ("--clip-grad-norm", "inf"), ("--cente
         pytest.param(
             ["--out", "{tmp}/read-only/runs"],
             "is not writable",
-            marks=pytest.mark.skipif(os.geteuid() == 0, reason="root may write into a read-only folder"),
+            marks=pytest.mark.skipif(
+                os.geteuid() == 0, reason="root may write into a read-only folder"
+            ),
         ),
         (["--weight-decay", "-1"], "--weight-decay must not be negative"),
         (["--clip-grad-norm", "-1"], "--clip-grad-norm must not be negative"),
-        (["--loss", "xent", "--center-update", "paper"], "--center-update paper needs --loss cent or standalone, whose centers only"),
-        (["--loss", "centers-apart", "--center-update", "paper"], "(centers-apart moves its centers by terms of its own)"),
-        (["--center-alpha", "0.5"], "--center-alpha is the rate of the paper's center update; add --center-update paper"),
+        (
+            ["--loss", "xent", "--center-update", "paper"],
+            "--center-update paper needs --loss cent or standalone, whose centers only",
+        ),
+        (
+            ["--loss", "centers-apart", "--center-update", "paper"],
+            "(centers-apart moves its centers by terms of its own)",
+        ),
+        (
+            ["--center-alpha", "0.5"],
+            "--center-alpha is the rate of the paper's center update; add --center-update paper",
+        ),
         (["--center-update", "paper", "--center-alpha", "1.5"], "--center-alpha must be in (0, 1]"),
-        (["--center-update", "paper", "--lr-cent", "0.1"], "with --center-update paper set --center-alpha instead"),
+        (
+            ["--center-update", "paper", "--lr-cent", "0.1"],
+            "with --center-update paper set --center-alpha instead",
+        ),
         # Flags the chosen loss or pipeline does not use (given, not defaulted).
-        (["--loss", "standalone", "--weight-cent", "1"], "--weight-cent is used by --loss cent, not by --loss standalone; drop it"),
-        (["--loss", "xent", "--lr-cent", "0.1"], "--lr-cent is used by every loss but xent (the losses with centers), not by --loss xent"),
-        (["--loss", "xent", "--inter-margin", "2"], "--inter-margin is used by --loss standalone, not by --loss xent"),
-        (["--loss", "centers-apart", "--inter-margin", "2"], "--inter-margin is used by --loss standalone, not by --loss centers-apart"),
-        (["--loss", "xent", "--alpha", "0.1"], "--alpha is used by --loss centers-apart, not by --loss xent"),
-        (["--loss", "standalone", "--alpha", "0.1"], "--alpha is used by --loss centers-apart, not by --loss standalone"),
-        (["--loss", "xent", "--weight-inter", "0.1"], "--weight-inter is used by --loss standalone and centers-apart, not by --loss xent"),
-        (["--loss", "cent", "--weight-intra", "1"], "--weight-intra is used by --loss standalone and centers-apart, not by --loss cent"),
-        (["--workers", "2"], "--workers sets the DataLoader processes of --pipeline loader; drop it"),
+        (
+            ["--loss", "standalone", "--weight-cent", "1"],
+            "--weight-cent is used by --loss cent, not by --loss standalone; drop it",
+        ),
+        (
+            ["--loss", "xent", "--lr-cent", "0.1"],
+            "--lr-cent is used by every loss but xent (the losses with centers), not by --loss xent",
+        ),
+        (
+            ["--loss", "xent", "--inter-margin", "2"],
+            "--inter-margin is used by --loss standalone, not by --loss xent",
+        ),
+        (
+            ["--loss", "centers-apart", "--inter-margin", "2"],
+            "--inter-margin is used by --loss standalone, not by --loss centers-apart",
+        ),
+        (
+            ["--loss", "xent", "--alpha", "0.1"],
+            "--alpha is used by --loss centers-apart, not by --loss xent",
+        ),
+        (
+            ["--loss", "standalone", "--alpha", "0.1"],
+            "--alpha is used by --loss centers-apart, not by --loss standalone",
+        ),
+        (
+            ["--loss", "xent", "--weight-inter", "0.1"],
+            "--weight-inter is used by --loss standalone and centers-apart, not by --loss xent",
+        ),
+        (
+            ["--loss", "cent", "--weight-intra", "1"],
+            "--weight-intra is used by --loss standalone and centers-apart, not by --loss cent",
+        ),
+        (
+            ["--workers", "2"],
+            "--workers sets the DataLoader processes of --pipeline loader; drop it",
+        ),
         # A loss that is zero whatever the model does would train nothing and still end "done".
-        (["--weight-intra", "0", "--weight-inter", "0"], "--weight-intra 0 and --weight-inter 0 make the standalone loss zero"),
-        (["--loss", "centers-apart", "--weight-intra", "0", "--weight-inter", "0"], "make the centers-apart loss zero"),
+        (
+            ["--weight-intra", "0", "--weight-inter", "0"],
+            "--weight-intra 0 and --weight-inter 0 make the standalone loss zero",
+        ),
+        (
+            ["--loss", "centers-apart", "--weight-intra", "0", "--weight-inter", "0"],
+            "make the centers-apart loss zero",
+        ),
         # Names the file system cannot hold, and an empty --out (it meant the current folder).
         (["--name", "n" * 256], "--name is 256 bytes long, more than the 255 a file name may have"),
-        (["--out", "{tmp}/" + "o" * 256 + "/runs"], "is 256 bytes long, more than the 255 a file system allows"),
+        (
+            ["--out", "{tmp}/" + "o" * 256 + "/runs"],
+            "is 256 bytes long, more than the 255 a file system allows",
+        ),
         (["--out", ""], "--out must not be empty"),
-        (["--out", "{tmp}/" + "/".join(["d" * 200] * 20)], "make a run folder path longer than 3996 bytes"),
+        (
+            ["--out", "{tmp}/" + "/".join(["d" * 200] * 20)],
+            "make a run folder path longer than 3996 bytes",
+        ),
     ],
 )
 def test_bad_arguments_exit_2(argv, message, tmp_path, capsys):
@@ -309,7 +433,9 @@ def test_bad_arguments_exit_2(argv, message, tmp_path, capsys):
     (tmp_path / "read-only").mkdir(mode=0o500)
     before = listing(tmp_path)
     with pytest.raises(SystemExit) as info:
-        main.main(["--out", str(tmp_path / "out"), *(a.replace("{tmp}", str(tmp_path)) for a in argv)])
+        main.main(
+            ["--out", str(tmp_path / "out"), *(a.replace("{tmp}", str(tmp_path)) for a in argv)]
+        )
     assert info.value.code == 2
     line = stderr_error_line(capsys.readouterr().err)
     assert message in line
@@ -323,13 +449,19 @@ def test_bad_arguments_exit_2(argv, message, tmp_path, capsys):
         (["--name", "..", "--overwrite"], "--name '..' must be one plain folder name"),
         (["--name", ".", "--overwrite"], "--name '.' must be one plain folder name"),
         (["--name", "decoy/..", "--overwrite"], "--name 'decoy/..' must be one plain folder name"),
-        (["--name", "decoy", "--overwrite", "--resume"], "--resume continues a run and --overwrite deletes it"),
+        (
+            ["--name", "decoy", "--overwrite", "--resume"],
+            "--resume continues a run and --overwrite deletes it",
+        ),
         (["--name", "decoy"], "holds a finished run; use --overwrite"),
         (["--name", "notes", "--overwrite"], "is not a run folder of main.py"),
         (["--name", "notes"], "is not a run folder of main.py"),
         (["--name", "a-file", "--overwrite"], "exists and is not a folder"),
         (["--name", "link", "--overwrite"], "exists and is not a folder"),
-        (["--out", "{out}/decoy", "--name", "checkpoint.pt", "--overwrite"], "exists and is not a folder"),
+        (
+            ["--out", "{out}/decoy", "--name", "checkpoint.pt", "--overwrite"],
+            "exists and is not a folder",
+        ),
     ],
 )
 def test_nothing_outside_the_run_folder_is_deleted_or_written(argv, message, tmp_path, capsys):
@@ -384,7 +516,12 @@ def test_non_image_in_tree(tmp_path, capsys):
     bad = root / "train" / "bee" / "x.png"
     bad.write_bytes(b"\x89PNG but not really" * 4)
     out = tmp_path / "out"
-    assert main.main(["--dataset", "folder", "--data-dir", str(root), "--epochs", "1", "--out", str(out)]) == 1
+    assert (
+        main.main(
+            ["--dataset", "folder", "--data-dir", str(root), "--epochs", "1", "--out", str(out)]
+        )
+        == 1
+    )
     line = stderr_error_line(capsys.readouterr().err)
     assert str(bad) in line
     assert not list(out.glob("**/summary.json"))
@@ -395,12 +532,28 @@ def test_images_too_small_for_the_model_are_one_line(tmp_path, capsys, model, si
     """A model that cannot take the data set's image size says so before making a run folder."""
     root = write_image_tree(tmp_path / "tree", "L", side, per_class=(4, 2))
     out = tmp_path / "out"
-    argv = ["--dataset", "folder", "--data-dir", str(root), "--model", model, "--batch-size", "4", "--epochs", "1", "--out", str(out)]
+    argv = [
+        "--dataset",
+        "folder",
+        "--data-dir",
+        str(root),
+        "--model",
+        model,
+        "--batch-size",
+        "4",
+        "--epochs",
+        "1",
+        "--out",
+        str(out),
+    ]
     with pytest.raises(SystemExit) as info:
         main.main(argv)
     assert info.value.code == 2
     line = stderr_error_line(capsys.readouterr().err)
-    assert f"--model {model} needs images of at least {smallest}x{smallest}" in line and f"has {side}x{side}" in line
+    assert (
+        f"--model {model} needs images of at least {smallest}x{smallest}" in line
+        and f"has {side}x{side}" in line
+    )
     assert not out.exists()
 
 
@@ -419,7 +572,19 @@ def test_overwrite_keeps_an_empty_folder_it_did_not_make(tmp_path):
     shared = tmp_path / "shared"
     shared.mkdir()
     shared.chmod(0o1777)
-    argv = ["--out", str(tmp_path), "--name", "shared", "--overwrite", "--epochs", "1", "--train-samples", "32", "--batch-size", "32"]
+    argv = [
+        "--out",
+        str(tmp_path),
+        "--name",
+        "shared",
+        "--overwrite",
+        "--epochs",
+        "1",
+        "--train-samples",
+        "32",
+        "--batch-size",
+        "32",
+    ]
     assert main.main([*argv, "--model", "lenet++", "--no-plots"]) == 0
     assert (shared.stat().st_mode & 0o7777) == 0o1777
     assert (shared / "summary.json").is_file()
@@ -428,21 +593,37 @@ def test_overwrite_keeps_an_empty_folder_it_did_not_make(tmp_path):
 @pytest.mark.parametrize(
     "argv,code,message",
     [
-        (["--dataset", "mnist", "--data-dir", "{empty_idx}"], 1, "train-images-idx3-ubyte: an IDX file of no items"),
-        (["--train-samples", "4", "--val-fraction", "0.9"], 2, "the train set has 0 samples, fewer than one batch"),
-        (["--train-samples", "20"], 2, "the train set has 20 samples, fewer than one batch of --batch-size 32"),
+        (
+            ["--dataset", "mnist", "--data-dir", "{empty_idx}"],
+            1,
+            "train-images-idx3-ubyte: an IDX file of no items",
+        ),
+        (
+            ["--train-samples", "4", "--val-fraction", "0.9"],
+            2,
+            "the train set has 0 samples, fewer than one batch",
+        ),
+        (
+            ["--train-samples", "20"],
+            2,
+            "the train set has 20 samples, fewer than one batch of --batch-size 32",
+        ),
     ],
 )
 def test_bad_data_one_line(argv, code, message, tmp_path, capsys):
     """Data that cannot train: one line, exit 1 (data) or 2 (arguments), no run folder."""
     empty_idx = tmp_path / "empty-idx"
     write_tiny_mnist(empty_idx)
-    write_idx(empty_idx / "MNIST" / "raw" / "train-images-idx3-ubyte", np.zeros((0, 28, 28), np.uint8))  # a valid header, 0 images
+    write_idx(
+        empty_idx / "MNIST" / "raw" / "train-images-idx3-ubyte", np.zeros((0, 28, 28), np.uint8)
+    )  # a valid header, 0 images
     write_idx(empty_idx / "MNIST" / "raw" / "train-labels-idx1-ubyte", np.zeros(0, np.uint8))
     before = listing(tmp_path)
     argv = [a.replace("{empty_idx}", str(empty_idx)) for a in argv]
     try:
-        result = main.main([*argv, "--batch-size", "32", "--epochs", "1", "--out", str(tmp_path / "out")])
+        result = main.main(
+            [*argv, "--batch-size", "32", "--epochs", "1", "--out", str(tmp_path / "out")]
+        )
     except SystemExit as exc:
         result = exc.code
     assert result == code
@@ -473,7 +654,9 @@ def test_a_train_set_of_one_class_is_refused(tmp_path, capsys):
     ]
     assert main.main(argv) == 1
     line = stderr_error_line(capsys.readouterr().err)
-    assert line.endswith("the train set has only the class '7' in its first --train-samples 4; a classifier needs at least two")
+    assert line.endswith(
+        "the train set has only the class '7' in its first --train-samples 4; a classifier needs at least two"
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -481,11 +664,29 @@ def test_train_set_smaller_than_knn_k(tmp_path):
     """--train-samples 8 leaves a k-NN gallery of 8 train features: knn10_acc uses k = 8 instead of failing."""
     out = tmp_path / "out"
     assert (
-        main.main(["--train-samples", "8", "--batch-size", "8", "--epochs", "1", "--model", "lenet++", "--no-plots", "--out", str(out)])
+        main.main(
+            [
+                "--train-samples",
+                "8",
+                "--batch-size",
+                "8",
+                "--epochs",
+                "1",
+                "--model",
+                "lenet++",
+                "--no-plots",
+                "--out",
+                str(out),
+            ]
+        )
         == 0
     )
     summary = json.loads((out / "standalone-digits-feat=2" / "summary.json").read_text())
-    assert summary["train_size"] == 8 and 0 <= summary["knn10_acc"] <= 1 and 0 <= summary["knn1_acc"] <= 1
+    assert (
+        summary["train_size"] == 8
+        and 0 <= summary["knn10_acc"] <= 1
+        and 0 <= summary["knn1_acc"] <= 1
+    )
 
 
 def test_every_float_flag_refuses_nan_and_infinity():
@@ -497,13 +698,26 @@ def test_every_float_flag_refuses_nan_and_infinity():
 
 def test_summary_json_is_strict_json(tmp_path):
     """NaN and infinities (a metric of a collapsed run) become null: no NaN token that strict parsers refuse."""
-    write_json(tmp_path / "summary.json", {"acc": 0.5, "nmi": math.nan, "terms": [math.inf, -math.inf, 1.5], "nested": {"ami": math.nan}})
+    write_json(
+        tmp_path / "summary.json",
+        {
+            "acc": 0.5,
+            "nmi": math.nan,
+            "terms": [math.inf, -math.inf, 1.5],
+            "nested": {"ami": math.nan},
+        },
+    )
     text = (tmp_path / "summary.json").read_text()
 
     def refuse(token):
         raise ValueError(f"non-standard JSON token {token}")
 
-    assert json.loads(text, parse_constant=refuse) == {"acc": 0.5, "nmi": None, "terms": [None, None, 1.5], "nested": {"ami": None}}
+    assert json.loads(text, parse_constant=refuse) == {
+        "acc": 0.5,
+        "nmi": None,
+        "terms": [None, None, 1.5],
+        "nested": {"ami": None},
+    }
 
 
 def test_help_lists_every_flag(capsys):
@@ -526,24 +740,54 @@ def test_help_lists_every_flag(capsys):
 def test_defaults_follow_the_study():
     args = config.parse_args([])
     assert (args.loss, args.model, args.feat_dim) == ("standalone", "resnet", 2)
-    assert (args.epochs, args.batch_size, args.patience) == (20, 64, 3)  # digits, the offline first run
+    assert (args.epochs, args.batch_size, args.patience) == (
+        20,
+        64,
+        3,
+    )  # digits, the offline first run
     study = config.parse_args(["--dataset", "mnist"])
-    assert (study.epochs, study.batch_size, study.patience, study.factor, study.threshold) == (100, 128, 10, 0.2, 0.1)
-    assert config.parse_args(["--epochs", "7", "--batch-size", "16", "--patience", "1"]).batch_size == 16  # explicit flags win
+    assert (study.epochs, study.batch_size, study.patience, study.factor, study.threshold) == (
+        100,
+        128,
+        10,
+        0.2,
+        0.1,
+    )
+    assert (
+        config.parse_args(["--epochs", "7", "--batch-size", "16", "--patience", "1"]).batch_size
+        == 16
+    )  # explicit flags win
     assert (args.lr, args.lr_cent, args.momentum) == (0.01, 0.01, 0.9)
     assert (args.weight_cent, args.weight_intra, args.weight_inter) == (1.0, 1.0, 0.1)
     assert args.name == "standalone-digits-feat=2"
-    assert config.parse_args(["--dataset", "cifar-10", "--lr", "0.1"]).name == "standalone-cifar10-feat=2"
+    assert (
+        config.parse_args(["--dataset", "cifar-10", "--lr", "0.1"]).name
+        == "standalone-cifar10-feat=2"
+    )
     assert config.parse_args(["--lr", "0.1"]).lr_cent == 0.1
-    assert (args.weight_decay, args.clip_grad_norm, args.center_update, args.center_alpha) == (0.0, 0.0, "sgd", None)
+    assert (args.weight_decay, args.clip_grad_norm, args.center_update, args.center_alpha) == (
+        0.0,
+        0.0,
+        "sgd",
+        None,
+    )
 
 
 def test_loss_flags_default_only_where_they_are_used():
     """The loss-specific flags default (None sentinels filled after the checks) without being refused."""
     xent = config.parse_args(["--loss", "xent"])
-    assert (xent.weight_cent, xent.alpha, xent.lr_cent, xent.workers) == (1.0, 0.05, 0.01, datasets.default_workers())
-    assert config.parse_args(["--loss", "cent", "--weight-cent", "0"]).weight_cent == 0.0  # plain xent by another name: allowed
-    assert config.parse_args(["--weight-intra", "0"]).weight_inter == 0.1  # the inter term alone still trains
+    assert (xent.weight_cent, xent.alpha, xent.lr_cent, xent.workers) == (
+        1.0,
+        0.05,
+        0.01,
+        datasets.default_workers(),
+    )
+    assert (
+        config.parse_args(["--loss", "cent", "--weight-cent", "0"]).weight_cent == 0.0
+    )  # plain xent by another name: allowed
+    assert (
+        config.parse_args(["--weight-intra", "0"]).weight_inter == 0.1
+    )  # the inter term alone still trains
     assert config.parse_args(["--loss", "centers-apart", "--alpha", "0.2"]).alpha == 0.2
     assert config.parse_args(["--pipeline", "loader", "--workers", "0"]).workers == 0
 
@@ -554,15 +798,42 @@ TORCHRUN = {"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_
 @pytest.mark.parametrize(
     "env,message",
     [
-        ({"WORLD_SIZE": "abc"}, "the environment's WORLD_SIZE='abc' is not a positive number of processes"),
-        ({"WORLD_SIZE": "0"}, "the environment's WORLD_SIZE='0' is not a positive number of processes"),
-        ({"WORLD_SIZE": "2"}, "the environment has WORLD_SIZE=2 but not RANK, MASTER_ADDR, MASTER_PORT: start with torchrun"),
-        ({"RANK": "abc"}, "the environment's RANK='abc' is not a process rank from 0 to 0 (WORLD_SIZE 1)"),
-        ({**TORCHRUN, "RANK": "2"}, "the environment's RANK='2' is not a process rank from 0 to 1 (WORLD_SIZE 2)"),
-        ({**TORCHRUN, "RANK": "-1"}, "the environment's RANK='-1' is not a process rank from 0 to 1"),
-        ({**TORCHRUN, "LOCAL_RANK": "x"}, "the environment's LOCAL_RANK='x' is not a process rank from 0 to 1"),
-        ({**TORCHRUN, "MASTER_PORT": "65536"}, "the environment's MASTER_PORT='65536' is not a port number from 1 to 65535"),
-        ({**TORCHRUN, "MASTER_PORT": "http"}, "the environment's MASTER_PORT='http' is not a port number from 1 to 65535"),
+        (
+            {"WORLD_SIZE": "abc"},
+            "the environment's WORLD_SIZE='abc' is not a positive number of processes",
+        ),
+        (
+            {"WORLD_SIZE": "0"},
+            "the environment's WORLD_SIZE='0' is not a positive number of processes",
+        ),
+        (
+            {"WORLD_SIZE": "2"},
+            "the environment has WORLD_SIZE=2 but not RANK, MASTER_ADDR, MASTER_PORT: start with torchrun",
+        ),
+        (
+            {"RANK": "abc"},
+            "the environment's RANK='abc' is not a process rank from 0 to 0 (WORLD_SIZE 1)",
+        ),
+        (
+            {**TORCHRUN, "RANK": "2"},
+            "the environment's RANK='2' is not a process rank from 0 to 1 (WORLD_SIZE 2)",
+        ),
+        (
+            {**TORCHRUN, "RANK": "-1"},
+            "the environment's RANK='-1' is not a process rank from 0 to 1",
+        ),
+        (
+            {**TORCHRUN, "LOCAL_RANK": "x"},
+            "the environment's LOCAL_RANK='x' is not a process rank from 0 to 1",
+        ),
+        (
+            {**TORCHRUN, "MASTER_PORT": "65536"},
+            "the environment's MASTER_PORT='65536' is not a port number from 1 to 65535",
+        ),
+        (
+            {**TORCHRUN, "MASTER_PORT": "http"},
+            "the environment's MASTER_PORT='http' is not a port number from 1 to 65535",
+        ),
     ],
 )
 def test_rank_variables_out_of_range_are_one_line(env, message, monkeypatch, capsys):
@@ -590,9 +861,13 @@ def test_processes_that_never_join_end_in_one_line(tmp_path, monkeypatch, capsys
     assert main.main(["--epochs", "1", "--out", str(tmp_path)]) == 1
     assert time.monotonic() - started < 30
     err = capsys.readouterr().err
-    assert err.startswith(f"rank 0: waiting up to 1 s for all 2 processes at 127.0.0.1:{port}\n")  # not silently
+    assert err.startswith(
+        f"rank 0: waiting up to 1 s for all 2 processes at 127.0.0.1:{port}\n"
+    )  # not silently
     line = stderr_error_line(err)
-    assert line.startswith(f"error: rank 0: not all 2 processes met at 127.0.0.1:{port} within 1 s (")
+    assert line.startswith(
+        f"error: rank 0: not all 2 processes met at 127.0.0.1:{port} within 1 s ("
+    )
     assert line.endswith("start them with torchrun --nproc-per-node 2 main.py ...")
     assert not list(tmp_path.iterdir())
 
@@ -600,12 +875,22 @@ def test_processes_that_never_join_end_in_one_line(tmp_path, monkeypatch, capsys
 def test_lenet_recipe_and_paper_center_update_defaults():
     lenet = config.parse_args(["--model", "lenet++"])
     assert (lenet.weight_decay, lenet.clip_grad_norm) == (5e-4, 10.0)
-    lenet = config.parse_args(["--model", "lenet++", "--weight-decay", "0", "--clip-grad-norm", "0"])
-    assert (lenet.weight_decay, lenet.clip_grad_norm) == (0.0, 0.0)  # explicit values win over the recipe
+    lenet = config.parse_args(
+        ["--model", "lenet++", "--weight-decay", "0", "--clip-grad-norm", "0"]
+    )
+    assert (lenet.weight_decay, lenet.clip_grad_norm) == (
+        0.0,
+        0.0,
+    )  # explicit values win over the recipe
     assert config.parse_args(["--clip-grad-norm", "5"]).clip_grad_norm == 5.0
     paper = config.parse_args(["--center-update", "paper"])
     assert (paper.center_alpha, paper.lr_cent) == (0.5, None)  # the paper's alpha; no SGD centers
-    assert config.parse_args(["--loss", "cent", "--center-update", "paper", "--center-alpha", "0.1"]).center_alpha == 0.1
+    assert (
+        config.parse_args(
+            ["--loss", "cent", "--center-update", "paper", "--center-alpha", "0.1"]
+        ).center_alpha
+        == 0.1
+    )
 
 
 # ------------------------------------------------------------------------------------- real data
@@ -616,18 +901,30 @@ def test_real_mnist_beats_chance(real_run):
     proc, run_dir = real_run
     check_ok(proc)
     summary = json.loads((run_dir / "summary.json").read_text())
-    print(f"real MNIST, {REAL_TRAIN_SAMPLES // 64} steps: acc {summary['acc']:.4f}, ncm acc {summary['ncm_acc']:.4f}")
+    print(
+        f"real MNIST, {REAL_TRAIN_SAMPLES // 64} steps: acc {summary['acc']:.4f}, ncm acc {summary['ncm_acc']:.4f}"
+    )
     assert summary["train_size"] == REAL_TRAIN_SAMPLES and summary["test_size"] == 10000
-    assert summary["feat_dim"] == 128 and summary["loss"] == "standalone" and summary["model"] == "resnet"
+    assert (
+        summary["feat_dim"] == 128
+        and summary["loss"] == "standalone"
+        and summary["model"] == "resnet"
+    )
     assert summary["acc"] > 0.5, proc.stdout
     assert not (run_dir / "frames").exists() and not (run_dir / "train.png").exists()  # --no-plots
 
 
-@pytest.mark.filterwarnings("ignore:Failed to inspect CPU affinity")  # joblib (scikit-learn) notices the missing call too
+@pytest.mark.filterwarnings(
+    "ignore:Failed to inspect CPU affinity"
+)  # joblib (scikit-learn) notices the missing call too
 def test_default_run_needs_no_sched_getaffinity(tmp_path, monkeypatch):
     """macOS and Windows have no os.sched_getaffinity: the default command still ends in its GIFs."""
     monkeypatch.delattr(os, "sched_getaffinity", raising=False)
     monkeypatch.chdir(tmp_path)
     assert main.main(["--epochs", "1", "--train-samples", "128"]) == 0
     run_dir = tmp_path / "runs" / "standalone-digits-feat=2"
-    assert (run_dir / "summary.json").is_file() and (run_dir / "train.gif").is_file() and (run_dir / "test.gif").is_file()
+    assert (
+        (run_dir / "summary.json").is_file()
+        and (run_dir / "train.gif").is_file()
+        and (run_dir / "test.gif").is_file()
+    )

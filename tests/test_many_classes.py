@@ -23,10 +23,16 @@ from training import build_trainer, train_step
 from utils import CHUNK_BYTES
 
 
-def batch(num_classes: int = 6, feat_dim: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def batch(
+    num_classes: int = 6, feat_dim: int = 3, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     labels = torch.tensor([4, 1, 4, 0, 4, 1, 2])  # duplicates; classes 3 and 5 absent
-    return torch.randn(len(labels), feat_dim, generator=g), torch.randn(num_classes, feat_dim, generator=g), labels
+    return (
+        torch.randn(len(labels), feat_dim, generator=g),
+        torch.randn(num_classes, feat_dim, generator=g),
+        labels,
+    )
 
 
 def center_loss(centers: torch.Tensor) -> CenterLoss:
@@ -36,10 +42,19 @@ def center_loss(centers: torch.Tensor) -> CenterLoss:
     return criterion
 
 
-def row_step(opt: RowSGD, criterion: CenterLoss, x: torch.Tensor, y: torch.Tensor, apply: torch.Tensor | None = None) -> torch.Tensor:
+def row_step(
+    opt: RowSGD,
+    criterion: CenterLoss,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    apply: torch.Tensor | None = None,
+) -> torch.Tensor:
     """One step as training.py takes it: the loss, backward, RowSGD on the batch's rows."""
     criterion(x, y).backward()
-    assert criterion.centers.grad is None and criterion.rows.grad.shape == (len(y), criterion.centers.shape[1])
+    assert criterion.centers.grad is None and criterion.rows.grad.shape == (
+        len(y),
+        criterion.centers.shape[1],
+    )
     return opt.step(criterion.labels, criterion.rows.grad, apply)
 
 
@@ -65,10 +80,16 @@ def test_row_sgd_is_torch_sgd_on_present_classes_and_lazy_on_absent_ones() -> No
     buffer = rows.state[lazy]["momentum_buffer"]
     torch.testing.assert_close(lazy.data[1], dense.data[1])
     torch.testing.assert_close(lazy.data[[0, 2, 4]], after_first[[0, 2, 4]])
-    assert not torch.allclose(dense.data[4], after_first[4])  # dense SGD's momentum moved the absent class
+    assert not torch.allclose(
+        dense.data[4], after_first[4]
+    )  # dense SGD's momentum moved the absent class
     torch.testing.assert_close(buffer[1], sgd.state[dense]["momentum_buffer"][1])
-    assert torch.equal(lazy.data[[3, 5]], centers[[3, 5]]) and torch.equal(buffer[[3, 5]], torch.zeros(2, 3))
-    assert buffer.layout == torch.strided and buffer.shape == centers.shape  # one dense buffer: nothing grows with the steps
+    assert torch.equal(lazy.data[[3, 5]], centers[[3, 5]]) and torch.equal(
+        buffer[[3, 5]], torch.zeros(2, 3)
+    )
+    assert (
+        buffer.layout == torch.strided and buffer.shape == centers.shape
+    )  # one dense buffer: nothing grows with the steps
 
 
 def test_row_sgd_sums_repeated_rows_in_any_order() -> None:
@@ -106,7 +127,11 @@ def test_center_updates_do_nothing_unless_applied_and_finite(update: str) -> Non
     """With apply False, or rows that would not be finite, the centers and the momentum stay as they
     were, and the update says whether the rows were finite; no tensor is read on the host."""
     features, centers, labels = batch()
-    for apply, x in ((torch.tensor(False), features), (torch.tensor(True), features * float("inf")), (torch.tensor(True), features)):
+    for apply, x in (
+        (torch.tensor(False), features),
+        (torch.tensor(True), features * float("inf")),
+        (torch.tensor(True), features),
+    ):
         if update == "paper":
             c = centers.clone()
             ok = paper_center_update(c, x, labels, 0.5, apply)
@@ -131,25 +156,38 @@ def test_row_sgd_step_runs_on_shapes_alone() -> None:
     labels = torch.randint(0, 100_000, (128,)).to("meta")
     criterion.intra(torch.randn(128, 8, device="meta"), labels).backward()
     ok = opt.step(criterion.labels, criterion.rows.grad, torch.tensor(True, device="meta"))
-    assert ok.device.type == "meta" and opt.state[criterion.centers]["momentum_buffer"].shape == (100_000, 8)
-    sparse_gradient = torch.sparse_coo_tensor(labels[None], criterion.rows.grad, (100_000, 8), check_invariants=False)
+    assert ok.device.type == "meta" and opt.state[criterion.centers]["momentum_buffer"].shape == (
+        100_000,
+        8,
+    )
+    sparse_gradient = torch.sparse_coo_tensor(
+        labels[None], criterion.rows.grad, (100_000, 8), check_invariants=False
+    )
     for data_sized in (sparse_gradient.coalesce, labels.unique, labels.nonzero, labels.sum().item):
         with pytest.raises((NotImplementedError, RuntimeError)):
             data_sized()
 
 
-def test_nearest_over_100000_centers_keeps_each_chunk_of_distances_within_64_mib(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_nearest_over_100000_centers_keeps_each_chunk_of_distances_within_64_mib(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     g = torch.Generator().manual_seed(0)
     centers = torch.randn(100_000, 8, generator=g)
     picked = torch.randint(0, 100_000, (600,), generator=g)
     features = centers[picked] + 0.001 * torch.randn(600, 8, generator=g)
     sizes = []
     distances = evaluation.squared_distances
-    monkeypatch.setattr(evaluation, "squared_distances", lambda a, b: sizes.append(len(a) * len(b) * 4) or distances(a, b))
+    monkeypatch.setattr(
+        evaluation,
+        "squared_distances",
+        lambda a, b: sizes.append(len(a) * len(b) * 4) or distances(a, b),
+    )
     assert torch.equal(evaluation.nearest(features, centers), picked)
     assert len(sizes) > 1 and max(sizes) <= CHUNK_BYTES
     exclude = torch.zeros(100_000, dtype=torch.bool)
-    exclude[picked[:5]] = True  # an excluded (never seen) class is not predicted: the sample goes elsewhere
+    exclude[picked[:5]] = (
+        True  # an excluded (never seen) class is not predicted: the sample goes elsewhere
+    )
     assert not (evaluation.nearest(features[:5], centers, exclude) == picked[:5]).any()
 
 
@@ -157,7 +195,9 @@ def test_main_step_at_100000_classes_moves_only_the_batch_centers() -> None:
     """main.py's step (--center-update sgd, the default) at 100,000 classes: a step moves the centers
     and momentum rows of its batch's classes only, and the next batch's step (other classes) leaves
     them where they are (lazy momentum; dense SGD would let them coast)."""
-    data = SimpleNamespace(channels=1, classes=range(100_000), image_size=8, train=SimpleNamespace(images=None))
+    data = SimpleNamespace(
+        channels=1, classes=range(100_000), image_size=8, train=SimpleNamespace(images=None)
+    )
     t = build_trainer(parse_args(["--feat-dim", "2", "--seed", "3"]), data, torch.device("cpu"))
     centers = t.objective.centers
     initial = centers.detach().clone()
@@ -176,7 +216,9 @@ def test_main_step_at_100000_classes_moves_only_the_batch_centers() -> None:
     assert centers.grad is None  # never a C x D gradient
 
 
-def test_metrics_at_many_classes_keep_each_chunk_within_64_mib(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_metrics_at_many_classes_keep_each_chunk_within_64_mib(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """center_distance_ratio over 6,000 class means (144 MB of distances at once) against a
     reference in float64, and k-NN votes over 100,000 classes, each chunk within utils.CHUNK_BYTES."""
     g = torch.Generator().manual_seed(0)
@@ -185,27 +227,40 @@ def test_metrics_at_many_classes_keep_each_chunk_within_64_mib(monkeypatch: pyte
     features = means[labels] + torch.randn(12_000, 4, generator=g)
     sizes = []
     distances = metrics.squared_distances
-    monkeypatch.setattr(metrics, "squared_distances", lambda a, b: sizes.append(len(a) * len(b) * 4) or distances(a, b))
+    monkeypatch.setattr(
+        metrics,
+        "squared_distances",
+        lambda a, b: sizes.append(len(a) * len(b) * 4) or distances(a, b),
+    )
     ratio = metrics.center_distance_ratio(features, labels)
     assert len(sizes) > 1 and max(sizes) <= CHUNK_BYTES
     x = features.double()
     class_means = (x[:6_000] + x[6_000:]) / 2
     intra = (x - class_means[labels]).norm(dim=1).mean()
-    pair = sum(float(torch.cdist(class_means[i : i + 1000], class_means).sum()) for i in range(0, 6_000, 1000)) / (6_000 * 5_999)
+    pair = sum(
+        float(torch.cdist(class_means[i : i + 1000], class_means).sum())
+        for i in range(0, 6_000, 1000)
+    ) / (6_000 * 5_999)
     assert ratio == pytest.approx(float(intra) / pair, rel=1e-5)
     votes = []
     zeros = torch.zeros
     monkeypatch.setattr(torch, "zeros", lambda *a, **k: votes.append(a) or zeros(*a, **k))
     query_labels = torch.randint(0, 100_000, (300,), generator=g)
-    assert metrics.knn_accuracy(features[:300], query_labels, features[:300], query_labels, 1) == 1.0
+    assert (
+        metrics.knn_accuracy(features[:300], query_labels, features[:300], query_labels, 1) == 1.0
+    )
     assert len(votes) > 1 and all(rows * classes * 8 <= CHUNK_BYTES for rows, classes in votes)
 
 
-def test_frames_of_many_classes_have_no_legend(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_frames_of_many_classes_have_no_legend(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A legend of 10,000 class names would cover the frame (and take minutes to lay out): none past
     visualize.LEGEND_CLASSES; 10 classes keep theirs."""
     legends = []
-    monkeypatch.setattr(matplotlib.axes.Axes, "legend", lambda self, *a, **k: legends.append(len(k["handles"])))
+    monkeypatch.setattr(
+        matplotlib.axes.Axes, "legend", lambda self, *a, **k: legends.append(len(k["handles"]))
+    )
     points, rng = np.random.default_rng(0).normal(size=(200, 2)), np.random.default_rng(1)
     for num_classes in (10, 10_000):
         labels = rng.integers(0, num_classes, 200)
@@ -223,27 +278,55 @@ def test_frames_of_many_classes_have_no_legend(tmp_path: Path, monkeypatch: pyte
     assert legends == [10]
 
 
-def many_class_data(num_classes: int = 10_000, per_class: int = 2, test_size: int = 1000) -> Dataset:
+def many_class_data(
+    num_classes: int = 10_000, per_class: int = 2, test_size: int = 1000
+) -> Dataset:
     """8x8 grey images, `per_class` a class, shuffled (--train-samples then takes a mix of classes)."""
     g = torch.Generator().manual_seed(0)
-    labels = torch.arange(num_classes).repeat(per_class)[torch.randperm(num_classes * per_class, generator=g)]
+    labels = torch.arange(num_classes).repeat(per_class)[
+        torch.randperm(num_classes * per_class, generator=g)
+    ]
     images = torch.randint(0, 256, (len(labels), 1, 8, 8), generator=g, dtype=torch.uint8)
     test_labels = torch.randint(0, num_classes, (test_size,), generator=g)
     test_images = torch.randint(0, 256, (test_size, 1, 8, 8), generator=g, dtype=torch.uint8)
     classes = [f"id{k}" for k in range(num_classes)]
-    return Dataset("faces", ImageData(images, labels), ImageData(test_images, test_labels), classes, (), "synthetic")
+    return Dataset(
+        "faces",
+        ImageData(images, labels),
+        ImageData(test_images, test_labels),
+        classes,
+        (),
+        "synthetic",
+    )
 
 
-def test_main_trains_and_evaluates_10000_classes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_main_trains_and_evaluates_10000_classes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A whole main.py run (2 epochs of 4 steps, 2-D features) on 10,000 classes: nearest-center and
     nearest-class-mean accuracies, retrieval metrics, both frames per epoch and the GIFs."""
     monkeypatch.setattr(main, "load_dataset", lambda *a, **k: many_class_data())
-    flags = ["--loss", "standalone", "--feat-dim", "2", "--epochs", "2", "--batch-size", "64", "--train-samples", "256"]
+    flags = [
+        "--loss",
+        "standalone",
+        "--feat-dim",
+        "2",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "64",
+        "--train-samples",
+        "256",
+    ]
     flags += ["--out", str(tmp_path), "--name", "faces", "--device", "cpu"]
     assert main.main(flags) == 0
     summary = json.loads((tmp_path / "faces" / "summary.json").read_text())
     assert summary["num_classes"] == 10_000 and summary["epochs"] == 2
-    assert 0 <= summary["acc"] <= 1 and 0 <= summary["ncm_acc"] <= 1 and summary["center_acc"] == summary["acc"]
+    assert (
+        0 <= summary["acc"] <= 1
+        and 0 <= summary["ncm_acc"] <= 1
+        and summary["center_acc"] == summary["acc"]
+    )
     assert summary["center_distance_ratio"] > 0 and summary["knn1_acc"] is not None
     frames = sorted(p.name for p in (tmp_path / "faces" / "frames").glob("*/epoch_*.png"))
     assert frames == ["epoch_001.png", "epoch_001.png", "epoch_002.png", "epoch_002.png"]
@@ -251,16 +334,25 @@ def test_main_trains_and_evaluates_10000_classes(tmp_path: Path, monkeypatch: py
 
 
 @pytest.mark.parametrize("init_scale", [1.0, 1024.0, 3e38])
-def test_sgd_centers_under_fp16_take_the_unscaled_gradient_and_stay_when_the_scaler_skips(init_scale: float) -> None:
+def test_sgd_centers_under_fp16_take_the_unscaled_gradient_and_stay_when_the_scaler_skips(
+    init_scale: float,
+) -> None:
     """Under --amp fp16 the loss is scaled, and so is the centers' row gradient, which the GradScaler
     does not see: the step divides it back, so the centers move the same at any scale. A scale that
     overflows makes the scaler skip the step: the centers stay, and the step is not a bad one."""
-    data = SimpleNamespace(channels=1, classes=range(10), image_size=8, train=SimpleNamespace(images=None))
-    t = build_trainer(parse_args(["--amp", "fp16", "--feat-dim", "2", "--seed", "3"]), data, torch.device("cpu"))
+    data = SimpleNamespace(
+        channels=1, classes=range(10), image_size=8, train=SimpleNamespace(images=None)
+    )
+    t = build_trainer(
+        parse_args(["--amp", "fp16", "--feat-dim", "2", "--seed", "3"]), data, torch.device("cpu")
+    )
     t.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
     centers = t.objective.centers
     before = centers.detach().clone()
-    x, y = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.arange(16) % 10
+    x, y = (
+        torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(0)),
+        torch.arange(16) % 10,
+    )
     features, *_, finite = train_step(t, x, y)
     assert finite
     if init_scale > 1e30:
@@ -268,35 +360,72 @@ def test_sgd_centers_under_fp16_take_the_unscaled_gradient_and_stay_when_the_sca
         return
     lr = t.optimizer.param_groups[1]["lr"]
     grad = torch.stack([(before[k] - features.detach()[y == k]).sum(0) * 2 / 16 for k in range(10)])
-    expected = before - lr * grad  # the first step: momentum buffer = gradient of intra (weight 1), mean over 16
+    expected = (
+        before - lr * grad
+    )  # the first step: momentum buffer = gradient of intra (weight 1), mean over 16
     torch.testing.assert_close(centers.detach(), expected, rtol=1e-4, atol=1e-6)
 
 
-def test_a_many_class_run_cut_after_an_epoch_resumes_bit_for_bit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_many_class_run_cut_after_an_epoch_resumes_bit_for_bit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """200 classes at batch 16 (RowSGD on the batch's centers): a run cut after epoch 1 and resumed ends
     as the straight run, bit for bit, the centers' momentum buffer (in the checkpoint) included."""
     monkeypatch.setattr(main, "load_dataset", lambda *a, **k: many_class_data(200, 4, 64))
-    args = ["--loss", "standalone", "--feat-dim", "2", "--batch-size", "16", "--train-samples", "96", "--no-plots"]
+    args = [
+        "--loss",
+        "standalone",
+        "--feat-dim",
+        "2",
+        "--batch-size",
+        "16",
+        "--train-samples",
+        "96",
+        "--no-plots",
+    ]
     args += ["--model", "lenet++", "--device", "cpu", "--out", str(tmp_path)]
     assert main.main([*args, "--epochs", "2", "--name", "straight"]) == 0
     assert main.main([*args, "--epochs", "1", "--name", "cut"]) == 0
     (tmp_path / "cut" / "summary.json").unlink()
     assert main.main([*args, "--epochs", "2", "--name", "cut"]) == 0
-    straight, resumed = (torch.load(tmp_path / name / "checkpoint.pt", weights_only=True) for name in ("straight", "cut"))
+    straight, resumed = (
+        torch.load(tmp_path / name / "checkpoint.pt", weights_only=True)
+        for name in ("straight", "cut")
+    )
     buffers = [c["center_optimizer"]["state"][0]["momentum_buffer"] for c in (straight, resumed)]
-    assert torch.equal(*buffers) and 0 < int(buffers[0].any(1).sum()) < 200  # lazy: the rows of the classes seen
+    assert (
+        torch.equal(*buffers) and 0 < int(buffers[0].any(1).sum()) < 200
+    )  # lazy: the rows of the classes seen
     for part in ("model", "objective"):
         assert all(torch.equal(straight[part][k], resumed[part][k]) for k in straight[part]), part
 
 
-def test_evaluation_never_holds_a_whole_set_of_logits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_evaluation_never_holds_a_whole_set_of_logits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """--loss cent (accuracy by the logits) on 10,000 classes: the test set's logits (1,000 x 10,000 here; 20,000 x
     100,000 float32 is 8 GB, and the train set's, for the final metrics, more) are never put together, only
     EVAL_BATCH rows at a time, and the run's accuracy is the logits' argmax."""
     monkeypatch.setattr(main, "load_dataset", lambda *a, **k: many_class_data())
     sizes, cat = [], torch.cat
-    monkeypatch.setattr(torch, "cat", lambda tensors, *a, **k: sizes.append((out := cat(tensors, *a, **k)).numel()) or out)
-    flags = ["--loss", "cent", "--feat-dim", "2", "--epochs", "1", "--batch-size", "64", "--train-samples", "256", "--no-plots"]
+    monkeypatch.setattr(
+        torch,
+        "cat",
+        lambda tensors, *a, **k: sizes.append((out := cat(tensors, *a, **k)).numel()) or out,
+    )
+    flags = [
+        "--loss",
+        "cent",
+        "--feat-dim",
+        "2",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "64",
+        "--train-samples",
+        "256",
+        "--no-plots",
+    ]
     assert main.main([*flags, "--out", str(tmp_path), "--name", "faces", "--device", "cpu"]) == 0
     assert max(sizes) < 1000 * 10_000 // 4
     summary = json.loads((tmp_path / "faces" / "summary.json").read_text())

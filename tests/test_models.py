@@ -44,7 +44,9 @@ def test_resnet_kaiming_init_and_zero_biases():
         fan_in = m.weight[0].numel()
         if m.weight.numel() >= 4000:
             expected = math.sqrt(2.0 / fan_in)
-            assert m.weight.std().item() == pytest.approx(expected, rel=0.1), f"{m}: std {m.weight.std().item()} vs {expected}"
+            assert m.weight.std().item() == pytest.approx(expected, rel=0.1), (
+                f"{m}: std {m.weight.std().item()} vs {expected}"
+            )
             assert abs(m.weight.mean().item()) < 0.1 * expected
     # The biased layers are the two linear ones; both start at zero.
     assert model.embed.bias is not None and (model.embed.bias == 0).all()
@@ -84,7 +86,9 @@ def test_lenet_he_init_for_prelu_and_zero_biases():
     assert len(layers) == 8
     for m in layers:
         assert (m.bias == 0).all(), f"{m} bias is not zero"
-        if m.weight.numel() >= 4000:  # kaiming_normal_ for leaky_relu slope 0.25: std = sqrt(2 / (1.0625 fan_in))
+        if (
+            m.weight.numel() >= 4000
+        ):  # kaiming_normal_ for leaky_relu slope 0.25: std = sqrt(2 / (1.0625 fan_in))
             expected = math.sqrt(2.0 / (1.0625 * m.weight[0].numel()))
             assert m.weight.std().item() == pytest.approx(expected, rel=0.1), m
 
@@ -99,9 +103,13 @@ def test_lenet_standardises_its_input_and_keeps_2d_features_apart():
     features, _ = model(x)
     assert features.std(0).min().item() > 0.05
     state = model.state_dict()
-    assert state["mean"].flatten().tolist() == pytest.approx(mean) and state["std"].flatten().tolist() == pytest.approx(std)
+    assert state["mean"].flatten().tolist() == pytest.approx(mean) and state[
+        "std"
+    ].flatten().tolist() == pytest.approx(std)
     torch.manual_seed(0)
-    plain = build_model("lenet++", 1, 10, 2, 28)  # identity standardisation: the same as feeding (x - mean) / std
+    plain = build_model(
+        "lenet++", 1, 10, 2, 28
+    )  # identity standardisation: the same as feeding (x - mean) / std
     plain.load_state_dict({**state, "mean": torch.zeros(1, 1, 1, 1), "std": torch.ones(1, 1, 1, 1)})
     torch.testing.assert_close(plain((x - 0.1307) / 0.3081)[0], features)
 
@@ -115,7 +123,11 @@ def test_resnet_width_multiplies_channels_and_width_one_is_the_study_network():
         assert torch.equal(a, b)
     wide = build_model("resnet", 1, 10, 2, 28, width=2)
     assert wide.stem.out_channels == 32 and wide.embed.in_features == 256
-    convs = [m.out_channels for m in wide.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)]
+    convs = [
+        m.out_channels
+        for m in wide.modules()
+        if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)
+    ]
     assert convs == [32] + [w * 2 for w in (32, 32, 32, 32, 64, 64, 64, 64, 128, 128)]
     weights = [sum(p.numel() for p in m.blocks.parameters()) for m in (study, wide)]
     assert 3.5 < weights[1] / weights[0] < 4.1  # conv weights grow with the square of the width

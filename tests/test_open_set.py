@@ -15,7 +15,18 @@ from conftest import TINY, run_main, stderr_error_line
 import metrics
 from datasets import Dataset, ImageData, open_set_split, parse_class_list
 
-FASHION = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+FASHION = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 
 
 @pytest.mark.parametrize(
@@ -52,14 +63,28 @@ def test_bad_class_lists_are_refused(spec: str, reason: str) -> None:
 
 def test_open_set_split_keeps_seen_classes_and_relabels_both_sides() -> None:
     labels = torch.tensor([0, 1, 2, 3, 4, 2, 4, 0])
-    images = labels.to(torch.uint8).view(-1, 1, 1, 1).expand(-1, 1, 2, 2).contiguous()  # each image shows its label
-    data = Dataset("toy", ImageData(images, labels), ImageData(images.flip(0), labels.flip(0)), list("abcde"), (), "memory")
+    images = (
+        labels.to(torch.uint8).view(-1, 1, 1, 1).expand(-1, 1, 2, 2).contiguous()
+    )  # each image shows its label
+    data = Dataset(
+        "toy",
+        ImageData(images, labels),
+        ImageData(images.flip(0), labels.flip(0)),
+        list("abcde"),
+        (),
+        "memory",
+    )
     closed, unseen = open_set_split(data, [1, 3, 4])
     assert closed.classes == ["b", "d", "e"]
     assert closed.train.labels.tolist() == [0, 1, 2, 2]
     assert closed.train.images[:, 0, 0, 0].tolist() == [1, 3, 4, 4]
     assert closed.test.labels.tolist() == [2, 2, 1, 0]
-    assert unseen.labels.tolist() == [0, 1, 1, 0]  # test images of a (0) and c (1), in the test set's order
+    assert unseen.labels.tolist() == [
+        0,
+        1,
+        1,
+        0,
+    ]  # test images of a (0) and c (1), in the test set's order
     assert unseen.images[:, 0, 0, 0].tolist() == [0, 2, 2, 0]
 
 
@@ -71,12 +96,18 @@ def reference_retrieval(features: torch.Tensor, labels: torch.Tensor) -> dict[st
         r = y.count(y[i]) - 1
         if r == 0:
             continue
-        others = sorted((sum((a - b) ** 2 for a, b in zip(x[i], x[j])), j) for j in range(len(x)) if j != i)
+        others = sorted(
+            (sum((a - b) ** 2 for a, b in zip(x[i], x[j])), j) for j in range(len(x)) if j != i
+        )
         hits = [y[j] == y[i] for _, j in others[:r]]
         p1.append(float(hits[0]))
         rp.append(sum(hits) / r)
         ap.append(sum(sum(hits[: n + 1]) / (n + 1) for n in range(r) if hits[n]) / r)
-    return {"precision_at_1": sum(p1) / len(p1), "r_precision": sum(rp) / len(rp), "map_at_r": sum(ap) / len(ap)}
+    return {
+        "precision_at_1": sum(p1) / len(p1),
+        "r_precision": sum(rp) / len(rp),
+        "map_at_r": sum(ap) / len(ap),
+    }
 
 
 def test_retrieval_matches_loops_with_ties(monkeypatch) -> None:
@@ -90,7 +121,9 @@ def test_retrieval_matches_loops_with_ties(monkeypatch) -> None:
     monkeypatch.setattr(metrics, "CHUNK", 7)  # chunks cut through the queries
     scores = metrics.retrieval_scores(features, labels)
     assert scores == pytest.approx(expected, rel=1e-6)
-    assert scores["precision_at_1"] != pytest.approx(scores["r_precision"])  # the three differ: a real check
+    assert scores["precision_at_1"] != pytest.approx(
+        scores["r_precision"]
+    )  # the three differ: a real check
 
 
 def test_retrieval_with_ties_hand_computed() -> None:
@@ -100,11 +133,15 @@ def test_retrieval_with_ties_hand_computed() -> None:
     # Query 3 (b): 1 (b) and 2 (a) both at distance 4; index 1 comes first -> hit.
     features = torch.tensor([[0.0], [1.0], [1.0], [3.0]])
     labels = torch.tensor([0, 1, 0, 1])
-    assert metrics.retrieval_scores(features, labels) == pytest.approx({"precision_at_1": 0.25, "r_precision": 0.25, "map_at_r": 0.25})
+    assert metrics.retrieval_scores(features, labels) == pytest.approx(
+        {"precision_at_1": 0.25, "r_precision": 0.25, "map_at_r": 0.25}
+    )
 
 
 def test_retrieval_without_classmates_is_none_not_an_error() -> None:
-    assert metrics.retrieval_scores(torch.randn(4, 2), torch.arange(4)) == dict.fromkeys(metrics.RETRIEVAL_METRICS)
+    assert metrics.retrieval_scores(torch.randn(4, 2), torch.arange(4)) == dict.fromkeys(
+        metrics.RETRIEVAL_METRICS
+    )
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
@@ -115,7 +152,9 @@ def test_retrieval_of_non_finite_features_is_nan_not_an_error(value: float) -> N
     features = torch.randn(20, 2, generator=torch.Generator().manual_seed(0))
     features[3, 0] = value
     scores = metrics.retrieval_scores(features, torch.arange(20) % 4)
-    assert set(scores) == set(metrics.RETRIEVAL_METRICS) and all(math.isnan(v) for v in scores.values())
+    assert set(scores) == set(metrics.RETRIEVAL_METRICS) and all(
+        math.isnan(v) for v in scores.values()
+    )
 
 
 def test_class_geometry_hand_computed() -> None:
@@ -136,17 +175,34 @@ def test_class_geometry_hand_computed() -> None:
         },
         rel=1e-6,
     )
-    assert metrics.center_distance_ratio(features, labels) == pytest.approx(intra / (sum(gaps) / 3), rel=1e-6)
+    assert metrics.center_distance_ratio(features, labels) == pytest.approx(
+        intra / (sum(gaps) / 3), rel=1e-6
+    )
 
 
 def test_class_geometry_of_non_finite_features_is_nan() -> None:
     geometry = metrics.class_geometry(torch.tensor([[float("nan")], [1.0]]), torch.tensor([0, 1]))
-    assert list(geometry) == list(metrics.GEOMETRY_METRICS) and all(math.isnan(v) for v in geometry.values())
+    assert list(geometry) == list(metrics.GEOMETRY_METRICS) and all(
+        math.isnan(v) for v in geometry.values()
+    )
 
 
-def test_open_set_run_reports_closed_accuracy_retrieval_and_geometry(tiny_mnist, tmp_path: Path) -> None:
+def test_open_set_run_reports_closed_accuracy_retrieval_and_geometry(
+    tiny_mnist, tmp_path: Path
+) -> None:
     data_dir, arrays = tiny_mnist
-    args = [*TINY, "--data-dir", data_dir, "--epochs", "1", "--no-plots", "--out", tmp_path, "--name", "open"]
+    args = [
+        *TINY,
+        "--data-dir",
+        data_dir,
+        "--epochs",
+        "1",
+        "--no-plots",
+        "--out",
+        tmp_path,
+        "--name",
+        "open",
+    ]
     result = run_main([*args, "--train-classes", "0-4"])
     assert result.returncode == 0, result.stderr
     summary = json.loads((tmp_path / "open" / "summary.json").read_text())
@@ -156,7 +212,9 @@ def test_open_set_run_reports_closed_accuracy_retrieval_and_geometry(tiny_mnist,
     for name in (*metrics.OPEN_SET_METRICS, *metrics.GEOMETRY_METRICS):
         assert 0 <= summary[name] < math.inf, name
     rows = list(csv.DictReader(open(tmp_path / "open" / "metrics.csv")))
-    assert len(rows) == 1 and all(rows[0][name] for name in (*metrics.OPEN_SET_METRICS, *metrics.GEOMETRY_METRICS))
+    assert len(rows) == 1 and all(
+        rows[0][name] for name in (*metrics.OPEN_SET_METRICS, *metrics.GEOMETRY_METRICS)
+    )
     assert float(rows[0]["open_map_at_r"]) == pytest.approx(summary["open_map_at_r"], rel=1e-5)
 
     refused = run_main([*args[:-1], "refused", "--train-classes", "0,eleven"])

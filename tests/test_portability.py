@@ -36,7 +36,9 @@ def test_lock_without_fcntl_uses_msvcrt_and_names_the_holder(tmp_path: Path, mon
     try:
         assert calls == [(LOCK_BYTE, 2, 1)]
         assert (tmp_path / ".lock").read_text().strip() == str(os.getpid())
-        with pytest.raises(RunFolderError, match=f"in use by process {os.getpid()}, a run still going"):
+        with pytest.raises(
+            RunFolderError, match=f"in use by process {os.getpid()}, a run still going"
+        ):
             lock_run_dir(tmp_path)
         assert len(calls) == 2
     finally:
@@ -58,18 +60,36 @@ def test_random_states_are_saved_in_dtypes_every_supported_torch_saves(tmp_path:
 
 def test_requirements_give_minimums_only() -> None:
     """A cap or a pin would downgrade a user's newer torch; every requirement is a `>=` minimum."""
-    lines = [line.split("#")[0].strip() for line in (REPO / "requirements.txt").read_text().splitlines()]
+    lines = [
+        line.split("#")[0].strip() for line in (REPO / "requirements.txt").read_text().splitlines()
+    ]
     requirements = [line for line in lines if line]
-    assert requirements and all(re.fullmatch(r"[A-Za-z0-9_.\-\[\]]+>=[0-9][0-9.]*", r) for r in requirements), requirements
+    assert requirements and all(
+        re.fullmatch(r"[A-Za-z0-9_.\-\[\]]+>=[0-9][0-9.]*", r) for r in requirements
+    ), requirements
 
 
 def test_reproduce_sh_needs_only_bash_3_2() -> None:
     """macOS ships bash 3.2: no associative arrays, no wait -n (used only where bash >= 4.3 runs), no ${!var} indirection, no mapfile, no case-changing
     expansions, and no bare "${array[@]}" of a possibly empty array under set -u (an error before bash 4.4)."""
     script = (REPO / "reproduce.sh").read_text()
-    code = "\n".join(line.split(" #")[0] for line in script.splitlines() if not line.lstrip().startswith("#"))
-    assert all("BASH_VERSINFO" in line for line in code.splitlines() if "wait -n" in line)  # only where bash has it
-    for feature in ("declare -A", "${!", "mapfile", "readarray", ",,}", "^^}", "|&", "&>>", 'data[@]}" '):
+    code = "\n".join(
+        line.split(" #")[0] for line in script.splitlines() if not line.lstrip().startswith("#")
+    )
+    assert all(
+        "BASH_VERSINFO" in line for line in code.splitlines() if "wait -n" in line
+    )  # only where bash has it
+    for feature in (
+        "declare -A",
+        "${!",
+        "mapfile",
+        "readarray",
+        ",,}",
+        "^^}",
+        "|&",
+        "&>>",
+        'data[@]}" ',
+    ):
         assert feature not in code, feature
 
 

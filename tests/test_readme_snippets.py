@@ -11,7 +11,11 @@ from conftest import REPO
 
 def snippet(name: str) -> str:
     """The python block between <!-- snippet: name --> and <!-- /snippet --> in README.md."""
-    match = re.search(rf"<!-- snippet: {name} -->\n```python\n(.*?)```\n<!-- /snippet -->", (REPO / "README.md").read_text(), re.S)
+    match = re.search(
+        rf"<!-- snippet: {name} -->\n```python\n(.*?)```\n<!-- /snippet -->",
+        (REPO / "README.md").read_text(),
+        re.S,
+    )
     assert match, f"README.md has no snippet {name}"
     return match.group(1)
 
@@ -19,13 +23,19 @@ def snippet(name: str) -> str:
 def tiny_batches(num_classes: int, steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(0)
     labels = torch.arange(16) % num_classes
-    images = torch.randn(num_classes, 8, generator=g)[labels] + 0.3 * torch.randn(16, 8, generator=g)
+    images = torch.randn(num_classes, 8, generator=g)[labels] + 0.3 * torch.randn(
+        16, 8, generator=g
+    )
     return [(images, labels)] * steps
 
 
 def test_standalone_snippet_lowers_the_intra_term() -> None:
     torch.manual_seed(0)
-    scope = {"num_classes": 4, "feat_dim": 2, "model": nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))}
+    scope = {
+        "num_classes": 4,
+        "feat_dim": 2,
+        "model": nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2)),
+    }
     scope["batches"] = tiny_batches(4, 1)
     exec(snippet("standalone-sgd"), scope)
     features, labels = scope["model"](scope["batches"][0][0]), scope["batches"][0][1]
@@ -56,7 +66,12 @@ def test_paper_snippet_moves_the_centers_by_eq_4() -> None:
     features = model(batches[0][0])[0].detach()
     centers = torch.randn(3, 2, generator=torch.Generator().manual_seed(1))
     torch.manual_seed(1)  # CenterLoss draws the same centers
-    scope = {"num_classes": 3, "feat_dim": 2, "model": model, "batches": batches}  # what the text says the reader brings
+    scope = {
+        "num_classes": 3,
+        "feat_dim": 2,
+        "model": model,
+        "batches": batches,
+    }  # what the text says the reader brings
     exec(snippet("cent-paper"), scope)
     labels = batches[0][1]
     for j in range(3):

@@ -18,7 +18,15 @@ sys.path.insert(0, str(ROOT))
 import report  # noqa: E402
 
 
-def write_summary(folder: Path, loss: str, dataset: str, feat_dim: int, acc: float, name: str | None = None, **extra) -> None:
+def write_summary(
+    folder: Path,
+    loss: str,
+    dataset: str,
+    feat_dim: int,
+    acc: float,
+    name: str | None = None,
+    **extra,
+) -> None:
     name = name or f"{loss}-{dataset}-feat={feat_dim}"
     summary = {
         "name": name,
@@ -50,11 +58,25 @@ def test_table_rows_differences_and_missing(tmp_path: Path, capsys) -> None:
     rows = table_rows(capsys.readouterr().out)
     assert len(rows) == 18
     study = report.study_rows()
-    assert [(r[0], r[1], r[2]) for r in rows] == [(s["loss"], s["dataset"], s["feat_dim"]) for s in study]
+    assert [(r[0], r[1], r[2]) for r in rows] == [
+        (s["loss"], s["dataset"], s["feat_dim"]) for s in study
+    ]
     by_key = {(r[0], r[1], int(r[2])): r for r in rows}
     standalone = by_key[("standalone", "mnist", 2)]
     # loss dataset feat acc lr epochs batch w_cent w_intra w_inter study diff ncm best
-    assert standalone[3:] == ["0.981", "0.01", "3", "128", "/", "1.0", "0.1", "0.994", "-0.013", "0.971", "/"]
+    assert standalone[3:] == [
+        "0.981",
+        "0.01",
+        "3",
+        "128",
+        "/",
+        "1.0",
+        "0.1",
+        "0.994",
+        "-0.013",
+        "0.971",
+        "/",
+    ]
     cent = by_key[("cent", "cifar10", 128)]
     assert cent[3] == "0.700" and cent[7] == "1.0" and cent[8:10] == ["/", "/"]
     assert cent[10:] == ["0.858", "-0.158", "0.690", "0.750"]
@@ -63,14 +85,31 @@ def test_table_rows_differences_and_missing(tmp_path: Path, capsys) -> None:
     assert sum(r[3] == "missing" for r in rows) == 16
 
 
-def write_unfinished_run(folder: Path, loss: str, dataset: str, feat_dim: int, accs: list[float], planned: int = 100) -> Path:
+def write_unfinished_run(
+    folder: Path, loss: str, dataset: str, feat_dim: int, accs: list[float], planned: int = 100
+) -> Path:
     """A run folder as main.py leaves it when stopped after len(accs) epochs: args.json and metrics.csv, no summary.json."""
     run_dir = folder / f"{loss}-{dataset}-feat={feat_dim}"
     run_dir.mkdir(parents=True)
-    settings = {"loss": loss, "dataset": dataset, "feat_dim": feat_dim, "lr": 0.01, "epochs": planned, "batch_size": 128}
-    settings |= {"weight_cent": 1.0, "weight_intra": 1.0, "weight_inter": 0.1, "seed": 0, "name": None}
+    settings = {
+        "loss": loss,
+        "dataset": dataset,
+        "feat_dim": feat_dim,
+        "lr": 0.01,
+        "epochs": planned,
+        "batch_size": 128,
+    }
+    settings |= {
+        "weight_cent": 1.0,
+        "weight_intra": 1.0,
+        "weight_inter": 0.1,
+        "seed": 0,
+        "name": None,
+    }
     (run_dir / "args.json").write_text(json.dumps(settings))
-    rows = ["epoch,lr,train_acc,test_acc,ncm_acc"] + [f"{e},0.001,0.5,{acc},{acc - 0.01}" for e, acc in enumerate(accs, 1)]
+    rows = ["epoch,lr,train_acc,test_acc,ncm_acc"] + [
+        f"{e},0.001,0.5,{acc},{acc - 0.01}" for e, acc in enumerate(accs, 1)
+    ]
     (run_dir / "metrics.csv").write_text("\n".join(rows) + "\n")
     return run_dir
 
@@ -81,14 +120,37 @@ def test_unfinished_run_is_its_last_epoch_marked_and_never_compared(tmp_path: Pa
     runs, collected = tmp_path / "runs", tmp_path / "collected"
     write_summary(runs, "standalone", "mnist", 2, 0.9812)
     write_unfinished_run(runs, "xent", "mnist", 2, [0.9, 0.95, 0.97])
-    assert report.main([str(runs), "--present", "--columns", "ncm_acc", "--collect", str(collected)]) == 0
+    assert (
+        report.main([str(runs), "--present", "--columns", "ncm_acc", "--collect", str(collected)])
+        == 0
+    )
     rows = {(r[0], r[1], r[2]): r for r in table_rows(capsys.readouterr().out)}
     xent = rows[("xent", "mnist", "2")]
     # loss dataset feat acc lr epochs batch w_cent w_intra w_inter study diff ncm
-    assert xent[3:] == ["0.970 (unfinished)", "0.01", "3 of 100 (unfinished)", "128", "/", "/", "/", "0.991", "/", "0.960"]
-    assert rows[("standalone", "mnist", "2")][3] == "0.981" and rows[("standalone", "mnist", "2")][11] == "-0.013"
+    assert xent[3:] == [
+        "0.970 (unfinished)",
+        "0.01",
+        "3 of 100 (unfinished)",
+        "128",
+        "/",
+        "/",
+        "/",
+        "0.991",
+        "/",
+        "0.960",
+    ]
+    assert (
+        rows[("standalone", "mnist", "2")][3] == "0.981"
+        and rows[("standalone", "mnist", "2")][11] == "-0.013"
+    )
     kept = json.loads((collected / "xent-mnist-feat=2.json").read_text())
-    assert (kept["unfinished"], kept["epochs"], kept["epochs_planned"], kept["acc"], kept["lr"]) == (True, 3, 100, 0.97, 0.01)
+    assert (
+        kept["unfinished"],
+        kept["epochs"],
+        kept["epochs_planned"],
+        kept["acc"],
+        kept["lr"],
+    ) == (True, 3, 100, 0.97, 0.01)
     assert report.main([str(collected), "--present"]) == 0
     assert "| 0.970 (unfinished) |" in capsys.readouterr().out
 
@@ -97,9 +159,17 @@ def test_an_unfinished_run_is_not_averaged_with_finished_seeds(tmp_path: Path, c
     """Seed 1 stopped after its 3rd (and last planned) epoch, before its summary: a row of its own, not a seed of seed 0."""
     write_summary(tmp_path / "finished", "xent", "mnist", 2, 0.95, seed=0, epochs=3)
     write_unfinished_run(tmp_path / "stopped", "xent", "mnist", 2, [0.9, 0.93, 0.97], planned=3)
-    assert report.main([str(tmp_path / "finished"), str(tmp_path / "stopped"), "--present", "--columns", ""]) == 0
+    assert (
+        report.main(
+            [str(tmp_path / "finished"), str(tmp_path / "stopped"), "--present", "--columns", ""]
+        )
+        == 0
+    )
     rows = [r[3:6] for r in table_rows(capsys.readouterr().out)]
-    assert sorted(rows) == [["0.950", "0.01", "3"], ["0.970 (unfinished)", "0.01", "3 of 3 (unfinished)"]]
+    assert sorted(rows) == [
+        ["0.950", "0.01", "3"],
+        ["0.970 (unfinished)", "0.01", "3 of 3 (unfinished)"],
+    ]
 
 
 def test_collect_and_readme_markers(tmp_path: Path) -> None:
@@ -107,13 +177,28 @@ def test_collect_and_readme_markers(tmp_path: Path) -> None:
     write_summary(runs, "xent", "mnist", 2, 0.95)
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- table:cpu -->\nold\n<!-- /table:cpu -->\nend\n")
-    assert report.main([str(runs), "--collect", str(tmp_path / "results"), "--readme", str(readme), "--label", "cpu"]) == 0
+    assert (
+        report.main(
+            [
+                str(runs),
+                "--collect",
+                str(tmp_path / "results"),
+                "--readme",
+                str(readme),
+                "--label",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "results" / "xent-mnist-feat=2.json").read_text())["acc"] == 0.95
     text = readme.read_text()
     assert "old" not in text and text.startswith("intro\n") and text.endswith("end\n")
     assert "| xent | mnist | 2 | 0.950 |" in text
     # The collected files alone give the same table.
-    assert report.table(report.load_runs([tmp_path / "results"]), ["ncm_acc"]) == report.table(report.load_runs([runs]), ["ncm_acc"])
+    assert report.table(report.load_runs([tmp_path / "results"]), ["ncm_acc"]) == report.table(
+        report.load_runs([runs]), ["ncm_acc"]
+    )
 
 
 def test_readme_without_markers_is_an_error(tmp_path: Path, capsys) -> None:
@@ -131,7 +216,16 @@ def test_seeds_of_a_grid_point_are_one_row_with_mean_and_sample_std(tmp_path: Pa
     run's row looks as without seeds; missing rows say so in n too."""
     for seed, acc in enumerate((0.97, 0.98, 0.995)):
         name = "standalone-mnist-feat=2" + (f"-seed={seed}" if seed else "")
-        write_summary(tmp_path, "standalone", "mnist", 2, acc, name=name, seed=seed, knn1_acc=None if seed == 2 else acc - 0.1 * seed)
+        write_summary(
+            tmp_path,
+            "standalone",
+            "mnist",
+            2,
+            acc,
+            name=name,
+            seed=seed,
+            knn1_acc=None if seed == 2 else acc - 0.1 * seed,
+        )
     write_summary(tmp_path, "xent", "cifar10", 128, 0.5, seed=0, knn1_acc=0.4)
     assert report.main([str(tmp_path), "--columns", "ncm_acc,knn1_acc"]) == 0
     captured = capsys.readouterr()
@@ -144,10 +238,33 @@ def test_seeds_of_a_grid_point_are_one_row_with_mean_and_sample_std(tmp_path: Pa
     knn = np.array([0.97, 0.88])
     standalone = rows[("standalone", "mnist", "2")]
     assert standalone[3] == f"{mean:.3f} ± {std:.3f}" == "0.982 ± 0.013"
-    assert standalone[4:13] == ["0.01", "3", "128", "/", "1.0", "0.1", "0.994", f"{mean - 0.994:+.3f}", "3"]
+    assert standalone[4:13] == [
+        "0.01",
+        "3",
+        "128",
+        "/",
+        "1.0",
+        "0.1",
+        "0.994",
+        f"{mean - 0.994:+.3f}",
+        "3",
+    ]
     assert standalone[13] == f"{mean - 0.01:.3f} ± {std:.3f}"
     assert standalone[14] == f"{knn.mean():.3f} ± {knn.std(ddof=1):.3f} (n=2)"
-    assert rows[("xent", "cifar10", "128")][3:] == ["0.500", "0.01", "3", "128", "/", "/", "/", "0.866", "-0.366", "1", "0.490", "0.400"]
+    assert rows[("xent", "cifar10", "128")][3:] == [
+        "0.500",
+        "0.01",
+        "3",
+        "128",
+        "/",
+        "/",
+        "/",
+        "0.866",
+        "-0.366",
+        "1",
+        "0.490",
+        "0.400",
+    ]
     assert rows[("cent", "mnist", "2")][12] == "missing"
     assert len(table_rows(captured.out)) == 18
 
@@ -156,7 +273,9 @@ def test_same_settings_and_seed_twice_names_both_and_shows_the_last(tmp_path: Pa
     """The same run in two folders (a rerun, a copy): one note names both files and the rule, the
     row shows the one found last (the later path argument) and n stays out (one seed)."""
     write_summary(tmp_path / "a", "cent", "mnist", 2, 0.91, seed=0)
-    write_summary(tmp_path / "b", "cent", "mnist", 2, 0.93, seed=0, out="elsewhere", device="cuda")  # where it ran: no setting
+    write_summary(
+        tmp_path / "b", "cent", "mnist", 2, 0.93, seed=0, out="elsewhere", device="cuda"
+    )  # where it ran: no setting
     assert report.main([str(tmp_path / "a"), str(tmp_path / "b")]) == 0
     captured = capsys.readouterr()
     first, last = (tmp_path / d / "cent-mnist-feat=2" / "summary.json" for d in ("a", "b"))
@@ -165,7 +284,9 @@ def test_same_settings_and_seed_twice_names_both_and_shows_the_last(tmp_path: Pa
         "the one found last (later path argument, then later name)\n"
     )
     rows = table_rows(captured.out)
-    assert len(rows[0]) == 13 and [r[3] for r in rows if r[:3] == ["cent", "mnist", "2"]] == ["0.930"]
+    assert len(rows[0]) == 13 and [r[3] for r in rows if r[:3] == ["cent", "mnist", "2"]] == [
+        "0.930"
+    ]
 
 
 def test_runs_of_other_settings_are_rows_of_their_own(tmp_path: Path, capsys) -> None:
@@ -175,7 +296,10 @@ def test_runs_of_other_settings_are_rows_of_their_own(tmp_path: Path, capsys) ->
     assert report.main([str(tmp_path), "--columns", ""]) == 0
     captured = capsys.readouterr()
     assert captured.err == "note: xent mnist feat_dim 2: 2 rows, for runs that differ in epochs\n"
-    assert [(r[3], r[5]) for r in table_rows(captured.out) if r[:3] == ["xent", "mnist", "2"]] == [("0.990", "100"), ("0.950", "3")]
+    assert [(r[3], r[5]) for r in table_rows(captured.out) if r[:3] == ["xent", "mnist", "2"]] == [
+        ("0.990", "100"),
+        ("0.950", "3"),
+    ]
 
 
 def test_open_set_runs_are_not_compared_with_the_study(tmp_path: Path, capsys) -> None:
@@ -195,19 +319,31 @@ def test_unknown_column_is_named_with_the_known_ones(tmp_path: Path, capsys) -> 
     assert info.value.code == 2 and captured.out == ""
     line = stderr_error_line(captured.err)
     assert "--columns: unknown knn_acc (in no summary read); known: " in line
-    assert {"acc", "gap", "knn1_acc", "ncm_acc", "weight_cent"} <= set(line.split("known: ")[1].split(", "))
+    assert {"acc", "gap", "knn1_acc", "ncm_acc", "weight_cent"} <= set(
+        line.split("known: ")[1].split(", ")
+    )
 
 
 @pytest.mark.parametrize(
     "flag,make,message",
     [
-        ("--readme", lambda p: p, "--readme {p} does not exist; give the Markdown file that holds the <!-- table:x --> markers"),
+        (
+            "--readme",
+            lambda p: p,
+            "--readme {p} does not exist; give the Markdown file that holds the <!-- table:x --> markers",
+        ),
         ("--readme", lambda p: p.mkdir(), "--readme {p} is a folder; give the Markdown file"),
-        ("--collect", lambda p: p.write_text("keep me"), "--collect {p} is a file, not a folder; it is left alone"),
+        (
+            "--collect",
+            lambda p: p.write_text("keep me"),
+            "--collect {p} is a file, not a folder; it is left alone",
+        ),
         ("--gallery", lambda p: p, "--gallery {p} needs --readme and must be a folder"),
     ],
 )
-def test_bad_output_flag_is_one_line_and_writes_nothing(tmp_path: Path, capsys, flag: str, make, message: str) -> None:
+def test_bad_output_flag_is_one_line_and_writes_nothing(
+    tmp_path: Path, capsys, flag: str, make, message: str
+) -> None:
     """A --readme that is missing or a folder (a traceback before), a --collect onto a file (FileExistsError
     before; a file is never replaced), a --gallery of nothing: exit 2, one line, nothing written."""
     write_summary(tmp_path / "runs", "xent", "mnist", 2, 0.95)
@@ -216,7 +352,9 @@ def test_bad_output_flag_is_one_line_and_writes_nothing(tmp_path: Path, capsys, 
     before = listing(tmp_path)
     args = [str(tmp_path / "runs"), flag, str(target), "--label", "x"]
     with pytest.raises(SystemExit) as info:
-        report.main(args + (["--collect", str(tmp_path / "collected")] if flag != "--collect" else []))
+        report.main(
+            args + (["--collect", str(tmp_path / "collected")] if flag != "--collect" else [])
+        )
     captured = capsys.readouterr()
     assert info.value.code == 2 and captured.out == ""
     assert message.format(p=target) in stderr_error_line(captured.err)
@@ -228,9 +366,24 @@ def test_readme_not_text_is_one_line_and_writes_nothing(tmp_path: Path, capsys) 
     readme = tmp_path / "README.md"
     readme.write_bytes(b"<!-- table:x -->\xff\xfe<!-- /table:x -->")
     before = listing(tmp_path)
-    assert report.main([str(tmp_path / "runs"), "--readme", str(readme), "--label", "x", "--collect", str(tmp_path / "c")]) == 1
+    assert (
+        report.main(
+            [
+                str(tmp_path / "runs"),
+                "--readme",
+                str(readme),
+                "--label",
+                "x",
+                "--collect",
+                str(tmp_path / "c"),
+            ]
+        )
+        == 1
+    )
     captured = capsys.readouterr()
-    assert captured.out == "" and captured.err.startswith(f"error: --readme {readme}: not readable as text (")
+    assert captured.out == "" and captured.err.startswith(
+        f"error: --readme {readme}: not readable as text ("
+    )
     assert captured.err.count("\n") == 1 and listing(tmp_path) == before
 
 
@@ -260,7 +413,9 @@ def test_collect_into_the_folder_it_reads(tmp_path: Path) -> None:
         ('SUMMARY|name="../../escape"', "is not a plain run folder name"),
     ],
 )
-def test_bad_summary_is_one_line_naming_the_file(tmp_path: Path, capsys, content: str, message: str) -> None:
+def test_bad_summary_is_one_line_naming_the_file(
+    tmp_path: Path, capsys, content: str, message: str
+) -> None:
     """A malformed, non-object or incomplete summary.json: exit 1, one line naming the file, nothing
     written (not even the --collect folder)."""
     write_summary(tmp_path / "runs", "standalone", "mnist", 2, 0.98)
@@ -269,7 +424,9 @@ def test_bad_summary_is_one_line_naming_the_file(tmp_path: Path, capsys, content
     if content.startswith("SUMMARY|"):
         key, value = content.removeprefix("SUMMARY|").split("=", 1)
         write_summary(tmp_path / "elsewhere", "xent", "mnist", 2, 0.9)
-        summary = json.loads((tmp_path / "elsewhere" / "xent-mnist-feat=2" / "summary.json").read_text())
+        summary = json.loads(
+            (tmp_path / "elsewhere" / "xent-mnist-feat=2" / "summary.json").read_text()
+        )
         shutil.rmtree(tmp_path / "elsewhere")
         bad.write_text(json.dumps({**summary, key: json.loads(value)}))
     else:
@@ -278,7 +435,11 @@ def test_bad_summary_is_one_line_naming_the_file(tmp_path: Path, capsys, content
     assert report.main([str(tmp_path / "runs"), "--collect", str(tmp_path / "collected")]) == 1
     captured = capsys.readouterr()
     assert captured.out == "" and "Traceback" not in captured.err
-    assert captured.err.count("\n") == 1 and captured.err.startswith(f"error: {bad}: ") and message in captured.err
+    assert (
+        captured.err.count("\n") == 1
+        and captured.err.startswith(f"error: {bad}: ")
+        and message in captured.err
+    )
     assert listing(tmp_path) == before
 
 
@@ -290,12 +451,19 @@ def test_readme_table_matches_committed_results() -> None:
     start, end = "<!-- table:cpu-3ep -->\n", "<!-- /table:cpu-3ep -->"
     in_readme = readme[readme.index(start) + len(start) : readme.index(end)].strip()
     runs = report.load_runs([ROOT / "results" / "cpu-3ep"])
-    assert in_readme == report.table(runs, ["ncm_acc", "clean_train_acc", "gap", "knn1_acc", "map_at_r"]).strip()
+    assert (
+        in_readme
+        == report.table(runs, ["ncm_acc", "clean_train_acc", "gap", "knn1_acc", "map_at_r"]).strip()
+    )
     rows = table_rows(in_readme)
     assert len(rows) == 18 and not any("missing" in r for r in rows)
     for (loss, dataset, feat_dim), groups in runs.items():
         [[summary]] = groups  # one grid point a row, one seed
-        assert summary["epochs"] == 3 and summary["amp"] == "off" and 0 < summary["clean_train_acc"] <= 1
+        assert (
+            summary["epochs"] == 3
+            and summary["amp"] == "off"
+            and 0 < summary["clean_train_acc"] <= 1
+        )
         names = ("train.gif", "test.gif") if feat_dim == 2 else ("train.png", "test.png")
         for name in names:
             assert (ROOT / "imgs" / f"{loss}-{dataset}-feat={feat_dim}" / name).stat().st_size > 0
@@ -307,17 +475,30 @@ def test_gallery_links_resolve_from_the_page_that_holds_them(tmp_path: Path) -> 
     pictures are left out."""
     runs = tmp_path / "results"
     runs.mkdir()
-    (runs / "xent-mnist-feat=2.json").write_text((ROOT / "results" / "cpu-3ep" / "xent-mnist-feat=2.json").read_text())
+    (runs / "xent-mnist-feat=2.json").write_text(
+        (ROOT / "results" / "cpu-3ep" / "xent-mnist-feat=2.json").read_text()
+    )
     imgs = tmp_path / "imgs"
-    for name, files in {"a-run": ("train.gif", "test.gif"), "b-run": ("train.png", "test.png"), "half": ("train.gif",)}.items():
+    for name, files in {
+        "a-run": ("train.gif", "test.gif"),
+        "b-run": ("train.png", "test.png"),
+        "half": ("train.gif",),
+    }.items():
         (imgs / name).mkdir(parents=True)
         for file in files:
             (imgs / name / file).write_bytes(b"picture")
     for page in (tmp_path / "docs" / "results.md", tmp_path / "README.md"):
         page.parent.mkdir(exist_ok=True)
-        page.write_text("<!-- table:t -->\n<!-- /table:t -->\n<!-- gallery -->\n<!-- /gallery -->\n")
-        assert report.main([str(runs), "--readme", str(page), "--label", "t", "--gallery", str(imgs)]) == 0
+        page.write_text(
+            "<!-- table:t -->\n<!-- /table:t -->\n<!-- gallery -->\n<!-- /gallery -->\n"
+        )
+        assert (
+            report.main([str(runs), "--readme", str(page), "--label", "t", "--gallery", str(imgs)])
+            == 0
+        )
         links = re.findall(r"!\[\]\(([^)]+)\)", page.read_text())
         assert len(links) == 4 and all((page.parent / link).is_file() for link in links)
-        assert all(link.startswith("../imgs/" if page.parent.name == "docs" else "imgs/") for link in links)
+        assert all(
+            link.startswith("../imgs/" if page.parent.name == "docs" else "imgs/") for link in links
+        )
         assert "half" not in page.read_text()

@@ -37,18 +37,34 @@ def fake_python(tmp_path: Path, body: str = "") -> tuple[Path, Path]:
 @pytest.mark.parametrize("jobs", ["0", "00", "abc", "-1", "2x", "1.5"])
 def test_reproduce_refuses_a_bad_jobs_count(tmp_path: Path, jobs: str) -> None:
     """JOBS=0 used to spin forever and JOBS=abc to start every run at once: one line, exit 2, nothing started."""
-    env = {**os.environ, "JOBS": jobs, "OUT": str(tmp_path / "runs"), "PYTHON": sys.executable, "LOSSES": "xent", "DATASETS": "mnist"}
+    env = {
+        **os.environ,
+        "JOBS": jobs,
+        "OUT": str(tmp_path / "runs"),
+        "PYTHON": sys.executable,
+        "LOSSES": "xent",
+        "DATASETS": "mnist",
+    }
     before = listing(tmp_path)
-    result = subprocess.run(["bash", "reproduce.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        ["bash", "reproduce.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=30
+    )
     assert result.returncode == 2 and result.stdout == ""
-    assert result.stderr == f"reproduce.sh: error: JOBS must be a positive integer (runs at once), not '{jobs}'\n"
+    assert (
+        result.stderr
+        == f"reproduce.sh: error: JOBS must be a positive integer (runs at once), not '{jobs}'\n"
+    )
     assert listing(tmp_path) == before
 
 
 def header_examples() -> list[str]:
     """The example command lines of reproduce.sh's header, without their comments."""
     lines = (ROOT / "reproduce.sh").read_text().split("\nset -u", 1)[0].splitlines()
-    return [line[1:].split("  #")[0].strip() for line in lines if "./reproduce.sh" in line and line.startswith("#   ")]
+    return [
+        line[1:].split("  #")[0].strip()
+        for line in lines
+        if "./reproduce.sh" in line and line.startswith("#   ")
+    ]
 
 
 def test_reproduce_header_examples_make_valid_main_commands(tmp_path: Path, monkeypatch) -> None:
@@ -64,11 +80,21 @@ def test_reproduce_header_examples_make_valid_main_commands(tmp_path: Path, monk
     stub.write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$(mktemp "$CALLS/XXXXXX")"\n')
     stub.chmod(0o755)
     examples = header_examples()
-    assert len(examples) == 5 and any("SEEDS=" in e for e in examples) and any("DATA_DIR" not in e for e in examples)
+    assert (
+        len(examples) == 5
+        and any("SEEDS=" in e for e in examples)
+        and any("DATA_DIR" not in e for e in examples)
+    )
     for example in examples:
         env = {"PATH": os.environ["PATH"], "PYTHON": str(stub), "CALLS": str(calls)}
-        result = subprocess.run(["bash", "-c", example], cwd=repo, env=env, capture_output=True, text=True, timeout=120)
-        assert result.returncode == 0 and "FAILED" not in result.stdout, (example, result.stdout, result.stderr)
+        result = subprocess.run(
+            ["bash", "-c", example], cwd=repo, env=env, capture_output=True, text=True, timeout=120
+        )
+        assert result.returncode == 0 and "FAILED" not in result.stdout, (
+            example,
+            result.stdout,
+            result.stderr,
+        )
     commands = [path.read_text().splitlines() for path in calls.iterdir()]
     assert len(commands) == 18 + 18 + 1 + 3 * 2 * 3 + 3 * 2
     monkeypatch.chdir(repo)
@@ -76,30 +102,53 @@ def test_reproduce_header_examples_make_valid_main_commands(tmp_path: Path, monk
         assert command[0] == "main.py"
         args = config.parse_args(command[1:])  # exits 2 on a bad command
         assert (args.data_dir is None) == (args.dataset == "digits")
-        assert args.name == f"{args.loss}-{args.dataset}-feat={args.feat_dim}" + (f"-seed={args.seed}" if args.seed else "")
-    seeds = [args.seed for args in map(config.parse_args, (c[1:] for c in commands)) if args.epochs == 3 and args.amp == "off"]
+        assert args.name == f"{args.loss}-{args.dataset}-feat={args.feat_dim}" + (
+            f"-seed={args.seed}" if args.seed else ""
+        )
+    seeds = [
+        args.seed
+        for args in map(config.parse_args, (c[1:] for c in commands))
+        if args.epochs == 3 and args.amp == "off"
+    ]
     assert Counter(seeds) == {0: 18 + 6, 1: 6, 2: 6}
 
 
 @pytest.mark.parametrize(
     "env,message",
     [
-        ({"DATASETS": "digits mnist"}, "DATASETS has mnist, which needs DATA_DIR (the folder with MNIST/raw"),
-        ({"DATASETS": "digits", "SEEDS": "0 one"}, "SEEDS must be non-negative integers separated by spaces, not '0 one'"),
+        (
+            {"DATASETS": "digits mnist"},
+            "DATASETS has mnist, which needs DATA_DIR (the folder with MNIST/raw",
+        ),
+        (
+            {"DATASETS": "digits", "SEEDS": "0 one"},
+            "SEEDS must be non-negative integers separated by spaces, not '0 one'",
+        ),
         ({"DATASETS": "digits", "SEEDS": "-1"}, "SEEDS must be non-negative integers"),
         ({"DATASETS": "digits", "SEEDS": "99999999999"}, "SEEDS must be non-negative integers"),
         ({"DATASETS": "digits", "ARGS": "--seed=3"}, 'give seeds as SEEDS="0 1 2", not --seed'),
     ],
 )
-def test_reproduce_refuses_missing_data_dir_and_bad_seeds(tmp_path: Path, env: dict, message: str) -> None:
+def test_reproduce_refuses_missing_data_dir_and_bad_seeds(
+    tmp_path: Path, env: dict, message: str
+) -> None:
     """One line, exit 2, nothing started or made (a missing DATA_DIR used to become --data-dir data for every run)."""
     extra = env.pop("ARGS", "").split()
     env = {**os.environ, "OUT": str(tmp_path / "runs"), "PYTHON": sys.executable, **env}
     env.pop("DATA_DIR", None)
     before = listing(tmp_path)
-    result = subprocess.run(["bash", "reproduce.sh", *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        ["bash", "reproduce.sh", *extra],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert result.returncode == 2 and result.stdout == ""
-    assert result.stderr.count("\n") == 1 and result.stderr.startswith(f"reproduce.sh: error: {message}")
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith(
+        f"reproduce.sh: error: {message}"
+    )
     assert listing(tmp_path) == before
 
 
@@ -134,82 +183,160 @@ def test_reproduce_runs_each_grid_point_and_seed_once(tmp_path: Path, capsys) ->
         "SEEDS": "0 1",
     }
     extra = ["--batch-size", "8", "--no-plots", "--model", "lenet++"]
-    first = subprocess.run(["bash", "reproduce.sh", *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    first = subprocess.run(
+        ["bash", "reproduce.sh", *extra],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert first.returncode == 0, first.stdout + first.stderr
     names = {"standalone-mnist-feat=2", "standalone-mnist-feat=2-seed=1"}
     assert {p.parent.name for p in out.glob("*/summary.json")} == names
     for name in names:
         summary = json.loads((out / name / "summary.json").read_text())
-        assert summary["epochs"] == 1 and summary["batch_size"] == 8 and summary["model"] == "lenet++"
+        assert (
+            summary["epochs"] == 1 and summary["batch_size"] == 8 and summary["model"] == "lenet++"
+        )
         assert summary["seed"] == (1 if name.endswith("-seed=1") else 0)
     assert report.main([str(out), "--present"]) == 0
     rows = table_rows(capsys.readouterr().out)
     assert [(r[0], r[12]) for r in rows] == [("standalone", "2")]
     stamps = {name: (out / name / "summary.json").stat().st_mtime_ns for name in names}
-    second = subprocess.run(["bash", "reproduce.sh", *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    second = subprocess.run(
+        ["bash", "reproduce.sh", *extra],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert second.returncode == 0
     assert second.stdout.count("skip ") == 2 and "start " not in second.stdout
     assert stamps == {name: (out / name / "summary.json").stat().st_mtime_ns for name in names}
 
 
 def test_reproduce_reports_failed_runs(tmp_path: Path) -> None:
-    env = {**os.environ, "DATA_DIR": str(tmp_path / "nowhere"), "EPOCHS": "1", "OUT": str(tmp_path / "runs"), "PYTHON": sys.executable}
+    env = {
+        **os.environ,
+        "DATA_DIR": str(tmp_path / "nowhere"),
+        "EPOCHS": "1",
+        "OUT": str(tmp_path / "runs"),
+        "PYTHON": sys.executable,
+    }
     env.update(LOSSES="xent", DATASETS="mnist", FEAT_DIMS="2")
-    result = subprocess.run(["bash", "reproduce.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        ["bash", "reproduce.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 1
     assert "FAILED xent-mnist-feat=2" in result.stdout and "1 run(s) failed" in result.stdout
 
 
 @pytest.mark.parametrize(
-    "variable", ["EPOCHS", "SEEDS", "OUT", "JOBS", "LOSSES", "DATASETS", "FEAT_DIMS", "PYTHON", "DATA_DIR", "TIME_LIMIT"]
+    "variable",
+    [
+        "EPOCHS",
+        "SEEDS",
+        "OUT",
+        "JOBS",
+        "LOSSES",
+        "DATASETS",
+        "FEAT_DIMS",
+        "PYTHON",
+        "DATA_DIR",
+        "TIME_LIMIT",
+    ],
 )
 def test_reproduce_refuses_a_variable_set_empty(tmp_path: Path, variable: str) -> None:
     """EPOCHS="" used to start 100-epoch runs (an empty value meant the default): one line, exit 2, nothing run."""
     stub, calls = fake_python(tmp_path)
-    env = {**os.environ, "OUT": str(tmp_path / "runs"), "PYTHON": str(stub), "CALLS": str(calls), "DATASETS": "digits", variable: " "}
+    env = {
+        **os.environ,
+        "OUT": str(tmp_path / "runs"),
+        "PYTHON": str(stub),
+        "CALLS": str(calls),
+        "DATASETS": "digits",
+        variable: " ",
+    }
     env.pop("DATA_DIR", None) if variable != "DATA_DIR" else None
-    result = subprocess.run(["bash", "reproduce.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        ["bash", "reproduce.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=30
+    )
     assert result.returncode == 2 and result.stdout == ""
-    assert result.stderr == f"reproduce.sh: error: {variable} is set but empty; give it a value or unset it\n"
+    assert (
+        result.stderr
+        == f"reproduce.sh: error: {variable} is set but empty; give it a value or unset it\n"
+    )
     assert not (tmp_path / "runs").exists() and not any(calls.iterdir())
 
 
-@pytest.mark.parametrize("env", [{"SEEDS": "0 0"}, {"SEEDS": "1 01"}, {"DATASETS": "digits digits"}])
+@pytest.mark.parametrize(
+    "env", [{"SEEDS": "0 0"}, {"SEEDS": "1 01"}, {"DATASETS": "digits digits"}]
+)
 def test_reproduce_runs_a_grid_point_listed_twice_once(tmp_path: Path, env: dict) -> None:
     """SEEDS="0 0" JOBS=2 used to start one run twice at once, both writing one log."""
     stub, calls = fake_python(tmp_path, "sleep 1")
-    env = {**os.environ, "OUT": str(tmp_path / "runs"), "PYTHON": str(stub), "CALLS": str(calls), "JOBS": "2"} | {
+    env = {
+        **os.environ,
+        "OUT": str(tmp_path / "runs"),
+        "PYTHON": str(stub),
+        "CALLS": str(calls),
+        "JOBS": "2",
+    } | {
         "DATASETS": "digits",
         "LOSSES": "xent",
         "FEAT_DIMS": "2",
         **env,
     }
     env.pop("DATA_DIR", None)
-    result = subprocess.run(["bash", "reproduce.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        ["bash", "reproduce.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stdout + result.stderr
-    names = [path.read_text().splitlines()[path.read_text().splitlines().index("--name") + 1] for path in calls.iterdir()]
+    names = [
+        path.read_text().splitlines()[path.read_text().splitlines().index("--name") + 1]
+        for path in calls.iterdir()
+    ]
     assert len(names) == 1 and result.stdout.count("start ") == 1
     assert f"skip {names[0]} (listed twice)" in result.stdout
     assert (tmp_path / "runs" / f"{names[0]}.log").read_text().count("== ") == 1
 
 
-def test_reproduce_time_limit_stops_the_runs_with_sigterm_and_keeps_their_logs(tmp_path: Path) -> None:
+def test_reproduce_time_limit_stops_the_runs_with_sigterm_and_keeps_their_logs(
+    tmp_path: Path,
+) -> None:
     """TIME_LIMIT seconds after the start every run gets SIGTERM (main.py then saves a checkpoint), exit 124;
     the next call appends to the logs and starts the unfinished runs again (main.py resumes them)."""
-    stub, calls = fake_python(tmp_path, "trap 'echo term >> \"$CALLS.terms\"; exit 143' TERM\nsleep 20 &\nwait")
-    env = {**os.environ, "OUT": str(tmp_path / "runs"), "PYTHON": str(stub), "CALLS": str(calls), "TIME_LIMIT": "2", "JOBS": "2"}
+    stub, calls = fake_python(
+        tmp_path, "trap 'echo term >> \"$CALLS.terms\"; exit 143' TERM\nsleep 20 &\nwait"
+    )
+    env = {
+        **os.environ,
+        "OUT": str(tmp_path / "runs"),
+        "PYTHON": str(stub),
+        "CALLS": str(calls),
+        "TIME_LIMIT": "2",
+        "JOBS": "2",
+    }
     env |= {"DATASETS": "digits", "LOSSES": "xent cent", "FEAT_DIMS": "2"}
     env.pop("DATA_DIR", None)
     for attempt in (1, 2):
         started = time.monotonic()
-        result = subprocess.run(["bash", "reproduce.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
-        assert result.returncode == 124 and time.monotonic() - started < 15, result.stdout + result.stderr
+        result = subprocess.run(
+            ["bash", "reproduce.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+        )
+        assert result.returncode == 124 and time.monotonic() - started < 15, (
+            result.stdout + result.stderr
+        )
         assert "TIME_LIMIT (2 s) reached" in result.stdout and result.stdout.count("stopped ") == 2
         assert Path(f"{calls}.terms").read_text() == "term\n" * 2 * attempt
     assert (tmp_path / "runs" / "xent-digits-feat=2.log").read_text().count("== ") == 2
 
 
-def test_device_script_runs_a_tiny_grid_brings_it_back_and_skips_it_next_time(tiny_mnist, tmp_path: Path) -> None:
+def test_device_script_runs_a_tiny_grid_brings_it_back_and_skips_it_next_time(
+    tiny_mnist, tmp_path: Path
+) -> None:
     """device_check.sh on the CPU: the tests it is given, a one-epoch grid of one run from the packed archive,
     the table and runs.tgz in OUT; `unpack` puts runs.tgz where the next call resumes (here: skips) it."""
     data_dir, _ = tiny_mnist
@@ -217,38 +344,99 @@ def test_device_script_runs_a_tiny_grid_brings_it_back_and_skips_it_next_time(ti
     state.mkdir(), out.mkdir()
     with tarfile.open(state / "mnist.tar.xz", "w:xz") as tar:
         tar.add(data_dir / "MNIST" / "raw", arcname="MNIST/raw")
-    env = {**os.environ, "STATE": str(state), "OUT": str(out), "PYTHON": sys.executable, "EPOCHS": "1", "LOSSES": "standalone"}
-    env |= {"FEAT_DIMS": "2", "TESTS": "tests/test_reproduce.py::test_reproduce_refuses_a_bad_jobs_count", "LEASE": "600"}
-    flags = ["run", "--model", "lenet++", "--batch-size", "16", "--train-samples", "64", "--device", "cpu"]
-    first = subprocess.run(["bash", "device_check.sh", *flags], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    env = {
+        **os.environ,
+        "STATE": str(state),
+        "OUT": str(out),
+        "PYTHON": sys.executable,
+        "EPOCHS": "1",
+        "LOSSES": "standalone",
+    }
+    env |= {
+        "FEAT_DIMS": "2",
+        "TESTS": "tests/test_reproduce.py::test_reproduce_refuses_a_bad_jobs_count",
+        "LEASE": "600",
+    }
+    flags = [
+        "run",
+        "--model",
+        "lenet++",
+        "--batch-size",
+        "16",
+        "--train-samples",
+        "64",
+        "--device",
+        "cpu",
+    ]
+    first = subprocess.run(
+        ["bash", "device_check.sh", *flags],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert first.returncode == 0, first.stdout + first.stderr
     assert "test_reproduce.py::test_reproduce_refuses_a_bad_jobs_count: exit 0" in first.stdout
-    assert "done standalone-mnist-feat=2" in first.stdout and "| standalone | mnist | 2 |" in (out / "table.md").read_text()
+    assert (
+        "done standalone-mnist-feat=2" in first.stdout
+        and "| standalone | mnist | 2 |" in (out / "table.md").read_text()
+    )
     with tarfile.open(out / "runs.tgz") as tar:
         assert "runs/standalone-mnist-feat=2/summary.json" in tar.getnames()
     assert not (out / "runs").exists()
-    unpack = subprocess.run(["bash", "device_check.sh", "unpack", str(out)], cwd=ROOT, env=env, capture_output=True, text=True)
+    unpack = subprocess.run(
+        ["bash", "device_check.sh", "unpack", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert unpack.returncode == 0 and (state / "runs.tgz").is_file()
     shutil.rmtree(out), out.mkdir()
-    second = subprocess.run(["bash", "device_check.sh", *flags], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert second.returncode == 0 and "skip standalone-mnist-feat=2 (finished)" in second.stdout, second.stdout + second.stderr
+    second = subprocess.run(
+        ["bash", "device_check.sh", *flags],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert second.returncode == 0 and "skip standalone-mnist-feat=2 (finished)" in second.stdout, (
+        second.stdout + second.stderr
+    )
 
 
 def test_device_script_refuses_a_missing_archive_or_command(tmp_path: Path) -> None:
     env = {**os.environ, "STATE": str(tmp_path), "OUT": str(tmp_path)}
-    missing = subprocess.run(["bash", "device_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True)
-    unknown = subprocess.run(["bash", "device_check.sh", "table"], cwd=ROOT, env=env, capture_output=True, text=True)
+    missing = subprocess.run(
+        ["bash", "device_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    unknown = subprocess.run(
+        ["bash", "device_check.sh", "table"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
     assert missing.returncode == unknown.returncode == 2 and missing.stdout == unknown.stdout == ""
-    assert "mnist.tar.xz missing: run 'bash device_check.sh pack'" in missing.stderr and missing.stderr.count("\n") == 1
+    assert (
+        "mnist.tar.xz missing: run 'bash device_check.sh pack'" in missing.stderr
+        and missing.stderr.count("\n") == 1
+    )
     assert "unknown command 'table'" in unknown.stderr and unknown.stderr.count("\n") == 1
 
 
 def test_reproduce_passes_a_star_on_as_a_name_not_as_files(tmp_path: Path) -> None:
     """DATASETS="*" used to become the names of the files in the repository, one run each: now main.py gets "*" (and refuses it)."""
     stub, calls = fake_python(tmp_path)
-    env = {**os.environ, "OUT": str(tmp_path / "runs"), "PYTHON": str(stub), "CALLS": str(calls), "DATA_DIR": str(tmp_path)}
+    env = {
+        **os.environ,
+        "OUT": str(tmp_path / "runs"),
+        "PYTHON": str(stub),
+        "CALLS": str(calls),
+        "DATA_DIR": str(tmp_path),
+    }
     env |= {"DATASETS": "*", "LOSSES": "xent", "FEAT_DIMS": "2"}
-    result = subprocess.run(["bash", "reproduce.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        ["bash", "reproduce.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     [command] = [path.read_text().splitlines() for path in calls.iterdir()]
     assert command[command.index("--dataset") + 1] == "*"

@@ -25,27 +25,48 @@ from main import STARTUP_INTERRUPT, TrainingError, check_divergence, finish, mai
 from training import EpochState, Trainer, build_trainer, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--dataset", "digits", "--train-samples", "384", "--batch-size", "32", "--epochs", "3", "--no-plots", "--model", "lenet++"]
+TINY = [
+    "--dataset",
+    "digits",
+    "--train-samples",
+    "384",
+    "--batch-size",
+    "32",
+    "--epochs",
+    "3",
+    "--no-plots",
+    "--model",
+    "lenet++",
+]
 
 
 def start(args: list[str]) -> subprocess.Popen:
     """main.py in a process of its own, on one thread as the in-process runs (so that their results are bit for bit equal)."""
     env = subprocess_env()
     return subprocess.Popen(
-        [sys.executable, "main.py", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        [sys.executable, "main.py", *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
     )
 
 
 def run(args: list[str]) -> subprocess.CompletedProcess:
     """main.py's main() in this process (no seconds of start-up), its exit code and output as a finished process's."""
-    out, err = (io.TextIOWrapper(io.BytesIO(), encoding="utf-8") for _ in range(2))  # main() reconfigures sys.stdout's errors
+    out, err = (
+        io.TextIOWrapper(io.BytesIO(), encoding="utf-8") for _ in range(2)
+    )  # main() reconfigures sys.stdout's errors
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
             code = main(args)
         except SystemExit as exc:  # argparse's refusals
             code = exc.code
     out.flush(), err.flush()
-    return subprocess.CompletedProcess(["main.py", *args], code, out.buffer.getvalue().decode(), err.buffer.getvalue().decode())
+    return subprocess.CompletedProcess(
+        ["main.py", *args], code, out.buffer.getvalue().decode(), err.buffer.getvalue().decode()
+    )
 
 
 def metrics_without_seconds(run_dir: Path) -> list[list[str]]:
@@ -87,7 +108,9 @@ def interrupt_after_first_epoch(args: list[str], sig: int, delay: float) -> subp
 
 
 @pytest.mark.parametrize("delay", [0.0, 0.3])
-def test_sigterm_then_resume_matches_uninterrupted(tmp_path: Path, reference: Path, delay: float) -> None:
+def test_sigterm_then_resume_matches_uninterrupted(
+    tmp_path: Path, reference: Path, delay: float
+) -> None:
     args = [*TINY, "--out", str(tmp_path), "--name", "cut"]
     proc = interrupt_after_first_epoch(args, signal.SIGTERM, delay)
     run_dir = tmp_path / "cut"
@@ -113,7 +136,9 @@ def test_sigint_mid_epoch_saves_and_resumes(tmp_path: Path, reference: Path) -> 
     assert_same_run(reference, tmp_path / "cut")
 
 
-def test_sigkill_at_any_moment_leaves_a_loadable_checkpoint(tmp_path: Path, reference: Path) -> None:
+def test_sigkill_at_any_moment_leaves_a_loadable_checkpoint(
+    tmp_path: Path, reference: Path
+) -> None:
     """SIGKILL cannot be caught: the atomic write (temp file, fsync, rename) must keep the previous checkpoint whole."""
     args = [*TINY, "--out", str(tmp_path), "--name", "cut"]
     for delay in (0.0, 0.05, 0.2):
@@ -172,7 +197,10 @@ def drop(key: str):
         (drop("scheduler"), "missing or malformed: scheduler"),
         (drop("random"), "missing or malformed: random"),
         (drop("epoch_state"), "missing or malformed: epoch_state"),
-        (lambda c: {**c, "epoch_state": {"step": 3}}, "missing or malformed: epoch_state.loss_sums"),
+        (
+            lambda c: {**c, "epoch_state": {"step": 3}},
+            "missing or malformed: epoch_state.loss_sums",
+        ),
         (lambda c: {**c, "args": ["loss"]}, "missing or malformed: args"),
         (lambda c: {**c, "epoch": 2.5}, "missing or malformed: epoch"),
         (lambda c: list(c), "missing or malformed: all of it"),
@@ -180,7 +208,9 @@ def drop(key: str):
         (lambda c: {**c, "random": {"torch": None}}, "checkpoint does not fit this run (TypeError"),
     ],
 )
-def test_damaged_checkpoint_is_one_line_and_kept(tmp_path: Path, reference: Path, capsys, damage, message: str) -> None:
+def test_damaged_checkpoint_is_one_line_and_kept(
+    tmp_path: Path, reference: Path, capsys, damage, message: str
+) -> None:
     """A checkpoint missing a part, or holding one of the wrong shape, is refused with one line and
     exit 1 before anything changes (README: corrupt checkpoints end in one line)."""
     run_dir = unfinished_copy(reference, tmp_path)
@@ -203,11 +233,16 @@ def test_damaged_checkpoint_is_one_line_and_kept(tmp_path: Path, reference: Path
         (["--factor", "0.5"], "--factor 0.5 differs from the 0.2 of the checkpoint"),
         (["--patience", "5"], "--patience 5 differs from the 3 of the checkpoint"),
         (["--threshold", "0.01"], "--threshold 0.01 differs from the 0.1 of the checkpoint"),
-        (["--amp", "bf16"], "--amp bf16 differs from the off of the checkpoint"),  # half fp32, half bf16: mislabelled
+        (
+            ["--amp", "bf16"],
+            "--amp bf16 differs from the off of the checkpoint",
+        ),  # half fp32, half bf16: mislabelled
         (["--epochs", "2"], "--epochs 2: the checkpoint"),
     ],
 )
-def test_resume_with_other_optimisation_settings_is_refused(tmp_path: Path, reference: Path, capsys, change, message) -> None:
+def test_resume_with_other_optimisation_settings_is_refused(
+    tmp_path: Path, reference: Path, capsys, change, message
+) -> None:
     """The checkpoint's optimiser and scheduler carry their settings; resuming with others would
     silently ignore them while args.json and summary.json recorded them: exit 2, one line, nothing touched."""
     unfinished_copy(reference, tmp_path)
@@ -229,7 +264,9 @@ def test_resume_with_more_epochs_extends_the_run(tmp_path: Path, reference: Path
 
 
 @pytest.mark.parametrize("change", [["--feat-dim", "3"], ["--model", "resnet"], ["--loss", "cent"]])
-def test_checkpoint_of_another_configuration_is_refused(tmp_path: Path, reference: Path, change: list[str]) -> None:
+def test_checkpoint_of_another_configuration_is_refused(
+    tmp_path: Path, reference: Path, change: list[str]
+) -> None:
     run_dir = unfinished_copy(reference, tmp_path)
     before = (run_dir / "checkpoint.pt").read_bytes()
     args = [*TINY, "--out", str(tmp_path), "--name", "unfinished", *change]
@@ -252,20 +289,39 @@ def test_paper_center_update_resumes_exactly(tmp_path: Path, capsys: pytest.Capt
     assert main([*args, "--epochs", "2", "--name", "cut"]) == 0
     assert "resuming" in capsys.readouterr().out
     # Epoch 1 differs only in the retrieval metrics, computed after the last epoch of the 1-epoch run.
-    assert metrics_without_seconds(tmp_path / "straight")[-1] == metrics_without_seconds(tmp_path / "cut")[-1]
-    straight, resumed = (torch.load(tmp_path / name / "checkpoint.pt", weights_only=True) for name in ("straight", "cut"))
+    assert (
+        metrics_without_seconds(tmp_path / "straight")[-1]
+        == metrics_without_seconds(tmp_path / "cut")[-1]
+    )
+    straight, resumed = (
+        torch.load(tmp_path / name / "checkpoint.pt", weights_only=True)
+        for name in ("straight", "cut")
+    )
     for part in ("model", "objective"):
         assert all(torch.equal(straight[part][k], resumed[part][k]) for k in straight[part]), part
-    momentum = [s["momentum_buffer"] for c in (straight, resumed) for s in c["optimizer"]["state"].values()]
-    assert len(momentum) > 20 and all(torch.equal(a, b) for a, b in zip(momentum[: len(momentum) // 2], momentum[len(momentum) // 2 :]))
+    momentum = [
+        s["momentum_buffer"] for c in (straight, resumed) for s in c["optimizer"]["state"].values()
+    ]
+    assert len(momentum) > 20 and all(
+        torch.equal(a, b)
+        for a, b in zip(momentum[: len(momentum) // 2], momentum[len(momentum) // 2 :])
+    )
     centers = resumed["objective"]["criterion.centers"]
-    assert not torch.equal(centers, after_one["objective"]["criterion.centers"])  # epoch 2 moved them
+    assert not torch.equal(
+        centers, after_one["objective"]["criterion.centers"]
+    )  # epoch 2 moved them
 
 
 def test_checkpoint_from_before_the_recipe_flags_still_resumes(tmp_path: Path) -> None:
     """A checkpoint without weight_decay, clip_grad_norm, center_update and center_alpha in its args
     was made with no weight decay, no clipping and SGD centers: it fits resnet's defaults only."""
-    state = {"device": torch.device("cpu"), "history": [], "train_seconds": 0.0, "samples": 0, "bad_steps": 0}
+    state = {
+        "device": torch.device("cpu"),
+        "history": [],
+        "train_seconds": 0.0,
+        "samples": 0,
+        "bad_steps": 0,
+    }
     run = SimpleNamespace(**state, args=parse_args(["--seed", "3"]), **vars(trainer()))
     run.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(run.optimizer)
     old = checkpoint(run, 1, None)
@@ -274,7 +330,9 @@ def test_checkpoint_from_before_the_recipe_flags_still_resumes(tmp_path: Path) -
     torch.save(old, tmp_path / "checkpoint.pt")
     assert load_checkpoint(tmp_path / "checkpoint.pt", run)["epoch"] == 1
     run.args = parse_args(["--seed", "3", "--center-update", "paper"])
-    with pytest.raises(CheckpointError, match="another configuration \\(center_update 'sgd', this run 'paper'\\)"):
+    with pytest.raises(
+        CheckpointError, match="another configuration \\(center_update 'sgd', this run 'paper'\\)"
+    ):
         load_checkpoint(tmp_path / "checkpoint.pt", run)
 
 
@@ -284,7 +342,13 @@ def test_a_checkpoint_is_restored_from_the_cpu_whatever_the_run_device(tmp_path:
     only. The run's device here is `meta` (no GPU needed, the same situation): the checkpoint must still
     restore the weights, the random states and, mid-epoch, the accumulators (on the run's device) with
     the augmentation state (a CPU tensor)."""
-    state = {"device": torch.device("cpu"), "history": [], "train_seconds": 0.0, "samples": 0, "bad_steps": 0}
+    state = {
+        "device": torch.device("cpu"),
+        "history": [],
+        "train_seconds": 0.0,
+        "samples": 0,
+        "bad_steps": 0,
+    }
     saved = SimpleNamespace(**state, args=parse_args(["--seed", "3"]), **vars(trainer()))
     saved.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(saved.optimizer)
     epoch = EpochState.new(10, 2, torch.device("cpu"), torch.Generator().manual_seed(5))
@@ -292,13 +356,24 @@ def test_a_checkpoint_is_restored_from_the_cpu_whatever_the_run_device(tmp_path:
     torch.manual_seed(11)
     torch.save(checkpoint(saved, 1, epoch), tmp_path / "checkpoint.pt")
     expected = torch.rand(3)
-    run = SimpleNamespace(**state | {"device": torch.device("meta")}, args=parse_args(["--seed", "3"]), **vars(trainer(("--seed", "4"))))
+    run = SimpleNamespace(
+        **state | {"device": torch.device("meta")},
+        args=parse_args(["--seed", "3"]),
+        **vars(trainer(("--seed", "4"))),
+    )
     run.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(run.optimizer)
     ckpt = load_checkpoint(tmp_path / "checkpoint.pt", run)
     assert torch.equal(torch.rand(3), expected)  # the random states were restored
-    assert all(torch.equal(a, b) for a, b in zip(run.model.state_dict().values(), saved.model.state_dict().values()))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(run.model.state_dict().values(), saved.model.state_dict().values())
+    )
     restored = ckpt["epoch_state"]
-    assert restored.step == 3 and restored.loss_sums.device.type == "meta" and restored.class_sum.device.type == "meta"
+    assert (
+        restored.step == 3
+        and restored.loss_sums.device.type == "meta"
+        and restored.class_sum.device.type == "meta"
+    )
     assert restored.aug.device.type == "cpu" and torch.equal(restored.aug, epoch.aug)
 
 
@@ -309,19 +384,28 @@ def test_resume_flag_without_checkpoint_is_an_error(tmp_path: Path) -> None:
 
 
 def test_divergence_guard_stops_with_the_loss_terms(tmp_path: Path) -> None:
-    result = run([*TINY, "--out", str(tmp_path), "--name", "boom", "--lr", "1e30", "--max-bad-steps", "2"])
+    result = run(
+        [*TINY, "--out", str(tmp_path), "--name", "boom", "--lr", "1e30", "--max-bad-steps", "2"]
+    )
     assert result.returncode == 1, result.stdout + result.stderr
     message = result.stderr.strip().splitlines()[-1]
     # The count is read every LOG_EVERY steps and at the epoch's end (12 steps here): all bad steps are counted.
-    match = re.match(r"error: training diverged: (\d+) non-finite steps, the last at epoch 1 step (\d+) ", message)
+    match = re.match(
+        r"error: training diverged: (\d+) non-finite steps, the last at epoch 1 step (\d+) ",
+        message,
+    )
     assert match and 2 <= int(match[1]) <= int(match[2]) == 12, message
     assert "step" in message and "loss=" in message and "intra=" in message and "inter=" in message
-    assert "no checkpoint was saved" in message and "last good checkpoint" not in message  # it diverged in the first epoch
+    assert (
+        "no checkpoint was saved" in message and "last good checkpoint" not in message
+    )  # it diverged in the first epoch
     assert "Traceback" not in result.stderr
     assert sorted(p.name for p in (tmp_path / "boom").iterdir()) == [".lock", "args.json"]
 
 
-def test_an_epoch_whose_every_step_was_taken_back_is_divergence(tmp_path: Path, capsys, monkeypatch) -> None:
+def test_an_epoch_whose_every_step_was_taken_back_is_divergence(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
     """Every loss NaN: each of the 2 steps is taken back, fewer than --max-bad-steps 5; the epoch
     learned nothing and its train loss would read 0. Exit 1, one line, no summary."""
     forward = Objective.forward
@@ -331,10 +415,22 @@ def test_an_epoch_whose_every_step_was_taken_back_is_divergence(tmp_path: Path, 
         return loss * float("nan"), terms
 
     monkeypatch.setattr(Objective, "forward", nan_loss)
-    args = [*TINY, "--loss", "cent", "--epochs", "1", "--train-samples", "64", "--out", str(tmp_path)]
+    args = [
+        *TINY,
+        "--loss",
+        "cent",
+        "--epochs",
+        "1",
+        "--train-samples",
+        "64",
+        "--out",
+        str(tmp_path),
+    ]
     assert main(args) == 1
     line = stderr_error_line(capsys.readouterr().err)
-    assert line.startswith("error: training diverged: every one of the 2 steps of epoch 1 was non-finite and taken back")
+    assert line.startswith(
+        "error: training diverged: every one of the 2 steps of epoch 1 was non-finite and taken back"
+    )
     assert "no checkpoint was saved" in line
     assert not list(tmp_path.glob("**/summary.json")) and not list(tmp_path.glob("**/metrics.csv"))
 
@@ -349,29 +445,41 @@ def test_inter_margin_bounds_the_push(tmp_path: Path) -> None:
     rows = (tmp_path / "standalone-digits-feat=2" / "metrics.csv").read_text().splitlines()
     header, values = rows[0].split(","), rows[1].split(",")
     inter = float(values[header.index("train_inter")])
-    bound = 31 * torch.log1p(torch.tensor(margin)).item()  # (1/m) sum over ordered different-class pairs, m = 32
+    bound = (
+        31 * torch.log1p(torch.tensor(margin)).item()
+    )  # (1/m) sum over ordered different-class pairs, m = 32
     assert 0.5 * bound <= -inter <= bound + 1e-4
 
 
 def trainer(flags: tuple[str, ...] = ()) -> Trainer:
     """main.py's trainer (default resnet, standalone loss, 2-D features) for 28x28 grey images, 10 classes."""
-    images = torch.randint(0, 256, (32, 1, 28, 28), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
-    data = SimpleNamespace(channels=1, classes=list(range(10)), image_size=28, train=SimpleNamespace(images=images))
+    images = torch.randint(
+        0, 256, (32, 1, 28, 28), generator=torch.Generator().manual_seed(0), dtype=torch.uint8
+    )
+    data = SimpleNamespace(
+        channels=1, classes=list(range(10)), image_size=28, train=SimpleNamespace(images=images)
+    )
     return build_trainer(parse_args(["--seed", "3", *flags]), data, torch.device("cpu"))
 
 
 def step_tensors(t: Trainer) -> list[torch.Tensor]:
     """Every tensor one training step can change: weights, buffers (BatchNorm statistics), centers, optimizer state."""
     tensors = [v for m in (t.model, t.objective) for v in m.state_dict(keep_vars=True).values()]
-    return tensors + [v for s in t.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+    return tensors + [
+        v for s in t.optimizer.state.values() for v in s.values() if torch.is_tensor(v)
+    ]
 
 
-def assert_bad_step_is_taken_back(flags: tuple[str, ...], bad_at: int, bad_step) -> tuple[Trainer, int]:
+def assert_bad_step_is_taken_back(
+    flags: tuple[str, ...], bad_at: int, bad_step
+) -> tuple[Trainer, int]:
     """Two trainers take the same four good steps; before step `bad_at` the guarded one also takes
     `bad_step(trainer, x, labels)`, which must report a non-finite step and leave weights, centers,
     BatchNorm statistics and momentum as they were (a bad first step's new momentum buffers at zero).
     Afterwards every tensor of the two must be equal; returns the guarded trainer and the number of tensors compared."""
-    batches = [torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    batches = [
+        torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(i)) for i in range(4)
+    ]
     labels = torch.arange(16) % 10
     clean, guarded = trainer(flags), trainer(flags)
     tensors = step_tensors
@@ -380,7 +488,9 @@ def assert_bad_step_is_taken_back(flags: tuple[str, ...], bad_at: int, bad_step)
             before = [t.clone() for t in tensors(guarded)]
             assert not bad_step(guarded, x, labels)
             after = tensors(guarded)
-            assert all(torch.equal(a, b) for a, b in zip(before, after)) and all(not t.any() for t in after[len(before) :])
+            assert all(torch.equal(a, b) for a, b in zip(before, after)) and all(
+                not t.any() for t in after[len(before) :]
+            )
         *_, finite = train_step(guarded, x, labels)
         assert finite
         train_step(clean, x, labels)
@@ -402,7 +512,9 @@ def test_a_non_finite_step_is_taken_back_exactly(bad_at: int) -> None:
     assert compared > 50
 
 
-def test_a_finite_step_that_makes_a_weight_non_finite_is_divergence(tmp_path: Path, capsys, monkeypatch) -> None:
+def test_a_finite_step_that_makes_a_weight_non_finite_is_divergence(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
     """An infinite learning rate for one step of epoch 2: its loss and gradients are finite, so it is
     applied and the weights become non-finite. The run ends with the divergence error (exit 1), no
     summary, and the checkpoint of epoch 1 with finite weights (the interrupted epoch's is never written)."""
@@ -419,9 +531,26 @@ def test_a_finite_step_that_makes_a_weight_non_finite_is_divergence(tmp_path: Pa
         return outputs
 
     monkeypatch.setattr(main_module, "train_step", infinite_lr_once)
-    assert main([*TINY, "--epochs", "2", "--max-bad-steps", "100", "--out", str(tmp_path), "--name", "huge"]) == 1
+    assert (
+        main(
+            [
+                *TINY,
+                "--epochs",
+                "2",
+                "--max-bad-steps",
+                "100",
+                "--out",
+                str(tmp_path),
+                "--name",
+                "huge",
+            ]
+        )
+        == 1
+    )
     line = stderr_error_line(capsys.readouterr().err)
-    assert line.startswith("error: training diverged: a weight is no longer finite at epoch 2 step "), line
+    assert line.startswith(
+        "error: training diverged: a weight is no longer finite at epoch 2 step "
+    ), line
     assert "the last good checkpoint is kept in" in line
     ckpt = torch.load(tmp_path / "huge" / "checkpoint.pt", weights_only=True)
     assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
@@ -429,36 +558,58 @@ def test_a_finite_step_that_makes_a_weight_non_finite_is_divergence(tmp_path: Pa
 
 
 @pytest.mark.parametrize("has_checkpoint", [True, False])
-def test_divergence_message_mentions_a_checkpoint_only_when_there_is_one(tmp_path: Path, has_checkpoint: bool) -> None:
+def test_divergence_message_mentions_a_checkpoint_only_when_there_is_one(
+    tmp_path: Path, has_checkpoint: bool
+) -> None:
     if has_checkpoint:
         (tmp_path / "checkpoint.pt").write_bytes(b"an earlier epoch")
     run = SimpleNamespace(
-        args=SimpleNamespace(max_bad_steps=2), bad_steps=1, dir=tmp_path, model=torch.nn.Linear(1, 1), objective=torch.nn.Module()
+        args=SimpleNamespace(max_bad_steps=2),
+        bad_steps=1,
+        dir=tmp_path,
+        model=torch.nn.Linear(1, 1),
+        objective=torch.nn.Module(),
     )
     state = SimpleNamespace(
         bad_steps=torch.tensor(1),
-        last_bad=torch.tensor([7.0, float("inf"), float("nan"), 1.0, float("-inf")], dtype=torch.float64),
+        last_bad=torch.tensor(
+            [7.0, float("inf"), float("nan"), 1.0, float("-inf")], dtype=torch.float64
+        ),
     )
     with pytest.raises(TrainingError) as info:
         check_divergence(run, 3, state)
     message = str(info.value)
-    assert message.startswith("training diverged: 2 non-finite steps, the last at epoch 3 step 7 (loss=inf, xent=nan, intra=1, inter=-inf)")
+    assert message.startswith(
+        "training diverged: 2 non-finite steps, the last at epoch 3 step 7 (loss=inf, xent=nan, intra=1, inter=-inf)"
+    )
     assert ("the last good checkpoint is kept in" in message) == has_checkpoint
     assert ("no checkpoint was saved" in message) == (not has_checkpoint)
 
 
 @pytest.mark.parametrize("test_loss", [float("nan"), float("inf")])
-def test_a_final_test_loss_that_is_not_finite_does_not_end_done(tmp_path: Path, test_loss: float) -> None:
-    run = SimpleNamespace(args=parse_args(["--no-plots"]), dir=tmp_path, history=[{"epoch": 1, "test_loss": test_loss, "test_acc": 0.1}])
-    with pytest.raises(TrainingError, match=f"the final test loss is {test_loss}: the model diverged"):
+def test_a_final_test_loss_that_is_not_finite_does_not_end_done(
+    tmp_path: Path, test_loss: float
+) -> None:
+    run = SimpleNamespace(
+        args=parse_args(["--no-plots"]),
+        dir=tmp_path,
+        history=[{"epoch": 1, "test_loss": test_loss, "test_acc": 0.1}],
+    )
+    with pytest.raises(
+        TrainingError, match=f"the final test loss is {test_loss}: the model diverged"
+    ):
         finish(run, None)
     assert not (tmp_path / "summary.json").exists()
 
 
-LOOP_INTERRUPT = re.compile(r"interrupted at epoch 1 step \d+; checkpoint saved, run the same command to resume")
+LOOP_INTERRUPT = re.compile(
+    r"interrupted at epoch 1 step \d+; checkpoint saved, run the same command to resume"
+)
 
 
-@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="needs Linux's /proc to see libraries loading")
+@pytest.mark.skipif(
+    not Path("/proc/self/maps").is_file(), reason="needs Linux's /proc to see libraries loading"
+)
 @pytest.mark.parametrize("phase", ["torch import", "scikit-learn import", "run folder locked"])
 def test_ctrl_c_at_each_phase_of_start_up_is_one_line(tmp_path: Path, phase: str) -> None:
     """SIGINT as torch's libraries are mapped (its import), as scikit-learn's are (the digits' lazy import,
@@ -480,7 +631,9 @@ def test_ctrl_c_at_each_phase_of_start_up_is_one_line(tmp_path: Path, phase: str
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
     line = stderr.strip()
-    assert line == STARTUP_INTERRUPT or (phase == "run folder locked" and LOOP_INTERRUPT.fullmatch(line)), stderr
+    assert line == STARTUP_INTERRUPT or (
+        phase == "run folder locked" and LOOP_INTERRUPT.fullmatch(line)
+    ), stderr
     assert not list(tmp_path.glob("**/summary.json"))
     if phase == "torch import":
         assert stdout == "" and not out.exists()
@@ -496,10 +649,22 @@ def test_ctrl_c_while_loading_data_is_one_line(tmp_path: Path, monkeypatch, caps
     assert not list(tmp_path.iterdir())
 
 
-def test_ctrl_c_in_the_final_summary_says_rerun_finishes(tmp_path: Path, monkeypatch, capsys) -> None:
+def test_ctrl_c_in_the_final_summary_says_rerun_finishes(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
     """Ctrl-C while finish() draws and summarises (after the last checkpoint): exit 130, a line that
     says the checkpoint is saved, and the same command then finishes the run from it."""
-    args = [*TINY, "--epochs", "1", "--train-samples", "64", "--out", str(tmp_path), "--name", "cut"]
+    args = [
+        *TINY,
+        "--epochs",
+        "1",
+        "--train-samples",
+        "64",
+        "--out",
+        str(tmp_path),
+        "--name",
+        "cut",
+    ]
     summary = main_module.run_summary
 
     def interrupted(*a, **k):
@@ -512,7 +677,9 @@ def test_ctrl_c_in_the_final_summary_says_rerun_finishes(tmp_path: Path, monkeyp
         err
         == "interrupted while drawing the final pictures and writing summary.json; the checkpoint of epoch 1 is saved, run the same command to finish the run"
     )
-    assert (tmp_path / "cut" / "checkpoint.pt").is_file() and not (tmp_path / "cut" / "summary.json").exists()
+    assert (tmp_path / "cut" / "checkpoint.pt").is_file() and not (
+        tmp_path / "cut" / "summary.json"
+    ).exists()
     monkeypatch.setattr(main_module, "run_summary", summary)
     assert main(args) == 0
     out = capsys.readouterr().out
@@ -523,7 +690,12 @@ def test_ctrl_c_in_the_final_summary_says_rerun_finishes(tmp_path: Path, monkeyp
 RECIPES = {
     "resnet": (),
     "resnet-paper": ("--center-update", "paper"),
-    "lenet-paper": ("--model", "lenet++", "--center-update", "paper"),  # clipping and weight decay too
+    "lenet-paper": (
+        "--model",
+        "lenet++",
+        "--center-update",
+        "paper",
+    ),  # clipping and weight decay too
 }
 
 
@@ -542,9 +714,14 @@ def test_paper_centers_are_out_of_the_optimizer_and_move_by_eq_4() -> None:
     exactly losses.paper_center_update of the step's features, with --center-alpha."""
     run = trainer(("--center-update", "paper", "--center-alpha", "0.25"))
     centers = run.objective.centers
-    assert not centers.requires_grad and all(p is not centers for g in run.optimizer.param_groups for p in g["params"])
+    assert not centers.requires_grad and all(
+        p is not centers for g in run.optimizer.param_groups for p in g["params"]
+    )
     before = centers.detach().clone()
-    x, y = torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(0)), torch.arange(16) % 10
+    x, y = (
+        torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(0)),
+        torch.arange(16) % 10,
+    )
     features, *_, finite = train_step(run, x, y)
     assert finite and centers.grad is None
     paper_center_update(before, features.detach(), y, 0.25)
@@ -556,13 +733,23 @@ def test_the_step_has_no_host_sync(monkeypatch: pytest.MonkeyPatch) -> None:
     is read as a Python number (.item(), bool(), float(), int(), .tolist()) inside train_step."""
     run = trainer(("--model", "lenet++", "--center-update", "paper"))
     assert run.clip_grad_norm == 10.0 and run.optimizer.param_groups[0]["weight_decay"] == 5e-4
-    x, y = torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(0)), torch.arange(16) % 10
+    x, y = (
+        torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(0)),
+        torch.arange(16) % 10,
+    )
     x[0, 0, 0, 0] = 1e6  # a huge gradient: the clipping scales it
     for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
-        monkeypatch.setattr(torch.Tensor, name, lambda *a, name=name: pytest.fail(f"host sync: Tensor.{name}"))
+        monkeypatch.setattr(
+            torch.Tensor, name, lambda *a, name=name: pytest.fail(f"host sync: Tensor.{name}")
+        )
     train_step(run, x, y)
     monkeypatch.undo()
-    grads = [p.grad for group in run.optimizer.param_groups for p in group["params"] if p.grad is not None]
+    grads = [
+        p.grad
+        for group in run.optimizer.param_groups
+        for p in group["params"]
+        if p.grad is not None
+    ]
     assert torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item() == pytest.approx(
         10.0, rel=1e-4
     )  # clipped to --clip-grad-norm

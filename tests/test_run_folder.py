@@ -22,14 +22,26 @@ import utils
 import visualize
 from checkpoints import LOCK_FILE, RunFolderError, lock_run_dir
 
-QUICK = ["--epochs", "1", "--train-samples", "64", "--batch-size", "32", "--model", "lenet++", "--no-plots"]
+QUICK = [
+    "--epochs",
+    "1",
+    "--train-samples",
+    "64",
+    "--batch-size",
+    "32",
+    "--model",
+    "lenet++",
+    "--no-plots",
+]
 
 
 def hold_lock(run_dir: Path) -> subprocess.Popen:
     """Another process that takes run_dir's lock as main.py does and keeps it until killed."""
     code = f"import sys, time; sys.path.insert(0, {str(REPO)!r}); from pathlib import Path; from checkpoints import lock_run_dir; "
     code += f"lock_run_dir(Path({str(run_dir)!r})); print('locked', flush=True); time.sleep(600)"
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=subprocess_env())
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=subprocess_env()
+    )
     assert proc.stdout.readline().strip() == "locked"
     return proc
 
@@ -37,7 +49,17 @@ def hold_lock(run_dir: Path) -> subprocess.Popen:
 def test_a_second_run_and_an_overwrite_of_a_live_run_are_refused(tmp_path: Path, capsys) -> None:
     """While a run trains, the same command, and the same command with --overwrite, exit 1 with one
     line naming the folder and the live run's pid; the live run's files stay its own and it goes on."""
-    argv = ["--epochs", "100", "--train-samples", "128", "--batch-size", "32", "--model", "lenet++", "--no-plots"]
+    argv = [
+        "--epochs",
+        "100",
+        "--train-samples",
+        "128",
+        "--batch-size",
+        "32",
+        "--model",
+        "lenet++",
+        "--no-plots",
+    ]
     argv += ["--out", str(tmp_path), "--name", "live"]
     live = subprocess.Popen(
         [sys.executable, str(REPO / "main.py"), *argv],
@@ -59,7 +81,9 @@ def test_a_second_run_and_an_overwrite_of_a_live_run_are_refused(tmp_path: Path,
             assert line == (
                 f"error: {run_dir} is in use by process {live.pid}, a run still going; wait for it to end, stop it, or choose another --name"
             )
-            assert (run_dir / "args.json").read_bytes() == args_before and (run_dir / "checkpoint.pt").is_file()
+            assert (run_dir / "args.json").read_bytes() == args_before and (
+                run_dir / "checkpoint.pt"
+            ).is_file()
         assert live.poll() is None, "the live run must go on"
     finally:
         live.send_signal(signal.SIGINT)
@@ -76,7 +100,9 @@ def test_a_lock_left_by_a_killed_process_does_not_block(tmp_path: Path) -> None:
         lock_run_dir(run_dir)
     holder.send_signal(signal.SIGKILL)
     holder.wait(timeout=60)
-    assert (run_dir / LOCK_FILE).read_text().strip() == str(holder.pid)  # the file stays, its lock is gone
+    assert (run_dir / LOCK_FILE).read_text().strip() == str(
+        holder.pid
+    )  # the file stays, its lock is gone
     fd = lock_run_dir(run_dir)
     try:
         assert (run_dir / LOCK_FILE).read_text() == f"{os.getpid()}\n"
@@ -84,7 +110,9 @@ def test_a_lock_left_by_a_killed_process_does_not_block(tmp_path: Path) -> None:
         os.close(fd)
 
 
-def test_overwrite_that_cannot_delete_is_one_line_and_not_finished(tmp_path: Path, monkeypatch, capsys) -> None:
+def test_overwrite_that_cannot_delete_is_one_line_and_not_finished(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
     """A deletion that fails (as for a folder the user may not delete from) is one line, exit 1; summary.json
     goes first, so the half-deleted old run never looks finished."""
     run_dir = write_finished_decoy(tmp_path / "old")
@@ -96,7 +124,12 @@ def test_overwrite_that_cannot_delete_is_one_line_and_not_finished(tmp_path: Pat
     monkeypatch.setattr(checkpoints.shutil, "rmtree", refuse)
     assert main.main([*QUICK, "--out", str(tmp_path), "--name", "old", "--overwrite"]) == 1
     line = stderr_error_line(capsys.readouterr().err)
-    assert line.startswith(f"error: --overwrite cannot delete {run_dir / 'frames'} (Permission denied)") and "no summary.json" in line
+    assert (
+        line.startswith(
+            f"error: --overwrite cannot delete {run_dir / 'frames'} (Permission denied)"
+        )
+        and "no summary.json" in line
+    )
     assert not (run_dir / "summary.json").exists()
 
 
@@ -111,7 +144,10 @@ def test_a_run_file_that_is_a_folder_is_refused_before_training(tmp_path: Path, 
     with pytest.raises(SystemExit) as info:
         main.main([*QUICK, "--out", str(tmp_path), "--name", "odd"])
     assert info.value.code == 2
-    assert f"{run_dir / 'checkpoint.pt'} is not a regular file; remove it, or use --overwrite" in stderr_error_line(capsys.readouterr().err)
+    assert (
+        f"{run_dir / 'checkpoint.pt'} is not a regular file; remove it, or use --overwrite"
+        in stderr_error_line(capsys.readouterr().err)
+    )
     assert listing(tmp_path) == before
     assert main.main([*QUICK, "--out", str(tmp_path), "--name", "odd", "--overwrite"]) == 0
     assert (run_dir / "checkpoint.pt").is_file() and (run_dir / "summary.json").is_file()
@@ -150,7 +186,9 @@ def test_atomic_write_never_writes_through_its_temporary_name(tmp_path: Path, pl
         tmp.write_text("half of an old write")
     utils.atomic_write_bytes(path, b"new")
     assert path.read_bytes() == b"new" and precious.read_text() == PRECIOUS
-    assert not (tmp_path / "created-elsewhere").exists() and sorted(p.name for p in path.parent.iterdir()) == ["args.json"]
+    assert not (tmp_path / "created-elsewhere").exists() and sorted(
+        p.name for p in path.parent.iterdir()
+    ) == ["args.json"]
 
 
 def test_links_planted_in_a_run_folder_are_not_followed(tmp_path: Path) -> None:
@@ -165,11 +203,16 @@ def test_links_planted_in_a_run_folder_are_not_followed(tmp_path: Path) -> None:
     for name in ("checkpoint.pt", "args.json", "metrics.csv", "summary.json"):
         (run_dir / f".{name}.tmp").symlink_to(precious)
     (run_dir / "metrics.csv").unlink()
-    (run_dir / "metrics.csv").symlink_to(precious)  # replaced by the new metrics.csv, not written through
+    (run_dir / "metrics.csv").symlink_to(
+        precious
+    )  # replaced by the new metrics.csv, not written through
     assert main.main([*args, "--epochs", "2"]) == 0
     assert precious.read_text() == PRECIOUS
     assert json.loads((run_dir / "summary.json").read_text())["epochs"] == 2
-    assert not [p.name for p in run_dir.iterdir() if p.name.endswith(".tmp")] and not (run_dir / "metrics.csv").is_symlink()
+    assert (
+        not [p.name for p in run_dir.iterdir() if p.name.endswith(".tmp")]
+        and not (run_dir / "metrics.csv").is_symlink()
+    )
 
 
 def test_a_full_disk_at_the_lock_file_is_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
@@ -183,12 +226,17 @@ def test_a_full_disk_at_the_lock_file_is_one_line(tmp_path: Path, monkeypatch, c
     monkeypatch.setattr(checkpoints.os, "write", full)
     assert main.main([*QUICK, "--out", str(tmp_path), "--name", "run"]) == 1
     line = stderr_error_line(capsys.readouterr().err)
-    assert line == f"error: cannot write the lock file in {tmp_path / 'run'} (No space left on device); free space or choose another --out"
+    assert (
+        line
+        == f"error: cannot write the lock file in {tmp_path / 'run'} (No space left on device); free space or choose another --out"
+    )
 
 
 @pytest.mark.parametrize("folder", ["frames", "frames/train", "tensorboard"])
 @pytest.mark.parametrize("kind", ["link", "file"])
-def test_a_run_subfolder_that_is_a_link_or_a_file_is_refused(tmp_path: Path, capsys, folder: str, kind: str) -> None:
+def test_a_run_subfolder_that_is_a_link_or_a_file_is_refused(
+    tmp_path: Path, capsys, folder: str, kind: str
+) -> None:
     """frames or tensorboard as a link (to a folder elsewhere) or a file: refused at start, exit 2, nothing
     changed; and when planted mid-run, the writer refuses it (WriteError) without writing through it."""
     run_dir = write_finished_decoy(tmp_path / "out" / "run")
@@ -196,18 +244,24 @@ def test_a_run_subfolder_that_is_a_link_or_a_file_is_refused(tmp_path: Path, cap
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     (run_dir / folder).parent.mkdir(exist_ok=True)
-    (run_dir / folder).symlink_to(elsewhere) if kind == "link" else (run_dir / folder).write_text("a file")
+    (run_dir / folder).symlink_to(elsewhere) if kind == "link" else (run_dir / folder).write_text(
+        "a file"
+    )
     before = listing(tmp_path)
     with pytest.raises(SystemExit) as info:
         main.main([*QUICK, "--out", str(tmp_path / "out"), "--name", "run"])
     assert info.value.code == 2
     line = stderr_error_line(capsys.readouterr().err)
-    assert line.endswith(f"{run_dir / folder} is a link or not a folder; remove it, or use --overwrite to start the run again")
+    assert line.endswith(
+        f"{run_dir / folder} is a link or not a folder; remove it, or use --overwrite to start the run again"
+    )
     assert listing(tmp_path) == before
     if folder == "tensorboard":
         writer = lambda: visualize.log_frames_to_tensorboard(run_dir)  # noqa: E731
     else:
-        writer = lambda: visualize.save_frame_data(run_dir, "train", 1, torch.zeros(3, 2), torch.zeros(3, dtype=torch.long), None, "t")  # noqa: E731
+        writer = lambda: visualize.save_frame_data(
+            run_dir, "train", 1, torch.zeros(3, 2), torch.zeros(3, dtype=torch.long), None, "t"
+        )  # noqa: E731
     with pytest.raises(utils.WriteError, match=f"{run_dir / folder} is a link or not a folder"):
         writer()
     assert not list(elsewhere.iterdir())
@@ -228,10 +282,17 @@ def fail_writes(monkeypatch, name: str, error: int) -> None:
 
 @pytest.mark.parametrize(
     "failing,error",
-    [("checkpoint.pt", errno.ENOSPC), ("metrics.csv", errno.EROFS), ("epoch_002.npz", errno.ENOSPC), ("epoch_001.png", errno.EROFS)]
+    [
+        ("checkpoint.pt", errno.ENOSPC),
+        ("metrics.csv", errno.EROFS),
+        ("epoch_002.npz", errno.ENOSPC),
+        ("epoch_001.png", errno.EROFS),
+    ]
     + [("summary.json", errno.ENOSPC)],
 )
-def test_a_write_failure_mid_run_is_one_line_and_resumable(tmp_path: Path, monkeypatch, capsys, failing: str, error: int) -> None:
+def test_a_write_failure_mid_run_is_one_line_and_resumable(
+    tmp_path: Path, monkeypatch, capsys, failing: str, error: int
+) -> None:
     """A full disk or a read-only run folder at any of the run's writes (in epoch 2, or in the final pictures
     and summary): exit 1, one line naming the file, no temporary file left, no summary.json, the last good
     checkpoint whole; the same command then finishes the run."""
@@ -273,7 +334,9 @@ def test_sigterm_while_finishing_says_rerun_finishes(tmp_path: Path, monkeypatch
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(10)  # the handler raises in here
 
-    def unhandled(signum, frame):  # what SIGTERM meets if main.py leaves it to the test process (instead of ending it)
+    def unhandled(
+        signum, frame
+    ):  # what SIGTERM meets if main.py leaves it to the test process (instead of ending it)
         raise RuntimeError("SIGTERM was not handled by main.py")
 
     monkeypatch.setattr(visualize, "draw_frames", terminated)
@@ -308,8 +371,12 @@ def test_sigterm_while_frames_are_drawn_leaves_no_traceback(tmp_path: Path, targ
     for line in proc.stdout:
         if line.startswith("drawing"):
             break
-    os.killpg(proc.pid, signal.SIGTERM) if target == "process group" else proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM) if target == "process group" else proc.send_signal(
+        signal.SIGTERM
+    )
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err
-    assert err.strip().endswith("the checkpoint of epoch 1 is saved, run the same command to finish the run"), err
+    assert err.strip().endswith(
+        "the checkpoint of epoch 1 is saved, run the same command to finish the run"
+    ), err
     assert "Traceback" not in err and "Error" not in err, err

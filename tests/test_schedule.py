@@ -18,7 +18,9 @@ def cut_epochs(accuracies: list[float]) -> tuple[list[int], float]:
     """Epochs whose rows train with a newly cut lr when the schedule steps on `accuracies` after
     each epoch, as main.py does; and the lr of epoch 100."""
     args = parse_args(["--dataset", "mnist"])
-    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=args.lr, momentum=args.momentum)
+    optimizer = torch.optim.SGD(
+        [torch.zeros(1, requires_grad=True)], lr=args.lr, momentum=args.momentum
+    )
     scheduler = make_scheduler(optimizer, args)
     lrs = []
     for acc in accuracies:
@@ -29,7 +31,11 @@ def cut_epochs(accuracies: list[float]) -> tuple[list[int], float]:
 
 @pytest.mark.parametrize(
     "loss, first_cut",
-    [("standalone", 13), ("xent", 13), ("cent", 14)],  # cent's epoch 1 (0.597) is beaten by 10% at epoch 2 (0.942)
+    [
+        ("standalone", 13),
+        ("xent", 13),
+        ("cent", 14),
+    ],  # cent's epoch 1 (0.597) is beaten by 10% at epoch 2 (0.942)
 )
 def test_schedule_on_measured_accuracies(loss: str, first_cut: int) -> None:
     """The relative threshold 0.1 asks for acc > best * 1.1, which nothing beats once the best is
@@ -47,6 +53,8 @@ def test_schedule_on_measured_accuracies(loss: str, first_cut: int) -> None:
 def test_schedule_waits_while_the_accuracy_rises_by_10_percent() -> None:
     """Below 0.91 an epoch that beats the best by 10% resets the wait: a run starting lower (as on
     Fashion-MNIST or CIFAR-10) has its first cut at the 12th epoch after its last such epoch."""
-    accuracies = [0.30, 0.40, 0.50, 0.56, 0.60, 0.61, 0.70] + [0.75] * 93  # better at 2, 3, 4 and 7 (0.70 > 0.56 * 1.1)
+    accuracies = [0.30, 0.40, 0.50, 0.56, 0.60, 0.61, 0.70] + [
+        0.75
+    ] * 93  # better at 2, 3, 4 and 7 (0.70 > 0.56 * 1.1)
     cuts, _ = cut_epochs(accuracies)
     assert cuts[:2] == [19, 30]  # 12 epochs after the last better one, as 13 after epoch 1

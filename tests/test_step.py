@@ -14,13 +14,32 @@ from config import parse_args
 from main import main
 from training import build_trainer, cuda_backends, train_step
 
-TINY = ["--dataset", "digits", "--train-samples", "64", "--batch-size", "32", "--no-plots", "--model", "lenet++"]
+TINY = [
+    "--dataset",
+    "digits",
+    "--train-samples",
+    "64",
+    "--batch-size",
+    "32",
+    "--no-plots",
+    "--model",
+    "lenet++",
+]
 
 
 def trainer(flags: tuple[str, ...], classes: int = 10, batch: int = 16):
-    images = torch.randint(0, 256, (32, 1, 28, 28), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
-    data = SimpleNamespace(channels=1, classes=list(range(classes)), image_size=28, train=SimpleNamespace(images=images))
-    return build_trainer(parse_args(["--batch-size", str(batch), "--seed", "3", *flags]), data, torch.device("cpu"))
+    images = torch.randint(
+        0, 256, (32, 1, 28, 28), generator=torch.Generator().manual_seed(0), dtype=torch.uint8
+    )
+    data = SimpleNamespace(
+        channels=1,
+        classes=list(range(classes)),
+        image_size=28,
+        train=SimpleNamespace(images=images),
+    )
+    return build_trainer(
+        parse_args(["--batch-size", str(batch), "--seed", "3", *flags]), data, torch.device("cpu")
+    )
 
 
 def checked_fused_sgd(original):
@@ -33,10 +52,14 @@ def checked_fused_sgd(original):
     def fused_sgd(params, grads, momentum_buffer_list, **kwargs):
         assert params, "empty parameter list"
         if not momentum_buffer_list:
-            assert kwargs["momentum"] == 0, "TORCH_CHECK_EQ(momentum, 0): momentum without momentum buffers"
+            assert kwargs["momentum"] == 0, (
+                "TORCH_CHECK_EQ(momentum, 0): momentum without momentum buffers"
+            )
         else:
             assert kwargs["momentum"] > 0 and len(momentum_buffer_list) == len(params) == len(grads)
-        for tensors in zip(params, grads, *([momentum_buffer_list] if momentum_buffer_list else [])):
+        for tensors in zip(
+            params, grads, *([momentum_buffer_list] if momentum_buffer_list else [])
+        ):
             assert len({(t.dtype, t.device, t.layout) for t in tensors}) == 1
         calls.append(len(params))
         return original(params, grads, momentum_buffer_list, **kwargs)
@@ -46,7 +69,12 @@ def checked_fused_sgd(original):
 
 @pytest.mark.parametrize(
     "flags,classes",
-    [(("--loss", "xent"), 10), (("--loss", "cent"), 10), (("--loss", "standalone"), 10), (("--loss", "cent"), 20)],
+    [
+        (("--loss", "xent"), 10),
+        (("--loss", "cent"), 10),
+        (("--loss", "standalone"), 10),
+        (("--loss", "cent"), 20),
+    ],
     ids=["xent", "cent", "standalone", "more-classes-than-the-batch"],
 )
 def test_the_fused_sgd_calls_pass_the_cuda_kernels_checks(monkeypatch, flags, classes) -> None:
@@ -55,7 +83,9 @@ def test_the_fused_sgd_calls_pass_the_cuda_kernels_checks(monkeypatch, flags, cl
     t = trainer(flags, classes)
     g = torch.Generator().manual_seed(1)
     for _ in range(2):
-        *_, finite = train_step(t, torch.rand(16, 1, 28, 28, generator=g), torch.arange(16) % classes)
+        *_, finite = train_step(
+            t, torch.rand(16, 1, 28, 28, generator=g), torch.arange(16) % classes
+        )
         assert finite
     assert len(calls) >= 2  # the kernel did run, once a step at least
 
@@ -64,22 +94,49 @@ def test_the_kernel_check_catches_an_empty_call() -> None:
     """The check can fail: the old step's call for an empty parameter group with momentum 0.9."""
     fused_sgd, _ = checked_fused_sgd(torch._fused_sgd_)
     with pytest.raises(AssertionError):
-        fused_sgd([], [], [], weight_decay=0.0, momentum=0.9, lr=0.1, dampening=0.0, nesterov=False, maximize=False, is_first_step=False)
+        fused_sgd(
+            [],
+            [],
+            [],
+            weight_decay=0.0,
+            momentum=0.9,
+            lr=0.1,
+            dampening=0.0,
+            nesterov=False,
+            maximize=False,
+            is_first_step=False,
+        )
 
 
 def test_tf32_is_off_through_settings_every_torch_has() -> None:
     """cuda_backends turns TF32 off with the flags torch 2.4 already has; they read back, and reading them does not raise."""
-    saved = (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    saved = (
+        torch.backends.cudnn.benchmark,
+        torch.backends.cudnn.allow_tf32,
+        torch.backends.cuda.matmul.allow_tf32,
+    )
     try:
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
         cuda_backends(torch.device("cuda"))  # only sets flags: no GPU needed
-        assert torch.backends.cudnn.allow_tf32 is False and torch.backends.cuda.matmul.allow_tf32 is False
-        assert torch.backends.cudnn.benchmark is True and torch.get_float32_matmul_precision() == "highest"
+        assert (
+            torch.backends.cudnn.allow_tf32 is False
+            and torch.backends.cuda.matmul.allow_tf32 is False
+        )
+        assert (
+            torch.backends.cudnn.benchmark is True
+            and torch.get_float32_matmul_precision() == "highest"
+        )
     finally:
-        torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+        (
+            torch.backends.cudnn.benchmark,
+            torch.backends.cudnn.allow_tf32,
+            torch.backends.cuda.matmul.allow_tf32,
+        ) = saved
 
 
-def test_a_cpu_run_saves_no_cuda_state_and_resumes_a_checkpoint_of_many_gpus(tmp_path: Path, monkeypatch, capsys) -> None:
+def test_a_cpu_run_saves_no_cuda_state_and_resumes_a_checkpoint_of_many_gpus(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
     """On a host that has GPUs, a CPU run never touches CUDA (the CUDA RNG getters raise here) and saves the
     CPU generator's state only; a checkpoint holding the old list of every GPU's state resumes on the CPU."""
 
@@ -107,8 +164,13 @@ def test_reduce_overhead_with_the_loader_pipeline_is_refused(capsys) -> None:
     with pytest.raises(SystemExit) as info:
         parse_args(["--compile", "reduce-overhead", "--pipeline", "loader"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert info.value.code == 2 and "error: --compile reduce-overhead captures CUDA graphs" in err[-1]
-    assert parse_args(["--compile", "reduce-overhead"]).compile == "reduce-overhead" and parse_args(["--compile"]).compile == "default"
+    assert (
+        info.value.code == 2 and "error: --compile reduce-overhead captures CUDA graphs" in err[-1]
+    )
+    assert (
+        parse_args(["--compile", "reduce-overhead"]).compile == "reduce-overhead"
+        and parse_args(["--compile"]).compile == "default"
+    )
 
 
 def test_compiled_steps_train_like_the_eager_steps(monkeypatch) -> None:
@@ -117,7 +179,9 @@ def test_compiled_steps_train_like_the_eager_steps(monkeypatch) -> None:
     forward and backward graphs (buffer mutation, the gradients the step reads) without inductor's
     code generation, which takes minutes on two busy cores (the ResNet longer still)."""
     compile_ = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda model, mode=None: compile_(model, mode=mode, backend="aot_eager"))
+    monkeypatch.setattr(
+        torch, "compile", lambda model, mode=None: compile_(model, mode=mode, backend="aot_eager")
+    )
     torch._dynamo.reset()
     eager, compiled = trainer(("--model", "lenet++")), trainer(("--model", "lenet++", "--compile"))
     assert compiled.net is not compiled.model  # the step calls the compiled module
@@ -127,6 +191,10 @@ def test_compiled_steps_train_like_the_eager_steps(monkeypatch) -> None:
         expected, got = train_step(eager, x, y), train_step(compiled, x, y)
         assert bool(got[-1]) and bool(expected[-1])
         torch.testing.assert_close(got[3], expected[3], rtol=1e-4, atol=1e-5)
-    for a, b in zip(eager.model.state_dict().values(), compiled.model.state_dict().values(), strict=True):
+    for a, b in zip(
+        eager.model.state_dict().values(), compiled.model.state_dict().values(), strict=True
+    ):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
-    assert not torch.equal(eager.model.embed[1].weight, trainer(("--model", "lenet++")).model.embed[1].weight)  # the steps moved it
+    assert not torch.equal(
+        eager.model.embed[1].weight, trainer(("--model", "lenet++")).model.embed[1].weight
+    )  # the steps moved it

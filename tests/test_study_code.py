@@ -42,12 +42,19 @@ def test_resnet_is_the_studys_without_its_conv_biases() -> None:
     study = study_module("models/resnet.py").ResNet((1, 28, 28), feat_dim=2, num_classes=10)
     ours = ResNet(1, 10, 2)
     study_convs = layers(study, nn.Conv2d)
-    assert sum(p.numel() for p in study.parameters()) - sum(p.numel() for p in ours.parameters()) == 976
-    assert sum(c.bias.numel() for c in study_convs) == 976 and all((c.bias == 0).all() for c in study_convs)
+    assert (
+        sum(p.numel() for p in study.parameters()) - sum(p.numel() for p in ours.parameters())
+        == 976
+    )
+    assert sum(c.bias.numel() for c in study_convs) == 976 and all(
+        (c.bias == 0).all() for c in study_convs
+    )
     with torch.no_grad():
         for kind in (nn.Conv2d, nn.BatchNorm2d, nn.Linear):
             for theirs, mine in zip(layers(study, kind), layers(ours, kind), strict=True):
-                theirs.weight.normal_(std=0.3)  # not the shared init: the copy, not the init, must make them agree
+                theirs.weight.normal_(
+                    std=0.3
+                )  # not the shared init: the copy, not the init, must make them agree
                 mine.weight.copy_(theirs.weight)
                 if mine.bias is not None:
                     mine.bias.copy_(theirs.bias.normal_())
@@ -62,19 +69,30 @@ def test_resnet_is_the_studys_without_its_conv_biases() -> None:
     with torch.no_grad():
         for c in layers(biased, nn.Conv2d):
             c.bias.normal_()
-    torch.testing.assert_close(outputs(copy.deepcopy(ours), train=True), outputs(biased, train=True), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        outputs(copy.deepcopy(ours), train=True), outputs(biased, train=True), rtol=1e-5, atol=1e-5
+    )
     torch.cat(biased(x), dim=1).square().sum().backward()
     for c in layers(biased, nn.Conv2d):
-        assert c.bias.grad.abs().max() <= 1e-4 * c.weight.grad.abs().max()  # rounding only: ~1e-6 measured
-    for train in (True, False):  # the eval-mode pass uses the running statistics of the train-mode pass
-        torch.testing.assert_close(outputs(ours, train), outputs(study, train), rtol=1e-5, atol=1e-5)
+        assert (
+            c.bias.grad.abs().max() <= 1e-4 * c.weight.grad.abs().max()
+        )  # rounding only: ~1e-6 measured
+    for train in (
+        True,
+        False,
+    ):  # the eval-mode pass uses the running statistics of the train-mode pass
+        torch.testing.assert_close(
+            outputs(ours, train), outputs(study, train), rtol=1e-5, atol=1e-5
+        )
 
 
 def values_and_grads(loss: torch.Tensor, *inputs: torch.Tensor) -> list[torch.Tensor]:
     return [loss.detach(), *torch.autograd.grad(loss, inputs)]
 
 
-@pytest.mark.parametrize("num_classes, batch, feat_dim", [(10, 64, 2), (10, 128, 128), (100, 32, 16)])
+@pytest.mark.parametrize(
+    "num_classes, batch, feat_dim", [(10, 64, 2), (10, 128, 128), (100, 32, 16)]
+)
 def test_losses_equal_the_studys_in_float64(num_classes: int, batch: int, feat_dim: int) -> None:
     """Values and gradients (features and centers), float64: our CenterLoss against the study's (KaiyangZhou's),
     our StandaloneCenterLoss against the study's, combined as its training loop does:
@@ -82,12 +100,23 @@ def test_losses_equal_the_studys_in_float64(num_classes: int, batch: int, feat_d
     torch.manual_seed(0)
     features = (torch.randn(batch, feat_dim, dtype=torch.float64) * 5).requires_grad_()
     labels = torch.randint(0, num_classes, (batch,))
-    with warnings.catch_warnings():  # the study's addmm_(1, -2, ...) is torch's deprecated signature
+    with (
+        warnings.catch_warnings()
+    ):  # the study's addmm_(1, -2, ...) is torch's deprecated signature
         warnings.simplefilter("ignore", UserWarning)
-        study_cent = study_module("losses/center_loss.py").CenterLoss(num_classes, feat_dim, use_gpu=False).double()
-        study_standalone = study_module("losses/standalone_center_loss.py").StandaloneCenterLoss(num_classes, feat_dim, use_gpu=False)
+        study_cent = (
+            study_module("losses/center_loss.py")
+            .CenterLoss(num_classes, feat_dim, use_gpu=False)
+            .double()
+        )
+        study_standalone = study_module("losses/standalone_center_loss.py").StandaloneCenterLoss(
+            num_classes, feat_dim, use_gpu=False
+        )
         study_standalone.double()
-        ours_cent, ours_standalone = losses.CenterLoss(num_classes, feat_dim).double(), losses.StandaloneCenterLoss(num_classes, feat_dim)
+        ours_cent, ours_standalone = (
+            losses.CenterLoss(num_classes, feat_dim).double(),
+            losses.StandaloneCenterLoss(num_classes, feat_dim),
+        )
         ours_standalone.double()
         with torch.no_grad():
             ours_cent.centers.copy_(study_cent.centers)

@@ -86,21 +86,39 @@ def test_the_train_frame_spreads_over_the_whole_epoch():
     """Every step keeps its first run.frame_take points (a batch is a random sample of the shuffled train
     set), so the train frame holds points of all the epoch's steps, not only of its first ones; a bad
     step's points are NaN (not drawn)."""
-    run = SimpleNamespace(args=parse_args([]), objective=Objective("standalone", 10, 2), collect_frames=True, frame_take=3)
+    run = SimpleNamespace(
+        args=parse_args([]),
+        objective=Objective("standalone", 10, 2),
+        collect_frames=True,
+        frame_take=3,
+    )
     state = EpochState.new(10, 2, torch.device("cpu"), torch.Generator())
     for step in range(6):
         features, y = torch.full((8, 2), float(step)), torch.arange(8)
         finite = torch.tensor(step != 4)
         record_step(run, state, features, torch.zeros(8, 10), y, torch.tensor(1.0), {}, finite)
     points = torch.cat(state.frame_features)
-    assert torch.equal(points[:, 0].nan_to_num(-1), torch.tensor([0, 1, 2, 3, -1, 5.0]).repeat_interleave(3))
+    assert torch.equal(
+        points[:, 0].nan_to_num(-1), torch.tensor([0, 1, 2, 3, -1, 5.0]).repeat_interleave(3)
+    )
     assert torch.equal(torch.cat(state.frame_labels), torch.arange(3).repeat(6))
 
 
 def test_a_damaged_frame_found_at_the_end_is_one_line(tmp_path, capsys):
     """Frames are drawn once, after the last epoch, from each epoch's .npz: a damaged one (here cut short
     before a resume) is one line naming it and exit 1, no traceback, no summary.json."""
-    args = ["--train-samples", "64", "--batch-size", "32", "--model", "lenet++", "--out", str(tmp_path), "--name", "run"]
+    args = [
+        "--train-samples",
+        "64",
+        "--batch-size",
+        "32",
+        "--model",
+        "lenet++",
+        "--out",
+        str(tmp_path),
+        "--name",
+        "run",
+    ]
     assert main([*args, "--epochs", "1"]) == 0
     run_dir = tmp_path / "run"
     bad = run_dir / "frames" / "train" / "epoch_001.npz"
@@ -110,7 +128,10 @@ def test_a_damaged_frame_found_at_the_end_is_one_line(tmp_path, capsys):
     assert main([*args, "--epochs", "2"]) == 1
     line = stderr_error_line(capsys.readouterr().err)
     assert f"{bad}: damaged frame data" in line
-    assert not (run_dir / "summary.json").exists() and (run_dir / "frames" / "test" / "epoch_002.npz").is_file()
+    assert (
+        not (run_dir / "summary.json").exists()
+        and (run_dir / "frames" / "test" / "epoch_002.npz").is_file()
+    )
 
 
 def test_redraw_frames_without_frames(tmp_path):
@@ -153,7 +174,10 @@ def test_cli_makes_gifs_and_copies_to_imgs(tiny_runs, tmp_path):
         assert frames.shape[0] == EPOCHS and frames.shape[1:3] == png_shape[:2]
         copied = imgs / "cent-mnist-feat=2" / f"{split}.gif"
         assert copied.read_bytes() == gif.read_bytes()
-    assert sorted(p.name for p in (imgs / "cent-mnist-feat=2").iterdir()) == ["test.gif", "train.gif"]
+    assert sorted(p.name for p in (imgs / "cent-mnist-feat=2").iterdir()) == [
+        "test.gif",
+        "train.gif",
+    ]
     assert f"{EPOCHS} frames" in proc.stdout
 
 
@@ -187,16 +211,36 @@ def truncate(path: Path) -> None:
 @pytest.mark.parametrize(
     "damage,message",
     [
-        (lambda run: truncate(run / "frames" / "test" / "epoch_002.png"), "epoch_002.png: cannot be read as an image"),
-        (lambda run: (run / "frames" / "train" / "epoch_001.png").write_text("no image"), "epoch_001.png: cannot be read as an image"),
         (
-            lambda run: iio.imwrite(run / "frames" / "train" / "epoch_002.png", np.zeros((30, 40, 3), np.uint8)),
+            lambda run: truncate(run / "frames" / "test" / "epoch_002.png"),
+            "epoch_002.png: cannot be read as an image",
+        ),
+        (
+            lambda run: (run / "frames" / "train" / "epoch_001.png").write_text("no image"),
+            "epoch_001.png: cannot be read as an image",
+        ),
+        (
+            lambda run: iio.imwrite(
+                run / "frames" / "train" / "epoch_002.png", np.zeros((30, 40, 3), np.uint8)
+            ),
             "a 40x30 frame among 400x400",
         ),
-        (lambda run: (run / "args.json").write_text('{"loss": "cent", '), "args.json: damaged (JSONDecodeError)"),
-        (lambda run: (run / "args.json").write_text('["cent", "mnist", 2]'), "args.json: damaged (TypeError)"),
-        (lambda run: (run / "args.json").write_text('{"loss": "cent"}'), "args.json: damaged (KeyError)"),
-        (lambda run: (run.parent / "imgs").write_text("a file where --imgs-dir should be"), "--imgs-dir"),
+        (
+            lambda run: (run / "args.json").write_text('{"loss": "cent", '),
+            "args.json: damaged (JSONDecodeError)",
+        ),
+        (
+            lambda run: (run / "args.json").write_text('["cent", "mnist", 2]'),
+            "args.json: damaged (TypeError)",
+        ),
+        (
+            lambda run: (run / "args.json").write_text('{"loss": "cent"}'),
+            "args.json: damaged (KeyError)",
+        ),
+        (
+            lambda run: (run.parent / "imgs").write_text("a file where --imgs-dir should be"),
+            "--imgs-dir",
+        ),
     ],
 )
 def test_cli_damaged_input_is_one_line(tiny_runs, tmp_path, capsys, damage, message):
@@ -207,7 +251,12 @@ def test_cli_damaged_input_is_one_line(tiny_runs, tmp_path, capsys, damage, mess
     before = listing(tmp_path, leave_out=run_dir)
     assert visualize.main([str(run_dir), "--to-imgs", "--imgs-dir", str(tmp_path / "imgs")]) == 1
     err = capsys.readouterr().err
-    assert "Traceback" not in err and err.count("\n") == 1 and err.startswith("error: ") and message in err
+    assert (
+        "Traceback" not in err
+        and err.count("\n") == 1
+        and err.startswith("error: ")
+        and message in err
+    )
     assert listing(tmp_path, leave_out=run_dir) == before
 
 
@@ -218,7 +267,9 @@ def test_cli_bad_frame_time_is_one_line(tmp_path, capsys, flag, value):
     hundredth of a second or beyond its 655 s: exit 2, one line naming the flag, nothing written."""
     before = listing(tmp_path)
     with pytest.raises(SystemExit) as info:
-        visualize.main([str(tmp_path), f"{flag}={value}"])  # = keeps argparse from reading -inf as a flag
+        visualize.main(
+            [str(tmp_path), f"{flag}={value}"]
+        )  # = keeps argparse from reading -inf as a flag
     assert info.value.code == 2
     line = stderr_error_line(capsys.readouterr().err)
     assert f"argument {flag}: '{value}' is not a number of seconds from 0.01 to 600" in line
@@ -237,7 +288,10 @@ def test_high_dim_run_writes_projections(projection_run, tmp_path):
     imgs = tmp_path / "imgs"
     copy = copy_run(run_dir, tmp_path)
     assert visualize.main([str(copy), "--to-imgs", "--imgs-dir", str(imgs)]) == 0
-    assert sorted(p.name for p in (imgs / "standalone-mnist-feat=16").iterdir()) == ["test.png", "train.png"]
+    assert sorted(p.name for p in (imgs / "standalone-mnist-feat=16").iterdir()) == [
+        "test.png",
+        "train.png",
+    ]
 
 
 def test_no_plots_writes_no_frames(named_run):
@@ -271,8 +325,13 @@ def test_make_gif_of_one_or_more_frames(tmp_path, count):
     """A 1-epoch 2-D run has one frame: its GIF (Pillow's single-frame path) is written as well as a longer one's."""
     (tmp_path / "frames" / "test").mkdir(parents=True)
     for i in range(count):
-        iio.imwrite(tmp_path / "frames" / "test" / f"epoch_{i:03d}.png", np.full((8, 10, 3), 40 * i, dtype=np.uint8))
-    assert visualize.make_run_gifs(tmp_path, duration=0.3, last_pause=1.5) == [tmp_path / "test.gif"]
+        iio.imwrite(
+            tmp_path / "frames" / "test" / f"epoch_{i:03d}.png",
+            np.full((8, 10, 3), 40 * i, dtype=np.uint8),
+        )
+    assert visualize.make_run_gifs(tmp_path, duration=0.3, last_pause=1.5) == [
+        tmp_path / "test.gif"
+    ]
     gif = iio.imread(tmp_path / "test.gif", index=None)
     assert gif.shape[:3] == (count, 8, 10)
     with Image.open(tmp_path / "test.gif") as im:
@@ -295,14 +354,26 @@ def write_geometry_csv(run_dir, rows):
 def test_geometry_over_epochs_of_several_runs(tmp_path, capsys):
     """--geometry reads each run's geometry columns (epochs without them left out) and draws one picture."""
     a, b = tmp_path / "runs" / "a", tmp_path / "runs" / "b"
-    write_geometry_csv(a, [(1, [2.0, 8.0, 9.0, 4.0, 4.5, 10.0]), (2, [None] * 6), (3, [1.0, 8.0, 9.0, 8.0, 9.0, 11.0])])
+    write_geometry_csv(
+        a,
+        [
+            (1, [2.0, 8.0, 9.0, 4.0, 4.5, 10.0]),
+            (2, [None] * 6),
+            (3, [1.0, 8.0, 9.0, 8.0, 9.0, 11.0]),
+        ],
+    )
     write_geometry_csv(b, [(1, [3.0, 1.5, 2.0, 0.5, 0.75, 5.0])])
     series = visualize.geometry_series(a)
-    assert series["intra_distance"] == ([1, 3], [2.0, 1.0]) and series["min_gap_ratio"] == ([1, 3], [4.0, 8.0])
+    assert series["intra_distance"] == ([1, 3], [2.0, 1.0]) and series["min_gap_ratio"] == (
+        [1, 3],
+        [4.0, 8.0],
+    )
     out = tmp_path / "geometry.png"
     assert visualize.main(["--geometry", str(a), str(b), "--out", str(out)]) == 0
     assert Image.open(out).size == (1300, 700)
-    assert capsys.readouterr().out == f"{out}: {', '.join(visualize.GEOMETRY_METRICS)} of 2 run(s)\n"
+    assert (
+        capsys.readouterr().out == f"{out}: {', '.join(visualize.GEOMETRY_METRICS)} of 2 run(s)\n"
+    )
 
 
 @pytest.mark.parametrize("problem", ["no-columns", "no-csv", "bad-value", "bad-out", "no-out"])
@@ -315,7 +386,13 @@ def test_geometry_bad_input_is_one_line_and_draws_nothing(tmp_path, capsys, prob
     elif problem == "bad-value":
         write_geometry_csv(bad / "x", [(1, ["x"] * 6)])
         bad = bad / "x"
-    args = ["--geometry", str(good), str(bad if problem != "bad-out" else good), "--out", str(tmp_path / "g.png")]
+    args = [
+        "--geometry",
+        str(good),
+        str(bad if problem != "bad-out" else good),
+        "--out",
+        str(tmp_path / "g.png"),
+    ]
     if problem == "bad-out":
         args[-1] = str(tmp_path / "g.txt")
     if problem == "no-out":
@@ -343,24 +420,58 @@ def test_geometry_bad_input_is_one_line_and_draws_nothing(tmp_path, capsys, prob
 def test_a_run_of_one_dimensional_features_draws_strips(tmp_path, projection):
     """--feat-dim 1 with plots: train.png and test.png show the feature against the (jittered) class, for
     every --projection, which has nothing to project."""
-    args = ["--feat-dim", "1", "--epochs", "1", "--train-samples", "64", "--batch-size", "32", "--model", "lenet++"]
+    args = [
+        "--feat-dim",
+        "1",
+        "--epochs",
+        "1",
+        "--train-samples",
+        "64",
+        "--batch-size",
+        "32",
+        "--model",
+        "lenet++",
+    ]
     assert main([*args, "--out", str(tmp_path), "--name", "run"]) == 0
     for name in ("train.png", "test.png"):
         assert Image.open(tmp_path / "run" / name).size == (900, 900)
     features = torch.linspace(-1, 1, 40)[:, None]
     labels = torch.arange(40) % 4
-    visualize.save_projection(tmp_path / "p.png", features, torch.zeros(40, 1, 8, 8), labels, "abcd", "t", method=projection)
+    visualize.save_projection(
+        tmp_path / "p.png",
+        features,
+        torch.zeros(40, 1, 8, 8),
+        labels,
+        "abcd",
+        "t",
+        method=projection,
+    )
     assert np.asarray(Image.open(tmp_path / "p.png"))[..., :3].std() > 0
 
 
 @pytest.mark.parametrize(
     "argv,message",
     [
-        (["--geometry", "--out", "g.png", "--to-imgs"], "--to-imgs is for stitching GIFs, which --geometry does not do; drop it"),
-        (["--geometry", "--out", "g.png", "--imgs-dir", "imgs"], "--imgs-dir is for stitching GIFs, which --geometry does not do"),
-        (["--geometry", "--out", "g.png", "--duration", "1"], "--duration is for stitching GIFs, which --geometry does not do"),
-        (["--geometry", "--out", "g.png", "--last-pause", "1"], "--last-pause is for stitching GIFs, which --geometry does not do"),
-        (["--imgs-dir", "imgs"], "--imgs-dir says where --to-imgs copies to; add --to-imgs or drop it"),
+        (
+            ["--geometry", "--out", "g.png", "--to-imgs"],
+            "--to-imgs is for stitching GIFs, which --geometry does not do; drop it",
+        ),
+        (
+            ["--geometry", "--out", "g.png", "--imgs-dir", "imgs"],
+            "--imgs-dir is for stitching GIFs, which --geometry does not do",
+        ),
+        (
+            ["--geometry", "--out", "g.png", "--duration", "1"],
+            "--duration is for stitching GIFs, which --geometry does not do",
+        ),
+        (
+            ["--geometry", "--out", "g.png", "--last-pause", "1"],
+            "--last-pause is for stitching GIFs, which --geometry does not do",
+        ),
+        (
+            ["--imgs-dir", "imgs"],
+            "--imgs-dir says where --to-imgs copies to; add --to-imgs or drop it",
+        ),
     ],
 )
 def test_cli_flags_that_would_do_nothing_are_refused(tmp_path, capsys, argv, message):
@@ -368,7 +479,9 @@ def test_cli_flags_that_would_do_nothing_are_refused(tmp_path, capsys, argv, mes
     run_dir.mkdir()
     before = listing(tmp_path)
     with pytest.raises(SystemExit) as info:
-        visualize.main([str(run_dir), *(str(tmp_path / a) if a in ("g.png", "imgs") else a for a in argv)])
+        visualize.main(
+            [str(run_dir), *(str(tmp_path / a) if a in ("g.png", "imgs") else a for a in argv)]
+        )
     assert info.value.code == 2
     assert message in stderr_error_line(capsys.readouterr().err)
     assert listing(tmp_path) == before
@@ -386,7 +499,9 @@ def test_cli_on_a_run_folder_it_cannot_write_is_one_line(tiny_runs, tmp_path, mo
     monkeypatch.setattr(utils.os, "replace", read_only)
     assert visualize.main([str(run_dir)]) == 1
     line = stderr_error_line(capsys.readouterr().err)
-    assert line.startswith(f"error: cannot write {run_dir / 'train.gif'} (Read-only file system); free space or fix the folder")
+    assert line.startswith(
+        f"error: cannot write {run_dir / 'train.gif'} (Read-only file system); free space or fix the folder"
+    )
     assert (run_dir / "train.gif").read_bytes() == old and not list(run_dir.rglob("*.tmp"))
 
 
@@ -398,4 +513,8 @@ def test_to_imgs_replaces_a_link_instead_of_writing_through_it(tiny_runs, tmp_pa
     (tmp_path / "imgs" / "cent-mnist-feat=2" / "train.gif").symlink_to(precious)
     assert visualize.main([str(run_dir), "--to-imgs", "--imgs-dir", str(tmp_path / "imgs")]) == 0
     copied = tmp_path / "imgs" / "cent-mnist-feat=2" / "train.gif"
-    assert precious.read_bytes() == b"keep me" and not copied.is_symlink() and copied.read_bytes() == (run_dir / "train.gif").read_bytes()
+    assert (
+        precious.read_bytes() == b"keep me"
+        and not copied.is_symlink()
+        and copied.read_bytes() == (run_dir / "train.gif").read_bytes()
+    )

@@ -15,7 +15,9 @@ from datasets import load_dataset  # noqa: E402
 from losses import inter_loss, intra_loss  # noqa: E402
 from models import ResNet  # noqa: E402
 
-data = load_dataset("mnist", sys.argv[1] if len(sys.argv) > 1 else "../shared/data", download=False).test
+data = load_dataset(
+    "mnist", sys.argv[1] if len(sys.argv) > 1 else "../shared/data", download=False
+).test
 print("feat_dim batch seed  |inter|/|intra| per feature  weighted (0.1 inter)")
 for feat_dim in (2, 128):
     for batch in (128, 1024):
