@@ -205,11 +205,12 @@ def benchmark(args: argparse.Namespace, main_flags: list[str]) -> dict:
         print(
             f"{name:6s} {res['median_samples_per_s']:8.1f} samples/s (median of {args.rounds}), {cpu:.1f} per CPU second"
         )
-    output = lambda *cmd: (
-        subprocess.run(cmd, capture_output=True, text=True).stdout.strip() or None
-        if shutil.which(cmd[0])
-        else None
-    )  # noqa: E731
+
+    def output(*cmd: str) -> str | None:
+        if not shutil.which(cmd[0]):
+            return None
+        return subprocess.run(cmd, capture_output=True, text=True).stdout.strip() or None
+
     report = {
         "repo": str(args.repo.resolve()),
         "commit": output("git", "-C", str(args.repo), "rev-parse", "HEAD"),

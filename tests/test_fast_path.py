@@ -13,10 +13,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
 from datasets import (
     CROP_PADDING,
     ROTATION_DEGREES,
@@ -27,7 +23,9 @@ from datasets import (
     loader_batches,
     rotate,
     tensor_batches,
-)  # noqa: E402
+)
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def noise(n: int, channels: int, side: int, seed: int = 0) -> torch.Tensor:

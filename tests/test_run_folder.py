@@ -259,9 +259,9 @@ def test_a_run_subfolder_that_is_a_link_or_a_file_is_refused(
     if folder == "tensorboard":
         writer = lambda: visualize.log_frames_to_tensorboard(run_dir)  # noqa: E731
     else:
-        writer = lambda: visualize.save_frame_data(
+        writer = lambda: visualize.save_frame_data(  # noqa: E731
             run_dir, "train", 1, torch.zeros(3, 2), torch.zeros(3, dtype=torch.long), None, "t"
-        )  # noqa: E731
+        )
     with pytest.raises(utils.WriteError, match=f"{run_dir / folder} is a link or not a folder"):
         writer()
     assert not list(elsewhere.iterdir())
