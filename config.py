@@ -492,8 +492,7 @@ def device_problem(name: str) -> str | None:
             )
             return f"--device {picked}: there are {torch.cuda.device_count()} CUDA devices here (cuda:0 to cuda:{torch.cuda.device_count() - 1})"
         return None
-    if (
-        device.type == "mps"
-    ):  # GradScaler fails there before torch ~2.8; fused SGD applied inf steps
+    # MPS: GradScaler's step fails before torch ~2.8, and its fused SGD applied non-finite steps
+    if device.type == "mps":
         return f"--device {name}: MPS is not supported (its mixed-precision step is unsafe on some torch versions allowed); use --device cpu"
     return f"--device {name}: not a device to train on (use auto, cpu, cuda or cuda:N)"
