@@ -324,7 +324,7 @@ def make_run_dir(run_dir: Path, overwrite: bool) -> FileLock:
 def lock_run_dir(run_dir: Path) -> FileLock:
     """Take the run folder for this process (filelock on run_dir/.lock: flock, or msvcrt.locking on Windows, which the OS
     releases when the process ends in any way, so no stale lock blocks a run) and write its pid in .lock.pid; or
-    RunFolderError naming the pid there. A .lock that is a link is refused: filelock before 4 would truncate its target."""
+    RunFolderError naming the pid there. A .lock that is a link is refused: filelock 3 opens it with O_TRUNC, through a link."""
     path = run_dir / LOCK_FILE
     if path.is_symlink():
         raise RunFolderError(
@@ -355,7 +355,7 @@ def lock_run_dir(run_dir: Path) -> FileLock:
 
 
 def empty_run_dir(run_dir: Path) -> None:
-    """--overwrite, under the lock: delete everything in the folder but the lock file, summary.json
+    """--overwrite, under the lock: delete everything in the folder but the lock files, summary.json
     first, so that a deletion that fails half-way never leaves a folder that looks finished."""
     entries = sorted(
         (p for p in run_dir.iterdir() if p.name not in LOCK_FILES),
