@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import os
 import shutil
@@ -13,8 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock, Timeout
 
 from training import EpochState, Run, add_momentum_buffers
+from utils import atomic_write_bytes
 
 # Settings that define a run: a checkpoint made with other values cannot be resumed.
 CONFIG_KEYS = tuple(
@@ -83,8 +84,11 @@ class RunFolderError(Exception):
     """A run folder that cannot be used now (another process holds it, --overwrite cannot empty it); one line, exit code 1."""
 
 
-LOCK_FILE = ".lock"  # in the run folder: whichever process holds its lock owns the folder
-LOCK_BYTE = 32  # the lock file: the owner's pid in the bytes before this one, which Windows locks
+LOCK_FILE = (
+    ".lock"  # in the run folder: whichever process holds its lock (filelock) owns the folder
+)
+PID_FILE = ".lock.pid"  # beside it, the owner's pid (Windows cannot read a locked file's bytes)
+LOCK_FILES = (LOCK_FILE, PID_FILE)
 RUN_FILES = (
     "args.json",
     "metrics.csv",
@@ -259,7 +263,7 @@ def check_run_dir(args: argparse.Namespace) -> tuple[Path, bool]:
         )
     if (
         run_dir.is_dir()
-        and any(p.name != LOCK_FILE for p in run_dir.iterdir())
+        and any(p.name not in LOCK_FILES for p in run_dir.iterdir())
         and not made_by_main(run_dir)
     ):
         message = f"{run_dir} is not a run folder of main.py (it has no args.json of ours), so it is left alone; "
@@ -292,9 +296,9 @@ def check_run_dir(args: argparse.Namespace) -> tuple[Path, bool]:
     return run_dir, has_checkpoint and not args.overwrite
 
 
-def make_run_dir(run_dir: Path, overwrite: bool) -> int:
+def make_run_dir(run_dir: Path, overwrite: bool) -> FileLock:
     """Rank 0, after check_run_dir: create the folder, lock it (lock_run_dir) and, on --overwrite, empty it of the old run (only
-    a folder of main.py's: an empty folder of someone else's is reused as it is). Returns the lock's descriptor, held to the end."""
+    a folder of main.py's: an empty folder of someone else's is reused as it is). Returns the lock, held to the end."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -307,74 +311,54 @@ def make_run_dir(run_dir: Path, overwrite: bool) -> int:
         raise SystemExit(
             usage_error(f"the run folder {run_dir} is not writable; choose another --out or --name")
         )
-    try:
-        lock = lock_run_dir(run_dir)
-    except OSError as exc:  # writing the pid into the lock file, on a full disk
-        raise RunFolderError(
-            f"cannot write the lock file in {run_dir} ({exc.strerror}); free space or choose another --out"
-        ) from None
+    lock = lock_run_dir(run_dir)
     try:
         if overwrite and made_by_main(run_dir):
             empty_run_dir(run_dir)
     except BaseException:
-        os.close(lock)
+        lock.release()
         raise
     return lock
 
 
-def lock_run_dir(run_dir: Path) -> int:
-    """Take the run folder for this process, or RunFolderError naming the process that holds it: an exclusive lock on
-    run_dir/.lock, whose first bytes hold the owner's pid (fcntl.flock; on Windows msvcrt.locking of the byte past the
-    pid, as a locked byte cannot be read). The OS releases it when the process ends in any way, so no stale pid blocks
-    a run; the file stays (deleting it would let a process that opened it just before lock a file no one else sees).
-    Not the filelock package: it keeps no owner's pid and deletes the file on Windows."""
+def lock_run_dir(run_dir: Path) -> FileLock:
+    """Take the run folder for this process (filelock on run_dir/.lock: flock, or msvcrt.locking on Windows, which the OS
+    releases when the process ends in any way, so no stale lock blocks a run) and write its pid in .lock.pid; or
+    RunFolderError naming the pid there. A .lock that is a link is refused: filelock 3 opens it with O_TRUNC, through a link."""
     path = run_dir / LOCK_FILE
+    if path.is_symlink():
+        raise RunFolderError(
+            f"cannot open the lock file {path} (it is a link); choose another --name or --out"
+        )
+    lock = FileLock(path, timeout=0)
     try:
-        # O_NOFOLLOW (not on Windows): a planted link must not make us write into its target
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        lock.acquire()
+    except Timeout:
+        try:
+            holder = (run_dir / PID_FILE).read_text(errors="replace").strip()
+        except OSError:
+            holder = ""
+        who = f"process {holder}" if holder.isdigit() else "another process"
+        raise RunFolderError(
+            f"{run_dir} is in use by {who}, a run still going; wait for it to end, stop it, or choose another --name"
+        ) from None
     except OSError as exc:
         raise RunFolderError(
             f"cannot open the lock file {path} ({exc.strerror}); choose another --name or --out"
         ) from None
     try:
-        try:
-            import fcntl
-        except ImportError:  # Windows
-            import msvcrt
-
-            os.lseek(fd, LOCK_BYTE, os.SEEK_SET)
-            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
-        else:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        os.lseek(fd, 0, os.SEEK_SET)
-        holder = os.read(fd, LOCK_BYTE).decode(errors="replace").strip()
-        os.close(fd)
-        if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EDEADLK):
-            raise RunFolderError(
-                f"cannot lock {path} ({exc.strerror}); choose another --out"
-            ) from None
-        who = f"process {holder}" if holder.isdigit() else "another process"
-        raise RunFolderError(
-            f"{run_dir} is in use by {who}, a run still going; wait for it to end, stop it, or choose another --name"
-        ) from None
-    try:
-        os.ftruncate(fd, 0)
-        os.lseek(fd, 0, os.SEEK_SET)
-        os.write(fd, f"{os.getpid()}\n".encode())
-    except OSError as exc:  # a full disk
-        os.close(fd)
-        raise RunFolderError(
-            f"cannot write the lock file in {run_dir} ({exc.strerror}); free space or choose another --out"
-        ) from None
-    return fd
+        atomic_write_bytes(run_dir / PID_FILE, f"{os.getpid()}\n".encode())
+    except BaseException:
+        lock.release()
+        raise
+    return lock
 
 
 def empty_run_dir(run_dir: Path) -> None:
-    """--overwrite, under the lock: delete everything in the folder but the lock file, summary.json
+    """--overwrite, under the lock: delete everything in the folder but the lock files, summary.json
     first, so that a deletion that fails half-way never leaves a folder that looks finished."""
     entries = sorted(
-        (p for p in run_dir.iterdir() if p.name != LOCK_FILE),
+        (p for p in run_dir.iterdir() if p.name not in LOCK_FILES),
         key=lambda p: p.name != "summary.json",
     )
     for path in entries:

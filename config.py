@@ -474,7 +474,7 @@ def is_plain_name(name: str) -> bool:
 
 
 def device_problem(name: str) -> str | None:
-    """Why --device cannot train here, or None: a CPU, an available CUDA device, or MPS where it runs."""
+    """Why --device cannot train here, or None: a CPU or an available CUDA device (MPS is refused)."""
     try:
         device = resolve_device(name)
     except RuntimeError:
@@ -492,10 +492,7 @@ def device_problem(name: str) -> str | None:
             )
             return f"--device {picked}: there are {torch.cuda.device_count()} CUDA devices here (cuda:0 to cuda:{torch.cuda.device_count() - 1})"
         return None
+    # MPS: GradScaler's step fails before torch ~2.8, and its fused SGD applied non-finite steps
     if device.type == "mps":
-        return (
-            None
-            if torch.backends.mps.is_available()
-            else f"--device {name}: MPS is not available here; use --device cpu"
-        )
-    return f"--device {name}: not a device to train on (use auto, cpu, cuda, cuda:N or mps)"
+        return f"--device {name}: MPS is not supported (its mixed-precision step is unsafe on some torch versions allowed); use --device cpu"
+    return f"--device {name}: not a device to train on (use auto, cpu, cuda or cuda:N)"

@@ -18,6 +18,8 @@ import signal
 import sys
 import time
 
+if sys.version_info < (3, 10):  # noqa: UP036 (the one line an older Python gets, not a traceback)
+    sys.exit(f"error: this code needs Python 3.10 or newer, not {sys.version.split()[0]}")
 STARTUP_INTERRUPT = "interrupted before training started; no new checkpoint was saved, run the same command to start again"
 
 
@@ -41,6 +43,7 @@ if (
 
 import torch
 import torch.distributed as dist
+from filelock import FileLock
 from tqdm import tqdm
 
 import datasets
@@ -237,11 +240,13 @@ def train(args: argparse.Namespace, rank: int, world: int) -> int:
         return 0
     finally:
         if lock is not None:
-            os.close(lock)
+            lock.release()
 
 
-def build(args: argparse.Namespace, rank: int, world: int) -> tuple[Run, Dataset, bool, int | None]:
-    """The data, the run folder (locked by rank 0: its lock's descriptor, held until train() ends) and
+def build(
+    args: argparse.Namespace, rank: int, world: int
+) -> tuple[Run, Dataset, bool, FileLock | None]:
+    """The data, the run folder (locked by rank 0: its lock, held until train() ends) and
     the run (model, objective, optimiser, scheduler); whether to resume."""
     device = resolve_device(args.device)
     cuda_backends(device)

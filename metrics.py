@@ -141,9 +141,10 @@ def clustering_scores(
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.metrics import adjusted_mutual_info_score, normalized_mutual_info_score
 
-    with warnings.catch_warnings(
-        action="ignore", category=ConvergenceWarning
-    ):  # collapsed features: fewer distinct points than k
+    with warnings.catch_warnings():
+        warnings.simplefilter(
+            "ignore", ConvergenceWarning
+        )  # collapsed features: fewer distinct points than k
         clusters = KMeans(k, n_init=3, random_state=seed).fit_predict(points)
     return float(normalized_mutual_info_score(truth, clusters)), float(
         adjusted_mutual_info_score(truth, clusters)

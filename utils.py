@@ -33,23 +33,15 @@ class WriteError(Exception):
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temporary file, fsync and rename: a kill or failure mid-write leaves the old file and no temporary one.
-    The temporary file is unlinked (never its link's target) and made anew (O_EXCL, O_NOFOLLOW); any failure is a WriteError."""
+    """Write `path` via a temporary file beside it, fsync and os.replace: a kill or failure mid-write leaves the old file.
+    The temporary name's stale file or planted link is unlinked (never its target) and the file made anew with O_EXCL,
+    which never opens through a link; any failure is a WriteError."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         tmp.unlink(missing_ok=True)
-        fd = os.open(
-            tmp,
-            os.O_WRONLY
-            | os.O_CREAT
-            | os.O_EXCL
-            | getattr(os, "O_NOFOLLOW", 0)
-            | getattr(os, "O_BINARY", 0),
-            0o666,
-        )
         try:
-            with open(fd, "wb") as f:
+            with open(tmp, "xb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
@@ -57,11 +49,14 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:  # the rename made durable; Windows cannot open a folder (PermissionError) and needs no such fsync
+            folder = os.open(path.parent, os.O_RDONLY)
+        except PermissionError:
+            return
         try:
-            os.fsync(dir_fd)
+            os.fsync(folder)
         finally:
-            os.close(dir_fd)
+            os.close(folder)
     except OSError as exc:
         raise WriteError(
             f"cannot write {path} ({exc.strerror}); free space or fix the folder and run the same command again"

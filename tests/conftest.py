@@ -187,12 +187,12 @@ def stderr_error_line(stderr: str) -> str:
 def listing(root: Path, leave_out: Path | None = None) -> dict[str, tuple[str, int]]:
     """Every file, folder and link under `root` (not under `leave_out`, a run folder) with its kind
     and size: equal listings before and after a command show that it changed nothing there. A run
-    folder's lock file (.lock), which any command that reaches the folder takes, is left out."""
+    folder's lock files (.lock, .lock.pid), which any command that reaches the folder takes, is left out."""
     found = {}
     for path in sorted(root.rglob("*")):
         if (
             leave_out is not None and (path == leave_out or leave_out in path.parents)
-        ) or path.name == ".lock":
+        ) or path.name in (".lock", ".lock.pid"):
             continue
         info = path.lstat()
         kind = "link" if path.is_symlink() else "dir" if path.is_dir() else "file"

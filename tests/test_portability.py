@@ -1,49 +1,100 @@
-"""Other systems and older torch: the run-folder lock without fcntl (Windows, simulated here), checkpoint dtypes."""
+"""Other systems, Pythons and torch versions: Windows rehearsed here, the declared Python minimum, checkpoint dtypes."""
 
 from __future__ import annotations
 
+import csv
 import errno
-import fcntl
+import json
 import os
 import re
+import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, check_ok, subprocess_env
+from PIL import Image
 
-from checkpoints import LOCK_BYTE, RunFolderError, lock_run_dir, random_states, set_random_states
+import main
+import report
+import visualize
+from checkpoints import PID_FILE, random_states, set_random_states
 
 
-def test_lock_without_fcntl_uses_msvcrt_and_names_the_holder(tmp_path: Path, monkeypatch) -> None:
-    """With `import fcntl` failing, lock_run_dir locks one byte past the pid with msvcrt.locking
-    (non-blocking); a second lock of the folder is refused with the holder's pid, read from the file."""
-    calls = []
+@pytest.mark.filterwarnings("ignore:Failed to inspect CPU affinity")  # joblib misses it too
+def test_windows_rehearsal(tmp_path: Path, monkeypatch, capsys) -> None:
+    """The default command, a resume, visualize.py and report.py with what Windows lacks switched off: fcntl, O_NOFOLLOW,
+    os.sched_getaffinity, and os.open of a folder (PermissionError, as Windows gives); every path given with a backslash.
+    It cannot show Windows' own rules: here a backslash is a character of one folder name, so this shows only that the
+    paths reach the file system as given (on Windows they separate folders); nor filelock's msvcrt locking."""
+    real_open = os.open
 
-    def locking(fd: int, mode: int, nbytes: int) -> None:
-        # Stands in for Windows' byte-range lock: flock conflicts between two descriptors of one process.
-        calls.append((os.lseek(fd, 0, os.SEEK_CUR), mode, nbytes))
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise OSError(errno.EACCES, "Permission denied") from None
+    def windows_open(path, flags, *args, **kwargs):
+        if os.path.isdir(path):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, flags, *args, **kwargs)
 
     monkeypatch.setitem(sys.modules, "fcntl", None)  # `import fcntl` now raises ImportError
-    monkeypatch.setitem(sys.modules, "msvcrt", types.SimpleNamespace(LK_NBLCK=2, locking=locking))
-    fd = lock_run_dir(tmp_path)
-    try:
-        assert calls == [(LOCK_BYTE, 2, 1)]
-        assert (tmp_path / ".lock").read_text().strip() == str(os.getpid())
-        with pytest.raises(
-            RunFolderError, match=f"in use by process {os.getpid()}, a run still going"
-        ):
-            lock_run_dir(tmp_path)
-        assert len(calls) == 2
-    finally:
-        os.close(fd)
-    os.close(lock_run_dir(tmp_path))  # free again once the holder's descriptor is closed
+    for name in ("O_NOFOLLOW", "sched_getaffinity"):
+        monkeypatch.delattr(os, name, raising=False)
+    monkeypatch.setattr(os, "open", windows_open)
+    monkeypatch.chdir(tmp_path)
+    out, run_dir = "runs\\win", tmp_path / "runs\\win" / "standalone-digits-feat=2"
+    assert main.main(["--out", out, "--epochs", "1", "--train-samples", "128"]) == 0
+    first = (run_dir / "metrics.csv").read_text().splitlines()
+    (run_dir / "summary.json").unlink()  # unfinished now: the same command with more epochs resumes
+    assert main.main(["--out", out, "--epochs", "2", "--train-samples", "128"]) == 0
+    lines = (run_dir / "metrics.csv").read_text().splitlines()
+    rows = list(csv.DictReader(lines))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert lines[:2] == first and [r["epoch"] for r in rows] == ["1", "2"]  # epoch 1 kept
+    assert summary["epochs"] == 2 and rows[1]["test_acc"] == f"{summary['acc']:.6g}"
+    assert (run_dir / PID_FILE).read_text() == f"{os.getpid()}\n"
+    assert visualize.main([str(Path(out, run_dir.name)), "--duration", "0.25"]) == 0
+    with Image.open(run_dir / "train.gif") as gif:
+        assert (gif.n_frames, gif.info["duration"]) == (2, 250)
+    capsys.readouterr()
+    assert report.main([out, "--collect", "collected\\sums"]) == 0
+    assert f"| standalone | digits | 2 | {summary['acc']:.3f} |" in capsys.readouterr().out
+    collected = tmp_path / "collected\\sums" / f"{summary['name']}.json"
+    assert json.loads(collected.read_text()) == summary
+    assert sorted(os.listdir(tmp_path)) == ["collected\\sums", out]  # nothing written elsewhere
+
+
+def run_python(code: str, *args: str) -> str:
+    """`python -c CODE ARGS` in the repository root: its output, once it exits 0."""
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=300,
+    )
+    return check_ok(proc).stdout
+
+
+def test_every_module_imports_without_fcntl() -> None:
+    """Windows has no fcntl: the project's modules and every test file import where `import fcntl` fails."""
+    code = "import importlib, pathlib, sys; sys.modules['fcntl'] = None; sys.path[:0] = ['.', 'tests']\n"
+    run_python(
+        code
+        + "for p in [*pathlib.Path().glob('*.py'), *pathlib.Path('tests').glob('*.py')]: importlib.import_module(p.stem)"
+    )
+
+
+def test_the_code_needs_no_newer_python_than_declared() -> None:
+    """vermin (pinned in requirements.txt) finds the oldest Python each file needs: the project's is the
+    requires-python of pyproject.toml (as README says), and none needs a newer one."""
+    pyproject = (REPO / "pyproject.toml").read_text()
+    declared = re.search(r'requires-python = ">=(3\.\d+)"', pyproject)[1]
+    files = [
+        str(p) for pattern in ("*.py", "tests/*.py", "results/*/*.py") for p in REPO.glob(pattern)
+    ]
+    vermin = "import sys; from vermin.main import main; sys.exit(main())"
+    out = run_python(vermin, f"-t={declared}-", "--no-tips", "--violations", *files)
+    assert f"Minimum required versions: {declared}\n" in out, out[-3000:]
 
 
 def test_random_states_are_saved_in_dtypes_every_supported_torch_saves(tmp_path: Path) -> None:
@@ -59,13 +110,15 @@ def test_random_states_are_saved_in_dtypes_every_supported_torch_saves(tmp_path:
 
 
 def test_requirements_give_minimums_only() -> None:
-    """A cap or a pin would downgrade a user's newer torch; every requirement is a `>=` minimum."""
+    """A cap or a pin would downgrade a user's newer torch: every requirement is a `>=` minimum, but for the two
+    style tools, pinned because a new release may judge the same code otherwise."""
     lines = [
         line.split("#")[0].strip() for line in (REPO / "requirements.txt").read_text().splitlines()
     ]
     requirements = [line for line in lines if line]
     assert requirements and all(
-        re.fullmatch(r"[A-Za-z0-9_.\-\[\]]+>=[0-9][0-9.]*", r) for r in requirements
+        re.fullmatch(r"[A-Za-z0-9_.\-\[\]]+>=[0-9][0-9.]*|(ruff|vermin)==[0-9.]+", r)
+        for r in requirements
     ), requirements
 
 

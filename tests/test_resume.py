@@ -400,7 +400,11 @@ def test_divergence_guard_stops_with_the_loss_terms(tmp_path: Path) -> None:
         "no checkpoint was saved" in message and "last good checkpoint" not in message
     )  # it diverged in the first epoch
     assert "Traceback" not in result.stderr
-    assert sorted(p.name for p in (tmp_path / "boom").iterdir()) == [".lock", "args.json"]
+    assert sorted(p.name for p in (tmp_path / "boom").iterdir()) == [
+        ".lock",
+        ".lock.pid",
+        "args.json",
+    ]
 
 
 def test_an_epoch_whose_every_step_was_taken_back_is_divergence(

@@ -20,7 +20,7 @@ import checkpoints
 import main
 import utils
 import visualize
-from checkpoints import LOCK_FILE, RunFolderError, lock_run_dir
+from checkpoints import LOCK_FILE, PID_FILE, RunFolderError, lock_run_dir
 
 QUICK = [
     "--epochs",
@@ -38,7 +38,9 @@ QUICK = [
 def hold_lock(run_dir: Path) -> subprocess.Popen:
     """Another process that takes run_dir's lock as main.py does and keeps it until killed."""
     code = f"import sys, time; sys.path.insert(0, {str(REPO)!r}); from pathlib import Path; from checkpoints import lock_run_dir; "
-    code += f"lock_run_dir(Path({str(run_dir)!r})); print('locked', flush=True); time.sleep(600)"
+    code += (
+        f"lock = lock_run_dir(Path({str(run_dir)!r})); print('locked', flush=True); time.sleep(600)"
+    )
     proc = subprocess.Popen(
         [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=subprocess_env()
     )
@@ -100,14 +102,14 @@ def test_a_lock_left_by_a_killed_process_does_not_block(tmp_path: Path) -> None:
         lock_run_dir(run_dir)
     holder.send_signal(signal.SIGKILL)
     holder.wait(timeout=60)
-    assert (run_dir / LOCK_FILE).read_text().strip() == str(
+    assert (run_dir / PID_FILE).read_text().strip() == str(
         holder.pid
     )  # the file stays, its lock is gone
-    fd = lock_run_dir(run_dir)
+    lock = lock_run_dir(run_dir)
     try:
-        assert (run_dir / LOCK_FILE).read_text() == f"{os.getpid()}\n"
+        assert (run_dir / PID_FILE).read_text() == f"{os.getpid()}\n"
     finally:
-        os.close(fd)
+        lock.release()
 
 
 def test_overwrite_that_cannot_delete_is_one_line_and_not_finished(
@@ -216,19 +218,12 @@ def test_links_planted_in_a_run_folder_are_not_followed(tmp_path: Path) -> None:
 
 
 def test_a_full_disk_at_the_lock_file_is_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
-    write, pid_line = os.write, f"{os.getpid()}\n".encode()
-
-    def full(fd: int, data: bytes) -> int:  # the disk fills up at the lock file's pid line
-        if data == pid_line:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return write(fd, data)
-
-    monkeypatch.setattr(checkpoints.os, "write", full)
+    fail_writes(monkeypatch, PID_FILE, errno.ENOSPC)  # the disk fills up at the lock's pid file
     assert main.main([*QUICK, "--out", str(tmp_path), "--name", "run"]) == 1
     line = stderr_error_line(capsys.readouterr().err)
     assert (
         line
-        == f"error: cannot write the lock file in {tmp_path / 'run'} (No space left on device); free space or choose another --out"
+        == f"error: cannot write {tmp_path / 'run' / PID_FILE} (No space left on device); free space or fix the folder and run the same command again"
     )
 
 
