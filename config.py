@@ -67,15 +67,18 @@ def finite_float(text: str) -> float:
     return value
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults, except None ones whose help already says what happens."""
+class Parser(argparse.ArgumentParser):
+    """Writes each default into its flag's help, except None ones whose help already says what happens."""
 
-    def _get_help_string(self, action: argparse.Action) -> str:
-        return action.help or "" if action.default is None else super()._get_help_string(action)
+    def add_argument(self, *args, **kwargs) -> argparse.Action:
+        action = super().add_argument(*args, **kwargs)
+        if action.help and action.default not in (None, argparse.SUPPRESS):
+            action.help += " (default: %(default)s)"
+        return action
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=HelpFormatter)
+    p = Parser(description=DESCRIPTION)
     p.add_argument("--loss", choices=LOSSES, default="standalone", help="objective")
     p.add_argument(
         "--dataset",

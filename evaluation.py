@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from datasets import Dataset, ImageData
-from losses import CENTER_ACC_LOSSES, squared_distances
+from losses import CENTER_ACC_LOSSES
 from metrics import (
     FEATURE_METRICS,
     GEOMETRY_METRICS,
@@ -28,19 +28,14 @@ COLUMNS = [  # metrics.csv
 def nearest(
     features: torch.Tensor, points: torch.Tensor, exclude: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Index of the nearest row of `points` (squared Euclidean distance) for every feature, never one where `exclude` is
-    true; in chunks of features holding at most utils.CHUNK_BYTES of distances (100,000 centers: a few hundred features)."""
-    points, step, chunks = points.float(), chunk_rows(len(points)), []
-    for i in range(0, max(len(features), 1), step):
-        distances = squared_distances(features[i : i + step].float(), points)
-        chunks.append(
-            (
-                distances
-                if exclude is None
-                else distances.masked_fill(exclude[None, :], float("inf"))
-            ).argmin(1)
-        )
-    return torch.cat(chunks)
+    """Index of the nearest row of `points` (torch.cdist) for every feature, never one where `exclude` is true; in
+    chunks of features holding at most utils.CHUNK_BYTES of distances (100,000 centers: a few hundred features)."""
+    chunks = features.float().split(chunk_rows(len(points)))
+    distances = (torch.cdist(chunk, points.float()) for chunk in chunks)
+    inf = float("inf")
+    return torch.cat(
+        [(d if exclude is None else d.masked_fill(exclude, inf)).argmin(1) for d in distances]
+    )
 
 
 def acc_predictions(
