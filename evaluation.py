@@ -61,13 +61,13 @@ def embed(run: Run, data: ImageData) -> torch.Tensor:
     model, device = run.model, run.device
     model.eval()
     features = []
-    for i in range(0, len(data), EVAL_BATCH):
-        x = data.images[i : i + EVAL_BATCH].to(device, non_blocking=True).float().div_(255)
-        if run.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        features.append(
-            model(x)[0]
-        )  # no autocast: acc and the metrics compare across every --amp only from float32 features
+    # autocast off: acc and the metrics compare across every --amp only from float32 features
+    with torch.autocast(device.type, enabled=False):
+        for i in range(0, len(data), EVAL_BATCH):
+            x = data.images[i : i + EVAL_BATCH].to(device, non_blocking=True).float().div_(255)
+            if run.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            features.append(model(x)[0])
     model.train()
     return torch.cat(features)
 
