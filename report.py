@@ -21,42 +21,16 @@ import pandas as pd
 from config import build_parser
 
 STUDY_TABLE = Path(__file__).resolve().parent / "study_table.csv"
-NUMBERS = (
-    "feat_dim",
-    "acc",
-    "lr",
-    "epochs",
-    "batch_size",
-    "weight_cent",
-    "weight_intra",
-    "weight_inter",
-)
+NUMBERS = "feat_dim acc lr epochs batch_size weight_cent weight_intra weight_inter".split()
 STUDY_COLUMNS = ["loss", "dataset", *NUMBERS]
-NOT_SETTINGS = {
-    "name",
-    "out",
-    "data_dir",
-    "device",
-    "workers",
-    "resume",
-    "overwrite",
-    "no_plots",
-    "projection",
-}
-NOT_SETTINGS |= {
-    "plot_every",
-    "tensorboard",
-    "eval_every",
-    "compile",
-    "channels_last",
-    "max_bad_steps",
-}
-SETTINGS = sorted(set(vars(build_parser().parse_args([]))) - NOT_SETTINGS - {"seed"})  # else seeds
+NOT_SETTINGS = set(  # runs differing only here are seeds
+    "name out data_dir device workers resume overwrite no_plots projection plot_every tensorboard eval_every "
+    "compile channels_last max_bad_steps".split()
+)
+SETTINGS = sorted(set(vars(build_parser().parse_args([]))) - NOT_SETTINGS - {"seed"})
 KEY = ["loss", "dataset", "feat_dim"]  # a row of the study's table
 OWNERS = (
-    "cent",
-    "standalone",
-    "standalone",
+    "cent standalone standalone".split()
 )  # the losses that read weight_cent, weight_intra, weight_inter
 LAST = "the one found last (later path argument, then later name)"  # of two runs with equal settings and seed
 
@@ -107,44 +81,39 @@ def unfinished_summary(args_path: Path) -> dict:
         raise SummaryError(
             f"{args_path.parent}: unfinished run with no finished epoch in metrics.csv; resume it or remove the folder"
         )
-    last = {
-        k: None if pd.isna(v) else v for k, v in rows[-1].items() if k not in settings
-    }  # lr: the scheduled one
+    # The last row's values (lr: the scheduled one), under the settings' names where they differ.
+    last = {k: None if pd.isna(v) else v for k, v in rows[-1].items() if k not in settings}
     mark = {"name": args_path.parent.name, "acc": last.get("test_acc"), "epochs": last.get("epoch")}
     return settings | last | mark | {"unfinished": True, "epochs_planned": settings.get("epochs")}
 
 
 def read_summary(path: Path) -> dict:
     """One summary.json (or an unfinished run's args.json), checked for what the table and --collect use."""
+
+    def refuse(what: str, fix: str = "rerun its run or remove the file"):
+        raise SummaryError(f"{path}: {what}; {fix}")
+
     try:
         summary = (
             unfinished_summary(path) if path.name == "args.json" else json.loads(path.read_text())
         )
     except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise SummaryError(
-            f"{path}: not readable as JSON ({str(exc).splitlines()[0]}); rerun its run or remove the file"
-        ) from None
+        refuse(f"not readable as JSON ({str(exc).splitlines()[0]})")
     if not isinstance(summary, dict):
-        raise SummaryError(
-            f"{path}: a JSON {type(summary).__name__}, not a summary object; rerun its run or remove the file"
-        )
+        refuse(f"a JSON {type(summary).__name__}, not a summary object")
     if missing := [key for key in ("name", *STUDY_COLUMNS) if summary.get(key) is None]:
-        raise SummaryError(
-            f"{path}: incomplete summary (no {', '.join(missing)}); rerun its run or remove the file"
-        )
-    name = summary["name"]
+        refuse(f"incomplete summary (no {', '.join(missing)})")
     if (
-        not isinstance(name, str)
+        not isinstance(name := summary["name"], str)
         or name in ("", ".", "..")
-        or any(c in name for c in {"/", os.sep, "\0"})
+        or {"/", os.sep, "\0"} & set(name)
     ):
-        raise SummaryError(
-            f"{path}: its name {name!r} is not a plain run folder name (--collect names a file by it); fix or remove it"
+        refuse(
+            f"its name {name!r} is not a plain run folder name (--collect names a file by it)",
+            "fix or remove it",
         )
     if wrong := [key for key in NUMBERS if not is_number(summary[key])]:
-        raise SummaryError(
-            f"{path}: {', '.join(wrong)} should be numbers; rerun its run or remove the file"
-        )
+        refuse(f"{', '.join(wrong)} should be numbers")
     return summary
 
 
@@ -196,15 +165,14 @@ def fmt(value, digits: int = 3) -> str:
 def table(runs: pd.DataFrame, extra: list[str], present_only: bool = False) -> str:
     """Markdown in the study's layout plus study acc, diff, n (when a row has several seeds) and the extra columns."""
     columns = ["acc", *extra]
-    points = runs.groupby("point", sort=True) if len(runs) else None
-    seeds = bool(len(runs)) and bool((points.size() > 1).any())
+    runs = pd.DataFrame(columns=["point", *KEY, *columns]) if runs.empty else runs
+    points = runs.groupby("point", sort=True)
+    seeds = bool((points.size() > 1).any())
     header = STUDY_COLUMNS + ["study acc", "diff"] + ["n"] * seeds + extra
-    if len(
-        runs
-    ):  # a seed's value counts where it is a number; a shared value (any type) is shown as is
-        numbers = runs[columns].map(lambda v: v if is_number(v) else None).astype(float)
-        stats = numbers.groupby(runs["point"]).agg(["mean", "std", "count"])
-        same = runs[columns].map(json.dumps).groupby(runs["point"]).nunique() == 1
+    # The seeds' numbers give mean, std and count; a value every seed shares (any type) is shown as is.
+    numbers = runs[columns].map(lambda v: v if is_number(v) else None).astype(float)
+    stats = numbers.groupby(runs["point"]).agg(["mean", "std", "count"])
+    same = runs[columns].map(json.dumps).groupby(runs["point"]).nunique() == 1
 
     def cell(point: str, rows: pd.DataFrame, column: str) -> str:
         """One run's value, or one every seed shares; else mean ± sample std (ddof 1), "(n=k)" if only k have one."""
@@ -228,12 +196,9 @@ def table(runs: pd.DataFrame, extra: list[str], present_only: bool = False) -> s
             ]
         rows = points.get_group(point)
         first = rows.iloc[0]
-        stopped = "unfinished" in rows and bool(
-            rows["unfinished"].eq(True).any()
-        )  # never compared with the study
-        study_acc = (
-            None if first.get("train_classes") else study_acc
-        )  # open set: fewer classes, not the study's task
+        # An unfinished run is never compared with the study, nor an open-set one (fewer classes: another task).
+        stopped = "unfinished" in rows and bool(rows["unfinished"].eq(True).any())
+        study_acc = None if first.get("train_classes") else study_acc
         weights = [
             fmt(first[w], 1) if key[0] == owner else "/" for w, owner in zip(NUMBERS[5:], OWNERS)
         ]
@@ -251,17 +216,13 @@ def table(runs: pd.DataFrame, extra: list[str], present_only: bool = False) -> s
             *weights,
             fmt(study_acc),
             f"{stats.loc[point, ('acc', 'mean')] - study_acc:+.3f}"
-            if study_acc and not stopped
+            if study_acc is not None and not stopped
             else "/",
             *[str(len(rows))] * seeds,
             *(cell(point, rows, name) for name in extra),
         ]
 
-    by_key = (
-        {}
-        if not len(runs)
-        else {k: list(g["point"].unique()) for k, g in runs.groupby(KEY, sort=True)}
-    )
+    by_key = {key: list(group["point"].unique()) for key, group in runs.groupby(KEY)}
     lines, grid = [], set()
     for study in study_rows():
         grid.add(key := (study["loss"], study["dataset"], int(study["feat_dim"])))
@@ -269,9 +230,8 @@ def table(runs: pd.DataFrame, extra: list[str], present_only: bool = False) -> s
             row(key, point, study["acc"])
             for point in by_key.get(key, [] if present_only else [None])
         ]
-    lines += [
-        row(key, point, None) for key in sorted(set(by_key) - grid) for point in by_key[key]
-    ]  # beyond the grid
+    beyond = sorted(set(by_key) - grid)  # grid points the study has not
+    lines += [row(key, point, None) for key in beyond for point in by_key[key]]
     return pd.DataFrame(lines, columns=header).to_markdown(
         index=False, colalign=["center"] * len(header), disable_numparse=True
     )
@@ -314,38 +274,16 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__.split("\n")[0] + " Seeds of one grid point: mean ± sample std, n."
     )
     add = parser.add_argument
-    add(
-        "paths",
-        nargs="+",
-        type=Path,
-        help="run folders, folders of run folders, or folders of collected summaries",
-    )
-    add(
-        "--columns",
-        default="ncm_acc",
-        help="extra summary.json keys, comma-separated; gap is clean_train_acc - acc",
-    )
+    add("paths", nargs="+", type=Path, help="run folders, their folders, or collected summaries")
+    add("--columns", default="ncm_acc", help="extra summary keys, a,b; gap: clean_train_acc - acc")
     add("--collect", type=Path, help="copy every summary.json to this folder as <run name>.json")
-    add(
-        "--readme",
-        type=Path,
-        help="write the table into this file between <!-- table:LABEL --> markers",
-    )
+    add("--readme", type=Path, help="write the table into this file between table:LABEL markers")
     add("--label", default="results", help="marker label for --readme")
-    add(
-        "--present",
-        action="store_true",
-        help="leave out the grid points that have no run (instead of 'missing' rows)",
-    )
-    add(
-        "--gallery",
-        type=Path,
-        help="also write a gallery of this imgs/ folder between <!-- gallery --> markers",
-    )
+    add("--present", action="store_true", help="no 'missing' rows for grid points without a run")
+    add("--gallery", type=Path, help="also a gallery of this imgs/ folder between gallery markers")
     args = parser.parse_args(argv)
-    if missing := [
-        p for p in args.paths if not p.exists()
-    ]:  # the flags are checked before anything is read or written
+    # The flags are checked before anything is read or written.
+    if missing := [p for p in args.paths if not p.exists()]:
         parser.error(f"{missing[0]} does not exist")
     if args.collect and args.collect.exists() and not args.collect.is_dir():
         parser.error(
@@ -364,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         notes: list[str] = []
         runs = load_runs(args.paths, notes)
         extra = [c for c in args.columns.split(",") if c]
-        if len(runs) and (unknown := [c for c in extra if c not in runs]):
+        if not runs.empty and (unknown := [c for c in extra if c not in runs]):
             known = sorted(set(runs) - {"point"})
             parser.error(
                 f"--columns: unknown {', '.join(unknown)} (in no summary read); known: {', '.join(known)}"
