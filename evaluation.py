@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 
 from datasets import Dataset, ImageData
@@ -153,19 +156,30 @@ def epoch_row(run: Run, epoch: int, state: EpochState, seconds: float) -> tuple[
 
 
 def run_summary(run: Run, data: Dataset) -> dict:
-    """summary.json: settings, last epoch's metrics, best accuracy, speed, bad steps. `train_acc` is the last epoch's
+    """summary.json: settings (paths relative to the run folder), last epoch's metrics, best accuracy, speed, bad steps. `train_acc` is the last epoch's
     running accuracy on augmented batches; `clean_train_acc` the final model's on the plain train set (eval mode,
     the run's accuracy rule): with `acc`, the finished model's train/test gap."""
     args, history = run.args, run.history
-    last = history[-1]
+    last, data_dir = history[-1], args.data_dir and str(Path(args.data_dir))
+
+    def rel(path) -> str:  # to the run folder: a summary names no folder of the machine it ran on
+        try:
+            return Path(os.path.relpath(os.path.abspath(path), os.path.abspath(run.dir))).as_posix()
+        except ValueError:  # Windows: no relative path to another drive
+            return Path(path).name
+
     return {
         **vars(args),
+        "out": rel(args.out),
+        "data_dir": rel(data_dir) if data_dir else None,
         "num_classes": len(data.classes),
         "train_size": len(data.train),
         "test_size": len(data.test),
         "augmentations": list(data.augmentations),
-        "data_source": data.source,
-        "data_files": data.files,
+        "data_source": data.source.replace(str(data_dir), rel(data_dir))
+        if data_dir
+        else data.source,
+        "data_files": [rel(f) for f in data.files],
         "acc": last["test_acc"],
         "best_acc": max(r["test_acc"] for r in history),
         "ncm_acc": last["ncm_acc"],
