@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import shutil
@@ -449,20 +450,56 @@ def test_bad_summary_is_one_line_naming_the_file(
     assert listing(tmp_path) == before
 
 
-def test_readme_table_matches_committed_results() -> None:
-    """README's cpu-3ep table is exactly what report.py makes of results/cpu-3ep: all 18 grid points
-    measured, 3-epoch float32 runs with clean_train_acc, and imgs/ holds each row's pictures (the
-    GIFs of the 2-D rows, the projections of the 128-D rows)."""
-    readme = (ROOT / "README.md").read_text()
-    start, end = "<!-- table:cpu-3ep -->\n", "<!-- /table:cpu-3ep -->"
-    in_readme = readme[readme.index(start) + len(start) : readme.index(end)].strip()
+CPU_3EP = "ncm_acc,clean_train_acc,gap,knn1_acc,map_at_r"
+OPEN_SET = "clean_train_acc,gap,open_precision_at_1,open_r_precision,open_map_at_r"
+
+
+def block(page: str, label: str) -> str:
+    text = (ROOT / page).read_text()
+    start, end = f"<!-- {label} -->\n", f"\n<!-- /{label} -->"
+    return text[text.index(start) + len(start) : text.index(end)]
+
+
+@pytest.mark.parametrize(
+    "page, label, argv",
+    [
+        ("README.md", "table:cpu-3ep", ["results/cpu-3ep", "--columns", CPU_3EP]),
+        ("docs/results.md", "table:cpu-3ep", ["results/cpu-3ep", "--columns", CPU_3EP]),
+        ("docs/results.md", "gallery", None),
+        (
+            "docs/questions.md",
+            "table:questions-q1",
+            ["results/questions/q1", "--present", "--columns", OPEN_SET],
+        ),
+        ("README.md", "table:side-by-side", "side-by-side"),
+        ("docs/fidelity.md", "table:side-by-side", "side-by-side"),
+    ],
+)
+def test_generated_blocks_are_what_their_generators_write(
+    page: str, label: str, argv, capsys
+) -> None:
+    """Every table of results in README and docs/ is written between markers by report.py (or
+    results/side-by-side/summarize.py) from the committed results/; none is typed by hand."""
+    if argv == "side-by-side":
+        spec = importlib.util.spec_from_file_location(
+            "summarize", ROOT / "results" / "side-by-side" / "summarize.py"
+        )
+        summarize = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(summarize)
+        want = summarize.table()
+    elif argv is None:
+        want = report.gallery(ROOT / "imgs", ROOT / page)
+    else:
+        assert report.main([str(ROOT / argv[0]), *argv[1:]]) == 0
+        want = capsys.readouterr().out.rstrip("\n")
+    assert block(page, label) == want
+
+
+def test_the_readme_table_is_the_whole_grid_with_its_pictures() -> None:
+    """results/cpu-3ep: all 18 grid points measured, one 3-epoch float32 run each with clean_train_acc,
+    and imgs/ holds each row's pictures (the GIFs of the 2-D rows, the projections of the 128-D rows)."""
     runs = report.load_runs([ROOT / "results" / "cpu-3ep"])
-    assert (
-        in_readme
-        == report.table(runs, ["ncm_acc", "clean_train_acc", "gap", "knn1_acc", "map_at_r"]).strip()
-    )
-    rows = table_rows(in_readme)
-    assert len(rows) == 18 and not any("missing" in r for r in rows)
+    assert "missing" not in block("README.md", "table:cpu-3ep") and len(runs) == 18
     assert runs["point"].is_unique  # one run a row, one seed
     assert (runs["epochs"] == 3).all() and (runs["amp"] == "off").all()
     assert runs["clean_train_acc"].notna().all()

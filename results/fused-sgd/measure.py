@@ -10,7 +10,9 @@ for size in (7, 16, 20, 1000, 1003):
     results = []
     for fused in (False, True):
         p = torch.nn.Parameter(start.clone())
-        opt = torch.optim.SGD([p], lr=0.01, momentum=0.9, fused=fused, foreach=False if not fused else None)
+        opt = torch.optim.SGD(
+            [p], lr=0.01, momentum=0.9, fused=fused, foreach=False if not fused else None
+        )
         for grad in grads:
             p.grad = grad.clone()
             opt.step()
