@@ -471,6 +471,16 @@ def block(page: str, label: str) -> str:
             "table:questions-q1",
             ["results/questions/q1", "--present", "--columns", OPEN_SET],
         ),
+        (
+            "docs/lenet-and-center-update.md",
+            "table:center-update",
+            [
+                "results/center-update",
+                "--present",
+                "--columns",
+                "center_update,center_alpha,ncm_acc,clean_train_acc,map_at_r",
+            ],
+        ),
         ("README.md", "table:side-by-side", "side-by-side"),
         ("docs/fidelity.md", "table:side-by-side", "side-by-side"),
     ],
