@@ -443,21 +443,18 @@ def device_problem(name: str) -> str | None:
         device = resolve_device(name)
     except RuntimeError:
         return f"--device {name}: not a device torch knows (try auto, cpu or cuda)"
-    if device.type == "cpu":
+    if device.type == "cpu" or device.type == "mps" and torch.backends.mps.is_available():
         return None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            return f"--device {name}: CUDA is not available here; use --device cpu"
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            picked = (
-                f"cuda:{device.index} (by LOCAL_RANK)"
-                if "LOCAL_RANK" in os.environ and ":" not in name
-                else name
-            )
-            return f"--device {picked}: there are {torch.cuda.device_count()} CUDA devices here (cuda:0 to cuda:{torch.cuda.device_count() - 1})"
-        return None
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        return f"--device {name}: MPS is not available here; use --device cpu"
     if device.type == "mps":
-        return None
-    return f"--device {name}: not a device to train on (use auto, cpu, cuda, cuda:N or mps)"
+        return f"--device {name}: MPS is not available here; use --device cpu"
+    if device.type != "cuda":
+        return f"--device {name}: not a device to train on (use auto, cpu, cuda, cuda:N or mps)"
+    if not torch.cuda.is_available():
+        return f"--device {name}: CUDA is not available here; use --device cpu"
+    if device.index is not None and device.index >= (count := torch.cuda.device_count()):
+        by_rank = "LOCAL_RANK" in os.environ and ":" not in name
+        picked = f"cuda:{device.index} (by LOCAL_RANK)" if by_rank else name
+        return (
+            f"--device {picked}: there are {count} CUDA devices here (cuda:0 to cuda:{count - 1})"
+        )
+    return None
