@@ -23,15 +23,15 @@ from config import build_parser
 STUDY_TABLE = Path(__file__).resolve().parent / "study_table.csv"
 NUMBERS = "feat_dim acc lr epochs batch_size weight_cent weight_intra weight_inter".split()
 STUDY_COLUMNS = ["loss", "dataset", *NUMBERS]
-NOT_SETTINGS = set(  # runs differing only here are seeds
-    "name out data_dir device workers resume overwrite no_plots projection plot_every tensorboard eval_every "
-    "compile channels_last max_bad_steps".split()
+# Where and how a run ran, not what it computed: runs differing only here (and in the seed) are seeds.
+NOT_SETTINGS = set(
+    "name out data_dir device workers resume overwrite no_plots projection plot_every tensorboard "
+    "eval_every compile channels_last max_bad_steps".split()
 )
 SETTINGS = sorted(set(vars(build_parser().parse_args([]))) - NOT_SETTINGS - {"seed"})
 KEY = ["loss", "dataset", "feat_dim"]  # a row of the study's table
-OWNERS = (
-    "cent standalone standalone".split()
-)  # the losses that read weight_cent, weight_intra, weight_inter
+# The losses that read weight_cent, weight_intra and weight_inter.
+OWNERS = "cent standalone standalone".split()
 LAST = "the one found last (later path argument, then later name)"  # of two runs with equal settings and seed
 
 
