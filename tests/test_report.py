@@ -65,19 +65,7 @@ def test_table_rows_differences_and_missing(tmp_path: Path, capsys) -> None:
     by_key = {(r[0], r[1], int(r[2])): r for r in rows}
     standalone = by_key[("standalone", "mnist", 2)]
     # loss dataset feat acc lr epochs batch w_cent w_intra w_inter study diff ncm best
-    assert standalone[3:] == [
-        "0.981",
-        "0.01",
-        "3",
-        "128",
-        "/",
-        "1.0",
-        "0.1",
-        "0.994",
-        "-0.013",
-        "0.971",
-        "/",
-    ]
+    assert standalone[3:] == "0.981|0.01|3|128|/|1.0|0.1|0.994|-0.013|0.971|/".split("|")
     cent = by_key[("cent", "cifar10", 128)]
     assert cent[3] == "0.700" and cent[7] == "1.0" and cent[8:10] == ["/", "/"]
     assert cent[10:] == ["0.858", "-0.158", "0.690", "0.750"]
@@ -128,18 +116,8 @@ def test_unfinished_run_is_its_last_epoch_marked_and_never_compared(tmp_path: Pa
     rows = {(r[0], r[1], r[2]): r for r in table_rows(capsys.readouterr().out)}
     xent = rows[("xent", "mnist", "2")]
     # loss dataset feat acc lr epochs batch w_cent w_intra w_inter study diff ncm
-    assert xent[3:] == [
-        "0.970 (unfinished)",
-        "0.01",
-        "3 of 100 (unfinished)",
-        "128",
-        "/",
-        "/",
-        "/",
-        "0.991",
-        "/",
-        "0.960",
-    ]
+    want = "0.970 (unfinished)|0.01|3 of 100 (unfinished)|128|/|/|/|0.991|/|0.960"
+    assert xent[3:] == want.split("|")
     assert (
         rows[("standalone", "mnist", "2")][3] == "0.981"
         and rows[("standalone", "mnist", "2")][11] == "-0.013"
@@ -232,13 +210,8 @@ def test_seeds_of_a_grid_point_are_one_row_with_mean_and_sample_std(tmp_path: Pa
     captured = capsys.readouterr()
     assert captured.err == ""
     header, *_ = captured.out.splitlines()
-    assert [c.strip() for c in header.strip("|").split("|")][10:] == [
-        "study acc",
-        "diff",
-        "n",
-        "ncm_acc",
-        "knn1_acc",
-    ]
+    header = [c.strip() for c in header.strip("|").split("|")]
+    assert header[10:] == ["study acc", "diff", "n", "ncm_acc", "knn1_acc"]
     rows = {(r[0], r[1], r[2]): r for r in table_rows(captured.out)}
     accs = np.array([0.97, 0.98, 0.995])
     mean, std = accs.mean(), accs.std(ddof=1)  # 0.9817, 0.0126
@@ -258,20 +231,8 @@ def test_seeds_of_a_grid_point_are_one_row_with_mean_and_sample_std(tmp_path: Pa
     ]
     assert standalone[13] == f"{mean - 0.01:.3f} ± {std:.3f}"
     assert standalone[14] == f"{knn.mean():.3f} ± {knn.std(ddof=1):.3f} (n=2)"
-    assert rows[("xent", "cifar10", "128")][3:] == [
-        "0.500",
-        "0.01",
-        "3",
-        "128",
-        "/",
-        "/",
-        "/",
-        "0.866",
-        "-0.366",
-        "1",
-        "0.490",
-        "0.400",
-    ]
+    want = "0.500|0.01|3|128|/|/|/|0.866|-0.366|1|0.490|0.400"
+    assert rows[("xent", "cifar10", "128")][3:] == want.split("|")
     assert rows[("cent", "mnist", "2")][12] == "missing"
     assert len(table_rows(captured.out)) == 18
 
@@ -450,8 +411,14 @@ def test_bad_summary_is_one_line_naming_the_file(
     assert listing(tmp_path) == before
 
 
-CPU_3EP = "ncm_acc,clean_train_acc,gap,knn1_acc,map_at_r"
-OPEN_SET = "clean_train_acc,gap,open_precision_at_1,open_r_precision,open_map_at_r"
+# Each block of README and docs/ between <!-- LABEL --> markers, and report.py's arguments that write it.
+BLOCKS = {
+    "table:cpu-3ep": "results/cpu-3ep --columns ncm_acc,clean_train_acc,gap,knn1_acc,map_at_r",
+    "table:questions-q1": "results/questions/q1 --present --columns clean_train_acc,gap,open_precision_at_1,open_r_precision,open_map_at_r",
+    "table:center-update": "results/center-update --present --columns center_update,center_alpha,ncm_acc,clean_train_acc,map_at_r",
+    "gallery": None,  # report.py --gallery imgs
+    "table:side-by-side": None,  # results/side-by-side/summarize.py
+}
 
 
 def block(page: str, label: str) -> str:
@@ -460,49 +427,26 @@ def block(page: str, label: str) -> str:
     return text[text.index(start) + len(start) : text.index(end)]
 
 
-@pytest.mark.parametrize(
-    "page, label, argv",
-    [
-        ("README.md", "table:cpu-3ep", ["results/cpu-3ep", "--columns", CPU_3EP]),
-        ("docs/results.md", "table:cpu-3ep", ["results/cpu-3ep", "--columns", CPU_3EP]),
-        ("docs/results.md", "gallery", None),
-        (
-            "docs/questions.md",
-            "table:questions-q1",
-            ["results/questions/q1", "--present", "--columns", OPEN_SET],
-        ),
-        (
-            "docs/lenet-and-center-update.md",
-            "table:center-update",
-            [
-                "results/center-update",
-                "--present",
-                "--columns",
-                "center_update,center_alpha,ncm_acc,clean_train_acc,map_at_r",
-            ],
-        ),
-        ("README.md", "table:side-by-side", "side-by-side"),
-        ("docs/fidelity.md", "table:side-by-side", "side-by-side"),
-    ],
-)
-def test_generated_blocks_are_what_their_generators_write(
-    page: str, label: str, argv, capsys
-) -> None:
+def test_generated_blocks_are_what_their_generators_write(capsys) -> None:
     """Every table of results in README and docs/ is written between markers by report.py (or
     results/side-by-side/summarize.py) from the committed results/; none is typed by hand."""
-    if argv == "side-by-side":
-        spec = importlib.util.spec_from_file_location(
-            "summarize", ROOT / "results" / "side-by-side" / "summarize.py"
-        )
-        summarize = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(summarize)
-        want = summarize.table()
-    elif argv is None:
-        want = report.gallery(ROOT / "imgs", ROOT / page)
-    else:
-        assert report.main([str(ROOT / argv[0]), *argv[1:]]) == 0
-        want = capsys.readouterr().out.rstrip("\n")
-    assert block(page, label) == want
+    found = set()
+    for page in ["README.md", *(f"docs/{p.name}" for p in (ROOT / "docs").glob("*.md"))]:
+        for label in re.findall(r"<!-- (table:[\w-]+|gallery) -->", (ROOT / page).read_text()):
+            if label == "gallery":
+                want = report.gallery(ROOT / "imgs", ROOT / page)
+            elif label == "table:side-by-side":
+                path = ROOT / "results" / "side-by-side" / "summarize.py"
+                spec = importlib.util.spec_from_file_location("summarize", path)
+                spec.loader.exec_module(summarize := importlib.util.module_from_spec(spec))
+                want = summarize.table()
+            else:
+                folder, *argv = BLOCKS[label].split()
+                assert report.main([str(ROOT / folder), *argv]) == 0
+                want = capsys.readouterr().out.rstrip("\n")
+            assert block(page, label) == want, (page, label)
+            found.add(label)
+    assert found == set(BLOCKS)
 
 
 def test_the_readme_table_is_the_whole_grid_with_its_pictures() -> None:
