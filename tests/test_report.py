@@ -419,6 +419,7 @@ BLOCKS = {
     "gallery": None,  # report.py --gallery imgs
     "table:side-by-side": "results/side-by-side/summarize.py",  # a script's table()
     "table:pipeline-fixes": "results/cpu-3ep-nearest/compare.py",
+    "table:questions-q2": "results/questions/q2/table.py",
 }
 
 
