@@ -207,6 +207,11 @@ def test_open_set_run_reports_closed_accuracy_retrieval_and_geometry(
     assert result.returncode == 0, result.stderr
     summary = json.loads((tmp_path / "open" / "summary.json").read_text())
     assert summary["num_classes"] == 5 and summary["classes"] == ["0", "1", "2", "3", "4"]
+    # Paths relative to the run folder: a summary names no folder of the machine it ran on.
+    assert (
+        summary["out"] == ".."
+        and (tmp_path / "open" / summary["data_dir"]).resolve() == Path(data_dir).resolve()
+    )
     assert summary["train_size"] == int((arrays["train_labels"] < 5).sum())
     assert summary["test_size"] == int((arrays["t10k_labels"] < 5).sum())
     gap, intra = summary["mean_center_gap"], summary["intra_distance"]
