@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -64,8 +65,10 @@ def embed(run: Run, data: ImageData) -> torch.Tensor:
     model, device = run.model, run.device
     model.eval()
     features = []
-    # autocast off: acc and the metrics compare across every --amp only from float32 features
-    with torch.autocast(device.type, enabled=False):
+    # Autocast off: acc and the metrics compare across every --amp only from float32 features (torch 2.4
+    # has no autocast for MPS, and refuses even a disabled one there).
+    usable = torch.amp.is_autocast_available(device.type)
+    with torch.autocast(device.type, enabled=False) if usable else nullcontext():
         for i in range(0, len(data), EVAL_BATCH):
             x = data.images[i : i + EVAL_BATCH].to(device, non_blocking=True).float().div_(255)
             if run.channels_last:
