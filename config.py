@@ -44,10 +44,8 @@ LOSS_FLAGS = {
     "lr_cent": tuple(loss for loss in LOSSES if loss != "xent"),  # the losses with centers
 }
 LOSS_DEFAULTS = {"weight_cent": 1.0, "weight_intra": 1.0, "weight_inter": 0.1, "alpha": 0.05}
-PLOT_DEFAULTS = {
-    "projection": "pca",
-    "plot_every": 1,
-}  # set after the checks, which refuse them given where nothing is drawn
+# Set after the checks, which refuse them given where nothing is drawn.
+PLOT_DEFAULTS = {"projection": "pca", "plot_every": 1}
 FLOAT32 = torch.finfo(torch.float32)
 
 
@@ -67,216 +65,202 @@ def finite_float(text: str) -> float:
     return value
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults, except None ones whose help already says what happens."""
+class Parser(argparse.ArgumentParser):
+    """Writes each default into its flag's help, except None ones whose help already says what happens."""
 
-    def _get_help_string(self, action: argparse.Action) -> str:
-        return action.help or "" if action.default is None else super()._get_help_string(action)
+    def add_argument(self, *args, **kwargs) -> argparse.Action:
+        action = super().add_argument(*args, **kwargs)
+        if action.help and action.default not in (None, argparse.SUPPRESS):
+            action.help += " (default: %(default)s)"
+        return action
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=HelpFormatter)
-    p.add_argument("--loss", choices=LOSSES, default="standalone", help="objective")
-    p.add_argument(
+    p = Parser(description=DESCRIPTION)
+    add, num = p.add_argument, finite_float  # num: every float flag
+    add("--loss", choices=LOSSES, default="standalone", help="objective")
+    add(
         "--dataset",
         type=canonical_name,
         choices=DATASETS,
         default="digits",
         help="data set (cifar-10 is accepted for cifar10)",
     )
-    p.add_argument(
+    add(
         "--data-dir",
         help="folder with the data set (torchvision layout or train/ test/ image folders); default ./data",
     )
-    p.add_argument(
+    add(
         "--model",
         choices=MODELS,
         default="resnet",
         help="feature extractor: the study's resnet, or lenet++ (the center-loss paper's), which standardises its input by the train "
         "set's per-channel mean and std, starts from He initialisation and defaults to --weight-decay 5e-4 --clip-grad-norm 10",
     )
-    p.add_argument("--feat-dim", type=int, default=2, help="feature dimension")
-    p.add_argument(
+    add("--feat-dim", type=int, default=2, help="feature dimension")
+    add(
         "--width",
         type=int,
         default=1,
         help="resnet: multiply every channel count by this (1: the study's network)",
     )
-    p.add_argument(
+    add(
         "--epochs",
         type=int,
         help="epochs; default 100, the study's budget (20 for digits, so that the first run takes about a minute)",
     )
-    p.add_argument(
+    add(
         "--train-classes",
         help="open set: train on these classes only (indices 0,2,5, ranges 0-4 or names, comma-separated) and also report "
         "retrieval (open_precision_at_1, open_r_precision, open_map_at_r) among the test images of the other classes (default all)",
     )
-    p.add_argument(
+    add(
         "--train-samples",
         type=int,
         help="train on the first N train samples only (quick checks; default all)",
     )
-    p.add_argument(
+    add(
         "--batch-size",
         type=int,
         help="global batch size, split evenly across torchrun processes (the inter term spans it); default 128, the study's (64 for digits)",
     )
-    p.add_argument("--lr", type=finite_float, default=0.01, help="SGD learning rate of the model")
-    p.add_argument(
+    add("--lr", type=num, default=0.01, help="SGD learning rate of the model")
+    add(
         "--lr-cent",
-        type=finite_float,
+        type=num,
         help="SGD learning rate of the centers (default: --lr; not with --loss xent, which has none, or --center-update paper)",
     )
-    p.add_argument(
-        "--momentum", type=finite_float, default=0.9, help="SGD momentum (model and SGD centers)"
-    )
-    p.add_argument(
+    add("--momentum", type=num, default=0.9, help="SGD momentum (model and SGD centers)")
+    add(
         "--weight-decay",
-        type=finite_float,
+        type=num,
         help="SGD weight decay of the model (default: 5e-4 for lenet++, 0 for resnet)",
     )
-    p.add_argument(
+    add(
         "--clip-grad-norm",
-        type=finite_float,
+        type=num,
         help="clip the gradient norm of the model and dense centers to this (not sparse centers), 0: off (default: 10 for lenet++, 0 for resnet)",
     )
-    p.add_argument(
+    add(
         "--center-update",
         choices=CENTER_UPDATES,
         default="sgd",
         help="sgd: centers learn by their gradient; paper: after each step each center moves toward its class's batch mean "
         "(Wen et al., eq. 4; cent and standalone only)",
     )
-    p.add_argument(
+    add(
         "--center-alpha",
-        type=finite_float,
+        type=num,
         help="center rate of --center-update paper (default 0.5, the paper's)",
     )
-    p.add_argument(
-        "--weight-cent", type=finite_float, help="weight of the center term in cent (default 1)"
-    )
-    p.add_argument(
+    add("--weight-cent", type=num, help="weight of the center term in cent (default 1)")
+    add(
         "--weight-intra",
-        type=finite_float,
+        type=num,
         help="weight of the intra term in standalone and centers-apart (default 1)",
     )
-    p.add_argument(
+    add(
         "--weight-inter",
-        type=finite_float,
+        type=num,
         help="weight of the inter term in standalone and centers-apart (default 0.1)",
     )
-    p.add_argument(
+    add(
         "--inter-margin",
-        type=finite_float,
+        type=num,
         help="truncate each pair's squared distance at this margin in standalone's inter term (off)",
     )
-    p.add_argument(
+    add(
         "--alpha",
-        type=finite_float,
+        type=num,
         help="centers-apart: scale of the squared distance inside exp() (default 0.05)",
     )
-    p.add_argument(
+    add(
         "--val-fraction",
-        type=finite_float,
+        type=num,
         default=0.0,
         help="hold out this fraction of train for the scheduler and model selection (0: schedule on test accuracy, as the study)",
     )
-    p.add_argument(
+    add(
         "--eval-every",
         type=int,
         default=10,
         help="retrieval and clustering metrics every N epochs (and after the last; 0: only after the last)",
     )
-    p.add_argument(
+    add(
         "--tensorboard",
         action="store_true",
         help="also log to <run folder>/tensorboard (needs the tensorboard package)",
     )
-    p.add_argument(
-        "--factor",
-        type=finite_float,
-        default=0.2,
-        help="ReduceLROnPlateau factor (on test accuracy)",
-    )
-    p.add_argument(
+    add("--factor", type=num, default=0.2, help="ReduceLROnPlateau factor (on test accuracy)")
+    add(
         "--patience",
         type=int,
         help="ReduceLROnPlateau patience; default 10, the study's (3 for digits)",
     )
-    p.add_argument(
-        "--threshold", type=finite_float, default=0.1, help="ReduceLROnPlateau relative threshold"
-    )
-    p.add_argument(
+    add("--threshold", type=num, default=0.1, help="ReduceLROnPlateau relative threshold")
+    add(
         "--seed",
         type=int,
         default=0,
         help=f"seed of weights, data order and augmentation, 0 to {MAX_SEED}",
     )
-    p.add_argument(
-        "--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ..."
-    )
-    p.add_argument(
+    add("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+    add(
         "--pipeline",
         choices=("fast", "loader"),
         default="fast",
         help="fast: tensors on the device, batched augmentation; loader: torchvision DataLoader",
     )
-    p.add_argument(
+    add(
         "--workers",
         type=int,
         help=f"DataLoader workers of --pipeline loader (default {default_workers()}: the CPUs, at most 4)",
     )
-    p.add_argument("--amp", choices=tuple(AMP_DTYPES), default="off", help="autocast precision")
-    p.add_argument(
+    add("--amp", choices=tuple(AMP_DTYPES), default="off", help="autocast precision")
+    add(
         "--channels-last",
         action=argparse.BooleanOptionalAction,
         default=True,
         help="channels_last memory format",
     )
-    modes = (
-        "default",
-        "reduce-overhead",
-        "max-autotune",
-    )  # torch.compile's; reduce-overhead: CUDA graphs (not with --pipeline loader)
-    p.add_argument(
+    # torch.compile's modes; reduce-overhead: CUDA graphs (not with --pipeline loader)
+    modes = ("default", "reduce-overhead", "max-autotune")
+    add(
         "--compile",
         nargs="?",
         const="default",
         choices=modes,
         help="torch.compile the model, in this mode (default: default)",
     )
-    p.add_argument(
+    add(
         "--max-bad-steps",
         type=int,
         default=5,
         help="stop after this many non-finite steps (each one is skipped)",
     )
-    p.add_argument("--out", default="runs", help="folder of run folders")
-    p.add_argument(
-        "--name", default=None, help="run folder name (default <loss>-<dataset>-feat=<feat_dim>)"
-    )
-    p.add_argument(
+    add("--out", default="runs", help="folder of run folders")
+    add("--name", default=None, help="run folder name (default <loss>-<dataset>-feat=<feat_dim>)")
+    add(
         "--resume",
         action="store_true",
         help="require a checkpoint to resume from (unfinished runs resume anyway)",
     )
-    p.add_argument(
+    add(
         "--overwrite",
         action="store_true",
         help="replace a finished or unfinished run of the same name",
     )
-    p.add_argument(
+    add(
         "--no-plots",
         action="store_true",
         help="skip the per-epoch 2-D frames and the final projections",
     )
-    p.add_argument(
+    add(
         "--projection",
         choices=("pca", "tsne"),
         help="2-D projection of the final features when feat_dim > 2 (default pca)",
     )
-    p.add_argument(
+    add(
         "--plot-every",
         type=int,
         help="draw a 2-D frame every N epochs (and the last) when feat_dim is 2 (default 1)",
@@ -287,17 +271,14 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    fill(
-        args,
-        {
-            **(FIRST_RUN if args.dataset == "digits" else STUDY),
-            "name": f"{args.loss}-{args.dataset}-feat={args.feat_dim}",
-        },
-    )
+    name = f"{args.loss}-{args.dataset}-feat={args.feat_dim}"
+    fill(args, {**(FIRST_RUN if args.dataset == "digits" else STUDY), "name": name})
     try:
         world = world_size()
     except ValueError as exc:
         parser.error(str(exc))
+    centers = "has no centers)" if args.loss == "xent" else "moves its centers by terms of its own)"
+    weights = [w for w in (args.weight_cent, args.weight_intra, args.weight_inter) if w is not None]
     checks = [
         (
             0 <= args.seed <= MAX_SEED,
@@ -348,11 +329,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         (
             args.center_update == "sgd" or args.loss in PAPER_UPDATE_LOSSES,
             f"--center-update paper needs --loss cent or standalone, whose centers only follow the features ({args.loss} "
-            + (
-                "has no centers)"
-                if args.loss == "xent"
-                else "moves its centers by terms of its own)"
-            ),
+            + centers,
         ),
         (
             args.center_alpha is None or args.center_update == "paper",
@@ -366,18 +343,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             args.lr_cent is None or args.center_update == "sgd",
             "--lr-cent is the SGD centers' learning rate; with --center-update paper set --center-alpha instead",
         ),
+        (min(weights, default=0) >= 0, "loss weights must not be negative"),
         (
-            all(
-                w is None or w >= 0
-                for w in (args.weight_cent, args.weight_intra, args.weight_inter)
-            ),
-            "loss weights must not be negative",
-        ),
-        (
-            all(
-                w is None or w <= MAX_LOSS_WEIGHT
-                for w in (args.weight_cent, args.weight_intra, args.weight_inter)
-            ),
+            max(weights, default=0) <= MAX_LOSS_WEIGHT,
             f"loss weights above {MAX_LOSS_WEIGHT:g} make the first steps' gradients overflow float32 (the study uses at most 1)",
         ),
         (args.inter_margin is None or args.inter_margin > 0, "--inter-margin must be positive"),
@@ -426,11 +394,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ),
     ]
     for key, losses in LOSS_FLAGS.items():
-        used = (
-            "every loss but xent (the losses with centers)"
-            if key == "lr_cent"
-            else "--loss " + " and ".join(losses)
-        )
+        used = "--loss " + " and ".join(losses)
+        used = "every loss but xent (the losses with centers)" if key == "lr_cent" else used
         unused = f"--{key.replace('_', '-')} is used by {used}, not by --loss {args.loss}; drop it"
         checks.append((getattr(args, key) is None or args.loss in losses, unused))
     for ok, message in checks:
@@ -454,9 +419,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         except ImportError:
             parser.error("--tensorboard needs the tensorboard package: pip install tensorboard")
     fill(args, {**MODEL_RECIPES[args.model], "workers": default_workers()})
-    fill(
-        args, {"center_alpha": 0.5} if args.center_update == "paper" else {"lr_cent": args.lr}
-    )  # 0.5: the paper's
+    paper = args.center_update == "paper"
+    fill(args, {"center_alpha": 0.5} if paper else {"lr_cent": args.lr})  # 0.5: the paper's
     return args
 
 
@@ -481,18 +445,18 @@ def device_problem(name: str) -> str | None:
         return f"--device {name}: not a device torch knows (try auto, cpu or cuda)"
     if device.type == "cpu":
         return None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            return f"--device {name}: CUDA is not available here; use --device cpu"
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            picked = (
-                f"cuda:{device.index} (by LOCAL_RANK)"
-                if "LOCAL_RANK" in os.environ and ":" not in name
-                else name
-            )
-            return f"--device {picked}: there are {torch.cuda.device_count()} CUDA devices here (cuda:0 to cuda:{torch.cuda.device_count() - 1})"
-        return None
-    # MPS: GradScaler's step fails before torch ~2.8, and its fused SGD applied non-finite steps
-    if device.type == "mps":
+    if (
+        device.type == "mps"
+    ):  # GradScaler's step fails before torch ~2.8; its fused SGD applied non-finite steps
         return f"--device {name}: MPS is not supported (its mixed-precision step is unsafe on some torch versions allowed); use --device cpu"
-    return f"--device {name}: not a device to train on (use auto, cpu, cuda or cuda:N)"
+    if device.type != "cuda":
+        return f"--device {name}: not a device to train on (use auto, cpu, cuda or cuda:N)"
+    if not torch.cuda.is_available():
+        return f"--device {name}: CUDA is not available here; use --device cpu"
+    if device.index is not None and device.index >= (count := torch.cuda.device_count()):
+        by_rank = "LOCAL_RANK" in os.environ and ":" not in name
+        picked = f"cuda:{device.index} (by LOCAL_RANK)" if by_rank else name
+        return (
+            f"--device {picked}: there are {count} CUDA devices here (cuda:0 to cuda:{count - 1})"
+        )
+    return None

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+from contextlib import nullcontext
+from pathlib import Path
+
 import torch
 
 from datasets import Dataset, ImageData
-from losses import CENTER_ACC_LOSSES, squared_distances
+from losses import CENTER_ACC_LOSSES
 from metrics import (
     FEATURE_METRICS,
     GEOMETRY_METRICS,
@@ -28,19 +32,14 @@ COLUMNS = [  # metrics.csv
 def nearest(
     features: torch.Tensor, points: torch.Tensor, exclude: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Index of the nearest row of `points` (squared Euclidean distance) for every feature, never one where `exclude` is
-    true; in chunks of features holding at most utils.CHUNK_BYTES of distances (100,000 centers: a few hundred features)."""
-    points, step, chunks = points.float(), chunk_rows(len(points)), []
-    for i in range(0, max(len(features), 1), step):
-        distances = squared_distances(features[i : i + step].float(), points)
-        chunks.append(
-            (
-                distances
-                if exclude is None
-                else distances.masked_fill(exclude[None, :], float("inf"))
-            ).argmin(1)
-        )
-    return torch.cat(chunks)
+    """Index of the nearest row of `points` (torch.cdist) for every feature, never one where `exclude` is true; in
+    chunks of features holding at most utils.CHUNK_BYTES of distances (100,000 centers: a few hundred features)."""
+    chunks = features.float().split(chunk_rows(len(points)))
+    distances = (torch.cdist(chunk, points.float()) for chunk in chunks)
+    inf = float("inf")
+    return torch.cat(
+        [(d if exclude is None else d.masked_fill(exclude, inf)).argmin(1) for d in distances]
+    )
 
 
 def acc_predictions(
@@ -66,13 +65,15 @@ def embed(run: Run, data: ImageData) -> torch.Tensor:
     model, device = run.model, run.device
     model.eval()
     features = []
-    for i in range(0, len(data), EVAL_BATCH):
-        x = data.images[i : i + EVAL_BATCH].to(device, non_blocking=True).float().div_(255)
-        if run.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        features.append(
-            model(x)[0]
-        )  # no autocast: acc and the metrics compare across every --amp only from float32 features
+    # Autocast off: acc and the metrics compare across every --amp only from float32 features (torch 2.4
+    # has no autocast for MPS, and refuses even a disabled one there).
+    usable = torch.amp.is_autocast_available(device.type)
+    with torch.autocast(device.type, enabled=False) if usable else nullcontext():
+        for i in range(0, len(data), EVAL_BATCH):
+            x = data.images[i : i + EVAL_BATCH].to(device, non_blocking=True).float().div_(255)
+            if run.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            features.append(model(x)[0])
     model.train()
     return torch.cat(features)
 
@@ -158,19 +159,30 @@ def epoch_row(run: Run, epoch: int, state: EpochState, seconds: float) -> tuple[
 
 
 def run_summary(run: Run, data: Dataset) -> dict:
-    """summary.json: settings, last epoch's metrics, best accuracy, speed, bad steps. `train_acc` is the last epoch's
+    """summary.json: settings (paths relative to the run folder), last epoch's metrics, best accuracy, speed, bad steps. `train_acc` is the last epoch's
     running accuracy on augmented batches; `clean_train_acc` the final model's on the plain train set (eval mode,
     the run's accuracy rule): with `acc`, the finished model's train/test gap."""
     args, history = run.args, run.history
-    last = history[-1]
+    last, data_dir = history[-1], args.data_dir and str(Path(args.data_dir))
+
+    def rel(path) -> str:  # to the run folder: a summary names no folder of the machine it ran on
+        try:
+            return Path(os.path.relpath(os.path.abspath(path), os.path.abspath(run.dir))).as_posix()
+        except ValueError:  # Windows: no relative path to another drive
+            return Path(path).name
+
     return {
         **vars(args),
+        "out": rel(args.out),
+        "data_dir": rel(data_dir) if data_dir else None,
         "num_classes": len(data.classes),
         "train_size": len(data.train),
         "test_size": len(data.test),
         "augmentations": list(data.augmentations),
-        "data_source": data.source,
-        "data_files": data.files,
+        "data_source": data.source.replace(str(data_dir), rel(data_dir))
+        if data_dir
+        else data.source,
+        "data_files": [rel(f) for f in data.files],
         "acc": last["test_acc"],
         "best_acc": max(r["test_acc"] for r in history),
         "ncm_acc": last["ncm_acc"],

@@ -78,6 +78,7 @@ def paper_center_update(
 
         delta_c_j = sum_i [y_i = j] (c_j - x_i) / (1 + sum_i [y_i = j]),    c_j <- c_j - alpha * delta_c_j
 
+    No library optimiser does this: eq. 4 is not a gradient step (it divides by 1 + n_j and ignores the loss weight).
     Only the batch's rows change, class sums by the m x m same-label matrix: cost m^2 D whatever C, no
     host sync (torch.unique would), no atomics. Rows are written only where `apply` (bool tensor; None:
     always) holds and the new rows are finite; returns whether they are.
@@ -100,7 +101,8 @@ class RowSGD(torch.optim.Optimizer):
     step(r, G, apply): r the batch's m row indices (repeats allowed), G their m x D gradients (CenterLoss(sparse=True):
     labels, rows.grad). A row absent from r keeps value and buffer (lazy momentum; dense SGD would move it by
     momentum * b_j): a step costs m x D, not C x D, and every size is fixed by m, so nothing waits for the host
-    (coalescing a sparse gradient on CUDA would). torch.optim.SGD's sparse momentum buffer grows every step. Rows
+    (coalescing a sparse gradient on CUDA would). Hand-written because no library optimiser keeps lazy per-row momentum:
+    torch.optim.SGD's sparse momentum buffer grows every step and SparseAdam is Adam. Rows
     are written only where `apply` (bool tensor; None: always) holds and the new rows are finite; returns whether they are.
     """
 

@@ -10,51 +10,28 @@ metrics.csv but no summary.json is unfinished: its last epoch, marked, never ave
 """
 
 import argparse
-import csv
 import json
 import os
 import shutil
 import sys
 from pathlib import Path
-from statistics import fmean, stdev
+
+import pandas as pd
 
 from config import build_parser
 
 STUDY_TABLE = Path(__file__).resolve().parent / "study_table.csv"
-NUMBERS = (
-    "feat_dim",
-    "acc",
-    "lr",
-    "epochs",
-    "batch_size",
-    "weight_cent",
-    "weight_intra",
-    "weight_inter",
-)
+NUMBERS = "feat_dim acc lr epochs batch_size weight_cent weight_intra weight_inter".split()
 STUDY_COLUMNS = ["loss", "dataset", *NUMBERS]
-NOT_SETTINGS = {
-    "name",
-    "out",
-    "data_dir",
-    "device",
-    "workers",
-    "resume",
-    "overwrite",
-    "no_plots",
-    "projection",
-    "plot_every",
-}
-NOT_SETTINGS |= {
-    "tensorboard",
-    "eval_every",
-    "compile",
-    "channels_last",
-    "max_bad_steps",
-}  # runs differing only here are seeds
+# Where and how a run ran, not what it computed: runs differing only here (and in the seed) are seeds.
+NOT_SETTINGS = set(
+    "name out data_dir device workers resume overwrite no_plots projection plot_every tensorboard "
+    "eval_every compile channels_last max_bad_steps".split()
+)
 SETTINGS = sorted(set(vars(build_parser().parse_args([]))) - NOT_SETTINGS - {"seed"})
-Runs = dict[
-    tuple[str, str, int], list[list[dict]]
-]  # study row (loss, dataset, feat_dim): its grid points, each its seeds' summaries
+KEY = ["loss", "dataset", "feat_dim"]  # a row of the study's table
+# The losses that read weight_cent, weight_intra and weight_inter.
+OWNERS = "cent standalone standalone".split()
 LAST = "the one found last (later path argument, then later name)"  # of two runs with equal settings and seed
 
 
@@ -62,16 +39,14 @@ class SummaryError(Exception):
     """A summary the table cannot use, or a file report.py cannot read or write: one line naming it, exit code 1."""
 
 
-def study_rows() -> list[dict[str, str]]:
-    return list(csv.DictReader(STUDY_TABLE.read_text().splitlines()))
+def study_rows() -> list[dict]:
+    return pd.read_csv(STUDY_TABLE).to_dict("records")
 
 
 def unfinished(run: Path) -> bool:
     """A run folder stopped before summary.json, after an epoch or more."""
-    return (
-        not (run / "summary.json").exists()
-        and (run / "args.json").is_file()
-        and (run / "metrics.csv").is_file()
+    return not (run / "summary.json").exists() and all(
+        (run / f).is_file() for f in ("args.json", "metrics.csv")
     )
 
 
@@ -79,35 +54,26 @@ def find_summaries(paths: list[Path]) -> list[Path]:
     """summary.json of run folders (<dir>, <dir>/*), collected <dir>/*.json, args.json of unfinished run folders."""
     found = []
     for path in paths:
-        if path.is_file() or (path / "summary.json").is_file() or unfinished(path):
-            found.append(
-                path
-                if path.is_file()
-                else path / ("summary.json" if (path / "summary.json").is_file() else "args.json")
-            )
+        if path.is_file():
+            found.append(path)
+        elif (path / "summary.json").is_file() or unfinished(path):
+            found.append(path / ("args.json" if unfinished(path) else "summary.json"))
         else:
-            runs = list(path.glob("*/summary.json")) + [
-                p / "args.json" for p in path.glob("*/") if unfinished(p)
+            runs = [
+                *path.glob("*/summary.json"),
+                *(p / "args.json" for p in path.glob("*/") if unfinished(p)),
             ]
-            found += sorted(runs, key=lambda p: (p.parent.name, p.name)) + sorted(
-                p for p in path.glob("*.json") if p.name != "args.json"
-            )
+            found += sorted(runs, key=lambda p: (p.parent.name, p.name))
+            found += sorted(p for p in path.glob("*.json") if p.name != "args.json")
     return found
-
-
-def number(text: str | None) -> float | int | None:
-    try:
-        return int(text) if text.lstrip("-").isdigit() else float(text)
-    except (AttributeError, ValueError):
-        return None
 
 
 def unfinished_summary(args_path: Path) -> dict:
     """args.json, then the last metrics.csv row (test_acc as acc, epoch as epochs), marked unfinished."""
     try:
         settings = json.loads(args_path.read_text())
-        rows = list(csv.DictReader((args_path.parent / "metrics.csv").read_text().splitlines()))
-    except (OSError, UnicodeDecodeError, ValueError, csv.Error) as exc:
+        rows = pd.read_csv(args_path.parent / "metrics.csv").to_dict("records")
+    except (OSError, UnicodeDecodeError, ValueError) as exc:  # pandas' parse errors are ValueErrors
         raise SummaryError(
             f"{args_path.parent}: unfinished run not readable ({str(exc).splitlines()[0]}); rerun or remove it"
         ) from None
@@ -115,97 +81,75 @@ def unfinished_summary(args_path: Path) -> dict:
         raise SummaryError(
             f"{args_path.parent}: unfinished run with no finished epoch in metrics.csv; resume it or remove the folder"
         )
-    last = {
-        key: number(value)
-        for key, value in rows[-1].items()
-        if key is not None and key not in settings
-    }  # lr: the scheduled one
-    mark = {
-        "name": args_path.parent.name,
-        "acc": last.get("test_acc"),
-        "epochs": last.get("epoch"),
-        "unfinished": True,
-    }
-    return settings | last | mark | {"epochs_planned": settings.get("epochs")}
+    # The last row's values (lr: the scheduled one), under the settings' names where they differ.
+    last = {k: None if pd.isna(v) else v for k, v in rows[-1].items() if k not in settings}
+    mark = {"name": args_path.parent.name, "acc": last.get("test_acc"), "epochs": last.get("epoch")}
+    return settings | last | mark | {"unfinished": True, "epochs_planned": settings.get("epochs")}
 
 
 def read_summary(path: Path) -> dict:
     """One summary.json (or an unfinished run's args.json), checked for what the table and --collect use."""
+
+    def refuse(what: str, fix: str = "rerun its run or remove the file"):
+        raise SummaryError(f"{path}: {what}; {fix}")
+
     try:
         summary = (
             unfinished_summary(path) if path.name == "args.json" else json.loads(path.read_text())
         )
     except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise SummaryError(
-            f"{path}: not readable as JSON ({str(exc).splitlines()[0]}); rerun its run or remove the file"
-        ) from None
+        refuse(f"not readable as JSON ({str(exc).splitlines()[0]})")
     if not isinstance(summary, dict):
-        raise SummaryError(
-            f"{path}: a JSON {type(summary).__name__}, not a summary object; rerun its run or remove the file"
-        )
+        refuse(f"a JSON {type(summary).__name__}, not a summary object")
     if missing := [key for key in ("name", *STUDY_COLUMNS) if summary.get(key) is None]:
-        raise SummaryError(
-            f"{path}: incomplete summary (no {', '.join(missing)}); rerun its run or remove the file"
-        )
-    name = summary["name"]
+        refuse(f"incomplete summary (no {', '.join(missing)})")
     if (
-        not isinstance(name, str)
+        not isinstance(name := summary["name"], str)
         or name in ("", ".", "..")
-        or any(c in name for c in {"/", os.sep, "\0"})
+        or {"/", os.sep, "\0"} & set(name)
     ):
-        raise SummaryError(
-            f"{path}: its name {name!r} is not a plain run folder name (--collect names a file by it); fix or remove it"
+        refuse(
+            f"its name {name!r} is not a plain run folder name (--collect names a file by it)",
+            "fix or remove it",
         )
-    if wrong := [
-        key
-        for key in NUMBERS
-        if not isinstance(summary[key], (int, float)) or isinstance(summary[key], bool)
-    ]:
-        raise SummaryError(
-            f"{path}: {', '.join(wrong)} should be numbers; rerun its run or remove the file"
-        )
+    if wrong := [key for key in NUMBERS if not is_number(summary[key])]:
+        refuse(f"{', '.join(wrong)} should be numbers")
     return summary
 
 
-def load_runs(paths: list[Path], notes: list[str] | None = None) -> Runs:
-    """Summaries, with gap = clean_train_acc - acc, grouped by grid point (SETTINGS, and whether unfinished); of two runs
-    with equal settings and seed the one found last is kept. `notes` gets a line for each such pair and each row of several."""
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def load_runs(paths: list[Path], notes: list[str] | None = None) -> pd.DataFrame:
+    """Summaries, one row each, with gap = clean_train_acc - acc and `point` (SETTINGS and whether unfinished: one table
+    row); of two runs with equal point and seed the one found last is kept. `notes` gets a line for each such pair and
+    each study row of several table rows."""
     notes = [] if notes is None else notes  # the caller's list, which main prints
-    points: dict[tuple[str, ...], dict[str, tuple[Path, dict]]] = {}
+    kept: dict[tuple[str, str], tuple[Path, dict]] = {}
     for path in find_summaries(paths):
-        summary = read_summary(path)
-        train, test = (
-            summary.get("clean_train_acc"),
-            summary["acc"],
-        )  # the finished model's train/test gap
-        summary["gap"] = (
-            train - test if isinstance(train, float) and isinstance(test, float) else None
-        )
-        point = (
-            *(json.dumps(summary.get(key)) for key in SETTINGS),
-            json.dumps(bool(summary.get("unfinished"))),
-        )
-        seeds, seed = points.setdefault(point, {}), json.dumps(summary.get("seed"))
-        if seed in seeds:
+        s = read_summary(path)
+        train, test = s.get("clean_train_acc"), s["acc"]  # the finished model's train/test gap
+        s["gap"] = train - test if isinstance(train, float) and isinstance(test, float) else None
+        s["point"] = json.dumps([s.get(key) for key in SETTINGS] + [bool(s.get("unfinished"))])
+        if (run := (s["point"], json.dumps(s.get("seed")))) in kept:
             notes.append(
-                f"{seeds[seed][0]} and {path} are runs of the same settings and seed {seed}; the table shows {path}, {LAST}"
+                f"{kept[run][0]} and {path} are runs of the same settings and seed {run[1]}; the table shows {path}, {LAST}"
             )
-        seeds[seed] = (path, summary)
-    runs: Runs = {}
-    for point in sorted(points):
-        group = [summary for _, summary in points[point].values()]
-        runs.setdefault(
-            (group[0]["loss"], group[0]["dataset"], int(group[0]["feat_dim"])), []
-        ).append(group)
-    for (loss, dataset, feat_dim), groups in runs.items():
-        if len(groups) > 1:
+        kept[run] = (path, s)
+    keys = set().union(*(s for _, s in kept.values()))  # a key a summary lacks is None, not NaN
+    runs = pd.DataFrame([{k: s.get(k) for k in keys} for _, s in kept.values()], dtype=object)
+    if runs.empty:
+        return runs
+    runs["feat_dim"] = runs["feat_dim"].astype(int)
+    runs = runs.sort_values("point", kind="stable")
+    for (loss, dataset, feat_dim), rows in runs.groupby(KEY):
+        if (points := rows.drop_duplicates("point")).shape[0] > 1:
             differ = [
-                key
-                for key in SETTINGS
-                if len({json.dumps(group[0].get(key)) for group in groups}) > 1
+                k for k in SETTINGS if k in points and points[k].map(json.dumps).nunique() > 1
             ]
             notes.append(
-                f"{loss} {dataset} feat_dim {feat_dim}: {len(groups)} rows, for runs that differ in {', '.join(differ)}"
+                f"{loss} {dataset} feat_dim {feat_dim}: {len(points)} rows, for runs that differ in {', '.join(differ)}"
             )
     return runs
 
@@ -213,98 +157,84 @@ def load_runs(paths: list[Path], notes: list[str] | None = None) -> Runs:
 def fmt(value, digits: int = 3) -> str:
     if value is None or value == "":
         return "/"
-    return (
-        (f"{value:.{digits}f}" if abs(value) < 1000 else f"{value:.0f}")
-        if isinstance(value, float)
-        else str(value)
-    )
+    if isinstance(value, float):
+        return f"{value:.{digits}f}" if abs(value) < 1000 else f"{value:.0f}"
+    return str(value)
 
 
-def cell(values: list) -> str:
-    """One run's value, or one every seed shares; else mean ± sample std (ddof 1) of the numbers, "(n=k)" if only k have one."""
-    if len({json.dumps(v) for v in values}) == 1:
-        return fmt(values[0])
-    numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    if not numbers:
-        return ", ".join(sorted({fmt(v) for v in values}))
-    spread = f"{fmt(fmean(numbers))} ± {fmt(stdev(numbers))}" if numbers[1:] else fmt(numbers[0])
-    return spread if len(numbers) == len(values) else f"{spread} (n={len(numbers)})"
-
-
-def table(runs: Runs, extra: list[str], present_only: bool = False) -> str:
+def table(runs: pd.DataFrame, extra: list[str], present_only: bool = False) -> str:
     """Markdown in the study's layout plus study acc, diff, n (when a row has several seeds) and the extra columns."""
-    seeds = any(len(group) > 1 for groups in runs.values() for group in groups)
+    columns = ["acc", *extra]
+    runs = pd.DataFrame(columns=["point", *KEY, *columns]) if runs.empty else runs
+    points = runs.groupby("point", sort=True)
+    seeds = bool((points.size() > 1).any())
     header = STUDY_COLUMNS + ["study acc", "diff"] + ["n"] * seeds + extra
-    lines, keys = (
-        ["| " + " | ".join(header) + " |", "|" + "|".join(" :---: " for _ in header) + "|"],
-        set(),
-    )
-    for study in study_rows():
-        keys.add(key := (study["loss"], study["dataset"], int(study["feat_dim"])))
-        lines += [
-            row(key, group, float(study["acc"]), extra, seeds)
-            for group in runs.get(key, [] if present_only else [None])
+    # The seeds' numbers give mean, std and count; a value every seed shares (any type) is shown as is.
+    numbers = runs[columns].map(lambda v: v if is_number(v) else None).astype(float)
+    stats = numbers.groupby(runs["point"]).agg(["mean", "std", "count"])
+    same = runs[columns].map(json.dumps).groupby(runs["point"]).nunique() == 1
+
+    def cell(point: str, rows: pd.DataFrame, column: str) -> str:
+        """One run's value, or one every seed shares; else mean ± sample std (ddof 1), "(n=k)" if only k have one."""
+        mean, std, count = stats.loc[point, column]
+        count = int(count)
+        if same.loc[point, column]:
+            return fmt(rows[column].iloc[0])
+        if count == 0:
+            return ", ".join(sorted({fmt(v) for v in rows[column]}))
+        spread = f"{fmt(mean)} ± {fmt(std)}" if count > 1 else fmt(mean)
+        return spread if count == len(rows) else f"{spread} (n={count})"
+
+    def row(key: tuple, point: str | None, study_acc: float | None) -> list[str]:
+        if point is None:
+            return [
+                *map(str, key),
+                *["missing"] * 7,
+                fmt(study_acc),
+                "/",
+                *["missing"] * (seeds + len(extra)),
+            ]
+        rows = points.get_group(point)
+        first = rows.iloc[0]
+        # An unfinished run is never compared with the study, nor an open-set one (fewer classes: another task).
+        stopped = "unfinished" in rows and bool(rows["unfinished"].eq(True).any())
+        study_acc = None if first.get("train_classes") else study_acc
+        weights = [
+            fmt(first[w], 1) if key[0] == owner else "/" for w, owner in zip(NUMBERS[5:], OWNERS)
         ]
-    lines += [
-        row(key, group, None, extra, seeds)
-        for key in sorted(set(runs) - keys)
-        for group in runs[key]
-    ]  # beyond the study's grid
-    return "\n".join(lines)
-
-
-def row(
-    key: tuple[str, str, int],
-    group: list[dict] | None,
-    study_acc: float | None,
-    extra: list[str],
-    seeds: bool,
-) -> str:
-    if group is None:
-        return (
-            "| "
-            + " | ".join(
-                [
-                    *map(str, key),
-                    *["missing"] * 7,
-                    fmt(study_acc),
-                    "/",
-                    *["missing"] * (seeds + len(extra)),
-                ]
-            )
-            + " |"
+        epochs = (
+            f"{first['epochs']} of {first.get('epochs_planned')} (unfinished)"
+            if stopped
+            else str(first["epochs"])
         )
-    first, accs = group[0], [summary["acc"] for summary in group]
-    study_acc = (
-        None if first.get("train_classes") else study_acc
-    )  # an open-set run classifies fewer classes: not the study's task
-    stopped = any(
-        summary.get("unfinished") for summary in group
-    )  # never compared with the study's 100-epoch figure
-    diff = f"{fmean(accs) - study_acc:+.3f}" if study_acc is not None and not stopped else "/"
-    epochs = (
-        f"{first['epochs']} of {first.get('epochs_planned')} (unfinished)"
-        if stopped
-        else str(first["epochs"])
+        return [
+            *map(str, key),
+            cell(point, rows, "acc") + " (unfinished)" * stopped,
+            fmt(first["lr"], 2),
+            epochs,
+            str(first["batch_size"]),
+            *weights,
+            fmt(study_acc),
+            f"{stats.loc[point, ('acc', 'mean')] - study_acc:+.3f}"
+            if study_acc is not None and not stopped
+            else "/",
+            *[str(len(rows))] * seeds,
+            *(cell(point, rows, name) for name in extra),
+        ]
+
+    by_key = {key: list(group["point"].unique()) for key, group in runs.groupby(KEY)}
+    lines, grid = [], set()
+    for study in study_rows():
+        grid.add(key := (study["loss"], study["dataset"], int(study["feat_dim"])))
+        lines += [
+            row(key, point, study["acc"])
+            for point in by_key.get(key, [] if present_only else [None])
+        ]
+    beyond = sorted(set(by_key) - grid)  # grid points the study has not
+    lines += [row(key, point, None) for key in beyond for point in by_key[key]]
+    return pd.DataFrame(lines, columns=header).to_markdown(
+        index=False, colalign=["center"] * len(header), disable_numparse=True
     )
-    weights = [
-        fmt(first[w], 1) if key[0] == owner else "/"
-        for w, owner in zip(NUMBERS[5:], ("cent", "standalone", "standalone"))
-    ]
-    cells = [
-        *map(str, key),
-        cell(accs) + " (unfinished)" * stopped,
-        fmt(first["lr"], 2),
-        epochs,
-        str(first["batch_size"]),
-        *weights,
-    ]
-    cells += (
-        [fmt(study_acc), diff]
-        + [str(len(group))] * seeds
-        + [cell([summary.get(name) for summary in group]) for name in extra]
-    )
-    return "| " + " | ".join(cells) + " |"
 
 
 def replace_between(text: str, label: str, body: str) -> str:
@@ -328,53 +258,41 @@ def gallery(imgs_dir: Path, page: Path) -> str:
     return "\n".join(lines)
 
 
+def collect(paths: list[Path], folder: Path) -> None:
+    """Copy every summary to folder/<name>.json; an unfinished run's summary as the table reads it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in find_summaries(paths):
+        target = folder / f"{(summary := read_summary(path))['name']}.json"
+        if path.name == "args.json":
+            target.write_text(json.dumps(summary, indent=2) + "\n")
+        elif not (target.exists() and target.samefile(path)):  # collecting a folder into itself
+            shutil.copyfile(path, target)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n")[0] + " Seeds of one grid point: mean ± sample std, n."
     )
-    parser.add_argument(
-        "paths",
-        nargs="+",
-        type=Path,
-        help="run folders, folders of run folders, or folders of collected summaries",
-    )
-    parser.add_argument(
-        "--columns",
-        default="ncm_acc",
-        help="extra summary.json keys, comma-separated; gap is clean_train_acc - acc",
-    )
-    parser.add_argument(
-        "--collect", type=Path, help="copy every summary.json to this folder as <run name>.json"
-    )
-    parser.add_argument(
-        "--readme",
-        type=Path,
-        help="write the table into this file between <!-- table:LABEL --> markers",
-    )
-    parser.add_argument("--label", default="results", help="marker label for --readme")
-    parser.add_argument(
-        "--present",
-        action="store_true",
-        help="leave out the grid points that have no run (instead of 'missing' rows)",
-    )
-    parser.add_argument(
-        "--gallery",
-        type=Path,
-        help="also write a gallery of this imgs/ folder between <!-- gallery --> markers",
-    )
+    add = parser.add_argument
+    add("paths", nargs="+", type=Path, help="run folders, their folders, or collected summaries")
+    add("--columns", default="ncm_acc", help="extra summary keys, a,b; gap: clean_train_acc - acc")
+    add("--collect", type=Path, help="copy every summary.json to this folder as <run name>.json")
+    add("--readme", type=Path, help="write the table into this file between table:LABEL markers")
+    add("--label", default="results", help="marker label for --readme")
+    add("--present", action="store_true", help="no 'missing' rows for grid points without a run")
+    add("--gallery", type=Path, help="also a gallery of this imgs/ folder between gallery markers")
     args = parser.parse_args(argv)
-    if missing := [
-        p for p in args.paths if not p.exists()
-    ]:  # the flags are checked before anything is read or written
+    # The flags are checked before anything is read or written.
+    if missing := [p for p in args.paths if not p.exists()]:
         parser.error(f"{missing[0]} does not exist")
     if args.collect and args.collect.exists() and not args.collect.is_dir():
         parser.error(
             f"--collect {args.collect} is a file, not a folder; it is left alone: give a folder to copy the summaries into"
         )
     if args.readme and not args.readme.is_file():
-        readme = "is a folder" if args.readme.is_dir() else "does not exist"
         parser.error(
-            f"--readme {args.readme} {readme}; give the Markdown file that holds the <!-- table:{args.label} --> markers"
+            f"--readme {args.readme} {'is a folder' if args.readme.is_dir() else 'does not exist'}; give the Markdown "
+            f"file that holds the <!-- table:{args.label} --> markers"
         )
     if args.gallery and not (args.readme and args.gallery.is_dir()):
         parser.error(
@@ -383,13 +301,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         notes: list[str] = []
         runs = load_runs(args.paths, notes)
-        extra, known = (
-            [c for c in args.columns.split(",") if c],
-            set().union(*(s for gs in runs.values() for g in gs for s in g)),
-        )
-        if runs and (unknown := [c for c in extra if c not in known]):
+        extra = [c for c in args.columns.split(",") if c]
+        if not runs.empty and (unknown := [c for c in extra if c not in runs]):
+            known = sorted(set(runs) - {"point"})
             parser.error(
-                f"--columns: unknown {', '.join(unknown)} (in no summary read); known: {', '.join(sorted(known))}"
+                f"--columns: unknown {', '.join(unknown)} (in no summary read); known: {', '.join(known)}"
             )
         text = table(runs, extra, args.present)
         try:  # the README is read and checked before anything is written
@@ -398,11 +314,8 @@ def main(argv: list[str] | None = None) -> int:
                 if args.readme
                 else None
             )
-            content = (
-                replace_between(content, "gallery", gallery(args.gallery, args.readme))
-                if args.gallery
-                else content
-            )
+            if args.gallery:
+                content = replace_between(content, "gallery", gallery(args.gallery, args.readme))
         except (OSError, UnicodeDecodeError) as exc:
             raise SummaryError(
                 f"--readme {args.readme}: not readable as text ({exc}); give the Markdown file to write into"
@@ -413,15 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         print(text)
         try:
             if args.collect:
-                args.collect.mkdir(parents=True, exist_ok=True)
-            for path in find_summaries(args.paths) if args.collect else []:
-                target = args.collect / f"{(summary := read_summary(path))['name']}.json"
-                if path.name == "args.json":  # an unfinished run: its summary as the table reads it
-                    target.write_text(json.dumps(summary, indent=2) + "\n")
-                elif not (
-                    target.exists() and target.samefile(path)
-                ):  # collecting a folder into itself
-                    shutil.copyfile(path, target)
+                collect(args.paths, args.collect)
             if content is not None:
                 args.readme.write_text(content)
         except OSError as exc:

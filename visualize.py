@@ -29,9 +29,8 @@ from utils import WriteError, atomic_write_bytes  # noqa: E402
 
 FRAME_SIZE_INCHES, FRAME_DPI = 5.0, 80
 SPLITS = ("train", "test")
-LEGEND_CLASSES = (
-    40  # more classes than this (face identities) get no legend: it would cover the frame
-)
+# More classes than this (face identities) get no legend: it would cover the frame.
+LEGEND_CLASSES = 40
 THUMBNAILS, MAX_POINTS = 300, 5000  # a projection's points drawn as their image, and all its points
 
 
@@ -75,14 +74,9 @@ def robust_limits(points: np.ndarray, quantile: float = 0.005, pad: float = 0.08
 
 
 def add_legend(
-    ax: plt.Axes,
-    colors: np.ndarray,
-    classes: Sequence[str],
-    marker: str,
-    markersize: float = 6,
-    **kwargs,
+    ax: plt.Axes, colors: np.ndarray, classes: Sequence[str], marker: str, **kwargs
 ) -> None:
-    style = dict(marker=marker, linestyle="", markersize=markersize)
+    style = dict(marker=marker, linestyle="", markersize=kwargs.pop("markersize", 6))
     handles = [plt.Line2D([], [], color=colors[k], label=c, **style) for k, c in enumerate(classes)]
     ax.legend(handles=handles, loc="upper right", **kwargs)
 
@@ -99,39 +93,19 @@ def draw_frame(
     """One 2-D frame: points coloured by class, centers as black-edged stars, class names in the legend."""
     colors = class_colors(len(classes))
     fig, ax = plt.subplots(figsize=(FRAME_SIZE_INCHES, FRAME_SIZE_INCHES), dpi=FRAME_DPI)
-    ax.scatter(
-        features[:, 0],
-        features[:, 1],
-        c=colors[labels],
-        s=2 if len(features) > 2000 else 6,
-        linewidths=0,
-        rasterized=True,
-    )
+    size = 2 if len(features) > 2000 else 6
+    ax.scatter(*features.T, c=colors[labels], s=size, linewidths=0, rasterized=True)
     if centers is not None:
+        many = len(centers) > LEGEND_CLASSES
         star = (
             {"s": 10, "linewidths": 0.2, "rasterized": True}
-            if len(centers) > LEGEND_CLASSES
+            if many
             else {"s": 120, "linewidths": 0.8}
         )
-        ax.scatter(
-            centers[:, 0],
-            centers[:, 1],
-            c=colors[: len(centers)],
-            marker="*",
-            edgecolors="black",
-            **star,
-        )
+        ax.scatter(*centers.T, c=colors[: len(centers)], marker="*", edgecolors="black", **star)
     if len(classes) <= LEGEND_CLASSES:
-        add_legend(
-            ax,
-            colors,
-            classes,
-            "o",
-            markersize=5,
-            fontsize=6,
-            framealpha=0.7,
-            ncol=1 if len(classes) <= 10 else 2,
-        )
+        ncol = 1 if len(classes) <= 10 else 2
+        add_legend(ax, colors, classes, "o", markersize=5, fontsize=6, framealpha=0.7, ncol=ncol)
     ax.set(xlim=limits[0], ylim=limits[1])
     ax.set_title(title, fontsize=8)
     ax.tick_params(labelsize=6)
@@ -151,13 +125,8 @@ def save_frame_data(
     centers = centers.float().numpy() if centers is not None else np.zeros((0, 2), np.float32)
     path = own_folder(run_dir, "frames", split) / f"epoch_{epoch:03d}.npz"
     buffer = io.BytesIO()
-    np.savez(
-        buffer,
-        features=features.float().numpy(),
-        labels=labels.numpy(),
-        centers=centers,
-        title=title,
-    )
+    points = {"features": features.float().numpy(), "labels": labels.numpy(), "centers": centers}
+    np.savez(buffer, **points, title=title)
     atomic_write_bytes(path, buffer.getvalue())
     return path
 
@@ -235,37 +204,22 @@ def save_projection(
     n = min(len(features), MAX_POINTS)
     labels = labels[:n].numpy()
     if features.shape[1] == 1:
-        points, method = (
-            np.stack(
-                [
-                    features[:n, 0].double().numpy(),
-                    labels + np.random.default_rng(0).uniform(-0.3, 0.3, n),
-                ],
-                1,
-            ),
-            "strip",
-        )
+        jitter = np.random.default_rng(0).uniform(-0.3, 0.3, n)
+        points, method = np.stack([features[:n, 0].double().numpy(), labels + jitter], 1), "strip"
     else:
         points = project_2d(features[:n], method)
     colors = class_colors(len(classes))
     fig, ax = plt.subplots(figsize=(9, 9), dpi=100)
-    ax.scatter(
-        points[THUMBNAILS:, 0],
-        points[THUMBNAILS:, 1],
-        c=colors[labels[THUMBNAILS:]],
-        s=3,
-        linewidths=0,
-        alpha=0.6,
-    )
+    rest = points[THUMBNAILS:]
+    ax.scatter(*rest.T, c=colors[labels[THUMBNAILS:]], s=3, linewidths=0, alpha=0.6)
     limits = robust_limits(points, quantile=0.002)
-    side = 0.015 * (limits[:, 1] - limits[:, 0])
+    (dx, dy) = 0.015 * (limits[:, 1] - limits[:, 0])
     for k in range(min(THUMBNAILS, n)):
-        thumb = (
-            images[k].float().div(255).permute(1, 2, 0).expand(-1, -1, 3).numpy()
-        )  # a grey image's one channel, thrice
+        # A grey image's one channel, thrice, in a frame of its class colour.
+        thumb = images[k].float().div(255).permute(1, 2, 0).expand(-1, -1, 3).numpy()
         framed = np.ones((thumb.shape[0] + 4, thumb.shape[1] + 4, 3)) * colors[labels[k]][:3]
         framed[2:-2, 2:-2] = thumb
-        (x, y), (dx, dy) = points[k], side
+        x, y = points[k]
         ax.imshow(
             framed, extent=(x - dx, x + dx, y - dy, y + dy), interpolation="nearest", zorder=3
         )
@@ -340,13 +294,8 @@ def make_run_gifs(run_dir: Path, duration: float = 0.4, last_pause: float = 2.0)
         if images:
             durations = [int(duration * 1000)] * (len(images) - 1) + [int(last_pause * 1000)]
             # Pillow writes a lone frame by its single-frame path, which takes one duration, not a list.
-            gif = iio.imwrite(
-                "<bytes>",
-                images,
-                extension=".gif",
-                duration=durations if len(images) > 1 else durations[0],
-                loop=0,
-            )
+            times = durations if len(images) > 1 else durations[0]
+            gif = iio.imwrite("<bytes>", images, extension=".gif", duration=times, loop=0)
             made.append(Path(run_dir) / f"{split}.gif")
             atomic_write_bytes(made[-1], gif)
     return made
@@ -359,9 +308,7 @@ def stitch(run_dir: Path, duration: float, last_pause: float, imgs_dir: Path | N
     made = make_run_gifs(run_dir, duration, last_pause)
     for path in made:
         print(f"{path}: {len(list((run_dir / 'frames' / path.stem).glob('epoch_*.png')))} frames")
-    projections = [
-        run_dir / f"{split}.png" for split in SPLITS if (run_dir / f"{split}.png").is_file()
-    ]
+    projections = [p for p in (run_dir / f"{split}.png" for split in SPLITS) if p.is_file()]
     if not made and not projections:
         raise StitchError(
             f"{run_dir}: no frames (frames/train/epoch_*.png) to stitch; train with --feat-dim 2 and without --no-plots"
@@ -383,10 +330,8 @@ def stitch(run_dir: Path, duration: float, last_pause: float, imgs_dir: Path | N
     target = imgs_dir / label
     try:
         target.mkdir(parents=True, exist_ok=True)
-        for path in made + projections:
-            atomic_write_bytes(
-                target / path.name, path.read_bytes()
-            )  # replaces a link there, never writes through it
+        for path in made + projections:  # atomic: replaces a link there, never writes through it
+            atomic_write_bytes(target / path.name, path.read_bytes())
             print(f"copied {path} -> {target / path.name}")
     except OSError as exc:
         raise StitchError(
@@ -449,41 +394,34 @@ def seconds(text: str) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description="Stitch the per-epoch frames of runs into train.gif and test.gif."
+        description="Stitch the frames of runs into train.gif and test.gif."
     )
-    parser.add_argument("runs", nargs="+", type=Path, help="run folders (runs/<name>)")
-    parser.add_argument(
-        "--duration", type=seconds, help="seconds per frame (0.01 to 600; default 0.4)"
-    )
-    parser.add_argument(
-        "--last-pause", type=seconds, help="seconds the last frame stays (0.01 to 600; default 2)"
-    )
-    parser.add_argument(
+    add = parser.add_argument
+    add("runs", nargs="+", type=Path, help="run folders (runs/<name>)")
+    add("--duration", type=seconds, help="seconds per frame (0.01 to 600; default 0.4)")
+    add("--last-pause", type=seconds, help="seconds the last frame stays (0.01 to 600; default 2)")
+    add(
         "--to-imgs",
         action="store_true",
-        help="copy the GIFs and projections to imgs/<loss>-<dataset>-feat=<d>/",
+        help="copy GIFs, projections to imgs/<loss>-<dataset>-feat=<d>/",
     )
-    parser.add_argument("--imgs-dir", type=Path, help="where --to-imgs copies to (default imgs)")
-    parser.add_argument(
-        "--geometry",
-        action="store_true",
-        help="instead: plot the runs' class geometry (metrics.csv) over epochs",
+    add("--imgs-dir", type=Path, help="where --to-imgs copies to (default imgs)")
+    add(
+        "--geometry", action="store_true", help="instead: plot the runs' class geometry over epochs"
     )
-    parser.add_argument(
-        "--out", type=Path, help="with --geometry: the picture to write (.png, .svg or .pdf)"
-    )
+    add("--out", type=Path, help="with --geometry: the picture to write (.png, .svg or .pdf)")
     args = parser.parse_args(argv)
     if args.geometry != (args.out is not None):
         parser.error(
             "--geometry and --out go together: visualize.py --geometry RUN_DIR ... --out geometry.png"
         )
-    stitching = (
-        ("--duration", args.duration),
-        ("--last-pause", args.last_pause),
-        ("--to-imgs", args.to_imgs),
-        ("--imgs-dir", args.imgs_dir),
-    )
-    given = [flag for flag, value in stitching if value not in (None, False)]
+    stitching = {
+        "--duration": args.duration,
+        "--last-pause": args.last_pause,
+        "--to-imgs": args.to_imgs,
+    }
+    stitching["--imgs-dir"] = args.imgs_dir
+    given = [flag for flag, value in stitching.items() if value not in (None, False)]
     if args.geometry and given:
         parser.error(f"{given[0]} is for stitching GIFs, which --geometry does not do; drop it")
     if args.imgs_dir is not None and not args.to_imgs:
@@ -496,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     failures = 0
     for job in (
         [partial(draw_geometry, args.runs, args.out)] if args.geometry else jobs
-    ):  # --geometry: one picture of all the runs
+    ):  # --geometry: one picture
         try:
             job()
         except (StitchError, WriteError) as exc:

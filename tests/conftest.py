@@ -2,7 +2,8 @@
 session's main.py runs, started together in the background as soon as the session begins.
 
 Everything is sized for a small shared 2-core machine: the tiny MNIST has 200 train / 100 test
-images, the tiny runs train two epochs of 7 steps, every process uses one thread.
+images, the tiny runs train two epochs of 7 steps, every process uses one thread. Images are
+decoded by PIL (datasets.decode); nothing calls torchvision.io, so none of its warnings is filtered.
 """
 
 from __future__ import annotations
@@ -28,14 +29,6 @@ NUM_CLASSES = 10
 MNIST_TRAIN = 200
 MNIST_TEST = 100
 SUBPROCESS_TIMEOUT = 300
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    # datasets.decode_images uses torchvision.io, deprecated since torchvision 0.29 (reported, not ours to fix).
-    config.addinivalue_line(
-        "filterwarnings",
-        "ignore:The image decoding and encoding capabilities of TorchVision:DeprecationWarning",
-    )
 
 
 # --------------------------------------------------------------------------------------------- IDX

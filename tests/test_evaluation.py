@@ -29,8 +29,8 @@ def test_embed_is_float32_under_autocast(dtype) -> None:
     model = Net()
     images = torch.randint(0, 256, (40, 1, 4, 4), dtype=torch.uint8)
     run = types.SimpleNamespace(model=model, device=torch.device("cpu"), channels_last=False)
-    run.autocast = lambda: torch.autocast("cpu", dtype=dtype)
-    features = embed(run, ImageData(images, torch.zeros(40, dtype=torch.long)))
+    with torch.autocast("cpu", dtype=dtype):  # a caller under --amp: embed must leave it
+        features = embed(run, ImageData(images, torch.zeros(40, dtype=torch.long)))
     with torch.no_grad():
         want_features, want_logits = model(images.float().div(255))
     assert features.dtype == torch.float32 and torch.equal(features, want_features)

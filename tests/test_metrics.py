@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -369,7 +370,12 @@ def test_run_writes_metrics_validation_and_tensorboard(tmp_path: Path) -> None:
     ):
         assert name in summary and summary[name] is not None, name
     assert summary["train_size"] == 150  # 200 - 25% held out
-    assert 0 <= summary["map_at_r"] <= 1 and 0 <= summary["knn1_acc"] <= 1
+    with np.load(run_dir / "frames" / "test" / "epoch_002.npz") as frame:  # the features measured
+        want = reference_retrieval(*(torch.from_numpy(frame[k]) for k in ("features", "labels")))
+        assert summary["test_size"] == len(frame["labels"])
+    assert summary["map_at_r"] == pytest.approx(want["map_at_r"], rel=1e-5)
+    hits = summary["knn1_acc"] * summary["test_size"]  # a share of the test images
+    assert hits == pytest.approx(round(hits), abs=1e-6)
     events = list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
     assert (run_dir / "tensorboard" / "projector_config.pbtxt").is_file()
@@ -445,7 +451,7 @@ def test_run_whose_test_classes_have_one_image_each_finishes(tmp_path: Path) -> 
         and summary["map_at_r"] is None
         and summary["precision_at_1"] is None
     )
-    assert 0 <= summary["knn1_acc"] <= 1
+    assert summary["knn1_acc"] * 3 == pytest.approx(round(summary["knn1_acc"] * 3))  # of 3 images
 
 
 def test_class_geometry_hand_computed() -> None:

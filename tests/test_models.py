@@ -114,24 +114,16 @@ def test_lenet_standardises_its_input_and_keeps_2d_features_apart():
     torch.testing.assert_close(plain((x - 0.1307) / 0.3081)[0], features)
 
 
-def test_resnet_width_multiplies_channels_and_width_one_is_the_study_network():
-    torch.manual_seed(0)
-    study = build_model("resnet", 1, 10, 2, 28)
-    torch.manual_seed(0)
-    same = build_model("resnet", 1, 10, 2, 28, width=1)
-    for a, b in zip(study.state_dict().values(), same.state_dict().values(), strict=True):
-        assert torch.equal(a, b)
-    wide = build_model("resnet", 1, 10, 2, 28, width=2)
-    assert wide.stem.out_channels == 32 and wide.embed.in_features == 256
-    convs = [
-        m.out_channels
-        for m in wide.modules()
-        if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)
-    ]
-    assert convs == [32] + [w * 2 for w in (32, 32, 32, 32, 64, 64, 64, 64, 128, 128)]
-    weights = [sum(p.numel() for p in m.blocks.parameters()) for m in (study, wide)]
-    assert 3.5 < weights[1] / weights[0] < 4.1  # conv weights grow with the square of the width
-    features, logits = wide(torch.rand(3, 1, 28, 28))
+@pytest.mark.parametrize("width", [1, 2])
+def test_resnet_width_multiplies_channels_and_width_one_is_the_study_network(width):
+    """The default (width 1) has the study's channels, 16 then 32, 64, 128 (its models/resnet.py) and its
+    401,056 parameters less its 976 conv biases (tests/test_study_code.py); width w multiplies each."""
+    model = build_model("resnet", 1, 10, 2, 28, **({"width": width} if width > 1 else {}))
+    convs = [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert convs == [width * c for c in [16] + [32] * 6 + [64] * 6 + [128] * 3]
+    assert model.embed.in_features == 128 * width
+    assert sum(p.numel() for p in model.parameters()) == {1: 401_056 - 976, 2: 1_596_800}[width]
+    features, logits = model(torch.rand(3, 1, 28, 28))
     assert features.shape == (3, 2) and logits.shape == (3, 10)
 
 

@@ -207,10 +207,21 @@ def test_open_set_run_reports_closed_accuracy_retrieval_and_geometry(
     assert result.returncode == 0, result.stderr
     summary = json.loads((tmp_path / "open" / "summary.json").read_text())
     assert summary["num_classes"] == 5 and summary["classes"] == ["0", "1", "2", "3", "4"]
+    # Paths relative to the run folder: a summary names no folder of the machine it ran on.
+    assert (
+        summary["out"] == ".."
+        and (tmp_path / "open" / summary["data_dir"]).resolve() == Path(data_dir).resolve()
+    )
     assert summary["train_size"] == int((arrays["train_labels"] < 5).sum())
     assert summary["test_size"] == int((arrays["t10k_labels"] < 5).sum())
-    for name in (*metrics.OPEN_SET_METRICS, *metrics.GEOMETRY_METRICS):
-        assert 0 <= summary[name] < math.inf, name
+    gap, intra = summary["mean_center_gap"], summary["intra_distance"]
+    assert (
+        summary["mean_gap_ratio"] == pytest.approx(gap / intra) and gap >= summary["min_center_gap"]
+    )
+    unseen = int((arrays["t10k_labels"] >= 5).sum())  # P@1: a share of the unseen test images
+    assert summary["open_precision_at_1"] * unseen == pytest.approx(
+        round(summary["open_precision_at_1"] * unseen)
+    )
     rows = list(csv.DictReader(open(tmp_path / "open" / "metrics.csv")))
     assert len(rows) == 1 and all(
         rows[0][name] for name in (*metrics.OPEN_SET_METRICS, *metrics.GEOMETRY_METRICS)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import shutil
@@ -59,24 +60,12 @@ def test_table_rows_differences_and_missing(tmp_path: Path, capsys) -> None:
     assert len(rows) == 18
     study = report.study_rows()
     assert [(r[0], r[1], r[2]) for r in rows] == [
-        (s["loss"], s["dataset"], s["feat_dim"]) for s in study
+        (s["loss"], s["dataset"], str(s["feat_dim"])) for s in study
     ]
     by_key = {(r[0], r[1], int(r[2])): r for r in rows}
     standalone = by_key[("standalone", "mnist", 2)]
     # loss dataset feat acc lr epochs batch w_cent w_intra w_inter study diff ncm best
-    assert standalone[3:] == [
-        "0.981",
-        "0.01",
-        "3",
-        "128",
-        "/",
-        "1.0",
-        "0.1",
-        "0.994",
-        "-0.013",
-        "0.971",
-        "/",
-    ]
+    assert standalone[3:] == "0.981|0.01|3|128|/|1.0|0.1|0.994|-0.013|0.971|/".split("|")
     cent = by_key[("cent", "cifar10", 128)]
     assert cent[3] == "0.700" and cent[7] == "1.0" and cent[8:10] == ["/", "/"]
     assert cent[10:] == ["0.858", "-0.158", "0.690", "0.750"]
@@ -127,18 +116,8 @@ def test_unfinished_run_is_its_last_epoch_marked_and_never_compared(tmp_path: Pa
     rows = {(r[0], r[1], r[2]): r for r in table_rows(capsys.readouterr().out)}
     xent = rows[("xent", "mnist", "2")]
     # loss dataset feat acc lr epochs batch w_cent w_intra w_inter study diff ncm
-    assert xent[3:] == [
-        "0.970 (unfinished)",
-        "0.01",
-        "3 of 100 (unfinished)",
-        "128",
-        "/",
-        "/",
-        "/",
-        "0.991",
-        "/",
-        "0.960",
-    ]
+    want = "0.970 (unfinished)|0.01|3 of 100 (unfinished)|128|/|/|/|0.991|/|0.960"
+    assert xent[3:] == want.split("|")
     assert (
         rows[("standalone", "mnist", "2")][3] == "0.981"
         and rows[("standalone", "mnist", "2")][11] == "-0.013"
@@ -194,7 +173,7 @@ def test_collect_and_readme_markers(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "results" / "xent-mnist-feat=2.json").read_text())["acc"] == 0.95
     text = readme.read_text()
     assert "old" not in text and text.startswith("intro\n") and text.endswith("end\n")
-    assert "| xent | mnist | 2 | 0.950 |" in text
+    assert table_rows(text.split("\n", 2)[2])[0][:4] == ["xent", "mnist", "2", "0.950"]
     # The collected files alone give the same table.
     assert report.table(report.load_runs([tmp_path / "results"]), ["ncm_acc"]) == report.table(
         report.load_runs([runs]), ["ncm_acc"]
@@ -231,7 +210,8 @@ def test_seeds_of_a_grid_point_are_one_row_with_mean_and_sample_std(tmp_path: Pa
     captured = capsys.readouterr()
     assert captured.err == ""
     header, *_ = captured.out.splitlines()
-    assert header.split(" | ")[10:] == ["study acc", "diff", "n", "ncm_acc", "knn1_acc |"]
+    header = [c.strip() for c in header.strip("|").split("|")]
+    assert header[10:] == ["study acc", "diff", "n", "ncm_acc", "knn1_acc"]
     rows = {(r[0], r[1], r[2]): r for r in table_rows(captured.out)}
     accs = np.array([0.97, 0.98, 0.995])
     mean, std = accs.mean(), accs.std(ddof=1)  # 0.9817, 0.0126
@@ -251,20 +231,8 @@ def test_seeds_of_a_grid_point_are_one_row_with_mean_and_sample_std(tmp_path: Pa
     ]
     assert standalone[13] == f"{mean - 0.01:.3f} ± {std:.3f}"
     assert standalone[14] == f"{knn.mean():.3f} ± {knn.std(ddof=1):.3f} (n=2)"
-    assert rows[("xent", "cifar10", "128")][3:] == [
-        "0.500",
-        "0.01",
-        "3",
-        "128",
-        "/",
-        "/",
-        "/",
-        "0.866",
-        "-0.366",
-        "1",
-        "0.490",
-        "0.400",
-    ]
+    want = "0.500|0.01|3|128|/|/|/|0.866|-0.366|1|0.490|0.400"
+    assert rows[("xent", "cifar10", "128")][3:] == want.split("|")
     assert rows[("cent", "mnist", "2")][12] == "missing"
     assert len(table_rows(captured.out)) == 18
 
@@ -443,27 +411,54 @@ def test_bad_summary_is_one_line_naming_the_file(
     assert listing(tmp_path) == before
 
 
-def test_readme_table_matches_committed_results() -> None:
-    """README's cpu-3ep table is exactly what report.py makes of results/cpu-3ep: all 18 grid points
-    measured, 3-epoch float32 runs with clean_train_acc, and imgs/ holds each row's pictures (the
-    GIFs of the 2-D rows, the projections of the 128-D rows)."""
-    readme = (ROOT / "README.md").read_text()
-    start, end = "<!-- table:cpu-3ep -->\n", "<!-- /table:cpu-3ep -->"
-    in_readme = readme[readme.index(start) + len(start) : readme.index(end)].strip()
+# Each block of README and docs/ between <!-- LABEL --> markers, and report.py's arguments that write it.
+BLOCKS = {
+    "table:cpu-3ep": "results/cpu-3ep --columns ncm_acc,clean_train_acc,gap,knn1_acc,map_at_r",
+    "table:questions-q1": "results/questions/q1 --present --columns clean_train_acc,gap,open_precision_at_1,open_r_precision,open_map_at_r",
+    "table:center-update": "results/center-update --present --columns center_update,center_alpha,ncm_acc,clean_train_acc,map_at_r",
+    "gallery": None,  # report.py --gallery imgs
+    "table:side-by-side": "results/side-by-side/summarize.py",  # a script's table()
+    "table:pipeline-fixes": "results/cpu-3ep-nearest/compare.py",
+    "table:questions-q2": "results/questions/q2/table.py",
+}
+
+
+def block(page: str, label: str) -> str:
+    text = (ROOT / page).read_text()
+    start, end = f"<!-- {label} -->\n", f"\n<!-- /{label} -->"
+    return text[text.index(start) + len(start) : text.index(end)]
+
+
+def test_generated_blocks_are_what_their_generators_write(capsys) -> None:
+    """Every table of results in README and docs/ is written between markers by report.py (or a
+    script beside its results) from the committed results/; none is typed by hand."""
+    found = set()
+    for page in ["README.md", *(f"docs/{p.name}" for p in (ROOT / "docs").glob("*.md"))]:
+        for label in re.findall(r"<!-- (table:[\w-]+|gallery) -->", (ROOT / page).read_text()):
+            if label == "gallery":
+                want = report.gallery(ROOT / "imgs", ROOT / page)
+            elif BLOCKS[label].endswith(".py"):
+                spec = importlib.util.spec_from_file_location("generator", ROOT / BLOCKS[label])
+                spec.loader.exec_module(generator := importlib.util.module_from_spec(spec))
+                want = generator.table()
+            else:
+                folder, *argv = BLOCKS[label].split()
+                assert report.main([str(ROOT / folder), *argv]) == 0
+                want = capsys.readouterr().out.rstrip("\n")
+            assert block(page, label) == want, (page, label)
+            found.add(label)
+    assert found == set(BLOCKS)
+
+
+def test_the_readme_table_is_the_whole_grid_with_its_pictures() -> None:
+    """results/cpu-3ep: all 18 grid points measured, one 3-epoch float32 run each with clean_train_acc,
+    and imgs/ holds each row's pictures (the GIFs of the 2-D rows, the projections of the 128-D rows)."""
     runs = report.load_runs([ROOT / "results" / "cpu-3ep"])
-    assert (
-        in_readme
-        == report.table(runs, ["ncm_acc", "clean_train_acc", "gap", "knn1_acc", "map_at_r"]).strip()
-    )
-    rows = table_rows(in_readme)
-    assert len(rows) == 18 and not any("missing" in r for r in rows)
-    for (loss, dataset, feat_dim), groups in runs.items():
-        [[summary]] = groups  # one grid point a row, one seed
-        assert (
-            summary["epochs"] == 3
-            and summary["amp"] == "off"
-            and 0 < summary["clean_train_acc"] <= 1
-        )
+    assert "missing" not in block("README.md", "table:cpu-3ep") and len(runs) == 18
+    assert runs["point"].is_unique  # one run a row, one seed
+    assert (runs["epochs"] == 3).all() and (runs["amp"] == "off").all()
+    assert runs["clean_train_acc"].notna().all()
+    for loss, dataset, feat_dim in runs[["loss", "dataset", "feat_dim"]].itertuples(index=False):
         names = ("train.gif", "test.gif") if feat_dim == 2 else ("train.png", "test.png")
         for name in names:
             assert (ROOT / "imgs" / f"{loss}-{dataset}-feat={feat_dim}" / name).stat().st_size > 0
