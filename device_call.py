@@ -37,7 +37,7 @@ PART = 15 * MiB  # a state archive at most: the device tool brings back files of
 LIMITS = (8, 16 * MiB, 64 * MiB, re.compile(r"[A-Za-z0-9._-]+"))  # files, one, all, a name
 GRACE = 45  # seconds a call keeps after its runs' deadline: checkpoints, table, archives
 PIP = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
-PYTEST = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_cuda.py"]
+PYTEST = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "tests/test_cuda.py"]
 
 
 class Refused(Exception):
@@ -183,7 +183,9 @@ def call(args, extra: list[str]) -> int:
             pip = ["install", "--no-index", "--no-deps", "--target", str(work / "site"), *wheels]
             if not wheels or subprocess.run([*PIP, *pip], capture_output=True).returncode:
                 raise Refused(f"{state}/wheels: no pytorch-metric-learning wheel that installs")
-            env["PYTHONPATH"] = os.pathsep.join([str(work / "site"), env.get("PYTHONPATH", "")])
+            env["PYTHONPATH"] = os.pathsep.join(
+                filter(None, [str(work / "site"), env.get("PYTHONPATH")])
+            )
         smi = [shutil.which("nvidia-smi") or "", "--query-gpu=name,memory.total,driver_version"]
         gpu = smi[0] and subprocess.run([*smi, "--format=csv,noheader"], capture_output=True, text=True).stdout  # fmt: skip
         say(f"gpu: {gpu.strip() or 'nvidia-smi: none'}; python {sys.version.split()[0]}")
@@ -326,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     add("--data-dir", default=ROOT.parent / "shared" / "data", help="the folder with MNIST/raw")
     add("--out", help="run, rehearse: instead of $OUT")
     add("--epochs", type=int, help="each run's epochs in all (35; rehearse: 2)")
-    add("--per-call", type=int, help="epochs a call adds to each run (10; rehearse: 1)")
+    add("--per-call", type=int, help="epochs a call adds to each run (12; rehearse: 1)")
     add("--budget", type=int, default=300, help="seconds a call takes at most (300)")
     add(
         "--test-timeout", type=int, help="seconds for tests/test_cuda.py, 0: none (first call: 120)"
@@ -337,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     small = args.command == "rehearse"
     for key, full, tiny in (
         ("epochs", 35, 2),
-        ("per_call", 10, 1),
+        ("per_call", 12, 1),
         ("losses", "xent cent standalone", "xent standalone"),
         ("feat_dims", "2 128", "2"),
     ):
