@@ -120,15 +120,24 @@ def unpack(came_back: Path, state: Path) -> None:
     print(f"{state}: {', '.join(p.name for p in parts)}; the next call continues from them")
 
 
+def start(command: list[str], log: Path, **popen) -> subprocess.Popen:
+    """command in a process group of its own (stop() reaches its children), output appended to log."""
+    with open(log, "a") as file:  # the child keeps its own copy of the file
+        file.write(f"== {time.strftime('%F %T', time.gmtime())} {' '.join(command[1:])}\n")
+        file.flush()
+        return subprocess.Popen(command, stdout=file, stderr=file, preexec_fn=os.setpgrp, **popen)
+
+
 def stop(proc: subprocess.Popen, how: int) -> None:
     try:
-        os.killpg(proc.pid, how)  # main.py and anything it started: its own process group
+        os.killpg(proc.pid, how)
     except ProcessLookupError:
         pass
 
 
 def train(runs: Path, commands: dict, args, env: dict, deadline: float) -> dict:
-    """Each run up to args.per_call more epochs or the deadline: {name: (epochs before, exit, why)}."""
+    """Each run up to args.per_call more epochs or the deadline: {name: (epochs before, exit, why)}.
+    SIGTERM or SIGINT to this process brings the deadline forward to now."""
     procs, status, signalled = {}, {}, {}
     env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // len(commands)))} | env
     for name, command in commands.items():
@@ -136,16 +145,16 @@ def train(runs: Path, commands: dict, args, env: dict, deadline: float) -> dict:
         if (runs / name / "summary.json").is_file():
             status[name] = (before, 0, "finished before")
             continue
-        with open(runs / f"{name}.log", "a") as log:  # the child keeps its own copy of the file
-            log.write(f"== {time.strftime('%F %T', time.gmtime())} main.py {' '.join(command)}\n")
-            log.flush()
-            main = [sys.executable, str(ROOT / "main.py"), *command]
-            proc = subprocess.Popen(main, cwd=runs.parent, env=env, stdout=log, stderr=log, start_new_session=True)  # fmt: skip
+        main = [sys.executable, str(ROOT / "main.py"), *command]
+        proc = start(main, runs / f"{name}.log", cwd=runs.parent, env=env)
         stop_at = before + args.per_call if before + args.per_call < args.epochs else None
         procs[name] = (proc, before, stop_at)  # the last piece is not stopped: main.py finishes it
+    now = {"deadline": deadline}
+    for how in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(how, lambda *_: now.update(deadline=min(now["deadline"], time.monotonic())))
     while procs:
         time.sleep(0.2)
-        late = time.monotonic() > deadline
+        late = time.monotonic() > now["deadline"]
         for name, (proc, before, stop_at) in list(procs.items()):
             if proc.poll() is not None:
                 status[name] = (before, proc.returncode, signalled.get(name, "ended"))
@@ -153,9 +162,38 @@ def train(runs: Path, commands: dict, args, env: dict, deadline: float) -> dict:
             elif name not in signalled and (late or stop_at and len(rows(runs / name)) >= stop_at):
                 signalled[name] = "deadline" if late else "piece done"
                 stop(proc, signal.SIGTERM)  # main.py saves a checkpoint and exits 143
-            elif time.monotonic() > deadline + GRACE - 15:
+            elif time.monotonic() > now["deadline"] + GRACE - 15:
                 stop(proc, signal.SIGKILL)  # the checkpoint of its last epoch stays
     return status
+
+
+def prepare(state: Path, work: Path, parts: list[Path]) -> dict:
+    """MNIST and the last call's runs unpacked in work; the environment, with the wheel if needed."""
+    extract(state / "mnist.tar.gz", work / "data")
+    for part in parts:
+        extract(part, work)
+    (work / "runs").mkdir(exist_ok=True)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if importlib.util.find_spec("pytorch_metric_learning") is None:
+        wheels = [str(p) for p in sorted((state / "wheels").glob("*.whl"))]
+        pip = ["install", "--no-index", "--no-deps", "--target", str(work / "site"), *wheels]
+        if not wheels or subprocess.run([*PIP, *pip], capture_output=True).returncode:
+            raise Refused(f"{state}/wheels: no pytorch-metric-learning wheel that installs")
+        env["PYTHONPATH"] = os.pathsep.join(
+            filter(None, [str(work / "site"), env.get("PYTHONPATH")])
+        )
+    return env
+
+
+def progress(runs: Path, status: dict, epochs: int) -> str:
+    """A row per run: its epochs, what this call added and why it stopped, exit code, median seconds."""
+    table = ["| run | epochs | this call | exit | train s per epoch |", "|---|---|---|---|---|"]
+    for name, (before, code, why) in status.items():
+        done, end = rows(runs / name), " (finished)" * (runs / name / "summary.json").is_file()
+        new = sorted(float(row["seconds"]) for row in done[before:])
+        median = f"{new[len(new) // 2]:.1f}" if new else "/"
+        table.append(f"| {name} | {len(done)} of {epochs}{end} | +{len(done) - before}, {why} | {code} | {median} |")  # fmt: skip
+    return "\n".join(table)
 
 
 def call(args, extra: list[str]) -> int:
@@ -173,76 +211,47 @@ def call(args, extra: list[str]) -> int:
         lines.append(line)
 
     try:
-        extract(state / "mnist.tar.gz", work / "data")
-        for part in parts:
-            extract(part, work)
-        (runs := work / "runs").mkdir(exist_ok=True)
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        if importlib.util.find_spec("pytorch_metric_learning") is None:
-            wheels = [str(p) for p in sorted((state / "wheels").glob("*.whl"))]
-            pip = ["install", "--no-index", "--no-deps", "--target", str(work / "site"), *wheels]
-            if not wheels or subprocess.run([*PIP, *pip], capture_output=True).returncode:
-                raise Refused(f"{state}/wheels: no pytorch-metric-learning wheel that installs")
-            env["PYTHONPATH"] = os.pathsep.join(
-                filter(None, [str(work / "site"), env.get("PYTHONPATH")])
-            )
+        env, runs = prepare(state, work, parts), work / "runs"
         smi = [shutil.which("nvidia-smi") or "", "--query-gpu=name,memory.total,driver_version"]
         gpu = smi[0] and subprocess.run([*smi, "--format=csv,noheader"], capture_output=True, text=True).stdout  # fmt: skip
         say(f"gpu: {gpu.strip() or 'nvidia-smi: none'}; python {sys.version.split()[0]}")
         tested, tests = time.monotonic(), args.test_timeout
         if tests if tests is not None else not parts:  # by default in the first call alone
-            with open(out / "cuda-tests.log", "w") as log:
-                proc = subprocess.Popen(PYTEST, cwd=ROOT, env=env, stdout=log, stderr=log, start_new_session=True)  # fmt: skip
-                try:
-                    code = proc.wait(tests or 120)
-                except subprocess.TimeoutExpired:
-                    stop(proc, signal.SIGKILL)
-                    code = f"killed at {tests or 120} s"
-            last = (out / "cuda-tests.log").read_text().strip().splitlines()[-1:]
-            say(f"tests/test_cuda.py: exit {code}: {' '.join(last)}")
+            proc = start(PYTEST, out / "cuda-tests.log", cwd=ROOT, env=env)
+            try:
+                code = proc.wait(tests or 120)
+            except subprocess.TimeoutExpired:
+                stop(proc, signal.SIGKILL)
+                code = f"killed at {tests or 120} s"
+            last = (out / "cuda-tests.log").read_text().strip().splitlines()[-1]
+            say(f"tests/test_cuda.py: exit {code}: {last}")
         launched = time.monotonic()
         commands = {
             f"{loss}-mnist-feat={d}": ["--loss", loss, "--dataset", "mnist", "--data-dir", "data",
-             "--feat-dim", d, "--epochs", str(args.epochs), "--out", "runs", "--no-plots", *extra]
+             "--feat-dim", d, "--epochs", str(args.epochs), "--out", "runs", "--no-plots", *extra,
+             "--name", f"{loss}-mnist-feat={d}"]
             for d in args.feat_dims.split() for loss in args.losses.split()
         }  # fmt: skip
-        for name, command in commands.items():
-            command += ["--name", name]
         status = train(runs, commands, args, env, started + args.budget - GRACE)
         trained = time.monotonic() - launched
-        table = ["| run | epochs | this call | exit | train s per epoch |", "| --- | --- | --- | --- | --- |"]  # fmt: skip
-        for name, (before, code, why) in status.items():
-            done, end = rows(runs / name), " (finished)" * (runs / name / "summary.json").is_file()
-            new = sorted(f"{float(row['seconds']):5.1f}" for row in done[before:]) or ["/"]
-            median = new[len(new) // 2]
-            table.append(f"| {name} | {len(done)} of {args.epochs}{end} | +{len(done) - before}, {why} | {code} | {median} |")  # fmt: skip
         if advanced := max(len(rows(runs / n)) - status[n][0] for n in status):
             setup = tested - started  # every call's unpacking; the tests are the first call's alone
             fits = int((args.budget - GRACE - setup) * advanced / trained)
             say(f"epochs: +{advanced} in {trained:.0f} s, all runs at once, after {setup:.0f} s of unpacking: --per-call {fits} fills a call")  # fmt: skip
         ready = [str(runs / n) for n in status if rows(runs / n)]
         columns = "ncm_acc,clean_train_acc,gap" if list(runs.glob("*/summary.json")) else "ncm_acc"
-        report = [
-            sys.executable,
-            str(ROOT / "report.py"),
-            "--present",
-            "--columns",
-            columns,
-            *ready,
-        ]
-        made = subprocess.run(report, capture_output=True, text=True, env=env) if ready else None
+        report = [sys.executable, str(ROOT / "report.py"), "--present", "--columns", columns]
+        made = subprocess.run(report + ready, capture_output=True, text=True, env=env) if ready else None  # fmt: skip
         text = (
-            (made.stdout if made.returncode == 0 else made.stderr)
-            if made
-            else "no run has an epoch\n"
+            (made.stderr if made.returncode else made.stdout) if made else "no run has an epoch\n"
         )
-        (out / "table.md").write_text(text + "\n" + "\n".join(table) + "\n")
-        say(text + "\n".join(table))
+        (out / "table.md").write_text(f"{text}\n{progress(runs, status, args.epochs)}\n")
+        say(f"{text}{progress(runs, status, args.epochs)}")
         archive(runs, list(status), out)
         failed = [n for n, (_, code, _) in status.items() if code not in (0, 143)]
         for name in failed:
             say(f"FAILED {name}: {(runs / f'{name}.log').read_text().strip().splitlines()[-1]}")
-        broken = contract(out) + [f"{len(failed)} run(s) FAILED (logs in runs.tar.gz)"] * bool(
+        broken = contract(out) + [f"{len(failed)} run(s) FAILED, logs in runs.tar.gz"] * bool(
             failed
         )
         say(f"elapsed {time.monotonic() - started:.0f} s; " + ("; ".join(broken) or "limits kept"))
