@@ -224,7 +224,7 @@ def call(args, extra: list[str]) -> int:
                 stop(proc, signal.SIGKILL)
                 code = f"killed at {tests or 120} s"
             last = (out / "cuda-tests.log").read_text().strip().splitlines()[-1]
-            say(f"tests/test_cuda.py: exit {code}: {last}")
+            say(f"tests/test_cuda.py: exit {code}: {last.strip('= ')}")
         launched = time.monotonic()
         commands = {
             f"{loss}-mnist-feat={d}": ["--loss", loss, "--dataset", "mnist", "--data-dir", "data",
@@ -309,16 +309,7 @@ def rehearse(args, extra: list[str]) -> int:
         smi.chmod(0o755)
         os.environ["PATH"] = f"{tmp}{os.pathsep}{os.environ['PATH']}"
         pack(Path(args.data_dir), state := Path(tmp) / "state", wheel=False)  # this Python has it
-        tiny = [
-            "--device",
-            "cpu",
-            "--model",
-            "lenet++",
-            "--train-samples",
-            "64",
-            "--batch-size",
-            "32",
-        ]
+        tiny = "--device cpu --model lenet++ --train-samples 64 --batch-size 32".split()
         codes = []
         for k in (1, 2):
             (call_out := out / f"call-{k}").mkdir(parents=True)
@@ -346,12 +337,10 @@ def main(argv: list[str] | None = None) -> int:
     add("--feat-dims", help="the grid's feature sizes ('2 128'; rehearse: '2')")
     args, extra = parser.parse_known_args(argv)
     small = args.command == "rehearse"
-    for key, full, tiny in (
-        ("epochs", 35, 2),
-        ("per_call", 12, 1),
-        ("losses", "xent cent standalone", "xent standalone"),
-        ("feat_dims", "2 128", "2"),
-    ):
+    grid = {"epochs": (35, 2), "per_call": (12, 1), "feat_dims": ("2 128", "2")}
+    for key, (full, tiny) in (
+        grid | {"losses": ("xent cent standalone", "xent standalone")}
+    ).items():
         if getattr(args, key) is None:
             setattr(args, key, tiny if small else full)
     if min(args.epochs, args.per_call) < 1 or args.budget < GRACE + 30:
