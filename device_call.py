@@ -37,6 +37,7 @@ PART = 15 * MiB  # a state archive at most: the device tool brings back files of
 LIMITS = (8, 16 * MiB, 64 * MiB, re.compile(r"[A-Za-z0-9._-]+"))  # files, one, all, a name
 GRACE = 45  # seconds a call keeps after its runs' deadline: checkpoints, table, archives
 PIP = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
+INTERRUPTED: list[int] = []  # the signals that stopped a call's runs before their time
 PYTEST = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "tests/test_cuda.py"]
 
 
@@ -138,7 +139,13 @@ def stop(proc: subprocess.Popen, how: int) -> None:
 def train(runs: Path, commands: dict, args, env: dict, deadline: float) -> dict:
     """Each run up to args.per_call more epochs or the deadline: {name: (epochs before, exit, why)}.
     SIGTERM or SIGINT to this process brings the deadline forward to now."""
-    procs, status, signalled = {}, {}, {}
+    procs, status, signalled, now = {}, {}, {}, {"deadline": deadline}
+
+    def deadline_now(signum, frame) -> None:
+        now["deadline"] = min(now["deadline"], time.monotonic())
+        INTERRUPTED.append(signum)
+
+    previous = {how: signal.signal(how, deadline_now) for how in (signal.SIGTERM, signal.SIGINT)}
     env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // len(commands)))} | env
     for name, command in commands.items():
         before = len(rows(runs / name))
@@ -149,9 +156,6 @@ def train(runs: Path, commands: dict, args, env: dict, deadline: float) -> dict:
         proc = start(main, runs / f"{name}.log", cwd=runs.parent, env=env)
         stop_at = before + args.per_call if before + args.per_call < args.epochs else None
         procs[name] = (proc, before, stop_at)  # the last piece is not stopped: main.py finishes it
-    now = {"deadline": deadline}
-    for how in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(how, lambda *_: now.update(deadline=min(now["deadline"], time.monotonic())))
     while procs:
         time.sleep(0.2)
         late = time.monotonic() > now["deadline"]
@@ -164,6 +168,8 @@ def train(runs: Path, commands: dict, args, env: dict, deadline: float) -> dict:
                 stop(proc, signal.SIGTERM)  # main.py saves a checkpoint and exits 143
             elif time.monotonic() > now["deadline"] + GRACE - 15:
                 stop(proc, signal.SIGKILL)  # the checkpoint of its last epoch stays
+    for how, handler in previous.items():
+        signal.signal(how, handler)
     return status
 
 
@@ -221,8 +227,9 @@ def call(args, extra: list[str]) -> int:
             try:
                 code = proc.wait(tests or 120)
             except subprocess.TimeoutExpired:
-                stop(proc, signal.SIGKILL)
                 code = f"killed at {tests or 120} s"
+            finally:  # also on Ctrl-C: nothing of the tests is left running
+                stop(proc, signal.SIGKILL)
             last = (out / "cuda-tests.log").read_text().strip().splitlines()[-1]
             say(f"tests/test_cuda.py: exit {code}: {last.strip('= ')}")
         launched = time.monotonic()
@@ -254,6 +261,7 @@ def call(args, extra: list[str]) -> int:
         broken = contract(out) + [f"{len(failed)} run(s) FAILED, logs in runs.tar.gz"] * bool(
             failed
         )
+        broken += ["the runs were stopped by a signal"] * bool(INTERRUPTED)
         say(f"elapsed {time.monotonic() - started:.0f} s; " + ("; ".join(broken) or "limits kept"))
         return 1 if broken or (made and made.returncode) else 0
     finally:
@@ -314,6 +322,8 @@ def rehearse(args, extra: list[str]) -> int:
         for k in (1, 2):
             (call_out := out / f"call-{k}").mkdir(parents=True)
             codes.append(call(argparse.Namespace(**{**vars(args), "out": call_out, "state": state}), tiny + extra))  # fmt: skip
+            if INTERRUPTED:
+                raise KeyboardInterrupt
             if k == 1:
                 unpack(call_out, state)
     return max(codes)
@@ -359,8 +369,18 @@ def main(argv: list[str] | None = None) -> int:
     except Refused as exc:
         print(f"device_call.py: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM outside the training, which stops the runs itself
+        print(
+            "device_call.py: error: interrupted; the temporary folder is removed", file=sys.stderr
+        )
+        return 130
     return 0
 
 
+def interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, interrupt)
     sys.exit(main())
