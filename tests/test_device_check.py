@@ -100,6 +100,14 @@ def test_state_archives_are_filled_first_fit_and_unpack_replaces_the_old(
             assert sum(m.size for m in tar.getmembers()) <= 10_000
 
 
+def test_progress_has_a_row_for_a_run_without_an_epoch(tmp_path) -> None:
+    (tmp_path / "cent-mnist-feat=2").mkdir()  # stopped before its first epoch ended
+    status = {"cent-mnist-feat=2": (0, 143, "deadline")}
+    assert device_call.progress(tmp_path, status, 35).splitlines()[2:] == [
+        "| cent-mnist-feat=2 | 0 of 35 | +0, deadline | 143 | / |"
+    ]
+
+
 def tar_of(path: Path, names: dict[str, bytes]) -> None:
     with tarfile.open(path, "w") as tar:
         for name, data in names.items():
