@@ -364,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
             pack(Path(args.data_dir), args.state)
         elif args.command == "unpack":
             unpack(args.came_back, args.state)
+        elif os.name != "posix":  # process groups: stop() must reach main.py's workers too
+            raise Refused(f"{args.command} needs a POSIX system (Linux, macOS; on Windows, WSL)")
         else:
             return (rehearse if small else call)(args, extra)
     except Refused as exc:
