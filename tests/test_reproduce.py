@@ -1,4 +1,4 @@
-"""reproduce.sh (the sweep: checks, seeds, duplicates, the time limit) and device_check.sh (one GPU call) on the CPU."""
+"""reproduce.sh (the sweep: checks, seeds, duplicates, the time limit) on the CPU."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tarfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -332,95 +331,6 @@ def test_reproduce_time_limit_stops_the_runs_with_sigterm_and_keeps_their_logs(
         assert "TIME_LIMIT (2 s) reached" in result.stdout and result.stdout.count("stopped ") == 2
         assert Path(f"{calls}.terms").read_text() == "term\n" * 2 * attempt
     assert (tmp_path / "runs" / "xent-digits-feat=2.log").read_text().count("== ") == 2
-
-
-def test_device_script_runs_a_tiny_grid_brings_it_back_and_skips_it_next_time(
-    tiny_mnist, tmp_path: Path
-) -> None:
-    """device_check.sh on the CPU: the tests it is given, a one-epoch grid of one run from the packed archive,
-    the table and runs.tgz in OUT; `unpack` puts runs.tgz where the next call resumes (here: skips) it."""
-    data_dir, _ = tiny_mnist
-    state, out = tmp_path / "state", tmp_path / "out"
-    state.mkdir(), out.mkdir()
-    with tarfile.open(state / "mnist.tar.xz", "w:xz") as tar:
-        tar.add(data_dir / "MNIST" / "raw", arcname="MNIST/raw")
-    env = {
-        **os.environ,
-        "STATE": str(state),
-        "OUT": str(out),
-        "PYTHON": sys.executable,
-        "EPOCHS": "1",
-        "LOSSES": "standalone",
-    }
-    env |= {
-        "FEAT_DIMS": "2",
-        "TESTS": "tests/test_reproduce.py::test_reproduce_refuses_a_bad_jobs_count",
-        "LEASE": "600",
-    }
-    flags = [
-        "run",
-        "--model",
-        "lenet++",
-        "--batch-size",
-        "16",
-        "--train-samples",
-        "64",
-        "--device",
-        "cpu",
-    ]
-    first = subprocess.run(
-        ["bash", "device_check.sh", *flags],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert first.returncode == 0, first.stdout + first.stderr
-    assert "test_reproduce.py::test_reproduce_refuses_a_bad_jobs_count: exit 0" in first.stdout
-    assert (
-        "done standalone-mnist-feat=2" in first.stdout
-        and "| standalone | mnist | 2 |" in (out / "table.md").read_text()
-    )
-    with tarfile.open(out / "runs.tgz") as tar:
-        assert "runs/standalone-mnist-feat=2/summary.json" in tar.getnames()
-    assert not (out / "runs").exists()
-    unpack = subprocess.run(
-        ["bash", "device_check.sh", "unpack", str(out)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    assert unpack.returncode == 0 and (state / "runs.tgz").is_file()
-    shutil.rmtree(out), out.mkdir()
-    second = subprocess.run(
-        ["bash", "device_check.sh", *flags],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert second.returncode == 0 and "skip standalone-mnist-feat=2 (finished)" in second.stdout, (
-        second.stdout + second.stderr
-    )
-
-
-def test_device_script_refuses_a_missing_archive_or_command(tmp_path: Path) -> None:
-    env = {**os.environ, "STATE": str(tmp_path), "OUT": str(tmp_path)}
-    missing = subprocess.run(
-        ["bash", "device_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True
-    )
-    unknown = subprocess.run(
-        ["bash", "device_check.sh", "table"], cwd=ROOT, env=env, capture_output=True, text=True
-    )
-    assert missing.returncode == unknown.returncode == 2 and missing.stdout == unknown.stdout == ""
-    assert (
-        "mnist.tar.xz missing: run 'bash device_check.sh pack'" in missing.stderr
-        and missing.stderr.count("\n") == 1
-    )
-    assert "unknown command 'table'" in unknown.stderr and unknown.stderr.count("\n") == 1
 
 
 def test_reproduce_passes_a_star_on_as_a_name_not_as_files(tmp_path: Path) -> None:
