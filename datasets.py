@@ -72,10 +72,12 @@ TORCHVISION = {
     "fashion-mnist": "FashionMNIST",
     "cifar10": "CIFAR10",
 }  # torchvision.datasets classes and folders
-GREY_SETS = (
-    "mnist",
-    "fashion-mnist",
-)  # 28x28 grey images of 10 classes: the models and names assume it
+GREY_SETS = ("mnist", "fashion-mnist")
+SHAPES = {
+    "mnist": (1, 28, 28),
+    "fashion-mnist": (1, 28, 28),
+    "cifar10": (3, 32, 32),
+}  # a name is a claim: 10 classes of these
 IDX_FILES = tuple(
     f"{split}-{kind}-ubyte"
     for split in ("train", "t10k")
@@ -256,11 +258,13 @@ def load_dataset(name: str, data_dir: str | Path = "data", download: bool = True
     if tree is not None and name == "cifar10" and (data_dir / "cifar-10-batches-py").is_dir():
         data.source += f" (the binary {data_dir / 'cifar-10-batches-py'} is also there, not used: move the tree away to use it)"
     images = data.train.images
-    if name in GREY_SETS and (images.shape[1:] != (1, 28, 28) or len(data.classes) != 10):
-        kind = {1: "grey", 3: "colour"}.get(images.shape[1], f"{images.shape[1]}-channel")
+    if name in SHAPES and (images.shape[1:], len(data.classes)) != (SHAPES[name], 10):
+        kinds = {1: "grey", 3: "colour"}
+        channels, side = SHAPES[name][:2]
+        kind = kinds.get(images.shape[1], f"{images.shape[1]}-channel")
         found = f"{images.shape[3]}x{images.shape[2]} {kind} of {len(data.classes)} classes"
         raise DataError(
-            f"{data.source}: --dataset {name} is 28x28 grey images of 10 classes, this data is {found}; use --dataset folder for it"
+            f"{data.source}: --dataset {name} is {side}x{side} {kinds[channels]} images of 10 classes, this data is {found}; use --dataset folder for it"
         )
     if torch.equal(
         images, images[:1].expand_as(images)
@@ -484,8 +488,9 @@ def load_tree(name: str, root: Path) -> Dataset:
         for (path, _), image in zip(samples, images):
             (h, w), (h0, w0) = image.shape[1:], first[1]
             if h != w or (h, w) != (h0, w0):
+                other = "not square" if h != w else f"{first[0]} is {w0}x{h0}"
                 raise DataError(
-                    f"{path}: the image is {w}x{h}, {first[0]} is {w0}x{h0}; resize or crop every image to one square size"
+                    f"{path}: the image is {w}x{h}, {other}; resize or crop every image to one square size"
                 )
         splits.append((images, [label for _, label in samples]))
     channels = max(
