@@ -15,6 +15,7 @@ import functools
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -23,6 +24,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+
+MAX_STEPS = 10_000  # per round: minutes on a CPU; a typo's 10**9 would run for days
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
@@ -42,16 +45,12 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
         help="rounds; each pipeline's samples/s is the median over them",
     )
     p.add_argument(
-        "--workers",
-        type=int,
-        default=min(4, os.cpu_count() or 1),
-        help="DataLoader workers of the loader path",
+        "--workers", type=int, help="DataLoader workers of the loader path (default: min(4, cores))"
     )
     p.add_argument(
         "--loader-amp",
         choices=("off", "bf16", "fp16"),
-        default="off",
-        help="autocast precision of the loader path",
+        help="autocast precision of the loader path (default off)",
     )
     p.add_argument("--fast-only", action="store_true", help="time the fast path only")
     p.add_argument(
@@ -64,8 +63,22 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
         help="the checkout whose code is timed",
     )
     args, main_flags = p.parse_known_args(argv)
-    if min(args.steps, args.rounds) < 1 or min(args.warmup, args.workers) < 0:
-        p.error("--steps and --rounds must be at least 1, --warmup and --workers not negative")
+    if args.fast_only and (args.workers is not None or args.loader_amp is not None):
+        p.error(
+            "--workers and --loader-amp set the loader path, which --fast-only does not run; drop them"
+        )
+    if not args.fast_only:
+        args.workers = min(4, os.cpu_count() or 1) if args.workers is None else args.workers
+        args.loader_amp = args.loader_amp or "off"
+    if not (
+        1 <= args.steps <= MAX_STEPS
+        and 1 <= args.rounds <= 100
+        and 0 <= args.warmup <= MAX_STEPS
+        and (args.workers or 0) >= 0
+    ):
+        p.error(
+            f"--steps must be 1 to {MAX_STEPS}, --rounds 1 to 100, --warmup 0 to {MAX_STEPS}, --workers not negative"
+        )
     if not (args.repo / "main.py").is_file():
         p.error(f"--repo {args.repo}: no main.py there; give a checkout of this project")
     if (
@@ -243,6 +256,11 @@ def benchmark(args: argparse.Namespace, main_flags: list[str]) -> dict:
     return report
 
 
+def interrupted(signum: int, frame: object) -> None:
+    """Ctrl-C or SIGTERM: a KeyboardInterrupt carrying the signal, for main() to report in one line."""
+    raise KeyboardInterrupt(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args, main_flags = parse_args(argv)
     sys.path.insert(
@@ -250,11 +268,23 @@ def main(argv: list[str] | None = None) -> int:
     )  # the timed checkout's modules come before this file's folder
     import datasets
 
+    previous = {
+        signum: signal.signal(signum, interrupted) for signum in (signal.SIGINT, signal.SIGTERM)
+    }
     try:
         report = benchmark(args, main_flags)
     except datasets.DataError as exc:
         print(f"bench.py: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as exc:
+        print(
+            "bench.py: interrupted; nothing was written (the rounds so far are lost)",
+            file=sys.stderr,
+        )
+        return 128 + (exc.args[0] if exc.args else signal.SIGINT)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     print(f"-> {args.json}")
     return 0
