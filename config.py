@@ -308,6 +308,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             f"--name {args.name!r} must be one plain folder name: not empty, not . or .., without / (it goes under --out)",
         ),
         (
+            args.name == args.name.strip(),
+            f"--name {args.name!r} starts or ends with whitespace; give it without",
+        ),
+        (
             len(os.fsencode(args.name)) <= NAME_MAX,
             f"--name is {len(os.fsencode(args.name))} bytes long, more than the {NAME_MAX} a file name may have; choose a shorter one",
         ),

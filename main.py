@@ -203,6 +203,24 @@ def check_divergence(run: Run, epoch: int, state: EpochState) -> None:
         )
 
 
+def check_moved(run: Run, epoch: int, before: list[torch.Tensor]) -> None:
+    """Stop a run whose epoch at the user's --lr did not move the model: ||w - w_before|| <= 2^-23 ||w_before|| (float32's
+    resolution; zero-initialised biases still move by ~lr, so no exact equality), e.g. --lr 1e-30, whose every update is below
+    the spacing of its weight: the run would end "done" having learned nothing. One host sync an epoch."""
+    norms = [
+        torch.stack([(p - b).norm(), b.norm()]) for p, b in zip(run.model.parameters(), before)
+    ]
+    change, size = torch.stack(norms).norm(dim=0).tolist()
+    lr = run.optimizer.param_groups[0]["lr"]
+    if (
+        lr == run.args.lr and change <= size * 2**-23
+    ):  # a decayed lr's stall is the schedule's, not an error
+        raise TrainingError(
+            f"no weight changed during epoch {epoch} (by {change:.2g}, weights of norm {size:.3g}): --lr {lr:g} is too small "
+            f"to move float32 weights; {kept_checkpoint(run)}; give a larger --lr"
+        )
+
+
 def kept_checkpoint(run: Run) -> str:
     kept = (run.dir / "checkpoint.pt").is_file()
     return (
@@ -370,6 +388,9 @@ def loop(run: Run, data: Dataset, start_epoch: int, state: EpochState | None) ->
                 )
                 state = EpochState.new(len(data.classes), args.feat_dim, device, aug)
             started, step_before = time.perf_counter(), state.step
+            before = [
+                p.detach().clone() for p in run.model.parameters()
+            ]  # small: one copy an epoch
             stopped = train_epoch(run, epoch, state, stop)
             elapsed = time.perf_counter() - started
             run.train_seconds += elapsed
@@ -380,6 +401,8 @@ def loop(run: Run, data: Dataset, start_epoch: int, state: EpochState | None) ->
                     interrupted = f"interrupted at epoch {epoch} step {state.step}; checkpoint saved, run the same command to resume"
                     print(interrupted, file=sys.stderr)
                 return 128 + stop["signal"]
+            if step_before == 0:  # a whole epoch (a resumed one may have had a single step left)
+                check_moved(run, epoch, before)
             row, test_features = epoch_row(run, epoch, state, elapsed)
             run.bad_steps += row["bad_steps"]
             run.scheduler.step(row["val_acc"] if run.val is not None else row["test_acc"])
@@ -399,6 +422,12 @@ def loop(run: Run, data: Dataset, start_epoch: int, state: EpochState | None) ->
             )
             state = None
             if stop_agreed(run, stop):
+                if rank == 0:
+                    after = f"interrupted after epoch {epoch}'s training (during its evaluation or writing)"
+                    print(
+                        f"{after}; its checkpoint is saved, run the same command to resume",
+                        file=sys.stderr,
+                    )
                 return 128 + stop["signal"]
     finally:
         for (
@@ -450,7 +479,12 @@ def end_epoch(
 
 def log(rank: int, message: str) -> None:
     if rank == 0:
-        print(message, flush=True)
+        try:
+            print(message, flush=True)
+        except (
+            BrokenPipeError
+        ):  # stdout into `head -1`, which has left: the run goes on, its lines to nowhere
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def finish(run: Run, data: Dataset) -> None:
@@ -493,14 +527,16 @@ def finish(run: Run, data: Dataset) -> None:
     summary = run_summary(run, data)
     write_json(run_dir / "summary.json", summary)
     if pictures:
-        print("pictures: " + ", ".join(map(str, pictures)))
+        log(0, "pictures: " + ", ".join(map(str, pictures)))
     if args.dataset == "digits":
-        print(
-            "next: python main.py --dataset mnist --data-dir DIR --epochs 3   (MNIST in DIR/MNIST/raw, downloaded there if missing)"
+        log(
+            0,
+            "next: python main.py --dataset mnist --data-dir DIR --epochs 3   (MNIST in DIR/MNIST/raw, downloaded there if missing)",
         )
     speed = f"{summary['samples_per_second']:.0f} samples/s"
-    print(
-        f"done: acc {summary['acc']:.4f} (best {summary['best_acc']:.4f}), ncm acc {summary['ncm_acc']:.4f}, {speed} -> {run_dir}"
+    log(
+        0,
+        f"done: acc {summary['acc']:.4f} (best {summary['best_acc']:.4f}), ncm acc {summary['ncm_acc']:.4f}, {speed} -> {run_dir}",
     )
 
 
