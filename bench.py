@@ -84,6 +84,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     if (
         args.json.strip() == ""
         or Path(args.json).is_dir()
+        or (Path(args.json).is_symlink() and not Path(args.json).exists())  # dangling, or a loop
         or not os.access(Path(args.json).parent, os.W_OK)
     ):
         p.error(
@@ -160,10 +161,11 @@ def benchmark(args: argparse.Namespace, main_flags: list[str]) -> dict:
     from training import build_trainer, train_step
     from utils import resolve_device
 
-    m = parse_main_args(
-        main_flags
-    )  # main.py's checks (exit 2): an unknown --device, cuda without CUDA, ...
+    # main.py's checks (exit 2): an unknown --device, cuda without CUDA, ...
+    m = parse_main_args(main_flags)
     device = resolve_device(m.device)
+    if m.threads is not None:  # as main.py: --threads, 1 for digits
+        torch.set_num_threads(m.threads)
     torch.backends.cudnn.benchmark = device.type == "cuda"  # as main.py runs
     data = datasets.load_dataset(m.dataset, m.data_dir or "data", download=False)
     if m.batch_size > len(data.train):
@@ -263,9 +265,8 @@ def interrupted(signum: int, frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args, main_flags = parse_args(argv)
-    sys.path.insert(
-        0, str(args.repo.resolve())
-    )  # the timed checkout's modules come before this file's folder
+    # the timed checkout's modules come before this file's folder
+    sys.path.insert(0, str(args.repo.resolve()))
     import datasets
 
     previous = {

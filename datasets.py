@@ -20,64 +20,30 @@ from torch import device as Device
 
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "folder")
 ALIASES = {"cifar-10": "cifar10", "fashion_mnist": "fashion-mnist", "fashionmnist": "fashion-mnist"}
-AUGMENTATIONS = {
-    "digits": ("rotate",),
-    "mnist": ("rotate",),
-    "fashion-mnist": ("flip", "rotate"),
-    "cifar10": ("flip", "crop"),
-}
+AUGMENTATIONS = {"digits": ("rotate",), "mnist": ("rotate",), "fashion-mnist": ("flip", "rotate")}
+AUGMENTATIONS["cifar10"] = ("flip", "crop")
 ROTATION_DEGREES = 5.0
 DIGITS_SIDE = (
     16  # the bundled 8x8 digits, upsampled: 16x16 keeps every stroke at a third of 28x28's cost
 )
 CROP_PADDING = 4
-FASHION_CLASSES = [
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-]
-CIFAR10_CLASSES = [
-    "airplane",
-    "automobile",
-    "bird",
-    "cat",
-    "deer",
-    "dog",
-    "frog",
-    "horse",
-    "ship",
-    "truck",
-]
+FASHION_CLASSES = (
+    "T-shirt/top,Trouser,Pullover,Dress,Coat,Sandal,Shirt,Sneaker,Bag,Ankle boot".split(",")
+)
+CIFAR10_CLASSES = "airplane automobile bird cat deer dog frog horse ship truck".split()
 DIGIT_CLASSES = [str(d) for d in range(10)]
 CLASSES = {"mnist": DIGIT_CLASSES, "fashion-mnist": FASHION_CLASSES, "cifar10": CIFAR10_CLASSES}
+# where in --data-dir to look for a train/ test/ tree
 TREE_FOLDERS = {
     "mnist": ("mnist", "MNIST-jpg", "mnist-jpg"),
     "fashion-mnist": ("fashion-mnist", "FashionMNIST-jpg", "fashion-mnist-jpg"),
+    "cifar10": ("cifar10", "cifar10-jpg", "cifar-10", "CIFAR10"),
 }
-TREE_FOLDERS["cifar10"] = (
-    "cifar10",
-    "cifar10-jpg",
-    "cifar-10",
-    "CIFAR10",
-)  # where in --data-dir to look for a train/ test/ tree
-TORCHVISION = {
-    "mnist": "MNIST",
-    "fashion-mnist": "FashionMNIST",
-    "cifar10": "CIFAR10",
-}  # torchvision.datasets classes and folders
+# torchvision.datasets classes and folders
+TORCHVISION = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "cifar10": "CIFAR10"}
 GREY_SETS = ("mnist", "fashion-mnist")
-SHAPES = {
-    "mnist": (1, 28, 28),
-    "fashion-mnist": (1, 28, 28),
-    "cifar10": (3, 32, 32),
-}  # a name is a claim: 10 classes of these
+# a name is a claim: 10 classes of images of this shape, else --dataset folder
+SHAPES = {"mnist": (1, 28, 28), "fashion-mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
 IDX_FILES = tuple(
     f"{split}-{kind}-ubyte"
     for split in ("train", "t10k")
@@ -88,15 +54,8 @@ TORCHVISION_FILES = {
     "fashion-mnist": IDX_FILES,
     "cifar10": (*(f"data_batch_{k}" for k in range(1, 6)), "test_batch"),
 }
-IDX_ERRORS = (
-    OSError,
-    AssertionError,
-    KeyError,
-    IndexError,
-    RuntimeError,
-    TypeError,
-    ValueError,
-)  # what torchvision's IDX reader raises
+# what torchvision's IDX reader raises
+IDX_ERRORS = (OSError, AssertionError, KeyError, IndexError, RuntimeError, TypeError, ValueError)
 Ops = Sequence[str]  # augmentation names, as in AUGMENTATIONS
 
 

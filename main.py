@@ -33,9 +33,8 @@ def interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(signum)
 
 
-if (
-    __name__ == "__main__"
-):  # a signal while torch and the rest import (seconds), load data, build the model: one line
+# A signal while torch and the rest import (seconds), load data, build the model: one line.
+if __name__ == "__main__":
     signal.signal(signal.SIGINT, interrupted_at_startup)
     signal.signal(signal.SIGTERM, interrupted_at_startup)
 
@@ -98,9 +97,8 @@ class TrainingError(Exception):
 def record_step(run: Run, state: EpochState, features, logits, y, loss, terms, finite) -> None:
     """What the epoch keeps of one step (train_step's outputs): loss, terms, accuracy, class sums and the
     first run.frame_take points of every batch for the train frame (spread over the epoch). No host sync."""
-    features = torch.where(
-        finite, features.detach().float(), torch.nan
-    )  # a bad step's points are not drawn
+    # a bad step's points are not drawn
+    features = torch.where(finite, features.detach().float(), torch.nan)
     centers = run.objective.centers.detach() if run.objective.centers is not None else None
     correct = (acc_predictions(run.args.loss, features, logits.detach(), centers) == y).sum()
     state.add(loss, terms, features, y, correct, finite)
@@ -211,10 +209,8 @@ def check_moved(run: Run, epoch: int, before: list[torch.Tensor]) -> None:
         torch.stack([(p - b).norm(), b.norm()]) for p, b in zip(run.model.parameters(), before)
     ]
     change, size = torch.stack(norms).norm(dim=0).tolist()
-    lr = run.optimizer.param_groups[0]["lr"]
-    if (
-        lr == run.args.lr and change <= size * 2**-23
-    ):  # a decayed lr's stall is the schedule's, not an error
+    lr = run.optimizer.param_groups[0]["lr"]  # a decayed lr's stall is the schedule's, not an error
+    if lr == run.args.lr and change <= size * 2**-23:
         raise TrainingError(
             f"no weight changed during epoch {epoch} (by {change:.2g}, weights of norm {size:.3g}): --lr {lr:g} is too small "
             f"to move float32 weights; {kept_checkpoint(run)}; give a larger --lr"
@@ -262,6 +258,8 @@ def build(args: argparse.Namespace, rank: int, world: int) -> tuple[Run, Dataset
     """The data, the run folder (locked by rank 0: its lock's descriptor, held until train() ends) and
     the run (model, objective, optimiser, scheduler); whether to resume."""
     device = resolve_device(args.device)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     cuda_backends(device)
     data = load_dataset(args.dataset, args.data_dir or "data", download=True)
     unseen = None
@@ -541,10 +539,9 @@ def finish(run: Run, data: Dataset) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    world, code = 1, None
-    sys.stdout.reconfigure(
-        errors="backslashreplace"
-    )  # a run name the terminal's encoding lacks must not fail a finished run
+    world, code, threads = 1, None, torch.get_num_threads()  # --threads holds for this call only
+    # a run name the terminal's encoding lacks must not fail a finished run
+    sys.stdout.reconfigure(errors="backslashreplace")
     try:
         args = parse_args(argv)
         rank, world = init_distributed(resolve_device(args.device))
@@ -576,11 +573,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     finally:
+        torch.set_num_threads(threads)
         if world > 1:
             close_distributed(finished=code is not None)
 
 
-if (
-    __name__ == "__main__"
-):  # interrupted_at_startup stays until the training loop installs its handlers
+# interrupted_at_startup stays until the training loop installs its handlers
+if __name__ == "__main__":
     sys.exit(main())

@@ -74,6 +74,7 @@ def test_bench_times_both_pipelines_of_the_repo_checkout(tiny_mnist, tmp_path: P
             "--json 'missing/bench.json': give a file in an existing, writable folder",
         ),
         (["--repo", "nowhere"], "--repo nowhere: no main.py there"),
+        (["--json", "loop"], "--json 'loop': give a file in an existing, writable folder"),
         (["--batch-size", "100000"], "--batch-size 100000 is more than the 1437 train images"),
         (["--steps", "0"], "--steps must be 1 to 10000, --rounds 1 to 100"),
         (["--steps", "10001"], "--steps must be 1 to 10000, --rounds 1 to 100"),
@@ -92,12 +93,13 @@ def test_bench_refuses_bad_flags_in_one_line_before_timing(
     import bench
 
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "loop").symlink_to("loop")
     with pytest.raises(SystemExit) as exit_info:
         bench.main([*FAST, *flags, "--fast-only"])
     out, err = capsys.readouterr()
     assert exit_info.value.code == 2 and "round" not in out
     assert message in stderr_error_line(err)
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == ["loop"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where there is no CUDA")

@@ -272,6 +272,7 @@ NOT_FINITE += [("--weight-decay", "nan"), ("--clip-grad-norm", "inf"), ("--cente
         (["--batch-size", "1"], "--batch-size must be at least 2"),
         (["--lr", "-1"], "--lr must be positive"),
         (["--epochs", "0"], "--epochs must be at least 1"),
+        (["--threads", "0"], "--threads must be at least 1"),
         (["--momentum", "1.5"], "--momentum must be in [0, 1)"),
         (["--weight-inter", "-0.1"], "loss weights must not be negative"),
         (
@@ -749,11 +750,8 @@ def test_help_lists_every_flag(capsys):
 def test_defaults_follow_the_study():
     args = config.parse_args([])
     assert (args.loss, args.model, args.feat_dim) == ("standalone", "resnet", 2)
-    assert (args.epochs, args.batch_size, args.patience) == (
-        20,
-        64,
-        3,
-    )  # digits, the offline first run
+    assert (args.epochs, args.batch_size, args.patience, args.threads) == (20, 64, 3, 1)  # digits
+    assert config.parse_args(["--dataset", "mnist"]).threads is None  # torch's: one per core
     study = config.parse_args(["--dataset", "mnist"])
     assert (study.epochs, study.batch_size, study.patience, study.factor, study.threshold) == (
         100,
