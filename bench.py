@@ -126,33 +126,25 @@ def cpu_seconds() -> float:
 
 def run_steps(p: dict, args: argparse.Namespace, m: argparse.Namespace, device, steps: int) -> dict:
     """`steps` timed steps on a fresh batch stream after one untimed batch; CPU time: this process and its DataLoader workers."""
-    sync = (
-        functools.partial(torch.cuda.synchronize, device)
-        if device.type == "cuda"
-        else (lambda: None)
-    )
+    sync = torch.cuda.synchronize if device.type == "cuda" else torch.cpu.synchronize
     stream, started = batches(p, args, m, device), time.perf_counter()
     p["step_fn"](*next(stream))
-    sync()
-    first, samples, cpu, started = (
-        time.perf_counter() - started,
-        0,
-        cpu_seconds(),
-        time.perf_counter(),
-    )
+    sync(device)
+    first, samples, cpu = time.perf_counter() - started, 0, cpu_seconds()
+    started = time.perf_counter()
     for x, y in (next(stream) for _ in range(steps)):
         p["step_fn"](x, y)
         samples += len(y)
-    sync()
+    sync(device)
     seconds = time.perf_counter() - started
     stream.close()  # shuts the DataLoader's workers down (their CPU time then counts) before the other pipeline runs
     p["step"], cpu = p["step"] + steps + 1, max(cpu_seconds() - cpu, 1e-9)
-    return {
-        "samples_per_s": samples / seconds,
-        "samples_per_cpu_s": samples / cpu,
-        "seconds": seconds,
-        "first_s": first,
-    }
+    return dict(
+        samples_per_s=samples / seconds,
+        samples_per_cpu_s=samples / cpu,
+        seconds=seconds,
+        first_s=first,
+    )
 
 
 def benchmark(args: argparse.Namespace, main_flags: list[str]) -> dict:
@@ -176,28 +168,15 @@ def benchmark(args: argparse.Namespace, main_flags: list[str]) -> dict:
         raise SystemExit(2)
     pipelines = []
     for name in ("fast",) if args.fast_only else ("loader", "fast"):
-        loader_flags = (
-            {"amp": args.loader_amp, "channels_last": False, "compile": False}
-            if name == "loader"
-            else {}
-        )
-        s = argparse.Namespace(**vars(m) | loader_flags)
+        loader = {"amp": args.loader_amp, "channels_last": False, "compile": False}
+        s = argparse.Namespace(**vars(m) | (loader if name == "loader" else {}))
         step_fn = functools.partial(train_step, build_trainer(s, data, device))
         train, aug = (
             data.train.to(device) if name == "fast" else data.train,
             torch.Generator(device).manual_seed(m.seed + 1),
         )
-        pipelines.append(
-            {
-                "name": name,
-                "data": train,
-                "augs": data.augmentations,
-                "aug": aug,
-                "step_fn": step_fn,
-                "step": 0,
-                "rounds": [],
-            }
-        )
+        pipe = dict(name=name, data=train, augs=data.augmentations, aug=aug, step_fn=step_fn)
+        pipelines.append(pipe | {"step": 0, "rounds": []})
     for p in pipelines if args.warmup else []:
         run_steps(p, args, m, device, args.warmup - 1)  # untimed: the first steps allocate and tune
     print(

@@ -213,7 +213,7 @@ def check_moved(run: Run, epoch: int, before: list[torch.Tensor]) -> None:
     if lr == run.args.lr and change <= size * 2**-23:
         raise TrainingError(
             f"no weight changed during epoch {epoch} (by {change:.2g}, weights of norm {size:.3g}): --lr {lr:g} is too small "
-            f"to move float32 weights; {kept_checkpoint(run)}; give a larger --lr"
+            f"to move float32 weights; {kept_checkpoint(run)}; give a larger --lr (or larger loss weights)"
         )
 
 
@@ -540,6 +540,11 @@ def finish(run: Run, data: Dataset) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     world, code, threads = 1, None, torch.get_num_threads()  # --threads holds for this call only
+    for name in (
+        "stdout",
+        "stderr",
+    ):  # closed (>&-): Python's is None; fd 1 or 2 to nowhere, before a file takes it
+        setattr(sys, name, getattr(sys, name) or open(os.devnull, "w"))
     # a run name the terminal's encoding lacks must not fail a finished run
     sys.stdout.reconfigure(errors="backslashreplace")
     try:

@@ -952,7 +952,7 @@ def test_a_learning_rate_that_moves_no_weight_is_refused_after_the_epoch(tmp_pat
     assert line.startswith("error: no weight changed during epoch 1 (by 0, weights of norm ")
     assert line.endswith(
         "): --lr 1e-30 is too small to move float32 weights; no checkpoint was saved (none of an "
-        "earlier epoch); give a larger --lr"
+        "earlier epoch); give a larger --lr (or larger loss weights)"
     )
     assert listing(tmp_path).keys() == {
         "standalone-digits-feat=2",
@@ -1018,11 +1018,14 @@ def tiny_subprocess(tmp_path: Path, **kwargs) -> subprocess.CompletedProcess:
     )
 
 
-def test_stdout_into_a_reader_that_left_does_not_stop_the_run(tmp_path):
-    """`main.py | head -1`: the next line met a BrokenPipeError, a traceback, and the run died before its summary."""
+@pytest.mark.parametrize("stdout", ["reader-left", "closed"])
+def test_stdout_that_cannot_be_written_does_not_stop_the_run(tmp_path, stdout):
+    """`main.py | head -1`: the next line met a BrokenPipeError, a traceback, and the run died before its summary;
+    `main.py >&-`: sys.stdout is None, an AttributeError."""
     read, write = os.pipe()
     os.close(read)
-    proc = tiny_subprocess(tmp_path, stdout=write)
+    closed = {"stdout": write} if stdout == "reader-left" else {"preexec_fn": lambda: os.close(1)}
+    proc = tiny_subprocess(tmp_path, **closed)
     os.close(write)
     assert (proc.returncode, proc.stderr) == (0, "")
     assert (tmp_path / "standalone-digits-feat=2" / "summary.json").is_file()

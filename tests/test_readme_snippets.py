@@ -144,6 +144,8 @@ def test_doc_commands_run_in_order_in_a_fresh_clone(tmp_path, monkeypatch):
                 f"{argv} meets {folder}"
             )
     assert len(folders) > 20
+    for text in (path.read_text() for path in [REPO / "README.md", *(REPO / "docs").glob("*.md")]):
+        assert "shared/seed/run-study-code.sh" not in text or "not part of a clone" in text
     tiny = ["--epochs", "1", "--train-samples", "64", "--batch-size", "32", "--no-plots"]
     first = next(c for c in calls if c[0] == "python")
     cpu = next(c for c in calls if c[0] == "torchrun" and "cpu" in c)  # as one process
