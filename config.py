@@ -26,7 +26,7 @@ STUDY = {"epochs": 100, "batch_size": 128, "patience": 10}
 # digits, the offline first run: 1,437 train images of 16x16 (datasets.DIGITS_SIDE). More, smaller
 # batches and a shorter patience reach test acc 0.97 in about a minute on a 2-core laptop CPU.
 # One thread: on a 2-core machine shared with other jobs, two threads wait on each other at every op
-# (1234 s against 185 s); alone, one is within 6% of two (results/first-run/threads/).
+# (1006 and 1234 s against 90 and 185 s); alone, one is within 6% of two (results/first-run/threads/).
 FIRST_RUN = {"epochs": 20, "batch_size": 64, "patience": 3, "threads": 1}
 
 
