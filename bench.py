@@ -15,6 +15,7 @@ import functools
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -23,6 +24,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+
+MAX_STEPS = 10_000  # per round: minutes on a CPU; a typo's 10**9 would run for days
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
@@ -42,16 +45,12 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
         help="rounds; each pipeline's samples/s is the median over them",
     )
     p.add_argument(
-        "--workers",
-        type=int,
-        default=min(4, os.cpu_count() or 1),
-        help="DataLoader workers of the loader path",
+        "--workers", type=int, help="DataLoader workers of the loader path (default: min(4, cores))"
     )
     p.add_argument(
         "--loader-amp",
         choices=("off", "bf16", "fp16"),
-        default="off",
-        help="autocast precision of the loader path",
+        help="autocast precision of the loader path (default off)",
     )
     p.add_argument("--fast-only", action="store_true", help="time the fast path only")
     p.add_argument(
@@ -64,13 +63,28 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
         help="the checkout whose code is timed",
     )
     args, main_flags = p.parse_known_args(argv)
-    if min(args.steps, args.rounds) < 1 or min(args.warmup, args.workers) < 0:
-        p.error("--steps and --rounds must be at least 1, --warmup and --workers not negative")
+    if args.fast_only and (args.workers is not None or args.loader_amp is not None):
+        p.error(
+            "--workers and --loader-amp set the loader path, which --fast-only does not run; drop them"
+        )
+    if not args.fast_only:
+        args.workers = min(4, os.cpu_count() or 1) if args.workers is None else args.workers
+        args.loader_amp = args.loader_amp or "off"
+    if not (
+        1 <= args.steps <= MAX_STEPS
+        and 1 <= args.rounds <= 100
+        and 0 <= args.warmup <= MAX_STEPS
+        and (args.workers or 0) >= 0
+    ):
+        p.error(
+            f"--steps must be 1 to {MAX_STEPS}, --rounds 1 to 100, --warmup 0 to {MAX_STEPS}, --workers not negative"
+        )
     if not (args.repo / "main.py").is_file():
         p.error(f"--repo {args.repo}: no main.py there; give a checkout of this project")
     if (
         args.json.strip() == ""
         or Path(args.json).is_dir()
+        or (Path(args.json).is_symlink() and not Path(args.json).exists())  # dangling, or a loop
         or not os.access(Path(args.json).parent, os.W_OK)
     ):
         p.error(
@@ -112,33 +126,25 @@ def cpu_seconds() -> float:
 
 def run_steps(p: dict, args: argparse.Namespace, m: argparse.Namespace, device, steps: int) -> dict:
     """`steps` timed steps on a fresh batch stream after one untimed batch; CPU time: this process and its DataLoader workers."""
-    sync = (
-        functools.partial(torch.cuda.synchronize, device)
-        if device.type == "cuda"
-        else (lambda: None)
-    )
+    sync = torch.cuda.synchronize if device.type == "cuda" else torch.cpu.synchronize
     stream, started = batches(p, args, m, device), time.perf_counter()
     p["step_fn"](*next(stream))
-    sync()
-    first, samples, cpu, started = (
-        time.perf_counter() - started,
-        0,
-        cpu_seconds(),
-        time.perf_counter(),
-    )
+    sync(device)
+    first, samples, cpu = time.perf_counter() - started, 0, cpu_seconds()
+    started = time.perf_counter()
     for x, y in (next(stream) for _ in range(steps)):
         p["step_fn"](x, y)
         samples += len(y)
-    sync()
+    sync(device)
     seconds = time.perf_counter() - started
     stream.close()  # shuts the DataLoader's workers down (their CPU time then counts) before the other pipeline runs
     p["step"], cpu = p["step"] + steps + 1, max(cpu_seconds() - cpu, 1e-9)
-    return {
-        "samples_per_s": samples / seconds,
-        "samples_per_cpu_s": samples / cpu,
-        "seconds": seconds,
-        "first_s": first,
-    }
+    return dict(
+        samples_per_s=samples / seconds,
+        samples_per_cpu_s=samples / cpu,
+        seconds=seconds,
+        first_s=first,
+    )
 
 
 def benchmark(args: argparse.Namespace, main_flags: list[str]) -> dict:
@@ -147,10 +153,11 @@ def benchmark(args: argparse.Namespace, main_flags: list[str]) -> dict:
     from training import build_trainer, train_step
     from utils import resolve_device
 
-    m = parse_main_args(
-        main_flags
-    )  # main.py's checks (exit 2): an unknown --device, cuda without CUDA, ...
+    # main.py's checks (exit 2): an unknown --device, cuda without CUDA, ...
+    m = parse_main_args(main_flags)
     device = resolve_device(m.device)
+    if m.threads is not None:  # as main.py: --threads, 1 for digits
+        torch.set_num_threads(m.threads)
     torch.backends.cudnn.benchmark = device.type == "cuda"  # as main.py runs
     data = datasets.load_dataset(m.dataset, m.data_dir or "data", download=False)
     if m.batch_size > len(data.train):
@@ -161,28 +168,15 @@ def benchmark(args: argparse.Namespace, main_flags: list[str]) -> dict:
         raise SystemExit(2)
     pipelines = []
     for name in ("fast",) if args.fast_only else ("loader", "fast"):
-        loader_flags = (
-            {"amp": args.loader_amp, "channels_last": False, "compile": False}
-            if name == "loader"
-            else {}
-        )
-        s = argparse.Namespace(**vars(m) | loader_flags)
+        loader = {"amp": args.loader_amp, "channels_last": False, "compile": False}
+        s = argparse.Namespace(**vars(m) | (loader if name == "loader" else {}))
         step_fn = functools.partial(train_step, build_trainer(s, data, device))
         train, aug = (
             data.train.to(device) if name == "fast" else data.train,
             torch.Generator(device).manual_seed(m.seed + 1),
         )
-        pipelines.append(
-            {
-                "name": name,
-                "data": train,
-                "augs": data.augmentations,
-                "aug": aug,
-                "step_fn": step_fn,
-                "step": 0,
-                "rounds": [],
-            }
-        )
+        pipe = dict(name=name, data=train, augs=data.augmentations, aug=aug, step_fn=step_fn)
+        pipelines.append(pipe | {"step": 0, "rounds": []})
     for p in pipelines if args.warmup else []:
         run_steps(p, args, m, device, args.warmup - 1)  # untimed: the first steps allocate and tune
     print(
@@ -243,18 +237,34 @@ def benchmark(args: argparse.Namespace, main_flags: list[str]) -> dict:
     return report
 
 
+def interrupted(signum: int, frame: object) -> None:
+    """Ctrl-C or SIGTERM: a KeyboardInterrupt carrying the signal, for main() to report in one line."""
+    raise KeyboardInterrupt(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args, main_flags = parse_args(argv)
-    sys.path.insert(
-        0, str(args.repo.resolve())
-    )  # the timed checkout's modules come before this file's folder
+    # the timed checkout's modules come before this file's folder
+    sys.path.insert(0, str(args.repo.resolve()))
     import datasets
 
+    previous = {
+        signum: signal.signal(signum, interrupted) for signum in (signal.SIGINT, signal.SIGTERM)
+    }
     try:
         report = benchmark(args, main_flags)
     except datasets.DataError as exc:
         print(f"bench.py: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as exc:
+        print(
+            "bench.py: interrupted; nothing was written (the rounds so far are lost)",
+            file=sys.stderr,
+        )
+        return 128 + (exc.args[0] if exc.args else signal.SIGINT)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     print(f"-> {args.json}")
     return 0

@@ -225,7 +225,16 @@ def out_problem(out: str) -> str | None:
         return "--out must not contain a NUL character"
     if not out.strip():
         return "--out must not be empty (it would put the run folder in the current folder; give --out . for that)"
-    path = Path(out).resolve()
+    if (
+        out != out.strip()
+    ):  # "runs " and "runs" look alike in every listing: a run folder no one finds
+        return f"--out {out!r} starts or ends with whitespace; give it without"
+    try:
+        path = Path(out).resolve()
+    except (
+        RuntimeError
+    ):  # Python < 3.13: a loop of symbolic links (3.13 leaves it to mkdir's one line)
+        return f"--out {out}: a loop of symbolic links; choose another --out"
     if path.parts[1:2] in (("proc",), ("sys",)):
         return f"--out {out} lies under /{path.parts[1]}, a kernel file system; choose a folder of your own"
     long = next((part for part in path.parts if len(os.fsencode(part)) > NAME_MAX), None)

@@ -25,7 +25,9 @@ DESCRIPTION = (
 STUDY = {"epochs": 100, "batch_size": 128, "patience": 10}
 # digits, the offline first run: 1,437 train images of 16x16 (datasets.DIGITS_SIDE). More, smaller
 # batches and a shorter patience reach test acc 0.97 in about a minute on a 2-core laptop CPU.
-FIRST_RUN = {"epochs": 20, "batch_size": 64, "patience": 3}
+# One thread: on a 2-core machine shared with other jobs, two threads wait on each other at every op
+# (1006 and 1234 s against 90 and 185 s); alone, one is within 6% of two (results/first-run/threads/).
+FIRST_RUN = {"epochs": 20, "batch_size": 64, "patience": 3, "threads": 1}
 
 
 # numpy's limit (np.random.seed). The torch generators take seed * 1_000_003 + epoch (utils.epoch_generator),
@@ -206,6 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     add(
+        "--threads",
+        type=int,
+        help="CPU threads of torch's ops (default 1 for digits; else torch's, one per core)",
+    )
+    add(
         "--pipeline",
         choices=("fast", "loader"),
         default="fast",
@@ -287,6 +294,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         (
             is_plain_name(args.name),
             f"--name {args.name!r} must be one plain folder name: not empty, not . or .., without / (it goes under --out)",
+        ),
+        (
+            args.name == args.name.strip(),
+            f"--name {args.name!r} starts or ends with whitespace; give it without",
         ),
         (
             len(os.fsencode(args.name)) <= NAME_MAX,
@@ -371,6 +382,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ),
         (0 <= args.val_fraction < 1, "--val-fraction must be in [0, 1)"),
         (args.eval_every >= 0, "--eval-every must not be negative"),
+        (args.threads is None or args.threads >= 1, "--threads must be at least 1"),
         (args.alpha is None or args.alpha > 0, "--alpha must be positive"),
         (
             args.batch_size % world == 0,

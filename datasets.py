@@ -20,62 +20,30 @@ from torch import device as Device
 
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "folder")
 ALIASES = {"cifar-10": "cifar10", "fashion_mnist": "fashion-mnist", "fashionmnist": "fashion-mnist"}
-AUGMENTATIONS = {
-    "digits": ("rotate",),
-    "mnist": ("rotate",),
-    "fashion-mnist": ("flip", "rotate"),
-    "cifar10": ("flip", "crop"),
-}
+AUGMENTATIONS = {"digits": ("rotate",), "mnist": ("rotate",), "fashion-mnist": ("flip", "rotate")}
+AUGMENTATIONS["cifar10"] = ("flip", "crop")
 ROTATION_DEGREES = 5.0
 DIGITS_SIDE = (
     16  # the bundled 8x8 digits, upsampled: 16x16 keeps every stroke at a third of 28x28's cost
 )
 CROP_PADDING = 4
-FASHION_CLASSES = [
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-]
-CIFAR10_CLASSES = [
-    "airplane",
-    "automobile",
-    "bird",
-    "cat",
-    "deer",
-    "dog",
-    "frog",
-    "horse",
-    "ship",
-    "truck",
-]
+FASHION_CLASSES = (
+    "T-shirt/top,Trouser,Pullover,Dress,Coat,Sandal,Shirt,Sneaker,Bag,Ankle boot".split(",")
+)
+CIFAR10_CLASSES = "airplane automobile bird cat deer dog frog horse ship truck".split()
 DIGIT_CLASSES = [str(d) for d in range(10)]
 CLASSES = {"mnist": DIGIT_CLASSES, "fashion-mnist": FASHION_CLASSES, "cifar10": CIFAR10_CLASSES}
+# where in --data-dir to look for a train/ test/ tree
 TREE_FOLDERS = {
     "mnist": ("mnist", "MNIST-jpg", "mnist-jpg"),
     "fashion-mnist": ("fashion-mnist", "FashionMNIST-jpg", "fashion-mnist-jpg"),
+    "cifar10": ("cifar10", "cifar10-jpg", "cifar-10", "CIFAR10"),
 }
-TREE_FOLDERS["cifar10"] = (
-    "cifar10",
-    "cifar10-jpg",
-    "cifar-10",
-    "CIFAR10",
-)  # where in --data-dir to look for a train/ test/ tree
-TORCHVISION = {
-    "mnist": "MNIST",
-    "fashion-mnist": "FashionMNIST",
-    "cifar10": "CIFAR10",
-}  # torchvision.datasets classes and folders
-GREY_SETS = (
-    "mnist",
-    "fashion-mnist",
-)  # 28x28 grey images of 10 classes: the models and names assume it
+# torchvision.datasets classes and folders
+TORCHVISION = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "cifar10": "CIFAR10"}
+GREY_SETS = ("mnist", "fashion-mnist")
+# a name is a claim: 10 classes of images of this shape, else --dataset folder
+SHAPES = {"mnist": (1, 28, 28), "fashion-mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
 IDX_FILES = tuple(
     f"{split}-{kind}-ubyte"
     for split in ("train", "t10k")
@@ -86,15 +54,8 @@ TORCHVISION_FILES = {
     "fashion-mnist": IDX_FILES,
     "cifar10": (*(f"data_batch_{k}" for k in range(1, 6)), "test_batch"),
 }
-IDX_ERRORS = (
-    OSError,
-    AssertionError,
-    KeyError,
-    IndexError,
-    RuntimeError,
-    TypeError,
-    ValueError,
-)  # what torchvision's IDX reader raises
+# what torchvision's IDX reader raises
+IDX_ERRORS = (OSError, AssertionError, KeyError, IndexError, RuntimeError, TypeError, ValueError)
 Ops = Sequence[str]  # augmentation names, as in AUGMENTATIONS
 
 
@@ -256,11 +217,13 @@ def load_dataset(name: str, data_dir: str | Path = "data", download: bool = True
     if tree is not None and name == "cifar10" and (data_dir / "cifar-10-batches-py").is_dir():
         data.source += f" (the binary {data_dir / 'cifar-10-batches-py'} is also there, not used: move the tree away to use it)"
     images = data.train.images
-    if name in GREY_SETS and (images.shape[1:] != (1, 28, 28) or len(data.classes) != 10):
-        kind = {1: "grey", 3: "colour"}.get(images.shape[1], f"{images.shape[1]}-channel")
+    if name in SHAPES and (images.shape[1:], len(data.classes)) != (SHAPES[name], 10):
+        kinds = {1: "grey", 3: "colour"}
+        channels, side = SHAPES[name][:2]
+        kind = kinds.get(images.shape[1], f"{images.shape[1]}-channel")
         found = f"{images.shape[3]}x{images.shape[2]} {kind} of {len(data.classes)} classes"
         raise DataError(
-            f"{data.source}: --dataset {name} is 28x28 grey images of 10 classes, this data is {found}; use --dataset folder for it"
+            f"{data.source}: --dataset {name} is {side}x{side} {kinds[channels]} images of 10 classes, this data is {found}; use --dataset folder for it"
         )
     if torch.equal(
         images, images[:1].expand_as(images)
@@ -484,8 +447,9 @@ def load_tree(name: str, root: Path) -> Dataset:
         for (path, _), image in zip(samples, images):
             (h, w), (h0, w0) = image.shape[1:], first[1]
             if h != w or (h, w) != (h0, w0):
+                other = "not square" if h != w else f"{first[0]} is {w0}x{h0}"
                 raise DataError(
-                    f"{path}: the image is {w}x{h}, {first[0]} is {w0}x{h0}; resize or crop every image to one square size"
+                    f"{path}: the image is {w}x{h}, {other}; resize or crop every image to one square size"
                 )
         splits.append((images, [label for _, label in samples]))
     channels = max(

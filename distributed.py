@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import os
 import sys
+import threading
 from datetime import timedelta
 
 import torch
@@ -73,8 +74,17 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
             file=sys.stderr,
             flush=True,
         )
+    # In a thread: the main thread then waits in Python, where SIGINT and SIGTERM take effect at once (main.py's line),
+    # not after the C++ wait of up to JOIN_TIMEOUT; a daemon, so that exiting never waits for it.
+    joined: dict = {}
+    waiter = threading.Thread(target=rendezvous, args=(joined,), daemon=True)
+    waiter.start()
+    while waiter.is_alive():
+        waiter.join(0.2)
     try:
-        store, rank, _ = next(dist.rendezvous("env://", timeout=JOIN_TIMEOUT))
+        if "error" in joined:
+            raise joined["error"]
+        store, rank, _ = joined["result"]
     except dist.DistError as exc:
         raise DistributedError(
             f"rank {os.environ['RANK']}: not all {world} processes met at {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} within "
@@ -87,6 +97,14 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
         "nccl" if device.type == "cuda" else "gloo", store=store, rank=rank, world_size=world
     )
     return rank, world
+
+
+def rendezvous(joined: dict) -> None:
+    """torch's env:// rendezvous (store, rank, world size) into joined["result"], or its exception into joined["error"]."""
+    try:
+        joined["result"] = next(dist.rendezvous("env://", timeout=JOIN_TIMEOUT))
+    except Exception as exc:  # re-raised in the main thread
+        joined["error"] = exc
 
 
 def close_distributed(finished: bool) -> None:

@@ -35,9 +35,8 @@ def interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(signum)
 
 
-if (
-    __name__ == "__main__"
-):  # a signal while torch and the rest import (seconds), load data, build the model: one line
+# A signal while torch and the rest import (seconds), load data, build the model: one line.
+if __name__ == "__main__":
     signal.signal(signal.SIGINT, interrupted_at_startup)
     signal.signal(signal.SIGTERM, interrupted_at_startup)
 
@@ -101,9 +100,8 @@ class TrainingError(Exception):
 def record_step(run: Run, state: EpochState, features, logits, y, loss, terms, finite) -> None:
     """What the epoch keeps of one step (train_step's outputs): loss, terms, accuracy, class sums and the
     first run.frame_take points of every batch for the train frame (spread over the epoch). No host sync."""
-    features = torch.where(
-        finite, features.detach().float(), torch.nan
-    )  # a bad step's points are not drawn
+    # a bad step's points are not drawn
+    features = torch.where(finite, features.detach().float(), torch.nan)
     centers = run.objective.centers.detach() if run.objective.centers is not None else None
     correct = (acc_predictions(run.args.loss, features, logits.detach(), centers) == y).sum()
     state.add(loss, terms, features, y, correct, finite)
@@ -206,6 +204,22 @@ def check_divergence(run: Run, epoch: int, state: EpochState) -> None:
         )
 
 
+def check_moved(run: Run, epoch: int, before: list[torch.Tensor]) -> None:
+    """Stop a run whose epoch at the user's --lr did not move the model: ||w - w_before|| <= 2^-23 ||w_before|| (float32's
+    resolution; zero-initialised biases still move by ~lr, so no exact equality), e.g. --lr 1e-30, whose every update is below
+    the spacing of its weight: the run would end "done" having learned nothing. One host sync an epoch."""
+    norms = [
+        torch.stack([(p - b).norm(), b.norm()]) for p, b in zip(run.model.parameters(), before)
+    ]
+    change, size = torch.stack(norms).norm(dim=0).tolist()
+    lr = run.optimizer.param_groups[0]["lr"]  # a decayed lr's stall is the schedule's, not an error
+    if lr == run.args.lr and change <= size * 2**-23:
+        raise TrainingError(
+            f"no weight changed during epoch {epoch} (by {change:.2g}, weights of norm {size:.3g}): --lr {lr:g} is too small "
+            f"to move float32 weights; {kept_checkpoint(run)}; give a larger --lr (or larger loss weights)"
+        )
+
+
 def kept_checkpoint(run: Run) -> str:
     kept = (run.dir / "checkpoint.pt").is_file()
     return (
@@ -249,6 +263,8 @@ def build(
     """The data, the run folder (locked by rank 0: its lock, held until train() ends) and
     the run (model, objective, optimiser, scheduler); whether to resume."""
     device = resolve_device(args.device)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     cuda_backends(device)
     data = load_dataset(args.dataset, args.data_dir or "data", download=True)
     unseen = None
@@ -375,6 +391,9 @@ def loop(run: Run, data: Dataset, start_epoch: int, state: EpochState | None) ->
                 )
                 state = EpochState.new(len(data.classes), args.feat_dim, device, aug)
             started, step_before = time.perf_counter(), state.step
+            before = [
+                p.detach().clone() for p in run.model.parameters()
+            ]  # small: one copy an epoch
             stopped = train_epoch(run, epoch, state, stop)
             elapsed = time.perf_counter() - started
             run.train_seconds += elapsed
@@ -385,6 +404,8 @@ def loop(run: Run, data: Dataset, start_epoch: int, state: EpochState | None) ->
                     interrupted = f"interrupted at epoch {epoch} step {state.step}; checkpoint saved, run the same command to resume"
                     print(interrupted, file=sys.stderr)
                 return 128 + stop["signal"]
+            if step_before == 0:  # a whole epoch (a resumed one may have had a single step left)
+                check_moved(run, epoch, before)
             row, test_features = epoch_row(run, epoch, state, elapsed)
             run.bad_steps += row["bad_steps"]
             run.scheduler.step(row["val_acc"] if run.val is not None else row["test_acc"])
@@ -404,6 +425,12 @@ def loop(run: Run, data: Dataset, start_epoch: int, state: EpochState | None) ->
             )
             state = None
             if stop_agreed(run, stop):
+                if rank == 0:
+                    after = f"interrupted after epoch {epoch}'s training (during its evaluation or writing)"
+                    print(
+                        f"{after}; its checkpoint is saved, run the same command to resume",
+                        file=sys.stderr,
+                    )
                 return 128 + stop["signal"]
     finally:
         for (
@@ -455,7 +482,12 @@ def end_epoch(
 
 def log(rank: int, message: str) -> None:
     if rank == 0:
-        print(message, flush=True)
+        try:
+            print(message, flush=True)
+        except (
+            BrokenPipeError
+        ):  # stdout into `head -1`, which has left: the run goes on, its lines to nowhere
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def finish(run: Run, data: Dataset) -> None:
@@ -498,22 +530,28 @@ def finish(run: Run, data: Dataset) -> None:
     summary = run_summary(run, data)
     write_json(run_dir / "summary.json", summary)
     if pictures:
-        print("pictures: " + ", ".join(map(str, pictures)))
+        log(0, "pictures: " + ", ".join(map(str, pictures)))
     if args.dataset == "digits":
-        print(
-            "next: python main.py --dataset mnist --data-dir DIR --epochs 3   (MNIST in DIR/MNIST/raw, downloaded there if missing)"
+        log(
+            0,
+            "next: python main.py --dataset mnist --data-dir DIR --epochs 3   (MNIST in DIR/MNIST/raw, downloaded there if missing)",
         )
     speed = f"{summary['samples_per_second']:.0f} samples/s"
-    print(
-        f"done: acc {summary['acc']:.4f} (best {summary['best_acc']:.4f}), ncm acc {summary['ncm_acc']:.4f}, {speed} -> {run_dir}"
+    log(
+        0,
+        f"done: acc {summary['acc']:.4f} (best {summary['best_acc']:.4f}), ncm acc {summary['ncm_acc']:.4f}, {speed} -> {run_dir}",
     )
 
 
 def main(argv: list[str] | None = None) -> int:
-    world, code = 1, None
-    sys.stdout.reconfigure(
-        errors="backslashreplace"
-    )  # a run name the terminal's encoding lacks must not fail a finished run
+    world, code, threads = 1, None, torch.get_num_threads()  # --threads holds for this call only
+    for name in (
+        "stdout",
+        "stderr",
+    ):  # closed (>&-): Python's is None; fd 1 or 2 to nowhere, before a file takes it
+        setattr(sys, name, getattr(sys, name) or open(os.devnull, "w"))
+    # a run name the terminal's encoding lacks must not fail a finished run
+    sys.stdout.reconfigure(errors="backslashreplace")
     try:
         args = parse_args(argv)
         rank, world = init_distributed(resolve_device(args.device))
@@ -545,11 +583,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     finally:
+        torch.set_num_threads(threads)
         if world > 1:
             close_distributed(finished=code is not None)
 
 
-if (
-    __name__ == "__main__"
-):  # interrupted_at_startup stays until the training loop installs its handlers
+# interrupted_at_startup stays until the training loop installs its handlers
+if __name__ == "__main__":
     sys.exit(main())

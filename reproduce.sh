@@ -39,6 +39,8 @@ if [[ ! $JOBS =~ ^[0-9]+$ ]] || ((10#$JOBS < 1)); then  # else the wait loop bel
 fi
 [[ $EPOCHS =~ ^[0-9]{1,6}$ ]] && ((10#$EPOCHS >= 1)) || fail "EPOCHS must be a positive integer, not '$EPOCHS'"
 [[ $TIME_LIMIT =~ ^[0-9]{1,9}$ ]] || fail "TIME_LIMIT must be whole seconds (0: none), not '$TIME_LIMIT'"
+# "runs " and "runs" look alike in every listing (a folder " " of empty logs was once committed)
+[[ $OUT =~ ^[[:space:]]|[[:space:]]$ ]] && fail "OUT '$OUT' starts or ends with whitespace; give it without"
 for seed in $SEEDS; do
     # main.py takes 0 to 2**32 - 1; longer ones would overflow here
     [[ $seed =~ ^[0-9]{1,10}$ ]] || fail "SEEDS must be non-negative integers separated by spaces, not '$SEEDS'"

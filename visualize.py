@@ -17,15 +17,24 @@ from functools import partial
 from pathlib import Path
 
 import imageio.v3 as iio
-import matplotlib
+import numpy as np
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+from metrics import GEOMETRY_METRICS
+from utils import WriteError, atomic_write_bytes
 
-from metrics import GEOMETRY_METRICS  # noqa: E402
-from utils import WriteError, atomic_write_bytes  # noqa: E402
+try:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+except (
+    Exception
+) as exc:  # e.g. OSError: no writable cache folder for it (umask 777, a read-only home)
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    raise SystemExit(
+        f"error: matplotlib cannot be imported ({reason}); check its install and that MPLCONFIGDIR or the home folder is writable"
+    ) from None
 
 FRAME_SIZE_INCHES, FRAME_DPI = 5.0, 80
 SPLITS = ("train", "test")

@@ -4,7 +4,9 @@ judged) and its refusals: one line, exit 2, before any timing is run or lost."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -72,8 +74,15 @@ def test_bench_times_both_pipelines_of_the_repo_checkout(tiny_mnist, tmp_path: P
             "--json 'missing/bench.json': give a file in an existing, writable folder",
         ),
         (["--repo", "nowhere"], "--repo nowhere: no main.py there"),
+        (["--json", "loop"], "--json 'loop': give a file in an existing, writable folder"),
         (["--batch-size", "100000"], "--batch-size 100000 is more than the 1437 train images"),
-        (["--steps", "0"], "--steps and --rounds must be at least 1"),
+        (["--steps", "0"], "--steps must be 1 to 10000, --rounds 1 to 100"),
+        (["--steps", "10001"], "--steps must be 1 to 10000, --rounds 1 to 100"),
+        (["--workers", "2"], "--workers and --loader-amp set the loader path, which --fast-only"),
+        (
+            ["--loader-amp", "bf16"],
+            "--workers and --loader-amp set the loader path, which --fast-only",
+        ),
     ],
 )
 def test_bench_refuses_bad_flags_in_one_line_before_timing(
@@ -84,12 +93,13 @@ def test_bench_refuses_bad_flags_in_one_line_before_timing(
     import bench
 
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "loop").symlink_to("loop")
     with pytest.raises(SystemExit) as exit_info:
         bench.main([*FAST, *flags, "--fast-only"])
     out, err = capsys.readouterr()
     assert exit_info.value.code == 2 and "round" not in out
     assert message in stderr_error_line(err)
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == ["loop"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where there is no CUDA")
@@ -125,3 +135,18 @@ def test_bench_unreadable_data_is_one_line(tmp_path: Path, capsys) -> None:
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("bench.py: error: ")
     assert not (tmp_path / "b.json").exists()
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_bench_interrupted_is_one_line(tmp_path: Path, monkeypatch, capsys, signum, code) -> None:
+    """Ctrl-C used to end in a KeyboardInterrupt traceback, SIGTERM silently; the handlers are put back after."""
+    import bench
+
+    monkeypatch.setattr(bench, "benchmark", lambda *args: os.kill(os.getpid(), signum))
+    before = signal.getsignal(signal.SIGTERM)
+    assert bench.main([*FAST, "--fast-only", "--json", str(tmp_path / "b.json")]) == code
+    assert (
+        capsys.readouterr().err
+        == "bench.py: interrupted; nothing was written (the rounds so far are lost)\n"
+    )
+    assert signal.getsignal(signal.SIGTERM) is before and not (tmp_path / "b.json").exists()

@@ -226,34 +226,33 @@ def test_tree_cmyk_jpeg_gives_rgb(tmp_path):
     assert ds.train.images.max() < 60  # dark, not the white of a dropped K channel
 
 
-def test_cifar10_alias_finds_tree(rgb_tree):
+def write_cifar_tree(root: Path) -> Path:
+    """A CIFAR-10-shaped tree: 10 class folders, one 32x32 RGB image each in train/ and test/."""
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for k, cls in enumerate(CIFAR10_CLASSES):
+            (root / split / cls.title()).mkdir(parents=True)
+            Image.fromarray(np.full((32, 32, 3), 20 * k, np.uint8)).save(
+                root / split / cls.title() / "0.png"
+            )
+    return root
+
+
+@pytest.mark.parametrize("sub", ["", "cifar10-jpg", "cifar10"])
+def test_cifar10_tree_in_data_dir_or_known_subfolder(tmp_path, sub):
+    write_cifar_tree(tmp_path / sub)
     for name in ("cifar-10", "cifar10", "CIFAR-10"):
-        ds = load_dataset(name, rgb_tree, download=False)
-        assert ds.name == "cifar10"
-        assert ds.classes == list(TREE_CLASSES)  # folder names, since they are not CIFAR-10's
-        assert ds.augmentations == ("flip", "crop")
-        assert ds.train.images.shape == (12, 3, 32, 32)
-
-
-def test_cifar10_tree_in_known_subfolder(tmp_path):
-
-    write_image_tree(tmp_path / "cifar10-jpg", "RGB", 32, per_class=(1, 1))
-    ds = load_dataset("cifar10", tmp_path, download=False)
-    assert ds.name == "cifar10" and len(ds.train) == 3
+        ds = load_dataset(name, tmp_path, download=False)
+        assert (ds.name, len(ds.train), ds.augmentations) == ("cifar10", 10, ("flip", "crop"))
+        assert ds.train.images.shape == (10, 3, 32, 32)
     assert canonical_name("cifar-10") == "cifar10"
 
 
 def test_cifar10_tree_with_cifar_class_folders_gets_the_canonical_names(tmp_path):
     """Class folders named like CIFAR-10's classes, in another case, are labelled in CIFAR-10's order
     and given its names."""
-    from PIL import Image
-
-    root = tmp_path / "cifar10"
-    for split in ("train", "test"):
-        for k, cls in enumerate(CIFAR10_CLASSES):
-            folder = root / split / cls.title()
-            folder.mkdir(parents=True)
-            Image.fromarray(np.full((32, 32, 3), 20 * k, np.uint8)).save(folder / "0.png")
+    write_cifar_tree(tmp_path / "cifar10")
     ds = load_dataset("cifar10", tmp_path, download=False)
     assert ds.classes == CIFAR10_CLASSES
     assert ds.train.labels.tolist() == list(range(10))
@@ -420,21 +419,24 @@ def test_mnist_tree_converts_a_colour_image_to_grey(tmp_path):
     assert ds.train.images.shape[1:] == (1, 28, 28) and ds.test.images[4, 0, 0, 0] == 90
 
 
-@pytest.mark.parametrize("name", ["mnist", "fashion-mnist"])
-@pytest.mark.parametrize("problem", ["colour 32x32", "3 classes"])
-def test_mnist_names_refuse_data_of_another_shape(tmp_path, name, problem):
-
-    write_image_tree(
-        tmp_path / name,
-        "RGB" if problem.startswith("colour") else "L",
-        32 if problem.startswith("colour") else 28,
-    )
-    with pytest.raises(
-        DataError, match=f"--dataset {name} is 28x28 grey images of 10 classes, this data is"
-    ) as info:
+@pytest.mark.parametrize(
+    ("name", "mode", "side", "claim", "found"),
+    [
+        ("mnist", "RGB", 32, "28x28 grey", "32x32 grey of 3 classes"),  # read grey
+        ("mnist", "L", 28, "28x28 grey", "28x28 grey of 3 classes"),
+        ("fashion-mnist", "RGB", 32, "28x28 grey", "32x32 grey of 3 classes"),
+        ("fashion-mnist", "L", 28, "28x28 grey", "28x28 grey of 3 classes"),
+        ("cifar10", "L", 16, "32x32 colour", "16x16 grey of 3 classes"),
+        ("cifar10", "RGB", 32, "32x32 colour", "32x32 colour of 3 classes"),
+        ("cifar10", "RGB", 28, "32x32 colour", "28x28 colour of 3 classes"),
+    ],
+)
+def test_data_set_names_refuse_data_of_another_shape(tmp_path, name, mode, side, claim, found):
+    """A name is a claim: a 16x16 grey 2-class tree used to train as "cifar10" and be reported beside the study's."""
+    write_image_tree(tmp_path / name, mode, side)
+    message = f"{tmp_path / name}.*--dataset {name} is {claim} images of 10 classes, this data is {found}; use --dataset folder"
+    with pytest.raises(DataError, match=message):
         load_dataset(name, tmp_path, download=False)
-    assert ("28x28 grey of 3 classes" in str(info.value)) == (problem == "3 classes")
-    assert str(tmp_path / name) in str(info.value)
 
 
 def test_idx_mnist_of_another_size_is_refused(tiny_mnist):
@@ -448,7 +450,7 @@ def test_idx_mnist_of_another_size_is_refused(tiny_mnist):
         load_dataset("mnist", root, download=False)
 
 
-def test_source_and_files_say_what_was_read(tiny_mnist, rgb_tree):
+def test_source_and_files_say_what_was_read(tiny_mnist, tmp_path):
     root, _ = tiny_mnist
     ds = load_dataset("mnist", root, download=False)
     raw = root / "MNIST" / "raw"
@@ -458,14 +460,15 @@ def test_source_and_files_say_what_was_read(tiny_mnist, rgb_tree):
         for s in ("train", "t10k")
         for k, r in (("images", 3), ("labels", 1))
     ]
+    cifar = write_cifar_tree(tmp_path / "cifar")
     (
-        rgb_tree / "cifar-10-batches-py"
+        cifar / "cifar-10-batches-py"
     ).mkdir()  # the lossless binary beside a tree: the tree is read, and the line says so
-    ds = load_dataset("cifar10", rgb_tree, download=False)
+    ds = load_dataset("cifar10", cifar, download=False)
     assert ds.source.startswith(
-        f"image folders in {rgb_tree} (.png) (the binary {rgb_tree / 'cifar-10-batches-py'} is also there, not used"
+        f"image folders in {cifar} (.png) (the binary {cifar / 'cifar-10-batches-py'} is also there, not used"
     )
-    assert ds.files == [str(rgb_tree / "train"), str(rgb_tree / "test")]
+    assert ds.files == [str(cifar / "train"), str(cifar / "test")]
 
 
 # ------------------------------------------------------------------- hostile trees and flags (issue 30)
@@ -478,7 +481,7 @@ def test_non_square_tree_is_refused_before_training(tmp_path):
     root = write_two_class_tree(tmp_path / "wide", lambda k: Image.new("L", (40, 28), 10 * k))
     with pytest.raises(
         DataError,
-        match=r"the image is 40x28, .* is 40x28; resize or crop every image to one square size",
+        match=r"0.png: the image is 40x28, not square; resize or crop every image to one square size",
     ) as info:
         load_dataset("folder", root)
     assert str(info.value).startswith(str(root / "train" / "a" / "0.png"))

@@ -6,7 +6,11 @@ import csv
 import json
 import math
 import os
+import signal
 import socket
+import subprocess
+import sys
+import threading
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -21,6 +25,7 @@ from conftest import (
     check_ok,
     listing,
     stderr_error_line,
+    subprocess_env,
     write_finished_decoy,
     write_idx,
     write_image_tree,
@@ -268,6 +273,7 @@ NOT_FINITE += [("--weight-decay", "nan"), ("--clip-grad-norm", "inf"), ("--cente
         (["--batch-size", "1"], "--batch-size must be at least 2"),
         (["--lr", "-1"], "--lr must be positive"),
         (["--epochs", "0"], "--epochs must be at least 1"),
+        (["--threads", "0"], "--threads must be at least 1"),
         (["--momentum", "1.5"], "--momentum must be in [0, 1)"),
         (["--weight-inter", "-0.1"], "loss weights must not be negative"),
         (
@@ -419,6 +425,9 @@ NOT_FINITE += [("--weight-decay", "nan"), ("--clip-grad-norm", "inf"), ("--cente
             "is 256 bytes long, more than the 255 a file system allows",
         ),
         (["--out", ""], "--out must not be empty"),
+        (["--out", "{tmp}/loop/runs"], "--out {tmp}/loop/runs: a loop of symbolic links"),
+        (["--out", "{tmp}/runs "], "--out '{tmp}/runs ' starts or ends with whitespace"),
+        (["--name", " run"], "--name ' run' starts or ends with whitespace"),
         (
             ["--out", "{tmp}/" + "/".join(["d" * 200] * 20)],
             "make a run folder path longer than 3996 bytes",
@@ -429,6 +438,7 @@ def test_bad_arguments_exit_2(argv, message, tmp_path, capsys):
     """Every bad argument: exit 2, one line naming the flag, nothing written anywhere."""
     (tmp_path / "a-file").write_text("not a folder")
     (tmp_path / "read-only").mkdir(mode=0o500)
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
     before = listing(tmp_path)
     with pytest.raises(SystemExit) as info:
         main.main(
@@ -436,7 +446,7 @@ def test_bad_arguments_exit_2(argv, message, tmp_path, capsys):
         )
     assert info.value.code == 2
     line = stderr_error_line(capsys.readouterr().err)
-    assert message in line
+    assert message.replace("{tmp}", str(tmp_path)) in line
     assert listing(tmp_path) == before
 
 
@@ -738,11 +748,8 @@ def test_help_lists_every_flag(capsys):
 def test_defaults_follow_the_study():
     args = config.parse_args([])
     assert (args.loss, args.model, args.feat_dim) == ("standalone", "resnet", 2)
-    assert (args.epochs, args.batch_size, args.patience) == (
-        20,
-        64,
-        3,
-    )  # digits, the offline first run
+    assert (args.epochs, args.batch_size, args.patience, args.threads) == (20, 64, 3, 1)  # digits
+    assert config.parse_args(["--dataset", "mnist"]).threads is None  # torch's: one per core
     study = config.parse_args(["--dataset", "mnist"])
     assert (study.epochs, study.batch_size, study.patience, study.factor, study.threshold) == (
         100,
@@ -910,3 +917,113 @@ def test_real_mnist_beats_chance(real_run):
     )
     assert summary["acc"] > 0.5, proc.stdout
     assert not (run_dir / "frames").exists() and not (run_dir / "train.png").exists()  # --no-plots
+
+
+# ------------------------------------------------------------------------- hardening, issue 39
+
+TINY = ["--epochs", "1", "--train-samples", "64", "--batch-size", "32", "--model", "lenet++"]
+TINY += ["--no-plots", "--device", "cpu"]
+
+
+@pytest.mark.parametrize("extra", [[], ["--lr-cent", "0.5"]], ids=["lr", "centers-move"])
+def test_a_learning_rate_that_moves_no_weight_is_refused_after_the_epoch(tmp_path, capsys, extra):
+    """--lr 1e-30 passes the range check, but every update is below the float32 spacing of every weight: the run
+    ended "done" having learned nothing. Moving centers (--lr-cent) do not make the model learn."""
+    assert main.main([*TINY, "--lr", "1e-30", *extra, "--out", str(tmp_path)]) == 1
+    line = stderr_error_line(capsys.readouterr().err)
+    assert line.startswith("error: no weight changed during epoch 1 (by 0, weights of norm ")
+    assert line.endswith(
+        "): --lr 1e-30 is too small to move float32 weights; no checkpoint was saved (none of an "
+        "earlier epoch); give a larger --lr (or larger loss weights)"
+    )
+    assert listing(tmp_path).keys() == {
+        "standalone-digits-feat=2",
+        "standalone-digits-feat=2/args.json",
+    }
+
+
+@pytest.mark.parametrize(
+    ("hook", "signum"), [("epoch_row", signal.SIGINT), ("end_epoch", signal.SIGTERM)]
+)
+def test_a_signal_between_epochs_says_so_in_one_line(tmp_path, monkeypatch, capsys, hook, signum):
+    """During the evaluation or the writing after an epoch, a signal used to end the run silently."""
+    original = getattr(main, hook)
+    monkeypatch.setattr(
+        main, hook, lambda *args: (os.kill(os.getpid(), signum), original(*args))[1]
+    )
+    assert main.main([*TINY, "--out", str(tmp_path)]) == 128 + signum
+    assert capsys.readouterr().err == (
+        "interrupted after epoch 1's training (during its evaluation or writing); "
+        "its checkpoint is saved, run the same command to resume\n"
+    )
+    run_dir = tmp_path / "standalone-digits-feat=2"
+    assert (run_dir / "checkpoint.pt").is_file() and not (run_dir / "summary.json").exists()
+    monkeypatch.undo()
+    assert main.main([*TINY, "--out", str(tmp_path)]) == 0 and (run_dir / "summary.json").is_file()
+
+
+def test_a_signal_ends_the_wait_for_torchrun_processes_at_once(tmp_path, monkeypatch, capsys):
+    """Processes started by hand wait for the others: SIGTERM there took effect only when the wait ended."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for name, value in {**TORCHRUN, "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(distributed, "JOIN_TIMEOUT", timedelta(seconds=40))
+    wait = distributed.dist.rendezvous
+    kill = threading.Timer(1, os.kill, (os.getpid(), signal.SIGTERM))
+    monkeypatch.setattr(
+        distributed.dist, "rendezvous", lambda *a, **k: (kill.start(), wait(*a, **k))[1]
+    )
+    monkeypatch.setattr(signal, "SIGTERM", signal.SIGTERM)  # restored below, with its handler
+    previous = signal.signal(signal.SIGTERM, main.interrupt)  # main.py's, but for its os._exit
+    started = time.monotonic()
+    try:
+        assert main.main(["--out", str(tmp_path)]) == 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert time.monotonic() - started < 20
+    assert capsys.readouterr().err.endswith(f"\n{main.STARTUP_INTERRUPT}\n")
+    # A second process joins, so the waiting thread ends: one left in C++ at exit would abort the suite.
+    joiner = distributed.dist.TCPStore("127.0.0.1", port, 2, False, timeout=timedelta(seconds=20))
+    for waiter in (t for t in threading.enumerate() if "rendezvous" in t.name):
+        waiter.join(20)
+        assert not waiter.is_alive()
+    del joiner
+
+
+def tiny_subprocess(tmp_path: Path, **kwargs) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(main.__file__), *TINY, "--out", str(tmp_path)]
+    env = {**subprocess_env(), **kwargs.pop("env", {})}
+    return subprocess.run(
+        command, stderr=subprocess.PIPE, text=True, env=env, timeout=300, **kwargs
+    )
+
+
+@pytest.mark.parametrize("stdout", ["reader-left", "closed"])
+def test_stdout_that_cannot_be_written_does_not_stop_the_run(tmp_path, stdout):
+    """`main.py | head -1`: the next line met a BrokenPipeError, a traceback, and the run died before its summary;
+    `main.py >&-`: sys.stdout is None, an AttributeError."""
+    read, write = os.pipe()
+    os.close(read)
+    closed = {"stdout": write} if stdout == "reader-left" else {"preexec_fn": lambda: os.close(1)}
+    proc = tiny_subprocess(tmp_path, **closed)
+    os.close(write)
+    assert (proc.returncode, proc.stderr) == (0, "")
+    assert (tmp_path / "standalone-digits-feat=2" / "summary.json").is_file()
+
+
+def test_matplotlib_that_cannot_start_is_one_line(tmp_path):
+    """As an unprivileged user under umask 777, matplotlib finds no writable cache folder and its import raises;
+    simulated (the suite runs as root) by a matplotlib that raises what it raises then."""
+    fake = tmp_path / "fake" / "matplotlib"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text(
+        'raise OSError("Matplotlib requires access to a writable cache directory")'
+    )
+    proc = tiny_subprocess(tmp_path, stdout=subprocess.PIPE, env={"PYTHONPATH": str(fake.parent)})
+    assert proc.returncode == 1 and proc.stderr == (
+        "error: matplotlib cannot be imported (Matplotlib requires access to a writable cache directory); "
+        "check its install and that MPLCONFIGDIR or the home folder is writable\n"
+    )
+    assert not (tmp_path / "standalone-digits-feat=2").exists()

@@ -126,6 +126,7 @@ def test_reproduce_header_examples_make_valid_main_commands(tmp_path: Path, monk
         ({"DATASETS": "digits", "SEEDS": "-1"}, "SEEDS must be non-negative integers"),
         ({"DATASETS": "digits", "SEEDS": "99999999999"}, "SEEDS must be non-negative integers"),
         ({"DATASETS": "digits", "ARGS": "--seed=3"}, 'give seeds as SEEDS="0 1 2", not --seed'),
+        ({"DATASETS": "digits", "OUT": "{tmp}/runs "}, "OUT '{tmp}/runs ' starts or ends with"),
     ],
 )
 def test_reproduce_refuses_missing_data_dir_and_bad_seeds(
@@ -134,6 +135,10 @@ def test_reproduce_refuses_missing_data_dir_and_bad_seeds(
     """One line, exit 2, nothing started or made (a missing DATA_DIR used to become --data-dir data for every run)."""
     extra = env.pop("ARGS", "").split()
     env = {**os.environ, "OUT": str(tmp_path / "runs"), "PYTHON": sys.executable, **env}
+    env, message = (
+        {k: v.replace("{tmp}", str(tmp_path)) for k, v in env.items()},
+        message.replace("{tmp}", str(tmp_path)),
+    )
     env.pop("DATA_DIR", None)
     before = listing(tmp_path)
     result = subprocess.run(
