@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import time
+from functools import partial
 
 STARTUP_INTERRUPT = "interrupted before training started; no new checkpoint was saved, run the same command to start again"
 
@@ -64,7 +65,13 @@ from datasets import (
     loader_batches,
     tensor_batches,
 )
-from distributed import DistributedError, close_distributed, init_distributed
+from distributed import (
+    DistributedError,
+    close_distributed,
+    from_rank0,
+    init_distributed,
+    rank0_first,
+)
 from evaluation import COLUMNS, acc_predictions, embed, epoch_row, run_summary
 from models import MIN_SIDE
 from training import (
@@ -245,7 +252,7 @@ def build(args: argparse.Namespace, rank: int, world: int) -> tuple[Run, Dataset
     the run (model, objective, optimiser, scheduler); whether to resume."""
     device = resolve_device(args.device)
     cuda_backends(device)
-    data = load_dataset(args.dataset, args.data_dir or "data", download=True)
+    data = rank0_first(partial(load_dataset, args.dataset, args.data_dir or "data"))
     unseen = None
     if args.train_classes is not None:
         try:
@@ -382,7 +389,8 @@ def loop(run: Run, data: Dataset, start_epoch: int, state: EpochState | None) ->
                 return 128 + stop["signal"]
             row, test_features = epoch_row(run, epoch, state, elapsed)
             run.bad_steps += row["bad_steps"]
-            run.scheduler.step(row["val_acc"] if run.val is not None else row["test_acc"])
+            metric = row["val_acc"] if run.val is not None else row["test_acc"]
+            run.scheduler.step(from_rank0(metric, device))  # one schedule for every rank
             if (
                 run.center_optimizer is not None
             ):  # one schedule: the sparse centers' lr decays with the model's

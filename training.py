@@ -175,7 +175,7 @@ def train_step(trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> tuple[torc
     clipping (if on), fused SGD, RowSGD on the batch's centers (many classes), the paper's update (if on); a
     skipped step's buffers (BatchNorm statistics) are put back. Under torchrun the loss sees the
     global batch. Returns (features, logits, labels, loss, terms, finite), detached: finite is whether
-    the step was good (under fp16 an overflow with a finite loss is the scaler's skip, not a bad step).
+    the step was good, its loss and every gradient finite (under fp16 the scaler's overflows are bad steps too).
     """
     optimizer, scaler, centers = trainer.optimizer, trainer.scaler, trainer.objective.centers
     if trainer.channels_last:
@@ -191,11 +191,11 @@ def train_step(trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> tuple[torc
     scaler.scale(loss * torch.where(loss_ok, 1.0, math.nan)).backward()
     scaler.unscale_(optimizer)  # the true gradients, for the check and the clipping
     params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    # max |g| per tensor: NaN or inf exactly when the scaler finds a non-finite gradient
+    # max |g| per tensor: NaN or inf exactly when the scaler finds a non-finite gradient (its found_inf)
     apply = torch.isfinite(
         torch.stack([torch.linalg.vector_norm(p.grad, math.inf) for p in params])
     ).all()
-    finite = loss_ok if trainer.fp16 else apply
+    finite = loss_ok & apply  # a step that is not applied learned nothing, whatever the precision
     if trainer.clip_grad_norm:  # the dense gradients only
         nn.utils.clip_grad_norm_(params, trainer.clip_grad_norm)
     scaler.step(optimizer)
