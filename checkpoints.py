@@ -202,7 +202,7 @@ def check_resume_settings(path: Path, saved: dict, args: dict, trained: int) -> 
     """Refuse to resume with any setting but FREE_KEYS other than the checkpoint's (CheckpointError, one line; a
     setting the checkpoint does not record and LEGACY_CONFIG does not know is other), or with fewer --epochs
     than it has trained (SystemExit 2)."""
-    for key in sorted(args.keys() - FREE_KEYS):
+    for key in (key for key in args if key not in FREE_KEYS):  # in the order of --help
         value = saved.get(key, LEGACY_CONFIG.get(key, saved))  # saved itself: not recorded
         if value != args[key]:
             was = "no record of it" if value is saved else as_flag(key, value)
