@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import listing, stderr_error_line, subprocess_env
+from conftest import listing, stderr_error_line, subprocess_env, write_image_tree
 
 import main as main_module
 from checkpoints import CHECKPOINT_KEYS, LEGACY_CONFIG, CheckpointError, checkpoint, load_checkpoint
@@ -796,3 +797,25 @@ def test_paper_centers_stay_when_the_fp16_scaler_skips_the_step(init_scale: floa
     assert bool(finite) != skipped and (t.scaler.get_scale() < init_scale) == skipped
     assert torch.equal(t.objective.centers, centers) == skipped
     assert all(torch.equal(p, w) for p, w in zip(params, weights)) == skipped
+
+
+def test_resume_on_other_data_is_refused(tmp_path: Path, capsys) -> None:
+    """The checkpoint keeps a fingerprint of what was read: a folder run resumed with --data-dir at another tree of
+    the same classes and size is refused (one line, exit 1, the run folder byte for byte as it was); the same
+    images at another path resume (--data-dir may change)."""
+    trees = [write_image_tree(tmp_path / name, seed=seed) for name, seed in (("a", 0), ("b", 1))]
+    shutil.copytree(trees[0], tmp_path / "a-copy")
+    args = ["--dataset", "folder", "--batch-size", "4", "--no-plots", "--model", "lenet++"]
+    args += ["--out", str(tmp_path / "runs"), "--name", "run"]
+    assert main([*args, "--data-dir", str(trees[0]), "--epochs", "1"]) == 0
+    (tmp_path / "runs" / "run" / "summary.json").unlink()
+    before, saved = contents(tmp_path / "runs"), torch.load(tmp_path / "runs/run/checkpoint.pt")
+    capsys.readouterr()
+    assert main([*args, "--data-dir", str(trees[1]), "--epochs", "2"]) == 1
+    line = stderr_error_line(capsys.readouterr().err)
+    assert (
+        f"checkpoint.pt: the checkpoint was trained on other data ({saved['data']}; --data-dir {trees[1]} holds 12 train and 6 test images of 1x28x28, sha256 "
+        in line
+    )
+    assert contents(tmp_path / "runs") == before
+    assert main([*args, "--data-dir", str(tmp_path / "a-copy"), "--epochs", "2"]) == 0
