@@ -26,34 +26,12 @@ FREE_KEYS = frozenset(
     "eval_every workers max_bad_steps".split()
 )
 # The settings that checkpoints made before them lack, with the behaviour those runs had.
-LEGACY_CONFIG = dict(
-    weight_decay=0.0,
-    clip_grad_norm=0.0,
-    center_update="sgd",
-    center_alpha=None,
-    train_classes=None,
-    width=1,
-)
-STATEFUL = (
-    "model",
-    "objective",
-    "optimizer",
-    "center_optimizer",
-    "scheduler",
-    "scaler",
-)  # the run's parts with a state_dict
-# What checkpoint() writes: a checkpoint without any of them cannot resume.
-CHECKPOINT_KEYS = (
-    "args",
-    "epoch",
-    "epoch_state",
-    *STATEFUL,
-    "history",
-    "train_seconds",
-    "samples",
-    "bad_steps",
-    "random",
-)
+LEGACY_CONFIG = dict(weight_decay=0.0, clip_grad_norm=0.0, center_update="sgd", center_alpha=None)
+LEGACY_CONFIG |= dict(train_classes=None, width=1)
+# The run's parts with a state_dict, and what checkpoint() writes: a checkpoint without any of them cannot resume.
+STATEFUL = ("model", "objective", "optimizer", "center_optimizer", "scheduler", "scaler")
+CHECKPOINT_KEYS = ("args", "epoch", "epoch_state", *STATEFUL, "history", "train_seconds", "samples")
+CHECKPOINT_KEYS += ("bad_steps", "random")
 
 
 def random_states(device: torch.device) -> dict[str, Any]:
@@ -129,9 +107,10 @@ def checkpoint(run: Run, epoch: int, state: EpochState | None) -> dict:
 
 
 def load_checkpoint(path: Path, run: Run) -> dict:
-    """Load a checkpoint safely (weights_only), check it fits this run and restore the run from it. Any damage, another
-    setting (check_resume_settings) or other data is one CheckpointError line, before anything is written. Loaded to the CPU (random states must be
-    CPU tensors; load_state_dict copies to the run's device), it may resume on another device."""
+    """Load a checkpoint safely (weights_only), check it fits this run and restore the run from it. Any damage,
+    another setting (check_resume_settings) or other data is one CheckpointError line, before anything is written.
+    Loaded to the CPU (random states must be CPU tensors; load_state_dict copies to the run's device), it may
+    resume on another device."""
     delete, other = "delete it or start again with --overwrite", "use --overwrite or another --name"
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -158,9 +137,7 @@ def load_checkpoint(path: Path, run: Run) -> dict:
         add_momentum_buffers(run.optimizer)  # a checkpoint from before the first step has none
         if ckpt["epoch_state"] is not None:
             ckpt["epoch_state"] = epoch_state_on(ckpt["epoch_state"], run.device)
-    except (
-        Exception
-    ) as exc:  # a damaged state dict fails in many ways (RuntimeError, KeyError, TypeError, ...)
+    except Exception as exc:  # a damaged state dict fails in many ways
         first_line = "".join(str(exc).splitlines()[:1])
         raise CheckpointError(
             f"{path}: checkpoint does not fit this run ({type(exc).__name__}: {first_line}); {other}"

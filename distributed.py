@@ -116,16 +116,16 @@ def from_rank0(value: float, device: torch.device) -> float:
     return float(tensor)
 
 
-def rank0_first(load: Callable[[bool], T]) -> T:
-    """load(download=True) on rank 0 before the other ranks, which wait for it at a barrier and then read
-    what it wrote, load(download=False): one process downloads a missing data set. With one process, load(True)."""
+def rank0_first(load: Callable[..., T], *args: object) -> T:
+    """load(*args, download=True) on rank 0 before the other ranks, which wait for it at a barrier and then
+    read what it wrote, load(*args, download=False): one process downloads a missing data set."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
-        return load(True)
+        return load(*args, download=True)
     if dist.get_rank() > 0:
         dist.barrier()
-        return load(False)
+        return load(*args, download=False)
     try:
-        return load(True)
+        return load(*args, download=True)
     finally:  # also when it fails: the others then fail to read it, with their own line
         dist.barrier()
 

@@ -17,7 +17,6 @@ import os
 import signal
 import sys
 import time
-from functools import partial
 
 STARTUP_INTERRUPT = "interrupted before training started; no new checkpoint was saved, run the same command to start again"
 
@@ -252,7 +251,7 @@ def build(args: argparse.Namespace, rank: int, world: int) -> tuple[Run, Dataset
     the run (model, objective, optimiser, scheduler); whether to resume."""
     device = resolve_device(args.device)
     cuda_backends(device)
-    data = rank0_first(partial(load_dataset, args.dataset, args.data_dir or "data"))
+    data = rank0_first(load_dataset, args.dataset, args.data_dir or "data")  # downloads if need be
     unseen = None
     if args.train_classes is not None:
         try:

@@ -37,9 +37,7 @@ class Trainer:
     objective: Objective
     optimizer: torch.optim.Optimizer
     center_optimizer: RowSGD | None  # many classes: SGD on the batch's centers
-    scaler: (
-        torch.amp.GradScaler
-    )  # fp16: the loss scale; otherwise scale 1, only the skip of non-finite steps
+    scaler: torch.amp.GradScaler  # fp16: the loss scale; otherwise 1, only the skip of bad steps
     fp16: bool
     autocast: Callable[[], AbstractContextManager]
     channels_last: bool
@@ -59,9 +57,7 @@ class Run(Trainer):
     train: ImageData
     test: ImageData
     val: ImageData | None
-    unseen: (
-        ImageData | None
-    )  # test images of the classes left out by --train-classes (open-set retrieval)
+    unseen: ImageData | None  # test images of the classes --train-classes leaves out (open set)
     augmentations: tuple[str, ...]
     collect_frames: bool  # 2-D features drawn each epoch
     frame_take: int = 0  # train points each step keeps for the train frame (spread over the epoch)
@@ -90,13 +86,9 @@ def build_trainer(
     ).to(device)
     if args.loss in CENTER_ACC_LOSSES:  # logits unused: no gradient, and DDP must not wait for one
         model.classifier.requires_grad_(False)
-    if (
-        world > 1 and device.type == "cuda"
-    ):  # batch statistics over the global batch (SyncBatchNorm needs a GPU)
+    if world > 1 and device.type == "cuda":  # global batch statistics (SyncBatchNorm needs a GPU)
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    sparse = (
-        args.center_update == "sgd" and len(data.classes) > args.batch_size
-    )  # many classes: cost follows the batch
+    sparse = args.center_update == "sgd" and len(data.classes) > args.batch_size  # many classes
     weights = (
         args.weight_cent,
         args.weight_intra,
@@ -199,9 +191,7 @@ def train_step(trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> tuple[torc
     if trainer.clip_grad_norm:  # the dense gradients only
         nn.utils.clip_grad_norm_(params, trainer.clip_grad_norm)
     scaler.step(optimizer)
-    if (
-        trainer.center_optimizer is not None
-    ):  # the rows' gradient, which the scaler does not see, carries its scale
+    if trainer.center_optimizer is not None:  # the rows' gradient, unseen by the scaler, is scaled
         criterion = trainer.objective.criterion
         unscaled = criterion.rows.grad / scaler.scale(torch.ones((), device=criterion.rows.device))
         rows_ok = trainer.center_optimizer.step(criterion.labels, unscaled, apply)
@@ -212,9 +202,7 @@ def train_step(trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> tuple[torc
         )
     for buffer, before in zip(buffers, saved):
         buffer.copy_(torch.where(apply, buffer, before))
-    scaler.update(
-        None if trainer.fp16 else 1.0
-    )  # fp16: backs off after an overflow; else a scale of 1 stays 1
+    scaler.update(None if trainer.fp16 else 1.0)  # fp16: backs off after an overflow; else stays 1
     return (
         features.detach(),
         logits.detach(),
@@ -238,14 +226,10 @@ class EpochState:
     class_sum: torch.Tensor  # C x D: per-class sums of train features (nearest-class-mean accuracy)
     class_count: torch.Tensor  # C
     bad_steps: torch.Tensor  # int64: steps taken back
-    last_bad: (
-        torch.Tensor
-    )  # float64: step, loss and TERMS of the last bad step, for the error message
+    last_bad: torch.Tensor  # float64: step, loss and TERMS of the last bad step, for the message
     aug: torch.Tensor  # state of the augmentation generator after the last step
     step: int = 0
-    frame_features: list[torch.Tensor] = field(
-        default_factory=list
-    )  # train points of the 2-D frame
+    frame_features: list[torch.Tensor] = field(default_factory=list)  # the 2-D frame's train points
     frame_labels: list[torch.Tensor] = field(default_factory=list)
 
     @classmethod
