@@ -109,29 +109,20 @@ def test_the_fused_sgd_calls_pass_the_cuda_kernels_checks_after_a_resume(
 
 
 @pytest.mark.parametrize(
-    "params,momentum",
+    "params",
     [
-        ([], 0.9),  # the old step's call for an empty parameter group
-        ([torch.zeros(2, 3, 4, 4)], 0.9),  # a channels_last buffer for a contiguous weight
-    ],
+        [],
+        [torch.zeros(2, 3, 4, 4)],
+    ],  # the old step's empty group; channels_last buffers, NCHW weights
     ids=["empty", "strides"],
 )
-def test_the_kernel_check_can_fail(params, momentum) -> None:
+def test_the_kernel_check_can_fail(params) -> None:
     fused_sgd, _ = checked_fused_sgd(torch._fused_sgd_)
     buffers = [p.to(memory_format=torch.channels_last) for p in params]
+    options = dict(weight_decay=0.0, lr=0.1, dampening=0.0, nesterov=False, maximize=False)
     with pytest.raises(AssertionError):
-        fused_sgd(
-            params,
-            [torch.zeros_like(p) for p in params],
-            buffers,
-            weight_decay=0.0,
-            momentum=momentum,
-            lr=0.1,
-            dampening=0.0,
-            nesterov=False,
-            maximize=False,
-            is_first_step=False,
-        )
+        grads = [torch.zeros_like(p) for p in params]
+        fused_sgd(params, grads, buffers, momentum=0.9, is_first_step=False, **options)
 
 
 def test_tensorboard_distances_use_a_sample_of_many_centers(monkeypatch) -> None:
