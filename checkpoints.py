@@ -164,7 +164,11 @@ def damaged_parts(ckpt: object) -> list[str]:
     state = ckpt["epoch_state"]
     if state is not None:
         bad = (
-            [f"epoch_state.{f.name}" for f in fields(EpochState) if f.name not in state]
+            [
+                f"epoch_state.{f.name}"
+                for f in fields(EpochState)
+                if f.name not in (*state, "skipped")
+            ]
             if isinstance(state, dict)
             else ["epoch_state"]
         )

@@ -101,7 +101,7 @@ class TrainingError(Exception):
     """A run that cannot go on (corrupt checkpoint, divergence); reported as one line, exit code 1."""
 
 
-def record_step(run: Run, state: EpochState, features, logits, y, loss, terms, finite) -> None:
+def record_step(run: Run, state: EpochState, features, logits, y, loss, terms, bad, finite) -> None:
     """What the epoch keeps of one step (train_step's outputs): loss, terms, accuracy, class sums and the
     first run.frame_take points of every batch for the train frame (spread over the epoch). No host sync."""
     features = torch.where(
@@ -109,7 +109,7 @@ def record_step(run: Run, state: EpochState, features, logits, y, loss, terms, f
     )  # a bad step's points are not drawn
     centers = run.objective.centers.detach() if run.objective.centers is not None else None
     correct = (acc_predictions(run.args.loss, features, logits.detach(), centers) == y).sum()
-    state.add(loss, terms, features, y, correct, finite)
+    state.add(loss, terms, features, y, correct, finite, bad)
     if run.collect_frames:
         state.frame_features.append(features[: run.frame_take])
         state.frame_labels.append(y[: run.frame_take])

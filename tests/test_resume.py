@@ -784,17 +784,18 @@ def test_the_step_has_no_host_sync(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize("init_scale", [1.0, 3e38])
 def test_paper_centers_stay_when_the_fp16_scaler_skips_the_step(init_scale: float) -> None:
     """Under --amp fp16 a GradScaler whose scale overflows the gradients skips the optimizer step;
-    the paper's centers must not move either, and the step is a bad one (a finite loss is not enough: the
-    run must not count as good the steps it skipped). With a scale that does not overflow, the step moves both."""
+    the paper's centers must not move either, and the step is not applied (a finite loss is not enough: a run
+    must not count as good the steps it skipped), though not bad: the scale backs off (the scaler's search for
+    a scale does not count towards --max-bad-steps). With a scale that does not overflow, the step moves both."""
     t = trainer(("--amp", "fp16", "--center-update", "paper"))
     t.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
     params = [p for group in t.optimizer.param_groups for p in group["params"]]
     weights = [p.detach().clone() for p in params]
     centers = t.objective.centers.detach().clone()
     x = torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(0))
-    *_, finite = train_step(t, x, torch.arange(16) % 10)
+    *_, bad, finite = train_step(t, x, torch.arange(16) % 10)
     skipped = init_scale > 1
-    assert bool(finite) != skipped and (t.scaler.get_scale() < init_scale) == skipped
+    assert not bad and bool(finite) != skipped and (t.scaler.get_scale() < init_scale) == skipped
     assert torch.equal(t.objective.centers, centers) == skipped
     assert all(torch.equal(p, w) for p, w in zip(params, weights)) == skipped
 
