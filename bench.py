@@ -150,7 +150,7 @@ def run_steps(p: dict, args: argparse.Namespace, m: argparse.Namespace, device, 
 def benchmark(args: argparse.Namespace, main_flags: list[str]) -> dict:
     import datasets
     from config import parse_args as parse_main_args
-    from training import build_trainer, train_step
+    from training import build_trainer, cuda_backends, train_step
     from utils import resolve_device
 
     # main.py's checks (exit 2): an unknown --device, cuda without CUDA, ...
@@ -158,7 +158,7 @@ def benchmark(args: argparse.Namespace, main_flags: list[str]) -> dict:
     device = resolve_device(m.device)
     if m.threads is not None:  # as main.py: --threads, 1 for digits
         torch.set_num_threads(m.threads)
-    torch.backends.cudnn.benchmark = device.type == "cuda"  # as main.py runs
+    cuda_backends(device)  # as main.py runs: cuDNN autotuning, float32 without TF32
     data = datasets.load_dataset(m.dataset, m.data_dir or "data", download=False)
     if m.batch_size > len(data.train):
         print(

@@ -14,46 +14,25 @@ from typing import Any
 import torch
 from filelock import FileLock, Timeout
 
+from datasets import fingerprint
 from training import EpochState, Run, add_momentum_buffers
 from utils import atomic_write_bytes
 
-# Settings that define a run: a checkpoint made with other values cannot be resumed.
-CONFIG_KEYS = tuple(
-    "loss dataset model feat_dim batch_size train_samples weight_cent weight_intra weight_inter inter_margin alpha val_fraction seed "
-    "pipeline weight_decay clip_grad_norm center_update center_alpha train_classes width".split()
+# The settings a resumed run may change: where it runs and writes, what it draws or logs, how it
+# loads; none changes its numbers (--epochs may only grow). Every other setting, a flag added later
+# included, must equal the checkpoint's: its optimiser, scheduler, weights and momentum buffers (in
+# the saved memory format) carry them, and args.json and summary.json would misreport a change.
+FREE_KEYS = frozenset(
+    "epochs device out name resume overwrite data_dir no_plots projection plot_every tensorboard "
+    "eval_every workers threads max_bad_steps".split()
 )
-# The keys above that checkpoints made before them lack, with the behaviour those runs had.
-LEGACY_CONFIG = dict(
-    weight_decay=0.0,
-    clip_grad_norm=0.0,
-    center_update="sgd",
-    center_alpha=None,
-    train_classes=None,
-    width=1,
-)
-# Settings the checkpoint's optimiser and scheduler carry, and --amp (a run half fp32, half bf16 would be
-# mislabelled): resuming with other values is refused (--epochs may grow, --device may change).
-RESUME_KEYS = ("lr", "lr_cent", "momentum", "factor", "patience", "threshold", "amp")
-STATEFUL = (
-    "model",
-    "objective",
-    "optimizer",
-    "center_optimizer",
-    "scheduler",
-    "scaler",
-)  # the run's parts with a state_dict
-# What checkpoint() writes: a checkpoint without any of them cannot resume.
-CHECKPOINT_KEYS = (
-    "args",
-    "epoch",
-    "epoch_state",
-    *STATEFUL,
-    "history",
-    "train_seconds",
-    "samples",
-    "bad_steps",
-    "random",
-)
+# The settings that checkpoints made before them lack, with the behaviour those runs had.
+LEGACY_CONFIG = dict(weight_decay=0.0, clip_grad_norm=0.0, center_update="sgd", center_alpha=None)
+LEGACY_CONFIG |= dict(train_classes=None, width=1)
+# The run's parts with a state_dict, and what checkpoint() writes: a checkpoint without any of them cannot resume.
+STATEFUL = ("model", "objective", "optimizer", "center_optimizer", "scheduler", "scaler")
+CHECKPOINT_KEYS = ("args", "epoch", "epoch_state", *STATEFUL, "history", "train_seconds", "samples")
+CHECKPOINT_KEYS += ("bad_steps", "random")
 
 
 def random_states(device: torch.device) -> dict[str, Any]:
@@ -127,13 +106,15 @@ def checkpoint(run: Run, epoch: int, state: EpochState | None) -> dict:
         "samples": run.samples,
         "bad_steps": run.bad_steps,
         "random": random_states(run.device),
+        "data": fingerprint(run.train, run.test),
     }
 
 
 def load_checkpoint(path: Path, run: Run) -> dict:
-    """Load a checkpoint safely (weights_only), check it fits this run and restore the run from it. Any damage is one
-    CheckpointError line; other optimisation settings are refused (SystemExit 2). Loaded to the CPU (random states must be
-    CPU tensors; load_state_dict copies to the run's device), it may resume on another device."""
+    """Load a checkpoint safely (weights_only), check it fits this run and restore the run from it. Any damage,
+    another setting (check_resume_settings) or other data is one CheckpointError line, before anything is written.
+    Loaded to the CPU (random states must be CPU tensors; load_state_dict copies to the run's device), it may
+    resume on another device."""
     delete, other = "delete it or start again with --overwrite", "use --overwrite or another --name"
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -146,14 +127,13 @@ def load_checkpoint(path: Path, run: Run) -> dict:
         raise CheckpointError(
             f"{path}: incomplete or damaged checkpoint (missing or malformed: {', '.join(bad)}); {delete}"
         )
-    saved, args = ckpt["args"], vars(run.args)
-    for key in CONFIG_KEYS:
-        value = saved.get(key, LEGACY_CONFIG.get(key))
-        if value != args[key]:
-            raise CheckpointError(
-                f"{path}: checkpoint is of another configuration ({key} {value!r}, this run {args[key]!r}); {other}"
-            )
-    check_resume_settings(path, saved, args, ckpt["epoch"])
+    check_resume_settings(path, ckpt["args"], vars(run.args), ckpt["epoch"])
+    data = fingerprint(run.train, run.test)
+    if ckpt.get("data", data) != data:  # checkpoints from before the fingerprint have none
+        raise CheckpointError(
+            f"{path}: the checkpoint was trained on other data ({ckpt['data']}; --data-dir "
+            f"{run.args.data_dir} holds {data}); resume on the data it was trained on, or {other}"
+        )
     try:
         for key in (key for key in STATEFUL if getattr(run, key) is not None):
             getattr(run, key).load_state_dict(ckpt[key])
@@ -161,9 +141,7 @@ def load_checkpoint(path: Path, run: Run) -> dict:
         add_momentum_buffers(run.optimizer)  # a checkpoint from before the first step has none
         if ckpt["epoch_state"] is not None:
             ckpt["epoch_state"] = epoch_state_on(ckpt["epoch_state"], run.device)
-    except (
-        Exception
-    ) as exc:  # a damaged state dict fails in many ways (RuntimeError, KeyError, TypeError, ...)
+    except Exception as exc:  # a damaged state dict fails in many ways
         first_line = "".join(str(exc).splitlines()[:1])
         raise CheckpointError(
             f"{path}: checkpoint does not fit this run ({type(exc).__name__}: {first_line}); {other}"
@@ -190,7 +168,11 @@ def damaged_parts(ckpt: object) -> list[str]:
     state = ckpt["epoch_state"]
     if state is not None:
         bad = (
-            [f"epoch_state.{f.name}" for f in fields(EpochState) if f.name not in state]
+            [
+                f"epoch_state.{f.name}"
+                for f in fields(EpochState)
+                if f.name not in (*state, "skipped")
+            ]
             if isinstance(state, dict)
             else ["epoch_state"]
         )
@@ -202,21 +184,29 @@ def damaged_parts(ckpt: object) -> list[str]:
 
 
 def check_resume_settings(path: Path, saved: dict, args: dict, trained: int) -> None:
-    """Refuse (SystemExit 2) to resume with optimisation settings the checkpoint overrides: its
-    optimiser and scheduler carry their own, which args.json and summary.json would misreport."""
-    for key in RESUME_KEYS:
-        if saved.get(key) != args[key]:
-            flag, value = "--" + key.replace("_", "-"), saved.get(key)
-            message = f"{flag} {args[key]} differs from the {value} of the checkpoint {path}, which a resumed run keeps; "
-            raise SystemExit(
-                usage_error(
-                    message
-                    + f"resume with {flag} {value}, or start again with --overwrite or another --name"
-                )
+    """Refuse to resume with any setting but FREE_KEYS other than the checkpoint's (CheckpointError, one line; a
+    setting the checkpoint does not record and LEGACY_CONFIG does not know is other), or with fewer --epochs
+    than it has trained (SystemExit 2)."""
+    for key in (key for key in args if key not in FREE_KEYS):  # in the order of --help
+        value = saved.get(key, LEGACY_CONFIG.get(key, saved))  # saved itself: not recorded
+        if value != args[key]:
+            was = "no record of it" if value is saved else as_flag(key, value)
+            raise CheckpointError(
+                f"{path}: checkpoint is of another configuration ({was}, this run {as_flag(key, args[key])}); "
+                + (f"resume with {was}, or " if value is not saved else "")
+                + "start again with --overwrite or another --name"
             )
     if args["epochs"] < trained:
         message = f"--epochs {args['epochs']}: the checkpoint {path} has already trained {trained} epochs; "
         raise SystemExit(usage_error(message + f"resume with --epochs {trained} or more"))
+
+
+def as_flag(key: str, value: object) -> str:
+    """A setting as the command line gives it: --lr 0.01, --no-channels-last, no --inter-margin."""
+    flag = "--" + key.replace("_", "-")
+    if isinstance(value, bool):
+        return flag if value else f"--no-{flag[2:]}"
+    return f"no {flag}" if value is None else f"{flag} {value}"
 
 
 def out_problem(out: str) -> str | None:

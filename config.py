@@ -453,6 +453,8 @@ def device_problem(name: str) -> str | None:
     """Why --device cannot train here, or None: a CPU or an available CUDA device (MPS is refused)."""
     try:
         device = resolve_device(name)
+    except ValueError as exc:  # cuda:N under torchrun
+        return str(exc)
     except RuntimeError:
         return f"--device {name}: not a device torch knows (try auto, cpu or cuda)"
     if device.type == "cpu":

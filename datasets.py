@@ -4,6 +4,7 @@ MNIST and digits rotate within +-5 degrees, Fashion-MNIST also flips, CIFAR-10 f
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -112,6 +113,18 @@ def channel_stats(images: Tensor) -> tuple[list[float], list[float]]:
     mean = p @ levels
     std = (p * (levels - mean[:, None]) ** 2).sum(1).sqrt()
     return mean.tolist(), torch.where(std > 0, std, 1.0).tolist()
+
+
+def fingerprint(train: ImageData, test: ImageData) -> str:
+    """What a run reads, cheaply: each split's count and image shape, and a SHA-256 of its labels and of every
+    (N // 64)-th image's pixels (a resume on other data is refused: checkpoints.load_checkpoint)."""
+    digest = hashlib.sha256()
+    for split in (train, test):
+        sample = split.images[:: max(1, len(split) // 64)]
+        for part in (split.labels, sample):
+            digest.update(part.cpu().contiguous().numpy().tobytes())
+    shape = "x".join(map(str, train.images.shape[1:]))
+    return f"{len(train)} train and {len(test)} test images of {shape}, sha256 {digest.hexdigest()[:16]}"
 
 
 def split_validation(data: ImageData, fraction: float, seed: int) -> tuple[ImageData, ImageData]:

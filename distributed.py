@@ -7,11 +7,15 @@ import gc
 import os
 import sys
 import threading
+from collections.abc import Callable
 from datetime import timedelta
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from torch.distributed.constants import default_pg_timeout
+
+T = TypeVar("T")
 
 TORCHRUN_VARIABLES = (
     "RANK",
@@ -118,6 +122,30 @@ def close_distributed(finished: bool) -> None:
         except RuntimeError:  # another rank has already gone (its own error is the one reported)
             pass
     dist.destroy_process_group()
+
+
+def from_rank0(value: float, device: torch.device) -> float:
+    """Rank 0's value on every rank (a broadcast; the value itself with one process): each rank evaluates in its
+    own rounding, and a schedule stepped on each rank's own accuracy could cut the learning rate on some ranks only."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    tensor = torch.tensor(value, dtype=torch.float64, device=device)
+    dist.broadcast(tensor, 0)
+    return float(tensor)
+
+
+def rank0_first(load: Callable[..., T], *args: object) -> T:
+    """load(*args, download=True) on rank 0 before the other ranks, which wait for it at a barrier and then
+    read what it wrote, load(*args, download=False): one process downloads a missing data set."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return load(*args, download=True)
+    if dist.get_rank() > 0:
+        dist.barrier()
+        return load(*args, download=False)
+    try:
+        return load(*args, download=True)
+    finally:  # also when it fails: the others then fail to read it, with their own line
+        dist.barrier()
 
 
 def gather_batch(

@@ -66,7 +66,13 @@ from datasets import (
     loader_batches,
     tensor_batches,
 )
-from distributed import DistributedError, close_distributed, init_distributed
+from distributed import (
+    DistributedError,
+    close_distributed,
+    from_rank0,
+    init_distributed,
+    rank0_first,
+)
 from evaluation import COLUMNS, acc_predictions, embed, epoch_row, run_summary
 from models import MIN_SIDE
 from training import (
@@ -97,14 +103,14 @@ class TrainingError(Exception):
     """A run that cannot go on (corrupt checkpoint, divergence); reported as one line, exit code 1."""
 
 
-def record_step(run: Run, state: EpochState, features, logits, y, loss, terms, finite) -> None:
+def record_step(run: Run, state: EpochState, features, logits, y, loss, terms, bad, finite) -> None:
     """What the epoch keeps of one step (train_step's outputs): loss, terms, accuracy, class sums and the
     first run.frame_take points of every batch for the train frame (spread over the epoch). No host sync."""
     # a bad step's points are not drawn
     features = torch.where(finite, features.detach().float(), torch.nan)
     centers = run.objective.centers.detach() if run.objective.centers is not None else None
     correct = (acc_predictions(run.args.loss, features, logits.detach(), centers) == y).sum()
-    state.add(loss, terms, features, y, correct, finite)
+    state.add(loss, terms, features, y, correct, finite, bad)
     if run.collect_frames:
         state.frame_features.append(features[: run.frame_take])
         state.frame_labels.append(y[: run.frame_take])
@@ -266,7 +272,7 @@ def build(
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     cuda_backends(device)
-    data = load_dataset(args.dataset, args.data_dir or "data", download=True)
+    data = rank0_first(load_dataset, args.dataset, args.data_dir or "data")  # downloads if need be
     unseen = None
     if args.train_classes is not None:
         try:
@@ -408,7 +414,8 @@ def loop(run: Run, data: Dataset, start_epoch: int, state: EpochState | None) ->
                 check_moved(run, epoch, before)
             row, test_features = epoch_row(run, epoch, state, elapsed)
             run.bad_steps += row["bad_steps"]
-            run.scheduler.step(row["val_acc"] if run.val is not None else row["test_acc"])
+            metric = row["val_acc"] if run.val is not None else row["test_acc"]
+            run.scheduler.step(from_rank0(metric, device))  # one schedule for every rank
             if (
                 run.center_optimizer is not None
             ):  # one schedule: the sparse centers' lr decays with the model's

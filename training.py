@@ -37,9 +37,7 @@ class Trainer:
     objective: Objective
     optimizer: torch.optim.Optimizer
     center_optimizer: RowSGD | None  # many classes: SGD on the batch's centers
-    scaler: (
-        torch.amp.GradScaler
-    )  # fp16: the loss scale; otherwise scale 1, only the skip of non-finite steps
+    scaler: torch.amp.GradScaler  # fp16: the loss scale; otherwise 1, only the skip of bad steps
     fp16: bool
     autocast: Callable[[], AbstractContextManager]
     channels_last: bool
@@ -59,9 +57,7 @@ class Run(Trainer):
     train: ImageData
     test: ImageData
     val: ImageData | None
-    unseen: (
-        ImageData | None
-    )  # test images of the classes left out by --train-classes (open-set retrieval)
+    unseen: ImageData | None  # test images of the classes --train-classes leaves out (open set)
     augmentations: tuple[str, ...]
     collect_frames: bool  # 2-D features drawn each epoch
     frame_take: int = 0  # train points each step keeps for the train frame (spread over the epoch)
@@ -90,13 +86,9 @@ def build_trainer(
     ).to(device)
     if args.loss in CENTER_ACC_LOSSES:  # logits unused: no gradient, and DDP must not wait for one
         model.classifier.requires_grad_(False)
-    if (
-        world > 1 and device.type == "cuda"
-    ):  # batch statistics over the global batch (SyncBatchNorm needs a GPU)
+    if world > 1 and device.type == "cuda":  # global batch statistics (SyncBatchNorm needs a GPU)
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    sparse = (
-        args.center_update == "sgd" and len(data.classes) > args.batch_size
-    )  # many classes: cost follows the batch
+    sparse = args.center_update == "sgd" and len(data.classes) > args.batch_size  # many classes
     weights = (
         args.weight_cent,
         args.weight_intra,
@@ -174,8 +166,9 @@ def train_step(trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> tuple[torc
     (docs/resuming.md): forward, loss (float32), backward of loss * (1 if the loss is finite else NaN),
     clipping (if on), fused SGD, RowSGD on the batch's centers (many classes), the paper's update (if on); a
     skipped step's buffers (BatchNorm statistics) are put back. Under torchrun the loss sees the
-    global batch. Returns (features, logits, labels, loss, terms, finite), detached: finite is whether
-    the step was good (under fp16 an overflow with a finite loss is the scaler's skip, not a bad step).
+    global batch. Returns (features, logits, labels, loss, terms, bad, finite), detached: finite is whether the
+    step was applied, its loss and every gradient finite; bad, whether it counts towards --max-bad-steps: every
+    step not applied but fp16's overflows of a finite loss while the scale can still back off (its search).
     """
     optimizer, scaler, centers = trainer.optimizer, trainer.scaler, trainer.objective.centers
     if trainer.channels_last:
@@ -191,17 +184,16 @@ def train_step(trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> tuple[torc
     scaler.scale(loss * torch.where(loss_ok, 1.0, math.nan)).backward()
     scaler.unscale_(optimizer)  # the true gradients, for the check and the clipping
     params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    # max |g| per tensor: NaN or inf exactly when the scaler finds a non-finite gradient
+    # max |g| per tensor: NaN or inf exactly when the scaler finds a non-finite gradient (its found_inf)
     apply = torch.isfinite(
         torch.stack([torch.linalg.vector_norm(p.grad, math.inf) for p in params])
     ).all()
-    finite = loss_ok if trainer.fp16 else apply
+    finite = loss_ok & apply  # a step that is not applied learned nothing, whatever the precision
+    search = loss_ok & ~apply & (scaler.scale(torch.ones((), device=loss.device)) > 1)
     if trainer.clip_grad_norm:  # the dense gradients only
         nn.utils.clip_grad_norm_(params, trainer.clip_grad_norm)
     scaler.step(optimizer)
-    if (
-        trainer.center_optimizer is not None
-    ):  # the rows' gradient, which the scaler does not see, carries its scale
+    if trainer.center_optimizer is not None:  # the rows' gradient, unseen by the scaler, is scaled
         criterion = trainer.objective.criterion
         unscaled = criterion.rows.grad / scaler.scale(torch.ones((), device=criterion.rows.device))
         rows_ok = trainer.center_optimizer.step(criterion.labels, unscaled, apply)
@@ -212,15 +204,14 @@ def train_step(trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> tuple[torc
         )
     for buffer, before in zip(buffers, saved):
         buffer.copy_(torch.where(apply, buffer, before))
-    scaler.update(
-        None if trainer.fp16 else 1.0
-    )  # fp16: backs off after an overflow; else a scale of 1 stays 1
+    scaler.update(None if trainer.fp16 else 1.0)  # fp16: backs off after an overflow; else stays 1
     return (
         features.detach(),
         logits.detach(),
         y,
         loss.detach(),
         {name: term.detach() for name, term in terms.items()},
+        ~finite & ~search,
         finite,
     )
 
@@ -231,22 +222,21 @@ TERMS = ("xent", "intra", "inter")
 @dataclass
 class EpochState:
     """What one epoch accumulates from its steps, on the training device but `step` (no step waits for the
-    host); a mid-epoch checkpoint saves it as a plain dict. Bad steps count only in bad_steps and last_bad."""
+    host); a mid-epoch checkpoint saves it as a plain dict. Skipped steps count only in skipped, bad_steps and last_bad."""
 
     loss_sums: torch.Tensor  # float64: sums of the loss and its TERMS over the good steps
     correct: torch.Tensor  # good steps' train samples that the run's accuracy rule gets right
     class_sum: torch.Tensor  # C x D: per-class sums of train features (nearest-class-mean accuracy)
     class_count: torch.Tensor  # C
-    bad_steps: torch.Tensor  # int64: steps taken back
-    last_bad: (
-        torch.Tensor
-    )  # float64: step, loss and TERMS of the last bad step, for the error message
+    bad_steps: torch.Tensor  # int64: bad steps (train_step), towards --max-bad-steps
+    last_bad: torch.Tensor  # float64: step, loss and TERMS of the last bad step, for the message
     aug: torch.Tensor  # state of the augmentation generator after the last step
     step: int = 0
-    frame_features: list[torch.Tensor] = field(
-        default_factory=list
-    )  # train points of the 2-D frame
+    frame_features: list[torch.Tensor] = field(default_factory=list)  # the 2-D frame's train points
     frame_labels: list[torch.Tensor] = field(default_factory=list)
+    skipped: torch.Tensor | None = (
+        None  # int64: steps not applied (None: a checkpoint from before it)
+    )
 
     @classmethod
     def new(
@@ -260,6 +250,7 @@ class EpochState:
             bad_steps=torch.zeros((), dtype=torch.int64, device=device),
             last_bad=torch.zeros(2 + len(TERMS), dtype=torch.float64, device=device),
             aug=aug.get_state(),
+            skipped=torch.zeros((), dtype=torch.int64, device=device),
         )
 
     def as_dict(self) -> dict:
@@ -273,17 +264,20 @@ class EpochState:
         labels: torch.Tensor,
         correct: torch.Tensor,
         finite: torch.Tensor,
+        bad: torch.Tensor,
     ) -> None:
-        """Count one step's loss, terms, correct predictions and features, or, if it was not
-        finite, only the bad step itself (with torch.where: no host sync)."""
+        """Count one step's loss, terms, correct predictions and features, or, if it was not applied
+        (finite), only the skip and, if it was bad, the bad step (with torch.where: no host sync)."""
         values = torch.stack(
             [loss.detach()]
             + [terms[t].detach() if t in terms else loss.new_zeros(()) for t in TERMS]
         ).double()
         self.step += 1
-        self.bad_steps += ~finite
+        self.bad_steps += bad
+        if self.skipped is not None:
+            self.skipped += ~finite
         self.last_bad = torch.where(
-            finite, self.last_bad, torch.cat([values.new_full((1,), self.step), values])
+            ~bad, self.last_bad, torch.cat([values.new_full((1,), self.step), values])
         )
         self.loss_sums += torch.where(finite, values, 0)
         self.correct += torch.where(finite, correct, 0)
@@ -292,4 +286,4 @@ class EpochState:
 
     def good_steps(self) -> int:
         """Steps that were not skipped (a host sync: for logging, not for the step)."""
-        return self.step - int(self.bad_steps)
+        return self.step - int(self.bad_steps if self.skipped is None else self.skipped)

@@ -14,10 +14,20 @@ import torch
 
 
 def resolve_device(name: str) -> torch.device:
-    """'auto' picks CUDA when present, else the CPU; under torchrun each process takes cuda:LOCAL_RANK."""
+    """'auto' picks CUDA when present, else the CPU; under torchrun each process takes cuda:LOCAL_RANK, and
+    cuda:N, which would put every process on one GPU, is a ValueError (choose GPUs by CUDA_VISIBLE_DEVICES)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
+    if (
+        device.type == "cuda"
+        and device.index is not None
+        and int(os.environ.get("WORLD_SIZE", 1)) > 1
+    ):
+        raise ValueError(
+            f"--device {name} under torchrun would put all {os.environ['WORLD_SIZE']} processes on one GPU; give "
+            "--device cuda (each process takes cuda:LOCAL_RANK) and choose the GPUs with CUDA_VISIBLE_DEVICES"
+        )
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return device

@@ -114,8 +114,13 @@ def test_bench_refuses_cuda_without_cuda(tmp_path: Path, capsys) -> None:
     assert not (tmp_path / "b.json").exists()
 
 
-def test_bench_unreadable_data_is_one_line(tmp_path: Path, capsys) -> None:
+def test_bench_unreadable_data_is_one_line(tmp_path: Path, capsys, monkeypatch) -> None:
+    """Also: bench.py sets the backends as main.py (training.cuda_backends: TF32 off on CUDA) before it loads."""
     import bench
+    import training
+
+    devices = []
+    monkeypatch.setattr(training, "cuda_backends", devices.append)
 
     (tmp_path / "empty").mkdir()
     assert (
@@ -134,7 +139,7 @@ def test_bench_unreadable_data_is_one_line(tmp_path: Path, capsys) -> None:
     )
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("bench.py: error: ")
-    assert not (tmp_path / "b.json").exists()
+    assert not (tmp_path / "b.json").exists() and devices == [torch.device("cpu")]
 
 
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])

@@ -26,14 +26,15 @@ from datasets import Dataset, ImageData, tensor_batches  # noqa: E402
 from evaluation import acc_predictions, embed, eval_logits  # noqa: E402
 from losses import LOSSES  # noqa: E402
 from main import main, record_step  # noqa: E402
-from training import EpochState, build_trainer, train_step  # noqa: E402
+from training import EpochState, build_trainer, cuda_backends, train_step  # noqa: E402
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 BATCH, STEPS = 32, 4
 
 
-def synthetic(device: torch.device, classes: int = 10) -> Dataset:
-    """Random 28x28 grey images (the shape of MNIST) in `classes` classes, on `device`."""
+def synthetic(device: torch.device, classes: int = 10, augment: bool = True) -> Dataset:
+    """Random 28x28 grey images (the shape of MNIST) in `classes` classes, on `device`; without `augment`
+    none of the random augmentations (whose generators draw differently on the CPU and on CUDA)."""
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (BATCH * (STEPS + 1), 1, 28, 28), generator=g, dtype=torch.uint8)
     train = ImageData(images, torch.arange(len(images)) % classes)
@@ -43,14 +44,16 @@ def synthetic(device: torch.device, classes: int = 10) -> Dataset:
         train.to(device),
         test.to(device),
         [str(k) for k in range(classes)],
-        ("flip", "rotate", "crop"),
+        ("flip", "rotate", "crop") if augment else (),
         "test",
     )
 
 
-def run_steps(loss: str, device: str, amp: str, sync_mode: str, classes: int = 10) -> EpochState:
+def run_steps(
+    loss: str, device: str, amp: str, sync_mode: str, classes: int = 10, augment: bool = True
+) -> tuple[EpochState, SimpleNamespace, int]:
     """One warm-up step (allocations, cuDNN autotuning), then STEPS steps and an evaluation with
-    the given sync debug mode; returns the epoch's accumulators."""
+    the given sync debug mode; returns the epoch's accumulators, the run and the test images it gets right."""
     args = parse_args(
         [
             "--loss",
@@ -66,7 +69,7 @@ def run_steps(loss: str, device: str, amp: str, sync_mode: str, classes: int = 1
         ]
     )
     dev = torch.device(device)
-    data = synthetic(dev, classes)
+    data = synthetic(dev, classes, augment)
     run = SimpleNamespace(
         **vars(build_trainer(args, data, dev)),
         args=args,
@@ -101,13 +104,23 @@ def run_steps(loss: str, device: str, amp: str, sync_mode: str, classes: int = 1
     finally:
         if dev.type == "cuda":
             torch.cuda.set_sync_debug_mode("default")
-    assert state.step == STEPS + 1 and state.good_steps() == STEPS + 1
-    assert torch.isfinite(state.loss_sums).all() and 0 <= int(correct) <= 100
+    good = state.good_steps()  # fp16: the scaler's first overflows are skipped, and not bad
     assert (
-        int(state.class_count.sum()) == (STEPS + 1) * BATCH
+        state.step == STEPS + 1
+        and int(state.bad_steps) == 0
+        and (good == STEPS + 1 or amp == "fp16")
+    )
+    # The device's evaluation against the same rule on the CPU, from the same features.
+    on_cpu = acc_predictions(
+        loss, *(t.detach().cpu() if t is not None else None for t in (features, logits, centers))
+    )
+    assert int(correct) == int((on_cpu == data.test.labels.cpu()).sum())
+    assert torch.isfinite(state.loss_sums).all()
+    assert (
+        int(state.class_count.sum()) == good * BATCH
         and sum(len(f) for f in state.frame_features) == (STEPS + 1) * BATCH
     )
-    return state
+    return state, run, int(correct)
 
 
 @pytest.mark.parametrize("classes", [10, 100])
@@ -135,6 +148,27 @@ def test_cuda_steps_with_more_classes_than_the_batch_never_sync(loss, amp):
 def test_cuda_amp_steps_never_sync(amp):
     """fp16 too: the GradScaler's unscale_ and update run on the device, and train_step skips its overflowing steps there."""
     run_steps("standalone", "cuda", amp, "error")
+
+
+@CUDA
+@pytest.mark.parametrize("loss", LOSSES)
+def test_cuda_trains_like_the_cpu(loss):
+    """The same seed, batches and weights, no augmentation, float32 without TF32 on both (cuda_backends, as
+    main.py): after STEPS + 1 steps the summed losses, the per-class feature sums and every weight agree within
+    rtol 1e-3, atol 1e-4 (float32 sums in other orders and cuDNN's algorithms, compounded over 5 steps), and
+    the test images counted right within 2 of 100 (a point near a boundary may cross it)."""
+    cuda_backends(torch.device("cuda"))
+    (cpu, cpu_run, cpu_correct), (gpu, gpu_run, gpu_correct) = (
+        run_steps(loss, device, "off", "default", augment=False) for device in ("cpu", "cuda")
+    )
+    tolerance = {"rtol": 1e-3, "atol": 1e-4}
+    torch.testing.assert_close(gpu.loss_sums.cpu(), cpu.loss_sums, **tolerance)
+    torch.testing.assert_close(gpu.class_sum.cpu(), cpu.class_sum, **tolerance)
+    for part in ("model", "objective"):
+        ours, theirs = (getattr(r, part).state_dict() for r in (gpu_run, cpu_run))
+        for key, value in theirs.items():
+            torch.testing.assert_close(ours[key].cpu(), value, **tolerance, msg=f"{part}.{key}")
+    assert abs(gpu_correct - cpu_correct) <= 2
 
 
 @CUDA

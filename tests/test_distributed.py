@@ -13,6 +13,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import IO
@@ -26,11 +27,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from config import parse_args  # noqa: E402
-from distributed import close_distributed, gather_batch  # noqa: E402
+from distributed import close_distributed, from_rank0, gather_batch, rank0_first  # noqa: E402
 from losses import Objective  # noqa: E402
 from main import main  # noqa: E402
 from models import build_model  # noqa: E402
-from training import build_trainer, train_step  # noqa: E402
+from training import build_trainer, make_scheduler, train_step  # noqa: E402
 
 BATCH = 16
 
@@ -135,7 +136,23 @@ def worker(rank: int, world: int, init_file: str, out: str) -> None:
     paper = {
         name: paper_steps(paper_trainer(name, world), x[rows], y[rows]) for name in PAPER_LOSSES
     }
-    torch.save({"step": step, "paper": paper}, f"{out}.{rank}")
+    # The schedule (patience 0) on rank 0's accuracies, 0.5 then 0.5, cuts the rate; rank 1's own, 0.5 then 0.9, would not.
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.01)
+    scheduler = make_scheduler(optimizer, parse_args(["--patience", "0", "--device", "cpu"]))
+    for accuracy in (0.5, 0.5 if rank == 0 else 0.9):
+        scheduler.step(from_rank0(accuracy, torch.device("cpu")))
+
+    def load(
+        download: bool,
+    ) -> int:  # rank 0 comes late: without the barrier rank 1 would read first
+        time.sleep(0.5 if rank == 0 else 0)
+        with open(f"{out}.order", "a") as f:
+            f.write(f"rank {rank} download={download}\n")
+        return rank
+
+    assert rank0_first(load) == rank
+    lr = optimizer.param_groups[0]["lr"]
+    torch.save({"step": step, "paper": paper, "lr": lr}, f"{out}.{rank}")
     close_distributed(
         finished=True
     )  # as main.py: no process group left to interpreter shutdown (a rare SIGABRT)
@@ -146,7 +163,29 @@ def two_processes(tmp_path_factory) -> list[dict]:
     """What each of two gloo processes computed (worker), spawned once for the tests below."""
     tmp = tmp_path_factory.mktemp("ddp")
     mp.spawn(worker, args=(2, str(tmp / "init"), str(tmp / "result")), nprocs=2, join=True)
-    return [torch.load(f"{tmp / 'result'}.{rank}", weights_only=True) for rank in range(2)]
+    results = [torch.load(f"{tmp / 'result'}.{rank}", weights_only=True) for rank in range(2)]
+    return [r | {"order": (tmp / "result.order").read_text().splitlines()} for r in results]
+
+
+def test_rank_0_decides_the_schedule_and_downloads_first(two_processes: list[dict]) -> None:
+    """Every rank's ReduceLROnPlateau steps on rank 0's accuracy (ranks whose own accuracies differ would
+    otherwise train at different rates), and rank 0 loads, downloading what is missing, before the others read."""
+    assert [two_processes[rank]["lr"] for rank in range(2)] == [0.01 * 0.2] * 2
+    assert two_processes[0]["order"] == ["rank 0 download=True", "rank 1 download=False"]
+
+
+def test_a_cuda_index_under_torchrun_is_refused(monkeypatch, capsys) -> None:
+    """--device cuda:1 would put every process on GPU 1: one line, exit 2 (--device cuda takes cuda:LOCAL_RANK)."""
+    torchrun_env = dict(WORLD_SIZE="2", RANK="1", LOCAL_RANK="1", MASTER_ADDR="h", MASTER_PORT="1")
+    for name, value in torchrun_env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as info:
+        parse_args(["--device", "cuda:1"])
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert info.value.code == 2 and line.endswith(
+        "error: --device cuda:1 under torchrun would put all 2 processes on one GPU; give --device cuda "
+        "(each process takes cuda:LOCAL_RANK) and choose the GPUs with CUDA_VISIBLE_DEVICES"
+    )
 
 
 def test_paper_center_update_under_two_processes_equals_one_process(

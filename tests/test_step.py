@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import visualize
 from config import parse_args
 from main import main
 from training import build_trainer, cuda_backends, train_step
@@ -46,7 +47,7 @@ def checked_fused_sgd(original):
     """torch._fused_sgd_ with the checks of the CUDA kernel (aten/src/ATen/native/cuda/FusedSgdKernel.cu),
     which the CPU kernel does not make: without momentum buffers the momentum must be 0, with them it
     must be positive and every list as long as the parameters'; params, grads and buffers alike in
-    dtype, device and layout. An empty list is refused too (nothing to launch)."""
+    dtype, device, layout, sizes and strides (check_fast_path_restrictions). An empty list is refused too."""
     calls = []
 
     def fused_sgd(params, grads, momentum_buffer_list, **kwargs):
@@ -60,7 +61,8 @@ def checked_fused_sgd(original):
         for tensors in zip(
             params, grads, *([momentum_buffer_list] if momentum_buffer_list else [])
         ):
-            assert len({(t.dtype, t.device, t.layout) for t in tensors}) == 1
+            kinds = {(t.dtype, t.device, t.layout, t.shape, t.stride()) for t in tensors}
+            assert len(kinds) == 1, f"tensors of one parameter differ: {kinds}"
         calls.append(len(params))
         return original(params, grads, momentum_buffer_list, **kwargs)
 
@@ -90,22 +92,48 @@ def test_the_fused_sgd_calls_pass_the_cuda_kernels_checks(monkeypatch, flags, cl
     assert len(calls) >= 2  # the kernel did run, once a step at least
 
 
-def test_the_kernel_check_catches_an_empty_call() -> None:
-    """The check can fail: the old step's call for an empty parameter group with momentum 0.9."""
+def test_the_fused_sgd_calls_pass_the_cuda_kernels_checks_after_a_resume(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """The momentum buffers a checkpoint brings back must match their parameters as the kernel checks
+    (resuming with another --channels-last left them in the saved layout: CUDA refused the step)."""
+    fused_sgd, calls = checked_fused_sgd(torch._fused_sgd_)
+    args = [*TINY, "--out", str(tmp_path), "--name", "run", "--device", "cpu"]
+    assert main([*args, "--epochs", "1"]) == 0
+    (tmp_path / "run" / "summary.json").unlink()
+    monkeypatch.setattr(torch, "_fused_sgd_", fused_sgd)
+    assert main([*args, "--epochs", "2"]) == 0
+    assert (
+        len(calls) == 2 * 2
+    )  # the 2 steps of epoch 2, one call per parameter group (model, centers)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        [],
+        [torch.zeros(2, 3, 4, 4)],
+    ],  # the old step's empty group; channels_last buffers, NCHW weights
+    ids=["empty", "strides"],
+)
+def test_the_kernel_check_can_fail(params) -> None:
     fused_sgd, _ = checked_fused_sgd(torch._fused_sgd_)
+    buffers = [p.to(memory_format=torch.channels_last) for p in params]
+    options = dict(weight_decay=0.0, lr=0.1, dampening=0.0, nesterov=False, maximize=False)
     with pytest.raises(AssertionError):
-        fused_sgd(
-            [],
-            [],
-            [],
-            weight_decay=0.0,
-            momentum=0.9,
-            lr=0.1,
-            dampening=0.0,
-            nesterov=False,
-            maximize=False,
-            is_first_step=False,
-        )
+        grads = [torch.zeros_like(p) for p in params]
+        fused_sgd(params, grads, buffers, momentum=0.9, is_first_step=False, **options)
+
+
+def test_tensorboard_distances_use_a_sample_of_many_centers(monkeypatch) -> None:
+    """--tensorboard at 100,000 classes: torch.pdist on every center needs 5e9 distances (20 GB); it gets a
+    fixed sample of visualize.PDIST_CENTERS, all of them when there are fewer."""
+    sizes = []
+    monkeypatch.setattr(torch, "pdist", lambda x: sizes.append(tuple(x.shape)) or torch.ones(3))
+    writer = SimpleNamespace(add_scalar=lambda *a: None, flush=lambda: None)
+    for classes in (100_000, 10):
+        visualize.log_tensorboard(writer, 1, {}, torch.randn(classes, 2))
+    assert sizes == [(visualize.PDIST_CENTERS, 2), (10, 2)]
 
 
 def test_tf32_is_off_through_settings_every_torch_has() -> None:

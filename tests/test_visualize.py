@@ -96,7 +96,9 @@ def test_the_train_frame_spreads_over_the_whole_epoch():
     for step in range(6):
         features, y = torch.full((8, 2), float(step)), torch.arange(8)
         finite = torch.tensor(step != 4)
-        record_step(run, state, features, torch.zeros(8, 10), y, torch.tensor(1.0), {}, finite)
+        record_step(
+            run, state, features, torch.zeros(8, 10), y, torch.tensor(1.0), {}, ~finite, finite
+        )
     points = torch.cat(state.frame_features)
     assert torch.equal(
         points[:, 0].nan_to_num(-1), torch.tensor([0, 1, 2, 3, -1, 5.0]).repeat_interleave(3)
