@@ -227,11 +227,11 @@ def test_damaged_checkpoint_is_one_line_and_kept(
 
 
 def contents(root: Path) -> dict[str, bytes]:
-    """Every file under `root` with its bytes, but the lock file (which any command that reaches the folder takes)."""
+    """Every file under `root` with its bytes, but the lock files (which any command that reaches the folder takes)."""
     return {
         str(p.relative_to(root)): p.read_bytes()
         for p in sorted(root.rglob("*"))
-        if p.is_file() and p.name != ".lock"
+        if p.is_file() and p.name not in (".lock", ".lock.pid")
     }
 
 
