@@ -375,3 +375,25 @@ def real_run(background: Background) -> tuple[subprocess.CompletedProcess, Path]
     if "real" not in background.procs:
         pytest.skip(f"shared data folder {shared_data_path()} is absent")
     return background.result("real"), background.paths["real"] / "standalone-mnist-feat=128"
+
+
+def reference_retrieval(features: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """P@1, R-precision and MAP@R by plain loops, neighbours sorted by (distance, index)."""
+    x, y = features.double().tolist(), labels.tolist()
+    p1, rp, ap = [], [], []
+    for i in range(len(x)):
+        r = y.count(y[i]) - 1
+        if r == 0:
+            continue
+        others = sorted(
+            (sum((a - b) ** 2 for a, b in zip(x[i], x[j])), j) for j in range(len(x)) if j != i
+        )
+        hits = [y[j] == y[i] for _, j in others[:r]]
+        p1.append(float(hits[0]))
+        rp.append(sum(hits) / r)
+        ap.append(sum(sum(hits[: n + 1]) / (n + 1) for n in range(r) if hits[n]) / r)
+    return {
+        "precision_at_1": sum(p1) / len(p1),
+        "r_precision": sum(rp) / len(rp),
+        "map_at_r": sum(ap) / len(ap),
+    }

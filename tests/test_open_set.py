@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, run_main, stderr_error_line
+from conftest import TINY, reference_retrieval, run_main, stderr_error_line
 
 import metrics
 from datasets import Dataset, ImageData, open_set_split, parse_class_list
@@ -86,28 +86,6 @@ def test_open_set_split_keeps_seen_classes_and_relabels_both_sides() -> None:
         0,
     ]  # test images of a (0) and c (1), in the test set's order
     assert unseen.images[:, 0, 0, 0].tolist() == [0, 2, 2, 0]
-
-
-def reference_retrieval(features: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """P@1, R-precision and MAP@R by plain loops, neighbours sorted by (distance, index)."""
-    x, y = features.double().tolist(), labels.tolist()
-    p1, rp, ap = [], [], []
-    for i in range(len(x)):
-        r = y.count(y[i]) - 1
-        if r == 0:
-            continue
-        others = sorted(
-            (sum((a - b) ** 2 for a, b in zip(x[i], x[j])), j) for j in range(len(x)) if j != i
-        )
-        hits = [y[j] == y[i] for _, j in others[:r]]
-        p1.append(float(hits[0]))
-        rp.append(sum(hits) / r)
-        ap.append(sum(sum(hits[: n + 1]) / (n + 1) for n in range(r) if hits[n]) / r)
-    return {
-        "precision_at_1": sum(p1) / len(p1),
-        "r_precision": sum(rp) / len(rp),
-        "map_at_r": sum(ap) / len(ap),
-    }
 
 
 def test_retrieval_matches_loops_with_ties(monkeypatch) -> None:
