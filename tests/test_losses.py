@@ -216,19 +216,6 @@ def test_inter_finite_when_expansion_rounds_negative():
 # --------------------------------------------------------------------------- standalone weights
 
 
-def test_standalone_forward_is_weighted_sum_of_terms():
-    features, _, y = sample(torch.float64, LABEL_PATTERNS["balanced"], 4, seed=9)
-    torch.manual_seed(3)
-    sa = StandaloneCenterLoss(NUM_CLASSES, 4, weight_intra=2.5, weight_inter=0.25).double()
-    intra, inter = sa.terms(features, y)
-    assert intra.item() == pytest.approx(intra_loss(features, sa.centers, y).item(), rel=1e-12)
-    assert inter.item() == pytest.approx(inter_loss(features, y).item(), rel=1e-12)
-    assert intra.item() == pytest.approx(ref_intra(features, sa.centers.detach(), y), rel=1e-10)
-    assert inter.item() == pytest.approx(ref_inter(features, y), rel=1e-10)
-    want = 2.5 * intra.item() + 0.25 * inter.item()
-    assert sa(features, y).item() == pytest.approx(want, rel=1e-12)
-
-
 def test_standalone_defaults_and_centers():
     sa = StandaloneCenterLoss(10, 2)
     assert sa.weight_intra == 1.0 and sa.weight_inter == 0.1 and sa.inter_margin is None
@@ -287,53 +274,51 @@ def objective_inputs(seed=0, n=8, classes=4, dim=3):
     )
 
 
-def test_objective_xent_is_cross_entropy():
+@pytest.mark.parametrize(
+    "loss, weights, want",
+    [
+        ("xent", {}, lambda xent, intra, inter: ({"xent": xent}, xent)),
+        (
+            "cent",
+            {"weight_cent": 0.5},
+            lambda xent, intra, inter: ({"xent": xent, "intra": intra}, xent + 0.5 * intra),
+        ),
+        (
+            "standalone",
+            {"weight_intra": 1.5, "weight_inter": 0.2},
+            lambda xent, intra, inter: (
+                {"intra": intra, "inter": inter},
+                1.5 * intra + 0.2 * inter,
+            ),
+        ),
+        (
+            "standalone",
+            {"inter_margin": 0.5},
+            lambda xent, intra, inter: ({"intra": intra, "inter": inter}, intra + 0.1 * inter),
+        ),
+    ],
+)
+def test_objective_is_its_weighted_terms(loss, weights, want):
+    """Terms and total against the references; the standalone loss never reads the logits (NaN
+    here); the centers, where the loss has them, are the objective's one parameter and train."""
     features, logits, y = objective_inputs()
-    objective = Objective("xent", 4, 3)
-    total, terms = objective(features, logits, y)
-    expected = F.cross_entropy(logits, y)
-    assert torch.equal(total, expected)
-    assert set(terms) == {"xent"} and torch.equal(terms["xent"], expected)
-    assert objective.centers is None and list(objective.parameters()) == []
-
-
-def test_objective_cent_is_xent_plus_weighted_intra():
-    features, logits, y = objective_inputs(1)
+    features = features * 10  # pairs beyond the margin
     torch.manual_seed(0)
-    objective = Objective("cent", 4, 3, weight_cent=0.5)
-    assert isinstance(objective.centers, nn.Parameter) and objective.centers.shape == (4, 3)
-    total, terms = objective(features, logits, y)
+    objective = Objective(loss, 4, 3, **weights)
+    centers = objective.centers
     xent = F.cross_entropy(logits, y).item()
-    intra = ref_intra(features, objective.centers.detach(), y)
-    assert set(terms) == {"xent", "intra"}
-    assert terms["xent"].item() == pytest.approx(xent, rel=1e-6)
-    assert terms["intra"].item() == pytest.approx(intra, rel=1e-5)
-    assert total.item() == pytest.approx(xent + 0.5 * intra, rel=1e-5)
-    # The centers are trainable through the objective's parameters.
-    assert [p is objective.centers for p in objective.parameters()] == [True]
-    total.backward()
-    assert objective.centers.grad is not None and objective.centers.grad.abs().sum() > 0
-
-
-def test_objective_standalone_ignores_logits():
-    features, logits, y = objective_inputs(2)
-    objective = Objective("standalone", 4, 3, weight_intra=1.5, weight_inter=0.2)
-    assert isinstance(objective.centers, nn.Parameter) and objective.centers.shape == (4, 3)
-    nan_logits = torch.full_like(logits, float("nan"))
-    total, terms = objective(features, nan_logits, y)
-    assert set(terms) == {"intra", "inter"}
-    intra, inter = ref_intra(features, objective.centers.detach(), y), ref_inter(features, y)
-    assert terms["intra"].item() == pytest.approx(intra, rel=1e-5)
-    assert terms["inter"].item() == pytest.approx(inter, rel=1e-5)
-    assert total.item() == pytest.approx(1.5 * intra + 0.2 * inter, rel=1e-5)
-
-
-def test_objective_inter_margin_reaches_criterion():
-    objective = Objective("standalone", 4, 3, inter_margin=0.5)
-    assert objective.criterion.inter_margin == 0.5
-    features, logits, y = objective_inputs(3)
-    _, terms = objective(features * 10, logits, y)
-    assert terms["inter"].item() == pytest.approx(ref_inter(features * 10, y, 0.5), rel=1e-5)
+    intra = None if centers is None else ref_intra(features, centers.detach(), y)
+    terms_want, total_want = want(xent, intra, ref_inter(features, y, weights.get("inter_margin")))
+    if loss == "standalone":
+        logits = torch.full_like(logits, float("nan"))
+    total, terms = objective(features, logits, y)
+    assert {k: v.item() for k, v in terms.items()} == pytest.approx(terms_want, rel=1e-5)
+    assert total.item() == pytest.approx(total_want, rel=1e-5)
+    assert [id(p) for p in objective.parameters()] == ([] if centers is None else [id(centers)])
+    if centers is not None:
+        assert isinstance(centers, nn.Parameter) and centers.shape == (4, 3)
+        total.backward()
+        assert centers.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("loss", LOSSES)

@@ -161,51 +161,32 @@ def test_cli_without_to_imgs_copies_nothing(tiny_runs, tmp_path, monkeypatch):
     assert not (tmp_path / "imgs").exists()
 
 
-def truncate(path: Path) -> None:
-    path.write_bytes(path.read_bytes()[:200])
-
-
 @pytest.mark.parametrize(
-    "damage,message",
+    "path, content, message",
     [
-        (lambda run: shutil.rmtree(run / "frames"), "no frames"),
-        (shutil.rmtree, "no such run folder"),
-        (
-            lambda run: truncate(run / "frames" / "test" / "epoch_002.png"),
-            "epoch_002.png: cannot be read as an image",
-        ),
-        (
-            lambda run: (run / "frames" / "train" / "epoch_001.png").write_text("no image"),
-            "epoch_001.png: cannot be read as an image",
-        ),
-        (
-            lambda run: iio.imwrite(
-                run / "frames" / "train" / "epoch_002.png", np.zeros((30, 40, 3), np.uint8)
-            ),
-            "a 40x30 frame among 400x400",
-        ),
-        (
-            lambda run: (run / "args.json").write_text('{"loss": "cent", '),
-            "args.json: damaged (JSONDecodeError)",
-        ),
-        (
-            lambda run: (run / "args.json").write_text('["cent", "mnist", 2]'),
-            "args.json: damaged (TypeError)",
-        ),
-        (
-            lambda run: (run / "args.json").write_text('{"loss": "cent"}'),
-            "args.json: damaged (KeyError)",
-        ),
-        (
-            lambda run: (run.parent / "imgs").write_text("a file where --imgs-dir should be"),
-            "--imgs-dir",
-        ),
+        ("frames", None, "no frames"),
+        ("", None, "no such run folder"),
+        ("frames/test/epoch_002.png", "cut", "epoch_002.png: cannot be read as an image"),
+        ("frames/train/epoch_001.png", "no image", "epoch_001.png: cannot be read as an image"),
+        ("frames/train/epoch_002.png", "small", "a 40x30 frame among 400x400"),
+        ("args.json", '{"loss": "cent", ', "args.json: damaged (JSONDecodeError)"),
+        ("args.json", '["cent", "mnist", 2]', "args.json: damaged (TypeError)"),
+        ("args.json", '{"loss": "cent"}', "args.json: damaged (KeyError)"),
+        ("../imgs", "a file where --imgs-dir should be", "--imgs-dir"),
     ],
 )
-def test_cli_damaged_input_is_one_line(tiny_runs, tmp_path, capsys, damage, message):
+def test_cli_damaged_input_is_one_line(tiny_runs, tmp_path, capsys, path, content, message):
     """Exit 1, one line; no file added anywhere (a GIF stitched before the damage may change)."""
     run_dir = copy_run(tiny_runs["cent"], tmp_path)
-    damage(run_dir)
+    target = run_dir / path  # removed (None), cut short, a small image or the text given
+    if content is None:
+        shutil.rmtree(target)
+    elif content == "cut":
+        target.write_bytes(target.read_bytes()[:200])
+    elif content == "small":
+        iio.imwrite(target, np.zeros((30, 40, 3), np.uint8))
+    else:
+        target.write_text(content)
     before = listing(tmp_path)
     assert visualize.main([str(run_dir), "--to-imgs", "--imgs-dir", str(tmp_path / "imgs")]) == 1
     err = capsys.readouterr().err
