@@ -243,15 +243,12 @@ def test_inter_margin_truncates_far_pairs():
     # Moving A and B apart lowers the loss (their push), symmetric gradients.
     torch.testing.assert_close(features.grad[0], -features.grad[1])
     assert features.grad[0, 0] > 0  # A is pushed to smaller x (gradient descent goes against it)
-
-
-def test_inter_margin_all_pairs_beyond():
-    features = torch.tensor([[0.0, 0.0], [0.0, 5.0]], requires_grad=True)
-    y = torch.tensor([0, 1])
-    loss = inter_loss(features, y, margin=1.0)
-    assert loss.item() == pytest.approx(-math.log1p(1.0), rel=1e-6)  # -(2 pairs * log 2) / 2
+    # All pairs beyond the margin: -(2 pairs * log(1 + margin)) / 2, and no gradient at all.
+    far = torch.tensor([[0.0, 0.0], [0.0, 5.0]], requires_grad=True)
+    loss = inter_loss(far, torch.tensor([0, 1]), margin=1.0)
+    assert loss.item() == pytest.approx(-math.log1p(1.0), rel=1e-6)
     loss.backward()
-    assert (features.grad == 0).all()
+    assert (far.grad == 0).all()
 
 
 def test_standalone_module_passes_margin():

@@ -148,19 +148,11 @@ def test_knn_hand_computed_with_a_separate_gallery() -> None:
     assert [knn([0, 1, 0], k) for k in (7, 10, 100)] == [knn([0, 1, 0], 6)] * 3
 
 
-def test_knn_majority_and_tie_break() -> None:
-    gallery = torch.tensor([[0.0], [1.0], [2.0], [10.0]])
-    gallery_labels = torch.tensor([1, 0, 0, 1])
-    query = torch.tensor([[0.1], [9.0]])
-    # k=3: neighbours of 0.1 are labels 1, 0, 0 -> 0; of 9.0: 1, 0, 0 -> 0.
-    assert metrics.knn_accuracy(query, torch.tensor([0, 0]), gallery, gallery_labels, 3) == 1.0
-    # k=2: a 1-1 tie goes to the nearer neighbour: 0.1 -> label 1.
-    assert metrics.knn_accuracy(query[:1], torch.tensor([1]), gallery, gallery_labels, 2) == 1.0
-
-
 @pytest.mark.parametrize(
-    "labels,winner",
+    "labels, winner",
     [
+        ([1, 0, 0], 0),  # k=3: the majority, though label 1 is nearest
+        ([1, 0], 1),  # k=2: a 1-1 tie goes to the smaller rank sum, the nearer neighbour
         # k=5, ranks 0..4. Labels 0 and 1 tie at 2 votes: label 0 has the nearest neighbour (rank 0) and
         # the smaller index, but its ranks sum to 4 against label 1's 3, so label 1 wins.
         ([0, 1, 1, 2, 0], 1),
