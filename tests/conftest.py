@@ -132,40 +132,29 @@ def rgb_tree(tmp_path: Path) -> Path:
 
 
 def subprocess_env() -> dict[str, str]:
-    env = dict(os.environ)
-    # One thread: on a small shared machine more threads oversubscribe the cores and run 5-10x slower.
-    env["OMP_NUM_THREADS"] = "1"
-    env["PYTHONDONTWRITEBYTECODE"] = "1"
-    env["CUDA_VISIBLE_DEVICES"] = ""  # tests run on the CPU even on a GPU machine
-    env["MPLBACKEND"] = "Agg"
-    return env
-
-
-def run_main(
-    args: list[str], cwd: Path | None = None, timeout: float = SUBPROCESS_TIMEOUT
-) -> subprocess.CompletedProcess:
-    """Run `python main.py ARGS` in the repository root (or `cwd`) and capture its output."""
-    return subprocess.run(
-        [sys.executable, str(REPO / "main.py"), *map(str, args)],
-        cwd=cwd or REPO,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=subprocess_env(),
+    """The CPU, one thread (more oversubscribe a small shared machine: 5-10x slower), no .pyc, Agg."""
+    return dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        PYTHONDONTWRITEBYTECODE="1",
+        CUDA_VISIBLE_DEVICES="",
+        MPLBACKEND="Agg",
     )
 
 
 def run_script(
-    script: str, args: list[str], cwd: Path | None = None, timeout: float = SUBPROCESS_TIMEOUT
+    script: str, args: list, cwd: Path | None = None, timeout: float = SUBPROCESS_TIMEOUT
 ) -> subprocess.CompletedProcess:
+    """Run `python SCRIPT ARGS` in the repository root (or `cwd`) and capture its output."""
+    command = [sys.executable, str(REPO / script), *map(str, args)]
+    env = subprocess_env()
     return subprocess.run(
-        [sys.executable, str(REPO / script), *map(str, args)],
-        cwd=cwd or REPO,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=subprocess_env(),
+        command, cwd=cwd or REPO, capture_output=True, text=True, timeout=timeout, env=env
     )
+
+
+def run_main(args: list, cwd: Path | None = None, timeout: float = SUBPROCESS_TIMEOUT):
+    return run_script("main.py", args, cwd, timeout)
 
 
 def stderr_error_line(stderr: str) -> str:
@@ -178,9 +167,8 @@ def stderr_error_line(stderr: str) -> str:
 
 
 def listing(root: Path, leave_out: Path | None = None) -> dict[str, tuple[str, int]]:
-    """Every file, folder and link under `root` (not under `leave_out`, a run folder) with its kind
-    and size: equal listings before and after a command show that it changed nothing there. A run
-    folder's lock files (.lock, .lock.pid), which any command that reaches the folder takes, is left out."""
+    """path -> (kind, size) of everything under `root` but `leave_out` and the lock files (.lock,
+    .lock.pid, which any command that reaches a run folder takes)."""
     found = {}
     for path in sorted(root.rglob("*")):
         if (
@@ -194,16 +182,10 @@ def listing(root: Path, leave_out: Path | None = None) -> dict[str, tuple[str, i
 
 
 def write_finished_decoy(run_dir: Path) -> Path:
-    """A finished run of main.py as it looks on disk (args.json, checkpoint.pt, metrics.csv, summary.json),
-    which commands aimed elsewhere must leave exactly as it is."""
+    """A finished run as main.py leaves it (args.json, checkpoint.pt, metrics.csv, summary.json)."""
     run_dir.mkdir(parents=True)
-    args = {
-        "loss": "standalone",
-        "dataset": "digits",
-        "feat_dim": 2,
-        "name": run_dir.name,
-        "out": str(run_dir.parent),
-    }
+    args = dict(loss="standalone", dataset="digits", feat_dim=2, name=run_dir.name)
+    args["out"] = str(run_dir.parent)
     (run_dir / "args.json").write_text(json.dumps(args))
     (run_dir / "checkpoint.pt").write_bytes(b"weights" * 100)
     (run_dir / "metrics.csv").write_text("epoch,test_acc\n1,0.9\n")
@@ -218,27 +200,10 @@ def check_ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     return proc
 
 
-TINY = [
-    "--dataset",
-    "mnist",
-    "--batch-size",
-    "32",
-]  # the default model, resnet: the fastest to train here
-NAMED_RUN = [
-    "--loss",
-    "cent",
-    "--dataset",
-    "mnist",
-    "--model",
-    "lenet++",
-    "--epochs",
-    "1",
-    "--train-samples",
-    "32",
-    "--batch-size",
-    "16",
-]
-REAL_TRAIN_SAMPLES = 3200  # 50 steps of 64 (6400, the 100 steps first planned, took ~55 s on the loaded 2-core machine)
+TINY = ["--dataset", "mnist", "--batch-size", "32"]  # the default resnet: the fastest to train here
+NAMED_RUN = "--loss cent --dataset mnist --model lenet++ --epochs 1 --train-samples 32".split()
+NAMED_RUN += ["--batch-size", "16"]
+REAL_TRAIN_SAMPLES = 3200  # 50 steps of 64 (100 steps took ~55 s on the loaded 2-core machine)
 
 
 def shared_data_path() -> Path:
@@ -269,14 +234,10 @@ class Background:
         self.results: dict[str, subprocess.CompletedProcess] = {}
         self.paths: dict[str, Path] = {}
 
-    def start(self, key: str, script: str, args: list) -> None:
+    def start(self, key: str, args: list) -> None:
+        command = [sys.executable, str(REPO / "main.py"), *map(str, args)]
         self.procs[key] = subprocess.Popen(
-            [sys.executable, str(REPO / script), *map(str, args)],
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=subprocess_env(),
+            command, cwd=REPO, stdout=-1, stderr=-1, text=True, env=subprocess_env()
         )
 
     def result(self, key: str, timeout: float = SUBPROCESS_TIMEOUT) -> subprocess.CompletedProcess:
@@ -298,15 +259,8 @@ class Background:
                 proc.communicate()
 
 
-BACKGROUND_FIXTURES = (
-    "tiny_runs",
-    "lenet_runs",
-    "named_run",
-    "projection_run",
-    "real_run",
-    "truncated_run",
-    "bad_data_dir_run",
-)
+BACKGROUND_FIXTURES = {"tiny_runs", "lenet_runs", "named_run", "projection_run", "real_run"}
+BACKGROUND_FIXTURES |= {"truncated_run", "bad_data_dir_run"}
 _needed: set[str] = set()
 
 
@@ -316,7 +270,7 @@ def pytest_collection_modifyitems(
 ) -> None:
     _needed.clear()
     for item in items:
-        _needed.update(set(getattr(item, "fixturenames", ())) & set(BACKGROUND_FIXTURES))
+        _needed.update(set(getattr(item, "fixturenames", ())) & BACKGROUND_FIXTURES)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -330,121 +284,67 @@ def background(tmp_path_factory: pytest.TempPathFactory) -> Background:
         bg.paths["mnist"] = mnist
         if "real_run" in _needed and shared_data_path().is_dir():
             out = bg.paths["real"] = base / "real"
-            args = [
-                "--dataset",
-                "mnist",
-                "--data-dir",
-                shared_data_path(),
-                "--train-samples",
-                REAL_TRAIN_SAMPLES,
-                "--epochs",
-                "1",
-            ]
-            bg.start(
-                "real",
-                "main.py",
-                [*args, "--feat-dim", "128", "--batch-size", "64", "--no-plots", "--out", out],
-            )
-        if "tiny_runs" in _needed:
-            out = bg.paths["tiny"] = base / "runs"
-            for loss in ("xent", "cent", "standalone"):
-                bg.start(
-                    f"tiny-{loss}",
-                    "main.py",
-                    ["--loss", loss, *TINY, "--data-dir", mnist, "--epochs", "2", "--out", out],
-                )
-        if "lenet_runs" in _needed:
-            out = bg.paths["lenet"] = base / "lenet"
-            for loss in ("xent", "cent", "standalone"):
-                args = [
-                    "--loss",
-                    loss,
-                    *TINY,
-                    "--data-dir",
-                    mnist,
-                    "--model",
-                    "lenet++",
-                    "--epochs",
-                    "1",
-                    "--train-samples",
-                    64,
-                ]
-                bg.start(f"lenet-{loss}", "main.py", [*args, "--no-plots", "--out", out])
+            args = ["--dataset", "mnist", "--data-dir", shared_data_path(), "--epochs", "1"]
+            args += ["--train-samples", REAL_TRAIN_SAMPLES, "--feat-dim", "128"]
+            bg.start("real", [*args, "--batch-size", "64", "--no-plots", "--out", out])
+        for key, extra in (
+            ("tiny", "--epochs 2"),
+            ("lenet", "--model lenet++ --epochs 1 --train-samples 64 --no-plots"),
+        ):
+            if f"{key}_runs" in _needed:
+                out = bg.paths[key] = base / ("runs" if key == "tiny" else key)
+                for loss in ("xent", "cent", "standalone"):
+                    args = ["--loss", loss, *TINY, "--data-dir", mnist, *extra.split()]
+                    bg.start(f"{key}-{loss}", [*args, "--out", out])
         if "projection_run" in _needed:
             out = bg.paths["projection"] = base / "projection"
-            args = [
-                "--loss",
-                "standalone",
-                *TINY,
-                "--data-dir",
-                mnist,
-                "--feat-dim",
-                "16",
-                "--epochs",
-                "1",
-                "--train-samples",
-                "96",
-            ]
-            bg.start("projection", "main.py", [*args, "--out", out])
+            args = "--loss standalone --feat-dim 16 --epochs 1 --train-samples 96".split()
+            bg.start("projection", [*args, *TINY, "--data-dir", mnist, "--out", out])
         if "named_run" in _needed:
             out = bg.paths["named"] = base / "custom-out"
-            command = [
-                *NAMED_RUN,
-                "--data-dir",
-                mnist,
-                "--no-plots",
-                "--out",
-                out,
-                "--name",
-                "my run",
-            ]
+            command = [*NAMED_RUN, "--data-dir", mnist, "--no-plots", "--out", out]
+            command += ["--name", "my run"]
             bg.paths["named-command"] = command
-            bg.start("named", "main.py", command)
+            bg.start("named", command)
         if "truncated_run" in _needed:
             data = base / "truncated-data"
             write_tiny_mnist(data)
             bad = bg.paths["truncated-file"] = data / "MNIST" / "raw" / "train-labels-idx1-ubyte"
             bad.write_bytes(bad.read_bytes()[:-7])
             out = bg.paths["truncated"] = base / "truncated-out"
-            bg.start(
-                "truncated",
-                "main.py",
-                ["--dataset", "mnist", "--data-dir", data, "--epochs", "1", "--out", out],
-            )
+            args = ["--dataset", "mnist", "--data-dir", data, "--epochs", "1", "--out", out]
+            bg.start("truncated", args)
         if "bad_data_dir_run" in _needed:
-            bg.start(
-                "bad-data-dir",
-                "main.py",
-                ["--data-dir", "/nonexistent", "--out", base / "bad-data-dir-out"],
-            )
+            args = ["--data-dir", "/nonexistent", "--out", base / "bad-data-dir-out"]
+            bg.start("bad-data-dir", args)
     yield bg
     bg.close()
 
 
+def loss_runs(background: Background, key: str) -> dict[str, Path]:
+    for loss in ("xent", "cent", "standalone"):
+        check_ok(background.result(f"{key}-{loss}"))
+    return {
+        loss: background.paths[key] / f"{loss}-mnist-feat=2"
+        for loss in ("xent", "cent", "standalone")
+    }
+
+
 @pytest.fixture(scope="session")
 def tiny_runs(background: Background) -> dict[str, Path]:
-    """One finished tiny 2-D run per loss (resnet, 2 epochs of 7 steps on the tiny MNIST, frames on),
-    shared by test_main and test_visualize (which copy before they change anything). loss -> run folder."""
-    runs = {}
-    for loss in ("xent", "cent", "standalone"):
-        check_ok(background.result(f"tiny-{loss}"))
-        runs[loss] = background.paths["tiny"] / f"{loss}-mnist-feat=2"
-    return runs
+    """loss -> a finished tiny 2-D resnet run (2 epochs of 7 steps, frames on); copy to change it."""
+    return loss_runs(background, "tiny")
 
 
 @pytest.fixture(scope="session")
 def lenet_runs(background: Background) -> dict[str, Path]:
-    """One finished lenet++ smoke run per loss (its recipe's defaults, 1 epoch of 2 steps on the tiny MNIST). loss -> run folder."""
-    runs = {}
-    for loss in ("xent", "cent", "standalone"):
-        check_ok(background.result(f"lenet-{loss}"))
-        runs[loss] = background.paths["lenet"] / f"{loss}-mnist-feat=2"
-    return runs
+    """loss -> a finished lenet++ smoke run (its recipe, 1 epoch of 2 steps on the tiny MNIST)."""
+    return loss_runs(background, "lenet")
 
 
 @pytest.fixture(scope="session")
 def named_run(background: Background) -> tuple[list, Path]:
-    """A tiny lenet++ cent run with --name 'my run', --out .../custom-out and --no-plots: (command, run folder)."""
+    """(command, run folder) of a tiny lenet++ cent run, --name 'my run', --out custom-out, --no-plots."""
     check_ok(background.result("named"))
     return background.paths["named-command"], background.paths["named"] / "my run"
 
@@ -459,11 +359,8 @@ def projection_run(background: Background) -> Path:
 @pytest.fixture(scope="session")
 def truncated_run(background: Background) -> tuple[subprocess.CompletedProcess, Path, Path]:
     """main.py on a tiny MNIST whose train labels file lost 7 bytes: (process, the bad file, --out)."""
-    return (
-        background.result("truncated"),
-        background.paths["truncated-file"],
-        background.paths["truncated"],
-    )
+    paths = background.paths
+    return background.result("truncated"), paths["truncated-file"], paths["truncated"]
 
 
 @pytest.fixture(scope="session")
@@ -474,7 +371,29 @@ def bad_data_dir_run(background: Background) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="session")
 def real_run(background: Background) -> tuple[subprocess.CompletedProcess, Path]:
-    """The default standalone resnet for 100 steps on the real MNIST (feat_dim 128): (process, run folder)."""
+    """(process, run folder): the default standalone resnet, 50 steps on the real MNIST, feat_dim 128."""
     if "real" not in background.procs:
         pytest.skip(f"shared data folder {shared_data_path()} is absent")
     return background.result("real"), background.paths["real"] / "standalone-mnist-feat=128"
+
+
+def reference_retrieval(features: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """P@1, R-precision and MAP@R by plain loops, neighbours sorted by (distance, index)."""
+    x, y = features.double().tolist(), labels.tolist()
+    p1, rp, ap = [], [], []
+    for i in range(len(x)):
+        r = y.count(y[i]) - 1
+        if r == 0:
+            continue
+        others = sorted(
+            (sum((a - b) ** 2 for a, b in zip(x[i], x[j])), j) for j in range(len(x)) if j != i
+        )
+        hits = [y[j] == y[i] for _, j in others[:r]]
+        p1.append(float(hits[0]))
+        rp.append(sum(hits) / r)
+        ap.append(sum(sum(hits[: n + 1]) / (n + 1) for n in range(r) if hits[n]) / r)
+    return {
+        "precision_at_1": sum(p1) / len(p1),
+        "r_precision": sum(rp) / len(rp),
+        "map_at_r": sum(ap) / len(ap),
+    }

@@ -36,7 +36,7 @@ def test_embed_is_float32_under_autocast(dtype) -> None:
     assert features.dtype == torch.float32 and torch.equal(features, want_features)
     run.args = types.SimpleNamespace(
         loss="xent"
-    )  # logits a chunk at a time: the model's own, for a loss that reads them
+    )  # logits a chunk at a time, for a loss that reads them
     assert torch.equal(eval_logits(run, features), want_logits)
     run.args.loss = "standalone"
     assert eval_logits(run, features) is None

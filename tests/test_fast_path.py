@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision.transforms.functional as TF
+from conftest import REPO, subprocess_env
 
 from datasets import (
     CROP_PADDING,
@@ -24,17 +25,16 @@ from datasets import (
     rotate,
     tensor_batches,
 )
-
-REPO = Path(__file__).resolve().parents[1]
+from main import main
 
 
 def noise(n: int, channels: int, side: int, seed: int = 0) -> torch.Tensor:
     """A float batch in [0, 1] of uint8 noise: asymmetric, so every flip, shift or rotation shows."""
-    g = torch.Generator().manual_seed(seed)
-    return (
-        torch.randint(0, 256, (n, channels, side, side), generator=g, dtype=torch.uint8).float()
-        / 255
-    )
+    return uint8(n, channels, side, seed).float() / 255
+
+
+def uint8(n: int, channels: int, side: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, 256, (n, channels, side, side), generator=gen(seed), dtype=torch.uint8)
 
 
 def gen(seed: int = 0) -> torch.Generator:
@@ -51,8 +51,7 @@ def gen(seed: int = 0) -> torch.Generator:
 def test_augment_keeps_shape_dtype_range_and_is_seeded(ops, dtype):
     x = noise(16, 3, 32).to(dtype)
     out = augment_batch(x, ops, gen(1))
-    assert out.shape == x.shape and out.dtype == dtype
-    assert out.min() >= 0 and out.max() <= 1
+    assert out.shape == x.shape and out.dtype == dtype and out.min() >= 0 and out.max() <= 1
     assert not torch.equal(out, x)
     assert torch.equal(out, augment_batch(x, ops, gen(1)))  # same generator state, same batch
     assert not torch.equal(out, augment_batch(x, ops, gen(2)))
@@ -63,47 +62,27 @@ def test_augment_empty_is_identity():
     assert torch.equal(augment_batch(x, (), gen()), x)
 
 
-def test_rotate_changes_pixels():
-    x = noise(64, 1, 28)
-    out = augment_batch(x, ("rotate",), gen())
-    changed = [not torch.equal(out[i], x[i]) for i in range(len(x))]
-    # Angles under ~1.4 degrees move no pixel of a 28x28 image by half a pixel: most, not all, change.
-    assert sum(changed) >= len(x) // 2
-    assert (
-        len({tuple(out[i].flatten().tolist()) for i in range(len(x))}) > len(x) // 2
-    )  # different angles per sample
-
-
 def test_rotation_angles_stay_within_5_degrees():
-    """A 5x5 bright blob 56 pixels right of the centre of a 129x129 image lands on the circle of
-    radius 56 at the rotation angle; 256 draws span +-5 degrees but never go beyond."""
+    """A blob 56 px right of the centre lands at radius 56 and the rotation angle: 256 draws span
+    +-5 degrees, never beyond."""
     side, radius, n = 129, 56, 256
     centre = (side - 1) / 2
     x = torch.zeros(n, 1, side, side)
     x[:, :, 62:67, 64 + radius - 2 : 64 + radius + 3] = 1.0
     out = augment_batch(x, ("rotate",), gen(3))
-    rows, cols = torch.meshgrid(
-        torch.arange(side, dtype=torch.float64),
-        torch.arange(side, dtype=torch.float64),
-        indexing="ij",
-    )
+    rows, cols = torch.meshgrid(*[torch.arange(side, dtype=torch.float64)] * 2, indexing="ij")
     mass = out[:, 0].double()
     assert (mass.sum((1, 2)) > 15).all()  # the blob survives the rotation
     cy = (mass * rows).sum((1, 2)) / mass.sum((1, 2)) - centre
     cx = (mass * cols).sum((1, 2)) / mass.sum((1, 2)) - centre
     angles = torch.rad2deg(torch.atan2(cy, cx))
     assert ((cx.hypot(cy) - radius).abs() < 1).all()
-    assert (
-        angles.abs().max() <= ROTATION_DEGREES + 0.75
-    )  # 0.75 degrees ~ 0.7 px of centroid error at r=56
+    assert angles.abs().max() <= ROTATION_DEGREES + 0.75  # ~0.7 px of centroid error at r=56
     assert angles.max() > 4 and angles.min() < -4  # both directions, up to the limit
 
 
 def pil_batch(x: torch.Tensor, transform) -> torch.Tensor:
-    """torchvision's per-sample PIL path (the loader pipeline's) applied to each image of a uint8 batch,
-    back as floats in [0, 1]."""
-    import torchvision.transforms.functional as TF
-
+    """torchvision's per-sample PIL path (the loader pipeline's) on a uint8 batch, as floats in [0, 1]."""
     return torch.stack(
         [TF.to_tensor(transform(i, TF.to_pil_image(img))) for i, img in enumerate(x)]
     )
@@ -111,55 +90,35 @@ def pil_batch(x: torch.Tensor, transform) -> torch.Tensor:
 
 @pytest.mark.parametrize("channels", [1, 3])
 def test_rotate_equals_torchvision_bilinear_rotation_for_the_same_angles(channels):
-    """Both pipelines rotate bilinearly: for the same angles, the fast path's grid_sample and
-    torchvision's PIL RandomRotation(BILINEAR) agree up to 8-bit rounding, except along the rim
-    where PIL and grid_sample blend the zero fill differently."""
-    import torchvision.transforms.functional as TF
-
-    x8 = torch.randint(0, 256, (12, channels, 28, 28), generator=gen(4), dtype=torch.uint8)
+    """The fast path's grid_sample and torchvision's PIL rotation (BILINEAR) agree for the same angles
+    up to 8-bit rounding, but along the rim (the zero fill blends differently)."""
+    x8 = uint8(12, channels, 28, 4)
     degrees = torch.linspace(-ROTATION_DEGREES, ROTATION_DEGREES, len(x8))
     fast = rotate(x8.float() / 255, degrees)
-    slow = pil_batch(
-        x8,
-        lambda i, img: TF.rotate(
-            img, float(degrees[i]), interpolation=TF.InterpolationMode.BILINEAR
-        ),
-    )
+
+    def pil(mode):
+        return pil_batch(x8, lambda i, img: TF.rotate(img, float(degrees[i]), interpolation=mode))
+
+    slow, nearest = pil(TF.InterpolationMode.BILINEAR), pil(TF.InterpolationMode.NEAREST)
     inner = (slice(None), slice(None), slice(3, -3), slice(3, -3))
     assert (fast - slow)[inner].abs().max() <= 1.5 / 255
-    nearest = pil_batch(
-        x8,
-        lambda i, img: TF.rotate(
-            img, float(degrees[i]), interpolation=TF.InterpolationMode.NEAREST
-        ),
-    )
-    assert (fast - nearest)[
-        inner
-    ].abs().max() > 20 / 255  # the comparison can tell bilinear from nearest
+    assert (fast - nearest)[inner].abs().max() > 20 / 255  # it can tell bilinear from nearest
     opposite = rotate(x8.float() / 255, -degrees)
     assert (opposite - slow)[inner][:4].abs().max() > 20 / 255  # and one direction from the other
 
 
 def test_flip_equals_torchvision_hflip_for_the_same_draws():
-    import torchvision.transforms.functional as TF
-
-    x8 = torch.randint(0, 256, (10, 3, 32, 32), generator=gen(6), dtype=torch.uint8)
+    x8 = uint8(10, 3, 32, 6)
     flipped = torch.tensor([True, False] * 5)
     slow = pil_batch(x8, lambda i, img: TF.hflip(img) if flipped[i] else img)
     assert torch.equal(flip(x8.float() / 255, flipped), slow)
 
 
 def test_crop_equals_torchvision_padded_crop_for_the_same_offsets():
-    import torchvision.transforms.functional as TF
-
-    x8 = torch.randint(0, 256, (9, 3, 32, 32), generator=gen(8), dtype=torch.uint8)
+    x8 = uint8(9, 3, 32, 8)
     offsets = torch.tensor([[0, 8, 4, 1, 7, 3, 0, 8, 5], [8, 0, 4, 6, 2, 3, 0, 8, 1]])
-    slow = pil_batch(
-        x8,
-        lambda i, img: TF.crop(
-            TF.pad(img, CROP_PADDING), int(offsets[0, i]), int(offsets[1, i]), 32, 32
-        ),
-    )
+    top, left = offsets.tolist()
+    slow = pil_batch(x8, lambda i, img: TF.crop(TF.pad(img, CROP_PADDING), top[i], left[i], 32, 32))
     assert torch.equal(crop(x8.float() / 255, offsets), slow)
 
 
@@ -193,16 +152,13 @@ def test_flip_flips_about_half_of_a_batch():
 
 def test_fast_path_runs_on_uint8_like_real_data():
     """tensor_batches scales uint8 to [0, 1] floats and augments; labels follow the order."""
-    g = gen(7)
-    data = ImageData(
-        torch.randint(0, 256, (40, 1, 28, 28), generator=g, dtype=torch.uint8), torch.arange(40)
-    )
-    order = torch.randperm(40, generator=g)
+    data = ImageData(uint8(40, 1, 28, 7), torch.arange(40))
+    order = torch.randperm(40, generator=gen(7))
     batches = list(tensor_batches(data, order, 16, ("rotate",), gen()))
     assert [len(y) for _, y in batches] == [
         16,
         16,
-    ]  # the last partial batch is dropped, as in the study
+    ]  # the last partial batch dropped, as in the study
     assert torch.equal(torch.cat([y for _, y in batches]), order[:32])
     for x, _ in batches:
         assert x.dtype == torch.float32 and x.min() >= 0 and x.max() <= 1
@@ -216,16 +172,12 @@ def test_fast_path_runs_on_uint8_like_real_data():
 def test_tensor_batches_equal_loader_batches_without_augmentation(workers, channels):
     g = gen(channels)
     n = 70  # 4 full batches of 16; the last 6 samples are dropped, as in the study
-    data = ImageData(
-        torch.randint(0, 256, (n, channels, 28, 28), generator=g, dtype=torch.uint8),
-        torch.randint(0, 10, (n,), generator=g),
-    )
+    data = ImageData(uint8(n, channels, 28, channels), torch.randint(0, 10, (n,), generator=g))
     order = torch.randperm(n, generator=g)
+    cpu = torch.device("cpu")
     for start in (0, 2):
         fast = list(tensor_batches(data, order, 16, (), gen(), start=start))
-        loader = list(
-            loader_batches(data, order, 16, (), gen(), workers, torch.device("cpu"), start=start)
-        )
+        loader = list(loader_batches(data, order, 16, (), gen(), workers, cpu, start=start))
         assert len(fast) == len(loader) == 4 - start
         for (xf, yf), (xl, yl) in zip(fast, loader):
             assert xf.dtype == xl.dtype == torch.float32
@@ -235,32 +187,10 @@ def test_tensor_batches_equal_loader_batches_without_augmentation(workers, chann
 # ------------------------------------------------------------------------------- repeatable runs
 
 
-def start_main(out: Path, pipeline: str) -> subprocess.Popen:
-    args = [
-        "--dataset",
-        "digits",
-        "--train-samples",
-        "96",
-        "--batch-size",
-        "32",
-        "--epochs",
-        "2",
-        "--no-plots",
-    ]
-    args += ["--device", "cpu", "--pipeline", pipeline, "--out", str(out), "--name", "run"]
-    args += ["--workers", "0"] if pipeline == "loader" else []  # --workers is the loader's only
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", MPLBACKEND="Agg", PYTHONDONTWRITEBYTECODE="1")
-    env.setdefault(
-        "OMP_WAIT_POLICY", "PASSIVE"
-    )  # two runs side by side on few cores: no spinning OpenMP threads
-    return subprocess.Popen(
-        [sys.executable, str(REPO / "main.py"), *args],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+def run_args(out: Path, pipeline: str) -> list[str]:
+    args = "--dataset digits --train-samples 96 --batch-size 32 --epochs 2 --no-plots --device cpu".split()
+    args += ["--pipeline", pipeline, "--out", str(out), "--name", "run"]
+    return args + (["--workers", "0"] if pipeline == "loader" else [])  # the loader's flag only
 
 
 def metrics_without_seconds(run: Path) -> list[dict[str, str]]:
@@ -272,24 +202,24 @@ def metrics_without_seconds(run: Path) -> list[dict[str, str]]:
 
 @pytest.mark.parametrize("pipeline", ["fast", "loader"])
 def test_training_is_bitwise_repeatable(tmp_path, pipeline):
-    """Two runs with the same seed (the digits' rotation on) give the same metrics and weights."""
-    procs = [
-        start_main(tmp_path / name, pipeline) for name in ("a", "b")
-    ]  # side by side: half the wait
-    for proc in procs:
-        output = proc.communicate(timeout=300)[0]
-        assert proc.returncode == 0, output[-3000:]
+    """Two runs with the same seed (the digits' rotation on), one in another process (another hash
+    seed) while this one trains, give the same metrics and weights."""
+    command = [sys.executable, str(REPO / "main.py"), *run_args(tmp_path / "a", pipeline)]
+    proc = subprocess.Popen(
+        command, cwd=REPO, env=subprocess_env(), stdout=-1, stderr=-2, text=True
+    )
+    assert main(run_args(tmp_path / "b", pipeline)) == 0
+    output = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, output[-3000:]
     a, b = tmp_path / "a" / "run", tmp_path / "b" / "run"
     rows = metrics_without_seconds(a)
     assert len(rows) == 2 and rows == metrics_without_seconds(b)
     assert all(math.isfinite(float(row["train_loss"])) for row in rows)
-    ckpt_a = torch.load(a / "checkpoint.pt", weights_only=True)
-    ckpt_b = torch.load(b / "checkpoint.pt", weights_only=True)
+    ckpt_a, ckpt_b = (torch.load(r / "checkpoint.pt", weights_only=True) for r in (a, b))
     for part in ("model", "objective"):
         assert ckpt_a[part].keys() == ckpt_b[part].keys()
         for key, tensor in ckpt_a[part].items():
             assert torch.equal(tensor, ckpt_b[part][key]), f"{part}.{key} differs"
-    for state_a, state_b in zip(
-        ckpt_a["optimizer"]["state"].values(), ckpt_b["optimizer"]["state"].values()
-    ):
+    states = (c["optimizer"]["state"].values() for c in (ckpt_a, ckpt_b))
+    for state_a, state_b in zip(*states):
         assert torch.equal(state_a["momentum_buffer"], state_b["momentum_buffer"])

@@ -77,14 +77,10 @@ def test_intra_and_inter_match_double_loops(dtype, pattern):
         features, centers, y = sample(dtype, labels, dim, seed)
         intra = intra_loss(features, centers, y)
         inter = inter_loss(features, y)
-        assert intra.dtype == dtype and inter.dtype == dtype
-        assert intra.shape == () and inter.shape == ()
+        assert intra.dtype == inter.dtype == dtype and intra.shape == inter.shape == ()
         assert intra.item() == pytest.approx(ref_intra(features, centers, y), **DTYPES[dtype])
         assert inter.item() == pytest.approx(ref_inter(features, y), **DTYPES[dtype])
-        if pattern == "all_same":
-            assert inter.item() == 0.0
-        else:
-            assert inter.item() < 0  # pushes apart: negative log distances
+        assert (inter.item() == 0.0) == (pattern == "all_same")  # else negative: pushes apart
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES), ids=["f64", "f32"])
@@ -94,11 +90,8 @@ def test_squared_distances_match_double_loop(dtype):
     b = torch.randn(3, 4, generator=g, dtype=torch.float64).to(dtype)
     d = squared_distances(a, b)
     assert d.shape == (5, 3) and d.dtype == dtype
-    for i in range(5):
-        for j in range(3):
-            assert d[i, j].item() == pytest.approx(
-                ref_sqdist(a[i].tolist(), b[j].tolist()), **DTYPES[dtype]
-            )
+    want = [[ref_sqdist(a[i].tolist(), b[j].tolist()) for j in range(3)] for i in range(5)]
+    assert d.tolist() == [pytest.approx(row, **DTYPES[dtype]) for row in want]
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES), ids=["f64", "f32"])
@@ -107,9 +100,8 @@ def test_modules_match_double_loops(dtype, pattern):
     features, _, y = sample(dtype, LABEL_PATTERNS[pattern], 3, seed=7)
     torch.manual_seed(0)
     cent = CenterLoss(NUM_CLASSES, 3).to(dtype)
-    assert cent(features, y).item() == pytest.approx(
-        ref_intra(features, cent.centers.detach(), y), **DTYPES[dtype]
-    )
+    want = ref_intra(features, cent.centers.detach(), y)
+    assert cent(features, y).item() == pytest.approx(want, **DTYPES[dtype])
 
     sa = StandaloneCenterLoss(NUM_CLASSES, 3, weight_intra=0.7, weight_inter=0.3).to(dtype)
     c = sa.centers.detach()
@@ -144,10 +136,7 @@ def test_gradcheck_module_totals(module_cls):
     assert torch.autograd.gradcheck(total, (features, centers))
     # The module's own parameter receives the same gradient as the functional call.
     module(features.detach(), y).backward()
-    f2, c2 = (
-        features.detach().clone().requires_grad_(True),
-        centers.detach().clone().requires_grad_(True),
-    )
+    f2, c2 = (t.detach().clone().requires_grad_(True) for t in (features, centers))
     total(f2, c2).backward()
     torch.testing.assert_close(module.centers.grad, c2.grad)
 
@@ -182,18 +171,14 @@ def test_coincident_features_are_finite(dtype):
     f = row.repeat(6, 1).requires_grad_(True)
     total = sa(f, y)
     total.backward()
-    assert (
-        torch.isfinite(total)
-        and torch.isfinite(f.grad).all()
-        and torch.isfinite(sa.centers.grad).all()
-    )
+    assert all(torch.isfinite(t).all() for t in (total, f.grad, sa.centers.grad))
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES), ids=["f64", "f32"])
 def test_features_equal_to_centers(dtype):
     centers = torch.tensor(
-        [[1.0, 2.0], [1.0, 2.0], [-3.0, 0.5]], dtype=dtype, requires_grad=True
-    )  # two equal centers
+        [[1.0, 2], [1, 2], [-3, 0.5]], dtype=dtype, requires_grad=True
+    )  # 2 equal
     y = torch.tensor([0, 1, 2, 0, 1, 2])
     features = centers.detach()[y].clone().requires_grad_(True)
     intra = intra_loss(features, centers, y)
@@ -207,7 +192,7 @@ def test_features_equal_to_centers(dtype):
 
 
 def test_squared_distances_clamp_at_zero():
-    """The expansion a^2 + b^2 - 2ab can round below zero for equal rows; the clamp makes it exactly 0."""
+    """a^2 + b^2 - 2ab can round below zero for equal rows; the clamp makes it exactly 0."""
     g = torch.Generator().manual_seed(0)
     a = torch.randn(256, 16, generator=g) * 1000 + torch.randn(256, 1, generator=g) * 3000
     a2 = a.pow(2).sum(1, keepdim=True)
@@ -215,8 +200,6 @@ def test_squared_distances_clamp_at_zero():
     d = squared_distances(a, a)
     negative = raw < 0
     assert negative.any(), "this input is meant to round the expansion below zero"
-    assert (d >= 0).all()
-    assert (torch.diagonal(d) >= 0).all()
     assert (d[negative] == 0).all()
     assert torch.equal(d[~negative], raw[~negative])
 
@@ -233,28 +216,13 @@ def test_inter_finite_when_expansion_rounds_negative():
 # --------------------------------------------------------------------------- standalone weights
 
 
-def test_standalone_forward_is_weighted_sum_of_terms():
-    features, _, y = sample(torch.float64, LABEL_PATTERNS["balanced"], 4, seed=9)
-    torch.manual_seed(3)
-    sa = StandaloneCenterLoss(NUM_CLASSES, 4, weight_intra=2.5, weight_inter=0.25).double()
-    intra, inter = sa.terms(features, y)
-    assert intra.item() == pytest.approx(intra_loss(features, sa.centers, y).item(), rel=1e-12)
-    assert inter.item() == pytest.approx(inter_loss(features, y).item(), rel=1e-12)
-    assert intra.item() == pytest.approx(ref_intra(features, sa.centers.detach(), y), rel=1e-10)
-    assert inter.item() == pytest.approx(ref_inter(features, y), rel=1e-10)
-    assert sa(features, y).item() == pytest.approx(
-        2.5 * intra.item() + 0.25 * inter.item(), rel=1e-12
-    )
-
-
 def test_standalone_defaults_and_centers():
     sa = StandaloneCenterLoss(10, 2)
     assert sa.weight_intra == 1.0 and sa.weight_inter == 0.1 and sa.inter_margin is None
     assert isinstance(sa.centers, nn.Parameter) and sa.centers.shape == (10, 2)
     assert [n for n, _ in sa.named_parameters()] == ["centers"]
-    assert isinstance(CenterLoss(7, 3).centers, nn.Parameter) and CenterLoss(
-        7, 3
-    ).centers.shape == (7, 3)
+    centers = CenterLoss(7, 3).centers
+    assert isinstance(centers, nn.Parameter) and centers.shape == (7, 3)
 
 
 # ---------------------------------------------------------------------------------------- margin
@@ -262,9 +230,7 @@ def test_standalone_defaults_and_centers():
 
 def test_inter_margin_truncates_far_pairs():
     # A and B are close (d = 0.25) with different labels; C is far (d >= 90) from both.
-    features = torch.tensor(
-        [[0.0, 0.0], [0.5, 0.0], [10.0, 0.0]], dtype=torch.float64, requires_grad=True
-    )
+    features = torch.tensor([[0.0, 0], [0.5, 0], [10, 0]], dtype=torch.float64, requires_grad=True)
     y = torch.tensor([0, 1, 2])
     margin = 4.0
     loss = inter_loss(features, y, margin=margin)
@@ -277,15 +243,12 @@ def test_inter_margin_truncates_far_pairs():
     # Moving A and B apart lowers the loss (their push), symmetric gradients.
     torch.testing.assert_close(features.grad[0], -features.grad[1])
     assert features.grad[0, 0] > 0  # A is pushed to smaller x (gradient descent goes against it)
-
-
-def test_inter_margin_all_pairs_beyond():
-    features = torch.tensor([[0.0, 0.0], [0.0, 5.0]], requires_grad=True)
-    y = torch.tensor([0, 1])
-    loss = inter_loss(features, y, margin=1.0)
-    assert loss.item() == pytest.approx(-math.log1p(1.0), rel=1e-6)  # -(2 pairs * log 2) / 2
+    # All pairs beyond the margin: -(2 pairs * log(1 + margin)) / 2, and no gradient at all.
+    far = torch.tensor([[0.0, 0.0], [0.0, 5.0]], requires_grad=True)
+    loss = inter_loss(far, torch.tensor([0, 1]), margin=1.0)
+    assert loss.item() == pytest.approx(-math.log1p(1.0), rel=1e-6)
     loss.backward()
-    assert (features.grad == 0).all()
+    assert (far.grad == 0).all()
 
 
 def test_standalone_module_passes_margin():
@@ -308,60 +271,57 @@ def objective_inputs(seed=0, n=8, classes=4, dim=3):
     )
 
 
-def test_objective_xent_is_cross_entropy():
+@pytest.mark.parametrize(
+    "loss, weights, want",
+    [
+        ("xent", {}, lambda xent, intra, inter: ({"xent": xent}, xent)),
+        (
+            "cent",
+            {"weight_cent": 0.5},
+            lambda xent, intra, inter: ({"xent": xent, "intra": intra}, xent + 0.5 * intra),
+        ),
+        (
+            "standalone",
+            {"weight_intra": 1.5, "weight_inter": 0.2},
+            lambda xent, intra, inter: (
+                {"intra": intra, "inter": inter},
+                1.5 * intra + 0.2 * inter,
+            ),
+        ),
+        (
+            "standalone",
+            {"inter_margin": 0.5},
+            lambda xent, intra, inter: ({"intra": intra, "inter": inter}, intra + 0.1 * inter),
+        ),
+    ],
+)
+def test_objective_is_its_weighted_terms(loss, weights, want):
+    """Terms and total against the references; the standalone loss never reads the logits (NaN
+    here); the centers, where the loss has them, are the objective's one parameter and train."""
     features, logits, y = objective_inputs()
-    objective = Objective("xent", 4, 3)
-    total, terms = objective(features, logits, y)
-    expected = F.cross_entropy(logits, y)
-    assert torch.equal(total, expected)
-    assert set(terms) == {"xent"} and torch.equal(terms["xent"], expected)
-    assert objective.centers is None and list(objective.parameters()) == []
-
-
-def test_objective_cent_is_xent_plus_weighted_intra():
-    features, logits, y = objective_inputs(1)
+    features = features * 10  # pairs beyond the margin
     torch.manual_seed(0)
-    objective = Objective("cent", 4, 3, weight_cent=0.5)
-    assert isinstance(objective.centers, nn.Parameter) and objective.centers.shape == (4, 3)
-    total, terms = objective(features, logits, y)
+    objective = Objective(loss, 4, 3, **weights)
+    centers = objective.centers
     xent = F.cross_entropy(logits, y).item()
-    intra = ref_intra(features, objective.centers.detach(), y)
-    assert set(terms) == {"xent", "intra"}
-    assert terms["xent"].item() == pytest.approx(xent, rel=1e-6)
-    assert terms["intra"].item() == pytest.approx(intra, rel=1e-5)
-    assert total.item() == pytest.approx(xent + 0.5 * intra, rel=1e-5)
-    # The centers are trainable through the objective's parameters.
-    assert [p is objective.centers for p in objective.parameters()] == [True]
-    total.backward()
-    assert objective.centers.grad is not None and objective.centers.grad.abs().sum() > 0
-
-
-def test_objective_standalone_ignores_logits():
-    features, logits, y = objective_inputs(2)
-    objective = Objective("standalone", 4, 3, weight_intra=1.5, weight_inter=0.2)
-    assert isinstance(objective.centers, nn.Parameter) and objective.centers.shape == (4, 3)
-    nan_logits = torch.full_like(logits, float("nan"))
-    total, terms = objective(features, nan_logits, y)
-    assert set(terms) == {"intra", "inter"}
-    intra, inter = ref_intra(features, objective.centers.detach(), y), ref_inter(features, y)
-    assert terms["intra"].item() == pytest.approx(intra, rel=1e-5)
-    assert terms["inter"].item() == pytest.approx(inter, rel=1e-5)
-    assert total.item() == pytest.approx(1.5 * intra + 0.2 * inter, rel=1e-5)
-
-
-def test_objective_inter_margin_reaches_criterion():
-    objective = Objective("standalone", 4, 3, inter_margin=0.5)
-    assert objective.criterion.inter_margin == 0.5
-    features, logits, y = objective_inputs(3)
-    _, terms = objective(features * 10, logits, y)
-    assert terms["inter"].item() == pytest.approx(ref_inter(features * 10, y, 0.5), rel=1e-5)
+    intra = None if centers is None else ref_intra(features, centers.detach(), y)
+    terms_want, total_want = want(xent, intra, ref_inter(features, y, weights.get("inter_margin")))
+    if loss == "standalone":
+        logits = torch.full_like(logits, float("nan"))
+    total, terms = objective(features, logits, y)
+    assert {k: v.item() for k, v in terms.items()} == pytest.approx(terms_want, rel=1e-5)
+    assert total.item() == pytest.approx(total_want, rel=1e-5)
+    assert [id(p) for p in objective.parameters()] == ([] if centers is None else [id(centers)])
+    if centers is not None:
+        assert isinstance(centers, nn.Parameter) and centers.shape == (4, 3)
+        total.backward()
+        assert centers.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("loss", LOSSES)
 def test_objective_computes_in_float32_under_autocast(loss):
-    """Under a caller's bfloat16 autocast the objective's values equal its float32 values (to float32
-    rounding), for float32 and for bfloat16 inputs: no 16-bit matmul inside. Features far from the
-    origin make 16-bit distances (a^2 + b^2 - 2ab) visibly wrong, so the comparison can tell."""
+    """Under a caller's bf16 autocast the objective's values are its float32 values, for float32 and
+    bf16 inputs; features far from the origin make 16-bit distances visibly wrong."""
     g = torch.Generator().manual_seed(4)
     features = torch.randn(16, 3, generator=g) * 3 + 20
     logits, y = torch.randn(16, 4, generator=g) * 3, torch.arange(16) % 4
@@ -371,31 +331,25 @@ def test_objective_computes_in_float32_under_autocast(loss):
         reference, reference_terms = objective(inputs[0].float(), inputs[1].float(), y)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             total, terms = objective(*inputs, y)
-        assert total.dtype == torch.float32 and all(
-            t.dtype == torch.float32 for t in terms.values()
-        )
+        assert {t.dtype for t in (total, *terms.values())} == {torch.float32}
         assert total.item() == pytest.approx(reference.item(), rel=1e-6)
-        assert terms.keys() == reference_terms.keys()
-        for name, value in terms.items():
-            assert value.item() == pytest.approx(reference_terms[name].item(), rel=1e-6), name
-    if (
-        loss == "standalone"
-    ):  # the same distances in bfloat16 are far off: the test would notice a 16-bit matmul
+        assert {k: v.item() for k, v in terms.items()} == pytest.approx(
+            {k: v.item() for k, v in reference_terms.items()}, rel=1e-6
+        )
+    if loss == "standalone":  # the same distances in bf16 are far off: a 16-bit matmul would show
         with torch.autocast("cpu", dtype=torch.bfloat16):
             sloppy = squared_distances(features, features)
         assert not torch.allclose(sloppy.float(), squared_distances(features, features), rtol=1e-3)
 
 
 def test_objective_builds_every_listed_loss_with_its_terms_and_refuses_others():
-    """Every name in LOSSES (main.py's --loss choices) builds an objective whose terms are the ones it
-    declares, with centers exactly for the losses that have them; any other name is refused, naming the choices."""
+    """Each of LOSSES builds an objective with the terms it declares, centers where it has them; any
+    other name is refused, naming the choices."""
     features, logits, y = objective_inputs(5)
     for loss in LOSSES:
         objective = Objective(loss, 4, 3)
         total, terms = objective(features, logits, y)
-        assert tuple(sorted(terms)) == tuple(sorted(objective.terms_used)) and torch.isfinite(
-            total
-        ), loss
+        assert sorted(terms) == sorted(objective.terms_used) and torch.isfinite(total), loss
         assert (objective.centers is None) == (loss == "xent"), loss
     choices = "xent, cent, standalone, centers-apart, center-softmax"
     with pytest.raises(ValueError, match=f"^unknown loss 'softmax'; choose one of {choices}$"):
@@ -407,10 +361,9 @@ def test_objective_builds_every_listed_loss_with_its_terms_and_refuses_others():
     "module_cls", [CenterLoss, StandaloneCenterLoss, CentersApartLoss, CenterSoftmaxLoss]
 )
 def test_loss_modules_compute_in_float32_under_autocast(module_cls, dtype):
-    """Each loss module on its own, under a caller's fp16 or bf16 autocast, at feature norm ~340 (fp16's
-    ||x||^2 overflows, bf16's 8-bit mantissa loses the distances): the value and the gradients of the
-    features and the centers equal float32's to 1e-5. 16-bit features (a model's output under autocast)
-    give the value of their float32 copy, and that copy's gradient rounded to their dtype."""
+    """Under fp16/bf16 autocast at feature norm ~340 (fp16's ||x||^2 overflows, bf16 loses the
+    distances) value and gradients equal float32's to 1e-5; 16-bit features give their float32
+    copy's value, and its gradient rounded to their dtype."""
     g = torch.Generator().manual_seed(6)
     labels = torch.arange(16) % 4
     means = F.normalize(torch.randn(4, 8, generator=g), dim=1) * 340
@@ -418,10 +371,8 @@ def test_loss_modules_compute_in_float32_under_autocast(module_cls, dtype):
     assert 300 < features.norm(dim=1).min() and features.norm(dim=1).max() < 380
     torch.manual_seed(0)
     module = module_cls(4, 8)
-    with torch.no_grad():
-        module.centers.copy_(
-            means + torch.randn(4, 8, generator=g)
-        )  # near the features: centers-apart's exp stays finite
+    with torch.no_grad():  # centers near the features: centers-apart's exp stays finite
+        module.centers.copy_(means + torch.randn(4, 8, generator=g))
 
     def value_and_grads(x: torch.Tensor, autocast: bool) -> tuple[torch.Tensor, ...]:
         x = x.detach().requires_grad_()
@@ -447,18 +398,14 @@ def test_loss_modules_compute_in_float32_under_autocast(module_cls, dtype):
 # ---------------------------------------------------------------------- the paper's center update
 
 
-def ref_paper_update(
-    centers: torch.Tensor, features: torch.Tensor, labels: torch.Tensor, alpha: float
-) -> list[list[float]]:
+def ref_paper_update(centers, features, labels, alpha: float) -> list[list[float]]:
     """Wen et al., eq. 4, one center and one sample at a time."""
     c, x, y = centers.double().tolist(), features.double().tolist(), labels.tolist()
     new = []
     for j, center in enumerate(c):
         members = [x[i] for i in range(len(x)) if y[i] == j]
-        delta = [
-            sum(center[d] - m[d] for m in members) / (1 + len(members)) for d in range(len(center))
-        ]
-        new.append([center[d] - alpha * delta[d] for d in range(len(center))])
+        delta = [sum(c - m[d] for m in members) / (1 + len(members)) for d, c in enumerate(center)]
+        new.append([c - alpha * dc for c, dc in zip(center, delta)])
     return new
 
 
@@ -470,12 +417,10 @@ def test_paper_center_update_matches_a_loop(dtype, pattern):
     paper_center_update(centers, features, y, 0.3)
     expected = torch.tensor(ref_paper_update(before, features, y, 0.3), dtype=dtype)
     torch.testing.assert_close(
-        centers, expected, **{"rtol": DTYPES[dtype]["rel"], "atol": DTYPES[dtype]["abs"]}
+        centers, expected, rtol=DTYPES[dtype]["rel"], atol=DTYPES[dtype]["abs"]
     )
     absent = [k for k in range(NUM_CLASSES) if k not in LABEL_PATTERNS[pattern]]
-    assert absent and torch.equal(
-        centers[absent], before[absent]
-    )  # classes absent from the batch stay put
+    assert absent and torch.equal(centers[absent], before[absent])  # absent classes stay put
     assert not torch.equal(centers, before)
 
 

@@ -4,33 +4,25 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import reference_retrieval, write_image_tree
+from sklearn.metrics import adjusted_mutual_info_score
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from test_open_set import reference_retrieval  # noqa: E402
-
-import metrics  # noqa: E402
-from datasets import ImageData, split_validation  # noqa: E402
-from losses import CentersApartLoss, CenterSoftmaxLoss, Objective  # noqa: E402
+import metrics
+from datasets import ImageData, split_validation
+from losses import CentersApartLoss, CenterSoftmaxLoss, Objective
+from main import main
 
 
-def clusters(
-    n_per_class: int = 40, classes: int = 5, spread: float = 0.05, seed: int = 0
-) -> tuple[torch.Tensor, torch.Tensor]:
+def clusters(n_per_class=40, classes=5, spread=0.05, seed=0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     labels = torch.arange(classes).repeat(n_per_class)
-    features = torch.eye(classes)[labels] * 4 + spread * torch.randn(
-        len(labels), classes, generator=g
-    )
-    return features, labels
+    noise = spread * torch.randn(len(labels), classes, generator=g)
+    return torch.eye(classes)[labels] * 4 + noise, labels
 
 
 def test_perfect_clusters_score_one() -> None:
@@ -45,9 +37,8 @@ def test_shuffled_labels_score_near_chance() -> None:
     features, labels = clusters(n_per_class=100)
     shuffled = labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(1))]
     gallery, gallery_labels = clusters(n_per_class=100, seed=2)
-    assert metrics.knn_accuracy(features, shuffled, gallery, gallery_labels, 10) == pytest.approx(
-        0.2, abs=0.08
-    )
+    knn = metrics.knn_accuracy(features, shuffled, gallery, gallery_labels, 10)
+    assert knn == pytest.approx(0.2, abs=0.08)
     scores = metrics.retrieval_scores(features, shuffled)
     p1, map_r = scores["precision_at_1"], scores["map_at_r"]
     assert p1 == pytest.approx(0.2, abs=0.08) and map_r < 0.3
@@ -63,9 +54,8 @@ def test_non_finite_features_give_nan_metrics_not_an_error(where: str) -> None:
     features = {"test": torch.randn(40, 2), "train": torch.randn(40, 2)}
     features[where][3, 1] = float("inf")
     scores = metrics.feature_metrics(features["test"], labels, features["train"], labels)
-    assert set(scores) == set(metrics.FEATURE_METRICS) and all(
-        math.isnan(v) for v in scores.values()
-    )
+    assert set(scores) == set(metrics.FEATURE_METRICS)
+    assert all(math.isnan(v) for v in scores.values())
     finite = metrics.feature_metrics(torch.randn(40, 2), labels, torch.randn(40, 2), labels)
     assert not any(math.isnan(v) for v in finite.values())
 
@@ -109,15 +99,9 @@ def test_map_at_r_matches_loops_on_unbalanced_classes(monkeypatch) -> None:
     assert metrics.retrieval_scores(features, labels) == pytest.approx(expected, rel=1e-6)
 
 
-def reference_knn(
-    query: torch.Tensor,
-    query_labels: torch.Tensor,
-    gallery: torch.Tensor,
-    gallery_labels: torch.Tensor,
-    k: int,
-) -> float:
-    """The documented rule by plain loops: majority of the k (at most the gallery) nearest, ties to
-    the smaller sum of ranks, then to the smaller label."""
+def reference_knn(query, query_labels, gallery, gallery_labels, k: int) -> float:
+    """Plain loops: majority of the k (at most the gallery) nearest, ties to the smaller sum of
+    ranks, then to the smaller label."""
     k = min(k, len(gallery))
     correct = 0
     for q, truth in zip(query.double().tolist(), query_labels.tolist()):
@@ -144,42 +128,32 @@ def test_knn_matches_loops_with_queries_apart_from_the_gallery(monkeypatch, k: i
     expected = reference_knn(query, query_labels, gallery, gallery_labels, k)
     assert 0 < expected < 1  # neither trivial nor hopeless
     monkeypatch.setattr(metrics, "CHUNK", 6)
-    assert metrics.knn_accuracy(query, query_labels, gallery, gallery_labels, k) == pytest.approx(
-        expected
-    )
+    knn = metrics.knn_accuracy(query, query_labels, gallery, gallery_labels, k)
+    assert knn == pytest.approx(expected)
 
 
 def test_knn_hand_computed_with_a_separate_gallery() -> None:
     gallery = torch.tensor([[0.0], [1.0], [2.0], [10.0], [11.0], [12.0]])
     gallery_labels = torch.tensor([0, 0, 1, 1, 1, 0])
     query = torch.tensor([[0.4], [10.6], [5.2]])
-    # k=1: 0.4 -> 0 (label 0), 10.6 -> 11 (1), 5.2 -> 2 (1).  k=3: 0.4 -> 0,1,2 -> 0; 10.6 -> 11,10,12 -> 1; 5.2 -> 2,1,10 -> 1.
-    assert metrics.knn_accuracy(query, torch.tensor([0, 1, 1]), gallery, gallery_labels, 1) == 1.0
-    assert metrics.knn_accuracy(
-        query, torch.tensor([0, 1, 0]), gallery, gallery_labels, 3
-    ) == pytest.approx(2 / 3)
-    # k=6 is the whole gallery, 3 votes each: 0.4 ranks label 0 at 0, 1, 5 (sum 6) and label 1 at 2, 3, 4 (sum 9) -> 0.
-    assert metrics.knn_accuracy(query[:1], torch.tensor([0]), gallery, gallery_labels, 6) == 1.0
+
+    def knn(labels, k, n=3):
+        return metrics.knn_accuracy(query[:n], torch.tensor(labels), gallery, gallery_labels, k)
+
+    # k=1: 0.4 -> 0 (label 0), 10.6 -> 11 (1), 5.2 -> 2 (1).
+    # k=3: 0.4 -> 0,1,2 -> 0; 10.6 -> 11,10,12 -> 1; 5.2 -> 2,1,10 -> 1.
+    assert knn([0, 1, 1], 1) == 1.0 and knn([0, 1, 0], 3) == pytest.approx(2 / 3)
+    # k=6, the whole gallery, 3 votes each: 0.4 ranks label 0 at 0, 1, 5 (sum 6), label 1 at 2, 3, 4.
+    assert knn([0], 6, n=1) == 1.0
     # k beyond the gallery (a tiny --train-samples) is the whole gallery, not an error.
-    for k in (7, 10, 100):
-        assert metrics.knn_accuracy(
-            query, torch.tensor([0, 1, 0]), gallery, gallery_labels, k
-        ) == metrics.knn_accuracy(query, torch.tensor([0, 1, 0]), gallery, gallery_labels, 6)
-
-
-def test_knn_majority_and_tie_break() -> None:
-    gallery = torch.tensor([[0.0], [1.0], [2.0], [10.0]])
-    gallery_labels = torch.tensor([1, 0, 0, 1])
-    query = torch.tensor([[0.1], [9.0]])
-    # k=3: neighbours of 0.1 are labels 1, 0, 0 -> 0; of 9.0: 1, 0, 0 -> 0.
-    assert metrics.knn_accuracy(query, torch.tensor([0, 0]), gallery, gallery_labels, 3) == 1.0
-    # k=2: a 1-1 tie goes to the nearer neighbour: 0.1 -> label 1.
-    assert metrics.knn_accuracy(query[:1], torch.tensor([1]), gallery, gallery_labels, 2) == 1.0
+    assert [knn([0, 1, 0], k) for k in (7, 10, 100)] == [knn([0, 1, 0], 6)] * 3
 
 
 @pytest.mark.parametrize(
-    "labels,winner",
+    "labels, winner",
     [
+        ([1, 0, 0], 0),  # k=3: the majority, though label 1 is nearest
+        ([1, 0], 1),  # k=2: a 1-1 tie goes to the smaller rank sum, the nearer neighbour
         # k=5, ranks 0..4. Labels 0 and 1 tie at 2 votes: label 0 has the nearest neighbour (rank 0) and
         # the smaller index, but its ranks sum to 4 against label 1's 3, so label 1 wins.
         ([0, 1, 1, 2, 0], 1),
@@ -191,9 +165,7 @@ def test_knn_majority_and_tie_break() -> None:
     ],
 )
 def test_knn_tie_rule_where_rules_differ(labels: list[int], winner: int) -> None:
-    gallery = torch.arange(1, len(labels) + 1, dtype=torch.float32)[
-        :, None
-    ]  # rank r at distance r + 1
+    gallery = torch.arange(1, len(labels) + 1.0)[:, None]  # rank r at distance r + 1
     gallery_labels, query = torch.tensor(labels), torch.zeros(1, 1)
     k = len(labels)
     assert metrics.knn_accuracy(query, torch.tensor([winner]), gallery, gallery_labels, k) == 1.0
@@ -203,25 +175,18 @@ def test_knn_tie_rule_where_rules_differ(labels: list[int], winner: int) -> None
 def test_chunked_search_matches_unchunked(monkeypatch) -> None:
     features, labels = clusters(n_per_class=30, spread=2.0)
     query, query_labels = clusters(n_per_class=7, spread=2.0, seed=3)
-    full = (
-        metrics.retrieval_scores(features, labels),
-        metrics.knn_accuracy(query, query_labels, features, labels, 10),
-    )
+    full = metrics.retrieval_scores(features, labels)
+    knn = metrics.knn_accuracy(query, query_labels, features, labels, 10)
     monkeypatch.setattr(metrics, "CHUNK", 7)
-    scores, knn = (
-        metrics.retrieval_scores(features, labels),
-        metrics.knn_accuracy(query, query_labels, features, labels, 10),
-    )
-    assert scores["precision_at_1"] == full[0]["precision_at_1"] and knn == full[1]
-    assert scores == pytest.approx(full[0], rel=1e-6)
+    scores = metrics.retrieval_scores(features, labels)
+    assert metrics.knn_accuracy(query, query_labels, features, labels, 10) == knn
+    assert scores["precision_at_1"] == full["precision_at_1"]
+    assert scores == pytest.approx(full, rel=1e-6)
 
 
-def test_retrieval_over_many_classes_counts_labels_a_chunk_of_queries_at_a_time(
-    monkeypatch,
-) -> None:
-    """pml compares every distinct query label with every reference label at once (20,000 classes of 40,000
-    images: 8 GB): chunks of CHUNK queries keep that CHUNK x N. The scores still equal the loops' on a grid
-    with many exactly tied neighbours (ties to the lower index, though each chunk leads its reference)."""
+def test_retrieval_over_many_classes_counts_labels_a_chunk_of_queries_at_a_time(monkeypatch):
+    """pml's label counts (distinct query labels x references: 8 GB at 20,000 classes) come CHUNK
+    queries at a time, and the scores equal the loops' with many exactly tied neighbours."""
     import pytorch_metric_learning.utils.accuracy_calculator as pml
 
     seen, count = [], pml.get_label_match_counts
@@ -231,9 +196,7 @@ def test_retrieval_over_many_classes_counts_labels_a_chunk_of_queries_at_a_time(
         lambda q, r, fn: seen.append((len(q), len(r))) or count(q, r, fn),
     )
     g = torch.Generator().manual_seed(3)
-    labels = torch.cat(
-        [torch.arange(120).repeat(2), torch.arange(120, 160)]
-    )  # 120 pairs and 40 alone
+    labels = torch.cat([torch.arange(120).repeat(2), torch.arange(120, 160)])  # 120 pairs, 40 alone
     labels = labels[torch.randperm(len(labels), generator=g)]
     features = torch.randint(0, 4, (len(labels), 3), generator=g).float()
     monkeypatch.setattr(metrics, "CHUNK", 16)
@@ -244,40 +207,28 @@ def test_retrieval_over_many_classes_counts_labels_a_chunk_of_queries_at_a_time(
 
 
 def test_clustering_scores_stop_above_cluster_classes(monkeypatch) -> None:
-    """k-means costs samples x classes a pass (hours at 100,000 classes): above metrics.CLUSTER_CLASSES classes
-    NMI and AMI are None, and k-means is not run; at the bound they are scored."""
+    """Above CLUSTER_CLASSES classes (k-means: hours at 100,000) NMI and AMI are None, unscored."""
     features, labels = clusters(n_per_class=10, classes=4)
     monkeypatch.setattr(metrics, "CLUSTER_CLASSES", 4)
     assert metrics.clustering_scores(features, labels) == pytest.approx((1.0, 1.0))
     monkeypatch.setattr(metrics, "CLUSTER_CLASSES", 3)
-    monkeypatch.setattr(
-        "sklearn.cluster.KMeans.fit_predict", lambda *a, **k: pytest.fail("k-means ran")
-    )
+    monkeypatch.setattr("sklearn.cluster.KMeans.fit_predict", lambda *a, **k: pytest.fail("ran"))
     assert metrics.clustering_scores(features, labels) == (None, None)
 
 
-@pytest.mark.parametrize("case", ["collapsed", "fewer-distinct-than-classes", "wide"])
-def test_clustering_scores_on_collapsed_and_wide_features(case: str) -> None:
-    """k-means copes with features that collapsed (all equal, or fewer distinct points than classes)
-    and with very wide ones (--feat-dim 100000 crashed the old k-means after epoch 1)."""
+def test_clustering_scores_on_collapsed_and_wide_features() -> None:
+    """k-means copes with collapsed features (all equal, or fewer distinct points than classes) and
+    with very wide ones (--feat-dim 100000 crashed the old k-means after epoch 1)."""
     labels = torch.arange(40) % 4
-    if case == "collapsed":
-        features = torch.full((40, 2), 3.0)
-    elif case == "fewer-distinct-than-classes":
-        features = (
-            (labels[:, None] % 2).float().expand(40, 2).contiguous()
-        )  # two points for four classes
-    else:
-        features = torch.zeros(40, 100_000)
-        features[torch.arange(40), labels * 1000] = 5.0  # one far-apart axis per class
-    nmi, ami = metrics.clustering_scores(features, labels)
-    assert math.isfinite(nmi) and math.isfinite(ami)
-    if case == "collapsed":
-        assert nmi == pytest.approx(0.0, abs=1e-9) and ami == pytest.approx(0.0, abs=1e-9)
-    elif case == "fewer-distinct-than-classes":
-        assert 0.3 < nmi < 0.9  # the two halves are found, not the four classes
-    else:
-        assert nmi == pytest.approx(1.0) and ami == pytest.approx(1.0)
+    assert metrics.clustering_scores(torch.full((40, 2), 3.0), labels) == pytest.approx((0, 0))
+    halves = (labels[:, None] % 2).float().expand(40, 2).contiguous()  # 2 points for 4 classes
+    nmi, ami = metrics.clustering_scores(halves, labels)
+    # The two halves are found: each cluster holds 2 whole classes, NMI = 2 H(half) / (H + H(half)).
+    assert nmi == pytest.approx(2 * math.log(2) / (math.log(4) + math.log(2)))
+    assert ami == pytest.approx(adjusted_mutual_info_score(labels, labels % 2))
+    wide = torch.zeros(40, 100_000)
+    wide[torch.arange(40), labels * 1000] = 5.0  # one far-apart axis per class
+    assert metrics.clustering_scores(wide, labels) == pytest.approx((1.0, 1.0))
 
 
 @pytest.mark.parametrize(
@@ -310,8 +261,7 @@ def test_centers_apart_formula() -> None:
     intra = (math.exp(0.5 * 1.0) + math.exp(0.0)) / 2
     inter = -(2 * math.log1p(4.0)) / 2
     assert loss_fn(features, labels).item() == pytest.approx(intra + 0.5 * inter, rel=1e-6)
-    objective = Objective("centers-apart", 2, 1, weight_inter=0.5, alpha=0.5)
-    assert objective.terms_used == ("intra", "inter")
+    assert Objective("centers-apart", 2, 1).terms_used == ("intra", "inter")
 
 
 def test_validation_split_disjoint_and_fixed_by_seed() -> None:
@@ -328,47 +278,13 @@ def test_validation_split_disjoint_and_fixed_by_seed() -> None:
 
 def test_run_writes_metrics_validation_and_tensorboard(tmp_path: Path) -> None:
     pytest.importorskip("tensorboard")  # listed in requirements.txt, so CI always runs this
-    args = [
-        "--dataset",
-        "digits",
-        "--train-samples",
-        "200",
-        "--batch-size",
-        "40",
-        "--epochs",
-        "2",
-        "--model",
-        "lenet++",
-    ]
-    args += [
-        "--loss",
-        "cent",
-        "--val-fraction",
-        "0.25",
-        "--tensorboard",
-        "--eval-every",
-        "1",
-        "--out",
-        str(tmp_path),
-    ]
-    result = subprocess.run(
-        [sys.executable, "main.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=600
-    )
-    assert result.returncode == 0, result.stderr
+    args = "--dataset digits --train-samples 200 --batch-size 40 --epochs 2 --model lenet++".split()
+    args += "--loss cent --val-fraction 0.25 --tensorboard --eval-every 1".split()
+    assert main([*args, "--out", str(tmp_path)]) == 0
     run_dir = tmp_path / "cent-digits-feat=2"
     summary = json.loads((run_dir / "summary.json").read_text())
-    for name in (
-        "knn1_acc",
-        "knn10_acc",
-        "precision_at_1",
-        "map_at_r",
-        "nmi",
-        "ami",
-        "center_distance_ratio",
-        "val_acc",
-        "best_val_epoch",
-    ):
-        assert name in summary and summary[name] is not None, name
+    for name in (*metrics.FEATURE_METRICS, "val_acc", "best_val_epoch"):
+        assert summary[name] is not None, name
     assert summary["train_size"] == 150  # 200 - 25% held out
     with np.load(run_dir / "frames" / "test" / "epoch_002.npz") as frame:  # the features measured
         want = reference_retrieval(*(torch.from_numpy(frame[k]) for k in ("features", "labels")))
@@ -382,8 +298,7 @@ def test_run_writes_metrics_validation_and_tensorboard(tmp_path: Path) -> None:
 
 
 def test_one_test_sample_per_class_gives_none_not_an_index_error() -> None:
-    """No test sample has a classmate (one image a class): MAP@R and precision@1 have no query and
-    k-means has a cluster per point, so they are None; k-NN and the distance ratio still mean something."""
+    """One test image a class: MAP@R, P@1, NMI and AMI are None; k-NN and the ratio are scored."""
     test, test_labels = torch.tensor([[0.0, 0.0], [5.0, 0.0], [0.0, 5.0]]), torch.tensor([0, 1, 2])
     train_labels = torch.arange(3).repeat(4)
     train = test[train_labels] + 0.1 * torch.randn(
@@ -392,74 +307,44 @@ def test_one_test_sample_per_class_gives_none_not_an_index_error() -> None:
     scores = metrics.feature_metrics(test, test_labels, train, train_labels)
     assert set(scores) == set(metrics.FEATURE_METRICS)
     assert [scores[name] for name in ("precision_at_1", "map_at_r", "nmi", "ami")] == [None] * 4
-    assert (
-        scores["knn1_acc"] == 1.0
-        and scores["knn10_acc"] == 1.0
-        and scores["center_distance_ratio"] == 0.0
-    )
+    assert [scores[k] for k in ("knn1_acc", "knn10_acc", "center_distance_ratio")] == [1, 1, 0]
 
 
 def test_single_class_test_set_gives_none_where_nothing_is_apart() -> None:
-    """One class: no distance between class means (the ratio was NaN) and a one-cluster k-means that
-    scored a meaningless NMI of 1; retrieval among its own samples is still defined."""
-    features, labels = (
-        torch.randn(6, 2, generator=torch.Generator().manual_seed(0)),
-        torch.zeros(6, dtype=torch.long),
+    """One class: no ratio (was NaN), no NMI (was a meaningless 1); retrieval is still defined."""
+    features = torch.randn(6, 2, generator=torch.Generator().manual_seed(0))
+    scores = metrics.feature_metrics(
+        features, torch.zeros(6, dtype=torch.long), features, torch.zeros(6, dtype=torch.long)
     )
-    scores = metrics.feature_metrics(features, labels, features, labels)
-    assert (
-        scores["center_distance_ratio"] is None and scores["nmi"] is None and scores["ami"] is None
-    )
-    assert (
-        scores["precision_at_1"] == 1.0 and scores["map_at_r"] == 1.0 and scores["knn1_acc"] == 1.0
-    )
+    assert [scores[k] for k in ("center_distance_ratio", "nmi", "ami")] == [None] * 3
+    assert [scores[k] for k in ("precision_at_1", "map_at_r", "knn1_acc")] == [1.0] * 3
 
 
 def test_a_class_absent_from_the_test_set_has_no_mean_and_no_cluster() -> None:
-    """Labels 0 and 2 only (class 1 absent): class means 1 and 11, each point 1 from its mean, so the
-    ratio is 1 / 10 (a zero mean for class 1 made it 1 / 7.33); k-means looks for 2 clusters, not 3."""
+    """Labels 0 and 2: means 1 and 11, each point 1 from its mean, ratio 1 / 10 (an absent class's
+    zero mean made it 1 / 7.33); k-means looks for 2 clusters, not 3."""
     features, labels = torch.tensor([[0.0], [2.0], [10.0], [12.0]]), torch.tensor([0, 0, 2, 2])
     assert metrics.center_distance_ratio(features, labels) == pytest.approx(0.1)
     assert metrics.clustering_scores(features, labels) == pytest.approx((1.0, 1.0))
 
 
 def test_run_whose_test_classes_have_one_image_each_finishes(tmp_path: Path) -> None:
-    """A whole run (a folder data set with one test image a class) reaches summary.json, with the
-    metrics it cannot give as null (they used to raise IndexError after training)."""
-    from conftest import check_ok, run_main, write_image_tree
-
+    """A run with one test image a class reaches summary.json, with the metrics it cannot give as null
+    (they raised IndexError after training)."""
     data = write_image_tree(tmp_path / "tree", per_class=(4, 1))
-    args = [
-        "--dataset",
-        "folder",
-        "--data-dir",
-        data,
-        "--model",
-        "lenet++",
-        "--epochs",
-        "1",
-        "--batch-size",
-        "4",
-        "--no-plots",
-    ]
-    check_ok(run_main([*args, "--out", tmp_path / "runs"]))
+    args = "--dataset folder --model lenet++ --epochs 1 --batch-size 4 --no-plots".split()
+    assert main([*args, "--data-dir", str(data), "--out", str(tmp_path / "runs")]) == 0
     summary = json.loads(
         (tmp_path / "runs" / "standalone-folder-feat=2" / "summary.json").read_text()
     )
-    assert (
-        summary["test_size"] == 3
-        and summary["map_at_r"] is None
-        and summary["precision_at_1"] is None
-    )
+    assert summary["test_size"] == 3 and summary["map_at_r"] is summary["precision_at_1"] is None
     assert summary["knn1_acc"] * 3 == pytest.approx(round(summary["knn1_acc"] * 3))  # of 3 images
 
 
 def test_class_geometry_hand_computed() -> None:
-    """Three classes of two points, each point 2 from its class mean; the means (2, 0), (10, 2) and
-    (0, 8) are sqrt(68), sqrt(68) and sqrt(136) apart; labels 0, 2, 5 (the absent ones count nowhere)."""
-    features = torch.tensor(
-        [[0.0, 0.0], [4.0, 0.0], [10.0, 0.0], [10.0, 4.0], [0.0, 6.0], [0.0, 10.0]]
-    )
+    """Each point 2 from its class mean; the means (2, 0), (10, 2) and (0, 8) are sqrt(68), sqrt(68)
+    and sqrt(136) apart; labels 0, 2, 5 (the absent ones count nowhere)."""
+    features = torch.tensor([[0.0, 0], [4, 0], [10, 0], [10, 4], [0, 6], [0, 10]])
     labels = torch.tensor([0, 0, 2, 2, 5, 5])
     mean_between = (2 * math.sqrt(68) + math.sqrt(136)) / 3
     expected = {
@@ -471,22 +356,19 @@ def test_class_geometry_hand_computed() -> None:
         "feature_norm": (0 + 4 + 10 + math.sqrt(116) + 6 + 10) / 6,
     }
     geometry = metrics.class_geometry(features, labels)
-    assert list(geometry) == list(metrics.GEOMETRY_METRICS) and geometry == pytest.approx(
-        expected, rel=1e-6
-    )
-    assert metrics.center_distance_ratio(features, labels) == pytest.approx(
-        2 / mean_between, rel=1e-6
-    )
+    assert list(geometry) == list(metrics.GEOMETRY_METRICS)
+    assert geometry == pytest.approx(expected, rel=1e-6)
+    ratio = metrics.center_distance_ratio(features, labels)
+    assert ratio == pytest.approx(2 / mean_between, rel=1e-6)
 
 
 def test_class_geometry_of_one_class_or_collapsed_classes() -> None:
     one = metrics.class_geometry(torch.tensor([[3.0, 4.0], [3.0, 4.0]]), torch.tensor([1, 1]))
-    assert one == {"intra_distance": 0.0, "feature_norm": 5.0} | dict.fromkeys(
-        metrics.GEOMETRY_METRICS[1:5]
-    )
+    gaps = dict.fromkeys(metrics.GEOMETRY_METRICS[1:5])
+    assert one == {"intra_distance": 0.0, "feature_norm": 5.0} | gaps
     collapsed = metrics.class_geometry(torch.tensor([[0.0], [0.0], [3.0]]), torch.tensor([0, 0, 1]))
-    assert (
-        collapsed["min_center_gap"] == 3.0
-        and collapsed["min_gap_ratio"] is None
-        and collapsed["mean_gap_ratio"] is None
-    )
+    assert [collapsed[k] for k in ("min_center_gap", "min_gap_ratio", "mean_gap_ratio")] == [
+        3,
+        None,
+        None,
+    ]

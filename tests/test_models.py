@@ -7,7 +7,9 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+from conftest import stderr_error_line
 
+from config import parse_args
 from models import MODELS, LeNetPlusPlus, ResNet, build_model
 
 
@@ -18,11 +20,9 @@ def test_output_shapes(name, channels, size, feat_dim):
     torch.manual_seed(0)
     model = build_model(name, channels, 10, feat_dim, size)
     features, logits = model(torch.rand(4, channels, size, size))
-    assert features.shape == (4, feat_dim)
-    assert logits.shape == (4, 10)
-    assert torch.isfinite(features).all() and torch.isfinite(logits).all()
-    # The logits are the classifier applied to the features.
-    torch.testing.assert_close(logits, model.classifier(features))
+    assert features.shape == (4, feat_dim) and logits.shape == (4, 10)
+    assert torch.isfinite(features).all()
+    torch.testing.assert_close(logits, model.classifier(features))  # the classifier of the features
 
 
 def test_build_model_classes_and_unknown():
@@ -41,32 +41,22 @@ def test_resnet_kaiming_init_and_zero_biases():
         if m.bias is not None:
             assert (m.bias == 0).all(), f"{m} bias is not zero"
         # kaiming_normal_ (fan_in, gain sqrt(2)): std = sqrt(2 / fan_in); large layers estimate it well.
-        fan_in = m.weight[0].numel()
         if m.weight.numel() >= 4000:
-            expected = math.sqrt(2.0 / fan_in)
-            assert m.weight.std().item() == pytest.approx(expected, rel=0.1), (
-                f"{m}: std {m.weight.std().item()} vs {expected}"
-            )
+            expected = math.sqrt(2.0 / m.weight[0].numel())
+            assert m.weight.std().item() == pytest.approx(expected, rel=0.1), m
             assert abs(m.weight.mean().item()) < 0.1 * expected
     # The biased layers are the two linear ones; both start at zero.
     assert model.embed.bias is not None and (model.embed.bias == 0).all()
     assert model.classifier.bias is not None and (model.classifier.bias == 0).all()
 
 
-def test_lenet_accepts_size_24():
-    model = build_model("lenet++", 1, 10, 2, 24)
-    features, logits = model(torch.rand(4, 1, 24, 24))
+@pytest.mark.parametrize("name, size", [("resnet", 28), ("lenet++", 28), ("lenet++", 24)])
+def test_models_backpropagate_to_every_parameter(name, size):
+    model = build_model(name, 1, 10, 2, size)
+    features, logits = model(torch.rand(4, 1, size, size))
     assert features.shape == (4, 2) and logits.shape == (4, 10)
-
-
-def test_models_backpropagate_to_every_parameter():
-    for name in MODELS:
-        torch.manual_seed(0)
-        model = build_model(name, 1, 10, 2, 28)
-        features, logits = model(torch.rand(4, 1, 28, 28))
-        (features.sum() + logits.sum()).backward()
-        missing = [n for n, p in model.named_parameters() if p.grad is None]
-        assert not missing, f"{name}: no gradient for {missing}"
+    (features.sum() + logits.sum()).backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
 
 
 def test_eval_mode_is_deterministic_and_batch_independent():
@@ -86,16 +76,14 @@ def test_lenet_he_init_for_prelu_and_zero_biases():
     assert len(layers) == 8
     for m in layers:
         assert (m.bias == 0).all(), f"{m} bias is not zero"
-        if (
-            m.weight.numel() >= 4000
-        ):  # kaiming_normal_ for leaky_relu slope 0.25: std = sqrt(2 / (1.0625 fan_in))
+        if m.weight.numel() >= 4000:  # kaiming for leaky_relu 0.25: std = sqrt(2 / (1.0625 fan_in))
             expected = math.sqrt(2.0 / (1.0625 * m.weight[0].numel()))
             assert m.weight.std().item() == pytest.approx(expected, rel=0.1), m
 
 
 def test_lenet_standardises_its_input_and_keeps_2d_features_apart():
-    """With the input standardised and He initialisation, distinct images start with distinct 2-D
-    features (PyTorch's default initialisation put them all within about 5e-4 of each other)."""
+    """Standardised input and He init: distinct images start with distinct 2-D features (PyTorch's
+    default init put them within about 5e-4 of each other)."""
     torch.manual_seed(0)
     mean, std = [0.1307], [0.3081]
     model = build_model("lenet++", 1, 10, 2, 28, mean, std)
@@ -103,21 +91,19 @@ def test_lenet_standardises_its_input_and_keeps_2d_features_apart():
     features, _ = model(x)
     assert features.std(0).min().item() > 0.05
     state = model.state_dict()
-    assert state["mean"].flatten().tolist() == pytest.approx(mean) and state[
-        "std"
-    ].flatten().tolist() == pytest.approx(std)
-    torch.manual_seed(0)
-    plain = build_model(
-        "lenet++", 1, 10, 2, 28
-    )  # identity standardisation: the same as feeding (x - mean) / std
+    assert [state[k].flatten().tolist() for k in ("mean", "std")] == [
+        pytest.approx(mean),
+        pytest.approx(std),
+    ]
+    plain = build_model("lenet++", 1, 10, 2, 28)  # identity standardisation: fed (x - mean) / std
     plain.load_state_dict({**state, "mean": torch.zeros(1, 1, 1, 1), "std": torch.ones(1, 1, 1, 1)})
     torch.testing.assert_close(plain((x - 0.1307) / 0.3081)[0], features)
 
 
 @pytest.mark.parametrize("width", [1, 2])
 def test_resnet_width_multiplies_channels_and_width_one_is_the_study_network(width):
-    """The default (width 1) has the study's channels, 16 then 32, 64, 128 (its models/resnet.py) and its
-    401,056 parameters less its 976 conv biases (tests/test_study_code.py); width w multiplies each."""
+    """Width 1 has the study's channels (16, 32, 64, 128) and 401,056 parameters less its 976 conv
+    biases (tests/test_study_code.py); width w multiplies each."""
     model = build_model("resnet", 1, 10, 2, 28, **({"width": width} if width > 1 else {}))
     convs = [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)]
     assert convs == [width * c for c in [16] + [32] * 6 + [64] * 6 + [128] * 3]
@@ -129,18 +115,15 @@ def test_resnet_width_multiplies_channels_and_width_one_is_the_study_network(wid
 
 @pytest.mark.parametrize("flags", [["--width", "0"], ["--width", "2", "--model", "lenet++"]])
 def test_bad_width_is_refused(flags, capsys):
-    from config import parse_args
-
     with pytest.raises(SystemExit) as exit_info:
-        parse_args(["--out", "/tmp", *flags])
+        parse_args(flags)
     assert exit_info.value.code == 2
-    assert "--width" in capsys.readouterr().err.splitlines()[-1]
+    assert "--width" in stderr_error_line(capsys.readouterr().err)
 
 
 def test_the_resnet_converted_to_syncbatchnorm_trains_and_loads_a_state_dict_without_metadata():
-    """torchrun on GPUs converts the ResNet's BatchNorm to SyncBatchNorm, whose forward counts batches in
-    num_batches_tracked: a forward and a backward in train mode run (no process group: it normalises
-    locally, as on one GPU). A state dict without its _metadata (a plain dict) loads into a new model."""
+    """torchrun's SyncBatchNorm ResNet runs forward and backward without a process group, counting
+    batches; a state dict without its _metadata (a plain dict) loads into a new model."""
     torch.manual_seed(0)
     model = nn.SyncBatchNorm.convert_sync_batchnorm(build_model("resnet", 1, 10, 2, 28)).train()
     features, logits = model(torch.rand(4, 1, 28, 28))

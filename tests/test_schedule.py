@@ -30,14 +30,8 @@ def cut_epochs(accuracies: list[float]) -> tuple[list[int], float]:
 
 
 @pytest.mark.parametrize("step", [0.0003, 0.0, -0.002])  # epochs 4-100 rise, stay, fall
-@pytest.mark.parametrize(
-    "loss, first_cut",
-    [
-        ("standalone", 13),
-        ("xent", 13),
-        ("cent", 14),
-    ],  # cent's epoch 1 (0.597) is beaten by 10% at epoch 2 (0.942)
-)
+# cent's epoch 1 (0.597) is beaten by 10% at epoch 2 (0.942)
+@pytest.mark.parametrize("loss, first_cut", [("standalone", 13), ("xent", 13), ("cent", 14)])
 def test_schedule_on_measured_accuracies(loss: str, first_cut: int, step: float) -> None:
     """Epochs 1-3 are measured; epochs 4-100 are made up here (the last measured accuracy plus `step`
     an epoch): the relative threshold 0.1 asks for acc > best * 1.1, which nothing beats once the best
@@ -55,8 +49,7 @@ def test_schedule_on_measured_accuracies(loss: str, first_cut: int, step: float)
 def test_schedule_waits_while_the_accuracy_rises_by_10_percent() -> None:
     """Below 0.91 an epoch that beats the best by 10% resets the wait: a run starting lower (as on
     Fashion-MNIST or CIFAR-10) has its first cut at the 12th epoch after its last such epoch."""
-    accuracies = [0.30, 0.40, 0.50, 0.56, 0.60, 0.61, 0.70] + [
-        0.75
-    ] * 93  # better at 2, 3, 4 and 7 (0.70 > 0.56 * 1.1)
+    # Better by 10% at epochs 2, 3, 4 and 7 (0.70 > 0.56 * 1.1).
+    accuracies = [0.30, 0.40, 0.50, 0.56, 0.60, 0.61, 0.70] + [0.75] * 93
     cuts, _ = cut_epochs(accuracies)
     assert cuts[:2] == [19, 30]  # 12 epochs after the last better one, as 13 after epoch 1

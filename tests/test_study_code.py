@@ -19,7 +19,7 @@ STUDY = REPO.parent / "shared" / "seed" / "code"
 
 
 def study_module(relative: str) -> types.ModuleType:
-    """A file of the study's code, loaded under its own name (its `models` and `losses` packages would shadow ours)."""
+    """A file of the study's code under its own name (its `models` and `losses` would shadow ours)."""
     path = STUDY / relative
     if not path.is_file():
         pytest.skip(f"the study's code {path} is absent")
@@ -34,27 +34,19 @@ def layers(model: nn.Module, kind: type) -> list[nn.Module]:
 
 
 def test_resnet_is_the_studys_without_its_conv_biases() -> None:
-    """Our width-1 ResNet with the study's weights copied in computes the study's ResNet's function.
-    The study's has 976 more parameters, its conv biases: each conv feeds a BatchNorm, which removes
-    a per-channel constant, so in train mode they change nothing (checked at random values) and
-    their gradient is zero: they stay at their zero init, where eval mode (running statistics)
-    agrees too."""
+    """With the study's weights copied in, our ResNet computes the study's function. Its 976 extra
+    parameters, conv biases, each feed a BatchNorm: in train mode they change nothing and get no
+    gradient, so they stay at their zero init, where eval mode agrees too."""
     study = study_module("models/resnet.py").ResNet((1, 28, 28), feat_dim=2, num_classes=10)
     ours = ResNet(1, 10, 2)
     study_convs = layers(study, nn.Conv2d)
-    assert (
-        sum(p.numel() for p in study.parameters()) - sum(p.numel() for p in ours.parameters())
-        == 976
-    )
-    assert sum(c.bias.numel() for c in study_convs) == 976 and all(
-        (c.bias == 0).all() for c in study_convs
-    )
+    count = lambda model: sum(p.numel() for p in model.parameters())  # noqa: E731
+    assert count(study) - count(ours) == 976 == sum(c.bias.numel() for c in study_convs)
+    assert all((c.bias == 0).all() for c in study_convs)
     with torch.no_grad():
         for kind in (nn.Conv2d, nn.BatchNorm2d, nn.Linear):
             for theirs, mine in zip(layers(study, kind), layers(ours, kind), strict=True):
-                theirs.weight.normal_(
-                    std=0.3
-                )  # not the shared init: the copy, not the init, must make them agree
+                theirs.weight.normal_(std=0.3)  # the copy, not a shared init, makes them agree
                 mine.weight.copy_(theirs.weight)
                 if mine.bias is not None:
                     mine.bias.copy_(theirs.bias.normal_())
@@ -69,21 +61,13 @@ def test_resnet_is_the_studys_without_its_conv_biases() -> None:
     with torch.no_grad():
         for c in layers(biased, nn.Conv2d):
             c.bias.normal_()
-    torch.testing.assert_close(
-        outputs(copy.deepcopy(ours), train=True), outputs(biased, train=True), rtol=1e-5, atol=1e-5
-    )
+    close = dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outputs(copy.deepcopy(ours), True), outputs(biased, True), **close)
     torch.cat(biased(x), dim=1).square().sum().backward()
-    for c in layers(biased, nn.Conv2d):
-        assert (
-            c.bias.grad.abs().max() <= 1e-4 * c.weight.grad.abs().max()
-        )  # rounding only: ~1e-6 measured
-    for train in (
-        True,
-        False,
-    ):  # the eval-mode pass uses the running statistics of the train-mode pass
-        torch.testing.assert_close(
-            outputs(ours, train), outputs(study, train), rtol=1e-5, atol=1e-5
-        )
+    for c in layers(biased, nn.Conv2d):  # rounding only: ~1e-6 measured
+        assert c.bias.grad.abs().max() <= 1e-4 * c.weight.grad.abs().max()
+    for train in (True, False):  # eval mode uses the running statistics of the train-mode pass
+        torch.testing.assert_close(outputs(ours, train), outputs(study, train), **close)
 
 
 def values_and_grads(loss: torch.Tensor, *inputs: torch.Tensor) -> list[torch.Tensor]:
@@ -94,44 +78,42 @@ def values_and_grads(loss: torch.Tensor, *inputs: torch.Tensor) -> list[torch.Te
     "num_classes, batch, feat_dim", [(10, 64, 2), (10, 128, 128), (100, 32, 16)]
 )
 def test_losses_equal_the_studys_in_float64(num_classes: int, batch: int, feat_dim: int) -> None:
-    """Values and gradients (features and centers), float64: our CenterLoss against the study's (KaiyangZhou's),
-    our StandaloneCenterLoss against the study's, combined as its training loop does:
-    weight_intra * intra - weight_inter * inter_study (the study's inter is sum log(1 + d), ours its negative)."""
+    """Values and gradients (features, centers) in float64: our CenterLoss against the study's
+    (KaiyangZhou's), our StandaloneCenterLoss against the study's as its loop combines them:
+    weight_intra * intra - weight_inter * inter_study (its inter is sum log(1 + d), ours the negative)."""
     torch.manual_seed(0)
     features = (torch.randn(batch, feat_dim, dtype=torch.float64) * 5).requires_grad_()
     labels = torch.randint(0, num_classes, (batch,))
-    with (
-        warnings.catch_warnings()
-    ):  # the study's addmm_(1, -2, ...) is torch's deprecated signature
+    with warnings.catch_warnings():  # the study's addmm_(1, -2, ...) is a deprecated signature
         warnings.simplefilter("ignore", UserWarning)
-        study_cent = (
-            study_module("losses/center_loss.py")
-            .CenterLoss(num_classes, feat_dim, use_gpu=False)
-            .double()
-        )
+        sizes = dict(num_classes=num_classes, feat_dim=feat_dim, use_gpu=False)
+        study_cent = study_module("losses/center_loss.py").CenterLoss(**sizes).double()
         study_standalone = study_module("losses/standalone_center_loss.py").StandaloneCenterLoss(
-            num_classes, feat_dim, use_gpu=False
+            **sizes
         )
         study_standalone.double()
-        ours_cent, ours_standalone = (
-            losses.CenterLoss(num_classes, feat_dim).double(),
-            losses.StandaloneCenterLoss(num_classes, feat_dim),
-        )
+        ours_cent = losses.CenterLoss(num_classes, feat_dim).double()
+        ours_standalone = losses.StandaloneCenterLoss(num_classes, feat_dim)
         ours_standalone.double()
         with torch.no_grad():
             ours_cent.centers.copy_(study_cent.centers)
             ours_standalone.centers.copy_(study_standalone.centers)
 
-        want = values_and_grads(study_cent(features, labels)[0], features, study_cent.centers)
-        got = values_and_grads(ours_cent(features, labels), features, ours_cent.centers)
-        for g, w in zip(got, want, strict=True):
-            torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9)
-
         intra, inter, _ = study_standalone(features, labels)
-        want = values_and_grads(1.0 * intra - 0.1 * inter, features, study_standalone.centers)
-        got = values_and_grads(ours_standalone(features, labels), features, ours_standalone.centers)
-        for g, w in zip(got, want, strict=True):
-            torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9)
+        pairs = [
+            (study_cent(features, labels)[0], study_cent, ours_cent(features, labels), ours_cent),
+            (
+                1.0 * intra - 0.1 * inter,
+                study_standalone,
+                ours_standalone(features, labels),
+                ours_standalone,
+            ),
+        ]
+        for theirs, study, mine, ours in pairs:
+            want = values_and_grads(theirs, features, study.centers)
+            got = values_and_grads(mine, features, ours.centers)
+            for g, w in zip(got, want, strict=True):
+                torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9)
         ours_intra, ours_inter = ours_standalone.terms(features, labels)
         torch.testing.assert_close(ours_intra, intra, rtol=1e-9, atol=1e-9)
         torch.testing.assert_close(ours_inter, -inter, rtol=1e-9, atol=1e-9)
