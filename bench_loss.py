@@ -78,9 +78,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                 f"{flag} {given!r}: choose from {', '.join(allowed)}, comma-separated"
                 + ("; no CUDA device here" * (flag == "--devices" and not cuda))
             )
-    need = 4 * (
-        3 * max(args.classes) * args.feat_dim + 4 * max(args.batches) ** 2
-    )  # C x D centers, momentum, gradient; m x m
+    # C x D centers, momentum, gradient; m x m
+    need = 4 * (3 * max(args.classes) * args.feat_dim + 4 * max(args.batches) ** 2)
     memory = {
         "cuda": lambda: torch.cuda.mem_get_info()[0],
         "cpu": lambda: os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
@@ -137,10 +136,8 @@ def time_settings(
     times = [{name: [] for name in ("forward", "backward", "center_update", "step")} for _ in steps]
     for i in range(warmup + repeats):
         for phases, record in zip(steps, times):
-            marks, out = (
-                [clock()],
-                None,
-            )  # every phase ends with a sync: the previous one's work is done
+            # every phase ends with a sync: the previous one's work is done
+            marks, out = ([clock()], None)
             for phase in phases:
                 out = phase(out)
                 sync()
@@ -153,9 +150,8 @@ def time_settings(
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    torch.set_num_threads(
-        1
-    )  # with two threads on a busy 2-core machine a step waits for a descheduled one (ratios 118, 0.02)
+    # with two threads on a busy 2-core machine a step waits for a descheduled one (ratios 118, 0.02)
+    torch.set_num_threads(1)
     results, ratios, few, many = [], [], min(args.classes), max(args.classes)
     for device, update, m in (
         (d, u, m)

@@ -68,6 +68,7 @@ LOCK_FILE = (
 )
 PID_FILE = ".lock.pid"  # beside it, the owner's pid (Windows cannot read a locked file's bytes)
 LOCK_FILES = (LOCK_FILE, PID_FILE)
+# when present
 RUN_FILES = (
     "args.json",
     "metrics.csv",
@@ -77,17 +78,12 @@ RUN_FILES = (
     "test.gif",
     "train.png",
     "test.png",
-)  # when present
-RUN_FOLDERS = (
-    "frames",
-    "frames/train",
-    "frames/test",
-    "tensorboard",
-)  # when present; a link there would send the run's files elsewhere
+)
+# when present; a link there would send the run's files elsewhere
+RUN_FOLDERS = ("frames", "frames/train", "frames/test", "tensorboard")
 NAME_MAX = 255  # bytes in one file name on Linux's and macOS's file systems
-RUN_DIR_MAX = (
-    4096 - 100
-)  # bytes in a run folder's path: Linux's PATH_MAX, less room for the files inside it
+# bytes in a run folder's path: Linux's PATH_MAX, less room for the files inside it
+RUN_DIR_MAX = 4096 - 100
 
 
 def checkpoint(run: Run, epoch: int, state: EpochState | None) -> dict:
@@ -215,15 +211,13 @@ def out_problem(out: str) -> str | None:
         return "--out must not contain a NUL character"
     if not out.strip():
         return "--out must not be empty (it would put the run folder in the current folder; give --out . for that)"
-    if (
-        out != out.strip()
-    ):  # "runs " and "runs" look alike in every listing: a run folder no one finds
+    # "runs " and "runs" look alike in every listing: a run folder no one finds
+    if out != out.strip():
         return f"--out {out!r} starts or ends with whitespace; give it without"
     try:
         path = Path(out).resolve()
-    except (
-        RuntimeError
-    ):  # Python < 3.13: a loop of symbolic links (3.13 leaves it to mkdir's one line)
+    # Python < 3.13: a loop of symbolic links (3.13 leaves it to mkdir's one line)
+    except RuntimeError:
         return f"--out {out}: a loop of symbolic links; choose another --out"
     if path.parts[1:2] in (("proc",), ("sys",)):
         return f"--out {out} lies under /{path.parts[1]}, a kernel file system; choose a folder of your own"
@@ -277,9 +271,8 @@ def check_run_dir(args: argparse.Namespace) -> tuple[Path, bool]:
         for p in (run_dir / n for n in RUN_FOLDERS)
         if p.is_symlink() or p.exists() and not p.is_dir()
     ]
-    if (
-        odd and not args.overwrite
-    ):  # found now, not when the first checkpoint cannot replace it after an epoch
+    # found now, not when the first checkpoint cannot replace it after an epoch
+    if odd and not args.overwrite:
         raise SystemExit(
             usage_error(f"{odd[0]}; remove it, or use --overwrite to start the run again")
         )

@@ -459,9 +459,8 @@ def device_problem(name: str) -> str | None:
         return f"--device {name}: not a device torch knows (try auto, cpu or cuda)"
     if device.type == "cpu":
         return None
-    if (
-        device.type == "mps"
-    ):  # GradScaler's step fails before torch ~2.8; its fused SGD applied non-finite steps
+    # GradScaler's step fails before torch ~2.8; its fused SGD applied non-finite steps
+    if device.type == "mps":
         return f"--device {name}: MPS is not supported (its mixed-precision step is unsafe on some torch versions allowed); use --device cpu"
     if device.type != "cuda":
         return f"--device {name}: not a device to train on (use auto, cpu, cuda or cuda:N)"

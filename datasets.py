@@ -86,9 +86,8 @@ class Dataset:
     source: (
         str  # what was read, in words: the format and the folder (the start-up line, summary.json)
     )
-    files: list[str] = field(
-        default_factory=list
-    )  # the files or folders read (summary.json's data_files)
+    # the files or folders read (summary.json's data_files)
+    files: list[str] = field(default_factory=list)
 
     @property
     def channels(self) -> int:
@@ -238,9 +237,8 @@ def load_dataset(name: str, data_dir: str | Path = "data", download: bool = True
         raise DataError(
             f"{data.source}: --dataset {name} is {side}x{side} {kinds[channels]} images of 10 classes, this data is {found}; use --dataset folder for it"
         )
-    if torch.equal(
-        images, images[:1].expand_as(images)
-    ):  # nothing in the pixels tells the classes apart: a run would learn nothing
+    # nothing in the pixels tells the classes apart: a run would learn nothing
+    if torch.equal(images, images[:1].expand_as(images)):
         raise DataError(
             f"{data.source}: all {len(images)} train images are the same image, so no model can learn from them; use real data"
         )
@@ -279,9 +277,8 @@ def load_torchvision(name: str, data_dir: Path, download: bool) -> Dataset:
     import torchvision.datasets as tvd  # here, not at the top: importing torchvision takes seconds (its compiler imports), paid only when used
     from torchvision.datasets.mnist import read_image_file, read_label_file
 
-    folder = data_dir / (
-        "cifar-10-batches-py" if name == "cifar10" else f"{TORCHVISION[name]}/raw"
-    )  # torchvision's folder
+    # torchvision's folder
+    folder = data_dir / ("cifar-10-batches-py" if name == "cifar10" else f"{TORCHVISION[name]}/raw")
     paths = [folder / file for file in TORCHVISION_FILES[name]]
     if not all(path.is_file() for path in paths):
         hint = f"put {name} under {data_dir} (torchvision's layout or a train/ test/ image-folder tree) or point --data-dir at a folder with it"
@@ -320,13 +317,11 @@ def load_torchvision(name: str, data_dir: Path, download: bool) -> Dataset:
             list(map(str, paths)),
         )
     tensors = []
-    for path, reader in zip(
-        paths, (read_image_file, read_label_file) * 2
-    ):  # torchvision's own IDX readers, one file at a time
+    # torchvision's own IDX readers, one file at a time
+    for path, reader in zip(paths, (read_image_file, read_label_file) * 2):
         try:
-            head = np.fromfile(
-                path, ">u4", count=4
-            )  # 0x0803 (unsigned bytes, 3 sizes), the sizes: torchvision fails on a size 0
+            # 0x0803 (unsigned bytes, 3 sizes), the sizes: torchvision fails on a size 0
+            head = np.fromfile(path, ">u4", count=4)
             if (
                 len(head) > 1
                 and head[0] >> 8 == 8
@@ -386,11 +381,7 @@ def decode(path: str, grey: bool) -> Tensor:
             )
     except Image.DecompressionBombError as exc:
         raise DataError(f"{path}: {exc} Use smaller images") from None
-    except (
-        OSError,
-        ValueError,
-        SyntaxError,
-    ):  # UnidentifiedImageError is an OSError; a damaged file raises any of these
+    except (OSError, ValueError, SyntaxError):  # UnidentifiedImageError is an OSError
         raise DataError(f"{path}: cannot be decoded as an image; replace or remove it") from None
     return array[None] if array.ndim == 2 else array.permute(2, 0, 1)
 
@@ -430,11 +421,8 @@ def load_tree(name: str, root: Path) -> Dataset:
             )
         return not any(part.startswith(".") for part in Path(folder).relative_to(root).parts)
 
-    def valid(
-        path: str,
-    ) -> (
-        bool
-    ):  # DatasetFolder's filter: only regular files (PIL would wait on a FIFO forever), not hidden
+    def valid(path: str) -> bool:
+        """DatasetFolder's filter: regular files only (PIL would wait on a FIFO forever), not hidden."""
         return (
             shown(os.path.dirname(path))
             and not os.path.basename(path).startswith(".")
@@ -465,9 +453,8 @@ def load_tree(name: str, root: Path) -> Dataset:
                     f"{path}: the image is {w}x{h}, {other}; resize or crop every image to one square size"
                 )
         splits.append((images, [label for _, label in samples]))
-    channels = max(
-        image.shape[0] for images, _ in splits for image in images
-    )  # one colour image makes a colour set
+    # one colour image makes a colour set
+    channels = max(image.shape[0] for images, _ in splits for image in images)
     train, test = (
         ImageData(torch.stack([im.expand(channels, -1, -1) for im in ims]), torch.tensor(labels))
         for ims, labels in splits
@@ -505,13 +492,11 @@ def crop(x: Tensor, offsets: Tensor) -> Tensor:
     """The image-sized window of each image's CROP_PADDING-zero-padded copy at (row, column) `offsets` (2 x N, each in
     [0, 2 * CROP_PADDING]): torchvision's RandomCrop(size, padding) for given draws."""
     n, _, h, w = x.shape
-    rows = (offsets[0][:, None] + torch.arange(h, device=x.device))[
-        :, :, None
-    ]  # N x H x 1, and cols N x 1 x W: N x H x W windows
+    # N x H x 1, and cols N x 1 x W: N x H x W windows
+    rows = (offsets[0][:, None] + torch.arange(h, device=x.device))[:, :, None]
     cols = (offsets[1][:, None] + torch.arange(w, device=x.device))[:, None, :]
-    padded = F.pad(x, (CROP_PADDING,) * 4).permute(
-        0, 2, 3, 1
-    )  # N x H x W x C: the windows' pixels gathered by one index
+    # N x H x W x C: the windows' pixels gathered by one index
+    padded = F.pad(x, (CROP_PADDING,) * 4).permute(0, 2, 3, 1)
     return padded[torch.arange(n, device=x.device)[:, None, None], rows, cols].permute(0, 3, 1, 2)
 
 
@@ -594,9 +579,10 @@ def loader_batches(
         "rotate": T.RandomRotation(ROTATION_DEGREES, T.InterpolationMode.BILINEAR),
     }
     ops["crop"] = T.RandomCrop(data.images.shape[-1], padding=CROP_PADDING)
+    # the study's PIL path
     collate = partial(
         transformed, T.Compose([T.ToPILImage(), *(ops[a] for a in augmentations), T.ToTensor()])
-    )  # the study's PIL path
+    )
     dataset, sampler = (
         torch.utils.data.TensorDataset(data.images, data.labels),
         order[start * batch_size :].tolist(),

@@ -17,14 +17,10 @@ from torch.distributed.constants import default_pg_timeout
 
 T = TypeVar("T")
 
-TORCHRUN_VARIABLES = (
-    "RANK",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-)  # what init_process_group's env:// needs besides WORLD_SIZE
-JOIN_TIMEOUT = timedelta(
-    minutes=5
-)  # for every process to reach init_distributed: torchrun starts them together
+# what init_process_group's env:// needs besides WORLD_SIZE
+TORCHRUN_VARIABLES = ("RANK", "MASTER_ADDR", "MASTER_PORT")
+# for every process to reach init_distributed: torchrun starts them together
+JOIN_TIMEOUT = timedelta(minutes=5)
 
 
 class DistributedError(Exception):
@@ -66,9 +62,8 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
         return 0, 1
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if (
-        "TORCHELASTIC_RUN_ID" not in os.environ
-    ):  # started by hand, not by torchrun: say what it waits for
+    # started by hand, not by torchrun: say what it waits for
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
         where, wait = (
             f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}",
             JOIN_TIMEOUT.total_seconds(),
@@ -94,9 +89,8 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
             f"rank {os.environ['RANK']}: not all {world} processes met at {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} within "
             f"{JOIN_TIMEOUT.total_seconds():.0f} s ({str(exc).splitlines()[0]}); start them with torchrun --nproc-per-node {world} main.py ..."
         ) from None
-    store.set_timeout(
-        default_pg_timeout
-    )  # later waits on the store (NCCL's first collective) get torch's usual time
+    # later waits on the store (NCCL's first collective) get torch's usual time
+    store.set_timeout(default_pg_timeout)
     dist.init_process_group(
         "nccl" if device.type == "cuda" else "gloo", store=store, rank=rank, world_size=world
     )

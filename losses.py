@@ -13,11 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 LOSSES = ("xent", "cent", "standalone", "centers-apart", "center-softmax")
-CENTER_ACC_LOSSES = (
-    "standalone",
-    "centers-apart",
-    "center-softmax",
-)  # no softmax on the features: accuracy by nearest center
+# no softmax on the features: accuracy by nearest center
+CENTER_ACC_LOSSES = ("standalone", "centers-apart", "center-softmax")
 CENTER_UPDATES = ("sgd", "paper")
 # Centers that only follow the features (intra): the paper's update can replace their gradient, and SGD needs only the batch's rows.
 PAPER_UPDATE_LOSSES = ("cent", "standalone")
@@ -33,9 +30,8 @@ def squared_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def intra_loss(features: torch.Tensor, centers: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Center term: (1/m) sum_i ||x_i - c_{y_i}||^2."""
-    return F.mse_loss(features, F.embedding(labels, centers), reduction="sum") / len(
-        labels
-    )  # embedding: centers[labels]
+    # embedding: centers[labels]
+    return F.mse_loss(features, F.embedding(labels, centers), reduction="sum") / len(labels)
 
 
 def inter_loss(
@@ -115,15 +111,12 @@ class RowSGD(torch.optim.Optimizer):
     ) -> torch.Tensor:
         group = self.param_groups[0]
         p, momentum = group["params"][0], group["momentum"]
-        first = torch.searchsorted(
-            rows.sort().values, rows
-        )  # where a row's first repeat sits in sorted order
-        update = (
-            torch.zeros_like(grads).index_add_(0, first, grads).index_select(0, first)
-        )  # g_j, at each of j's repeats
-        if (
-            momentum
-        ):  # one dense buffer, made at the first step (a state_dict from before it has none)
+        # where a row's first repeat sits in sorted order
+        first = torch.searchsorted(rows.sort().values, rows)
+        # g_j, at each of j's repeats
+        update = torch.zeros_like(grads).index_add_(0, first, grads).index_select(0, first)
+        # one dense buffer, made at the first step (a state_dict from before it has none)
+        if momentum:
             buffer = self.state[p].get("momentum_buffer")
             buffer = self.state[p]["momentum_buffer"] = (
                 torch.zeros_like(p) if buffer is None else buffer
@@ -159,9 +152,8 @@ class CenterLoss(nn.Module):
         if not self.sparse:
             return intra_loss(features, self.centers, labels)
         self.labels, self.rows = labels, self.centers.detach()[labels].requires_grad_()
-        return intra_loss(
-            features, self.rows, torch.arange(len(labels), device=labels.device)
-        )  # rows[i]: x_i's center
+        # rows[i]: x_i's center
+        return intra_loss(features, self.rows, torch.arange(len(labels), device=labels.device))
 
     @in_float32
     def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -320,9 +312,8 @@ class Objective(nn.Module):
         if self.loss == "center-softmax":
             intra, xent = self.criterion.terms(features, labels)
             return intra + xent, {"xent": xent, "intra": intra}
-        xent = F.cross_entropy(
-            logits.float(), labels
-        )  # float32 logits: autocast runs cross-entropy in float32 anyway
+        # float32 logits: autocast runs cross-entropy in float32 anyway
+        xent = F.cross_entropy(logits.float(), labels)
         if self.loss == "xent":
             return xent, {"xent": xent}
         intra = self.criterion(features, labels)

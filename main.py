@@ -286,9 +286,8 @@ def build(
             data.train.images[: args.train_samples], data.train.labels[: args.train_samples]
         )
     present = data.train.labels.unique()
-    if (
-        len(present) < 2
-    ):  # also after --train-samples: the losses compare classes, one class learns nothing
+    # also after --train-samples: the losses compare classes, one class learns nothing
+    if len(present) < 2:
         first = (
             f" in its first --train-samples {args.train_samples}"
             if args.train_samples is not None
@@ -324,9 +323,8 @@ def build(
         dist.barrier()
     lock = None
     if rank == 0:
-        lock = make_run_dir(
-            run_dir, args.overwrite
-        )  # held until train() ends: no other run writes here
+        # held until train() ends: no other run writes here
+        lock = make_run_dir(run_dir, args.overwrite)
         # Again under the lock: the run that held the folder may have finished or saved a checkpoint since.
         run_dir, resuming = check_run_dir(args)
     if world > 1:  # the other ranks write nothing in the folder, and only after rank 0 holds it
@@ -381,9 +379,8 @@ def loop(run: Run, data: Dataset, start_epoch: int, state: EpochState | None) ->
     if args.tensorboard and rank == 0:
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(
-            str(visualize.own_folder(run.dir, "tensorboard"))
-        )  # not through a link
+        # not through a link
+        writer = SummaryWriter(str(visualize.own_folder(run.dir, "tensorboard")))
     stop = {"signal": None}
     previous = {
         s: signal.signal(s, lambda signum, frame: stop.update(signal=signum))
@@ -397,9 +394,8 @@ def loop(run: Run, data: Dataset, start_epoch: int, state: EpochState | None) ->
                 )
                 state = EpochState.new(len(data.classes), args.feat_dim, device, aug)
             started, step_before = time.perf_counter(), state.step
-            before = [
-                p.detach().clone() for p in run.model.parameters()
-            ]  # small: one copy an epoch
+            # small: one copy an epoch
+            before = [p.detach().clone() for p in run.model.parameters()]
             stopped = train_epoch(run, epoch, state, stop)
             elapsed = time.perf_counter() - started
             run.train_seconds += elapsed
@@ -416,9 +412,8 @@ def loop(run: Run, data: Dataset, start_epoch: int, state: EpochState | None) ->
             run.bad_steps += row["bad_steps"]
             metric = row["val_acc"] if run.val is not None else row["test_acc"]
             run.scheduler.step(from_rank0(metric, device))  # one schedule for every rank
-            if (
-                run.center_optimizer is not None
-            ):  # one schedule: the sparse centers' lr decays with the model's
+            # one schedule: the sparse centers' lr decays with the model's
+            if run.center_optimizer is not None:
                 run.center_optimizer.param_groups[0]["lr"] = (
                     args.lr_cent * run.optimizer.param_groups[0]["lr"] / args.lr
                 )
@@ -440,12 +435,8 @@ def loop(run: Run, data: Dataset, start_epoch: int, state: EpochState | None) ->
                     )
                 return 128 + stop["signal"]
     finally:
-        for (
-            s,
-            handler,
-        ) in (
-            previous.items()
-        ):  # start-up is over: a signal from here on is a KeyboardInterrupt carrying it
+        # start-up is over: a signal from here on is a KeyboardInterrupt carrying it
+        for s, handler in previous.items():
             signal.signal(s, interrupt if handler is interrupted_at_startup else handler)
         if writer is not None:
             writer.close()
@@ -491,9 +482,8 @@ def log(rank: int, message: str) -> None:
     if rank == 0:
         try:
             print(message, flush=True)
-        except (
-            BrokenPipeError
-        ):  # stdout into `head -1`, which has left: the run goes on, its lines to nowhere
+        # stdout into `head -1`, which has left: the run goes on, its lines to nowhere
+        except BrokenPipeError:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
@@ -552,10 +542,8 @@ def finish(run: Run, data: Dataset) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     world, code, threads = 1, None, torch.get_num_threads()  # --threads holds for this call only
-    for name in (
-        "stdout",
-        "stderr",
-    ):  # closed (>&-): Python's is None; fd 1 or 2 to nowhere, before a file takes it
+    # closed (>&-): Python's is None; fd 1 or 2 to nowhere, before a file takes it
+    for name in ("stdout", "stderr"):
         setattr(sys, name, getattr(sys, name) or open(os.devnull, "w"))
     # a run name the terminal's encoding lacks must not fail a finished run
     sys.stdout.reconfigure(errors="backslashreplace")

@@ -14,11 +14,8 @@ from utils import chunk_rows
 CHUNK = 512  # queries per chunk: 512 x 60,000 float32 distances = 123 MB
 CLUSTER_CLASSES = 1000  # NMI/AMI up to this many classes: k-means costs n k D a pass (5,000 of 10,000 128-D points: 87 s)
 RETRIEVAL_METRICS = ("precision_at_1", "r_precision", "map_at_r")
-PML_NAMES = (
-    "precision_at_1",
-    "r_precision",
-    "mean_average_precision_at_r",
-)  # the same in AccuracyCalculator
+# the same in AccuracyCalculator
+PML_NAMES = ("precision_at_1", "r_precision", "mean_average_precision_at_r")
 FEATURE_METRICS = (
     "knn1_acc",
     "knn10_acc",
@@ -27,9 +24,8 @@ FEATURE_METRICS = (
     "ami",
     "center_distance_ratio",
 )
-OPEN_SET_METRICS = tuple(
-    f"open_{name}" for name in RETRIEVAL_METRICS
-)  # among the classes never trained on (--train-classes)
+# among the classes never trained on (--train-classes)
+OPEN_SET_METRICS = tuple(f"open_{name}" for name in RETRIEVAL_METRICS)
 GEOMETRY_METRICS = (
     "intra_distance",
     "min_center_gap",
@@ -49,15 +45,11 @@ def stable_knn(
 ) -> tuple:
     """pml's knn_func: the k nearest reference rows, ties to the lower position (positions[j]: row j's place in the caller's
     order, a permutation). pml's CustomKNN (torch.topk) leaves ties unordered; its FaissKNN needs faiss."""
-    skip, rows, found = (
-        int(ref_includes_query),
-        positions.argsort(),
-        [],
-    )  # skip: pml passes the queries as the reference's first rows
+    # skip: pml passes the queries as the reference's first rows
+    skip, rows, found = (int(ref_includes_query), positions.argsort(), [])
     for start in range(0, len(query), CHUNK):
-        d = (
-            squared_distances(query[start : start + CHUNK].float(), reference.float()) + 0.0
-        )  # + 0.0: no -0.0
+        # + 0.0: no -0.0
+        d = squared_distances(query[start : start + CHUNK].float(), reference.float()) + 0.0
         if skip:  # the query itself first (distances are >= 0), then left out
             d[torch.arange(len(d)), torch.arange(len(d)) + start] = -1.0
         # (distance, position) as one int64: float32 bits >= 0 order as the floats, so its top-k is a stable sort's first k
@@ -76,9 +68,8 @@ def knn_accuracy(
 ) -> float:
     """Accuracy of the k (<= gallery size) nearest gallery points' majority label; tied votes: smaller rank sum, then label. Not in pml."""
     k, classes = min(k, len(gallery)), int(max(query_labels.max(), gallery_labels.max())) + 1
-    weights = (
-        k * (k + 1) + k - torch.arange(k, device=gallery.device)
-    )  # rank r adds k(k+1) + k - r: bonuses < one vote
+    # rank r adds k(k+1) + k - r: bonuses < one vote
+    weights = k * (k + 1) + k - torch.arange(k, device=gallery.device)
     correct, chunk = 0, min(CHUNK, chunk_rows(classes, itemsize=8))  # votes: chunk x classes int64
     for start in range(0, len(query), chunk):
         idx = (
@@ -97,13 +88,11 @@ def retrieval_scores(features: torch.Tensor, labels: torch.Tensor) -> dict[str, 
     query (R: classmates, rel(i): neighbour i a classmate, P(i): precision of the first i); mean over queries with R > 0, else None."""
     if int((counts := torch.bincount(labels)).max()) < 2:
         return dict.fromkeys(RETRIEVAL_METRICS)
-    if not bool(
-        torch.isfinite(features).all()
-    ):  # NaN: pml would refuse them (its check that the queries lead the reference)
+    # NaN: pml would refuse them (its check that the queries lead the reference)
+    if not bool(torch.isfinite(features).all()):
         return dict.fromkeys(RETRIEVAL_METRICS, float("nan"))
-    from pytorch_metric_learning.utils.accuracy_calculator import (
-        AccuracyCalculator,
-    )  # with scikit-learn: seconds, so only when used
+    # with scikit-learn: seconds, so only when used
+    from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 
     calculator = AccuracyCalculator(
         include=PML_NAMES, k="max_bin_count", device=features.device, knn_func=stable_knn
@@ -116,13 +105,11 @@ def retrieval_scores(features: torch.Tensor, labels: torch.Tensor) -> dict[str, 
     )
     for start in range(0, len(labels), CHUNK):
         chunk = everyone[start : start + CHUNK]  # the first rows of its reference
-        if n := int(
-            scored[chunk].sum()
-        ):  # pml averages over the chunk's queries that have a classmate
+        # pml averages over the chunk's queries that have a classmate
+        if n := int(scored[chunk].sum()):
             order = torch.cat([chunk, everyone[:start], everyone[start + CHUNK :]])
-            calculator.knn_func = functools.partial(
-                stable_knn, positions=order
-            )  # ties to the lower index, as unchunked
+            # ties to the lower index, as unchunked
+            calculator.knn_func = functools.partial(stable_knn, positions=order)
             scores = calculator.get_accuracy(
                 features[chunk].float(), labels[chunk], features[order].float(), labels[order], True
             )
@@ -142,9 +129,8 @@ def clustering_scores(
     from sklearn.metrics import adjusted_mutual_info_score, normalized_mutual_info_score
 
     with warnings.catch_warnings():
-        warnings.simplefilter(
-            "ignore", ConvergenceWarning
-        )  # collapsed features: fewer distinct points than k
+        # collapsed features: fewer distinct points than k
+        warnings.simplefilter("ignore", ConvergenceWarning)
         clusters = KMeans(k, n_init=3, random_state=seed).fit_predict(points)
     return float(normalized_mutual_info_score(truth, clusters)), float(
         adjusted_mutual_info_score(truth, clusters)
@@ -162,16 +148,12 @@ def class_geometry(features: torch.Tensor, labels: torch.Tensor) -> dict[str, fl
         / torch.bincount(index)[:, None]
     )
     intra, k = float((features - means[index]).norm(dim=1).mean()), len(present)
-    low, total, step = (
-        float("inf"),
-        0.0,
-        chunk_rows(k),
-    )  # C x C gaps in chunks of rows: 100,000 classes would take 40 GB
+    # C x C gaps in chunks of rows: 100,000 classes would take 40 GB
+    low, total, step = (float("inf"), 0.0, chunk_rows(k))
     for start in range(0, k if k > 1 else 0, step):
         gaps = squared_distances(means[start : start + step], means).sqrt()
-        gaps[torch.arange(len(gaps)), torch.arange(len(gaps)) + start] = float(
-            "inf"
-        )  # a class and itself are no pair
+        # a class and itself are no pair
+        gaps[torch.arange(len(gaps)), torch.arange(len(gaps)) + start] = float("inf")
         low, total = (
             min(low, float(gaps.min())),
             total + float(gaps.masked_fill(gaps.isinf(), 0).sum(dtype=torch.float64)),

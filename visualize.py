@@ -447,9 +447,8 @@ def main(argv: list[str] | None = None) -> int:
         for run in args.runs
     ]
     failures = 0
-    for job in (
-        [partial(draw_geometry, args.runs, args.out)] if args.geometry else jobs
-    ):  # --geometry: one picture
+    # --geometry: one picture
+    for job in [partial(draw_geometry, args.runs, args.out)] if args.geometry else jobs:
         try:
             job()
         except (StitchError, WriteError) as exc:

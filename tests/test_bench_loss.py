@@ -27,9 +27,8 @@ def ratios(tmp_path: Path, updates: str, repeats: int = 25) -> dict[str, float]:
 def dense_loss(num_classes: int, feat_dim: int, sparse: bool) -> losses.StandaloneCenterLoss:
     """The loss with the centers' gradient dense (C x D), for TorchSGD."""
     criterion = losses.StandaloneCenterLoss(num_classes, feat_dim)
-    criterion.rows = SimpleNamespace(
-        grad=None
-    )  # what bench_loss hands the step, unused by TorchSGD
+    # what bench_loss hands the step, unused by TorchSGD
+    criterion.rows = SimpleNamespace(grad=None)
     return criterion
 
 

@@ -77,9 +77,10 @@ def run_steps(
         collect_frames=True,
         frame_take=BATCH,
     )
+    # RowSGD: many classes
     assert (run.center_optimizer is not None) == (
         classes > BATCH and loss in ("cent", "standalone")
-    )  # RowSGD: many classes
+    )
     aug = torch.Generator(dev).manual_seed(1)
     order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(2)).to(dev)
     batches = tensor_batches(data.train, order, BATCH, data.augmentations, aug)

@@ -256,9 +256,8 @@ def test_cifar10_tree_with_cifar_class_folders_gets_the_canonical_names(tmp_path
     ds = load_dataset("cifar10", tmp_path, download=False)
     assert ds.classes == CIFAR10_CLASSES
     assert ds.train.labels.tolist() == list(range(10))
-    assert ds.train.images[:, 0, 0, 0].tolist() == [
-        20 * k for k in range(10)
-    ]  # each class folder's own image
+    # each class folder's own image
+    assert ds.train.images[:, 0, 0, 0].tolist() == [20 * k for k in range(10)]
 
 
 def test_tree_image_of_other_size(gray_tree):
@@ -400,9 +399,8 @@ def test_grey_tree_with_one_colour_image_loads(gray_tree, split, mode):
     colour = ds.train if split == "train" else ds.test
     assert colour.images[colour.labels == 1][-1, :, 0, 0].tolist() == [204, 0, 0]
     first = np.array(Image.open(gray_tree / "train" / "ant" / "000.png"))
-    assert all(
-        np.array_equal(ds.train.images[0, c].numpy(), first) for c in range(3)
-    )  # grey expanded
+    # grey expanded
+    assert all(np.array_equal(ds.train.images[0, c].numpy(), first) for c in range(3))
 
 
 def test_mnist_tree_converts_a_colour_image_to_grey(tmp_path):
@@ -514,9 +512,8 @@ def test_train_images_all_alike_are_refused(tmp_path, tiny_mnist):
 def test_decompression_bomb_is_one_line(gray_tree, monkeypatch):
     from PIL import Image
 
-    monkeypatch.setattr(
-        Image, "MAX_IMAGE_PIXELS", 100
-    )  # 28x28 is then over twice the limit: PIL's DecompressionBombError
+    # 28x28 is then over twice the limit: PIL's DecompressionBombError
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
     with pytest.raises(DataError, match="could be decompression bomb") as info:
         load_dataset("folder", gray_tree)
     assert str(info.value).startswith(str(gray_tree / "train" / "ant" / "000.png"))

@@ -153,9 +153,8 @@ def worker(rank: int, world: int, init_file: str, out: str) -> None:
     assert rank0_first(load) == rank
     lr = optimizer.param_groups[0]["lr"]
     torch.save({"step": step, "paper": paper, "lr": lr}, f"{out}.{rank}")
-    close_distributed(
-        finished=True
-    )  # as main.py: no process group left to interpreter shutdown (a rare SIGABRT)
+    # as main.py: no process group left to interpreter shutdown (a rare SIGABRT)
+    close_distributed(finished=True)
 
 
 @pytest.fixture(scope="module")
@@ -283,19 +282,15 @@ def test_torchrun_end_to_end_matches_single_process(tmp_path: Path) -> None:
     assert summary["epochs"] == 2 and summary["train_size"] == 256
     assert result.stdout.count("epoch 1/2") == 1  # only rank 0 prints
 
-    assert (
-        main(["--loss", "cent", *TINY, "--epochs", "2", "--out", str(tmp_path / "one")]) == 0
-    )  # one process: this one
+    # one process: this one
+    assert main(["--loss", "cent", *TINY, "--epochs", "2", "--out", str(tmp_path / "one")]) == 0
     for ours, theirs in zip(
         metrics(run_dir), metrics(tmp_path / "one" / "cent-digits-feat=2"), strict=True
     ):
         for key in ("train_loss", "train_xent", "train_intra", "test_loss"):
             assert float(ours[key]) == pytest.approx(float(theirs[key]), rel=2e-3, abs=2e-3), key
-        for key in (
-            "train_acc",
-            "test_acc",
-            "ncm_acc",
-        ):  # up to 3 of the 360 test images may cross a class boundary
+        # up to 3 of the 360 test images may cross a class boundary
+        for key in ("train_acc", "test_acc", "ncm_acc"):
             assert float(ours[key]) == pytest.approx(float(theirs[key]), abs=3 / 360 + 1e-6), key
 
 

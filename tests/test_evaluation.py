@@ -34,9 +34,8 @@ def test_embed_is_float32_under_autocast(dtype) -> None:
     with torch.no_grad():
         want_features, want_logits = model(images.float().div(255))
     assert features.dtype == torch.float32 and torch.equal(features, want_features)
-    run.args = types.SimpleNamespace(
-        loss="xent"
-    )  # logits a chunk at a time, for a loss that reads them
+    # logits a chunk at a time, for a loss that reads them
+    run.args = types.SimpleNamespace(loss="xent")
     assert torch.equal(eval_logits(run, features), want_logits)
     run.args.loss = "standalone"
     assert eval_logits(run, features) is None

@@ -155,10 +155,8 @@ def test_fast_path_runs_on_uint8_like_real_data():
     data = ImageData(uint8(40, 1, 28, 7), torch.arange(40))
     order = torch.randperm(40, generator=gen(7))
     batches = list(tensor_batches(data, order, 16, ("rotate",), gen()))
-    assert [len(y) for _, y in batches] == [
-        16,
-        16,
-    ]  # the last partial batch dropped, as in the study
+    # the last partial batch dropped, as in the study
+    assert [len(y) for _, y in batches] == [16, 16]
     assert torch.equal(torch.cat([y for _, y in batches]), order[:32])
     for x, _ in batches:
         assert x.dtype == torch.float32 and x.min() >= 0 and x.max() <= 1

@@ -176,9 +176,8 @@ def test_coincident_features_are_finite(dtype):
 
 @pytest.mark.parametrize("dtype", list(DTYPES), ids=["f64", "f32"])
 def test_features_equal_to_centers(dtype):
-    centers = torch.tensor(
-        [[1.0, 2], [1, 2], [-3, 0.5]], dtype=dtype, requires_grad=True
-    )  # 2 equal
+    # 2 equal
+    centers = torch.tensor([[1.0, 2], [1, 2], [-3, 0.5]], dtype=dtype, requires_grad=True)
     y = torch.tensor([0, 1, 2, 0, 1, 2])
     features = centers.detach()[y].clone().requires_grad_(True)
     intra = intra_loss(features, centers, y)

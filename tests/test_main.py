@@ -622,9 +622,10 @@ def test_bad_data_one_line(argv, code, message, tmp_path, capsys):
     """Data that cannot train: one line, exit 1 (data) or 2 (arguments), no run folder."""
     empty_idx = tmp_path / "empty-idx"
     write_tiny_mnist(empty_idx)
+    # a valid header, 0 images
     write_idx(
         empty_idx / "MNIST" / "raw" / "train-images-idx3-ubyte", np.zeros((0, 28, 28), np.uint8)
-    )  # a valid header, 0 images
+    )
     write_idx(empty_idx / "MNIST" / "raw" / "train-labels-idx1-ubyte", np.zeros(0, np.uint8))
     before = listing(tmp_path)
     argv = [a.replace("{empty_idx}", str(empty_idx)) for a in argv]
@@ -758,10 +759,11 @@ def test_defaults_follow_the_study():
         0.2,
         0.1,
     )
+    # explicit flags win
     assert (
         config.parse_args(["--epochs", "7", "--batch-size", "16", "--patience", "1"]).batch_size
         == 16
-    )  # explicit flags win
+    )
     assert (args.lr, args.lr_cent, args.momentum) == (0.01, 0.01, 0.9)
     assert (args.weight_cent, args.weight_intra, args.weight_inter) == (1.0, 1.0, 0.1)
     assert args.name == "standalone-digits-feat=2"
@@ -787,12 +789,10 @@ def test_loss_flags_default_only_where_they_are_used():
         0.01,
         datasets.default_workers(),
     )
-    assert (
-        config.parse_args(["--loss", "cent", "--weight-cent", "0"]).weight_cent == 0.0
-    )  # plain xent by another name: allowed
-    assert (
-        config.parse_args(["--weight-intra", "0"]).weight_inter == 0.1
-    )  # the inter term alone still trains
+    # plain xent by another name: allowed
+    assert config.parse_args(["--loss", "cent", "--weight-cent", "0"]).weight_cent == 0.0
+    # the inter term alone still trains
+    assert config.parse_args(["--weight-intra", "0"]).weight_inter == 0.1
     assert config.parse_args(["--loss", "centers-apart", "--alpha", "0.2"]).alpha == 0.2
     assert config.parse_args(["--pipeline", "loader", "--workers", "0"]).workers == 0
 
@@ -866,9 +866,8 @@ def test_processes_that_never_join_end_in_one_line(tmp_path, monkeypatch, capsys
     assert main.main(["--epochs", "1", "--out", str(tmp_path)]) == 1
     assert time.monotonic() - started < 30
     err = capsys.readouterr().err
-    assert err.startswith(
-        f"rank 0: waiting up to 1 s for all 2 processes at 127.0.0.1:{port}\n"
-    )  # not silently
+    # not silently
+    assert err.startswith(f"rank 0: waiting up to 1 s for all 2 processes at 127.0.0.1:{port}\n")
     line = stderr_error_line(err)
     assert line.startswith(
         f"error: rank 0: not all 2 processes met at 127.0.0.1:{port} within 1 s ("
@@ -883,10 +882,8 @@ def test_lenet_recipe_and_paper_center_update_defaults():
     lenet = config.parse_args(
         ["--model", "lenet++", "--weight-decay", "0", "--clip-grad-norm", "0"]
     )
-    assert (lenet.weight_decay, lenet.clip_grad_norm) == (
-        0.0,
-        0.0,
-    )  # explicit values win over the recipe
+    # explicit values win over the recipe
+    assert (lenet.weight_decay, lenet.clip_grad_norm) == (0.0, 0.0)
     assert config.parse_args(["--clip-grad-norm", "5"]).clip_grad_norm == 5.0
     paper = config.parse_args(["--center-update", "paper"])
     assert (paper.center_alpha, paper.lr_cent) == (0.5, None)  # the paper's alpha; no SGD centers

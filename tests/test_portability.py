@@ -130,9 +130,8 @@ def test_reproduce_sh_needs_only_bash_3_2() -> None:
     code = "\n".join(
         line.split(" #")[0] for line in script.splitlines() if not line.lstrip().startswith("#")
     )
-    assert all(
-        "BASH_VERSINFO" in line for line in code.splitlines() if "wait -n" in line
-    )  # only where bash has it
+    # only where bash has it
+    assert all("BASH_VERSINFO" in line for line in code.splitlines() if "wait -n" in line)
     for feature in (
         "declare -A",
         "${!",

@@ -73,12 +73,8 @@ def test_paper_snippet_moves_the_centers_by_eq_4() -> None:
     features = model(batches[0][0])[0].detach()
     centers = torch.randn(3, 2, generator=torch.Generator().manual_seed(1))
     torch.manual_seed(1)  # CenterLoss draws the same centers
-    scope = {
-        "num_classes": 3,
-        "feat_dim": 2,
-        "model": model,
-        "batches": batches,
-    }  # what the text says the reader brings
+    # what the text says the reader brings
+    scope = {"num_classes": 3, "feat_dim": 2, "model": model, "batches": batches}
     exec(snippet("cent-paper"), scope)
     labels = batches[0][1]
     for j in range(3):

@@ -287,12 +287,7 @@ def test_reproduce_runs_a_grid_point_listed_twice_once(tmp_path: Path, env: dict
         "PYTHON": str(stub),
         "CALLS": str(calls),
         "JOBS": "2",
-    } | {
-        "DATASETS": "digits",
-        "LOSSES": "xent",
-        "FEAT_DIMS": "2",
-        **env,
-    }
+    } | {"DATASETS": "digits", "LOSSES": "xent", "FEAT_DIMS": "2", **env}
     env.pop("DATA_DIR", None)
     result = subprocess.run(
         ["bash", "reproduce.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60

@@ -57,9 +57,8 @@ def start(args: list[str]) -> subprocess.Popen:
 
 def run(args: list[str]) -> subprocess.CompletedProcess:
     """main.py's main() in this process (no seconds of start-up), its exit code and output as a finished process's."""
-    out, err = (
-        io.TextIOWrapper(io.BytesIO(), encoding="utf-8") for _ in range(2)
-    )  # main() reconfigures sys.stdout's errors
+    # main() reconfigures sys.stdout's errors
+    out, err = (io.TextIOWrapper(io.BytesIO(), encoding="utf-8") for _ in range(2))
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
             code = main(args)
@@ -326,9 +325,8 @@ def test_paper_center_update_resumes_exactly(tmp_path: Path, capsys: pytest.Capt
         for a, b in zip(momentum[: len(momentum) // 2], momentum[len(momentum) // 2 :])
     )
     centers = resumed["objective"]["criterion.centers"]
-    assert not torch.equal(
-        centers, after_one["objective"]["criterion.centers"]
-    )  # epoch 2 moved them
+    # epoch 2 moved them
+    assert not torch.equal(centers, after_one["objective"]["criterion.centers"])
 
 
 IMAGES = ImageData(torch.zeros(4, 1, 28, 28, dtype=torch.uint8), torch.arange(4))
@@ -424,9 +422,8 @@ def test_divergence_guard_stops_with_the_loss_terms(tmp_path: Path) -> None:
     )
     assert match and 2 <= int(match[1]) <= int(match[2]) == 12, message
     assert "step" in message and "loss=" in message and "intra=" in message and "inter=" in message
-    assert (
-        "no checkpoint was saved" in message and "last good checkpoint" not in message
-    )  # it diverged in the first epoch
+    # it diverged in the first epoch
+    assert "no checkpoint was saved" in message and "last good checkpoint" not in message
     assert "Traceback" not in result.stderr
     assert sorted(p.name for p in (tmp_path / "boom").iterdir()) == [
         ".lock",
@@ -485,9 +482,8 @@ def test_inter_margin_bounds_the_push(tmp_path: Path) -> None:
     rows = (tmp_path / "standalone-digits-feat=2" / "metrics.csv").read_text().splitlines()
     header, values = rows[0].split(","), rows[1].split(",")
     inter = float(values[header.index("train_inter")])
-    bound = (
-        31 * torch.log1p(torch.tensor(margin)).item()
-    )  # (1/m) sum over ordered different-class pairs, m = 32
+    # (1/m) sum over ordered different-class pairs, m = 32
+    bound = 31 * torch.log1p(torch.tensor(margin)).item()
     assert 0.5 * bound <= -inter <= bound + 1e-4
 
 
@@ -790,9 +786,10 @@ def test_the_step_has_no_host_sync(monkeypatch: pytest.MonkeyPatch) -> None:
         for p in group["params"]
         if p.grad is not None
     ]
+    # clipped to --clip-grad-norm
     assert torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item() == pytest.approx(
         10.0, rel=1e-4
-    )  # clipped to --clip-grad-norm
+    )
 
 
 @pytest.mark.parametrize("init_scale", [1.0, 3e38])

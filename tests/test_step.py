@@ -103,9 +103,8 @@ def test_the_fused_sgd_calls_pass_the_cuda_kernels_checks_after_a_resume(
     (tmp_path / "run" / "summary.json").unlink()
     monkeypatch.setattr(torch, "_fused_sgd_", fused_sgd)
     assert main([*args, "--epochs", "2"]) == 0
-    assert (
-        len(calls) == 2 * 2
-    )  # the 2 steps of epoch 2, one call per parameter group (model, centers)
+    # the 2 steps of epoch 2, one call per parameter group (model, centers)
+    assert len(calls) == 2 * 2
 
 
 @pytest.mark.parametrize(
@@ -223,6 +222,7 @@ def test_compiled_steps_train_like_the_eager_steps(monkeypatch) -> None:
         eager.model.state_dict().values(), compiled.model.state_dict().values(), strict=True
     ):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    # the steps moved it
     assert not torch.equal(
         eager.model.embed[1].weight, trainer(("--model", "lenet++")).model.embed[1].weight
-    )  # the steps moved it
+    )
