@@ -93,9 +93,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     return args, main_flags
 
 
-def batches(p: dict, args: argparse.Namespace, m: argparse.Namespace, device) -> Iterator:
+def stream(p: dict, args: argparse.Namespace, m: argparse.Namespace, device) -> Iterator:
     """Batches from global step p['step'] on, epoch after epoch, each epoch in main.py's order."""
-    import datasets
+    import batches
     from utils import epoch_generator
 
     epoch, start = divmod(p["step"], len(p["data"]) // m.batch_size)
@@ -104,12 +104,12 @@ def batches(p: dict, args: argparse.Namespace, m: argparse.Namespace, device) ->
             len(p["data"]), generator=epoch_generator(m.seed, epoch := epoch + 1)
         )
         if p["name"] == "fast":
-            yield from datasets.tensor_batches(
+            yield from batches.tensor_batches(
                 p["data"], order, m.batch_size, p["augs"], p["aug"], start=start
             )
         else:
             gen = epoch_generator(m.seed, epoch)
-            yield from datasets.loader_batches(
+            yield from batches.loader_batches(
                 p["data"], order, m.batch_size, p["augs"], gen, args.workers, device, start=start
             )
         start = 0
@@ -127,17 +127,17 @@ def cpu_seconds() -> float:
 def run_steps(p: dict, args: argparse.Namespace, m: argparse.Namespace, device, steps: int) -> dict:
     """`steps` timed steps on a fresh batch stream after one untimed batch; CPU time: this process and its DataLoader workers."""
     sync = torch.cuda.synchronize if device.type == "cuda" else torch.cpu.synchronize
-    stream, started = batches(p, args, m, device), time.perf_counter()
-    p["step_fn"](*next(stream))
+    batch_stream, started = stream(p, args, m, device), time.perf_counter()
+    p["step_fn"](*next(batch_stream))
     sync(device)
     first, samples, cpu = time.perf_counter() - started, 0, cpu_seconds()
     started = time.perf_counter()
-    for x, y in (next(stream) for _ in range(steps)):
+    for x, y in (next(batch_stream) for _ in range(steps)):
         p["step_fn"](x, y)
         samples += len(y)
     sync(device)
     seconds = time.perf_counter() - started
-    stream.close()  # shuts the DataLoader's workers down (their CPU time then counts) before the other pipeline runs
+    batch_stream.close()  # shuts the DataLoader's workers down (their CPU time then counts) before the other pipeline runs
     p["step"], cpu = p["step"] + steps + 1, max(cpu_seconds() - cpu, 1e-9)
     return dict(
         samples_per_s=samples / seconds,

@@ -7,12 +7,14 @@ import argparse
 import importlib
 import math
 import os
+from functools import partial
 from pathlib import Path
 
 import torch
 
+from batches import default_workers
 from checkpoints import NAME_MAX, RUN_DIR_MAX, out_problem
-from datasets import DATASETS, canonical_name, default_workers
+from datasets import DATASETS, canonical_name
 from distributed import world_size
 from losses import CENTER_UPDATES, LOSSES, PAPER_UPDATE_LOSSES
 from models import MODELS
@@ -79,7 +81,10 @@ class Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(description=DESCRIPTION)
-    add, num = p.add_argument, finite_float  # num: every float flag
+    add = p.add_argument
+    real = partial(add, type=finite_float)  # every float flag: finite, in float32's range
+    whole = partial(add, type=int)
+
     add("--loss", choices=LOSSES, default="standalone", help="objective")
     add(
         "--dataset",
@@ -99,16 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="feature extractor: the study's resnet, or lenet++ (the center-loss paper's), which standardises its input by the train "
         "set's per-channel mean and std, starts from He initialisation and defaults to --weight-decay 5e-4 --clip-grad-norm 10",
     )
-    add("--feat-dim", type=int, default=2, help="feature dimension")
-    add(
+    whole("--feat-dim", default=2, help="feature dimension")
+    whole(
         "--width",
-        type=int,
         default=1,
         help="resnet: multiply every channel count by this (1: the study's network)",
     )
-    add(
+    whole(
         "--epochs",
-        type=int,
         help="epochs; default 100, the study's budget (20 for digits, so that the first run takes about a minute)",
     )
     add(
@@ -116,31 +119,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="open set: train on these classes only (indices 0,2,5, ranges 0-4 or names, comma-separated) and also report "
         "retrieval (open_precision_at_1, open_r_precision, open_map_at_r) among the test images of the other classes (default all)",
     )
-    add(
+    whole(
         "--train-samples",
-        type=int,
         help="train on the first N train samples only (quick checks; default all)",
     )
-    add(
+    whole(
         "--batch-size",
-        type=int,
         help="global batch size, split evenly across torchrun processes (the inter term spans it); default 128, the study's (64 for digits)",
     )
-    add("--lr", type=num, default=0.01, help="SGD learning rate of the model")
-    add(
+    real("--lr", default=0.01, help="SGD learning rate of the model")
+    real(
         "--lr-cent",
-        type=num,
         help="SGD learning rate of the centers (default: --lr; not with --loss xent, which has none, or --center-update paper)",
     )
-    add("--momentum", type=num, default=0.9, help="SGD momentum (model and SGD centers)")
-    add(
+    real("--momentum", default=0.9, help="SGD momentum (model and SGD centers)")
+    real(
         "--weight-decay",
-        type=num,
         help="SGD weight decay of the model (default: 5e-4 for lenet++, 0 for resnet)",
     )
-    add(
+    real(
         "--clip-grad-norm",
-        type=num,
         help="clip the gradient norm of the model and dense centers to this (not sparse centers), 0: off (default: 10 for lenet++, 0 for resnet)",
     )
     add(
@@ -150,41 +148,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="sgd: centers learn by their gradient; paper: after each step each center moves toward its class's batch mean "
         "(Wen et al., eq. 4; cent and standalone only)",
     )
-    add(
-        "--center-alpha",
-        type=num,
-        help="center rate of --center-update paper (default 0.5, the paper's)",
-    )
-    add("--weight-cent", type=num, help="weight of the center term in cent (default 1)")
-    add(
+    real("--center-alpha", help="center rate of --center-update paper (default 0.5, the paper's)")
+    real("--weight-cent", help="weight of the center term in cent (default 1)")
+    real(
         "--weight-intra",
-        type=num,
         help="weight of the intra term in standalone and centers-apart (default 1)",
     )
-    add(
+    real(
         "--weight-inter",
-        type=num,
         help="weight of the inter term in standalone and centers-apart (default 0.1)",
     )
-    add(
+    real(
         "--inter-margin",
-        type=num,
         help="truncate each pair's squared distance at this margin in standalone's inter term (off)",
     )
-    add(
-        "--alpha",
-        type=num,
-        help="centers-apart: scale of the squared distance inside exp() (default 0.05)",
-    )
-    add(
+    real("--alpha", help="centers-apart: scale of the squared distance inside exp() (default 0.05)")
+    real(
         "--val-fraction",
-        type=num,
         default=0.0,
         help="hold out this fraction of train for the scheduler and model selection (0: schedule on test accuracy, as the study)",
     )
-    add(
+    whole(
         "--eval-every",
-        type=int,
         default=10,
         help="retrieval and clustering metrics every N epochs (and after the last; 0: only after the last)",
     )
@@ -193,23 +178,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also log to <run folder>/tensorboard (needs the tensorboard package)",
     )
-    add("--factor", type=num, default=0.2, help="ReduceLROnPlateau factor (on test accuracy)")
-    add(
-        "--patience",
-        type=int,
-        help="ReduceLROnPlateau patience; default 10, the study's (3 for digits)",
-    )
-    add("--threshold", type=num, default=0.1, help="ReduceLROnPlateau relative threshold")
-    add(
-        "--seed",
-        type=int,
-        default=0,
-        help=f"seed of weights, data order and augmentation, 0 to {MAX_SEED}",
+    real("--factor", default=0.2, help="ReduceLROnPlateau factor (on test accuracy)")
+    whole("--patience", help="ReduceLROnPlateau patience; default 10, the study's (3 for digits)")
+    real("--threshold", default=0.1, help="ReduceLROnPlateau relative threshold")
+    whole(
+        "--seed", default=0, help=f"seed of weights, data order and augmentation, 0 to {MAX_SEED}"
     )
     add("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
-    add(
+    whole(
         "--threads",
-        type=int,
         help="CPU threads of torch's ops (default 1 for digits; else torch's, one per core)",
     )
     add(
@@ -218,9 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="fast",
         help="fast: tensors on the device, batched augmentation; loader: torchvision DataLoader",
     )
-    add(
+    whole(
         "--workers",
-        type=int,
         help=f"DataLoader workers of --pipeline loader (default {default_workers()}: the CPUs, at most 4)",
     )
     add("--amp", choices=tuple(AMP_DTYPES), default="off", help="autocast precision")
@@ -239,9 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=modes,
         help="torch.compile the model, in this mode (default: default)",
     )
-    add(
+    whole(
         "--max-bad-steps",
-        type=int,
         default=5,
         help="stop after this many non-finite steps (each one is skipped)",
     )
@@ -267,9 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("pca", "tsne"),
         help="2-D projection of the final features when feat_dim > 2 (default pca)",
     )
-    add(
+    whole(
         "--plot-every",
-        type=int,
         help="draw a 2-D frame every N epochs (and the last) when feat_dim is 2 (default 1)",
     )
     return p
@@ -286,72 +260,64 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(str(exc))
     centers = "has no centers)" if args.loss == "xent" else "moves its centers by terms of its own)"
     weights = [w for w in (args.weight_cent, args.weight_intra, args.weight_inter) if w is not None]
+    a = args  # short, so that most checks fit on a line
     checks = [
         (
-            0 <= args.seed <= MAX_SEED,
+            0 <= a.seed <= MAX_SEED,
             f"--seed must be an integer from 0 to {MAX_SEED} (numpy's seed range)",
         ),
         (
-            is_plain_name(args.name),
-            f"--name {args.name!r} must be one plain folder name: not empty, not . or .., without / (it goes under --out)",
+            is_plain_name(a.name),
+            f"--name {a.name!r} must be one plain folder name: not empty, not . or .., without / (it goes under --out)",
         ),
         (
-            args.name == args.name.strip(),
-            f"--name {args.name!r} starts or ends with whitespace; give it without",
+            a.name == a.name.strip(),
+            f"--name {a.name!r} starts or ends with whitespace; give it without",
         ),
         (
-            len(os.fsencode(args.name)) <= NAME_MAX,
-            f"--name is {len(os.fsencode(args.name))} bytes long, more than the {NAME_MAX} a file name may have; choose a shorter one",
+            len(os.fsencode(a.name)) <= NAME_MAX,
+            f"--name is {len(os.fsencode(a.name))} bytes long, more than the {NAME_MAX} a file name may have; choose a shorter one",
         ),
         (
-            len(os.fsencode(os.path.abspath(os.path.join(args.out, args.name)))) <= RUN_DIR_MAX,
+            len(os.fsencode(os.path.abspath(os.path.join(a.out, a.name)))) <= RUN_DIR_MAX,
             f"--out and --name make a run folder path longer than {RUN_DIR_MAX} bytes, too long for its files; use a shorter --out",
         ),
         (
-            not (args.resume and args.overwrite),
+            not (a.resume and a.overwrite),
             "--resume continues a run and --overwrite deletes it; give one of them",
         ),
-        (args.feat_dim >= 1, "--feat-dim must be at least 1"),
-        (1 <= args.width <= 64, "--width must be an integer from 1 to 64"),
+        (a.feat_dim >= 1, "--feat-dim must be at least 1"),
+        (1 <= a.width <= 64, "--width must be an integer from 1 to 64"),
         (
-            args.width == 1 or args.model == "resnet",
+            a.width == 1 or a.model == "resnet",
             "--width multiplies the resnet's channels; lenet++ has the paper's fixed widths",
         ),
-        (args.epochs >= 1, "--epochs must be at least 1"),
+        (a.epochs >= 1, "--epochs must be at least 1"),
+        (a.train_samples is None or a.train_samples >= 2, "--train-samples must be at least 2"),
         (
-            args.train_samples is None or args.train_samples >= 2,
-            "--train-samples must be at least 2",
-        ),
-        (
-            args.batch_size >= 2,
+            a.batch_size >= 2,
             "--batch-size must be at least 2 (the losses compare samples of a batch)",
         ),
-        (args.lr > 0, "--lr must be positive"),
-        (args.lr_cent is None or args.lr_cent >= 0, "--lr-cent must not be negative"),
-        (0 <= args.momentum < 1, "--momentum must be in [0, 1)"),
+        (a.lr > 0, "--lr must be positive"),
+        (a.lr_cent is None or a.lr_cent >= 0, "--lr-cent must not be negative"),
+        (0 <= a.momentum < 1, "--momentum must be in [0, 1)"),
+        (a.weight_decay is None or a.weight_decay >= 0, "--weight-decay must not be negative"),
         (
-            args.weight_decay is None or args.weight_decay >= 0,
-            "--weight-decay must not be negative",
-        ),
-        (
-            args.clip_grad_norm is None or args.clip_grad_norm >= 0,
+            a.clip_grad_norm is None or a.clip_grad_norm >= 0,
             "--clip-grad-norm must not be negative (0 turns clipping off)",
         ),
         (
-            args.center_update == "sgd" or args.loss in PAPER_UPDATE_LOSSES,
-            f"--center-update paper needs --loss cent or standalone, whose centers only follow the features ({args.loss} "
+            a.center_update == "sgd" or a.loss in PAPER_UPDATE_LOSSES,
+            f"--center-update paper needs --loss cent or standalone, whose centers only follow the features ({a.loss} "
             + centers,
         ),
         (
-            args.center_alpha is None or args.center_update == "paper",
+            a.center_alpha is None or a.center_update == "paper",
             "--center-alpha is the rate of the paper's center update; add --center-update paper or drop it",
         ),
+        (a.center_alpha is None or 0 < a.center_alpha <= 1, "--center-alpha must be in (0, 1]"),
         (
-            args.center_alpha is None or 0 < args.center_alpha <= 1,
-            "--center-alpha must be in (0, 1]",
-        ),
-        (
-            args.lr_cent is None or args.center_update == "sgd",
+            a.lr_cent is None or a.center_update == "sgd",
             "--lr-cent is the SGD centers' learning rate; with --center-update paper set --center-alpha instead",
         ),
         (min(weights, default=0) >= 0, "loss weights must not be negative"),
@@ -359,49 +325,46 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             max(weights, default=0) <= MAX_LOSS_WEIGHT,
             f"loss weights above {MAX_LOSS_WEIGHT:g} make the first steps' gradients overflow float32 (the study uses at most 1)",
         ),
-        (args.inter_margin is None or args.inter_margin > 0, "--inter-margin must be positive"),
-        (0 < args.factor < 1, "--factor must be in (0, 1)"),
+        (a.inter_margin is None or a.inter_margin > 0, "--inter-margin must be positive"),
+        (0 < a.factor < 1, "--factor must be in (0, 1)"),
+        (a.patience >= 0 and a.threshold >= 0, "--patience and --threshold must not be negative"),
+        (a.workers is None or a.workers >= 0, "--workers must not be negative"),
         (
-            args.patience >= 0 and args.threshold >= 0,
-            "--patience and --threshold must not be negative",
-        ),
-        (args.workers is None or args.workers >= 0, "--workers must not be negative"),
-        (
-            args.workers is None or args.pipeline == "loader",
+            a.workers is None or a.pipeline == "loader",
             "--workers sets the DataLoader processes of --pipeline loader; drop it",
         ),
-        (args.max_bad_steps >= 1, "--max-bad-steps must be at least 1"),
-        (args.plot_every is None or args.plot_every >= 1, "--plot-every must be at least 1"),
+        (a.max_bad_steps >= 1, "--max-bad-steps must be at least 1"),
+        (a.plot_every is None or a.plot_every >= 1, "--plot-every must be at least 1"),
         (
-            args.plot_every is None or args.feat_dim == 2 and not args.no_plots,
+            a.plot_every is None or a.feat_dim == 2 and not a.no_plots,
             "--plot-every is for --feat-dim 2 with plots; drop it",
         ),
         (
-            args.projection is None or args.feat_dim > 2 and not args.no_plots,
+            a.projection is None or a.feat_dim > 2 and not a.no_plots,
             "--projection is for --feat-dim 3 or more with plots; drop it",
         ),
-        (0 <= args.val_fraction < 1, "--val-fraction must be in [0, 1)"),
-        (args.eval_every >= 0, "--eval-every must not be negative"),
-        (args.threads is None or args.threads >= 1, "--threads must be at least 1"),
-        (args.alpha is None or args.alpha > 0, "--alpha must be positive"),
+        (0 <= a.val_fraction < 1, "--val-fraction must be in [0, 1)"),
+        (a.eval_every >= 0, "--eval-every must not be negative"),
+        (a.threads is None or a.threads >= 1, "--threads must be at least 1"),
+        (a.alpha is None or a.alpha > 0, "--alpha must be positive"),
         (
-            args.batch_size % world == 0,
-            f"--batch-size {args.batch_size} must be a multiple of the {world} processes (it is the global batch)",
+            a.batch_size % world == 0,
+            f"--batch-size {a.batch_size} must be a multiple of the {world} processes (it is the global batch)",
         ),
         (
-            args.data_dir != "",
+            a.data_dir != "",
             "--data-dir is empty; give the data set's folder, or drop the flag for ./data",
         ),
         (
-            not args.data_dir or Path(args.data_dir).is_dir(),
-            f"--data-dir {args.data_dir} does not exist or is not a folder",
+            not a.data_dir or Path(a.data_dir).is_dir(),
+            f"--data-dir {a.data_dir} does not exist or is not a folder",
         ),
         (
-            args.data_dir is None or args.dataset != "digits",
+            a.data_dir is None or a.dataset != "digits",
             "--data-dir is not read by --dataset digits (bundled with scikit-learn); drop it",
         ),
         (
-            args.dataset != "folder" or args.data_dir is not None,
+            a.dataset != "folder" or a.data_dir is not None,
             "--dataset folder needs --data-dir DIR with DIR/train/<class>/* and DIR/test/<class>/*",
         ),
     ]

@@ -1,15 +1,14 @@
-"""Data sets as uint8 tensors (N x C x H x W images, N int64 labels) read through torchvision, and the study's augmentations as
-batched tensor ops on the training device (`--pipeline loader`: torchvision's per-sample transforms in a DataLoader, as the study).
-MNIST and digits rotate within +-5 degrees, Fashion-MNIST also flips, CIFAR-10 flips and crops 32 pixels of the 4-zero padded image."""
+"""Data sets as uint8 tensors (N x C x H x W images, N int64 labels) read through torchvision or from
+image folders, checked against what their names claim; batches.py makes the training batches."""
 
 from __future__ import annotations
 
 import hashlib
 import os
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import cache, partial
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -17,20 +16,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Generator, Tensor
-from torch import device as Device
 
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "folder")
 ALIASES = {"cifar-10": "cifar10", "fashion_mnist": "fashion-mnist", "fashionmnist": "fashion-mnist"}
 AUGMENTATIONS = {"digits": ("rotate",), "mnist": ("rotate",), "fashion-mnist": ("flip", "rotate")}
 AUGMENTATIONS["cifar10"] = ("flip", "crop")
-ROTATION_DEGREES = 5.0
-DIGITS_SIDE = (
-    16  # the bundled 8x8 digits, upsampled: 16x16 keeps every stroke at a third of 28x28's cost
-)
-CROP_PADDING = 4
-FASHION_CLASSES = (
-    "T-shirt/top,Trouser,Pullover,Dress,Coat,Sandal,Shirt,Sneaker,Bag,Ankle boot".split(",")
-)
+# the bundled 8x8 digits, upsampled: 16x16 keeps every stroke at a third of 28x28's cost
+DIGITS_SIDE = 16
+FASHION_CLASSES = "T-shirt/top,Trouser,Pullover,Dress,Coat,Sandal,Shirt,Sneaker,Bag,Ankle boot"
+FASHION_CLASSES = FASHION_CLASSES.split(",")
 CIFAR10_CLASSES = "airplane automobile bird cat deer dog frog horse ship truck".split()
 DIGIT_CLASSES = [str(d) for d in range(10)]
 CLASSES = {"mnist": DIGIT_CLASSES, "fashion-mnist": FASHION_CLASSES, "cifar10": CIFAR10_CLASSES}
@@ -46,9 +40,7 @@ GREY_SETS = ("mnist", "fashion-mnist")
 # a name is a claim: 10 classes of images of this shape, else --dataset folder
 SHAPES = {"mnist": (1, 28, 28), "fashion-mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
 IDX_FILES = tuple(
-    f"{split}-{kind}-ubyte"
-    for split in ("train", "t10k")
-    for kind in ("images-idx3", "labels-idx1")
+    f"{s}-{k}-ubyte" for s in ("train", "t10k") for k in ("images-idx3", "labels-idx1")
 )
 TORCHVISION_FILES = {
     "mnist": IDX_FILES,
@@ -57,7 +49,6 @@ TORCHVISION_FILES = {
 }
 # what torchvision's IDX reader raises
 IDX_ERRORS = (OSError, AssertionError, KeyError, IndexError, RuntimeError, TypeError, ValueError)
-Ops = Sequence[str]  # augmentation names, as in AUGMENTATIONS
 
 
 class DataError(Exception):
@@ -83,9 +74,7 @@ class Dataset:
     test: ImageData
     classes: list[str]
     augmentations: tuple[str, ...]
-    source: (
-        str  # what was read, in words: the format and the folder (the start-up line, summary.json)
-    )
+    source: str  # what was read, in words: the format and the folder (start-up line, summary.json)
     # the files or folders read (summary.json's data_files)
     files: list[str] = field(default_factory=list)
 
@@ -102,12 +91,8 @@ def channel_stats(images: Tensor) -> tuple[list[float], list[float]]:
     """Exact per-channel mean and std of uint8 images on the [0, 1] scale, from each channel's 256-bin
     histogram (no float copy of the data set); a constant channel gets std 1, so standardising stays finite."""
     levels = torch.arange(256, dtype=torch.float64) / 255
-    p = torch.stack(
-        [
-            torch.bincount(images[:, c].reshape(-1).cpu(), minlength=256)
-            for c in range(images.shape[1])
-        ]
-    ).double()
+    counts = [torch.bincount(images[:, c].reshape(-1).cpu(), minlength=256) for c in range(3)]
+    p = torch.stack(counts[: images.shape[1]]).double()
     p /= p.sum(1, keepdim=True)
     mean = p @ levels
     std = (p * (levels - mean[:, None]) ** 2).sum(1).sqrt()
@@ -131,51 +116,43 @@ def split_validation(data: ImageData, fraction: float, seed: int) -> tuple[Image
     order = torch.randperm(len(data), generator=Generator().manual_seed(seed + 7919))
     held = max(1, round(fraction * len(data)))
     val, train = order[:held].sort().values, order[held:].sort().values
-    return ImageData(data.images[train], data.labels[train]), ImageData(
-        data.images[val], data.labels[val]
-    )
+    return tuple(ImageData(data.images[k], data.labels[k]) for k in (train, val))
 
 
 def parse_class_list(spec: str, classes: Sequence[str]) -> list[int]:
     """The sorted class indices `spec` names: indices (`0,2,5`), inclusive ranges (`0-4`) or class names (`Trouser,Bag`, any case),
     mixed. ValueError in words for an empty entry, an unknown name or index, a reversed range, a repeat, < 2 classes or all of them."""
-    lowered = {c.lower(): i for i, c in enumerate(classes)}
+    lowered, flag = {c.lower(): i for i, c in enumerate(classes)}, "--train-classes"
     chosen: list[int] = []
     for token in (t.strip() for t in spec.split(",")):
         if bounds := re.fullmatch(r"(\d+)(?:-(\d+))?", token):  # an index or a range
             first, last = int(bounds[1]), int(bounds[2] or bounds[1])
             if first > last:
-                raise ValueError(
-                    f"--train-classes: the range {token} is reversed; write {last}-{first}"
-                )
+                raise ValueError(f"{flag}: the range {token} is reversed; write {last}-{first}")
             picked = range(first, last + 1)
         elif token.lower() in lowered:
             picked = [lowered[token.lower()]]
         elif not token:
             raise ValueError(
-                f"--train-classes {spec!r} has an empty entry; give indices, ranges such as 0-4, or class names"
+                f"{flag} {spec!r} has an empty entry; give indices, ranges such as 0-4, or class names"
             )
         else:
             raise ValueError(
-                f"--train-classes: no class {token!r}; the classes are {', '.join(classes)} (or indices 0-{len(classes) - 1})"
+                f"{flag}: no class {token!r}; the classes are {', '.join(classes)} (or indices 0-{len(classes) - 1})"
             )
         for index in picked:
             if index >= len(classes):
                 raise ValueError(
-                    f"--train-classes: class index {index} is out of range; this data set has classes 0-{len(classes) - 1}"
+                    f"{flag}: class index {index} is out of range; this data set has classes 0-{len(classes) - 1}"
                 )
             if index in chosen:
-                raise ValueError(
-                    f"--train-classes: class {index} ({classes[index]}) is named twice"
-                )
+                raise ValueError(f"{flag}: class {index} ({classes[index]}) is named twice")
             chosen.append(index)
     if len(chosen) < 2:
-        raise ValueError(
-            "--train-classes must name at least 2 classes (the losses compare classes)"
-        )
+        raise ValueError(f"{flag} must name at least 2 classes (the losses compare classes)")
     if len(chosen) == len(classes):
         raise ValueError(
-            "--train-classes names every class, which leaves no unseen class to retrieve; drop it to train on all"
+            f"{flag} names every class, which leaves no unseen class to retrieve; drop it to train on all"
         )
     return sorted(chosen)
 
@@ -471,136 +448,3 @@ def load_tree(name: str, root: Path) -> Dataset:
         source,
         [str(root / "train"), str(root / "test")],
     )
-
-
-def flip(x: Tensor, flipped: Tensor) -> Tensor:
-    """Mirror the images whose entry of the boolean `flipped` (N) is set (torchvision's hflip)."""
-    return torch.where(flipped[:, None, None, None], x.flip(-1), x)
-
-
-def rotate(x: Tensor, degrees: Tensor) -> Tensor:
-    """Each image turned counter-clockwise by its angle in `degrees` (N) about its centre, bilinear, zero fill (torchvision's rotate)."""
-    angle = torch.deg2rad(degrees.to(x.dtype))
-    cos, sin, zero = angle.cos(), angle.sin(), torch.zeros_like(angle)
-    # affine_grid maps output to input coordinates (x right, y down): there a counter-clockwise turn's inverse is [[cos, -sin], [sin, cos]]
-    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-
-
-def crop(x: Tensor, offsets: Tensor) -> Tensor:
-    """The image-sized window of each image's CROP_PADDING-zero-padded copy at (row, column) `offsets` (2 x N, each in
-    [0, 2 * CROP_PADDING]): torchvision's RandomCrop(size, padding) for given draws."""
-    n, _, h, w = x.shape
-    # N x H x 1, and cols N x 1 x W: N x H x W windows
-    rows = (offsets[0][:, None] + torch.arange(h, device=x.device))[:, :, None]
-    cols = (offsets[1][:, None] + torch.arange(w, device=x.device))[:, None, :]
-    # N x H x W x C: the windows' pixels gathered by one index
-    padded = F.pad(x, (CROP_PADDING,) * 4).permute(0, 2, 3, 1)
-    return padded[torch.arange(n, device=x.device)[:, None, None], rows, cols].permute(0, 3, 1, 2)
-
-
-def augment_batch(x: Tensor, augmentations: Ops, generator: Generator) -> Tensor:
-    """The study's random augmentations of a whole float batch (N x C x H x W) on its device, drawn from `generator` (on
-    that device: nothing waits for the host) as torchvision's RandomHorizontalFlip(0.5), RandomRotation(5, BILINEAR), RandomCrop(padding=4)."""
-    n, device = x.shape[0], generator.device
-    for op in augmentations:
-        if op == "flip":
-            x = flip(x, torch.rand(n, generator=generator, device=device) < 0.5)
-        elif op == "rotate":
-            x = rotate(
-                x, (torch.rand(n, generator=generator, device=device) * 2 - 1) * ROTATION_DEGREES
-            )
-        elif op == "crop":
-            x = crop(
-                x,
-                torch.randint(0, 2 * CROP_PADDING + 1, (2, n), generator=generator, device=device),
-            )
-    return x
-
-
-def tensor_batches(
-    data: ImageData,
-    order: Tensor,
-    batch_size: int,
-    augmentations: Ops,
-    generator: Generator,
-    start: int = 0,
-    rank: int = 0,
-    world: int = 1,
-) -> Iterator[tuple[Tensor, Tensor]]:
-    """Fast path: the full batches of `data` (on the training device) in `order`, augmented there (the study's drop_last=True).
-    With `world` processes each global batch is augmented whole (one process's draws) and this rank gets its `rank`-th slice."""
-    order, rows = (
-        order.to(data.images.device),
-        slice(rank * batch_size // world, (rank + 1) * batch_size // world),
-    )
-    for i in range(start * batch_size, len(order) - batch_size + 1, batch_size):
-        idx = order[i : i + batch_size]
-        yield (
-            augment_batch(data.images[idx].float().div_(255), augmentations, generator)[rows],
-            data.labels[idx[rows]],
-        )
-
-
-def full_batches(num_samples: int, batch_size: int) -> int:
-    """Training steps per epoch: the last partial batch is dropped (the study's drop_last=True)."""
-    return num_samples // batch_size
-
-
-def shard_order(order: Tensor, batch_size: int, rank: int, world: int) -> Tensor:
-    """This rank's indices: the rank-th of `world` equal slices of every full global batch of `order` (batch_size % world == 0)."""
-    batches = order[: full_batches(len(order), batch_size) * batch_size].view(-1, batch_size)
-    return batches[:, rank * batch_size // world : (rank + 1) * batch_size // world].reshape(-1)
-
-
-def transformed(
-    transform: Callable[[Tensor], Tensor], batch: list[tuple[Tensor, Tensor]]
-) -> tuple[Tensor, Tensor]:
-    """The loader's collate_fn: torchvision's per-sample transforms (run in its workers), then one batch."""
-    return torch.stack([transform(x) for x, _ in batch]), torch.stack([y for _, y in batch])
-
-
-def loader_batches(
-    data: ImageData,
-    order: Tensor,
-    batch_size: int,
-    augmentations: Ops,
-    generator: Generator,
-    workers: int,
-    device: Device,
-    start: int = 0,
-) -> Iterator[tuple[Tensor, Tensor]]:
-    """Loader path: a DataLoader over per-sample transforms sampling `order` of CPU data, the last partial batch dropped (the study's)."""
-    import torchvision.transforms as T  # imported when used, as in load_torchvision
-
-    ops = {
-        "flip": T.RandomHorizontalFlip(),
-        "rotate": T.RandomRotation(ROTATION_DEGREES, T.InterpolationMode.BILINEAR),
-    }
-    ops["crop"] = T.RandomCrop(data.images.shape[-1], padding=CROP_PADDING)
-    # the study's PIL path
-    collate = partial(
-        transformed, T.Compose([T.ToPILImage(), *(ops[a] for a in augmentations), T.ToTensor()])
-    )
-    dataset, sampler = (
-        torch.utils.data.TensorDataset(data.images, data.labels),
-        order[start * batch_size :].tolist(),
-    )
-    pin = device.type == "cuda"
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size,
-        sampler=sampler,
-        num_workers=workers,
-        collate_fn=collate,
-        drop_last=True,
-        pin_memory=pin,
-        generator=generator,
-    )
-    for x, y in loader:
-        yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-
-
-def default_workers() -> int:
-    return min(4, os.cpu_count() or 1)

@@ -28,9 +28,7 @@ try:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-except (
-    Exception
-) as exc:  # e.g. OSError: no writable cache folder for it (umask 777, a read-only home)
+except Exception as exc:  # e.g. OSError: no writable cache folder (umask 777, a read-only home)
     reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     raise SystemExit(
         f"error: matplotlib cannot be imported ({reason}); check its install and that MPLCONFIGDIR or the home folder is writable"
@@ -408,44 +406,30 @@ def seconds(text: str) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description="Stitch the frames of runs into train.gif and test.gif."
-    )
+    parser = argparse.ArgumentParser(description="Stitch runs' frames into train.gif and test.gif.")
     add = parser.add_argument
     add("runs", nargs="+", type=Path, help="run folders (runs/<name>)")
     add("--duration", type=seconds, help="seconds per frame (0.01 to 600; default 0.4)")
     add("--last-pause", type=seconds, help="seconds the last frame stays (0.01 to 600; default 2)")
-    add(
-        "--to-imgs",
-        action="store_true",
-        help="copy GIFs, projections to imgs/<loss>-<dataset>-feat=<d>/",
-    )
+    add("--to-imgs", action="store_true", help="copy GIFs, projections to imgs/<run name>/")
     add("--imgs-dir", type=Path, help="where --to-imgs copies to (default imgs)")
-    add(
-        "--geometry", action="store_true", help="instead: plot the runs' class geometry over epochs"
-    )
+    add("--geometry", action="store_true", help="instead: plot the runs' class geometry by epoch")
     add("--out", type=Path, help="with --geometry: the picture to write (.png, .svg or .pdf)")
     args = parser.parse_args(argv)
     if args.geometry != (args.out is not None):
         parser.error(
             "--geometry and --out go together: visualize.py --geometry RUN_DIR ... --out geometry.png"
         )
-    stitching = {
-        "--duration": args.duration,
-        "--last-pause": args.last_pause,
-        "--to-imgs": args.to_imgs,
-    }
-    stitching["--imgs-dir"] = args.imgs_dir
+    stitching = {"--duration": args.duration, "--last-pause": args.last_pause}
+    stitching |= {"--to-imgs": args.to_imgs, "--imgs-dir": args.imgs_dir}
     given = [flag for flag, value in stitching.items() if value not in (None, False)]
     if args.geometry and given:
         parser.error(f"{given[0]} is for stitching GIFs, which --geometry does not do; drop it")
     if args.imgs_dir is not None and not args.to_imgs:
         parser.error("--imgs-dir says where --to-imgs copies to; add --to-imgs or drop it")
     imgs_dir = (args.imgs_dir or Path("imgs")) if args.to_imgs else None
-    jobs = [
-        partial(stitch, run, args.duration or 0.4, args.last_pause or 2.0, imgs_dir)
-        for run in args.runs
-    ]
+    times = (args.duration or 0.4, args.last_pause or 2.0)
+    jobs = [partial(stitch, run, *times, imgs_dir) for run in args.runs]
     failures = 0
     # --geometry: one picture
     for job in [partial(draw_geometry, args.runs, args.out)] if args.geometry else jobs:

@@ -20,12 +20,14 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-import main as main_module  # noqa: E402
+import epoch  # noqa: E402
+from batches import tensor_batches  # noqa: E402
 from config import parse_args  # noqa: E402
-from datasets import Dataset, ImageData, tensor_batches  # noqa: E402
+from datasets import Dataset, ImageData  # noqa: E402
+from epoch import record_step  # noqa: E402
 from evaluation import acc_predictions, embed, eval_logits  # noqa: E402
 from losses import LOSSES  # noqa: E402
-from main import main, record_step  # noqa: E402
+from main import main  # noqa: E402
 from training import EpochState, build_trainer, cuda_backends, train_step  # noqa: E402
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -236,7 +238,7 @@ def test_cuda_run_cut_mid_epoch_resumes(tmp_path, monkeypatch, capsys, compile_f
     args += ["--out", str(tmp_path), *compile_flags]
     assert main([*args, "--name", "straight"]) == 0
     steps = {"n": 0}
-    record = main_module.record_step
+    record = epoch.record_step
 
     def record_then_stop(*a, **k):
         record(*a, **k)
@@ -244,9 +246,9 @@ def test_cuda_run_cut_mid_epoch_resumes(tmp_path, monkeypatch, capsys, compile_f
         if steps["n"] == 8 + 3:  # the 3rd step of epoch 2 (8 steps an epoch)
             os.kill(os.getpid(), signal.SIGTERM)
 
-    monkeypatch.setattr(main_module, "record_step", record_then_stop)
+    monkeypatch.setattr(epoch, "record_step", record_then_stop)
     assert main([*args, "--name", "cut"]) == 128 + signal.SIGTERM
-    monkeypatch.setattr(main_module, "record_step", record)
+    monkeypatch.setattr(epoch, "record_step", record)
     assert (
         torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["epoch_state"]["step"]
         == 3
@@ -285,16 +287,16 @@ def test_a_cpu_checkpoint_cut_mid_epoch_resumes_on_cuda(tmp_path, monkeypatch, c
         "--out",
         str(tmp_path),
     ]
-    record = main_module.record_step
+    record = epoch.record_step
 
     def record_then_stop(run, state, *a):
         record(run, state, *a)
         if state.step == 3:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    monkeypatch.setattr(main_module, "record_step", record_then_stop)
+    monkeypatch.setattr(epoch, "record_step", record_then_stop)
     assert main([*args, "--device", "cpu"]) == 128 + signal.SIGTERM
-    monkeypatch.setattr(main_module, "record_step", record)
+    monkeypatch.setattr(epoch, "record_step", record)
     capsys.readouterr()
     assert main([*args, "--device", "cuda"]) == 0
     out = capsys.readouterr().out

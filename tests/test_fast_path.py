@@ -14,10 +14,9 @@ import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from conftest import REPO, subprocess_env
 
-from datasets import (
+from batches import (
     CROP_PADDING,
     ROTATION_DEGREES,
-    ImageData,
     augment_batch,
     crop,
     flip,
@@ -25,6 +24,7 @@ from datasets import (
     rotate,
     tensor_batches,
 )
+from datasets import ImageData
 from main import main
 
 

@@ -32,8 +32,8 @@ from conftest import (
     write_tiny_mnist,
 )
 
+import batches
 import config
-import datasets
 import distributed
 import main
 from datasets import channel_stats, load_dataset
@@ -787,7 +787,7 @@ def test_loss_flags_default_only_where_they_are_used():
         1.0,
         0.05,
         0.01,
-        datasets.default_workers(),
+        batches.default_workers(),
     )
     # plain xent by another name: allowed
     assert config.parse_args(["--loss", "cent", "--weight-cent", "0"]).weight_cent == 0.0

@@ -22,8 +22,9 @@ import main as main_module
 from checkpoints import CHECKPOINT_KEYS, LEGACY_CONFIG, CheckpointError, checkpoint, load_checkpoint
 from config import parse_args
 from datasets import ImageData
+from epoch import TrainingError, check_divergence
 from losses import Objective, paper_center_update
-from main import STARTUP_INTERRUPT, TrainingError, check_divergence, finish, main
+from main import STARTUP_INTERRUPT, finish, main
 from training import EpochState, Trainer, build_trainer, train_step
 
 ROOT = Path(__file__).resolve().parents[1]

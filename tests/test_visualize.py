@@ -19,8 +19,9 @@ import utils
 import visualize
 from config import parse_args
 from datasets import DIGIT_CLASSES
+from epoch import record_step
 from losses import Objective
-from main import main, record_step
+from main import main
 from training import EpochState
 
 EPOCHS = 2
