@@ -91,8 +91,8 @@ def channel_stats(images: Tensor) -> tuple[list[float], list[float]]:
     """Exact per-channel mean and std of uint8 images on the [0, 1] scale, from each channel's 256-bin
     histogram (no float copy of the data set); a constant channel gets std 1, so standardising stays finite."""
     levels = torch.arange(256, dtype=torch.float64) / 255
-    counts = [torch.bincount(images[:, c].reshape(-1).cpu(), minlength=256) for c in range(3)]
-    p = torch.stack(counts[: images.shape[1]]).double()
+    channels = images.transpose(0, 1).reshape(images.shape[1], -1).cpu()
+    p = torch.stack([torch.bincount(pixels, minlength=256) for pixels in channels]).double()
     p /= p.sum(1, keepdim=True)
     mean = p @ levels
     std = (p * (levels - mean[:, None]) ** 2).sum(1).sqrt()

@@ -6,7 +6,7 @@
 Each run writes runs/<loss>-<dataset>-feat=<d>/: args.json, metrics.csv (one row per epoch),
 checkpoint.pt (every epoch; an unfinished run resumes from it), frames/ (2-D features) and, once
 finished, summary.json. Exit codes: 0 done, 1 data/checkpoint error or divergence, 2 bad arguments,
-130/143 interrupted by SIGINT/SIGTERM after saving a checkpoint.
+130/143/129 interrupted by SIGINT/SIGTERM/SIGHUP after saving a checkpoint.
 """
 
 from __future__ import annotations
@@ -20,6 +20,10 @@ import time
 
 if sys.version_info < (3, 10):  # noqa: UP036 (the one line an older Python gets, not a traceback)
     sys.exit(f"error: this code needs Python 3.10 or newer, not {sys.version.split()[0]}")
+# Ctrl-C, a batch system's stop, a closed terminal (Windows has no SIGHUP): each saves a checkpoint.
+STOP_SIGNALS = tuple(
+    getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n)
+)
 STARTUP_INTERRUPT = "interrupted before training started; no new checkpoint was saved, run the same command to start again"
 
 
@@ -37,8 +41,8 @@ def interrupt(signum: int, frame: object) -> None:
 
 # A signal while torch and the rest import (seconds), load data, build the model: one line.
 if __name__ == "__main__":
-    signal.signal(signal.SIGINT, interrupted_at_startup)
-    signal.signal(signal.SIGTERM, interrupted_at_startup)
+    for stop_signal in STOP_SIGNALS:
+        signal.signal(stop_signal, interrupted_at_startup)
 
 import torch
 import torch.distributed as dist
@@ -92,7 +96,7 @@ def train(args: argparse.Namespace, rank: int, world: int) -> int:
         if stopped is not None:
             return stopped
         if rank == 0:
-            previous = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+            previous = {s: signal.signal(s, interrupt) for s in STOP_SIGNALS}
             try:
                 finish(run, data)
             except KeyboardInterrupt as exc:  # pictures and summary are redone from the checkpoint
@@ -231,8 +235,7 @@ def loop(run: Run, data: Dataset, start_epoch: int, state: EpochState | None) ->
         writer = SummaryWriter(str(visualize.own_folder(run.dir, "tensorboard")))
     stop = {"signal": None}
     previous = {
-        s: signal.signal(s, lambda signum, frame: stop.update(signal=signum))
-        for s in (signal.SIGINT, signal.SIGTERM)
+        s: signal.signal(s, lambda signum, frame: stop.update(signal=signum)) for s in STOP_SIGNALS
     }
     try:
         for epoch in range(start_epoch, args.epochs + 1):

@@ -18,6 +18,7 @@ import pytest
 import torch
 from conftest import listing, stderr_error_line, subprocess_env, write_image_tree
 
+import epoch
 import main as main_module
 from checkpoints import CHECKPOINT_KEYS, LEGACY_CONFIG, CheckpointError, checkpoint, load_checkpoint
 from config import parse_args
@@ -128,10 +129,16 @@ def test_sigterm_then_resume_matches_uninterrupted(
     assert_same_run(reference, run_dir)
 
 
-def test_sigint_mid_epoch_saves_and_resumes(tmp_path: Path, reference: Path) -> None:
+HANGUP = (
+    [(signal.SIGHUP, 129)] if hasattr(signal, "SIGHUP") else []
+)  # a closed terminal; not Windows
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), *HANGUP])
+def test_a_signal_mid_epoch_saves_and_resumes(tmp_path: Path, reference: Path, sig, code) -> None:
     args = [*TINY, "--out", str(tmp_path), "--name", "cut"]
-    proc = interrupt_after_first_epoch(args, signal.SIGINT, 0.1)
-    assert proc.returncode == 130
+    proc = interrupt_after_first_epoch(args, sig, 0.1)
+    assert proc.returncode == code
     ckpt = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
     assert ckpt["epoch"] >= 1
     assert run(args).returncode == 0
@@ -555,7 +562,7 @@ def test_a_finite_step_that_makes_a_weight_non_finite_is_divergence(
     """An infinite learning rate for one step of epoch 2: its loss and gradients are finite, so it is
     applied and the weights become non-finite. The run ends with the divergence error (exit 1), no
     summary, and the checkpoint of epoch 1 with finite weights (the interrupted epoch's is never written)."""
-    step = main_module.train_step
+    step = epoch.train_step
     calls = {"n": 0}
 
     def infinite_lr_once(run, x, y):
@@ -567,7 +574,7 @@ def test_a_finite_step_that_makes_a_weight_non_finite_is_divergence(
         groups[0]["lr"] = lr
         return outputs
 
-    monkeypatch.setattr(main_module, "train_step", infinite_lr_once)
+    monkeypatch.setattr(epoch, "train_step", infinite_lr_once)
     assert (
         main(
             [
