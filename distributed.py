@@ -157,7 +157,9 @@ def gather_batch(
 
 class AllGather(torch.autograd.Function):
     """Concatenation of every rank's equally sized tensor; backward sums the ranks' gradients and
-    returns this rank's slice (all_reduce + slice: gloo has no reduce_scatter)."""
+    returns this rank's slice (all_reduce + slice: gloo has no reduce_scatter). Hand-written because
+    torch.distributed.nn.functional.all_gather, equal on gloo (results/all-gather/), is deprecated for
+    a private module."""
 
     @staticmethod
     def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
