@@ -145,6 +145,7 @@ def run_summary(run: Run, data: Dataset) -> dict:
         except ValueError:  # Windows: no relative path to another drive
             return Path(path).name
 
+    source = data.source.replace(data_dir, rel(data_dir)) if data_dir else data.source
     return {
         **vars(args),
         "out": rel(args.out),
@@ -153,9 +154,7 @@ def run_summary(run: Run, data: Dataset) -> dict:
         "train_size": len(data.train),
         "test_size": len(data.test),
         "augmentations": list(data.augmentations),
-        "data_source": data.source.replace(str(data_dir), rel(data_dir))
-        if data_dir
-        else data.source,
+        "data_source": source,
         "data_files": [rel(f) for f in data.files],
         "acc": last["test_acc"],
         "best_acc": max(r["test_acc"] for r in history),

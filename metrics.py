@@ -146,9 +146,8 @@ def feature_metrics(
     """FEATURE_METRICS of the test features (train: the k-NN gallery); NaN for non-finite features, None where the set gives none."""
     if not (torch.isfinite(test).all() and torch.isfinite(train).all()):
         return dict.fromkeys(FEATURE_METRICS, float("nan"))
-    scores = {
-        f"knn{k}_acc": knn_accuracy(test, test_labels, train, train_labels, k) for k in (1, 10)
-    }
+    knn = functools.partial(knn_accuracy, test, test_labels, train, train_labels)
+    scores = {f"knn{k}_acc": knn(k) for k in (1, 10)}
     scores |= retrieval_scores(test, test_labels)
     scores |= dict(zip(("nmi", "ami"), clustering_scores(test, test_labels, seed)))
     return scores | {"center_distance_ratio": center_distance_ratio(test, test_labels)}

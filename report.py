@@ -36,7 +36,7 @@ LAST = "the one found last (later path argument, then later name)"  # of two run
 
 
 class SummaryError(Exception):
-    """A summary the table cannot use, or a file report.py cannot read or write: one line naming it, exit code 1."""
+    """A summary the table cannot use, or a file report.py cannot read: one line naming it, exit code 1."""
 
 
 def study_rows() -> list[dict]:
@@ -59,10 +59,8 @@ def find_summaries(paths: list[Path]) -> list[Path]:
         elif (path / "summary.json").is_file() or unfinished(path):
             found.append(path / ("args.json" if unfinished(path) else "summary.json"))
         else:
-            runs = [
-                *path.glob("*/summary.json"),
-                *(p / "args.json" for p in path.glob("*/") if unfinished(p)),
-            ]
+            runs = [p / "args.json" for p in path.glob("*/") if unfinished(p)]
+            runs += path.glob("*/summary.json")
             found += sorted(runs, key=lambda p: (p.parent.name, p.name))
             found += sorted(p for p in path.glob("*.json") if p.name != "args.json")
     return found
@@ -104,11 +102,9 @@ def read_summary(path: Path) -> dict:
     if missing := [key for key in ("name", *STUDY_COLUMNS) if summary.get(key) is None]:
         refuse(f"incomplete summary (no {', '.join(missing)})")
     name = summary["name"]
+    # --collect names a file by it
     if not isinstance(name, str) or name in ("", ".", "..") or {"/", os.sep, "\0"} & set(name):
-        refuse(
-            f"its name {name!r} is not a plain run folder name (--collect names a file by it)",
-            "fix or remove it",
-        )
+        refuse(f"its name {name!r} is not a plain run folder name", "fix or remove it")
     if wrong := [key for key in NUMBERS if not is_number(summary[key])]:
         refuse(f"{', '.join(wrong)} should be numbers")
     return summary
@@ -141,12 +137,10 @@ def load_runs(paths: list[Path], notes: list[str] | None = None) -> pd.DataFrame
     runs["feat_dim"] = runs["feat_dim"].astype(int)
     runs = runs.sort_values("point", kind="stable")
     for (loss, dataset, feat_dim), rows in runs.groupby(KEY):
-        if (points := rows.drop_duplicates("point")).shape[0] > 1:
-            differ = [
-                k for k in SETTINGS if k in points and points[k].map(json.dumps).nunique() > 1
-            ]
+        if len(p := rows.drop_duplicates("point")) > 1:  # one row per point
+            differ = [k for k in SETTINGS if k in p and p[k].map(json.dumps).nunique() > 1]
             notes.append(
-                f"{loss} {dataset} feat_dim {feat_dim}: {len(points)} rows, for runs that differ in {', '.join(differ)}"
+                f"{loss} {dataset} feat_dim {feat_dim}: {len(p)} rows, for runs that differ in {', '.join(differ)}"
             )
     return runs
 
@@ -280,18 +274,14 @@ def main(argv: list[str] | None = None) -> int:
     if missing := [p for p in args.paths if not p.exists()]:
         parser.error(f"{missing[0]} does not exist")
     if args.collect and args.collect.exists() and not args.collect.is_dir():
-        parser.error(
-            f"--collect {args.collect} is a file, not a folder; it is left alone: give a folder to copy the summaries into"
-        )
+        parser.error(f"--collect {args.collect} is a file, not a folder, left alone; give a folder")
     if readme and not readme.is_file():
+        kind = "is a folder" if readme.is_dir() else "does not exist"
         parser.error(
-            f"--readme {readme} {'is a folder' if readme.is_dir() else 'does not exist'}; give the Markdown "
-            f"file that holds the <!-- {label} --> markers"
+            f"--readme {readme} {kind}; give the Markdown file that holds <!-- {label} -->"
         )
     if args.gallery and not (readme and args.gallery.is_dir()):
-        parser.error(
-            f"--gallery {args.gallery} needs --readme and must be a folder of run pictures (imgs/)"
-        )
+        parser.error(f"--gallery {args.gallery} needs --readme and must be a folder of pictures")
     notes: list[str] = []
     try:
         runs = load_runs(args.paths, notes)
@@ -311,10 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     except SummaryError as exc:
         print(f"error: {exc}", file=sys.stderr)
     except OSError as exc:  # writing --collect or --readme; what is read is a SummaryError
-        print(
-            f"error: {exc.filename}: cannot be written ({exc.strerror}); check --collect and --readme",
-            file=sys.stderr,
-        )
+        print(f"error: {exc.filename}: cannot be written ({exc.strerror})", file=sys.stderr)
     return 1
 
 

@@ -231,9 +231,8 @@ def log_tensorboard(
     of PDIST_CENTERS when there are more), (features, images, names) if given."""
     for key, value in row.items():
         if isinstance(value, float) and key not in ("epoch", "seconds"):
-            writer.add_scalar(
-                ("train/" if key.startswith("train_") else "eval/") + key, value, epoch
-            )
+            group = "train/" if key.startswith("train_") else "eval/"
+            writer.add_scalar(group + key, value, epoch)
     if centers is not None:
         # every pair once, of at most PDIST_CENTERS (a fixed sample: all of 100,000 would take 20 GB)
         sample = torch.randperm(len(centers), generator=torch.Generator().manual_seed(0))
@@ -342,11 +341,8 @@ def geometry_series(run_dir: Path) -> dict[str, tuple[list[int], list[float]]]:
 
 def draw_geometry(runs: list[Path], out: Path) -> None:
     """visualize.py --geometry: a panel per GEOMETRY_METRICS figure over epochs, a line per run (all read first)."""
-    if (
-        out.suffix.lower() not in (".png", ".svg", ".pdf")
-        or out.is_dir()
-        or not out.parent.is_dir()
-    ):
+    picture = out.suffix.lower() in (".png", ".svg", ".pdf")
+    if not picture or out.is_dir() or not out.parent.is_dir():
         raise StitchError(f"--out {out}: give a .png, .svg or .pdf file in an existing folder")
     series = {str(run): geometry_series(run) for run in runs}
     fig, axes = plt.subplots(2, 3, figsize=(13, 7), dpi=100)
