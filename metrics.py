@@ -7,6 +7,7 @@ import functools
 import warnings
 
 import torch
+from torch import Tensor
 
 from losses import squared_distances
 from utils import chunk_rows
@@ -16,32 +17,17 @@ CLUSTER_CLASSES = 1000  # NMI/AMI up to this many classes: k-means costs n k D a
 RETRIEVAL_METRICS = ("precision_at_1", "r_precision", "map_at_r")
 # the same in AccuracyCalculator
 PML_NAMES = ("precision_at_1", "r_precision", "mean_average_precision_at_r")
-FEATURE_METRICS = (
-    "knn1_acc",
-    "knn10_acc",
-    *RETRIEVAL_METRICS,
-    "nmi",
-    "ami",
-    "center_distance_ratio",
-)
+FEATURE_METRICS = ("knn1_acc", "knn10_acc", *RETRIEVAL_METRICS, "nmi", "ami")
+FEATURE_METRICS += ("center_distance_ratio",)
 # among the classes never trained on (--train-classes)
 OPEN_SET_METRICS = tuple(f"open_{name}" for name in RETRIEVAL_METRICS)
-GEOMETRY_METRICS = (
-    "intra_distance",
-    "min_center_gap",
-    "mean_center_gap",
-    "min_gap_ratio",
-    "mean_gap_ratio",
-    "feature_norm",
+GEOMETRY_METRICS = tuple(
+    "intra_distance min_center_gap mean_center_gap min_gap_ratio mean_gap_ratio feature_norm".split()
 )
 
 
 def stable_knn(
-    query: torch.Tensor,
-    k: int,
-    reference: torch.Tensor,
-    ref_includes_query: bool,
-    positions: torch.Tensor,
+    query: Tensor, k: int, reference: Tensor, ref_includes_query: bool, positions: Tensor
 ) -> tuple:
     """pml's knn_func: the k nearest reference rows, ties to the lower position (positions[j]: row j's place in the caller's
     order, a permutation). pml's CustomKNN (torch.topk) leaves ties unordered; its FaissKNN needs faiss."""
@@ -60,11 +46,7 @@ def stable_knn(
 
 
 def knn_accuracy(
-    query: torch.Tensor,
-    query_labels: torch.Tensor,
-    gallery: torch.Tensor,
-    gallery_labels: torch.Tensor,
-    k: int,
+    query: Tensor, query_labels: Tensor, gallery: Tensor, gallery_labels: Tensor, k: int
 ) -> float:
     """Accuracy of the k (<= gallery size) nearest gallery points' majority label; tied votes: smaller rank sum, then label. Not in pml."""
     k, classes = min(k, len(gallery)), int(max(query_labels.max(), gallery_labels.max())) + 1
@@ -72,18 +54,15 @@ def knn_accuracy(
     weights = k * (k + 1) + k - torch.arange(k, device=gallery.device)
     correct, chunk = 0, min(CHUNK, chunk_rows(classes, itemsize=8))  # votes: chunk x classes int64
     for start in range(0, len(query), chunk):
-        idx = (
-            squared_distances(query[start : start + chunk].float(), gallery.float())
-            .topk(k, dim=1, largest=False)
-            .indices
-        )
+        d = squared_distances(query[start : start + chunk].float(), gallery.float())
+        idx = d.topk(k, dim=1, largest=False).indices
         votes = torch.zeros(len(idx), classes, device=idx.device, dtype=torch.int64)
         votes.scatter_add_(1, gallery_labels[idx], weights.expand_as(idx))
         correct += int((votes.argmax(1) == query_labels[start : start + chunk]).sum())
     return correct / len(query)
 
 
-def retrieval_scores(features: torch.Tensor, labels: torch.Tensor) -> dict[str, float | None]:
+def retrieval_scores(features: Tensor, labels: Tensor) -> dict[str, float | None]:
     """P@1 = rel(1), R-precision = (1/R) sum_{i<=R} rel(i), MAP@R = (1/R) sum_{i<=R} P(i) rel(i), the set its own gallery less the
     query (R: classmates, rel(i): neighbour i a classmate, P(i): precision of the first i); mean over queries with R > 0, else None."""
     if int((counts := torch.bincount(labels)).max()) < 2:
@@ -98,11 +77,8 @@ def retrieval_scores(features: torch.Tensor, labels: torch.Tensor) -> dict[str, 
         include=PML_NAMES, k="max_bin_count", device=features.device, knn_func=stable_knn
     )
     # pml compares each distinct query label with every reference label at once (20,000 classes, 40,000 images: 8 GB): chunks
-    scored, sums, everyone = (
-        counts[labels] > 1,
-        dict.fromkeys(PML_NAMES, 0.0),
-        torch.arange(len(labels), device=labels.device),
-    )
+    scored, sums = counts[labels] > 1, dict.fromkeys(PML_NAMES, 0.0)
+    everyone = torch.arange(len(labels), device=labels.device)
     for start in range(0, len(labels), CHUNK):
         chunk = everyone[start : start + CHUNK]  # the first rows of its reference
         # pml averages over the chunk's queries that have a classmate
@@ -118,7 +94,7 @@ def retrieval_scores(features: torch.Tensor, labels: torch.Tensor) -> dict[str, 
 
 
 def clustering_scores(
-    features: torch.Tensor, labels: torch.Tensor, seed: int = 0
+    features: Tensor, labels: Tensor, seed: int = 0
 ) -> tuple[float | None, float | None]:
     """NMI, AMI of KMeans (3 seeded restarts, k: classes present); None if k is 1, the sample count (all score 1) or > CLUSTER_CLASSES."""
     points, k, truth = features.float().cpu().numpy(), len(labels.unique()), labels.cpu().numpy()
@@ -132,61 +108,46 @@ def clustering_scores(
         # collapsed features: fewer distinct points than k
         warnings.simplefilter("ignore", ConvergenceWarning)
         clusters = KMeans(k, n_init=3, random_state=seed).fit_predict(points)
-    return float(normalized_mutual_info_score(truth, clusters)), float(
-        adjusted_mutual_info_score(truth, clusters)
-    )
+    scores = (normalized_mutual_info_score, adjusted_mutual_info_score)
+    return tuple(float(score(truth, clusters)) for score in scores)
 
 
-def class_geometry(features: torch.Tensor, labels: torch.Tensor) -> dict[str, float | None]:
+def class_geometry(features: Tensor, labels: Tensor) -> dict[str, float | None]:
     """mu_k: class k's mean. intra_distance = mean_i ||x_i - mu_{y_i}||, min/mean_center_gap = min/mean_{k != l} ||mu_k - mu_l||,
     min/mean_gap_ratio = gap / intra_distance, feature_norm = mean_i ||x_i||; NaN if not finite, gaps None for one class."""
     if not bool(torch.isfinite(features := features.float()).all()):
         return dict.fromkeys(GEOMETRY_METRICS, float("nan"))
     present, index = labels.unique(return_inverse=True)
-    means = (
-        features.new_zeros(len(present), features.shape[1]).index_add_(0, index, features)
-        / torch.bincount(index)[:, None]
-    )
+    sums = features.new_zeros(len(present), features.shape[1]).index_add_(0, index, features)
+    means = sums / torch.bincount(index)[:, None]
     intra, k = float((features - means[index]).norm(dim=1).mean()), len(present)
     # C x C gaps in chunks of rows: 100,000 classes would take 40 GB
-    low, total, step = (float("inf"), 0.0, chunk_rows(k))
+    low, total, step = float("inf"), 0.0, chunk_rows(k)
     for start in range(0, k if k > 1 else 0, step):
         gaps = squared_distances(means[start : start + step], means).sqrt()
         # a class and itself are no pair
         gaps[torch.arange(len(gaps)), torch.arange(len(gaps)) + start] = float("inf")
-        low, total = (
-            min(low, float(gaps.min())),
-            total + float(gaps.masked_fill(gaps.isinf(), 0).sum(dtype=torch.float64)),
-        )
+        low = min(low, float(gaps.min()))
+        total += float(gaps.masked_fill(gaps.isinf(), 0).sum(dtype=torch.float64))
     gaps = (low, total / (k * (k - 1))) if k > 1 else (None, None)
     ratios = tuple(gap / intra if gap is not None and intra > 0 else None for gap in gaps)
     return dict(zip(GEOMETRY_METRICS, (intra, *gaps, *ratios, float(features.norm(dim=1).mean()))))
 
 
-def center_distance_ratio(features: torch.Tensor, labels: torch.Tensor) -> float | None:
+def center_distance_ratio(features: Tensor, labels: Tensor) -> float | None:
     """intra_distance / mean_center_gap (1 / mean_gap_ratio): below 1 when classes are tighter than apart; None for one class."""
-    return (
-        g["intra_distance"] / g["mean_center_gap"]
-        if (g := class_geometry(features, labels))["mean_center_gap"]
-        else None
-    )
+    gap = (geometry := class_geometry(features, labels))["mean_center_gap"]
+    return geometry["intra_distance"] / gap if gap else None
 
 
 def feature_metrics(
-    test: torch.Tensor,
-    test_labels: torch.Tensor,
-    train: torch.Tensor,
-    train_labels: torch.Tensor,
-    seed: int = 0,
+    test: Tensor, test_labels: Tensor, train: Tensor, train_labels: Tensor, seed: int = 0
 ) -> dict:
     """FEATURE_METRICS of the test features (train: the k-NN gallery); NaN for non-finite features, None where the set gives none."""
     if not (torch.isfinite(test).all() and torch.isfinite(train).all()):
         return dict.fromkeys(FEATURE_METRICS, float("nan"))
-    knn = {f"knn{k}_acc": knn_accuracy(test, test_labels, train, train_labels, k) for k in (1, 10)}
-    clusters = dict(zip(("nmi", "ami"), clustering_scores(test, test_labels, seed)))
-    return (
-        knn
-        | retrieval_scores(test, test_labels)
-        | clusters
-        | {"center_distance_ratio": center_distance_ratio(test, test_labels)}
-    )
+    knn = functools.partial(knn_accuracy, test, test_labels, train, train_labels)
+    scores = {f"knn{k}_acc": knn(k) for k in (1, 10)}
+    scores |= retrieval_scores(test, test_labels)
+    scores |= dict(zip(("nmi", "ami"), clustering_scores(test, test_labels, seed)))
+    return scores | {"center_distance_ratio": center_distance_ratio(test, test_labels)}

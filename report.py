@@ -36,7 +36,7 @@ LAST = "the one found last (later path argument, then later name)"  # of two run
 
 
 class SummaryError(Exception):
-    """A summary the table cannot use, or a file report.py cannot read or write: one line naming it, exit code 1."""
+    """A summary the table cannot use, or a file report.py cannot read: one line naming it, exit code 1."""
 
 
 def study_rows() -> list[dict]:
@@ -59,10 +59,8 @@ def find_summaries(paths: list[Path]) -> list[Path]:
         elif (path / "summary.json").is_file() or unfinished(path):
             found.append(path / ("args.json" if unfinished(path) else "summary.json"))
         else:
-            runs = [
-                *path.glob("*/summary.json"),
-                *(p / "args.json" for p in path.glob("*/") if unfinished(p)),
-            ]
+            runs = [p / "args.json" for p in path.glob("*/") if unfinished(p)]
+            runs += path.glob("*/summary.json")
             found += sorted(runs, key=lambda p: (p.parent.name, p.name))
             found += sorted(p for p in path.glob("*.json") if p.name != "args.json")
     return found
@@ -103,15 +101,10 @@ def read_summary(path: Path) -> dict:
         refuse(f"a JSON {type(summary).__name__}, not a summary object")
     if missing := [key for key in ("name", *STUDY_COLUMNS) if summary.get(key) is None]:
         refuse(f"incomplete summary (no {', '.join(missing)})")
-    if (
-        not isinstance(name := summary["name"], str)
-        or name in ("", ".", "..")
-        or {"/", os.sep, "\0"} & set(name)
-    ):
-        refuse(
-            f"its name {name!r} is not a plain run folder name (--collect names a file by it)",
-            "fix or remove it",
-        )
+    name = summary["name"]
+    # --collect names a file by it
+    if not isinstance(name, str) or name in ("", ".", "..") or {"/", os.sep, "\0"} & set(name):
+        refuse(f"its name {name!r} is not a plain run folder name", "fix or remove it")
     if wrong := [key for key in NUMBERS if not is_number(summary[key])]:
         refuse(f"{', '.join(wrong)} should be numbers")
     return summary
@@ -144,12 +137,10 @@ def load_runs(paths: list[Path], notes: list[str] | None = None) -> pd.DataFrame
     runs["feat_dim"] = runs["feat_dim"].astype(int)
     runs = runs.sort_values("point", kind="stable")
     for (loss, dataset, feat_dim), rows in runs.groupby(KEY):
-        if (points := rows.drop_duplicates("point")).shape[0] > 1:
-            differ = [
-                k for k in SETTINGS if k in points and points[k].map(json.dumps).nunique() > 1
-            ]
+        if len(p := rows.drop_duplicates("point")) > 1:  # one row per point
+            differ = [k for k in SETTINGS if k in p and p[k].map(json.dumps).nunique() > 1]
             notes.append(
-                f"{loss} {dataset} feat_dim {feat_dim}: {len(points)} rows, for runs that differ in {', '.join(differ)}"
+                f"{loss} {dataset} feat_dim {feat_dim}: {len(p)} rows, for runs that differ in {', '.join(differ)}"
             )
     return runs
 
@@ -173,51 +164,38 @@ def table(runs: pd.DataFrame, extra: list[str], present_only: bool = False) -> s
     numbers = runs[columns].map(lambda v: v if is_number(v) else None).astype(float)
     stats = numbers.groupby(runs["point"]).agg(["mean", "std", "count"])
     same = runs[columns].map(json.dumps).groupby(runs["point"]).nunique() == 1
+    missing = ["missing"] * (seeds + len(extra))  # the extra cells of a grid point without a run
 
     def cell(point: str, rows: pd.DataFrame, column: str) -> str:
         """One run's value, or one every seed shares; else mean ± sample std (ddof 1), "(n=k)" if only k have one."""
         mean, std, count = stats.loc[point, column]
-        count = int(count)
         if same.loc[point, column]:
             return fmt(rows[column].iloc[0])
-        if count == 0:
+        if not count:
             return ", ".join(sorted({fmt(v) for v in rows[column]}))
         spread = f"{fmt(mean)} ± {fmt(std)}" if count > 1 else fmt(mean)
-        return spread if count == len(rows) else f"{spread} (n={count})"
+        return spread if count == len(rows) else f"{spread} (n={count:.0f})"
 
     def row(key: tuple, point: str | None, study_acc: float | None) -> list[str]:
         if point is None:
-            return [
-                *map(str, key),
-                *["missing"] * 7,
-                fmt(study_acc),
-                "/",
-                *["missing"] * (seeds + len(extra)),
-            ]
+            return [*map(str, key), *["missing"] * 7, fmt(study_acc), "/", *missing]
         rows = points.get_group(point)
         first = rows.iloc[0]
         # An unfinished run is never compared with the study, nor an open-set one (fewer classes: another task).
         stopped = "unfinished" in rows and bool(rows["unfinished"].eq(True).any())
         study_acc = None if first.get("train_classes") else study_acc
-        weights = [
-            fmt(first[w], 1) if key[0] == owner else "/" for w, owner in zip(NUMBERS[5:], OWNERS)
-        ]
-        epochs = (
-            f"{first['epochs']} of {first.get('epochs_planned')} (unfinished)"
-            if stopped
-            else str(first["epochs"])
-        )
+        weights = [fmt(first[w], 1) if key[0] == o else "/" for w, o in zip(NUMBERS[5:], OWNERS)]
+        planned = f" of {first.get('epochs_planned')} (unfinished)"
+        compared = study_acc is not None and not stopped  # diff
         return [
             *map(str, key),
             cell(point, rows, "acc") + " (unfinished)" * stopped,
             fmt(first["lr"], 2),
-            epochs,
+            f"{first['epochs']}" + planned * stopped,
             str(first["batch_size"]),
             *weights,
             fmt(study_acc),
-            f"{stats.loc[point, ('acc', 'mean')] - study_acc:+.3f}"
-            if study_acc is not None and not stopped
-            else "/",
+            f"{stats.loc[point, ('acc', 'mean')] - study_acc:+.3f}" if compared else "/",
             *[str(len(rows))] * seeds,
             *(cell(point, rows, name) for name in extra),
         ]
@@ -226,10 +204,7 @@ def table(runs: pd.DataFrame, extra: list[str], present_only: bool = False) -> s
     lines, grid = [], set()
     for study in study_rows():
         grid.add(key := (study["loss"], study["dataset"], int(study["feat_dim"])))
-        lines += [
-            row(key, point, study["acc"])
-            for point in by_key.get(key, [] if present_only else [None])
-        ]
+        lines += [row(key, p, study["acc"]) for p in by_key.get(key, [None] * (not present_only))]
     beyond = sorted(set(by_key) - grid)  # grid points the study has not
     lines += [row(key, point, None) for key in beyond for point in by_key[key]]
     return pd.DataFrame(lines, columns=header).to_markdown(
@@ -237,12 +212,24 @@ def table(runs: pd.DataFrame, extra: list[str], present_only: bool = False) -> s
     )
 
 
-def replace_between(text: str, label: str, body: str) -> str:
-    start, end = f"<!-- {label} -->", f"<!-- /{label} -->"
-    if start not in text or end not in text:
-        raise ValueError(f"markers {start} ... {end} not found")
-    head, rest = text.split(start, 1)
-    return f"{head}{start}\n{body}\n{end}{rest.split(end, 1)[1]}"
+def fill(readme: Path, label: str, text: str, imgs: Path | None) -> str:
+    """The README with `text` (and a gallery of `imgs`) between their markers, read and checked before anything is written."""
+    try:
+        content = readme.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SummaryError(
+            f"--readme {readme}: not readable as text ({exc}); give the Markdown file to write into"
+        ) from None
+    blocks = {label: text, **({"gallery": gallery(imgs, readme)} if imgs else {})}
+    for name, body in blocks.items():
+        start, end = f"<!-- {name} -->", f"<!-- /{name} -->"
+        if start not in content or end not in content:
+            raise SummaryError(
+                f"{readme}: markers {start} ... {end} not found; add them where the table belongs"
+            )
+        head, rest = content.split(start, 1)
+        content = f"{head}{start}\n{body}\n{end}{rest.split(end, 1)[1]}"
+    return content
 
 
 def gallery(imgs_dir: Path, page: Path) -> str:
@@ -282,61 +269,40 @@ def main(argv: list[str] | None = None) -> int:
     add("--present", action="store_true", help="no 'missing' rows for grid points without a run")
     add("--gallery", type=Path, help="also a gallery of this imgs/ folder between gallery markers")
     args = parser.parse_args(argv)
+    readme, label = args.readme, f"table:{args.label}"
     # The flags are checked before anything is read or written.
     if missing := [p for p in args.paths if not p.exists()]:
         parser.error(f"{missing[0]} does not exist")
     if args.collect and args.collect.exists() and not args.collect.is_dir():
+        parser.error(f"--collect {args.collect} is a file, not a folder, left alone; give a folder")
+    if readme and not readme.is_file():
+        kind = "is a folder" if readme.is_dir() else "does not exist"
         parser.error(
-            f"--collect {args.collect} is a file, not a folder; it is left alone: give a folder to copy the summaries into"
+            f"--readme {readme} {kind}; give the Markdown file that holds <!-- {label} -->"
         )
-    if args.readme and not args.readme.is_file():
-        parser.error(
-            f"--readme {args.readme} {'is a folder' if args.readme.is_dir() else 'does not exist'}; give the Markdown "
-            f"file that holds the <!-- table:{args.label} --> markers"
-        )
-    if args.gallery and not (args.readme and args.gallery.is_dir()):
-        parser.error(
-            f"--gallery {args.gallery} needs --readme and must be a folder of run pictures (imgs/)"
-        )
+    if args.gallery and not (readme and args.gallery.is_dir()):
+        parser.error(f"--gallery {args.gallery} needs --readme and must be a folder of pictures")
+    notes: list[str] = []
     try:
-        notes: list[str] = []
         runs = load_runs(args.paths, notes)
         extra = [c for c in args.columns.split(",") if c]
-        if not runs.empty and (unknown := [c for c in extra if c not in runs]):
-            known = sorted(set(runs) - {"point"})
-            parser.error(
-                f"--columns: unknown {', '.join(unknown)} (in no summary read); known: {', '.join(known)}"
-            )
+        if not runs.empty and (unknown := ", ".join(c for c in extra if c not in runs)):
+            known = ", ".join(sorted(set(runs) - {"point"}))
+            parser.error(f"--columns: unknown {unknown} (in no summary read); known: {known}")
         text = table(runs, extra, args.present)
-        try:  # the README is read and checked before anything is written
-            content = (
-                replace_between(args.readme.read_text(), f"table:{args.label}", text)
-                if args.readme
-                else None
-            )
-            if args.gallery:
-                content = replace_between(content, "gallery", gallery(args.gallery, args.readme))
-        except (OSError, UnicodeDecodeError) as exc:
-            raise SummaryError(
-                f"--readme {args.readme}: not readable as text ({exc}); give the Markdown file to write into"
-            ) from None
-        except ValueError as exc:
-            raise SummaryError(f"{args.readme}: {exc}; add them where the table belongs") from None
+        content = fill(readme, label, text, args.gallery) if readme else None
         print("".join(f"note: {note}\n" for note in notes), end="", file=sys.stderr)
         print(text)
-        try:
-            if args.collect:
-                collect(args.paths, args.collect)
-            if content is not None:
-                args.readme.write_text(content)
-        except OSError as exc:
-            raise SummaryError(
-                f"{exc.filename}: cannot be written ({exc.strerror}); check --collect and --readme"
-            ) from None
+        if args.collect:
+            collect(args.paths, args.collect)
+        if content is not None:
+            readme.write_text(content)
         return 0
     except SummaryError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+    except OSError as exc:  # writing --collect or --readme; what is read is a SummaryError
+        print(f"error: {exc.filename}: cannot be written ({exc.strerror})", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -39,6 +39,11 @@ SPLITS = ("train", "test")
 # More classes than this (face identities) get no legend: it would cover the frame.
 LEGEND_CLASSES = 40
 THUMBNAILS, MAX_POINTS = 300, 5000  # a projection's points drawn as their image, and all its points
+PDIST_CENTERS = 2000  # 2 million distances, 8 MB
+
+
+class StitchError(Exception):
+    """A run whose pictures cannot be made (a damaged frame, args.json or metrics.csv, an unusable --imgs-dir); one line, exit code 1."""
 
 
 def class_colors(num_classes: int) -> np.ndarray:
@@ -48,12 +53,17 @@ def class_colors(num_classes: int) -> np.ndarray:
     return plt.get_cmap("hsv")(np.linspace(0, 1, num_classes, endpoint=False))
 
 
+def save_bytes(path: Path, save) -> None:
+    """save(buffer) in memory, then one atomic write: a kill mid-save leaves the old file."""
+    buffer = io.BytesIO()
+    save(buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
 def save_figure(fig: plt.Figure, path: Path) -> None:
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format=Path(path).suffix[1:])
+    save_bytes(path, partial(fig.savefig, format=Path(path).suffix[1:]))
     plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
 
 
 def own_folder(run_dir: Path, *names: str) -> Path:
@@ -97,18 +107,14 @@ def draw_frame(
     title: str,
     limits: np.ndarray,
 ) -> None:
-    """One 2-D frame: points coloured by class, centers as black-edged stars, class names in the legend."""
+    """One 2-D frame: points coloured by class, centers (if any) as black-edged stars, class names in the legend."""
     colors = class_colors(len(classes))
     fig, ax = plt.subplots(figsize=(FRAME_SIZE_INCHES, FRAME_SIZE_INCHES), dpi=FRAME_DPI)
     size = 2 if len(features) > 2000 else 6
     ax.scatter(*features.T, c=colors[labels], s=size, linewidths=0, rasterized=True)
-    if centers is not None:
+    if centers is not None and len(centers):
         many = len(centers) > LEGEND_CLASSES
-        star = (
-            {"s": 10, "linewidths": 0.2, "rasterized": True}
-            if many
-            else {"s": 120, "linewidths": 0.8}
-        )
+        star = dict(s=10, linewidths=0.2, rasterized=True) if many else dict(s=120, linewidths=0.8)
         ax.scatter(*centers.T, c=colors[: len(centers)], marker="*", edgecolors="black", **star)
     if len(classes) <= LEGEND_CLASSES:
         ncol = 1 if len(classes) <= 10 else 2
@@ -131,10 +137,8 @@ def save_frame_data(
     """Write frames/<split>/epoch_NNN.npz, the points of one frame; draw_frames draws them all at the end."""
     centers = centers.float().numpy() if centers is not None else np.zeros((0, 2), np.float32)
     path = own_folder(run_dir, "frames", split) / f"epoch_{epoch:03d}.npz"
-    buffer = io.BytesIO()
     points = {"features": features.float().numpy(), "labels": labels.numpy(), "centers": centers}
-    np.savez(buffer, **points, title=title)
-    atomic_write_bytes(path, buffer.getvalue())
+    save_bytes(path, lambda buffer: np.savez(buffer, **points, title=title))
     return path
 
 
@@ -143,11 +147,8 @@ def load_frame(path: Path) -> dict[str, np.ndarray]:
     try:
         with np.load(path) as d:
             frame = {k: d[k] for k in ("features", "labels", "centers", "title")}
-        if (
-            frame["features"].ndim != 2
-            or frame["features"].shape[1] != 2
-            or len(frame["labels"]) != len(frame["features"])
-        ):
+        features = frame["features"]
+        if features.ndim != 2 or features.shape[1] != 2 or len(frame["labels"]) != len(features):
             raise ValueError("not 2-D points with one label each")
     except Exception as exc:  # numpy reports damage as OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError, ...
         raise StitchError(
@@ -160,27 +161,15 @@ def draw_frames(run_dir: Path, classes: Sequence[str]) -> np.ndarray | None:
     """Draw frames/*/epoch_*.npz -> .png in one axis range (returned) so GIFs do not jump.
     In this process (about 0.7 s per epoch here): a pool of drawing processes killed by a signal sent to the whole process
     group can die holding the pool's queue lock, and the parent then hangs in Pool.terminate()."""
-    frames = sorted(
-        f for split in SPLITS for f in own_folder(run_dir, "frames", split).glob("epoch_*.npz")
-    )
+    frames = sorted(f for s in SPLITS for f in own_folder(run_dir, "frames", s).glob("epoch_*.npz"))
     if not frames:
         return None
     loaded = [load_frame(f) for f in frames]
-    ranges = np.stack(
-        [robust_limits(np.concatenate([d["features"], d["centers"]])) for d in loaded]
-    )
-    limits = np.stack([ranges[:, :, 0].min(0), ranges[:, :, 1].max(0)], axis=1)
+    ranges = [robust_limits(np.concatenate([d["features"], d["centers"]])) for d in loaded]
+    limits = np.stack([np.min(ranges, 0)[:, 0], np.max(ranges, 0)[:, 1]], axis=1)
     for path, d in zip(frames, loaded):
-        centers = d["centers"] if len(d["centers"]) else None
-        draw_frame(
-            path.with_suffix(".png"),
-            d["features"],
-            d["labels"],
-            centers,
-            classes,
-            str(d["title"]),
-            limits,
-        )
+        arrays = (d["features"], d["labels"], d["centers"])
+        draw_frame(path.with_suffix(".png"), *arrays, classes, str(d["title"]), limits)
     return limits
 
 
@@ -227,16 +216,12 @@ def save_projection(
         framed = np.ones((thumb.shape[0] + 4, thumb.shape[1] + 4, 3)) * colors[labels[k]][:3]
         framed[2:-2, 2:-2] = thumb
         x, y = points[k]
-        ax.imshow(
-            framed, extent=(x - dx, x + dx, y - dy, y + dy), interpolation="nearest", zorder=3
-        )
+        extent = (x - dx, x + dx, y - dy, y + dy)
+        ax.imshow(framed, extent=extent, interpolation="nearest", zorder=3)
     add_legend(ax, colors, classes, "s", fontsize=8, framealpha=0.8)
     ax.set(xlim=limits[0], ylim=limits[1], aspect="auto")
     ax.set_title(f"{title}, {method.upper()} of {n} points", fontsize=10)
     save_figure(fig, path)
-
-
-PDIST_CENTERS = 2000  # 2 million distances, 8 MB
 
 
 def log_tensorboard(
@@ -246,29 +231,34 @@ def log_tensorboard(
     of PDIST_CENTERS when there are more), (features, images, names) if given."""
     for key, value in row.items():
         if isinstance(value, float) and key not in ("epoch", "seconds"):
-            writer.add_scalar(
-                ("train/" if key.startswith("train_") else "eval/") + key, value, epoch
-            )
+            group = "train/" if key.startswith("train_") else "eval/"
+            writer.add_scalar(group + key, value, epoch)
     if centers is not None:
         # every pair once, of at most PDIST_CENTERS (a fixed sample: all of 100,000 would take 20 GB)
         sample = torch.randperm(len(centers), generator=torch.Generator().manual_seed(0))
         distances = torch.pdist(centers.detach()[sample[:PDIST_CENTERS].to(centers.device)].float())
-        for name, value in (
-            ("min", distances.min()),
-            ("mean", distances.mean()),
-            ("max", distances.max()),
-        ):
-            writer.add_scalar(f"centers/{name}_distance", float(value), epoch)
+        for name in ("min", "mean", "max"):
+            writer.add_scalar(f"centers/{name}_distance", float(getattr(distances, name)()), epoch)
     if embedding is not None:
         features, images, names = embedding
-        writer.add_embedding(
-            features.cpu(),
-            metadata=names,
-            label_img=images.float().div(255),
-            global_step=epoch,
-            tag="test_features",
-        )
+        writer.add_embedding(features.cpu(), names, images.float().div(255), epoch, "test_features")
     writer.flush()
+
+
+def read_frames(run_dir: Path, split: str) -> list[tuple[Path, np.ndarray]]:
+    """(path, RGB array) of each frames/<split>/epoch_*.png, all of one size; a damaged one is a StitchError."""
+    frames = []
+    for frame in sorted((Path(run_dir) / "frames" / split).glob("epoch_*.png")):
+        try:
+            frames.append((frame, iio.imread(frame)[..., :3]))
+        except Exception as exc:  # PIL reports damage as OSError, SyntaxError, ValueError, ...
+            raise StitchError(
+                f"{frame}: cannot be read as an image ({type(exc).__name__}); delete it to stitch the others"
+            ) from None
+        if frames[-1][1].shape != frames[0][1].shape:
+            (h, w), (h0, w0) = frames[-1][1].shape[:2], frames[0][1].shape[:2]
+            raise StitchError(f"{frame}: a {w}x{h} frame among {w0}x{h0} ones; delete it")
+    return frames
 
 
 def log_frames_to_tensorboard(run_dir: Path) -> None:
@@ -276,35 +266,15 @@ def log_frames_to_tensorboard(run_dir: Path) -> None:
     from torch.utils.tensorboard import SummaryWriter
 
     with SummaryWriter(str(own_folder(run_dir, "tensorboard"))) as writer:
-        for frame in sorted((Path(run_dir) / "frames" / "test").glob("epoch_*.png")):
-            writer.add_image(
-                "features/test",
-                iio.imread(frame)[..., :3],
-                int(frame.stem.split("_")[1]),
-                dataformats="HWC",
-            )
-
-
-class StitchError(Exception):
-    """A run whose pictures cannot be made (a damaged frame, args.json or metrics.csv, an unusable --imgs-dir); one line, exit code 1."""
+        for frame, image in read_frames(run_dir, "test"):
+            writer.add_image("features/test", image, int(frame.stem[6:]), dataformats="HWC")
 
 
 def make_run_gifs(run_dir: Path, duration: float = 0.4, last_pause: float = 2.0) -> list[Path]:
     """Make the looping <split>.gif of each frames/<split>/epoch_*.png, the last frame staying `last_pause` seconds."""
     made = []
     for split in SPLITS:
-        images = []
-        for frame in sorted((Path(run_dir) / "frames" / split).glob("epoch_*.png")):
-            try:
-                images.append(iio.imread(frame)[..., :3])
-            except Exception as exc:  # PIL reports damage as OSError, SyntaxError, ValueError, ...
-                raise StitchError(
-                    f"{frame}: cannot be read as an image ({type(exc).__name__}); delete it to stitch the others"
-                ) from None
-            if images[-1].shape != images[0].shape:
-                (h, w), (h0, w0) = images[-1].shape[:2], images[0].shape[:2]
-                raise StitchError(f"{frame}: a {w}x{h} frame among {w0}x{h0} ones; delete it")
-        if images:
+        if images := [image for _, image in read_frames(run_dir, split)]:
             durations = [int(duration * 1000)] * (len(images) - 1) + [int(last_pause * 1000)]
             # Pillow writes a lone frame by its single-frame path, which takes one duration, not a list.
             times = durations if len(images) > 1 else durations[0]
@@ -337,9 +307,7 @@ def stitch(run_dir: Path, duration: float, last_pause: float, imgs_dir: Path | N
             f"{path}: damaged ({type(exc).__name__}), so the imgs/ name is unknown; copy the GIFs by hand"
         ) from None
     if "/" in label or "\0" in label:
-        raise StitchError(
-            f"{path}: its loss or dataset holds a / or NUL, so it names no imgs/ folder; copy the GIFs by hand"
-        )
+        raise StitchError(f"{path}: a / or NUL in its loss or dataset; copy the GIFs by hand")
     target = imgs_dir / label
     try:
         target.mkdir(parents=True, exist_ok=True)
@@ -367,19 +335,14 @@ def geometry_series(run_dir: Path) -> dict[str, tuple[list[int], list[float]]]:
             f"{path}: not readable as a run's metrics ({type(exc).__name__}: {exc}); give run folders of main.py"
         ) from None
     if not series:
-        raise StitchError(
-            f"{path}: none of the geometry columns ({', '.join(GEOMETRY_METRICS)}); the run was made without them"
-        )
+        raise StitchError(f"{path}: none of the geometry columns; the run was made without them")
     return series
 
 
 def draw_geometry(runs: list[Path], out: Path) -> None:
     """visualize.py --geometry: a panel per GEOMETRY_METRICS figure over epochs, a line per run (all read first)."""
-    if (
-        out.suffix.lower() not in (".png", ".svg", ".pdf")
-        or not out.parent.is_dir()
-        or out.is_dir()
-    ):
+    picture = out.suffix.lower() in (".png", ".svg", ".pdf")
+    if not picture or out.is_dir() or not out.parent.is_dir():
         raise StitchError(f"--out {out}: give a .png, .svg or .pdf file in an existing folder")
     series = {str(run): geometry_series(run) for run in runs}
     fig, axes = plt.subplots(2, 3, figsize=(13, 7), dpi=100)
@@ -417,14 +380,12 @@ def main(argv: list[str] | None = None) -> int:
     add("--out", type=Path, help="with --geometry: the picture to write (.png, .svg or .pdf)")
     args = parser.parse_args(argv)
     if args.geometry != (args.out is not None):
-        parser.error(
-            "--geometry and --out go together: visualize.py --geometry RUN_DIR ... --out geometry.png"
-        )
-    stitching = {"--duration": args.duration, "--last-pause": args.last_pause}
-    stitching |= {"--to-imgs": args.to_imgs, "--imgs-dir": args.imgs_dir}
-    given = [flag for flag, value in stitching.items() if value not in (None, False)]
+        parser.error("--geometry and --out go together: --geometry RUN_DIR ... --out geometry.png")
+    stitching = ("duration", "last_pause", "to_imgs", "imgs_dir")
+    given = [name for name in stitching if getattr(args, name) not in (None, False)]
     if args.geometry and given:
-        parser.error(f"{given[0]} is for stitching GIFs, which --geometry does not do; drop it")
+        flag = "--" + given[0].replace("_", "-")
+        parser.error(f"{flag} is for stitching GIFs, which --geometry does not do; drop it")
     if args.imgs_dir is not None and not args.to_imgs:
         parser.error("--imgs-dir says where --to-imgs copies to; add --to-imgs or drop it")
     imgs_dir = (args.imgs_dir or Path("imgs")) if args.to_imgs else None
