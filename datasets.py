@@ -321,13 +321,11 @@ def load_tree(name: str, root: Path) -> Dataset:
     from torchvision.datasets import DatasetFolder  # imported when used, as in load_torchvision
 
     entries = {split: listed(root / split) for split in ("train", "test")}
-    if stray := next(
-        (root / split / n for split, found in entries.items() for n, is_dir in found if not is_dir),
-        None,
-    ):
-        raise DataError(
-            f"{stray}: a file where only class folders belong; move it into a class folder or remove it"
-        )
+    for split, found in entries.items():
+        if stray := next((n for n, is_dir in found if not is_dir), None):
+            raise DataError(
+                f"{root / split / stray}: a file where only class folders belong; move it into a class folder or remove it"
+            )
     classes, test_classes = ([n for n, _ in entries[split]] for split in ("train", "test"))
     if len(classes) < 2:
         found = f"only the class {classes[0]!r}" if classes else "no class folders"
@@ -366,24 +364,23 @@ def load_tree(name: str, root: Path) -> Dataset:
                 f"{root / split / empty[0]}: class folder is empty or missing; every class needs images in train/ and test/"
             )
         samples.append(found)
+    paths, labels = zip(*samples[0], *samples[1])
     images = []
-    for path, _ in (*samples[0], *samples[1]):
+    for path in paths:
         images.append(image := decode(path, grey=name in GREY_SETS))
         (h, w), (h0, w0) = image.shape[1:], images[0].shape[1:]
         if h != w or (h, w) != (h0, w0):
-            other = "not square" if h != w else f"{samples[0][0][0]} is {w0}x{h0}"
+            other = "not square" if h != w else f"{paths[0]} is {w0}x{h0}"
             raise DataError(
                 f"{path}: the image is {w}x{h}, {other}; resize or crop every image to one square size"
             )
-    # one colour image makes a colour set
-    channels = max(image.shape[0] for image in images)
+    channels = max(image.shape[0] for image in images)  # one colour image makes a colour set
     images = torch.stack([image.expand(channels, -1, -1) for image in images])
-    labels = torch.tensor([label for found in samples for _, label in found])
-    n = len(samples[0])
+    n, labels = len(samples[0]), torch.tensor(labels)
     train, test = ImageData(images[:n], labels[:n]), ImageData(images[n:], labels[n:])
     if name in CLASSES and [c.lower() for c in classes] == [c.lower() for c in CLASSES[name]]:
         classes = CLASSES[name]
-    suffixes = sorted({Path(path).suffix.lower() for found in samples for path, _ in found})
+    suffixes = sorted({Path(path).suffix.lower() for path in paths})
     source = f"image folders in {root} ({', '.join(suffixes)})"
     files = [str(root / "train"), str(root / "test")]
     return Dataset(name, train, test, classes, AUGMENTATIONS.get(name, ()), source, files)
