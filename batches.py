@@ -117,9 +117,8 @@ def loader_batches(
     """Loader path: a DataLoader over per-sample transforms sampling `order` of CPU data, the last partial batch dropped (the study's)."""
     import torchvision.transforms as T  # imported when used, as in load_torchvision
 
-    ops = dict(
-        flip=T.RandomHorizontalFlip(), crop=T.RandomCrop(data.images.shape[-1], CROP_PADDING)
-    )
+    size = data.images.shape[-1]
+    ops = dict(flip=T.RandomHorizontalFlip(), crop=T.RandomCrop(size, padding=CROP_PADDING))
     ops["rotate"] = T.RandomRotation(ROTATION_DEGREES, T.InterpolationMode.BILINEAR)
     # the study's PIL path
     transform = T.Compose([T.ToPILImage(), *(ops[a] for a in augmentations), T.ToTensor()])

@@ -198,8 +198,7 @@ def out_problem(out: str) -> str | None:
         return f"--out {out}: a loop of symbolic links; choose another --out"
     if path.parts[1:2] in (("proc",), ("sys",)):
         return f"--out {out} lies under /{path.parts[1]}, a kernel file system; choose a folder of your own"
-    long = next((part for part in path.parts if len(os.fsencode(part)) > NAME_MAX), None)
-    if long is not None:
+    if long := next((part for part in path.parts if len(os.fsencode(part)) > NAME_MAX), None):
         return f"--out: the folder name {long[:40]}... is {len(os.fsencode(long))} bytes long, more than the {NAME_MAX} a file system allows"
     try:
         existing = next(p for p in (path, *path.parents) if p.exists())
@@ -227,12 +226,11 @@ def check_run_dir(args: argparse.Namespace) -> tuple[Path, bool]:
     """The run folder and whether to resume, or SystemExit(2) for one the command must not touch: a file, a link, a folder
     main.py did not make, a finished run (without --overwrite). Only reads: every torchrun process checks before rank 0 writes."""
     run_dir = Path(args.out) / args.name
-    has_checkpoint = (run_dir / "checkpoint.pt").is_file()
-    problem = run_dir_problem(run_dir, args.overwrite)
-    if not problem and args.resume and not has_checkpoint:
-        problem = f"--resume: {run_dir} holds no checkpoint.pt to resume from"
-    if problem:
+    if problem := run_dir_problem(run_dir, args.overwrite):
         raise SystemExit(usage_error(problem))
+    has_checkpoint = (run_dir / "checkpoint.pt").is_file()
+    if args.resume and not has_checkpoint:
+        raise SystemExit(usage_error(f"--resume: {run_dir} holds no checkpoint.pt to resume from"))
     return run_dir, has_checkpoint and not args.overwrite
 
 

@@ -104,9 +104,8 @@ def close_distributed(finished: bool) -> None:
     keep the gloo group alive past destroy_process_group (freed at shutdown, its threads can abort: SIGABRT),
     so collect them first; after a finished train() wait for rank 0's pictures (after an error, no barrier)."""
     gc.collect()
-    if (
-        finished
-    ):  # a RuntimeError: another rank has already gone (its own error is the one reported)
+    if finished:
+        # a RuntimeError: another rank has already gone (its own error is the one reported)
         with contextlib.suppress(RuntimeError):
             dist.barrier()
     dist.destroy_process_group()

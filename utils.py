@@ -20,10 +20,13 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if device.type == "cuda" and device.index is not None and world > 1:
+    if (
+        device.type == "cuda"
+        and device.index is not None
+        and int(os.environ.get("WORLD_SIZE", 1)) > 1
+    ):
         raise ValueError(
-            f"--device {name} under torchrun would put all {world} processes on one GPU; give "
+            f"--device {name} under torchrun would put all {os.environ['WORLD_SIZE']} processes on one GPU; give "
             "--device cuda (each process takes cuda:LOCAL_RANK) and choose the GPUs with CUDA_VISIBLE_DEVICES"
         )
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
