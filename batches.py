@@ -52,18 +52,15 @@ def augment_batch(x: Tensor, augmentations: Ops, generator: Generator) -> Tensor
     """The study's random augmentations of a whole float batch (N x C x H x W) on its device, drawn from `generator` (on
     that device: nothing waits for the host) as torchvision's RandomHorizontalFlip(0.5), RandomRotation(5, BILINEAR), RandomCrop(padding=4)."""
     n, device = x.shape[0], generator.device
+    uniform = partial(torch.rand, n, generator=generator, device=device)
     for op in augmentations:
         if op == "flip":
-            x = flip(x, torch.rand(n, generator=generator, device=device) < 0.5)
+            x = flip(x, uniform() < 0.5)
         elif op == "rotate":
-            x = rotate(
-                x, (torch.rand(n, generator=generator, device=device) * 2 - 1) * ROTATION_DEGREES
-            )
+            x = rotate(x, (uniform() * 2 - 1) * ROTATION_DEGREES)
         elif op == "crop":
-            x = crop(
-                x,
-                torch.randint(0, 2 * CROP_PADDING + 1, (2, n), generator=generator, device=device),
-            )
+            high = 2 * CROP_PADDING + 1
+            x = crop(x, torch.randint(0, high, (2, n), generator=generator, device=device))
     return x
 
 
@@ -79,10 +76,8 @@ def tensor_batches(
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """Fast path: the full batches of `data` (on the training device) in `order`, augmented there (the study's drop_last=True).
     With `world` processes each global batch is augmented whole (one process's draws) and this rank gets its `rank`-th slice."""
-    order, rows = (
-        order.to(data.images.device),
-        slice(rank * batch_size // world, (rank + 1) * batch_size // world),
-    )
+    order = order.to(data.images.device)
+    rows = slice(rank * batch_size // world, (rank + 1) * batch_size // world)
     for i in range(start * batch_size, len(order) - batch_size + 1, batch_size):
         idx = order[i : i + batch_size]
         yield (
@@ -122,28 +117,19 @@ def loader_batches(
     """Loader path: a DataLoader over per-sample transforms sampling `order` of CPU data, the last partial batch dropped (the study's)."""
     import torchvision.transforms as T  # imported when used, as in load_torchvision
 
-    ops = {
-        "flip": T.RandomHorizontalFlip(),
-        "rotate": T.RandomRotation(ROTATION_DEGREES, T.InterpolationMode.BILINEAR),
-    }
-    ops["crop"] = T.RandomCrop(data.images.shape[-1], padding=CROP_PADDING)
+    size = data.images.shape[-1]
+    ops = dict(flip=T.RandomHorizontalFlip(), crop=T.RandomCrop(size, padding=CROP_PADDING))
+    ops["rotate"] = T.RandomRotation(ROTATION_DEGREES, T.InterpolationMode.BILINEAR)
     # the study's PIL path
-    collate = partial(
-        transformed, T.Compose([T.ToPILImage(), *(ops[a] for a in augmentations), T.ToTensor()])
-    )
-    dataset, sampler = (
-        torch.utils.data.TensorDataset(data.images, data.labels),
-        order[start * batch_size :].tolist(),
-    )
-    pin = device.type == "cuda"
+    transform = T.Compose([T.ToPILImage(), *(ops[a] for a in augmentations), T.ToTensor()])
     loader = torch.utils.data.DataLoader(
-        dataset,
+        torch.utils.data.TensorDataset(data.images, data.labels),
         batch_size,
-        sampler=sampler,
+        sampler=order[start * batch_size :].tolist(),
         num_workers=workers,
-        collate_fn=collate,
+        collate_fn=partial(transformed, transform),
         drop_last=True,
-        pin_memory=pin,
+        pin_memory=device.type == "cuda",
         generator=generator,
     )
     for x, y in loader:

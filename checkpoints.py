@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -31,8 +32,8 @@ LEGACY_CONFIG = dict(weight_decay=0.0, clip_grad_norm=0.0, center_update="sgd", 
 LEGACY_CONFIG |= dict(train_classes=None, width=1)
 # The run's parts with a state_dict, and what checkpoint() writes: a checkpoint without any of them cannot resume.
 STATEFUL = ("model", "objective", "optimizer", "center_optimizer", "scheduler", "scaler")
-CHECKPOINT_KEYS = ("args", "epoch", "epoch_state", *STATEFUL, "history", "train_seconds", "samples")
-CHECKPOINT_KEYS += ("bad_steps", "random")
+RECORDS = ("history", "train_seconds", "samples", "bad_steps")  # the run's own, as they are
+CHECKPOINT_KEYS = ("args", "epoch", "epoch_state", *STATEFUL, *RECORDS, "random")
 
 
 def random_states(device: torch.device) -> dict[str, Any]:
@@ -63,22 +64,13 @@ class RunFolderError(Exception):
     """A run folder that cannot be used now (another process holds it, --overwrite cannot empty it); one line, exit code 1."""
 
 
-LOCK_FILE = (
-    ".lock"  # in the run folder: whichever process holds its lock (filelock) owns the folder
-)
+# in the run folder: whichever process holds its lock (filelock) owns the folder
+LOCK_FILE = ".lock"
 PID_FILE = ".lock.pid"  # beside it, the owner's pid (Windows cannot read a locked file's bytes)
 LOCK_FILES = (LOCK_FILE, PID_FILE)
 # when present
-RUN_FILES = (
-    "args.json",
-    "metrics.csv",
-    "checkpoint.pt",
-    "summary.json",
-    "train.gif",
-    "test.gif",
-    "train.png",
-    "test.png",
-)
+RUN_FILES = ("args.json", "metrics.csv", "checkpoint.pt", "summary.json", "train.gif", "test.gif")
+RUN_FILES += ("train.png", "test.png")
 # when present; a link there would send the run's files elsewhere
 RUN_FOLDERS = ("frames", "frames/train", "frames/test", "tensorboard")
 NAME_MAX = 255  # bytes in one file name on Linux's and macOS's file systems
@@ -89,18 +81,13 @@ RUN_DIR_MAX = 4096 - 100
 def checkpoint(run: Run, epoch: int, state: EpochState | None) -> dict:
     """Everything needed to continue bit for bit: weights, optimisers, scheduler, scaler, metrics, random
     states. `epoch` is the last finished epoch; `state` the unfinished next epoch's accumulators, if any."""
+    parts = {key: getattr(run, key) for key in STATEFUL}
     return {
         "args": dict(vars(run.args)),
         "epoch": epoch,
         "epoch_state": state.as_dict() if state is not None else None,
-        **{
-            key: getattr(run, key).state_dict() if getattr(run, key) is not None else None
-            for key in STATEFUL
-        },
-        "history": run.history,
-        "train_seconds": run.train_seconds,
-        "samples": run.samples,
-        "bad_steps": run.bad_steps,
+        **{key: part.state_dict() if part is not None else None for key, part in parts.items()},
+        **{key: getattr(run, key) for key in RECORDS},
         "random": random_states(run.device),
         "data": fingerprint(run.train, run.test),
     }
@@ -118,8 +105,7 @@ def load_checkpoint(path: Path, run: Run) -> dict:
         raise CheckpointError(
             f"{path}: corrupt or unreadable checkpoint ({type(exc).__name__}); {delete}"
         ) from None
-    bad = damaged_parts(ckpt)
-    if bad:
+    if bad := damaged_parts(ckpt):
         raise CheckpointError(
             f"{path}: incomplete or damaged checkpoint (missing or malformed: {', '.join(bad)}); {delete}"
         )
@@ -142,7 +128,7 @@ def load_checkpoint(path: Path, run: Run) -> dict:
         raise CheckpointError(
             f"{path}: checkpoint does not fit this run ({type(exc).__name__}: {first_line}); {other}"
         ) from None
-    for key in ("history", "train_seconds", "samples", "bad_steps"):
+    for key in RECORDS:
         setattr(run, key, ckpt[key])
     return ckpt
 
@@ -158,25 +144,16 @@ def damaged_parts(ckpt: object) -> list[str]:
     """The parts of a loaded checkpoint that are missing or of the wrong type (checked before any is used)."""
     if not isinstance(ckpt, dict):
         return ["all of it (not a dictionary)"]
-    bad = [k for k in CHECKPOINT_KEYS if k not in ckpt]
-    if bad:
+    if bad := [k for k in CHECKPOINT_KEYS if k not in ckpt]:
         return bad
     state = ckpt["epoch_state"]
-    if state is not None:
-        bad = (
-            [
-                f"epoch_state.{f.name}"
-                for f in fields(EpochState)
-                if f.name not in (*state, "skipped")
-            ]
-            if isinstance(state, dict)
-            else ["epoch_state"]
-        )
-    return bad + [
-        k
-        for k, kind in (("args", dict), ("epoch", int), ("history", list))
-        if not isinstance(ckpt[k], kind)
-    ]
+    if isinstance(state, dict):
+        needed = (f.name for f in fields(EpochState) if f.name != "skipped")  # older ones lack it
+        bad = [f"epoch_state.{name}" for name in needed if name not in state]
+    elif state is not None:
+        bad = ["epoch_state"]
+    kinds = {"args": dict, "epoch": int, "history": list}
+    return bad + [k for k, kind in kinds.items() if not isinstance(ckpt[k], kind)]
 
 
 def check_resume_settings(path: Path, saved: dict, args: dict, trained: int) -> None:
@@ -221,8 +198,7 @@ def out_problem(out: str) -> str | None:
         return f"--out {out}: a loop of symbolic links; choose another --out"
     if path.parts[1:2] in (("proc",), ("sys",)):
         return f"--out {out} lies under /{path.parts[1]}, a kernel file system; choose a folder of your own"
-    long = next((part for part in path.parts if len(os.fsencode(part)) > NAME_MAX), None)
-    if long is not None:
+    if long := next((part for part in path.parts if len(os.fsencode(part)) > NAME_MAX), None):
         return f"--out: the folder name {long[:40]}... is {len(os.fsencode(long))} bytes long, more than the {NAME_MAX} a file system allows"
     try:
         existing = next(p for p in (path, *path.parents) if p.exists())
@@ -250,78 +226,60 @@ def check_run_dir(args: argparse.Namespace) -> tuple[Path, bool]:
     """The run folder and whether to resume, or SystemExit(2) for one the command must not touch: a file, a link, a folder
     main.py did not make, a finished run (without --overwrite). Only reads: every torchrun process checks before rank 0 writes."""
     run_dir = Path(args.out) / args.name
-    if run_dir.is_symlink() or (run_dir.exists() and not run_dir.is_dir()):
-        raise SystemExit(
-            usage_error(f"{run_dir} exists and is not a folder; choose another --name or --out")
-        )
-    if (
-        run_dir.is_dir()
-        and any(p.name not in LOCK_FILES for p in run_dir.iterdir())
-        and not made_by_main(run_dir)
-    ):
-        message = f"{run_dir} is not a run folder of main.py (it has no args.json of ours), so it is left alone; "
-        raise SystemExit(usage_error(message + "choose another --name or --out"))
-    odd = [
-        f"{p} is not a regular file"
-        for p in (run_dir / n for n in RUN_FILES)
-        if p.exists() and not p.is_file()
-    ]
-    odd += [
-        f"{p} is a link or not a folder"
-        for p in (run_dir / n for n in RUN_FOLDERS)
-        if p.is_symlink() or p.exists() and not p.is_dir()
-    ]
-    # found now, not when the first checkpoint cannot replace it after an epoch
-    if odd and not args.overwrite:
-        raise SystemExit(
-            usage_error(f"{odd[0]}; remove it, or use --overwrite to start the run again")
-        )
+    if problem := run_dir_problem(run_dir, args.overwrite):
+        raise SystemExit(usage_error(problem))
     has_checkpoint = (run_dir / "checkpoint.pt").is_file()
-    if not args.overwrite and (run_dir / "summary.json").is_file():
-        raise SystemExit(
-            usage_error(
-                f"{run_dir} holds a finished run; use --overwrite to replace it or --name for another"
-            )
-        )
     if args.resume and not has_checkpoint:
         raise SystemExit(usage_error(f"--resume: {run_dir} holds no checkpoint.pt to resume from"))
     return run_dir, has_checkpoint and not args.overwrite
 
 
+def run_dir_problem(run_dir: Path, overwrite: bool) -> str | None:
+    """Why check_run_dir refuses `run_dir`, or None."""
+    other = "choose another --name or --out"
+    if run_dir.is_symlink() or (run_dir.exists() and not run_dir.is_dir()):
+        return f"{run_dir} exists and is not a folder; {other}"
+    if run_dir.is_dir() and not made_by_main(run_dir):
+        if any(p.name not in LOCK_FILES for p in run_dir.iterdir()):
+            return f"{run_dir} is not a run folder of main.py (it has no args.json of ours), so it is left alone; {other}"
+    if overwrite:
+        return None
+    # found now, not when the first checkpoint cannot replace it after an epoch
+    again = "remove it, or use --overwrite to start the run again"
+    for path in (run_dir / name for name in RUN_FILES):
+        if path.exists() and not path.is_file():
+            return f"{path} is not a regular file; {again}"
+    for path in (run_dir / name for name in RUN_FOLDERS):
+        if path.is_symlink() or path.exists() and not path.is_dir():
+            return f"{path} is a link or not a folder; {again}"
+    if (run_dir / "summary.json").is_file():
+        return (
+            f"{run_dir} holds a finished run; use --overwrite to replace it or --name for another"
+        )
+    return None
+
+
 def make_run_dir(run_dir: Path, overwrite: bool) -> FileLock:
-    """Rank 0, after check_run_dir: create the folder, lock it (lock_run_dir) and, on --overwrite, empty it of the old run (only
-    a folder of main.py's: an empty folder of someone else's is reused as it is). Returns the lock, held to the end."""
+    """Rank 0, after check_run_dir: create the folder, lock it (lock_run_dir) and, on --overwrite, empty it of the old run
+    (empty_run_dir). Returns the lock, held to the end."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise SystemExit(
-            usage_error(
-                f"cannot create the run folder {run_dir} ({exc.strerror}); choose another --out"
-            )
-        ) from None
+        problem = f"cannot create the run folder {run_dir} ({exc.strerror}); choose another --out"
+        raise SystemExit(usage_error(problem)) from None
     if not os.access(run_dir, os.W_OK | os.X_OK):
-        raise SystemExit(
-            usage_error(f"the run folder {run_dir} is not writable; choose another --out or --name")
-        )
-    lock = lock_run_dir(run_dir)
-    try:
-        if overwrite and made_by_main(run_dir):
-            empty_run_dir(run_dir)
-    except BaseException:
-        lock.release()
-        raise
-    return lock
+        problem = f"the run folder {run_dir} is not writable; choose another --out or --name"
+        raise SystemExit(usage_error(problem))
+    return lock_run_dir(run_dir, empty_run_dir if overwrite else None)
 
 
-def lock_run_dir(run_dir: Path) -> FileLock:
-    """Take the run folder for this process (filelock on run_dir/.lock: flock, or msvcrt.locking on Windows, which the OS
-    releases when the process ends in any way, so no stale lock blocks a run) and write its pid in .lock.pid; or
-    RunFolderError naming the pid there. A .lock that is a link is refused: filelock 3 opens it with O_TRUNC, through a link."""
-    path = run_dir / LOCK_FILE
+def lock_run_dir(run_dir: Path, then: Callable[[Path], None] | None = None) -> FileLock:
+    """Take the run folder for this process (filelock on run_dir/.lock: flock, or msvcrt.locking on Windows, released
+    however the process ends: no stale lock), write its pid in .lock.pid, call then(run_dir); or RunFolderError naming
+    the pid there. A .lock that is a link is refused: filelock 3 opens it with O_TRUNC, through a link."""
+    path, other = run_dir / LOCK_FILE, "choose another --name or --out"
     if path.is_symlink():
-        raise RunFolderError(
-            f"cannot open the lock file {path} (it is a link); choose another --name or --out"
-        )
+        raise RunFolderError(f"cannot open the lock file {path} (it is a link); {other}")
     lock = FileLock(path, timeout=0)
     try:
         lock.acquire()
@@ -336,10 +294,12 @@ def lock_run_dir(run_dir: Path) -> FileLock:
         ) from None
     except OSError as exc:
         raise RunFolderError(
-            f"cannot open the lock file {path} ({exc.strerror}); choose another --name or --out"
+            f"cannot open the lock file {path} ({exc.strerror}); {other}"
         ) from None
     try:
         atomic_write_bytes(run_dir / PID_FILE, f"{os.getpid()}\n".encode())
+        if then is not None:
+            then(run_dir)
     except BaseException:
         lock.release()
         raise
@@ -348,13 +308,14 @@ def lock_run_dir(run_dir: Path) -> FileLock:
 
 def empty_run_dir(run_dir: Path) -> None:
     """--overwrite, under the lock: delete everything in the folder but the lock files, summary.json
-    first, so that a deletion that fails half-way never leaves a folder that looks finished."""
-    entries = sorted(
-        (p for p in run_dir.iterdir() if p.name not in LOCK_FILES),
-        key=lambda p: p.name != "summary.json",
-    )
-    for path in entries:
+    first, so that a deletion that fails half-way never leaves a folder that looks finished; only a folder
+    of main.py's (an empty folder of someone else's is reused as it is)."""
+    if not made_by_main(run_dir):
+        return
+    for path in sorted(run_dir.iterdir(), key=lambda p: p.name != "summary.json"):
         try:
+            if path.name in LOCK_FILES:
+                continue
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
         except OSError as exc:
             raise RunFolderError(

@@ -7,7 +7,7 @@ import hashlib
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache
 from pathlib import Path
 
@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Generator, Tensor
+from torch.utils.data import random_split
 
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "folder")
 ALIASES = {"cifar-10": "cifar10", "fashion_mnist": "fashion-mnist", "fashionmnist": "fashion-mnist"}
@@ -39,14 +40,9 @@ TORCHVISION = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "cifar10": "CI
 GREY_SETS = ("mnist", "fashion-mnist")
 # a name is a claim: 10 classes of images of this shape, else --dataset folder
 SHAPES = {"mnist": (1, 28, 28), "fashion-mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
-IDX_FILES = tuple(
-    f"{s}-{k}-ubyte" for s in ("train", "t10k") for k in ("images-idx3", "labels-idx1")
-)
-TORCHVISION_FILES = {
-    "mnist": IDX_FILES,
-    "fashion-mnist": IDX_FILES,
-    "cifar10": (*(f"data_batch_{k}" for k in range(1, 6)), "test_batch"),
-}
+IDX_FILES = [f"{s}-{k}-ubyte" for s in ("train", "t10k") for k in ("images-idx3", "labels-idx1")]
+CIFAR10_FILES = [*(f"data_batch_{k}" for k in range(1, 6)), "test_batch"]
+TORCHVISION_FILES = {"mnist": IDX_FILES, "fashion-mnist": IDX_FILES, "cifar10": CIFAR10_FILES}
 # what torchvision's IDX reader raises
 IDX_ERRORS = (OSError, AssertionError, KeyError, IndexError, RuntimeError, TypeError, ValueError)
 
@@ -112,11 +108,14 @@ def fingerprint(train: ImageData, test: ImageData) -> str:
 
 
 def split_validation(data: ImageData, fraction: float, seed: int) -> tuple[ImageData, ImageData]:
-    """(train, validation): round(fraction * N) train samples (at least one) held out by a permutation seeded by `seed`."""
-    order = torch.randperm(len(data), generator=Generator().manual_seed(seed + 7919))
+    """(train, validation): round(fraction * N) samples (at least one) held out by random_split seeded by
+    `seed`; each part keeps the data set's order."""
     held = max(1, round(fraction * len(data)))
-    val, train = order[:held].sort().values, order[held:].sort().values
-    return tuple(ImageData(data.images[k], data.labels[k]) for k in (train, val))
+    generator = Generator().manual_seed(seed + 7919)
+    parts = random_split(range(len(data)), [len(data) - held, held], generator=generator)
+    return tuple(
+        ImageData(data.images[k], data.labels[k]) for k in (sorted(p.indices) for p in parts)
+    )
 
 
 def parse_class_list(spec: str, classes: Sequence[str]) -> list[int]:
@@ -166,17 +165,9 @@ def relabel(data: ImageData, kept: list[int]) -> ImageData:
 def open_set_split(data: Dataset, seen: list[int]) -> tuple[Dataset, ImageData]:
     """Musgrave et al.'s open-set protocol: the data set of the `seen` classes (relabelled 0..k-1), and
     the test images of the other classes (relabelled 0..u-1), for retrieval of classes never trained on."""
-    unseen = [k for k in range(len(data.classes)) if k not in seen]
-    kept = [data.classes[k] for k in seen]
-    closed = Dataset(
-        data.name,
-        relabel(data.train, seen),
-        relabel(data.test, seen),
-        kept,
-        data.augmentations,
-        data.source,
-    )
-    return closed, relabel(data.test, unseen)
+    train, test = relabel(data.train, seen), relabel(data.test, seen)
+    closed = replace(data, train=train, test=test, classes=[data.classes[k] for k in seen])
+    return closed, relabel(data.test, [k for k in range(len(data.classes)) if k not in seen])
 
 
 def canonical_name(name: str) -> str:
@@ -192,11 +183,7 @@ def load_dataset(name: str, data_dir: str | Path = "data", download: bool = True
         raise ValueError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
     if name == "digits":
         return load_digits()
-    trees = (
-        (data_dir,)
-        if name == "folder"
-        else (data_dir, *(data_dir / sub for sub in TREE_FOLDERS[name]))
-    )
+    trees = [data_dir, *(data_dir / sub for sub in TREE_FOLDERS.get(name, ()))]
     tree = next((f for f in trees if (f / "train").is_dir() and (f / "test").is_dir()), None)
     if tree is None and name == "folder":
         raise DataError(
@@ -207,8 +194,7 @@ def load_dataset(name: str, data_dir: str | Path = "data", download: bool = True
         data.source += f" (the binary {data_dir / 'cifar-10-batches-py'} is also there, not used: move the tree away to use it)"
     images = data.train.images
     if name in SHAPES and (images.shape[1:], len(data.classes)) != (SHAPES[name], 10):
-        kinds = {1: "grey", 3: "colour"}
-        channels, side = SHAPES[name][:2]
+        (channels, side, _), kinds = SHAPES[name], {1: "grey", 3: "colour"}
         kind = kinds.get(images.shape[1], f"{images.shape[1]}-channel")
         found = f"{images.shape[3]}x{images.shape[2]} {kind} of {len(data.classes)} classes"
         raise DataError(
@@ -227,34 +213,20 @@ def load_digits() -> Dataset:
     from sklearn.datasets import load_digits as sklearn_digits
 
     bunch = sklearn_digits()
-    pixels = F.interpolate(
-        torch.tensor(bunch.images, dtype=torch.float32)[:, None] / 16.0,
-        size=(DIGITS_SIDE,) * 2,
-        mode="bilinear",
-    )
+    pixels = torch.tensor(bunch.images, dtype=torch.float32)[:, None] / 16.0
+    pixels = F.interpolate(pixels, size=(DIGITS_SIDE,) * 2, mode="bilinear")
     images, labels = (pixels.clamp(0, 1) * 255).round().to(torch.uint8), torch.tensor(bunch.target)
     test = torch.arange(len(labels)) % 5 == 0
-    train_data, test_data = (
-        ImageData(images[~test], labels[~test]),
-        ImageData(images[test], labels[test]),
-    )
-    return Dataset(
-        "digits",
-        train_data,
-        test_data,
-        DIGIT_CLASSES,
-        AUGMENTATIONS["digits"],
-        "scikit-learn load_digits (bundled)",
-    )
+    train, test = (ImageData(images[k], labels[k]) for k in (~test, test))
+    source = "scikit-learn load_digits (bundled)"
+    return Dataset("digits", train, test, DIGIT_CLASSES, AUGMENTATIONS["digits"], source)
 
 
 def load_torchvision(name: str, data_dir: Path, download: bool) -> Dataset:
     """MNIST or Fashion-MNIST (<data_dir>/<MNIST|FashionMNIST>/raw/*-ubyte, decompressed) or CIFAR-10 (<data_dir>/cifar-10-batches-py)
     in torchvision's layout, read by torchvision, downloaded by it when missing and `download` is set; damaged files are one line."""
     import torchvision.datasets as tvd  # here, not at the top: importing torchvision takes seconds (its compiler imports), paid only when used
-    from torchvision.datasets.mnist import read_image_file, read_label_file
 
-    # torchvision's folder
     folder = data_dir / ("cifar-10-batches-py" if name == "cifar10" else f"{TORCHVISION[name]}/raw")
     paths = [folder / file for file in TORCHVISION_FILES[name]]
     if not all(path.is_file() for path in paths):
@@ -264,46 +236,38 @@ def load_torchvision(name: str, data_dir: Path, download: bool) -> Dataset:
         try:
             for train in (True, False):
                 getattr(tvd, TORCHVISION[name])(str(data_dir), train=train, download=True)
-        except (
-            Exception
-        ) as exc:  # network and disk errors come in many classes; all mean the same to the user
+        # network and disk errors come in many classes; all mean the same to the user
+        except Exception as exc:
             raise DataError(
                 f"{name} not found under {data_dir} and the download failed ({type(exc).__name__}); {hint}"
             ) from None
-    if name == "cifar10":
+    if name != "cifar10":
+        splits, source = read_idx(paths), f"IDX files in {folder}"
+    else:
         try:
             sets = [tvd.CIFAR10(str(data_dir), train=train) for train in (True, False)]
-        except (
-            Exception
-        ) as exc:  # a RuntimeError for a failed MD5 check, pickle's errors for a damaged batch
+        # a RuntimeError for a failed MD5 check, pickle's errors for a damaged batch
+        except Exception as exc:
             raise DataError(
                 f"{folder}: cannot read CIFAR-10 ({exc}); delete the folder and download again"
             ) from None
-        splits = [
-            ImageData(
-                torch.from_numpy(s.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(s.targets)
-            )
-            for s in sets
-        ]
-        return Dataset(
-            name,
-            *splits,
-            CIFAR10_CLASSES,
-            AUGMENTATIONS[name],
-            f"CIFAR-10 python batches in {folder}",
-            list(map(str, paths)),
-        )
+        images = [torch.from_numpy(s.data).permute(0, 3, 1, 2).contiguous() for s in sets]
+        splits = [ImageData(x, torch.tensor(s.targets)) for x, s in zip(images, sets)]
+        source = f"CIFAR-10 python batches in {folder}"
+    files = list(map(str, paths))
+    return Dataset(name, *splits, CLASSES[name], AUGMENTATIONS[name], source, files)
+
+
+def read_idx(paths: list[Path]) -> list[ImageData]:
+    """Train and test from the four IDX files, with torchvision's own readers, one file at a time."""
+    from torchvision.datasets.mnist import read_image_file, read_label_file
+
     tensors = []
-    # torchvision's own IDX readers, one file at a time
     for path, reader in zip(paths, (read_image_file, read_label_file) * 2):
         try:
             # 0x0803 (unsigned bytes, 3 sizes), the sizes: torchvision fails on a size 0
-            head = np.fromfile(path, ">u4", count=4)
-            if (
-                len(head) > 1
-                and head[0] >> 8 == 8
-                and 0 in (sizes := tuple(head[1 : 1 + head[0] % 256].tolist()))
-            ):
+            magic, *sizes = np.fromfile(path, ">u4", count=4).tolist() or [0]
+            if magic >> 8 == 8 and 0 in (sizes := tuple(sizes[: magic % 256])):
                 raise DataError(
                     f"{path}: an IDX file of no items (its sizes are {sizes}); replace it with the original"
                 )
@@ -314,24 +278,13 @@ def load_torchvision(name: str, data_dir: Path, download: bool) -> Dataset:
                 f"{path}: damaged or truncated IDX file ({reason}); replace it with the original"
             ) from None
     for images, labels, path in ((*tensors[:2], paths[1]), (*tensors[2:], paths[3])):
-        if len(images) != len(labels) or int(labels.max()) >= 10:
-            found = (
-                f"{len(labels)} labels for {len(images)} images"
-                if len(images) != len(labels)
-                else f"a label {int(labels.max())}"
-            )
+        count = f"{len(labels)} labels for {len(images)} images"
+        found = count if len(images) != len(labels) else f"a label {int(labels.max())}"
+        if len(images) != len(labels) or labels.max() >= 10:
             raise DataError(
                 f"{path}: {found}, expected one label of 0-9 an image; replace the files with the originals"
             )
-    splits = [ImageData(tensors[i][:, None].contiguous(), tensors[i + 1]) for i in (0, 2)]
-    return Dataset(
-        name,
-        *splits,
-        CLASSES[name],
-        AUGMENTATIONS[name],
-        f"IDX files in {folder}",
-        list(map(str, paths)),
-    )
+    return [ImageData(tensors[i][:, None].contiguous(), tensors[i + 1]) for i in (0, 2)]
 
 
 def listed(folder: Path) -> list[tuple[str, bool]]:
@@ -353,9 +306,8 @@ def decode(path: str, grey: bool) -> Tensor:
                 raise DataError(
                     f"{path}: {image.mode} (16/32-bit) images are not supported; convert the data set to 8-bit"
                 )
-            array = torch.from_numpy(
-                np.array(image.convert("L" if grey or image.mode in ("1", "L", "LA") else "RGB"))
-            )
+            grey = grey or image.mode in ("1", "L", "LA")
+            array = torch.from_numpy(np.array(image.convert("L" if grey else "RGB")))
     except Image.DecompressionBombError as exc:
         raise DataError(f"{path}: {exc} Use smaller images") from None
     except (OSError, ValueError, SyntaxError):  # UnidentifiedImageError is an OSError
@@ -369,13 +321,11 @@ def load_tree(name: str, root: Path) -> Dataset:
     from torchvision.datasets import DatasetFolder  # imported when used, as in load_torchvision
 
     entries = {split: listed(root / split) for split in ("train", "test")}
-    if stray := next(
-        (root / split / n for split, found in entries.items() for n, is_dir in found if not is_dir),
-        None,
-    ):
-        raise DataError(
-            f"{stray}: a file where only class folders belong; move it into a class folder or remove it"
-        )
+    for split, found in entries.items():
+        if stray := next((n for n, is_dir in found if not is_dir), None):
+            raise DataError(
+                f"{root / split / stray}: a file where only class folders belong; move it into a class folder or remove it"
+            )
     classes, test_classes = ([n for n, _ in entries[split]] for split in ("train", "test"))
     if len(classes) < 2:
         found = f"only the class {classes[0]!r}" if classes else "no class folders"
@@ -389,9 +339,8 @@ def load_tree(name: str, root: Path) -> Dataset:
     real_dirs: dict[str, str] = {}
 
     @cache  # once a folder: realpath costs milliseconds, times 60,000 files
-    def shown(
-        folder: str,
-    ) -> bool:  # not hidden, and not reached before through a link (its images would be read twice)
+    def shown(folder: str) -> bool:
+        """Not hidden, and not reached before through a link (its images would be read twice)."""
         if (first := real_dirs.setdefault(os.path.realpath(folder), folder)) != folder:
             raise DataError(
                 f"{folder}: the same folder as {first}, through a link; remove the link"
@@ -400,51 +349,38 @@ def load_tree(name: str, root: Path) -> Dataset:
 
     def valid(path: str) -> bool:
         """DatasetFolder's filter: regular files only (PIL would wait on a FIFO forever), not hidden."""
-        return (
-            shown(os.path.dirname(path))
-            and not os.path.basename(path).startswith(".")
-            and os.path.isfile(path)
-        )
+        hidden = os.path.basename(path).startswith(".")
+        return shown(os.path.dirname(path)) and not hidden and os.path.isfile(path)
 
-    splits, first, suffixes, index = [], None, set(), {c: i for i, c in enumerate(classes)}
+    samples, index = [], {c: i for i, c in enumerate(classes)}
     for split in ("train", "test"):
         for folder in (root / split / c for c in classes if (root / split / c).is_dir()):
             listed(folder)  # the walk skips a folder it cannot list, which would then look empty
-        samples = DatasetFolder.make_dataset(
+        found = DatasetFolder.make_dataset(
             str(root / split), index, is_valid_file=valid, allow_empty=True
         )
-        if empty := sorted(set(classes) - {classes[label] for _, label in samples}):
+        if empty := sorted(set(classes) - {classes[label] for _, label in found}):
             raise DataError(
                 f"{root / split / empty[0]}: class folder is empty or missing; every class needs images in train/ and test/"
             )
-        images = [decode(path, grey=name in GREY_SETS) for path, _ in samples]
-        first, suffixes = (
-            first or (samples[0][0], images[0].shape[1:]),
-            suffixes | {Path(path).suffix.lower() for path, _ in samples},
-        )
-        for (path, _), image in zip(samples, images):
-            (h, w), (h0, w0) = image.shape[1:], first[1]
-            if h != w or (h, w) != (h0, w0):
-                other = "not square" if h != w else f"{first[0]} is {w0}x{h0}"
-                raise DataError(
-                    f"{path}: the image is {w}x{h}, {other}; resize or crop every image to one square size"
-                )
-        splits.append((images, [label for _, label in samples]))
-    # one colour image makes a colour set
-    channels = max(image.shape[0] for images, _ in splits for image in images)
-    train, test = (
-        ImageData(torch.stack([im.expand(channels, -1, -1) for im in ims]), torch.tensor(labels))
-        for ims, labels in splits
-    )
+        samples.append(found)
+    paths, labels = zip(*samples[0], *samples[1])
+    images = []
+    for path in paths:
+        images.append(image := decode(path, grey=name in GREY_SETS))
+        (h, w), (h0, w0) = image.shape[1:], images[0].shape[1:]
+        if h != w or (h, w) != (h0, w0):
+            other = "not square" if h != w else f"{paths[0]} is {w0}x{h0}"
+            raise DataError(
+                f"{path}: the image is {w}x{h}, {other}; resize or crop every image to one square size"
+            )
+    channels = max(image.shape[0] for image in images)  # one colour image makes a colour set
+    images = torch.stack([image.expand(channels, -1, -1) for image in images])
+    n, labels = len(samples[0]), torch.tensor(labels)
+    train, test = ImageData(images[:n], labels[:n]), ImageData(images[n:], labels[n:])
     if name in CLASSES and [c.lower() for c in classes] == [c.lower() for c in CLASSES[name]]:
         classes = CLASSES[name]
-    source = f"image folders in {root} ({', '.join(sorted(suffixes))})"
-    return Dataset(
-        name,
-        train,
-        test,
-        classes,
-        AUGMENTATIONS.get(name, ()),
-        source,
-        [str(root / "train"), str(root / "test")],
-    )
+    suffixes = sorted({Path(path).suffix.lower() for path in paths})
+    source = f"image folders in {root} ({', '.join(suffixes)})"
+    files = [str(root / "train"), str(root / "test")]
+    return Dataset(name, train, test, classes, AUGMENTATIONS.get(name, ()), source, files)

@@ -3,6 +3,7 @@ loss see the global batch."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import sys
@@ -13,6 +14,7 @@ from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 from torch.distributed.constants import default_pg_timeout
 
 T = TypeVar("T")
@@ -46,10 +48,9 @@ def world_size() -> int:
         raise ValueError(
             f"the environment has WORLD_SIZE={world} but not {', '.join(missing)}: start with torchrun, or unset WORLD_SIZE"
         )
+    rank = f"a process rank from 0 to {world - 1} (WORLD_SIZE {world})"
     for name in ("RANK", "LOCAL_RANK"):
-        env_integer(
-            name, 0, world - 1, f"a process rank from 0 to {world - 1} (WORLD_SIZE {world})"
-        )
+        env_integer(name, 0, world - 1, rank)
     env_integer("MASTER_PORT", 1, 65535, "a port number from 1 to 65535")
     return world
 
@@ -62,33 +63,26 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
         return 0, 1
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    me, wait = f"rank {os.environ['RANK']}", f"{JOIN_TIMEOUT.total_seconds():.0f} s"
+    where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
     # started by hand, not by torchrun: say what it waits for
     if "TORCHELASTIC_RUN_ID" not in os.environ:
-        where, wait = (
-            f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}",
-            JOIN_TIMEOUT.total_seconds(),
-        )
-        print(
-            f"rank {os.environ['RANK']}: waiting up to {wait:.0f} s for all {world} processes at {where}",
-            file=sys.stderr,
-            flush=True,
-        )
+        print(f"{me}: waiting up to {wait} for all {world} processes at {where}", file=sys.stderr)
     # In a thread: the main thread then waits in Python, where SIGINT and SIGTERM take effect at once (main.py's line),
     # not after the C++ wait of up to JOIN_TIMEOUT; a daemon, so that exiting never waits for it.
-    joined: dict = {}
+    joined: list = []
     waiter = threading.Thread(target=rendezvous, args=(joined,), daemon=True)
     waiter.start()
     while waiter.is_alive():
         waiter.join(0.2)
-    try:
-        if "error" in joined:
-            raise joined["error"]
-        store, rank, _ = joined["result"]
-    except dist.DistError as exc:
+    if isinstance(joined[0], dist.DistError):
         raise DistributedError(
-            f"rank {os.environ['RANK']}: not all {world} processes met at {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} within "
-            f"{JOIN_TIMEOUT.total_seconds():.0f} s ({str(exc).splitlines()[0]}); start them with torchrun --nproc-per-node {world} main.py ..."
-        ) from None
+            f"{me}: not all {world} processes met at {where} within {wait} ({str(joined[0]).splitlines()[0]}); "
+            f"start them with torchrun --nproc-per-node {world} main.py ..."
+        )
+    if isinstance(joined[0], Exception):
+        raise joined[0]
+    store, rank, _ = joined[0]
     # later waits on the store (NCCL's first collective) get torch's usual time
     store.set_timeout(default_pg_timeout)
     dist.init_process_group(
@@ -97,12 +91,12 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
     return rank, world
 
 
-def rendezvous(joined: dict) -> None:
-    """torch's env:// rendezvous (store, rank, world size) into joined["result"], or its exception into joined["error"]."""
+def rendezvous(joined: list) -> None:
+    """torch's env:// rendezvous (store, rank, world size), or its exception, appended to `joined`."""
     try:
-        joined["result"] = next(dist.rendezvous("env://", timeout=JOIN_TIMEOUT))
+        joined.append(next(dist.rendezvous("env://", timeout=JOIN_TIMEOUT)))
     except Exception as exc:  # re-raised in the main thread
-        joined["error"] = exc
+        joined.append(exc)
 
 
 def close_distributed(finished: bool) -> None:
@@ -111,10 +105,9 @@ def close_distributed(finished: bool) -> None:
     so collect them first; after a finished train() wait for rank 0's pictures (after an error, no barrier)."""
     gc.collect()
     if finished:
-        try:
+        # a RuntimeError: another rank has already gone (its own error is the one reported)
+        with contextlib.suppress(RuntimeError):
             dist.barrier()
-        except RuntimeError:  # another rank has already gone (its own error is the one reported)
-            pass
     dist.destroy_process_group()
 
 
@@ -142,9 +135,7 @@ def rank0_first(load: Callable[..., T], *args: object) -> T:
         dist.barrier()
 
 
-def gather_batch(
-    features: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def gather_batch(features: Tensor, logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """The global batch from every rank's slice, gradients flowing back to each slice's owner: every rank's loss
     sees all pairs; the backward sums `world` identical gradients and DDP averages them (1/world), as one process
     holding the whole batch; the centers' gradients are then identical on every rank without communication."""
@@ -162,14 +153,14 @@ class AllGather(torch.autograd.Function):
     a private module."""
 
     @staticmethod
-    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, tensor: Tensor) -> Tensor:
         parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
         dist.all_gather(parts, tensor.contiguous())
         ctx.rows = tensor.shape[0]
         return torch.cat(parts)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+    def backward(ctx, grad: Tensor) -> Tensor:
         grad = grad.contiguous()
         dist.all_reduce(grad)
         start = dist.get_rank() * ctx.rows

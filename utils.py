@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -49,24 +50,22 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        tmp.unlink(missing_ok=True)
         try:
+            tmp.unlink(missing_ok=True)
             with open(tmp, "xb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-        except BaseException:
+        finally:  # gone after the replace
             tmp.unlink(missing_ok=True)
-            raise
-        try:  # the rename made durable; Windows cannot open a folder (PermissionError) and needs no such fsync
+        # the rename made durable; Windows cannot open a folder (PermissionError) and needs no such fsync
+        with contextlib.suppress(PermissionError):
             folder = os.open(path.parent, os.O_RDONLY)
-        except PermissionError:
-            return
-        try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
+            try:
+                os.fsync(folder)
+            finally:
+                os.close(folder)
     except OSError as exc:
         raise WriteError(
             f"cannot write {path} ({exc.strerror}); free space or fix the folder and run the same command again"
@@ -81,12 +80,8 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
 
 def write_json(path: Path, obj: Any) -> None:
     """Strict JSON (no NaN or Infinity tokens, which most parsers refuse): a non-finite float becomes null."""
-    atomic_write_bytes(
-        path,
-        (
-            json.dumps(finite_or_none(obj), indent=2, sort_keys=False, allow_nan=False) + "\n"
-        ).encode(),
-    )
+    text = json.dumps(finite_or_none(obj), indent=2, allow_nan=False) + "\n"
+    atomic_write_bytes(path, text.encode())
 
 
 def finite_or_none(obj: Any) -> Any:
@@ -105,16 +100,8 @@ def write_csv(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> Non
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow(
-            {
-                k: ""
-                if row.get(k) is None
-                else f"{row[k]:.6g}"
-                if isinstance(row[k], float)
-                else row[k]
-                for k in columns
-            }
-        )
+        cells = {k: "" if row.get(k) is None else row[k] for k in columns}
+        writer.writerow({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in cells.items()})
     atomic_write_bytes(path, buffer.getvalue().encode())
 
 
