@@ -49,9 +49,7 @@ def check_json(parser: argparse.ArgumentParser, path: str | None) -> None:
     try:
         open(path, "a").close()
     except OSError as e:
-        parser.error(
-            f"--json {path!r}: cannot write there ({e.strerror}); give a file in a writable folder"
-        )
+        parser.error(f"--json {path!r}: cannot write there ({e.strerror})")
     if not existed:  # through a symlink: the file it points to
         os.remove(os.path.realpath(path))
 
@@ -63,9 +61,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
         epilog="Other flags: main.py --help.",
     )
     add = p.add_argument
-    add(
-        "--steps", type=bounded(1, MAX_STEPS), default=30, help="timed steps per round and pipeline"
-    )
+    add("--steps", type=bounded(1, MAX_STEPS), default=30, help="timed steps a round and pipeline")
     add("--warmup", type=bounded(0, MAX_STEPS), default=5, help="untimed steps per pipeline first")
     add("--rounds", type=bounded(1, 100), default=3, help="rounds; samples/s: their median")
     add("--workers", type=bounded(0), help="DataLoader workers of the loader path (min(4, cores))")
@@ -170,9 +166,8 @@ def benchmark(args: argparse.Namespace, main_flags: list[str]) -> dict:
         pipelines[-1] |= {"step_fn": functools.partial(train_step, trainer), "rounds": []}
     for p in pipelines if args.warmup else []:
         run_steps(p, args, m, device, args.warmup - 1)  # untimed: the first steps allocate and tune
-    print(
-        f"{m.model} {m.loss} feat_dim {m.feat_dim} on {data.name} ({len(data.train)} train), batch {m.batch_size}, {device}"
-    )
+    setting = f"{m.model} {m.loss} feat_dim {m.feat_dim} on {data.name} ({len(data.train)} train)"
+    print(f"{setting}, batch {m.batch_size}, {device}")
     for r in range(args.rounds):
         for p in pipelines if r % 2 == 0 else pipelines[::-1]:
             p["rounds"].append(res := run_steps(p, args, m, device, args.steps))
@@ -188,6 +183,7 @@ def benchmark(args: argparse.Namespace, main_flags: list[str]) -> dict:
         print(
             f"{name:6s} {res['median_samples_per_s']:8.1f} samples/s (median of {args.rounds}), {cpu:.1f} per CPU second"
         )
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     report = {
         "repo": str(args.repo.resolve()),
         "commit": output("git", "-C", str(args.repo), "rev-parse", "HEAD"),
@@ -198,17 +194,13 @@ def benchmark(args: argparse.Namespace, main_flags: list[str]) -> dict:
         "main_flags": main_flags,
         "bench": vars(args) | {"repo": str(args.repo)},
         "pipelines": results,
-        "peak_cuda_mib": torch.cuda.max_memory_allocated(device) / 2**20
-        if device.type == "cuda"
-        else None,
+        "peak_cuda_mib": peak,
     }
     if not args.fast_only:
-        fast, slow = results["fast"], results["loader"]
+        fast, slow, median = results["fast"], results["loader"], "median_samples_per_s"
         per_round = [f / s for f, s in zip(fast["samples_per_s"], slow["samples_per_s"])]
         report["ratio_per_round"] = per_round
-        report["ratio_fast_over_loader"] = (
-            fast["median_samples_per_s"] / slow["median_samples_per_s"]
-        )
+        report["ratio_fast_over_loader"] = fast[median] / slow[median]
         rounds = ", ".join(f"{r:.2f}" for r in per_round)
         print(f"ratio fast/loader {report['ratio_fast_over_loader']:.2f}x (per round: {rounds})")
     return report
@@ -232,9 +224,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench.py: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as exc:
-        print(
-            "bench.py: interrupted; nothing was written (the rounds so far are lost)",
-            file=sys.stderr,
+        sys.stderr.write(
+            "bench.py: interrupted; nothing was written (the rounds so far are lost)\n"
         )
         return 128 + (exc.args[0] if exc.args else signal.SIGINT)
     finally:

@@ -30,9 +30,7 @@ from losses import CENTER_UPDATES, RowSGD, StandaloneCenterLoss, paper_center_up
 def counts(text: str) -> list[int]:
     values = [int(v) for v in text.split(",") if v.strip().isdigit()]
     if len(values) != len(text.split(",")) or min(values) < 1:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a comma-separated list of positive integers"
-        )
+        raise argparse.ArgumentTypeError(f"{text!r}: give positive integers, comma-separated")
     return values
 
 
@@ -42,17 +40,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     cuda, add = torch.cuda.is_available(), p.add_argument
-    add(
-        "--classes",
-        type=counts,
-        default=[10, 1000, 100_000],
-        help="comma-separated numbers of classes",
-    )
+    add("--classes", type=counts, default=[10, 1000, 100_000], help="comma-separated class counts")
     add("--batches", type=counts, default=[128, 1024], help="comma-separated batch sizes")
     add("--feat-dim", type=bounded(1), default=128)
-    add(
-        "--updates", default="sgd,paper", help="center updates to time, comma-separated: sgd, paper"
-    )
+    add("--updates", default="sgd,paper", help="comma-separated: sgd, paper")
     add("--devices", default="cpu,cuda" if cuda else "cpu", help="comma-separated: cpu, cuda")
     add("--repeats", type=bounded(1), default=30, help="timed rounds")
     add("--warmup", type=bounded(0), default=5, help="untimed rounds first")
@@ -134,10 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     for device, update, m in settings:
         steps = [loss_step(c, m, args.feat_dim, update, torch.device(device)) for c in args.classes]
         timed = time_settings(steps, args.repeats, args.warmup, torch.device(device))
-        times = dict(zip(args.classes, timed))
+        times, where = dict(zip(args.classes, timed)), dict(device=device, update=update, batch=m)
         for c, record in times.items():
             medians = {name: statistics.median(values) for name, values in record.items()}
-            results.append(dict(device=device, update=update, batch=m, classes=c) | medians)
+            results.append(where | {"classes": c} | medians)
             ms = ", ".join(f"{k} {v:.3f} ms" for k, v in medians.items())
             print(f"{device} {update} batch {m} classes {c}: {ms}", flush=True)
         if m == min(args.batches):
@@ -145,9 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             ratio = statistics.median(per_round)
             two = per_round if per_round[1:] else per_round * 2  # quantiles takes two or more
             q1, _, q3 = statistics.quantiles(two, n=4, method="inclusive")
-            ratios.append(
-                dict(device=device, update=update, batch=m, ratio=ratio, quartiles=[q1, q3])
-            )
+            ratios.append(where | {"ratio": ratio, "quartiles": [q1, q3]})
             print(
                 f"{device}: classes {many} vs {few} at batch {m}: ratio {ratio:.2f} ({update}; quartiles {q1:.2f}-{q3:.2f})",
                 flush=True,

@@ -332,9 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     add("--epochs", type=int, help="each run's epochs in all (35; rehearse: 2)")
     add("--per-call", type=int, help="epochs a call adds to each run (12; rehearse: 1)")
     add("--budget", type=int, default=300, help="seconds a call takes at most (300)")
-    add(
-        "--test-timeout", type=int, help="seconds for tests/test_cuda.py, 0: none (first call: 120)"
-    )
+    add("--test-timeout", type=int, help="tests/test_cuda.py's seconds, 0: none (first call: 120)")
     add("--losses", help="the grid's losses ('xent cent standalone'; rehearse: 'xent standalone')")
     add("--feat-dims", help="the grid's feature sizes ('2 128'; rehearse: '2')")
     args, extra = parser.parse_known_args(argv)
@@ -362,9 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"device_call.py: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM outside the training, which stops the runs itself
-        print(
-            "device_call.py: error: interrupted; the temporary folder is removed", file=sys.stderr
-        )
+        sys.stderr.write("device_call.py: error: interrupted; the temporary folder is removed\n")
         return 130
     return 0
 

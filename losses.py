@@ -111,9 +111,8 @@ class RowSGD(torch.optim.Optimizer):
         # one dense buffer, made at the first step (a state_dict from before it has none)
         if momentum:
             buffer = self.state[p].get("momentum_buffer")
-            buffer = self.state[p]["momentum_buffer"] = (
-                torch.zeros_like(p) if buffer is None else buffer
-            )
+            if buffer is None:
+                buffer = self.state[p]["momentum_buffer"] = torch.zeros_like(p)
             update = momentum * (held := buffer.index_select(0, rows)) + update
         new = (old := p.index_select(0, rows)) - group["lr"] * update
         ok = torch.isfinite(new).all()  # a finite new row has a finite buffer row (lr > 0)
@@ -136,9 +135,8 @@ class CenterLoss(nn.Module):
         super().__init__()
         self.centers = nn.Parameter(torch.randn(num_classes, feat_dim))
         self.sparse = sparse
-        self.labels = self.rows = (
-            None  # sparse: the last forward's labels and copy of their centers
-        )
+        # sparse: the last forward's labels and copy of their centers
+        self.labels = self.rows = None
 
     def intra(self, features: Tensor, labels: Tensor) -> Tensor:
         """intra_loss(features, centers, labels); sparse: on a copy of the batch's rows (the class docstring)."""
@@ -254,12 +252,8 @@ class Objective(nn.Module):
         if loss not in LOSSES:
             raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
         self.loss, self.weight_cent = loss, weight_cent
-        self.sparse_centers = sparse_centers and loss in PAPER_UPDATE_LOSSES
-        size, weights, sparse = (
-            (num_classes, feat_dim),
-            (weight_intra, weight_inter),
-            self.sparse_centers,
-        )
+        self.sparse_centers = sparse = sparse_centers and loss in PAPER_UPDATE_LOSSES
+        size, weights = (num_classes, feat_dim), (weight_intra, weight_inter)
         make = {
             "cent": lambda: CenterLoss(*size, sparse),
             "standalone": lambda: StandaloneCenterLoss(*size, *weights, inter_margin, sparse),
