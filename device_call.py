@@ -284,17 +284,14 @@ def contract(out: Path) -> list[str]:
     count, one, total, name = LIMITS
     found = [p.relative_to(out) for p in out.rglob("*")]
     sizes = [(out / p).stat().st_size for p in found if (out / p).is_file()]
-    return [
-        problem
-        for problem, broken in (
-            (f"{len(sizes)} files (at most {count})", len(sizes) > count),
-            (f"a file over {one // MiB} MiB", any(s > one for s in sizes)),
-            (f"{sum(sizes) / MiB:.1f} MiB (at most {total // MiB})", sum(sizes) > total),
-            ("a name not of [A-Za-z0-9._-]", any(not name.fullmatch(p.name) for p in found)),
-            ("a file more than 2 folders down", any(len(p.parts) > 3 for p in found)),
-        )
-        if broken
-    ]
+    problems = {
+        f"{len(sizes)} files (at most {count})": len(sizes) > count,
+        f"a file over {one // MiB} MiB": any(s > one for s in sizes),
+        f"{sum(sizes) / MiB:.1f} MiB (at most {total // MiB})": sum(sizes) > total,
+        "a name not of [A-Za-z0-9._-]": any(not name.fullmatch(p.name) for p in found),
+        "a file more than 2 folders down": any(len(p.parts) > 3 for p in found),
+    }
+    return [problem for problem, broken in problems.items() if broken]
 
 
 def rehearse(args, extra: list[str]) -> int:

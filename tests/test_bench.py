@@ -28,9 +28,8 @@ def test_bench_times_both_pipelines_of_the_repo_checkout(tiny_mnist, tmp_path: P
     marked = f"def train_step(*args):\n    open({str(mark)!r}, 'a').write('step\\n')\n    return timed_step(*args)\n\n\ndef timed_step("
     (other / "training.py").write_text(head + marked + tail)
     flags = ["--dataset", "mnist", "--data-dir", tiny_mnist[0], *FAST, "--model", "lenet++"]
-    proc = check_ok(
-        run_script("bench.py", [*flags, "--workers", "0", "--repo", other, "--json", out])
-    )
+    flags += ["--workers", "0", "--repo", other, "--json", out]
+    proc = check_ok(run_script("bench.py", flags))
     # per pipeline: the warm-up's first batch, then 2 rounds of a first batch and 1 timed step
     assert mark.read_text().count("step") == 2 * (1 + 2 * (1 + 1))
     report = json.loads(out.read_text())

@@ -39,9 +39,7 @@ class TorchSGD(torch.optim.SGD):
         super().step()
 
 
-def test_100000_classes_cost_what_10_do_and_dense_sgd_would_not(
-    tmp_path: Path, monkeypatch
-) -> None:
+def test_100000_classes_cost_what_10_do_and_dense_sgd_would_not(tmp_path, monkeypatch):
     """Both center updates within 1.5x at 100,000 classes against 10; dense gradients with torch's SGD
     are above 3, so the bound can tell. One retry (a loaded machine; a cost growing with C fails
     every time)."""
@@ -59,11 +57,8 @@ def test_bench_loss_prints_every_setting_and_the_ratios(tmp_path: Path, capsys) 
     flags = "--classes 10,3000 --batches 8,16 --feat-dim 4 --repeats 3 --warmup 1 --devices cpu"
     assert bench_loss.main([*flags.split(), "--json", str(report)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    timing = re.compile(
-        r"cpu (sgd|paper) batch (8|16) classes (10|3000): forward [\d.]+ ms, backward [\d.]+ ms, "
-        r"center_update [\d.]+ ms, step [\d.]+ ms"
-    )
-    assert sum(bool(timing.fullmatch(line)) for line in lines) == 8 and len(lines) == 10
+    timing = r"cpu (sgd|paper) batch (8|16) classes (10|3000): forward [\d.]+ ms, backward [\d.]+ ms, center_update [\d.]+ ms, step [\d.]+ ms"
+    assert sum(bool(re.fullmatch(timing, line)) for line in lines) == 8 and len(lines) == 10
     pattern = r"cpu: classes 3000 vs 10 at batch 8: ratio ([\d.]+) \((sgd|paper); quartiles ([\d.]+)-([\d.]+)\)"
     found = [re.fullmatch(pattern, line) for line in lines if "ratio" in line]
     assert all(found) and [m.group(2) for m in found] == ["sgd", "paper"]
@@ -72,12 +67,11 @@ def test_bench_loss_prints_every_setting_and_the_ratios(tmp_path: Path, capsys) 
         ratio, low, high = (float(m.group(i)) for i in (1, 3, 4))
         assert ratio == round(r["ratio"], 2) and low <= ratio <= high
         assert [round(q, 2) for q in r["quartiles"]] == [low, high]
-    assert len(saved["results"]) == 8 and all(
-        r["step"] > 0 < r["forward"] for r in saved["results"]
-    )
+    assert len(saved["results"]) == 8
+    assert min(min(r["step"], r["forward"]) for r in saved["results"]) > 0
 
 
-LIST = "is not a comma-separated list of positive integers"
+LIST = "give positive integers, comma-separated"
 DEVICES = "choose from cpu, comma-separated; no CUDA device here"
 JSON = "cannot write there (No such file or directory)"
 
@@ -85,9 +79,9 @@ JSON = "cannot write there (No such file or directory)"
 @pytest.mark.parametrize(
     "flags, message",
     [
-        ("--classes 0", f"argument --classes: '0' {LIST}"),
-        ("--classes 10,x", f"argument --classes: '10,x' {LIST}"),
-        ("--batches 0", f"argument --batches: '0' {LIST}"),
+        ("--classes 0", f"argument --classes: '0': {LIST}"),
+        ("--classes 10,x", f"argument --classes: '10,x': {LIST}"),
+        ("--batches 0", f"argument --batches: '0': {LIST}"),
         ("--repeats 0", "argument --repeats: '0' is not an integer in [1, inf]"),
         ("--warmup -5", "argument --warmup: '-5' is not an integer in [0, inf]"),
         ("--feat-dim 0", "argument --feat-dim: '0' is not an integer in [1, inf]"),
@@ -105,9 +99,7 @@ def test_bad_flags_are_refused_in_one_line_before_any_timing(
     flags, message, tmp_path, monkeypatch, capsys
 ):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(
-        bench_loss, "time_settings", lambda *a: pytest.fail("timed despite a bad flag")
-    )
+    monkeypatch.setattr(bench_loss, "time_settings", None)  # timing would call None: a TypeError
     with pytest.raises(SystemExit) as exit_:
         bench_loss.main(shlex.split(flags.replace("{tmp}", str(tmp_path))))
     out, err = capsys.readouterr()

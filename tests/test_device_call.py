@@ -16,10 +16,7 @@ from test_report import table_rows
 
 import device_call
 
-
-def names(archive: Path) -> list[str]:
-    with tarfile.open(archive) as tar:
-        return tar.getnames()
+RUN = "cent-mnist-feat=2"
 
 
 def test_rehearsal_brings_back_a_table_and_the_second_call_continues(
@@ -52,23 +49,20 @@ def test_rehearsal_brings_back_a_table_and_the_second_call_continues(
         assert sorted(map(str, found)) == sorted(files) and max(sizes) <= 16 * 2**20
         assert sum(sizes) <= 64 * 2**20
         assert all(re.fullmatch(r"[A-Za-z0-9._-]+", p.name) for p in found)
-        assert ("tests/test_cuda.py: exit 0: 1 passed" in (call / "call.log").read_text()) == (
-            k == 1
-        )
+        log = (call / "call.log").read_text()
+        assert ("tests/test_cuda.py: exit 0: 1 passed" in log) == (k == 1)
         table, runs = (call / "table.md").read_text().split("\n\n")
         [row] = table_rows(table)
-        assert (
-            row[:3] == ["cent", "mnist", "2"] and row[5] == epochs and re.fullmatch(diff, row[11])
-        )
+        assert row[:3] == ["cent", "mnist", "2"] and row[5] == epochs
+        assert re.fullmatch(diff, row[11])
         assert row[3].endswith(" (unfinished)") == (k == 1)
-        assert f"| cent-mnist-feat=2 | {progress} |" in runs
+        assert f"| {RUN} | {progress} |" in runs
         with tarfile.open(call / "runs.tar.gz") as tar:
-            metrics.append(
-                tar.extractfile("runs/cent-mnist-feat=2/metrics.csv").read().splitlines()
-            )
+            metrics.append(tar.extractfile(f"runs/{RUN}/metrics.csv").read().splitlines())
             assert not [n for n in tar.getnames() if n.endswith(("checkpoint.pt", ".lock"))]
+        with tarfile.open(call / "state-1.tar") as tar:  # what the next call continues from
+            assert f"runs/{RUN}/checkpoint.pt" in tar.getnames()
     assert len(metrics[1]) == 3 and metrics[1][:2] == metrics[0]  # epoch 1 kept, epoch 2 added
-    assert "runs/cent-mnist-feat=2/checkpoint.pt" in names(out / "call-2" / "state-1.tar")
 
 
 def test_state_archives_are_filled_first_fit_and_unpack_replaces_the_old(tmp_path, monkeypatch):
@@ -145,9 +139,8 @@ def test_refusals_are_one_line_and_change_nothing(
     monkeypatch.delenv("OUT", raising=False)
     monkeypatch.setattr(device_call.tempfile, "tempdir", str(tmp_path / "tmp"))
     before = listing(state)
-    argv = [a.format(tmp=tmp_path) for a in argv] + ["--state", str(state)] * (
-        "--state" not in argv
-    )
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    argv += ["--state", str(state)] * ("--state" not in argv)
     assert device_call.main(argv) == 1
     assert message in stderr_error_line(capsys.readouterr().err)
     assert listing(state) == before and list((tmp_path / "tmp").iterdir()) == []
