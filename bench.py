@@ -162,8 +162,8 @@ def benchmark(args: argparse.Namespace, main_flags: list[str]) -> dict:
         trainer = build_trainer(argparse.Namespace(**s), data, device)
         train = data.train.to(device) if name == "fast" else data.train
         aug = torch.Generator(device).manual_seed(m.seed + 1)
-        pipelines.append(dict(name=name, data=train, augs=data.augmentations, aug=aug, step=0))
-        pipelines[-1] |= {"step_fn": functools.partial(train_step, trainer), "rounds": []}
+        p = dict(name=name, data=train, augs=data.augmentations, aug=aug, step=0, rounds=[])
+        pipelines.append(p | {"step_fn": functools.partial(train_step, trainer)})
     for p in pipelines if args.warmup else []:
         run_steps(p, args, m, device, args.warmup - 1)  # untimed: the first steps allocate and tune
     setting = f"{m.model} {m.loss} feat_dim {m.feat_dim} on {data.name} ({len(data.train)} train)"

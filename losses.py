@@ -53,10 +53,9 @@ def in_float32(method: Callable) -> Callable:
 
     @functools.wraps(method)
     def wrapper(self: nn.Module, features: Tensor, labels: Tensor):
+        features = features.to(torch.promote_types(features.dtype, torch.float32))
         with torch.autocast(features.device.type, enabled=False):
-            return method(
-                self, features.to(torch.promote_types(features.dtype, torch.float32)), labels
-            )
+            return method(self, features, labels)
 
     return wrapper
 
