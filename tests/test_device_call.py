@@ -33,17 +33,11 @@ def test_rehearsal_brings_back_a_table_and_the_second_call_continues(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "out"]  # no temporary folder left
     common = ["call.log", "runs.tar.gz", "state-1.tar", "table.md"]
     metrics = []
-    for k, files, epochs, diff, progress in (
-        (
-            1,
-            [*common, "cuda-tests.log"],
-            "1 of 2 (unfinished)",
-            "/",
-            "1 of 2 | +1, piece done | 143",
-        ),
-        (2, common, "2", r"[+-]0\.\d{3}", "2 of 2 (finished) | +1, ended | 0"),
+    for k, epochs, diff, progress in (
+        (1, "1 of 2 (unfinished)", "/", "1 of 2 | +1, piece done | 143"),
+        (2, "2", r"[+-]0\.\d{3}", "2 of 2 (finished) | +1, ended | 0"),
     ):
-        call = out / f"call-{k}"
+        call, files = out / f"call-{k}", common + ["cuda-tests.log"] * (k == 1)
         found = [p.relative_to(call) for p in call.rglob("*")]
         sizes = [(call / p).stat().st_size for p in found]
         assert sorted(map(str, found)) == sorted(files) and max(sizes) <= 16 * 2**20
@@ -87,11 +81,9 @@ def test_state_archives_are_filled_first_fit_and_unpack_replaces_the_old(tmp_pat
 
 
 def test_progress_has_a_row_for_a_run_without_an_epoch(tmp_path) -> None:
-    (tmp_path / "cent-mnist-feat=2").mkdir()  # stopped before its first epoch ended
-    status = {"cent-mnist-feat=2": (0, 143, "deadline")}
-    assert device_call.progress(tmp_path, status, 35).splitlines()[2:] == [
-        "| cent-mnist-feat=2 | 0 of 35 | +0, deadline | 143 | / |"
-    ]
+    (tmp_path / RUN).mkdir()  # stopped before its first epoch ended
+    [row] = device_call.progress(tmp_path, {RUN: (0, 143, "deadline")}, 35).splitlines()[2:]
+    assert row == f"| {RUN} | 0 of 35 | +0, deadline | 143 | / |"
 
 
 def tar_of(path: Path, members: dict[str, bytes]) -> None:
@@ -105,16 +97,8 @@ def tar_of(path: Path, members: dict[str, bytes]) -> None:
     "argv, setup, message",
     [
         (["pack", "--data-dir", "{tmp}/none"], None, "MNIST/raw/train-images-idx3-ubyte not found"),
-        (
-            ["unpack", "{tmp}/back"],
-            b"junk",
-            "back/state-1.tar: not a whole tar archive (file could",
-        ),
-        (
-            ["unpack", "{tmp}/back"],
-            {"../x": b"1"},
-            "holds '../x', not a plain path; nothing changed",
-        ),
+        (["unpack", "{tmp}/back"], b"junk", "state-1.tar: not a whole tar archive (file could"),
+        (["unpack", "{tmp}/back"], {"../x": b"1"}, "'../x', not a plain path; nothing changed"),
         (["unpack", "{tmp}/back"], {"/etc/x": b"1"}, "holds '/etc/x', not a plain path"),
         (["unpack", "{tmp}"], None, "no state-*.tar, the files a call brings back"),
         (["run"], None, "set OUT (or --out) to the existing folder"),
