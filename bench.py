@@ -13,19 +13,45 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import os
+import re
 import shutil
 import signal
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 
 MAX_STEPS = 10_000  # per round: minutes on a CPU; a typo's 10**9 would run for days
+
+
+def bounded(least: int, most: float = math.inf) -> Callable[[str], int]:
+    """An argparse type (also bench_loss.py's): an integer from least to most, else one line, exit 2."""
+
+    def integer(text: str) -> int:
+        if not (re.fullmatch(r"-?\d+", text) and least <= int(text) <= most):
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer in [{least}, {most}]")
+        return int(text)
+
+    return integer
+
+
+def check_json(parser: argparse.ArgumentParser, path: str | None) -> None:
+    """Refuse (exit 2) a --json that cannot be written now, not after the timing; leave no file behind."""
+    if path is None:
+        return
+    existed = os.path.exists(path)
+    try:
+        open(path, "a").close()
+    except OSError as e:
+        parser.error(f"--json {path!r}: cannot write there ({e.strerror})")
+    if not existed:  # through a symlink: the file it points to
+        os.remove(os.path.realpath(path))
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
@@ -34,62 +60,24 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
         allow_abbrev=False,
         epilog="Other flags: main.py --help.",
     )
-    p.add_argument("--steps", type=int, default=30, help="timed steps per round and pipeline")
-    p.add_argument(
-        "--warmup", type=int, default=5, help="untimed steps per pipeline before the first round"
-    )
-    p.add_argument(
-        "--rounds",
-        type=int,
-        default=3,
-        help="rounds; each pipeline's samples/s is the median over them",
-    )
-    p.add_argument(
-        "--workers", type=int, help="DataLoader workers of the loader path (default: min(4, cores))"
-    )
-    p.add_argument(
-        "--loader-amp",
-        choices=("off", "bf16", "fp16"),
-        help="autocast precision of the loader path (default off)",
-    )
-    p.add_argument("--fast-only", action="store_true", help="time the fast path only")
-    p.add_argument(
-        "--json", default="bench.json", help="write the report here (checked before anything runs)"
-    )
-    p.add_argument(
-        "--repo",
-        type=Path,
-        default=Path(__file__).resolve().parent,
-        help="the checkout whose code is timed",
-    )
+    add = p.add_argument
+    add("--steps", type=bounded(1, MAX_STEPS), default=30, help="timed steps a round and pipeline")
+    add("--warmup", type=bounded(0, MAX_STEPS), default=5, help="untimed steps per pipeline first")
+    add("--rounds", type=bounded(1, 100), default=3, help="rounds; samples/s: their median")
+    add("--workers", type=bounded(0), help="DataLoader workers of the loader path (min(4, cores))")
+    add("--loader-amp", choices=("off", "bf16", "fp16"), help="autocast of the loader path (off)")
+    add("--fast-only", action="store_true", help="time the fast path only")
+    add("--json", default="bench.json", help="write the report here (checked before anything runs)")
+    add("--repo", type=Path, default=Path(__file__).resolve().parent, help="the checkout timed")
     args, main_flags = p.parse_known_args(argv)
     if args.fast_only and (args.workers is not None or args.loader_amp is not None):
-        p.error(
-            "--workers and --loader-amp set the loader path, which --fast-only does not run; drop them"
-        )
+        p.error("--workers and --loader-amp set the loader path, which --fast-only does not run")
     if not args.fast_only:
         args.workers = min(4, os.cpu_count() or 1) if args.workers is None else args.workers
         args.loader_amp = args.loader_amp or "off"
-    if not (
-        1 <= args.steps <= MAX_STEPS
-        and 1 <= args.rounds <= 100
-        and 0 <= args.warmup <= MAX_STEPS
-        and (args.workers or 0) >= 0
-    ):
-        p.error(
-            f"--steps must be 1 to {MAX_STEPS}, --rounds 1 to 100, --warmup 0 to {MAX_STEPS}, --workers not negative"
-        )
     if not (args.repo / "main.py").is_file():
         p.error(f"--repo {args.repo}: no main.py there; give a checkout of this project")
-    if (
-        args.json.strip() == ""
-        or Path(args.json).is_dir()
-        or (Path(args.json).is_symlink() and not Path(args.json).exists())  # dangling, or a loop
-        or not os.access(Path(args.json).parent, os.W_OK)
-    ):
-        p.error(
-            f"--json {args.json!r}: give a file in an existing, writable folder (checked first, so no timing is lost)"
-        )
+    check_json(p, args.json)
     return args, main_flags
 
 
@@ -100,18 +88,14 @@ def stream(p: dict, args: argparse.Namespace, m: argparse.Namespace, device) -> 
 
     epoch, start = divmod(p["step"], len(p["data"]) // m.batch_size)
     while True:
-        order = torch.randperm(
-            len(p["data"]), generator=epoch_generator(m.seed, epoch := epoch + 1)
-        )
+        epoch += 1
+        order = torch.randperm(len(p["data"]), generator=epoch_generator(m.seed, epoch))
+        common = (p["data"], order, m.batch_size, p["augs"])
         if p["name"] == "fast":
-            yield from batches.tensor_batches(
-                p["data"], order, m.batch_size, p["augs"], p["aug"], start=start
-            )
+            yield from batches.tensor_batches(*common, p["aug"], start=start)
         else:
             gen = epoch_generator(m.seed, epoch)
-            yield from batches.loader_batches(
-                p["data"], order, m.batch_size, p["augs"], gen, args.workers, device, start=start
-            )
+            yield from batches.loader_batches(*common, gen, args.workers, device, start=start)
         start = 0
 
 
@@ -147,6 +131,12 @@ def run_steps(p: dict, args: argparse.Namespace, m: argparse.Namespace, device, 
     )
 
 
+def output(*cmd: str) -> str | None:
+    if not shutil.which(cmd[0]):
+        return None
+    return subprocess.run(cmd, capture_output=True, text=True).stdout.strip() or None
+
+
 def benchmark(args: argparse.Namespace, main_flags: list[str]) -> dict:
     import datasets
     from config import parse_args as parse_main_args
@@ -166,74 +156,53 @@ def benchmark(args: argparse.Namespace, main_flags: list[str]) -> dict:
             file=sys.stderr,
         )
         raise SystemExit(2)
-    pipelines = []
+    pipelines, loader = [], {"amp": args.loader_amp, "channels_last": False, "compile": False}
     for name in ("fast",) if args.fast_only else ("loader", "fast"):
-        loader = {"amp": args.loader_amp, "channels_last": False, "compile": False}
-        s = argparse.Namespace(**vars(m) | (loader if name == "loader" else {}))
-        step_fn = functools.partial(train_step, build_trainer(s, data, device))
-        train, aug = (
-            data.train.to(device) if name == "fast" else data.train,
-            torch.Generator(device).manual_seed(m.seed + 1),
-        )
-        pipe = dict(name=name, data=train, augs=data.augmentations, aug=aug, step_fn=step_fn)
-        pipelines.append(pipe | {"step": 0, "rounds": []})
+        s = vars(m) | (loader if name == "loader" else {})
+        trainer = build_trainer(argparse.Namespace(**s), data, device)
+        train = data.train.to(device) if name == "fast" else data.train
+        aug = torch.Generator(device).manual_seed(m.seed + 1)
+        p = dict(name=name, data=train, augs=data.augmentations, aug=aug, step=0, rounds=[])
+        pipelines.append(p | {"step_fn": functools.partial(train_step, trainer)})
     for p in pipelines if args.warmup else []:
         run_steps(p, args, m, device, args.warmup - 1)  # untimed: the first steps allocate and tune
-    print(
-        f"{m.model} {m.loss} feat_dim {m.feat_dim} on {data.name} ({len(data.train)} train), batch {m.batch_size}, {device}"
-    )
+    setting = f"{m.model} {m.loss} feat_dim {m.feat_dim} on {data.name} ({len(data.train)} train)"
+    print(f"{setting}, batch {m.batch_size}, {device}")
     for r in range(args.rounds):
         for p in pipelines if r % 2 == 0 else pipelines[::-1]:
-            p["rounds"].append(run_steps(p, args, m, device, args.steps))
+            p["rounds"].append(res := run_steps(p, args, m, device, args.steps))
             print(
-                f"  round {r + 1}/{args.rounds} {p['name']:6s} {p['rounds'][-1]['samples_per_s']:8.1f} samples/s"
+                f"  round {r + 1}/{args.rounds} {p['name']:6s} {res['samples_per_s']:8.1f} samples/s"
             )
     results = {
-        p["name"]: {key: [r[key] for r in p["rounds"]] for key in p["rounds"][0]} for p in pipelines
+        p["name"]: {k: [r[k] for r in p["rounds"]] for k in p["rounds"][0]} for p in pipelines
     }
     for name, res in results.items():
-        res["median_samples_per_s"], cpu = (
-            statistics.median(res["samples_per_s"]),
-            statistics.median(res["samples_per_cpu_s"]),
-        )
+        res["median_samples_per_s"] = statistics.median(res["samples_per_s"])
+        cpu = statistics.median(res["samples_per_cpu_s"])
         print(
             f"{name:6s} {res['median_samples_per_s']:8.1f} samples/s (median of {args.rounds}), {cpu:.1f} per CPU second"
         )
-
-    def output(*cmd: str) -> str | None:
-        if not shutil.which(cmd[0]):
-            return None
-        return subprocess.run(cmd, capture_output=True, text=True).stdout.strip() or None
-
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     report = {
         "repo": str(args.repo.resolve()),
         "commit": output("git", "-C", str(args.repo), "rev-parse", "HEAD"),
         "device": str(device),
-    }
-    report |= {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "lscpu": output("lscpu"),
         "main_flags": main_flags,
-    }
-    peak_cuda_mib = (
-        torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    )
-    report |= {
         "bench": vars(args) | {"repo": str(args.repo)},
         "pipelines": results,
-        "peak_cuda_mib": peak_cuda_mib,
+        "peak_cuda_mib": peak,
     }
     if not args.fast_only:
-        report["ratio_per_round"] = [
-            f / lo
-            for f, lo in zip(results["fast"]["samples_per_s"], results["loader"]["samples_per_s"])
-        ]
-        report["ratio_fast_over_loader"] = (
-            results["fast"]["median_samples_per_s"] / results["loader"]["median_samples_per_s"]
-        )
-        per_round = ", ".join(f"{r:.2f}" for r in report["ratio_per_round"])
-        print(f"ratio fast/loader {report['ratio_fast_over_loader']:.2f}x (per round: {per_round})")
+        fast, slow, median = results["fast"], results["loader"], "median_samples_per_s"
+        per_round = [f / s for f, s in zip(fast["samples_per_s"], slow["samples_per_s"])]
+        report["ratio_per_round"] = per_round
+        report["ratio_fast_over_loader"] = fast[median] / slow[median]
+        rounds = ", ".join(f"{r:.2f}" for r in per_round)
+        print(f"ratio fast/loader {report['ratio_fast_over_loader']:.2f}x (per round: {rounds})")
     return report
 
 
@@ -248,23 +217,20 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(args.repo.resolve()))
     import datasets
 
-    previous = {
-        signum: signal.signal(signum, interrupted) for signum in (signal.SIGINT, signal.SIGTERM)
-    }
+    previous = {how: signal.signal(how, interrupted) for how in (signal.SIGINT, signal.SIGTERM)}
     try:
         report = benchmark(args, main_flags)
     except datasets.DataError as exc:
         print(f"bench.py: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as exc:
-        print(
-            "bench.py: interrupted; nothing was written (the rounds so far are lost)",
-            file=sys.stderr,
+        sys.stderr.write(
+            "bench.py: interrupted; nothing was written (the rounds so far are lost)\n"
         )
         return 128 + (exc.args[0] if exc.args else signal.SIGINT)
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        for how, handler in previous.items():
+            signal.signal(how, handler)
     Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     print(f"-> {args.json}")
     return 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 import os
 import statistics
@@ -22,15 +23,14 @@ from pathlib import Path
 
 import torch
 
+from bench import bounded, check_json
 from losses import CENTER_UPDATES, RowSGD, StandaloneCenterLoss, paper_center_update
 
 
 def counts(text: str) -> list[int]:
     values = [int(v) for v in text.split(",") if v.strip().isdigit()]
     if len(values) != len(text.split(",")) or min(values) < 1:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a comma-separated list of positive integers"
-        )
+        raise argparse.ArgumentTypeError(f"{text!r}: give positive integers, comma-separated")
     return values
 
 
@@ -39,45 +39,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    p.add_argument(
-        "--classes",
-        type=counts,
-        default=[10, 1000, 100_000],
-        help="comma-separated numbers of classes",
-    )
-    p.add_argument(
-        "--batches", type=counts, default=[128, 1024], help="comma-separated batch sizes"
-    )
-    p.add_argument("--feat-dim", type=int, default=128)
-    p.add_argument(
-        "--updates", default="sgd,paper", help="center updates to time, comma-separated: sgd, paper"
-    )
-    p.add_argument(
-        "--devices",
-        default="cpu,cuda" if torch.cuda.is_available() else "cpu",
-        help="comma-separated: cpu, cuda",
-    )
-    p.add_argument("--repeats", type=int, default=30, help="timed rounds")
-    p.add_argument("--warmup", type=int, default=5, help="untimed rounds first")
-    p.add_argument("--json", default=None, help="also write every median and ratio here")
+    cuda, add = torch.cuda.is_available(), p.add_argument
+    add("--classes", type=counts, default=[10, 1000, 100_000], help="comma-separated class counts")
+    add("--batches", type=counts, default=[128, 1024], help="comma-separated batch sizes")
+    add("--feat-dim", type=bounded(1), default=128)
+    add("--updates", default="sgd,paper", help="comma-separated: sgd, paper")
+    add("--devices", default="cpu,cuda" if cuda else "cpu", help="comma-separated: cpu, cuda")
+    add("--repeats", type=bounded(1), default=30, help="timed rounds")
+    add("--warmup", type=bounded(0), default=5, help="untimed rounds first")
+    add("--json", default=None, help="also write every median and ratio here")
     args = p.parse_args(argv)
-    for flag, value, least in (
-        ("--feat-dim", args.feat_dim, 1),
-        ("--repeats", args.repeats, 1),
-        ("--warmup", args.warmup, 0),
-    ):
-        if value < least:
-            p.error(f"{flag} must be at least {least}, not {value}")
-    cuda = torch.cuda.is_available()
     for flag, given, allowed in (
         ("--updates", args.updates, CENTER_UPDATES),
         ("--devices", args.devices, ("cpu", "cuda")[: 1 + cuda]),
     ):
         if not set(given.split(",")) <= set(allowed):
-            p.error(
-                f"{flag} {given!r}: choose from {', '.join(allowed)}, comma-separated"
-                + ("; no CUDA device here" * (flag == "--devices" and not cuda))
-            )
+            no_cuda = "; no CUDA device here" * (flag == "--devices" and not cuda)
+            p.error(f"{flag} {given!r}: choose from {', '.join(allowed)}, comma-separated{no_cuda}")
     # C x D centers, momentum, gradient; m x m
     need = 4 * (3 * max(args.classes) * args.feat_dim + 4 * max(args.batches) ** 2)
     memory = {
@@ -88,16 +66,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(
             f"the largest setting needs {need / 2**30:.1f} GiB, more than half of the {have / 2**30:.1f} GiB here"
         )
-    if args.json is not None:  # now, not after the timing, and leaving no file behind
-        existed = os.path.lexists(args.json)
-        try:
-            open(args.json, "a").close()
-        except OSError as e:
-            p.error(
-                f"--json {args.json!r}: cannot write there ({e.strerror}); give a file in an existing, writable folder"
-            )
-        if not existed:
-            os.remove(args.json)
+    check_json(p, args.json)
     return args
 
 
@@ -128,10 +97,9 @@ def time_settings(
     steps: list[list[Callable]], repeats: int, warmup: int, device: torch.device
 ) -> list[dict[str, list]]:
     """ms of each phase and of the whole step, one per timed round, for each setting; the settings take turns in every round."""
+    cuda = device.type == "cuda"
     sync, clock = (
-        (torch.cuda.synchronize, time.perf_counter)
-        if device.type == "cuda"
-        else (lambda: None, time.process_time)
+        (torch.cuda.synchronize, time.perf_counter) if cuda else (lambda: None, time.process_time)
     )
     times = [{name: [] for name in ("forward", "backward", "center_update", "step")} for _ in steps]
     for i in range(warmup + repeats):
@@ -153,55 +121,29 @@ def main(argv: list[str] | None = None) -> int:
     # with two threads on a busy 2-core machine a step waits for a descheduled one (ratios 118, 0.02)
     torch.set_num_threads(1)
     results, ratios, few, many = [], [], min(args.classes), max(args.classes)
-    for device, update, m in (
-        (d, u, m)
-        for d in args.devices.split(",")
-        for u in args.updates.split(",")
-        for m in args.batches
-    ):
+    settings = itertools.product(args.devices.split(","), args.updates.split(","), args.batches)
+    for device, update, m in settings:
         steps = [loss_step(c, m, args.feat_dim, update, torch.device(device)) for c in args.classes]
-        times = dict(
-            zip(args.classes, time_settings(steps, args.repeats, args.warmup, torch.device(device)))
-        )
+        timed = time_settings(steps, args.repeats, args.warmup, torch.device(device))
+        times, where = dict(zip(args.classes, timed)), dict(device=device, update=update, batch=m)
         for c, record in times.items():
             medians = {name: statistics.median(values) for name, values in record.items()}
-            results.append(
-                {"device": device, "update": update, "batch": m, "classes": c, **medians}
-            )
-            print(
-                f"{device} {update} batch {m} classes {c}: "
-                + ", ".join(f"{k} {v:.3f} ms" for k, v in medians.items()),
-                flush=True,
-            )
+            results.append(where | {"classes": c} | medians)
+            ms = ", ".join(f"{k} {v:.3f} ms" for k, v in medians.items())
+            print(f"{device} {update} batch {m} classes {c}: {ms}", flush=True)
         if m == min(args.batches):
             per_round = [a / b for a, b in zip(times[many]["step"], times[few]["step"])]
             ratio = statistics.median(per_round)
-            q1, _, q3 = (
-                statistics.quantiles(per_round, n=4, method="inclusive")
-                if len(per_round) > 1
-                else [ratio] * 3
-            )
-            ratios.append(
-                {
-                    "device": device,
-                    "update": update,
-                    "batch": m,
-                    "ratio": ratio,
-                    "quartiles": [q1, q3],
-                }
-            )
+            two = per_round if per_round[1:] else per_round * 2  # quantiles takes two or more
+            q1, _, q3 = statistics.quantiles(two, n=4, method="inclusive")
+            ratios.append(where | {"ratio": ratio, "quartiles": [q1, q3]})
             print(
                 f"{device}: classes {many} vs {few} at batch {m}: ratio {ratio:.2f} ({update}; quartiles {q1:.2f}-{q3:.2f})",
                 flush=True,
             )
     if args.json:
-        report = {
-            "feat_dim": args.feat_dim,
-            "repeats": args.repeats,
-            "torch": torch.__version__,
-            "ratios": ratios,
-            "results": results,
-        }
+        report = dict(feat_dim=args.feat_dim, repeats=args.repeats, torch=torch.__version__)
+        report |= dict(ratios=ratios, results=results)
         Path(args.json).write_text(json.dumps(report, indent=2))
     return 0
 

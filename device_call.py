@@ -17,6 +17,7 @@ next call continues. POSIX only (process groups). docs/speed.md: the plan and wh
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import importlib.util
 import os
@@ -38,6 +39,8 @@ LIMITS = (8, 16 * MiB, 64 * MiB, re.compile(r"[A-Za-z0-9._-]+"))  # files, one, 
 GRACE = 45  # seconds a call keeps after its runs' deadline: checkpoints, table, archives
 PIP = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
 INTERRUPTED: list[int] = []  # the signals that stopped a call's runs before their time
+# the data filter where this Python has one (3.12, 3.11.4, 3.10.12)
+DATA_FILTER = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
 PYTEST = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "tests/test_cuda.py"]
 
 
@@ -54,22 +57,14 @@ def extract(path: Path, dest: Path | None = None) -> None:
     """Check that path is a whole tar archive of plain files and folders inside it; then extract it."""
     try:
         with tarfile.open(path) as tar:
-            if bad := [
-                m.name
-                for m in tar.getmembers()
-                if not (m.isfile() or m.isdir()) or m.name.startswith("/") or ".." in m.name
-            ]:
-                raise Refused(
-                    f"{path}: holds {bad[0]!r}, not a plain path inside it; nothing changed"
-                )
-            if dest:  # the data filter where this Python has one (3.12, 3.11.4, 3.10.12)
-                tar.extractall(
-                    dest, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {})
-                )
+            for m in tar:
+                if not (m.isfile() or m.isdir()) or m.name.startswith("/") or ".." in m.name:
+                    raise Refused(f"{path}: holds {m.name!r}, not a plain path; nothing changed")
+            if dest:
+                tar.extractall(dest, **DATA_FILTER)
     except (OSError, EOFError, tarfile.TarError) as exc:
-        raise Refused(
-            f"{path}: not a whole tar archive ({str(exc).splitlines()[0]}); nothing was changed"
-        ) from None
+        first = str(exc).splitlines()[0]
+        raise Refused(f"{path}: not a whole tar archive ({first}); nothing changed") from None
 
 
 def write_atomic(target: Path, write) -> None:
@@ -95,16 +90,13 @@ def pack(data_dir: Path, state: Path, wheel: bool = True) -> None:
 
     write_atomic(state / "mnist.tar.gz", archive)
     if wheel:  # metrics.py needs pytorch-metric-learning, which the device lacks (pure Python)
-        got = Path(tempfile.mkdtemp(dir=state, prefix=".wheels-"))
-        try:
-            pml = ["download", "--no-deps", "--only-binary=:all:", "-d", str(got)]
-            pip = subprocess.run([*PIP, *pml, "pytorch-metric-learning>=2.3"], capture_output=True)
-            if pip.returncode or not list(got.glob("*.whl")):
+        with tempfile.TemporaryDirectory(dir=state, prefix=".wheels-") as got:
+            pml = ["--no-deps", "--only-binary=:all:", "-d", got, "pytorch-metric-learning>=2.3"]
+            pip = subprocess.run([*PIP, "download", *pml], capture_output=True)
+            if pip.returncode or not list(Path(got).glob("*.whl")):
                 raise Refused("pip could not download the pytorch-metric-learning wheel; try again")
             shutil.rmtree(state / "wheels", ignore_errors=True)
-            os.replace(got, state / "wheels")
-        finally:
-            shutil.rmtree(got, ignore_errors=True)
+            os.replace(got, state / "wheels")  # the temporary folder's removal then finds nothing
     print(f"{state}: " + ", ".join(p.name for p in sorted(state.iterdir())))
 
 
@@ -130,19 +122,17 @@ def start(command: list[str], log: Path, **popen) -> subprocess.Popen:
 
 
 def stop(proc: subprocess.Popen, how: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, how)
-    except ProcessLookupError:
-        pass
 
 
 def train(runs: Path, commands: dict, args, env: dict, deadline: float) -> dict:
     """Each run up to args.per_call more epochs or the deadline: {name: (epochs before, exit, why)}.
     SIGTERM or SIGINT to this process brings the deadline forward to now."""
-    procs, status, signalled, now = {}, {}, {}, {"deadline": deadline}
+    procs, status, signalled, now = {}, {}, {}, [deadline]
 
     def deadline_now(signum, frame) -> None:
-        now["deadline"] = min(now["deadline"], time.monotonic())
+        now[0] = min(now[0], time.monotonic())
         INTERRUPTED.append(signum)
 
     previous = {how: signal.signal(how, deadline_now) for how in (signal.SIGTERM, signal.SIGINT)}
@@ -158,7 +148,7 @@ def train(runs: Path, commands: dict, args, env: dict, deadline: float) -> dict:
         procs[name] = (proc, before, stop_at)  # the last piece is not stopped: main.py finishes it
     while procs:
         time.sleep(0.2)
-        late = time.monotonic() > now["deadline"]
+        late = time.monotonic() > now[0]
         for name, (proc, before, stop_at) in list(procs.items()):
             if proc.poll() is not None:
                 status[name] = (before, proc.returncode, signalled.get(name, "ended"))
@@ -166,7 +156,7 @@ def train(runs: Path, commands: dict, args, env: dict, deadline: float) -> dict:
             elif name not in signalled and (late or stop_at and len(rows(runs / name)) >= stop_at):
                 signalled[name] = "deadline" if late else "piece done"
                 stop(proc, signal.SIGTERM)  # main.py saves a checkpoint and exits 143
-            elif time.monotonic() > now["deadline"] + GRACE - 15:
+            elif time.monotonic() > now[0] + GRACE - 15:
                 stop(proc, signal.SIGKILL)  # the checkpoint of its last epoch stays
     for how, handler in previous.items():
         signal.signal(how, handler)
@@ -182,12 +172,11 @@ def prepare(state: Path, work: Path, parts: list[Path]) -> dict:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if importlib.util.find_spec("pytorch_metric_learning") is None:
         wheels = [str(p) for p in sorted((state / "wheels").glob("*.whl"))]
-        pip = ["install", "--no-index", "--no-deps", "--target", str(work / "site"), *wheels]
+        site = str(work / "site")
+        pip = ["install", "--no-index", "--no-deps", "--target", site, *wheels]
         if not wheels or subprocess.run([*PIP, *pip], capture_output=True).returncode:
             raise Refused(f"{state}/wheels: no pytorch-metric-learning wheel that installs")
-        env["PYTHONPATH"] = os.pathsep.join(
-            filter(None, [str(work / "site"), env.get("PYTHONPATH")])
-        )
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [site, env.get("PYTHONPATH")]))
     return env
 
 
@@ -198,7 +187,8 @@ def progress(runs: Path, status: dict, epochs: int) -> str:
         done, end = rows(runs / name), " (finished)" * (runs / name / "summary.json").is_file()
         new = sorted(float(row["seconds"]) for row in done[before:])
         median = f"{new[len(new) // 2]:.1f}" if new else "/"
-        table.append(f"| {name} | {len(done)} of {epochs}{end} | +{len(done) - before}, {why} | {code} | {median} |")  # fmt: skip
+        count = f"{len(done)} of {epochs}{end}"
+        table.append(f"| {name} | {count} | +{len(done) - before}, {why} | {code} | {median} |")
     return "\n".join(table)
 
 
@@ -218,9 +208,10 @@ def call(args, extra: list[str]) -> int:
 
     try:
         env, runs = prepare(state, work, parts), work / "runs"
-        smi = [shutil.which("nvidia-smi") or "", "--query-gpu=name,memory.total,driver_version"]
-        gpu = smi[0] and subprocess.run([*smi, "--format=csv,noheader"], capture_output=True, text=True).stdout  # fmt: skip
-        say(f"gpu: {gpu.strip() or 'nvidia-smi: none'}; python {sys.version.split()[0]}")
+        query = ["--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"]
+        smi = shutil.which("nvidia-smi")
+        gpu = smi and subprocess.run([smi, *query], capture_output=True, text=True).stdout.strip()
+        say(f"gpu: {gpu or 'nvidia-smi: none'}; python {sys.version.split()[0]}")
         tested, tests = time.monotonic(), args.test_timeout
         if tests if tests is not None else not parts:  # by default in the first call alone
             proc = start(PYTEST, out / "cuda-tests.log", cwd=ROOT, env=env)
@@ -232,48 +223,50 @@ def call(args, extra: list[str]) -> int:
                 stop(proc, signal.SIGKILL)
             last = (out / "cuda-tests.log").read_text().strip().splitlines()[-1]
             say(f"tests/test_cuda.py: exit {code}: {last.strip('= ')}")
-        launched = time.monotonic()
-        commands = {
-            f"{loss}-mnist-feat={d}": ["--loss", loss, "--dataset", "mnist", "--data-dir", "data",
-             "--feat-dim", d, "--epochs", str(args.epochs), "--out", "runs", "--no-plots", *extra,
-             "--name", f"{loss}-mnist-feat={d}"]
-            for d in args.feat_dims.split() for loss in args.losses.split()
-        }  # fmt: skip
+        launched, commands = time.monotonic(), {}
+        for d, loss in ((d, loss) for d in args.feat_dims.split() for loss in args.losses.split()):
+            flags = f"--loss {loss} --dataset mnist --data-dir data --feat-dim {d} --epochs {args.epochs}"
+            name = f"{loss}-mnist-feat={d}"
+            commands[name] = [*flags.split(), "--out", "runs", "--no-plots", *extra, "--name", name]
         status = train(runs, commands, args, env, started + args.budget - GRACE)
         trained = time.monotonic() - launched
         if advanced := max(len(rows(runs / n)) - status[n][0] for n in status):
             setup = tested - started  # every call's unpacking; the tests are the first call's alone
             fits = int((args.budget - GRACE - setup) * advanced / trained)
-            say(f"epochs: +{advanced} in {trained:.0f} s, all runs at once, after {setup:.0f} s of unpacking: --per-call {fits} fills a call")  # fmt: skip
+            say(
+                f"epochs: +{advanced} in {trained:.0f} s, all runs at once, after {setup:.0f} s of unpacking: --per-call {fits} fills a call"
+            )
         ready = [str(runs / n) for n in status if rows(runs / n)]
         columns = "ncm_acc,clean_train_acc,gap" if list(runs.glob("*/summary.json")) else "ncm_acc"
-        report = [sys.executable, str(ROOT / "report.py"), "--present", "--columns", columns]
-        made = subprocess.run(report + ready, capture_output=True, text=True, env=env) if ready else None  # fmt: skip
-        text = (
-            (made.stderr if made.returncode else made.stdout) if made else "no run has an epoch\n"
-        )
+        cmd = [sys.executable, str(ROOT / "report.py"), "--present", "--columns", columns, *ready]
+        text = "no run has an epoch\n"
+        if ready:
+            report = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            text = report.stderr if report.returncode else report.stdout
         (out / "table.md").write_text(f"{text}\n{progress(runs, status, args.epochs)}\n")
         say(f"{text}{progress(runs, status, args.epochs)}")
         archive(runs, list(status), out)
-        failed = [n for n, (_, code, _) in status.items() if code not in (0, 143)]
-        for name in failed:
+        bad = [n for n, (_, code, _) in status.items() if code not in (0, 143)]
+        for name in bad:
             say(f"FAILED {name}: {(runs / f'{name}.log').read_text().strip().splitlines()[-1]}")
-        broken = contract(out) + [f"{len(failed)} run(s) FAILED, logs in runs.tar.gz"] * bool(
-            failed
-        )
+        broken = contract(out) + [f"{len(bad)} run(s) FAILED, logs in runs.tar.gz"] * bool(bad)
         broken += ["the runs were stopped by a signal"] * bool(INTERRUPTED)
         say(f"elapsed {time.monotonic() - started:.0f} s; " + ("; ".join(broken) or "limits kept"))
-        return 1 if broken or (made and made.returncode) else 0
+        return 1 if broken or (ready and report.returncode) else 0
     finally:
         (out / "call.log").write_text("\n".join(lines) + "\n")
         shutil.rmtree(work, ignore_errors=True)
 
 
+def leave_out(*names: str):
+    """A tarfile filter that leaves out the files of these names."""
+    return lambda member: None if Path(member.name).name in names else member
+
+
 def archive(runs: Path, names: list[str], out: Path) -> None:
     """runs.tar.gz: the run folders but checkpoints; state-N.tar: whole run folders, PART bytes each at most."""
-    skip = ("checkpoint.pt", ".lock")
     with tarfile.open(out / "runs.tar.gz", "w:gz") as tar:
-        tar.add(runs, "runs", filter=lambda m: None if Path(m.name).name in skip else m)
+        tar.add(runs, "runs", filter=leave_out("checkpoint.pt", ".lock"))
     size = {n: sum(f.stat().st_size for f in (runs / n).rglob("*")) for n in names}
     groups: list[list[str]] = []
     for name in sorted(names, key=size.get, reverse=True):  # first fit, the largest first
@@ -281,10 +274,9 @@ def archive(runs: Path, names: list[str], out: Path) -> None:
         fit[0].append(name) if fit else groups.append([name])
     for k, group in enumerate(groups, 1):
         with tarfile.open(out / f"state-{k}.tar", "w") as tar:
-            for name in group:
-                for path in (runs / name, runs / f"{name}.log"):
-                    if path.exists():  # a run refused at its start made no folder
-                        tar.add(path, f"runs/{path.name}", filter=lambda m: None if m.name.endswith("/.lock") else m)  # fmt: skip
+            for path in (runs / f for name in group for f in (name, f"{name}.log")):
+                if path.exists():  # a run refused at its start made no folder
+                    tar.add(path, f"runs/{path.name}", filter=leave_out(".lock"))
 
 
 def contract(out: Path) -> list[str]:
@@ -292,17 +284,14 @@ def contract(out: Path) -> list[str]:
     count, one, total, name = LIMITS
     found = [p.relative_to(out) for p in out.rglob("*")]
     sizes = [(out / p).stat().st_size for p in found if (out / p).is_file()]
-    return [
-        problem
-        for problem, broken in (
-            (f"{len(sizes)} files (at most {count})", len(sizes) > count),
-            (f"a file over {one // MiB} MiB", any(s > one for s in sizes)),
-            (f"{sum(sizes) / MiB:.1f} MiB (at most {total // MiB})", sum(sizes) > total),
-            ("a name not of [A-Za-z0-9._-]", any(not name.fullmatch(p.name) for p in found)),
-            ("a file more than 2 folders down", any(len(p.parts) > 3 for p in found)),
-        )
-        if broken
-    ]
+    problems = {
+        f"{len(sizes)} files (at most {count})": len(sizes) > count,
+        f"a file over {one // MiB} MiB": any(s > one for s in sizes),
+        f"{sum(sizes) / MiB:.1f} MiB (at most {total // MiB})": sum(sizes) > total,
+        "a name not of [A-Za-z0-9._-]": any(not name.fullmatch(p.name) for p in found),
+        "a file more than 2 folders down": any(len(p.parts) > 3 for p in found),
+    }
+    return [problem for problem, broken in problems.items() if broken]
 
 
 def rehearse(args, extra: list[str]) -> int:
@@ -311,9 +300,8 @@ def rehearse(args, extra: list[str]) -> int:
     if (out / "call-1").exists() or (out / "call-2").exists():
         raise Refused(f"{out} holds call-1 or call-2 already: give --out a new or empty folder")
     with tempfile.TemporaryDirectory(prefix="device-rehearsal-") as tmp:
-        (smi := Path(tmp) / "nvidia-smi").write_text(
-            f"#!{sys.executable}\nprint('stand-in, 0 MiB')\n"
-        )
+        smi = Path(tmp) / "nvidia-smi"
+        smi.write_text(f"#!{sys.executable}\nprint('stand-in, 0 MiB')\n")
         smi.chmod(0o755)
         os.environ["PATH"] = f"{tmp}{os.pathsep}{os.environ['PATH']}"
         pack(Path(args.data_dir), state := Path(tmp) / "state", wheel=False)  # this Python has it
@@ -321,7 +309,8 @@ def rehearse(args, extra: list[str]) -> int:
         codes = []
         for k in (1, 2):
             (call_out := out / f"call-{k}").mkdir(parents=True)
-            codes.append(call(argparse.Namespace(**{**vars(args), "out": call_out, "state": state}), tiny + extra))  # fmt: skip
+            call_args = argparse.Namespace(**vars(args) | {"out": call_out, "state": state})
+            codes.append(call(call_args, tiny + extra))
             if INTERRUPTED:
                 raise KeyboardInterrupt
             if k == 1:
@@ -340,19 +329,15 @@ def main(argv: list[str] | None = None) -> int:
     add("--epochs", type=int, help="each run's epochs in all (35; rehearse: 2)")
     add("--per-call", type=int, help="epochs a call adds to each run (12; rehearse: 1)")
     add("--budget", type=int, default=300, help="seconds a call takes at most (300)")
-    add(
-        "--test-timeout", type=int, help="seconds for tests/test_cuda.py, 0: none (first call: 120)"
-    )
+    add("--test-timeout", type=int, help="tests/test_cuda.py's seconds, 0: none (first call: 120)")
     add("--losses", help="the grid's losses ('xent cent standalone'; rehearse: 'xent standalone')")
     add("--feat-dims", help="the grid's feature sizes ('2 128'; rehearse: '2')")
     args, extra = parser.parse_known_args(argv)
     small = args.command == "rehearse"
     grid = {"epochs": (35, 2), "per_call": (12, 1), "feat_dims": ("2 128", "2")}
-    for key, (full, tiny) in (
-        grid | {"losses": ("xent cent standalone", "xent standalone")}
-    ).items():
+    for key, defaults in (grid | {"losses": ("xent cent standalone", "xent standalone")}).items():
         if getattr(args, key) is None:
-            setattr(args, key, tiny if small else full)
+            setattr(args, key, defaults[small])
     if min(args.epochs, args.per_call) < 1 or args.budget < GRACE + 30:
         parser.error(f"--epochs, --per-call must be positive, --budget at least {GRACE + 30} s")
     if extra and args.command in ("pack", "unpack"):
@@ -372,17 +357,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"device_call.py: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM outside the training, which stops the runs itself
-        print(
-            "device_call.py: error: interrupted; the temporary folder is removed", file=sys.stderr
-        )
+        sys.stderr.write("device_call.py: error: interrupted; the temporary folder is removed\n")
         return 130
     return 0
 
 
-def interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
-
-
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     sys.exit(main())

@@ -11,6 +11,7 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch import Tensor
 
 LOSSES = ("xent", "cent", "standalone", "centers-apart", "center-softmax")
 # no softmax on the features: accuracy by nearest center
@@ -20,7 +21,7 @@ CENTER_UPDATES = ("sgd", "paper")
 PAPER_UPDATE_LOSSES = ("cent", "standalone")
 
 
-def squared_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def squared_distances(a: Tensor, b: Tensor) -> Tensor:
     """Matrix of ||a_i - b_j||^2 = ||a_i||^2 + ||b_j||^2 - 2 a_i.b_j, clamped at 0 (rounding can make
     it slightly negative for equal rows; no square root is taken, so gradients stay finite)."""
     a2 = a.pow(2).sum(1, keepdim=True)
@@ -28,15 +29,13 @@ def squared_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.addmm(a2 + b2, a, b.t(), alpha=-2.0).clamp_min(0.0)
 
 
-def intra_loss(features: torch.Tensor, centers: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def intra_loss(features: Tensor, centers: Tensor, labels: Tensor) -> Tensor:
     """Center term: (1/m) sum_i ||x_i - c_{y_i}||^2."""
     # embedding: centers[labels]
     return F.mse_loss(features, F.embedding(labels, centers), reduction="sum") / len(labels)
 
 
-def inter_loss(
-    features: torch.Tensor, labels: torch.Tensor, margin: float | None = None
-) -> torch.Tensor:
+def inter_loss(features: Tensor, labels: Tensor, margin: float | None = None) -> Tensor:
     """Log push: -(1/m) sum_i sum_j [y_i != y_j] log(1 + min(||x_i - x_j||^2, margin)), margin None: no min.
 
     The study's README writes log(d); its code, and this function, log(1 + d): zero, not -inf, for
@@ -53,23 +52,18 @@ def in_float32(method: Callable) -> Callable:
     overflows (fp16: NaN at norm ~340) or loses digits (bf16). torch.amp.custom_fwd fixes the device type in advance."""
 
     @functools.wraps(method)
-    def wrapper(self: nn.Module, features: torch.Tensor, labels: torch.Tensor):
+    def wrapper(self: nn.Module, features: Tensor, labels: Tensor):
+        features = features.to(torch.promote_types(features.dtype, torch.float32))
         with torch.autocast(features.device.type, enabled=False):
-            return method(
-                self, features.to(torch.promote_types(features.dtype, torch.float32)), labels
-            )
+            return method(self, features, labels)
 
     return wrapper
 
 
 @torch.no_grad()
 def paper_center_update(
-    centers: torch.Tensor,
-    features: torch.Tensor,
-    labels: torch.Tensor,
-    alpha: float,
-    apply: torch.Tensor | None = None,
-) -> torch.Tensor:
+    centers: Tensor, features: Tensor, labels: Tensor, alpha: float, apply: Tensor | None = None
+) -> Tensor:
     """The center loss paper's center update (Wen et al., ECCV 2016, eq. 4), in place:
 
         delta_c_j = sum_i [y_i = j] (c_j - x_i) / (1 + sum_i [y_i = j]),    c_j <- c_j - alpha * delta_c_j
@@ -102,13 +96,11 @@ class RowSGD(torch.optim.Optimizer):
     are written only where `apply` (bool tensor; None: always) holds and the new rows are finite; returns whether they are.
     """
 
-    def __init__(self, param: torch.Tensor, lr: float, momentum: float = 0.0) -> None:
+    def __init__(self, param: Tensor, lr: float, momentum: float = 0.0) -> None:
         super().__init__([param], {"lr": lr, "momentum": momentum})
 
     @torch.no_grad()
-    def step(
-        self, rows: torch.Tensor, grads: torch.Tensor, apply: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def step(self, rows: Tensor, grads: Tensor, apply: Tensor | None = None) -> Tensor:
         group = self.param_groups[0]
         p, momentum = group["params"][0], group["momentum"]
         # where a row's first repeat sits in sorted order
@@ -118,9 +110,8 @@ class RowSGD(torch.optim.Optimizer):
         # one dense buffer, made at the first step (a state_dict from before it has none)
         if momentum:
             buffer = self.state[p].get("momentum_buffer")
-            buffer = self.state[p]["momentum_buffer"] = (
-                torch.zeros_like(p) if buffer is None else buffer
-            )
+            if buffer is None:
+                buffer = self.state[p]["momentum_buffer"] = torch.zeros_like(p)
             update = momentum * (held := buffer.index_select(0, rows)) + update
         new = (old := p.index_select(0, rows)) - group["lr"] * update
         ok = torch.isfinite(new).all()  # a finite new row has a finite buffer row (lr > 0)
@@ -143,11 +134,10 @@ class CenterLoss(nn.Module):
         super().__init__()
         self.centers = nn.Parameter(torch.randn(num_classes, feat_dim))
         self.sparse = sparse
-        self.labels = self.rows = (
-            None  # sparse: the last forward's labels and copy of their centers
-        )
+        # sparse: the last forward's labels and copy of their centers
+        self.labels = self.rows = None
 
-    def intra(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def intra(self, features: Tensor, labels: Tensor) -> Tensor:
         """intra_loss(features, centers, labels); sparse: on a copy of the batch's rows (the class docstring)."""
         if not self.sparse:
             return intra_loss(features, self.centers, labels)
@@ -156,7 +146,7 @@ class CenterLoss(nn.Module):
         return intra_loss(features, self.rows, torch.arange(len(labels), device=labels.device))
 
     @in_float32
-    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, features: Tensor, labels: Tensor) -> Tensor:
         return self.intra(features, labels)
 
 
@@ -175,19 +165,14 @@ class StandaloneCenterLoss(CenterLoss):
         sparse: bool = False,
     ) -> None:
         super().__init__(num_classes, feat_dim, sparse)
-        self.weight_intra, self.weight_inter, self.inter_margin = (
-            weight_intra,
-            weight_inter,
-            inter_margin,
-        )
+        self.weight_intra, self.weight_inter = weight_intra, weight_inter
+        self.inter_margin = inter_margin
 
     @in_float32
-    def terms(
-        self, features: torch.Tensor, labels: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def terms(self, features: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         return self.intra(features, labels), inter_loss(features, labels, self.inter_margin)
 
-    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, features: Tensor, labels: Tensor) -> Tensor:
         intra, inter = self.terms(features, labels)
         return self.weight_intra * intra + self.weight_inter * inter
 
@@ -212,17 +197,14 @@ class CentersApartLoss(nn.Module):
         self.weight_intra, self.weight_inter, self.alpha = weight_intra, weight_inter, alpha
 
     @in_float32
-    def terms(
-        self, features: torch.Tensor, labels: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def terms(self, features: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         intra = torch.exp(self.alpha * (features - self.centers[labels]).pow(2).sum(1)).mean()
         n = self.centers.shape[0]
         apart = ~torch.eye(n, dtype=torch.bool, device=features.device)
-        return intra, -(
-            torch.log1p(squared_distances(self.centers, self.centers)) * apart
-        ).sum() / n
+        inter = torch.log1p(squared_distances(self.centers, self.centers)) * apart
+        return intra, -inter.sum() / n
 
-    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, features: Tensor, labels: Tensor) -> Tensor:
         intra, inter = self.terms(features, labels)
         return self.weight_intra * intra + self.weight_inter * inter
 
@@ -237,15 +219,12 @@ class CenterSoftmaxLoss(nn.Module):
         self.classifier = nn.Linear(feat_dim, num_classes)
 
     @in_float32
-    def terms(
-        self, features: torch.Tensor, labels: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def terms(self, features: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         own = torch.arange(self.centers.shape[0], device=self.centers.device)
-        return intra_loss(features, self.centers, labels), F.cross_entropy(
-            self.classifier(self.centers), own
-        )
+        xent = F.cross_entropy(self.classifier(self.centers), own)
+        return intra_loss(features, self.centers, labels), xent
 
-    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, features: Tensor, labels: Tensor) -> Tensor:
         return sum(self.terms(features, labels))
 
 
@@ -272,20 +251,15 @@ class Objective(nn.Module):
         if loss not in LOSSES:
             raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
         self.loss, self.weight_cent = loss, weight_cent
-        self.sparse_centers = sparse_centers and loss in PAPER_UPDATE_LOSSES
-        self.criterion: nn.Module | None = None
-        if loss == "cent":
-            self.criterion = CenterLoss(num_classes, feat_dim, self.sparse_centers)
-        elif loss == "standalone":
-            self.criterion = StandaloneCenterLoss(
-                num_classes, feat_dim, weight_intra, weight_inter, inter_margin, self.sparse_centers
-            )
-        elif loss == "centers-apart":
-            self.criterion = CentersApartLoss(
-                num_classes, feat_dim, weight_intra, weight_inter, alpha
-            )
-        elif loss == "center-softmax":
-            self.criterion = CenterSoftmaxLoss(num_classes, feat_dim)
+        self.sparse_centers = sparse = sparse_centers and loss in PAPER_UPDATE_LOSSES
+        size, weights = (num_classes, feat_dim), (weight_intra, weight_inter)
+        make = {
+            "cent": lambda: CenterLoss(*size, sparse),
+            "standalone": lambda: StandaloneCenterLoss(*size, *weights, inter_margin, sparse),
+            "centers-apart": lambda: CentersApartLoss(*size, *weights, alpha),
+            "center-softmax": lambda: CenterSoftmaxLoss(*size),
+        }
+        self.criterion: nn.Module | None = make[loss]() if loss in make else None
 
     @property
     def terms_used(self) -> tuple[str, ...]:
@@ -297,18 +271,16 @@ class Objective(nn.Module):
         }.get(self.loss, ("intra", "inter"))
 
     @property
-    def centers(self) -> torch.Tensor | None:
+    def centers(self) -> Tensor | None:
         return None if self.criterion is None else self.criterion.centers
 
     def forward(
-        self, features: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        self, features: Tensor, logits: Tensor, labels: Tensor
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         if self.loss in ("standalone", "centers-apart"):
             intra, inter = self.criterion.terms(features, labels)
-            return self.criterion.weight_intra * intra + self.criterion.weight_inter * inter, {
-                "intra": intra,
-                "inter": inter,
-            }
+            total = self.criterion.weight_intra * intra + self.criterion.weight_inter * inter
+            return total, {"intra": intra, "inter": inter}
         if self.loss == "center-softmax":
             intra, xent = self.criterion.terms(features, labels)
             return intra + xent, {"xent": xent, "intra": intra}

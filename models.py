@@ -36,12 +36,10 @@ class LeNetPlusPlus(nn.Module):
         self.register_buffer("mean", torch.tensor(mean or [0.0] * in_channels).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std or [1.0] * in_channels).view(1, -1, 1, 1))
         layers: list[nn.Module] = []
-        channels = in_channels
-        for width in (32, 64, 128):
-            for _ in range(2):
-                layers += [nn.Conv2d(channels, width, 5, padding=2), nn.PReLU()]
-                channels = width
-            layers.append(nn.MaxPool2d(2))
+        widths = (in_channels, 32, 32, 64, 64, 128, 128)
+        for i in range(6):  # a pooling after each pair
+            layers += [nn.Conv2d(widths[i], widths[i + 1], 5, padding=2), nn.PReLU()]
+            layers += [nn.MaxPool2d(2)] * (i % 2)
         self.body = nn.Sequential(*layers)
         side = image_size // 8
         self.embed = nn.Sequential(nn.Flatten(), nn.Linear(128 * side * side, feat_dim), nn.PReLU())
@@ -93,12 +91,9 @@ class ResNet(nn.Module):
     ) -> None:
         super().__init__()
         self.stem = nn.Conv2d(in_channels, 16 * width, 3, bias=False)
-        blocks = []
-        channels = 16 * width
-        for base, stride in zip((32, 32, 64, 64, 128), (1, 2, 1, 2, 1)):
-            blocks.append(PreActBlock(channels, base * width, stride))
-            channels = base * width
-        self.blocks = nn.Sequential(*blocks)
+        widths = [16 * width] + [base * width for base in (32, 32, 64, 64, 128)]
+        self.blocks = nn.Sequential(*map(PreActBlock, widths, widths[1:], (1, 2, 1, 2, 1)))
+        channels = widths[-1]
         self.head = nn.Sequential(
             nn.BatchNorm2d(channels), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()
         )
