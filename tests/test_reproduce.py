@@ -71,7 +71,10 @@ for var in "EPOCHS SEEDS OUT JOBS LOSSES DATASETS FEAT_DIMS PYTHON DATA_DIR TIME
     REFUSALS += f"{var}=' ' | {var} is set but empty; give it a value or unset it\n"
 
 
-@pytest.mark.parametrize("words,message", [r.split(" | ") for r in REFUSALS.strip().splitlines()])
+@pytest.mark.parametrize(
+    "words,message",
+    [pytest.param(*r.split(" | "), id=r.split(" | ")[0]) for r in REFUSALS.strip().splitlines()],
+)
 def test_reproduce_refusals_are_one_line(tmp_path: Path, words: str, message: str) -> None:
     """One line, exit 2, nothing started or made."""
     words = shlex.split(words.replace("{tmp}", str(tmp_path)))

@@ -6,6 +6,7 @@ import errno
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -65,7 +66,8 @@ def test_a_second_run_and_an_overwrite_of_a_live_run_are_refused(tmp_path: Path,
     finally:
         live.send_signal(signal.SIGINT)
         _, err = live.communicate(timeout=120)
-    assert live.returncode == 130 and "checkpoint saved" in err
+    # SIGINT in a step or between epochs (a loaded machine): either line says the checkpoint is saved
+    assert live.returncode == 130 and re.search("checkpoint (is )?saved", err), err
     assert json.loads((run_dir / "args.json").read_text())["overwrite"] is False
 
 
