@@ -284,7 +284,7 @@ RANK=abc | the environment's RANK='abc' is not a process rank from 0 to 0 (WORLD
 # The same for bad data, which exits 1.
 FAILURES = """
 --dataset mnist --data-dir {empty-idx} | train-images-idx3-ubyte: an IDX file of no items
---dataset mnist --data-dir {one-class} --train-samples 4 --batch-size 2 | the train set has only the class '7' in its first --train-samples 4; a classifier needs at least two
+--dataset mnist --data-dir {one-class} --train-samples 4 --batch-size 2 | has only the class '7' in its first --train-samples 4; a classifier needs at least two
 --dataset folder --data-dir {bad-png} | {bad-png}/train/bee/x.png
 """
 for word in NOT_FINITE.split():
@@ -324,16 +324,19 @@ DATA = {
     "{tree-6}": lambda root: write_image_tree(root, "L", 6),
     "{tree-2}": lambda root: write_image_tree(root, "L", 2),
 }
-SKIPS = {  # rows that cannot fail here
+SKIPS = {  # rows whose refusal cannot happen here
     "--device cuda": pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available"),
     "read-only": pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only"),
 }
 
 
 def table(text: str, code: int) -> list:
+    """The rows of a table "argv | message", as pytest params (argv, code, message)."""
     rows = [line.split(" | ", 1) for line in text.strip().splitlines()]
-    marks = lambda argv: [m for key, m in SKIPS.items() if key in argv]  # noqa: E731
-    return [pytest.param(a, code, m, marks=marks(a), id=a or "no argv") for a, m in rows]
+    return [
+        pytest.param(a, code, m, marks=[s for key, s in SKIPS.items() if key in a], id=a)
+        for a, m in rows
+    ]
 
 
 @pytest.mark.parametrize("argv,code,message", table(REFUSALS, 2) + table(FAILURES, 1))
@@ -370,8 +373,8 @@ def test_every_refusal_is_one_line_and_writes_nothing(
     before = listing(tmp_path)
     try:
         result = main.main(["--out", str(out), *(w for w in words if not w[:1].isupper())])
-    except SystemExit as exit:
-        result = exit.code
+    except SystemExit as stop:
+        result = stop.code
     assert result == code
     assert message in stderr_error_line(capsys.readouterr().err)
     assert listing(tmp_path) == before
