@@ -6,21 +6,20 @@ import json
 from pathlib import Path
 
 import imageio.v3 as iio
-from conftest import check_ok, run_main
+
+import main
 
 ACC_FLOOR = 0.35  # below the lowest of three seeds at 2 epochs (0.494), 3.5 times chance
 
 
-def test_first_run_defaults_end_line_summary_frames_and_gifs(tmp_path: Path) -> None:
-    proc = check_ok(run_main(["--epochs", "2"], cwd=tmp_path))
-    run_dir = tmp_path / "runs" / "standalone-digits-feat=2"
-    lines = proc.stdout.strip().splitlines()
-    assert lines[-1].startswith("done: acc ") and lines[-1].endswith(
-        f"-> {Path('runs') / run_dir.name}"
-    )
+def test_first_run_defaults_end_line_summary_frames_and_gifs(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # in-process: the script's own start is in every subprocess test
+    assert main.main(["--epochs", "2"]) == 0
+    run_dir = Path("runs", "standalone-digits-feat=2")
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1].startswith("done: acc ") and lines[-1].endswith(f"-> {run_dir}")
     assert any(line.startswith("next: python main.py --dataset mnist") for line in lines)
-    pictures = [str(Path("runs") / run_dir.name / f"{s}.gif") for s in ("train", "test")]
-    assert f"pictures: {', '.join(pictures)}" in lines
+    assert f"pictures: {run_dir / 'train.gif'}, {run_dir / 'test.gif'}" in lines
 
     summary = json.loads((run_dir / "summary.json").read_text())
     keys = "loss dataset model feat_dim epochs batch_size patience train_size test_size".split()

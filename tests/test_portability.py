@@ -65,24 +65,17 @@ def test_windows_rehearsal(tmp_path: Path, monkeypatch, capsys) -> None:
 
 def run_python(code: str, *args: str) -> str:
     """`python -c CODE ARGS` in the repository root: its output, once it exits 0."""
-    proc = subprocess.run(
-        [sys.executable, "-c", code, *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        env=subprocess_env(),
-        timeout=300,
-    )
+    command = [sys.executable, "-c", code, *args]
+    env = subprocess_env()
+    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
     return check_ok(proc).stdout
 
 
 def test_every_module_imports_without_fcntl() -> None:
     """Windows has no fcntl: the project's modules and every test file import where `import fcntl` fails."""
     code = "import importlib, pathlib, sys; sys.modules['fcntl'] = None; sys.path[:0] = ['.', 'tests']\n"
-    run_python(
-        code
-        + "for p in [*pathlib.Path().glob('*.py'), *pathlib.Path('tests').glob('*.py')]: importlib.import_module(p.stem)"
-    )
+    code += "for p in [*pathlib.Path().glob('*.py'), *pathlib.Path('tests').glob('*.py')]:\n"
+    run_python(code + "    importlib.import_module(p.stem)")
 
 
 def test_the_code_needs_no_newer_python_than_declared() -> None:
@@ -113,14 +106,11 @@ def test_random_states_are_saved_in_dtypes_every_supported_torch_saves(tmp_path:
 def test_requirements_give_minimums_only() -> None:
     """A cap or a pin would downgrade a user's newer torch: every requirement is a `>=` minimum, but for the two
     style tools, pinned because a new release may judge the same code otherwise."""
-    lines = [
-        line.split("#")[0].strip() for line in (REPO / "requirements.txt").read_text().splitlines()
-    ]
-    requirements = [line for line in lines if line]
-    assert requirements and all(
-        re.fullmatch(r"[A-Za-z0-9_.\-\[\]]+>=[0-9][0-9.]*|(ruff|vermin)==[0-9.]+", r)
-        for r in requirements
-    ), requirements
+    text = (REPO / "requirements.txt").read_text()
+    requirements = [line.split("#")[0].strip() for line in text.splitlines()]
+    pattern = r"[A-Za-z0-9_.\-\[\]]+>=[0-9][0-9.]*|(ruff|vermin)==[0-9.]+"
+    assert [r for r in requirements if r and not re.fullmatch(pattern, r)] == []
+    assert any(requirements)
 
 
 def test_reproduce_sh_needs_only_bash_3_2() -> None:
@@ -132,18 +122,8 @@ def test_reproduce_sh_needs_only_bash_3_2() -> None:
     )
     # only where bash has it
     assert all("BASH_VERSINFO" in line for line in code.splitlines() if "wait -n" in line)
-    for feature in (
-        "declare -A",
-        "${!",
-        "mapfile",
-        "readarray",
-        ",,}",
-        "^^}",
-        "|&",
-        "&>>",
-        'data[@]}" ',
-    ):
-        assert feature not in code, feature
+    bash_4 = ["declare -A", "${!", "mapfile", "readarray", ",,}", "^^}", "|&", "&>>"]
+    assert [feature for feature in [*bash_4, 'data[@]}" '] if feature in code] == []
 
 
 def test_bench_times_cpu_without_the_resource_module(monkeypatch) -> None:

@@ -100,8 +100,8 @@ def test_doc_commands_run_in_order_in_a_fresh_clone(tmp_path, monkeypatch):
     """Every command of README.md and docs/, in order, through bash from a clone beside ../shared/data (the tests' tiny
     MNIST), each program a stub that records its arguments: every main.py command (alone, through torchrun or
     reproduce.sh) passes main.py's checks and meets no run folder of an earlier command with other settings (the CPU
-    torchrun line met the first run's finished folder); every script named is in the repository. The first run and the
-    torchrun line then run for real, at tiny settings, one after the other."""
+    torchrun line met the first run's finished folder); every script named is in the repository. The torchrun line then
+    runs for real, at tiny settings."""
     clone, stubs, log = tmp_path / "clone", tmp_path / "stubs", tmp_path / "calls"
     stubs.mkdir(parents=True)
     write_tiny_mnist(tmp_path / "shared" / "data")
@@ -142,8 +142,9 @@ def test_doc_commands_run_in_order_in_a_fresh_clone(tmp_path, monkeypatch):
     assert len(folders) > 20
     for text in (path.read_text() for path in [REPO / "README.md", *(REPO / "docs").glob("*.md")]):
         assert "shared/seed/run-study-code.sh" not in text or "not part of a clone" in text
+    # The first run, `python main.py`, runs in test_first_run.py; the CPU torchrun line, as one
+    # process, runs here for real at tiny settings.
+    assert next(c for c in calls if c[0] == "python") == ["python", "main.py"]
+    cpu = next(c for c in calls if c[0] == "torchrun" and "cpu" in c)
     tiny = ["--epochs", "1", "--train-samples", "64", "--batch-size", "32", "--no-plots"]
-    first = next(c for c in calls if c[0] == "python")
-    cpu = next(c for c in calls if c[0] == "torchrun" and "cpu" in c)  # as one process
-    assert first == ["python", "main.py"] and main.main(tiny) == 0
     assert main.main([*cpu[cpu.index("main.py") + 1 :], *tiny]) == 0

@@ -6,6 +6,7 @@ import errno
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -28,14 +29,11 @@ QUICK = "--epochs 1 --train-samples 64 --batch-size 32 --model lenet++ --no-plot
 
 def hold_lock(run_dir: Path) -> subprocess.Popen:
     """Another process that takes run_dir's lock as main.py does and keeps it until killed."""
-    code = f"import sys, time; sys.path.insert(0, {str(REPO)!r}); from pathlib import Path\n"
-    code += "from checkpoints import lock_run_dir\n"
-    code += (
-        f"lock = lock_run_dir(Path({str(run_dir)!r})); print('locked', flush=True); time.sleep(600)"
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code], stdout=-1, text=True, env=subprocess_env()
-    )
+    code = f"import sys, time; sys.path.insert(0, {str(REPO)!r}); import checkpoints, pathlib\n"
+    code += f"lock = checkpoints.lock_run_dir(pathlib.Path({str(run_dir)!r}))\n"
+    code += "print('locked', flush=True); time.sleep(600)"
+    env = subprocess_env()
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=-1, text=True, env=env)
     assert proc.stdout.readline().strip() == "locked"
     return proc
 
@@ -68,7 +66,8 @@ def test_a_second_run_and_an_overwrite_of_a_live_run_are_refused(tmp_path: Path,
     finally:
         live.send_signal(signal.SIGINT)
         _, err = live.communicate(timeout=120)
-    assert live.returncode == 130 and "checkpoint saved" in err
+    # SIGINT in a step or between epochs (a loaded machine): either line says the checkpoint is saved
+    assert live.returncode == 130 and re.search("checkpoint (is )?saved", err), err
     assert json.loads((run_dir / "args.json").read_text())["overwrite"] is False
 
 
@@ -202,9 +201,10 @@ def test_a_run_subfolder_that_is_a_link_or_a_file_is_refused(
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     (run_dir / folder).parent.mkdir(exist_ok=True)
-    (run_dir / folder).symlink_to(elsewhere) if kind == "link" else (run_dir / folder).write_text(
-        "a"
-    )
+    if kind == "link":
+        (run_dir / folder).symlink_to(elsewhere)
+    else:
+        (run_dir / folder).write_text("a")
     before = listing(tmp_path)
     with pytest.raises(SystemExit) as info:
         main.main([*QUICK, "--out", str(tmp_path / "out"), "--name", "run"])
@@ -315,30 +315,28 @@ def test_sigterm_while_finishing_says_rerun_finishes(tmp_path: Path, monkeypatch
     )
 
 
-@pytest.mark.parametrize("target", ["process group", "main process"])
-def test_sigterm_while_frames_are_drawn_leaves_no_traceback(tmp_path: Path, target: str) -> None:
-    """SIGTERM to main.py or its process group (as systemd and timeout send it) while it draws the
-    frames: exit 143, the one line, no traceback, no hang."""
-    code = f"import sys, time; sys.path.insert(0, {str(REPO)!r}); import main, visualize\n"
-    code += "def slow(*args):\n    print('drawing', flush=True)\n    time.sleep(60)\n"
-    code += "visualize.draw_frame = slow\n"
-    code += f"sys.exit(main.main({[*QUICK[:-1], '--out', str(tmp_path), '--name', 'draw']!r}))"
-    env = subprocess_env()
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code],
-        stdout=-1,
-        stderr=-1,
-        text=True,
-        env=env,
-        start_new_session=True,
-    )
-    for line in proc.stdout:
-        if line.startswith("drawing"):
-            break
-    (os.killpg if target == "process group" else os.kill)(proc.pid, signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 143, err
-    assert err.strip().endswith(
-        "the checkpoint of epoch 1 is saved, run the same command to finish the run"
-    ), err
-    assert "Traceback" not in err and "Error" not in err, err
+def test_sigterm_while_frames_are_drawn_leaves_no_traceback(tmp_path: Path) -> None:
+    """SIGTERM to main.py or to its process group (as systemd and timeout send it) while it draws
+    the frames: exit 143, the one line, no traceback, no hang. Both at once."""
+    procs = {}
+    for target in ("process group", "main process"):
+        argv = [*QUICK[:-1], "--out", str(tmp_path / target), "--name", "draw"]
+        code = f"import sys, time; sys.path.insert(0, {str(REPO)!r}); import main, visualize\n"
+        code += "def slow(*args):\n    print('drawing', flush=True)\n    time.sleep(60)\n"
+        code += f"visualize.draw_frame = slow\nsys.exit(main.main({argv!r}))"
+        command = [sys.executable, "-c", code]
+        env = subprocess_env()
+        procs[target] = subprocess.Popen(
+            command, stdout=-1, stderr=-1, text=True, env=env, start_new_session=True
+        )
+    for target, proc in procs.items():
+        for line in proc.stdout:
+            if line.startswith("drawing"):
+                break
+        (os.killpg if target == "process group" else os.kill)(proc.pid, signal.SIGTERM)
+    for proc in procs.values():
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 143, err
+        end = "the checkpoint of epoch 1 is saved, run the same command to finish the run"
+        assert err.strip().endswith(end), err
+        assert "Traceback" not in err and "Error" not in err, err
