@@ -246,8 +246,8 @@ def per_loss(key: str, extra: str) -> dict[str, str]:
     return {f"{key}-{loss}": f"--loss {loss} {TINY_ARGS} {extra}" for loss in LOSSES}
 
 
-# fixture -> {key: main.py's arguments but --out} ({mnist}: the tiny MNIST, {truncated}: one whose
-# train labels lost 7 bytes, {real}: the shared data; "real" runs only where that is present)
+# fixture -> {key: main.py's arguments but --out} ({mnist}: the tiny MNIST, {truncated_data}: one
+# whose train labels lost 7 bytes, {shared}: the shared data; "real" runs only where that is present)
 RUNS = {
     "tiny_runs": per_loss("tiny", "--epochs 2"),
     "lenet_runs": per_loss("lenet", "--model lenet++ --epochs 1 --train-samples 64 --no-plots"),
@@ -255,10 +255,10 @@ RUNS = {
         "projection": f"--loss standalone --feat-dim 16 --epochs 1 --train-samples 96 {TINY_ARGS}"
     },
     "named_run": {"named": " ".join(NAMED_RUN) + " --data-dir {mnist} --no-plots --name 'my run'"},
-    "truncated_run": {"truncated": "--dataset mnist --data-dir {truncated} --epochs 1"},
+    "truncated_run": {"truncated": "--dataset mnist --data-dir {truncated_data} --epochs 1"},
     "bad_data_dir_run": {"bad-data-dir": "--data-dir /nonexistent"},
     "real_run": {
-        "real": f"--dataset mnist --data-dir {{real}} --epochs 1 --train-samples {REAL_TRAIN_SAMPLES}"
+        "real": f"--dataset mnist --data-dir {{shared}} --epochs 1 --train-samples {REAL_TRAIN_SAMPLES}"
         " --feat-dim 128 --batch-size 64 --no-plots"
     },
 }
@@ -280,22 +280,18 @@ def background(tmp_path_factory: pytest.TempPathFactory) -> Background:
     bg = Background()
     if _needed:
         base = tmp_path_factory.mktemp("bg")
-        write_tiny_mnist(base / "mnist-data")
-        write_tiny_mnist(base / "truncated-data")
+        places = dict(mnist=base / "mnist", truncated_data=base / "truncated-data")
+        bg.paths.update(places, shared=shared_data_path())
+        for data in places.values():
+            write_tiny_mnist(data)
         bad = bg.paths["truncated-file"] = base / "truncated-data/MNIST/raw/train-labels-idx1-ubyte"
         bad.write_bytes(bad.read_bytes()[:-7])
-        places = dict(mnist=base / "mnist-data", truncated=base / "truncated-data")
-        places["real"] = shared_data_path()
-        bg.paths.update(places)
-        for fixture in _needed - ({"real_run"} if not places["real"].is_dir() else set()):
+        for fixture in _needed - (set() if bg.paths["shared"].is_dir() else {"real_run"}):
             for key, args in RUNS[fixture].items():
-                out = bg.paths[key] = base / key
-                bg.paths[f"{key}-command"] = command = [
-                    *shlex.split(args.format(**places)),
-                    "--out",
-                    out,
-                ]
+                out = bg.paths[key] = base / "runs" / key
+                command = [a.format(**bg.paths) for a in shlex.split(args)] + ["--out", out]
                 bg.start(key, command)
+                bg.paths[f"{key}-command"] = command
     yield bg
     bg.close()
 
