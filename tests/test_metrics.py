@@ -60,34 +60,26 @@ def test_non_finite_features_give_nan_metrics_not_an_error(where: str) -> None:
     assert not any(math.isnan(v) for v in finite.values())
 
 
-def test_map_at_r_hand_computed() -> None:
-    # 1-D points: class 0 at 0, 1, 10; class 1 at 2.5, 11, 12.5 (no ties).
-    features = torch.tensor([[0.0], [1.0], [10.0], [2.5], [11.0], [12.5]])
-    labels = torch.tensor([0, 0, 0, 1, 1, 1])
-    # R = 2 for every query. Neighbours (nearest first, query left out):
-    # 0: 1(0) 2(1)        -> rel 1,0 -> AP = (1/2)(1/1) = 0.5
-    # 1: 0(0) 2(1)        -> 1,0     -> 0.5
-    # 10: 11(1) 12(1)     -> 0,0     -> 0
-    # 2: 1(0) 0(0)        -> 0,0     -> 0
-    # 11: 10(0) 12(1)     -> 0,1     -> (1/2)(1/2) = 0.25
-    # 12: 11(1) 10(0)     -> 1,0     -> 0.5
-    scores = metrics.retrieval_scores(features, labels)
-    p1, map_r = scores["precision_at_1"], scores["map_at_r"]
-    assert p1 == pytest.approx(3 / 6)
-    assert map_r == pytest.approx((0.5 + 0.5 + 0 + 0 + 0.25 + 0.5) / 6)
-
-
-def test_map_at_r_with_a_different_r_per_query() -> None:
-    # Class 0 at 0, 1, 10 (R = 2 each), class 1 at 2.5, 3 (R = 1 each), class 2 alone at 20 (R = 0: skipped).
-    features = torch.tensor([[0.0], [1.0], [10.0], [2.5], [3.0], [20.0]])
-    labels = torch.tensor([0, 0, 0, 1, 1, 2])
-    # 0:   1(0) 2.5(1)  -> AP (1/2)(1/1) = 0.5       2.5: 3(1)  -> AP 1 (with R = 2 it would be 1/2)
-    # 1:   0(0) 2.5(1)  -> 0.5                        3:   2.5(1) -> 1
-    # 10:  3(1) 2.5(1)  -> 0
-    scores = metrics.retrieval_scores(features, labels)
-    p1, map_r = scores["precision_at_1"], scores["map_at_r"]
-    assert p1 == pytest.approx(4 / 5)
-    assert map_r == pytest.approx((0.5 + 0.5 + 0 + 1 + 1) / 5)
+# Neighbours of each query, nearest first (the query left out): relevance and AP over the R hits.
+# 1) R = 2 for all: 0 -> 1,10: AP 1/2; 1 -> 0,10: 1/2; 10 -> 11,12.5: 0; 2.5 -> 1,0: 0;
+#    11 -> 10,12.5: (1/2)(1/2); 12.5 -> 11,10: 1/2.
+# 2) Class 0 R = 2, class 1 R = 1, class 2 R = 0 (skipped): 0 -> 1,2.5: 1/2; 1 -> 0,2.5: 1/2;
+#    10 -> 3,2.5: 0; 2.5 -> 3: 1 (with R = 2 it would be 1/2); 3 -> 2.5: 1.
+@pytest.mark.parametrize(
+    "points, labels, p1, map_r",
+    [
+        (
+            [0, 1, 10, 2.5, 11, 12.5],
+            [0, 0, 0, 1, 1, 1],
+            3 / 6,
+            (0.5 + 0.5 + 0 + 0 + 0.25 + 0.5) / 6,
+        ),
+        ([0, 1, 10, 2.5, 3, 20], [0, 0, 0, 1, 1, 2], 4 / 5, (0.5 + 0.5 + 0 + 1 + 1) / 5),
+    ],
+)
+def test_map_at_r_hand_computed(points, labels, p1, map_r) -> None:
+    scores = metrics.retrieval_scores(torch.tensor(points)[:, None], torch.tensor(labels))
+    assert (scores["precision_at_1"], scores["map_at_r"]) == pytest.approx((p1, map_r))
 
 
 def test_map_at_r_matches_loops_on_unbalanced_classes(monkeypatch) -> None:
@@ -170,18 +162,6 @@ def test_knn_tie_rule_where_rules_differ(labels: list[int], winner: int) -> None
     k = len(labels)
     assert metrics.knn_accuracy(query, torch.tensor([winner]), gallery, gallery_labels, k) == 1.0
     assert reference_knn(query, torch.tensor([winner]), gallery, gallery_labels, k) == 1.0
-
-
-def test_chunked_search_matches_unchunked(monkeypatch) -> None:
-    features, labels = clusters(n_per_class=30, spread=2.0)
-    query, query_labels = clusters(n_per_class=7, spread=2.0, seed=3)
-    full = metrics.retrieval_scores(features, labels)
-    knn = metrics.knn_accuracy(query, query_labels, features, labels, 10)
-    monkeypatch.setattr(metrics, "CHUNK", 7)
-    scores = metrics.retrieval_scores(features, labels)
-    assert metrics.knn_accuracy(query, query_labels, features, labels, 10) == knn
-    assert scores["precision_at_1"] == full["precision_at_1"]
-    assert scores == pytest.approx(full, rel=1e-6)
 
 
 def test_retrieval_over_many_classes_counts_labels_a_chunk_of_queries_at_a_time(monkeypatch):
