@@ -7,6 +7,7 @@ import os
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
+from unittest import mock
 
 import imageio.v3 as iio
 import numpy as np
@@ -121,47 +122,37 @@ def test_redraw_frames_without_frames(tmp_path):
     assert visualize.draw_frames(tmp_path, DIGIT_CLASSES) is None
 
 
-def test_robust_limits_ignores_outliers():
-    rng = np.random.default_rng(0)
-    points = rng.normal(size=(2000, 2))
+def test_robust_limits_pad_the_quantiles_and_ignore_outliers():
+    """The limits reach past the 0.5% / 99.5% quantiles by 8% of their span (of 1e-6 at least)."""
+    points = np.random.default_rng(0).normal(size=(2000, 2))
     points[:5] = [[1e6, -1e6], [-1e6, 1e6], [5e5, 5e5], [-7e5, 0], [0, 9e5]]
-    limits = visualize.robust_limits(points)
-    # Padding: the limits reach past the 0.5% / 99.5% quantiles by 8% of their span.
     low, high = np.quantile(points, 0.005, axis=0), np.quantile(points, 0.995, axis=0)
-    np.testing.assert_allclose(limits[:, 0], low - 0.08 * (high - low))
-    np.testing.assert_allclose(limits[:, 1], high + 0.08 * (high - low))
-
-
-def test_robust_limits_degenerate_points():
-    limits = visualize.robust_limits(np.ones((10, 2)))  # a span of 1e-6, padded by 8% of it
+    want = np.stack([low - 0.08 * (high - low), high + 0.08 * (high - low)], 1)
+    np.testing.assert_allclose(visualize.robust_limits(points), want)
+    limits = visualize.robust_limits(np.ones((10, 2)))
     np.testing.assert_allclose(limits, [[1 - 0.08e-6, 1 + 0.08e-6]] * 2, rtol=0, atol=1e-12)
 
 
-def test_cli_makes_gifs_and_copies_to_imgs(tiny_runs, tmp_path):
+def test_cli_makes_gifs_and_copies_to_imgs(tiny_runs, tmp_path, monkeypatch):
+    """visualize.py RUN --to-imgs stitches the GIFs again and copies them; without --to-imgs it
+    copies nothing (to the default ./imgs)."""
     run_dir = copy_run(tiny_runs["cent"], tmp_path)
     imgs = tmp_path / "imgs"
     for split in visualize.SPLITS:
         (run_dir / f"{split}.gif").unlink()
     proc = check_ok(run_script("visualize.py", [run_dir, "--to-imgs", "--imgs-dir", imgs]))
+    assert f"{EPOCHS} frames" in proc.stdout
     png_shape = iio.imread(frame_pngs(run_dir, "train")[0]).shape
     for split in visualize.SPLITS:
         gif = run_dir / f"{split}.gif"
         assert iio.improps(gif, index=None).shape[:3] == (EPOCHS, *png_shape[:2])
         assert (imgs / "cent-mnist-feat=2" / f"{split}.gif").read_bytes() == gif.read_bytes()
-    assert sorted(p.name for p in (imgs / "cent-mnist-feat=2").iterdir()) == [
-        "test.gif",
-        "train.gif",
-    ]
-    assert f"{EPOCHS} frames" in proc.stdout
-
-
-def test_cli_without_to_imgs_copies_nothing(tiny_runs, tmp_path, monkeypatch):
-    run_dir = copy_run(tiny_runs["xent"], tmp_path)
+    assert sorted(p.name for p in (imgs / run_dir.name).iterdir()) == ["test.gif", "train.gif"]
+    shutil.rmtree(imgs)
     (run_dir / "train.gif").unlink()
     monkeypatch.chdir(tmp_path)
     assert visualize.main([str(run_dir)]) == 0
-    assert (run_dir / "train.gif").is_file() and (run_dir / "test.gif").is_file()
-    assert not (tmp_path / "imgs").exists()
+    assert (run_dir / "train.gif").is_file() and not imgs.exists()
 
 
 @pytest.mark.parametrize(
@@ -184,10 +175,9 @@ def test_cli_damaged_input_is_one_line(tiny_runs, tmp_path, capsys, path, conten
     target = run_dir / path  # removed (None), cut short, a small image or the text given
     if content is None:
         shutil.rmtree(target)
-    elif content == "cut":
-        target.write_bytes(target.read_bytes()[:200])
-    elif content == "small":
-        iio.imwrite(target, np.zeros((30, 40, 3), np.uint8))
+    elif content in ("cut", "small"):
+        small = iio.imwrite("<bytes>", np.zeros((30, 40, 3), np.uint8), extension=".png")
+        target.write_bytes(target.read_bytes()[:200] if content == "cut" else small)
     else:
         target.write_text(content)
     before = listing(tmp_path)
@@ -196,9 +186,9 @@ def test_cli_damaged_input_is_one_line(tiny_runs, tmp_path, capsys, path, conten
     assert err.startswith("error: ") and message in stderr_error_line(err)
     after = listing(tmp_path)
     assert set(after) == set(before)
-    assert {k: v for k, v in after.items() if not k.endswith(".gif")} == {
-        k: v for k, v in before.items() if not k.endswith(".gif")
-    }
+    assert [v for k, v in after.items() if ".gif" not in k] == [
+        v for k, v in before.items() if ".gif" not in k
+    ]
 
 
 def test_high_dim_run_writes_projections(projection_run, tmp_path):
@@ -217,10 +207,8 @@ def test_high_dim_run_writes_projections(projection_run, tmp_path):
 
 
 def test_no_plots_writes_no_frames(named_run):
-    _, run_dir = named_run
-    assert (run_dir / "summary.json").is_file()
-    assert not (run_dir / "frames").exists()
-    assert not list(run_dir.glob("*.png")) and not list(run_dir.glob("*.gif"))
+    files = {p.name for p in named_run[1].iterdir()}
+    assert "summary.json" in files and not {"frames", "train.gif", "train.png"} & files
 
 
 def test_project_2d_pca():
@@ -360,10 +348,8 @@ def test_cli_on_a_run_folder_it_cannot_write_is_one_line(tiny_runs, tmp_path, mo
     run_dir = copy_run(tiny_runs["cent"], tmp_path)
     old = (run_dir / "train.gif").read_bytes()
 
-    def read_only(src, dst):
-        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
-
-    monkeypatch.setattr(utils.os, "replace", read_only)
+    read_only = OSError(errno.EROFS, os.strerror(errno.EROFS))
+    monkeypatch.setattr(utils.os, "replace", mock.Mock(side_effect=read_only))
     assert visualize.main([str(run_dir)]) == 1
     line = stderr_error_line(capsys.readouterr().err)
     want = f"error: cannot write {run_dir / 'train.gif'} (Read-only file system); free space or fix"
