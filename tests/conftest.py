@@ -32,17 +32,11 @@ MNIST_TEST = 100
 SUBPROCESS_TIMEOUT = 300
 
 
-# --------------------------------------------------------------------------------------------- IDX
-
-
 def idx_bytes(array: np.ndarray) -> bytes:
     """IDX encoding of a uint8 array: 0x00 0x00 0x08 ndim, big-endian uint32 dims, raw bytes."""
     array = np.ascontiguousarray(array, dtype=np.uint8)
-    return (
-        bytes([0, 0, 8, array.ndim])
-        + struct.pack(f">{array.ndim}I", *array.shape)
-        + array.tobytes()
-    )
+    header = bytes([0, 0, 8, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    return header + array.tobytes()
 
 
 def write_idx(path: Path, array: np.ndarray) -> Path:
@@ -88,8 +82,6 @@ def tiny_mnist(tmp_path: Path) -> tuple[Path, dict[str, np.ndarray]]:
     return root, write_tiny_mnist(root)
 
 
-# ----------------------------------------------------------------------------------- image folders
-
 TREE_CLASSES = ("ant", "bee", "cat")
 
 
@@ -102,10 +94,8 @@ def write_image_tree(
     rng = np.random.default_rng(seed)
     for split, count in zip(("train", "test"), per_class):
         for k, cls in enumerate(TREE_CLASSES):
-            folder = root / split / cls
-            folder.mkdir(parents=True, exist_ok=True)
-            labels = np.full(count, k)
-            images = class_pattern_images(labels, rng, side, None if mode == "L" else 3)
+            (folder := root / split / cls).mkdir(parents=True, exist_ok=True)
+            images = class_pattern_images([k] * count, rng, side, None if mode == "L" else 3)
             for i, image in enumerate(images):
                 Image.fromarray(image, mode=mode).save(folder / f"{i:03d}.png")
     return root
@@ -121,18 +111,10 @@ def rgb_tree(tmp_path: Path) -> Path:
     return write_image_tree(tmp_path / "rgb", "RGB", 32)
 
 
-# --------------------------------------------------------------------------------------- main.py
-
-
 def subprocess_env() -> dict[str, str]:
     """The CPU, one thread (more oversubscribe a small shared machine: 5-10x slower), no .pyc, Agg."""
-    return dict(
-        os.environ,
-        OMP_NUM_THREADS="1",
-        PYTHONDONTWRITEBYTECODE="1",
-        CUDA_VISIBLE_DEVICES="",
-        MPLBACKEND="Agg",
-    )
+    settings = dict(OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1", CUDA_VISIBLE_DEVICES="")
+    return dict(os.environ, **settings, MPLBACKEND="Agg")
 
 
 def run_script(
@@ -140,10 +122,8 @@ def run_script(
 ) -> subprocess.CompletedProcess:
     """Run `python SCRIPT ARGS` in the repository root (or `cwd`) and capture its output."""
     command = [sys.executable, str(REPO / script), *map(str, args)]
-    env = subprocess_env()
-    return subprocess.run(
-        command, cwd=cwd or REPO, capture_output=True, text=True, timeout=timeout, env=env
-    )
+    options = dict(capture_output=True, text=True, timeout=timeout, env=subprocess_env())
+    return subprocess.run(command, cwd=cwd or REPO, **options)
 
 
 def run_main(args: list, cwd: Path | None = None, timeout: float = SUBPROCESS_TIMEOUT):
@@ -258,8 +238,8 @@ RUNS = {
     "truncated_run": {"truncated": "--dataset mnist --data-dir {truncated_data} --epochs 1"},
     "bad_data_dir_run": {"bad-data-dir": "--data-dir /nonexistent"},
     "real_run": {
-        "real": f"--dataset mnist --data-dir {{shared}} --epochs 1 --train-samples {REAL_TRAIN_SAMPLES}"
-        " --feat-dim 128 --batch-size 64 --no-plots"
+        "real": "--dataset mnist --data-dir {shared} --epochs 1 --feat-dim 128 --batch-size 64"
+        f" --no-plots --train-samples {REAL_TRAIN_SAMPLES}"
     },
 }
 _needed: set[str] = set()
