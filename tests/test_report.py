@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -39,10 +40,8 @@ def test_table_rows_differences_and_missing(tmp_path: Path, capsys) -> None:
     assert report.main([str(tmp_path), "--columns", "ncm_acc,best_acc"]) == 0
     rows = table_rows(capsys.readouterr().out)
     assert len(rows) == 18
-    study = report.study_rows()
-    assert [(r[0], r[1], r[2]) for r in rows] == [
-        (s["loss"], s["dataset"], str(s["feat_dim"])) for s in study
-    ]
+    study = [(s["loss"], s["dataset"], str(s["feat_dim"])) for s in report.study_rows()]
+    assert [tuple(r[:3]) for r in rows] == study
     by_key = {(r[0], r[1], int(r[2])): r for r in rows}
     standalone = by_key[("standalone", "mnist", 2)]
     # loss dataset feat acc lr epochs batch w_cent w_intra w_inter study diff ncm best
@@ -63,10 +62,8 @@ def write_unfinished_run(
     run_dir.mkdir(parents=True)
     settings = dict(loss=loss, dataset=dataset, feat_dim=feat_dim, **SETTINGS, seed=0, name=None)
     (run_dir / "args.json").write_text(json.dumps(settings | {"epochs": planned}))
-    rows = ["epoch,lr,train_acc,test_acc,ncm_acc"] + [
-        f"{e},0.001,0.5,{acc},{acc - 0.01}" for e, acc in enumerate(accs, 1)
-    ]
-    (run_dir / "metrics.csv").write_text("\n".join(rows) + "\n")
+    rows = [f"{e},0.001,0.5,{acc},{acc - 0.01}\n" for e, acc in enumerate(accs, 1)]
+    (run_dir / "metrics.csv").write_text("epoch,lr,train_acc,test_acc,ncm_acc\n" + "".join(rows))
     return run_dir
 
 
@@ -339,20 +336,13 @@ def test_the_readme_table_is_the_whole_grid_with_its_pictures() -> None:
 
 def test_gallery_links_resolve_from_the_page_that_holds_them(tmp_path: Path) -> None:
     """--gallery links are relative to the --readme file's folder; half-pictured runs are left out."""
-    runs = tmp_path / "results"
+    runs, imgs = tmp_path / "results", tmp_path / "imgs"
     runs.mkdir()
-    (runs / "xent-mnist-feat=2.json").write_text(
-        (ROOT / "results" / "cpu-3ep" / "xent-mnist-feat=2.json").read_text()
-    )
-    imgs = tmp_path / "imgs"
-    for name, files in {
-        "a-run": ("train.gif", "test.gif"),
-        "b-run": ("train.png", "test.png"),
-        "half": ("train.gif",),
-    }.items():
-        (imgs / name).mkdir(parents=True)
-        for file in files:
-            (imgs / name / file).write_bytes(b"picture")
+    shutil.copy(ROOT / "results" / "cpu-3ep" / "xent-mnist-feat=2.json", runs)
+    pictures = "a-run/train.gif a-run/test.gif b-run/train.png b-run/test.png half/train.gif"
+    for picture in pictures.split():
+        (imgs / picture).parent.mkdir(parents=True, exist_ok=True)
+        (imgs / picture).write_bytes(b"picture")
     for page in (tmp_path / "docs" / "results.md", tmp_path / "README.md"):
         page.parent.mkdir(exist_ok=True)
         page.write_text(
