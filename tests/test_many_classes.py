@@ -102,11 +102,8 @@ def test_row_sgd_state_survives_a_state_dict_round_trip() -> None:
 def test_center_updates_do_nothing_unless_applied_and_finite(update: str) -> None:
     """apply False, or rows not finite: centers and momentum stay; the update says if rows were finite."""
     features, centers, labels = batch()
-    for apply, x in (
-        (torch.tensor(False), features),
-        (torch.tensor(True), features * float("inf")),
-        (torch.tensor(True), features),
-    ):
+    for apply, x in ((False, features), (True, features * float("inf")), (True, features)):
+        apply = torch.tensor(apply)
         if update == "paper":
             c = centers.clone()
             ok = paper_center_update(c, x, labels, 0.5, apply)
@@ -130,10 +127,8 @@ def test_row_sgd_step_runs_on_shapes_alone() -> None:
     ok = opt.step(criterion.labels, criterion.rows.grad, torch.tensor(True, device="meta"))
     assert ok.device.type == "meta"
     assert opt.state[criterion.centers]["momentum_buffer"].shape == (100_000, 8)
-    grad = criterion.rows.grad
-    sparse_gradient = torch.sparse_coo_tensor(
-        labels[None], grad, (100_000, 8), check_invariants=False
-    )
+    grad, size = criterion.rows.grad, (100_000, 8)
+    sparse_gradient = torch.sparse_coo_tensor(labels[None], grad, size, check_invariants=False)
     for data_sized in (sparse_gradient.coalesce, labels.unique, labels.nonzero, labels.sum().item):
         with pytest.raises((NotImplementedError, RuntimeError)):
             data_sized()
@@ -214,10 +209,9 @@ def test_frames_of_many_classes_have_no_legend(tmp_path: Path, monkeypatch) -> N
         labels = rng.integers(0, num_classes, 200)
         centers = np.random.default_rng(2).normal(size=(num_classes, 2))
         names, limits = [str(k) for k in range(num_classes)], np.array([[-3, 3], [-3, 3]])
-        visualize.draw_frame(
-            tmp_path / f"{num_classes}.png", points, labels, centers, names, "t", limits
-        )
-        assert (tmp_path / f"{num_classes}.png").stat().st_size > 0
+        path = tmp_path / f"{num_classes}.png"
+        visualize.draw_frame(path, points, labels, centers, names, "t", limits)
+        assert path.stat().st_size > 0
     assert legends == [10]
 
 
