@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import struct
 import subprocess
 import sys
@@ -31,17 +32,11 @@ MNIST_TEST = 100
 SUBPROCESS_TIMEOUT = 300
 
 
-# --------------------------------------------------------------------------------------------- IDX
-
-
 def idx_bytes(array: np.ndarray) -> bytes:
     """IDX encoding of a uint8 array: 0x00 0x00 0x08 ndim, big-endian uint32 dims, raw bytes."""
     array = np.ascontiguousarray(array, dtype=np.uint8)
-    return (
-        bytes([0, 0, 8, array.ndim])
-        + struct.pack(f">{array.ndim}I", *array.shape)
-        + array.tobytes()
-    )
+    header = bytes([0, 0, 8, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    return header + array.tobytes()
 
 
 def write_idx(path: Path, array: np.ndarray) -> Path:
@@ -55,36 +50,28 @@ def class_pattern_images(
 ) -> np.ndarray:
     """Easily separable images: class k is a bright 7x7 block at the k-th cell of a 4x4 grid
     (jittered by a pixel), on a background of faint noise."""
-    n = len(labels)
-    shape = (n, side, side) if channels is None else (n, side, side, channels)
+    shape = (len(labels), side, side) if channels is None else (len(labels), side, side, channels)
     images = rng.integers(0, 40, size=shape).astype(np.uint8)
     cell = side // 4
     for i, k in enumerate(labels):
-        row, col = divmod(int(k) % 16, 4)
-        dy, dx = rng.integers(-1, 2, size=2)
-        y0 = int(np.clip(row * cell + 1 + dy, 0, side - cell))
-        x0 = int(np.clip(col * cell + 1 + dx, 0, side - cell))
+        corner = np.array(divmod(int(k) % 16, 4)) * cell + 1 + rng.integers(-1, 2, size=2)
+        y0, x0 = np.clip(corner, 0, side - cell)
         images[i, y0 : y0 + cell - 1, x0 : x0 + cell - 1] = 255
     return images
 
 
-def balanced_labels(n: int, num_classes: int, rng: np.random.Generator) -> np.ndarray:
-    labels = np.arange(n) % num_classes
-    rng.shuffle(labels)
-    return labels.astype(np.uint8)
-
-
 def write_tiny_mnist(root: Path, seed: int = 0) -> dict[str, np.ndarray]:
-    """<root>/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte; returns the arrays written."""
-    rng = np.random.default_rng(seed)
-    raw = root / "MNIST" / "raw"
-    arrays = {}
+    """<root>/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte of balanced classes; returns
+    the arrays written."""
+    rng, arrays = np.random.default_rng(seed), {}
     for split, n in (("train", MNIST_TRAIN), ("t10k", MNIST_TEST)):
-        labels = balanced_labels(n, NUM_CLASSES, rng)
-        images = class_pattern_images(labels, rng)
-        write_idx(raw / f"{split}-images-idx3-ubyte", images)
-        write_idx(raw / f"{split}-labels-idx1-ubyte", labels)
-        arrays[f"{split}_images"], arrays[f"{split}_labels"] = images, labels
+        labels = np.arange(n) % NUM_CLASSES
+        rng.shuffle(labels)
+        arrays[f"{split}_labels"] = labels = labels.astype(np.uint8)
+        arrays[f"{split}_images"] = class_pattern_images(labels, rng)
+        for kind, idx in (("images", 3), ("labels", 1)):
+            path = root / "MNIST" / "raw" / f"{split}-{kind}-idx{idx}-ubyte"
+            write_idx(path, arrays[f"{split}_{kind}"])
     return arrays
 
 
@@ -94,8 +81,6 @@ def tiny_mnist(tmp_path: Path) -> tuple[Path, dict[str, np.ndarray]]:
     root = tmp_path / "data"
     return root, write_tiny_mnist(root)
 
-
-# ----------------------------------------------------------------------------------- image folders
 
 TREE_CLASSES = ("ant", "bee", "cat")
 
@@ -109,10 +94,8 @@ def write_image_tree(
     rng = np.random.default_rng(seed)
     for split, count in zip(("train", "test"), per_class):
         for k, cls in enumerate(TREE_CLASSES):
-            folder = root / split / cls
-            folder.mkdir(parents=True, exist_ok=True)
-            labels = np.full(count, k)
-            images = class_pattern_images(labels, rng, side, None if mode == "L" else 3)
+            (folder := root / split / cls).mkdir(parents=True, exist_ok=True)
+            images = class_pattern_images([k] * count, rng, side, None if mode == "L" else 3)
             for i, image in enumerate(images):
                 Image.fromarray(image, mode=mode).save(folder / f"{i:03d}.png")
     return root
@@ -128,18 +111,10 @@ def rgb_tree(tmp_path: Path) -> Path:
     return write_image_tree(tmp_path / "rgb", "RGB", 32)
 
 
-# --------------------------------------------------------------------------------------- main.py
-
-
 def subprocess_env() -> dict[str, str]:
     """The CPU, one thread (more oversubscribe a small shared machine: 5-10x slower), no .pyc, Agg."""
-    return dict(
-        os.environ,
-        OMP_NUM_THREADS="1",
-        PYTHONDONTWRITEBYTECODE="1",
-        CUDA_VISIBLE_DEVICES="",
-        MPLBACKEND="Agg",
-    )
+    settings = dict(OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1", CUDA_VISIBLE_DEVICES="")
+    return dict(os.environ, **settings, MPLBACKEND="Agg")
 
 
 def run_script(
@@ -147,10 +122,8 @@ def run_script(
 ) -> subprocess.CompletedProcess:
     """Run `python SCRIPT ARGS` in the repository root (or `cwd`) and capture its output."""
     command = [sys.executable, str(REPO / script), *map(str, args)]
-    env = subprocess_env()
-    return subprocess.run(
-        command, cwd=cwd or REPO, capture_output=True, text=True, timeout=timeout, env=env
-    )
+    options = dict(capture_output=True, text=True, timeout=timeout, env=subprocess_env())
+    return subprocess.run(command, cwd=cwd or REPO, **options)
 
 
 def run_main(args: list, cwd: Path | None = None, timeout: float = SUBPROCESS_TIMEOUT):
@@ -171,13 +144,10 @@ def listing(root: Path, leave_out: Path | None = None) -> dict[str, tuple[str, i
     .lock.pid, which any command that reaches a run folder takes)."""
     found = {}
     for path in sorted(root.rglob("*")):
-        if (
-            leave_out is not None and (path == leave_out or leave_out in path.parents)
-        ) or path.name in (".lock", ".lock.pid"):
+        if path.name in (".lock", ".lock.pid") or leave_out in (path, *path.parents):
             continue
-        info = path.lstat()
         kind = "link" if path.is_symlink() else "dir" if path.is_dir() else "file"
-        found[str(path.relative_to(root))] = (kind, info.st_size if kind == "file" else 0)
+        found[str(path.relative_to(root))] = (kind, path.lstat().st_size if kind == "file" else 0)
     return found
 
 
@@ -201,6 +171,8 @@ def check_ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 
 
 TINY = ["--dataset", "mnist", "--batch-size", "32"]  # the default resnet: the fastest to train here
+TINY_ARGS = " ".join(TINY) + " --data-dir {mnist}"
+LOSSES = ("xent", "cent", "standalone")
 NAMED_RUN = "--loss cent --dataset mnist --model lenet++ --epochs 1 --train-samples 32".split()
 NAMED_RUN += ["--batch-size", "16"]
 REAL_TRAIN_SAMPLES = 3200  # 50 steps of 64 (100 steps took ~55 s on the loaded 2-core machine)
@@ -208,15 +180,6 @@ REAL_TRAIN_SAMPLES = 3200  # 50 steps of 64 (100 steps took ~55 s on the loaded 
 
 def shared_data_path() -> Path:
     return Path(os.environ.get("SCL_SHARED_DATA") or REPO.parent / "shared" / "data")
-
-
-@pytest.fixture
-def shared_data() -> Path:
-    """The shared real data: $SCL_SHARED_DATA, else <repo>/../shared/data; skip only when absent."""
-    path = shared_data_path()
-    if not path.is_dir():
-        pytest.skip(f"shared data folder {path} is absent")
-    return path
 
 
 # ------------------------------------------------------------------------------ background runs
@@ -259,8 +222,26 @@ class Background:
                 proc.communicate()
 
 
-BACKGROUND_FIXTURES = {"tiny_runs", "lenet_runs", "named_run", "projection_run", "real_run"}
-BACKGROUND_FIXTURES |= {"truncated_run", "bad_data_dir_run"}
+def per_loss(key: str, extra: str) -> dict[str, str]:
+    return {f"{key}-{loss}": f"--loss {loss} {TINY_ARGS} {extra}" for loss in LOSSES}
+
+
+# fixture -> {key: main.py's arguments but --out} ({mnist}: the tiny MNIST, {truncated_data}: one
+# whose train labels lost 7 bytes, {shared}: the shared data; "real" runs only where that is present)
+RUNS = {
+    "tiny_runs": per_loss("tiny", "--epochs 2"),
+    "lenet_runs": per_loss("lenet", "--model lenet++ --epochs 1 --train-samples 64 --no-plots"),
+    "projection_run": {
+        "projection": f"--loss standalone --feat-dim 16 --epochs 1 --train-samples 96 {TINY_ARGS}"
+    },
+    "named_run": {"named": " ".join(NAMED_RUN) + " --data-dir {mnist} --no-plots --name 'my run'"},
+    "truncated_run": {"truncated": "--dataset mnist --data-dir {truncated_data} --epochs 1"},
+    "bad_data_dir_run": {"bad-data-dir": "--data-dir /nonexistent"},
+    "real_run": {
+        "real": "--dataset mnist --data-dir {shared} --epochs 1 --feat-dim 128 --batch-size 64"
+        f" --no-plots --train-samples {REAL_TRAIN_SAMPLES}"
+    },
+}
 _needed: set[str] = set()
 
 
@@ -270,7 +251,7 @@ def pytest_collection_modifyitems(
 ) -> None:
     _needed.clear()
     for item in items:
-        _needed.update(set(getattr(item, "fixturenames", ())) & BACKGROUND_FIXTURES)
+        _needed.update(set(getattr(item, "fixturenames", ())) & set(RUNS))
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -279,55 +260,26 @@ def background(tmp_path_factory: pytest.TempPathFactory) -> Background:
     bg = Background()
     if _needed:
         base = tmp_path_factory.mktemp("bg")
-        mnist = base / "mnist-data"
-        write_tiny_mnist(mnist)
-        bg.paths["mnist"] = mnist
-        if "real_run" in _needed and shared_data_path().is_dir():
-            out = bg.paths["real"] = base / "real"
-            args = ["--dataset", "mnist", "--data-dir", shared_data_path(), "--epochs", "1"]
-            args += ["--train-samples", REAL_TRAIN_SAMPLES, "--feat-dim", "128"]
-            bg.start("real", [*args, "--batch-size", "64", "--no-plots", "--out", out])
-        for key, extra in (
-            ("tiny", "--epochs 2"),
-            ("lenet", "--model lenet++ --epochs 1 --train-samples 64 --no-plots"),
-        ):
-            if f"{key}_runs" in _needed:
-                out = bg.paths[key] = base / ("runs" if key == "tiny" else key)
-                for loss in ("xent", "cent", "standalone"):
-                    args = ["--loss", loss, *TINY, "--data-dir", mnist, *extra.split()]
-                    bg.start(f"{key}-{loss}", [*args, "--out", out])
-        if "projection_run" in _needed:
-            out = bg.paths["projection"] = base / "projection"
-            args = "--loss standalone --feat-dim 16 --epochs 1 --train-samples 96".split()
-            bg.start("projection", [*args, *TINY, "--data-dir", mnist, "--out", out])
-        if "named_run" in _needed:
-            out = bg.paths["named"] = base / "custom-out"
-            command = [*NAMED_RUN, "--data-dir", mnist, "--no-plots", "--out", out]
-            command += ["--name", "my run"]
-            bg.paths["named-command"] = command
-            bg.start("named", command)
-        if "truncated_run" in _needed:
-            data = base / "truncated-data"
+        places = dict(mnist=base / "mnist", truncated_data=base / "truncated-data")
+        bg.paths.update(places, shared=shared_data_path())
+        for data in places.values():
             write_tiny_mnist(data)
-            bad = bg.paths["truncated-file"] = data / "MNIST" / "raw" / "train-labels-idx1-ubyte"
-            bad.write_bytes(bad.read_bytes()[:-7])
-            out = bg.paths["truncated"] = base / "truncated-out"
-            args = ["--dataset", "mnist", "--data-dir", data, "--epochs", "1", "--out", out]
-            bg.start("truncated", args)
-        if "bad_data_dir_run" in _needed:
-            args = ["--data-dir", "/nonexistent", "--out", base / "bad-data-dir-out"]
-            bg.start("bad-data-dir", args)
+        bad = bg.paths["truncated-file"] = base / "truncated-data/MNIST/raw/train-labels-idx1-ubyte"
+        bad.write_bytes(bad.read_bytes()[:-7])
+        for fixture in _needed - (set() if bg.paths["shared"].is_dir() else {"real_run"}):
+            for key, args in RUNS[fixture].items():
+                out = bg.paths[key] = base / "runs" / key
+                command = [a.format(**bg.paths) for a in shlex.split(args)] + ["--out", out]
+                bg.start(key, command)
+                bg.paths[f"{key}-command"] = command
     yield bg
     bg.close()
 
 
 def loss_runs(background: Background, key: str) -> dict[str, Path]:
-    for loss in ("xent", "cent", "standalone"):
+    for loss in LOSSES:
         check_ok(background.result(f"{key}-{loss}"))
-    return {
-        loss: background.paths[key] / f"{loss}-mnist-feat=2"
-        for loss in ("xent", "cent", "standalone")
-    }
+    return {loss: background.paths[f"{key}-{loss}"] / f"{loss}-mnist-feat=2" for loss in LOSSES}
 
 
 @pytest.fixture(scope="session")
@@ -344,9 +296,11 @@ def lenet_runs(background: Background) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def named_run(background: Background) -> tuple[list, Path]:
-    """(command, run folder) of a tiny lenet++ cent run, --name 'my run', --out custom-out, --no-plots."""
+    """(command, run folder) of a tiny lenet++ cent run, --name 'my run', its own --out, --no-plots."""
     check_ok(background.result("named"))
-    return background.paths["named-command"], background.paths["named"] / "my run"
+    return [*background.paths["named-command"], "--name", "my run"], background.paths[
+        "named"
+    ] / "my run"
 
 
 @pytest.fixture(scope="session")

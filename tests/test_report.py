@@ -5,17 +5,15 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
-import sys
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import REPO as ROOT
 from conftest import listing, stderr_error_line
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import report  # noqa: E402
+import report
 
 SETTINGS = dict(
     lr=0.01, epochs=3, batch_size=128, weight_cent=1.0, weight_intra=1.0, weight_inter=0.1
@@ -42,10 +40,8 @@ def test_table_rows_differences_and_missing(tmp_path: Path, capsys) -> None:
     assert report.main([str(tmp_path), "--columns", "ncm_acc,best_acc"]) == 0
     rows = table_rows(capsys.readouterr().out)
     assert len(rows) == 18
-    study = report.study_rows()
-    assert [(r[0], r[1], r[2]) for r in rows] == [
-        (s["loss"], s["dataset"], str(s["feat_dim"])) for s in study
-    ]
+    study = [(s["loss"], s["dataset"], str(s["feat_dim"])) for s in report.study_rows()]
+    assert [tuple(r[:3]) for r in rows] == study
     by_key = {(r[0], r[1], int(r[2])): r for r in rows}
     standalone = by_key[("standalone", "mnist", 2)]
     # loss dataset feat acc lr epochs batch w_cent w_intra w_inter study diff ncm best
@@ -66,10 +62,8 @@ def write_unfinished_run(
     run_dir.mkdir(parents=True)
     settings = dict(loss=loss, dataset=dataset, feat_dim=feat_dim, **SETTINGS, seed=0, name=None)
     (run_dir / "args.json").write_text(json.dumps(settings | {"epochs": planned}))
-    rows = ["epoch,lr,train_acc,test_acc,ncm_acc"] + [
-        f"{e},0.001,0.5,{acc},{acc - 0.01}" for e, acc in enumerate(accs, 1)
-    ]
-    (run_dir / "metrics.csv").write_text("\n".join(rows) + "\n")
+    rows = [f"{e},0.001,0.5,{acc},{acc - 0.01}\n" for e, acc in enumerate(accs, 1)]
+    (run_dir / "metrics.csv").write_text("epoch,lr,train_acc,test_acc,ncm_acc\n" + "".join(rows))
     return run_dir
 
 
@@ -87,13 +81,8 @@ def test_unfinished_run_is_its_last_epoch_marked_and_never_compared(tmp_path: Pa
     assert xent[3:] == want.split("|")
     assert [rows[("standalone", "mnist", "2")][i] for i in (3, 11)] == ["0.981", "-0.013"]
     kept = json.loads((collected / "xent-mnist-feat=2.json").read_text())
-    assert [kept[k] for k in ("unfinished", "epochs", "epochs_planned", "acc", "lr")] == [
-        True,
-        3,
-        100,
-        0.97,
-        0.01,
-    ]
+    kept = {k: kept[k] for k in ("unfinished", "epochs", "epochs_planned", "acc", "lr")}
+    assert kept == dict(unfinished=True, epochs=3, epochs_planned=100, acc=0.97, lr=0.01)
     assert report.main([str(collected), "--present"]) == 0
     assert "| 0.970 (unfinished) |" in capsys.readouterr().out
 
@@ -148,11 +137,7 @@ def test_seeds_of_a_grid_point_are_one_row_with_mean_and_sample_std(tmp_path: Pa
     knn = np.array([0.97, 0.88])
     standalone = rows[("standalone", "mnist", "2")]
     assert standalone[3] == f"{mean:.3f} ± {std:.3f}" == "0.982 ± 0.013"
-    assert standalone[4:13] == [
-        *"0.01|3|128|/|1.0|0.1|0.994".split("|"),
-        f"{mean - 0.994:+.3f}",
-        "3",
-    ]
+    assert standalone[4:13] == f"0.01|3|128|/|1.0|0.1|0.994|{mean - 0.994:+.3f}|3".split("|")
     assert standalone[13] == f"{mean - 0.01:.3f} ± {std:.3f}"
     assert standalone[14] == f"{knn.mean():.3f} ± {knn.std(ddof=1):.3f} (n=2)"
     want = "0.500|0.01|3|128|/|/|/|0.866|-0.366|1|0.490|0.400"
@@ -174,9 +159,8 @@ def test_same_settings_and_seed_twice_names_both_and_shows_the_last(tmp_path: Pa
         "the one found last (later path argument, then later name)\n"
     )
     rows = table_rows(captured.out)
-    assert len(rows[0]) == 13 and [r[3] for r in rows if r[:3] == ["cent", "mnist", "2"]] == [
-        "0.930"
-    ]
+    assert len(rows[0]) == 13  # no n column
+    assert [r[3] for r in rows if r[:3] == ["cent", "mnist", "2"]] == ["0.930"]
 
 
 def test_runs_of_other_settings_are_rows_of_their_own(tmp_path: Path, capsys) -> None:
@@ -201,63 +185,50 @@ def test_open_set_runs_are_not_compared_with_the_study(tmp_path: Path, capsys) -
 def test_unknown_column_is_named_with_the_known_ones(tmp_path: Path, capsys) -> None:
     """It used to print a column of "/" and exit 0."""
     write_summary(tmp_path, "xent", "mnist", 2, 0.95, knn1_acc=0.9)
-    with pytest.raises(SystemExit) as info:
-        report.main([str(tmp_path), "--columns", "ncm_acc,knn_acc,gap"])
+    assert exit_code([str(tmp_path), "--columns", "ncm_acc,knn_acc,gap"]) == 2
     captured = capsys.readouterr()
-    assert info.value.code == 2 and captured.out == ""
+    assert captured.out == ""
     line = stderr_error_line(captured.err)
     assert "--columns: unknown knn_acc (in no summary read); known: " in line
     known = set(line.split("known: ")[1].split(", "))
     assert {"acc", "gap", "knn1_acc", "ncm_acc", "weight_cent"} <= known
 
 
-def unreadable(p: Path) -> None:
-    p.write_bytes(b"<!-- table:x -->\xff\xfe<!-- /table:x -->")
+def exit_code(argv: list[str]) -> int:
+    try:
+        return report.main(argv)
+    except SystemExit as exc:
+        return exc.code
 
 
-@pytest.mark.parametrize(
-    "flag, make, code, message",
-    [
-        (
-            "--readme",
-            lambda p: p,
-            2,
-            "--readme {p} does not exist; give the Markdown file that holds",
-        ),
-        ("--readme", Path.mkdir, 2, "--readme {p} is a folder; give the Markdown file"),
-        (
-            "--readme",
-            lambda p: p.write_text("no markers\n"),
-            1,
-            "markers <!-- table:x --> ... <!-- /table:x --> not found",
-        ),
-        ("--readme", unreadable, 1, "--readme {p}: not readable as text ("),
-        (
-            "--collect",
-            lambda p: p.write_text("keep me"),
-            2,
-            "--collect {p} is a file, not a folder",
-        ),
-        ("--gallery", lambda p: p, 2, "--gallery {p} needs --readme and must be a folder"),
-    ],
-)
-def test_bad_output_flag_is_one_line_and_writes_nothing(
-    tmp_path, capsys, flag, make, code, message
-):
+# flag | what the target is (absent, a folder, text, or undecodable bytes) | exit code | message
+OUTPUT_REFUSALS = """
+--readme | absent | 2 | --readme {p} does not exist; give the Markdown file that holds
+--readme | folder | 2 | --readme {p} is a folder; give the Markdown file
+--readme | no markers | 1 | markers <!-- table:x --> ... <!-- /table:x --> not found
+--readme | bytes | 1 | --readme {p}: not readable as text (
+--collect | keep me | 2 | --collect {p} is a file, not a folder
+--gallery | absent | 2 | --gallery {p} needs --readme and must be a folder
+"""
+
+
+@pytest.mark.parametrize("row", OUTPUT_REFUSALS.strip().splitlines())
+def test_bad_output_flag_is_one_line_and_writes_nothing(tmp_path, capsys, row):
     """A --readme missing, a folder, without markers or not text, a --collect onto a file (never
     replaced), a --gallery of nothing: one line, nothing written."""
+    flag, target_is, code, message = row.split(" | ")
     write_summary(tmp_path / "runs", "xent", "mnist", 2, 0.95)
     target = tmp_path / "target"
-    make(target)
+    if target_is == "folder":
+        target.mkdir()
+    elif target_is == "bytes":
+        target.write_bytes(b"<!-- table:x -->\xff\xfe<!-- /table:x -->")
+    elif target_is != "absent":
+        target.write_text(target_is)
     before = listing(tmp_path)
     args = [str(tmp_path / "runs"), flag, str(target), "--label", "x"]
     args += ["--collect", str(tmp_path / "collected")] if flag != "--collect" else []
-    if code == 2:
-        with pytest.raises(SystemExit) as info:
-            report.main(args)
-        assert info.value.code == 2
-    else:
-        assert report.main(args) == 1
+    assert exit_code(args) == int(code)
     captured = capsys.readouterr()
     assert captured.out == "" and message.format(p=target) in stderr_error_line(captured.err)
     assert listing(tmp_path) == before
@@ -377,20 +348,13 @@ def test_the_readme_table_is_the_whole_grid_with_its_pictures() -> None:
 
 def test_gallery_links_resolve_from_the_page_that_holds_them(tmp_path: Path) -> None:
     """--gallery links are relative to the --readme file's folder; half-pictured runs are left out."""
-    runs = tmp_path / "results"
+    runs, imgs = tmp_path / "results", tmp_path / "imgs"
     runs.mkdir()
-    (runs / "xent-mnist-feat=2.json").write_text(
-        (ROOT / "results" / "cpu-3ep" / "xent-mnist-feat=2.json").read_text()
-    )
-    imgs = tmp_path / "imgs"
-    for name, files in {
-        "a-run": ("train.gif", "test.gif"),
-        "b-run": ("train.png", "test.png"),
-        "half": ("train.gif",),
-    }.items():
-        (imgs / name).mkdir(parents=True)
-        for file in files:
-            (imgs / name / file).write_bytes(b"picture")
+    shutil.copy(ROOT / "results" / "cpu-3ep" / "xent-mnist-feat=2.json", runs)
+    pictures = "a-run/train.gif a-run/test.gif b-run/train.png b-run/test.png half/train.gif"
+    for picture in pictures.split():
+        (imgs / picture).parent.mkdir(parents=True, exist_ok=True)
+        (imgs / picture).write_bytes(b"picture")
     for page in (tmp_path / "docs" / "results.md", tmp_path / "README.md"):
         page.parent.mkdir(exist_ok=True)
         page.write_text(

@@ -7,6 +7,7 @@ import os
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
+from unittest import mock
 
 import imageio.v3 as iio
 import numpy as np
@@ -71,33 +72,30 @@ def test_frames_share_one_axis_range(tiny_runs, tmp_path):
     np.testing.assert_allclose(limits[:, 1], ranges[:, :, 1].max(0))
     # All frames are images of one size (a GIF needs that).
     side = int(visualize.FRAME_SIZE_INCHES * visualize.FRAME_DPI)
-    shapes = {
-        iio.imread(p).shape[:2] for split in visualize.SPLITS for p in frame_pngs(run_dir, split)
-    }
-    assert shapes == {(side, side)}
-    original = tiny_runs["standalone"]
     for split in visualize.SPLITS:
-        for new, old in zip(frame_pngs(run_dir, split), frame_pngs(original, split)):
+        for new, old in zip(frame_pngs(run_dir, split), frame_pngs(tiny_runs["standalone"], split)):
+            assert iio.imread(new).shape[:2] == (side, side)
             assert np.array_equal(iio.imread(new), iio.imread(old)), new.name
+    assert visualize.draw_frames(tmp_path, DIGIT_CLASSES) is None  # a folder without frames
 
 
 def test_the_train_frame_spreads_over_the_whole_epoch():
     """Each step keeps its first frame_take points (NaN for a bad step), so all steps are drawn."""
     objective = Objective("standalone", 10, 2)
-    run = SimpleNamespace(
-        args=parse_args([]), objective=objective, collect_frames=True, frame_take=3
-    )
+    run = SimpleNamespace(args=parse_args([]), objective=objective, collect_frames=True)
+    run.frame_take = 3
     state = EpochState.new(10, 2, torch.device("cpu"), torch.Generator())
     for step in range(6):
-        features, y = torch.full((8, 2), float(step)), torch.arange(8)
-        finite = torch.tensor(step != 4)
-        record_step(
-            run, state, features, torch.zeros(8, 10), y, torch.tensor(1.0), {}, ~finite, finite
+        features, y, finite = (
+            torch.full((8, 2), float(step)),
+            torch.arange(8),
+            torch.tensor(step != 4),
         )
-    points = torch.cat(state.frame_features)
-    assert torch.equal(
-        points[:, 0].nan_to_num(-1), torch.tensor([0, 1, 2, 3, -1, 5.0]).repeat_interleave(3)
-    )
+        record_step(
+            run, state, features, torch.zeros(8, 10), y, torch.ones(()), {}, ~finite, finite
+        )
+    points = torch.cat(state.frame_features)[:, 0].nan_to_num(-1)
+    assert torch.equal(points, torch.tensor([0, 1, 2, 3, -1, 5.0]).repeat_interleave(3))
     assert torch.equal(torch.cat(state.frame_labels), torch.arange(3).repeat(6))
 
 
@@ -117,51 +115,37 @@ def test_a_damaged_frame_found_at_the_end_is_one_line(tmp_path, capsys):
     assert (run_dir / "frames" / "test" / "epoch_002.npz").is_file()
 
 
-def test_redraw_frames_without_frames(tmp_path):
-    assert visualize.draw_frames(tmp_path, DIGIT_CLASSES) is None
-
-
-def test_robust_limits_ignores_outliers():
-    rng = np.random.default_rng(0)
-    points = rng.normal(size=(2000, 2))
+def test_robust_limits_pad_the_quantiles_and_ignore_outliers():
+    """The limits reach past the 0.5% / 99.5% quantiles by 8% of their span (of 1e-6 at least)."""
+    points = np.random.default_rng(0).normal(size=(2000, 2))
     points[:5] = [[1e6, -1e6], [-1e6, 1e6], [5e5, 5e5], [-7e5, 0], [0, 9e5]]
-    limits = visualize.robust_limits(points)
-    # Padding: the limits reach past the 0.5% / 99.5% quantiles by 8% of their span.
     low, high = np.quantile(points, 0.005, axis=0), np.quantile(points, 0.995, axis=0)
-    np.testing.assert_allclose(limits[:, 0], low - 0.08 * (high - low))
-    np.testing.assert_allclose(limits[:, 1], high + 0.08 * (high - low))
-
-
-def test_robust_limits_degenerate_points():
-    limits = visualize.robust_limits(np.ones((10, 2)))  # a span of 1e-6, padded by 8% of it
+    want = np.stack([low - 0.08 * (high - low), high + 0.08 * (high - low)], 1)
+    np.testing.assert_allclose(visualize.robust_limits(points), want)
+    limits = visualize.robust_limits(np.ones((10, 2)))
     np.testing.assert_allclose(limits, [[1 - 0.08e-6, 1 + 0.08e-6]] * 2, rtol=0, atol=1e-12)
 
 
-def test_cli_makes_gifs_and_copies_to_imgs(tiny_runs, tmp_path):
+def test_cli_makes_gifs_and_copies_to_imgs(tiny_runs, tmp_path, monkeypatch):
+    """visualize.py RUN --to-imgs stitches the GIFs again and copies them; without --to-imgs it
+    copies nothing (to the default ./imgs)."""
     run_dir = copy_run(tiny_runs["cent"], tmp_path)
     imgs = tmp_path / "imgs"
     for split in visualize.SPLITS:
         (run_dir / f"{split}.gif").unlink()
     proc = check_ok(run_script("visualize.py", [run_dir, "--to-imgs", "--imgs-dir", imgs]))
+    assert f"{EPOCHS} frames" in proc.stdout
     png_shape = iio.imread(frame_pngs(run_dir, "train")[0]).shape
     for split in visualize.SPLITS:
         gif = run_dir / f"{split}.gif"
         assert iio.improps(gif, index=None).shape[:3] == (EPOCHS, *png_shape[:2])
         assert (imgs / "cent-mnist-feat=2" / f"{split}.gif").read_bytes() == gif.read_bytes()
-    assert sorted(p.name for p in (imgs / "cent-mnist-feat=2").iterdir()) == [
-        "test.gif",
-        "train.gif",
-    ]
-    assert f"{EPOCHS} frames" in proc.stdout
-
-
-def test_cli_without_to_imgs_copies_nothing(tiny_runs, tmp_path, monkeypatch):
-    run_dir = copy_run(tiny_runs["xent"], tmp_path)
+    assert sorted(p.name for p in (imgs / run_dir.name).iterdir()) == ["test.gif", "train.gif"]
+    shutil.rmtree(imgs)
     (run_dir / "train.gif").unlink()
     monkeypatch.chdir(tmp_path)
     assert visualize.main([str(run_dir)]) == 0
-    assert (run_dir / "train.gif").is_file() and (run_dir / "test.gif").is_file()
-    assert not (tmp_path / "imgs").exists()
+    assert (run_dir / "train.gif").is_file() and not imgs.exists()
 
 
 @pytest.mark.parametrize(
@@ -184,10 +168,9 @@ def test_cli_damaged_input_is_one_line(tiny_runs, tmp_path, capsys, path, conten
     target = run_dir / path  # removed (None), cut short, a small image or the text given
     if content is None:
         shutil.rmtree(target)
-    elif content == "cut":
-        target.write_bytes(target.read_bytes()[:200])
-    elif content == "small":
-        iio.imwrite(target, np.zeros((30, 40, 3), np.uint8))
+    elif content in ("cut", "small"):
+        small = iio.imwrite("<bytes>", np.zeros((30, 40, 3), np.uint8), extension=".png")
+        target.write_bytes(target.read_bytes()[:200] if content == "cut" else small)
     else:
         target.write_text(content)
     before = listing(tmp_path)
@@ -196,9 +179,7 @@ def test_cli_damaged_input_is_one_line(tiny_runs, tmp_path, capsys, path, conten
     assert err.startswith("error: ") and message in stderr_error_line(err)
     after = listing(tmp_path)
     assert set(after) == set(before)
-    assert {k: v for k, v in after.items() if not k.endswith(".gif")} == {
-        k: v for k, v in before.items() if not k.endswith(".gif")
-    }
+    assert all(after[k] == before[k] for k in after if not k.endswith(".gif"))
 
 
 def test_high_dim_run_writes_projections(projection_run, tmp_path):
@@ -217,10 +198,8 @@ def test_high_dim_run_writes_projections(projection_run, tmp_path):
 
 
 def test_no_plots_writes_no_frames(named_run):
-    _, run_dir = named_run
-    assert (run_dir / "summary.json").is_file()
-    assert not (run_dir / "frames").exists()
-    assert not list(run_dir.glob("*.png")) and not list(run_dir.glob("*.gif"))
+    files = {p.name for p in named_run[1].iterdir()}
+    assert "summary.json" in files and not {"frames", "train.gif", "train.png"} & files
 
 
 def test_project_2d_pca():
@@ -245,10 +224,8 @@ def test_make_gif_of_one_or_more_frames(tmp_path, count):
     """A 1-epoch run's GIF (Pillow's single-frame path) as well as a longer one; the last frame lingers."""
     (tmp_path / "frames" / "test").mkdir(parents=True)
     for i in range(count):
-        iio.imwrite(
-            tmp_path / "frames" / "test" / f"epoch_{i:03d}.png",
-            np.full((8, 10, 3), 40 * i, dtype=np.uint8),
-        )
+        frame = tmp_path / "frames" / "test" / f"epoch_{i:03d}.png"
+        iio.imwrite(frame, np.full((8, 10, 3), 40 * i, dtype=np.uint8))
     gifs = visualize.make_run_gifs(tmp_path, duration=0.3, last_pause=1.5)
     assert gifs == [tmp_path / "test.gif"]
     assert iio.imread(gifs[0], index=None).shape[:3] == (count, 8, 10)
@@ -278,9 +255,8 @@ def test_geometry_over_epochs_of_several_runs(tmp_path, capsys):
     out = tmp_path / "geometry.png"
     assert visualize.main(["--geometry", str(a), str(b), "--out", str(out)]) == 0
     assert Image.open(out).size == (1300, 700)
-    assert (
-        capsys.readouterr().out == f"{out}: {', '.join(visualize.GEOMETRY_METRICS)} of 2 run(s)\n"
-    )
+    names = ", ".join(visualize.GEOMETRY_METRICS)
+    assert capsys.readouterr().out == f"{out}: {names} of 2 run(s)\n"
 
 
 @pytest.mark.parametrize(
@@ -360,10 +336,8 @@ def test_cli_on_a_run_folder_it_cannot_write_is_one_line(tiny_runs, tmp_path, mo
     run_dir = copy_run(tiny_runs["cent"], tmp_path)
     old = (run_dir / "train.gif").read_bytes()
 
-    def read_only(src, dst):
-        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
-
-    monkeypatch.setattr(utils.os, "replace", read_only)
+    read_only = OSError(errno.EROFS, os.strerror(errno.EROFS))
+    monkeypatch.setattr(utils.os, "replace", mock.Mock(side_effect=read_only))
     assert visualize.main([str(run_dir)]) == 1
     line = stderr_error_line(capsys.readouterr().err)
     want = f"error: cannot write {run_dir / 'train.gif'} (Read-only file system); free space or fix"
