@@ -89,19 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--loss", choices=LOSSES, default="standalone", help="objective")
     add("--dataset", type=canonical_name, choices=DATASETS, default="digits", help="also cifar-10")
     add("--data-dir", help="data set folder: torchvision layout or train/ test/ (default ./data)")
-    add(
-        "--model",
-        choices=MODELS,
-        default="resnet",
-        help="the study's resnet, or the paper's lenet++ (input standardised per channel, He init)",
-    )
+    add("--model", choices=MODELS, default="resnet", help="resnet (the study's), lenet++ (paper's)")
     whole("--feat-dim", default=2, help="feature dimension")
     whole("--width", default=1, help="resnet: multiply every channel count (1: the study's)")
     whole("--epochs", help="default 100, the study's (20 for digits: a first run of a minute)")
     add(
         "--train-classes",
-        help="open set: train on these classes only (0,2,5, 0-4 or names) and report retrieval "
-        "(open_*) among the test images of the others (default all)",
+        help="open set: train on these only (0,2,5, 0-4, names; default all), retrieval on the rest",
     )
     whole("--train-samples", help="train on the first N train samples only (default all)")
     whole("--batch-size", help="global, split over torchrun processes (default 128; 64 for digits)")
@@ -111,15 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
     real("--weight-decay", help="SGD weight decay of the model (default 5e-4 lenet++, 0 resnet)")
     real(
         "--clip-grad-norm",
-        help="clip the gradient norm of the model and dense centers, 0: off (default 10 for "
-        "lenet++, 0 for resnet)",
+        help="clip the gradient norm (model, dense centers), 0: off (default 10 lenet++, 0 resnet)",
     )
     add(
         "--center-update",
         choices=CENTER_UPDATES,
         default="sgd",
-        help="sgd: centers learn by gradient; paper: each moves toward its class's batch mean "
-        "(Wen et al., eq. 4; cent and standalone only)",
+        help="sgd: by their gradient; paper: toward each class's batch mean (Wen et al., eq. 4)",
     )
     real("--center-alpha", help="center rate of --center-update paper (default 0.5, the paper's)")
     real("--weight-cent", help="weight of the center term in cent (default 1)")
@@ -127,11 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     real("--weight-inter", help="inter term's weight: standalone, centers-apart (default 0.1)")
     real("--inter-margin", help="standalone: truncate the inter term's squared distances (off)")
     real("--alpha", help="centers-apart: scale of the squared distance in exp() (default 0.05)")
-    real(
-        "--val-fraction",
-        default=0.0,
-        help="held out of train to schedule and select on (0: test accuracy, as the study)",
-    )
+    real("--val-fraction", default=0.0, help="train fraction held out to schedule and select on")
     whole("--eval-every", default=10, help="retrieval, clustering metrics every N epochs, the last")
     switch("--tensorboard", help="also log to <run folder>/tensorboard (needs tensorboard)")
     real("--factor", default=0.2, help="ReduceLROnPlateau factor (on test accuracy)")
@@ -146,23 +134,29 @@ def build_parser() -> argparse.ArgumentParser:
         default="fast",
         help="fast: data on the device, batched augmentation; loader: torchvision DataLoader",
     )
-    whole(
-        "--workers", help=f"DataLoader workers (default {default_workers()}: the CPUs, at most 4)"
-    )
+    whole("--workers", help=f"DataLoader workers (default {default_workers()}: CPUs, at most 4)")
     add("--amp", choices=tuple(AMP_DTYPES), default="off", help="autocast precision")
     add(
-        "--channels-last", action=argparse.BooleanOptionalAction, default=True, help="tensor layout"
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="channels_last memory format",
     )
     # torch.compile's modes; reduce-overhead: CUDA graphs (not with --pipeline loader)
     modes = ("default", "reduce-overhead", "max-autotune")
-    add("--compile", nargs="?", const="default", choices=modes, help="torch.compile, in this mode")
+    compiled = "torch.compile the model, in this mode (default: default)"
+    add("--compile", nargs="?", const="default", choices=modes, help=compiled)
     whole("--max-bad-steps", default=5, help="stop after this many non-finite (skipped) steps")
     add("--out", default="runs", help="folder of run folders")
     add("--name", help="run folder name (default <loss>-<dataset>-feat=<feat_dim>)")
     switch("--resume", help="require a checkpoint to resume from (unfinished runs resume anyway)")
     switch("--overwrite", help="replace a finished or unfinished run of the same name")
     switch("--no-plots", help="skip the per-epoch 2-D frames and the final projections")
-    add("--projection", choices=("pca", "tsne"), help="of the final features (default pca)")
+    add(
+        "--projection",
+        choices=("pca", "tsne"),
+        help="2-D projection of final features (default pca)",
+    )
     whole("--plot-every", help="draw a 2-D frame every N epochs and the last (default 1)")
     return p
 
@@ -171,16 +165,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = a = parser.parse_args(argv)  # a: short, so that most checks fit on a line
     name = f"{a.loss}-{a.dataset}-feat={a.feat_dim}"
-    fill(
-        a,
-        {**(FIRST_RUN if a.dataset == "digits" else STUDY), **MODEL_RECIPES[a.model], "name": name},
-    )
+    first = FIRST_RUN if a.dataset == "digits" else STUDY
+    fill(a, {**first, **MODEL_RECIPES[a.model], "name": name})
     try:
         world = world_size()
     except ValueError as exc:
         parser.error(str(exc))
     paper = a.center_update == "paper"
-    centers = "has no centers)" if a.loss == "xent" else "moves its centers by terms of its own)"
+    centers = "has no centers" if a.loss == "xent" else "moves its centers by terms of its own"
     weights = [w for w in (a.weight_cent, a.weight_intra, a.weight_inter) if w is not None]
     name_bytes = len(os.fsencode(a.name))
     # flags given where nothing reads them, each with what it is for
@@ -199,15 +191,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ),
     }
     for key, losses in LOSS_FLAGS.items():
-        users = (
-            "every loss but xent (the losses with centers)"
-            if key == "lr_cent"
-            else "--loss " + " and ".join(losses)
-        )
+        users = "--loss " + " and ".join(losses)
+        if key == "lr_cent":
+            users = "every loss but xent (the losses with centers)"
         unused[key] = (a.loss in losses, f"is used by {users}, not by --loss {a.loss}")
     checks = [
         (0 <= a.seed <= MAX_SEED, f"--seed must be an integer from 0 to {MAX_SEED}"),
-        (is_plain_name(a.name), f"--name {a.name!r} must be one plain folder name, not a path"),
+        (is_plain_name(a.name), f"--name {a.name!r} must be one plain folder name (no /, . or ..)"),
         (a.name == a.name.strip(), f"--name {a.name!r} starts or ends with whitespace"),
         (
             name_bytes <= NAME_MAX,
@@ -227,11 +217,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         (a.lr_cent is None or a.lr_cent >= 0, "--lr-cent must not be negative"),
         (0 <= a.momentum < 1, "--momentum must be in [0, 1)"),
         (a.weight_decay >= 0, "--weight-decay must not be negative"),
-        (a.clip_grad_norm >= 0, "--clip-grad-norm must not be negative (0: off)"),
+        (a.clip_grad_norm >= 0, "--clip-grad-norm must not be negative (0 turns clipping off)"),
         (
             not paper or a.loss in PAPER_UPDATE_LOSSES,
-            f"--center-update paper needs --loss cent or standalone, whose centers only follow the features ({a.loss} "
-            + centers,
+            f"--center-update paper needs --loss cent or standalone, whose centers only follow the features ({a.loss} {centers})",
         ),
         (a.center_alpha is None or 0 < a.center_alpha <= 1, "--center-alpha must be in (0, 1]"),
         (
@@ -331,7 +320,5 @@ def device_problem(name: str) -> str | None:
     if device.index is not None and device.index >= (count := torch.cuda.device_count()):
         by_rank = "LOCAL_RANK" in os.environ and ":" not in name
         picked = f"cuda:{device.index} (by LOCAL_RANK)" if by_rank else name
-        return (
-            f"--device {picked}: there are {count} CUDA devices here (cuda:0 to cuda:{count - 1})"
-        )
+        return f"--device {picked}: the CUDA devices here are cuda:0 to cuda:{count - 1}"
     return None

@@ -159,18 +159,17 @@ def build(
         run_dir, resuming = check_run_dir(args)
     if world > 1:  # the other ranks write nothing in the folder, and only after rank 0 holds it
         dist.barrier()
-    on_device = args.pipeline == "fast"  # the fast path keeps the data on the training device
+    splits = {"train": data.train, "test": data.test, "val": val, "unseen": unseen}
+    if args.pipeline == "fast":  # the fast path keeps the data on the training device
+        splits = {key: s.to(device) if s is not None else None for key, s in splits.items()}
     run = Run(
+        **splits,
         **vars(build_trainer(args, data, device, world)),
         args=args,
         dir=run_dir,
         device=device,
         rank=rank,
         world=world,
-        train=data.train.to(device) if on_device else data.train,
-        test=data.test.to(device) if on_device else data.test,
-        val=val.to(device) if val is not None and on_device else val,
-        unseen=unseen.to(device) if unseen is not None and on_device else unseen,
         augmentations=data.augmentations,
         collect_frames=args.feat_dim == 2 and not args.no_plots,
         frame_take=-(-FRAME_POINTS // full_batches(len(data.train), args.batch_size)),

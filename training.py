@@ -84,10 +84,8 @@ def build_trainer(
     if world > 1 and device.type == "cuda":  # global batch statistics (SyncBatchNorm needs a GPU)
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     sparse = args.center_update == "sgd" and classes > args.batch_size  # many classes
-    weights = (args.weight_cent, args.weight_intra, args.weight_inter, args.inter_margin)
-    objective = Objective(args.loss, classes, args.feat_dim, *weights, args.alpha, sparse).to(
-        device
-    )
+    terms = (args.weight_cent, args.weight_intra, args.weight_inter, args.inter_margin, args.alpha)
+    objective = Objective(args.loss, classes, args.feat_dim, *terms, sparse).to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     groups = [{"params": model.parameters(), "weight_decay": args.weight_decay}]
