@@ -4,7 +4,7 @@ run's, and the checks that turn a bad argument into one line and exit code 2."""
 from __future__ import annotations
 
 import argparse
-import importlib
+import importlib.util
 import math
 import os
 from functools import partial
@@ -84,121 +84,57 @@ def build_parser() -> argparse.ArgumentParser:
     add = p.add_argument
     real = partial(add, type=finite_float)  # every float flag: finite, in float32's range
     whole = partial(add, type=int)
+    switch = partial(add, action="store_true")
 
     add("--loss", choices=LOSSES, default="standalone", help="objective")
-    add(
-        "--dataset",
-        type=canonical_name,
-        choices=DATASETS,
-        default="digits",
-        help="data set (cifar-10 is accepted for cifar10)",
-    )
-    add(
-        "--data-dir",
-        help="folder with the data set (torchvision layout or train/ test/ image folders); default ./data",
-    )
-    add(
-        "--model",
-        choices=MODELS,
-        default="resnet",
-        help="feature extractor: the study's resnet, or lenet++ (the center-loss paper's), which standardises its input by the train "
-        "set's per-channel mean and std, starts from He initialisation and defaults to --weight-decay 5e-4 --clip-grad-norm 10",
-    )
+    add("--dataset", type=canonical_name, choices=DATASETS, default="digits", help="also cifar-10")
+    add("--data-dir", help="data set folder: torchvision layout or train/ test/ (default ./data)")
+    add("--model", choices=MODELS, default="resnet", help="resnet (the study's), lenet++ (paper's)")
     whole("--feat-dim", default=2, help="feature dimension")
-    whole(
-        "--width",
-        default=1,
-        help="resnet: multiply every channel count by this (1: the study's network)",
-    )
-    whole(
-        "--epochs",
-        help="epochs; default 100, the study's budget (20 for digits, so that the first run takes about a minute)",
-    )
+    whole("--width", default=1, help="resnet: multiply every channel count (1: the study's)")
+    whole("--epochs", help="default 100, the study's (20 for digits: a first run of a minute)")
     add(
         "--train-classes",
-        help="open set: train on these classes only (indices 0,2,5, ranges 0-4 or names, comma-separated) and also report "
-        "retrieval (open_precision_at_1, open_r_precision, open_map_at_r) among the test images of the other classes (default all)",
+        help="open set: train on these only (0,2,5, 0-4, names; default all), retrieval on the rest",
     )
-    whole(
-        "--train-samples",
-        help="train on the first N train samples only (quick checks; default all)",
-    )
-    whole(
-        "--batch-size",
-        help="global batch size, split evenly across torchrun processes (the inter term spans it); default 128, the study's (64 for digits)",
-    )
+    whole("--train-samples", help="train on the first N train samples only (default all)")
+    whole("--batch-size", help="global, split over torchrun processes (default 128; 64 for digits)")
     real("--lr", default=0.01, help="SGD learning rate of the model")
-    real(
-        "--lr-cent",
-        help="SGD learning rate of the centers (default: --lr; not with --loss xent, which has none, or --center-update paper)",
-    )
+    real("--lr-cent", help="SGD learning rate of the centers (default --lr; SGD centers only)")
     real("--momentum", default=0.9, help="SGD momentum (model and SGD centers)")
-    real(
-        "--weight-decay",
-        help="SGD weight decay of the model (default: 5e-4 for lenet++, 0 for resnet)",
-    )
+    real("--weight-decay", help="SGD weight decay of the model (default 5e-4 lenet++, 0 resnet)")
     real(
         "--clip-grad-norm",
-        help="clip the gradient norm of the model and dense centers to this (not sparse centers), 0: off (default: 10 for lenet++, 0 for resnet)",
+        help="clip the gradient norm (model, dense centers), 0: off (default 10 lenet++, 0 resnet)",
     )
     add(
         "--center-update",
         choices=CENTER_UPDATES,
         default="sgd",
-        help="sgd: centers learn by their gradient; paper: after each step each center moves toward its class's batch mean "
-        "(Wen et al., eq. 4; cent and standalone only)",
+        help="sgd: by their gradient; paper: toward each class's batch mean (Wen et al., eq. 4)",
     )
     real("--center-alpha", help="center rate of --center-update paper (default 0.5, the paper's)")
     real("--weight-cent", help="weight of the center term in cent (default 1)")
-    real(
-        "--weight-intra",
-        help="weight of the intra term in standalone and centers-apart (default 1)",
-    )
-    real(
-        "--weight-inter",
-        help="weight of the inter term in standalone and centers-apart (default 0.1)",
-    )
-    real(
-        "--inter-margin",
-        help="truncate each pair's squared distance at this margin in standalone's inter term (off)",
-    )
-    real("--alpha", help="centers-apart: scale of the squared distance inside exp() (default 0.05)")
-    real(
-        "--val-fraction",
-        default=0.0,
-        help="hold out this fraction of train for the scheduler and model selection (0: schedule on test accuracy, as the study)",
-    )
-    whole(
-        "--eval-every",
-        default=10,
-        help="retrieval and clustering metrics every N epochs (and after the last; 0: only after the last)",
-    )
-    add(
-        "--tensorboard",
-        action="store_true",
-        help="also log to <run folder>/tensorboard (needs the tensorboard package)",
-    )
+    real("--weight-intra", help="intra term's weight: standalone, centers-apart (default 1)")
+    real("--weight-inter", help="inter term's weight: standalone, centers-apart (default 0.1)")
+    real("--inter-margin", help="standalone: truncate the inter term's squared distances (off)")
+    real("--alpha", help="centers-apart: scale of the squared distance in exp() (default 0.05)")
+    real("--val-fraction", default=0.0, help="train fraction held out to schedule and select on")
+    whole("--eval-every", default=10, help="retrieval, clustering metrics every N epochs, the last")
+    switch("--tensorboard", help="also log to <run folder>/tensorboard (needs tensorboard)")
     real("--factor", default=0.2, help="ReduceLROnPlateau factor (on test accuracy)")
-    whole("--patience", help="ReduceLROnPlateau patience; default 10, the study's (3 for digits)")
+    whole("--patience", help="ReduceLROnPlateau patience (default 10, the study's; 3 for digits)")
     real("--threshold", default=0.1, help="ReduceLROnPlateau relative threshold")
-    whole(
-        "--seed", default=0, help=f"seed of weights, data order and augmentation, 0 to {MAX_SEED}"
-    )
+    whole("--seed", default=0, help=f"seed of weights, data order, augmentation: 0 to {MAX_SEED}")
     add("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
-    whole(
-        "--threads",
-        help="CPU threads of torch's ops (default 1 for digits; else torch's, one per core)",
-    )
+    whole("--threads", help="CPU threads of torch's ops (default 1 for digits, else one per core)")
     add(
         "--pipeline",
         choices=("fast", "loader"),
         default="fast",
-        help="fast: tensors on the device, batched augmentation; loader: torchvision DataLoader",
+        help="fast: data on the device, batched augmentation; loader: torchvision DataLoader",
     )
-    whole(
-        "--workers",
-        help=f"DataLoader workers of --pipeline loader (default {default_workers()}: the CPUs, at most 4)",
-    )
+    whole("--workers", help=f"DataLoader workers (default {default_workers()}: CPUs, at most 4)")
     add("--amp", choices=tuple(AMP_DTYPES), default="off", help="autocast precision")
     add(
         "--channels-last",
@@ -208,116 +144,87 @@ def build_parser() -> argparse.ArgumentParser:
     )
     # torch.compile's modes; reduce-overhead: CUDA graphs (not with --pipeline loader)
     modes = ("default", "reduce-overhead", "max-autotune")
-    add(
-        "--compile",
-        nargs="?",
-        const="default",
-        choices=modes,
-        help="torch.compile the model, in this mode (default: default)",
-    )
-    whole(
-        "--max-bad-steps",
-        default=5,
-        help="stop after this many non-finite steps (each one is skipped)",
-    )
+    compiled = "torch.compile the model, in this mode (default: default)"
+    add("--compile", nargs="?", const="default", choices=modes, help=compiled)
+    whole("--max-bad-steps", default=5, help="stop after this many non-finite (skipped) steps")
     add("--out", default="runs", help="folder of run folders")
-    add("--name", default=None, help="run folder name (default <loss>-<dataset>-feat=<feat_dim>)")
-    add(
-        "--resume",
-        action="store_true",
-        help="require a checkpoint to resume from (unfinished runs resume anyway)",
-    )
-    add(
-        "--overwrite",
-        action="store_true",
-        help="replace a finished or unfinished run of the same name",
-    )
-    add(
-        "--no-plots",
-        action="store_true",
-        help="skip the per-epoch 2-D frames and the final projections",
-    )
+    add("--name", help="run folder name (default <loss>-<dataset>-feat=<feat_dim>)")
+    switch("--resume", help="require a checkpoint to resume from (unfinished runs resume anyway)")
+    switch("--overwrite", help="replace a finished or unfinished run of the same name")
+    switch("--no-plots", help="skip the per-epoch 2-D frames and the final projections")
     add(
         "--projection",
         choices=("pca", "tsne"),
-        help="2-D projection of the final features when feat_dim > 2 (default pca)",
+        help="2-D projection of final features (default pca)",
     )
-    whole(
-        "--plot-every",
-        help="draw a 2-D frame every N epochs (and the last) when feat_dim is 2 (default 1)",
-    )
+    whole("--plot-every", help="draw a 2-D frame every N epochs and the last (default 1)")
     return p
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    name = f"{args.loss}-{args.dataset}-feat={args.feat_dim}"
-    fill(args, {**(FIRST_RUN if args.dataset == "digits" else STUDY), "name": name})
+    args = a = parser.parse_args(argv)  # a: short, so that most checks fit on a line
+    name = f"{a.loss}-{a.dataset}-feat={a.feat_dim}"
+    first = FIRST_RUN if a.dataset == "digits" else STUDY
+    fill(a, {**first, **MODEL_RECIPES[a.model], "name": name})
     try:
         world = world_size()
     except ValueError as exc:
         parser.error(str(exc))
-    centers = "has no centers)" if args.loss == "xent" else "moves its centers by terms of its own)"
-    weights = [w for w in (args.weight_cent, args.weight_intra, args.weight_inter) if w is not None]
-    a = args  # short, so that most checks fit on a line
+    paper = a.center_update == "paper"
+    centers = "has no centers" if a.loss == "xent" else "moves its centers by terms of its own"
+    weights = [w for w in (a.weight_cent, a.weight_intra, a.weight_inter) if w is not None]
+    name_bytes = len(os.fsencode(a.name))
+    # flags given where nothing reads them, each with what it is for
+    unused = {
+        "width": (a.model == "resnet", "multiplies the resnet's channels"),
+        "center_alpha": (
+            paper,
+            "is the rate of the paper's center update; add --center-update paper or",
+        ),
+        "workers": (a.pipeline == "loader", "sets the DataLoader processes of --pipeline loader"),
+        "plot_every": (a.feat_dim == 2 and not a.no_plots, "is for --feat-dim 2 with plots"),
+        "projection": (a.feat_dim > 2 and not a.no_plots, "is for --feat-dim 3 or more with plots"),
+        "data_dir": (
+            a.dataset != "digits",
+            "is not read by --dataset digits (bundled with scikit-learn)",
+        ),
+    }
+    for key, losses in LOSS_FLAGS.items():
+        users = "--loss " + " and ".join(losses)
+        if key == "lr_cent":
+            users = "every loss but xent (the losses with centers)"
+        unused[key] = (a.loss in losses, f"is used by {users}, not by --loss {a.loss}")
     checks = [
+        (0 <= a.seed <= MAX_SEED, f"--seed must be an integer from 0 to {MAX_SEED}"),
+        (is_plain_name(a.name), f"--name {a.name!r} must be one plain folder name (no /, . or ..)"),
+        (a.name == a.name.strip(), f"--name {a.name!r} starts or ends with whitespace"),
         (
-            0 <= a.seed <= MAX_SEED,
-            f"--seed must be an integer from 0 to {MAX_SEED} (numpy's seed range)",
-        ),
-        (
-            is_plain_name(a.name),
-            f"--name {a.name!r} must be one plain folder name: not empty, not . or .., without / (it goes under --out)",
-        ),
-        (
-            a.name == a.name.strip(),
-            f"--name {a.name!r} starts or ends with whitespace; give it without",
-        ),
-        (
-            len(os.fsencode(a.name)) <= NAME_MAX,
-            f"--name is {len(os.fsencode(a.name))} bytes long, more than the {NAME_MAX} a file name may have; choose a shorter one",
+            name_bytes <= NAME_MAX,
+            f"--name is {name_bytes} bytes long, more than the {NAME_MAX} a file name may have",
         ),
         (
             len(os.fsencode(os.path.abspath(os.path.join(a.out, a.name)))) <= RUN_DIR_MAX,
-            f"--out and --name make a run folder path longer than {RUN_DIR_MAX} bytes, too long for its files; use a shorter --out",
+            f"--out and --name make a run folder path longer than {RUN_DIR_MAX} bytes; use a shorter --out",
         ),
-        (
-            not (a.resume and a.overwrite),
-            "--resume continues a run and --overwrite deletes it; give one of them",
-        ),
+        (not (a.resume and a.overwrite), "--resume continues a run and --overwrite deletes it"),
         (a.feat_dim >= 1, "--feat-dim must be at least 1"),
         (1 <= a.width <= 64, "--width must be an integer from 1 to 64"),
-        (
-            a.width == 1 or a.model == "resnet",
-            "--width multiplies the resnet's channels; lenet++ has the paper's fixed widths",
-        ),
         (a.epochs >= 1, "--epochs must be at least 1"),
         (a.train_samples is None or a.train_samples >= 2, "--train-samples must be at least 2"),
-        (
-            a.batch_size >= 2,
-            "--batch-size must be at least 2 (the losses compare samples of a batch)",
-        ),
+        (a.batch_size >= 2, "--batch-size must be at least 2 (the losses compare samples)"),
         (a.lr > 0, "--lr must be positive"),
         (a.lr_cent is None or a.lr_cent >= 0, "--lr-cent must not be negative"),
         (0 <= a.momentum < 1, "--momentum must be in [0, 1)"),
-        (a.weight_decay is None or a.weight_decay >= 0, "--weight-decay must not be negative"),
+        (a.weight_decay >= 0, "--weight-decay must not be negative"),
+        (a.clip_grad_norm >= 0, "--clip-grad-norm must not be negative (0 turns clipping off)"),
         (
-            a.clip_grad_norm is None or a.clip_grad_norm >= 0,
-            "--clip-grad-norm must not be negative (0 turns clipping off)",
-        ),
-        (
-            a.center_update == "sgd" or a.loss in PAPER_UPDATE_LOSSES,
-            f"--center-update paper needs --loss cent or standalone, whose centers only follow the features ({a.loss} "
-            + centers,
-        ),
-        (
-            a.center_alpha is None or a.center_update == "paper",
-            "--center-alpha is the rate of the paper's center update; add --center-update paper or drop it",
+            not paper or a.loss in PAPER_UPDATE_LOSSES,
+            f"--center-update paper needs --loss cent or standalone, whose centers only follow the features ({a.loss} {centers})",
         ),
         (a.center_alpha is None or 0 < a.center_alpha <= 1, "--center-alpha must be in (0, 1]"),
         (
-            a.lr_cent is None or a.center_update == "sgd",
+            a.lr_cent is None or not paper,
             "--lr-cent is the SGD centers' learning rate; with --center-update paper set --center-alpha instead",
         ),
         (min(weights, default=0) >= 0, "loss weights must not be negative"),
@@ -329,20 +236,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         (0 < a.factor < 1, "--factor must be in (0, 1)"),
         (a.patience >= 0 and a.threshold >= 0, "--patience and --threshold must not be negative"),
         (a.workers is None or a.workers >= 0, "--workers must not be negative"),
-        (
-            a.workers is None or a.pipeline == "loader",
-            "--workers sets the DataLoader processes of --pipeline loader; drop it",
-        ),
         (a.max_bad_steps >= 1, "--max-bad-steps must be at least 1"),
         (a.plot_every is None or a.plot_every >= 1, "--plot-every must be at least 1"),
-        (
-            a.plot_every is None or a.feat_dim == 2 and not a.no_plots,
-            "--plot-every is for --feat-dim 2 with plots; drop it",
-        ),
-        (
-            a.projection is None or a.feat_dim > 2 and not a.no_plots,
-            "--projection is for --feat-dim 3 or more with plots; drop it",
-        ),
         (0 <= a.val_fraction < 1, "--val-fraction must be in [0, 1)"),
         (a.eval_every >= 0, "--eval-every must not be negative"),
         (a.threads is None or a.threads >= 1, "--threads must be at least 1"),
@@ -360,42 +255,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             f"--data-dir {a.data_dir} does not exist or is not a folder",
         ),
         (
-            a.data_dir is None or a.dataset != "digits",
-            "--data-dir is not read by --dataset digits (bundled with scikit-learn); drop it",
-        ),
-        (
             a.dataset != "folder" or a.data_dir is not None,
             "--dataset folder needs --data-dir DIR with DIR/train/<class>/* and DIR/test/<class>/*",
         ),
+        *[
+            (
+                getattr(a, key) == parser.get_default(key) or used,
+                f"--{key.replace('_', '-')} {what}; drop it",
+            )
+            for key, (used, what) in unused.items()
+        ],
+        (
+            (a.weight_intra, a.weight_inter) != (0, 0),  # another loss has refused them above
+            f"--weight-intra 0 and --weight-inter 0 make the {a.loss} loss zero whatever the model does; give one a positive weight",
+        ),
+        *[(not problem, problem) for problem in (device_problem(a.device), out_problem(a.out))],
+        (
+            a.compile != "reduce-overhead" or a.pipeline == "fast",
+            "--compile reduce-overhead captures CUDA graphs, which the DataLoader's pin-memory thread can break; use --pipeline fast",
+        ),
+        (
+            not a.tensorboard or importlib.util.find_spec("tensorboard"),
+            "--tensorboard needs the tensorboard package: pip install tensorboard",
+        ),
     ]
-    for key, losses in LOSS_FLAGS.items():
-        used = "--loss " + " and ".join(losses)
-        used = "every loss but xent (the losses with centers)" if key == "lr_cent" else used
-        unused = f"--{key.replace('_', '-')} is used by {used}, not by --loss {args.loss}; drop it"
-        checks.append((getattr(args, key) is None or args.loss in losses, unused))
     for ok, message in checks:
         if not ok:
             parser.error(message)
-    fill(args, {**LOSS_DEFAULTS, **PLOT_DEFAULTS})
-    if args.loss in LOSS_FLAGS["weight_intra"] and args.weight_intra == args.weight_inter == 0:
-        parser.error(
-            f"--weight-intra 0 and --weight-inter 0 make the {args.loss} loss zero whatever the model does; give one a positive weight"
-        )
-    for problem in (device_problem(args.device), out_problem(args.out)):
-        if problem:
-            parser.error(problem)
-    if args.compile == "reduce-overhead" and args.pipeline == "loader":
-        parser.error(
-            "--compile reduce-overhead captures CUDA graphs, which the DataLoader's pin-memory thread can break; use --pipeline fast"
-        )
-    if args.tensorboard:
-        try:
-            importlib.import_module("torch.utils.tensorboard")
-        except ImportError:
-            parser.error("--tensorboard needs the tensorboard package: pip install tensorboard")
-    fill(args, {**MODEL_RECIPES[args.model], "workers": default_workers()})
-    paper = args.center_update == "paper"
-    fill(args, {"center_alpha": 0.5} if paper else {"lr_cent": args.lr})  # 0.5: the paper's
+    fill(a, {**LOSS_DEFAULTS, **PLOT_DEFAULTS, "workers": default_workers()})
+    fill(a, {"center_alpha": 0.5} if paper else {"lr_cent": a.lr})  # 0.5: the paper's
     return args
 
 
@@ -432,7 +320,5 @@ def device_problem(name: str) -> str | None:
     if device.index is not None and device.index >= (count := torch.cuda.device_count()):
         by_rank = "LOCAL_RANK" in os.environ and ":" not in name
         picked = f"cuda:{device.index} (by LOCAL_RANK)" if by_rank else name
-        return (
-            f"--device {picked}: there are {count} CUDA devices here (cuda:0 to cuda:{count - 1})"
-        )
+        return f"--device {picked}: the CUDA devices here are cuda:0 to cuda:{count - 1}"
     return None

@@ -42,38 +42,25 @@ def train_epoch(run: Run, epoch: int, state: EpochState, stop: dict) -> bool:
     aug = torch.Generator(run.device)
     try:
         aug.set_state(state.aug)
-    except RuntimeError:  # a checkpoint cut short on another kind of device: a CPU generator's state does not fit a CUDA one
-        aug.manual_seed(epoch_generator(args.seed, epoch).initial_seed() + 1 + state.step)
-        log(
-            rank,
-            f"the checkpoint's augmentation state does not fit {run.device}: the rest of epoch {epoch} is re-seeded",
-        )
+    # a checkpoint cut short on another kind of device: a CPU generator's state does not fit a CUDA one
+    except RuntimeError:
+        aug = aug_generator(run, epoch, state.step)
+        misfit = f"the checkpoint's augmentation state does not fit {run.device}"
+        log(rank, f"{misfit}: the rest of epoch {epoch} is re-seeded")
+    augs, start = run.augmentations, state.step
     if args.pipeline == "fast":
-        batches = tensor_batches(
-            data, order, args.batch_size, run.augmentations, aug, state.step, rank, world
-        )
+        batches = tensor_batches(data, order, args.batch_size, augs, aug, start, rank, world)
     else:
         shard = shard_order(order, args.batch_size, rank, world)
         generator = epoch_generator(args.seed * world + rank, epoch)
+        per_rank = args.batch_size // world
         batches = loader_batches(
-            data,
-            shard,
-            args.batch_size // world,
-            run.augmentations,
-            generator,
-            args.workers,
-            run.device,
-            state.step,
+            data, shard, per_rank, augs, generator, args.workers, run.device, start
         )
     run.net.train()
-    total, show = full_batches(len(data), args.batch_size), rank == 0 and sys.stderr.isatty()
+    total, hide = full_batches(len(data), args.batch_size), rank != 0 or not sys.stderr.isatty()
     bar = tqdm(
-        batches,
-        total=total,
-        initial=state.step,
-        desc=f"epoch {epoch}",
-        leave=False,
-        disable=not show,
+        batches, total=total, initial=start, desc=f"epoch {epoch}", leave=False, disable=hide
     )
     for x, y in bar:
         record_step(run, state, *train_step(run, x, y))
@@ -146,12 +133,15 @@ def check_moved(run: Run, epoch: int, before: list[torch.Tensor]) -> None:
 
 
 def kept_checkpoint(run: Run) -> str:
-    kept = (run.dir / "checkpoint.pt").is_file()
-    return (
-        f"the last good checkpoint is kept in {run.dir}"
-        if kept
-        else "no checkpoint was saved (none of an earlier epoch)"
-    )
+    if (run.dir / "checkpoint.pt").is_file():
+        return f"the last good checkpoint is kept in {run.dir}"
+    return "no checkpoint was saved (none of an earlier epoch)"
+
+
+def aug_generator(run: Run, epoch: int, step: int = 0) -> torch.Generator:
+    """The augmentation generator of an epoch (re)started at `step`, seeded by (--seed, epoch, step)."""
+    seed = epoch_generator(run.args.seed, epoch).initial_seed() + 1 + step
+    return torch.Generator(run.device).manual_seed(seed)
 
 
 def log(rank: int, message: str) -> None:

@@ -75,28 +75,17 @@ def build_trainer(
     seeding (same --seed, same weights). Weight decay: the model only; paper centers: no optimiser."""
     torch.manual_seed(args.seed)  # the only generator the weights draw from
     stats = channel_stats(data.train.images) if args.model == "lenet++" else (None, None)
+    classes = len(data.classes)
     model = build_model(
-        args.model,
-        data.channels,
-        len(data.classes),
-        args.feat_dim,
-        data.image_size,
-        *stats,
-        width=args.width,
+        args.model, data.channels, classes, args.feat_dim, data.image_size, *stats, width=args.width
     ).to(device)
     if args.loss in CENTER_ACC_LOSSES:  # logits unused: no gradient, and DDP must not wait for one
         model.classifier.requires_grad_(False)
     if world > 1 and device.type == "cuda":  # global batch statistics (SyncBatchNorm needs a GPU)
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    sparse = args.center_update == "sgd" and len(data.classes) > args.batch_size  # many classes
-    weights = (
-        args.weight_cent,
-        args.weight_intra,
-        args.weight_inter,
-        args.inter_margin,
-        args.alpha,
-    )
-    objective = Objective(args.loss, len(data.classes), args.feat_dim, *weights, sparse).to(device)
+    sparse = args.center_update == "sgd" and classes > args.batch_size  # many classes
+    terms = (args.weight_cent, args.weight_intra, args.weight_inter, args.inter_margin, args.alpha)
+    objective = Objective(args.loss, classes, args.feat_dim, *terms, sparse).to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     groups = [{"params": model.parameters(), "weight_decay": args.weight_decay}]
@@ -151,14 +140,10 @@ def make_scheduler(
 def add_momentum_buffers(optimizer: torch.optim.Optimizer) -> None:
     """A zero momentum buffer for every trained parameter that has none: SGD's first step creates them
     with empty_like, left uninitialised if the GradScaler skips it; m * 0 + g = g is that step exactly."""
-    for p in (
-        p
-        for group in optimizer.param_groups
-        if group["momentum"]
-        for p in group["params"]
-        if p.requires_grad
-    ):
-        optimizer.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if group["momentum"] and p.requires_grad:
+                optimizer.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
 
 
 def train_step(trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -205,15 +190,8 @@ def train_step(trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> tuple[torc
     for buffer, before in zip(buffers, saved):
         buffer.copy_(torch.where(apply, buffer, before))
     scaler.update(None if trainer.fp16 else 1.0)  # fp16: backs off after an overflow; else stays 1
-    return (
-        features.detach(),
-        logits.detach(),
-        y,
-        loss.detach(),
-        {name: term.detach() for name, term in terms.items()},
-        ~finite & ~search,
-        finite,
-    )
+    terms = {name: term.detach() for name, term in terms.items()}
+    return features.detach(), logits.detach(), y, loss.detach(), terms, ~finite & ~search, finite
 
 
 TERMS = ("xent", "intra", "inter")
@@ -234,9 +212,8 @@ class EpochState:
     step: int = 0
     frame_features: list[torch.Tensor] = field(default_factory=list)  # the 2-D frame's train points
     frame_labels: list[torch.Tensor] = field(default_factory=list)
-    skipped: torch.Tensor | None = (
-        None  # int64: steps not applied (None: a checkpoint from before it)
-    )
+    # int64: steps not applied (None: a checkpoint from before it)
+    skipped: torch.Tensor | None = None
 
     @classmethod
     def new(
@@ -256,22 +233,11 @@ class EpochState:
     def as_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
-    def add(
-        self,
-        loss: torch.Tensor,
-        terms: dict,
-        features: torch.Tensor,
-        labels: torch.Tensor,
-        correct: torch.Tensor,
-        finite: torch.Tensor,
-        bad: torch.Tensor,
-    ) -> None:
-        """Count one step's loss, terms, correct predictions and features, or, if it was not applied
-        (finite), only the skip and, if it was bad, the bad step (with torch.where: no host sync)."""
-        values = torch.stack(
-            [loss.detach()]
-            + [terms[t].detach() if t in terms else loss.new_zeros(()) for t in TERMS]
-        ).double()
+    def add(self, loss, terms: dict, features, labels, correct, finite, bad) -> None:
+        """Count one step's loss, terms, correct predictions and features (tensors), or, if it was not
+        applied (finite), only the skip and, if it was bad, the bad step (torch.where: no host sync)."""
+        zero = loss.new_zeros(())
+        values = torch.stack([loss, *(terms.get(t, zero) for t in TERMS)]).detach().double()
         self.step += 1
         self.bad_steps += bad
         if self.skipped is not None:
