@@ -9,26 +9,21 @@ from __future__ import annotations
 import csv
 import os
 import signal
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-import epoch  # noqa: E402
-from batches import tensor_batches  # noqa: E402
-from config import parse_args  # noqa: E402
-from datasets import Dataset, ImageData  # noqa: E402
-from epoch import record_step  # noqa: E402
-from evaluation import acc_predictions, embed, eval_logits  # noqa: E402
-from losses import LOSSES  # noqa: E402
-from main import main  # noqa: E402
-from training import EpochState, build_trainer, cuda_backends, train_step  # noqa: E402
+import epoch
+from batches import tensor_batches
+from config import parse_args
+from datasets import Dataset, ImageData
+from epoch import record_step
+from evaluation import acc_predictions, embed, eval_logits
+from losses import LOSSES
+from main import main
+from training import EpochState, build_trainer, cuda_backends, train_step
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 BATCH, STEPS = 32, 4

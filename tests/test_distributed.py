@@ -22,16 +22,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from config import parse_args
+from distributed import close_distributed, from_rank0, gather_batch, rank0_first
+from losses import Objective
+from main import main
+from models import build_model
+from training import build_trainer, make_scheduler, train_step
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from config import parse_args  # noqa: E402
-from distributed import close_distributed, from_rank0, gather_batch, rank0_first  # noqa: E402
-from losses import Objective  # noqa: E402
-from main import main  # noqa: E402
-from models import build_model  # noqa: E402
-from training import build_trainer, make_scheduler, train_step  # noqa: E402
-
 BATCH = 16
 LOSSES = ("standalone", "cent")
 
