@@ -30,7 +30,7 @@ from training import EpochState, Trainer, build_trainer, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 6  # an epoch of TINY
-TINY = "--dataset digits --train-samples 192 --batch-size 32 --epochs 3 --no-plots --model lenet++"
+TINY = "--dataset digits --train-samples 192 --batch-size 32 --epochs 2 --no-plots --model lenet++"
 TINY = TINY.split()
 
 
@@ -89,7 +89,7 @@ INTERRUPTED = {
     "evaluation": "interrupted after epoch 1's training (during its evaluation or writing); its "
     "checkpoint is saved, run the same command to resume",
     "summary": "interrupted while drawing the final pictures and writing summary.json; the "
-    "checkpoint of epoch 3 is saved, run the same command to finish the run",
+    "checkpoint of epoch 2 is saved, run the same command to finish the run",
 }
 # where: (module, function, the call before which the signal is raised)
 MOMENTS = {
@@ -143,14 +143,14 @@ def test_a_signal_saves_a_checkpoint_and_the_same_command_resumes_bit_for_bit(
 def test_sigterm_then_sigkill_to_a_process_leave_checkpoints_that_resume_bit_for_bit(
     tmp_path: Path, reference
 ) -> None:
-    """main.py in a process of its own gets SIGTERM after epoch 1 (exit 143, a checkpoint, no
-    summary); the same command resumes and gets SIGKILL, which no handler sees: the atomic write
-    (temp file, fsync, rename) keeps the last checkpoint whole. The same command then ends like the
+    """main.py in a process of its own gets SIGKILL in epoch 2, which no handler sees: the atomic
+    write (temp file, fsync, rename) keeps the last checkpoint whole; the same command resumes and
+    gets SIGTERM (exit 143, a loadable checkpoint, no summary). The same command then ends like the
     uninterrupted run."""
     args = [*TINY, "--out", str(tmp_path), "--name", "cut"]
-    for sig, code in ((signal.SIGTERM, 143), (signal.SIGKILL, -signal.SIGKILL)):
+    for sig, code, after in ((signal.SIGKILL, -9, "epoch 1/"), (signal.SIGTERM, 143, "standalone")):
         proc = start(args)
-        next(line for line in proc.stdout if line.startswith("epoch "))
+        next(line for line in proc.stdout if line.startswith(after))
         proc.send_signal(sig)
         proc.communicate(timeout=300)
         assert proc.returncode == code
@@ -214,7 +214,7 @@ REFUSALS = [  # (flags, damage, exit code, part of the error line)
     ("--weight-decay 0", "", 1, "(--weight-decay 0.0005, this run --weight-decay 0.0)"),
     ("--inter-margin 1", "", 1, "(no --inter-margin, this run --inter-margin 1.0)"),
     ("--pipeline loader", "", 1, "(--pipeline fast, this run --pipeline loader)"),
-    ("--epochs 2", "", 2, "has already trained 3 epochs; resume with --epochs 3 or more"),
+    ("--epochs 1", "", 2, "has already trained 2 epochs; resume with --epochs 2 or more"),
 ]
 
 
@@ -253,11 +253,11 @@ def test_resume_with_more_epochs_extends_the_run(tmp_path: Path, reference) -> N
     shutil.copytree(reference(), run_dir, ignore=shutil.ignore_patterns("summary.json"))
     free = "--device cpu --eval-every 2 --max-bad-steps 9 --tensorboard --threads 1".split()
     assert (
-        main([*TINY, "--out", str(tmp_path), "--name", "unfinished", "--epochs", "4", *free]) == 0
+        main([*TINY, "--out", str(tmp_path), "--name", "unfinished", "--epochs", "3", *free]) == 0
     )
     rows = metrics_without_seconds(run_dir)
-    assert len(rows) == 1 + 4 and rows[:4] == metrics_without_seconds(reference())
-    assert json.loads((run_dir / "summary.json").read_text())["epochs"] == 4
+    assert len(rows) == 1 + 3 and rows[:3] == metrics_without_seconds(reference())
+    assert json.loads((run_dir / "summary.json").read_text())["epochs"] == 3
 
 
 IMAGES = ImageData(torch.zeros(4, 1, 28, 28, dtype=torch.uint8), torch.arange(4))
@@ -360,7 +360,7 @@ DIVERGENCES = {  # cause: (flags, the error line after "error: training diverged
     "lr 1e30": ("--lr 1e30 --max-bad-steps 2", BAD_STEPS, ""),
     "nan loss": (TWO_STEPS, EVERY_STEP, ""),
     "fp16 gradients": (f"{TWO_STEPS} --amp fp16", EVERY_STEP, ""),
-    "inf lr once": ("--epochs 2 --max-bad-steps 100", BAD_WEIGHT, "checkpoint.pt metrics.csv"),
+    "inf lr once": ("--max-bad-steps 100", BAD_WEIGHT, "checkpoint.pt metrics.csv"),
 }
 CAUSES = {"nan loss": nan_loss, "fp16 gradients": fp16_overflow}
 CAUSES["inf lr once"] = infinite_lr_at_epoch_2_step_3
