@@ -140,7 +140,7 @@ def test_a_signal_saves_a_checkpoint_and_the_same_command_resumes_bit_for_bit(
         assert torch.equal(cut[part][key], end[part][key]) == (where == "summary"), key
 
 
-def test_sigterm_then_sigkill_to_a_process_leave_checkpoints_that_resume_bit_for_bit(
+def test_sigkill_then_sigterm_to_a_process_leave_checkpoints_that_resume_bit_for_bit(
     tmp_path: Path, reference
 ) -> None:
     """main.py in a process of its own gets SIGKILL in epoch 2, which no handler sees: the atomic
