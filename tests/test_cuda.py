@@ -45,7 +45,8 @@ def run_steps(
     loss: str, device: str, amp: str, sync_mode: str, classes: int = 10, augment: bool = True
 ) -> tuple[EpochState, SimpleNamespace, int]:
     """One warm-up step (allocations, cuDNN autotuning), then STEPS steps and an evaluation under
-    the sync debug mode; returns the epoch's accumulators, the run and the test images it gets right."""
+    the sync debug mode; returns the epoch's accumulators, the run and the test images it gets
+    right."""
     args = parse_args(f"--loss {loss} --device {device} --amp {amp} --batch-size {BATCH}".split())
     dev = torch.device(device)
     data = synthetic(dev, classes, augment)
@@ -88,11 +89,11 @@ def run_steps(
 SYNC_ROWS = [("cpu", "cent", "off", 10), ("cpu", "cent", "off", 100)]  # the harness itself
 SYNC_ROWS += [("cuda", loss, "off", 10) for loss in LOSSES]
 # 100 classes at batch 32: RowSGD steps the batch's centers, every size fixed by the batch (a sparse
-# gradient's coalesce() would ask the host its size); under fp16 its gradient is unscaled on the device.
+# gradient's coalesce() would ask the host its size); fp16 unscales its gradient on the device.
 SYNC_ROWS += [
     ("cuda", loss, amp, 100) for loss in ("cent", "standalone") for amp in ("off", "fp16")
 ]
-# fp16: the GradScaler's unscale_ and update run on the device, and the step skips its overflows there
+# fp16: the GradScaler's unscale_ and update run on the device, and so do the skipped overflows
 SYNC_ROWS += [("cuda", "standalone", amp, 10) for amp in ("bf16", "fp16")]
 
 

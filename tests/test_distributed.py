@@ -167,7 +167,8 @@ TINY = [*TINY.split(), "--no-plots", "--eval-every", "1", "--lr", "0.001"]
 
 
 def torchrun(args: list[str]) -> subprocess.Popen:
-    """torchrun with 2 CPU processes in the background, its output in files (a full pipe stops it)."""
+    """torchrun with 2 CPU processes in the background, its output in files (not a pipe: full, it
+    stops the processes)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     files = [tempfile.TemporaryFile("w+") for _ in range(2)]

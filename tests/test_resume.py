@@ -43,7 +43,7 @@ def main_code(args: list[str]) -> int:
 
 
 def start(args: list[str]) -> subprocess.Popen:
-    """main.py in a process of its own, on one thread as in-process runs (so their results are equal)."""
+    """main.py in a process of its own, on one thread as in-process runs (equal results)."""
     command, env = [sys.executable, "main.py", *args], subprocess_env()
     return subprocess.Popen(command, cwd=ROOT, stdout=-1, stderr=-1, text=True, env=env)
 
@@ -55,7 +55,7 @@ def metrics_without_seconds(run_dir: Path) -> list[list[str]]:
 
 
 def assert_same_run(a: Path, b: Path) -> None:
-    """Same metrics but the seconds, and bit for bit the same weights, centers, momentum and rate."""
+    """Same metrics but the seconds; bit for bit the same weights, centers, momentum, rate."""
     assert metrics_without_seconds(a) == metrics_without_seconds(b)
     ca, cb = (torch.load(r / "checkpoint.pt", weights_only=True) for r in (a, b))
     for part in ("model", "objective"):
@@ -371,10 +371,10 @@ def test_divergence_ends_the_run_with_one_line_and_keeps_the_last_good_checkpoin
     tmp_path: Path, capsys, monkeypatch, cause: str
 ) -> None:
     """--max-bad-steps non-finite steps (all counted, though the count is read every LOG_EVERY steps
-    and at the epoch's end), an epoch whose every step was taken back (a NaN loss, or fp16 gradients
-    that all overflow: its train loss would read 0), or a finite step that makes a weight non-finite:
-    exit 1, one line with the loss terms, no summary, the checkpoint of the last whole epoch kept
-    with finite weights (the interrupted epoch's is never written)."""
+    and at the epoch's end), an epoch whose every step was taken back (a NaN loss, or fp16
+    gradients that all overflow: its train loss would read 0), or a finite step that makes a weight
+    non-finite: exit 1, one line with the loss terms, no summary, the checkpoint of the last whole
+    epoch kept with finite weights (the interrupted epoch's is never written)."""
     flags, line, files = DIVERGENCES[cause]
     if cause in CAUSES:
         CAUSES[cause](monkeypatch)
@@ -452,7 +452,7 @@ def test_ctrl_c_while_loading_data_is_one_line(tmp_path: Path, monkeypatch, caps
 
 
 def trainer(flags: tuple[str, ...] = ()) -> Trainer:
-    """main.py's trainer (default resnet, standalone, 2-D features) for 28x28 grey images, 10 classes."""
+    """main.py's trainer (default resnet, standalone, 2-D features) for 28x28 grey images."""
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (32, 1, 28, 28), generator=g, dtype=torch.uint8)
     data = SimpleNamespace(channels=1, classes=list(range(10)), image_size=28)
