@@ -1,88 +1,60 @@
 """The CUDA fast path never waits for the host: training steps of every loss, and one evaluation,
-under torch.cuda.set_sync_debug_mode("error"), which raises on any synchronising call (.item(),
-a blocking or pageable copy, nonzero, ...), --compile reduce-overhead (CUDA graphs) trains like
-the eager step, and a CUDA run cut mid-epoch resumes. The CUDA cases are skipped only where CUDA is absent; the CPU
-cases run the same code everywhere, so the harnesses themselves are tested on every machine."""
+under torch.cuda.set_sync_debug_mode("error"), which raises on any synchronising call (.item(), a
+blocking or pageable copy, nonzero, ...); --compile reduce-overhead (CUDA graphs) trains like the
+eager step; a CUDA run cut mid-epoch resumes. The CUDA cases are skipped only where CUDA is absent;
+the CPU cases run the same harness everywhere, so it is itself tested on every machine."""
 
 from __future__ import annotations
 
 import csv
 import os
 import signal
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-import epoch  # noqa: E402
-from batches import tensor_batches  # noqa: E402
-from config import parse_args  # noqa: E402
-from datasets import Dataset, ImageData  # noqa: E402
-from epoch import record_step  # noqa: E402
-from evaluation import acc_predictions, embed, eval_logits  # noqa: E402
-from losses import LOSSES  # noqa: E402
-from main import main  # noqa: E402
-from training import EpochState, build_trainer, cuda_backends, train_step  # noqa: E402
+import epoch
+from batches import tensor_batches
+from config import parse_args
+from datasets import Dataset, ImageData
+from epoch import record_step
+from evaluation import acc_predictions, embed, eval_logits
+from losses import LOSSES
+from main import main
+from training import EpochState, build_trainer, cuda_backends, train_step
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 BATCH, STEPS = 32, 4
 
 
 def synthetic(device: torch.device, classes: int = 10, augment: bool = True) -> Dataset:
-    """Random 28x28 grey images (the shape of MNIST) in `classes` classes, on `device`; without `augment`
-    none of the random augmentations (whose generators draw differently on the CPU and on CUDA)."""
+    """Random 28x28 grey images (MNIST's shape) in `classes` classes on `device`; without `augment`
+    none of the random augmentations (whose generators draw differently on the CPU and CUDA)."""
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (BATCH * (STEPS + 1), 1, 28, 28), generator=g, dtype=torch.uint8)
     train = ImageData(images, torch.arange(len(images)) % classes)
     test = ImageData(images[:100], torch.arange(100) % classes)
-    return Dataset(
-        "synthetic",
-        train.to(device),
-        test.to(device),
-        [str(k) for k in range(classes)],
-        ("flip", "rotate", "crop") if augment else (),
-        "test",
-    )
+    augmentations = ("flip", "rotate", "crop") if augment else ()
+    names = [str(k) for k in range(classes)]
+    return Dataset("synthetic", train.to(device), test.to(device), names, augmentations, "test")
 
 
 def run_steps(
     loss: str, device: str, amp: str, sync_mode: str, classes: int = 10, augment: bool = True
 ) -> tuple[EpochState, SimpleNamespace, int]:
-    """One warm-up step (allocations, cuDNN autotuning), then STEPS steps and an evaluation with
-    the given sync debug mode; returns the epoch's accumulators, the run and the test images it gets right."""
-    args = parse_args(
-        [
-            "--loss",
-            loss,
-            "--device",
-            device,
-            "--amp",
-            amp,
-            "--batch-size",
-            str(BATCH),
-            "--feat-dim",
-            "2",
-        ]
-    )
+    """One warm-up step (allocations, cuDNN autotuning), then STEPS steps and an evaluation under
+    the sync debug mode; returns the epoch's accumulators, the run and the test images it gets
+    right."""
+    args = parse_args(f"--loss {loss} --device {device} --amp {amp} --batch-size {BATCH}".split())
     dev = torch.device(device)
     data = synthetic(dev, classes, augment)
-    run = SimpleNamespace(
-        **vars(build_trainer(args, data, dev)),
-        args=args,
-        device=dev,
-        collect_frames=True,
-        frame_take=BATCH,
-    )
-    # RowSGD: many classes
-    assert (run.center_optimizer is not None) == (
-        classes > BATCH and loss in ("cent", "standalone")
-    )
+    run = SimpleNamespace(**vars(build_trainer(args, data, dev)), args=args, device=dev)
+    run.collect_frames, run.frame_take = True, BATCH
+    # RowSGD: more classes than the batch
+    rows = classes > BATCH and loss in ("cent", "standalone")
+    assert (run.center_optimizer is not None) == rows
     aug = torch.Generator(dev).manual_seed(1)
     order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(2)).to(dev)
     batches = tensor_batches(data.train, order, BATCH, data.augmentations, aug)
@@ -98,68 +70,48 @@ def run_steps(
         features = embed(run, data.test)
         centers = run.objective.centers
         logits = eval_logits(run, features)
-        correct = (
-            acc_predictions(
-                loss, features, logits, centers.detach() if centers is not None else None
-            )
-            == data.test.labels
-        ).sum()
+        detached = centers.detach() if centers is not None else None
+        correct = (acc_predictions(loss, features, logits, detached) == data.test.labels).sum()
     finally:
         if dev.type == "cuda":
             torch.cuda.set_sync_debug_mode("default")
     good = state.good_steps()  # fp16: the scaler's first overflows are skipped, and not bad
-    assert (
-        state.step == STEPS + 1
-        and int(state.bad_steps) == 0
-        and (good == STEPS + 1 or amp == "fp16")
-    )
+    assert state.step == STEPS + 1 and int(state.bad_steps) == 0
+    assert good == STEPS + 1 or amp == "fp16"
     # The device's evaluation against the same rule on the CPU, from the same features.
-    on_cpu = acc_predictions(
-        loss, *(t.detach().cpu() if t is not None else None for t in (features, logits, centers))
-    )
-    assert int(correct) == int((on_cpu == data.test.labels.cpu()).sum())
-    assert torch.isfinite(state.loss_sums).all()
-    assert (
-        int(state.class_count.sum()) == good * BATCH
-        and sum(len(f) for f in state.frame_features) == (STEPS + 1) * BATCH
-    )
+    on_cpu = [t.detach().cpu() if t is not None else None for t in (features, logits, centers)]
+    assert int(correct) == int((acc_predictions(loss, *on_cpu) == data.test.labels.cpu()).sum())
+    assert torch.isfinite(state.loss_sums).all() and int(state.class_count.sum()) == good * BATCH
+    assert sum(len(f) for f in state.frame_features) == (STEPS + 1) * BATCH
     return state, run, int(correct)
 
 
-@pytest.mark.parametrize("classes", [10, 100])
-def test_steps_and_evaluation_on_the_cpu(classes):
-    run_steps("cent", "cpu", "off", "default", classes)
+SYNC_ROWS = [("cpu", "cent", "off", 10), ("cpu", "cent", "off", 100)]  # the harness itself
+SYNC_ROWS += [("cuda", loss, "off", 10) for loss in LOSSES]
+# 100 classes at batch 32: RowSGD steps the batch's centers, every size fixed by the batch (a sparse
+# gradient's coalesce() would ask the host its size); fp16 unscales its gradient on the device.
+SYNC_ROWS += [
+    ("cuda", loss, amp, 100) for loss in ("cent", "standalone") for amp in ("off", "fp16")
+]
+# fp16: the GradScaler's unscale_ and update run on the device, and so do the skipped overflows
+SYNC_ROWS += [("cuda", "standalone", amp, 10) for amp in ("bf16", "fp16")]
 
 
-@CUDA
-@pytest.mark.parametrize("loss", LOSSES)
-def test_cuda_steps_and_evaluation_never_sync(loss):
-    run_steps(loss, "cuda", "off", "error")
-
-
-@CUDA
-@pytest.mark.parametrize("amp", ["off", "fp16"])
-@pytest.mark.parametrize("loss", ["cent", "standalone"])
-def test_cuda_steps_with_more_classes_than_the_batch_never_sync(loss, amp):
-    """100 classes at batch 32: RowSGD steps the batch's centers, every size fixed by the batch (a sparse
-    gradient's coalesce() would ask the host for its size); under fp16 its gradient is unscaled on the device."""
-    run_steps(loss, "cuda", amp, "error", classes=100)
-
-
-@CUDA
-@pytest.mark.parametrize("amp", ["bf16", "fp16"])
-def test_cuda_amp_steps_never_sync(amp):
-    """fp16 too: the GradScaler's unscale_ and update run on the device, and train_step skips its overflowing steps there."""
-    run_steps("standalone", "cuda", amp, "error")
+@pytest.mark.parametrize(
+    ("device", "loss", "amp", "classes"),
+    [pytest.param(*row, marks=CUDA if row[0] == "cuda" else ()) for row in SYNC_ROWS],
+)
+def test_steps_and_evaluation_never_sync(device: str, loss: str, amp: str, classes: int) -> None:
+    run_steps(loss, device, amp, "error", classes)
 
 
 @CUDA
 @pytest.mark.parametrize("loss", LOSSES)
 def test_cuda_trains_like_the_cpu(loss):
-    """The same seed, batches and weights, no augmentation, float32 without TF32 on both (cuda_backends, as
-    main.py): after STEPS + 1 steps the summed losses, the per-class feature sums and every weight agree within
-    rtol 1e-3, atol 1e-4 (float32 sums in other orders and cuDNN's algorithms, compounded over 5 steps), and
-    the test images counted right within 2 of 100 (a point near a boundary may cross it)."""
+    """The same seed, batches and weights, no augmentation, float32 without TF32 on both
+    (cuda_backends, as main.py): after STEPS + 1 steps the summed losses, the per-class feature sums
+    and every weight agree within rtol 1e-3, atol 1e-4 (float32 sums in other orders and cuDNN's
+    algorithms, over 5 steps), and the test images counted right within 2 of 100."""
     cuda_backends(torch.device("cuda"))
     (cpu, cpu_run, cpu_correct), (gpu, gpu_run, gpu_correct) = (
         run_steps(loss, device, "off", "default", augment=False) for device in ("cpu", "cuda")
@@ -185,20 +137,17 @@ def test_sync_debug_mode_catches_a_sync():
         torch.cuda.set_sync_debug_mode("default")
 
 
-# ------------------------------------------------------------------------------ CUDA graphs
-
-
-def small_trainer(device: str, flags: tuple[str, ...] = ()):
-    args = parse_args(["--dataset", "mnist", "--device", device, "--batch-size", "16", *flags])
-    return build_trainer(args, synthetic(torch.device(device)), torch.device(device))
+def small_trainer(*flags: str):
+    args = parse_args(["--dataset", "mnist", "--device", "cuda", "--batch-size", "16", *flags])
+    return build_trainer(args, synthetic(torch.device("cuda")), torch.device("cuda"))
 
 
 @CUDA
 def test_reduce_overhead_trains_like_the_eager_step():
-    """--compile --compile reduce-overhead (torch.compile's CUDA graphs) against the eager step on the
-    same batches: the same losses and weights up to cuDNN's and inductor's choices, and a NaN batch skipped
-    by both."""
-    eager, graphed = small_trainer("cuda"), small_trainer("cuda", ("--compile", "reduce-overhead"))
+    """--compile reduce-overhead (torch.compile's CUDA graphs) against the eager step on the same
+    batches: the same losses and weights up to cuDNN's and inductor's choices, and a NaN batch
+    skipped by both."""
+    eager, graphed = small_trainer(), small_trainer("--compile", "reduce-overhead")
     g = torch.Generator().manual_seed(1)
     for i in range(8):
         x, y = torch.rand(16, 1, 28, 28, generator=g).cuda(), (torch.arange(16) % 10).cuda()
@@ -216,43 +165,35 @@ def read_metrics(run_dir: Path) -> list[dict[str, str]]:
         return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(f)]
 
 
-@CUDA
-@pytest.mark.parametrize("compile_flags", [[], ["--compile", "reduce-overhead"]])
-def test_cuda_run_cut_mid_epoch_resumes(tmp_path, monkeypatch, capsys, compile_flags):
-    """A CUDA run stopped by SIGTERM in its second epoch saves a checkpoint and the same command resumes it
-    (loading failed on CUDA before: random states moved to the GPU); it ends like an uninterrupted run, up to
-    cuDNN's choice of algorithms (losses and accuracies within 1%, weights close)."""
-    args = [
-        "--dataset",
-        "digits",
-        "--train-samples",
-        "256",
-        "--batch-size",
-        "32",
-        "--epochs",
-        "2",
-        "--no-plots",
-        "--device",
-        "cuda",
-    ]
-    args += ["--out", str(tmp_path), *compile_flags]
-    assert main([*args, "--name", "straight"]) == 0
-    steps = {"n": 0}
-    record = epoch.record_step
+def sigterm_at_step(monkeypatch, step: int) -> None:
+    """SIGTERM after the `step`-th step of the run (counted over its epochs)."""
+    record, steps = epoch.record_step, []
 
     def record_then_stop(*a, **k):
         record(*a, **k)
-        steps["n"] += 1
-        if steps["n"] == 8 + 3:  # the 3rd step of epoch 2 (8 steps an epoch)
+        steps.append(None)
+        if len(steps) == step:
             os.kill(os.getpid(), signal.SIGTERM)
 
     monkeypatch.setattr(epoch, "record_step", record_then_stop)
+
+
+DIGITS = "--dataset digits --train-samples 256 --batch-size 32 --no-plots".split()
+
+
+@CUDA
+@pytest.mark.parametrize("compile_flags", [[], ["--compile", "reduce-overhead"]])
+def test_cuda_run_cut_mid_epoch_resumes(tmp_path, monkeypatch, capsys, compile_flags):
+    """A CUDA run stopped by SIGTERM in its second epoch saves a checkpoint and the same command
+    resumes it (loading failed on CUDA before: random states moved to the GPU); it ends like an
+    uninterrupted run, up to cuDNN's choice of algorithms (losses, accuracies within 1%)."""
+    args = [*DIGITS, "--epochs", "2", "--device", "cuda", "--out", str(tmp_path), *compile_flags]
+    assert main([*args, "--name", "straight"]) == 0
+    sigterm_at_step(monkeypatch, 8 + 3)  # the 3rd step of epoch 2 (8 steps an epoch)
     assert main([*args, "--name", "cut"]) == 128 + signal.SIGTERM
-    monkeypatch.setattr(epoch, "record_step", record)
-    assert (
-        torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["epoch_state"]["step"]
-        == 3
-    )
+    monkeypatch.undo()
+    ckpt = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch_state"]["step"] == 3
     capsys.readouterr()
     assert main([*args, "--name", "cut"]) == 0
     assert "resuming" in capsys.readouterr().out
@@ -262,8 +203,7 @@ def test_cuda_run_cut_mid_epoch_resumes(tmp_path, monkeypatch, capsys, compile_f
         for key in ("train_loss", "test_loss", "test_acc", "ncm_acc"):
             assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-2, abs=1e-2), key
     ca, cb = (
-        torch.load(tmp_path / name / "checkpoint.pt", weights_only=True)
-        for name in ("straight", "cut")
+        torch.load(tmp_path / n / "checkpoint.pt", weights_only=True) for n in ("straight", "cut")
     )
     for key, value in ca["model"].items():
         torch.testing.assert_close(cb["model"][key], value, rtol=1e-2, atol=1e-3)
@@ -271,35 +211,16 @@ def test_cuda_run_cut_mid_epoch_resumes(tmp_path, monkeypatch, capsys, compile_f
 
 @CUDA
 def test_a_cpu_checkpoint_cut_mid_epoch_resumes_on_cuda(tmp_path, monkeypatch, capsys):
-    """A device change is allowed: a CPU run cut mid-epoch resumes with --device cuda (its CPU augmentation
-    state does not fit a CUDA generator: the rest of the epoch is re-seeded, with one line), and args.json
-    records the new device."""
-    args = [
-        "--dataset",
-        "digits",
-        "--train-samples",
-        "256",
-        "--batch-size",
-        "32",
-        "--epochs",
-        "1",
-        "--no-plots",
-        "--out",
-        str(tmp_path),
-    ]
-    record = epoch.record_step
-
-    def record_then_stop(run, state, *a):
-        record(run, state, *a)
-        if state.step == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    monkeypatch.setattr(epoch, "record_step", record_then_stop)
+    """A device change is allowed: a CPU run cut mid-epoch resumes with --device cuda (its CPU
+    augmentation state does not fit a CUDA generator: the rest of the epoch is re-seeded, with one
+    line), and args.json records the new device."""
+    args = [*DIGITS, "--epochs", "1", "--out", str(tmp_path)]
+    sigterm_at_step(monkeypatch, 3)
     assert main([*args, "--device", "cpu"]) == 128 + signal.SIGTERM
-    monkeypatch.setattr(epoch, "record_step", record)
+    monkeypatch.undo()
     capsys.readouterr()
     assert main([*args, "--device", "cuda"]) == 0
     out = capsys.readouterr().out
     assert "resuming" in out and "re-seeded" in out
-    run_dir = tmp_path / "standalone-digits-feat=2"
-    assert '"device": "cuda"' in (run_dir / "args.json").read_text()
+    args_json = (tmp_path / "standalone-digits-feat=2" / "args.json").read_text()
+    assert '"device": "cuda"' in args_json

@@ -16,47 +16,61 @@ import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
-from typing import IO
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from config import parse_args
+from distributed import close_distributed, from_rank0, gather_batch, rank0_first
+from losses import Objective
+from main import main
+from models import build_model
+from training import build_trainer, make_scheduler, train_step
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from config import parse_args  # noqa: E402
-from distributed import close_distributed, from_rank0, gather_batch, rank0_first  # noqa: E402
-from losses import Objective  # noqa: E402
-from main import main  # noqa: E402
-from models import build_model  # noqa: E402
-from training import build_trainer, make_scheduler, train_step  # noqa: E402
-
 BATCH = 16
+LOSSES = ("standalone", "cent")
 
 
-def one_step(
-    loss_name: str, x: torch.Tensor, y: torch.Tensor, wrap=None
-) -> tuple[float, dict[str, torch.Tensor]]:
-    """One SGD step of lenet++ (no batch norm, so the slices' statistics cannot differ) and its loss."""
+def tensors(model: torch.nn.Module, objective: torch.nn.Module) -> dict[str, torch.Tensor]:
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    state |= {f"objective.{k}": v for k, v in objective.state_dict().items()}
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
+def plain_step(loss_name: str, x: torch.Tensor, y: torch.Tensor, wrap=None) -> dict:
+    """One SGD step of lenet++ (no batch norm: the slices' statistics cannot differ) on the
+    gathered batch: its loss and the tensors before and after."""
     torch.manual_seed(0)
-    model = build_model("lenet++", 1, 10, 2, 28)
-    objective = Objective(loss_name, 10, 2)
+    model, objective = build_model("lenet++", 1, 10, 2, 28), Objective(loss_name, 10, 2)
     if loss_name == "standalone":
         model.classifier.requires_grad_(False)
-    net = wrap(model) if wrap else model
-    optimizer = torch.optim.SGD(
-        [*model.parameters(), *objective.parameters()], lr=0.1, momentum=0.9
-    )
+    params = [*model.parameters(), *objective.parameters()]
+    optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    before = tensors(model, objective)
+    net = wrap(model) if wrap else model  # kept: DDP's hooks reduce the gradients in backward
     features, logits = net(x)
-    features, logits, y = gather_batch(features, logits, y)
-    loss, _ = objective(features, logits, y)
+    loss, _ = objective(*gather_batch(features, logits, y))
     loss.backward()
     optimizer.step()
-    params = {f"model.{k}": v.detach().clone() for k, v in model.state_dict().items()}
-    params.update({f"objective.{k}": v.detach().clone() for k, v in objective.state_dict().items()})
-    return loss.item(), params
+    return {"loss": loss.item(), "before": before, "after": tensors(model, objective)}
+
+
+def paper_steps(loss_name: str, x: torch.Tensor, y: torch.Tensor, world: int) -> dict:
+    """main.py's trainer (lenet++'s recipe: standardised input, weight decay, clipping) with the
+    paper's center update: two guarded steps (the second sees momentum and moved centers)."""
+    g = torch.Generator().manual_seed(2)
+    images = torch.randint(0, 256, (BATCH, 1, 28, 28), generator=g, dtype=torch.uint8)
+    data = SimpleNamespace(channels=1, classes=list(range(10)), image_size=28)
+    data.train = SimpleNamespace(images=images)
+    flags = f"--model lenet++ --loss {loss_name} --center-update paper --device cpu".split()
+    trainer = build_trainer(parse_args(flags), data, torch.device("cpu"), world)
+    before = tensors(trainer.model, trainer.objective)
+    for _ in range(2):
+        assert train_step(trainer, x, y)[-1]
+    return {"before": before, "after": tensors(trainer.model, trainer.objective)}
 
 
 def batch() -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,87 +78,24 @@ def batch() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.rand(BATCH, 1, 28, 28, generator=g), torch.randint(0, 10, (BATCH,), generator=g)
 
 
-@pytest.mark.parametrize("loss_name", ["standalone", "cent"])
-def test_two_process_step_equals_one_process_on_the_whole_batch(
-    two_processes: list[dict], loss_name: str
-) -> None:
-    x, y = batch()
-    loss, params = one_step(loss_name, x, y)
-    for rank in range(2):
-        result = two_processes[rank]["step"][loss_name]
-        assert result["loss"] == pytest.approx(loss, rel=1e-5)
-        changed = 0
-        for key, value in params.items():
-            torch.testing.assert_close(
-                result["params"][key], value, rtol=1e-5, atol=1e-6, msg=f"{key} on rank {rank}"
-            )
-            changed += int(not torch.equal(value, one_step_initial()[key]))
-        assert changed > 4  # the step did move the parameters, centers included
-        assert "objective.criterion.centers" in result["params"]
-
-
-_INITIAL: dict[str, torch.Tensor] = {}
-
-
-def one_step_initial() -> dict[str, torch.Tensor]:
-    if not _INITIAL:
-        torch.manual_seed(0)
-        model, objective = build_model("lenet++", 1, 10, 2, 28), Objective("standalone", 10, 2)
-        _INITIAL.update({f"model.{k}": v.clone() for k, v in model.state_dict().items()})
-        _INITIAL.update({f"objective.{k}": v.clone() for k, v in objective.state_dict().items()})
-    return _INITIAL
-
-
-PAPER_LOSSES = ("standalone", "cent")
-
-
-def paper_trainer(loss_name: str, world: int) -> dict:
-    """main.py's trainer: lenet++ (its recipe: standardised input, weight decay, clipping) with the paper's center update."""
-    images = torch.randint(
-        0, 256, (BATCH, 1, 28, 28), generator=torch.Generator().manual_seed(2), dtype=torch.uint8
-    )
-    data = SimpleNamespace(
-        channels=1, classes=list(range(10)), image_size=28, train=SimpleNamespace(images=images)
-    )
-    args = parse_args(
-        ["--model", "lenet++", "--loss", loss_name, "--center-update", "paper", "--device", "cpu"]
-    )
-    return build_trainer(args, data, torch.device("cpu"), world)
-
-
-def paper_steps(trainer: dict, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Two guarded steps (the second sees momentum and moved centers); the model's and objective's tensors after them."""
-    for _ in range(2):
-        *_, finite = train_step(trainer, x, y)
-        assert finite
-    params = {f"model.{k}": v.clone() for k, v in trainer.model.state_dict().items()}
-    return params | {f"objective.{k}": v.clone() for k, v in trainer.objective.state_dict().items()}
-
-
 def worker(rank: int, world: int, init_file: str, out: str) -> None:
-    """Rank `rank` of `world`: one plain step per loss, and two of main.py's paper-update steps per loss, each on its slice."""
+    """Rank `rank` of `world`: on its slice, a plain DDP step and two of main.py's paper-update
+    steps per loss; rank 0's schedule; the order of rank0_first's loads."""
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.set_num_threads(1)
     x, y = batch()
-    share = BATCH // world
-    rows = slice(rank * share, (rank + 1) * share)
+    rows = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
     ddp = torch.nn.parallel.DistributedDataParallel
-    step = {
-        name: dict(zip(("loss", "params"), one_step(name, x[rows], y[rows], wrap=ddp)))
-        for name in ("standalone", "cent")
-    }
-    paper = {
-        name: paper_steps(paper_trainer(name, world), x[rows], y[rows]) for name in PAPER_LOSSES
-    }
-    # The schedule (patience 0) on rank 0's accuracies, 0.5 then 0.5, cuts the rate; rank 1's own, 0.5 then 0.9, would not.
+    steps = {("plain", n): plain_step(n, x[rows], y[rows], wrap=ddp) for n in LOSSES}
+    steps |= {("paper", n): paper_steps(n, x[rows], y[rows], world) for n in LOSSES}
+    # The schedule (patience 0) on rank 0's accuracies, 0.5 then 0.5, cuts the rate; rank 1's own,
+    # 0.5 then 0.9, would not.
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.01)
     scheduler = make_scheduler(optimizer, parse_args(["--patience", "0", "--device", "cpu"]))
     for accuracy in (0.5, 0.5 if rank == 0 else 0.9):
         scheduler.step(from_rank0(accuracy, torch.device("cpu")))
 
-    def load(
-        download: bool,
-    ) -> int:  # rank 0 comes late: without the barrier rank 1 would read first
+    def load(download: bool) -> int:  # rank 0 comes late: without the barrier rank 1 reads first
         time.sleep(0.5 if rank == 0 else 0)
         with open(f"{out}.order", "a") as f:
             f.write(f"rank {rank} download={download}\n")
@@ -152,9 +103,8 @@ def worker(rank: int, world: int, init_file: str, out: str) -> None:
 
     assert rank0_first(load) == rank
     lr = optimizer.param_groups[0]["lr"]
-    torch.save({"step": step, "paper": paper, "lr": lr}, f"{out}.{rank}")
-    # as main.py: no process group left to interpreter shutdown (a rare SIGABRT)
-    close_distributed(finished=True)
+    torch.save({"steps": steps, "lr": lr}, f"{out}.{rank}")
+    close_distributed(finished=True)  # as main.py: no process group left to interpreter shutdown
 
 
 @pytest.fixture(scope="module")
@@ -166,103 +116,81 @@ def two_processes(tmp_path_factory) -> list[dict]:
     return [r | {"order": (tmp / "result.order").read_text().splitlines()} for r in results]
 
 
+@pytest.mark.parametrize("loss_name", LOSSES)
+@pytest.mark.parametrize("kind", ["plain", "paper"])
+def test_two_process_steps_equal_one_process_on_the_whole_batch(
+    two_processes: list[dict], kind: str, loss_name: str
+) -> None:
+    """A DDP step, and two of main.py's steps with the paper's center update (each rank updates its
+    centers from the gathered global batch): both ranks end with the loss, weights and centers of
+    one process that stepped on the whole batch, and the steps moved them."""
+    x, y = batch()
+    expected = plain_step(loss_name, x, y) if kind == "plain" else paper_steps(loss_name, x, y, 1)
+    after = expected["after"]
+    moved = [k for k, v in after.items() if not torch.equal(v, expected["before"][k])]
+    assert len(moved) > 4 and "objective.criterion.centers" in moved
+    for rank in range(2):
+        result = two_processes[rank]["steps"][kind, loss_name]
+        if kind == "plain":
+            assert result["loss"] == pytest.approx(expected["loss"], rel=1e-5)
+        assert result["after"].keys() == after.keys()
+        for key, value in after.items():
+            torch.testing.assert_close(
+                result["after"][key], value, rtol=1e-5, atol=1e-6, msg=f"{key} on rank {rank}"
+            )
+
+
 def test_rank_0_decides_the_schedule_and_downloads_first(two_processes: list[dict]) -> None:
-    """Every rank's ReduceLROnPlateau steps on rank 0's accuracy (ranks whose own accuracies differ would
-    otherwise train at different rates), and rank 0 loads, downloading what is missing, before the others read."""
+    """Every rank's ReduceLROnPlateau steps on rank 0's accuracy (ranks whose own accuracies differ
+    would train at different rates), and rank 0 loads, downloading what is missing, first."""
     assert [two_processes[rank]["lr"] for rank in range(2)] == [0.01 * 0.2] * 2
     assert two_processes[0]["order"] == ["rank 0 download=True", "rank 1 download=False"]
 
 
 def test_a_cuda_index_under_torchrun_is_refused(monkeypatch, capsys) -> None:
-    """--device cuda:1 would put every process on GPU 1: one line, exit 2 (--device cuda takes cuda:LOCAL_RANK)."""
-    torchrun_env = dict(WORLD_SIZE="2", RANK="1", LOCAL_RANK="1", MASTER_ADDR="h", MASTER_PORT="1")
-    for name, value in torchrun_env.items():
+    """--device cuda:1 would put every process on GPU 1: one line, exit 2."""
+    for name, value in dict(WORLD_SIZE="2", RANK="1", LOCAL_RANK="1", MASTER_ADDR="h").items():
         monkeypatch.setenv(name, value)
+    monkeypatch.setenv("MASTER_PORT", "1")
     with pytest.raises(SystemExit) as info:
         parse_args(["--device", "cuda:1"])
-    line = capsys.readouterr().err.strip().splitlines()[-1]
-    assert info.value.code == 2 and line.endswith(
-        "error: --device cuda:1 under torchrun would put all 2 processes on one GPU; give --device cuda "
-        "(each process takes cuda:LOCAL_RANK) and choose the GPUs with CUDA_VISIBLE_DEVICES"
+    assert info.value.code == 2 and capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        "error: --device cuda:1 under torchrun would put all 2 processes on one GPU; give --device "
+        "cuda (each process takes cuda:LOCAL_RANK) and choose the GPUs with CUDA_VISIBLE_DEVICES"
     )
 
 
-def test_paper_center_update_under_two_processes_equals_one_process(
-    two_processes: list[dict],
-) -> None:
-    """Each rank updates its centers from the gathered global batch: after two steps both ranks hold
-    the centers (and weights) of one process that stepped on the whole batch."""
-    x, y = batch()
-    for loss_name in PAPER_LOSSES:
-        trainer = paper_trainer(loss_name, 1)
-        initial = trainer.objective.centers.detach().clone()
-        expected = paper_steps(trainer, x, y)
-        assert not torch.equal(expected["objective.criterion.centers"], initial)
-        for rank in range(2):
-            result = two_processes[rank]["paper"][loss_name]
-            assert result.keys() == expected.keys()
-            for key, value in expected.items():
-                torch.testing.assert_close(
-                    result[key],
-                    value,
-                    rtol=1e-5,
-                    atol=1e-6,
-                    msg=f"{loss_name} {key} on rank {rank}",
-                )
+# The 2-process gradient sums round differently in the last bit; lenet++'s first steps amplify that
+# (at lr 0.01 about fivefold a step: 16 steps later the runs differed by 7 test images in ncm_acc).
+TINY = "--device cpu --dataset digits --train-samples 128 --batch-size 32 --model lenet++"
+TINY = [*TINY.split(), "--no-plots", "--eval-every", "1", "--lr", "0.001"]
 
 
-TINY = [
-    "--device",
-    "cpu",
-    "--dataset",
-    "digits",
-    "--train-samples",
-    "256",
-    "--batch-size",
-    "32",
-    "--model",
-    "lenet++",
-    "--no-plots",
-    "--eval-every",
-    "1",
-    # The 2-process gradient sums round differently in the last bit; lenet++'s first steps amplify that
-    # (at lr 0.01 about fivefold a step: 16 steps later the runs differed by 7 test images in ncm_acc).
-    "--lr",
-    "0.001",
-]
-
-
-def torchrun_command(args: list[str], nproc: int = 2) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        "main.py",
-        *args,
-    ]
-
-
-def torchrun(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
+def torchrun(args: list[str]) -> subprocess.Popen:
+    """torchrun with 2 CPU processes in the background, its output in files (not a pipe: full, it
+    stops the processes)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        torchrun_command(args, nproc),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
+    files = [tempfile.TemporaryFile("w+") for _ in range(2)]
+    proc = subprocess.Popen(
+        [*command, "main.py", *args], cwd=ROOT, stdout=files[0], stderr=files[1], env=env
     )
+    proc.files = files
+    return proc
 
 
-def torchrun_started(args: list[str]) -> tuple[subprocess.Popen, IO[str]]:
-    """torchrun in the background, and the file of its stderr (a full pipe would stop it)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    err = tempfile.TemporaryFile("w+")
-    return subprocess.Popen(
-        torchrun_command(args), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err, text=True, env=env
-    ), err
+def finished(proc: subprocess.Popen, code: int = 0) -> tuple[str, str]:
+    """(stdout, stderr) of a torchrun that ended with `code`."""
+    proc.wait(timeout=600)
+    for f in proc.files:
+        f.seek(0)
+    out, err = (f.read() for f in proc.files)
+    assert proc.returncode == code, err[-3000:]
+    return out, err
+
+
+def run_torchrun(args: list[str], code: int = 0) -> tuple[str, str]:
+    return finished(torchrun(args), code)
 
 
 def metrics(run_dir: Path) -> list[dict[str, str]]:
@@ -271,58 +199,40 @@ def metrics(run_dir: Path) -> list[dict[str, str]]:
 
 
 def test_torchrun_end_to_end_matches_single_process(tmp_path: Path) -> None:
-    result = torchrun(
-        [*TINY, "--loss", "cent", "--epochs", "2", "--out", str(tmp_path), "--name", "ddp"]
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    run_dir = tmp_path / "ddp"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp"]
+    out, _ = run_torchrun([*TINY, "--loss", "cent", "--epochs", "2", "--out", str(tmp_path)])
+    run_dir = tmp_path / "cent-digits-feat=2"
+    assert [p.name for p in tmp_path.iterdir()] == [run_dir.name]
     assert json.loads((run_dir / "args.json").read_text())["world_size"] == 2
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["epochs"] == 2 and summary["train_size"] == 256
-    assert result.stdout.count("epoch 1/2") == 1  # only rank 0 prints
-
-    # one process: this one
-    assert main(["--loss", "cent", *TINY, "--epochs", "2", "--out", str(tmp_path / "one")]) == 0
+    assert summary["epochs"] == 2 and summary["train_size"] == 128
+    assert out.count("epoch 1/2") == 1  # only rank 0 prints
+    assert main([*TINY, "--loss", "cent", "--epochs", "2", "--out", str(tmp_path / "one")]) == 0
     for ours, theirs in zip(
-        metrics(run_dir), metrics(tmp_path / "one" / "cent-digits-feat=2"), strict=True
+        metrics(run_dir), metrics(tmp_path / "one" / run_dir.name), strict=True
     ):
         for key in ("train_loss", "train_xent", "train_intra", "test_loss"):
             assert float(ours[key]) == pytest.approx(float(theirs[key]), rel=2e-3, abs=2e-3), key
-        # up to 3 of the 360 test images may cross a class boundary
-        for key in ("train_acc", "test_acc", "ncm_acc"):
+        for key in ("train_acc", "test_acc", "ncm_acc"):  # 3 of 360 test images may cross over
             assert float(ours[key]) == pytest.approx(float(theirs[key]), abs=3 / 360 + 1e-6), key
 
 
 def test_torchrun_resnet_resumes_like_the_uninterrupted_run(tmp_path: Path) -> None:
-    """The default model (ResNet, BatchNorm) with softmax + centers under torchrun: a two-process run stopped after
-    epoch 1 and resumed ends with the metrics of an uninterrupted two-process run. On the CPU each process keeps its
-    own BatchNorm statistics (SyncBatchNorm needs a GPU; DDP broadcasts rank 0's buffers every forward, and the
-    checkpoint holds rank 0's); the SyncBatchNorm conversion of the ResNet is tested in test_models."""
-    common = [
-        "--loss",
-        "cent",
-        "--dataset",
-        "digits",
-        "--train-samples",
-        "256",
-        "--batch-size",
-        "32",
-        "--no-plots",
-    ]
+    """The default model (ResNet, BatchNorm) with softmax + centers under torchrun: a two-process
+    run stopped after epoch 1 and resumed ends with the metrics of an uninterrupted one. On the CPU
+    each process keeps its own BatchNorm statistics (SyncBatchNorm needs a GPU; DDP broadcasts rank
+    0's buffers every forward, and the checkpoint holds rank 0's); test_models tests the
+    SyncBatchNorm conversion."""
+    common = "--loss cent --dataset digits --train-samples 128 --batch-size 32 --no-plots".split()
     common += ["--eval-every", "1", "--out", str(tmp_path)]
-    started = [
-        torchrun_started([*common, *more])
-        for more in (["--epochs", "2", "--name", "straight"], ["--epochs", "1", "--name", "cut"])
+    procs = [  # side by side: each waits on its own processes part of the time
+        torchrun([*common, "--epochs", str(epochs), "--name", name])
+        for epochs, name in ((2, "straight"), (1, "cut"))
     ]
-    for proc, err in started:  # side by side: each waits on its own processes part of the time
-        code = proc.wait(timeout=600)
-        err.seek(0)
-        assert code == 0, err.read()[-3000:]
+    for proc in procs:
+        finished(proc)
     (tmp_path / "cut" / "summary.json").unlink()
-    resumed = torchrun([*common, "--epochs", "2", "--name", "cut"])
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming" in resumed.stdout
+    out, _ = run_torchrun([*common, "--epochs", "2", "--name", "cut"])
+    assert "resuming" in out
     assert json.loads((tmp_path / "cut" / "args.json").read_text())["model"] == "resnet"
     assert metrics(tmp_path / "cut") == metrics(tmp_path / "straight")
 
@@ -330,9 +240,7 @@ def test_torchrun_resnet_resumes_like_the_uninterrupted_run(tmp_path: Path) -> N
 def test_batch_size_must_split_across_processes(tmp_path: Path) -> None:
     """What README says a refused torchrun run shows: each worker's own line first, then torchrun's
     ChildFailedError with the workers' exit code 2, and torchrun's own exit code 1."""
-    result = torchrun([*TINY, "--batch-size", "33", "--epochs", "1", "--out", str(tmp_path)])
-    assert result.returncode == 1
-    err = result.stderr
+    _, err = run_torchrun([*TINY, "--batch-size", "33", "--out", str(tmp_path)], code=1)
     line = "main.py: error: --batch-size 33 must be a multiple of the 2 processes (it is the global batch)"
     assert err.count(line) == 2  # one per worker
     assert err.rindex(line) < err.index("ChildFailedError") < err.index("Root Cause")

@@ -1,9 +1,8 @@
-"""Interruption, exact resume, corrupt checkpoints and the divergence guard (real signals to subprocesses; the rest in-process)."""
+"""Interruption, exact resume, damaged checkpoints and the divergence guard: real signals, raised in
+this process at chosen moments or sent to a process of its own; the rest in-process."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import re
 import shutil
@@ -13,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from unittest.mock import Mock
 
 import pytest
 import torch
@@ -29,212 +29,139 @@ from main import STARTUP_INTERRUPT, finish, main
 from training import EpochState, Trainer, build_trainer, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "--dataset",
-    "digits",
-    "--train-samples",
-    "384",
-    "--batch-size",
-    "32",
-    "--epochs",
-    "3",
-    "--no-plots",
-    "--model",
-    "lenet++",
-]
+STEPS = 6  # an epoch of TINY
+TINY = "--dataset digits --train-samples 192 --batch-size 32 --epochs 2 --no-plots --model lenet++"
+TINY = TINY.split()
+
+
+def main_code(args: list[str]) -> int:
+    """main(args)'s exit code, argparse's refusals (SystemExit) included."""
+    try:
+        return main(args)
+    except SystemExit as exc:
+        return exc.code
 
 
 def start(args: list[str]) -> subprocess.Popen:
-    """main.py in a process of its own, on one thread as the in-process runs (so that their results are bit for bit equal)."""
-    env = subprocess_env()
-    return subprocess.Popen(
-        [sys.executable, "main.py", *args],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-
-
-def run(args: list[str]) -> subprocess.CompletedProcess:
-    """main.py's main() in this process (no seconds of start-up), its exit code and output as a finished process's."""
-    # main() reconfigures sys.stdout's errors
-    out, err = (io.TextIOWrapper(io.BytesIO(), encoding="utf-8") for _ in range(2))
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main(args)
-        except SystemExit as exc:  # argparse's refusals
-            code = exc.code
-    out.flush(), err.flush()
-    return subprocess.CompletedProcess(
-        ["main.py", *args], code, out.buffer.getvalue().decode(), err.buffer.getvalue().decode()
-    )
+    """main.py in a process of its own, on one thread as in-process runs (equal results)."""
+    command, env = [sys.executable, "main.py", *args], subprocess_env()
+    return subprocess.Popen(command, cwd=ROOT, stdout=-1, stderr=-1, text=True, env=env)
 
 
 def metrics_without_seconds(run_dir: Path) -> list[list[str]]:
-    lines = (run_dir / "metrics.csv").read_text().splitlines()
-    header = lines[0].split(",")
-    keep = [i for i, name in enumerate(header) if name != "seconds"]
-    return [[row.split(",")[i] for i in keep] for row in lines]
+    rows = [line.split(",") for line in (run_dir / "metrics.csv").read_text().splitlines()]
+    keep = [i for i, name in enumerate(rows[0]) if name != "seconds"]
+    return [[row[i] for i in keep] for row in rows]
 
 
 def assert_same_run(a: Path, b: Path) -> None:
+    """Same metrics but the seconds; bit for bit the same weights, centers, momentum, rate."""
     assert metrics_without_seconds(a) == metrics_without_seconds(b)
-    ca = torch.load(a / "checkpoint.pt", weights_only=True)
-    cb = torch.load(b / "checkpoint.pt", weights_only=True)
+    ca, cb = (torch.load(r / "checkpoint.pt", weights_only=True) for r in (a, b))
     for part in ("model", "objective"):
         assert ca[part].keys() == cb[part].keys()
         for key in ca[part]:
             assert torch.equal(ca[part][key], cb[part][key]), f"{part}.{key} differs after resume"
+    states = [c["optimizer"]["state"] for c in (ca, cb)]
+    assert states[0].keys() == states[1].keys() and len(states[0]) > 5
+    for key, state in states[0].items():
+        assert torch.equal(state["momentum_buffer"], states[1][key]["momentum_buffer"])
     assert ca["optimizer"]["param_groups"][0]["lr"] == cb["optimizer"]["param_groups"][0]["lr"]
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("ref")
-    result = run([*TINY, "--out", str(out), "--name", "full"])
-    assert result.returncode == 0, result.stderr
-    return out / "full"
+def reference(tmp_path_factory):
+    """flags -> a finished uninterrupted TINY run with them, trained once for the module."""
+    runs = {}
+
+    def get(flags: str = "") -> Path:
+        if flags not in runs:
+            out = tmp_path_factory.mktemp("ref")
+            assert main([*TINY, *flags.split(), "--out", str(out), "--name", "full"]) == 0
+            runs[flags] = out / "full"
+        return runs[flags]
+
+    return get
 
 
-def interrupt_after_first_epoch(args: list[str], sig: int, delay: float) -> subprocess.Popen:
-    """Start a run, wait for its first epoch line, then send `sig` after `delay` seconds."""
-    proc = start(args)
-    for line in proc.stdout:
-        if line.startswith("epoch 1/"):
-            break
-    time.sleep(delay)
-    proc.send_signal(sig)
-    proc.communicate(timeout=600)
-    return proc
-
-
-@pytest.mark.parametrize("delay", [0.0, 0.3])
-def test_sigterm_then_resume_matches_uninterrupted(
-    tmp_path: Path, reference: Path, delay: float
-) -> None:
-    args = [*TINY, "--out", str(tmp_path), "--name", "cut"]
-    proc = interrupt_after_first_epoch(args, signal.SIGTERM, delay)
-    run_dir = tmp_path / "cut"
-    if proc.returncode == 143:
-        assert not (run_dir / "summary.json").exists(), "an interrupted run must not look finished"
-        assert (run_dir / "checkpoint.pt").is_file()
-    else:
-        assert proc.returncode == 0  # the signal came after the last step: nothing to resume
-    resumed = run(args)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resuming" in resumed.stdout or proc.returncode == 0
-    assert (run_dir / "summary.json").is_file()
-    assert_same_run(reference, run_dir)
-
-
-HANGUP = (
-    [(signal.SIGHUP, 129)] if hasattr(signal, "SIGHUP") else []
-)  # a closed terminal; not Windows
-
-
-@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), *HANGUP])
-def test_a_signal_mid_epoch_saves_and_resumes(tmp_path: Path, reference: Path, sig, code) -> None:
-    args = [*TINY, "--out", str(tmp_path), "--name", "cut"]
-    proc = interrupt_after_first_epoch(args, sig, 0.1)
-    assert proc.returncode == code
-    ckpt = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
-    assert ckpt["epoch"] >= 1
-    assert run(args).returncode == 0
-    assert_same_run(reference, tmp_path / "cut")
-
-
-def test_sigkill_at_any_moment_leaves_a_loadable_checkpoint(
-    tmp_path: Path, reference: Path
-) -> None:
-    """SIGKILL cannot be caught: the atomic write (temp file, fsync, rename) must keep the previous checkpoint whole."""
-    args = [*TINY, "--out", str(tmp_path), "--name", "cut"]
-    for delay in (0.0, 0.05, 0.2):
-        proc = interrupt_after_first_epoch(args, signal.SIGKILL, delay)
-        if proc.returncode == 0:
-            break
-        assert proc.returncode == -signal.SIGKILL
-        torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
-        assert not (tmp_path / "cut" / "summary.json").exists()
-    result = run(args)
-    assert result.returncode in (0, 2), result.stderr  # 2: it had finished before the last kill
-    assert_same_run(reference, tmp_path / "cut")
-
-
-def test_finished_run_is_refused_without_overwrite(reference: Path) -> None:
-    args = [*TINY, "--out", str(reference.parent), "--name", "full"]
-    before = (reference / "checkpoint.pt").read_bytes()
-    result = run(args)
-    assert result.returncode == 2
-    assert "finished run" in result.stderr and "--overwrite" in result.stderr
-    assert (reference / "checkpoint.pt").read_bytes() == before
-
-
-def unfinished_copy(reference: Path, tmp_path: Path) -> Path:
-    run_dir = tmp_path / "unfinished"
-    run_dir.mkdir()
-    for name in ("checkpoint.pt", "metrics.csv", "args.json"):
-        (run_dir / name).write_bytes((reference / name).read_bytes())
-    return run_dir
-
-
-def test_corrupt_checkpoint_is_refused_and_kept(tmp_path: Path, reference: Path) -> None:
-    run_dir = unfinished_copy(reference, tmp_path)
-    data = (run_dir / "checkpoint.pt").read_bytes()
-    corrupt = data[: len(data) // 2]
-    (run_dir / "checkpoint.pt").write_bytes(corrupt)
-    result = run([*TINY, "--out", str(tmp_path), "--name", "unfinished"])
-    assert result.returncode == 1
-    assert "corrupt" in result.stderr and "checkpoint.pt" in result.stderr
-    assert "Traceback" not in result.stderr
-    assert (run_dir / "checkpoint.pt").read_bytes() == corrupt
-    assert not (run_dir / "summary.json").exists()
-
-
-def drop(key: str):
-    def damage(ckpt: dict) -> dict:
-        del ckpt[key]
-        return ckpt
-
-    return damage
+INTERRUPTED = {
+    "step": "interrupted at epoch 2 step 3; checkpoint saved, run the same command to resume",
+    "evaluation": "interrupted after epoch 1's training (during its evaluation or writing); its "
+    "checkpoint is saved, run the same command to resume",
+    "summary": "interrupted while drawing the final pictures and writing summary.json; the "
+    "checkpoint of epoch 2 is saved, run the same command to finish the run",
+}
+# where: (module, function, the call before which the signal is raised)
+MOMENTS = {
+    "step": (epoch, "record_step", STEPS + 3),
+    "evaluation": (main_module, "epoch_row", 1),
+    "summary": (main_module, "run_summary", 1),
+}
+SIGNAL_ROWS = [  # (signal, where, flags); Windows has no SIGHUP (a closed terminal)
+    ("SIGTERM", "step", ""),
+    ("SIGINT", "step", ""),
+    ("SIGHUP", "evaluation", ""),
+    ("SIGINT", "summary", ""),
+    ("SIGTERM", "step", "--center-update paper"),  # the centers travel outside the optimizer
+]
 
 
 @pytest.mark.parametrize(
-    "damage,message",
-    [
-        (drop("scheduler"), "missing or malformed: scheduler"),
-        (drop("random"), "missing or malformed: random"),
-        (drop("epoch_state"), "missing or malformed: epoch_state"),
-        (
-            lambda c: {**c, "epoch_state": {"step": 3}},
-            "missing or malformed: epoch_state.loss_sums",
-        ),
-        (lambda c: {**c, "args": ["loss"]}, "missing or malformed: args"),
-        (lambda c: {**c, "epoch": 2.5}, "missing or malformed: epoch"),
-        (lambda c: list(c), "missing or malformed: all of it"),
-        (lambda c: {**c, "optimizer": {"state": {}}}, "checkpoint does not fit this run (KeyError"),
-        (lambda c: {**c, "random": {"torch": None}}, "checkpoint does not fit this run (TypeError"),
-    ],
+    ("name", "where", "flags"), [row for row in SIGNAL_ROWS if hasattr(signal, row[0])]
 )
-def test_damaged_checkpoint_is_one_line_and_kept(
-    tmp_path: Path, reference: Path, capsys, damage, message: str
+def test_a_signal_saves_a_checkpoint_and_the_same_command_resumes_bit_for_bit(
+    tmp_path: Path, reference, monkeypatch, capsys, name: str, where: str, flags: str
 ) -> None:
-    """A checkpoint missing a part, or holding one of the wrong shape, is refused with one line and
-    exit 1 before anything changes (README: corrupt checkpoints end in one line)."""
-    run_dir = unfinished_copy(reference, tmp_path)
-    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
-    assert set(ckpt) == {*CHECKPOINT_KEYS, "data"}  # data: the fingerprint, which older ones lack
-    torch.save(damage(ckpt), run_dir / "checkpoint.pt")
-    before = listing(tmp_path)
-    assert main([*TINY, "--out", str(tmp_path), "--name", "unfinished"]) == 1
-    line = stderr_error_line(capsys.readouterr().err)
-    assert message in line and str(run_dir / "checkpoint.pt") in line
-    assert listing(tmp_path) == before
+    """A signal mid-epoch, during an epoch's evaluation or in the final summary: exit 128 + signal,
+    one line saying what is saved, no summary; the same command resumes and ends like the
+    uninterrupted run, having moved the weights and centers since the checkpoint."""
+    sig = getattr(signal, name)
+    module, function, call = MOMENTS[where]
+    original, calls = getattr(module, function), []
+
+    def signalled(*args, **kwargs):
+        calls.append(None)
+        if len(calls) == call:
+            signal.raise_signal(sig)
+        return original(*args, **kwargs)
+
+    args = [*TINY, *flags.split(), "--out", str(tmp_path), "--name", "cut"]
+    monkeypatch.setattr(module, function, signalled)
+    assert main(args) == 128 + sig
+    assert capsys.readouterr().err.strip() == INTERRUPTED[where]
+    monkeypatch.undo()
+    cut = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
+    assert not (tmp_path / "cut" / "summary.json").exists()
+    assert main(args) == 0
+    assert "resuming" in capsys.readouterr().out
+    assert_same_run(reference(flags), tmp_path / "cut")
+    end = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
+    for part, key in (("model", "body.0.weight"), ("objective", "criterion.centers")):
+        assert torch.equal(cut[part][key], end[part][key]) == (where == "summary"), key
+
+
+def test_sigkill_then_sigterm_to_a_process_leave_checkpoints_that_resume_bit_for_bit(
+    tmp_path: Path, reference
+) -> None:
+    """main.py in a process of its own gets SIGKILL in epoch 2, which no handler sees: the atomic
+    write (temp file, fsync, rename) keeps the last checkpoint whole; the same command resumes and
+    gets SIGTERM (exit 143, a loadable checkpoint, no summary). The same command then ends like the
+    uninterrupted run."""
+    args = [*TINY, "--out", str(tmp_path), "--name", "cut"]
+    for sig, code, after in ((signal.SIGKILL, -9, "epoch 1/"), (signal.SIGTERM, 143, "standalone")):
+        proc = start(args)
+        next(line for line in proc.stdout if line.startswith(after))
+        proc.send_signal(sig)
+        proc.communicate(timeout=300)
+        assert proc.returncode == code
+        torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
+        assert not (tmp_path / "cut" / "summary.json").exists()
+    assert main(args) == 0
+    assert_same_run(reference(), tmp_path / "cut")
 
 
 def contents(root: Path) -> dict[str, bytes]:
-    """Every file under `root` with its bytes, but the lock files (which any command that reaches the folder takes)."""
+    """Every file under `root` with its bytes, but the lock files (any command takes them)."""
     return {
         str(p.relative_to(root)): p.read_bytes()
         for p in sorted(root.rglob("*"))
@@ -242,413 +169,248 @@ def contents(root: Path) -> dict[str, bytes]:
     }
 
 
-@pytest.mark.parametrize(
-    "change,message",
-    [
-        (["--lr", "0.02"], "(--lr 0.01, this run --lr 0.02); resume with --lr 0.01, or"),
-        (["--lr-cent", "0.5"], "(--lr-cent 0.01, this run --lr-cent 0.5)"),
-        (["--momentum", "0.5"], "(--momentum 0.9, this run --momentum 0.5)"),
-        (["--patience", "5"], "(--patience 3, this run --patience 5)"),
-        (["--amp", "bf16"], "(--amp off, this run --amp bf16)"),  # half fp32, half bf16
-        (["--no-channels-last"], "(--channels-last, this run --no-channels-last)"),
-        (["--compile"], "(no --compile, this run --compile default)"),
-        (["--model", "resnet"], "(--model lenet++, this run --model resnet)"),
-        (["--loss", "cent"], "(--loss standalone, this run --loss cent)"),
-        (["--seed", "1"], "(--seed 0, this run --seed 1)"),
-        (["--val-fraction", "0.1"], "(--val-fraction 0.0, this run --val-fraction 0.1)"),
-        (["--weight-decay", "0"], "(--weight-decay 0.0005, this run --weight-decay 0.0)"),
-        (["--inter-margin", "1"], "(no --inter-margin, this run --inter-margin 1.0)"),
-        (["--pipeline", "loader"], "(--pipeline fast, this run --pipeline loader)"),
-        (["--epochs", "2"], "--epochs 2: the checkpoint"),
-    ],
-)
-def test_resume_with_any_other_setting_is_refused(
-    tmp_path: Path, reference: Path, capsys, change, message
+DAMAGES = {  # what is done to a copy of an unfinished run's checkpoint
+    "": lambda c: c,
+    "list": lambda c: list(c),
+    "epoch_state without sums": lambda c: {**c, "epoch_state": {"step": 3}},
+    "args a list": lambda c: {**c, "args": ["loss"]},
+    "epoch 2.5": lambda c: {**c, "epoch": 2.5},
+    "optimizer without groups": lambda c: {**c, "optimizer": {"state": {}}},
+    "random of None": lambda c: {**c, "random": {"torch": None}},
+}
+for part in ("scheduler", "random", "epoch_state"):
+    DAMAGES[f"no {part}"] = lambda c, part=part: {k: v for k, v in c.items() if k != part}
+MALFORMED = "incomplete or damaged checkpoint (missing or malformed: "
+REFUSALS = [  # (flags, damage, exit code, part of the error line)
+    (
+        "",
+        "finished",
+        2,
+        "holds a finished run; use --overwrite to replace it or --name for another",
+    ),
+    ("--resume", "no run", 2, "holds no checkpoint.pt to resume from"),
+    ("", "half the bytes", 1, "checkpoint.pt: corrupt or unreadable checkpoint ("),
+    ("", "list", 1, MALFORMED + "all of it (not a dictionary)); delete it or start"),
+    ("", "no scheduler", 1, MALFORMED + "scheduler)"),
+    ("", "no random", 1, MALFORMED + "random)"),
+    ("", "no epoch_state", 1, MALFORMED + "epoch_state)"),
+    ("", "epoch_state without sums", 1, MALFORMED + "epoch_state.loss_sums"),
+    ("", "args a list", 1, MALFORMED + "args)"),
+    ("", "epoch 2.5", 1, MALFORMED + "epoch)"),
+    ("", "optimizer without groups", 1, "checkpoint does not fit this run (KeyError"),
+    ("", "random of None", 1, "checkpoint does not fit this run (TypeError"),
+    ("--lr 0.02", "", 1, "(--lr 0.01, this run --lr 0.02); resume with --lr 0.01, or"),
+    ("--lr-cent 0.5", "", 1, "(--lr-cent 0.01, this run --lr-cent 0.5)"),
+    ("--momentum 0.5", "", 1, "(--momentum 0.9, this run --momentum 0.5)"),
+    ("--patience 5", "", 1, "(--patience 3, this run --patience 5)"),
+    ("--amp bf16", "", 1, "(--amp off, this run --amp bf16)"),
+    # another --channels-last left the momentum buffers in the saved layout
+    ("--no-channels-last", "", 1, "(--channels-last, this run --no-channels-last)"),
+    ("--compile", "", 1, "(no --compile, this run --compile default)"),
+    ("--model resnet", "", 1, "(--model lenet++, this run --model resnet)"),
+    ("--loss cent", "", 1, "(--loss standalone, this run --loss cent)"),
+    ("--seed 1", "", 1, "(--seed 0, this run --seed 1)"),
+    ("--val-fraction 0.1", "", 1, "(--val-fraction 0.0, this run --val-fraction 0.1)"),
+    ("--weight-decay 0", "", 1, "(--weight-decay 0.0005, this run --weight-decay 0.0)"),
+    ("--inter-margin 1", "", 1, "(no --inter-margin, this run --inter-margin 1.0)"),
+    ("--pipeline loader", "", 1, "(--pipeline fast, this run --pipeline loader)"),
+    ("--epochs 1", "", 2, "has already trained 2 epochs; resume with --epochs 2 or more"),
+]
+
+
+@pytest.mark.parametrize(("flags", "damage", "code", "message"), REFUSALS)
+def test_a_resume_that_cannot_continue_the_run_is_one_line_and_touches_nothing(
+    tmp_path: Path, reference, capsys, flags: str, damage: str, code: int, message: str
 ) -> None:
-    """One rule: every setting but the few that cannot change the numbers (checkpoints.FREE_KEYS) must be the
-    checkpoint's, a flag added later included (another --channels-last left the momentum buffers in the saved
-    layout). One line, exit 1 (2 for fewer --epochs than trained), and the run folder byte for byte as it was."""
-    unfinished_copy(reference, tmp_path)
+    """A finished run (without --overwrite), --resume with no checkpoint, a damaged checkpoint, or
+    any setting but the few that cannot change the numbers (checkpoints.FREE_KEYS) other than the
+    checkpoint's (a flag added later included): one line, exit 1 (2 for a usage error), and
+    everything under --out byte for byte as it was."""
+    run_dir = tmp_path / "unfinished"
+    ckpt = run_dir / "checkpoint.pt"
+    if damage != "no run":
+        shutil.copytree(reference(), run_dir)
+    if damage != "finished":
+        (run_dir / "summary.json").unlink(missing_ok=True)
+    if damage == "half the bytes":
+        ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+    elif damage in DAMAGES:
+        saved = torch.load(ckpt, weights_only=True)
+        assert set(saved) == {*CHECKPOINT_KEYS, "data"}  # data: the fingerprint, older ones lack it
+        torch.save(DAMAGES[damage](saved), ckpt)
     before = contents(tmp_path)
-    try:
-        code = main([*TINY, "--out", str(tmp_path), "--name", "unfinished", *change])
-    except SystemExit as exc:
-        code = exc.code
+    assert (
+        main_code([*TINY, "--out", str(tmp_path), "--name", "unfinished", *flags.split()]) == code
+    )
     line = stderr_error_line(capsys.readouterr().err)
-    assert code == (2 if change[0] == "--epochs" else 1)
-    assert message in line and str(tmp_path / "unfinished" / "checkpoint.pt") in line
+    assert message in line and str(run_dir if code == 2 else ckpt) in line
     assert contents(tmp_path) == before
 
 
-def test_resume_with_more_epochs_extends_the_run(tmp_path: Path, reference: Path) -> None:
+def test_resume_with_more_epochs_extends_the_run(tmp_path: Path, reference) -> None:
     """More --epochs extend the run, and the flags that cannot change its numbers may change too."""
-    run_dir = unfinished_copy(reference, tmp_path)
-    free = [
-        "--device",
-        "cpu",
-        "--eval-every",
-        "2",
-        "--max-bad-steps",
-        "9",
-        "--tensorboard",
-        "--threads",
-        "1",
-    ]
+    run_dir = tmp_path / "unfinished"
+    shutil.copytree(reference(), run_dir, ignore=shutil.ignore_patterns("summary.json"))
+    free = "--device cpu --eval-every 2 --max-bad-steps 9 --tensorboard --threads 1".split()
     assert (
-        main([*TINY, "--out", str(tmp_path), "--name", "unfinished", "--epochs", "4", *free]) == 0
+        main([*TINY, "--out", str(tmp_path), "--name", "unfinished", "--epochs", "3", *free]) == 0
     )
     rows = metrics_without_seconds(run_dir)
-    assert len(rows) == 1 + 4 and rows[:4] == metrics_without_seconds(reference)
-    assert json.loads((run_dir / "summary.json").read_text())["epochs"] == 4
-
-
-def test_paper_center_update_resumes_exactly(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """--center-update paper: the centers travel in the checkpoint (outside the optimizer), and a run
-    cut after epoch 1 and resumed ends bit for bit like the straight run (in-process: no start-up)."""
-    args = [*TINY, "--train-samples", "128", "--center-update", "paper", "--out", str(tmp_path)]
-    assert main([*args, "--epochs", "2", "--name", "straight"]) == 0
-    assert main([*args, "--epochs", "1", "--name", "cut"]) == 0
-    after_one = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
-    assert len(after_one["optimizer"]["param_groups"]) == 1  # the model's only
-    (tmp_path / "cut" / "summary.json").unlink()
-    capsys.readouterr()
-    assert main([*args, "--epochs", "2", "--name", "cut"]) == 0
-    assert "resuming" in capsys.readouterr().out
-    # Epoch 1 differs only in the retrieval metrics, computed after the last epoch of the 1-epoch run.
-    assert (
-        metrics_without_seconds(tmp_path / "straight")[-1]
-        == metrics_without_seconds(tmp_path / "cut")[-1]
-    )
-    straight, resumed = (
-        torch.load(tmp_path / name / "checkpoint.pt", weights_only=True)
-        for name in ("straight", "cut")
-    )
-    for part in ("model", "objective"):
-        assert all(torch.equal(straight[part][k], resumed[part][k]) for k in straight[part]), part
-    momentum = [
-        s["momentum_buffer"] for c in (straight, resumed) for s in c["optimizer"]["state"].values()
-    ]
-    assert len(momentum) > 20 and all(
-        torch.equal(a, b)
-        for a, b in zip(momentum[: len(momentum) // 2], momentum[len(momentum) // 2 :])
-    )
-    centers = resumed["objective"]["criterion.centers"]
-    # epoch 2 moved them
-    assert not torch.equal(centers, after_one["objective"]["criterion.centers"])
+    assert len(rows) == 1 + 3 and rows[:3] == metrics_without_seconds(reference())
+    assert json.loads((run_dir / "summary.json").read_text())["epochs"] == 3
 
 
 IMAGES = ImageData(torch.zeros(4, 1, 28, 28, dtype=torch.uint8), torch.arange(4))
-STATE = {  # what checkpoint() and load_checkpoint() read of a run besides its trainer and args
-    "device": torch.device("cpu"),
-    "history": [],
-    "train_seconds": 0.0,
-    "samples": 0,
-    "bad_steps": 0,
-    "train": IMAGES,
-    "test": IMAGES,
-}
+# what checkpoint() and load_checkpoint() read of a run besides its trainer and args
+STATE = dict(device=torch.device("cpu"), history=[], train_seconds=0.0, samples=0, bad_steps=0)
+STATE |= dict(train=IMAGES, test=IMAGES)
+
+
+def saved_run(flags: tuple[str, ...] = (), **state) -> SimpleNamespace:
+    """A run as checkpoint() and load_checkpoint() see it: trainer(flags) under --seed 3's args."""
+    run = SimpleNamespace(**STATE | state, args=parse_args(["--seed", "3"]), **vars(trainer(flags)))
+    run.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(run.optimizer)
+    return run
 
 
 def test_checkpoint_from_before_the_recipe_flags_still_resumes(tmp_path: Path) -> None:
-    """A checkpoint without the settings of LEGACY_CONFIG in its args, nor a data fingerprint, was made with
-    their legacy values (no weight decay, no clipping, SGD centers): it fits resnet's defaults only. A setting
-    that it does not record and LEGACY_CONFIG does not know (a flag added later) is refused."""
-    run = SimpleNamespace(**STATE, args=parse_args(["--seed", "3"]), **vars(trainer()))
-    run.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(run.optimizer)
+    """A checkpoint without the settings of LEGACY_CONFIG in its args, nor a data fingerprint, was
+    made with their legacy values (no weight decay, no clipping, SGD centers): it fits resnet's
+    defaults only. A setting it does not record and LEGACY_CONFIG does not know is refused."""
+    run, path = saved_run(), tmp_path / "checkpoint.pt"
     old = checkpoint(run, 1, None)
     del old["data"]
     for key in LEGACY_CONFIG:
         del old["args"][key]
-    torch.save(old, tmp_path / "checkpoint.pt")
-    assert load_checkpoint(tmp_path / "checkpoint.pt", run)["epoch"] == 1
+    torch.save(old, path)
+    assert load_checkpoint(path, run)["epoch"] == 1
     run.args = parse_args(["--seed", "3", "--width", "2"])
-    with pytest.raises(
-        CheckpointError,
-        match=r"configuration \(--width 1, this run --width 2\); resume with --width 1,",
-    ):
-        load_checkpoint(tmp_path / "checkpoint.pt", run)
+    with pytest.raises(CheckpointError, match=r"\(--width 1, this run --width 2\); resume with --"):
+        load_checkpoint(path, run)
     del old["args"]["channels_last"]
-    torch.save(old, tmp_path / "checkpoint.pt")
+    torch.save(old, path)
     run.args = parse_args(["--seed", "3"])
-    with pytest.raises(
-        CheckpointError, match=r"\(no record of it, this run --channels-last\); start again"
-    ):
-        load_checkpoint(tmp_path / "checkpoint.pt", run)
+    with pytest.raises(CheckpointError, match=r"\(no record of it, this run --channels-last\); st"):
+        load_checkpoint(path, run)
 
 
 def test_a_checkpoint_is_restored_from_the_cpu_whatever_the_run_device(tmp_path: Path) -> None:
-    """Resuming on CUDA failed every time: the checkpoint was loaded to the run's device, which moved the
-    saved random states there, and numpy, torch.set_rng_state and Generator.set_state take CPU tensors
-    only. The run's device here is `meta` (no GPU needed, the same situation): the checkpoint must still
-    restore the weights, the random states and, mid-epoch, the accumulators (on the run's device) with
-    the augmentation state (a CPU tensor)."""
-    state = STATE
-    saved = SimpleNamespace(**state, args=parse_args(["--seed", "3"]), **vars(trainer()))
-    saved.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(saved.optimizer)
-    epoch = EpochState.new(10, 2, torch.device("cpu"), torch.Generator().manual_seed(5))
-    epoch.step, epoch.loss_sums[0] = 3, 1.5
+    """Resuming on CUDA failed: the checkpoint was loaded to the run's device, moving the saved
+    random states there, and numpy, torch.set_rng_state and Generator.set_state take CPU tensors
+    only. Here the run's device is `meta` (the same situation, no GPU needed): the weights, the
+    random states and, mid-epoch, the accumulators (on the run's device) and the augmentation
+    state (a CPU tensor) must still be restored."""
+    saved = saved_run()
+    state = EpochState.new(10, 2, torch.device("cpu"), torch.Generator().manual_seed(5))
+    state.step, state.loss_sums[0] = 3, 1.5
     torch.manual_seed(11)
-    torch.save(checkpoint(saved, 1, epoch), tmp_path / "checkpoint.pt")
+    torch.save(checkpoint(saved, 1, state), tmp_path / "checkpoint.pt")
     expected = torch.rand(3)
-    run = SimpleNamespace(
-        **state | {"device": torch.device("meta")},
-        args=parse_args(["--seed", "3"]),
-        **vars(trainer(("--seed", "4"))),
-    )
-    run.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(run.optimizer)
-    ckpt = load_checkpoint(tmp_path / "checkpoint.pt", run)
+    run = saved_run(("--seed", "4"), device=torch.device("meta"))
+    restored = load_checkpoint(tmp_path / "checkpoint.pt", run)["epoch_state"]
     assert torch.equal(torch.rand(3), expected)  # the random states were restored
-    assert all(
-        torch.equal(a, b)
-        for a, b in zip(run.model.state_dict().values(), saved.model.state_dict().values())
-    )
-    restored = ckpt["epoch_state"]
-    assert (
-        restored.step == 3
-        and restored.loss_sums.device.type == "meta"
-        and restored.class_sum.device.type == "meta"
-    )
-    assert restored.aug.device.type == "cpu" and torch.equal(restored.aug, epoch.aug)
+    for a, b in zip(run.model.state_dict().values(), saved.model.state_dict().values()):
+        assert torch.equal(a, b)
+    assert restored.step == 3 and {
+        restored.loss_sums.device.type,
+        restored.class_sum.device.type,
+    } == {"meta"}
+    assert restored.aug.device.type == "cpu" and torch.equal(restored.aug, state.aug)
 
 
-def test_resume_flag_without_checkpoint_is_an_error(tmp_path: Path) -> None:
-    result = run([*TINY, "--out", str(tmp_path), "--resume"])
-    assert result.returncode == 2
-    assert "no checkpoint" in result.stderr
+def infinite_lr_at_epoch_2_step_3(monkeypatch) -> None:
+    """One step with an infinite rate: its loss and gradients are finite, its weights are not."""
+    step, calls = epoch.train_step, []
+
+    def once(run, x, y):
+        calls.append(None)
+        group = run.optimizer.param_groups[0]
+        lr, group["lr"] = group["lr"], float("inf") if len(calls) == STEPS + 3 else group["lr"]
+        outputs = step(run, x, y)
+        group["lr"] = lr
+        return outputs
+
+    monkeypatch.setattr(epoch, "train_step", once)
 
 
-def test_divergence_guard_stops_with_the_loss_terms(tmp_path: Path) -> None:
-    result = run(
-        [*TINY, "--out", str(tmp_path), "--name", "boom", "--lr", "1e30", "--max-bad-steps", "2"]
-    )
-    assert result.returncode == 1, result.stdout + result.stderr
-    message = result.stderr.strip().splitlines()[-1]
-    # The count is read every LOG_EVERY steps and at the epoch's end (12 steps here): all bad steps are counted.
-    match = re.match(
-        r"error: training diverged: (\d+) non-finite steps, the last at epoch 1 step (\d+) ",
-        message,
-    )
-    assert match and 2 <= int(match[1]) <= int(match[2]) == 12, message
-    assert "step" in message and "loss=" in message and "intra=" in message and "inter=" in message
-    # it diverged in the first epoch
-    assert "no checkpoint was saved" in message and "last good checkpoint" not in message
-    assert "Traceback" not in result.stderr
-    assert sorted(p.name for p in (tmp_path / "boom").iterdir()) == [
-        ".lock",
-        ".lock.pid",
-        "args.json",
-    ]
+def nan_loss(monkeypatch) -> None:
+    forward = Objective.forward
 
-
-@pytest.mark.parametrize("cause", ["nan loss", "fp16 gradients"])
-def test_an_epoch_whose_every_step_was_taken_back_is_divergence(
-    tmp_path: Path, capsys, monkeypatch, cause: str
-) -> None:
-    """Every loss NaN, or under fp16 every gradient non-finite with a finite loss (a loss scale of 3e38): each
-    of the 2 steps is taken back, fewer than --max-bad-steps 5; the epoch learned nothing and its train loss
-    would read 0 (fp16 ended "done"). Exit 1, one line, no summary."""
-    forward, scaler = Objective.forward, torch.amp.GradScaler
-
-    def nan_loss(self: Objective, *inputs: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    def nan(self: Objective, *inputs: torch.Tensor) -> tuple[torch.Tensor, dict]:
         loss, terms = forward(self, *inputs)
         return loss * float("nan"), terms
 
-    if cause == "nan loss":
-        monkeypatch.setattr(Objective, "forward", nan_loss)
-    else:
-        monkeypatch.setattr(
-            torch.amp, "GradScaler", lambda device, init_scale: scaler(device, 3e38)
-        )
-    args = [
-        *TINY,
-        *(["--amp", "fp16"] if cause == "fp16 gradients" else []),
-        "--loss",
-        "cent",
-        "--epochs",
-        "1",
-        "--train-samples",
-        "64",
-        "--out",
-        str(tmp_path),
-    ]
-    assert main(args) == 1
-    line = stderr_error_line(capsys.readouterr().err)
-    assert line.startswith(
-        "error: training diverged: every one of the 2 steps of epoch 1 was non-finite and taken back"
-    )
-    assert "no checkpoint was saved" in line
-    assert not list(tmp_path.glob("**/summary.json")) and not list(tmp_path.glob("**/metrics.csv"))
+    monkeypatch.setattr(Objective, "forward", nan)
 
 
-def test_inter_margin_bounds_the_push(tmp_path: Path) -> None:
-    """With a margin each pair's inter term is at least -log(1 + margin), so -inter <= (m - 1) log(1 + margin)
-    per sample. A margin of 0.01 is far below the features' squared distances, so the bound binds: without
-    the margin the same run's train_inter is about -24, far past the bound of 0.31."""
-    margin = 0.01
-    result = run([*TINY, "--epochs", "1", "--out", str(tmp_path), "--inter-margin", str(margin)])
-    assert result.returncode == 0, result.stderr
-    rows = (tmp_path / "standalone-digits-feat=2" / "metrics.csv").read_text().splitlines()
-    header, values = rows[0].split(","), rows[1].split(",")
-    inter = float(values[header.index("train_inter")])
-    # (1/m) sum over ordered different-class pairs, m = 32
-    bound = 31 * torch.log1p(torch.tensor(margin)).item()
-    assert 0.5 * bound <= -inter <= bound + 1e-4
+def fp16_overflow(monkeypatch) -> None:
+    """A loss scale of 3e38: every fp16 gradient is non-finite while the loss is finite."""
+    scaler = torch.amp.GradScaler
+    monkeypatch.setattr(torch.amp, "GradScaler", lambda device, init_scale: scaler(device, 3e38))
 
 
-def trainer(flags: tuple[str, ...] = ()) -> Trainer:
-    """main.py's trainer (default resnet, standalone loss, 2-D features) for 28x28 grey images, 10 classes."""
-    images = torch.randint(
-        0, 256, (32, 1, 28, 28), generator=torch.Generator().manual_seed(0), dtype=torch.uint8
-    )
-    data = SimpleNamespace(
-        channels=1, classes=list(range(10)), image_size=28, train=SimpleNamespace(images=images)
-    )
-    return build_trainer(parse_args(["--seed", "3", *flags]), data, torch.device("cpu"))
+EVERY_STEP = "every one of the 2 steps of epoch 1 was non-finite and taken back, so the epoch "
+EVERY_STEP += "learned nothing; no checkpoint was saved"
+TWO_STEPS = "--loss cent --epochs 1 --train-samples 4 --batch-size 2"  # fp16 steps are slow here
+BAD_STEPS = r"(\d+) non-finite steps, the last at epoch 1 step 6 \(loss=\S+, xent=\S+, intra=\S+, "
+BAD_STEPS += r"inter=\S+\); no bad update was applied and no checkpoint was saved"
+BAD_WEIGHT = r"a weight is no longer finite at epoch 2 step 6, after a step whose loss and "
+BAD_WEIGHT += r"gradients were finite \(too large an update\); the last good checkpoint is kept in"
+DIVERGENCES = {  # cause: (flags, the error line after "error: training diverged: ", files left)
+    "lr 1e30": ("--lr 1e30 --max-bad-steps 2", BAD_STEPS, ""),
+    "nan loss": (TWO_STEPS, EVERY_STEP, ""),
+    "fp16 gradients": (f"{TWO_STEPS} --amp fp16", EVERY_STEP, ""),
+    "inf lr once": ("--max-bad-steps 100", BAD_WEIGHT, "checkpoint.pt metrics.csv"),
+}
+CAUSES = {"nan loss": nan_loss, "fp16 gradients": fp16_overflow}
+CAUSES["inf lr once"] = infinite_lr_at_epoch_2_step_3
 
 
-def step_tensors(t: Trainer) -> list[torch.Tensor]:
-    """Every tensor one training step can change: weights, buffers (BatchNorm statistics), centers, optimizer state."""
-    tensors = [v for m in (t.model, t.objective) for v in m.state_dict(keep_vars=True).values()]
-    return tensors + [
-        v for s in t.optimizer.state.values() for v in s.values() if torch.is_tensor(v)
-    ]
-
-
-def assert_bad_step_is_taken_back(
-    flags: tuple[str, ...], bad_at: int, bad_step
-) -> tuple[Trainer, int]:
-    """Two trainers take the same four good steps; before step `bad_at` the guarded one also takes
-    `bad_step(trainer, x, labels)`, which must report a non-finite step and leave weights, centers,
-    BatchNorm statistics and momentum as they were (a bad first step's new momentum buffers at zero).
-    Afterwards every tensor of the two must be equal; returns the guarded trainer and the number of tensors compared."""
-    batches = [
-        torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(i)) for i in range(4)
-    ]
-    labels = torch.arange(16) % 10
-    clean, guarded = trainer(flags), trainer(flags)
-    tensors = step_tensors
-    for i, x in enumerate(batches):
-        if i == bad_at:
-            before = [t.clone() for t in tensors(guarded)]
-            assert not bad_step(guarded, x, labels)
-            after = tensors(guarded)
-            assert all(torch.equal(a, b) for a, b in zip(before, after)) and all(
-                not t.any() for t in after[len(before) :]
-            )
-        *_, finite = train_step(guarded, x, labels)
-        assert finite
-        train_step(clean, x, labels)
-    pairs = list(zip(tensors(clean), tensors(guarded), strict=True))
-    assert all(torch.equal(a, b) for a, b in pairs)
-    return guarded, len(pairs)
-
-
-def nan_image_step(t: Trainer, x: torch.Tensor, labels: torch.Tensor) -> bool:
-    poisoned = x.clone()
-    poisoned[0, 0, 0, 0] = float("nan")
-    return train_step(t, poisoned, labels)[-1]
-
-
-@pytest.mark.parametrize("bad_at", [0, 2])
-def test_a_non_finite_step_is_taken_back_exactly(bad_at: int) -> None:
-    """A NaN image (non-finite loss) is taken back exactly, also as the first step."""
-    _, compared = assert_bad_step_is_taken_back((), bad_at, nan_image_step)
-    assert compared > 50
-
-
-def test_a_finite_step_that_makes_a_weight_non_finite_is_divergence(
-    tmp_path: Path, capsys, monkeypatch
+@pytest.mark.parametrize("cause", DIVERGENCES)
+def test_divergence_ends_the_run_with_one_line_and_keeps_the_last_good_checkpoint(
+    tmp_path: Path, capsys, monkeypatch, cause: str
 ) -> None:
-    """An infinite learning rate for one step of epoch 2: its loss and gradients are finite, so it is
-    applied and the weights become non-finite. The run ends with the divergence error (exit 1), no
-    summary, and the checkpoint of epoch 1 with finite weights (the interrupted epoch's is never written)."""
-    step = epoch.train_step
-    calls = {"n": 0}
-
-    def infinite_lr_once(run, x, y):
-        calls["n"] += 1
-        groups = run.optimizer.param_groups
-        lr = groups[0]["lr"]
-        groups[0]["lr"] = float("inf") if calls["n"] == 12 + 3 else lr
-        outputs = step(run, x, y)
-        groups[0]["lr"] = lr
-        return outputs
-
-    monkeypatch.setattr(epoch, "train_step", infinite_lr_once)
-    assert (
-        main(
-            [
-                *TINY,
-                "--epochs",
-                "2",
-                "--max-bad-steps",
-                "100",
-                "--out",
-                str(tmp_path),
-                "--name",
-                "huge",
-            ]
-        )
-        == 1
-    )
-    line = stderr_error_line(capsys.readouterr().err)
-    assert line.startswith(
-        "error: training diverged: a weight is no longer finite at epoch 2 step "
-    ), line
-    assert "the last good checkpoint is kept in" in line
-    ckpt = torch.load(tmp_path / "huge" / "checkpoint.pt", weights_only=True)
-    assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
-    assert not (tmp_path / "huge" / "summary.json").exists()
+    """--max-bad-steps non-finite steps (all counted, though the count is read every LOG_EVERY steps
+    and at the epoch's end), an epoch whose every step was taken back (a NaN loss, or fp16
+    gradients that all overflow: its train loss would read 0), or a finite step that makes a weight
+    non-finite: exit 1, one line with the loss terms, no summary, the checkpoint of the last whole
+    epoch kept with finite weights (the interrupted epoch's is never written)."""
+    flags, line, files = DIVERGENCES[cause]
+    if cause in CAUSES:
+        CAUSES[cause](monkeypatch)
+    assert main([*TINY, *flags.split(), "--out", str(tmp_path), "--name", "run"]) == 1
+    error = stderr_error_line(capsys.readouterr().err)
+    match = re.match("error: training diverged: " + line, error)
+    assert match, error
+    # all counted: every step after the first, whose finite update broke the weights
+    assert not match.groups() or int(match[1]) == STEPS - 1
+    assert sorted(listing(tmp_path / "run")) == sorted(["args.json", *files.split()])
+    if files:
+        ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+        assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
-@pytest.mark.parametrize("has_checkpoint", [True, False])
-def test_divergence_message_mentions_a_checkpoint_only_when_there_is_one(
-    tmp_path: Path, has_checkpoint: bool
-) -> None:
-    if has_checkpoint:
-        (tmp_path / "checkpoint.pt").write_bytes(b"an earlier epoch")
-    run = SimpleNamespace(
-        args=SimpleNamespace(max_bad_steps=2),
-        bad_steps=1,
-        dir=tmp_path,
-        model=torch.nn.Linear(1, 1),
-        objective=torch.nn.Module(),
-    )
-    state = SimpleNamespace(
-        bad_steps=torch.tensor(1),
-        last_bad=torch.tensor(
-            [7.0, float("inf"), float("nan"), 1.0, float("-inf")], dtype=torch.float64
-        ),
-    )
+def test_divergence_message_gives_the_last_bad_steps_loss_terms(tmp_path: Path) -> None:
+    run = SimpleNamespace(args=SimpleNamespace(max_bad_steps=2), bad_steps=1, dir=tmp_path)
+    run.model, run.objective = torch.nn.Linear(1, 1), torch.nn.Module()
+    last = torch.tensor([7.0, float("inf"), float("nan"), 1.0, float("-inf")], dtype=torch.float64)
     with pytest.raises(TrainingError) as info:
-        check_divergence(run, 3, state)
-    message = str(info.value)
-    assert message.startswith(
-        "training diverged: 2 non-finite steps, the last at epoch 3 step 7 (loss=inf, xent=nan, intra=1, inter=-inf)"
+        check_divergence(run, 3, SimpleNamespace(bad_steps=torch.tensor(1), last_bad=last))
+    assert str(info.value).startswith(
+        "training diverged: 2 non-finite steps, the last at epoch 3 step 7 "
+        "(loss=inf, xent=nan, intra=1, inter=-inf); "
     )
-    assert ("the last good checkpoint is kept in" in message) == has_checkpoint
-    assert ("no checkpoint was saved" in message) == (not has_checkpoint)
 
 
 @pytest.mark.parametrize("test_loss", [float("nan"), float("inf")])
 def test_a_final_test_loss_that_is_not_finite_does_not_end_done(
     tmp_path: Path, test_loss: float
 ) -> None:
-    run = SimpleNamespace(
-        args=parse_args(["--no-plots"]),
-        dir=tmp_path,
-        history=[{"epoch": 1, "test_loss": test_loss, "test_acc": 0.1}],
-    )
-    with pytest.raises(
-        TrainingError, match=f"the final test loss is {test_loss}: the model diverged"
-    ):
+    history = [{"epoch": 1, "test_loss": test_loss, "test_acc": 0.1}]
+    run = SimpleNamespace(args=parse_args(["--no-plots"]), dir=tmp_path, history=history)
+    with pytest.raises(TrainingError, match=f"final test loss is {test_loss}: the model diverged"):
         finish(run, None)
     assert not (tmp_path / "summary.json").exists()
-
-
-LOOP_INTERRUPT = re.compile(
-    r"interrupted at epoch 1 step \d+; checkpoint saved, run the same command to resume"
-)
 
 
 @pytest.mark.skipif(
@@ -656,17 +418,17 @@ LOOP_INTERRUPT = re.compile(
 )
 @pytest.mark.parametrize("phase", ["torch import", "scikit-learn import", "run folder locked"])
 def test_ctrl_c_at_each_phase_of_start_up_is_one_line(tmp_path: Path, phase: str) -> None:
-    """SIGINT as torch's libraries are mapped (its import), as scikit-learn's are (the digits' lazy import,
-    after main.py's imports), and once the run folder is locked (model, args.json, first batches): exit
-    130 and one line each, no traceback, no summary. An exception raised into a lazy import can end in
-    a traceback or a C++ terminate (rc 134): until the loop's handlers, SIGINT ends the process at once."""
+    """SIGINT as torch's libraries are mapped (its import), as scikit-learn's are (the digits' lazy
+    import, after main.py's imports), and once the run folder is locked: exit 130 and one line, no
+    traceback, no summary. An exception raised into a lazy import can end in a traceback or a C++
+    terminate (rc 134): until the loop's handlers, SIGINT ends the process at once."""
     out = tmp_path / "out"
     proc = start([*TINY, "--out", str(out), "--name", "run"])
-    maps, lock = Path(f"/proc/{proc.pid}/maps"), out / "run" / ".lock"
+    maps = Path(f"/proc/{proc.pid}/maps")
     reached = {
         "torch import": lambda: "libtorch" in maps.read_text(),
         "scikit-learn import": lambda: "/sklearn/" in maps.read_text(),
-        "run folder locked": lock.exists,
+        "run folder locked": (out / "run" / ".lock").exists,
     }[phase]
     deadline = time.monotonic() + 120
     while proc.poll() is None and not reached() and time.monotonic() < deadline:
@@ -674,98 +436,87 @@ def test_ctrl_c_at_each_phase_of_start_up_is_one_line(tmp_path: Path, phase: str
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
-    line = stderr.strip()
-    assert line == STARTUP_INTERRUPT or (
-        phase == "run folder locked" and LOOP_INTERRUPT.fullmatch(line)
-    ), stderr
+    line, loop = stderr.strip(), r"interrupted at epoch 1 step \d+; checkpoint saved, run the same"
+    locked = phase == "run folder locked" and re.fullmatch(loop + " command to resume", line)
+    assert line == STARTUP_INTERRUPT or locked, stderr
     assert not list(tmp_path.glob("**/summary.json"))
     if phase == "torch import":
         assert stdout == "" and not out.exists()
 
 
 def test_ctrl_c_while_loading_data_is_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(main_module, "load_dataset", interrupted)
+    monkeypatch.setattr(main_module, "load_dataset", Mock(side_effect=KeyboardInterrupt))
     assert main([*TINY, "--out", str(tmp_path)]) == 130
     assert capsys.readouterr().err.strip() == STARTUP_INTERRUPT
     assert not list(tmp_path.iterdir())
 
 
-def test_ctrl_c_in_the_final_summary_says_rerun_finishes(
-    tmp_path: Path, monkeypatch, capsys
-) -> None:
-    """Ctrl-C while finish() draws and summarises (after the last checkpoint): exit 130, a line that
-    says the checkpoint is saved, and the same command then finishes the run from it."""
-    args = [
-        *TINY,
-        "--epochs",
-        "1",
-        "--train-samples",
-        "64",
-        "--out",
-        str(tmp_path),
-        "--name",
-        "cut",
+def trainer(flags: tuple[str, ...] = ()) -> Trainer:
+    """main.py's trainer (default resnet, standalone, 2-D features) for 28x28 grey images."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (32, 1, 28, 28), generator=g, dtype=torch.uint8)
+    data = SimpleNamespace(channels=1, classes=list(range(10)), image_size=28)
+    data.train = SimpleNamespace(images=images)
+    return build_trainer(parse_args(["--seed", "3", *flags]), data, torch.device("cpu"))
+
+
+def step_tensors(t: Trainer) -> list[torch.Tensor]:
+    """Every tensor a step can change: weights, buffers (BatchNorm), centers, optimizer state."""
+    tensors = [v for m in (t.model, t.objective) for v in m.state_dict(keep_vars=True).values()]
+    return tensors + [
+        v for s in t.optimizer.state.values() for v in s.values() if torch.is_tensor(v)
     ]
-    summary = main_module.run_summary
 
-    def interrupted(*a, **k):
-        raise KeyboardInterrupt
 
-    monkeypatch.setattr(main_module, "run_summary", interrupted)
-    assert main(args) == 130
-    err = capsys.readouterr().err.strip()
-    assert (
-        err
-        == "interrupted while drawing the final pictures and writing summary.json; the checkpoint of epoch 1 is saved, run the same command to finish the run"
-    )
-    assert (tmp_path / "cut" / "checkpoint.pt").is_file() and not (
-        tmp_path / "cut" / "summary.json"
-    ).exists()
-    monkeypatch.setattr(main_module, "run_summary", summary)
-    assert main(args) == 0
-    out = capsys.readouterr().out
-    assert "resuming" in out and "done:" in out
-    assert json.loads((tmp_path / "cut" / "summary.json").read_text())["epochs"] == 1
+def batch(seed: int = 0, n: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.rand(n, 1, 28, 28, generator=torch.Generator().manual_seed(seed)), torch.arange(
+        n
+    ) % 10
 
 
 RECIPES = {
     "resnet": (),
     "resnet-paper": ("--center-update", "paper"),
-    "lenet-paper": (
-        "--model",
-        "lenet++",
-        "--center-update",
-        "paper",
-    ),  # clipping and weight decay too
+    "lenet-paper": ("--model", "lenet++", "--center-update", "paper"),  # clipping, weight decay
 }
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
 @pytest.mark.parametrize("bad_at", [0, 2])
-def test_a_bad_step_is_taken_back_with_each_recipe(bad_at: int, recipe: str) -> None:
-    """A NaN image's step is taken back exactly with the paper's center update and lenet++'s
-    gradient clipping and weight decay too, and the good steps still move the centers."""
-    initial_centers = trainer(RECIPES[recipe]).objective.centers.detach().clone()
-    guarded, compared = assert_bad_step_is_taken_back(RECIPES[recipe], bad_at, nan_image_step)
-    assert compared > 40 and not torch.equal(guarded.objective.centers, initial_centers)
+def test_a_non_finite_step_is_taken_back_exactly(bad_at: int, recipe: str) -> None:
+    """Two trainers take the same four good steps; before step `bad_at` (0: the first, whose new
+    momentum buffers must stay zero) the guarded one also takes a step on a NaN image, which must
+    report a non-finite step and leave every tensor as it was, with each recipe (the paper's center
+    update, lenet++'s clipping and weight decay). Afterwards every tensor of the two is equal, and
+    the good steps moved the centers."""
+    clean, guarded = trainer(RECIPES[recipe]), trainer(RECIPES[recipe])
+    initial_centers = guarded.objective.centers.detach().clone()
+    for i in range(4):
+        x, labels = batch(i)
+        if i == bad_at:
+            before = [t.clone() for t in step_tensors(guarded)]
+            poisoned = x.clone()
+            poisoned[0, 0, 0, 0] = float("nan")
+            assert not train_step(guarded, poisoned, labels)[-1]
+            after = step_tensors(guarded)
+            assert all(torch.equal(a, b) for a, b in zip(before, after))
+            assert all(not t.any() for t in after[len(before) :])
+        assert train_step(guarded, x, labels)[-1]
+        train_step(clean, x, labels)
+    pairs = list(zip(step_tensors(clean), step_tensors(guarded), strict=True))
+    assert len(pairs) > 40 and all(torch.equal(a, b) for a, b in pairs)
+    assert not torch.equal(guarded.objective.centers, initial_centers)
 
 
 def test_paper_centers_are_out_of_the_optimizer_and_move_by_eq_4() -> None:
-    """With --center-update paper the centers get no gradient and no SGD step: after a step they are
-    exactly losses.paper_center_update of the step's features, with --center-alpha."""
+    """With --center-update paper the centers get no gradient and no SGD step: after a step they
+    are exactly losses.paper_center_update of the step's features, with --center-alpha."""
     run = trainer(("--center-update", "paper", "--center-alpha", "0.25"))
     centers = run.objective.centers
-    assert not centers.requires_grad and all(
-        p is not centers for g in run.optimizer.param_groups for p in g["params"]
-    )
+    groups = run.optimizer.param_groups
+    assert not centers.requires_grad and all(p is not centers for g in groups for p in g["params"])
     before = centers.detach().clone()
-    x, y = (
-        torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(0)),
-        torch.arange(16) % 10,
-    )
+    x, y = batch()
     features, *_, finite = train_step(run, x, y)
     assert finite and centers.grad is None
     paper_center_update(before, features.detach(), y, 0.25)
@@ -777,42 +528,30 @@ def test_the_step_has_no_host_sync(monkeypatch: pytest.MonkeyPatch) -> None:
     is read as a Python number (.item(), bool(), float(), int(), .tolist()) inside train_step."""
     run = trainer(("--model", "lenet++", "--center-update", "paper"))
     assert run.clip_grad_norm == 10.0 and run.optimizer.param_groups[0]["weight_decay"] == 5e-4
-    x, y = (
-        torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(0)),
-        torch.arange(16) % 10,
-    )
+    x, y = batch()
     x[0, 0, 0, 0] = 1e6  # a huge gradient: the clipping scales it
     for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
-        monkeypatch.setattr(
-            torch.Tensor, name, lambda *a, name=name: pytest.fail(f"host sync: Tensor.{name}")
-        )
+        fail = lambda *a, name=name: pytest.fail(f"host sync: Tensor.{name}")  # noqa: E731
+        monkeypatch.setattr(torch.Tensor, name, fail)
     train_step(run, x, y)
     monkeypatch.undo()
-    grads = [
-        p.grad
-        for group in run.optimizer.param_groups
-        for p in group["params"]
-        if p.grad is not None
-    ]
-    # clipped to --clip-grad-norm
-    assert torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item() == pytest.approx(
-        10.0, rel=1e-4
-    )
+    groups = run.optimizer.param_groups
+    norms = [p.grad.norm() for g in groups for p in g["params"] if p.grad is not None]
+    assert torch.stack(norms).norm().item() == pytest.approx(10.0, rel=1e-4)  # --clip-grad-norm
 
 
 @pytest.mark.parametrize("init_scale", [1.0, 3e38])
 def test_paper_centers_stay_when_the_fp16_scaler_skips_the_step(init_scale: float) -> None:
-    """Under --amp fp16 a GradScaler whose scale overflows the gradients skips the optimizer step;
-    the paper's centers must not move either, and the step is not applied (a finite loss is not enough: a run
-    must not count as good the steps it skipped), though not bad: the scale backs off (the scaler's search for
-    a scale does not count towards --max-bad-steps). With a scale that does not overflow, the step moves both."""
+    """Under --amp fp16 a GradScaler whose scale overflows the gradients skips the optimizer step:
+    the paper's centers must not move either, and the step is not applied (a run must not count as
+    good the steps it skipped), though not bad: the scale backs off (its search does not count
+    towards --max-bad-steps). With a scale that does not overflow, the step moves both."""
     t = trainer(("--amp", "fp16", "--center-update", "paper"))
     t.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
     params = [p for group in t.optimizer.param_groups for p in group["params"]]
     weights = [p.detach().clone() for p in params]
     centers = t.objective.centers.detach().clone()
-    x = torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(0))
-    *_, bad, finite = train_step(t, x, torch.arange(16) % 10)
+    *_, bad, finite = train_step(t, *batch(n=4))  # 4 images: fp16 is slow on the CPU
     skipped = init_scale > 1
     assert not bad and bool(finite) != skipped and (t.scaler.get_scale() < init_scale) == skipped
     assert torch.equal(t.objective.centers, centers) == skipped
@@ -820,22 +559,32 @@ def test_paper_centers_stay_when_the_fp16_scaler_skips_the_step(init_scale: floa
 
 
 def test_resume_on_other_data_is_refused(tmp_path: Path, capsys) -> None:
-    """The checkpoint keeps a fingerprint of what was read: a folder run resumed with --data-dir at another tree of
-    the same classes and size is refused (one line, exit 1, the run folder byte for byte as it was); the same
-    images at another path resume (--data-dir may change)."""
+    """The checkpoint keeps a fingerprint of what was read: a folder run resumed with --data-dir at
+    another tree of the same classes and size is refused (one line, exit 1, the run folder byte for
+    byte as it was); the same images at another path resume (--data-dir may change)."""
     trees = [write_image_tree(tmp_path / name, seed=seed) for name, seed in (("a", 0), ("b", 1))]
     shutil.copytree(trees[0], tmp_path / "a-copy")
-    args = ["--dataset", "folder", "--batch-size", "4", "--no-plots", "--model", "lenet++"]
-    args += ["--out", str(tmp_path / "runs"), "--name", "run"]
+    args = "--dataset folder --batch-size 4 --no-plots --model lenet++ --name run --out".split()
+    args.append(str(tmp_path / "runs"))
     assert main([*args, "--data-dir", str(trees[0]), "--epochs", "1"]) == 0
     (tmp_path / "runs" / "run" / "summary.json").unlink()
     before, saved = contents(tmp_path / "runs"), torch.load(tmp_path / "runs/run/checkpoint.pt")
     capsys.readouterr()
     assert main([*args, "--data-dir", str(trees[1]), "--epochs", "2"]) == 1
     line = stderr_error_line(capsys.readouterr().err)
-    assert (
-        f"checkpoint.pt: the checkpoint was trained on other data ({saved['data']}; --data-dir {trees[1]} holds 12 train and 6 test images of 1x28x28, sha256 "
-        in line
-    )
+    other = f"({saved['data']}; --data-dir {trees[1]} holds 12 train and 6 test images of 1x28x28"
+    assert f"checkpoint.pt: the checkpoint was trained on other data {other}, sha256 " in line
     assert contents(tmp_path / "runs") == before
     assert main([*args, "--data-dir", str(tmp_path / "a-copy"), "--epochs", "2"]) == 0
+
+
+def test_inter_margin_bounds_the_push(tmp_path: Path) -> None:
+    """With a margin each pair's inter term is at least -log(1 + margin), so -inter <= (m - 1)
+    log(1 + margin) per sample. A margin of 0.01 is far below the features' squared distances, so
+    the bound binds: without the margin the same run's train_inter is about -24."""
+    args = [*TINY, "--epochs", "1", "--out", str(tmp_path), "--inter-margin", "0.01"]
+    assert main(args) == 0
+    rows = (tmp_path / "standalone-digits-feat=2" / "metrics.csv").read_text().splitlines()
+    inter = float(rows[1].split(",")[rows[0].split(",").index("train_inter")])
+    bound = 31 * torch.log1p(torch.tensor(0.01)).item()  # ordered different-class pairs / m, m = 32
+    assert 0.5 * bound <= -inter <= bound + 1e-4

@@ -15,32 +15,16 @@ from config import parse_args
 from main import main
 from training import build_trainer, cuda_backends, train_step
 
-TINY = [
-    "--dataset",
-    "digits",
-    "--train-samples",
-    "64",
-    "--batch-size",
-    "32",
-    "--no-plots",
-    "--model",
-    "lenet++",
-]
+TINY = "--dataset digits --train-samples 64 --batch-size 32 --no-plots --model lenet++".split()
 
 
-def trainer(flags: tuple[str, ...], classes: int = 10, batch: int = 16):
-    images = torch.randint(
-        0, 256, (32, 1, 28, 28), generator=torch.Generator().manual_seed(0), dtype=torch.uint8
-    )
-    data = SimpleNamespace(
-        channels=1,
-        classes=list(range(classes)),
-        image_size=28,
-        train=SimpleNamespace(images=images),
-    )
-    return build_trainer(
-        parse_args(["--batch-size", str(batch), "--seed", "3", *flags]), data, torch.device("cpu")
-    )
+def trainer(flags: tuple[str, ...], classes: int = 10):
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (32, 1, 28, 28), generator=g, dtype=torch.uint8)
+    data = SimpleNamespace(channels=1, classes=list(range(classes)), image_size=28)
+    data.train = SimpleNamespace(images=images)
+    args = parse_args(["--batch-size", "16", "--seed", "3", *flags])
+    return build_trainer(args, data, torch.device("cpu"))
 
 
 def checked_fused_sgd(original):
@@ -70,51 +54,52 @@ def checked_fused_sgd(original):
 
 
 @pytest.mark.parametrize(
-    "flags,classes",
-    [
-        (("--loss", "xent"), 10),
-        (("--loss", "cent"), 10),
-        (("--loss", "standalone"), 10),
-        (("--loss", "cent"), 20),
-    ],
-    ids=["xent", "cent", "standalone", "more-classes-than-the-batch"],
-)
-def test_the_fused_sgd_calls_pass_the_cuda_kernels_checks(monkeypatch, flags, classes) -> None:
+    ("loss", "classes"), [("xent", 10), ("cent", 10), ("standalone", 10), ("cent", 20)]
+)  # 20: more classes than the batch
+def test_the_fused_sgd_calls_pass_the_cuda_kernels_checks(monkeypatch, loss, classes) -> None:
     fused_sgd, calls = checked_fused_sgd(torch._fused_sgd_)
     monkeypatch.setattr(torch, "_fused_sgd_", fused_sgd)
-    t = trainer(flags, classes)
+    t = trainer(("--loss", loss), classes)
     g = torch.Generator().manual_seed(1)
     for _ in range(2):
-        *_, finite = train_step(
-            t, torch.rand(16, 1, 28, 28, generator=g), torch.arange(16) % classes
-        )
-        assert finite
+        assert train_step(t, torch.rand(16, 1, 28, 28, generator=g), torch.arange(16) % classes)[-1]
     assert len(calls) >= 2  # the kernel did run, once a step at least
 
 
-def test_the_fused_sgd_calls_pass_the_cuda_kernels_checks_after_a_resume(
-    tmp_path: Path, monkeypatch
+def test_a_cpu_run_touches_no_cuda_and_resumes_to_fused_steps_that_pass_the_kernels_checks(
+    tmp_path: Path, monkeypatch, capsys
 ) -> None:
-    """The momentum buffers a checkpoint brings back must match their parameters as the kernel checks
-    (resuming with another --channels-last left them in the saved layout: CUDA refused the step)."""
-    fused_sgd, calls = checked_fused_sgd(torch._fused_sgd_)
-    args = [*TINY, "--out", str(tmp_path), "--name", "run", "--device", "cpu"]
+    """On a host with GPUs a CPU run never touches CUDA (its RNG getters raise here) and saves the
+    CPU generator's state only; a checkpoint holding the old list of every GPU's state resumes on
+    the CPU, and the momentum buffers it brings back match their parameters as the fused kernel
+    checks (resuming with another --channels-last left them in the saved layout: CUDA refused)."""
+
+    def no_cuda(*args, **kwargs):
+        raise AssertionError("a CPU run initialised CUDA")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for name in ("get_rng_state", "get_rng_state_all", "set_rng_state", "set_rng_state_all"):
+        monkeypatch.setattr(torch.cuda, name, no_cuda)
+    args = [*TINY, "--device", "cpu", "--out", str(tmp_path), "--name", "run"]
     assert main([*args, "--epochs", "1"]) == 0
+    path = tmp_path / "run" / "checkpoint.pt"
+    ckpt = torch.load(path, weights_only=True)
+    assert set(ckpt["random"]) == {"torch", "cuda"} and ckpt["random"]["cuda"] is None
+    ckpt["random"]["cuda"] = [torch.zeros(16, dtype=torch.uint8)] * 3  # saved on three GPUs
+    torch.save(ckpt, path)
     (tmp_path / "run" / "summary.json").unlink()
+    fused_sgd, calls = checked_fused_sgd(torch._fused_sgd_)
     monkeypatch.setattr(torch, "_fused_sgd_", fused_sgd)
+    capsys.readouterr()
     assert main([*args, "--epochs", "2"]) == 0
-    # the 2 steps of epoch 2, one call per parameter group (model, centers)
-    assert len(calls) == 2 * 2
+    assert "resuming" in capsys.readouterr().out
+    assert (
+        len(calls) == 2 * 2
+    )  # the 2 steps of epoch 2, a call per parameter group (model, centers)
 
 
-@pytest.mark.parametrize(
-    "params",
-    [
-        [],
-        [torch.zeros(2, 3, 4, 4)],
-    ],  # the old step's empty group; channels_last buffers, NCHW weights
-    ids=["empty", "strides"],
-)
+# the old step's empty group; channels_last buffers of NCHW weights
+@pytest.mark.parametrize("params", [[], [torch.zeros(2, 3, 4, 4)]], ids=["empty", "strides"])
 def test_the_kernel_check_can_fail(params) -> None:
     fused_sgd, _ = checked_fused_sgd(torch._fused_sgd_)
     buffers = [p.to(memory_format=torch.channels_last) for p in params]
@@ -137,67 +122,25 @@ def test_tensorboard_distances_use_a_sample_of_many_centers(monkeypatch) -> None
 
 def test_tf32_is_off_through_settings_every_torch_has() -> None:
     """cuda_backends turns TF32 off with the flags torch 2.4 already has; they read back, and reading them does not raise."""
-    saved = (
-        torch.backends.cudnn.benchmark,
-        torch.backends.cudnn.allow_tf32,
-        torch.backends.cuda.matmul.allow_tf32,
-    )
+    backends = torch.backends
+    saved = (backends.cudnn.benchmark, backends.cudnn.allow_tf32, backends.cuda.matmul.allow_tf32)
     try:
-        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+        backends.cudnn.allow_tf32 = backends.cuda.matmul.allow_tf32 = True
         cuda_backends(torch.device("cuda"))  # only sets flags: no GPU needed
-        assert (
-            torch.backends.cudnn.allow_tf32 is False
-            and torch.backends.cuda.matmul.allow_tf32 is False
-        )
-        assert (
-            torch.backends.cudnn.benchmark is True
-            and torch.get_float32_matmul_precision() == "highest"
-        )
+        assert not backends.cudnn.allow_tf32 and not backends.cuda.matmul.allow_tf32
+        assert backends.cudnn.benchmark and torch.get_float32_matmul_precision() == "highest"
     finally:
-        (
-            torch.backends.cudnn.benchmark,
-            torch.backends.cudnn.allow_tf32,
-            torch.backends.cuda.matmul.allow_tf32,
-        ) = saved
-
-
-def test_a_cpu_run_saves_no_cuda_state_and_resumes_a_checkpoint_of_many_gpus(
-    tmp_path: Path, monkeypatch, capsys
-) -> None:
-    """On a host that has GPUs, a CPU run never touches CUDA (the CUDA RNG getters raise here) and saves the
-    CPU generator's state only; a checkpoint holding the old list of every GPU's state resumes on the CPU."""
-
-    def no_cuda(*args, **kwargs):
-        raise AssertionError("a CPU run initialised CUDA")
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    for name in ("get_rng_state", "get_rng_state_all", "set_rng_state", "set_rng_state_all"):
-        monkeypatch.setattr(torch.cuda, name, no_cuda)
-    args = [*TINY, "--device", "cpu", "--out", str(tmp_path), "--name", "run"]
-    assert main([*args, "--epochs", "1"]) == 0
-    path = tmp_path / "run" / "checkpoint.pt"
-    ckpt = torch.load(path, weights_only=True)
-    assert set(ckpt["random"]) == {"torch", "cuda"} and ckpt["random"]["cuda"] is None
-    ckpt["random"]["cuda"] = [torch.zeros(16, dtype=torch.uint8)] * 3  # saved on three GPUs
-    torch.save(ckpt, path)
-    (tmp_path / "run" / "summary.json").unlink()
-    capsys.readouterr()
-    assert main([*args, "--epochs", "2"]) == 0
-    assert "resuming" in capsys.readouterr().out
+        backends.cudnn.benchmark, backends.cudnn.allow_tf32, backends.cuda.matmul.allow_tf32 = saved
 
 
 def test_reduce_overhead_with_the_loader_pipeline_is_refused(capsys) -> None:
     """CUDA graphs captured while the DataLoader's pin-memory thread makes CUDA calls can break: one line, exit 2."""
     with pytest.raises(SystemExit) as info:
         parse_args(["--compile", "reduce-overhead", "--pipeline", "loader"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert (
-        info.value.code == 2 and "error: --compile reduce-overhead captures CUDA graphs" in err[-1]
-    )
-    assert (
-        parse_args(["--compile", "reduce-overhead"]).compile == "reduce-overhead"
-        and parse_args(["--compile"]).compile == "default"
-    )
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert info.value.code == 2 and "error: --compile reduce-overhead captures CUDA graphs" in err
+    assert parse_args(["--compile", "reduce-overhead"]).compile == "reduce-overhead"
+    assert parse_args(["--compile"]).compile == "default"
 
 
 def test_compiled_steps_train_like_the_eager_steps(monkeypatch) -> None:
@@ -218,11 +161,8 @@ def test_compiled_steps_train_like_the_eager_steps(monkeypatch) -> None:
         expected, got = train_step(eager, x, y), train_step(compiled, x, y)
         assert bool(got[-1]) and bool(expected[-1])
         torch.testing.assert_close(got[3], expected[3], rtol=1e-4, atol=1e-5)
-    for a, b in zip(
-        eager.model.state_dict().values(), compiled.model.state_dict().values(), strict=True
-    ):
+    weights = [t.model.state_dict().values() for t in (eager, compiled)]
+    for a, b in zip(*weights, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
-    # the steps moved it
-    assert not torch.equal(
-        eager.model.embed[1].weight, trainer(("--model", "lenet++")).model.embed[1].weight
-    )
+    moved = trainer(("--model", "lenet++")).model.embed[1].weight
+    assert not torch.equal(eager.model.embed[1].weight, moved)  # the steps moved it
