@@ -8,6 +8,7 @@ decoded by PIL (datasets.decode); nothing calls torchvision.io, so none of its w
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shlex
@@ -126,10 +127,6 @@ def run_script(
     return subprocess.run(command, cwd=cwd or REPO, **options)
 
 
-def run_main(args: list, cwd: Path | None = None, timeout: float = SUBPROCESS_TIMEOUT):
-    return run_script("main.py", args, cwd, timeout)
-
-
 def stderr_error_line(stderr: str) -> str:
     """The one error line of a failed command (argparse prints its usage block above it)."""
     assert "Traceback" not in stderr, stderr
@@ -163,6 +160,12 @@ def write_finished_decoy(run_dir: Path) -> Path:
     return run_dir
 
 
+def metrics_without_seconds(run_dir: Path) -> list[dict[str, str]]:
+    """metrics.csv's rows without `seconds`, the one column that differs between equal runs."""
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(f)]
+
+
 def check_ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert proc.returncode == 0, (
         f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
@@ -182,11 +185,8 @@ def shared_data_path() -> Path:
     return Path(os.environ.get("SCL_SHARED_DATA") or REPO.parent / "shared" / "data")
 
 
-# ------------------------------------------------------------------------------ background runs
-#
-# The suite's main.py runs are started together, as soon as the session begins, and only those
-# that the selected tests use: on a 2-core machine their imports, steps and plots then overlap
-# each other and the in-process unit tests instead of queueing one after another.
+# The selected tests' main.py runs start together as the session begins: on a 2-core machine
+# they then overlap each other and the in-process tests instead of queueing.
 
 
 class Background:
@@ -246,9 +246,7 @@ _needed: set[str] = set()
 
 
 @pytest.hookimpl(trylast=True)
-def pytest_collection_modifyitems(
-    session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
-) -> None:
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     _needed.clear()
     for item in items:
         _needed.update(set(getattr(item, "fixturenames", ())) & set(RUNS))
@@ -298,9 +296,8 @@ def lenet_runs(background: Background) -> dict[str, Path]:
 def named_run(background: Background) -> tuple[list, Path]:
     """(command, run folder) of a tiny lenet++ cent run, --name 'my run', its own --out, --no-plots."""
     check_ok(background.result("named"))
-    return [*background.paths["named-command"], "--name", "my run"], background.paths[
-        "named"
-    ] / "my run"
+    paths = background.paths
+    return [*paths["named-command"], "--name", "my run"], paths["named"] / "my run"
 
 
 @pytest.fixture(scope="session")
@@ -346,8 +343,5 @@ def reference_retrieval(features: torch.Tensor, labels: torch.Tensor) -> dict[st
         p1.append(float(hits[0]))
         rp.append(sum(hits) / r)
         ap.append(sum(sum(hits[: n + 1]) / (n + 1) for n in range(r) if hits[n]) / r)
-    return {
-        "precision_at_1": sum(p1) / len(p1),
-        "r_precision": sum(rp) / len(rp),
-        "map_at_r": sum(ap) / len(ap),
-    }
+    names = ("precision_at_1", "r_precision", "map_at_r")
+    return {name: sum(v) / len(v) for name, v in zip(names, (p1, rp, ap))}

@@ -100,21 +100,15 @@ def test_gradients_of_intra_and_inter(pattern):
 
 @pytest.mark.parametrize("module_cls", [CenterLoss, StandaloneCenterLoss])
 def test_gradcheck_module_totals(module_cls):
+    """gradcheck of the total through given centers; the module's own centers get that gradient."""
     features, _, y = sample(torch.float64, LABEL_PATTERNS["unbalanced"], 3, seed=5)
     torch.manual_seed(1)
     module = module_cls(NUM_CLASSES, 3).double()
-    centers = module.centers.detach().clone().requires_grad_(True)
-    features.requires_grad_(True)
-
-    def total(f, c):
-        return functional_call(module, {"centers": c}, (f, y))
-
-    assert torch.autograd.gradcheck(total, (features, centers))
-    # The module's own parameter receives the same gradient as the functional call.
-    module(features.detach(), y).backward()
-    f2, c2 = (t.detach().clone().requires_grad_(True) for t in (features, centers))
-    total(f2, c2).backward()
-    torch.testing.assert_close(module.centers.grad, c2.grad)
+    inputs = (features.requires_grad_(), module.centers.detach().clone().requires_grad_())
+    total = lambda f, c: functional_call(module, {"centers": c}, (f, y))  # noqa: E731
+    assert torch.autograd.gradcheck(total, inputs)
+    module(features, y).backward()
+    torch.testing.assert_close(module.centers.grad, torch.autograd.grad(total(*inputs), inputs)[1])
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES), ids=["f64", "f32"])
@@ -182,26 +176,15 @@ def test_standalone_module_defaults_and_margin():
     sa = StandaloneCenterLoss(10, 2)
     assert (sa.weight_intra, sa.weight_inter, sa.inter_margin) == (1.0, 0.1, None)
     assert [(n, p.shape) for n, p in sa.named_parameters()] == [("centers", (10, 2))]
-    assert isinstance(sa.centers, nn.Parameter) and isinstance(
-        CenterLoss(7, 3).centers, nn.Parameter
-    )
+    assert all(isinstance(m.centers, nn.Parameter) for m in (sa, CenterLoss(7, 3)))
     features, _, y = sample(torch.float64, LABEL_PATTERNS["balanced"], 3, seed=12, scale=3.0)
     _, inter = StandaloneCenterLoss(NUM_CLASSES, 3, inter_margin=2.0).double().terms(features, y)
     assert inter.item() == pytest.approx(ref_inter(features, y, 2.0), rel=1e-10)
     assert inter.item() != pytest.approx(ref_inter(features, y), rel=1e-3)
 
 
-def objective_inputs(seed=0, n=8, classes=4, dim=3):
-    g = torch.Generator().manual_seed(seed)
-    return (
-        torch.randn(n, dim, generator=g),
-        torch.randn(n, classes, generator=g),
-        torch.arange(n) % classes,
-    )
-
-
 @pytest.mark.parametrize(
-    "loss, weights, coefficients",
+    "loss, weights, coefs",
     [
         ("xent", {}, {"xent": 1}),
         ("cent", {"weight_cent": 0.5}, {"xent": 1, "intra": 0.5}),
@@ -209,11 +192,12 @@ def objective_inputs(seed=0, n=8, classes=4, dim=3):
         ("standalone", {"inter_margin": 0.5}, {"intra": 1, "inter": 0.1}),
     ],
 )
-def test_objective_is_its_weighted_terms(loss, weights, coefficients):
+def test_objective_is_its_weighted_terms(loss, weights, coefs):
     """Terms and total against the references; the standalone loss never reads the logits (NaN
     here); the centers, where the loss has them, are the objective's one parameter and train."""
-    features, logits, y = objective_inputs()
-    features = features * 10  # pairs beyond the margin
+    g = torch.Generator().manual_seed(0)
+    features = torch.randn(8, 3, generator=g) * 10  # pairs beyond the margin
+    logits, y = torch.randn(8, 4, generator=g), torch.arange(8) % 4
     torch.manual_seed(0)
     objective = Objective(loss, 4, 3, **weights)
     centers = objective.centers
@@ -225,12 +209,10 @@ def test_objective_is_its_weighted_terms(loss, weights, coefficients):
     if loss == "standalone":
         logits = torch.full_like(logits, float("nan"))
     total, terms = objective(features, logits, y)
-    assert {k: v.item() for k, v in terms.items()} == pytest.approx(
-        {k: refs[k] for k in coefficients}, rel=1e-5
-    )
-    assert total.item() == pytest.approx(
-        sum(c * refs[k] for k, c in coefficients.items()), rel=1e-5
-    )
+    got = {k: v.item() for k, v in terms.items()}
+    assert got == pytest.approx({k: refs[k] for k in coefs}, rel=1e-5)
+    assert total.item() == pytest.approx(sum(c * refs[k] for k, c in coefs.items()), rel=1e-5)
+
     assert [id(p) for p in objective.parameters()] == ([] if centers is None else [id(centers)])
     if centers is not None:
         assert isinstance(centers, nn.Parameter) and centers.shape == (4, 3)
@@ -240,8 +222,9 @@ def test_objective_is_its_weighted_terms(loss, weights, coefficients):
 
 @pytest.mark.parametrize("loss", LOSSES)
 def test_objective_computes_in_float32_under_autocast(loss):
-    """Each of LOSSES has the terms it declares, centers where it has them. Under a caller's bf16 autocast the objective's values are its float32 values, for float32 and
-    bf16 inputs; features far from the origin make 16-bit distances visibly wrong."""
+    """Each of LOSSES has the terms it declares, centers where it has them. Under a caller's bf16
+    autocast the objective's values are its float32 values, for float32 and bf16 inputs; features
+    far from the origin make 16-bit distances visibly wrong."""
     g = torch.Generator().manual_seed(4)
     features = torch.randn(16, 3, generator=g) * 3 + 20
     logits, y = torch.randn(16, 4, generator=g) * 3, torch.arange(16) % 4
@@ -254,10 +237,9 @@ def test_objective_computes_in_float32_under_autocast(loss):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             total, terms = objective(*inputs, y)
         assert {t.dtype for t in (total, *terms.values())} == {torch.float32}
-        assert total.item() == pytest.approx(reference.item(), rel=1e-6)
-        assert {k: v.item() for k, v in terms.items()} == pytest.approx(
-            {k: v.item() for k, v in reference_terms.items()}, rel=1e-6
-        )
+        got = {k: v.item() for k, v in {"total": total, **terms}.items()}
+        want = {k: v.item() for k, v in {"total": reference, **reference_terms}.items()}
+        assert got == pytest.approx(want, rel=1e-6)
     if loss == "standalone":  # the same distances in bf16 are far off: a 16-bit matmul would show
         with torch.autocast("cpu", dtype=torch.bfloat16):
             sloppy = squared_distances(features, features)
@@ -326,10 +308,9 @@ def test_paper_center_update_matches_a_loop(dtype, pattern):
     features, centers, y = sample(dtype, LABEL_PATTERNS[pattern])
     before = centers.clone()
     paper_center_update(centers, features, y, 0.3)
-    expected = torch.tensor(ref_paper_update(before, features, y, 0.3), dtype=dtype)
-    torch.testing.assert_close(
-        centers, expected, rtol=DTYPES[dtype]["rel"], atol=DTYPES[dtype]["abs"]
-    )
+    want = ref_paper_update(before, features, y, 0.3)
+    assert centers.tolist() == [pytest.approx(row, **DTYPES[dtype]) for row in want]
+
     absent = [k for k in range(NUM_CLASSES) if k not in LABEL_PATTERNS[pattern]]
     assert absent and torch.equal(centers[absent], before[absent])  # absent classes stay put
     assert not torch.equal(centers, before)

@@ -47,47 +47,57 @@ def test_shuffled_labels_score_near_chance() -> None:
     assert metrics.center_distance_ratio(features, shuffled) > 2
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
 @pytest.mark.parametrize("where", ["test", "train"])
-def test_non_finite_features_give_nan_metrics_not_an_error(where: str) -> None:
-    """An overflowing model's features (inf) make every metric NaN instead of crashing k-means."""
-    labels = torch.arange(40) % 4
-    features = {"test": torch.randn(40, 2), "train": torch.randn(40, 2)}
-    features[where][3, 1] = float("inf")
-    scores = metrics.feature_metrics(features["test"], labels, features["train"], labels)
-    assert set(scores) == set(metrics.FEATURE_METRICS)
-    assert all(math.isnan(v) for v in scores.values())
-    finite = metrics.feature_metrics(torch.randn(40, 2), labels, torch.randn(40, 2), labels)
+def test_non_finite_features_give_nan_metrics_not_an_error(where: str, value: float) -> None:
+    """Overflowed features (inf or NaN) in the test set or the k-NN gallery make every metric NaN,
+    and retrieval and geometry of them too: k-means crashed, pml raised a ValueError on NaN and
+    ranked neighbours by NaN distances around an inf."""
+    g, labels = torch.Generator().manual_seed(0), torch.arange(40) % 4
+    features = {"test": torch.randn(40, 2, generator=g), "train": torch.randn(40, 2, generator=g)}
+    finite = metrics.feature_metrics(features["test"], labels, features["train"], labels)
     assert not any(math.isnan(v) for v in finite.values())
+    features[where][3, 1] = value
+    results = [metrics.feature_metrics(features["test"], labels, features["train"], labels)]
+    results += [
+        f(features[where], labels) for f in (metrics.retrieval_scores, metrics.class_geometry)
+    ]
+    names = (metrics.FEATURE_METRICS, metrics.RETRIEVAL_METRICS, metrics.GEOMETRY_METRICS)
+    assert [tuple(scores) for scores in results] == list(names)
+    assert all(math.isnan(v) for scores in results for v in scores.values())
 
 
-# Neighbours of each query, nearest first (the query left out): relevance and AP over the R hits.
+# Neighbours of each query, nearest first (the query left out): relevance and AP over the R hits;
+# R-precision: the share of hits among the R nearest.
 # 1) R = 2 for all: 0 -> 1,10: AP 1/2; 1 -> 0,10: 1/2; 10 -> 11,12.5: 0; 2.5 -> 1,0: 0;
 #    11 -> 10,12.5: (1/2)(1/2); 12.5 -> 11,10: 1/2.
 # 2) Class 0 R = 2, class 1 R = 1, class 2 R = 0 (skipped): 0 -> 1,2.5: 1/2; 1 -> 0,2.5: 1/2;
 #    10 -> 3,2.5: 0; 2.5 -> 3: 1 (with R = 2 it would be 1/2); 3 -> 2.5: 1.
+# 3) Ties, R = 1: 0 (a) has 1 (b) and 2 (a) at distance 1, index 1 first: miss; 1 (b) -> 2 (a) at
+#    0: miss; 2 (a) -> 1 (b) at 0: miss; 3 (b) has 1 (b) and 2 (a) at 4, index 1 first: hit.
+# 4) No query has a classmate: None, not an error.
 @pytest.mark.parametrize(
-    "points, labels, p1, map_r",
+    "points, labels, p1, r_precision, map_r",
     [
-        (
-            [0, 1, 10, 2.5, 11, 12.5],
-            [0, 0, 0, 1, 1, 1],
-            3 / 6,
-            (0.5 + 0.5 + 0 + 0 + 0.25 + 0.5) / 6,
-        ),
-        ([0, 1, 10, 2.5, 3, 20], [0, 0, 0, 1, 1, 2], 4 / 5, (0.5 + 0.5 + 0 + 1 + 1) / 5),
+        ([0, 1, 10, 2.5, 11, 12.5], [0, 0, 0, 1, 1, 1], 3 / 6, 2 / 6, (0.5 + 0.5 + 0.25 + 0.5) / 6),
+        ([0, 1, 10, 2.5, 3, 20], [0, 0, 0, 1, 1, 2], 4 / 5, 3 / 5, (0.5 + 0.5 + 1 + 1) / 5),
+        ([0, 1, 1, 3], [0, 1, 0, 1], 1 / 4, 1 / 4, 1 / 4),
+        ([0, 1, 2, 3], [0, 1, 2, 3], None, None, None),
     ],
 )
-def test_map_at_r_hand_computed(points, labels, p1, map_r) -> None:
+def test_retrieval_hand_computed(points, labels, p1, r_precision, map_r) -> None:
     scores = metrics.retrieval_scores(torch.tensor(points)[:, None], torch.tensor(labels))
-    assert (scores["precision_at_1"], scores["map_at_r"]) == pytest.approx((p1, map_r))
+    assert scores == pytest.approx(dict(zip(metrics.RETRIEVAL_METRICS, (p1, r_precision, map_r))))
 
 
-def test_map_at_r_matches_loops_on_unbalanced_classes(monkeypatch) -> None:
+def test_retrieval_matches_loops_on_unbalanced_classes_with_ties(monkeypatch) -> None:
+    """R = 17, 11, 5, 2 and 0 on a 3 x 3 grid of points: many neighbours tie, so the scores depend
+    on the tie rule (index order), which both sides follow; chunks cut through the classes."""
     g = torch.Generator().manual_seed(5)
-    labels = torch.tensor([0] * 9 + [1] * 4 + [2] * 2 + [3])  # R = 8, 3, 1 and 0
-    features = torch.randn(len(labels), 3, generator=g) + labels[:, None] * 0.7
+    labels = torch.tensor([0] * 18 + [1] * 12 + [2] * 6 + [3] * 3 + [4])
+    features = torch.randint(0, 3, (40, 2), generator=g).float()
     expected = reference_retrieval(features, labels)
-    monkeypatch.setattr(metrics, "CHUNK", 5)  # chunks cut through the classes
+    monkeypatch.setattr(metrics, "CHUNK", 7)
     assert metrics.retrieval_scores(features, labels) == pytest.approx(expected, rel=1e-6)
 
 
@@ -220,14 +230,14 @@ def test_alternative_losses_finite_and_decreasing(make) -> None:
     labels = torch.arange(3).repeat(10)
     inputs = torch.eye(3)[labels] + 0.1 * torch.randn(30, 3)
     embed = torch.nn.Linear(3, 2)
-    optimizer = torch.optim.SGD([*embed.parameters(), *loss_fn.parameters()], lr=0.05)
+    params = [*embed.parameters(), *loss_fn.parameters()]
+    optimizer = torch.optim.SGD(params, lr=0.05)
     values = []
     for _ in range(60):
         loss = loss_fn(embed(inputs), labels)
         optimizer.zero_grad()
         loss.backward()
-        grads = [p.grad for p in [*embed.parameters(), *loss_fn.parameters()]]
-        assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)
+        assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in params)
         optimizer.step()
         values.append(loss.item())
     assert values[-1] < values[0] - 0.1
@@ -245,9 +255,8 @@ def test_centers_apart_formula() -> None:
 
 
 def test_validation_split_disjoint_and_fixed_by_seed() -> None:
-    data = ImageData(
-        torch.arange(100, dtype=torch.uint8).view(100, 1, 1, 1), torch.arange(100) % 10
-    )
+    ids = torch.arange(100)
+    data = ImageData(ids.to(torch.uint8).view(100, 1, 1, 1), ids % 10)
     train, val = split_validation(data, 0.2, seed=3)
     assert len(val) == 20 and len(train) == 80
     ids_train, ids_val = set(train.images.flatten().tolist()), set(val.images.flatten().tolist())
@@ -282,9 +291,8 @@ def test_one_test_image_a_class_or_one_class_gives_none_not_an_error() -> None:
     ratio are scored. One class: no ratio (was NaN), no NMI (was a meaningless 1); retrieval is."""
     test, test_labels = torch.tensor([[0.0, 0.0], [5.0, 0.0], [0.0, 5.0]]), torch.tensor([0, 1, 2])
     train_labels = torch.arange(3).repeat(4)
-    train = test[train_labels] + 0.1 * torch.randn(
-        12, 2, generator=torch.Generator().manual_seed(0)
-    )
+    g = torch.Generator().manual_seed(0)
+    train = test[train_labels] + 0.1 * torch.randn(12, 2, generator=g)
     scores = metrics.feature_metrics(test, test_labels, train, train_labels)
     assert list(scores) == list(metrics.FEATURE_METRICS)
     assert [scores[name] for name in ("precision_at_1", "map_at_r", "nmi", "ami")] == [None] * 4
@@ -319,15 +327,11 @@ def test_class_geometry_hand_computed() -> None:
     and sqrt(136) apart; labels 0, 2, 5 (the absent ones count nowhere)."""
     features = torch.tensor([[0.0, 0], [4, 0], [10, 0], [10, 4], [0, 6], [0, 10]])
     labels = torch.tensor([0, 0, 2, 2, 5, 5])
-    mean_between = (2 * math.sqrt(68) + math.sqrt(136)) / 3
-    expected = {
-        "intra_distance": 2.0,
-        "min_center_gap": math.sqrt(68),
-        "mean_center_gap": mean_between,
-        "min_gap_ratio": math.sqrt(68) / 2,
-        "mean_gap_ratio": mean_between / 2,
-        "feature_norm": (0 + 4 + 10 + math.sqrt(116) + 6 + 10) / 6,
-    }
+    low, mean_between = math.sqrt(68), (2 * math.sqrt(68) + math.sqrt(136)) / 3
+    expected = dict(intra_distance=2.0, min_center_gap=low, mean_center_gap=mean_between)
+    expected |= dict(min_gap_ratio=low / 2, mean_gap_ratio=mean_between / 2)
+    expected["feature_norm"] = (0 + 4 + 10 + math.sqrt(116) + 6 + 10) / 6
+
     geometry = metrics.class_geometry(features, labels)
     assert list(geometry) == list(metrics.GEOMETRY_METRICS)
     assert geometry == pytest.approx(expected, rel=1e-6)

@@ -1,17 +1,15 @@
-"""The open-set split (--train-classes), retrieval against a plain-loop reference with ties, and the
-class geometry recorded each epoch (more geometry cases in test_metrics.py, its picture in test_visualize.py)."""
+"""The open-set split (--train-classes) and a run's open-set retrieval and class geometry (their
+computation in test_metrics.py, the geometry's picture in test_visualize.py)."""
 
 from __future__ import annotations
 
-import csv
 import json
-import math
 import re
 
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, reference_retrieval, stderr_error_line
+from conftest import TINY, metrics_without_seconds, stderr_error_line
 
 import metrics
 from datasets import Dataset, ImageData, open_set_split, parse_class_list
@@ -66,51 +64,6 @@ def test_open_set_split_keeps_seen_classes_and_relabels_both_sides() -> None:
     assert unseen.images[:, 0, 0, 0].tolist() == [0, 2, 2, 0]
 
 
-def test_retrieval_matches_loops_with_ties(monkeypatch) -> None:
-    # Integer points on a small grid: many neighbours at exactly equal distances, so the answer
-    # depends on the tie rule (index order), which both sides follow.
-    g = torch.Generator().manual_seed(3)
-    features = torch.randint(0, 3, (40, 2), generator=g).float()
-    labels = torch.randint(0, 4, (40,), generator=g)
-    labels[-1] = 4  # a class of one: skipped as a query
-    expected = reference_retrieval(features, labels)
-    monkeypatch.setattr(metrics, "CHUNK", 7)  # chunks cut through the queries
-    scores = metrics.retrieval_scores(features, labels)
-    assert scores == pytest.approx(expected, rel=1e-6)
-    assert scores["precision_at_1"] != pytest.approx(scores["r_precision"])  # they differ
-
-
-def test_retrieval_with_ties_hand_computed() -> None:
-    # 1-D: class a at 0 and 1, class b at 1 and 3 (R = 1 for every query).
-    # Query 0 (a): 1 (b) and 2 (a) both at distance 1; index 1 comes first -> miss.
-    # Query 1 (b): 2 (a) at 0 -> miss.  Query 2 (a): 1 (b) at 0 -> miss.
-    # Query 3 (b): 1 (b) and 2 (a) both at distance 4; index 1 comes first -> hit.
-    features = torch.tensor([[0.0], [1.0], [1.0], [3.0]])
-    labels = torch.tensor([0, 1, 0, 1])
-    assert metrics.retrieval_scores(features, labels) == pytest.approx(
-        {"precision_at_1": 0.25, "r_precision": 0.25, "map_at_r": 0.25}
-    )
-
-
-def test_retrieval_without_classmates_is_none_not_an_error() -> None:
-    assert metrics.retrieval_scores(torch.randn(4, 2), torch.arange(4)) == dict.fromkeys(
-        metrics.RETRIEVAL_METRICS
-    )
-
-
-@pytest.mark.parametrize("value", [float("nan"), float("inf")])
-def test_retrieval_and_geometry_of_non_finite_features_are_nan_not_an_error(value: float) -> None:
-    """Overflowed features score NaN (as feature_metrics gives), where pml raised a ValueError on NaN
-    and ranked neighbours by NaN distances around an inf."""
-    features = torch.randn(20, 2, generator=torch.Generator().manual_seed(0))
-    features[3, 0] = value
-    scores = metrics.retrieval_scores(features, torch.arange(20) % 4)
-    geometry = metrics.class_geometry(features, torch.arange(20) % 4)
-    assert list(scores) == list(metrics.RETRIEVAL_METRICS)
-    assert list(geometry) == list(metrics.GEOMETRY_METRICS)
-    assert all(math.isnan(v) for v in [*scores.values(), *geometry.values()])
-
-
 def test_open_set_run_reports_closed_accuracy_retrieval_and_geometry(tiny_mnist, tmp_path, capsys):
     """--train-classes 0-4: trained and tested on those, retrieval on the others, geometry each epoch;
     paths in summary.json relative to the run folder; a bad class list is one line, exit 2."""
@@ -131,7 +84,7 @@ def test_open_set_run_reports_closed_accuracy_retrieval_and_geometry(tiny_mnist,
     unseen = int((arrays["t10k_labels"] >= 5).sum())  # P@1: a share of the unseen test images
     hits = summary["open_precision_at_1"] * unseen
     assert hits == pytest.approx(round(hits))
-    rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
+    rows = metrics_without_seconds(run_dir)
     assert len(rows) == 1 and all(rows[0][k] for k in (*metrics.OPEN_SET_METRICS, *geometry))
     assert float(rows[0]["open_map_at_r"]) == pytest.approx(summary["open_map_at_r"], rel=1e-5)
     with pytest.raises(SystemExit) as info:
