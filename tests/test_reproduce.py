@@ -35,19 +35,9 @@ def reproduce(tmp_path: Path, env: dict, *args: str, body: str = "", timeout: fl
     DATA_DIR, but where `env` says otherwise: (the process, the main.py commands it started)."""
     stub = fake_python(tmp_path, body)
     environ = {k: v for k, v in os.environ.items() if k != "DATA_DIR"}
-    environ |= {
-        "OUT": str(tmp_path / "runs"),
-        "PYTHON": str(stub),
-        "CALLS": str(tmp_path / "calls"),
-    }
-    result = subprocess.run(
-        ["bash", "reproduce.sh", *args],
-        cwd=REPO,
-        env={**environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    environ |= dict(OUT=str(tmp_path / "runs"), PYTHON=str(stub), CALLS=str(tmp_path / "calls"))
+    options = dict(cwd=REPO, env=environ | env, capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(["bash", "reproduce.sh", *args], **options)
     return result, [path.read_text().splitlines() for path in (tmp_path / "calls").iterdir()]
 
 
@@ -146,25 +136,29 @@ def test_reproduce_runs_each_grid_point_and_seed_once(tmp_path: Path, capsys) ->
     assert stamps == {name: (out / name / "summary.json").stat().st_mtime_ns for name in names}
 
 
-def test_reproduce_reports_failed_runs(tmp_path: Path) -> None:
-    env = dict(DATA_DIR=str(tmp_path), LOSSES="xent", DATASETS="mnist", FEAT_DIMS="2")
-    result, _ = reproduce(tmp_path, env, body="exit 3")
-    assert result.returncode == 1
-    assert "FAILED xent-mnist-feat=2 (exit 3)" in result.stdout
-    assert "1 run(s) failed" in result.stdout
+# VAR=value words | the python's sh body | exit code | lines of the output. SEEDS="0 0" JOBS=2 used
+# to start one run twice at once, both writing one log; DATASETS="*" used to become the names of
+# the files in the repository, one run each: now main.py gets "*" (and refuses it).
+ONE_RUN = """
+SEEDS='0 0' | | 0 | start xent-digits-feat=2;skip xent-digits-feat=2 (listed twice)
+SEEDS='1 01' | | 0 | skip xent-digits-feat=2-seed=1 (listed twice)
+DATASETS='digits digits' | | 0 | skip xent-digits-feat=2 (listed twice)
+DATASETS='*' | | 0 | start xent-*-feat=2
+DATASETS=mnist | exit 3 | 1 | FAILED xent-mnist-feat=2 (exit 3): see ;1 run(s) failed: xent-mnist
+"""
 
 
-@pytest.mark.parametrize(
-    "var,value", [("SEEDS", "0 0"), ("SEEDS", "1 01"), ("DATASETS", "digits digits")]
-)
-def test_reproduce_runs_a_grid_point_listed_twice_once(tmp_path: Path, var: str, value: str):
-    """SEEDS="0 0" JOBS=2 used to start one run twice at once, both writing one log."""
-    env = dict(DATASETS="digits", LOSSES="xent", FEAT_DIMS="2", JOBS="2")
-    result, calls = reproduce(tmp_path, {**env, var: value})
-    assert result.returncode == 0, result.stdout + result.stderr
-    [command] = calls
+@pytest.mark.parametrize("row", ONE_RUN.strip().splitlines(), ids=lambda r: r.split(" | ")[0])
+def test_reproduce_starts_one_run_as_listed_and_reports_it(tmp_path: Path, row: str) -> None:
+    """One main.py command, with the dataset as listed, once in its log; failures reported."""
+    words, body, code, lines = (cell.strip() for cell in row.split("|"))
+    env = dict(DATA_DIR=str(tmp_path), DATASETS="digits", LOSSES="xent", FEAT_DIMS="2", JOBS="2")
+    env |= dict(word.split("=", 1) for word in shlex.split(words))
+    result, [command] = reproduce(tmp_path, env, body=body)
+    assert result.returncode == int(code), result.stdout + result.stderr
+    assert command[command.index("--dataset") + 1] == env["DATASETS"].split()[0]
+    assert result.stdout.count("start ") == 1 and all(x in result.stdout for x in lines.split(";"))
     name = command[command.index("--name") + 1]
-    assert result.stdout.count("start ") == 1 and f"skip {name} (listed twice)" in result.stdout
     assert (tmp_path / "runs" / f"{name}.log").read_text().count("== ") == 1
 
 
@@ -181,12 +175,3 @@ def test_reproduce_time_limit_stops_the_runs_with_sigterm_and_keeps_their_logs(t
         assert "TIME_LIMIT (2 s) reached" in result.stdout and result.stdout.count("stopped ") == 2
         assert (tmp_path / "calls.terms").read_text() == "term\n" * 2 * attempt
     assert (tmp_path / "runs" / "xent-digits-feat=2.log").read_text().count("== ") == 2
-
-
-def test_reproduce_passes_a_star_on_as_a_name_not_as_files(tmp_path: Path) -> None:
-    """DATASETS="*" used to become the names of the files in the repository, one run each: now
-    main.py gets "*" (and refuses it)."""
-    env = dict(DATA_DIR=str(tmp_path), DATASETS="*", LOSSES="xent", FEAT_DIMS="2")
-    result, [command] = reproduce(tmp_path, env)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert command[command.index("--dataset") + 1] == "*"

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import csv
-
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, metrics_without_seconds
 
 from config import parse_args
 from training import make_scheduler
@@ -37,7 +35,7 @@ def test_schedule_on_measured_accuracies(loss: str, first_cut: int, step: float)
     an epoch): the relative threshold 0.1 asks for acc > best * 1.1, which nothing beats once the best
     is above 1 / 1.1 ~ 0.91, so from the first epoch past 0.91 on, the lr is cut x0.2 every 11 epochs
     whatever the accuracy does."""
-    rows = list(csv.DictReader((MEASURED / f"{loss}-mnist-feat=2" / "metrics.csv").open()))
+    rows = metrics_without_seconds(MEASURED / f"{loss}-mnist-feat=2")
     accuracies = [float(row["test_acc"]) for row in rows]
     assert len(accuracies) == 3
     accuracies += [min(accuracies[-1] + step * epoch, 0.999) for epoch in range(1, 98)]

@@ -87,30 +87,23 @@ def test_losses_equal_the_studys_in_float64(num_classes: int, batch: int, feat_d
     sizes = dict(num_classes=num_classes, feat_dim=feat_dim, use_gpu=False)
     study_cent = study_module("losses/center_loss.py").CenterLoss(**sizes).double()
     standalone = study_module("losses/standalone_center_loss.py").StandaloneCenterLoss
-    study_standalone = standalone(**sizes).double()
+    study_sa = standalone(**sizes).double()
     ours_cent = losses.CenterLoss(num_classes, feat_dim).double()
-    ours_standalone = losses.StandaloneCenterLoss(num_classes, feat_dim).double()
+    ours_sa = losses.StandaloneCenterLoss(num_classes, feat_dim).double()
     with torch.no_grad():
         ours_cent.centers.copy_(study_cent.centers)
-        ours_standalone.centers.copy_(study_standalone.centers)
+        ours_sa.centers.copy_(study_sa.centers)
     with warnings.catch_warnings():  # the study's addmm_(1, -2, ...) is a deprecated signature
         warnings.simplefilter("ignore", UserWarning)
-        intra, inter, _ = study_standalone(features, labels)
+        intra, inter, _ = study_sa(features, labels)
         theirs_cent = study_cent(features, labels)[0]
-    pairs = [
-        (theirs_cent, study_cent, ours_cent(features, labels), ours_cent),
-        (
-            1.0 * intra - 0.1 * inter,
-            study_standalone,
-            ours_standalone(features, labels),
-            ours_standalone,
-        ),
-    ]
-    for theirs, study, mine, ours in pairs:
+    pairs = [(theirs_cent, study_cent, ours_cent), (1.0 * intra - 0.1 * inter, study_sa, ours_sa)]
+    for theirs, study, ours in pairs:
         want = values_and_grads(theirs, features, study.centers)
-        got = values_and_grads(mine, features, ours.centers)
+        got = values_and_grads(ours(features, labels), features, ours.centers)
         for g, w in zip(got, want, strict=True):
             torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9)
-    ours_intra, ours_inter = ours_standalone.terms(features, labels)
+    ours_intra, ours_inter = ours_sa.terms(features, labels)
+
     torch.testing.assert_close(ours_intra, intra, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(ours_inter, -inter, rtol=1e-9, atol=1e-9)
