@@ -127,9 +127,8 @@ def test_nearest_over_100000_centers_keeps_each_chunk_of_distances_within_64_mib
     picked = torch.randint(0, 100_000, (600,), generator=g)
     features = centers[picked] + 0.001 * torch.randn(600, 8, generator=g)
     sizes, cdist = [], torch.cdist
-    monkeypatch.setattr(
-        torch, "cdist", lambda a, b: sizes.append(len(a) * len(b) * 4) or cdist(a, b)
-    )
+    record = lambda a, b: sizes.append(len(a) * len(b) * 4) or cdist(a, b)  # noqa: E731
+    monkeypatch.setattr(torch, "cdist", record)
     assert torch.equal(evaluation.nearest(features, centers), picked)
     assert len(sizes) > 1 and max(sizes) <= CHUNK_BYTES
     exclude = torch.zeros(100_000, dtype=torch.bool)
@@ -212,9 +211,9 @@ def many_class_data(num_classes=10_000, per_class=2, test_size=1000) -> Dataset:
 
 
 def trainer(num_classes: int, argv: list[str]):
-    data = SimpleNamespace(
-        channels=1, classes=range(num_classes), image_size=8, train=SimpleNamespace(images=None)
-    )
+    data = SimpleNamespace(channels=1, classes=range(num_classes), image_size=8)
+    data.train = SimpleNamespace(images=None)
+
     return build_trainer(parse_args(argv), data, torch.device("cpu"))
 
 

@@ -16,9 +16,9 @@ def cut_epochs(accuracies: list[float]) -> tuple[list[int], float]:
     """Epochs whose rows train with a newly cut lr when the schedule steps on `accuracies` after
     each epoch, as main.py does; and the lr of epoch 100."""
     args = parse_args(["--dataset", "mnist"])
-    optimizer = torch.optim.SGD(
-        [torch.zeros(1, requires_grad=True)], lr=args.lr, momentum=args.momentum
-    )
+    params = [torch.zeros(1, requires_grad=True)]
+    optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum)
+
     scheduler = make_scheduler(optimizer, args)
     lrs = []
     for acc in accuracies:
