@@ -166,12 +166,10 @@ def benchmark(args: argparse.Namespace, main_flags: list[str]) -> dict:
         run_steps(p, args, m, device, args.warmup - 1)  # untimed: the first steps allocate and tune
     setting = f"{m.model} {m.loss} feat_dim {m.feat_dim} on {data.name} ({len(data.train)} train)"
     print(f"{setting}, batch {m.batch_size}, {device}")
-    for r in range(args.rounds):
-        for p in pipelines if r % 2 == 0 else pipelines[::-1]:
+    for r in range(1, args.rounds + 1):  # odd rounds in order, even ones reversed
+        for p in pipelines if r % 2 else pipelines[::-1]:
             p["rounds"].append(res := run_steps(p, args, m, device, args.steps))
-            print(
-                f"  round {r + 1}/{args.rounds} {p['name']:6s} {res['samples_per_s']:8.1f} samples/s"
-            )
+            print(f"  round {r}/{args.rounds} {p['name']:6s} {res['samples_per_s']:8.1f} samples/s")
     results = {
         p["name"]: {k: [r[k] for r in p["rounds"]] for k in p["rounds"][0]} for p in pipelines
     }

@@ -165,9 +165,8 @@ class TwoTerms(nn.Module):
 
 
 class StandaloneCenterLoss(TwoTerms, CenterLoss):
-    """Standalone center loss, no softmax, in float32 under autocast: forward = w_intra * intra + w_inter *
-    inter (intra_loss, inter_loss with inter_margin); `terms` returns (intra, inter). `sparse`: see CenterLoss.
-    """
+    """Standalone center loss, no softmax, in float32 under autocast: TwoTerms with terms (intra_loss,
+    inter_loss with inter_margin) = (intra, inter). `sparse`: see CenterLoss."""
 
     def __init__(
         self,
