@@ -170,13 +170,12 @@ def benchmark(args: argparse.Namespace, main_flags: list[str]) -> dict:
         for p in pipelines if r % 2 else pipelines[::-1]:
             p["rounds"].append(res := run_steps(p, args, m, device, args.steps))
             print(f"  round {r}/{args.rounds} {p['name']:6s} {res['samples_per_s']:8.1f} samples/s")
-    results = {
-        p["name"]: {k: [r[k] for r in p["rounds"]] for k in p["rounds"][0]} for p in pipelines
-    }
-    for name, res in results.items():
+    results = {}
+    for p in pipelines:
+        res = results[p["name"]] = {k: [r[k] for r in p["rounds"]] for k in p["rounds"][0]}
         median = res["median_samples_per_s"] = statistics.median(res["samples_per_s"])
         cpu = f"{statistics.median(res['samples_per_cpu_s']):.1f} per CPU second"
-        print(f"{name:6s} {median:8.1f} samples/s (median of {args.rounds}), {cpu}")
+        print(f"{p['name']:6s} {median:8.1f} samples/s (median of {args.rounds}), {cpu}")
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     report = {
         "repo": str(args.repo.resolve()),

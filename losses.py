@@ -147,9 +147,7 @@ class CenterLoss(nn.Module):
         # rows[i]: x_i's center
         return intra_loss(features, self.rows, torch.arange(len(labels), device=labels.device))
 
-    @in_float32
-    def forward(self, features: Tensor, labels: Tensor) -> Tensor:
-        return self.intra(features, labels)
+    forward = in_float32(intra)
 
 
 class TwoTerms(nn.Module):
