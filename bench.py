@@ -123,12 +123,8 @@ def run_steps(p: dict, args: argparse.Namespace, m: argparse.Namespace, device, 
     seconds = time.perf_counter() - started
     batch_stream.close()  # shuts the DataLoader's workers down (their CPU time then counts) before the other pipeline runs
     p["step"], cpu = p["step"] + steps + 1, max(cpu_seconds() - cpu, 1e-9)
-    return dict(
-        samples_per_s=samples / seconds,
-        samples_per_cpu_s=samples / cpu,
-        seconds=seconds,
-        first_s=first,
-    )
+    rates = dict(samples_per_s=samples / seconds, samples_per_cpu_s=samples / cpu)
+    return rates | dict(seconds=seconds, first_s=first)
 
 
 def output(*cmd: str) -> str | None:
