@@ -123,12 +123,8 @@ def run_steps(p: dict, args: argparse.Namespace, m: argparse.Namespace, device, 
     seconds = time.perf_counter() - started
     batch_stream.close()  # shuts the DataLoader's workers down (their CPU time then counts) before the other pipeline runs
     p["step"], cpu = p["step"] + steps + 1, max(cpu_seconds() - cpu, 1e-9)
-    return dict(
-        samples_per_s=samples / seconds,
-        samples_per_cpu_s=samples / cpu,
-        seconds=seconds,
-        first_s=first,
-    )
+    rates = dict(samples_per_s=samples / seconds, samples_per_cpu_s=samples / cpu)
+    return rates | dict(seconds=seconds, first_s=first)
 
 
 def output(*cmd: str) -> str | None:
@@ -151,10 +147,8 @@ def benchmark(args: argparse.Namespace, main_flags: list[str]) -> dict:
     cuda_backends(device)  # as main.py runs: cuDNN autotuning, float32 without TF32
     data = datasets.load_dataset(m.dataset, m.data_dir or "data", download=False)
     if m.batch_size > len(data.train):
-        print(
-            f"bench.py: error: --batch-size {m.batch_size} is more than the {len(data.train)} train images",
-            file=sys.stderr,
-        )
+        more = f"--batch-size {m.batch_size} is more than the {len(data.train)} train images"
+        print(f"bench.py: error: {more}", file=sys.stderr)
         raise SystemExit(2)
     pipelines, loader = [], {"amp": args.loader_amp, "channels_last": False, "compile": False}
     for name in ("fast",) if args.fast_only else ("loader", "fast"):
@@ -168,21 +162,16 @@ def benchmark(args: argparse.Namespace, main_flags: list[str]) -> dict:
         run_steps(p, args, m, device, args.warmup - 1)  # untimed: the first steps allocate and tune
     setting = f"{m.model} {m.loss} feat_dim {m.feat_dim} on {data.name} ({len(data.train)} train)"
     print(f"{setting}, batch {m.batch_size}, {device}")
-    for r in range(args.rounds):
-        for p in pipelines if r % 2 == 0 else pipelines[::-1]:
+    for r in range(1, args.rounds + 1):  # odd rounds in order, even ones reversed
+        for p in pipelines if r % 2 else pipelines[::-1]:
             p["rounds"].append(res := run_steps(p, args, m, device, args.steps))
-            print(
-                f"  round {r + 1}/{args.rounds} {p['name']:6s} {res['samples_per_s']:8.1f} samples/s"
-            )
-    results = {
-        p["name"]: {k: [r[k] for r in p["rounds"]] for k in p["rounds"][0]} for p in pipelines
-    }
-    for name, res in results.items():
-        res["median_samples_per_s"] = statistics.median(res["samples_per_s"])
-        cpu = statistics.median(res["samples_per_cpu_s"])
-        print(
-            f"{name:6s} {res['median_samples_per_s']:8.1f} samples/s (median of {args.rounds}), {cpu:.1f} per CPU second"
-        )
+            print(f"  round {r}/{args.rounds} {p['name']:6s} {res['samples_per_s']:8.1f} samples/s")
+    results = {}
+    for p in pipelines:
+        res = results[p["name"]] = {k: [r[k] for r in p["rounds"]] for k in p["rounds"][0]}
+        median = res["median_samples_per_s"] = statistics.median(res["samples_per_s"])
+        cpu = f"{statistics.median(res['samples_per_cpu_s']):.1f} per CPU second"
+        print(f"{p['name']:6s} {median:8.1f} samples/s (median of {args.rounds}), {cpu}")
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     report = {
         "repo": str(args.repo.resolve()),
@@ -224,9 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench.py: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as exc:
-        sys.stderr.write(
-            "bench.py: interrupted; nothing was written (the rounds so far are lost)\n"
-        )
+        lost = "nothing was written (the rounds so far are lost)"
+        sys.stderr.write(f"bench.py: interrupted; {lost}\n")
         return 128 + (exc.args[0] if exc.args else signal.SIGINT)
     finally:
         for how, handler in previous.items():

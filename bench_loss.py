@@ -63,9 +63,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "cpu": lambda: os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
     }
     if need > (have := min(memory[d]() for d in args.devices.split(","))) / 2:
-        p.error(
-            f"the largest setting needs {need / 2**30:.1f} GiB, more than half of the {have / 2**30:.1f} GiB here"
-        )
+        needs = f"the largest setting needs {need / 2**30:.1f} GiB"
+        p.error(f"{needs}, more than half of the {have / 2**30:.1f} GiB here")
     check_json(p, args.json)
     return args
 
@@ -98,9 +97,8 @@ def time_settings(
 ) -> list[dict[str, list]]:
     """ms of each phase and of the whole step, one per timed round, for each setting; the settings take turns in every round."""
     cuda = device.type == "cuda"
-    sync, clock = (
-        (torch.cuda.synchronize, time.perf_counter) if cuda else (lambda: None, time.process_time)
-    )
+    sync = torch.cuda.synchronize if cuda else lambda: None
+    clock = time.perf_counter if cuda else time.process_time
     times = [{name: [] for name in ("forward", "backward", "center_update", "step")} for _ in steps]
     for i in range(warmup + repeats):
         for phases, record in zip(steps, times):
@@ -137,10 +135,8 @@ def main(argv: list[str] | None = None) -> int:
             two = per_round if per_round[1:] else per_round * 2  # quantiles takes two or more
             q1, _, q3 = statistics.quantiles(two, n=4, method="inclusive")
             ratios.append(where | {"ratio": ratio, "quartiles": [q1, q3]})
-            print(
-                f"{device}: classes {many} vs {few} at batch {m}: ratio {ratio:.2f} ({update}; quartiles {q1:.2f}-{q3:.2f})",
-                flush=True,
-            )
+            head = f"{device}: classes {many} vs {few} at batch {m}"
+            print(f"{head}: ratio {ratio:.2f} ({update}; quartiles {q1:.2f}-{q3:.2f})", flush=True)
     if args.json:
         report = dict(feat_dim=args.feat_dim, repeats=args.repeats, torch=torch.__version__)
         report |= dict(ratios=ratios, results=results)

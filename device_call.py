@@ -233,9 +233,8 @@ def call(args, extra: list[str]) -> int:
         if advanced := max(len(rows(runs / n)) - status[n][0] for n in status):
             setup = tested - started  # every call's unpacking; the tests are the first call's alone
             fits = int((args.budget - GRACE - setup) * advanced / trained)
-            say(
-                f"epochs: +{advanced} in {trained:.0f} s, all runs at once, after {setup:.0f} s of unpacking: --per-call {fits} fills a call"
-            )
+            took = f"+{advanced} in {trained:.0f} s, all runs at once, after {setup:.0f} s of unpacking"
+            say(f"epochs: {took}: --per-call {fits} fills a call")
         ready = [str(runs / n) for n in status if rows(runs / n)]
         columns = "ncm_acc,clean_train_acc,gap" if list(runs.glob("*/summary.json")) else "ncm_acc"
         cmd = [sys.executable, str(ROOT / "report.py"), "--present", "--columns", columns, *ready]

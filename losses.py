@@ -17,6 +17,8 @@ LOSSES = ("xent", "cent", "standalone", "centers-apart", "center-softmax")
 # no softmax on the features: accuracy by nearest center
 CENTER_ACC_LOSSES = ("standalone", "centers-apart", "center-softmax")
 CENTER_UPDATES = ("sgd", "paper")
+# Which of the logged terms ("xent", "intra", "inter") an objective has: Objective.terms_used.
+TERMS_USED = {"xent": ("xent",), "cent": ("xent", "intra"), "center-softmax": ("xent", "intra")}
 # Centers that only follow the features (intra): the paper's update can replace their gradient, and SGD needs only the batch's rows.
 PAPER_UPDATE_LOSSES = ("cent", "standalone")
 
@@ -145,15 +147,24 @@ class CenterLoss(nn.Module):
         # rows[i]: x_i's center
         return intra_loss(features, self.rows, torch.arange(len(labels), device=labels.device))
 
-    @in_float32
+    forward = in_float32(intra)
+
+
+class TwoTerms(nn.Module):
+    """Two terms: forward = weigh(*terms(features, labels)) = w_intra * intra + w_inter * inter (1, 1 unless set)."""
+
+    weight_intra = weight_inter = 1.0
+
     def forward(self, features: Tensor, labels: Tensor) -> Tensor:
-        return self.intra(features, labels)
+        return self.weigh(*self.terms(features, labels))
+
+    def weigh(self, intra: Tensor, inter: Tensor) -> Tensor:
+        return self.weight_intra * intra + self.weight_inter * inter
 
 
-class StandaloneCenterLoss(CenterLoss):
-    """Standalone center loss, no softmax, in float32 under autocast: forward = w_intra * intra + w_inter *
-    inter (intra_loss, inter_loss with inter_margin); `terms` returns (intra, inter). `sparse`: see CenterLoss.
-    """
+class StandaloneCenterLoss(TwoTerms, CenterLoss):
+    """Standalone center loss, no softmax, in float32 under autocast: TwoTerms with terms (intra_loss,
+    inter_loss with inter_margin) = (intra, inter). `sparse`: see CenterLoss."""
 
     def __init__(
         self,
@@ -172,12 +183,8 @@ class StandaloneCenterLoss(CenterLoss):
     def terms(self, features: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         return self.intra(features, labels), inter_loss(features, labels, self.inter_margin)
 
-    def forward(self, features: Tensor, labels: Tensor) -> Tensor:
-        intra, inter = self.terms(features, labels)
-        return self.weight_intra * intra + self.weight_inter * inter
 
-
-class CentersApartLoss(nn.Module):
+class CentersApartLoss(TwoTerms):
     """The study's first alternative ("directly enlarge the class centers"), in float32 under autocast:
     total = w_intra * intra + w_inter * inter, with (alpha small, for numerical stability)
 
@@ -204,12 +211,8 @@ class CentersApartLoss(nn.Module):
         inter = torch.log1p(squared_distances(self.centers, self.centers)) * apart
         return intra, -inter.sum() / n
 
-    def forward(self, features: Tensor, labels: Tensor) -> Tensor:
-        intra, inter = self.terms(features, labels)
-        return self.weight_intra * intra + self.weight_inter * inter
 
-
-class CenterSoftmaxLoss(nn.Module):
+class CenterSoftmaxLoss(TwoTerms):
     """The study's second alternative, in float32 under autocast: intra plus the cross-entropy of a linear
     classifier on the centers, center k labelled k: total = intra + (1/C) sum_k CE(W c_k + b, k)."""
 
@@ -223,9 +226,6 @@ class CenterSoftmaxLoss(nn.Module):
         own = torch.arange(self.centers.shape[0], device=self.centers.device)
         xent = F.cross_entropy(self.classifier(self.centers), own)
         return intra_loss(features, self.centers, labels), xent
-
-    def forward(self, features: Tensor, labels: Tensor) -> Tensor:
-        return sum(self.terms(features, labels))
 
 
 class Objective(nn.Module):
@@ -251,6 +251,7 @@ class Objective(nn.Module):
         if loss not in LOSSES:
             raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
         self.loss, self.weight_cent = loss, weight_cent
+        self.terms_used = TERMS_USED.get(loss, ("intra", "inter"))
         self.sparse_centers = sparse = sparse_centers and loss in PAPER_UPDATE_LOSSES
         size, weights = (num_classes, feat_dim), (weight_intra, weight_inter)
         make = {
@@ -262,28 +263,16 @@ class Objective(nn.Module):
         self.criterion: nn.Module | None = make[loss]() if loss in make else None
 
     @property
-    def terms_used(self) -> tuple[str, ...]:
-        """Which of the logged terms ("xent", "intra", "inter") this objective has."""
-        return {
-            "xent": ("xent",),
-            "cent": ("xent", "intra"),
-            "center-softmax": ("xent", "intra"),
-        }.get(self.loss, ("intra", "inter"))
-
-    @property
     def centers(self) -> Tensor | None:
         return None if self.criterion is None else self.criterion.centers
 
     def forward(
         self, features: Tensor, logits: Tensor, labels: Tensor
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        if self.loss in ("standalone", "centers-apart"):
-            intra, inter = self.criterion.terms(features, labels)
-            total = self.criterion.weight_intra * intra + self.criterion.weight_inter * inter
-            return total, {"intra": intra, "inter": inter}
-        if self.loss == "center-softmax":
-            intra, xent = self.criterion.terms(features, labels)
-            return intra + xent, {"xent": xent, "intra": intra}
+        if self.loss in CENTER_ACC_LOSSES:
+            intra, other = self.criterion.terms(features, labels)
+            name = "xent" if self.loss == "center-softmax" else "inter"
+            return self.criterion.weigh(intra, other), {"intra": intra, name: other}
         # float32 logits: autocast runs cross-entropy in float32 anyway
         xent = F.cross_entropy(logits.float(), labels)
         if self.loss == "xent":

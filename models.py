@@ -70,9 +70,7 @@ class PreActBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.relu(self.bn1(x))
         shortcut = x if self.shortcut is None else self.shortcut(out)
-        out = self.conv1(out)
-        out = self.conv2(torch.relu(self.bn2(out)))
-        return out + shortcut
+        return self.conv2(torch.relu(self.bn2(self.conv1(out)))) + shortcut
 
 
 class ResNet(nn.Module):
@@ -93,11 +91,10 @@ class ResNet(nn.Module):
         self.stem = nn.Conv2d(in_channels, 16 * width, 3, bias=False)
         widths = [16 * width] + [base * width for base in (32, 32, 64, 64, 128)]
         self.blocks = nn.Sequential(*map(PreActBlock, widths, widths[1:], (1, 2, 1, 2, 1)))
-        channels = widths[-1]
         self.head = nn.Sequential(
-            nn.BatchNorm2d(channels), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()
+            nn.BatchNorm2d(widths[-1]), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()
         )
-        self.embed = nn.Linear(channels, feat_dim)
+        self.embed = nn.Linear(widths[-1], feat_dim)
         self.classifier = nn.Linear(feat_dim, num_classes)
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):

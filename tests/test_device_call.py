@@ -40,9 +40,8 @@ def test_rehearsal_brings_back_a_table_and_the_second_call_continues(
         call, files = out / f"call-{k}", common + ["cuda-tests.log"] * (k == 1)
         found = [p.relative_to(call) for p in call.rglob("*")]
         sizes = [(call / p).stat().st_size for p in found]
-        assert sorted(map(str, found)) == sorted(files) and max(sizes) <= 16 * 2**20
-        assert sum(sizes) <= 64 * 2**20
-        assert all(re.fullmatch(r"[A-Za-z0-9._-]+", p.name) for p in found)
+        assert sorted(map(str, found)) == sorted(files)  # plain names, no folder
+        assert max(sizes) <= 16 * 2**20 and sum(sizes) <= 64 * 2**20
         log = (call / "call.log").read_text()
         assert ("tests/test_cuda.py: exit 0: 1 passed" in log) == (k == 1)
         table, runs = (call / "table.md").read_text().split("\n\n")
@@ -59,7 +58,7 @@ def test_rehearsal_brings_back_a_table_and_the_second_call_continues(
     assert len(metrics[1]) == 3 and metrics[1][:2] == metrics[0]  # epoch 1 kept, epoch 2 added
 
 
-def test_state_archives_are_filled_first_fit_and_unpack_replaces_the_old(tmp_path, monkeypatch):
+def test_state_archives_first_fit_unpack_and_a_progress_row_without_epochs(tmp_path, monkeypatch):
     monkeypatch.setattr(device_call, "PART", 10_000)
     runs, out, state = tmp_path / "runs", tmp_path / "out", tmp_path / "state"
     sizes = {"a": 6000, "b": 5000, "c": 3900, "d": 3000}  # .lock: 1 byte more each
@@ -78,12 +77,8 @@ def test_state_archives_are_filled_first_fit_and_unpack_replaces_the_old(tmp_pat
             want = [f"runs/{n}{end}" for n in group for end in ("", ".log", "/checkpoint.pt")]
             assert sorted(tar.getnames()) == sorted(want)
             assert sum(m.size for m in tar.getmembers()) <= 10_000
-
-
-def test_progress_has_a_row_for_a_run_without_an_epoch(tmp_path) -> None:
-    (tmp_path / RUN).mkdir()  # stopped before its first epoch ended
-    [row] = device_call.progress(tmp_path, {RUN: (0, 143, "deadline")}, 35).splitlines()[2:]
-    assert row == f"| {RUN} | 0 of 35 | +0, deadline | 143 | / |"
+    [row] = device_call.progress(runs, {"a": (0, 143, "deadline")}, 35).splitlines()[2:]
+    assert row == "| a | 0 of 35 | +0, deadline | 143 | / |"
 
 
 def tar_of(path: Path, members: dict[str, bytes]) -> None:
