@@ -60,7 +60,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     need = 4 * (3 * max(args.classes) * args.feat_dim + 4 * max(args.batches) ** 2)
     memory = {
         "cuda": lambda: torch.cuda.mem_get_info()[0],
-        "cpu": lambda: os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
+        # Windows has no sysconf: the check is skipped there
+        "cpu": lambda: (
+            os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            if hasattr(os, "sysconf")
+            else float("inf")
+        ),
     }
     if need > (have := min(memory[d]() for d in args.devices.split(","))) / 2:
         needs = f"the largest setting needs {need / 2**30:.1f} GiB"
