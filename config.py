@@ -146,18 +146,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = build_parser()
-    args = a = parser.parse_args(argv)  # a: short, so that most checks fit on a line
-    name = f"{a.loss}-{a.dataset}-feat={a.feat_dim}"
+    p = build_parser()
+    args = a = p.parse_args(argv)  # a: short, so that most checks fit on a line
     first = FIRST_RUN if a.dataset == "digits" else STUDY
-    fill(a, {**first, **MODEL_RECIPES[a.model], "name": name})
+    fill(a, {**first, **MODEL_RECIPES[a.model], "name": f"{a.loss}-{a.dataset}-feat={a.feat_dim}"})
     try:
         world = world_size()
     except ValueError as exc:
-        parser.error(str(exc))
+        p.error(str(exc))
     paper = a.center_update == "paper"
     centers = "has no centers" if a.loss == "xent" else "moves its centers by terms of its own"
+    paper_loss = f"--center-update paper needs --loss cent or standalone ({a.loss} {centers})"
     weights = [w for w in (a.weight_cent, a.weight_intra, a.weight_inter) if w is not None]
+    # one path component: the run folder must lie directly under --out (and --overwrite delete only it)
+    plain = a.name not in ("", ".", "..") and not set(a.name) & {"/", os.sep, os.altsep, "\0"}
     name_bytes = len(os.fsencode(a.name))
     path_bytes = len(os.fsencode(os.path.abspath(os.path.join(a.out, a.name))))
     # flags given where nothing reads them, each with what it is for
@@ -179,7 +181,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         unused[key] = (a.loss in losses, f"is used by {users}, not by --loss {a.loss}")
     checks = [
         (0 <= a.seed <= MAX_SEED, f"--seed must be an integer from 0 to {MAX_SEED}"),
-        (is_plain_name(a.name), f"--name {a.name!r} must be one plain folder name (no /, . or ..)"),
+        (plain, f"--name {a.name!r} must be one plain folder name (no /, . or ..)"),
         (a.name == a.name.strip(), f"--name {a.name!r} starts or ends with whitespace"),
         (name_bytes <= NAME_MAX, f"--name is {name_bytes} bytes, over a file name's {NAME_MAX}"),
         (path_bytes <= RUN_DIR_MAX, f"--out and --name make a path over {RUN_DIR_MAX} bytes"),
@@ -194,10 +196,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         (0 <= a.momentum < 1, "--momentum must be in [0, 1)"),
         (a.weight_decay >= 0, "--weight-decay must not be negative"),
         (a.clip_grad_norm >= 0, "--clip-grad-norm must not be negative (0 turns clipping off)"),
-        (
-            not paper or a.loss in PAPER_UPDATE_LOSSES,
-            f"--center-update paper needs --loss cent or standalone, whose centers only follow the features ({a.loss} {centers})",
-        ),
+        (not paper or a.loss in PAPER_UPDATE_LOSSES, paper_loss),
         (a.center_alpha is None or 0 < a.center_alpha <= 1, "--center-alpha must be in (0, 1]"),
         (a.lr_cent is None or not paper, "--lr-cent is for SGD centers; use --center-alpha"),
         (all(0 <= w <= MAX_WEIGHT for w in weights), f"loss weights must be 0 to {MAX_WEIGHT:g}"),
@@ -228,11 +227,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "--dataset folder needs --data-dir DIR with DIR/train/<class>/* and DIR/test/<class>/*",
         ),
         *[
-            (
-                getattr(a, key) == parser.get_default(key) or used,
-                f"--{key.replace('_', '-')} {what}; drop it",
-            )
-            for key, (used, what) in unused.items()
+            (used or getattr(a, k) == p.get_default(k), f"--{k.replace('_', '-')} {what}; drop it")
+            for k, (used, what) in unused.items()
         ],
         (
             (a.weight_intra, a.weight_inter) != (0, 0),  # another loss has refused them above
@@ -250,7 +246,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ]
     for ok, message in checks:
         if not ok:
-            parser.error(message)
+            p.error(message)
     fill(a, {**LOSS_DEFAULTS, **PLOT_DEFAULTS, "workers": default_workers()})
     fill(a, {"center_alpha": 0.5} if paper else {"lr_cent": a.lr})  # 0.5: the paper's
     return args
@@ -258,15 +254,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def fill(args: argparse.Namespace, defaults: dict) -> None:
     """Set each flag of `defaults` that args leaves None."""
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-
-
-def is_plain_name(name: str) -> bool:
-    """One path component: the run folder must lie directly under --out (and --overwrite delete only it)."""
-    separators = {"/", os.sep, os.altsep, "\0"} - {None}
-    return name not in ("", ".", "..") and not any(sep in name for sep in separators)
+    vars(args).update({key: value for key, value in defaults.items() if getattr(args, key) is None})
 
 
 def device_problem(name: str) -> str | None:
