@@ -8,7 +8,6 @@ import importlib.util
 import math
 import os
 from functools import partial
-from pathlib import Path
 
 import torch
 
@@ -37,7 +36,7 @@ FIRST_RUN = {"epochs": 20, "batch_size": 64, "patience": 3, "threads": 1}
 MAX_SEED = 2**32 - 1
 # A loss weight beyond this scales the gradients past what float32 weights can take within a few
 # steps: the run would "train" on absurd losses (1e30 went through as finite steps) and learn nothing.
-MAX_LOSS_WEIGHT = 1e6
+MAX_WEIGHT = 1e6
 # The flags only some losses use, with those losses: giving one to another loss is refused (it would do nothing).
 LOSS_FLAGS = {
     "weight_cent": ("cent",),
@@ -93,20 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
     whole("--feat-dim", default=2, help="feature dimension")
     whole("--width", default=1, help="resnet: multiply every channel count (1: the study's)")
     whole("--epochs", help="default 100, the study's (20 for digits: a first run of a minute)")
-    add(
-        "--train-classes",
-        help="open set: train on these only (0,2,5, 0-4, names; default all), retrieval on the rest",
-    )
+    add("--train-classes", help="open set: train on these (0,2,5, 0-4, names), retrieval on others")
     whole("--train-samples", help="train on the first N train samples only (default all)")
     whole("--batch-size", help="global, split over torchrun processes (default 128; 64 for digits)")
     real("--lr", default=0.01, help="SGD learning rate of the model")
     real("--lr-cent", help="SGD learning rate of the centers (default --lr; SGD centers only)")
     real("--momentum", default=0.9, help="SGD momentum (model and SGD centers)")
     real("--weight-decay", help="SGD weight decay of the model (default 5e-4 lenet++, 0 resnet)")
-    real(
-        "--clip-grad-norm",
-        help="clip the gradient norm (model, dense centers), 0: off (default 10 lenet++, 0 resnet)",
-    )
+    real("--clip-grad-norm", help="clip the gradient norm, 0: off (default 10 lenet++, 0 resnet)")
     add(
         "--center-update",
         choices=CENTER_UPDATES,
@@ -136,12 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     whole("--workers", help=f"DataLoader workers (default {default_workers()}: CPUs, at most 4)")
     add("--amp", choices=tuple(AMP_DTYPES), default="off", help="autocast precision")
-    add(
-        "--channels-last",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="channels_last memory format",
-    )
+    add("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="NHWC layout")
     # torch.compile's modes; reduce-overhead: CUDA graphs (not with --pipeline loader)
     modes = ("default", "reduce-overhead", "max-autotune")
     compiled = "torch.compile the model, in this mode (default: default)"
@@ -152,36 +140,32 @@ def build_parser() -> argparse.ArgumentParser:
     switch("--resume", help="require a checkpoint to resume from (unfinished runs resume anyway)")
     switch("--overwrite", help="replace a finished or unfinished run of the same name")
     switch("--no-plots", help="skip the per-epoch 2-D frames and the final projections")
-    add(
-        "--projection",
-        choices=("pca", "tsne"),
-        help="2-D projection of final features (default pca)",
-    )
+    add("--projection", choices=("pca", "tsne"), help="2-D view of final features (default pca)")
     whole("--plot-every", help="draw a 2-D frame every N epochs and the last (default 1)")
     return p
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = build_parser()
-    args = a = parser.parse_args(argv)  # a: short, so that most checks fit on a line
-    name = f"{a.loss}-{a.dataset}-feat={a.feat_dim}"
+    p = build_parser()
+    args = a = p.parse_args(argv)  # a: short, so that most checks fit on a line
     first = FIRST_RUN if a.dataset == "digits" else STUDY
-    fill(a, {**first, **MODEL_RECIPES[a.model], "name": name})
+    fill(a, {**first, **MODEL_RECIPES[a.model], "name": f"{a.loss}-{a.dataset}-feat={a.feat_dim}"})
     try:
         world = world_size()
     except ValueError as exc:
-        parser.error(str(exc))
+        p.error(str(exc))
     paper = a.center_update == "paper"
     centers = "has no centers" if a.loss == "xent" else "moves its centers by terms of its own"
+    paper_loss = f"--center-update paper needs --loss cent or standalone ({a.loss} {centers})"
     weights = [w for w in (a.weight_cent, a.weight_intra, a.weight_inter) if w is not None]
+    # one path component: the run folder must lie directly under --out (and --overwrite delete only it)
+    plain = a.name not in ("", ".", "..") and not set(a.name) & {"/", os.sep, os.altsep, "\0"}
     name_bytes = len(os.fsencode(a.name))
+    path_bytes = len(os.fsencode(os.path.abspath(os.path.join(a.out, a.name))))
     # flags given where nothing reads them, each with what it is for
     unused = {
         "width": (a.model == "resnet", "multiplies the resnet's channels"),
-        "center_alpha": (
-            paper,
-            "is the rate of the paper's center update; add --center-update paper or",
-        ),
+        "center_alpha": (paper, "is for --center-update paper"),
         "workers": (a.pipeline == "loader", "sets the DataLoader processes of --pipeline loader"),
         "plot_every": (a.feat_dim == 2 and not a.no_plots, "is for --feat-dim 2 with plots"),
         "projection": (a.feat_dim > 2 and not a.no_plots, "is for --feat-dim 3 or more with plots"),
@@ -197,16 +181,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         unused[key] = (a.loss in losses, f"is used by {users}, not by --loss {a.loss}")
     checks = [
         (0 <= a.seed <= MAX_SEED, f"--seed must be an integer from 0 to {MAX_SEED}"),
-        (is_plain_name(a.name), f"--name {a.name!r} must be one plain folder name (no /, . or ..)"),
+        (plain, f"--name {a.name!r} must be one plain folder name (no /, . or ..)"),
         (a.name == a.name.strip(), f"--name {a.name!r} starts or ends with whitespace"),
-        (
-            name_bytes <= NAME_MAX,
-            f"--name is {name_bytes} bytes long, more than the {NAME_MAX} a file name may have",
-        ),
-        (
-            len(os.fsencode(os.path.abspath(os.path.join(a.out, a.name)))) <= RUN_DIR_MAX,
-            f"--out and --name make a run folder path longer than {RUN_DIR_MAX} bytes; use a shorter --out",
-        ),
+        (name_bytes <= NAME_MAX, f"--name is {name_bytes} bytes, over a file name's {NAME_MAX}"),
+        (path_bytes <= RUN_DIR_MAX, f"--out and --name make a path over {RUN_DIR_MAX} bytes"),
         (not (a.resume and a.overwrite), "--resume continues a run and --overwrite deletes it"),
         (a.feat_dim >= 1, "--feat-dim must be at least 1"),
         (1 <= a.width <= 64, "--width must be an integer from 1 to 64"),
@@ -218,20 +196,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         (0 <= a.momentum < 1, "--momentum must be in [0, 1)"),
         (a.weight_decay >= 0, "--weight-decay must not be negative"),
         (a.clip_grad_norm >= 0, "--clip-grad-norm must not be negative (0 turns clipping off)"),
-        (
-            not paper or a.loss in PAPER_UPDATE_LOSSES,
-            f"--center-update paper needs --loss cent or standalone, whose centers only follow the features ({a.loss} {centers})",
-        ),
+        (not paper or a.loss in PAPER_UPDATE_LOSSES, paper_loss),
         (a.center_alpha is None or 0 < a.center_alpha <= 1, "--center-alpha must be in (0, 1]"),
-        (
-            a.lr_cent is None or not paper,
-            "--lr-cent is the SGD centers' learning rate; with --center-update paper set --center-alpha instead",
-        ),
-        (min(weights, default=0) >= 0, "loss weights must not be negative"),
-        (
-            max(weights, default=0) <= MAX_LOSS_WEIGHT,
-            f"loss weights above {MAX_LOSS_WEIGHT:g} make the first steps' gradients overflow float32 (the study uses at most 1)",
-        ),
+        (a.lr_cent is None or not paper, "--lr-cent is for SGD centers; use --center-alpha"),
+        (all(0 <= w <= MAX_WEIGHT for w in weights), f"loss weights must be 0 to {MAX_WEIGHT:g}"),
         (a.inter_margin is None or a.inter_margin > 0, "--inter-margin must be positive"),
         (0 < a.factor < 1, "--factor must be in (0, 1)"),
         (a.patience >= 0 and a.threshold >= 0, "--patience and --threshold must not be negative"),
@@ -251,7 +219,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "--data-dir is empty; give the data set's folder, or drop the flag for ./data",
         ),
         (
-            not a.data_dir or Path(a.data_dir).is_dir(),
+            not a.data_dir or os.path.isdir(a.data_dir),
             f"--data-dir {a.data_dir} does not exist or is not a folder",
         ),
         (
@@ -259,11 +227,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "--dataset folder needs --data-dir DIR with DIR/train/<class>/* and DIR/test/<class>/*",
         ),
         *[
-            (
-                getattr(a, key) == parser.get_default(key) or used,
-                f"--{key.replace('_', '-')} {what}; drop it",
-            )
-            for key, (used, what) in unused.items()
+            (used or getattr(a, k) == p.get_default(k), f"--{k.replace('_', '-')} {what}; drop it")
+            for k, (used, what) in unused.items()
         ],
         (
             (a.weight_intra, a.weight_inter) != (0, 0),  # another loss has refused them above
@@ -281,7 +246,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ]
     for ok, message in checks:
         if not ok:
-            parser.error(message)
+            p.error(message)
     fill(a, {**LOSS_DEFAULTS, **PLOT_DEFAULTS, "workers": default_workers()})
     fill(a, {"center_alpha": 0.5} if paper else {"lr_cent": a.lr})  # 0.5: the paper's
     return args
@@ -289,15 +254,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def fill(args: argparse.Namespace, defaults: dict) -> None:
     """Set each flag of `defaults` that args leaves None."""
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-
-
-def is_plain_name(name: str) -> bool:
-    """One path component: the run folder must lie directly under --out (and --overwrite delete only it)."""
-    separators = {"/", os.sep, os.altsep, "\0"} - {None}
-    return name not in ("", ".", "..") and not any(sep in name for sep in separators)
+    vars(args).update({key: value for key, value in defaults.items() if getattr(args, key) is None})
 
 
 def device_problem(name: str) -> str | None:

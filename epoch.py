@@ -53,9 +53,8 @@ def train_epoch(run: Run, epoch: int, state: EpochState, stop: dict) -> bool:
     else:
         shard = shard_order(order, args.batch_size, rank, world)
         generator = epoch_generator(args.seed * world + rank, epoch)
-        per_rank = args.batch_size // world
         batches = loader_batches(
-            data, shard, per_rank, augs, generator, args.workers, run.device, start
+            data, shard, args.batch_size // world, augs, generator, args.workers, run.device, start
         )
     run.net.train()
     total, hide = full_batches(len(data), args.batch_size), rank != 0 or not sys.stderr.isatty()
@@ -69,10 +68,9 @@ def train_epoch(run: Run, epoch: int, state: EpochState, stop: dict) -> bool:
             check_divergence(run, epoch, state)
             if not bar.disable:
                 good = max(state.good_steps(), 1)
-                bar.set_postfix(
-                    loss=f"{float(state.loss_sums[0]) / good:.4f}",
-                    acc=f"{int(state.correct) / (good * args.batch_size):.4f}",
-                )
+                loss = float(state.loss_sums[0]) / good
+                acc = int(state.correct) / (good * args.batch_size)
+                bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.4f}")
         if (world == 1 or state.step % LOG_EVERY == 0) and stop_agreed(run, stop):
             check_divergence(run, epoch, state)  # before the interrupted run's checkpoint
             return True
@@ -120,9 +118,8 @@ def check_moved(run: Run, epoch: int, before: list[torch.Tensor]) -> None:
     """Stop a run whose epoch at the user's --lr did not move the model: ||w - w_before|| <= 2^-23 ||w_before|| (float32's
     resolution; zero-initialised biases still move by ~lr, so no exact equality), e.g. --lr 1e-30, whose every update is below
     the spacing of its weight: the run would end "done" having learned nothing. One host sync an epoch."""
-    norms = [
-        torch.stack([(p - b).norm(), b.norm()]) for p, b in zip(run.model.parameters(), before)
-    ]
+    pairs = zip(run.model.parameters(), before)
+    norms = [torch.stack([(p - b).norm(), b.norm()]) for p, b in pairs]
     change, size = torch.stack(norms).norm(dim=0).tolist()
     lr = run.optimizer.param_groups[0]["lr"]  # a decayed lr's stall is the schedule's, not an error
     if lr == run.args.lr and change <= size * 2**-23:

@@ -64,15 +64,9 @@ from utils import WriteError, atomic_torch_save, resolve_device, write_csv, writ
 FRAME_POINTS = 5000  # points per 2-D frame: enough to see the clusters, under a second to draw
 PROJECTION_POINTS = 2000
 EMBEDDING_POINTS = 2000  # TensorBoard projector: test features with their thumbnails
-ERRORS = (  # a run that cannot go on: one line, exit code 1
-    DataError,
-    checkpoints.CheckpointError,
-    checkpoints.RunFolderError,
-    TrainingError,
-    visualize.StitchError,
-    distributed.DistributedError,
-    WriteError,
-)
+# a run that cannot go on: one line, exit code 1
+ERRORS = (DataError, TrainingError, WriteError, visualize.StitchError, distributed.DistributedError)
+ERRORS += (checkpoints.CheckpointError, checkpoints.RunFolderError)
 
 
 def train(args: argparse.Namespace, rank: int, world: int) -> int:
@@ -132,20 +126,16 @@ def build(
         data.train = ImageData(data.train.images[:n], data.train.labels[:n])
     present = data.train.labels.unique()
     if len(present) < 2:  # also after --train-samples: the losses compare classes
-        only = f"only the class {data.classes[int(present[0])]!r}"
+        only = f"the train set has only the class {data.classes[int(present[0])]!r}"
         first = f" in its first --train-samples {n}" if n is not None else ""
-        raise DataError(
-            f"{data.source}: the train set has {only}{first}; a classifier needs at least two"
-        )
+        raise DataError(f"{data.source}: {only}{first}; a classifier needs at least two")
     val = None
     if args.val_fraction > 0:
         data.train, val = datasets.split_validation(data.train, args.val_fraction, args.seed)
     if len(data.train) < args.batch_size:
         few = f"the train set has {len(data.train)} samples, fewer than one batch of --batch-size {args.batch_size}"
         use = "use a smaller --batch-size or more --train-samples"
-        raise SystemExit(
-            usage_error(f"{few} (the last partial batch is dropped, as in the study); {use}")
-        )
+        raise SystemExit(usage_error(f"{few} (the last partial batch is dropped); {use}"))
     side, need = data.image_size, MIN_SIDE[args.model]
     if side < need:
         small = f"--model {args.model} needs images of at least {need}x{need} pixels and {args.data_dir or args.dataset} has {side}x{side}"
@@ -186,8 +176,7 @@ def loop(run: Run, data: Dataset, start_epoch: int, state: EpochState | None) ->
     if args.tensorboard and rank == 0:
         from torch.utils.tensorboard import SummaryWriter
 
-        # not through a link
-        writer = SummaryWriter(str(visualize.own_folder(run.dir, "tensorboard")))
+        writer = SummaryWriter(str(visualize.own_folder(run.dir, "tensorboard")))  # not via a link
     stop, message = {"signal": None}, None
     previous = {
         s: signal.signal(s, lambda signum, frame: stop.update(signal=signum)) for s in STOP_SIGNALS
@@ -198,8 +187,7 @@ def loop(run: Run, data: Dataset, start_epoch: int, state: EpochState | None) ->
                 aug = aug_generator(run, epoch)
                 state = EpochState.new(len(data.classes), args.feat_dim, run.device, aug)
             started, step_before = time.perf_counter(), state.step
-            # small: one copy an epoch
-            before = [p.detach().clone() for p in run.model.parameters()]
+            before = [p.detach().clone() for p in run.model.parameters()]  # one copy an epoch
             stopped = train_epoch(run, epoch, state, stop)
             elapsed = time.perf_counter() - started
             run.train_seconds += elapsed
@@ -226,10 +214,10 @@ def loop(run: Run, data: Dataset, start_epoch: int, state: EpochState | None) ->
             log(rank, f"{head}  {accs}  lr {row['lr']:.3g}  {elapsed:.1f}s")
             state = None
             if stop_agreed(run, stop):
-                after = (
+                message = (
                     f"interrupted after epoch {epoch}'s training (during its evaluation or writing)"
+                    "; its checkpoint is saved"
                 )
-                message = f"{after}; its checkpoint is saved"
                 break
     finally:
         # start-up is over: a signal from here on is a KeyboardInterrupt carrying it

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from datasets import Dataset, ImageData, channel_stats
 from distributed import gather_batch
@@ -61,7 +62,7 @@ class Run(Trainer):
     augmentations: tuple[str, ...]
     collect_frames: bool  # 2-D features drawn each epoch
     frame_take: int = 0  # train points each step keeps for the train frame (spread over the epoch)
-    scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau | None = None
+    scheduler: ReduceLROnPlateau | None = None
     history: list[dict] = field(default_factory=list)  # the metrics.csv rows
     train_seconds: float = 0.0
     samples: int = 0
@@ -127,12 +128,10 @@ def cuda_backends(device: torch.device) -> None:
         torch.backends.cuda.matmul.allow_tf32 = False
 
 
-def make_scheduler(
-    optimizer: torch.optim.Optimizer, args: argparse.Namespace
-) -> torch.optim.lr_scheduler.ReduceLROnPlateau:
+def make_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace) -> ReduceLROnPlateau:
     """The study's schedule: lr x --factor once the accuracy has not risen by the relative --threshold for more
     than --patience epochs (mode max); the study's 0.1 is never met above 1 / 1.1 ~ 0.91 (docs/fidelity.md)."""
-    return torch.optim.lr_scheduler.ReduceLROnPlateau(
+    return ReduceLROnPlateau(
         optimizer, mode="max", factor=args.factor, patience=args.patience, threshold=args.threshold
     )
 
@@ -170,9 +169,8 @@ def train_step(trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> tuple[torc
     scaler.unscale_(optimizer)  # the true gradients, for the check and the clipping
     params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     # max |g| per tensor: NaN or inf exactly when the scaler finds a non-finite gradient (its found_inf)
-    apply = torch.isfinite(
-        torch.stack([torch.linalg.vector_norm(p.grad, math.inf) for p in params])
-    ).all()
+    norms = torch.stack([torch.linalg.vector_norm(p.grad, math.inf) for p in params])
+    apply = torch.isfinite(norms).all()
     finite = loss_ok & apply  # a step that is not applied learned nothing, whatever the precision
     search = loss_ok & ~apply & (scaler.scale(torch.ones((), device=loss.device)) > 1)
     if trainer.clip_grad_norm:  # the dense gradients only
