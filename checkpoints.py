@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -110,11 +111,12 @@ def load_checkpoint(path: Path, run: Run) -> dict:
             f"{path}: incomplete or damaged checkpoint (missing or malformed: {', '.join(bad)}); {delete}"
         )
     check_resume_settings(path, ckpt["args"], vars(run.args), ckpt["epoch"])
-    data = fingerprint(run.train, run.test)
+    data, folder = fingerprint(run.train, run.test), run.args.data_dir
     if ckpt.get("data", data) != data:  # checkpoints from before the fingerprint have none
+        where = f"--data-dir {folder}" if folder else f"--dataset {run.args.dataset}"
         raise CheckpointError(
-            f"{path}: the checkpoint was trained on other data ({ckpt['data']}; --data-dir "
-            f"{run.args.data_dir} holds {data}); resume on the data it was trained on, or {other}"
+            f"{path}: the checkpoint was trained on other data ({ckpt['data']}; {where} holds "
+            f"{data}); resume on the data it was trained on, or {other}"
         )
     try:
         for key in (key for key in STATEFUL if getattr(run, key) is not None):
@@ -217,9 +219,7 @@ def made_by_main(run_dir: Path) -> bool:
         saved = json.loads((run_dir / "args.json").read_text())
     except (OSError, UnicodeDecodeError, ValueError):
         return False
-    return (
-        isinstance(saved, dict) and {"loss", "dataset", "feat_dim", "name", "out"} <= saved.keys()
-    )
+    return isinstance(saved, dict) and {"loss", "dataset", "feat_dim", "name", "out"} <= set(saved)
 
 
 def check_run_dir(args: argparse.Namespace) -> tuple[Path, bool]:
@@ -230,7 +230,7 @@ def check_run_dir(args: argparse.Namespace) -> tuple[Path, bool]:
         raise SystemExit(usage_error(problem))
     has_checkpoint = (run_dir / "checkpoint.pt").is_file()
     if args.resume and not has_checkpoint:
-        raise SystemExit(usage_error(f"--resume: {run_dir} holds no checkpoint.pt to resume from"))
+        raise SystemExit(usage_error(f"{run_dir} holds no checkpoint.pt to resume from"))
     return run_dir, has_checkpoint and not args.overwrite
 
 
@@ -284,14 +284,11 @@ def lock_run_dir(run_dir: Path, then: Callable[[Path], None] | None = None) -> F
     try:
         lock.acquire()
     except Timeout:
-        try:
+        holder = ""
+        with contextlib.suppress(OSError):
             holder = (run_dir / PID_FILE).read_text(errors="replace").strip()
-        except OSError:
-            holder = ""
         who = f"process {holder}" if holder.isdigit() else "another process"
-        raise RunFolderError(
-            f"{run_dir} is in use by {who}, a run still going; wait for it to end, stop it, or choose another --name"
-        ) from None
+        raise RunFolderError(f"{run_dir} is in use by {who}, a run still going; {other}") from None
     except OSError as exc:
         raise RunFolderError(
             f"cannot open the lock file {path} ({exc.strerror}); {other}"
@@ -312,15 +309,13 @@ def empty_run_dir(run_dir: Path) -> None:
     of main.py's (an empty folder of someone else's is reused as it is)."""
     if not made_by_main(run_dir):
         return
-    for path in sorted(run_dir.iterdir(), key=lambda p: p.name != "summary.json"):
+    paths = (p for p in run_dir.iterdir() if p.name not in LOCK_FILES)
+    for path in sorted(paths, key=lambda p: p.name != "summary.json"):
         try:
-            if path.name in LOCK_FILES:
-                continue
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
         except OSError as exc:
             raise RunFolderError(
-                f"--overwrite cannot delete {exc.filename or path} ({exc.strerror}); the old run in {run_dir} is partly deleted "
-                "(no summary.json): fix the permissions and run again, or choose another --name"
+                f"--overwrite cannot delete {exc.filename or path} ({exc.strerror}); the old run is partly deleted (no summary.json): fix the permissions and run again, or choose another --name"
             ) from None
 
 

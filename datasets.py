@@ -100,8 +100,7 @@ def fingerprint(train: ImageData, test: ImageData) -> str:
     (N // 64)-th image's pixels (a resume on other data is refused: checkpoints.load_checkpoint)."""
     digest = hashlib.sha256()
     for split in (train, test):
-        sample = split.images[:: max(1, len(split) // 64)]
-        for part in (split.labels, sample):
+        for part in (split.labels, split.images[:: max(1, len(split) // 64)]):
             digest.update(part.cpu().contiguous().numpy().tobytes())
     shape = "x".join(map(str, train.images.shape[1:]))
     return f"{len(train)} train and {len(test)} test images of {shape}, sha256 {digest.hexdigest()[:16]}"
@@ -113,9 +112,8 @@ def split_validation(data: ImageData, fraction: float, seed: int) -> tuple[Image
     held = max(1, round(fraction * len(data)))
     generator = Generator().manual_seed(seed + 7919)
     parts = random_split(range(len(data)), [len(data) - held, held], generator=generator)
-    return tuple(
-        ImageData(data.images[k], data.labels[k]) for k in (sorted(p.indices) for p in parts)
-    )
+    indices = (sorted(p.indices) for p in parts)
+    return tuple(ImageData(data.images[k], data.labels[k]) for k in indices)
 
 
 def parse_class_list(spec: str, classes: Sequence[str]) -> list[int]:

@@ -33,9 +33,7 @@ def env_integer(name: str, low: int, high: int, what: str) -> int | None:
     """The integer in the environment variable `name` (None when unset); ValueError, with the line to show, unless low <= it <= high."""
     text = os.environ.get(name)
     if text is not None and not (text.strip().isdigit() and low <= int(text) <= high):
-        raise ValueError(
-            f"the environment's {name}={text!r} is not {what}; unset it or start with torchrun, which sets it"
-        )
+        raise ValueError(f"the environment's {name}={text!r} is not {what}; fix or unset it")
     return None if text is None else int(text)
 
 

@@ -20,11 +20,8 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
-    if (
-        device.type == "cuda"
-        and device.index is not None
-        and int(os.environ.get("WORLD_SIZE", 1)) > 1
-    ):
+    indexed = device.type == "cuda" and device.index is not None
+    if indexed and int(os.environ.get("WORLD_SIZE", 1)) > 1:
         raise ValueError(
             f"--device {name} under torchrun would put all {os.environ['WORLD_SIZE']} processes on one GPU; give "
             "--device cuda (each process takes cuda:LOCAL_RANK) and choose the GPUs with CUDA_VISIBLE_DEVICES"
