@@ -39,10 +39,9 @@ TREE_FOLDERS = {
 TORCHVISION = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "cifar10": "CIFAR10"}
 GREY_SETS = ("mnist", "fashion-mnist")
 # a name is a claim: 10 classes of images of this shape, else --dataset folder
-SHAPES = {"mnist": (1, 28, 28), "fashion-mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
+SHAPES = {"mnist": "28x28 grey", "fashion-mnist": "28x28 grey", "cifar10": "32x32 colour"}
 IDX_FILES = [f"{s}-{k}-ubyte" for s in ("train", "t10k") for k in ("images-idx3", "labels-idx1")]
 CIFAR10_FILES = [*(f"data_batch_{k}" for k in range(1, 6)), "test_batch"]
-TORCHVISION_FILES = {"mnist": IDX_FILES, "fashion-mnist": IDX_FILES, "cifar10": CIFAR10_FILES}
 # what torchvision's IDX reader raises
 IDX_ERRORS = (OSError, AssertionError, KeyError, IndexError, RuntimeError, TypeError, ValueError)
 
@@ -107,8 +106,7 @@ def fingerprint(train: ImageData, test: ImageData) -> str:
 
 
 def split_validation(data: ImageData, fraction: float, seed: int) -> tuple[ImageData, ImageData]:
-    """(train, validation): round(fraction * N) samples (at least one) held out by random_split seeded by
-    `seed`; each part keeps the data set's order."""
+    """(train, validation): max(1, round(fraction * N)) held out by a seeded random_split; both keep the data's order."""
     held = max(1, round(fraction * len(data)))
     generator = Generator().manual_seed(seed + 7919)
     parts = random_split(range(len(data)), [len(data) - held, held], generator=generator)
@@ -180,12 +178,11 @@ def load_dataset(name: str, data_dir: str | Path = "data", download: bool = True
     if tree is not None and name == "cifar10" and (data_dir / "cifar-10-batches-py").is_dir():
         data.source += f" (the binary {data_dir / 'cifar-10-batches-py'} is also there, not used: move the tree away to use it)"
     images = data.train.images
-    if name in SHAPES and (images.shape[1:], len(data.classes)) != (SHAPES[name], 10):
-        (channels, side, _), kinds = SHAPES[name], {1: "grey", 3: "colour"}
-        kind = kinds.get(images.shape[1], f"{images.shape[1]}-channel")
-        found = f"{images.shape[3]}x{images.shape[2]} {kind} of {len(data.classes)} classes"
+    c, h, w = images.shape[1:]
+    found = f"{w}x{h} " + {1: "grey", 3: "colour"}.get(c, f"{c}-channel")
+    if name in SHAPES and (found, len(data.classes)) != (SHAPES[name], 10):
         raise DataError(
-            f"{data.source}: --dataset {name} is {side}x{side} {kinds[channels]} images of 10 classes, this data is {found}; use --dataset folder for it"
+            f"{data.source}: --dataset {name} is {SHAPES[name]} images of 10 classes, this data is {found} of {len(data.classes)} classes; use --dataset folder for it"
         )
     # nothing in the pixels tells the classes apart: a run would learn nothing
     if torch.equal(images, images[:1].expand_as(images)):
@@ -213,7 +210,7 @@ def load_torchvision(name: str, data_dir: Path, download: bool) -> Dataset:
     import torchvision.datasets as tvd  # here, not at the top: importing torchvision takes seconds (its compiler imports), paid only when used
 
     folder = data_dir / ("cifar-10-batches-py" if name == "cifar10" else f"{TORCHVISION[name]}/raw")
-    paths = [folder / file for file in TORCHVISION_FILES[name]]
+    paths = [folder / file for file in (CIFAR10_FILES if name == "cifar10" else IDX_FILES)]
     if not all(path.is_file() for path in paths):
         hint = f"put {name} under {data_dir} (torchvision's layout or a train/ test/ image-folder tree) or point --data-dir at a folder with it"
         problem = f"{name} not found under {data_dir}"
@@ -236,8 +233,7 @@ def load_torchvision(name: str, data_dir: Path, download: bool) -> Dataset:
         images = [torch.from_numpy(s.data).permute(0, 3, 1, 2).contiguous() for s in sets]
         splits = [ImageData(x, torch.tensor(s.targets)) for x, s in zip(images, sets)]
         source = f"CIFAR-10 python batches in {folder}"
-    files = list(map(str, paths))
-    return Dataset(name, *splits, CLASSES[name], AUGMENTATIONS[name], source, files)
+    return Dataset(name, *splits, CLASSES[name], AUGMENTATIONS[name], source, list(map(str, paths)))
 
 
 def read_idx(paths: list[Path]) -> list[ImageData]:
@@ -254,9 +250,7 @@ def read_idx(paths: list[Path]) -> list[ImageData]:
             tensors.append(reader(str(path)))
         except IDX_ERRORS as exc:
             reason = str(exc) or type(exc).__name__  # torchvision's asserts have no message
-            raise DataError(
-                f"{path}: damaged or truncated IDX file ({reason}); replace it with the original"
-            ) from None
+            raise DataError(f"{path}: damaged IDX file ({reason}); replace it") from None
     for images, labels, path in ((*tensors[:2], paths[1]), (*tensors[2:], paths[3])):
         count = f"{len(labels)} labels for {len(images)} images"
         found = count if len(images) != len(labels) else f"a label {int(labels.max())}"

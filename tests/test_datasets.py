@@ -37,7 +37,7 @@ def zeros(*shape: int) -> bytes:
 
 
 GOOD = zeros(100, 28, 28)
-DAMAGED = "{path}: damaged or truncated IDX file...replace it with the original"
+DAMAGED = "{path}: damaged IDX file...replace it"
 IDX_CASES = [
     ("t10k-images-idx3-ubyte", GOOD[:1000], DAMAGED),
     ("t10k-images-idx3-ubyte", GOOD + b"\0", DAMAGED),
