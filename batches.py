@@ -80,10 +80,8 @@ def tensor_batches(
     rows = slice(rank * batch_size // world, (rank + 1) * batch_size // world)
     for i in range(start * batch_size, len(order) - batch_size + 1, batch_size):
         idx = order[i : i + batch_size]
-        yield (
-            augment_batch(data.images[idx].float().div_(255), augmentations, generator)[rows],
-            data.labels[idx[rows]],
-        )
+        x = augment_batch(data.images[idx].float().div_(255), augmentations, generator)
+        yield x[rows], data.labels[idx[rows]]
 
 
 def full_batches(num_samples: int, batch_size: int) -> int:

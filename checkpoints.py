@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -94,27 +95,24 @@ def checkpoint(run: Run, epoch: int, state: EpochState | None) -> dict:
 
 
 def load_checkpoint(path: Path, run: Run) -> dict:
-    """Load a checkpoint safely (weights_only), check it fits this run and restore the run from it. Any damage,
-    another setting (check_resume_settings) or other data is one CheckpointError line, before anything is written.
-    Loaded to the CPU (random states must be CPU tensors; load_state_dict copies to the run's device), it may
-    resume on another device."""
-    delete, other = "delete it or start again with --overwrite", "use --overwrite or another --name"
+    """Load a checkpoint to the CPU with weights_only (random states must be CPU tensors; load_state_dict copies to
+    the run's device, which may be another), check that it fits this run and restore the run from it. Any damage,
+    another setting (check_resume_settings) or other data is one CheckpointError line, before anything is written."""
+    problem, other = None, "use --overwrite or another --name"
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(
-            f"{path}: corrupt or unreadable checkpoint ({type(exc).__name__}); {delete}"
-        ) from None
-    if bad := damaged_parts(ckpt):
-        raise CheckpointError(
-            f"{path}: incomplete or damaged checkpoint (missing or malformed: {', '.join(bad)}); {delete}"
-        )
+        problem = f"corrupt or unreadable checkpoint ({type(exc).__name__})"
+    if not problem and (bad := damaged_parts(ckpt)):
+        problem = f"incomplete or damaged checkpoint (missing or malformed: {', '.join(bad)})"
+    if problem:
+        raise CheckpointError(f"{path}: {problem}; delete it or start again with --overwrite")
     check_resume_settings(path, ckpt["args"], vars(run.args), ckpt["epoch"])
-    data = fingerprint(run.train, run.test)
+    data, folder = fingerprint(run.train, run.test), run.args.data_dir
     if ckpt.get("data", data) != data:  # checkpoints from before the fingerprint have none
+        where = f"--data-dir {folder}" if folder else f"--dataset {run.args.dataset}"
         raise CheckpointError(
-            f"{path}: the checkpoint was trained on other data ({ckpt['data']}; --data-dir "
-            f"{run.args.data_dir} holds {data}); resume on the data it was trained on, or {other}"
+            f"{path}: the checkpoint was trained on other data ({ckpt['data']}; {where} holds {data}); resume on the data it was trained on, or {other}"
         )
     try:
         for key in (key for key in STATEFUL if getattr(run, key) is not None):
@@ -157,17 +155,15 @@ def damaged_parts(ckpt: object) -> list[str]:
 
 
 def check_resume_settings(path: Path, saved: dict, args: dict, trained: int) -> None:
-    """Refuse to resume with any setting but FREE_KEYS other than the checkpoint's (CheckpointError, one line; a
-    setting the checkpoint does not record and LEGACY_CONFIG does not know is other), or with fewer --epochs
-    than it has trained (SystemExit 2)."""
+    """Refuse to resume with any setting but FREE_KEYS other than the checkpoint's (CheckpointError, one line; an
+    unrecorded setting LEGACY_CONFIG does not know is other), or with fewer --epochs than it trained (SystemExit 2)."""
     for key in (key for key in args if key not in FREE_KEYS):  # in the order of --help
         value = saved.get(key, LEGACY_CONFIG.get(key, saved))  # saved itself: not recorded
         if value != args[key]:
             was = "no record of it" if value is saved else as_flag(key, value)
+            again = f"resume with {was}, or " if value is not saved else ""
             raise CheckpointError(
-                f"{path}: checkpoint is of another configuration ({was}, this run {as_flag(key, args[key])}); "
-                + (f"resume with {was}, or " if value is not saved else "")
-                + "start again with --overwrite or another --name"
+                f"{path}: checkpoint is of another configuration ({was}, this run {as_flag(key, args[key])}); {again}start again with --overwrite or another --name"
             )
     if args["epochs"] < trained:
         message = f"--epochs {args['epochs']}: the checkpoint {path} has already trained {trained} epochs; "
@@ -217,9 +213,7 @@ def made_by_main(run_dir: Path) -> bool:
         saved = json.loads((run_dir / "args.json").read_text())
     except (OSError, UnicodeDecodeError, ValueError):
         return False
-    return (
-        isinstance(saved, dict) and {"loss", "dataset", "feat_dim", "name", "out"} <= saved.keys()
-    )
+    return isinstance(saved, dict) and {"loss", "dataset", "feat_dim", "name", "out"} <= set(saved)
 
 
 def check_run_dir(args: argparse.Namespace) -> tuple[Path, bool]:
@@ -230,7 +224,7 @@ def check_run_dir(args: argparse.Namespace) -> tuple[Path, bool]:
         raise SystemExit(usage_error(problem))
     has_checkpoint = (run_dir / "checkpoint.pt").is_file()
     if args.resume and not has_checkpoint:
-        raise SystemExit(usage_error(f"--resume: {run_dir} holds no checkpoint.pt to resume from"))
+        raise SystemExit(usage_error(f"{run_dir} holds no checkpoint.pt to resume from"))
     return run_dir, has_checkpoint and not args.overwrite
 
 
@@ -260,8 +254,7 @@ def run_dir_problem(run_dir: Path, overwrite: bool) -> str | None:
 
 
 def make_run_dir(run_dir: Path, overwrite: bool) -> FileLock:
-    """Rank 0, after check_run_dir: create the folder, lock it (lock_run_dir) and, on --overwrite, empty it of the old run
-    (empty_run_dir). Returns the lock, held to the end."""
+    """Rank 0, after check_run_dir: create the folder, take its lock (lock_run_dir, held to the end), empty it on --overwrite."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -284,14 +277,11 @@ def lock_run_dir(run_dir: Path, then: Callable[[Path], None] | None = None) -> F
     try:
         lock.acquire()
     except Timeout:
-        try:
+        holder = ""
+        with contextlib.suppress(OSError):
             holder = (run_dir / PID_FILE).read_text(errors="replace").strip()
-        except OSError:
-            holder = ""
         who = f"process {holder}" if holder.isdigit() else "another process"
-        raise RunFolderError(
-            f"{run_dir} is in use by {who}, a run still going; wait for it to end, stop it, or choose another --name"
-        ) from None
+        raise RunFolderError(f"{run_dir} is in use by {who}, a run still going; {other}") from None
     except OSError as exc:
         raise RunFolderError(
             f"cannot open the lock file {path} ({exc.strerror}); {other}"
@@ -307,20 +297,17 @@ def lock_run_dir(run_dir: Path, then: Callable[[Path], None] | None = None) -> F
 
 
 def empty_run_dir(run_dir: Path) -> None:
-    """--overwrite, under the lock: delete everything in the folder but the lock files, summary.json
-    first, so that a deletion that fails half-way never leaves a folder that looks finished; only a folder
-    of main.py's (an empty folder of someone else's is reused as it is)."""
+    """--overwrite, under the lock: delete all in a folder of main.py's but the lock files, summary.json first, so that
+    a deletion that fails half-way never leaves a folder that looks finished (another's empty folder is kept as it is)."""
     if not made_by_main(run_dir):
         return
-    for path in sorted(run_dir.iterdir(), key=lambda p: p.name != "summary.json"):
+    paths = (p for p in run_dir.iterdir() if p.name not in LOCK_FILES)
+    for path in sorted(paths, key=lambda p: p.name != "summary.json"):
         try:
-            if path.name in LOCK_FILES:
-                continue
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
         except OSError as exc:
             raise RunFolderError(
-                f"--overwrite cannot delete {exc.filename or path} ({exc.strerror}); the old run in {run_dir} is partly deleted "
-                "(no summary.json): fix the permissions and run again, or choose another --name"
+                f"--overwrite cannot delete {exc.filename or path} ({exc.strerror}); the old run is partly deleted (no summary.json): fix the permissions and run again, or choose another --name"
             ) from None
 
 

@@ -39,10 +39,9 @@ TREE_FOLDERS = {
 TORCHVISION = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "cifar10": "CIFAR10"}
 GREY_SETS = ("mnist", "fashion-mnist")
 # a name is a claim: 10 classes of images of this shape, else --dataset folder
-SHAPES = {"mnist": (1, 28, 28), "fashion-mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
+SHAPES = {"mnist": "28x28 grey", "fashion-mnist": "28x28 grey", "cifar10": "32x32 colour"}
 IDX_FILES = [f"{s}-{k}-ubyte" for s in ("train", "t10k") for k in ("images-idx3", "labels-idx1")]
 CIFAR10_FILES = [*(f"data_batch_{k}" for k in range(1, 6)), "test_batch"]
-TORCHVISION_FILES = {"mnist": IDX_FILES, "fashion-mnist": IDX_FILES, "cifar10": CIFAR10_FILES}
 # what torchvision's IDX reader raises
 IDX_ERRORS = (OSError, AssertionError, KeyError, IndexError, RuntimeError, TypeError, ValueError)
 
@@ -100,59 +99,47 @@ def fingerprint(train: ImageData, test: ImageData) -> str:
     (N // 64)-th image's pixels (a resume on other data is refused: checkpoints.load_checkpoint)."""
     digest = hashlib.sha256()
     for split in (train, test):
-        sample = split.images[:: max(1, len(split) // 64)]
-        for part in (split.labels, sample):
+        for part in (split.labels, split.images[:: max(1, len(split) // 64)]):
             digest.update(part.cpu().contiguous().numpy().tobytes())
     shape = "x".join(map(str, train.images.shape[1:]))
     return f"{len(train)} train and {len(test)} test images of {shape}, sha256 {digest.hexdigest()[:16]}"
 
 
 def split_validation(data: ImageData, fraction: float, seed: int) -> tuple[ImageData, ImageData]:
-    """(train, validation): round(fraction * N) samples (at least one) held out by random_split seeded by
-    `seed`; each part keeps the data set's order."""
+    """(train, validation): max(1, round(fraction * N)) held out by a seeded random_split; both keep the data's order."""
     held = max(1, round(fraction * len(data)))
     generator = Generator().manual_seed(seed + 7919)
     parts = random_split(range(len(data)), [len(data) - held, held], generator=generator)
-    return tuple(
-        ImageData(data.images[k], data.labels[k]) for k in (sorted(p.indices) for p in parts)
-    )
+    indices = (sorted(p.indices) for p in parts)
+    return tuple(ImageData(data.images[k], data.labels[k]) for k in indices)
 
 
 def parse_class_list(spec: str, classes: Sequence[str]) -> list[int]:
     """The sorted class indices `spec` names: indices (`0,2,5`), inclusive ranges (`0-4`) or class names (`Trouser,Bag`, any case),
     mixed. ValueError in words for an empty entry, an unknown name or index, a reversed range, a repeat, < 2 classes or all of them."""
     lowered, flag = {c.lower(): i for i, c in enumerate(classes)}, "--train-classes"
-    chosen: list[int] = []
+    top, chosen = len(classes) - 1, []
     for token in (t.strip() for t in spec.split(",")):
         if bounds := re.fullmatch(r"(\d+)(?:-(\d+))?", token):  # an index or a range
             first, last = int(bounds[1]), int(bounds[2] or bounds[1])
             if first > last:
                 raise ValueError(f"{flag}: the range {token} is reversed; write {last}-{first}")
+            if last > top:
+                raise ValueError(f"{flag}: class index {last} is out of range 0-{top}")
             picked = range(first, last + 1)
         elif token.lower() in lowered:
             picked = [lowered[token.lower()]]
-        elif not token:
-            raise ValueError(
-                f"{flag} {spec!r} has an empty entry; give indices, ranges such as 0-4, or class names"
-            )
-        else:
-            raise ValueError(
-                f"{flag}: no class {token!r}; the classes are {', '.join(classes)} (or indices 0-{len(classes) - 1})"
-            )
+        else:  # an empty entry or an unknown name
+            what = f"no class {token!r}" if token else f"{spec!r} has an empty entry"
+            raise ValueError(f"{flag}: {what}; the classes are 0-{top}: {', '.join(classes)}")
         for index in picked:
-            if index >= len(classes):
-                raise ValueError(
-                    f"{flag}: class index {index} is out of range; this data set has classes 0-{len(classes) - 1}"
-                )
             if index in chosen:
                 raise ValueError(f"{flag}: class {index} ({classes[index]}) is named twice")
             chosen.append(index)
     if len(chosen) < 2:
         raise ValueError(f"{flag} must name at least 2 classes (the losses compare classes)")
     if len(chosen) == len(classes):
-        raise ValueError(
-            f"{flag} names every class, which leaves no unseen class to retrieve; drop it to train on all"
-        )
+        raise ValueError(f"{flag} names every class, leaving none unseen; drop it to train on all")
     return sorted(chosen)
 
 
@@ -186,25 +173,20 @@ def load_dataset(name: str, data_dir: str | Path = "data", download: bool = True
     trees = [data_dir, *(data_dir / sub for sub in TREE_FOLDERS.get(name, ()))]
     tree = next((f for f in trees if (f / "train").is_dir() and (f / "test").is_dir()), None)
     if tree is None and name == "folder":
-        raise DataError(
-            f"--dataset folder needs {data_dir}/train/<class>/* and {data_dir}/test/<class>/*; neither is there"
-        )
+        raise DataError(f"--dataset folder needs {data_dir}/train/<class>/* and test/<class>/*")
     data = load_tree(name, tree) if tree is not None else load_torchvision(name, data_dir, download)
     if tree is not None and name == "cifar10" and (data_dir / "cifar-10-batches-py").is_dir():
         data.source += f" (the binary {data_dir / 'cifar-10-batches-py'} is also there, not used: move the tree away to use it)"
     images = data.train.images
-    if name in SHAPES and (images.shape[1:], len(data.classes)) != (SHAPES[name], 10):
-        (channels, side, _), kinds = SHAPES[name], {1: "grey", 3: "colour"}
-        kind = kinds.get(images.shape[1], f"{images.shape[1]}-channel")
-        found = f"{images.shape[3]}x{images.shape[2]} {kind} of {len(data.classes)} classes"
+    c, h, w = images.shape[1:]
+    found = f"{w}x{h} " + {1: "grey", 3: "colour"}.get(c, f"{c}-channel")
+    if name in SHAPES and (found, len(data.classes)) != (SHAPES[name], 10):
         raise DataError(
-            f"{data.source}: --dataset {name} is {side}x{side} {kinds[channels]} images of 10 classes, this data is {found}; use --dataset folder for it"
+            f"{data.source}: --dataset {name} is {SHAPES[name]} images of 10 classes, this data is {found} of {len(data.classes)} classes; use --dataset folder for it"
         )
     # nothing in the pixels tells the classes apart: a run would learn nothing
     if torch.equal(images, images[:1].expand_as(images)):
-        raise DataError(
-            f"{data.source}: all {len(images)} train images are the same image, so no model can learn from them; use real data"
-        )
+        raise DataError(f"{data.source}: all {len(images)} train images are alike; use real data")
     return data
 
 
@@ -228,19 +210,18 @@ def load_torchvision(name: str, data_dir: Path, download: bool) -> Dataset:
     import torchvision.datasets as tvd  # here, not at the top: importing torchvision takes seconds (its compiler imports), paid only when used
 
     folder = data_dir / ("cifar-10-batches-py" if name == "cifar10" else f"{TORCHVISION[name]}/raw")
-    paths = [folder / file for file in TORCHVISION_FILES[name]]
+    paths = [folder / file for file in (CIFAR10_FILES if name == "cifar10" else IDX_FILES)]
     if not all(path.is_file() for path in paths):
         hint = f"put {name} under {data_dir} (torchvision's layout or a train/ test/ image-folder tree) or point --data-dir at a folder with it"
+        problem = f"{name} not found under {data_dir}"
         if not download:
-            raise DataError(f"{name} not found under {data_dir}; {hint}")
+            raise DataError(f"{problem}; {hint}")
         try:
             for train in (True, False):
                 getattr(tvd, TORCHVISION[name])(str(data_dir), train=train, download=True)
         # network and disk errors come in many classes; all mean the same to the user
         except Exception as exc:
-            raise DataError(
-                f"{name} not found under {data_dir} and the download failed ({type(exc).__name__}); {hint}"
-            ) from None
+            raise DataError(f"{problem}, download failed ({type(exc).__name__}); {hint}") from None
     if name != "cifar10":
         splits, source = read_idx(paths), f"IDX files in {folder}"
     else:
@@ -248,14 +229,11 @@ def load_torchvision(name: str, data_dir: Path, download: bool) -> Dataset:
             sets = [tvd.CIFAR10(str(data_dir), train=train) for train in (True, False)]
         # a RuntimeError for a failed MD5 check, pickle's errors for a damaged batch
         except Exception as exc:
-            raise DataError(
-                f"{folder}: cannot read CIFAR-10 ({exc}); delete the folder and download again"
-            ) from None
+            raise DataError(f"{folder}: damaged ({exc}); delete it to download again") from None
         images = [torch.from_numpy(s.data).permute(0, 3, 1, 2).contiguous() for s in sets]
         splits = [ImageData(x, torch.tensor(s.targets)) for x, s in zip(images, sets)]
         source = f"CIFAR-10 python batches in {folder}"
-    files = list(map(str, paths))
-    return Dataset(name, *splits, CLASSES[name], AUGMENTATIONS[name], source, files)
+    return Dataset(name, *splits, CLASSES[name], AUGMENTATIONS[name], source, list(map(str, paths)))
 
 
 def read_idx(paths: list[Path]) -> list[ImageData]:
@@ -268,22 +246,16 @@ def read_idx(paths: list[Path]) -> list[ImageData]:
             # 0x0803 (unsigned bytes, 3 sizes), the sizes: torchvision fails on a size 0
             magic, *sizes = np.fromfile(path, ">u4", count=4).tolist() or [0]
             if magic >> 8 == 8 and 0 in (sizes := tuple(sizes[: magic % 256])):
-                raise DataError(
-                    f"{path}: an IDX file of no items (its sizes are {sizes}); replace it with the original"
-                )
+                raise DataError(f"{path}: an IDX file of no items (sizes {sizes}); replace it")
             tensors.append(reader(str(path)))
         except IDX_ERRORS as exc:
             reason = str(exc) or type(exc).__name__  # torchvision's asserts have no message
-            raise DataError(
-                f"{path}: damaged or truncated IDX file ({reason}); replace it with the original"
-            ) from None
+            raise DataError(f"{path}: damaged IDX file ({reason}); replace it") from None
     for images, labels, path in ((*tensors[:2], paths[1]), (*tensors[2:], paths[3])):
         count = f"{len(labels)} labels for {len(images)} images"
         found = count if len(images) != len(labels) else f"a label {int(labels.max())}"
         if len(images) != len(labels) or labels.max() >= 10:
-            raise DataError(
-                f"{path}: {found}, expected one label of 0-9 an image; replace the files with the originals"
-            )
+            raise DataError(f"{path}: {found}, expected one label 0-9 per image; replace the files")
     return [ImageData(tensors[i][:, None].contiguous(), tensors[i + 1]) for i in (0, 2)]
 
 
@@ -304,7 +276,7 @@ def decode(path: str, grey: bool) -> Tensor:
         with Image.open(path) as image:
             if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
                 raise DataError(
-                    f"{path}: {image.mode} (16/32-bit) images are not supported; convert the data set to 8-bit"
+                    f"{path}: {image.mode} (16/32-bit) images are unsupported; use 8-bit"
                 )
             grey = grey or image.mode in ("1", "L", "LA")
             array = torch.from_numpy(np.array(image.convert("L" if grey else "RGB")))
@@ -321,30 +293,23 @@ def load_tree(name: str, root: Path) -> Dataset:
     from torchvision.datasets import DatasetFolder  # imported when used, as in load_torchvision
 
     entries = {split: listed(root / split) for split in ("train", "test")}
-    for split, found in entries.items():
-        if stray := next((n for n, is_dir in found if not is_dir), None):
-            raise DataError(
-                f"{root / split / stray}: a file where only class folders belong; move it into a class folder or remove it"
-            )
+    if strays := [
+        root / s / n for s, found in entries.items() for n, is_dir in found if not is_dir
+    ]:
+        raise DataError(f"{strays[0]}: a file where only class folders belong; move or remove it")
     classes, test_classes = ([n for n, _ in entries[split]] for split in ("train", "test"))
     if len(classes) < 2:
         found = f"only the class {classes[0]!r}" if classes else "no class folders"
-        raise DataError(
-            f"{root / 'train'}: {found}; a classifier needs at least two, as {root}/train/<class>/<image files>"
-        )
+        raise DataError(f"{root / 'train'}: {found}; a classifier needs at least two")
     if unknown := sorted(set(test_classes) - set(classes)):
-        raise DataError(
-            f"{root / 'test'}: the classes {', '.join(unknown)} have no folder in {root / 'train'}; add their train images"
-        )
+        raise DataError(f"{root / 'test'}: the classes {', '.join(unknown)} are not in train/")
     real_dirs: dict[str, str] = {}
 
     @cache  # once a folder: realpath costs milliseconds, times 60,000 files
     def shown(folder: str) -> bool:
         """Not hidden, and not reached before through a link (its images would be read twice)."""
         if (first := real_dirs.setdefault(os.path.realpath(folder), folder)) != folder:
-            raise DataError(
-                f"{folder}: the same folder as {first}, through a link; remove the link"
-            )
+            raise DataError(f"{folder}: the same folder as {first}, via a link; remove the link")
         return not any(part.startswith(".") for part in Path(folder).relative_to(root).parts)
 
     def valid(path: str) -> bool:
@@ -353,16 +318,12 @@ def load_tree(name: str, root: Path) -> Dataset:
         return shown(os.path.dirname(path)) and not hidden and os.path.isfile(path)
 
     samples, index = [], {c: i for i, c in enumerate(classes)}
-    for split in ("train", "test"):
-        for folder in (root / split / c for c in classes if (root / split / c).is_dir()):
+    for split in (root / "train", root / "test"):
+        for folder in (split / c for c in classes if (split / c).is_dir()):
             listed(folder)  # the walk skips a folder it cannot list, which would then look empty
-        found = DatasetFolder.make_dataset(
-            str(root / split), index, is_valid_file=valid, allow_empty=True
-        )
+        found = DatasetFolder.make_dataset(str(split), index, is_valid_file=valid, allow_empty=True)
         if empty := sorted(set(classes) - {classes[label] for _, label in found}):
-            raise DataError(
-                f"{root / split / empty[0]}: class folder is empty or missing; every class needs images in train/ and test/"
-            )
+            raise DataError(f"{split / empty[0]}: class folder is empty or missing; add its images")
         samples.append(found)
     paths, labels = zip(*samples[0], *samples[1])
     images = []
@@ -371,9 +332,7 @@ def load_tree(name: str, root: Path) -> Dataset:
         (h, w), (h0, w0) = image.shape[1:], images[0].shape[1:]
         if h != w or (h, w) != (h0, w0):
             other = "not square" if h != w else f"{paths[0]} is {w0}x{h0}"
-            raise DataError(
-                f"{path}: the image is {w}x{h}, {other}; resize or crop every image to one square size"
-            )
+            raise DataError(f"{path}: the image is {w}x{h}, {other}; resize all to one square size")
     channels = max(image.shape[0] for image in images)  # one colour image makes a colour set
     images = torch.stack([image.expand(channels, -1, -1) for image in images])
     n, labels = len(samples[0]), torch.tensor(labels)

@@ -33,9 +33,7 @@ def env_integer(name: str, low: int, high: int, what: str) -> int | None:
     """The integer in the environment variable `name` (None when unset); ValueError, with the line to show, unless low <= it <= high."""
     text = os.environ.get(name)
     if text is not None and not (text.strip().isdigit() and low <= int(text) <= high):
-        raise ValueError(
-            f"the environment's {name}={text!r} is not {what}; unset it or start with torchrun, which sets it"
-        )
+        raise ValueError(f"the environment's {name}={text!r} is not {what}; fix or unset it")
     return None if text is None else int(text)
 
 
@@ -77,8 +75,7 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
         waiter.join(0.2)
     if isinstance(joined[0], dist.DistError):
         raise DistributedError(
-            f"{me}: not all {world} processes met at {where} within {wait} ({str(joined[0]).splitlines()[0]}); "
-            f"start them with torchrun --nproc-per-node {world} main.py ..."
+            f"{me}: not all {world} processes met at {where} within {wait} ({str(joined[0]).splitlines()[0]}); start them with torchrun --nproc-per-node {world} main.py ..."
         )
     if isinstance(joined[0], Exception):
         raise joined[0]
@@ -124,15 +121,14 @@ def from_rank0(value: float, device: torch.device) -> float:
 def rank0_first(load: Callable[..., T], *args: object) -> T:
     """load(*args, download=True) on rank 0 before the other ranks, which wait for it at a barrier and then
     read what it wrote, load(*args, download=False): one process downloads a missing data set."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return load(*args, download=True)
-    if dist.get_rank() > 0:
+    if dist.is_initialized() and dist.get_rank() > 0:
         dist.barrier()
         return load(*args, download=False)
     try:
         return load(*args, download=True)
     finally:  # also when it fails: the others then fail to read it, with their own line
-        dist.barrier()
+        if dist.is_initialized():
+            dist.barrier()
 
 
 def gather_batch(features: Tensor, logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -147,10 +143,9 @@ def gather_batch(features: Tensor, logits: Tensor, labels: Tensor) -> tuple[Tens
 
 
 class AllGather(torch.autograd.Function):
-    """Concatenation of every rank's equally sized tensor; backward sums the ranks' gradients and
-    returns this rank's slice (all_reduce + slice: gloo has no reduce_scatter). Hand-written because
-    torch.distributed.nn.functional.all_gather, equal on gloo (results/all-gather/), is deprecated for
-    a private module."""
+    """Concatenation of every rank's equally sized tensor; backward sums the ranks' gradients and returns this
+    rank's slice (all_reduce + slice: gloo has no reduce_scatter). Hand-written because
+    torch.distributed.nn.functional.all_gather, equal on gloo (results/all-gather/), is deprecated for a private module."""
 
     @staticmethod
     def forward(ctx, tensor: Tensor) -> Tensor:

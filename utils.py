@@ -20,14 +20,10 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
-    if (
-        device.type == "cuda"
-        and device.index is not None
-        and int(os.environ.get("WORLD_SIZE", 1)) > 1
-    ):
+    indexed = device.type == "cuda" and device.index is not None
+    if indexed and int(os.environ.get("WORLD_SIZE", 1)) > 1:
         raise ValueError(
-            f"--device {name} under torchrun would put all {os.environ['WORLD_SIZE']} processes on one GPU; give "
-            "--device cuda (each process takes cuda:LOCAL_RANK) and choose the GPUs with CUDA_VISIBLE_DEVICES"
+            f"--device {name} under torchrun would put all {os.environ['WORLD_SIZE']} processes on one GPU; give --device cuda (each process takes cuda:LOCAL_RANK) and choose the GPUs with CUDA_VISIBLE_DEVICES"
         )
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
@@ -97,11 +93,10 @@ def finite_or_none(obj: Any) -> Any:
 def write_csv(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> None:
     """A float as 6 significant digits, None as an empty cell."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer = csv.DictWriter(buffer, columns, lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
-    for row in rows:
-        cells = {k: "" if row.get(k) is None else row[k] for k in columns}
-        writer.writerow({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in cells.items()})
+    for row in rows:  # csv writes None, and a column the row lacks, as an empty cell
+        writer.writerow({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()})
     atomic_write_bytes(path, buffer.getvalue().encode())
 
 

@@ -37,7 +37,7 @@ def zeros(*shape: int) -> bytes:
 
 
 GOOD = zeros(100, 28, 28)
-DAMAGED = "{path}: damaged or truncated IDX file...replace it with the original"
+DAMAGED = "{path}: damaged IDX file...replace it"
 IDX_CASES = [
     ("t10k-images-idx3-ubyte", GOOD[:1000], DAMAGED),
     ("t10k-images-idx3-ubyte", GOOD + b"\0", DAMAGED),
@@ -150,7 +150,13 @@ def write_two_class_tree(root: Path, make_image, suffix: str = ".png") -> Path:
         ("P", 28, [(200, 0, 0), (200, 0, 50)], ".png", [[200, 0, 0], [200, 0, 50]]),
         ("CMYK", 28, [(0, 0, 0, 235), (0, 0, 0, 215)], ".jpg", [[20] * 3, [40] * 3]),  # K kept
         ("L", 1, [0, 100], ".png", [[0], [100]]),  # data; main.py's model size check refuses it
-        ("I;16", 28, [1000, 2000], ".png", "{r}/train/a/0.png: I;16 (16/32-bit) images are not"),
+        (
+            "I;16",
+            28,
+            [1000, 2000],
+            ".png",
+            "{r}/train/a/0.png: I;16 (16/32-bit) images are unsupported",
+        ),
         ("L", (40, 28), [0, 10], ".png", "{r}/train/a/0.png: the image is 40x28, not square; "),
         ("RGB", 32, [(9, 9, 9)] * 2, ".png", "image folders in {r} (.png): all 2 train images"),
     ],
@@ -183,15 +189,15 @@ garbage-png | {r}/test/ant/x.png: cannot be decoded as an image | text:test/ant/
 cut-jpeg | {r}/train/cat/a.jpg: cannot be decoded as an image | text:train/cat/a.jpg:\xff\xd8\xff\xe0_cut
 not-an-image | {r}/train/cat/notes.txt: cannot be decoded as an image | text:train/cat/notes.txt:hello
 bomb | {r}/train/ant/000.png: Image size (784 pixels) exceeds limit | max-pixels:
-empty-class | {r}/train/dog: class folder is empty or missing; every | mkdir:train/dog
-class-not-in-test | {r}/test/bee: class folder is empty or missing; every | rm:test/bee
-no-test | --dataset folder needs {r}/train/<class>/* and {r}/test/<class>/*; neither | rm:test
+empty-class | {r}/train/dog: class folder is empty or missing; add its images | mkdir:train/dog
+class-not-in-test | {r}/test/bee: class folder is empty or missing; add its images | rm:test/bee
+no-test | --dataset folder needs {r}/train/<class>/* and test/<class>/* | rm:test
 no-tree | --dataset folder needs {r}/train/<class>/* | rm:train rm:test
 file-among-classes | {r}/train/loose.png: a file where only class folders belong | text:train/loose.png:
 one-class | {r}/train: only the class 'ant'; a classifier needs at least two | rm:train/bee rm:test/bee rm:train/cat rm:test/cat
-test-only-class | {r}/test: the classes dog have no folder in {r}/train; | copy:test/bee:test/dog
-link-loop | {r}/train/bee/again: the same folder as {r}/train/bee, through a link | link:train/bee/again:train/bee
-test-is-train | {r}/test/cat: the same folder as {r}/train/cat, through a link | rm:test/cat link:test/cat:train/cat
+test-only-class | {r}/test: the classes dog are not in train/ | copy:test/bee:test/dog
+link-loop | {r}/train/bee/again: the same folder as {r}/train/bee, via a link | link:train/bee/again:train/bee
+test-is-train | {r}/test/cat: the same folder as {r}/train/cat, via a link | rm:test/cat link:test/cat:train/cat
 entry-loop | {r}/train/zz: cannot be listed (Too many levels of symbolic links) | link:train/zz:train/zz
 unlisted-test | {r}/test: cannot be listed (Permission denied) | deny:test
 unlisted-class | {r}/train/bee: cannot be listed (Permission denied) | deny:train/bee

@@ -58,7 +58,7 @@ def test_a_second_run_and_an_overwrite_of_a_live_run_are_refused(tmp_path: Path,
             line = stderr_error_line(capsys.readouterr().err)
             assert line == (
                 f"error: {run_dir} is in use by process {live.pid}, a run still going; "
-                "wait for it to end, stop it, or choose another --name"
+                "choose another --name or --out"
             )
             assert (run_dir / "args.json").read_bytes() == args_before
             assert (run_dir / "checkpoint.pt").is_file()
