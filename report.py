@@ -68,20 +68,17 @@ def find_summaries(paths: list[Path]) -> list[Path]:
 
 def unfinished_summary(args_path: Path) -> dict:
     """args.json, then the last metrics.csv row (test_acc as acc, epoch as epochs), marked unfinished."""
+    run = args_path.parent
     try:
         settings = json.loads(args_path.read_text())
-        rows = pd.read_csv(args_path.parent / "metrics.csv").to_dict("records")
+        rows = pd.read_csv(run / "metrics.csv").to_dict("records")
     except (OSError, UnicodeDecodeError, ValueError) as exc:  # pandas' parse errors are ValueErrors
-        raise SummaryError(
-            f"{args_path.parent}: unfinished run not readable ({str(exc).splitlines()[0]}); rerun or remove it"
-        ) from None
+        raise SummaryError(f"{run}: unfinished, unreadable ({str(exc).splitlines()[0]})") from None
     if not isinstance(settings, dict) or not rows:
-        raise SummaryError(
-            f"{args_path.parent}: unfinished run with no finished epoch in metrics.csv; resume it or remove the folder"
-        )
+        raise SummaryError(f"{run}: no finished epoch in metrics.csv; resume or remove it")
     # The last row's values (lr: the scheduled one), under the settings' names where they differ.
     last = {k: None if pd.isna(v) else v for k, v in rows[-1].items() if k not in settings}
-    mark = {"name": args_path.parent.name, "acc": last.get("test_acc"), "epochs": last.get("epoch")}
+    mark = {"name": run.name, "acc": last.get("test_acc"), "epochs": last.get("epoch")}
     return settings | last | mark | {"unfinished": True, "epochs_planned": settings.get("epochs")}
 
 
@@ -126,9 +123,7 @@ def load_runs(paths: list[Path], notes: list[str] | None = None) -> pd.DataFrame
         s["gap"] = train - test if isinstance(train, float) and isinstance(test, float) else None
         s["point"] = json.dumps([s.get(key) for key in SETTINGS] + [bool(s.get("unfinished"))])
         if (run := (s["point"], json.dumps(s.get("seed")))) in kept:
-            notes.append(
-                f"{kept[run][0]} and {path} are runs of the same settings and seed {run[1]}; the table shows {path}, {LAST}"
-            )
+            notes.append(f"{kept[run][0]}, {path}: same settings, seed {run[1]}; shown: {LAST}")
         kept[run] = (path, s)
     keys = set().union(*(s for _, s in kept.values()))  # a key a summary lacks is None, not NaN
     runs = pd.DataFrame([{k: s.get(k) for k in keys} for _, s in kept.values()], dtype=object)
@@ -138,10 +133,8 @@ def load_runs(paths: list[Path], notes: list[str] | None = None) -> pd.DataFrame
     runs = runs.sort_values("point", kind="stable")
     for (loss, dataset, feat_dim), rows in runs.groupby(KEY):
         if len(p := rows.drop_duplicates("point")) > 1:  # one row per point
-            differ = [k for k in SETTINGS if k in p and p[k].map(json.dumps).nunique() > 1]
-            notes.append(
-                f"{loss} {dataset} feat_dim {feat_dim}: {len(p)} rows, for runs that differ in {', '.join(differ)}"
-            )
+            differ = ", ".join(k for k in SETTINGS if k in p and p[k].map(json.dumps).nunique() > 1)
+            notes.append(f"{loss} {dataset} feat_dim {feat_dim}: {len(p)} rows; {differ} differ")
     return runs
 
 
@@ -217,16 +210,12 @@ def fill(readme: Path, label: str, text: str, imgs: Path | None) -> str:
     try:
         content = readme.read_text()
     except (OSError, UnicodeDecodeError) as exc:
-        raise SummaryError(
-            f"--readme {readme}: not readable as text ({exc}); give the Markdown file to write into"
-        ) from None
+        raise SummaryError(f"--readme {readme}: not readable as text ({exc})") from None
     blocks = {label: text, **({"gallery": gallery(imgs, readme)} if imgs else {})}
     for name, body in blocks.items():
         start, end = f"<!-- {name} -->", f"<!-- /{name} -->"
         if start not in content or end not in content:
-            raise SummaryError(
-                f"{readme}: markers {start} ... {end} not found; add them where the table belongs"
-            )
+            raise SummaryError(f"{readme}: markers {start} ... {end} not found; add them")
         head, rest = content.split(start, 1)
         content = f"{head}{start}\n{body}\n{end}{rest.split(end, 1)[1]}"
     return content
@@ -235,13 +224,11 @@ def fill(readme: Path, label: str, text: str, imgs: Path | None) -> str:
 def gallery(imgs_dir: Path, page: Path) -> str:
     """Markdown of the committed pictures (GIFs of 2-D runs, projections of the others), linked relative to `page`."""
     lines = ["| run | train | test |", "| :---: | :---: | :---: |"]
-    for folder in sorted(p for p in imgs_dir.iterdir() if p.is_dir()):
+    for run in sorted(p for p in imgs_dir.iterdir() if p.is_dir()):
         for kind in ("gif", "png"):
-            if (folder / f"train.{kind}").is_file() and (folder / f"test.{kind}").is_file():
-                rel = Path(os.path.relpath(folder.resolve(), page.resolve().parent)).as_posix()
-                lines.append(
-                    f"| {folder.name} | ![]({rel}/train.{kind}) | ![]({rel}/test.{kind}) |"
-                )
+            if (run / f"train.{kind}").is_file() and (run / f"test.{kind}").is_file():
+                rel = Path(os.path.relpath(run.resolve(), page.resolve().parent)).as_posix()
+                lines.append(f"| {run.name} | ![]({rel}/train.{kind}) | ![]({rel}/test.{kind}) |")
     return "\n".join(lines)
 
 
@@ -277,9 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--collect {args.collect} is a file, not a folder, left alone; give a folder")
     if readme and not readme.is_file():
         kind = "is a folder" if readme.is_dir() else "does not exist"
-        parser.error(
-            f"--readme {readme} {kind}; give the Markdown file that holds <!-- {label} -->"
-        )
+        parser.error(f"--readme {readme} {kind}; give the Markdown file with <!-- {label} -->")
     if args.gallery and not (readme and args.gallery.is_dir()):
         parser.error(f"--gallery {args.gallery} needs --readme and must be a folder of pictures")
     notes: list[str] = []

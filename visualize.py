@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import json
@@ -77,9 +78,7 @@ def own_folder(run_dir: Path, *names: str) -> Path:
         except OSError as exc:
             raise WriteError(f"cannot create {folder} ({exc.strerror})") from None
         if folder.is_symlink() or not folder.is_dir():
-            raise WriteError(
-                f"{folder} is a link or not a folder, and the run writes only into folders of its own; remove it"
-            )
+            raise WriteError(f"{folder} is a link or not a folder; remove it")
     return folder
 
 
@@ -151,9 +150,7 @@ def load_frame(path: Path) -> dict[str, np.ndarray]:
         if features.ndim != 2 or features.shape[1] != 2 or len(frame["labels"]) != len(features):
             raise ValueError("not 2-D points with one label each")
     except Exception as exc:  # numpy reports damage as OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError, ...
-        raise StitchError(
-            f"{path}: damaged frame data ({type(exc).__name__}); delete it and run the same command again"
-        ) from None
+        raise StitchError(f"{path}: damaged frame data ({type(exc).__name__}); delete it") from None
     return frame
 
 
@@ -206,8 +203,7 @@ def save_projection(
         points = project_2d(features[:n], method)
     colors = class_colors(len(classes))
     fig, ax = plt.subplots(figsize=(9, 9), dpi=100)
-    rest = points[THUMBNAILS:]
-    ax.scatter(*rest.T, c=colors[labels[THUMBNAILS:]], s=3, linewidths=0, alpha=0.6)
+    ax.scatter(*points[THUMBNAILS:].T, c=colors[labels[THUMBNAILS:]], s=3, linewidths=0, alpha=0.6)
     limits = robust_limits(points, quantile=0.002)
     (dx, dy) = 0.015 * (limits[:, 1] - limits[:, 0])
     for k in range(min(THUMBNAILS, n)):
@@ -252,9 +248,7 @@ def read_frames(run_dir: Path, split: str) -> list[tuple[Path, np.ndarray]]:
         try:
             frames.append((frame, iio.imread(frame)[..., :3]))
         except Exception as exc:  # PIL reports damage as OSError, SyntaxError, ValueError, ...
-            raise StitchError(
-                f"{frame}: cannot be read as an image ({type(exc).__name__}); delete it to stitch the others"
-            ) from None
+            raise StitchError(f"{frame}: not readable as an image ({type(exc).__name__})") from None
         if frames[-1][1].shape != frames[0][1].shape:
             (h, w), (h0, w0) = frames[-1][1].shape[:2], frames[0][1].shape[:2]
             raise StitchError(f"{frame}: a {w}x{h} frame among {w0}x{h0} ones; delete it")
@@ -293,9 +287,7 @@ def stitch(run_dir: Path, duration: float, last_pause: float, imgs_dir: Path | N
         print(f"{path}: {len(list((run_dir / 'frames' / path.stem).glob('epoch_*.png')))} frames")
     projections = [p for p in (run_dir / f"{split}.png" for split in SPLITS) if p.is_file()]
     if not made and not projections:
-        raise StitchError(
-            f"{run_dir}: no frames (frames/train/epoch_*.png) to stitch; train with --feat-dim 2 and without --no-plots"
-        )
+        raise StitchError(f"{run_dir}: no frames; train with --feat-dim 2, without --no-plots")
     if imgs_dir is None:
         return
     path = run_dir / "args.json"
@@ -303,11 +295,9 @@ def stitch(run_dir: Path, duration: float, last_pause: float, imgs_dir: Path | N
         saved = json.loads(path.read_text())
         label = f"{saved['loss']}-{saved['dataset']}-feat={int(saved['feat_dim'])}"
     except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError) as exc:
-        raise StitchError(
-            f"{path}: damaged ({type(exc).__name__}), so the imgs/ name is unknown; copy the GIFs by hand"
-        ) from None
+        raise StitchError(f"{path}: damaged ({type(exc).__name__}); copy GIFs by hand") from None
     if "/" in label or "\0" in label:
-        raise StitchError(f"{path}: a / or NUL in its loss or dataset; copy the GIFs by hand")
+        raise StitchError(f"{path}: a / or NUL in its loss or dataset; copy GIFs by hand")
     target = imgs_dir / label
     try:
         target.mkdir(parents=True, exist_ok=True)
@@ -315,9 +305,7 @@ def stitch(run_dir: Path, duration: float, last_pause: float, imgs_dir: Path | N
             atomic_write_bytes(target / path.name, path.read_bytes())
             print(f"copied {path} -> {target / path.name}")
     except OSError as exc:
-        raise StitchError(
-            f"--imgs-dir {imgs_dir}: cannot copy into {target} ({exc.strerror}); give a folder as --imgs-dir"
-        ) from None
+        raise StitchError(f"--imgs-dir: cannot copy into {target} ({exc.strerror})") from None
 
 
 def geometry_series(run_dir: Path) -> dict[str, tuple[list[int], list[float]]]:
@@ -331,9 +319,7 @@ def geometry_series(run_dir: Path) -> dict[str, tuple[list[int], list[float]]]:
         }
         series = {name: tuple(map(list, zip(*p))) for name, p in points.items() if p}
     except (OSError, UnicodeDecodeError, csv.Error, KeyError, ValueError) as exc:
-        raise StitchError(
-            f"{path}: not readable as a run's metrics ({type(exc).__name__}: {exc}); give run folders of main.py"
-        ) from None
+        raise StitchError(f"{path}: not readable ({type(exc).__name__}: {exc})") from None
     if not series:
         raise StitchError(f"{path}: none of the geometry columns; the run was made without them")
     return series
@@ -360,11 +346,9 @@ def draw_geometry(runs: list[Path], out: Path) -> None:
 
 def seconds(text: str) -> float:
     """A frame time for argparse: a finite number of seconds above zero (a GIF stores hundredths of a second in 16 bits)."""
-    try:
+    with contextlib.suppress(ValueError):
         if 0.01 <= float(text) <= 600:  # not NaN nor infinities
             return float(text)
-    except ValueError:
-        pass
     raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds from 0.01 to 600")
 
 
