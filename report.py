@@ -177,16 +177,14 @@ def table(runs: pd.DataFrame, extra: list[str], present_only: bool = False) -> s
         # An unfinished run is never compared with the study, nor an open-set one (fewer classes: another task).
         stopped = "unfinished" in rows and bool(rows["unfinished"].eq(True).any())
         study_acc = None if first.get("train_classes") else study_acc
-        weights = [fmt(first[w], 1) if key[0] == o else "/" for w, o in zip(NUMBERS[5:], OWNERS)]
-        planned = f" of {first.get('epochs_planned')} (unfinished)"
         compared = study_acc is not None and not stopped  # diff
         return [
             *map(str, key),
             cell(point, rows, "acc") + " (unfinished)" * stopped,
             fmt(first["lr"], 2),
-            f"{first['epochs']}" + planned * stopped,
+            f"{first['epochs']}" + f" of {first.get('epochs_planned')} (unfinished)" * stopped,
             str(first["batch_size"]),
-            *weights,
+            *(fmt(first[w], 1) if key[0] == o else "/" for w, o in zip(NUMBERS[5:], OWNERS)),
             fmt(study_acc),
             f"{stats.loc[point, ('acc', 'mean')] - study_acc:+.3f}" if compared else "/",
             *[str(len(rows))] * seeds,
@@ -232,17 +230,6 @@ def gallery(imgs_dir: Path, page: Path) -> str:
     return "\n".join(lines)
 
 
-def collect(paths: list[Path], folder: Path) -> None:
-    """Copy every summary to folder/<name>.json; an unfinished run's summary as the table reads it."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for path in find_summaries(paths):
-        target = folder / f"{(summary := read_summary(path))['name']}.json"
-        if path.name == "args.json":
-            target.write_text(json.dumps(summary, indent=2) + "\n")
-        elif not (target.exists() and target.samefile(path)):  # collecting a folder into itself
-            shutil.copyfile(path, target)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n")[0] + " Seeds of one grid point: mean ± sample std, n."
@@ -278,8 +265,14 @@ def main(argv: list[str] | None = None) -> int:
         content = fill(readme, label, text, args.gallery) if readme else None
         print("".join(f"note: {note}\n" for note in notes), end="", file=sys.stderr)
         print(text)
-        if args.collect:
-            collect(args.paths, args.collect)
+        if folder := args.collect:  # every summary as <name>.json, an unfinished run's as read
+            folder.mkdir(parents=True, exist_ok=True)
+            for path in find_summaries(args.paths):
+                target = folder / f"{(summary := read_summary(path))['name']}.json"
+                if path.name == "args.json":
+                    target.write_text(json.dumps(summary, indent=2) + "\n")
+                elif not (target.exists() and target.samefile(path)):  # a folder into itself
+                    shutil.copyfile(path, target)
         if content is not None:
             readme.write_text(content)
         return 0

@@ -89,12 +89,10 @@ def robust_limits(points: np.ndarray, quantile: float = 0.005, pad: float = 0.08
     return np.stack([low - pad * span, high + pad * span], axis=1)
 
 
-def add_legend(
-    ax: plt.Axes, colors: np.ndarray, classes: Sequence[str], marker: str, **kwargs
-) -> None:
-    style = dict(marker=marker, linestyle="", markersize=kwargs.pop("markersize", 6))
+def add_legend(ax: plt.Axes, colors: np.ndarray, classes: Sequence[str], marker: str, **kw) -> None:
+    style = dict(marker=marker, linestyle="", markersize=kw.pop("markersize", 6))
     handles = [plt.Line2D([], [], color=colors[k], label=c, **style) for k, c in enumerate(classes)]
-    ax.legend(handles=handles, loc="upper right", **kwargs)
+    ax.legend(handles=handles, loc="upper right", **kw)
 
 
 def draw_frame(
@@ -211,8 +209,7 @@ def save_projection(
         thumb = images[k].float().div(255).permute(1, 2, 0).expand(-1, -1, 3).numpy()
         framed = np.ones((thumb.shape[0] + 4, thumb.shape[1] + 4, 3)) * colors[labels[k]][:3]
         framed[2:-2, 2:-2] = thumb
-        x, y = points[k]
-        extent = (x - dx, x + dx, y - dy, y + dy)
+        extent = np.repeat(points[k], 2) + (-dx, dx, -dy, dy)  # x - dx, x + dx, y - dy, y + dy
         ax.imshow(framed, extent=extent, interpolation="nearest", zorder=3)
     add_legend(ax, colors, classes, "s", fontsize=8, framealpha=0.8)
     ax.set(xlim=limits[0], ylim=limits[1], aspect="auto")
@@ -376,7 +373,6 @@ def main(argv: list[str] | None = None) -> int:
     times = (args.duration or 0.4, args.last_pause or 2.0)
     jobs = [partial(stitch, run, *times, imgs_dir) for run in args.runs]
     failures = 0
-    # --geometry: one picture
     for job in [partial(draw_geometry, args.runs, args.out)] if args.geometry else jobs:
         try:
             job()
