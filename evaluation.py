@@ -1,7 +1,5 @@
 """Evaluation after an epoch: features in eval mode, the study's accuracy, the metrics.csv row."""
 
-from __future__ import annotations
-
 import os
 from contextlib import nullcontext
 from pathlib import Path
@@ -31,6 +29,7 @@ COLUMNS = [  # metrics.csv
 ]  # fmt: skip
 
 
+@torch.no_grad()
 def nearest(features: Tensor, points: Tensor, exclude: Tensor | None = None) -> Tensor:
     """Index of the nearest row of `points` (torch.cdist) for every feature, never one where `exclude` is true; in
     chunks of features holding at most utils.CHUNK_BYTES of distances (100,000 centers: a few hundred features)."""
@@ -114,9 +113,7 @@ def epoch_row(run: Run, epoch: int, state: EpochState, seconds: float) -> tuple[
         "test_loss": stats[0],
         "test_acc": test_acc,
         "ncm_acc": hit_rate(nearest(features, means, exclude=count == 0), labels),
-        "center_acc": hit_rate(nearest(features, centers.detach()), labels)
-        if centers is not None
-        else None,
+        "center_acc": None if centers is None else hit_rate(nearest(features, centers), labels),
         "val_acc": accuracy(run, run.val)[0] if run.val is not None else None,
         **class_geometry(features, labels),
     }

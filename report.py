@@ -192,12 +192,11 @@ def table(runs: pd.DataFrame, extra: list[str], present_only: bool = False) -> s
         ]
 
     by_key = {key: list(group["point"].unique()) for key, group in runs.groupby(KEY)}
-    lines, grid = [], set()
+    lines = []
     for study in study_rows():
-        grid.add(key := (study["loss"], study["dataset"], int(study["feat_dim"])))
-        lines += [row(key, p, study["acc"]) for p in by_key.get(key, [None] * (not present_only))]
-    beyond = sorted(set(by_key) - grid)  # grid points the study has not
-    lines += [row(key, point, None) for key in beyond for point in by_key[key]]
+        key = (study["loss"], study["dataset"], int(study["feat_dim"]))
+        lines += [row(key, p, study["acc"]) for p in by_key.pop(key, [None] * (not present_only))]
+    lines += [row(key, p, None) for key in sorted(by_key) for p in by_key[key]]  # beyond the study
     return pd.DataFrame(lines, columns=header).to_markdown(
         index=False, colalign=["center"] * len(header), disable_numparse=True
     )

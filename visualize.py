@@ -5,8 +5,6 @@
 
 --to-imgs also copies the GIFs (and projections) to imgs/<loss>-<dataset>-feat=<d>/, the naming of the study's README."""
 
-from __future__ import annotations
-
 import argparse
 import contextlib
 import csv
@@ -25,10 +23,9 @@ from metrics import GEOMETRY_METRICS
 from utils import WriteError, atomic_write_bytes
 
 try:
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    plt.switch_backend("Agg")
 except Exception as exc:  # e.g. OSError: no writable cache folder (umask 777, a read-only home)
     reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     raise SystemExit(
@@ -220,8 +217,7 @@ def save_projection(
 def log_tensorboard(
     writer, epoch: int, row: dict, centers: torch.Tensor | None, embedding: tuple | None = None
 ) -> None:
-    """TensorBoard: each float metrics column, the min/mean/max distance between centers (of a sample
-    of PDIST_CENTERS when there are more), (features, images, names) if given."""
+    """TensorBoard: each float metrics column, min/mean/max distance between centers, the embedding if given."""
     for key, value in row.items():
         if isinstance(value, float) and key not in ("epoch", "seconds"):
             group = "train/" if key.startswith("train_") else "eval/"
@@ -310,11 +306,10 @@ def geometry_series(run_dir: Path) -> dict[str, tuple[list[int], list[float]]]:
     path = Path(run_dir) / "metrics.csv"
     try:
         rows = list(csv.DictReader(path.read_text().splitlines()))
-        points = {
-            name: [(int(r["epoch"]), float(r[name])) for r in rows if r.get(name) not in (None, "")]
-            for name in GEOMETRY_METRICS
-        }
-        series = {name: tuple(map(list, zip(*p))) for name, p in points.items() if p}
+        series = {}
+        for name in GEOMETRY_METRICS:  # an empty cell: an epoch without them
+            if points := [(int(r["epoch"]), float(r[name])) for r in rows if r.get(name)]:
+                series[name] = tuple(map(list, zip(*points)))
     except (OSError, UnicodeDecodeError, csv.Error, KeyError, ValueError) as exc:
         raise StitchError(f"{path}: not readable ({type(exc).__name__}: {exc})") from None
     if not series:
@@ -363,10 +358,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.geometry != (args.out is not None):
         parser.error("--geometry and --out go together: --geometry RUN_DIR ... --out geometry.png")
     stitching = ("duration", "last_pause", "to_imgs", "imgs_dir")
-    given = [name for name in stitching if getattr(args, name) not in (None, False)]
+    given = [f"--{n.replace('_', '-')}" for n in stitching if getattr(args, n) not in (None, False)]
     if args.geometry and given:
-        flag = "--" + given[0].replace("_", "-")
-        parser.error(f"{flag} is for stitching GIFs, which --geometry does not do; drop it")
+        parser.error(f"{given[0]} is for stitching GIFs, which --geometry does not do; drop it")
     if args.imgs_dir is not None and not args.to_imgs:
         parser.error("--imgs-dir says where --to-imgs copies to; add --to-imgs or drop it")
     imgs_dir = (args.imgs_dir or Path("imgs")) if args.to_imgs else None
