@@ -127,13 +127,12 @@ def save_frame_data(
     labels: torch.Tensor,
     centers: torch.Tensor | None,
     title: str,
-) -> Path:
+) -> None:
     """Write frames/<split>/epoch_NNN.npz, the points of one frame; draw_frames draws them all at the end."""
     centers = centers.float().numpy() if centers is not None else np.zeros((0, 2), np.float32)
     path = own_folder(run_dir, "frames", split) / f"epoch_{epoch:03d}.npz"
     points = {"features": features.float().numpy(), "labels": labels.numpy(), "centers": centers}
     save_bytes(path, lambda buffer: np.savez(buffer, **points, title=title))
-    return path
 
 
 def load_frame(path: Path) -> dict[str, np.ndarray]:
