@@ -1,7 +1,5 @@
 """Evaluation after an epoch: features in eval mode, the study's accuracy, the metrics.csv row."""
 
-from __future__ import annotations
-
 import os
 from contextlib import nullcontext
 from pathlib import Path
@@ -9,16 +7,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+import metrics
 from datasets import Dataset, ImageData
 from losses import CENTER_ACC_LOSSES
-from metrics import (
-    FEATURE_METRICS,
-    GEOMETRY_METRICS,
-    OPEN_SET_METRICS,
-    class_geometry,
-    feature_metrics,
-    retrieval_scores,
-)
 from training import TERMS, EpochState, Run
 from utils import chunk_rows
 
@@ -27,10 +18,12 @@ VALIDATION = ("val_acc", "best_val_acc", "best_val_epoch", "test_acc_at_best_val
 COLUMNS = [  # metrics.csv
     "epoch", "lr", "train_loss", "train_xent", "train_intra", "train_inter", "train_acc",
     "test_loss", "test_xent", "test_intra", "test_inter", "test_acc", "ncm_acc", "center_acc", "val_acc",
-    *FEATURE_METRICS, *GEOMETRY_METRICS, *OPEN_SET_METRICS, "bad_steps", "seconds",
+    *metrics.FEATURE_METRICS, *metrics.GEOMETRY_METRICS, *metrics.OPEN_SET_METRICS,
+    "bad_steps", "seconds",
 ]  # fmt: skip
 
 
+@torch.no_grad()
 def nearest(features: Tensor, points: Tensor, exclude: Tensor | None = None) -> Tensor:
     """Index of the nearest row of `points` (torch.cdist) for every feature, never one where `exclude` is true; in
     chunks of features holding at most utils.CHUNK_BYTES of distances (100,000 centers: a few hundred features)."""
@@ -114,18 +107,16 @@ def epoch_row(run: Run, epoch: int, state: EpochState, seconds: float) -> tuple[
         "test_loss": stats[0],
         "test_acc": test_acc,
         "ncm_acc": hit_rate(nearest(features, means, exclude=count == 0), labels),
-        "center_acc": hit_rate(nearest(features, centers.detach()), labels)
-        if centers is not None
-        else None,
+        "center_acc": None if centers is None else hit_rate(nearest(features, centers), labels),
         "val_acc": accuracy(run, run.val)[0] if run.val is not None else None,
-        **class_geometry(features, labels),
+        **metrics.class_geometry(features, labels),
     }
-    if run.unseen is not None:  # open set: retrieval among the classes never trained on
-        scores = retrieval_scores(embed(run, run.unseen), run.unseen.labels.to(features.device))
+    if (unseen := run.unseen) is not None:  # open set: retrieval among classes never trained on
+        scores = metrics.retrieval_scores(embed(run, unseen), unseen.labels.to(features.device))
         row |= {f"open_{name}": value for name, value in scores.items()}
     if epoch == args.epochs or (args.eval_every and epoch % args.eval_every == 0):
-        train_labels = run.train.labels.to(features.device)
-        row |= feature_metrics(features, labels, embed(run, run.train), train_labels, args.seed)
+        train = (embed(run, run.train), run.train.labels.to(features.device))
+        row |= metrics.feature_metrics(features, labels, *train, args.seed)
     return row | {"bad_steps": int(state.bad_steps), "seconds": seconds}, features
 
 
@@ -164,8 +155,8 @@ def run_summary(run: Run, data: Dataset) -> dict:
         "train_seconds": run.train_seconds,
         "samples_per_second": run.samples / max(run.train_seconds, 1e-9),
         "bad_steps": run.bad_steps,
-        **{name: last[name] for name in (*FEATURE_METRICS, *GEOMETRY_METRICS)},
-        **({name: last[name] for name in OPEN_SET_METRICS} if run.unseen is not None else {}),
+        **{name: last[name] for name in (*metrics.FEATURE_METRICS, *metrics.GEOMETRY_METRICS)},
+        **{name: last[name] for name in metrics.OPEN_SET_METRICS if run.unseen is not None},
         "classes": data.classes,
         **dict(zip(VALIDATION, selected)),
         "device": str(run.device),

@@ -1,8 +1,6 @@
 """Retrieval (P@1, R-precision, MAP@R: pytorch-metric-learning's AccuracyCalculator; Musgrave et al., ECCV 2020), k-NN,
 clustering (NMI, AMI: scikit-learn) and class geometry of features: exact search, squared Euclidean, in chunks of queries."""
 
-from __future__ import annotations
-
 import functools
 import warnings
 

@@ -68,20 +68,17 @@ def find_summaries(paths: list[Path]) -> list[Path]:
 
 def unfinished_summary(args_path: Path) -> dict:
     """args.json, then the last metrics.csv row (test_acc as acc, epoch as epochs), marked unfinished."""
+    run = args_path.parent
     try:
         settings = json.loads(args_path.read_text())
-        rows = pd.read_csv(args_path.parent / "metrics.csv").to_dict("records")
+        rows = pd.read_csv(run / "metrics.csv").to_dict("records")
     except (OSError, UnicodeDecodeError, ValueError) as exc:  # pandas' parse errors are ValueErrors
-        raise SummaryError(
-            f"{args_path.parent}: unfinished run not readable ({str(exc).splitlines()[0]}); rerun or remove it"
-        ) from None
+        raise SummaryError(f"{run}: unfinished, unreadable ({str(exc).splitlines()[0]})") from None
     if not isinstance(settings, dict) or not rows:
-        raise SummaryError(
-            f"{args_path.parent}: unfinished run with no finished epoch in metrics.csv; resume it or remove the folder"
-        )
+        raise SummaryError(f"{run}: no finished epoch in metrics.csv; resume or remove it")
     # The last row's values (lr: the scheduled one), under the settings' names where they differ.
     last = {k: None if pd.isna(v) else v for k, v in rows[-1].items() if k not in settings}
-    mark = {"name": args_path.parent.name, "acc": last.get("test_acc"), "epochs": last.get("epoch")}
+    mark = {"name": run.name, "acc": last.get("test_acc"), "epochs": last.get("epoch")}
     return settings | last | mark | {"unfinished": True, "epochs_planned": settings.get("epochs")}
 
 
@@ -126,9 +123,7 @@ def load_runs(paths: list[Path], notes: list[str] | None = None) -> pd.DataFrame
         s["gap"] = train - test if isinstance(train, float) and isinstance(test, float) else None
         s["point"] = json.dumps([s.get(key) for key in SETTINGS] + [bool(s.get("unfinished"))])
         if (run := (s["point"], json.dumps(s.get("seed")))) in kept:
-            notes.append(
-                f"{kept[run][0]} and {path} are runs of the same settings and seed {run[1]}; the table shows {path}, {LAST}"
-            )
+            notes.append(f"{kept[run][0]}, {path}: same settings, seed {run[1]}; shown: {LAST}")
         kept[run] = (path, s)
     keys = set().union(*(s for _, s in kept.values()))  # a key a summary lacks is None, not NaN
     runs = pd.DataFrame([{k: s.get(k) for k in keys} for _, s in kept.values()], dtype=object)
@@ -138,10 +133,8 @@ def load_runs(paths: list[Path], notes: list[str] | None = None) -> pd.DataFrame
     runs = runs.sort_values("point", kind="stable")
     for (loss, dataset, feat_dim), rows in runs.groupby(KEY):
         if len(p := rows.drop_duplicates("point")) > 1:  # one row per point
-            differ = [k for k in SETTINGS if k in p and p[k].map(json.dumps).nunique() > 1]
-            notes.append(
-                f"{loss} {dataset} feat_dim {feat_dim}: {len(p)} rows, for runs that differ in {', '.join(differ)}"
-            )
+            differ = ", ".join(k for k in SETTINGS if k in p and p[k].map(json.dumps).nunique() > 1)
+            notes.append(f"{loss} {dataset} feat_dim {feat_dim}: {len(p)} rows; {differ} differ")
     return runs
 
 
@@ -184,16 +177,14 @@ def table(runs: pd.DataFrame, extra: list[str], present_only: bool = False) -> s
         # An unfinished run is never compared with the study, nor an open-set one (fewer classes: another task).
         stopped = "unfinished" in rows and bool(rows["unfinished"].eq(True).any())
         study_acc = None if first.get("train_classes") else study_acc
-        weights = [fmt(first[w], 1) if key[0] == o else "/" for w, o in zip(NUMBERS[5:], OWNERS)]
-        planned = f" of {first.get('epochs_planned')} (unfinished)"
         compared = study_acc is not None and not stopped  # diff
         return [
             *map(str, key),
             cell(point, rows, "acc") + " (unfinished)" * stopped,
             fmt(first["lr"], 2),
-            f"{first['epochs']}" + planned * stopped,
+            f"{first['epochs']}" + f" of {first.get('epochs_planned')} (unfinished)" * stopped,
             str(first["batch_size"]),
-            *weights,
+            *(fmt(first[w], 1) if key[0] == o else "/" for w, o in zip(NUMBERS[5:], OWNERS)),
             fmt(study_acc),
             f"{stats.loc[point, ('acc', 'mean')] - study_acc:+.3f}" if compared else "/",
             *[str(len(rows))] * seeds,
@@ -201,12 +192,11 @@ def table(runs: pd.DataFrame, extra: list[str], present_only: bool = False) -> s
         ]
 
     by_key = {key: list(group["point"].unique()) for key, group in runs.groupby(KEY)}
-    lines, grid = [], set()
+    lines = []
     for study in study_rows():
-        grid.add(key := (study["loss"], study["dataset"], int(study["feat_dim"])))
-        lines += [row(key, p, study["acc"]) for p in by_key.get(key, [None] * (not present_only))]
-    beyond = sorted(set(by_key) - grid)  # grid points the study has not
-    lines += [row(key, point, None) for key in beyond for point in by_key[key]]
+        key = (study["loss"], study["dataset"], int(study["feat_dim"]))
+        lines += [row(key, p, study["acc"]) for p in by_key.pop(key, [None] * (not present_only))]
+    lines += [row(key, p, None) for key in sorted(by_key) for p in by_key[key]]  # beyond the study
     return pd.DataFrame(lines, columns=header).to_markdown(
         index=False, colalign=["center"] * len(header), disable_numparse=True
     )
@@ -217,16 +207,12 @@ def fill(readme: Path, label: str, text: str, imgs: Path | None) -> str:
     try:
         content = readme.read_text()
     except (OSError, UnicodeDecodeError) as exc:
-        raise SummaryError(
-            f"--readme {readme}: not readable as text ({exc}); give the Markdown file to write into"
-        ) from None
+        raise SummaryError(f"--readme {readme}: not readable as text ({exc})") from None
     blocks = {label: text, **({"gallery": gallery(imgs, readme)} if imgs else {})}
     for name, body in blocks.items():
         start, end = f"<!-- {name} -->", f"<!-- /{name} -->"
         if start not in content or end not in content:
-            raise SummaryError(
-                f"{readme}: markers {start} ... {end} not found; add them where the table belongs"
-            )
+            raise SummaryError(f"{readme}: markers {start} ... {end} not found; add them")
         head, rest = content.split(start, 1)
         content = f"{head}{start}\n{body}\n{end}{rest.split(end, 1)[1]}"
     return content
@@ -235,25 +221,12 @@ def fill(readme: Path, label: str, text: str, imgs: Path | None) -> str:
 def gallery(imgs_dir: Path, page: Path) -> str:
     """Markdown of the committed pictures (GIFs of 2-D runs, projections of the others), linked relative to `page`."""
     lines = ["| run | train | test |", "| :---: | :---: | :---: |"]
-    for folder in sorted(p for p in imgs_dir.iterdir() if p.is_dir()):
+    for run in sorted(p for p in imgs_dir.iterdir() if p.is_dir()):
         for kind in ("gif", "png"):
-            if (folder / f"train.{kind}").is_file() and (folder / f"test.{kind}").is_file():
-                rel = Path(os.path.relpath(folder.resolve(), page.resolve().parent)).as_posix()
-                lines.append(
-                    f"| {folder.name} | ![]({rel}/train.{kind}) | ![]({rel}/test.{kind}) |"
-                )
+            if (run / f"train.{kind}").is_file() and (run / f"test.{kind}").is_file():
+                rel = Path(os.path.relpath(run.resolve(), page.resolve().parent)).as_posix()
+                lines.append(f"| {run.name} | ![]({rel}/train.{kind}) | ![]({rel}/test.{kind}) |")
     return "\n".join(lines)
-
-
-def collect(paths: list[Path], folder: Path) -> None:
-    """Copy every summary to folder/<name>.json; an unfinished run's summary as the table reads it."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for path in find_summaries(paths):
-        target = folder / f"{(summary := read_summary(path))['name']}.json"
-        if path.name == "args.json":
-            target.write_text(json.dumps(summary, indent=2) + "\n")
-        elif not (target.exists() and target.samefile(path)):  # collecting a folder into itself
-            shutil.copyfile(path, target)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -277,9 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--collect {args.collect} is a file, not a folder, left alone; give a folder")
     if readme and not readme.is_file():
         kind = "is a folder" if readme.is_dir() else "does not exist"
-        parser.error(
-            f"--readme {readme} {kind}; give the Markdown file that holds <!-- {label} -->"
-        )
+        parser.error(f"--readme {readme} {kind}; give the Markdown file with <!-- {label} -->")
     if args.gallery and not (readme and args.gallery.is_dir()):
         parser.error(f"--gallery {args.gallery} needs --readme and must be a folder of pictures")
     notes: list[str] = []
@@ -293,8 +264,14 @@ def main(argv: list[str] | None = None) -> int:
         content = fill(readme, label, text, args.gallery) if readme else None
         print("".join(f"note: {note}\n" for note in notes), end="", file=sys.stderr)
         print(text)
-        if args.collect:
-            collect(args.paths, args.collect)
+        if folder := args.collect:  # every summary as <name>.json, an unfinished run's as read
+            folder.mkdir(parents=True, exist_ok=True)
+            for path in find_summaries(args.paths):
+                target = folder / f"{(summary := read_summary(path))['name']}.json"
+                if path.name == "args.json":
+                    target.write_text(json.dumps(summary, indent=2) + "\n")
+                elif not (target.exists() and target.samefile(path)):  # a folder into itself
+                    shutil.copyfile(path, target)
         if content is not None:
             readme.write_text(content)
         return 0

@@ -5,9 +5,8 @@
 
 --to-imgs also copies the GIFs (and projections) to imgs/<loss>-<dataset>-feat=<d>/, the naming of the study's README."""
 
-from __future__ import annotations
-
 import argparse
+import contextlib
 import csv
 import io
 import json
@@ -24,10 +23,9 @@ from metrics import GEOMETRY_METRICS
 from utils import WriteError, atomic_write_bytes
 
 try:
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    plt.switch_backend("Agg")
 except Exception as exc:  # e.g. OSError: no writable cache folder (umask 777, a read-only home)
     reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     raise SystemExit(
@@ -77,9 +75,7 @@ def own_folder(run_dir: Path, *names: str) -> Path:
         except OSError as exc:
             raise WriteError(f"cannot create {folder} ({exc.strerror})") from None
         if folder.is_symlink() or not folder.is_dir():
-            raise WriteError(
-                f"{folder} is a link or not a folder, and the run writes only into folders of its own; remove it"
-            )
+            raise WriteError(f"{folder} is a link or not a folder; remove it")
     return folder
 
 
@@ -90,12 +86,10 @@ def robust_limits(points: np.ndarray, quantile: float = 0.005, pad: float = 0.08
     return np.stack([low - pad * span, high + pad * span], axis=1)
 
 
-def add_legend(
-    ax: plt.Axes, colors: np.ndarray, classes: Sequence[str], marker: str, **kwargs
-) -> None:
-    style = dict(marker=marker, linestyle="", markersize=kwargs.pop("markersize", 6))
+def add_legend(ax: plt.Axes, colors: np.ndarray, classes: Sequence[str], marker: str, **kw) -> None:
+    style = dict(marker=marker, linestyle="", markersize=kw.pop("markersize", 6))
     handles = [plt.Line2D([], [], color=colors[k], label=c, **style) for k, c in enumerate(classes)]
-    ax.legend(handles=handles, loc="upper right", **kwargs)
+    ax.legend(handles=handles, loc="upper right", **kw)
 
 
 def draw_frame(
@@ -133,13 +127,12 @@ def save_frame_data(
     labels: torch.Tensor,
     centers: torch.Tensor | None,
     title: str,
-) -> Path:
+) -> None:
     """Write frames/<split>/epoch_NNN.npz, the points of one frame; draw_frames draws them all at the end."""
     centers = centers.float().numpy() if centers is not None else np.zeros((0, 2), np.float32)
     path = own_folder(run_dir, "frames", split) / f"epoch_{epoch:03d}.npz"
     points = {"features": features.float().numpy(), "labels": labels.numpy(), "centers": centers}
     save_bytes(path, lambda buffer: np.savez(buffer, **points, title=title))
-    return path
 
 
 def load_frame(path: Path) -> dict[str, np.ndarray]:
@@ -151,9 +144,7 @@ def load_frame(path: Path) -> dict[str, np.ndarray]:
         if features.ndim != 2 or features.shape[1] != 2 or len(frame["labels"]) != len(features):
             raise ValueError("not 2-D points with one label each")
     except Exception as exc:  # numpy reports damage as OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError, ...
-        raise StitchError(
-            f"{path}: damaged frame data ({type(exc).__name__}); delete it and run the same command again"
-        ) from None
+        raise StitchError(f"{path}: damaged frame data ({type(exc).__name__}); delete it") from None
     return frame
 
 
@@ -206,8 +197,7 @@ def save_projection(
         points = project_2d(features[:n], method)
     colors = class_colors(len(classes))
     fig, ax = plt.subplots(figsize=(9, 9), dpi=100)
-    rest = points[THUMBNAILS:]
-    ax.scatter(*rest.T, c=colors[labels[THUMBNAILS:]], s=3, linewidths=0, alpha=0.6)
+    ax.scatter(*points[THUMBNAILS:].T, c=colors[labels[THUMBNAILS:]], s=3, linewidths=0, alpha=0.6)
     limits = robust_limits(points, quantile=0.002)
     (dx, dy) = 0.015 * (limits[:, 1] - limits[:, 0])
     for k in range(min(THUMBNAILS, n)):
@@ -215,8 +205,7 @@ def save_projection(
         thumb = images[k].float().div(255).permute(1, 2, 0).expand(-1, -1, 3).numpy()
         framed = np.ones((thumb.shape[0] + 4, thumb.shape[1] + 4, 3)) * colors[labels[k]][:3]
         framed[2:-2, 2:-2] = thumb
-        x, y = points[k]
-        extent = (x - dx, x + dx, y - dy, y + dy)
+        extent = np.repeat(points[k], 2) + (-dx, dx, -dy, dy)  # x - dx, x + dx, y - dy, y + dy
         ax.imshow(framed, extent=extent, interpolation="nearest", zorder=3)
     add_legend(ax, colors, classes, "s", fontsize=8, framealpha=0.8)
     ax.set(xlim=limits[0], ylim=limits[1], aspect="auto")
@@ -227,8 +216,7 @@ def save_projection(
 def log_tensorboard(
     writer, epoch: int, row: dict, centers: torch.Tensor | None, embedding: tuple | None = None
 ) -> None:
-    """TensorBoard: each float metrics column, the min/mean/max distance between centers (of a sample
-    of PDIST_CENTERS when there are more), (features, images, names) if given."""
+    """TensorBoard: each float metrics column, min/mean/max distance between centers, the embedding if given."""
     for key, value in row.items():
         if isinstance(value, float) and key not in ("epoch", "seconds"):
             group = "train/" if key.startswith("train_") else "eval/"
@@ -252,9 +240,7 @@ def read_frames(run_dir: Path, split: str) -> list[tuple[Path, np.ndarray]]:
         try:
             frames.append((frame, iio.imread(frame)[..., :3]))
         except Exception as exc:  # PIL reports damage as OSError, SyntaxError, ValueError, ...
-            raise StitchError(
-                f"{frame}: cannot be read as an image ({type(exc).__name__}); delete it to stitch the others"
-            ) from None
+            raise StitchError(f"{frame}: not readable as an image ({type(exc).__name__})") from None
         if frames[-1][1].shape != frames[0][1].shape:
             (h, w), (h0, w0) = frames[-1][1].shape[:2], frames[0][1].shape[:2]
             raise StitchError(f"{frame}: a {w}x{h} frame among {w0}x{h0} ones; delete it")
@@ -293,9 +279,7 @@ def stitch(run_dir: Path, duration: float, last_pause: float, imgs_dir: Path | N
         print(f"{path}: {len(list((run_dir / 'frames' / path.stem).glob('epoch_*.png')))} frames")
     projections = [p for p in (run_dir / f"{split}.png" for split in SPLITS) if p.is_file()]
     if not made and not projections:
-        raise StitchError(
-            f"{run_dir}: no frames (frames/train/epoch_*.png) to stitch; train with --feat-dim 2 and without --no-plots"
-        )
+        raise StitchError(f"{run_dir}: no frames; train with --feat-dim 2, without --no-plots")
     if imgs_dir is None:
         return
     path = run_dir / "args.json"
@@ -303,11 +287,9 @@ def stitch(run_dir: Path, duration: float, last_pause: float, imgs_dir: Path | N
         saved = json.loads(path.read_text())
         label = f"{saved['loss']}-{saved['dataset']}-feat={int(saved['feat_dim'])}"
     except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError) as exc:
-        raise StitchError(
-            f"{path}: damaged ({type(exc).__name__}), so the imgs/ name is unknown; copy the GIFs by hand"
-        ) from None
+        raise StitchError(f"{path}: damaged ({type(exc).__name__}); copy GIFs by hand") from None
     if "/" in label or "\0" in label:
-        raise StitchError(f"{path}: a / or NUL in its loss or dataset; copy the GIFs by hand")
+        raise StitchError(f"{path}: a / or NUL in its loss or dataset; copy GIFs by hand")
     target = imgs_dir / label
     try:
         target.mkdir(parents=True, exist_ok=True)
@@ -315,9 +297,7 @@ def stitch(run_dir: Path, duration: float, last_pause: float, imgs_dir: Path | N
             atomic_write_bytes(target / path.name, path.read_bytes())
             print(f"copied {path} -> {target / path.name}")
     except OSError as exc:
-        raise StitchError(
-            f"--imgs-dir {imgs_dir}: cannot copy into {target} ({exc.strerror}); give a folder as --imgs-dir"
-        ) from None
+        raise StitchError(f"--imgs-dir: cannot copy into {target} ({exc.strerror})") from None
 
 
 def geometry_series(run_dir: Path) -> dict[str, tuple[list[int], list[float]]]:
@@ -325,15 +305,12 @@ def geometry_series(run_dir: Path) -> dict[str, tuple[list[int], list[float]]]:
     path = Path(run_dir) / "metrics.csv"
     try:
         rows = list(csv.DictReader(path.read_text().splitlines()))
-        points = {
-            name: [(int(r["epoch"]), float(r[name])) for r in rows if r.get(name) not in (None, "")]
-            for name in GEOMETRY_METRICS
-        }
-        series = {name: tuple(map(list, zip(*p))) for name, p in points.items() if p}
+        series = {}
+        for name in GEOMETRY_METRICS:  # an empty cell: an epoch without them
+            if points := [(int(r["epoch"]), float(r[name])) for r in rows if r.get(name)]:
+                series[name] = tuple(map(list, zip(*points)))
     except (OSError, UnicodeDecodeError, csv.Error, KeyError, ValueError) as exc:
-        raise StitchError(
-            f"{path}: not readable as a run's metrics ({type(exc).__name__}: {exc}); give run folders of main.py"
-        ) from None
+        raise StitchError(f"{path}: not readable ({type(exc).__name__}: {exc})") from None
     if not series:
         raise StitchError(f"{path}: none of the geometry columns; the run was made without them")
     return series
@@ -360,11 +337,9 @@ def draw_geometry(runs: list[Path], out: Path) -> None:
 
 def seconds(text: str) -> float:
     """A frame time for argparse: a finite number of seconds above zero (a GIF stores hundredths of a second in 16 bits)."""
-    try:
+    with contextlib.suppress(ValueError):
         if 0.01 <= float(text) <= 600:  # not NaN nor infinities
             return float(text)
-    except ValueError:
-        pass
     raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds from 0.01 to 600")
 
 
@@ -382,17 +357,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.geometry != (args.out is not None):
         parser.error("--geometry and --out go together: --geometry RUN_DIR ... --out geometry.png")
     stitching = ("duration", "last_pause", "to_imgs", "imgs_dir")
-    given = [name for name in stitching if getattr(args, name) not in (None, False)]
+    given = [f"--{n.replace('_', '-')}" for n in stitching if getattr(args, n) not in (None, False)]
     if args.geometry and given:
-        flag = "--" + given[0].replace("_", "-")
-        parser.error(f"{flag} is for stitching GIFs, which --geometry does not do; drop it")
+        parser.error(f"{given[0]} is for stitching GIFs, which --geometry does not do; drop it")
     if args.imgs_dir is not None and not args.to_imgs:
         parser.error("--imgs-dir says where --to-imgs copies to; add --to-imgs or drop it")
     imgs_dir = (args.imgs_dir or Path("imgs")) if args.to_imgs else None
     times = (args.duration or 0.4, args.last_pause or 2.0)
     jobs = [partial(stitch, run, *times, imgs_dir) for run in args.runs]
     failures = 0
-    # --geometry: one picture
     for job in [partial(draw_geometry, args.runs, args.out)] if args.geometry else jobs:
         try:
             job()

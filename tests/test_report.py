@@ -155,8 +155,8 @@ def test_same_settings_and_seed_twice_names_both_and_shows_the_last(tmp_path: Pa
     captured = capsys.readouterr()
     first, last = (tmp_path / d / "cent-mnist-feat=2" / "summary.json" for d in ("a", "b"))
     assert captured.err == (
-        f"note: {first} and {last} are runs of the same settings and seed 0; the table shows {last}, "
-        "the one found last (later path argument, then later name)\n"
+        f"note: {first}, {last}: same settings, seed 0; shown: the one found last (later path "
+        "argument, then later name)\n"
     )
     rows = table_rows(captured.out)
     assert len(rows[0]) == 13  # no n column
@@ -169,7 +169,7 @@ def test_runs_of_other_settings_are_rows_of_their_own(tmp_path: Path, capsys) ->
     write_summary(tmp_path, "xent", "mnist", 2, 0.99, name="long", seed=0, epochs=100)
     assert report.main([str(tmp_path), "--columns", ""]) == 0
     captured = capsys.readouterr()
-    assert captured.err == "note: xent mnist feat_dim 2: 2 rows, for runs that differ in epochs\n"
+    assert captured.err == "note: xent mnist feat_dim 2: 2 rows; epochs differ\n"
     rows = [(r[3], r[5]) for r in table_rows(captured.out) if r[:3] == ["xent", "mnist", "2"]]
     assert rows == [("0.990", "100"), ("0.950", "3")]
 
@@ -203,7 +203,7 @@ def exit_code(argv: list[str]) -> int:
 
 # flag | what the target is (absent, a folder, text, or undecodable bytes) | exit code | message
 OUTPUT_REFUSALS = """
---readme | absent | 2 | --readme {p} does not exist; give the Markdown file that holds
+--readme | absent | 2 | --readme {p} does not exist; give the Markdown file with
 --readme | folder | 2 | --readme {p} is a folder; give the Markdown file
 --readme | no markers | 1 | markers <!-- table:x --> ... <!-- /table:x --> not found
 --readme | bytes | 1 | --readme {p}: not readable as text (

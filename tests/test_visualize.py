@@ -153,8 +153,8 @@ def test_cli_makes_gifs_and_copies_to_imgs(tiny_runs, tmp_path, monkeypatch):
     [
         ("frames", None, "no frames"),
         ("", None, "no such run folder"),
-        ("frames/test/epoch_002.png", "cut", "epoch_002.png: cannot be read as an image"),
-        ("frames/train/epoch_001.png", "no image", "epoch_001.png: cannot be read as an image"),
+        ("frames/test/epoch_002.png", "cut", "epoch_002.png: not readable as an image"),
+        ("frames/train/epoch_001.png", "no image", "epoch_001.png: not readable as an image"),
         ("frames/train/epoch_002.png", "small", "a 40x30 frame among 400x400"),
         ("args.json", '{"loss": "cent", ', "args.json: damaged (JSONDecodeError)"),
         ("args.json", '["cent", "mnist", 2]', "args.json: damaged (TypeError)"),
@@ -263,8 +263,8 @@ def test_geometry_over_epochs_of_several_runs(tmp_path, capsys):
     "bad, out, message",
     [
         ("no-columns", "g.png", "metrics.csv: none of the geometry columns"),
-        ("no-csv", "g.png", "metrics.csv: not readable as a run's metrics (FileNotFoundError"),
-        ("bad-value", "g.png", "metrics.csv: not readable as a run's metrics (ValueError"),
+        ("no-csv", "g.png", "metrics.csv: not readable (FileNotFoundError"),
+        ("bad-value", "g.png", "metrics.csv: not readable (ValueError"),
         ("good", "g.txt", "--out {tmp}/g.txt: give a .png, .svg or .pdf file"),
     ],
 )
