@@ -3,8 +3,6 @@ path), or torchvision's per-sample transforms in a DataLoader (`--pipeline loade
 MNIST and digits rotate within +-5 degrees, Fashion-MNIST also flips, CIFAR-10 flips and crops 32
 pixels of the 4-zero padded image."""
 
-from __future__ import annotations
-
 import os
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial

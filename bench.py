@@ -8,8 +8,6 @@ study does (torchvision transforms, --workers DataLoader processes, --loader-amp
 device (--amp, --channels-last, --compile); they take turns after --warmup steps, --rounds rounds of --steps timed steps each.
 """
 
-from __future__ import annotations
-
 import argparse
 import functools
 import json

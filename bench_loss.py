@@ -9,8 +9,6 @@ CPU time, one thread: other processes' use of the cores is left out. Printed: ea
 over rounds of the step's ratio at the most classes to the fewest, at the smallest batch, with its quartiles.
 """
 
-from __future__ import annotations
-
 import argparse
 import functools
 import itertools

@@ -1,7 +1,5 @@
 """Run folders and checkpoints: atomic saves, safe loading (weights_only), configuration checks."""
 
-from __future__ import annotations
-
 import argparse
 import contextlib
 import json

@@ -1,8 +1,6 @@
 """The command line of main.py: every flag with its default, the study's settings and the first
 run's, and the checks that turn a bad argument into one line and exit code 2."""
 
-from __future__ import annotations
-
 import argparse
 import importlib.util
 import math

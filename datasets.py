@@ -1,8 +1,6 @@
 """Data sets as uint8 tensors (N x C x H x W images, N int64 labels) read through torchvision or from
 image folders, checked against what their names claim; batches.py makes the training batches."""
 
-from __future__ import annotations
-
 import hashlib
 import os
 import re
@@ -58,7 +56,7 @@ class ImageData:
     def __len__(self) -> int:
         return self.labels.shape[0]
 
-    def to(self, device: torch.device | str) -> ImageData:
+    def to(self, device: torch.device | str) -> "ImageData":
         return ImageData(self.images.to(device), self.labels.to(device))
 
 

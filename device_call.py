@@ -14,8 +14,6 @@ folders but checkpoints) and state-N.tar (whole run folders, at most PART bytes 
 next call continues. POSIX only (process groups). docs/speed.md: the plan and why these sizes.
 """
 
-from __future__ import annotations
-
 import argparse
 import contextlib
 import csv

@@ -1,8 +1,6 @@
 """torchrun: joining the process group, and the gradient-carrying all-gather that lets every rank's
 loss see the global batch."""
 
-from __future__ import annotations
-
 import contextlib
 import gc
 import os

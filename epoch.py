@@ -1,8 +1,6 @@
 """One epoch of training, read by main.py's loop: the steps over the epoch's batches (train_epoch)
 and the checks after them: divergence, an epoch that moved no weight, a signal the ranks agree on."""
 
-from __future__ import annotations
-
 import os
 import sys
 

@@ -3,8 +3,6 @@ usable in any training loop, and the centers' updates. Centers follow KaiyangZho
 an nn.Parameter of shape (num_classes, feat_dim), standard normal init. m: batch size, C: classes.
 """
 
-from __future__ import annotations
-
 import functools
 from collections.abc import Callable
 

@@ -9,8 +9,6 @@ finished, summary.json. Exit codes: 0 done, 1 data/checkpoint error or divergenc
 130/143/129 interrupted by SIGINT/SIGTERM/SIGHUP after saving a checkpoint.
 """
 
-from __future__ import annotations
-
 import argparse
 import math
 import os

@@ -1,7 +1,5 @@
 """Feature extractors of the study. Every model's forward returns (features, logits)."""
 
-from __future__ import annotations
-
 from collections.abc import Sequence
 
 import torch

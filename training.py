@@ -1,8 +1,6 @@
 """The training step main.py and bench.py share: the model, objective and optimisers a run trains,
 one SGD step from torch's own parts (train_step), and what an epoch accumulates from its steps."""
 
-from __future__ import annotations
-
 import argparse
 import math
 from collections.abc import Callable
@@ -216,7 +214,7 @@ class EpochState:
     @classmethod
     def new(
         cls, num_classes: int, feat_dim: int, device: torch.device, aug: torch.Generator
-    ) -> EpochState:
+    ) -> "EpochState":
         return cls(
             loss_sums=torch.zeros(1 + len(TERMS), dtype=torch.float64, device=device),
             correct=torch.zeros((), dtype=torch.int64, device=device),

@@ -1,7 +1,5 @@
 """Small helpers many modules share: devices, seeds, atomic files."""
 
-from __future__ import annotations
-
 import contextlib
 import csv
 import io
