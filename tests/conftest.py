@@ -8,6 +8,7 @@ decoded by PIL (datasets.decode); nothing calls torchvision.io, so none of its w
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shlex
@@ -149,6 +150,12 @@ def listing(root: Path, leave_out: Path | None = None) -> dict[str, tuple[str, i
         kind = "link" if path.is_symlink() else "dir" if path.is_dir() else "file"
         found[str(path.relative_to(root))] = (kind, path.lstat().st_size if kind == "file" else 0)
     return found
+
+
+def metrics_without_seconds(run_dir: Path) -> list[dict[str, str]]:
+    """metrics.csv's rows without `seconds`, the one column that differs between equal runs."""
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(f)]
 
 
 def write_finished_decoy(run_dir: Path) -> Path:

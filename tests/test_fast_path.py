@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import math
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
-from conftest import REPO, subprocess_env
+from conftest import REPO, metrics_without_seconds, subprocess_env
 
 from batches import (
     CROP_PADDING,
@@ -113,9 +112,8 @@ def test_flip_flips_each_image_with_probability_one_half():
     """RandomHorizontalFlip(0.5): an image is flipped where its uniform draw is below 0.5."""
     x = noise(64, 1, 28)
     expected = flip(x, torch.rand(64, generator=gen()) < 0.5)
-    assert torch.equal(augment_batch(x, ("flip",), gen()), expected) and not torch.equal(
-        expected, x
-    )
+    assert torch.equal(augment_batch(x, ("flip",), gen()), expected)
+    assert not torch.equal(expected, x)
 
 
 def test_crop_equals_torchvision_padded_crop_for_the_same_offsets():
@@ -184,11 +182,6 @@ def run_args(out: Path, pipeline: str) -> list[str]:
     args = "--dataset digits --train-samples 64 --batch-size 32 --epochs 2 --model lenet++".split()
     args += ["--no-plots", "--device", "cpu", "--pipeline", pipeline, "--out", str(out)]
     return args + (["--workers", "0"] if pipeline == "loader" else [])  # the loader's flag only
-
-
-def metrics_without_seconds(run: Path) -> list[dict[str, str]]:
-    with open(run / "metrics.csv", newline="") as f:
-        return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(f)]
 
 
 @pytest.mark.parametrize("pipeline", ["fast", "loader"])

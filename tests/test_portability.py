@@ -83,9 +83,8 @@ def test_the_code_needs_no_newer_python_than_declared() -> None:
     requires-python of pyproject.toml (as README says), and none needs a newer one."""
     pyproject = (REPO / "pyproject.toml").read_text()
     declared = re.search(r'requires-python = ">=(3\.\d+)"', pyproject)[1]
-    files = [
-        str(p) for pattern in ("*.py", "tests/*.py", "results/*/*.py") for p in REPO.glob(pattern)
-    ]
+    patterns = ("*.py", "tests/*.py", "results/*/*.py")
+    files = [str(p) for pattern in patterns for p in REPO.glob(pattern)]
     vermin = "import sys; from vermin.main import main; sys.exit(main())"
     out = run_python(vermin, f"-t={declared}-", "--no-tips", "--violations", *files)
     assert f"Minimum required versions: {declared}\n" in out, out[-3000:]

@@ -37,14 +37,11 @@ def checked_fused_sgd(original):
     def fused_sgd(params, grads, momentum_buffer_list, **kwargs):
         assert params, "empty parameter list"
         if not momentum_buffer_list:
-            assert kwargs["momentum"] == 0, (
-                "TORCH_CHECK_EQ(momentum, 0): momentum without momentum buffers"
-            )
+            assert kwargs["momentum"] == 0, "momentum without momentum buffers"
         else:
             assert kwargs["momentum"] > 0 and len(momentum_buffer_list) == len(params) == len(grads)
-        for tensors in zip(
-            params, grads, *([momentum_buffer_list] if momentum_buffer_list else [])
-        ):
+        buffers = [momentum_buffer_list] if momentum_buffer_list else []
+        for tensors in zip(params, grads, *buffers):
             kinds = {(t.dtype, t.device, t.layout, t.shape, t.stride()) for t in tensors}
             assert len(kinds) == 1, f"tensors of one parameter differ: {kinds}"
         calls.append(len(params))
@@ -93,9 +90,7 @@ def test_a_cpu_run_touches_no_cuda_and_resumes_to_fused_steps_that_pass_the_kern
     capsys.readouterr()
     assert main([*args, "--epochs", "2"]) == 0
     assert "resuming" in capsys.readouterr().out
-    assert (
-        len(calls) == 2 * 2
-    )  # the 2 steps of epoch 2, a call per parameter group (model, centers)
+    assert len(calls) == 2 * 2  # the 2 steps of epoch 2, a call per group (model, centers)
 
 
 # the old step's empty group; channels_last buffers of NCHW weights
