@@ -73,9 +73,8 @@ def test_rotation_angles_stay_within_5_degrees():
 
 def pil_batch(x: torch.Tensor, transform) -> torch.Tensor:
     """torchvision's per-sample PIL path (the loader pipeline's) on a uint8 batch, as floats in [0, 1]."""
-    return torch.stack(
-        [TF.to_tensor(transform(i, TF.to_pil_image(img))) for i, img in enumerate(x)]
-    )
+    images = [transform(i, TF.to_pil_image(img)) for i, img in enumerate(x)]
+    return torch.stack([TF.to_tensor(img) for img in images])
 
 
 @pytest.mark.parametrize("channels", [1, 3])
@@ -152,9 +151,8 @@ def test_training_is_bitwise_repeatable(tmp_path, pipeline):
     """Two runs with the same seed (the digits' rotation on), one in another process (another hash
     seed) while this one trains, give the same metrics, weights, centers and momentum."""
     command = [sys.executable, str(REPO / "main.py"), *run_args(tmp_path / "a", pipeline)]
-    proc = subprocess.Popen(
-        command, cwd=REPO, env=subprocess_env(), stdout=-1, stderr=-2, text=True
-    )
+    options = dict(cwd=REPO, env=subprocess_env(), stdout=-1, stderr=-2, text=True)
+    proc = subprocess.Popen(command, **options)
     assert main(run_args(tmp_path / "b", pipeline)) == 0
     output = proc.communicate(timeout=300)[0]
     assert proc.returncode == 0, output[-3000:]

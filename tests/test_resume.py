@@ -234,9 +234,8 @@ def test_resume_with_more_epochs_extends_the_run(tmp_path: Path, reference) -> N
     run_dir = tmp_path / "unfinished"
     shutil.copytree(reference(), run_dir, ignore=shutil.ignore_patterns("summary.json"))
     free = "--device cpu --eval-every 2 --max-bad-steps 9 --tensorboard --threads 1".split()
-    assert (
-        main([*TINY, "--out", str(tmp_path), "--name", "unfinished", "--epochs", "3", *free]) == 0
-    )
+    args = [*TINY, "--out", str(tmp_path), "--name", "unfinished", "--epochs", "3"]
+    assert main([*args, *free]) == 0
     rows = metrics_without_seconds(run_dir)
     assert len(rows) == 3 and rows[:2] == metrics_without_seconds(reference())
     assert json.loads((run_dir / "summary.json").read_text())["epochs"] == 3
