@@ -148,6 +148,12 @@ def listing(root: Path, leave_out: Path | None = None) -> dict[str, tuple[str, i
     return found
 
 
+def metrics_without_seconds(run_dir: Path) -> list[dict[str, str]]:
+    """metrics.csv's rows without `seconds`, the one column that differs between equal runs."""
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(f)]
+
+
 def write_finished_decoy(run_dir: Path) -> Path:
     """A finished run as main.py leaves it (args.json, checkpoint.pt, metrics.csv, summary.json)."""
     run_dir.mkdir(parents=True)

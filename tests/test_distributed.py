@@ -6,14 +6,12 @@ main.py must finish, write one run folder, and resume from rank 0's checkpoint.
 
 from __future__ import annotations
 
-import csv
 import json
-import os
 import re
 import subprocess
 import sys
-import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,22 +19,20 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import REPO, metrics_without_seconds, run_main, subprocess_env
 
 from config import parse_args
 from distributed import close_distributed, from_rank0, gather_batch, rank0_first
 from losses import Objective
-from main import main
 from models import build_model
 from training import build_trainer, make_scheduler, train_step
 
-ROOT = Path(__file__).resolve().parents[1]
 BATCH = 16
 LOSSES = ("standalone", "cent")
 
 
 def tensors(model: torch.nn.Module, objective: torch.nn.Module) -> dict[str, torch.Tensor]:
-    state = {f"model.{k}": v for k, v in model.state_dict().items()}
-    state |= {f"objective.{k}": v for k, v in objective.state_dict().items()}
+    state = torch.nn.ModuleDict(dict(model=model, objective=objective)).state_dict()
     return {k: v.detach().clone() for k, v in state.items()}
 
 
@@ -108,8 +104,9 @@ def worker(rank: int, world: int, init_file: str, out: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def two_processes(tmp_path_factory) -> list[dict]:
-    """What each of two gloo processes computed (worker), spawned once for the tests below."""
+def two_processes(tmp_path_factory, torchruns) -> list[dict]:
+    """What each of two gloo processes computed (worker), spawned once for the tests below while the
+    torchrun runs start."""
     tmp = tmp_path_factory.mktemp("ddp")
     mp.spawn(worker, args=(2, str(tmp / "init"), str(tmp / "result")), nprocs=2, join=True)
     results = [torch.load(f"{tmp / 'result'}.{rank}", weights_only=True) for rank in range(2)]
@@ -133,11 +130,7 @@ def test_two_process_steps_equal_one_process_on_the_whole_batch(
         result = two_processes[rank]["steps"][kind, loss_name]
         if kind == "plain":
             assert result["loss"] == pytest.approx(expected["loss"], rel=1e-5)
-        assert result["after"].keys() == after.keys()
-        for key, value in after.items():
-            torch.testing.assert_close(
-                result["after"][key], value, rtol=1e-5, atol=1e-6, msg=f"{key} on rank {rank}"
-            )
+        torch.testing.assert_close(result["after"], after, rtol=1e-5, atol=1e-6)
 
 
 def test_rank_0_decides_the_schedule_and_downloads_first(two_processes: list[dict]) -> None:
@@ -162,87 +155,87 @@ def test_a_cuda_index_under_torchrun_is_refused(monkeypatch, capsys) -> None:
 
 # The 2-process gradient sums round differently in the last bit; lenet++'s first steps amplify that
 # (at lr 0.01 about fivefold a step: 16 steps later the runs differed by 7 test images in ncm_acc).
-TINY = "--device cpu --dataset digits --train-samples 128 --batch-size 32 --model lenet++"
-TINY = [*TINY.split(), "--no-plots", "--eval-every", "1", "--lr", "0.001"]
+TINY = "--device cpu --dataset digits --train-samples 128 --batch-size 32 --no-plots --loss cent"
+TINY = [*TINY.split(), "--eval-every", "1", "--lr", "0.001"]
+RESNET = TINY[:-2]  # the default model (ResNet, BatchNorm) at the default rate
+TINY += ["--model", "lenet++"]
 
 
-def torchrun(args: list[str]) -> subprocess.Popen:
-    """torchrun with 2 CPU processes in the background, its output in files (not a pipe: full, it
-    stops the processes)."""
+def torchrun(*args) -> subprocess.CompletedProcess:
+    """main.py under torchrun, 2 CPU processes of one thread each."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    files = [tempfile.TemporaryFile("w+") for _ in range(2)]
-    proc = subprocess.Popen(
-        [*command, "main.py", *args], cwd=ROOT, stdout=files[0], stderr=files[1], env=env
-    )
-    proc.files = files
-    return proc
+    command += ["main.py", *map(str, args)]
+    options = dict(capture_output=True, text=True, env=subprocess_env(), timeout=600)
+    return subprocess.run(command, cwd=REPO, **options)
 
 
-def finished(proc: subprocess.Popen, code: int = 0) -> tuple[str, str]:
-    """(stdout, stderr) of a torchrun that ended with `code`."""
-    proc.wait(timeout=600)
-    for f in proc.files:
-        f.seek(0)
-    out, err = (f.read() for f in proc.files)
-    assert proc.returncode == code, err[-3000:]
-    return out, err
+@pytest.fixture(scope="module")
+def torchruns(tmp_path_factory) -> dict:
+    """name -> (--out, the future of its processes): every main.py run of the tests below, started
+    at once (mostly process start-up, which overlaps side by side); the cut run is resumed after."""
+    tmp = tmp_path_factory.mktemp("torchrun")
+
+    def cut_and_resume() -> list[subprocess.CompletedProcess]:
+        first = torchrun(*RESNET, "--epochs", 1, "--out", tmp / "cut")
+        (tmp / "cut" / "cent-digits-feat=2" / "summary.json").unlink()
+        return [first, torchrun(*RESNET, "--epochs", 2, "--out", tmp / "cut")]
+
+    chains = {
+        "lenet": lambda: [torchrun(*TINY, "--epochs", 2, "--out", tmp / "lenet")],
+        "one": lambda: [run_main([*TINY, "--epochs", 2, "--out", tmp / "one"])],
+        "straight": lambda: [torchrun(*RESNET, "--epochs", 2, "--out", tmp / "straight")],
+        "cut": cut_and_resume,
+        "batch": lambda: [torchrun(*TINY, "--batch-size", 33, "--out", tmp / "batch")],
+    }
+    with ThreadPoolExecutor(len(chains)) as pool:
+        yield {name: (tmp / name, pool.submit(chain)) for name, chain in chains.items()}
 
 
-def run_torchrun(args: list[str], code: int = 0) -> tuple[str, str]:
-    return finished(torchrun(args), code)
+def finished(torchruns: dict, name: str, code: int = 0) -> tuple[Path, list]:
+    """(--out, its processes) of the run `name`, whose last process exited `code`."""
+    out, future = torchruns[name]
+    procs = future.result()
+    codes = [p.returncode for p in procs]
+    assert codes == [*[0] * (len(procs) - 1), code], procs[-1].stderr[-3000:]
+    return out, procs
 
 
-def metrics(run_dir: Path) -> list[dict[str, str]]:
-    with open(run_dir / "metrics.csv") as f:
-        return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(f)]
-
-
-def test_torchrun_end_to_end_matches_single_process(tmp_path: Path) -> None:
-    out, _ = run_torchrun([*TINY, "--loss", "cent", "--epochs", "2", "--out", str(tmp_path)])
-    run_dir = tmp_path / "cent-digits-feat=2"
-    assert [p.name for p in tmp_path.iterdir()] == [run_dir.name]
+def test_torchrun_end_to_end_matches_single_process(torchruns: dict) -> None:
+    (out, [proc]), (one, _) = finished(torchruns, "lenet"), finished(torchruns, "one")
+    run_dir = out / "cent-digits-feat=2"
+    assert list(out.iterdir()) == [run_dir]
     assert json.loads((run_dir / "args.json").read_text())["world_size"] == 2
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["epochs"] == 2 and summary["train_size"] == 128
-    assert out.count("epoch 1/2") == 1  # only rank 0 prints
-    assert main([*TINY, "--loss", "cent", "--epochs", "2", "--out", str(tmp_path / "one")]) == 0
-    for ours, theirs in zip(
-        metrics(run_dir), metrics(tmp_path / "one" / run_dir.name), strict=True
-    ):
+    assert proc.stdout.count("epoch 1/2") == 1  # only rank 0 prints
+    rows = zip(metrics_without_seconds(run_dir), metrics_without_seconds(one / run_dir.name))
+    for ours, theirs in rows:
         for key in ("train_loss", "train_xent", "train_intra", "test_loss"):
             assert float(ours[key]) == pytest.approx(float(theirs[key]), rel=2e-3, abs=2e-3), key
         for key in ("train_acc", "test_acc", "ncm_acc"):  # 3 of 360 test images may cross over
             assert float(ours[key]) == pytest.approx(float(theirs[key]), abs=3 / 360 + 1e-6), key
 
 
-def test_torchrun_resnet_resumes_like_the_uninterrupted_run(tmp_path: Path) -> None:
+def test_torchrun_resnet_resumes_like_the_uninterrupted_run(torchruns: dict) -> None:
     """The default model (ResNet, BatchNorm) with softmax + centers under torchrun: a two-process
     run stopped after epoch 1 and resumed ends with the metrics of an uninterrupted one. On the CPU
     each process keeps its own BatchNorm statistics (SyncBatchNorm needs a GPU; DDP broadcasts rank
     0's buffers every forward, and the checkpoint holds rank 0's); test_models tests the
     SyncBatchNorm conversion."""
-    common = "--loss cent --dataset digits --train-samples 128 --batch-size 32 --no-plots".split()
-    common += ["--eval-every", "1", "--out", str(tmp_path)]
-    procs = [  # side by side: each waits on its own processes part of the time
-        torchrun([*common, "--epochs", str(epochs), "--name", name])
-        for epochs, name in ((2, "straight"), (1, "cut"))
-    ]
-    for proc in procs:
-        finished(proc)
-    (tmp_path / "cut" / "summary.json").unlink()
-    out, _ = run_torchrun([*common, "--epochs", "2", "--name", "cut"])
-    assert "resuming" in out
-    assert json.loads((tmp_path / "cut" / "args.json").read_text())["model"] == "resnet"
-    assert metrics(tmp_path / "cut") == metrics(tmp_path / "straight")
+    (cut, [_, resumed]), (straight, _) = finished(torchruns, "cut"), finished(torchruns, "straight")
+    cut, straight = (out / "cent-digits-feat=2" for out in (cut, straight))
+    assert "resuming" in resumed.stdout
+    assert json.loads((cut / "args.json").read_text())["model"] == "resnet"
+    assert metrics_without_seconds(cut) == metrics_without_seconds(straight)
 
 
-def test_batch_size_must_split_across_processes(tmp_path: Path) -> None:
+def test_batch_size_must_split_across_processes(torchruns: dict) -> None:
     """What README says a refused torchrun run shows: each worker's own line first, then torchrun's
     ChildFailedError with the workers' exit code 2, and torchrun's own exit code 1."""
-    _, err = run_torchrun([*TINY, "--batch-size", "33", "--out", str(tmp_path)], code=1)
+    out, [proc] = finished(torchruns, "batch", code=1)
+    err = proc.stderr
     line = "main.py: error: --batch-size 33 must be a multiple of the 2 processes (it is the global batch)"
     assert err.count(line) == 2  # one per worker
     assert err.rindex(line) < err.index("ChildFailedError") < err.index("Root Cause")
     assert re.search(r"exitcode\s*:\s*2", err)
-    assert not list(tmp_path.iterdir())
+    assert not out.exists()

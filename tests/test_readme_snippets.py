@@ -14,62 +14,40 @@ from conftest import REPO, subprocess_env, write_tiny_mnist
 
 import config
 import main
+from models import build_model
 
 
 def snippet(name: str) -> str:
     """The python block between <!-- snippet: name --> and <!-- /snippet --> in README.md."""
+    text = (REPO / "README.md").read_text()
     match = re.search(
-        rf"<!-- snippet: {name} -->\n```python\n(.*?)```\n<!-- /snippet -->",
-        (REPO / "README.md").read_text(),
-        re.S,
+        rf"<!-- snippet: {name} -->\n```python\n(.*?)```\n<!-- /snippet -->", text, re.S
     )
     assert match, f"README.md has no snippet {name}"
     return match.group(1)
 
 
-def tiny_batches(num_classes: int, steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    g = torch.Generator().manual_seed(0)
-    labels = torch.arange(16) % num_classes
-    images = torch.randn(num_classes, 8, generator=g)[labels] + 0.3 * torch.randn(
-        16, 8, generator=g
-    )
-    return [(images, labels)] * steps
-
-
 def test_standalone_snippet_lowers_the_intra_term() -> None:
     torch.manual_seed(0)
-    scope = {
-        "num_classes": 4,
-        "feat_dim": 2,
-        "model": nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2)),
-    }
-    scope["batches"] = tiny_batches(4, 1)
+    g, labels = torch.Generator().manual_seed(0), torch.arange(16) % 4
+    images = torch.randn(4, 8, generator=g)[labels] + 0.3 * torch.randn(16, 8, generator=g)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    scope = dict(num_classes=4, feat_dim=2, model=model, batches=[(images, labels)])
     exec(snippet("standalone-sgd"), scope)
-    features, labels = scope["model"](scope["batches"][0][0]), scope["batches"][0][1]
-    first_intra, _ = scope["criterion"].terms(features, labels)
-    first_loss = scope["criterion"](features, labels)
-    scope["batches"] = tiny_batches(4, 30)
+    first_intra, _ = scope["criterion"].terms(model(images), labels)
+    first_loss = scope["criterion"](model(images), labels)
+    scope["batches"] *= 30
     exec(snippet("standalone-sgd"), scope)  # 30 more steps (the snippet builds fresh optimisers)
-    intra, _ = scope["criterion"].terms(scope["model"](scope["batches"][0][0]), labels)
+    intra, _ = scope["criterion"].terms(model(images), labels)
     assert intra < 0.5 * first_intra and scope["loss"] < first_loss
-
-
-class FeaturesAndLogits(nn.Module):
-    def __init__(self, num_classes: int) -> None:
-        super().__init__()
-        self.features, self.classifier = nn.Linear(8, 2), nn.Linear(2, num_classes)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = self.features(x)
-        return features, self.classifier(features)
 
 
 def test_paper_snippet_moves_the_centers_by_eq_4() -> None:
     """After one step, each center is c - alpha * sum_i [y_i = j](c - x_i) / (1 + n_j), with the
     step's features (from the model before the step), computed here by a loop."""
     torch.manual_seed(0)
-    model = FeaturesAndLogits(3)
-    batches = tiny_batches(3, 1)
+    model = build_model("lenet++", 1, 3, 2, 28)  # (features, logits) as the snippet wants
+    batches = [(torch.rand(16, 1, 28, 28), torch.arange(16) % 3)]
     features = model(batches[0][0])[0].detach()
     centers = torch.randn(3, 2, generator=torch.Generator().manual_seed(1))
     torch.manual_seed(1)  # CenterLoss draws the same centers
@@ -113,14 +91,8 @@ def test_doc_commands_run_in_order_in_a_fresh_clone(tmp_path, monkeypatch):
         (stubs / name).chmod(0o755)
     env = {**subprocess_env(), "PATH": f"{stubs}{os.pathsep}{os.environ['PATH']}", "PYTHON": "grid"}
     env.pop("DATA_DIR", None)
-    proc = subprocess.run(
-        ["bash", "-c", doc_commands()],
-        cwd=clone,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    options = dict(cwd=clone, env=env, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(["bash", "-c", doc_commands()], **options)
     assert proc.stderr == ""
     calls = [line.split("\037")[:-1] for line in log.read_text().splitlines()]
     monkeypatch.chdir(clone)
@@ -130,15 +102,12 @@ def test_doc_commands_run_in_order_in_a_fresh_clone(tmp_path, monkeypatch):
         if program in ("python", "torchrun", "grid") and argv[0] != "-m":
             assert (REPO / argv[0]).is_file(), argv
         if argv[0] == "main.py" and "..." not in argv:
-            args = vars(
-                config.parse_args(["../shared/data" if a == "DIR" else a for a in argv[1:]])
-            )
+            argv = ["../shared/data" if a == "DIR" else a for a in argv]
+            args = vars(config.parse_args(argv[1:]))
             folder = Path(args["out"], args["name"])
             # reproduce.sh skips a finished run of the same settings; main.py refuses any finished run
             met = folders.setdefault(folder, args) is not args
-            assert not met or (program == "grid" and folders[folder] == args), (
-                f"{argv} meets {folder}"
-            )
+            assert not met or (program == "grid" and folders[folder] == args), argv
     assert len(folders) > 20
     for text in (path.read_text() for path in [REPO / "README.md", *(REPO / "docs").glob("*.md")]):
         assert "shared/seed/run-study-code.sh" not in text or "not part of a clone" in text

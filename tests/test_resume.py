@@ -16,7 +16,7 @@ from unittest.mock import Mock
 
 import pytest
 import torch
-from conftest import listing, stderr_error_line, subprocess_env, write_image_tree
+from conftest import metrics_without_seconds, stderr_error_line, subprocess_env, write_image_tree
 
 import epoch
 import main as main_module
@@ -48,25 +48,14 @@ def start(args: list[str]) -> subprocess.Popen:
     return subprocess.Popen(command, cwd=ROOT, stdout=-1, stderr=-1, text=True, env=env)
 
 
-def metrics_without_seconds(run_dir: Path) -> list[list[str]]:
-    rows = [line.split(",") for line in (run_dir / "metrics.csv").read_text().splitlines()]
-    keep = [i for i, name in enumerate(rows[0]) if name != "seconds"]
-    return [[row[i] for i in keep] for row in rows]
-
-
 def assert_same_run(a: Path, b: Path) -> None:
     """Same metrics but the seconds; bit for bit the same weights, centers, momentum, rate."""
     assert metrics_without_seconds(a) == metrics_without_seconds(b)
-    ca, cb = (torch.load(r / "checkpoint.pt", weights_only=True) for r in (a, b))
-    for part in ("model", "objective"):
-        assert ca[part].keys() == cb[part].keys()
-        for key in ca[part]:
-            assert torch.equal(ca[part][key], cb[part][key]), f"{part}.{key} differs after resume"
-    states = [c["optimizer"]["state"] for c in (ca, cb)]
-    assert states[0].keys() == states[1].keys() and len(states[0]) > 5
-    for key, state in states[0].items():
-        assert torch.equal(state["momentum_buffer"], states[1][key]["momentum_buffer"])
-    assert ca["optimizer"]["param_groups"][0]["lr"] == cb["optimizer"]["param_groups"][0]["lr"]
+    ckpts = [torch.load(r / "checkpoint.pt", weights_only=True) for r in (a, b)]
+    parts = [(c["model"], c["objective"], c["optimizer"]["state"]) for c in ckpts]
+    assert len(parts[0][2]) > 5  # momentum buffers
+    torch.testing.assert_close(*parts, rtol=0, atol=0)  # bit for bit
+    assert len({c["optimizer"]["param_groups"][0]["lr"] for c in ckpts}) == 1
 
 
 @pytest.fixture(scope="module")
@@ -182,12 +171,7 @@ for part in ("scheduler", "random", "epoch_state"):
     DAMAGES[f"no {part}"] = lambda c, part=part: {k: v for k, v in c.items() if k != part}
 MALFORMED = "incomplete or damaged checkpoint (missing or malformed: "
 REFUSALS = [  # (flags, damage, exit code, part of the error line)
-    (
-        "",
-        "finished",
-        2,
-        "holds a finished run; use --overwrite to replace it or --name for another",
-    ),
+    ("", "finished", 2, "holds a finished run; use --overwrite to replace it or --name"),
     ("--resume", "no run", 2, "holds no checkpoint.pt to resume from"),
     ("", "half the bytes", 1, "checkpoint.pt: corrupt or unreadable checkpoint ("),
     ("", "list", 1, MALFORMED + "all of it (not a dictionary)); delete it or start"),
@@ -238,10 +222,8 @@ def test_a_resume_that_cannot_continue_the_run_is_one_line_and_touches_nothing(
         saved = torch.load(ckpt, weights_only=True)
         assert set(saved) == {*CHECKPOINT_KEYS, "data"}  # data: the fingerprint, older ones lack it
         torch.save(DAMAGES[damage](saved), ckpt)
-    before = contents(tmp_path)
-    assert (
-        main_code([*TINY, "--out", str(tmp_path), "--name", "unfinished", *flags.split()]) == code
-    )
+    before, args = contents(tmp_path), ["--out", str(tmp_path), "--name", "unfinished"]
+    assert main_code([*TINY, *args, *flags.split()]) == code
     line = stderr_error_line(capsys.readouterr().err)
     assert message in line and str(run_dir if code == 2 else ckpt) in line
     assert contents(tmp_path) == before
@@ -252,11 +234,10 @@ def test_resume_with_more_epochs_extends_the_run(tmp_path: Path, reference) -> N
     run_dir = tmp_path / "unfinished"
     shutil.copytree(reference(), run_dir, ignore=shutil.ignore_patterns("summary.json"))
     free = "--device cpu --eval-every 2 --max-bad-steps 9 --tensorboard --threads 1".split()
-    assert (
-        main([*TINY, "--out", str(tmp_path), "--name", "unfinished", "--epochs", "3", *free]) == 0
-    )
+    args = [*TINY, "--out", str(tmp_path), "--name", "unfinished", "--epochs", "3"]
+    assert main([*args, *free]) == 0
     rows = metrics_without_seconds(run_dir)
-    assert len(rows) == 1 + 3 and rows[:3] == metrics_without_seconds(reference())
+    assert len(rows) == 3 and rows[:2] == metrics_without_seconds(reference())
     assert json.loads((run_dir / "summary.json").read_text())["epochs"] == 3
 
 
@@ -309,12 +290,9 @@ def test_a_checkpoint_is_restored_from_the_cpu_whatever_the_run_device(tmp_path:
     run = saved_run(("--seed", "4"), device=torch.device("meta"))
     restored = load_checkpoint(tmp_path / "checkpoint.pt", run)["epoch_state"]
     assert torch.equal(torch.rand(3), expected)  # the random states were restored
-    for a, b in zip(run.model.state_dict().values(), saved.model.state_dict().values()):
-        assert torch.equal(a, b)
-    assert restored.step == 3 and {
-        restored.loss_sums.device.type,
-        restored.class_sum.device.type,
-    } == {"meta"}
+    torch.testing.assert_close(run.model.state_dict(), saved.model.state_dict(), rtol=0, atol=0)
+    assert restored.step == 3 and restored.loss_sums.device.type == "meta"
+    assert restored.class_sum.device.type == "meta"
     assert restored.aug.device.type == "cpu" and torch.equal(restored.aug, state.aug)
 
 
@@ -384,7 +362,7 @@ def test_divergence_ends_the_run_with_one_line_and_keeps_the_last_good_checkpoin
     assert match, error
     # all counted: every step after the first, whose finite update broke the weights
     assert not match.groups() or int(match[1]) == STEPS - 1
-    assert sorted(listing(tmp_path / "run")) == sorted(["args.json", *files.split()])
+    assert sorted(contents(tmp_path / "run")) == sorted(["args.json", *files.split()])
     if files:
         ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
         assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
@@ -463,15 +441,13 @@ def trainer(flags: tuple[str, ...] = ()) -> Trainer:
 def step_tensors(t: Trainer) -> list[torch.Tensor]:
     """Every tensor a step can change: weights, buffers (BatchNorm), centers, optimizer state."""
     tensors = [v for m in (t.model, t.objective) for v in m.state_dict(keep_vars=True).values()]
-    return tensors + [
-        v for s in t.optimizer.state.values() for v in s.values() if torch.is_tensor(v)
-    ]
+    states = t.optimizer.state.values()
+    return tensors + [v for s in states for v in s.values() if torch.is_tensor(v)]
 
 
 def batch(seed: int = 0, n: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.rand(n, 1, 28, 28, generator=torch.Generator().manual_seed(seed)), torch.arange(
-        n
-    ) % 10
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 1, 28, 28, generator=g), torch.arange(n) % 10
 
 
 RECIPES = {
@@ -508,34 +484,26 @@ def test_a_non_finite_step_is_taken_back_exactly(bad_at: int, recipe: str) -> No
     assert not torch.equal(guarded.objective.centers, initial_centers)
 
 
-def test_paper_centers_are_out_of_the_optimizer_and_move_by_eq_4() -> None:
+def test_a_paper_step_moves_the_centers_by_eq_4_with_no_host_sync(monkeypatch) -> None:
     """With --center-update paper the centers get no gradient and no SGD step: after a step they
-    are exactly losses.paper_center_update of the step's features, with --center-alpha."""
-    run = trainer(("--center-update", "paper", "--center-alpha", "0.25"))
-    centers = run.objective.centers
-    groups = run.optimizer.param_groups
+    are exactly losses.paper_center_update of the step's features, with --center-alpha. Gradient
+    clipping (lenet++'s recipe) and that update keep the step free of host syncs: no tensor is read
+    as a Python number (.item(), bool(), float(), int(), .tolist()) inside train_step."""
+    run = trainer(("--model", "lenet++", "--center-update", "paper", "--center-alpha", "0.25"))
+    centers, groups = run.objective.centers, run.optimizer.param_groups
+    assert run.clip_grad_norm == 10.0 and groups[0]["weight_decay"] == 5e-4
     assert not centers.requires_grad and all(p is not centers for g in groups for p in g["params"])
     before = centers.detach().clone()
-    x, y = batch()
-    features, *_, finite = train_step(run, x, y)
-    assert finite and centers.grad is None
-    paper_center_update(before, features.detach(), y, 0.25)
-    assert torch.equal(centers, before)
-
-
-def test_the_step_has_no_host_sync(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Gradient clipping and the paper's center update keep the step free of host syncs: no tensor
-    is read as a Python number (.item(), bool(), float(), int(), .tolist()) inside train_step."""
-    run = trainer(("--model", "lenet++", "--center-update", "paper"))
-    assert run.clip_grad_norm == 10.0 and run.optimizer.param_groups[0]["weight_decay"] == 5e-4
     x, y = batch()
     x[0, 0, 0, 0] = 1e6  # a huge gradient: the clipping scales it
     for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
         fail = lambda *a, name=name: pytest.fail(f"host sync: Tensor.{name}")  # noqa: E731
         monkeypatch.setattr(torch.Tensor, name, fail)
-    train_step(run, x, y)
+    features, *_, finite = train_step(run, x, y)
     monkeypatch.undo()
-    groups = run.optimizer.param_groups
+    assert finite and centers.grad is None
+    paper_center_update(before, features.detach(), y, 0.25)
+    assert torch.equal(centers, before)
     norms = [p.grad.norm() for g in groups for p in g["params"] if p.grad is not None]
     assert torch.stack(norms).norm().item() == pytest.approx(10.0, rel=1e-4)  # --clip-grad-norm
 
@@ -584,7 +552,6 @@ def test_inter_margin_bounds_the_push(tmp_path: Path) -> None:
     the bound binds: without the margin the same run's train_inter is about -24."""
     args = [*TINY, "--epochs", "1", "--out", str(tmp_path), "--inter-margin", "0.01"]
     assert main(args) == 0
-    rows = (tmp_path / "standalone-digits-feat=2" / "metrics.csv").read_text().splitlines()
-    inter = float(rows[1].split(",")[rows[0].split(",").index("train_inter")])
+    inter = float(metrics_without_seconds(tmp_path / "standalone-digits-feat=2")[0]["train_inter"])
     bound = 31 * torch.log1p(torch.tensor(0.01)).item()  # ordered different-class pairs / m, m = 32
     assert 0.5 * bound <= -inter <= bound + 1e-4

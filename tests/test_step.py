@@ -4,8 +4,10 @@ refused CUDA-graph capture with a loader thread, and --compile against the eager
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from types import SimpleNamespace
+from unittest.mock import Mock
 
 import pytest
 import torch
@@ -37,14 +39,11 @@ def checked_fused_sgd(original):
     def fused_sgd(params, grads, momentum_buffer_list, **kwargs):
         assert params, "empty parameter list"
         if not momentum_buffer_list:
-            assert kwargs["momentum"] == 0, (
-                "TORCH_CHECK_EQ(momentum, 0): momentum without momentum buffers"
-            )
+            assert kwargs["momentum"] == 0, "momentum without momentum buffers"
         else:
             assert kwargs["momentum"] > 0 and len(momentum_buffer_list) == len(params) == len(grads)
-        for tensors in zip(
-            params, grads, *([momentum_buffer_list] if momentum_buffer_list else [])
-        ):
+        buffers = [momentum_buffer_list] if momentum_buffer_list else []
+        for tensors in zip(params, grads, *buffers):
             kinds = {(t.dtype, t.device, t.layout, t.shape, t.stride()) for t in tensors}
             assert len(kinds) == 1, f"tensors of one parameter differ: {kinds}"
         calls.append(len(params))
@@ -73,10 +72,7 @@ def test_a_cpu_run_touches_no_cuda_and_resumes_to_fused_steps_that_pass_the_kern
     CPU generator's state only; a checkpoint holding the old list of every GPU's state resumes on
     the CPU, and the momentum buffers it brings back match their parameters as the fused kernel
     checks (resuming with another --channels-last left them in the saved layout: CUDA refused)."""
-
-    def no_cuda(*args, **kwargs):
-        raise AssertionError("a CPU run initialised CUDA")
-
+    no_cuda = Mock(side_effect=AssertionError("a CPU run initialised CUDA"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     for name in ("get_rng_state", "get_rng_state_all", "set_rng_state", "set_rng_state_all"):
         monkeypatch.setattr(torch.cuda, name, no_cuda)
@@ -93,9 +89,7 @@ def test_a_cpu_run_touches_no_cuda_and_resumes_to_fused_steps_that_pass_the_kern
     capsys.readouterr()
     assert main([*args, "--epochs", "2"]) == 0
     assert "resuming" in capsys.readouterr().out
-    assert (
-        len(calls) == 2 * 2
-    )  # the 2 steps of epoch 2, a call per parameter group (model, centers)
+    assert len(calls) == 2 * 2  # the 2 steps of epoch 2, a call per group (model, centers)
 
 
 # the old step's empty group; channels_last buffers of NCHW weights
@@ -122,15 +116,15 @@ def test_tensorboard_distances_use_a_sample_of_many_centers(monkeypatch) -> None
 
 def test_tf32_is_off_through_settings_every_torch_has() -> None:
     """cuda_backends turns TF32 off with the flags torch 2.4 already has; they read back, and reading them does not raise."""
-    backends = torch.backends
-    saved = (backends.cudnn.benchmark, backends.cudnn.allow_tf32, backends.cuda.matmul.allow_tf32)
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = (cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32)
     try:
-        backends.cudnn.allow_tf32 = backends.cuda.matmul.allow_tf32 = True
+        cudnn.allow_tf32 = matmul.allow_tf32 = True
         cuda_backends(torch.device("cuda"))  # only sets flags: no GPU needed
-        assert not backends.cudnn.allow_tf32 and not backends.cuda.matmul.allow_tf32
-        assert backends.cudnn.benchmark and torch.get_float32_matmul_precision() == "highest"
+        assert not cudnn.allow_tf32 and not matmul.allow_tf32
+        assert cudnn.benchmark and torch.get_float32_matmul_precision() == "highest"
     finally:
-        backends.cudnn.benchmark, backends.cudnn.allow_tf32, backends.cuda.matmul.allow_tf32 = saved
+        cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32 = saved
 
 
 def test_reduce_overhead_with_the_loader_pipeline_is_refused(capsys) -> None:
@@ -148,10 +142,7 @@ def test_compiled_steps_train_like_the_eager_steps(monkeypatch) -> None:
     weights up to rounding. torch.compile runs with backend="aot_eager": dynamo's capture and AOTAutograd's
     forward and backward graphs (buffer mutation, the gradients the step reads) without inductor's
     code generation, which takes minutes on two busy cores (the ResNet longer still)."""
-    compile_ = torch.compile
-    monkeypatch.setattr(
-        torch, "compile", lambda model, mode=None: compile_(model, mode=mode, backend="aot_eager")
-    )
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
     torch._dynamo.reset()
     eager, compiled = trainer(("--model", "lenet++")), trainer(("--model", "lenet++", "--compile"))
     assert compiled.net is not compiled.model  # the step calls the compiled module
@@ -161,8 +152,7 @@ def test_compiled_steps_train_like_the_eager_steps(monkeypatch) -> None:
         expected, got = train_step(eager, x, y), train_step(compiled, x, y)
         assert bool(got[-1]) and bool(expected[-1])
         torch.testing.assert_close(got[3], expected[3], rtol=1e-4, atol=1e-5)
-    weights = [t.model.state_dict().values() for t in (eager, compiled)]
-    for a, b in zip(*weights, strict=True):
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    weights = [t.model.state_dict() for t in (compiled, eager)]
+    torch.testing.assert_close(*weights, rtol=1e-4, atol=1e-5)
     moved = trainer(("--model", "lenet++")).model.embed[1].weight
     assert not torch.equal(eager.model.embed[1].weight, moved)  # the steps moved it
