@@ -166,12 +166,6 @@ def write_finished_decoy(run_dir: Path) -> Path:
     return run_dir
 
 
-def metrics_without_seconds(run_dir: Path) -> list[dict[str, str]]:
-    """metrics.csv's rows without `seconds`, the one column that differs between equal runs."""
-    with open(run_dir / "metrics.csv", newline="") as f:
-        return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(f)]
-
-
 def check_ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert proc.returncode == 0, (
         f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
