@@ -62,9 +62,6 @@ def read_metrics(run_dir: Path) -> tuple[list[str], list[dict[str, str]]]:
         return list(reader.fieldnames or []), list(reader)
 
 
-# ------------------------------------------------------------------------------- the tiny runs
-
-
 @pytest.mark.parametrize("loss", LOSS_TERMS)
 def test_tiny_run_files(tiny_runs, background, loss):
     run_dir = tiny_runs[loss]
@@ -131,9 +128,6 @@ def test_accuracy_is_the_nearest_center_or_the_argmax(tiny_runs, loss):
     assert loss != "standalone" or summary["center_acc"] == pytest.approx(acc, abs=1e-6)
 
 
-# ------------------------------------------------------------- --name, --out, refusal, --overwrite
-
-
 def test_name_and_out_are_honoured(named_run):
     _, run_dir = named_run
     assert sorted(p.name for p in run_dir.parent.iterdir()) == ["my run"]
@@ -180,8 +174,6 @@ def test_lenet_smoke_run_with_its_recipe(lenet_runs, background, loss):
     assert model["mean"].flatten().tolist() == pytest.approx(mean)
     assert model["std"].flatten().tolist() == pytest.approx(std)
 
-
-# ---------------------------------------------------------------------------------- bad input
 
 # Every float flag, each with NaN or an infinity (comparisons with NaN are false: range checks
 # alone let it pass).
@@ -569,9 +561,6 @@ def test_a_signal_ends_the_wait_for_torchrun_processes_at_once(tmp_path, monkeyp
     del joiner
 
 
-# ------------------------------------------------------------------------------------- real data
-
-
 def test_real_mnist_beats_chance(real_run):
     """50 steps of the default standalone resnet (feat_dim 128) on the real MNIST: well above
     chance."""
@@ -583,9 +572,6 @@ def test_real_mnist_beats_chance(real_run):
     assert [summary[k] for k in keys] == [REAL_TRAIN_SAMPLES, 10000, 128, "standalone", "resnet"]
     assert summary["acc"] > 0.5, proc.stdout
     assert not (run_dir / "frames").exists() and not (run_dir / "train.png").exists()  # --no-plots
-
-
-# ------------------------------------------------------------------------- hardening, issue 39
 
 
 @pytest.mark.parametrize("extra", [[], ["--lr-cent", "0.5"]], ids=["lr", "centers-move"])

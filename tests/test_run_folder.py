@@ -137,8 +137,6 @@ def test_a_lock_file_that_is_a_link_is_not_followed(tmp_path: Path) -> None:
     assert precious.read_text() == "keep me"
 
 
-# ------------------------------------------------------------------ links, write failures, signals in finish()
-
 PRECIOUS = "keep me"
 
 
