@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import REPO, metrics_without_seconds, run_main, subprocess_env
+from conftest import REPO, metrics_without_seconds, run_script, subprocess_env
 
 from config import parse_args
 from distributed import close_distributed, from_rank0, gather_batch, rank0_first
@@ -182,7 +182,7 @@ def torchruns(tmp_path_factory) -> dict:
 
     chains = {
         "lenet": lambda: [torchrun(*TINY, "--epochs", 2, "--out", tmp / "lenet")],
-        "one": lambda: [run_main([*TINY, "--epochs", 2, "--out", tmp / "one"])],
+        "one": lambda: [run_script("main.py", [*TINY, "--epochs", 2, "--out", tmp / "one"])],
         "straight": lambda: [torchrun(*RESNET, "--epochs", 2, "--out", tmp / "straight")],
         "cut": cut_and_resume,
         "batch": lambda: [torchrun(*TINY, "--batch-size", 33, "--out", tmp / "batch")],
